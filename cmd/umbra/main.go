@@ -1,0 +1,34 @@
+// Command umbra is Umbra's one binary: the service (`umbra serve`) and the
+// CLI verbs that drive it. Each verb lives in its own cmd_*.go file.
+//
+// Exit codes: 0 success; 1 an operation failed; 2 bad usage or input;
+// 3 a required resource was not found; 4 the service is unreachable.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+)
+
+func main() {
+	err := newRootCmd().Execute()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "umbra:", err)
+		os.Exit(exitCode(err))
+	}
+}
+
+// usageError marks errors caused by bad flags or arguments (exit code 2).
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func exitCode(err error) int {
+	var ue usageError
+	if errors.As(err, &ue) {
+		return 2
+	}
+	return 1
+}

@@ -1,0 +1,199 @@
+// Package provider defines the Provider interface: the thing that makes a
+// point-in-time copy of a volume (VSS's "provider" role), and a registry of
+// the providers a service runs.
+//
+// The built-in software provider is the copy-on-write engine (package cow);
+// system providers wrap snapshots a filesystem makes natively (reflink
+// files, btrfs subvolumes). Every provider passes the same conformance
+// suite (provider/providertest).
+//
+// The coordinator drives a provider through one snapshot in phases:
+//
+//	txn := p.Prepare(ctx, vol, opts)   // check space, validate; no I/O held
+//	txn.PreCommit(ctx, limit)          // flush and hold writes (≤ limit)
+//	snap := txn.Commit(ctx)            // O(1), inside the hold window
+//	txn.PostCommit(ctx)                // release held writes
+//	txn.Abort(ctx)                     // any time: release, delete what exists
+//
+// A Txn is used by one goroutine. Abort after PostCommit deletes the
+// committed snapshot; Abort is always safe to call and idempotent.
+package provider
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Typed errors callers decide on.
+var (
+	ErrNotSupported    = errors.New("not supported by this provider")
+	ErrNotFound        = errors.New("not found")
+	ErrExists          = errors.New("already exists")
+	ErrHoldTimeout     = errors.New("write hold exceeded its limit and was released")
+	ErrSnapshotInvalid = errors.New("snapshot is invalid")
+	ErrNoStorage       = errors.New("no shadow storage association")
+)
+
+// SnapshotOptions are chosen when a snapshot is created.
+type SnapshotOptions struct {
+	// ID names the snapshot within its volume; empty lets the provider
+	// choose. IDs use [A-Za-z0-9._-] only.
+	ID string
+	// Persistent snapshots survive a restart and an unclean stop.
+	// Non-persistent ones cost no fsync and vanish on restart.
+	Persistent bool
+	// SetID groups the snapshots of one snapshot set (informational).
+	SetID string
+}
+
+// Snapshot describes one shadow copy.
+type Snapshot struct {
+	Volume     string    `json:"volume"`
+	ID         string    `json:"id"`
+	Provider   string    `json:"provider"`
+	SetID      string    `json:"set_id,omitempty"`
+	Created    time.Time `json:"created"`
+	Persistent bool      `json:"persistent"`
+	Valid      bool      `json:"valid"`
+	Reason     string    `json:"reason,omitempty"` // why it is invalid
+	Size       int64     `json:"size"`             // bytes of the volume image
+	Path       string    `json:"path,omitempty"`   // for providers whose snapshots have a path
+	DiffBytes  int64     `json:"diff_bytes"`       // shadow storage used by this snapshot
+}
+
+// Capabilities say what a provider can do, for `umbra providers list`.
+type Capabilities struct {
+	Kind          string `json:"kind"`        // "software" or "system"
+	CommitCost    string `json:"commit_cost"` // e.g. "O(1)"
+	Revert        bool   `json:"revert"`
+	Tracking      bool   `json:"tracking"`       // changed-block tracking
+	StorageLimit  bool   `json:"storage_limit"`  // enforces a max shadow storage size
+	BlockImage    bool   `json:"block_image"`    // snapshots read as block images (backup-able)
+	Persistent    bool   `json:"persistent"`     // supports persistent snapshots
+	NonPersistent bool   `json:"non_persistent"` // supports auto-release snapshots
+	Notes         string `json:"notes,omitempty"`
+}
+
+// Image is a read-only view of a snapshot as a block image.
+type Image interface {
+	io.ReaderAt
+	Size() int64
+	Close() error
+}
+
+// Cursorer is implemented by images whose provider can release preserved
+// data behind a reader that streams in ascending order (the backup cursor).
+type Cursorer interface {
+	// SetCursor says that the reader will never read below off again.
+	SetCursor(off int64)
+}
+
+// Bitmap lists changed regions in units of Granule bytes.
+type Bitmap struct {
+	Granule int64    // bytes per bit
+	Size    int64    // volume size in bytes
+	Bits    []uint64 // bit i set: bytes [i*Granule, (i+1)*Granule) may differ
+}
+
+// Set reports whether bit i is set.
+func (b *Bitmap) Set(i int64) bool {
+	w := i / 64
+	return w < int64(len(b.Bits)) && b.Bits[w]&(1<<(uint(i)%64)) != 0
+}
+
+// Txn is one snapshot being made; see the package doc for the phases.
+type Txn interface {
+	PreCommit(ctx context.Context, holdLimit time.Duration) error
+	Commit(ctx context.Context) (Snapshot, error)
+	PostCommit(ctx context.Context) error
+	Abort(ctx context.Context) error
+}
+
+// Provider makes, lists and removes point-in-time copies of volumes.
+// A volume is named by a string the provider understands: a COW volume's
+// name, a file path, a subvolume path.
+type Provider interface {
+	Name() string
+	Capabilities() Capabilities
+	// Supports returns nil when vol can be snapshotted by this provider,
+	// otherwise an error saying why not.
+	Supports(ctx context.Context, vol string) error
+	Prepare(ctx context.Context, vol string, opts SnapshotOptions) (Txn, error)
+	Delete(ctx context.Context, vol, id string) error
+	List(ctx context.Context, vol string) ([]Snapshot, error)
+	// Open exposes a snapshot as a read-only block image
+	// (ErrNotSupported when the provider's snapshots are not block images).
+	Open(ctx context.Context, vol, id string) (Image, error)
+	// Revert rolls vol back to snapshot id; later snapshots are deleted.
+	Revert(ctx context.Context, vol, id string) error
+}
+
+// Tracker is implemented by providers with changed-block tracking.
+type Tracker interface {
+	// Changed returns the regions of vol that may differ from snapshot
+	// since, up to snapshot upto (empty: the live volume). reliable is
+	// false when tracking may be incomplete (e.g. after an unclean stop):
+	// the caller must then read everything.
+	Changed(ctx context.Context, vol, since, upto string) (bm *Bitmap, reliable bool, err error)
+}
+
+// Registry holds the providers of one service, by name.
+type Registry struct {
+	mu        sync.Mutex // guards providers
+	providers map[string]Provider
+}
+
+// Register adds p; a second provider with the same name is an error.
+func (r *Registry) Register(p Provider) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.providers == nil {
+		r.providers = map[string]Provider{}
+	}
+	if _, ok := r.providers[p.Name()]; ok {
+		return fmt.Errorf("register provider %q: %w", p.Name(), ErrExists)
+	}
+	r.providers[p.Name()] = p
+	return nil
+}
+
+// Get returns the provider called name.
+func (r *Registry) Get(name string) (Provider, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p, ok := r.providers[name]
+	if !ok {
+		return nil, fmt.Errorf("provider %q: %w", name, ErrNotFound)
+	}
+	return p, nil
+}
+
+// All returns the providers sorted by name.
+func (r *Registry) All() []Provider {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Provider, 0, len(r.providers))
+	for _, p := range r.providers {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name() < out[j].Name() })
+	return out
+}
+
+// For returns the first provider (by name) that supports vol.
+func (r *Registry) For(ctx context.Context, vol string) (Provider, error) {
+	var why []error
+	for _, p := range r.All() {
+		err := p.Supports(ctx, vol)
+		if err == nil {
+			return p, nil
+		}
+		why = append(why, fmt.Errorf("%s: %w", p.Name(), err))
+	}
+	return nil, fmt.Errorf("no provider supports volume %q: %w", vol, errors.Join(why...))
+}
