@@ -1,0 +1,124 @@
+package cow
+
+import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// File is what the engine needs of an open file. The OS implementation is
+// used in production; tests substitute a fault-injecting one that loses
+// writes not yet synced when it "loses power".
+type File interface {
+	io.ReaderAt
+	io.WriterAt
+	Sync() error
+	Truncate(size int64) error
+	Close() error
+	// Size is the file's size, or a block device's capacity.
+	Size() (int64, error)
+	// Punch deallocates [off, off+length) so it reads as zeros, keeping the
+	// size. Files that cannot punch return an error; callers fall back.
+	Punch(off, length int64) error
+}
+
+// FS opens files and changes directories. See File.
+type FS interface {
+	OpenFile(name string, flag int, perm os.FileMode) (File, error)
+	Remove(name string) error
+	Rename(oldpath, newpath string) error
+	MkdirAll(path string, perm os.FileMode) error
+	// SyncDir makes a rename or create in dir durable.
+	SyncDir(dir string) error
+	Stat(name string) (os.FileInfo, error)
+}
+
+// OSFS is the real filesystem.
+type OSFS struct{}
+
+type osFile struct{ *os.File }
+
+func (OSFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
+	f, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return osFile{f}, nil
+}
+func (OSFS) Remove(name string) error                  { return os.Remove(name) }
+func (OSFS) Rename(o, n string) error                  { return os.Rename(o, n) }
+func (OSFS) MkdirAll(p string, perm os.FileMode) error { return os.MkdirAll(p, perm) }
+func (OSFS) Stat(name string) (os.FileInfo, error)     { return os.Stat(name) }
+func (OSFS) SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func (f osFile) Size() (int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	if fi.Mode().IsRegular() {
+		return fi.Size(), nil
+	}
+	// Block devices report their capacity at the end.
+	return f.Seek(0, io.SeekEnd)
+}
+
+func (f osFile) Punch(off, length int64) error {
+	if length <= 0 {
+		return nil
+	}
+	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+}
+
+// seekData reports the data extents of a regular file in [off, off+length)
+// with SEEK_DATA/SEEK_HOLE; ok is false when the file cannot tell.
+func (f osFile) dataExtents(off, length int64) (ext []Extent, ok bool) {
+	end := off + length
+	pos := off
+	fd := int(f.Fd())
+	for pos < end {
+		d, err := unix.Seek(fd, pos, unix.SEEK_DATA)
+		if err != nil {
+			if errors.Is(err, unix.ENXIO) { // no data after pos
+				ext = append(ext, Extent{Off: pos, Len: end - pos, Hole: true, Zero: true})
+				return ext, true
+			}
+			return nil, false
+		}
+		if d > pos {
+			h := min(d, end)
+			ext = append(ext, Extent{Off: pos, Len: h - pos, Hole: true, Zero: true})
+			pos = h
+			if pos >= end {
+				break
+			}
+		}
+		h, err := unix.Seek(fd, pos, unix.SEEK_HOLE)
+		if err != nil {
+			return nil, false
+		}
+		h = min(h, end)
+		ext = append(ext, Extent{Off: pos, Len: h - pos})
+		pos = h
+	}
+	return ext, true
+}
+
+// Extent is a run of a volume or snapshot image.
+type Extent struct {
+	Off, Len int64
+	Hole     bool // not allocated
+	Zero     bool // reads as zeros
+}
+
+func joinPath(dir, name string) string { return filepath.Join(dir, name) }

@@ -1,0 +1,352 @@
+package cow
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sync/atomic"
+
+	"umbra/provider"
+)
+
+// Snapshot reads one shadow copy of a volume. It is safe for concurrent
+// use; it fails with provider.ErrNotFound once the snapshot is deleted and
+// with provider.ErrSnapshotInvalid once it is invalid.
+type Snapshot struct {
+	v      *Volume
+	gen    uint64
+	id     string
+	closed atomic.Bool
+}
+
+// OpenSnapshot opens snapshot id for reading.
+func (v *Volume) OpenSnapshot(id string) (*Snapshot, error) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	s := v.snapByID(id)
+	if s == nil {
+		return nil, fmt.Errorf("snapshot %s@%s: %w", v.name, id, provider.ErrNotFound)
+	}
+	return &Snapshot{v: v, gen: s.gen, id: id}, nil
+}
+
+// ID returns the snapshot's id.
+func (s *Snapshot) ID() string { return s.id }
+
+// Size returns the volume size at the snapshot.
+func (s *Snapshot) Size() int64 { return s.v.size }
+
+// Volume returns the snapshot's volume.
+func (s *Snapshot) Volume() *Volume { return s.v }
+
+// Info describes the snapshot.
+func (s *Snapshot) Info() (provider.Snapshot, error) {
+	s.v.mu.RLock()
+	defer s.v.mu.RUnlock()
+	sn, err := s.live()
+	if err != nil {
+		return provider.Snapshot{}, err
+	}
+	return s.v.info(sn), nil
+}
+
+// live returns the snapshot's state; caller holds v.mu.
+func (s *Snapshot) live() (*snap, error) {
+	if s.closed.Load() {
+		return nil, fmt.Errorf("snapshot %s@%s: %w", s.v.name, s.id, ErrClosed)
+	}
+	sn := s.v.snapByGen(s.gen)
+	if sn == nil {
+		return nil, fmt.Errorf("snapshot %s@%s: %w", s.v.name, s.id, provider.ErrNotFound)
+	}
+	return sn, nil
+}
+
+func (s *Snapshot) readable(c uint64) (*snap, error) {
+	sn, err := s.live()
+	if err != nil {
+		return nil, err
+	}
+	if sn.invalid != "" {
+		return nil, fmt.Errorf("snapshot %s@%s: %w: %s", s.v.name, s.id, provider.ErrSnapshotInvalid, sn.invalid)
+	}
+	if sn.hasCursor && c < sn.cursor {
+		return nil, fmt.Errorf("snapshot %s@%s chunk %d: %w", s.v.name, s.id, c, ErrReleased)
+	}
+	return sn, nil
+}
+
+// lookup returns the entry snapshot gen reads chunk c from; caller holds
+// v.mu.
+func (v *Volume) lookup(c, gen uint64) (entry, bool) {
+	var found entry
+	ok := false
+	v.entries.AscendGreaterOrEqual(entry{chunk: c, gen: gen}, func(e entry) bool {
+		if e.chunk == c {
+			found, ok = e, true
+		}
+		return false
+	})
+	return found, ok
+}
+
+// ReadAt reads the snapshot: exactly the bytes the volume held at commit,
+// or an error.
+func (s *Snapshot) ReadAt(p []byte, off int64) (int, error) {
+	v := s.v
+	if off < 0 {
+		return 0, v.checkRange(off, int64(len(p)))
+	}
+	if off >= v.size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	want := len(p)
+	if int64(len(p)) > v.size-off {
+		p = p[:v.size-off]
+	}
+	done := 0
+	for done < len(p) {
+		pos := off + int64(done)
+		c := uint64(pos) >> v.shift
+		inChunk := pos - int64(c)<<v.shift
+		n := min(int64(len(p)-done), v.chunk-inChunk)
+		if err := s.readChunk(c, inChunk, p[done:done+int(n)]); err != nil {
+			return done, err
+		}
+		done += int(n)
+	}
+	if done < want {
+		return done, io.EOF
+	}
+	return done, nil
+}
+
+func (s *Snapshot) readChunk(c uint64, inChunk int64, p []byte) error {
+	v := s.v
+	st := &v.stripes[c%numStripes]
+	st.RLock()
+	defer st.RUnlock()
+	v.mu.RLock()
+	if _, err := s.readable(c); err != nil {
+		v.mu.RUnlock()
+		return err
+	}
+	e, ok := v.lookup(c, s.gen)
+	switch {
+	case ok && e.slot == zeroSlot:
+		v.mu.RUnlock()
+		clear(p)
+		return nil
+	case ok:
+		v.slotMu.RLock()
+		f := v.store.f
+		v.mu.RUnlock()
+		_, err := f.ReadAt(p, e.slot*v.chunk+inChunk)
+		v.slotMu.RUnlock()
+		if err == io.EOF { // a slot at the end of a sparse store
+			err = nil
+		}
+		if err != nil {
+			return fmt.Errorf("snapshot %s@%s: read diff area %s: %w", v.name, s.id, v.storePath(), err)
+		}
+		return nil
+	default:
+		v.mu.RUnlock()
+		_, err := v.origin.ReadAt(p, int64(c)<<v.shift+inChunk)
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("snapshot %s@%s: read origin: %w", v.name, s.id, err)
+		}
+		return nil
+	}
+}
+
+// Allocation describes [off, off+length) of the snapshot as extents.
+func (s *Snapshot) Allocation(off, length int64) ([]Extent, error) {
+	v := s.v
+	if err := v.checkRange(off, length); err != nil {
+		return nil, err
+	}
+	var out []Extent
+	add := func(e Extent) {
+		if n := len(out); n > 0 && out[n-1].Off+out[n-1].Len == e.Off && out[n-1].Hole == e.Hole && out[n-1].Zero == e.Zero {
+			out[n-1].Len += e.Len
+			return
+		}
+		out = append(out, e)
+	}
+	end := off + length
+	for pos := off; pos < end; {
+		c := uint64(pos) >> v.shift
+		cend := min(int64(c+1)<<v.shift, end)
+		v.mu.RLock()
+		if _, err := s.live(); err != nil {
+			v.mu.RUnlock()
+			return nil, err
+		}
+		e, ok := v.lookup(c, s.gen)
+		v.mu.RUnlock()
+		switch {
+		case ok && e.slot == zeroSlot:
+			add(Extent{Off: pos, Len: cend - pos, Zero: true})
+		case ok:
+			add(Extent{Off: pos, Len: cend - pos})
+		default:
+			for _, x := range v.originExtents(pos, cend-pos) {
+				add(x)
+			}
+		}
+		pos = cend
+	}
+	return out, nil
+}
+
+// Changed returns the chunks that may differ between snapshot since and
+// this snapshot.
+func (s *Snapshot) Changed(since string) (*provider.Bitmap, bool, error) {
+	return s.v.Changed(since, s.id)
+}
+
+// SetCursor tells the engine that this snapshot's reader, streaming in
+// ascending order, will not read below off again (the backup cursor):
+// chunks wholly behind it are no longer preserved for this snapshot and
+// preserved copies only it needed are released. Reading behind the cursor
+// afterwards fails with ErrReleased.
+func (s *Snapshot) SetCursor(off int64) {
+	v := s.v
+	v.mu.Lock()
+	sn, err := s.live()
+	if err != nil {
+		v.mu.Unlock()
+		return
+	}
+	c := uint64(max(off, 0)) >> v.shift
+	if !sn.hasCursor {
+		sn.hasCursor = true
+		v.logAppend(record{Type: recCursor, Gen: sn.gen})
+	}
+	if c <= sn.cursor {
+		v.mu.Unlock()
+		return
+	}
+	from := sn.cursor
+	sn.cursor = c
+	var drop []entry
+	var prevChunk, prevGen uint64 = ^uint64(0), 0
+	v.entries.AscendRange(entry{chunk: from}, entry{chunk: c}, func(e entry) bool {
+		if e.chunk != prevChunk {
+			prevChunk, prevGen = e.chunk, 0
+		}
+		lo := prevGen
+		prevGen = e.gen
+		for _, k := range v.snaps {
+			if k.gen > lo && k.gen <= e.gen && k.needs(e.chunk) {
+				return true
+			}
+		}
+		drop = append(drop, e)
+		return true
+	})
+	var freed []int64
+	for _, e := range drop {
+		v.dropEntry(e, &freed)
+	}
+	v.freeSlots(freed)
+	lsync := v.logSyncer()
+	v.mu.Unlock()
+	if lsync != nil && len(drop) > 0 {
+		_ = lsync.sync() // releasing is safe to lose; syncing bounds the replay
+	}
+}
+
+// Close ends this reader; the snapshot stays.
+func (s *Snapshot) Close() error {
+	s.closed.Store(true)
+	return nil
+}
+
+// Revert rolls the origin back to snapshot id: every chunk written since
+// is copied back, and later snapshots are deleted. Writes are held while it
+// runs; the snapshot stays and now matches the origin. An interrupted
+// revert finishes when the volume is next opened.
+func (v *Volume) Revert(id string) error {
+	if err := v.gate.close(context.Background()); err != nil {
+		return err
+	}
+	defer v.gate.reopen()
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	s := v.snapByID(id)
+	if s == nil {
+		return fmt.Errorf("revert %s to %s: %w", v.name, id, provider.ErrNotFound)
+	}
+	if s.invalid != "" {
+		return fmt.Errorf("revert %s to %s: %w: %s", v.name, id, provider.ErrSnapshotInvalid, s.invalid)
+	}
+	if s.hasCursor {
+		return fmt.Errorf("revert %s to %s: a backup cursor released part of it: %w", v.name, id, ErrReleased)
+	}
+	for v.newest() != s {
+		v.deleteLocked(v.newest(), true)
+	}
+	if v.log != nil {
+		v.logAppend(record{Type: recRevertBegin, Gen: s.gen})
+		if err := v.syncLog(); err != nil {
+			return fmt.Errorf("revert %s to %s: %w", v.name, id, err)
+		}
+	}
+	return v.revertLocked(s)
+}
+
+// revertLocked copies s's preserved chunks back to the origin, then frees
+// them. s is the newest snapshot; caller holds mu and the gate.
+func (v *Volume) revertLocked(s *snap) error {
+	buf := make([]byte, v.chunk)
+	it := s.owned.Iterator()
+	for it.HasNext() {
+		c := uint64(it.Next())
+		e, ok := v.entries.Get(entry{chunk: c, gen: s.gen})
+		if !ok {
+			continue
+		}
+		data := buf[:v.chunkLen(c)]
+		if e.slot == zeroSlot {
+			clear(data)
+		} else if _, err := v.store.f.ReadAt(data, e.slot*v.chunk); err != nil && err != io.EOF {
+			return fmt.Errorf("read diff area %s: %w", v.storePath(), err)
+		}
+		if _, err := v.origin.WriteAt(data, int64(c)<<v.shift); err != nil {
+			return fmt.Errorf("write origin %s: %w", v.originPath, err)
+		}
+	}
+	if err := v.origin.Sync(); err != nil {
+		return fmt.Errorf("flush origin %s: %w", v.originPath, err)
+	}
+	v.finishRevert(s)
+	if v.log != nil {
+		v.logAppend(record{Type: recRevertEnd, Gen: s.gen})
+		return v.syncLog()
+	}
+	return nil
+}
+
+// finishRevert drops s's entries and tracking: the origin equals s now.
+func (v *Volume) finishRevert(s *snap) {
+	var freed []int64
+	it := s.owned.Iterator()
+	for it.HasNext() {
+		c := uint64(it.Next())
+		if e, ok := v.entries.Delete(entry{chunk: c, gen: s.gen}); ok && e.slot != zeroSlot {
+			freed = append(freed, e.slot)
+		}
+	}
+	s.owned.Clear()
+	s.nonzero = 0
+	if p := v.predecessor(s.gen); p != nil {
+		p.changed.Or(s.changed) // conservative for older snapshots
+	}
+	s.changed.Clear()
+	v.freeSlots(freed)
+}

@@ -1,0 +1,1169 @@
+package cow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"regexp"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/google/btree"
+
+	"umbra/provider"
+)
+
+// Policy says what happens when a chunk cannot be preserved.
+type Policy string
+
+const (
+	// PolicyDeleteOldest drops the oldest snapshots until the copy fits
+	// (Windows VSS's behaviour).
+	PolicyDeleteOldest Policy = "delete-oldest"
+	// PolicyInvalidate stops preserving for the snapshots that needed the
+	// chunk and marks them invalid (SnapBack sbotman's behaviour).
+	PolicyInvalidate Policy = "invalidate"
+)
+
+const (
+	// DefaultChunkSize is the COW granularity when Options.ChunkSize is 0;
+	// docs/benchmarks.md has the table behind the choice.
+	DefaultChunkSize = 64 << 10
+	MinChunkSize     = 4 << 10
+	MaxChunkSize     = 1 << 20
+	// DefaultHoldLimit bounds a write hold, as VSS bounds its flush-and-hold.
+	DefaultHoldLimit = 10 * time.Second
+	// DefaultMaxSnapshots is how many live snapshots a volume keeps
+	// (Windows allows 64 by default, 512 at most).
+	DefaultMaxSnapshots = 4096
+
+	zeroSlot   = -1
+	numStripes = 1024
+)
+
+// Typed errors.
+var (
+	ErrReleased   = errors.New("snapshot data behind the backup cursor was released")
+	ErrOutOfRange = errors.New("request beyond the end of the volume")
+	ErrClosed     = errors.New("volume is closed")
+	ErrBadID      = errors.New("invalid snapshot id")
+)
+
+// Options configure a volume.
+type Options struct {
+	// ChunkSize is the COW granularity: a power of two, 4 KiB to 1 MiB.
+	ChunkSize int64
+	// StorageDir is the shadow storage (diff area) directory; "" means no
+	// association, and snapshots are refused with provider.ErrNoStorage.
+	StorageDir string
+	// MaxStorage bounds the diff-area data in bytes; 0 is unlimited.
+	MaxStorage int64
+	// Policy applies when a chunk cannot be preserved.
+	Policy Policy
+	// MaxSnapshots bounds live snapshots (0: DefaultMaxSnapshots).
+	MaxSnapshots int
+	// FS is the file layer (nil: the OS). Tests inject faults through it.
+	FS FS
+}
+
+// StorageInfo describes a volume's shadow storage association.
+type StorageInfo struct {
+	Dir    string `json:"dir"`
+	Max    int64  `json:"max"`
+	Used   int64  `json:"used"`
+	Policy Policy `json:"policy"`
+}
+
+type entry struct {
+	chunk uint64
+	gen   uint64
+	slot  int64
+}
+
+func entryLess(a, b entry) bool {
+	if a.chunk != b.chunk {
+		return a.chunk < b.chunk
+	}
+	return a.gen < b.gen
+}
+
+type snap struct {
+	gen        uint64
+	id, setID  string
+	created    time.Time
+	persistent bool
+	invalid    string // reason; "" while valid
+	hasCursor  bool
+	cursor     uint64          // chunks below it are released
+	changed    *roaring.Bitmap // chunks first written while this was the newest
+	owned      *roaring.Bitmap // chunks with an entry at this generation
+	nonzero    int64           // owned entries that hold a diff-area slot
+	reliable   bool            // changed is complete
+}
+
+func (s *snap) needs(c uint64) bool {
+	return s.invalid == "" && (!s.hasCursor || c >= s.cursor)
+}
+
+// Volume is an origin (file or block device) protected by copy-on-write
+// snapshots. It is safe for concurrent use.
+type Volume struct {
+	name       string
+	originPath string
+	fs         FS
+	origin     File
+	size       int64
+	chunk      int64
+	shift      uint
+	nchunks    uint64
+	maxSnaps   int
+
+	gate     gate
+	stripes  [numStripes]sync.RWMutex
+	hasSnaps atomic.Int32
+	bufs     sync.Pool
+
+	slotMu sync.RWMutex // held shared while a diff-area slot is read; exclusively to free slots
+
+	mu         sync.RWMutex // guards everything below
+	closed     bool
+	storageDir string
+	maxStorage int64
+	policy     Policy
+	snaps      []*snap // live, ascending generation
+	lastGen    uint64
+	entries    *btree.BTreeG[entry]
+	store      *store   // nil until the first snapshot
+	log        *metaLog // non-nil while a persistent snapshot lives
+	persistent int      // live persistent snapshots
+	recovery   []error  // problems found when opening
+}
+
+// Open opens the origin at originPath (a regular file or a block device)
+// as volume name, and recovers its persistent snapshots from the shadow
+// storage. A damaged diff area does not stop the origin from opening: the
+// affected snapshots are invalid and RecoveryErrors names the files.
+func Open(name, originPath string, opts Options) (*Volume, error) {
+	if err := validName(name); err != nil {
+		return nil, fmt.Errorf("open volume: %w", err)
+	}
+	if opts.ChunkSize == 0 {
+		opts.ChunkSize = DefaultChunkSize
+	}
+	if err := validChunkSize(opts.ChunkSize); err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", name, err)
+	}
+	if opts.Policy == "" {
+		opts.Policy = PolicyDeleteOldest
+	}
+	if opts.Policy != PolicyDeleteOldest && opts.Policy != PolicyInvalidate {
+		return nil, fmt.Errorf("open volume %s: unknown policy %q (want %q or %q)", name, opts.Policy, PolicyDeleteOldest, PolicyInvalidate)
+	}
+	if opts.MaxStorage < 0 {
+		return nil, fmt.Errorf("open volume %s: negative max storage %d", name, opts.MaxStorage)
+	}
+	if opts.FS == nil {
+		opts.FS = OSFS{}
+	}
+	if opts.MaxSnapshots <= 0 {
+		opts.MaxSnapshots = DefaultMaxSnapshots
+	}
+	f, err := opts.FS.OpenFile(originPath, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s origin: %w", name, err)
+	}
+	size, err := f.Size()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open volume %s origin %s: size: %w", name, originPath, err)
+	}
+	v := &Volume{
+		name:       name,
+		originPath: originPath,
+		fs:         opts.FS,
+		origin:     f,
+		size:       size,
+		chunk:      opts.ChunkSize,
+		maxSnaps:   opts.MaxSnapshots,
+		storageDir: opts.StorageDir,
+		maxStorage: opts.MaxStorage,
+		policy:     opts.Policy,
+		entries:    btree.NewG(32, entryLess),
+	}
+	for v.chunk>>v.shift > 1 {
+		v.shift++
+	}
+	v.nchunks = uint64((size + v.chunk - 1) / v.chunk)
+	if v.nchunks > 1<<32 {
+		f.Close()
+		return nil, fmt.Errorf("open volume %s: %d chunks of %d bytes exceed 2^32; use a larger chunk size", name, v.nchunks, v.chunk)
+	}
+	v.bufs.New = func() any { b := make([]byte, v.chunk); return &b }
+	if v.storageDir != "" {
+		if err := v.recover(); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	return v, nil
+}
+
+var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+func validName(name string) error {
+	if !idRE.MatchString(name) {
+		return fmt.Errorf("%w: %q: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit", ErrBadID, name)
+	}
+	return nil
+}
+
+func validChunkSize(c int64) error {
+	if c < MinChunkSize || c > MaxChunkSize || c&(c-1) != 0 {
+		return fmt.Errorf("chunk size %d: want a power of two from %d to %d", c, MinChunkSize, MaxChunkSize)
+	}
+	return nil
+}
+
+// Name returns the volume's name.
+func (v *Volume) Name() string { return v.name }
+
+// Size returns the volume's size in bytes.
+func (v *Volume) Size() int64 { return v.size }
+
+// ChunkSize returns the COW granularity.
+func (v *Volume) ChunkSize() int64 { return v.chunk }
+
+// OriginPath returns the origin's path.
+func (v *Volume) OriginPath() string { return v.originPath }
+
+// RecoveryErrors returns the problems found when the volume was opened.
+func (v *Volume) RecoveryErrors() []error {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return append([]error(nil), v.recovery...)
+}
+
+func (v *Volume) checkRange(off, n int64) error {
+	if off < 0 || n < 0 || off > v.size || n > v.size-off {
+		return fmt.Errorf("volume %s: [%d, %d) of %d bytes: %w", v.name, off, off+n, v.size, ErrOutOfRange)
+	}
+	return nil
+}
+
+// ReadAt reads the live volume.
+func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+	if off >= v.size && len(p) > 0 {
+		return 0, io.EOF
+	}
+	if off < 0 {
+		return 0, v.checkRange(off, int64(len(p)))
+	}
+	want := len(p)
+	if int64(want) > v.size-off {
+		p = p[:v.size-off]
+	}
+	n, err := v.origin.ReadAt(p, off)
+	if err == nil && n < want {
+		err = io.EOF
+	}
+	if err == io.EOF && n == len(p) && n < want {
+		return n, io.EOF
+	}
+	if err == io.EOF && n == want {
+		err = nil
+	}
+	return n, err
+}
+
+// WriteAt writes the live volume, preserving first what live snapshots
+// still need. A snapshot problem never fails the write: the policy applies
+// and the affected snapshots say why on their next call.
+func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	v.gate.enter()
+	defer v.gate.leave()
+	if v.hasSnaps.Load() > 0 {
+		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
+		unlock := v.lockChunks(c0, c1)
+		defer unlock()
+		v.preserveRange(c0, c1)
+	}
+	return v.origin.WriteAt(p, off)
+}
+
+// Flush makes acknowledged writes durable.
+func (v *Volume) Flush() error {
+	if err := v.origin.Sync(); err != nil {
+		return fmt.Errorf("flush volume %s: %w", v.name, err)
+	}
+	return nil
+}
+
+// Trim discards [off, off+length): the range reads as zeros afterwards
+// (hole-punched on files). Snapshots keep their view.
+func (v *Volume) Trim(off, length int64) error {
+	return v.zero(off, length, false)
+}
+
+// WriteZeroes writes zeros to [off, off+length); with noHole the range
+// stays allocated, otherwise it may be punched.
+func (v *Volume) WriteZeroes(off, length int64, noHole bool) error {
+	return v.zero(off, length, noHole)
+}
+
+func (v *Volume) zero(off, length int64, noHole bool) error {
+	if err := v.checkRange(off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	v.gate.enter()
+	defer v.gate.leave()
+	if v.hasSnaps.Load() > 0 {
+		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
+		unlock := v.lockChunks(c0, c1)
+		defer unlock()
+		v.preserveRange(c0, c1)
+	}
+	if !noHole {
+		if err := v.origin.Punch(off, length); err == nil {
+			return nil
+		}
+	}
+	zeros := make([]byte, min(length, 1<<20))
+	for done := int64(0); done < length; {
+		n := min(int64(len(zeros)), length-done)
+		if _, err := v.origin.WriteAt(zeros[:n], off+done); err != nil {
+			return fmt.Errorf("volume %s: write zeroes at %d: %w", v.name, off+done, err)
+		}
+		done += n
+	}
+	return nil
+}
+
+// Allocation describes [off, off+length) of the live volume as extents.
+func (v *Volume) Allocation(off, length int64) ([]Extent, error) {
+	if err := v.checkRange(off, length); err != nil {
+		return nil, err
+	}
+	return v.originExtents(off, length), nil
+}
+
+func (v *Volume) originExtents(off, length int64) []Extent {
+	if of, ok := v.origin.(osFile); ok {
+		if ext, ok := of.dataExtents(off, length); ok {
+			return ext
+		}
+	}
+	return []Extent{{Off: off, Len: length}}
+}
+
+// lockChunks takes the stripe locks of chunks c0..c1 exclusively, in
+// stripe order, and returns the function that releases them.
+func (v *Volume) lockChunks(c0, c1 uint64) func() {
+	if c1-c0+1 >= numStripes {
+		for i := range v.stripes {
+			v.stripes[i].Lock()
+		}
+		return func() {
+			for i := range v.stripes {
+				v.stripes[i].Unlock()
+			}
+		}
+	}
+	idx := make([]int, 0, c1-c0+1)
+	for c := c0; c <= c1; c++ {
+		idx = append(idx, int(c%numStripes))
+	}
+	sort.Ints(idx)
+	uniq := idx[:0]
+	for i, s := range idx {
+		if i == 0 || s != idx[i-1] {
+			uniq = append(uniq, s)
+		}
+	}
+	for _, s := range uniq {
+		v.stripes[s].Lock()
+	}
+	return func() {
+		for _, s := range uniq {
+			v.stripes[s].Unlock()
+		}
+	}
+}
+
+// chunkLen is the length of chunk c (the last one may be short).
+func (v *Volume) chunkLen(c uint64) int64 {
+	return min(v.chunk, v.size-int64(c)<<v.shift)
+}
+
+// preserveRange preserves, for each chunk in c0..c1 written for the first
+// time since the newest snapshot, what live snapshots need. The caller
+// holds the chunks' stripe locks.
+func (v *Volume) preserveRange(c0, c1 uint64) {
+	v.mu.RLock()
+	n := v.newest()
+	if n == nil {
+		v.mu.RUnlock()
+		return
+	}
+	var todo []uint64
+	for c := c0; c <= c1; c++ {
+		if !n.changed.Contains(uint32(c)) {
+			todo = append(todo, c)
+		}
+	}
+	v.mu.RUnlock()
+	if len(todo) == 0 {
+		return
+	}
+	bp := v.bufs.Get().(*[]byte)
+	defer v.bufs.Put(bp)
+	for _, c := range todo {
+		v.preserve(c, *bp)
+	}
+}
+
+func (v *Volume) newest() *snap {
+	if len(v.snaps) == 0 {
+		return nil
+	}
+	return v.snaps[len(v.snaps)-1]
+}
+
+// maxGen returns the newest generation with an entry for chunk c, or 0.
+func (v *Volume) maxGen(c uint64) uint64 {
+	var g uint64
+	v.entries.DescendLessOrEqual(entry{chunk: c, gen: ^uint64(0)}, func(e entry) bool {
+		if e.chunk == c {
+			g = e.gen
+		}
+		return false
+	})
+	return g
+}
+
+// usersAbove reports whether a live snapshot with generation in
+// (maxGen(c), upper] still needs the origin's chunk c.
+func (v *Volume) usersAbove(c, upper uint64) bool {
+	g := v.maxGen(c)
+	for i := len(v.snaps) - 1; i >= 0; i-- {
+		s := v.snaps[i]
+		if s.gen <= g {
+			break
+		}
+		if s.gen <= upper && s.needs(c) {
+			return true
+		}
+	}
+	return false
+}
+
+// preserve copies chunk c to the diff area for the newest snapshot when a
+// live snapshot needs it. The caller holds c's stripe lock.
+func (v *Volume) preserve(c uint64, buf []byte) {
+	v.mu.Lock()
+	n := v.newest()
+	if n == nil || n.changed.Contains(uint32(c)) {
+		v.mu.Unlock()
+		return
+	}
+	n.changed.Add(uint32(c))
+	gen := n.gen
+	need := v.usersAbove(c, gen)
+	lsync, ssync := v.logSyncer(), v.store.sync
+	persist := lsync != nil
+	v.mu.Unlock()
+	if !need {
+		return
+	}
+	data := buf[:v.chunkLen(c)]
+	if _, err := v.origin.ReadAt(data, int64(c)<<v.shift); err != nil && err != io.EOF {
+		v.mu.Lock()
+		v.invalidateUsers(c, gen, fmt.Sprintf("reading original of chunk %d from origin %s failed: %v", c, v.originPath, err))
+		v.mu.Unlock()
+		v.syncInvalidation(lsync)
+		return
+	}
+	slot := int64(zeroSlot)
+	if !allZero(data) {
+		var ok bool
+		slot, ok = v.writeSlot(c, gen, data)
+		if !ok {
+			v.syncInvalidation(lsync)
+			return
+		}
+		if persist {
+			if err := ssync.sync(); err != nil {
+				v.failAll(fmt.Sprintf("syncing diff area %s failed: %v", v.storePath(), err))
+				return
+			}
+		}
+	}
+	v.mu.Lock()
+	v.place(c, gen, slot)
+	lsync = v.logSyncer()
+	v.mu.Unlock()
+	if lsync != nil {
+		if err := lsync.sync(); err != nil {
+			v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err))
+		}
+	}
+}
+
+// writeSlot allocates a diff-area slot for chunk c (applying the policy
+// when full) and writes data to it. ok is false when the chunk is not
+// preserved (its users were invalidated or deleted).
+func (v *Volume) writeSlot(c, gen uint64, data []byte) (slot int64, ok bool) {
+	for {
+		v.mu.Lock()
+		if !v.usersAbove(c, gen) {
+			v.mu.Unlock()
+			return 0, false
+		}
+		s, full := v.store.alloc(v.maxSlots())
+		if full {
+			if !v.makeRoom(c, gen, fmt.Sprintf("shadow storage limit of %d bytes in %s reached", v.maxStorage, v.storageDir)) {
+				v.mu.Unlock()
+				return 0, false
+			}
+			v.mu.Unlock()
+			continue
+		}
+		v.mu.Unlock()
+		_, err := v.store.f.WriteAt(data, s*v.chunk)
+		if err == nil {
+			return s, true
+		}
+		v.mu.Lock()
+		v.store.release(s)
+		if isNoSpace(err) {
+			if !v.makeRoom(c, gen, fmt.Sprintf("filesystem of shadow storage %s is full", v.storageDir)) {
+				v.mu.Unlock()
+				return 0, false
+			}
+			v.mu.Unlock()
+			continue
+		}
+		v.invalidateUsers(c, gen, fmt.Sprintf("writing diff area %s failed: %v", v.storePath(), err))
+		v.mu.Unlock()
+		return 0, false
+	}
+}
+
+// makeRoom applies the policy when chunk c cannot be preserved for lack of
+// space. It returns true when the caller should try again.
+func (v *Volume) makeRoom(c, gen uint64, why string) bool {
+	if v.policy == PolicyInvalidate {
+		v.invalidateUsers(c, gen, why)
+		return false
+	}
+	if len(v.snaps) == 0 {
+		return false
+	}
+	v.deleteLocked(v.snaps[0], true)
+	return true
+}
+
+func isNoSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) || errors.Is(err, syscall.EFBIG)
+}
+
+// invalidateUsers marks invalid every live snapshot that needed chunk c of
+// the origin (those in (maxGen(c), gen]).
+func (v *Volume) invalidateUsers(c, gen uint64, why string) {
+	g := v.maxGen(c)
+	for _, s := range v.snaps {
+		if s.gen > g && s.gen <= gen && s.needs(c) {
+			v.invalidate(s, why)
+		}
+	}
+}
+
+func (v *Volume) invalidate(s *snap, why string) {
+	if s.invalid != "" {
+		return
+	}
+	s.invalid = why
+	v.logAppend(record{Type: recInvalid, Gen: s.gen, Reason: why})
+}
+
+// syncInvalidation makes invalidation records durable before the origin
+// write that caused them is issued.
+func (v *Volume) syncInvalidation(lsync *groupSyncer) {
+	if lsync != nil {
+		if err := lsync.sync(); err != nil {
+			v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err))
+		}
+	}
+}
+
+// failAll invalidates every live snapshot after an fsync of the diff area
+// failed: what it covered may be lost.
+func (v *Volume) failAll(why string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, s := range v.snaps {
+		if s.invalid == "" {
+			s.invalid = why
+		}
+	}
+}
+
+// place records the preserved copy of chunk c made for generation gen. If
+// that snapshot was deleted meanwhile, the copy goes where deleting it
+// would have put it.
+func (v *Volume) place(c, gen uint64, slot int64) {
+	s := v.snapByGen(gen)
+	if s == nil {
+		s = v.predecessor(gen)
+	}
+	if s == nil || s.owned.Contains(uint32(c)) {
+		if slot != zeroSlot {
+			v.freeSlots([]int64{slot})
+		}
+		return
+	}
+	v.entries.ReplaceOrInsert(entry{chunk: c, gen: s.gen, slot: slot})
+	s.owned.Add(uint32(c))
+	if slot != zeroSlot {
+		s.nonzero++
+	}
+	v.logAppend(record{Type: recMap, Chunk: c, Gen: s.gen, Slot: slot})
+}
+
+func (v *Volume) snapIndex(gen uint64) int {
+	i := sort.Search(len(v.snaps), func(i int) bool { return v.snaps[i].gen >= gen })
+	if i < len(v.snaps) && v.snaps[i].gen == gen {
+		return i
+	}
+	return -1
+}
+
+func (v *Volume) snapByGen(gen uint64) *snap {
+	if i := v.snapIndex(gen); i >= 0 {
+		return v.snaps[i]
+	}
+	return nil
+}
+
+// predecessor returns the newest live snapshot older than gen.
+func (v *Volume) predecessor(gen uint64) *snap {
+	i := sort.Search(len(v.snaps), func(i int) bool { return v.snaps[i].gen >= gen })
+	if i == 0 {
+		return nil
+	}
+	return v.snaps[i-1]
+}
+
+func (v *Volume) snapByID(id string) *snap {
+	for _, s := range v.snaps {
+		if s.id == id {
+			return s
+		}
+	}
+	return nil
+}
+
+// deleteLocked removes snapshot s: each of its entries goes to its
+// predecessor when the predecessor has none for that chunk, and is freed
+// otherwise. log says whether to record the deletion.
+func (v *Volume) deleteLocked(s *snap, log bool) {
+	i := v.snapIndex(s.gen)
+	if i < 0 {
+		return
+	}
+	var p *snap
+	if i > 0 {
+		p = v.snaps[i-1]
+	}
+	var freed []int64
+	it := s.owned.Iterator()
+	for it.HasNext() {
+		c := uint64(it.Next())
+		e, ok := v.entries.Delete(entry{chunk: c, gen: s.gen})
+		if !ok {
+			continue
+		}
+		if p != nil && !p.owned.Contains(uint32(c)) {
+			e.gen = p.gen
+			v.entries.ReplaceOrInsert(e)
+			p.owned.Add(uint32(c))
+			if e.slot != zeroSlot {
+				p.nonzero++
+			}
+		} else if e.slot != zeroSlot {
+			freed = append(freed, e.slot)
+		}
+	}
+	if p != nil {
+		p.changed.Or(s.changed)
+		p.reliable = p.reliable && s.reliable
+	}
+	v.snaps = append(v.snaps[:i], v.snaps[i+1:]...)
+	v.hasSnaps.Store(int32(len(v.snaps)))
+	if log {
+		v.logAppend(record{Type: recSnapDelete, Gen: s.gen})
+	}
+	v.freeSlots(freed)
+	if s.persistent {
+		v.persistent--
+		if v.persistent == 0 && log {
+			v.dropLog()
+		}
+	}
+	if len(v.snaps) == 0 && v.store != nil && log {
+		v.store.reset()
+	}
+}
+
+// freeSlots returns slots to the allocator once no reader is reading them.
+func (v *Volume) freeSlots(slots []int64) {
+	if len(slots) == 0 || v.store == nil {
+		return
+	}
+	v.slotMu.Lock()
+	for _, s := range slots {
+		v.store.release(s)
+	}
+	v.slotMu.Unlock()
+	v.store.punch(slots, v.chunk)
+}
+
+func (v *Volume) maxSlots() int64 {
+	if v.maxStorage <= 0 {
+		return 0
+	}
+	return max(v.maxStorage/v.chunk, 0)
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Hold is a write fence on a volume: while it stands, new writes wait and
+// none is in flight. It releases by itself when its limit passes.
+type Hold struct {
+	v     *Volume
+	start time.Time
+	timer *time.Timer
+
+	mu      sync.Mutex // guards done and expired
+	done    bool
+	expired bool
+}
+
+// Hold blocks new writes, waits for those in flight, flushes and returns.
+// Reads go on. The hold ends with Release or, after limit (0: 10 s), by
+// itself; a snapshot committed through it after that fails.
+func (v *Volume) Hold(ctx context.Context, limit time.Duration) (*Hold, error) {
+	return v.hold(ctx, limit, true)
+}
+
+func (v *Volume) hold(ctx context.Context, limit time.Duration, flush bool) (*Hold, error) {
+	if limit <= 0 {
+		limit = DefaultHoldLimit
+	}
+	start := time.Now()
+	dctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	if err := v.gate.close(dctx); err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("hold volume %s: %w", v.name, ctx.Err())
+		}
+		return nil, fmt.Errorf("hold volume %s: writes in flight did not drain within %v: %w", v.name, limit, provider.ErrHoldTimeout)
+	}
+	if flush {
+		if err := v.Flush(); err != nil {
+			v.gate.reopen()
+			return nil, err
+		}
+	}
+	h := &Hold{v: v, start: start}
+	left := limit - time.Since(start)
+	if left <= 0 {
+		v.gate.reopen()
+		return nil, fmt.Errorf("hold volume %s: flush took longer than %v: %w", v.name, limit, provider.ErrHoldTimeout)
+	}
+	h.timer = time.AfterFunc(left, h.expire)
+	return h, nil
+}
+
+func (h *Hold) expire() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.done {
+		h.done, h.expired = true, true
+		h.v.gate.reopen()
+	}
+}
+
+// Release resumes held writes. It returns provider.ErrHoldTimeout when
+// the hold had already released itself at its limit.
+func (h *Hold) Release() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.expired {
+		return fmt.Errorf("hold volume %s: %w", h.v.name, provider.ErrHoldTimeout)
+	}
+	if !h.done {
+		h.done = true
+		h.timer.Stop()
+		h.v.gate.reopen()
+	}
+	return nil
+}
+
+// Elapsed is how long writes have been held.
+func (h *Hold) Elapsed() time.Duration { return time.Since(h.start) }
+
+// CreateSnapshot commits a snapshot inside the hold window.
+func (h *Hold) CreateSnapshot(ctx context.Context, opts provider.SnapshotOptions) (provider.Snapshot, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.expired {
+		return provider.Snapshot{}, fmt.Errorf("commit on volume %s: %w", h.v.name, provider.ErrHoldTimeout)
+	}
+	if h.done {
+		return provider.Snapshot{}, fmt.Errorf("commit on volume %s: the hold was released", h.v.name)
+	}
+	return h.v.commit(opts)
+}
+
+// CreateSnapshot commits a snapshot now (O(1)): it briefly holds writes so
+// none is half-applied at the commit point. Persistent snapshots flush the
+// origin first.
+func (v *Volume) CreateSnapshot(ctx context.Context, opts provider.SnapshotOptions) (provider.Snapshot, error) {
+	h, err := v.hold(ctx, DefaultHoldLimit, opts.Persistent)
+	if err != nil {
+		return provider.Snapshot{}, err
+	}
+	s, err := h.CreateSnapshot(ctx, opts)
+	if rerr := h.Release(); err == nil && rerr != nil {
+		err = rerr
+	}
+	return s, err
+}
+
+// commit creates the snapshot. No write is in flight.
+func (v *Volume) commit(opts provider.SnapshotOptions) (provider.Snapshot, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return provider.Snapshot{}, ErrClosed
+	}
+	if v.storageDir == "" {
+		return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %w; add one with `umbra storage add %s DIR --max SIZE`", v.name, provider.ErrNoStorage, v.name)
+	}
+	if len(v.snaps) >= v.maxSnaps {
+		return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %d live snapshots is the limit; delete some first", v.name, v.maxSnaps)
+	}
+	gen := v.lastGen + 1
+	id := opts.ID
+	if id == "" {
+		id = fmt.Sprintf("snap-%d", gen)
+	}
+	if err := validName(id); err != nil {
+		return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %w", v.name, err)
+	}
+	if len(opts.SetID) > 255 {
+		return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: set id longer than 255 bytes", v.name)
+	}
+	if v.snapByID(id) != nil {
+		return provider.Snapshot{}, fmt.Errorf("snapshot %s@%s: %w", v.name, id, provider.ErrExists)
+	}
+	if err := v.openStore(); err != nil {
+		return provider.Snapshot{}, err
+	}
+	s := &snap{
+		gen: gen, id: id, setID: opts.SetID, created: time.Now().UTC(),
+		persistent: opts.Persistent, reliable: true,
+		changed: roaring.New(), owned: roaring.New(),
+	}
+	rec := record{Type: recSnapCreate, Gen: gen, ID: id, SetID: opts.SetID, Persistent: opts.Persistent, Created: s.created.UnixNano()}
+	v.snaps = append(v.snaps, s)
+	switch {
+	case opts.Persistent && v.log == nil:
+		// The first persistent snapshot starts the log; older
+		// non-persistent ones need not be in it.
+		if err := v.checkpoint(false); err != nil {
+			v.snaps = v.snaps[:len(v.snaps)-1]
+			return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %w", v.name, err)
+		}
+	case opts.Persistent:
+		v.logAppend(rec)
+		if err := v.syncLog(); err != nil {
+			v.snaps = v.snaps[:len(v.snaps)-1]
+			return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %w", v.name, err)
+		}
+	default:
+		v.logAppend(rec)
+	}
+	if opts.Persistent {
+		v.persistent++
+	}
+	v.lastGen = gen
+	v.hasSnaps.Store(int32(len(v.snaps)))
+	return v.info(s), nil
+}
+
+func (v *Volume) info(s *snap) provider.Snapshot {
+	return provider.Snapshot{
+		Volume: v.name, ID: s.id, Provider: ProviderName, SetID: s.setID,
+		Created: s.created, Persistent: s.persistent, Valid: s.invalid == "",
+		Reason: s.invalid, Size: v.size, DiffBytes: s.nonzero * v.chunk,
+	}
+}
+
+// Snapshots lists the live snapshots, oldest first.
+func (v *Volume) Snapshots() []provider.Snapshot {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	out := make([]provider.Snapshot, len(v.snaps))
+	for i, s := range v.snaps {
+		out[i] = v.info(s)
+	}
+	return out
+}
+
+// DeleteSnapshot deletes snapshot id; other snapshots read the same bytes
+// afterwards, and its diff-area space is reused.
+func (v *Volume) DeleteSnapshot(id string) error {
+	v.mu.Lock()
+	s := v.snapByID(id)
+	if s == nil {
+		v.mu.Unlock()
+		return fmt.Errorf("snapshot %s@%s: %w", v.name, id, provider.ErrNotFound)
+	}
+	v.deleteLocked(s, true)
+	lsync := v.logSyncer()
+	v.mu.Unlock()
+	if lsync != nil {
+		if err := lsync.sync(); err != nil {
+			return fmt.Errorf("delete snapshot %s@%s: %w", v.name, id, err)
+		}
+	}
+	return nil
+}
+
+// Storage describes the shadow storage association.
+func (v *Volume) Storage() StorageInfo {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	var used int64
+	if v.store != nil {
+		used = v.store.used() * v.chunk
+	}
+	return StorageInfo{Dir: v.storageDir, Max: v.maxStorage, Used: used, Policy: v.policy}
+}
+
+// SetStorage changes the association. The directory can change only while
+// no snapshot lives; max and policy can change any time, and shrinking
+// below what is used applies the policy now.
+func (v *Volume) SetStorage(dir string, maxBytes int64, policy Policy) error {
+	if maxBytes < 0 {
+		return fmt.Errorf("storage for %s: negative max %d", v.name, maxBytes)
+	}
+	if policy == "" {
+		policy = PolicyDeleteOldest
+	}
+	if policy != PolicyDeleteOldest && policy != PolicyInvalidate {
+		return fmt.Errorf("storage for %s: unknown policy %q (want %q or %q)", v.name, policy, PolicyDeleteOldest, PolicyInvalidate)
+	}
+	v.mu.Lock()
+	if dir != v.storageDir {
+		if len(v.snaps) > 0 {
+			v.mu.Unlock()
+			return fmt.Errorf("storage for %s: cannot move shadow storage from %s to %s while %d snapshots live; delete them first", v.name, v.storageDir, dir, len(v.snaps))
+		}
+		if v.store != nil {
+			v.store.close()
+			v.store = nil
+		}
+		v.storageDir = dir
+	}
+	v.policy = policy
+	v.mu.Unlock()
+	return v.SetMaxStorage(maxBytes)
+}
+
+// SetMaxStorage resizes the association while snapshots live.
+func (v *Volume) SetMaxStorage(maxBytes int64) error {
+	if maxBytes < 0 {
+		return fmt.Errorf("storage for %s: negative max %d", v.name, maxBytes)
+	}
+	v.mu.Lock()
+	v.maxStorage = maxBytes
+	for v.store != nil && maxBytes > 0 && v.store.used() > v.maxSlots() && len(v.snaps) > 0 {
+		why := fmt.Sprintf("shadow storage shrunk to %d bytes", maxBytes)
+		if v.policy == PolicyDeleteOldest {
+			v.deleteLocked(v.snaps[0], true)
+			continue
+		}
+		// Invalidate the oldest valid snapshot and free what only invalid
+		// snapshots could read.
+		var victim *snap
+		for _, s := range v.snaps {
+			if s.invalid == "" {
+				victim = s
+				break
+			}
+		}
+		if victim == nil {
+			v.releaseInvalid()
+			break
+		}
+		v.invalidate(victim, why)
+		v.releaseInvalid()
+	}
+	lsync := v.logSyncer()
+	v.mu.Unlock()
+	if lsync != nil {
+		return lsync.sync()
+	}
+	return nil
+}
+
+// releaseInvalid frees entries that no valid snapshot can read.
+func (v *Volume) releaseInvalid() {
+	var freed []int64
+	var drop []entry
+	prev := map[uint64]uint64{} // chunk -> previous entry generation
+	v.entries.Ascend(func(e entry) bool {
+		lo := prev[e.chunk]
+		prev[e.chunk] = e.gen
+		for _, s := range v.snaps {
+			if s.gen > lo && s.gen <= e.gen && s.needs(e.chunk) {
+				return true
+			}
+		}
+		drop = append(drop, e)
+		return true
+	})
+	for _, e := range drop {
+		v.dropEntry(e, &freed)
+	}
+	v.freeSlots(freed)
+}
+
+func (v *Volume) dropEntry(e entry, freed *[]int64) {
+	v.entries.Delete(e)
+	if s := v.snapByGen(e.gen); s != nil {
+		s.owned.Remove(uint32(e.chunk))
+		if e.slot != zeroSlot {
+			s.nonzero--
+		}
+	}
+	if e.slot != zeroSlot {
+		*freed = append(*freed, e.slot)
+	}
+	v.logAppend(record{Type: recUnmap, Chunk: e.chunk, Gen: e.gen})
+}
+
+// Changed returns the chunks that may differ between snapshot since and
+// snapshot upto ("" for the live volume). reliable is false when tracking
+// may be incomplete (an unclean stop): read everything then.
+func (v *Volume) Changed(since, upto string) (*provider.Bitmap, bool, error) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	s := v.snapByID(since)
+	if s == nil {
+		return nil, false, fmt.Errorf("changed blocks of %s since %q: %w", v.name, since, provider.ErrNotFound)
+	}
+	end := ^uint64(0)
+	if upto != "" {
+		u := v.snapByID(upto)
+		if u == nil {
+			return nil, false, fmt.Errorf("changed blocks of %s up to %q: %w", v.name, upto, provider.ErrNotFound)
+		}
+		if u.gen < s.gen {
+			return nil, false, fmt.Errorf("changed blocks of %s: snapshot %s is older than %s", v.name, upto, since)
+		}
+		end = u.gen
+	}
+	acc := roaring.New()
+	reliable := true
+	for _, k := range v.snaps {
+		if k.gen >= s.gen && k.gen < end {
+			acc.Or(k.changed)
+			reliable = reliable && k.reliable
+		}
+	}
+	bm := &provider.Bitmap{Granule: v.chunk, Size: v.size, Bits: make([]uint64, (v.nchunks+63)/64)}
+	it := acc.Iterator()
+	for it.HasNext() {
+		c := it.Next()
+		if uint64(c) < v.nchunks {
+			bm.Bits[c/64] |= 1 << (c % 64)
+		}
+	}
+	return bm, reliable, nil
+}
+
+// Close flushes the origin, records a clean stop and closes the files.
+// Non-persistent snapshots end with it.
+func (v *Volume) Close() error {
+	v.gate.enter() // wait for a hold to end
+	defer v.gate.leave()
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return nil
+	}
+	v.closed = true
+	var errs []error
+	if err := v.origin.Sync(); err != nil {
+		errs = append(errs, fmt.Errorf("flush origin %s: %w", v.originPath, err))
+	}
+	for i := len(v.snaps) - 1; i >= 0; i-- {
+		if !v.snaps[i].persistent {
+			v.deleteLocked(v.snaps[i], false)
+		}
+	}
+	if v.log != nil {
+		if err := v.checkpoint(true); err != nil {
+			errs = append(errs, err)
+		}
+		v.log.f.Close()
+		v.log = nil
+	}
+	if v.store != nil {
+		if len(v.snaps) == 0 {
+			v.store.reset()
+		}
+		if err := v.store.f.Sync(); err != nil {
+			errs = append(errs, fmt.Errorf("sync diff area %s: %w", v.storePath(), err))
+		}
+		v.store.close()
+	}
+	if err := v.origin.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("close volume %s: %w", v.name, errors.Join(errs...))
+	}
+	return nil
+}
