@@ -109,14 +109,11 @@ func (s *Snapshot) ReadAt(p []byte, off int64) (int, error) {
 	}
 	done := 0
 	for done < len(p) {
-		pos := off + int64(done)
-		c := uint64(pos) >> v.shift
-		inChunk := pos - int64(c)<<v.shift
-		n := min(int64(len(p)-done), v.chunk-inChunk)
-		if err := s.readChunk(c, inChunk, p[done:done+int(n)]); err != nil {
+		n := min(len(p)-done, preserveBatch)
+		if err := s.readSpan(p[done:done+n], off+int64(done)); err != nil {
 			return done, err
 		}
-		done += int(n)
+		done += n
 	}
 	if done < want {
 		return done, io.EOF
@@ -124,43 +121,71 @@ func (s *Snapshot) ReadAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-func (s *Snapshot) readChunk(c uint64, inChunk int64, p []byte) error {
+// fromOrigin marks a chunk a snapshot reads from the origin.
+const fromOrigin = -2
+
+// readSpan reads p at off: it resolves every chunk under one lock, then
+// reads runs of origin chunks and of consecutive slots with one pread each.
+func (s *Snapshot) readSpan(p []byte, off int64) error {
 	v := s.v
-	st := &v.stripes[c%numStripes]
-	st.RLock()
-	defer st.RUnlock()
+	c0 := uint64(off) >> v.shift
+	c1 := uint64(off+int64(len(p))-1) >> v.shift
+	unlock := v.lockChunks(c0, c1, true)
+	defer unlock()
 	v.mu.RLock()
-	if _, err := s.readable(c); err != nil {
+	if _, err := s.readable(c0); err != nil {
 		v.mu.RUnlock()
 		return err
 	}
-	e, ok := v.lookup(c, s.gen)
-	switch {
-	case ok && e.slot == zeroSlot:
-		v.mu.RUnlock()
-		clear(p)
-		return nil
-	case ok:
-		v.slotMu.RLock()
-		f := v.store.f
-		v.mu.RUnlock()
-		_, err := f.ReadAt(p, e.slot*v.chunk+inChunk)
-		v.slotMu.RUnlock()
-		if err == io.EOF { // a slot at the end of a sparse store
-			err = nil
+	src := make([]int64, c1-c0+1)
+	anySlot := false
+	for c := c0; c <= c1; c++ {
+		if e, ok := v.lookup(c, s.gen); ok {
+			src[c-c0] = e.slot
+			anySlot = anySlot || e.slot != zeroSlot
+		} else {
+			src[c-c0] = fromOrigin
 		}
-		if err != nil {
-			return fmt.Errorf("snapshot %s@%s: read diff area %s: %w", v.name, s.id, v.storePath(), err)
-		}
-		return nil
-	default:
-		v.mu.RUnlock()
-		_, err := v.origin.ReadAt(p, int64(c)<<v.shift+inChunk)
-		if err != nil && err != io.EOF {
-			return fmt.Errorf("snapshot %s@%s: read origin: %w", v.name, s.id, err)
-		}
-		return nil
 	}
+	var f File
+	if anySlot {
+		v.slotMu.RLock()
+		defer v.slotMu.RUnlock()
+		f = v.store.f
+	}
+	v.mu.RUnlock()
+	// piece: chunk c covers p[lo:hi], starting inChunk bytes into it.
+	piece := func(c uint64) (lo, hi int, inChunk int64) {
+		start := max(int64(c)<<v.shift, off)
+		end := min(int64(c+1)<<v.shift, off+int64(len(p)))
+		return int(start - off), int(end - off), start - int64(c)<<v.shift
+	}
+	for i := 0; i < len(src); {
+		j := i + 1
+		for j < len(src) && (src[i] < 0 && src[j] == src[i] || src[i] >= 0 && src[j] >= 0 && src[j] == src[j-1]+1) {
+			j++
+		}
+		lo, _, inChunk := piece(c0 + uint64(i))
+		_, hi, _ := piece(c0 + uint64(j-1))
+		switch src[i] {
+		case zeroSlot:
+			clear(p[lo:hi])
+		case fromOrigin:
+			if _, err := v.origin.ReadAt(p[lo:hi], off+int64(lo)); err != nil && err != io.EOF {
+				return fmt.Errorf("snapshot %s@%s: read origin: %w", v.name, s.id, err)
+			}
+		default:
+			// EOF: a slot at the end of a sparse store reads as zeros.
+			n, err := f.ReadAt(p[lo:hi], src[i]*v.chunk+inChunk)
+			if err == io.EOF {
+				clear(p[lo+n : hi])
+			} else if err != nil {
+				return fmt.Errorf("snapshot %s@%s: read diff area %s: %w", v.name, s.id, v.storePath(), err)
+			}
+		}
+		i = j
+	}
+	return nil
 }
 
 // Allocation describes [off, off+length) of the snapshot as extents.

@@ -34,7 +34,7 @@ const (
 const (
 	// DefaultChunkSize is the COW granularity when Options.ChunkSize is 0;
 	// docs/benchmarks.md has the table behind the choice.
-	DefaultChunkSize = 64 << 10
+	DefaultChunkSize = 4 << 10
 	MinChunkSize     = 4 << 10
 	MaxChunkSize     = 1 << 20
 	// DefaultHoldLimit bounds a write hold, as VSS bounds its flush-and-hold.
@@ -295,7 +295,7 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	defer v.gate.leave()
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
-		unlock := v.lockChunks(c0, c1)
+		unlock := v.lockChunks(c0, c1, false)
 		defer unlock()
 		v.preserveRange(c0, c1)
 	}
@@ -333,7 +333,7 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 	defer v.gate.leave()
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
-		unlock := v.lockChunks(c0, c1)
+		unlock := v.lockChunks(c0, c1, false)
 		defer unlock()
 		v.preserveRange(c0, c1)
 	}
@@ -370,36 +370,43 @@ func (v *Volume) originExtents(off, length int64) []Extent {
 	return []Extent{{Off: off, Len: length}}
 }
 
-// lockChunks takes the stripe locks of chunks c0..c1 exclusively, in
-// stripe order, and returns the function that releases them.
-func (v *Volume) lockChunks(c0, c1 uint64) func() {
+// lockChunks takes the stripe locks of chunks c0..c1, exclusively or
+// shared, in stripe order, and returns the function that releases them.
+func (v *Volume) lockChunks(c0, c1 uint64, shared bool) func() {
+	var idx []int
 	if c1-c0+1 >= numStripes {
-		for i := range v.stripes {
-			v.stripes[i].Lock()
+		idx = make([]int, numStripes)
+		for i := range idx {
+			idx[i] = i
 		}
-		return func() {
-			for i := range v.stripes {
-				v.stripes[i].Unlock()
+	} else {
+		idx = make([]int, 0, c1-c0+1)
+		for c := c0; c <= c1; c++ {
+			idx = append(idx, int(c%numStripes))
+		}
+		sort.Ints(idx)
+		uniq := idx[:0]
+		for i, s := range idx {
+			if i == 0 || s != idx[i-1] {
+				uniq = append(uniq, s)
 			}
 		}
+		idx = uniq
 	}
-	idx := make([]int, 0, c1-c0+1)
-	for c := c0; c <= c1; c++ {
-		idx = append(idx, int(c%numStripes))
-	}
-	sort.Ints(idx)
-	uniq := idx[:0]
-	for i, s := range idx {
-		if i == 0 || s != idx[i-1] {
-			uniq = append(uniq, s)
+	for _, s := range idx {
+		if shared {
+			v.stripes[s].RLock()
+		} else {
+			v.stripes[s].Lock()
 		}
 	}
-	for _, s := range uniq {
-		v.stripes[s].Lock()
-	}
 	return func() {
-		for _, s := range uniq {
-			v.stripes[s].Unlock()
+		for _, s := range idx {
+			if shared {
+				v.stripes[s].RUnlock()
+			} else {
+				v.stripes[s].Unlock()
+			}
 		}
 	}
 }
@@ -426,15 +433,21 @@ func (v *Volume) preserveRange(c0, c1 uint64) {
 		}
 	}
 	v.mu.RUnlock()
-	if len(todo) == 0 {
-		return
-	}
-	bp := v.bufs.Get().(*[]byte)
-	defer v.bufs.Put(bp)
-	for _, c := range todo {
-		v.preserve(c, *bp)
+	// Preserve runs of consecutive chunks with one read and as few
+	// writes as their slots allow.
+	maxRun := max(int(preserveBatch/v.chunk), 1)
+	for i := 0; i < len(todo); {
+		j := i + 1
+		for j < len(todo) && todo[j] == todo[j-1]+1 && j-i < maxRun {
+			j++
+		}
+		v.preserveRun(todo[i], j-i)
+		i = j
 	}
 }
+
+// preserveBatch bounds the bytes one preserveRun reads at once.
+const preserveBatch = 1 << 20
 
 func (v *Volume) newest() *snap {
 	if len(v.snaps) == 0 {
@@ -471,54 +484,127 @@ func (v *Volume) usersAbove(c, upper uint64) bool {
 	return false
 }
 
-// preserve copies chunk c to the diff area for the newest snapshot when a
-// live snapshot needs it. The caller holds c's stripe lock.
-func (v *Volume) preserve(c uint64, buf []byte) {
+// preserveRun copies chunks c0..c0+n-1, those written for the first time
+// since the newest snapshot and still needed by a live snapshot, to the
+// diff area. The caller holds their stripe locks.
+func (v *Volume) preserveRun(c0 uint64, n int) {
 	v.mu.Lock()
-	n := v.newest()
-	if n == nil || n.changed.Contains(uint32(c)) {
+	nw := v.newest()
+	if nw == nil {
 		v.mu.Unlock()
 		return
 	}
-	n.changed.Add(uint32(c))
-	gen := n.gen
-	need := v.usersAbove(c, gen)
+	gen := nw.gen
+	var need []uint64
+	for c := c0; c < c0+uint64(n); c++ {
+		if nw.changed.Contains(uint32(c)) {
+			continue
+		}
+		nw.changed.Add(uint32(c))
+		if v.usersAbove(c, gen) {
+			need = append(need, c)
+		}
+	}
 	lsync, ssync := v.logSyncer(), v.store.sync
-	persist := lsync != nil
 	v.mu.Unlock()
-	if !need {
+	if len(need) == 0 {
 		return
 	}
-	data := buf[:v.chunkLen(c)]
-	if _, err := v.origin.ReadAt(data, int64(c)<<v.shift); err != nil && err != io.EOF {
+	first, last := need[0], need[len(need)-1]
+	span := int64(last-first)<<v.shift + v.chunkLen(last)
+	bp := v.bufs.Get().(*[]byte)
+	defer v.bufs.Put(bp)
+	if int64(cap(*bp)) < span {
+		*bp = make([]byte, max(span, preserveBatch))
+	}
+	buf := (*bp)[:span]
+	if _, err := v.origin.ReadAt(buf, int64(first)<<v.shift); err != nil && err != io.EOF {
 		v.mu.Lock()
-		v.invalidateUsers(c, gen, fmt.Sprintf("reading original of chunk %d from origin %s failed: %v", c, v.originPath, err))
+		for _, c := range need {
+			v.invalidateUsers(c, gen, fmt.Sprintf("reading original of chunk %d from origin %s failed: %v", c, v.originPath, err))
+		}
 		v.mu.Unlock()
 		v.syncInvalidation(lsync)
 		return
 	}
-	slot := int64(zeroSlot)
-	if !allZero(data) {
-		var ok bool
-		slot, ok = v.writeSlot(c, gen, data)
-		if !ok {
-			v.syncInvalidation(lsync)
-			return
+	data := func(c uint64) []byte {
+		o := int64(c-first) << v.shift
+		return buf[o : o+v.chunkLen(c)]
+	}
+	slots := make([]int64, len(need))
+	keep := make([]bool, len(need))
+	anyData := false
+	v.mu.Lock()
+	for i, c := range need {
+		if allZero(data(c)) {
+			slots[i], keep[i] = zeroSlot, true
+			continue
 		}
-		if persist {
-			if err := ssync.sync(); err != nil {
-				v.failAll(fmt.Sprintf("syncing diff area %s failed: %v", v.storePath(), err))
-				return
+		slot, ok := v.allocSlot(c, gen)
+		slots[i], keep[i] = slot, ok
+		anyData = anyData || ok
+	}
+	v.mu.Unlock()
+	// Write runs of consecutive chunks that got consecutive slots at once.
+	for i := 0; i < len(need); {
+		if !keep[i] || slots[i] == zeroSlot {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < len(need) && keep[j] && need[j] == need[j-1]+1 && slots[j] == slots[j-1]+1 {
+			j++
+		}
+		lo := int64(need[i]-first) << v.shift
+		hi := int64(need[j-1]-first)<<v.shift + v.chunkLen(need[j-1])
+		if _, err := v.store.f.WriteAt(buf[lo:hi], slots[i]*v.chunk); err != nil {
+			// Retry one by one: the slow path applies the policy.
+			v.mu.Lock()
+			for k := i; k < j; k++ {
+				v.store.release(slots[k])
 			}
+			v.mu.Unlock()
+			for k := i; k < j; k++ {
+				slots[k], keep[k] = v.writeSlot(need[k], gen, data(need[k]))
+			}
+		}
+		i = j
+	}
+	if anyData && lsync != nil {
+		if err := ssync.sync(); err != nil {
+			v.failAll(fmt.Sprintf("syncing diff area %s failed: %v", v.storePath(), err))
+			return
 		}
 	}
 	v.mu.Lock()
-	v.place(c, gen, slot)
+	for i, c := range need {
+		if keep[i] {
+			v.place(c, gen, slots[i])
+		}
+	}
 	lsync = v.logSyncer()
 	v.mu.Unlock()
 	if lsync != nil {
 		if err := lsync.sync(); err != nil {
 			v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err))
+		}
+	}
+}
+
+// allocSlot allocates a diff-area slot for chunk c, applying the policy
+// when the storage is full; ok is false when the chunk no longer needs
+// preserving. Caller holds mu.
+func (v *Volume) allocSlot(c, gen uint64) (slot int64, ok bool) {
+	for {
+		if !v.usersAbove(c, gen) {
+			return 0, false
+		}
+		s, full := v.store.alloc(v.maxSlots())
+		if !full {
+			return s, true
+		}
+		if !v.makeRoom(c, gen, fmt.Sprintf("shadow storage limit of %d bytes in %s reached", v.maxStorage, v.storageDir)) {
+			return 0, false
 		}
 	}
 }
@@ -529,20 +615,11 @@ func (v *Volume) preserve(c uint64, buf []byte) {
 func (v *Volume) writeSlot(c, gen uint64, data []byte) (slot int64, ok bool) {
 	for {
 		v.mu.Lock()
-		if !v.usersAbove(c, gen) {
-			v.mu.Unlock()
+		s, ok := v.allocSlot(c, gen)
+		v.mu.Unlock()
+		if !ok {
 			return 0, false
 		}
-		s, full := v.store.alloc(v.maxSlots())
-		if full {
-			if !v.makeRoom(c, gen, fmt.Sprintf("shadow storage limit of %d bytes in %s reached", v.maxStorage, v.storageDir)) {
-				v.mu.Unlock()
-				return 0, false
-			}
-			v.mu.Unlock()
-			continue
-		}
-		v.mu.Unlock()
 		_, err := v.store.f.WriteAt(data, s*v.chunk)
 		if err == nil {
 			return s, true
