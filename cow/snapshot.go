@@ -137,16 +137,20 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		v.mu.RUnlock()
 		return err
 	}
+	// One pass over the span's entries: each chunk reads from its first
+	// entry at a generation >= the snapshot's, else from the origin.
 	src := make([]int64, c1-c0+1)
-	anySlot := false
-	for c := c0; c <= c1; c++ {
-		if e, ok := v.lookup(c, s.gen); ok {
-			src[c-c0] = e.slot
-			anySlot = anySlot || e.slot != zeroSlot
-		} else {
-			src[c-c0] = fromOrigin
-		}
+	for i := range src {
+		src[i] = fromOrigin
 	}
+	anySlot := false
+	v.entries.AscendRange(entry{chunk: c0}, entry{chunk: c1 + 1}, func(e entry) bool {
+		if e.gen >= s.gen && src[e.chunk-c0] == fromOrigin {
+			src[e.chunk-c0] = e.slot
+			anySlot = anySlot || e.slot != zeroSlot
+		}
+		return true
+	})
 	var f File
 	if anySlot {
 		v.slotMu.RLock()

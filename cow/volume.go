@@ -371,41 +371,37 @@ func (v *Volume) originExtents(off, length int64) []Extent {
 }
 
 // lockChunks takes the stripe locks of chunks c0..c1, exclusively or
-// shared, in stripe order, and returns the function that releases them.
+// shared, in ascending stripe order, and returns the function that
+// releases them. Consecutive chunks map to consecutive stripes, so the set
+// is one or two ranges of stripe indexes.
 func (v *Volume) lockChunks(c0, c1 uint64, shared bool) func() {
-	var idx []int
+	type span struct{ lo, hi int }
+	var spans [2]span
+	ns := 1
 	if c1-c0+1 >= numStripes {
-		idx = make([]int, numStripes)
-		for i := range idx {
-			idx[i] = i
-		}
+		spans[0] = span{0, numStripes - 1}
+	} else if lo, hi := int(c0%numStripes), int(c1%numStripes); lo <= hi {
+		spans[0] = span{lo, hi}
 	} else {
-		idx = make([]int, 0, c1-c0+1)
-		for c := c0; c <= c1; c++ {
-			idx = append(idx, int(c%numStripes))
-		}
-		sort.Ints(idx)
-		uniq := idx[:0]
-		for i, s := range idx {
-			if i == 0 || s != idx[i-1] {
-				uniq = append(uniq, s)
-			}
-		}
-		idx = uniq
+		spans[0], spans[1], ns = span{0, hi}, span{lo, numStripes - 1}, 2
 	}
-	for _, s := range idx {
-		if shared {
-			v.stripes[s].RLock()
-		} else {
-			v.stripes[s].Lock()
+	for _, sp := range spans[:ns] {
+		for i := sp.lo; i <= sp.hi; i++ {
+			if shared {
+				v.stripes[i].RLock()
+			} else {
+				v.stripes[i].Lock()
+			}
 		}
 	}
 	return func() {
-		for _, s := range idx {
-			if shared {
-				v.stripes[s].RUnlock()
-			} else {
-				v.stripes[s].Unlock()
+		for _, sp := range spans[:ns] {
+			for i := sp.lo; i <= sp.hi; i++ {
+				if shared {
+					v.stripes[i].RUnlock()
+				} else {
+					v.stripes[i].Unlock()
+				}
 			}
 		}
 	}
