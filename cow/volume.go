@@ -127,6 +127,7 @@ type Volume struct {
 	gate     gate
 	stripes  [numStripes]sync.RWMutex
 	hasSnaps atomic.Int32
+	isClosed atomic.Bool
 	bufs     sync.Pool
 
 	slotMu sync.RWMutex // held shared while a diff-area slot is read; exclusively to free slots
@@ -293,6 +294,9 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	}
 	v.gate.enter()
 	defer v.gate.leave()
+	if v.isClosed.Load() {
+		return 0, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
+	}
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
 		unlock := v.lockChunks(c0, c1, false)
@@ -331,6 +335,9 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 	}
 	v.gate.enter()
 	defer v.gate.leave()
+	if v.isClosed.Load() {
+		return fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
+	}
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
 		unlock := v.lockChunks(c0, c1, false)
@@ -1199,8 +1206,12 @@ func (v *Volume) Changed(since, upto string) (*provider.Bitmap, bool, error) {
 // Close flushes the origin, records a clean stop and closes the files.
 // Non-persistent snapshots end with it.
 func (v *Volume) Close() error {
-	v.gate.enter() // wait for a hold to end
-	defer v.gate.leave()
+	// Wait for writes in flight and any hold; later writes get ErrClosed.
+	if err := v.gate.close(context.Background()); err != nil {
+		return err
+	}
+	v.isClosed.Store(true)
+	v.gate.reopen()
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.closed {
