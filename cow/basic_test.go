@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"umbra/provider"
 )
@@ -156,5 +157,133 @@ func TestPersistentReopen(t *testing.T) {
 	_, reliable, err := v.Changed("p1", "")
 	if err != nil || !reliable {
 		t.Fatalf("changed after clean reopen: reliable=%v err=%v", reliable, err)
+	}
+}
+
+func TestHoldBlocksWritesNotReads(t *testing.T) {
+	ctx := context.Background()
+	v, _ := newTestVolume(t, 1<<20, Options{})
+	mustWrite(t, v, []byte("before"), 0)
+	h, err := v.Hold(ctx, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := v.WriteAt([]byte("after!"), 0)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("write passed a hold: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	buf := make([]byte, 6)
+	if _, err := v.ReadAt(buf, 0); err != nil || string(buf) != "before" {
+		t.Fatalf("read during hold: %q %v", buf, err)
+	}
+	s, err := h.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "held"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Release(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	snap, _ := v.OpenSnapshot(s.ID)
+	snap.ReadAt(buf, 0)
+	if string(buf) != "before" {
+		t.Fatalf("snapshot committed in the hold reads %q", buf)
+	}
+}
+
+func TestHoldExpires(t *testing.T) {
+	ctx := context.Background()
+	v, _ := newTestVolume(t, 1<<20, Options{})
+	h, err := v.Hold(ctx, 50*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Writes resume by themselves once the limit passes.
+	if _, err := v.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.CreateSnapshot(ctx, provider.SnapshotOptions{}); !errors.Is(err, provider.ErrHoldTimeout) {
+		t.Fatalf("commit after expiry: %v, want ErrHoldTimeout", err)
+	}
+	if err := h.Release(); !errors.Is(err, provider.ErrHoldTimeout) {
+		t.Fatalf("release after expiry: %v, want ErrHoldTimeout", err)
+	}
+	if n := len(v.Snapshots()); n != 0 {
+		t.Fatalf("%d snapshots after an expired hold", n)
+	}
+}
+
+func TestProviderTxn(t *testing.T) {
+	ctx := context.Background()
+	v, _ := newTestVolume(t, 1<<20, Options{})
+	p := NewProvider()
+	if err := p.Add(v); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Supports(ctx, "missing"); !errors.Is(err, provider.ErrNotFound) {
+		t.Fatalf("supports(missing): %v", err)
+	}
+	txn, err := p.Prepare(ctx, v.Name(), provider.SnapshotOptions{ID: "t1", Persistent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := txn.PreCommit(ctx, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	s, err := txn.Commit(ctx)
+	if err != nil || s.ID != "t1" || !s.Persistent {
+		t.Fatalf("commit: %+v %v", s, err)
+	}
+	if err := txn.PostCommit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := txn.Abort(ctx); err != nil { // abort after commit deletes it
+		t.Fatal(err)
+	}
+	if list, _ := p.List(ctx, v.Name()); len(list) != 0 {
+		t.Fatalf("after abort: %+v", list)
+	}
+	if _, err := p.Prepare(ctx, v.Name(), provider.SnapshotOptions{ID: "bad id"}); !errors.Is(err, ErrBadID) {
+		t.Fatalf("bad id: %v", err)
+	}
+}
+
+func TestNoStorageRefused(t *testing.T) {
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "o")
+	os.WriteFile(origin, make([]byte, 8192), 0o600)
+	v, err := Open("v", origin, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if _, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{}); !errors.Is(err, provider.ErrNoStorage) {
+		t.Fatalf("snapshot without storage: %v", err)
+	}
+}
+
+func TestBadOptions(t *testing.T) {
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "o")
+	os.WriteFile(origin, make([]byte, 8192), 0o600)
+	for _, o := range []Options{{ChunkSize: 3000}, {ChunkSize: 2 << 20}, {Policy: "drop-all"}, {MaxStorage: -1}} {
+		if v, err := Open("v", origin, o); err == nil {
+			v.Close()
+			t.Errorf("Open accepted %+v", o)
+		}
+	}
+	if _, err := Open("bad/name", origin, Options{}); !errors.Is(err, ErrBadID) {
+		t.Errorf("bad name: %v", err)
+	}
+	if _, err := Open("v", filepath.Join(dir, "missing"), Options{}); err == nil {
+		t.Error("missing origin opened")
 	}
 }
