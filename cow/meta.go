@@ -110,8 +110,11 @@ func (r record) payload() []byte {
 		u64(uint64(r.Created))
 		str8(r.ID)
 		str8(r.SetID)
-	case recSnapDelete, recCursor, recRevertBegin, recRevertEnd:
+	case recSnapDelete, recRevertBegin, recRevertEnd:
 		u64(r.Gen)
+	case recCursor:
+		u64(r.Gen)
+		u64(r.Chunk)
 	case recInvalid:
 		u64(r.Gen)
 		s := r.Reason
@@ -173,8 +176,11 @@ func decodeRecord(b []byte) (record, int, error) {
 		r.Created = int64(d.u64())
 		r.ID = d.str(int(d.u8()))
 		r.SetID = d.str(int(d.u8()))
-	case recSnapDelete, recCursor, recRevertBegin, recRevertEnd:
+	case recSnapDelete, recRevertBegin, recRevertEnd:
 		r.Gen = d.u64()
+	case recCursor:
+		r.Gen = d.u64()
+		r.Chunk = d.u64()
 	case recInvalid:
 		r.Gen = d.u64()
 		r.Reason = d.str(int(d.u16()))

@@ -253,8 +253,15 @@ func (s *Snapshot) SetCursor(off int64) {
 	}
 	c := uint64(max(off, 0)) >> v.shift
 	if !sn.hasCursor {
+		// Durable before any chunk is skipped for it: an unclean stop
+		// must know the cursor was active.
 		sn.hasCursor = true
 		v.logAppend(record{Type: recCursor, Gen: sn.gen})
+		if lsync := v.logSyncer(); lsync != nil {
+			if err := lsync.sync(); err != nil {
+				v.invalidate(sn, fmt.Sprintf("recording the backup cursor in %s failed: %v", v.metaPath(), err))
+			}
+		}
 	}
 	if c <= sn.cursor {
 		v.mu.Unlock()
@@ -314,7 +321,7 @@ func (v *Volume) Revert(id string) error {
 	if s.invalid != "" {
 		return fmt.Errorf("revert %s to %s: %w: %s", v.name, id, provider.ErrSnapshotInvalid, s.invalid)
 	}
-	if s.hasCursor {
+	if s.hasCursor && s.cursor > 0 {
 		return fmt.Errorf("revert %s to %s: a backup cursor released part of it: %w", v.name, id, ErrReleased)
 	}
 	for v.newest() != s {
@@ -373,9 +380,10 @@ func (v *Volume) finishRevert(s *snap) {
 	}
 	s.owned.Clear()
 	s.nonzero = 0
-	if p := v.predecessor(s.gen); p != nil {
-		p.changed.Or(s.changed) // conservative for older snapshots
-	}
+	// Every chunk is back to s's content: nothing changed since s, and
+	// older snapshots differ from the origin exactly where they differed
+	// from s. (Their sets must not grow: a newest snapshot's set also
+	// says which chunks need no more preserving.)
 	s.changed.Clear()
 	v.freeSlots(freed)
 }

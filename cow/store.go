@@ -307,6 +307,7 @@ func (v *Volume) recover() error {
 	v.store = newStore(sf, v.storePath())
 	v.log = newMetaLog(meta, lf, int64(len(data)))
 
+	v.recovering = true
 	clean, revert, err := v.replay(data[metaHeaderSize:])
 	if err != nil {
 		v.recovery = append(v.recovery, fmt.Errorf("diff area metadata %s: %w; records after it were ignored", meta, err))
@@ -321,12 +322,14 @@ func (v *Volume) recover() error {
 	}
 	// Slots the store cannot hold mean lost preserved data.
 	ssize, _ := sf.Size()
-	var maxSlot int64 = -1
+	var need int64 // bytes the store must have for the entries
 	v.entries.Ascend(func(e entry) bool {
-		maxSlot = max(maxSlot, e.slot)
+		if e.slot != zeroSlot {
+			need = max(need, e.slot*v.chunk+v.chunkLen(e.chunk))
+		}
 		return true
 	})
-	if maxSlot >= 0 && (storeMissing || (maxSlot+1)*v.chunk > ssize) {
+	if need > 0 && (storeMissing || need > ssize) {
 		why := fmt.Sprintf("diff area data file %s is missing or shorter than its metadata %s says", v.storePath(), meta)
 		if storeMissing {
 			why = fmt.Sprintf("diff area data file %s is missing", v.storePath())
@@ -350,6 +353,7 @@ func (v *Volume) recover() error {
 			}
 		}
 	}
+	v.recovering = false
 	v.rebuildFree()
 	if len(v.snaps) == 0 {
 		v.dropLog()
@@ -362,16 +366,17 @@ func (v *Volume) recover() error {
 	return nil
 }
 
-// replay applies log records in order. It stops at a torn or corrupt
-// record; err reports corruption that is not a torn tail.
+// replay applies log records in order. It stops at the first torn or
+// corrupt record, as write-ahead logs do: records after the last fsync may
+// reach the disk in any order after a power loss, and none of them was
+// relied upon. (A record damaged at rest inside the synced part looks the
+// same; the log is rewritten compactly at every open, which bounds that
+// exposure to one run.)
 func (v *Volume) replay(b []byte) (clean bool, revert uint64, err error) {
 	for len(b) > 0 {
 		r, n, derr := decodeRecord(b)
 		if derr != nil {
-			if errors.Is(derr, errTorn) || allZero(b) {
-				return clean, revert, nil
-			}
-			return clean, revert, derr
+			return clean, revert, nil
 		}
 		b = b[n:]
 		clean = false

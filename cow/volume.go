@@ -144,6 +144,7 @@ type Volume struct {
 	log        *metaLog // non-nil while a persistent snapshot lives
 	persistent int      // live persistent snapshots
 	recovery   []error  // problems found when opening
+	recovering bool     // replaying the log: frees must not touch the store
 }
 
 // Open opens the origin at originPath (a regular file or a block device)
@@ -804,14 +805,25 @@ func (v *Volume) deleteLocked(s *snap, log bool) {
 			v.dropLog()
 		}
 	}
-	if len(v.snaps) == 0 && v.store != nil && log {
+	if log {
+		v.maybeResetStore()
+	}
+}
+
+// maybeResetStore empties the diff area once no snapshot lives and no
+// preservation still holds a slot (one may be in flight: its copy is then
+// discarded by place).
+func (v *Volume) maybeResetStore() {
+	if v.store != nil && len(v.snaps) == 0 && v.store.used() == 0 {
 		v.store.reset()
 	}
 }
 
 // freeSlots returns slots to the allocator once no reader is reading them.
 func (v *Volume) freeSlots(slots []int64) {
-	if len(slots) == 0 || v.store == nil {
+	// While recovering, the log's frees are history: the slot may hold
+	// data a later record maps. rebuildFree derives the allocator after.
+	if len(slots) == 0 || v.store == nil || v.recovering {
 		return
 	}
 	v.slotMu.Lock()
@@ -820,6 +832,7 @@ func (v *Volume) freeSlots(slots []int64) {
 	}
 	v.slotMu.Unlock()
 	v.store.punch(slots, v.chunk)
+	v.maybeResetStore()
 }
 
 func (v *Volume) maxSlots() int64 {
