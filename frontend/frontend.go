@@ -1,0 +1,102 @@
+// Package frontend adapts the COW engine's volumes and snapshots to the
+// front-ends that serve them: NBD exports (package nbd) and FUSE files
+// (package fusefile). Each volume is served read-write under its name and
+// each live snapshot read-only as VOLUME@SNAPSHOT.
+package frontend
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+
+	"umbra/cow"
+	"umbra/nbd"
+	"umbra/provider"
+)
+
+// ErrReadOnly is returned by writes to a snapshot.
+var ErrReadOnly = errors.New("snapshot is read-only")
+
+// SplitName splits an export name "VOLUME@SNAPSHOT" (snapshot "" for a
+// volume).
+func SplitName(name string) (vol, snap string) {
+	vol, snap, _ = strings.Cut(name, "@")
+	return vol, snap
+}
+
+// Names lists every volume and live snapshot of p as export names.
+func Names(p *cow.Provider) []string {
+	var out []string
+	for _, v := range p.Volumes() {
+		out = append(out, v.Name())
+		for _, s := range v.Snapshots() {
+			out = append(out, v.Name()+"@"+s.ID)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// SnapshotBackend is a read-only view of a snapshot with the methods a
+// block front-end expects.
+type SnapshotBackend struct{ *cow.Snapshot }
+
+// WriteAt refuses: snapshots are read-only.
+func (SnapshotBackend) WriteAt(p []byte, off int64) (int, error) { return 0, ErrReadOnly }
+
+// Flush has nothing to do.
+func (SnapshotBackend) Flush() error { return nil }
+
+// NBDExports serves p's volumes and snapshots over NBD.
+func NBDExports(p *cow.Provider) nbd.Exports { return nbdExports{p} }
+
+type nbdExports struct{ p *cow.Provider }
+
+func (e nbdExports) List() []string { return Names(e.p) }
+
+func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
+	volName, snapID := SplitName(name)
+	v, err := e.p.Volume(volName)
+	if err != nil {
+		return nil, err
+	}
+	if snapID == "" {
+		return &nbd.Export{
+			Name:        name,
+			Description: fmt.Sprintf("Umbra volume %s (%s)", v.Name(), v.OriginPath()),
+			Backend:     v,
+			Trim:        v.Trim,
+			WriteZeroes: v.WriteZeroes,
+			Extents:     convert(v.Allocation),
+			Changed:     func(since string) (*provider.Bitmap, bool, error) { return v.Changed(since, "") },
+		}, nil
+	}
+	s, err := v.OpenSnapshot(snapID)
+	if err != nil {
+		return nil, err
+	}
+	return &nbd.Export{
+		Name:        name,
+		Description: fmt.Sprintf("Umbra shadow copy %s of volume %s", snapID, v.Name()),
+		Backend:     SnapshotBackend{s},
+		ReadOnly:    true,
+		Extents:     convert(s.Allocation),
+		Changed:     s.Changed,
+		Release:     func() { s.Close() },
+	}, nil
+}
+
+func convert(f func(off, length int64) ([]cow.Extent, error)) func(off, length int64) ([]nbd.Extent, error) {
+	return func(off, length int64) ([]nbd.Extent, error) {
+		ext, err := f(off, length)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]nbd.Extent, len(ext))
+		for i, e := range ext {
+			out[i] = nbd.Extent{Off: e.Off, Len: e.Len, Hole: e.Hole, Zero: e.Zero}
+		}
+		return out, nil
+	}
+}

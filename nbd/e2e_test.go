@@ -1,0 +1,310 @@
+package nbd_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"umbra/cow"
+	"umbra/frontend"
+	"umbra/nbd"
+	"umbra/provider"
+)
+
+// served is a COW volume behind a running NBD server on a unix socket.
+type served struct {
+	dir  string
+	sock string
+	vol  *cow.Volume
+	srv  *nbd.Server
+}
+
+func (s *served) uri(export string) string {
+	return "nbd+unix:///" + export + "?socket=" + s.sock
+}
+
+func serve(t *testing.T, size int64) *served {
+	t.Helper()
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "vol.img")
+	os.WriteFile(origin, nil, 0o600)
+	os.Truncate(origin, size)
+	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := cow.NewProvider()
+	p.Add(v)
+	sock := filepath.Join(dir, "nbd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := nbd.NewServer(frontend.NBDExports(p), nbd.Options{})
+	done := make(chan struct{})
+	go func() { srv.Serve(context.Background(), l); close(done) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		<-done
+		v.Close()
+	})
+	return &served{dir: dir, sock: sock, vol: v, srv: srv}
+}
+
+func need(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s (apt-get install qemu-utils libnbd-bin fio)", tool)
+		}
+	}
+}
+
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func fails(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err == nil {
+		t.Fatalf("%s %s succeeded, want failure\n%s", name, strings.Join(args, " "), out)
+	}
+	return string(out)
+}
+
+func TestRealClients(t *testing.T) {
+	need(t, "qemu-io", "qemu-img", "nbdinfo", "nbdcopy")
+	s := serve(t, 64<<20)
+
+	list := run(t, "nbdinfo", "--list", s.uri(""))
+	if !strings.Contains(list, "export=\"vol\"") && !strings.Contains(list, "vol") {
+		t.Fatalf("nbdinfo --list does not show vol:\n%s", list)
+	}
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0xab 0 1M", "-c", "write -P 0x11 32M 64k", s.uri("vol"))
+	run(t, "qemu-io", "-f", "raw", "-c", "read -P 0xab 0 1M", s.uri("vol"))
+
+	if _, err := s.vol.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0xcd 0 512k", s.uri("vol"))
+	run(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 1M", s.uri("vol@s1"))
+	run(t, "qemu-io", "-f", "raw", "-c", "read -P 0xcd 0 512k", "-c", "read -P 0xab 512k 512k", s.uri("vol"))
+
+	info := run(t, "qemu-img", "info", "-f", "raw", s.uri("vol@s1"))
+	if !strings.Contains(info, "67108864") {
+		t.Fatalf("qemu-img info of vol@s1 does not give the size:\n%s", info)
+	}
+	// Snapshots are read-only.
+	out := fails(t, "qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", s.uri("vol@s1"))
+	if !strings.Contains(strings.ToLower(out), "read-only") && !strings.Contains(strings.ToLower(out), "permission") && !strings.Contains(strings.ToLower(out), "operation not permitted") {
+		t.Logf("write to snapshot refused with: %s", out)
+	}
+
+	// base:allocation: the untouched tail of the sparse volume is a hole.
+	m := run(t, "nbdinfo", "--map", s.uri("vol"))
+	if !strings.Contains(m, "hole") || !strings.Contains(m, "data") {
+		t.Fatalf("nbdinfo --map shows no holes and data:\n%s", m)
+	}
+	// umbra:changed:s1 marks exactly the first 512 KiB.
+	m = run(t, "nbdinfo", "--map=umbra:changed:s1", s.uri("vol"))
+	first := strings.Fields(strings.SplitN(m, "\n", 2)[0])
+	if len(first) < 3 || first[0] != "0" || first[1] != "524288" || first[2] != "1" {
+		t.Fatalf("changed map does not start with 0 524288 1:\n%s", m)
+	}
+
+	// nbdcopy both ways and qemu-img compare.
+	img := filepath.Join(s.dir, "copy.img")
+	run(t, "nbdcopy", s.uri("vol@s1"), img)
+	got, _ := os.ReadFile(img)
+	if !bytes.Equal(got[:1<<20], bytes.Repeat([]byte{0xab}, 1<<20)) || got[32<<20] != 0x11 {
+		t.Fatal("nbdcopy of the snapshot has wrong content")
+	}
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, s.uri("vol@s1"))
+	src := filepath.Join(s.dir, "src.img")
+	os.WriteFile(src, bytes.Repeat([]byte{0x5a}, 64<<20), 0o600)
+	run(t, "nbdcopy", src, s.uri("vol"))
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, s.uri("vol"))
+	// The snapshot still reads its commit point.
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, s.uri("vol@s1"))
+	// qemu-img convert from the export.
+	conv := filepath.Join(s.dir, "conv.qcow2")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", s.uri("vol@s1"), conv)
+	run(t, "qemu-img", "compare", "-F", "raw", conv, img)
+}
+
+func TestFio(t *testing.T) {
+	need(t, "fio")
+	s := serve(t, 64<<20)
+	out := run(t, "fio", "--name=nbd", "--ioengine=nbd", "--uri="+s.uri("vol"), "--rw=randrw", "--bs=4k",
+		"--iodepth=16", "--size=16M", "--time_based", "--runtime=2", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0")
+	if !strings.Contains(out, "IOPS") {
+		t.Fatalf("fio printed no IOPS:\n%s", out)
+	}
+}
+
+// handshake performs the client side of a fixed newstyle handshake up to
+// the option phase.
+func handshake(t *testing.T, sock string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	hdr := make([]byte, 18)
+	if _, err := io.ReadFull(c, hdr); err != nil {
+		t.Fatal(err)
+	}
+	if string(hdr[:8]) != "NBDMAGIC" || string(hdr[8:16]) != "IHAVEOPT" {
+		t.Fatalf("bad greeting %q", hdr)
+	}
+	c.Write([]byte{0, 0, 0, 3}) // fixed newstyle, no zeroes
+	return c
+}
+
+func sendOpt(c net.Conn, code uint32, data []byte) {
+	b := binary.BigEndian.AppendUint64(nil, 0x49484156454f5054)
+	b = binary.BigEndian.AppendUint32(b, code)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+	c.Write(append(b, data...))
+}
+
+func readOptReply(t *testing.T, c net.Conn) (typ uint32, data []byte) {
+	t.Helper()
+	h := make([]byte, 20)
+	if _, err := io.ReadFull(c, h); err != nil {
+		t.Fatalf("option reply: %v", err)
+	}
+	typ = binary.BigEndian.Uint32(h[12:])
+	data = make([]byte, binary.BigEndian.Uint32(h[16:]))
+	io.ReadFull(c, data)
+	return typ, data
+}
+
+// goExport negotiates NBD_OPT_GO for name and returns the connection in
+// the transmission phase.
+func goExport(t *testing.T, sock, name string) net.Conn {
+	c := handshake(t, sock)
+	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	d = append(d, name...)
+	d = append(d, 0, 0)
+	sendOpt(c, 7, d)
+	for {
+		typ, _ := readOptReply(t, c)
+		if typ == 1 {
+			return c
+		}
+		if typ&(1<<31) != 0 {
+			t.Fatalf("GO %q refused: %#x", name, typ)
+		}
+	}
+}
+
+func request(c net.Conn, typ uint16, cookie, off uint64, length uint32) {
+	b := binary.BigEndian.AppendUint32(nil, 0x25609513)
+	b = binary.BigEndian.AppendUint16(b, 0)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	b = binary.BigEndian.AppendUint64(b, off)
+	b = binary.BigEndian.AppendUint32(b, length)
+	c.Write(b)
+}
+
+func simpleReply(t *testing.T, c net.Conn) (errno uint32, cookie uint64) {
+	t.Helper()
+	h := make([]byte, 16)
+	if _, err := io.ReadFull(c, h); err != nil {
+		t.Fatalf("reply: %v", err)
+	}
+	return binary.BigEndian.Uint32(h[4:]), binary.BigEndian.Uint64(h[8:])
+}
+
+func TestBadInput(t *testing.T) {
+	s := serve(t, 1<<20)
+	alive := func() {
+		t.Helper()
+		c := goExport(t, s.sock, "vol")
+		request(c, 3, 1, 0, 0) // flush
+		if errno, _ := simpleReply(t, c); errno != 0 {
+			t.Fatalf("flush after bad input: errno %d", errno)
+		}
+		c.Close()
+	}
+
+	// Garbage instead of client flags and options.
+	c, _ := net.Dial("unix", s.sock)
+	io.ReadFull(c, make([]byte, 18))
+	c.Write([]byte("GET / HTTP/1.1\r\n\r\n"))
+	c.Close()
+	alive()
+
+	// Unknown option: ERR_UNSUP, and the session goes on.
+	c = handshake(t, s.sock)
+	sendOpt(c, 999, nil)
+	if typ, _ := readOptReply(t, c); typ != 1<<31+1 {
+		t.Fatalf("unknown option answered %#x, want ERR_UNSUP", typ)
+	}
+	// Unknown export: ERR_UNKNOWN.
+	d := binary.BigEndian.AppendUint32(nil, 4)
+	sendOpt(c, 7, append(append(d, "nope"...), 0, 0))
+	if typ, msg := readOptReply(t, c); typ != 1<<31+6 {
+		t.Fatalf("GO for an unknown export answered %#x %q", typ, msg)
+	}
+	// Malformed INFO payload: ERR_INVALID.
+	sendOpt(c, 6, []byte{0, 0, 0, 200})
+	if typ, _ := readOptReply(t, c); typ != 1<<31+3 {
+		t.Fatalf("malformed INFO answered %#x, want ERR_INVALID", typ)
+	}
+	c.Close()
+	alive()
+
+	c = goExport(t, s.sock, "vol")
+	request(c, 0, 7, 1<<20, 4096) // read beyond the end
+	if errno, cookie := simpleReply(t, c); errno != 22 || cookie != 7 {
+		t.Fatalf("out-of-range read: errno %d cookie %d", errno, cookie)
+	}
+	request(c, 42, 8, 0, 0) // unknown command
+	if errno, _ := simpleReply(t, c); errno != 22 {
+		t.Fatalf("unknown command: errno %d, want EINVAL", errno)
+	}
+	// A write that ends past the end: ENOSPC, payload consumed.
+	request(c, 1, 9, 1<<20-10, 20)
+	c.Write(make([]byte, 20))
+	if errno, _ := simpleReply(t, c); errno != 28 {
+		t.Fatalf("write past the end: errno %d, want ENOSPC", errno)
+	}
+	// Vanish in the middle of a write payload.
+	request(c, 1, 10, 0, 4096)
+	c.Write(make([]byte, 100))
+	c.Close()
+	alive()
+
+	// Writes to a snapshot export: EPERM.
+	if _, err := s.vol.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "ro"}); err != nil {
+		t.Fatal(err)
+	}
+	c = goExport(t, s.sock, "vol@ro")
+	request(c, 1, 11, 0, 4)
+	c.Write([]byte{1, 2, 3, 4})
+	if errno, _ := simpleReply(t, c); errno != 1 {
+		t.Fatalf("write to a snapshot: errno %d, want EPERM", errno)
+	}
+	c.Close()
+	alive()
+}
