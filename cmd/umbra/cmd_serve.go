@@ -1,0 +1,267 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/spf13/cobra"
+
+	"umbra/cow"
+	"umbra/frontend"
+	"umbra/nbd"
+)
+
+func init() { verbs = append(verbs, newServeCmd) }
+
+// serveConfig is the TOML configuration of `umbra serve`; flags override
+// it and embedded defaults fill the rest.
+type serveConfig struct {
+	StateDir string         `toml:"state_dir"`
+	NBD      nbdConfig      `toml:"nbd"`
+	FUSE     fuseConfig     `toml:"fuse"`
+	Volumes  []volumeConfig `toml:"volume"`
+}
+
+type nbdConfig struct {
+	Socket  string `toml:"socket"`
+	Listen  string `toml:"listen"`
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+}
+
+type fuseConfig struct {
+	Dir string `toml:"dir"`
+}
+
+type volumeConfig struct {
+	Name       string `toml:"name"`
+	Path       string `toml:"path"`
+	Storage    string `toml:"storage"`
+	MaxStorage string `toml:"max_storage"`
+	ChunkSize  string `toml:"chunk_size"`
+	Policy     string `toml:"policy"`
+}
+
+// defaultStateDir is /var/lib/umbra for root, else the XDG state dir.
+func defaultStateDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/umbra"
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "umbra")
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".local", "state", "umbra")
+}
+
+// defaultRuntimeDir holds sockets: /run/umbra for root, else
+// $XDG_RUNTIME_DIR/umbra.
+func defaultRuntimeDir() string {
+	if os.Geteuid() == 0 {
+		return "/run/umbra"
+	}
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "umbra")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("umbra-%d", os.Getuid()))
+}
+
+func newServeCmd() *cobra.Command {
+	var (
+		cfgFile string
+		cfg     serveConfig
+		vols    []string
+		def     volumeConfig
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the Umbra service: serve volumes and their shadow copies over NBD (and FUSE)",
+		Long: `serve opens the volumes given with --volume NAME=PATH (a file or block
+device) or in the TOML file of --config, protects them with copy-on-write
+snapshots kept in shadow storage, and serves each volume read-write as the
+NBD export NAME and each live snapshot read-only as NAME@SNAPSHOT, on a unix
+socket (and on TCP with TLS when --nbd-listen is given).
+
+SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfgFile != "" {
+				var file serveConfig
+				md, err := toml.DecodeFile(cfgFile, &file)
+				if err != nil {
+					return usageError{fmt.Errorf("config %s: %w", cfgFile, err)}
+				}
+				if und := md.Undecoded(); len(und) > 0 {
+					return usageError{fmt.Errorf("config %s: unknown keys %v", cfgFile, und)}
+				}
+				mergeConfig(&file, &cfg, cmd)
+				cfg = file
+			}
+			for _, v := range vols {
+				name, path, ok := strings.Cut(v, "=")
+				if !ok || name == "" || path == "" {
+					return usageError{fmt.Errorf("--volume %q: want NAME=PATH", v)}
+				}
+				vc := def
+				vc.Name, vc.Path = name, path
+				cfg.Volumes = append(cfg.Volumes, vc)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			return runServe(ctx, cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfgFile, "config", "", "TOML configuration file")
+	f.StringVar(&cfg.StateDir, "state-dir", "", "state directory (default /var/lib/umbra as root, else $XDG_STATE_HOME/umbra)")
+	f.StringArrayVar(&vols, "volume", nil, "volume to serve as NAME=PATH (file or block device); repeatable")
+	f.StringVar(&def.Storage, "storage", "", "shadow storage directory for --volume volumes (default STATE/shadow)")
+	f.StringVar(&def.MaxStorage, "max-storage", "", "maximum shadow storage per volume, e.g. 10G (default unlimited)")
+	f.StringVar(&def.ChunkSize, "chunk-size", "", "copy-on-write chunk size, 4K to 1M (default 4K)")
+	f.StringVar(&def.Policy, "policy", "", "when shadow storage is full: delete-oldest (default) or invalidate")
+	f.StringVar(&cfg.NBD.Socket, "nbd-socket", "", "NBD unix socket (default /run/umbra/nbd.sock as root)")
+	f.StringVar(&cfg.NBD.Listen, "nbd-listen", "", "also serve NBD on TCP HOST:PORT (requires --tls-cert and --tls-key)")
+	f.StringVar(&cfg.NBD.TLSCert, "tls-cert", "", "TLS certificate file for NBD over TCP")
+	f.StringVar(&cfg.NBD.TLSKey, "tls-key", "", "TLS key file for NBD over TCP")
+	f.StringVar(&cfg.FUSE.Dir, "fuse-dir", "", "also mount a FUSE directory with each volume and snapshot as a file")
+	return cmd
+}
+
+// mergeConfig copies the flags the user set onto the file's config.
+func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
+	set := func(name string, dst *string, v string) {
+		if cmd.Flags().Changed(name) {
+			*dst = v
+		}
+	}
+	set("state-dir", &file.StateDir, flags.StateDir)
+	set("nbd-socket", &file.NBD.Socket, flags.NBD.Socket)
+	set("nbd-listen", &file.NBD.Listen, flags.NBD.Listen)
+	set("tls-cert", &file.NBD.TLSCert, flags.NBD.TLSCert)
+	set("tls-key", &file.NBD.TLSKey, flags.NBD.TLSKey)
+	set("fuse-dir", &file.FUSE.Dir, flags.FUSE.Dir)
+}
+
+// openVolumes opens every configured volume into a COW provider.
+func openVolumes(cfg serveConfig, log *slog.Logger) (*cow.Provider, error) {
+	p := cow.NewProvider()
+	for _, vc := range cfg.Volumes {
+		opts := cow.Options{Policy: cow.Policy(vc.Policy)}
+		opts.StorageDir = vc.Storage
+		if opts.StorageDir == "" {
+			opts.StorageDir = filepath.Join(cfg.StateDir, "shadow")
+		}
+		var err error
+		if opts.MaxStorage, err = parseSize(vc.MaxStorage); err != nil {
+			return p, usageError{fmt.Errorf("volume %s: max storage: %w", vc.Name, err)}
+		}
+		if opts.ChunkSize, err = parseSize(vc.ChunkSize); err != nil {
+			return p, usageError{fmt.Errorf("volume %s: chunk size: %w", vc.Name, err)}
+		}
+		v, err := cow.Open(vc.Name, vc.Path, opts)
+		if err != nil {
+			return p, err
+		}
+		for _, rerr := range v.RecoveryErrors() {
+			log.Warn("volume recovered with problems", "volume", vc.Name, "err", rerr)
+		}
+		if err := p.Add(v); err != nil {
+			v.Close()
+			return p, usageError{err}
+		}
+		log.Info("volume open", "volume", vc.Name, "origin", vc.Path, "size", v.Size(), "chunk", v.ChunkSize(),
+			"storage", opts.StorageDir, "snapshots", len(v.Snapshots()))
+	}
+	return p, nil
+}
+
+func closeVolumes(p *cow.Provider, log *slog.Logger) {
+	for _, v := range p.Volumes() {
+		if err := v.Close(); err != nil {
+			log.Error("close volume", "volume", v.Name(), "err", err)
+		}
+	}
+}
+
+func runServe(ctx context.Context, cfg serveConfig) error {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if cfg.StateDir == "" {
+		cfg.StateDir = defaultStateDir()
+	}
+	if cfg.NBD.Socket == "" {
+		cfg.NBD.Socket = filepath.Join(defaultRuntimeDir(), "nbd.sock")
+	}
+	if len(cfg.Volumes) == 0 {
+		return usageError{errors.New("no volumes: give --volume NAME=PATH or a --config file with [[volume]] tables")}
+	}
+	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
+		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
+	}
+	p, err := openVolumes(cfg, log)
+	defer closeVolumes(p, log)
+	if err != nil {
+		return err
+	}
+	opts := nbd.Options{Logger: log}
+	if cfg.NBD.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
+		if err != nil {
+			return usageError{fmt.Errorf("TLS certificate: %w", err)}
+		}
+		opts.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	srv := nbd.NewServer(frontend.NBDExports(p), opts)
+	if err := os.MkdirAll(filepath.Dir(cfg.NBD.Socket), 0o750); err != nil {
+		return fmt.Errorf("NBD socket directory: %w", err)
+	}
+	os.Remove(cfg.NBD.Socket)
+	ul, err := net.Listen("unix", cfg.NBD.Socket)
+	if err != nil {
+		return fmt.Errorf("NBD socket %s: %w", cfg.NBD.Socket, err)
+	}
+	os.Chmod(cfg.NBD.Socket, 0o660)
+	errc := make(chan error, 2)
+	go func() { errc <- srv.Serve(ctx, ul) }()
+	log.Info("serving NBD", "socket", cfg.NBD.Socket, "exports", frontend.Names(p))
+	if cfg.NBD.Listen != "" {
+		tl, err := net.Listen("tcp", cfg.NBD.Listen)
+		if err != nil {
+			return fmt.Errorf("NBD listen %s: %w", cfg.NBD.Listen, err)
+		}
+		tcpSrv := nbd.NewServer(frontend.NBDExports(p), nbd.Options{Logger: log, TLS: opts.TLS, RequireTLS: true})
+		go func() { errc <- tcpSrv.Serve(ctx, tl) }()
+		defer tcpSrv.Shutdown(context.Background())
+		log.Info("serving NBD over TLS", "listen", tl.Addr().String())
+	}
+	if cfg.FUSE.Dir != "" {
+		unmount, err := mountFUSE(ctx, cfg.FUSE.Dir, p, log)
+		if err != nil {
+			return err
+		}
+		defer unmount()
+	}
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		if !errors.Is(err, nbd.ErrServerClosed) {
+			log.Error("NBD server stopped", "err", err)
+		}
+	}
+	log.Info("shutting down: draining requests and flushing")
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv.Shutdown(sctx)
+	os.Remove(cfg.NBD.Socket)
+	return nil
+}
