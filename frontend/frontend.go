@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"umbra/cow"
+	"umbra/fusefile"
 	"umbra/nbd"
 	"umbra/provider"
 )
@@ -99,4 +100,27 @@ func convert(f func(off, length int64) ([]cow.Extent, error)) func(off, length i
 		}
 		return out, nil
 	}
+}
+
+// FUSESource serves p's volumes and snapshots as FUSE files.
+func FUSESource(p *cow.Provider) fusefile.Source { return fuseSource{p} }
+
+type fuseSource struct{ p *cow.Provider }
+
+func (s fuseSource) List() []string { return Names(s.p) }
+
+func (s fuseSource) Open(name string) (*fusefile.Entry, error) {
+	volName, snapID := SplitName(name)
+	v, err := s.p.Volume(volName)
+	if err != nil {
+		return nil, err
+	}
+	if snapID == "" {
+		return &fusefile.Entry{Name: name, Backend: v, Trim: v.Trim}, nil
+	}
+	snap, err := v.OpenSnapshot(snapID)
+	if err != nil {
+		return nil, err
+	}
+	return &fusefile.Entry{Name: name, Backend: SnapshotBackend{snap}, ReadOnly: true, Release: func() { snap.Close() }}, nil
 }

@@ -1,17 +1,15 @@
 package nbd_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -42,19 +40,7 @@ func attachNBDFuse(t *testing.T, uri, dir string, readOnly bool) string {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	losetup := []string{"-f", "--show"}
-	if readOnly {
-		losetup = append(losetup, "-r")
-	}
-	out, err := exec.Command("losetup", append(losetup, file)...).CombinedOutput()
-	if err != nil {
-		exec.Command("fusermount3", "-u", mnt).Run()
-		cmd.Wait()
-		t.Fatalf("losetup %s: %v %s", file, err, out)
-	}
-	dev := strings.TrimSpace(string(out))
 	t.Cleanup(func() {
-		exec.Command("losetup", "-d", dev).Run()
 		exec.Command("fusermount3", "-u", mnt).Run()
 		done := make(chan struct{})
 		go func() { cmd.Wait(); close(done) }()
@@ -65,20 +51,7 @@ func attachNBDFuse(t *testing.T, uri, dir string, readOnly bool) string {
 			<-done
 		}
 	})
-	return dev
-}
-
-func mount(t *testing.T, dev, dir string, opts ...string) string {
-	t.Helper()
-	mnt := filepath.Join(dir, fmt.Sprintf("mnt%d", time.Now().UnixNano()))
-	os.Mkdir(mnt, 0o755)
-	args := []string{dev, mnt}
-	if len(opts) > 0 {
-		args = append([]string{"-o", strings.Join(opts, ",")}, args...)
-	}
-	run(t, "mount", args...)
-	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
-	return mnt
+	return testutil.Losetup(t, file, readOnly, false)
 }
 
 // TestKernelPathFrozenSnapshot: ext4 on loop over nbdfuse over an Umbra
@@ -86,71 +59,17 @@ func mount(t *testing.T, dev, dir string, opts ...string) string {
 // snapshot committed; the snapshot, carried the same way, passes
 // e2fsck -fn and holds every file written before the freeze.
 func TestKernelPathFrozenSnapshot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for loop devices, mount and fsfreeze")
-	}
-	need(t, "nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fsfreeze", "fusermount3")
+	testutil.NeedRoot(t)
+	testutil.Need(t, "nbdfuse", "losetup", "mkfs.ext4", "fusermount3")
 	s := serve(t, 256<<20)
 	dev := attachNBDFuse(t, s.uri("vol"), s.dir, false)
-	run(t, "mkfs.ext4", "-q", "-F", dev)
-	fsdir := mount(t, dev, s.dir)
-
-	var mu sync.Mutex
-	var written []string // files whose write returned
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			name := fmt.Sprintf("f%05d", i)
-			data := bytes.Repeat([]byte(name), 1000+i%3000)
-			if err := os.WriteFile(filepath.Join(fsdir, name), data, 0o644); err != nil {
-				t.Errorf("writer: %v", err)
-				return
-			}
-			mu.Lock()
-			written = append(written, name)
-			mu.Unlock()
-		}
-	}()
-	time.Sleep(300 * time.Millisecond)
-	run(t, "fsfreeze", "-f", fsdir)
-	mu.Lock()
-	before := append([]string(nil), written...)
-	mu.Unlock()
-	_, err := s.vol.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "frozen"})
-	run(t, "fsfreeze", "-u", fsdir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(200 * time.Millisecond) // the writer goes on after the thaw
-	close(stop)
-	wg.Wait()
-	if len(before) == 0 {
-		t.Fatal("the writer wrote nothing before the freeze")
-	}
-
-	sdev := attachNBDFuse(t, s.uri("vol@frozen"), s.dir, true)
-	if out, err := exec.Command("e2fsck", "-fn", sdev).CombinedOutput(); err != nil {
-		t.Fatalf("e2fsck -fn on the snapshot: %v\n%s", err, out)
-	}
-	sdir := mount(t, sdev, s.dir, "ro", "noload")
-	for _, name := range before {
-		got, err := os.ReadFile(filepath.Join(sdir, name))
-		if err != nil {
-			t.Fatalf("file %s written before the freeze is missing from the snapshot: %v", name, err)
-		}
-		i := 0
-		fmt.Sscanf(name, "f%05d", &i)
-		if !bytes.Equal(got, bytes.Repeat([]byte(name), 1000+i%3000)) {
-			t.Fatalf("file %s differs in the snapshot", name)
-		}
-	}
-	t.Logf("%d files written before the freeze are in the snapshot; e2fsck clean", len(before))
+	testutil.Run(t, "mkfs.ext4", "-q", "-F", dev)
+	fsdir := testutil.Mount(t, dev, s.dir)
+	n := testutil.FrozenSnapshot(t, fsdir, s.dir,
+		func() error {
+			_, err := s.vol.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "frozen"})
+			return err
+		},
+		func() string { return attachNBDFuse(t, s.uri("vol@frozen"), s.dir, true) })
+	t.Logf("%d files written before the freeze are in the snapshot; e2fsck clean", n)
 }

@@ -1,0 +1,30 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"umbra/cow"
+	"umbra/frontend"
+	"umbra/fusefile"
+)
+
+// mountFUSE mounts the volumes and snapshots of p as files under dir and
+// returns the function that unmounts it.
+func mountFUSE(ctx context.Context, dir string, p *cow.Provider, log *slog.Logger) (func(), error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("--fuse-dir %s: %w", dir, err)
+	}
+	m, err := fusefile.Mount(dir, frontend.FUSESource(p), fusefile.Options{})
+	if err != nil {
+		return nil, fmt.Errorf("--fuse-dir: %w; is /dev/fuse there and are you root?", err)
+	}
+	log.Info("serving FUSE files", "dir", dir, "files", frontend.Names(p))
+	return func() {
+		if err := m.Unmount(); err != nil {
+			log.Error("unmount FUSE", "dir", dir, "err", err)
+		}
+	}, nil
+}

@@ -1,0 +1,159 @@
+// Package testutil holds helpers for tests that use the real kernel
+// path: loop devices, mounts, filesystems, fsfreeze. Every helper skips
+// the test with a message when root or a tool is missing, and registers
+// cleanups that tear down in order (umount, losetup -d, then the caller's
+// FUSE unmount and server stop, registered earlier, run after).
+package testutil
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// NeedRoot skips the test unless it runs as root.
+func NeedRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (loop devices, mount, fsfreeze)")
+	}
+}
+
+// Need skips the test unless every tool is on PATH.
+func Need(t testing.TB, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s: run ./scripts/test as root to install the Debian tools the tests use", tool)
+		}
+	}
+}
+
+// Run runs a command and fails the test with its output on error.
+func Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// Losetup attaches file to a free loop device and detaches it at cleanup.
+func Losetup(t testing.TB, file string, readOnly, directIO bool) string {
+	t.Helper()
+	args := []string{"-f", "--show"}
+	if readOnly {
+		args = append(args, "-r")
+	}
+	if directIO {
+		args = append(args, "--direct-io=on")
+	}
+	out, err := exec.Command("losetup", append(args, file)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup %s: %v %s", file, err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	return dev
+}
+
+// Mount mounts dev on a new directory under dir and unmounts at cleanup.
+func Mount(t testing.TB, dev, dir string, opts ...string) string {
+	t.Helper()
+	mnt, err := os.MkdirTemp(dir, "mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{dev, mnt}
+	if len(opts) > 0 {
+		args = append([]string{"-o", strings.Join(opts, ",")}, args...)
+	}
+	Run(t, "mount", args...)
+	t.Cleanup(func() {
+		if err := exec.Command("umount", mnt).Run(); err != nil {
+			exec.Command("umount", "-l", mnt).Run()
+		}
+	})
+	return mnt
+}
+
+func fileData(name string) []byte {
+	i := 0
+	fmt.Sscanf(name, "f%05d", &i)
+	return bytes.Repeat([]byte(name), 1000+i%3000)
+}
+
+// FrozenSnapshot runs the front-end test of the kernel path: while a
+// writer keeps writing files to the filesystem at fsdir, it freezes the
+// filesystem, calls snapshot, thaws, and lets the writer go on; then it
+// attaches the snapshot with attach (which returns a block device),
+// checks it with e2fsck -fn, mounts it read-only and checks that every
+// file written before the freeze is there with its content. It returns
+// how many files it checked.
+func FrozenSnapshot(t testing.TB, fsdir, workdir string, snapshot func() error, attach func() string) int {
+	t.Helper()
+	Need(t, "fsfreeze", "e2fsck")
+	var mu sync.Mutex
+	var written []string
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			name := fmt.Sprintf("f%05d", i)
+			if err := os.WriteFile(filepath.Join(fsdir, name), fileData(name), 0o644); err != nil {
+				t.Errorf("writer: %v", err)
+				return
+			}
+			mu.Lock()
+			written = append(written, name)
+			mu.Unlock()
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	Run(t, "fsfreeze", "-f", fsdir)
+	mu.Lock()
+	before := append([]string(nil), written...)
+	mu.Unlock()
+	err := snapshot()
+	Run(t, "fsfreeze", "-u", fsdir)
+	if err != nil {
+		close(stop)
+		wg.Wait()
+		t.Fatalf("snapshot: %v", err)
+	}
+	time.Sleep(200 * time.Millisecond) // the writer goes on after the thaw
+	close(stop)
+	wg.Wait()
+	if len(before) == 0 {
+		t.Fatal("the writer wrote nothing before the freeze")
+	}
+	dev := attach()
+	if out, err := exec.Command("e2fsck", "-fn", dev).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn on the snapshot: %v\n%s", err, out)
+	}
+	sdir := Mount(t, dev, workdir, "ro", "noload")
+	for _, name := range before {
+		got, err := os.ReadFile(filepath.Join(sdir, name))
+		if err != nil {
+			t.Fatalf("file %s written before the freeze is missing from the snapshot: %v", name, err)
+		}
+		if !bytes.Equal(got, fileData(name)) {
+			t.Fatalf("file %s differs in the snapshot", name)
+		}
+	}
+	return len(before)
+}
