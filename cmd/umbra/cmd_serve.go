@@ -17,6 +17,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/spf13/cobra"
 
+	"umbra/api"
 	"umbra/cow"
 	"umbra/frontend"
 	"umbra/nbd"
@@ -231,8 +232,18 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		return fmt.Errorf("NBD socket %s: %w", cfg.NBD.Socket, err)
 	}
 	os.Chmod(cfg.NBD.Socket, 0o660)
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(ctx, ul) }()
+	apiPath := apiSocketPath()
+	os.Remove(apiPath)
+	al, err := net.Listen("unix", apiPath)
+	if err != nil {
+		return fmt.Errorf("API socket %s: %w", apiPath, err)
+	}
+	os.Chmod(apiPath, 0o660)
+	defer os.Remove(apiPath)
+	go func() { errc <- api.NewServer(p, log).Serve(ctx, al) }()
+	log.Info("serving the management API", "socket", apiPath)
 	log.Info("serving NBD", "socket", cfg.NBD.Socket, "exports", frontend.Names(p))
 	if cfg.NBD.Listen != "" {
 		tl, err := net.Listen("tcp", cfg.NBD.Listen)

@@ -27,8 +27,14 @@ func (e usageError) Unwrap() error { return e.err }
 
 func exitCode(err error) int {
 	var ue usageError
-	if errors.As(err, &ue) {
+	var nf notFoundError
+	switch {
+	case errors.As(err, &ue):
 		return 2
+	case errors.As(err, &nf):
+		return 3
+	case errors.Is(err, errUnreachable):
+		return 4
 	}
 	return 1
 }

@@ -2,7 +2,11 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/spf13/cobra"
 )
@@ -12,7 +16,8 @@ var version = "0.1.0-dev"
 
 // globalFlags are shared by every verb.
 type globalFlags struct {
-	json bool
+	json      bool
+	apiSocket string
 }
 
 var gflags globalFlags
@@ -26,6 +31,7 @@ func newRootCmd() *cobra.Command {
 		Version:       version,
 	}
 	root.PersistentFlags().BoolVar(&gflags.json, "json", false, "print machine-readable JSON instead of text")
+	root.PersistentFlags().StringVar(&gflags.apiSocket, "api-socket", "", "the service's API socket (default /run/umbra/umbra.sock as root, else $XDG_RUNTIME_DIR/umbra/umbra.sock)")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	for _, add := range verbs {
 		root.AddCommand(add())
@@ -36,8 +42,17 @@ func newRootCmd() *cobra.Command {
 // verbs is filled by each cmd_*.go file's init.
 var verbs []func() *cobra.Command
 
-// printJSON writes v as indented JSON.
+// printJSON writes v as indented JSON (API messages with their proto
+// field names and RFC 3339 times).
 func printJSON(w io.Writer, v any) error {
+	if m, ok := v.(proto.Message); ok {
+		b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true, EmitUnpopulated: true}.Marshal(m)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(w, "%s\n", b)
+		return err
+	}
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)

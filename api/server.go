@@ -1,0 +1,317 @@
+// Package api is the Umbra service's management API: the gRPC service
+// defined in umbra.proto (generated code in umbrav1), served on a unix
+// socket that only root and the service's own user may use (checked with
+// SO_PEERCRED on every connection). It lists volumes and shadow copies,
+// creates snapshot sets under one write hold, deletes and reverts, and
+// manages shadow storage associations.
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"umbra/api/umbrav1"
+	"umbra/cow"
+	"umbra/provider"
+)
+
+// Server implements umbrav1.UmbraServer over the COW provider.
+type Server struct {
+	umbrav1.UnimplementedUmbraServer
+	cow *cow.Provider
+	log *slog.Logger
+
+	setMu sync.Mutex // one snapshot set at a time
+}
+
+// NewServer returns the API over p.
+func NewServer(p *cow.Provider, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Server{cow: p, log: log}
+}
+
+// Serve serves the API on l until ctx ends.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	g := grpc.NewServer()
+	umbrav1.RegisterUmbraServer(g, s)
+	stop := context.AfterFunc(ctx, g.GracefulStop)
+	defer stop()
+	return g.Serve(peerCheck{l})
+}
+
+// peerCheck accepts unix connections only from root or the service's own
+// uid (SO_PEERCRED).
+type peerCheck struct{ net.Listener }
+
+func (p peerCheck) Accept() (net.Conn, error) {
+	for {
+		c, err := p.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uc, ok := c.(*net.UnixConn)
+		if !ok {
+			return c, nil
+		}
+		raw, err := uc.SyscallConn()
+		if err != nil {
+			c.Close()
+			continue
+		}
+		var cred *unix.Ucred
+		raw.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+		if err != nil || (cred.Uid != 0 && int(cred.Uid) != os.Getuid()) {
+			c.Close()
+			continue
+		}
+		return c, nil
+	}
+}
+
+// toStatus maps engine errors to gRPC codes with a message that says what
+// to do next.
+func toStatus(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, provider.ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, provider.ErrExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, cow.ErrBadID), errors.Is(err, errBadRequest):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, provider.ErrNoStorage):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, provider.ErrHoldTimeout):
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	case errors.Is(err, provider.ErrSnapshotInvalid), errors.Is(err, cow.ErrReleased):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+var errBadRequest = errors.New("bad request")
+
+func snapshotMsg(s provider.Snapshot) *umbrav1.Snapshot {
+	return &umbrav1.Snapshot{
+		Volume: s.Volume, Id: s.ID, Provider: s.Provider, SetId: s.SetID,
+		Created: timestamppb.New(s.Created), Persistent: s.Persistent, Valid: s.Valid,
+		Reason: s.Reason, Size: s.Size, DiffBytes: s.DiffBytes, Export: s.Volume + "@" + s.ID,
+	}
+}
+
+func storageMsg(v *cow.Volume) *umbrav1.Storage {
+	st := v.Storage()
+	return &umbrav1.Storage{Volume: v.Name(), Dir: st.Dir, MaxBytes: st.Max, UsedBytes: st.Used, Policy: string(st.Policy)}
+}
+
+func (s *Server) ListVolumes(ctx context.Context, _ *umbrav1.ListVolumesRequest) (*umbrav1.ListVolumesResponse, error) {
+	out := &umbrav1.ListVolumesResponse{}
+	for _, v := range s.cow.Volumes() {
+		st := v.Storage()
+		vol := &umbrav1.Volume{
+			Name: v.Name(), Origin: v.OriginPath(), Size: v.Size(), ChunkSize: v.ChunkSize(),
+			Provider: cow.ProviderName, CanShadowCopy: st.Dir != "", Storage: storageMsg(v),
+			Snapshots: int32(len(v.Snapshots())),
+		}
+		if st.Dir == "" {
+			vol.WhyNot = "no shadow storage association: add one with `umbra storage add`"
+		}
+		out.Volumes = append(out.Volumes, vol)
+	}
+	return out, nil
+}
+
+func (s *Server) volumes(name string) ([]*cow.Volume, error) {
+	if name == "" {
+		return s.cow.Volumes(), nil
+	}
+	v, err := s.cow.Volume(name)
+	if err != nil {
+		return nil, err
+	}
+	return []*cow.Volume{v}, nil
+}
+
+func (s *Server) ListSnapshots(ctx context.Context, req *umbrav1.ListSnapshotsRequest) (*umbrav1.ListSnapshotsResponse, error) {
+	vols, err := s.volumes(req.GetVolume())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := &umbrav1.ListSnapshotsResponse{}
+	for _, v := range vols {
+		for _, sn := range v.Snapshots() {
+			out.Snapshots = append(out.Snapshots, snapshotMsg(sn))
+		}
+	}
+	return out, nil
+}
+
+// CreateSnapshotSet holds writes on every volume of the set, commits each
+// inside its hold, then releases them all: nothing is acknowledged to any
+// volume between the first commit and the last. Any failure deletes what
+// was created.
+func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnapshotSetRequest) (*umbrav1.CreateSnapshotSetResponse, error) {
+	if len(req.GetVolumes()) == 0 {
+		return nil, toStatus(fmt.Errorf("%w: name at least one volume", errBadRequest))
+	}
+	seen := map[string]bool{}
+	var vols []*cow.Volume
+	for _, name := range req.GetVolumes() {
+		if seen[name] {
+			return nil, toStatus(fmt.Errorf("%w: volume %s named twice", errBadRequest, name))
+		}
+		seen[name] = true
+		v, err := s.cow.Volume(name)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		vols = append(vols, v)
+	}
+	limit := time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond
+	if limit <= 0 {
+		limit = cow.DefaultHoldLimit
+	}
+	s.setMu.Lock()
+	defer s.setMu.Unlock()
+	setID := fmt.Sprintf("set-%d", time.Now().UnixNano())
+	var holds []*cow.Hold
+	release := func() {
+		for _, h := range holds {
+			h.Release()
+		}
+	}
+	start := time.Now()
+	for _, v := range vols {
+		h, err := v.Hold(ctx, limit)
+		if err != nil {
+			release()
+			return nil, toStatus(err)
+		}
+		holds = append(holds, h)
+	}
+	resp := &umbrav1.CreateSnapshotSetResponse{SetId: setID}
+	var made []provider.Snapshot
+	abort := func(err error) (*umbrav1.CreateSnapshotSetResponse, error) {
+		release()
+		for _, sn := range made {
+			if v, verr := s.cow.Volume(sn.Volume); verr == nil {
+				v.DeleteSnapshot(sn.ID)
+			}
+		}
+		s.log.Warn("snapshot set aborted", "set", setID, "err", err)
+		return nil, toStatus(err)
+	}
+	for i := range vols {
+		sn, err := holds[i].CreateSnapshot(ctx, provider.SnapshotOptions{ID: req.GetId(), Persistent: req.GetPersistent(), SetID: setID})
+		if err != nil {
+			return abort(err)
+		}
+		made = append(made, sn)
+	}
+	for _, h := range holds {
+		if err := h.Release(); err != nil { // a hold that expired broke the set
+			return abort(err)
+		}
+	}
+	resp.HoldMicros = time.Since(start).Microseconds()
+	for _, sn := range made {
+		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
+	}
+	s.log.Info("snapshot set created", "set", setID, "volumes", req.GetVolumes(), "hold_us", resp.HoldMicros)
+	return resp, nil
+}
+
+func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapshotsRequest) (*umbrav1.DeleteSnapshotsResponse, error) {
+	v, err := s.cow.Volume(req.GetVolume())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	var ids []string
+	list := v.Snapshots()
+	switch {
+	case req.GetAll():
+		for _, sn := range list {
+			ids = append(ids, sn.ID)
+		}
+	case req.GetOldest():
+		if len(list) > 0 {
+			ids = append(ids, list[0].ID)
+		}
+	case req.GetId() != "":
+		ids = append(ids, req.GetId())
+	default:
+		return nil, toStatus(fmt.Errorf("%w: give a snapshot id, oldest or all", errBadRequest))
+	}
+	out := &umbrav1.DeleteSnapshotsResponse{}
+	for _, id := range ids {
+		if err := v.DeleteSnapshot(id); err != nil {
+			return out, toStatus(err)
+		}
+		out.Deleted = append(out.Deleted, id)
+	}
+	s.log.Info("snapshots deleted", "volume", v.Name(), "ids", out.Deleted)
+	return out, nil
+}
+
+func (s *Server) RevertSnapshot(ctx context.Context, req *umbrav1.RevertSnapshotRequest) (*umbrav1.RevertSnapshotResponse, error) {
+	v, err := s.cow.Volume(req.GetVolume())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := v.Revert(req.GetId()); err != nil {
+		return nil, toStatus(err)
+	}
+	s.log.Info("volume reverted", "volume", v.Name(), "snapshot", req.GetId())
+	return &umbrav1.RevertSnapshotResponse{}, nil
+}
+
+func (s *Server) GetStorage(ctx context.Context, req *umbrav1.GetStorageRequest) (*umbrav1.GetStorageResponse, error) {
+	vols, err := s.volumes(req.GetVolume())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := &umbrav1.GetStorageResponse{}
+	for _, v := range vols {
+		out.Storage = append(out.Storage, storageMsg(v))
+	}
+	return out, nil
+}
+
+func (s *Server) SetStorage(ctx context.Context, req *umbrav1.SetStorageRequest) (*umbrav1.SetStorageResponse, error) {
+	v, err := s.cow.Volume(req.GetVolume())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if req.GetMaxBytes() < 0 {
+		return nil, toStatus(fmt.Errorf("%w: negative max bytes", errBadRequest))
+	}
+	cur := v.Storage()
+	dir, policy := cur.Dir, cur.Policy
+	if req.GetDir() != "" {
+		dir = req.GetDir()
+	}
+	if req.GetPolicy() != "" {
+		policy = cow.Policy(strings.ToLower(req.GetPolicy()))
+	}
+	if err := v.SetStorage(dir, req.GetMaxBytes(), policy); err != nil {
+		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
+	}
+	s.log.Info("storage changed", "volume", v.Name(), "dir", dir, "max", req.GetMaxBytes(), "policy", policy)
+	return &umbrav1.SetStorageResponse{Storage: storageMsg(v)}, nil
+}

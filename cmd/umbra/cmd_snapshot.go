@@ -1,0 +1,153 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"umbra/api/umbrav1"
+)
+
+func init() { verbs = append(verbs, newSnapshotCmd) }
+
+func newSnapshotCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "snapshot", Short: "Create, list, delete and revert shadow copies"}
+	cmd.AddCommand(newSnapshotCreateCmd(), newSnapshotListCmd(), newSnapshotDeleteCmd(), newSnapshotRevertCmd())
+	return cmd
+}
+
+func newSnapshotCreateCmd() *cobra.Command {
+	var persistent bool
+	var id string
+	var hold time.Duration
+	cmd := &cobra.Command{
+		Use:   "create VOLUME...",
+		Short: "Commit one shadow copy of each volume at one instant (a snapshot set)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				resp, err := c.CreateSnapshotSet(ctx, &umbrav1.CreateSnapshotSetRequest{
+					Volumes: args, Persistent: persistent, Id: id, HoldTimeoutMs: hold.Milliseconds(),
+				})
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, resp)
+				}
+				fmt.Printf("snapshot set %s committed (writes held %v)\n", resp.SetId, time.Duration(resp.HoldMicros)*time.Microsecond)
+				printSnapshots(resp.Snapshots)
+				return nil
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&persistent, "persistent", false, "survive restarts and unclean stops (costs an fsync per preserved chunk)")
+	cmd.Flags().StringVar(&id, "id", "", "snapshot id in every volume (default snap-N)")
+	cmd.Flags().DurationVar(&hold, "hold-timeout", 10*time.Second, "longest time writes may be held for the commit")
+	return cmd
+}
+
+func printSnapshots(list []*umbrav1.Snapshot) {
+	w := table()
+	fmt.Fprintln(w, "VOLUME\tID\tCREATED\tKIND\tSTATE\tDIFF\tEXPORT")
+	for _, s := range list {
+		kind := "auto-release"
+		if s.Persistent {
+			kind = "persistent"
+		}
+		state := "valid"
+		if !s.Valid {
+			state = "INVALID: " + s.Reason
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Id, s.Created.AsTime().Local().Format(time.DateTime), kind, state, human(s.DiffBytes), s.Export)
+	}
+	w.Flush()
+}
+
+func newSnapshotListCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "list [VOLUME]",
+		Short: "List shadow copies (of one volume or all)",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vol := ""
+			if len(args) == 1 {
+				vol = args[0]
+			}
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				resp, err := c.ListSnapshots(ctx, &umbrav1.ListSnapshotsRequest{Volume: vol})
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, resp)
+				}
+				printSnapshots(resp.Snapshots)
+				return nil
+			})
+		},
+	}
+}
+
+func newSnapshotDeleteCmd() *cobra.Command {
+	var oldest, all bool
+	cmd := &cobra.Command{
+		Use:   "delete VOLUME [ID] [--oldest|--all]",
+		Short: "Delete a shadow copy, the oldest, or all of a volume",
+		Args:  cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &umbrav1.DeleteSnapshotsRequest{Volume: args[0], Oldest: oldest, All: all}
+			if len(args) == 2 {
+				req.Id = args[1]
+			}
+			n := 0
+			for _, b := range []bool{req.Id != "", oldest, all} {
+				if b {
+					n++
+				}
+			}
+			if n != 1 {
+				return usageError{fmt.Errorf("give exactly one of ID, --oldest or --all")}
+			}
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				resp, err := c.DeleteSnapshots(ctx, req)
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, resp)
+				}
+				for _, id := range resp.Deleted {
+					fmt.Printf("deleted %s@%s\n", args[0], id)
+				}
+				return nil
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&oldest, "oldest", false, "delete the oldest shadow copy")
+	cmd.Flags().BoolVar(&all, "all", false, "delete every shadow copy of the volume")
+	return cmd
+}
+
+func newSnapshotRevertCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "revert VOLUME ID",
+		Short: "Roll a volume back to a shadow copy (later ones are deleted); unmount it first",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				if _, err := c.RevertSnapshot(ctx, &umbrav1.RevertSnapshotRequest{Volume: args[0], Id: args[1]}); err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, map[string]string{"volume": args[0], "reverted_to": args[1]})
+				}
+				fmt.Printf("%s reverted to %s\n", args[0], args[1])
+				return nil
+			})
+		},
+	}
+}

@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"umbra/api/umbrav1"
+)
+
+func init() { verbs = append(verbs, newVolumeCmd, newStorageCmd) }
+
+func newVolumeCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "volume", Short: "Volumes the service protects"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "list",
+		Short: "List volumes, whether they can be shadow-copied, and why not",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				resp, err := c.ListVolumes(ctx, &umbrav1.ListVolumesRequest{})
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, resp)
+				}
+				w := table()
+				fmt.Fprintln(w, "NAME\tSIZE\tCHUNK\tPROVIDER\tSNAPSHOTS\tSHADOW STORAGE\tORIGIN")
+				for _, v := range resp.Volumes {
+					st := "none: " + v.WhyNot
+					if v.CanShadowCopy {
+						st = fmt.Sprintf("%s used of %s in %s", human(v.Storage.UsedBytes), maxStr(v.Storage.MaxBytes), v.Storage.Dir)
+					}
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, human(v.Size), human(v.ChunkSize), v.Provider, v.Snapshots, st, v.Origin)
+				}
+				return w.Flush()
+			})
+		},
+	})
+	return cmd
+}
+
+func maxStr(n int64) string {
+	if n == 0 {
+		return "unlimited"
+	}
+	return human(n)
+}
+
+func newStorageCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "storage", Short: "Shadow storage associations (vssadmin add/resize/list shadowstorage)"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "list [VOLUME]",
+		Short: "Show where each volume keeps its shadow copies, the limit and what is used",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vol := ""
+			if len(args) == 1 {
+				vol = args[0]
+			}
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				resp, err := c.GetStorage(ctx, &umbrav1.GetStorageRequest{Volume: vol})
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, resp)
+				}
+				w := table()
+				fmt.Fprintln(w, "VOLUME\tDIR\tUSED\tMAX\tPOLICY")
+				for _, s := range resp.Storage {
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Dir, human(s.UsedBytes), maxStr(s.MaxBytes), s.Policy)
+				}
+				return w.Flush()
+			})
+		},
+	})
+	for _, verb := range []string{"add", "resize"} {
+		var dir, maxSize, policy string
+		c := &cobra.Command{
+			Use:   verb + " VOLUME",
+			Short: map[string]string{"add": "Set a volume's shadow storage directory, limit and policy", "resize": "Change the limit (shrinking below what is used applies the policy now)"}[verb],
+			Args:  cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				max, err := parseSize(maxSize)
+				if err != nil {
+					return usageError{fmt.Errorf("--max: %w", err)}
+				}
+				return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+					resp, err := c.SetStorage(ctx, &umbrav1.SetStorageRequest{Volume: args[0], Dir: dir, MaxBytes: max, Policy: policy})
+					if err != nil {
+						return err
+					}
+					if gflags.json {
+						return printJSON(os.Stdout, resp)
+					}
+					s := resp.Storage
+					fmt.Printf("%s: shadow storage %s, %s used of %s, policy %s\n", s.Volume, s.Dir, human(s.UsedBytes), maxStr(s.MaxBytes), s.Policy)
+					return nil
+				})
+			},
+		}
+		if verb == "add" {
+			c.Flags().StringVar(&dir, "dir", "", "directory for the shadow storage")
+		}
+		c.Flags().StringVar(&maxSize, "max", "", "maximum size, e.g. 10G (default unlimited)")
+		c.Flags().StringVar(&policy, "policy", "", "when full: delete-oldest or invalidate")
+		cmd.AddCommand(c)
+	}
+	return cmd
+}

@@ -1,0 +1,194 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var umbraBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "umbra-bin-")
+	if err != nil {
+		panic(err)
+	}
+	umbraBin = filepath.Join(dir, "umbra")
+	if out, err := exec.Command("go", "build", "-o", umbraBin, ".").CombinedOutput(); err != nil {
+		os.Stderr.Write(out)
+		panic(err)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type service struct {
+	t    *testing.T
+	dir  string
+	api  string
+	nbd  string
+	cmd  *exec.Cmd
+	args []string
+}
+
+func startService(t *testing.T, dir string, volumes ...string) *service {
+	t.Helper()
+	s := &service{t: t, dir: dir, api: filepath.Join(dir, "api.sock"), nbd: filepath.Join(dir, "nbd.sock")}
+	s.args = []string{"serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", s.nbd, "--api-socket", s.api}
+	for _, v := range volumes {
+		img := filepath.Join(dir, v+".img")
+		if _, err := os.Stat(img); err != nil {
+			os.WriteFile(img, nil, 0o600)
+			os.Truncate(img, 16<<20)
+		}
+		s.args = append(s.args, "--volume", v+"="+img)
+	}
+	s.start()
+	return s
+}
+
+func (s *service) start() {
+	s.t.Helper()
+	os.Remove(s.api)
+	s.cmd = exec.Command(umbraBin, s.args...)
+	s.cmd.Stderr = os.Stderr
+	if err := s.cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		if _, err := os.Stat(s.api); err == nil {
+			break
+		}
+		if i > 200 {
+			s.t.Fatal("umbra serve did not create its API socket")
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	s.t.Cleanup(s.stop)
+}
+
+func (s *service) stop() {
+	if s.cmd.Process != nil && s.cmd.ProcessState == nil {
+		s.cmd.Process.Signal(syscall.SIGTERM)
+		s.cmd.Wait()
+	}
+}
+
+func (s *service) kill9() {
+	s.cmd.Process.Signal(syscall.SIGKILL)
+	s.cmd.Wait()
+}
+
+// umbra runs the CLI against the service and returns stdout and the exit code.
+func (s *service) umbra(args ...string) (string, int) {
+	s.t.Helper()
+	cmd := exec.Command(umbraBin, append([]string{"--api-socket", s.api}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return string(out) + stderr.String(), ee.ExitCode()
+	}
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return string(out), 0
+}
+
+func (s *service) ok(args ...string) string {
+	s.t.Helper()
+	out, code := s.umbra(args...)
+	if code != 0 {
+		s.t.Fatalf("umbra %s: exit %d\n%s", strings.Join(args, " "), code, out)
+	}
+	return out
+}
+
+type snapList struct {
+	Snapshots []struct {
+		Volume     string `json:"volume"`
+		ID         string `json:"id"`
+		Persistent bool   `json:"persistent"`
+		Valid      bool   `json:"valid"`
+		SetID      string `json:"set_id"`
+	} `json:"snapshots"`
+}
+
+func (s *service) list() snapList {
+	s.t.Helper()
+	var l snapList
+	if err := json.Unmarshal([]byte(s.ok("snapshot", "list", "--json")), &l); err != nil {
+		s.t.Fatal(err)
+	}
+	return l
+}
+
+func TestCLISnapshots(t *testing.T) {
+	s := startService(t, t.TempDir(), "a", "b")
+	out := s.ok("volume", "list")
+	if !strings.Contains(out, "a ") || !strings.Contains(out, "b ") {
+		t.Fatalf("volume list:\n%s", out)
+	}
+	s.ok("snapshot", "create", "a", "b", "--persistent", "--id", "one")
+	s.ok("snapshot", "create", "a", "--id", "two")
+	l := s.list()
+	if len(l.Snapshots) != 3 || l.Snapshots[0].SetID != l.Snapshots[2].SetID && l.Snapshots[0].Volume == "a" && l.Snapshots[2].Volume == "b" {
+		t.Fatalf("after creates: %+v", l)
+	}
+	if _, code := s.umbra("snapshot", "create", "a", "--id", "one"); code == 0 {
+		t.Fatal("a duplicate id was accepted")
+	}
+	if _, code := s.umbra("snapshot", "delete", "a", "nope"); code != 3 {
+		t.Fatalf("deleting a missing snapshot: exit %d, want 3", code)
+	}
+	if _, code := s.umbra("snapshot", "delete", "a"); code != 2 {
+		t.Fatalf("delete without ID/--oldest/--all: exit %d, want 2", code)
+	}
+	if _, code := s.umbra("snapshot", "create", "nosuchvolume"); code != 3 {
+		t.Fatalf("snapshot of a missing volume: exit %d, want 3", code)
+	}
+	s.ok("snapshot", "revert", "a", "one") // deletes "two"
+	if l := s.list(); len(l.Snapshots) != 2 {
+		t.Fatalf("after revert: %+v", l)
+	}
+	s.ok("storage", "resize", "a", "--max", "1G")
+	if out := s.ok("storage", "list", "a"); !strings.Contains(out, "1.0GiB") {
+		t.Fatalf("storage list after resize:\n%s", out)
+	}
+
+	// A persistent snapshot survives kill -9 of the service.
+	s.kill9()
+	s.start()
+	l = s.list()
+	found := false
+	for _, sn := range l.Snapshots {
+		if sn.Volume == "a" && sn.ID == "one" && sn.Persistent && sn.Valid {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("persistent snapshot lost across kill -9: %+v", l)
+	}
+	s.ok("snapshot", "delete", "b", "--all")
+	s.ok("snapshot", "delete", "a", "--oldest")
+	if l := s.list(); len(l.Snapshots) != 0 {
+		t.Fatalf("after deleting all: %+v", l)
+	}
+}
+
+func TestCLIUnreachable(t *testing.T) {
+	cmd := exec.Command(umbraBin, "--api-socket", filepath.Join(t.TempDir(), "none.sock"), "snapshot", "list")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 4 || !strings.Contains(string(out), "umbra serve") {
+		t.Fatalf("unreachable service: %v\n%s", err, out)
+	}
+}
