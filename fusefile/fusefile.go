@@ -52,7 +52,7 @@ type Source interface {
 type Options struct {
 	// MaxBackground bounds requests the kernel keeps in flight (default 128).
 	MaxBackground int
-	// MaxWrite is the largest read or write request (default 1 MiB).
+	// MaxWrite is the largest read or write request (default 512 KiB).
 	MaxWrite int
 	// Debug logs every FUSE request.
 	Debug bool
@@ -70,7 +70,7 @@ func Mount(dir string, src Source, opts Options) (*Server, error) {
 		opts.MaxBackground = 128
 	}
 	if opts.MaxWrite == 0 {
-		opts.MaxWrite = 1 << 20
+		opts.MaxWrite = 512 << 10 // a request plus its header must fit one pipe for splice
 	}
 	ttl := time.Second
 	root := &dirNode{src: src}
