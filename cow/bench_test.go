@@ -341,3 +341,60 @@ func BenchmarkMappingMemory(b *testing.B) {
 	b.ReportMetric(float64(m1.HeapAlloc-m0.HeapAlloc)/float64(entries), "bytes/chunk")
 	b.ReportMetric(float64(entries), "chunks")
 }
+
+// BenchmarkHoldWindow measures how long writes are held to commit a
+// snapshot (flush-and-hold, commit, release) while writers keep writing
+// 4 KiB blocks as fast as they can, as p50, p99 and max.
+func BenchmarkHoldWindow(b *testing.B) {
+	for _, writers := range []int{1, 2, 8} {
+		b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) { benchHoldWindow(b, writers) })
+	}
+}
+
+func benchHoldWindow(b *testing.B, writers int) {
+	const size = 256 << 20
+	v := benchVolume(b, size, DefaultChunkSize, false)
+	ctx := context.Background()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 99))
+			p := make([]byte, 4096)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				v.WriteAt(p, r.Int64N(size/4096)*4096)
+			}
+		}(w)
+	}
+	var lat []time.Duration
+	for i := 0; i < b.N; i++ {
+		for j := 0; j < 200; j++ {
+			start := time.Now()
+			h, err := v.Hold(ctx, time.Second)
+			if err != nil {
+				b.Fatal(err)
+			}
+			s, err := h.CreateSnapshot(ctx, provider.SnapshotOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			h.Release()
+			lat = append(lat, time.Since(start))
+			v.DeleteSnapshot(s.ID)
+			time.Sleep(time.Millisecond)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+	b.ReportMetric(float64(lat[len(lat)-1].Microseconds()), "max-µs")
+}
