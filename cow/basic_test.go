@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -285,5 +287,45 @@ func TestBadOptions(t *testing.T) {
 	}
 	if _, err := Open("v", filepath.Join(dir, "missing"), Options{}); err == nil {
 		t.Error("missing origin opened")
+	}
+}
+
+// TestBlockDeviceOrigin: the origin can be a block device (a loop device
+// here); its size comes from the device.
+func TestBlockDeviceOrigin(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a loop device")
+	}
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("needs losetup")
+	}
+	dir := t.TempDir()
+	img := filepath.Join(dir, "dev.img")
+	os.WriteFile(img, bytes.Repeat([]byte{4}, 4<<20), 0o600)
+	out, err := exec.Command("losetup", "-f", "--show", img).CombinedOutput()
+	if err != nil {
+		t.Skipf("losetup: %v %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	v, err := Open("blk", dev, Options{StorageDir: filepath.Join(dir, "diff")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if v.Size() != 4<<20 {
+		t.Fatalf("block device size %d, want %d", v.Size(), 4<<20)
+	}
+	s, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{Persistent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, v, bytes.Repeat([]byte{9}, 8192), 4096)
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	h, _ := v.OpenSnapshot(s.ID)
+	if got := readAll(t, h, v.Size()); !bytes.Equal(got, bytes.Repeat([]byte{4}, 4<<20)) {
+		t.Fatal("snapshot of a block device reads wrong bytes")
 	}
 }
