@@ -1,0 +1,266 @@
+package coordinator
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"umbra/cow"
+	"umbra/provider"
+	"umbra/writer"
+)
+
+func cowVolumes(t *testing.T, names ...string) (*cow.Provider, *provider.Registry) {
+	t.Helper()
+	dir := t.TempDir()
+	p := cow.NewProvider()
+	for _, n := range names {
+		origin := filepath.Join(dir, n+".img")
+		os.WriteFile(origin, nil, 0o600)
+		os.Truncate(origin, 4<<20)
+		v, err := cow.Open(n, origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { v.Close() })
+		p.Add(v)
+	}
+	reg := &provider.Registry{}
+	reg.Register(p)
+	return p, reg
+}
+
+// recWriter records its phases and can fail or hang in one.
+type recWriter struct {
+	writer.Base
+	name   string
+	failIn string
+	hangIn string
+	mu     sync.Mutex
+	phases []string
+}
+
+func (w *recWriter) Name() string             { return w.name }
+func (w *recWriter) Level() writer.Level      { return writer.LevelApplication }
+func (w *recWriter) Involved(writer.Set) bool { return true }
+func (w *recWriter) note(ctx context.Context, p string) error {
+	w.mu.Lock()
+	w.phases = append(w.phases, p)
+	w.mu.Unlock()
+	if p == w.hangIn {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	if p == w.failIn {
+		return fmt.Errorf("%s failed on purpose", p)
+	}
+	return nil
+}
+func (w *recWriter) Freeze(ctx context.Context, s writer.Set) error { return w.note(ctx, "freeze") }
+func (w *recWriter) Thaw(ctx context.Context, s writer.Set) error   { return w.note(ctx, "thaw") }
+func (w *recWriter) Abort(ctx context.Context, s writer.Set) error  { return w.note(ctx, "abort") }
+func (w *recWriter) seen(p string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, x := range w.phases {
+		if x == p {
+			return true
+		}
+	}
+	return false
+}
+
+func TestSetCommitsAndThaws(t *testing.T) {
+	p, reg := cowVolumes(t, "a", "b")
+	ws := writer.NewRegistry()
+	w := &recWriter{name: "app"}
+	ws.Add(w)
+	c := New(reg, ws, nil, nil)
+	set, err := c.CreateSet(context.Background(), Request{Volumes: []string{"a", "b"}, Writers: true, ForBackup: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(set.Snapshots) != 2 || !w.seen("freeze") || !w.seen("thaw") {
+		t.Fatalf("set %+v, writer phases %v", set, w.phases)
+	}
+	if err := set.BackupComplete(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"a", "b"} {
+		v, _ := p.Volume(name)
+		if n := len(v.Snapshots()); n != 0 {
+			t.Fatalf("auto-release left %d snapshots on %s", n, name)
+		}
+	}
+	if st := ws.States(); st[0].State != "stable" {
+		t.Fatalf("writer state after completion: %+v", st[0])
+	}
+}
+
+// failingProvider fails commit for its one volume.
+type failingProvider struct{}
+
+type failingTxn struct{}
+
+func (failingProvider) Name() string                        { return "failing" }
+func (failingProvider) Capabilities() provider.Capabilities { return provider.Capabilities{} }
+func (failingProvider) Supports(ctx context.Context, vol string) error {
+	if vol == "bad" {
+		return nil
+	}
+	return provider.ErrNotFound
+}
+func (failingProvider) Prepare(context.Context, string, provider.SnapshotOptions) (provider.Txn, error) {
+	return failingTxn{}, nil
+}
+func (failingProvider) Delete(context.Context, string, string) error { return nil }
+func (failingProvider) List(context.Context, string) ([]provider.Snapshot, error) {
+	return nil, nil
+}
+func (failingProvider) Open(context.Context, string, string) (provider.Image, error) {
+	return nil, provider.ErrNotSupported
+}
+func (failingProvider) Revert(context.Context, string, string) error { return provider.ErrNotSupported }
+func (failingTxn) PreCommit(context.Context, time.Duration) error    { return nil }
+func (failingTxn) Commit(context.Context) (provider.Snapshot, error) {
+	return provider.Snapshot{}, errors.New("commit failed on purpose")
+}
+func (failingTxn) PostCommit(context.Context) error { return nil }
+func (failingTxn) Abort(context.Context) error      { return nil }
+
+func TestProviderFailureAborts(t *testing.T) {
+	p, reg := cowVolumes(t, "a")
+	reg.Register(failingProvider{})
+	ws := writer.NewRegistry()
+	w := &recWriter{name: "app"}
+	ws.Add(w)
+	c := New(reg, ws, nil, nil)
+	_, err := c.CreateSet(context.Background(), Request{Volumes: []string{"a", "bad"}, Writers: true})
+	if !errors.Is(err, ErrAborted) {
+		t.Fatalf("set with a failing commit: %v", err)
+	}
+	v, _ := p.Volume("a")
+	if n := len(v.Snapshots()); n != 0 {
+		t.Fatalf("abort left %d snapshots on a", n)
+	}
+	if !w.seen("thaw") || !w.seen("abort") {
+		t.Fatalf("writer not thawed and aborted: %v", w.phases)
+	}
+	// Nothing is held: a write goes through at once.
+	done := make(chan error, 1)
+	go func() { _, err := v.WriteAt([]byte{1}, 0); done <- err }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("volume still held after the abort")
+	}
+}
+
+func TestFreezeTimeoutAborts(t *testing.T) {
+	_, reg := cowVolumes(t, "a")
+	ws := writer.NewRegistry()
+	slow := &recWriter{name: "slow", hangIn: "freeze"}
+	ok := &recWriter{name: "ok"}
+	ws.Add(slow)
+	ws.Add(ok)
+	c := New(reg, ws, nil, nil)
+	start := time.Now()
+	_, err := c.CreateSet(context.Background(), Request{Volumes: []string{"a"}, Writers: true, FreezeTimeout: 200 * time.Millisecond})
+	if !errors.Is(err, ErrFreezeTimeout) {
+		t.Fatalf("hung writer: %v, want ErrFreezeTimeout", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Fatal("abort took too long")
+	}
+	if !ok.seen("thaw") {
+		t.Fatal("the writer that froze was not thawed")
+	}
+	for _, s := range ws.States() {
+		if s.Name == "slow" && (s.State != "failed" || s.LastPhase != "freeze") {
+			t.Fatalf("hung writer's state: %+v", s)
+		}
+	}
+}
+
+// TestSetAtomicity: one goroutine writes sequence numbers round-robin to
+// three volumes, each write issued only after the previous one was
+// acknowledged. Every snapshot set must hold exactly a prefix of the
+// sequence: a write acknowledged on one volume after the hold cannot be
+// present while an earlier one on another volume is missing.
+func TestSetAtomicity(t *testing.T) {
+	p, reg := cowVolumes(t, "v0", "v1", "v2")
+	c := New(reg, writer.NewRegistry(), nil, nil)
+	var vols [3]*cow.Volume
+	for i := range vols {
+		vols[i], _ = p.Volume(fmt.Sprintf("v%d", i))
+	}
+	stop := make(chan struct{})
+	var acked atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 8)
+		for n := int64(1); ; n++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			binary.LittleEndian.PutUint64(buf, uint64(n))
+			if _, err := vols[n%3].WriteAt(buf, (n/3)*8%(4<<20)); err != nil {
+				t.Error(err)
+				return
+			}
+			acked.Store(n)
+			if n >= 3*(4<<20)/8-3 {
+				return
+			}
+		}
+	}()
+	for k := 0; k < 10; k++ {
+		time.Sleep(20 * time.Millisecond)
+		set, err := c.CreateSet(context.Background(), Request{Volumes: []string{"v0", "v1", "v2"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var present []int64
+		maxSeen := int64(0)
+		for i, sn := range set.Snapshots {
+			img, err := p.Open(context.Background(), fmt.Sprintf("v%d", i), sn.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 4<<20)
+			img.ReadAt(buf, 0)
+			img.Close()
+			for off := 0; off < len(buf); off += 8 {
+				if n := int64(binary.LittleEndian.Uint64(buf[off:])); n != 0 {
+					present = append(present, n)
+					maxSeen = max(maxSeen, n)
+				}
+			}
+		}
+		if int64(len(present)) != maxSeen {
+			t.Fatalf("set %d holds %d writes but the newest is #%d: not one instant", k, len(present), maxSeen)
+		}
+		set.BackupComplete(context.Background(), true)
+		for i, sn := range set.Snapshots {
+			p.Delete(context.Background(), fmt.Sprintf("v%d", i), sn.ID)
+		}
+	}
+	close(stop)
+	<-done
+	if acked.Load() < 10 {
+		t.Fatal("the writer made no progress")
+	}
+}

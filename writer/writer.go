@@ -1,0 +1,286 @@
+// Package writer defines writers — applications that quiesce around a
+// snapshot, VSS's "writer" role — their registry with the state
+// `umbra writers list` shows, and how a writer's components are matched to
+// the volumes of a snapshot set (through the mounts of loop devices that
+// carry the volumes). Built-in writers live in sub-packages.
+package writer
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Level orders freezing: applications freeze first (in parallel), then
+// filesystems; thaw runs in reverse. A filesystem frozen first would block
+// the application's own flush until the freeze timeout.
+type Level int
+
+const (
+	LevelApplication Level = 0
+	LevelFilesystem  Level = 1
+)
+
+// Volume is one volume of a snapshot set as writers see it.
+type Volume struct {
+	Name string `json:"name"`
+	// Devices are the files or block devices that carry the volume to the
+	// kernel (its FUSE file, a block device): a filesystem mounted from a
+	// loop device over one of them lives on the volume.
+	Devices []string `json:"devices"`
+	// Mounts are the mount points of filesystems on the volume.
+	Mounts []string `json:"mounts"`
+}
+
+// Set is what a writer is told about the snapshot set.
+type Set struct {
+	ID        string   `json:"id"`
+	Volumes   []Volume `json:"volumes"`
+	ForBackup bool     `json:"for_backup"`
+}
+
+// Mounts returns every mount point of the set.
+func (s Set) Mounts() []string {
+	var out []string
+	for _, v := range s.Volumes {
+		out = append(out, v.Mounts...)
+	}
+	return out
+}
+
+// Writer quiesces an application around a snapshot. Every method is
+// bounded by its context; Thaw and Abort must be safe to call when Freeze
+// was not called or failed.
+type Writer interface {
+	Name() string
+	Level() Level
+	// Involved says whether the writer's components are in the set.
+	Involved(set Set) bool
+	PrepareForBackup(ctx context.Context, set Set) error
+	PrepareForSnapshot(ctx context.Context, set Set) error
+	Freeze(ctx context.Context, set Set) error
+	Thaw(ctx context.Context, set Set) error
+	PostSnapshot(ctx context.Context, set Set) error
+	BackupComplete(ctx context.Context, set Set, ok bool) error
+	Abort(ctx context.Context, set Set) error
+}
+
+// Base gives writers no-op phases to embed.
+type Base struct{}
+
+func (Base) PrepareForBackup(context.Context, Set) error     { return nil }
+func (Base) PrepareForSnapshot(context.Context, Set) error   { return nil }
+func (Base) PostSnapshot(context.Context, Set) error         { return nil }
+func (Base) BackupComplete(context.Context, Set, bool) error { return nil }
+func (Base) Abort(context.Context, Set) error                { return nil }
+
+// State is a writer's state, as `vssadmin list writers` shows it.
+type State struct {
+	Name      string    `json:"name"`
+	State     string    `json:"state"` // stable, waiting for completion, failed
+	LastPhase string    `json:"last_phase,omitempty"`
+	LastError string    `json:"last_error,omitempty"`
+	Updated   time.Time `json:"updated"`
+	History   []Event   `json:"history,omitempty"`
+}
+
+// Event is one entry of a writer's recent history.
+type Event struct {
+	Time   time.Time `json:"time"`
+	SetID  string    `json:"set_id"`
+	Phase  string    `json:"phase"`
+	Error  string    `json:"error,omitempty"`
+	Millis int64     `json:"ms"`
+}
+
+const historyLen = 32
+
+// Registry holds the writers of a service and their states.
+type Registry struct {
+	mu      sync.Mutex // guards writers and states
+	writers map[string]Writer
+	states  map[string]*State
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry {
+	return &Registry{writers: map[string]Writer{}, states: map[string]*State{}}
+}
+
+// Add registers w; names are unique.
+func (r *Registry) Add(w Writer) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.writers[w.Name()]; ok {
+		return fmt.Errorf("writer %q is already registered", w.Name())
+	}
+	r.writers[w.Name()] = w
+	r.states[w.Name()] = &State{Name: w.Name(), State: "stable", Updated: time.Now()}
+	return nil
+}
+
+// Remove unregisters the writer called name.
+func (r *Registry) Remove(name string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.writers, name)
+	delete(r.states, name)
+}
+
+// Writers returns the registered writers sorted by name.
+func (r *Registry) Writers() []Writer {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Writer, 0, len(r.writers))
+	for _, w := range r.writers {
+		out = append(out, w)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name() < out[j].Name() })
+	return out
+}
+
+// States returns every writer's state, sorted by name.
+func (r *Registry) States() []State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []State
+	for _, s := range r.states {
+		c := *s
+		c.History = append([]Event(nil), s.History...)
+		out = append(out, c)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Record notes that writer name went through phase for set (err nil on
+// success) and sets its state.
+func (r *Registry) Record(name, setID, phase string, took time.Duration, err error, state string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s, ok := r.states[name]
+	if !ok {
+		return
+	}
+	ev := Event{Time: time.Now(), SetID: setID, Phase: phase, Millis: took.Milliseconds()}
+	if err != nil {
+		ev.Error = err.Error()
+		s.State, s.LastError = "failed", err.Error()
+	} else if state != "" {
+		s.State = state
+	}
+	s.LastPhase, s.Updated = phase, ev.Time
+	s.History = append(s.History, ev)
+	if len(s.History) > historyLen {
+		s.History = s.History[len(s.History)-historyLen:]
+	}
+}
+
+// Mount is one line of /proc/self/mountinfo that matters here.
+type Mount struct {
+	Point  string
+	Source string
+	FSType string
+}
+
+// ReadMounts parses /proc/self/mountinfo.
+func ReadMounts() ([]Mount, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("read mounts: %w", err)
+	}
+	defer f.Close()
+	var out []Mount
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if m, ok := parseMountinfo(sc.Text()); ok {
+			out = append(out, m)
+		}
+	}
+	return out, sc.Err()
+}
+
+// parseMountinfo parses one mountinfo line: fields, then " - " fstype
+// source options. Octal escapes (\040) are decoded.
+func parseMountinfo(line string) (Mount, bool) {
+	pre, post, ok := strings.Cut(line, " - ")
+	if !ok {
+		return Mount{}, false
+	}
+	f := strings.Fields(pre)
+	g := strings.Fields(post)
+	if len(f) < 5 || len(g) < 2 {
+		return Mount{}, false
+	}
+	return Mount{Point: unescape(f[4]), FSType: g[0], Source: unescape(g[1])}, true
+}
+
+func unescape(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			var v int
+			if _, err := fmt.Sscanf(s[i+1:i+4], "%3o", &v); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// LoopBacking returns the backing file of a loop device like /dev/loop3.
+func LoopBacking(dev string) (string, bool) {
+	name := filepath.Base(dev)
+	if !strings.HasPrefix(name, "loop") {
+		return "", false
+	}
+	b, err := os.ReadFile(filepath.Join("/sys/block", name, "loop", "backing_file"))
+	if err != nil {
+		return "", false
+	}
+	return strings.TrimSpace(string(b)), true
+}
+
+// ResolveMounts fills each volume's Mounts: filesystems whose source is one
+// of the volume's devices, or a loop device backed by one.
+func ResolveMounts(vols []Volume) ([]Volume, error) {
+	mounts, err := ReadMounts()
+	if err != nil {
+		return vols, err
+	}
+	out := make([]Volume, len(vols))
+	for i, v := range vols {
+		out[i] = v
+		out[i].Mounts = nil
+		for _, m := range mounts {
+			src := m.Source
+			if b, ok := LoopBacking(src); ok {
+				src = b
+			}
+			for _, d := range v.Devices {
+				if src == d || m.Source == d {
+					out[i].Mounts = append(out[i].Mounts, m.Point)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// Under reports whether path lies in the tree of dir.
+func Under(path, dir string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+}
