@@ -8,8 +8,10 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	_ "modernc.org/sqlite" // the pure-Go SQLite driver
 
@@ -64,24 +66,53 @@ func (w *Writer) Freeze(ctx context.Context, s writer.Set) error {
 	if err != nil {
 		return fmt.Errorf("connect %s: %w", w.path, err)
 	}
-	if _, err := conn.ExecContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
-		conn.Close()
-		return fmt.Errorf("checkpoint %s: %w", w.path, err)
+	if _, err := conn.ExecContext(ctx, "PRAGMA busy_timeout = 10000"); err != nil {
+		w.drop(conn)
+		return fmt.Errorf("set busy timeout on %s: %w", w.path, err)
 	}
-	if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
-		conn.Close()
-		return fmt.Errorf("lock %s: %w", w.path, err)
-	}
-	// A commit that slipped in between the checkpoint and the lock is in
-	// the WAL again: checkpoint once more while holding the lock.
-	var busy, logged, done int
-	if err := conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &logged, &done); err != nil {
+	// Checkpoint, then take the write lock; a commit that slipped in
+	// between is in the WAL again, so let go and try again.
+	for try := 0; ; try++ {
+		var busy, logged, done int
+		if err := conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)").Scan(&busy, &logged, &done); err != nil {
+			w.drop(conn)
+			return fmt.Errorf("checkpoint %s: %w", w.path, err)
+		}
+		if busy != 0 {
+			// Another connection is checkpointing (auto-checkpoint):
+			// SQLite says busy at once, without its busy handler.
+			select {
+			case <-ctx.Done():
+				w.drop(conn)
+				return fmt.Errorf("checkpoint %s: still busy: %w", w.path, ctx.Err())
+			case <-time.After(time.Duration(min(try+1, 20)) * time.Millisecond):
+			}
+			continue
+		}
+		if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+			w.drop(conn)
+			return fmt.Errorf("lock %s: %w", w.path, err)
+		}
+		fi, err := os.Stat(w.path + "-wal")
+		if err != nil || fi.Size() == 0 {
+			break
+		}
 		conn.ExecContext(context.Background(), "ROLLBACK")
-		conn.Close()
-		return fmt.Errorf("checkpoint %s under lock: %w", w.path, err)
+		if try == 1000 || ctx.Err() != nil {
+			w.drop(conn)
+			return fmt.Errorf("checkpoint %s: commits keep refilling the WAL (last checkpoint: busy=%d, %d frames, %d done; WAL %d bytes)", w.path, busy, logged, done, fi.Size())
+		}
 	}
 	w.conn, w.tx = conn, true
 	return nil
+}
+
+// drop closes a connection and the database after a failed freeze;
+// caller holds mu.
+func (w *Writer) drop(conn *sql.Conn) {
+	conn.Close()
+	w.db.Close()
+	w.db = nil
 }
 
 // Thaw releases the write lock.
@@ -95,7 +126,10 @@ func (w *Writer) Thaw(ctx context.Context, s writer.Set) error {
 		w.conn.ExecContext(context.Background(), "ROLLBACK")
 	}
 	err := w.conn.Close()
-	w.conn, w.tx = nil, false
+	// Keep no handle between sets: an open database would keep its
+	// filesystem busy (no umount).
+	w.db.Close()
+	w.conn, w.tx, w.db = nil, false, nil
 	return err
 }
 
