@@ -24,25 +24,65 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"umbra/api/umbrav1"
+	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/provider"
+	"umbra/writer"
 )
 
 // Server implements umbrav1.UmbraServer over the COW provider.
 type Server struct {
 	umbrav1.UnimplementedUmbraServer
-	cow *cow.Provider
-	log *slog.Logger
+	cow     *cow.Provider
+	coord   *coordinator.Coordinator
+	writers *writer.Registry
+	log     *slog.Logger
 
 	setMu sync.Mutex // one snapshot set at a time
 }
 
-// NewServer returns the API over p.
-func NewServer(p *cow.Provider, log *slog.Logger) *Server {
+// NewServer returns the API over p; sets with writers run through coord.
+func NewServer(p *cow.Provider, coord *coordinator.Coordinator, writers *writer.Registry, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{cow: p, log: log}
+	return &Server{cow: p, coord: coord, writers: writers, log: log}
+}
+
+// ListWriters lists the writers and their states.
+func (s *Server) ListWriters(ctx context.Context, _ *umbrav1.ListWritersRequest) (*umbrav1.ListWritersResponse, error) {
+	out := &umbrav1.ListWritersResponse{}
+	if s.writers == nil {
+		return out, nil
+	}
+	for _, st := range s.writers.States() {
+		w := &umbrav1.Writer{Name: st.Name, State: st.State, LastPhase: st.LastPhase, LastError: st.LastError, Updated: timestamppb.New(st.Updated)}
+		for _, ev := range st.History {
+			w.History = append(w.History, &umbrav1.WriterEvent{Time: timestamppb.New(ev.Time), SetId: ev.SetID, Phase: ev.Phase, Error: ev.Error, Millis: ev.Millis})
+		}
+		out.Writers = append(out.Writers, w)
+	}
+	return out, nil
+}
+
+// createWithWriters runs an application-consistent set through the
+// coordinator.
+func (s *Server) createWithWriters(ctx context.Context, req *umbrav1.CreateSnapshotSetRequest) (*umbrav1.CreateSnapshotSetResponse, error) {
+	set, err := s.coord.CreateSet(ctx, coordinator.Request{
+		Volumes: req.GetVolumes(), Writers: true, Persistent: req.GetPersistent(), ID: req.GetId(),
+		FreezeTimeout: time.Duration(req.GetFreezeTimeoutMs()) * time.Millisecond,
+		HoldTimeout:   time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond,
+	})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	set.Done()
+	resp := &umbrav1.CreateSnapshotSetResponse{SetId: set.ID, HoldMicros: set.Timings.Hold.Microseconds(),
+		FreezeMicros: set.Timings.FreezeToThaw.Microseconds(), Writers: set.Writers}
+	for _, sn := range set.Snapshots {
+		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
+	}
+	return resp, nil
 }
 
 // Serve serves the API on l until ctx ends.
@@ -97,7 +137,7 @@ func toStatus(err error) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, provider.ErrNoStorage):
 		return status.Error(codes.FailedPrecondition, err.Error())
-	case errors.Is(err, provider.ErrHoldTimeout):
+	case errors.Is(err, provider.ErrHoldTimeout), errors.Is(err, coordinator.ErrFreezeTimeout):
 		return status.Error(codes.DeadlineExceeded, err.Error())
 	case errors.Is(err, provider.ErrSnapshotInvalid), errors.Is(err, cow.ErrReleased):
 		return status.Error(codes.FailedPrecondition, err.Error())
@@ -182,6 +222,12 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 			return nil, toStatus(err)
 		}
 		vols = append(vols, v)
+	}
+	if req.GetWriters() {
+		if s.coord == nil {
+			return nil, toStatus(fmt.Errorf("%w: this service has no coordinator for writers", errBadRequest))
+		}
+		return s.createWithWriters(ctx, req)
 	}
 	limit := time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond
 	if limit <= 0 {

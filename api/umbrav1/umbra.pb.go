@@ -503,13 +503,15 @@ func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
 }
 
 type CreateSnapshotSetRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volumes       []string               `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
-	Persistent    bool                   `protobuf:"varint,2,opt,name=persistent,proto3" json:"persistent,omitempty"`
-	Id            string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`                                               // snapshot id in every volume; empty: chosen
-	HoldTimeoutMs int64                  `protobuf:"varint,4,opt,name=hold_timeout_ms,json=holdTimeoutMs,proto3" json:"hold_timeout_ms,omitempty"` // 0: 10 s
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Volumes         []string               `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	Persistent      bool                   `protobuf:"varint,2,opt,name=persistent,proto3" json:"persistent,omitempty"`
+	Id              string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`                                                     // snapshot id in every volume; empty: chosen
+	HoldTimeoutMs   int64                  `protobuf:"varint,4,opt,name=hold_timeout_ms,json=holdTimeoutMs,proto3" json:"hold_timeout_ms,omitempty"`       // 0: 10 s
+	Writers         bool                   `protobuf:"varint,5,opt,name=writers,proto3" json:"writers,omitempty"`                                          // application-consistent: freeze the writers involved
+	FreezeTimeoutMs int64                  `protobuf:"varint,6,opt,name=freeze_timeout_ms,json=freezeTimeoutMs,proto3" json:"freeze_timeout_ms,omitempty"` // 0: 60 s
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *CreateSnapshotSetRequest) Reset() {
@@ -570,11 +572,27 @@ func (x *CreateSnapshotSetRequest) GetHoldTimeoutMs() int64 {
 	return 0
 }
 
+func (x *CreateSnapshotSetRequest) GetWriters() bool {
+	if x != nil {
+		return x.Writers
+	}
+	return false
+}
+
+func (x *CreateSnapshotSetRequest) GetFreezeTimeoutMs() int64 {
+	if x != nil {
+		return x.FreezeTimeoutMs
+	}
+	return 0
+}
+
 type CreateSnapshotSetResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SetId         string                 `protobuf:"bytes,1,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
 	Snapshots     []*Snapshot            `protobuf:"bytes,2,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
-	HoldMicros    int64                  `protobuf:"varint,3,opt,name=hold_micros,json=holdMicros,proto3" json:"hold_micros,omitempty"` // how long writes were held
+	HoldMicros    int64                  `protobuf:"varint,3,opt,name=hold_micros,json=holdMicros,proto3" json:"hold_micros,omitempty"`       // how long writes were held
+	Writers       []string               `protobuf:"bytes,4,rep,name=writers,proto3" json:"writers,omitempty"`                                // writers that took part
+	FreezeMicros  int64                  `protobuf:"varint,5,opt,name=freeze_micros,json=freezeMicros,proto3" json:"freeze_micros,omitempty"` // freeze to thaw
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -626,6 +644,20 @@ func (x *CreateSnapshotSetResponse) GetSnapshots() []*Snapshot {
 func (x *CreateSnapshotSetResponse) GetHoldMicros() int64 {
 	if x != nil {
 		return x.HoldMicros
+	}
+	return 0
+}
+
+func (x *CreateSnapshotSetResponse) GetWriters() []string {
+	if x != nil {
+		return x.Writers
+	}
+	return nil
+}
+
+func (x *CreateSnapshotSetResponse) GetFreezeMicros() int64 {
+	if x != nil {
+		return x.FreezeMicros
 	}
 	return 0
 }
@@ -1030,6 +1062,246 @@ func (x *SetStorageResponse) GetStorage() *Storage {
 	return nil
 }
 
+type WriterEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	SetId         string                 `protobuf:"bytes,2,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	Phase         string                 `protobuf:"bytes,3,opt,name=phase,proto3" json:"phase,omitempty"`
+	Error         string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	Millis        int64                  `protobuf:"varint,5,opt,name=millis,proto3" json:"millis,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriterEvent) Reset() {
+	*x = WriterEvent{}
+	mi := &file_umbra_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriterEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriterEvent) ProtoMessage() {}
+
+func (x *WriterEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriterEvent.ProtoReflect.Descriptor instead.
+func (*WriterEvent) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WriterEvent) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *WriterEvent) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
+func (x *WriterEvent) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *WriterEvent) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *WriterEvent) GetMillis() int64 {
+	if x != nil {
+		return x.Millis
+	}
+	return 0
+}
+
+type Writer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	State         string                 `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"` // stable, waiting for completion, failed
+	LastPhase     string                 `protobuf:"bytes,3,opt,name=last_phase,json=lastPhase,proto3" json:"last_phase,omitempty"`
+	LastError     string                 `protobuf:"bytes,4,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	Updated       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=updated,proto3" json:"updated,omitempty"`
+	History       []*WriterEvent         `protobuf:"bytes,6,rep,name=history,proto3" json:"history,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Writer) Reset() {
+	*x = Writer{}
+	mi := &file_umbra_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Writer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Writer) ProtoMessage() {}
+
+func (x *Writer) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Writer.ProtoReflect.Descriptor instead.
+func (*Writer) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *Writer) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Writer) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Writer) GetLastPhase() string {
+	if x != nil {
+		return x.LastPhase
+	}
+	return ""
+}
+
+func (x *Writer) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *Writer) GetUpdated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Updated
+	}
+	return nil
+}
+
+func (x *Writer) GetHistory() []*WriterEvent {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+type ListWritersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWritersRequest) Reset() {
+	*x = ListWritersRequest{}
+	mi := &file_umbra_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWritersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWritersRequest) ProtoMessage() {}
+
+func (x *ListWritersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWritersRequest.ProtoReflect.Descriptor instead.
+func (*ListWritersRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{19}
+}
+
+type ListWritersResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Writers       []*Writer              `protobuf:"bytes,1,rep,name=writers,proto3" json:"writers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWritersResponse) Reset() {
+	*x = ListWritersResponse{}
+	mi := &file_umbra_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWritersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWritersResponse) ProtoMessage() {}
+
+func (x *ListWritersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWritersResponse.ProtoReflect.Descriptor instead.
+func (*ListWritersResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ListWritersResponse) GetWriters() []*Writer {
+	if x != nil {
+		return x.Writers
+	}
+	return nil
+}
+
 var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
@@ -1075,19 +1347,23 @@ const file_umbra_proto_rawDesc = "" +
 	"\x14ListSnapshotsRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\"I\n" +
 	"\x15ListSnapshotsResponse\x120\n" +
-	"\tsnapshots\x18\x01 \x03(\v2\x12.umbra.v1.SnapshotR\tsnapshots\"\x8c\x01\n" +
+	"\tsnapshots\x18\x01 \x03(\v2\x12.umbra.v1.SnapshotR\tsnapshots\"\xd2\x01\n" +
 	"\x18CreateSnapshotSetRequest\x12\x18\n" +
 	"\avolumes\x18\x01 \x03(\tR\avolumes\x12\x1e\n" +
 	"\n" +
 	"persistent\x18\x02 \x01(\bR\n" +
 	"persistent\x12\x0e\n" +
 	"\x02id\x18\x03 \x01(\tR\x02id\x12&\n" +
-	"\x0fhold_timeout_ms\x18\x04 \x01(\x03R\rholdTimeoutMs\"\x85\x01\n" +
+	"\x0fhold_timeout_ms\x18\x04 \x01(\x03R\rholdTimeoutMs\x12\x18\n" +
+	"\awriters\x18\x05 \x01(\bR\awriters\x12*\n" +
+	"\x11freeze_timeout_ms\x18\x06 \x01(\x03R\x0ffreezeTimeoutMs\"\xc4\x01\n" +
 	"\x19CreateSnapshotSetResponse\x12\x15\n" +
 	"\x06set_id\x18\x01 \x01(\tR\x05setId\x120\n" +
 	"\tsnapshots\x18\x02 \x03(\v2\x12.umbra.v1.SnapshotR\tsnapshots\x12\x1f\n" +
 	"\vhold_micros\x18\x03 \x01(\x03R\n" +
-	"holdMicros\"j\n" +
+	"holdMicros\x12\x18\n" +
+	"\awriters\x18\x04 \x03(\tR\awriters\x12#\n" +
+	"\rfreeze_micros\x18\x05 \x01(\x03R\ffreezeMicros\"j\n" +
 	"\x16DeleteSnapshotsRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
@@ -1109,7 +1385,25 @@ const file_umbra_proto_rawDesc = "" +
 	"\tmax_bytes\x18\x03 \x01(\x03R\bmaxBytes\x12\x16\n" +
 	"\x06policy\x18\x04 \x01(\tR\x06policy\"A\n" +
 	"\x12SetStorageResponse\x12+\n" +
-	"\astorage\x18\x01 \x01(\v2\x11.umbra.v1.StorageR\astorage2\xc2\x04\n" +
+	"\astorage\x18\x01 \x01(\v2\x11.umbra.v1.StorageR\astorage\"\x98\x01\n" +
+	"\vWriterEvent\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x15\n" +
+	"\x06set_id\x18\x02 \x01(\tR\x05setId\x12\x14\n" +
+	"\x05phase\x18\x03 \x01(\tR\x05phase\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12\x16\n" +
+	"\x06millis\x18\x05 \x01(\x03R\x06millis\"\xd7\x01\n" +
+	"\x06Writer\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1d\n" +
+	"\n" +
+	"last_phase\x18\x03 \x01(\tR\tlastPhase\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x04 \x01(\tR\tlastError\x124\n" +
+	"\aupdated\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aupdated\x12/\n" +
+	"\ahistory\x18\x06 \x03(\v2\x15.umbra.v1.WriterEventR\ahistory\"\x14\n" +
+	"\x12ListWritersRequest\"A\n" +
+	"\x13ListWritersResponse\x12*\n" +
+	"\awriters\x18\x01 \x03(\v2\x10.umbra.v1.WriterR\awriters2\x8e\x05\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -1119,7 +1413,8 @@ const file_umbra_proto_rawDesc = "" +
 	"\n" +
 	"GetStorage\x12\x1b.umbra.v1.GetStorageRequest\x1a\x1c.umbra.v1.GetStorageResponse\x12G\n" +
 	"\n" +
-	"SetStorage\x12\x1b.umbra.v1.SetStorageRequest\x1a\x1c.umbra.v1.SetStorageResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"SetStorage\x12\x1b.umbra.v1.SetStorageRequest\x1a\x1c.umbra.v1.SetStorageResponse\x12J\n" +
+	"\vListWriters\x12\x1c.umbra.v1.ListWritersRequest\x1a\x1d.umbra.v1.ListWritersResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -1133,7 +1428,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                    // 0: umbra.v1.Volume
 	(*Storage)(nil),                   // 1: umbra.v1.Storage
@@ -1152,35 +1447,45 @@ var file_umbra_proto_goTypes = []any{
 	(*GetStorageResponse)(nil),        // 14: umbra.v1.GetStorageResponse
 	(*SetStorageRequest)(nil),         // 15: umbra.v1.SetStorageRequest
 	(*SetStorageResponse)(nil),        // 16: umbra.v1.SetStorageResponse
-	(*timestamppb.Timestamp)(nil),     // 17: google.protobuf.Timestamp
+	(*WriterEvent)(nil),               // 17: umbra.v1.WriterEvent
+	(*Writer)(nil),                    // 18: umbra.v1.Writer
+	(*ListWritersRequest)(nil),        // 19: umbra.v1.ListWritersRequest
+	(*ListWritersResponse)(nil),       // 20: umbra.v1.ListWritersResponse
+	(*timestamppb.Timestamp)(nil),     // 21: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	17, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	21, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	3,  // 7: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 8: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 9: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 10: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 11: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 12: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 13: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	4,  // 14: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 15: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 16: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 17: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 18: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 19: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 20: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	14, // [14:21] is the sub-list for method output_type
-	7,  // [7:14] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	21, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	21, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
+	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
+	3,  // 11: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	5,  // 12: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	7,  // 13: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	9,  // 14: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	11, // 15: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	13, // 16: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	15, // 17: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	19, // 18: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	4,  // 19: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 20: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 21: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 22: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 23: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 24: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 25: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	20, // 26: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	19, // [19:27] is the sub-list for method output_type
+	11, // [11:19] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -1194,7 +1499,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

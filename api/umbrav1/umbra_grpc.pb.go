@@ -30,6 +30,7 @@ const (
 	Umbra_RevertSnapshot_FullMethodName    = "/umbra.v1.Umbra/RevertSnapshot"
 	Umbra_GetStorage_FullMethodName        = "/umbra.v1.Umbra/GetStorage"
 	Umbra_SetStorage_FullMethodName        = "/umbra.v1.Umbra/SetStorage"
+	Umbra_ListWriters_FullMethodName       = "/umbra.v1.Umbra/ListWriters"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -51,6 +52,8 @@ type UmbraClient interface {
 	// GetStorage and SetStorage query and change shadow storage associations.
 	GetStorage(ctx context.Context, in *GetStorageRequest, opts ...grpc.CallOption) (*GetStorageResponse, error)
 	SetStorage(ctx context.Context, in *SetStorageRequest, opts ...grpc.CallOption) (*SetStorageResponse, error)
+	// ListWriters lists the writers and their states (vssadmin list writers).
+	ListWriters(ctx context.Context, in *ListWritersRequest, opts ...grpc.CallOption) (*ListWritersResponse, error)
 }
 
 type umbraClient struct {
@@ -131,6 +134,16 @@ func (c *umbraClient) SetStorage(ctx context.Context, in *SetStorageRequest, opt
 	return out, nil
 }
 
+func (c *umbraClient) ListWriters(ctx context.Context, in *ListWritersRequest, opts ...grpc.CallOption) (*ListWritersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWritersResponse)
+	err := c.cc.Invoke(ctx, Umbra_ListWriters_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -150,6 +163,8 @@ type UmbraServer interface {
 	// GetStorage and SetStorage query and change shadow storage associations.
 	GetStorage(context.Context, *GetStorageRequest) (*GetStorageResponse, error)
 	SetStorage(context.Context, *SetStorageRequest) (*SetStorageResponse, error)
+	// ListWriters lists the writers and their states (vssadmin list writers).
+	ListWriters(context.Context, *ListWritersRequest) (*ListWritersResponse, error)
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -180,6 +195,9 @@ func (UnimplementedUmbraServer) GetStorage(context.Context, *GetStorageRequest) 
 }
 func (UnimplementedUmbraServer) SetStorage(context.Context, *SetStorageRequest) (*SetStorageResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SetStorage not implemented")
+}
+func (UnimplementedUmbraServer) ListWriters(context.Context, *ListWritersRequest) (*ListWritersResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListWriters not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -328,6 +346,24 @@ func _Umbra_SetStorage_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Umbra_ListWriters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWritersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).ListWriters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_ListWriters_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).ListWriters(ctx, req.(*ListWritersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -362,6 +398,10 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetStorage",
 			Handler:    _Umbra_SetStorage_Handler,
+		},
+		{
+			MethodName: "ListWriters",
+			Handler:    _Umbra_ListWriters_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -18,9 +18,15 @@ import (
 	"github.com/spf13/cobra"
 
 	"umbra/api"
+	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/frontend"
 	"umbra/nbd"
+	"umbra/provider"
+	"umbra/writer"
+	wexec "umbra/writer/exec"
+	"umbra/writer/fsfreeze"
+	wsqlite "umbra/writer/sqlite"
 )
 
 func init() { verbs = append(verbs, newServeCmd) }
@@ -29,6 +35,7 @@ func init() { verbs = append(verbs, newServeCmd) }
 // it and embedded defaults fill the rest.
 type serveConfig struct {
 	StateDir string         `toml:"state_dir"`
+	Writers  writersConfig  `toml:"writers"`
 	NBD      nbdConfig      `toml:"nbd"`
 	FUSE     fuseConfig     `toml:"fuse"`
 	Volumes  []volumeConfig `toml:"volume"`
@@ -39,6 +46,11 @@ type nbdConfig struct {
 	Listen  string `toml:"listen"`
 	TLSCert string `toml:"tls_cert"`
 	TLSKey  string `toml:"tls_key"`
+}
+
+type writersConfig struct {
+	SQLite   []string `toml:"sqlite"`
+	HooksDir string   `toml:"hooks_dir"`
 }
 
 type fuseConfig struct {
@@ -136,6 +148,8 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.NBD.TLSCert, "tls-cert", "", "TLS certificate file for NBD over TCP")
 	f.StringVar(&cfg.NBD.TLSKey, "tls-key", "", "TLS key file for NBD over TCP")
 	f.StringVar(&cfg.FUSE.Dir, "fuse-dir", "", "also mount a FUSE directory with each volume and snapshot as a file")
+	f.StringArrayVar(&cfg.Writers.SQLite, "sqlite-writer", nil, "SQLite database to quiesce for application-consistent snapshots; repeatable")
+	f.StringVar(&cfg.Writers.HooksDir, "hooks-dir", "", "directory of pre-freeze/post-thaw hook executables (called with freeze / thaw)")
 	return cmd
 }
 
@@ -152,6 +166,10 @@ func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
 	set("tls-cert", &file.NBD.TLSCert, flags.NBD.TLSCert)
 	set("tls-key", &file.NBD.TLSKey, flags.NBD.TLSKey)
 	set("fuse-dir", &file.FUSE.Dir, flags.FUSE.Dir)
+	set("hooks-dir", &file.Writers.HooksDir, flags.Writers.HooksDir)
+	if cmd.Flags().Changed("sqlite-writer") {
+		file.Writers.SQLite = append(file.Writers.SQLite, flags.Writers.SQLite...)
+	}
 }
 
 // openVolumes opens every configured volume into a COW provider.
@@ -242,7 +260,26 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}
 	os.Chmod(apiPath, 0o660)
 	defer os.Remove(apiPath)
-	go func() { errc <- api.NewServer(p, log).Serve(ctx, al) }()
+	writers := writer.NewRegistry()
+	writers.Add(fsfreeze.New())
+	for _, db := range cfg.Writers.SQLite {
+		if err := writers.Add(wsqlite.New(db)); err != nil {
+			return usageError{err}
+		}
+	}
+	if cfg.Writers.HooksDir != "" {
+		writers.Add(wexec.New(cfg.Writers.HooksDir, 0))
+	}
+	reg := &provider.Registry{}
+	reg.Register(p)
+	devices := func(vol string) []string {
+		if cfg.FUSE.Dir == "" {
+			return nil
+		}
+		return []string{filepath.Join(cfg.FUSE.Dir, vol)}
+	}
+	coord := coordinator.New(reg, writers, devices, log)
+	go func() { errc <- api.NewServer(p, coord, writers, log).Serve(ctx, al) }()
 	log.Info("serving the management API", "socket", apiPath)
 	log.Info("serving NBD", "socket", cfg.NBD.Socket, "exports", frontend.Names(p))
 	if cfg.NBD.Listen != "" {

@@ -20,9 +20,9 @@ func newSnapshotCmd() *cobra.Command {
 }
 
 func newSnapshotCreateCmd() *cobra.Command {
-	var persistent bool
+	var persistent, writers bool
 	var id string
-	var hold time.Duration
+	var hold, freeze time.Duration
 	cmd := &cobra.Command{
 		Use:   "create VOLUME...",
 		Short: "Commit one shadow copy of each volume at one instant (a snapshot set)",
@@ -31,6 +31,7 @@ func newSnapshotCreateCmd() *cobra.Command {
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
 				resp, err := c.CreateSnapshotSet(ctx, &umbrav1.CreateSnapshotSetRequest{
 					Volumes: args, Persistent: persistent, Id: id, HoldTimeoutMs: hold.Milliseconds(),
+					Writers: writers, FreezeTimeoutMs: freeze.Milliseconds(),
 				})
 				if err != nil {
 					return err
@@ -38,7 +39,11 @@ func newSnapshotCreateCmd() *cobra.Command {
 				if gflags.json {
 					return printJSON(os.Stdout, resp)
 				}
-				fmt.Printf("snapshot set %s committed (writes held %v)\n", resp.SetId, time.Duration(resp.HoldMicros)*time.Microsecond)
+				fmt.Printf("snapshot set %s committed (writes held %v", resp.SetId, time.Duration(resp.HoldMicros)*time.Microsecond)
+				if writers {
+					fmt.Printf(", writers %v frozen %v", resp.Writers, time.Duration(resp.FreezeMicros)*time.Microsecond)
+				}
+				fmt.Println(")")
 				printSnapshots(resp.Snapshots)
 				return nil
 			})
@@ -47,6 +52,8 @@ func newSnapshotCreateCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&persistent, "persistent", false, "survive restarts and unclean stops (costs an fsync per preserved chunk)")
 	cmd.Flags().StringVar(&id, "id", "", "snapshot id in every volume (default snap-N)")
 	cmd.Flags().DurationVar(&hold, "hold-timeout", 10*time.Second, "longest time writes may be held for the commit")
+	cmd.Flags().BoolVar(&writers, "writers", false, "application-consistent: freeze the writers whose data is on the volumes (fsfreeze, SQLite, hooks)")
+	cmd.Flags().DurationVar(&freeze, "freeze-timeout", 60*time.Second, "longest time writers may stay frozen")
 	return cmd
 }
 

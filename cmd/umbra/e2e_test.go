@@ -279,3 +279,86 @@ func TestServeDiesUnderLoop(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestCLIWriters: `umbra snapshot create --writers` on a volume whose ext4
+// (on a loop device over the FUSE file) is mounted freezes it and runs the
+// hooks; a failing hook aborts the set and `writers list` says why.
+func TestCLIWriters(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for FUSE, loop devices and fsfreeze")
+	}
+	for _, tool := range []string{"losetup", "mkfs.ext4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s", tool)
+		}
+	}
+	dir := t.TempDir()
+	hooks := filepath.Join(dir, "hooks")
+	os.Mkdir(hooks, 0o755)
+	log := filepath.Join(dir, "hook.log")
+	os.WriteFile(filepath.Join(hooks, "10-log"), []byte("#!/bin/sh\necho \"$1 $UMBRA_SET\" >> "+log+"\n"), 0o755)
+	fuseDir := filepath.Join(dir, "fuse")
+	s := &service{t: t, dir: dir, api: filepath.Join(dir, "api.sock"), nbd: filepath.Join(dir, "nbd.sock")}
+	img := filepath.Join(dir, "v.img")
+	os.WriteFile(img, nil, 0o600)
+	os.Truncate(img, 64<<20)
+	s.args = []string{"serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", s.nbd, "--api-socket", s.api,
+		"--fuse-dir", fuseDir, "--hooks-dir", hooks, "--volume", "v=" + img}
+	s.start()
+	file := filepath.Join(fuseDir, "v")
+	for i := 0; ; i++ {
+		if _, err := os.Stat(file); err == nil {
+			break
+		}
+		if i > 100 {
+			t.Fatal("FUSE file did not appear")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	out, err := exec.Command("losetup", "-f", "--show", "--direct-io=on", file).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	mnt := filepath.Join(dir, "mnt")
+	os.Mkdir(mnt, 0o755)
+	t.Cleanup(func() {
+		exec.Command("umount", mnt).Run()
+		exec.Command("losetup", "-d", dev).Run()
+	})
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs: %v %s", err, out)
+	}
+	if out, err := exec.Command("mount", dev, mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount: %v %s", err, out)
+	}
+	os.WriteFile(filepath.Join(mnt, "hello"), []byte("world"), 0o644)
+
+	created := s.ok("snapshot", "create", "v", "--writers", "--id", "app")
+	if !strings.Contains(created, "fsfreeze") || !strings.Contains(created, "exec:") {
+		t.Fatalf("writers that took part:\n%s", created)
+	}
+	got, _ := os.ReadFile(log)
+	if !strings.Contains(string(got), "freeze set-") || !strings.Contains(string(got), "thaw set-") {
+		t.Fatalf("hooks did not run freeze and thaw:\n%s", got)
+	}
+	// The filesystem is thawed: writes go on.
+	if err := os.WriteFile(filepath.Join(mnt, "after"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	os.WriteFile(filepath.Join(hooks, "20-fail"), []byte("#!/bin/sh\n[ \"$1\" = freeze ] && { echo no backups today >&2; exit 3; }\nexit 0\n"), 0o755)
+	if out, code := s.umbra("snapshot", "create", "v", "--writers", "--id", "bad"); code == 0 {
+		t.Fatalf("a failing hook did not abort the set:\n%s", out)
+	}
+	if l := s.list(); len(l.Snapshots) != 1 {
+		t.Fatalf("the aborted set left snapshots: %+v", l)
+	}
+	ws := s.ok("writers", "list")
+	if !strings.Contains(ws, "failed") || !strings.Contains(ws, "no backups today") {
+		t.Fatalf("writers list does not show the failure:\n%s", ws)
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "after2"), []byte("x"), 0o644); err != nil {
+		t.Fatalf("filesystem left frozen after the abort: %v", err)
+	}
+}
