@@ -38,10 +38,12 @@ type service struct {
 	args []string
 }
 
-func startService(t *testing.T, dir string, volumes ...string) *service {
+// startService runs `umbra serve` on state under dir with a 16 MiB volume
+// per name and the extra flags given.
+func startService(t *testing.T, dir string, volumes []string, extra ...string) *service {
 	t.Helper()
 	s := &service{t: t, dir: dir, api: filepath.Join(dir, "api.sock"), nbd: filepath.Join(dir, "nbd.sock")}
-	s.args = []string{"serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", s.nbd, "--api-socket", s.api}
+	s.args = append([]string{"serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", s.nbd, "--api-socket", s.api}, extra...)
 	for _, v := range volumes {
 		img := filepath.Join(dir, v+".img")
 		if _, err := os.Stat(img); err != nil {
@@ -62,16 +64,22 @@ func (s *service) start() {
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)
 	}
+	waitFile(s.t, s.api, "umbra serve's API socket")
+	s.t.Cleanup(s.stop)
+}
+
+// waitFile waits up to 5 s for path to appear.
+func waitFile(t *testing.T, path, what string) {
+	t.Helper()
 	for i := 0; ; i++ {
-		if _, err := os.Stat(s.api); err == nil {
-			break
+		if _, err := os.Stat(path); err == nil {
+			return
 		}
 		if i > 200 {
-			s.t.Fatal("umbra serve did not create its API socket")
+			t.Fatalf("%s (%s) did not appear", what, path)
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
-	s.t.Cleanup(s.stop)
 }
 
 func (s *service) stop() {
@@ -132,7 +140,7 @@ func (s *service) list() snapList {
 }
 
 func TestCLISnapshots(t *testing.T) {
-	s := startService(t, t.TempDir(), "a", "b")
+	s := startService(t, t.TempDir(), []string{"a", "b"})
 	out := s.ok("volume", "list")
 	if !strings.Contains(out, "a ") || !strings.Contains(out, "b ") {
 		t.Fatalf("volume list:\n%s", out)
@@ -205,23 +213,10 @@ func TestServeDiesUnderLoop(t *testing.T) {
 	}
 	dir := t.TempDir()
 	fuseDir := filepath.Join(dir, "fuse")
-	s := &service{t: t, dir: dir, api: filepath.Join(dir, "api.sock"), nbd: filepath.Join(dir, "nbd.sock")}
+	s := startService(t, dir, []string{"v"}, "--fuse-dir", fuseDir)
 	img := filepath.Join(dir, "v.img")
-	os.WriteFile(img, nil, 0o600)
-	os.Truncate(img, 16<<20)
-	s.args = []string{"serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", s.nbd, "--api-socket", s.api,
-		"--fuse-dir", fuseDir, "--volume", "v=" + img}
-	s.start()
 	file := filepath.Join(fuseDir, "v")
-	for i := 0; ; i++ {
-		if _, err := os.Stat(file); err == nil {
-			break
-		}
-		if i > 100 {
-			t.Fatal("FUSE file did not appear")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitFile(t, file, "the volume's FUSE file")
 	out, err := exec.Command("losetup", "-f", "--show", "--direct-io=on", file).CombinedOutput()
 	if err != nil {
 		t.Fatalf("losetup: %v %s", err, out)
@@ -298,23 +293,9 @@ func TestCLIWriters(t *testing.T) {
 	log := filepath.Join(dir, "hook.log")
 	os.WriteFile(filepath.Join(hooks, "10-log"), []byte("#!/bin/sh\necho \"$1 $UMBRA_SET\" >> "+log+"\n"), 0o755)
 	fuseDir := filepath.Join(dir, "fuse")
-	s := &service{t: t, dir: dir, api: filepath.Join(dir, "api.sock"), nbd: filepath.Join(dir, "nbd.sock")}
-	img := filepath.Join(dir, "v.img")
-	os.WriteFile(img, nil, 0o600)
-	os.Truncate(img, 64<<20)
-	s.args = []string{"serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", s.nbd, "--api-socket", s.api,
-		"--fuse-dir", fuseDir, "--hooks-dir", hooks, "--volume", "v=" + img}
-	s.start()
+	s := startService(t, dir, []string{"v"}, "--hooks-dir", hooks, "--fuse-dir", fuseDir)
 	file := filepath.Join(fuseDir, "v")
-	for i := 0; ; i++ {
-		if _, err := os.Stat(file); err == nil {
-			break
-		}
-		if i > 100 {
-			t.Fatal("FUSE file did not appear")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitFile(t, file, "the volume's FUSE file")
 	out, err := exec.Command("losetup", "-f", "--show", "--direct-io=on", file).CombinedOutput()
 	if err != nil {
 		t.Fatalf("losetup: %v %s", err, out)
