@@ -123,12 +123,10 @@ func TestSQLiteSetsOnKernelPath(t *testing.T) {
 
 func checkSnapshot(t *testing.T, dir, file string, before int64, k int) {
 	t.Helper()
-	sdev := testutil.Losetup(t, file, true, true)
+	sdev, detach := testutil.Attach(t, file, true, true)
+	defer detach()
 	smnt := testutil.Mount(t, sdev, dir, "ro", "noload")
-	defer func() {
-		testutil.Run(t, "umount", smnt)
-		testutil.Run(t, "losetup", "-d", sdev)
-	}()
+	defer testutil.Run(t, "umount", smnt)
 	db := filepath.Join(smnt, "app.db")
 	if fi, err := os.Stat(db + "-wal"); err == nil && fi.Size() > 0 {
 		t.Fatalf("set %d: the snapshot has a hot WAL of %d bytes", k, fi.Size())

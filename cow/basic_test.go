@@ -7,10 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -302,12 +302,7 @@ func TestBlockDeviceOrigin(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "dev.img")
 	os.WriteFile(img, bytes.Repeat([]byte{4}, 4<<20), 0o600)
-	out, err := exec.Command("losetup", "-f", "--show", img).CombinedOutput()
-	if err != nil {
-		t.Skipf("losetup: %v %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	dev := testutil.Losetup(t, img, false, false)
 	v, err := Open("blk", dev, Options{StorageDir: filepath.Join(dir, "diff")})
 	if err != nil {
 		t.Fatal(err)

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"umbra/internal/testutil"
 )
 
 var umbraBin string
@@ -217,13 +219,9 @@ func TestServeDiesUnderLoop(t *testing.T) {
 	img := filepath.Join(dir, "v.img")
 	file := filepath.Join(fuseDir, "v")
 	waitFile(t, file, "the volume's FUSE file")
-	out, err := exec.Command("losetup", "-f", "--show", "--direct-io=on", file).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup: %v %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
+	dev, detach := testutil.Attach(t, file, false, true)
 	defer func() {
-		exec.Command("losetup", "-d", dev).Run()
+		detach()
 		exec.Command("umount", "-l", fuseDir).Run()
 	}()
 	d, err := os.OpenFile(dev, os.O_RDWR|syscall.O_DIRECT, 0)
@@ -257,7 +255,7 @@ func TestServeDiesUnderLoop(t *testing.T) {
 		t.Fatal("loop device hung for 20 s after umbra serve died")
 	}
 	d.Close()
-	exec.Command("losetup", "-d", dev).Run()
+	detach()
 	exec.Command("umount", "-l", fuseDir).Run()
 	got, _ := os.ReadFile(img)
 	if got[8192] != 0x5a || got[8192+4095] != 0x5a {
@@ -296,17 +294,10 @@ func TestCLIWriters(t *testing.T) {
 	s := startService(t, dir, []string{"v"}, "--hooks-dir", hooks, "--fuse-dir", fuseDir)
 	file := filepath.Join(fuseDir, "v")
 	waitFile(t, file, "the volume's FUSE file")
-	out, err := exec.Command("losetup", "-f", "--show", "--direct-io=on", file).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup: %v %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
+	dev := testutil.Losetup(t, file, false, true)
 	mnt := filepath.Join(dir, "mnt")
 	os.Mkdir(mnt, 0o755)
-	t.Cleanup(func() {
-		exec.Command("umount", mnt).Run()
-		exec.Command("losetup", "-d", dev).Run()
-	})
+	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs: %v %s", err, out)
 	}

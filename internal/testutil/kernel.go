@@ -48,6 +48,17 @@ func Run(t testing.TB, name string, args ...string) string {
 // Losetup attaches file to a free loop device and detaches it at cleanup.
 func Losetup(t testing.TB, file string, readOnly, directIO bool) string {
 	t.Helper()
+	dev, detach := Attach(t, file, readOnly, directIO)
+	t.Cleanup(detach)
+	return dev
+}
+
+// Attach attaches file to a free loop device and returns the function that
+// detaches it: once, and only while the device is still backed by file —
+// tests run in parallel, and a loop device detached early may already carry
+// another test's file.
+func Attach(t testing.TB, file string, readOnly, directIO bool) (dev string, detach func()) {
+	t.Helper()
 	args := []string{"-f", "--show"}
 	if readOnly {
 		args = append(args, "-r")
@@ -59,9 +70,16 @@ func Losetup(t testing.TB, file string, readOnly, directIO bool) string {
 	if err != nil {
 		t.Fatalf("losetup %s: %v %s", file, err, out)
 	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
-	return dev
+	dev = strings.TrimSpace(string(out))
+	var once sync.Once
+	return dev, func() {
+		once.Do(func() {
+			b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+			if err == nil && strings.TrimSpace(string(b)) == file {
+				exec.Command("losetup", "-d", dev).Run()
+			}
+		})
+	}
 }
 
 // Mount mounts dev on a new directory under dir and unmounts at cleanup.
