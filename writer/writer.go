@@ -83,7 +83,7 @@ func (Base) Abort(context.Context, Set) error                { return nil }
 // State is a writer's state, as `vssadmin list writers` shows it.
 type State struct {
 	Name      string    `json:"name"`
-	State     string    `json:"state"` // stable, waiting for completion, failed
+	State     string    `json:"state"` // stable, waiting for completion, failed, disconnected
 	LastPhase string    `json:"last_phase,omitempty"`
 	LastError string    `json:"last_error,omitempty"`
 	Updated   time.Time `json:"updated"`
@@ -121,16 +121,23 @@ func (r *Registry) Add(w Writer) error {
 		return fmt.Errorf("writer %q is already registered", w.Name())
 	}
 	r.writers[w.Name()] = w
+	if st, ok := r.states[w.Name()]; ok { // a writer coming back keeps its history
+		st.State, st.Updated = "stable", time.Now()
+		return nil
+	}
 	r.states[w.Name()] = &State{Name: w.Name(), State: "stable", Updated: time.Now()}
 	return nil
 }
 
-// Remove unregisters the writer called name.
+// Remove unregisters the writer called name; its state stays, as
+// "disconnected" unless it failed, so its last error can still be read.
 func (r *Registry) Remove(name string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.writers, name)
-	delete(r.states, name)
+	if st, ok := r.states[name]; ok && st.State != "failed" {
+		st.State, st.Updated = "disconnected", time.Now()
+	}
 }
 
 // Writers returns the registered writers sorted by name.

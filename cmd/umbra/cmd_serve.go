@@ -279,6 +279,14 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		return []string{filepath.Join(cfg.FUSE.Dir, vol)}
 	}
 	coord := coordinator.New(reg, writers, devices, log)
+	writerSock := filepath.Join(filepath.Dir(apiPath), "writers.sock")
+	go func() {
+		if err := writer.Serve(ctx, writerSock, writers, log); err != nil {
+			errc <- err
+		}
+	}()
+	defer os.Remove(writerSock)
+	log.Info("accepting out-of-process writers", "socket", writerSock)
 	go func() { errc <- api.NewServer(p, coord, writers, log).Serve(ctx, al) }()
 	log.Info("serving the management API", "socket", apiPath)
 	log.Info("serving NBD", "socket", cfg.NBD.Socket, "exports", frontend.Names(p))

@@ -1,0 +1,181 @@
+package writer_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"umbra/coordinator"
+	"umbra/cow"
+	"umbra/provider"
+	"umbra/writer"
+	"umbra/writer/sdk"
+)
+
+// TestMain doubles as the out-of-process writer: with UMBRA_WRITER_CHILD
+// set, the test binary runs an SDK writer instead of the tests.
+func TestMain(m *testing.M) {
+	if sock := os.Getenv("UMBRA_WRITER_CHILD"); sock != "" {
+		marker := os.Getenv("UMBRA_WRITER_MARKER")
+		err := sdk.Run(context.Background(), sock, sdk.Writer{
+			Name:       "child",
+			Components: []string{"vol"},
+			Freeze: func(ctx context.Context, s writer.Set) error {
+				os.WriteFile(marker, []byte("freeze "+s.ID), 0o600)
+				if os.Getenv("UMBRA_WRITER_HANG") != "" {
+					select {} // killed in the middle of freeze
+				}
+				return nil
+			},
+		})
+		if err != nil {
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+type fixture struct {
+	sock  string
+	reg   *writer.Registry
+	vol   *cow.Volume
+	coord *coordinator.Coordinator
+}
+
+func setup(t *testing.T) *fixture {
+	t.Helper()
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "vol.img")
+	os.WriteFile(origin, nil, 0o600)
+	os.Truncate(origin, 1<<20)
+	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	p := cow.NewProvider()
+	p.Add(v)
+	preg := &provider.Registry{}
+	preg.Register(p)
+	f := &fixture{sock: filepath.Join(dir, "writers.sock"), reg: writer.NewRegistry(), vol: v}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { writer.Serve(ctx, f.sock, f.reg, nil); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	f.coord = coordinator.New(preg, f.reg, nil, nil)
+	return f
+}
+
+func (f *fixture) child(t *testing.T, hang bool, marker string) *exec.Cmd {
+	t.Helper()
+	for i := 0; ; i++ {
+		if _, err := os.Stat(f.sock); err == nil {
+			break
+		}
+		if i > 200 {
+			t.Fatal("writer socket did not appear")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "UMBRA_WRITER_CHILD="+f.sock, "UMBRA_WRITER_MARKER="+marker)
+	if hang {
+		cmd.Env = append(cmd.Env, "UMBRA_WRITER_HANG=1")
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for i := 0; len(f.reg.Writers()) == 0; i++ {
+		if i > 500 {
+			t.Fatal("the child writer did not register")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return cmd
+}
+
+func TestRemoteWriterTakesPart(t *testing.T) {
+	f := setup(t)
+	marker := filepath.Join(t.TempDir(), "marker")
+	f.child(t, false, marker)
+	set, err := f.coord.CreateSet(context.Background(), coordinator.Request{Volumes: []string{"vol"}, Writers: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(set.Writers) != 1 || set.Writers[0] != "child" {
+		t.Fatalf("writers of the set: %v", set.Writers)
+	}
+	if b, _ := os.ReadFile(marker); !strings.Contains(string(b), set.ID) {
+		t.Fatalf("the child did not freeze for %s: %q", set.ID, b)
+	}
+}
+
+// TestWriterKilledInFreeze: SIGKILL of a writer process in the middle of
+// freeze aborts the set at once; nothing stays held and the writer's state
+// records the phase and the reason.
+func TestWriterKilledInFreeze(t *testing.T) {
+	f := setup(t)
+	marker := filepath.Join(t.TempDir(), "marker")
+	cmd := f.child(t, true, marker)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := f.coord.CreateSet(context.Background(), coordinator.Request{Volumes: []string{"vol"}, Writers: true, FreezeTimeout: time.Minute})
+		errc <- err
+	}()
+	for i := 0; ; i++ {
+		if _, err := os.Stat(marker); err == nil {
+			break
+		}
+		if i > 500 {
+			t.Fatal("the child never froze")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	start := time.Now()
+	cmd.Process.Signal(syscall.SIGKILL)
+	select {
+	case err := <-errc:
+		if !errors.Is(err, coordinator.ErrAborted) || !errors.Is(err, writer.ErrDisconnected) {
+			t.Fatalf("set with a killed writer: %v", err)
+		}
+		t.Logf("aborted %v after the kill", time.Since(start))
+	case <-time.After(10 * time.Second):
+		t.Fatal("the set did not abort after its writer was killed")
+	}
+	if n := len(f.vol.Snapshots()); n != 0 {
+		t.Fatalf("%d snapshots left", n)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := f.vol.WriteAt([]byte{1}, 0); done <- err }()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the volume is still held")
+	}
+	for _, s := range f.reg.States() {
+		if s.Name == "child" && (s.State != "failed" || s.LastPhase != "freeze" || !strings.Contains(s.LastError, "disconnected")) {
+			t.Fatalf("killed writer's state: %+v", s)
+		}
+	}
+}
+
+func FuzzDecodeMessage(f *testing.F) {
+	f.Add([]byte(`{"type":"register","version":1,"name":"app","components":["/srv"],"level":0}`))
+	f.Add([]byte(`{"type":"result","id":7,"error":""}`))
+	f.Add([]byte(`{"type":"event","id":1,"phase":"freeze","set":{"id":"s","volumes":[{"name":"v","devices":null,"mounts":["/m"]}]}}`))
+	f.Add([]byte(`{"type":"register","version":2}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := writer.DecodeMessage(b)
+		if err == nil && m.Type == "register" && (m.Name == "" || m.Version != writer.ProtocolVersion) {
+			t.Fatalf("accepted an invalid register: %+v", m)
+		}
+	})
+}
