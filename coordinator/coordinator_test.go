@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -263,4 +264,85 @@ func TestSetAtomicity(t *testing.T) {
 	if acked.Load() < 10 {
 		t.Fatal("the writer made no progress")
 	}
+}
+
+// sleepWriter spends a fixed time in freeze, as an application flushing.
+type sleepWriter struct {
+	recWriter
+	d time.Duration
+}
+
+func (w *sleepWriter) Freeze(ctx context.Context, s writer.Set) error {
+	time.Sleep(w.d)
+	return nil
+}
+
+// BenchmarkSetWindows: sets of 4 volumes with 3 writers while a writer
+// goroutine writes to every volume; reports p50/p99 of the hold window
+// and of freeze-to-thaw (minus the writers' own 1 ms freeze work).
+func BenchmarkSetWindows(b *testing.B) {
+	// On tmpfs: this measures the sequence, not the disk's fsync.
+	dir, err := os.MkdirTemp("/dev/shm", "umbra-bench-")
+	if err != nil {
+		dir = b.TempDir()
+	}
+	defer os.RemoveAll(dir)
+	p := cow.NewProvider()
+	var vols []*cow.Volume
+	for i := 0; i < 4; i++ {
+		origin := filepath.Join(dir, fmt.Sprintf("v%d.img", i))
+		os.WriteFile(origin, nil, 0o600)
+		os.Truncate(origin, 64<<20)
+		v, err := cow.Open(fmt.Sprintf("v%d", i), origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer v.Close()
+		p.Add(v)
+		vols = append(vols, v)
+	}
+	reg := &provider.Registry{}
+	reg.Register(p)
+	ws := writer.NewRegistry()
+	for i := 0; i < 3; i++ {
+		ws.Add(&sleepWriter{recWriter: recWriter{name: fmt.Sprintf("w%d", i)}, d: time.Millisecond})
+	}
+	c := New(reg, ws, nil, nil)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 4096)
+		for n := 0; ; n++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			vols[n%4].WriteAt(buf, int64(n%16384)*4096)
+		}
+	}()
+	var hold, ftt []time.Duration
+	for i := 0; i < b.N; i++ {
+		for j := 0; j < 100; j++ {
+			set, err := c.CreateSet(context.Background(), Request{Volumes: []string{"v0", "v1", "v2", "v3"}, Writers: true, ForBackup: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			hold = append(hold, set.Timings.Hold)
+			ftt = append(ftt, set.Timings.FreezeToThaw-time.Millisecond)
+			set.BackupComplete(context.Background(), true)
+		}
+	}
+	close(stop)
+	<-done
+	pct := func(d []time.Duration, q int) float64 {
+		s := append([]time.Duration(nil), d...)
+		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+		return float64(s[len(s)*q/100].Microseconds())
+	}
+	b.ReportMetric(pct(hold, 50), "hold-p50-µs")
+	b.ReportMetric(pct(hold, 99), "hold-p99-µs")
+	b.ReportMetric(pct(ftt, 50), "freeze-thaw-p50-µs")
+	b.ReportMetric(pct(ftt, 99), "freeze-thaw-p99-µs")
 }

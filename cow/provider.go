@@ -128,6 +128,11 @@ func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
 	if t.hold != nil {
 		return fmt.Errorf("pre-commit %s: already holding", t.v.name)
 	}
+	// Flush before closing the gate, so the flush inside the hold has
+	// little left to write and writes wait for less.
+	if err := t.v.Flush(); err != nil {
+		return err
+	}
 	h, err := t.v.Hold(ctx, limit)
 	if err != nil {
 		return err
