@@ -346,3 +346,26 @@ func BenchmarkSetWindows(b *testing.B) {
 	b.ReportMetric(pct(ftt, 50), "freeze-thaw-p50-µs")
 	b.ReportMetric(pct(ftt, 99), "freeze-thaw-p99-µs")
 }
+
+// TestRequesterGoneAborts: a requester that goes away (its context ends)
+// in the middle of freeze aborts the set; the writer is thawed.
+func TestRequesterGoneAborts(t *testing.T) {
+	p, reg := cowVolumes(t, "a")
+	ws := writer.NewRegistry()
+	slow := &recWriter{name: "slow", hangIn: "freeze"}
+	ws.Add(slow)
+	c := New(reg, ws, nil, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	_, err := c.CreateSet(ctx, Request{Volumes: []string{"a"}, Writers: true})
+	if !errors.Is(err, ErrAborted) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("requester gone: %v", err)
+	}
+	if !slow.seen("thaw") || !slow.seen("abort") {
+		t.Fatalf("writer phases %v", slow.phases)
+	}
+	v, _ := p.Volume("a")
+	if len(v.Snapshots()) != 0 {
+		t.Fatal("snapshots left")
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -17,46 +18,74 @@ import (
 	"umbra/frontend"
 	"umbra/fusefile"
 	"umbra/internal/testutil"
+	"umbra/nbd"
 	"umbra/provider"
 	"umbra/writer"
 	"umbra/writer/fsfreeze"
 	wsqlite "umbra/writer/sqlite"
 )
 
-// TestSQLiteSetsOnKernelPath: ext4 on a loop device over the FUSE file of
-// an Umbra volume; a program commits SQLite transactions in WAL mode
-// without pause; snapshot sets are taken with the fsfreeze and SQLite
-// writers. Every snapshot opens read-only with integrity_check = ok, has
-// no hot WAL to roll back, and holds every transaction acknowledged before
-// its set began.
+// TestSQLiteSetsOnKernelPath: ext4 on a loop device over an Umbra volume —
+// carried by nbdfuse over Umbra's NBD export, and by Umbra's own FUSE
+// file —; a program commits SQLite transactions in WAL mode without pause;
+// snapshot sets are taken with the fsfreeze and SQLite writers. Every
+// snapshot opens read-only with integrity_check = ok, has no hot WAL to
+// roll back, and holds every transaction acknowledged before its set began.
 func TestSQLiteSetsOnKernelPath(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "losetup", "mkfs.ext4")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		t.Skip("needs /dev/fuse")
 	}
-	sets := 10
-	if os.Getenv("UMBRA_LONG") != "" {
-		sets = 50
+	for _, via := range []string{"nbdfuse", "fuse"} {
+		t.Run(via, func(t *testing.T) { sqliteSets(t, via) })
+	}
+}
+
+func sqliteSets(t *testing.T, via string) {
+	sets := 50
+	if via == "fuse" && os.Getenv("UMBRA_LONG") == "" {
+		sets = 10
 	}
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "vol.img")
 	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, 128<<20)
+	os.Truncate(origin, 512<<20)
 	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := cow.NewProvider()
 	p.Add(v)
-	fuseDir := filepath.Join(dir, "fuse")
-	os.Mkdir(fuseDir, 0o755)
-	srv, err := fusefile.Mount(fuseDir, frontend.FUSESource(p), fusefile.Options{})
-	if err != nil {
-		t.Fatal(err)
+	t.Cleanup(func() { v.Close() })
+	// file returns the file that carries an export to a loop device.
+	var file func(export string, readOnly bool) string
+	var volFile string
+	switch via {
+	case "fuse":
+		fuseDir := filepath.Join(dir, "fuse")
+		os.Mkdir(fuseDir, 0o755)
+		srv, err := fusefile.Mount(fuseDir, frontend.FUSESource(p), fusefile.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { srv.Unmount() })
+		file = func(export string, _ bool) string { return filepath.Join(fuseDir, export) }
+	case "nbdfuse":
+		sock := filepath.Join(dir, "nbd.sock")
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := nbd.NewServer(frontend.NBDExports(p), nbd.Options{})
+		go srv.Serve(context.Background(), l)
+		t.Cleanup(func() { srv.Shutdown(context.Background()) })
+		file = func(export string, ro bool) string {
+			return testutil.NBDFuse(t, "nbd+unix:///"+export+"?socket="+sock, dir, ro)
+		}
 	}
-	t.Cleanup(func() { srv.Unmount(); v.Close() })
-	dev := testutil.Losetup(t, filepath.Join(fuseDir, "vol"), false, true)
+	volFile = file("vol", false)
+	dev := testutil.Losetup(t, volFile, false, via == "fuse")
 	testutil.Run(t, "mkfs.ext4", "-q", "-F", dev)
 	mnt := testutil.Mount(t, dev, dir)
 
@@ -79,7 +108,7 @@ func TestSQLiteSetsOnKernelPath(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		payload := make([]byte, 512)
+		payload := make([]byte, 64)
 		for i := int64(1); ; i++ {
 			select {
 			case <-stop:
@@ -99,7 +128,7 @@ func TestSQLiteSetsOnKernelPath(t *testing.T) {
 	ws := writer.NewRegistry()
 	ws.Add(fsfreeze.New())
 	ws.Add(wsqlite.New(dbPath))
-	c := New(reg, ws, func(vol string) []string { return []string{filepath.Join(fuseDir, vol)} }, nil)
+	c := New(reg, ws, func(vol string) []string { return []string{volFile} }, nil)
 	var worst time.Duration
 	for k := 0; k < sets; k++ {
 		time.Sleep(30 * time.Millisecond)
@@ -112,7 +141,7 @@ func TestSQLiteSetsOnKernelPath(t *testing.T) {
 			t.Fatalf("set %d: writers %v, want fsfreeze and sqlite", k, set.Writers)
 		}
 		worst = max(worst, set.Timings.FreezeToThaw)
-		checkSnapshot(t, dir, filepath.Join(fuseDir, "vol@"+set.Snapshots[0].ID), before, k)
+		checkSnapshot(t, dir, file("vol@"+set.Snapshots[0].ID, true), before, k, via == "fuse")
 		if err := set.BackupComplete(context.Background(), true); err != nil {
 			t.Fatal(err)
 		}
@@ -121,9 +150,9 @@ func TestSQLiteSetsOnKernelPath(t *testing.T) {
 	t.Logf("%d sets; %d transactions committed meanwhile; worst freeze-to-thaw %v", sets, acked.Load(), worst)
 }
 
-func checkSnapshot(t *testing.T, dir, file string, before int64, k int) {
+func checkSnapshot(t *testing.T, dir, file string, before int64, k int, directIO bool) {
 	t.Helper()
-	sdev, detach := testutil.Attach(t, file, true, true)
+	sdev, detach := testutil.Attach(t, file, true, directIO)
 	defer detach()
 	smnt := testutil.Mount(t, sdev, dir, "ro", "noload")
 	defer testutil.Run(t, "umount", smnt)

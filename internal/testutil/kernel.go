@@ -175,3 +175,44 @@ func FrozenSnapshot(t testing.TB, fsdir, workdir string, snapshot func() error, 
 	}
 	return len(before)
 }
+
+// NBDFuse runs nbdfuse to make the NBD export at uri a file and returns
+// the file's path; cleanup unmounts it and stops nbdfuse (register loop
+// devices over the file after this, so they are detached first).
+func NBDFuse(t testing.TB, uri, dir string, readOnly bool) string {
+	t.Helper()
+	Need(t, "nbdfuse", "fusermount3")
+	mnt, err := os.MkdirTemp(dir, "nbdfuse")
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{mnt, uri}
+	if readOnly {
+		args = append([]string{"-r"}, args...)
+	}
+	cmd := exec.Command("nbdfuse", args...)
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("nbdfuse: %v", err)
+	}
+	file := filepath.Join(mnt, "nbd")
+	t.Cleanup(func() {
+		exec.Command("fusermount3", "-u", mnt).Run()
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	for i := 0; ; i++ {
+		if _, err := os.Stat(file); err == nil {
+			return file
+		}
+		if i > 100 {
+			t.Fatalf("nbdfuse did not create %s", file)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
