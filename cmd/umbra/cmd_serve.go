@@ -261,7 +261,11 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	os.Chmod(apiPath, 0o660)
 	defer os.Remove(apiPath)
 	writers := writer.NewRegistry()
-	writers.Add(fsfreeze.New())
+	ff := fsfreeze.New()
+	if exe, err := os.Executable(); err == nil {
+		ff.GuardCommand = []string{exe, "thaw-guard"}
+	}
+	writers.Add(ff)
 	for _, db := range cfg.Writers.SQLite {
 		if err := writers.Add(wsqlite.New(db)); err != nil {
 			return usageError{err}

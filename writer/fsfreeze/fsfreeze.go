@@ -1,9 +1,10 @@
 // Package fsfreeze is the built-in filesystem writer: it freezes every
 // filesystem mounted from a volume of the snapshot set with the kernel's
-// FIFREEZE ioctl and thaws it with FITHAW. A guard thaws by itself at a
+// FIFREEZE ioctl and thaws it with FITHAW. Guards thaw by themselves at a
 // deadline, so a coordinator that hangs or dies inside the window never
 // leaves a filesystem frozen (a frozen filesystem blocks every writer on
-// the machine).
+// the machine): a timer in the process, and, when GuardCommand is set, a
+// separate guard process that outlives a crash of the service.
 package fsfreeze
 
 import (
@@ -11,7 +12,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -35,9 +38,15 @@ type Writer struct {
 	writer.Base
 	// Guard bounds a freeze (0: DefaultGuard).
 	Guard time.Duration
+	// GuardCommand, when set, is the command line of a guard process
+	// (e.g. `umbra thaw-guard`) started at freeze with "--after DURATION"
+	// and the mount points appended; it thaws them at the deadline unless
+	// thaw kills it first, even if this process died meanwhile.
+	GuardCommand []string
 
-	mu     sync.Mutex // guards frozen
+	mu     sync.Mutex // guards frozen and guard
 	frozen map[string]*time.Timer
+	guard  *exec.Cmd
 }
 
 // New returns the fsfreeze writer.
@@ -62,6 +71,17 @@ func (w *Writer) Freeze(ctx context.Context, s writer.Set) error {
 	guard := w.Guard
 	if guard <= 0 {
 		guard = DefaultGuard
+	}
+	if len(w.GuardCommand) > 0 && len(s.Mounts()) > 0 {
+		args := append(append(append([]string(nil), w.GuardCommand[1:]...), "--after", guard.String()), s.Mounts()...)
+		cmd := exec.Command(w.GuardCommand[0], args...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		if err := cmd.Start(); err != nil {
+			return fmt.Errorf("start the thaw guard %s: %w", w.GuardCommand[0], err)
+		}
+		w.mu.Lock()
+		w.guard = cmd
+		w.mu.Unlock()
 	}
 	for _, m := range s.Mounts() {
 		done := make(chan error, 1)
@@ -104,11 +124,32 @@ func (w *Writer) thaw(m string) error {
 	return nil
 }
 
-// Thaw thaws what Freeze froze.
+// Thaw thaws what Freeze froze and stops the guard process.
 func (w *Writer) Thaw(ctx context.Context, s writer.Set) error {
 	var errs []error
 	for _, m := range s.Mounts() {
 		errs = append(errs, w.thaw(m))
+	}
+	w.mu.Lock()
+	g := w.guard
+	w.guard = nil
+	w.mu.Unlock()
+	if g != nil {
+		g.Process.Kill()
+		g.Wait()
+	}
+	return errors.Join(errs...)
+}
+
+// RunGuard is the guard process: it waits, then thaws mounts (a mount
+// that is not frozen is left alone).
+func RunGuard(after time.Duration, mounts []string) error {
+	time.Sleep(after)
+	var errs []error
+	for _, m := range mounts {
+		if err := ioctl(m, fiThaw); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("thaw %s: %w", m, err))
+		}
 	}
 	return errors.Join(errs...)
 }
