@@ -14,6 +14,7 @@ import (
 
 	"umbra/internal/testutil"
 	"umbra/provider"
+	"umbra/provider/providertest"
 )
 
 // mountFS makes a filesystem of the given kind on a loop device and
@@ -167,5 +168,40 @@ func TestReflinkLimitAndErrors(t *testing.T) {
 				t.Fatalf("no-reflink filesystem: %v", err)
 			}
 		}
+	}
+}
+
+func TestConformance(t *testing.T) {
+	for _, kind := range []string{"xfs", "btrfs"} {
+		t.Run(kind, func(t *testing.T) {
+			providertest.Run(t, func(t *testing.T) providertest.Volume {
+				mnt := mountFS(t, kind)
+				vol := filepath.Join(mnt, "disk.img")
+				os.WriteFile(vol, make([]byte, 4<<20), 0o600)
+				p := New()
+				if err := p.Add(Volume{Path: vol, StorageDir: filepath.Join(mnt, ".shadow")}); err != nil {
+					t.Fatal(err)
+				}
+				return providertest.Volume{
+					Provider: p, Name: vol, Size: 4 << 20,
+					Write: func(t *testing.T, off int64, b []byte) {
+						f, err := os.OpenFile(vol, os.O_WRONLY, 0)
+						if err != nil {
+							t.Fatal(err)
+						}
+						defer f.Close()
+						f.WriteAt(b, off)
+					},
+					Read: func(t *testing.T, off int64, b []byte) {
+						f, err := os.Open(vol)
+						if err != nil {
+							t.Fatal(err)
+						}
+						defer f.Close()
+						f.ReadAt(b, off)
+					},
+				}
+			})
+		})
 	}
 }
