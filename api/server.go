@@ -34,6 +34,7 @@ import (
 type Server struct {
 	umbrav1.UnimplementedUmbraServer
 	cow     *cow.Provider
+	reg     *provider.Registry // every provider, the COW one included
 	coord   *coordinator.Coordinator
 	writers *writer.Registry
 	log     *slog.Logger
@@ -42,11 +43,23 @@ type Server struct {
 }
 
 // NewServer returns the API over p; sets with writers run through coord.
-func NewServer(p *cow.Provider, coord *coordinator.Coordinator, writers *writer.Registry, log *slog.Logger) *Server {
+func NewServer(p *cow.Provider, reg *provider.Registry, coord *coordinator.Coordinator, writers *writer.Registry, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{cow: p, coord: coord, writers: writers, log: log}
+	return &Server{cow: p, reg: reg, coord: coord, writers: writers, log: log}
+}
+
+// ListProviders lists the providers and their capabilities.
+func (s *Server) ListProviders(ctx context.Context, _ *umbrav1.ListProvidersRequest) (*umbrav1.ListProvidersResponse, error) {
+	out := &umbrav1.ListProvidersResponse{}
+	for _, p := range s.reg.All() {
+		c := p.Capabilities()
+		out.Providers = append(out.Providers, &umbrav1.Provider{Name: p.Name(), Kind: c.Kind, CommitCost: c.CommitCost,
+			Revert: c.Revert, Tracking: c.Tracking, StorageLimit: c.StorageLimit, BlockImage: c.BlockImage,
+			Persistent: c.Persistent, NonPersistent: c.NonPersistent, Notes: c.Notes})
+	}
+	return out, nil
 }
 
 // ListWriters lists the writers and their states.
@@ -69,7 +82,7 @@ func (s *Server) ListWriters(ctx context.Context, _ *umbrav1.ListWritersRequest)
 // coordinator.
 func (s *Server) createWithWriters(ctx context.Context, req *umbrav1.CreateSnapshotSetRequest) (*umbrav1.CreateSnapshotSetResponse, error) {
 	set, err := s.coord.CreateSet(ctx, coordinator.Request{
-		Volumes: req.GetVolumes(), Writers: true, Persistent: req.GetPersistent(), ID: req.GetId(),
+		Volumes: req.GetVolumes(), Writers: req.GetWriters(), Persistent: req.GetPersistent(), ID: req.GetId(),
 		FreezeTimeout: time.Duration(req.GetFreezeTimeoutMs()) * time.Millisecond,
 		HoldTimeout:   time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond,
 	})
@@ -189,6 +202,23 @@ func (s *Server) volumes(name string) ([]*cow.Volume, error) {
 }
 
 func (s *Server) ListSnapshots(ctx context.Context, req *umbrav1.ListSnapshotsRequest) (*umbrav1.ListSnapshotsResponse, error) {
+	if name := req.GetVolume(); name != "" {
+		if _, err := s.cow.Volume(name); err != nil {
+			p, perr := s.reg.For(ctx, name)
+			if perr != nil {
+				return nil, toStatus(err)
+			}
+			list, err := p.List(ctx, name)
+			if err != nil {
+				return nil, toStatus(err)
+			}
+			out := &umbrav1.ListSnapshotsResponse{}
+			for _, sn := range list {
+				out.Snapshots = append(out.Snapshots, snapshotMsg(sn))
+			}
+			return out, nil
+		}
+	}
 	vols, err := s.volumes(req.GetVolume())
 	if err != nil {
 		return nil, toStatus(err)
@@ -210,6 +240,18 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 	if len(req.GetVolumes()) == 0 {
 		return nil, toStatus(fmt.Errorf("%w: name at least one volume", errBadRequest))
 	}
+	system := false // a volume of a system provider goes through the coordinator
+	for _, name := range req.GetVolumes() {
+		if _, err := s.cow.Volume(name); err != nil {
+			system = true
+		}
+	}
+	if req.GetWriters() || system {
+		if s.coord == nil {
+			return nil, toStatus(fmt.Errorf("%w: this service has no coordinator for writers", errBadRequest))
+		}
+		return s.createWithWriters(ctx, req)
+	}
 	seen := map[string]bool{}
 	var vols []*cow.Volume
 	for _, name := range req.GetVolumes() {
@@ -222,12 +264,6 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 			return nil, toStatus(err)
 		}
 		vols = append(vols, v)
-	}
-	if req.GetWriters() {
-		if s.coord == nil {
-			return nil, toStatus(fmt.Errorf("%w: this service has no coordinator for writers", errBadRequest))
-		}
-		return s.createWithWriters(ctx, req)
 	}
 	limit := time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond
 	if limit <= 0 {
@@ -286,6 +322,12 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapshotsRequest) (*umbrav1.DeleteSnapshotsResponse, error) {
 	v, err := s.cow.Volume(req.GetVolume())
 	if err != nil {
+		if p, perr := s.reg.For(ctx, req.GetVolume()); perr == nil && req.GetId() != "" {
+			if err := p.Delete(ctx, req.GetVolume(), req.GetId()); err != nil {
+				return nil, toStatus(err)
+			}
+			return &umbrav1.DeleteSnapshotsResponse{Deleted: []string{req.GetId()}}, nil
+		}
 		return nil, toStatus(err)
 	}
 	var ids []string
@@ -318,6 +360,12 @@ func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapsho
 func (s *Server) RevertSnapshot(ctx context.Context, req *umbrav1.RevertSnapshotRequest) (*umbrav1.RevertSnapshotResponse, error) {
 	v, err := s.cow.Volume(req.GetVolume())
 	if err != nil {
+		if p, perr := s.reg.For(ctx, req.GetVolume()); perr == nil {
+			if err := p.Revert(ctx, req.GetVolume(), req.GetId()); err != nil {
+				return nil, toStatus(err)
+			}
+			return &umbrav1.RevertSnapshotResponse{}, nil
+		}
 		return nil, toStatus(err)
 	}
 	if err := v.Revert(req.GetId()); err != nil {

@@ -1302,6 +1302,202 @@ func (x *ListWritersResponse) GetWriters() []*Writer {
 	return nil
 }
 
+type Provider struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Kind          string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	CommitCost    string                 `protobuf:"bytes,3,opt,name=commit_cost,json=commitCost,proto3" json:"commit_cost,omitempty"`
+	Revert        bool                   `protobuf:"varint,4,opt,name=revert,proto3" json:"revert,omitempty"`
+	Tracking      bool                   `protobuf:"varint,5,opt,name=tracking,proto3" json:"tracking,omitempty"`
+	StorageLimit  bool                   `protobuf:"varint,6,opt,name=storage_limit,json=storageLimit,proto3" json:"storage_limit,omitempty"`
+	BlockImage    bool                   `protobuf:"varint,7,opt,name=block_image,json=blockImage,proto3" json:"block_image,omitempty"`
+	Persistent    bool                   `protobuf:"varint,8,opt,name=persistent,proto3" json:"persistent,omitempty"`
+	NonPersistent bool                   `protobuf:"varint,9,opt,name=non_persistent,json=nonPersistent,proto3" json:"non_persistent,omitempty"`
+	Notes         string                 `protobuf:"bytes,10,opt,name=notes,proto3" json:"notes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Provider) Reset() {
+	*x = Provider{}
+	mi := &file_umbra_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Provider) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Provider) ProtoMessage() {}
+
+func (x *Provider) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Provider.ProtoReflect.Descriptor instead.
+func (*Provider) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *Provider) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Provider) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Provider) GetCommitCost() string {
+	if x != nil {
+		return x.CommitCost
+	}
+	return ""
+}
+
+func (x *Provider) GetRevert() bool {
+	if x != nil {
+		return x.Revert
+	}
+	return false
+}
+
+func (x *Provider) GetTracking() bool {
+	if x != nil {
+		return x.Tracking
+	}
+	return false
+}
+
+func (x *Provider) GetStorageLimit() bool {
+	if x != nil {
+		return x.StorageLimit
+	}
+	return false
+}
+
+func (x *Provider) GetBlockImage() bool {
+	if x != nil {
+		return x.BlockImage
+	}
+	return false
+}
+
+func (x *Provider) GetPersistent() bool {
+	if x != nil {
+		return x.Persistent
+	}
+	return false
+}
+
+func (x *Provider) GetNonPersistent() bool {
+	if x != nil {
+		return x.NonPersistent
+	}
+	return false
+}
+
+func (x *Provider) GetNotes() string {
+	if x != nil {
+		return x.Notes
+	}
+	return ""
+}
+
+type ListProvidersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProvidersRequest) Reset() {
+	*x = ListProvidersRequest{}
+	mi := &file_umbra_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProvidersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProvidersRequest) ProtoMessage() {}
+
+func (x *ListProvidersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProvidersRequest.ProtoReflect.Descriptor instead.
+func (*ListProvidersRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{22}
+}
+
+type ListProvidersResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Providers     []*Provider            `protobuf:"bytes,1,rep,name=providers,proto3" json:"providers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProvidersResponse) Reset() {
+	*x = ListProvidersResponse{}
+	mi := &file_umbra_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProvidersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProvidersResponse) ProtoMessage() {}
+
+func (x *ListProvidersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProvidersResponse.ProtoReflect.Descriptor instead.
+func (*ListProvidersResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ListProvidersResponse) GetProviders() []*Provider {
+	if x != nil {
+		return x.Providers
+	}
+	return nil
+}
+
 var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
@@ -1403,7 +1599,26 @@ const file_umbra_proto_rawDesc = "" +
 	"\ahistory\x18\x06 \x03(\v2\x15.umbra.v1.WriterEventR\ahistory\"\x14\n" +
 	"\x12ListWritersRequest\"A\n" +
 	"\x13ListWritersResponse\x12*\n" +
-	"\awriters\x18\x01 \x03(\v2\x10.umbra.v1.WriterR\awriters2\x8e\x05\n" +
+	"\awriters\x18\x01 \x03(\v2\x10.umbra.v1.WriterR\awriters\"\xaa\x02\n" +
+	"\bProvider\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1f\n" +
+	"\vcommit_cost\x18\x03 \x01(\tR\n" +
+	"commitCost\x12\x16\n" +
+	"\x06revert\x18\x04 \x01(\bR\x06revert\x12\x1a\n" +
+	"\btracking\x18\x05 \x01(\bR\btracking\x12#\n" +
+	"\rstorage_limit\x18\x06 \x01(\bR\fstorageLimit\x12\x1f\n" +
+	"\vblock_image\x18\a \x01(\bR\n" +
+	"blockImage\x12\x1e\n" +
+	"\n" +
+	"persistent\x18\b \x01(\bR\n" +
+	"persistent\x12%\n" +
+	"\x0enon_persistent\x18\t \x01(\bR\rnonPersistent\x12\x14\n" +
+	"\x05notes\x18\n" +
+	" \x01(\tR\x05notes\"\x16\n" +
+	"\x14ListProvidersRequest\"I\n" +
+	"\x15ListProvidersResponse\x120\n" +
+	"\tproviders\x18\x01 \x03(\v2\x12.umbra.v1.ProviderR\tproviders2\xe0\x05\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -1414,7 +1629,8 @@ const file_umbra_proto_rawDesc = "" +
 	"GetStorage\x12\x1b.umbra.v1.GetStorageRequest\x1a\x1c.umbra.v1.GetStorageResponse\x12G\n" +
 	"\n" +
 	"SetStorage\x12\x1b.umbra.v1.SetStorageRequest\x1a\x1c.umbra.v1.SetStorageResponse\x12J\n" +
-	"\vListWriters\x12\x1c.umbra.v1.ListWritersRequest\x1a\x1d.umbra.v1.ListWritersResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"\vListWriters\x12\x1c.umbra.v1.ListWritersRequest\x1a\x1d.umbra.v1.ListWritersResponse\x12P\n" +
+	"\rListProviders\x12\x1e.umbra.v1.ListProvidersRequest\x1a\x1f.umbra.v1.ListProvidersResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -1428,7 +1644,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                    // 0: umbra.v1.Volume
 	(*Storage)(nil),                   // 1: umbra.v1.Storage
@@ -1451,41 +1667,47 @@ var file_umbra_proto_goTypes = []any{
 	(*Writer)(nil),                    // 18: umbra.v1.Writer
 	(*ListWritersRequest)(nil),        // 19: umbra.v1.ListWritersRequest
 	(*ListWritersResponse)(nil),       // 20: umbra.v1.ListWritersResponse
-	(*timestamppb.Timestamp)(nil),     // 21: google.protobuf.Timestamp
+	(*Provider)(nil),                  // 21: umbra.v1.Provider
+	(*ListProvidersRequest)(nil),      // 22: umbra.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),     // 23: umbra.v1.ListProvidersResponse
+	(*timestamppb.Timestamp)(nil),     // 24: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	21, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	24, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	21, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	21, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	24, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	24, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
-	3,  // 11: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 12: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 13: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 14: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 15: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 16: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 17: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	19, // 18: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	4,  // 19: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 20: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 21: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 22: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 23: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 24: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 25: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	20, // 26: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	19, // [19:27] is the sub-list for method output_type
-	11, // [11:19] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
+	3,  // 12: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	5,  // 13: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	7,  // 14: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	9,  // 15: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	11, // 16: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	13, // 17: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	15, // 18: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	19, // 19: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	22, // 20: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	4,  // 21: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 22: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 23: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 24: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 25: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 26: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 27: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	20, // 28: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	23, // 29: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	21, // [21:30] is the sub-list for method output_type
+	12, // [12:21] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -1499,7 +1721,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

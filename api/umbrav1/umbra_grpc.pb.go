@@ -31,6 +31,7 @@ const (
 	Umbra_GetStorage_FullMethodName        = "/umbra.v1.Umbra/GetStorage"
 	Umbra_SetStorage_FullMethodName        = "/umbra.v1.Umbra/SetStorage"
 	Umbra_ListWriters_FullMethodName       = "/umbra.v1.Umbra/ListWriters"
+	Umbra_ListProviders_FullMethodName     = "/umbra.v1.Umbra/ListProviders"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -54,6 +55,8 @@ type UmbraClient interface {
 	SetStorage(ctx context.Context, in *SetStorageRequest, opts ...grpc.CallOption) (*SetStorageResponse, error)
 	// ListWriters lists the writers and their states (vssadmin list writers).
 	ListWriters(ctx context.Context, in *ListWritersRequest, opts ...grpc.CallOption) (*ListWritersResponse, error)
+	// ListProviders lists the providers and what each supports.
+	ListProviders(ctx context.Context, in *ListProvidersRequest, opts ...grpc.CallOption) (*ListProvidersResponse, error)
 }
 
 type umbraClient struct {
@@ -144,6 +147,16 @@ func (c *umbraClient) ListWriters(ctx context.Context, in *ListWritersRequest, o
 	return out, nil
 }
 
+func (c *umbraClient) ListProviders(ctx context.Context, in *ListProvidersRequest, opts ...grpc.CallOption) (*ListProvidersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListProvidersResponse)
+	err := c.cc.Invoke(ctx, Umbra_ListProviders_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -165,6 +178,8 @@ type UmbraServer interface {
 	SetStorage(context.Context, *SetStorageRequest) (*SetStorageResponse, error)
 	// ListWriters lists the writers and their states (vssadmin list writers).
 	ListWriters(context.Context, *ListWritersRequest) (*ListWritersResponse, error)
+	// ListProviders lists the providers and what each supports.
+	ListProviders(context.Context, *ListProvidersRequest) (*ListProvidersResponse, error)
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -198,6 +213,9 @@ func (UnimplementedUmbraServer) SetStorage(context.Context, *SetStorageRequest) 
 }
 func (UnimplementedUmbraServer) ListWriters(context.Context, *ListWritersRequest) (*ListWritersResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListWriters not implemented")
+}
+func (UnimplementedUmbraServer) ListProviders(context.Context, *ListProvidersRequest) (*ListProvidersResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListProviders not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -364,6 +382,24 @@ func _Umbra_ListWriters_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Umbra_ListProviders_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListProvidersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).ListProviders(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_ListProviders_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).ListProviders(ctx, req.(*ListProvidersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -402,6 +438,10 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListWriters",
 			Handler:    _Umbra_ListWriters_Handler,
+		},
+		{
+			MethodName: "ListProviders",
+			Handler:    _Umbra_ListProviders_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -23,6 +23,8 @@ import (
 	"umbra/frontend"
 	"umbra/nbd"
 	"umbra/provider"
+	"umbra/provider/btrfs"
+	"umbra/provider/reflink"
 	"umbra/writer"
 	wexec "umbra/writer/exec"
 	"umbra/writer/fsfreeze"
@@ -36,6 +38,8 @@ func init() { verbs = append(verbs, newServeCmd) }
 type serveConfig struct {
 	StateDir string         `toml:"state_dir"`
 	Writers  writersConfig  `toml:"writers"`
+	Reflink  []string       `toml:"reflink_volumes"`
+	Btrfs    []string       `toml:"btrfs_volumes"`
 	NBD      nbdConfig      `toml:"nbd"`
 	FUSE     fuseConfig     `toml:"fuse"`
 	Volumes  []volumeConfig `toml:"volume"`
@@ -148,6 +152,8 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.NBD.TLSCert, "tls-cert", "", "TLS certificate file for NBD over TCP")
 	f.StringVar(&cfg.NBD.TLSKey, "tls-key", "", "TLS key file for NBD over TCP")
 	f.StringVar(&cfg.FUSE.Dir, "fuse-dir", "", "also mount a FUSE directory with each volume and snapshot as a file")
+	f.StringArrayVar(&cfg.Reflink, "reflink-volume", nil, "a file on XFS (reflink=1) or btrfs to snapshot by cloning (shadow storage: .umbra-shadow beside it); repeatable")
+	f.StringArrayVar(&cfg.Btrfs, "btrfs-volume", nil, "a btrfs subvolume to snapshot natively (snapshots: .umbra-snapshots beside it); repeatable")
 	f.StringArrayVar(&cfg.Writers.SQLite, "sqlite-writer", nil, "SQLite database to quiesce for application-consistent snapshots; repeatable")
 	f.StringVar(&cfg.Writers.HooksDir, "hooks-dir", "", "directory of pre-freeze/post-thaw hook executables (called with freeze / thaw)")
 	return cmd
@@ -221,8 +227,8 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	if cfg.NBD.Socket == "" {
 		cfg.NBD.Socket = filepath.Join(defaultRuntimeDir(), "nbd.sock")
 	}
-	if len(cfg.Volumes) == 0 {
-		return usageError{errors.New("no volumes: give --volume NAME=PATH or a --config file with [[volume]] tables")}
+	if len(cfg.Volumes)+len(cfg.Reflink)+len(cfg.Btrfs) == 0 {
+		return usageError{errors.New("no volumes: give --volume NAME=PATH (or --reflink-volume / --btrfs-volume) or a --config file with [[volume]] tables")}
 	}
 	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
 		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
@@ -276,6 +282,21 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}
 	reg := &provider.Registry{}
 	reg.Register(p)
+	rp, bp := reflink.New(), btrfs.New()
+	reg.Register(rp)
+	reg.Register(bp)
+	for _, f := range cfg.Reflink {
+		if err := rp.Add(reflink.Volume{Path: f, StorageDir: filepath.Join(filepath.Dir(f), ".umbra-shadow")}); err != nil {
+			return usageError{err}
+		}
+		log.Info("reflink volume", "file", f)
+	}
+	for _, sv := range cfg.Btrfs {
+		if err := bp.Add(sv, filepath.Join(filepath.Dir(sv), ".umbra-snapshots", filepath.Base(sv))); err != nil {
+			return usageError{err}
+		}
+		log.Info("btrfs subvolume volume", "subvolume", sv)
+	}
 	devices := func(vol string) []string {
 		if cfg.FUSE.Dir == "" {
 			return nil
@@ -291,7 +312,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}()
 	defer os.Remove(writerSock)
 	log.Info("accepting out-of-process writers", "socket", writerSock)
-	go func() { errc <- api.NewServer(p, coord, writers, log).Serve(ctx, al) }()
+	go func() { errc <- api.NewServer(p, reg, coord, writers, log).Serve(ctx, al) }()
 	log.Info("serving the management API", "socket", apiPath)
 	log.Info("serving NBD", "socket", cfg.NBD.Socket, "exports", frontend.Names(p))
 	if cfg.NBD.Listen != "" {

@@ -334,3 +334,55 @@ func TestCLIWriters(t *testing.T) {
 		t.Fatalf("filesystem left frozen after the abort: %v", err)
 	}
 }
+
+// TestCLIMixedSet: one snapshot set over a COW volume, a reflink file and
+// a btrfs subvolume (both on a btrfs made on a loop device).
+func TestCLIMixedSet(t *testing.T) {
+	testutil.NeedRoot(t)
+	testutil.Need(t, "losetup", "mkfs.btrfs", "btrfs")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "b.img")
+	os.WriteFile(img, nil, 0o600)
+	os.Truncate(img, 256<<20)
+	dev := testutil.Losetup(t, img, false, false)
+	testutil.Run(t, "mkfs.btrfs", "-q", "-f", dev)
+	mnt := testutil.Mount(t, dev, dir)
+	file := filepath.Join(mnt, "vm.img")
+	os.WriteFile(file, []byte(strings.Repeat("v1", 4096)), 0o600)
+	sub := filepath.Join(mnt, "home")
+	testutil.Run(t, "btrfs", "subvolume", "create", sub)
+	os.WriteFile(filepath.Join(sub, "notes"), []byte("v1"), 0o644)
+
+	s := startService(t, dir, []string{"a"}, "--reflink-volume", file, "--btrfs-volume", sub)
+	out := s.ok("providers", "list")
+	for _, p := range []string{"cow", "reflink", "btrfs"} {
+		if !strings.Contains(out, p) {
+			t.Fatalf("providers list lacks %s:\n%s", p, out)
+		}
+	}
+	s.ok("snapshot", "create", "a", file, sub, "--id", "mixed")
+	os.WriteFile(file, []byte(strings.Repeat("v2", 4096)), 0o600)
+	os.WriteFile(filepath.Join(sub, "notes"), []byte("v2"), 0o644)
+	var l snapList
+	json.Unmarshal([]byte(s.ok("snapshot", "list", file, "--json")), &l)
+	if len(l.Snapshots) != 1 || l.Snapshots[0].ID != "mixed" {
+		t.Fatalf("reflink snapshots: %+v", l)
+	}
+	setID := l.Snapshots[0].SetID
+	json.Unmarshal([]byte(s.ok("snapshot", "list", "a", "--json")), &l)
+	if len(l.Snapshots) != 1 || l.Snapshots[0].SetID != setID {
+		t.Fatalf("the COW snapshot is not in the same set %s: %+v", setID, l)
+	}
+	if b, _ := os.ReadFile(filepath.Join(mnt, ".umbra-snapshots", "home", "mixed", "notes")); string(b) != "v1" {
+		t.Fatalf("subvolume snapshot reads %q", b)
+	}
+	if b, _ := os.ReadFile(filepath.Join(mnt, ".umbra-shadow", "vm.img@mixed")); string(b[:2]) != "v1" {
+		t.Fatalf("reflink snapshot reads %q", b[:2])
+	}
+	s.ok("snapshot", "revert", file, "mixed")
+	if b, _ := os.ReadFile(file); string(b[:2]) != "v1" {
+		t.Fatal("revert of the reflink file did not restore it")
+	}
+	s.ok("snapshot", "delete", sub, "mixed")
+	s.stop() // before the unmount
+}

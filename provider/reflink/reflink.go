@@ -190,6 +190,9 @@ func (t *txn) Commit(ctx context.Context) (provider.Snapshot, error) {
 		return provider.Snapshot{}, fmt.Errorf("clone %s to %s: %w", t.v.Path, dst, err)
 	}
 	t.committed = true
+	if t.opts.SetID != "" {
+		os.WriteFile(dst+".set", []byte(t.opts.SetID), 0o600)
+	}
 	if err := t.p.enforce(t.v); err != nil {
 		return provider.Snapshot{}, err
 	}
@@ -201,6 +204,7 @@ func (t *txn) PostCommit(ctx context.Context) error { return nil }
 func (t *txn) Abort(ctx context.Context) error {
 	if t.committed {
 		t.committed = false
+		os.Remove(snapPath(t.v, t.opts.ID) + ".set")
 		return os.Remove(snapPath(t.v, t.opts.ID))
 	}
 	return nil
@@ -217,6 +221,9 @@ func (p *Provider) info(v *Volume, id string) (provider.Snapshot, error) {
 	if _, err := os.Stat(path + ".invalid"); err == nil {
 		b, _ := os.ReadFile(path + ".invalid")
 		s.Valid, s.Reason = false, strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile(path + ".set"); err == nil {
+		s.SetID = string(b)
 	}
 	s.DiffBytes, _ = unshared(path)
 	return s, nil
@@ -235,6 +242,7 @@ func (p *Provider) Delete(ctx context.Context, vol, id string) error {
 		return err
 	}
 	os.Remove(path + ".invalid")
+	os.Remove(path + ".set")
 	return nil
 }
 
@@ -255,7 +263,7 @@ func (p *Provider) list(v *Volume) ([]provider.Snapshot, error) {
 	var out []provider.Snapshot
 	for _, e := range ents {
 		name := e.Name()
-		if !strings.HasPrefix(name, prefix) || strings.HasSuffix(name, ".invalid") {
+		if !strings.HasPrefix(name, prefix) || strings.HasSuffix(name, ".invalid") || strings.HasSuffix(name, ".set") {
 			continue
 		}
 		s, err := p.info(v, strings.TrimPrefix(name, prefix))
