@@ -205,3 +205,5 @@ func TestConformance(t *testing.T) {
 		})
 	}
 }
+
+func testOpts(id string) provider.SnapshotOptions { return provider.SnapshotOptions{ID: id} }
