@@ -146,7 +146,7 @@ func toStatus(err error) error {
 		return status.Error(codes.NotFound, err.Error())
 	case errors.Is(err, provider.ErrExists):
 		return status.Error(codes.AlreadyExists, err.Error())
-	case errors.Is(err, cow.ErrBadID), errors.Is(err, errBadRequest):
+	case errors.Is(err, provider.ErrBadID), errors.Is(err, errBadRequest):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, provider.ErrNoStorage):
 		return status.Error(codes.FailedPrecondition, err.Error())

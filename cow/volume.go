@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"regexp"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -52,7 +51,7 @@ var (
 	ErrReleased   = errors.New("snapshot data behind the backup cursor was released")
 	ErrOutOfRange = errors.New("request beyond the end of the volume")
 	ErrClosed     = errors.New("volume is closed")
-	ErrBadID      = errors.New("invalid snapshot id")
+	ErrBadID      = provider.ErrBadID
 )
 
 // Options configure a volume.
@@ -216,14 +215,7 @@ func Open(name, originPath string, opts Options) (*Volume, error) {
 	return v, nil
 }
 
-var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
-func validName(name string) error {
-	if !idRE.MatchString(name) {
-		return fmt.Errorf("%w: %q: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit", ErrBadID, name)
-	}
-	return nil
-}
+func validName(name string) error { return provider.ValidateID(name) }
 
 func validChunkSize(c int64) error {
 	if c < MinChunkSize || c > MaxChunkSize || c&(c-1) != 0 {

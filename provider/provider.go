@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"regexp"
 	"sort"
 	"sync"
 	"time"
@@ -37,7 +38,20 @@ var (
 	ErrHoldTimeout     = errors.New("write hold exceeded its limit and was released")
 	ErrSnapshotInvalid = errors.New("snapshot is invalid")
 	ErrNoStorage       = errors.New("no shadow storage association")
+	ErrBadID           = errors.New("invalid name")
 )
+
+var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// ValidateID checks a volume or snapshot name: 1 to 128 of [A-Za-z0-9._-],
+// starting with a letter or digit (names become file names and export
+// names, so nothing else is allowed).
+func ValidateID(id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("%w %q: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit", ErrBadID, id)
+	}
+	return nil
+}
 
 // SnapshotOptions are chosen when a snapshot is created.
 type SnapshotOptions struct {

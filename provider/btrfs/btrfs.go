@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -25,8 +24,6 @@ import (
 
 // Name is the provider's name.
 const Name = "btrfs"
-
-var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
 // Provider implements provider.Provider over btrfs subvolumes.
 type Provider struct {
@@ -106,8 +103,8 @@ func (p *Provider) Prepare(ctx context.Context, vol string, opts provider.Snapsh
 		opts.ID = fmt.Sprintf("snap-%d-%d", time.Now().Unix(), p.seq)
 		p.mu.Unlock()
 	}
-	if !idRE.MatchString(opts.ID) {
-		return nil, fmt.Errorf("snapshot id %q: use [A-Za-z0-9._-]", opts.ID)
+	if err := provider.ValidateID(opts.ID); err != nil {
+		return nil, fmt.Errorf("snapshot of %s: %w", vol, err)
 	}
 	dst := filepath.Join(d, opts.ID)
 	if _, err := os.Stat(dst); err == nil {
@@ -182,7 +179,7 @@ func (p *Provider) Delete(ctx context.Context, vol, id string) error {
 		return err
 	}
 	path := filepath.Join(d, id)
-	if _, err := os.Stat(path); err != nil || !idRE.MatchString(id) {
+	if _, err := os.Stat(path); err != nil || provider.ValidateID(id) != nil {
 		return fmt.Errorf("snapshot %s@%s: %w", vol, id, provider.ErrNotFound)
 	}
 	_, err = btrfs("subvolume", "delete", path)

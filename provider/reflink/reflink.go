@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -30,8 +29,6 @@ import (
 
 // Name is the provider's name.
 const Name = "reflink"
-
-var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
 // Volume is a file protected by the provider.
 type Volume struct {
@@ -158,8 +155,8 @@ func (p *Provider) Prepare(ctx context.Context, vol string, opts provider.Snapsh
 		opts.ID = fmt.Sprintf("snap-%d-%d", time.Now().Unix(), p.seq)
 		p.mu.Unlock()
 	}
-	if !idRE.MatchString(opts.ID) {
-		return nil, fmt.Errorf("snapshot id %q: use [A-Za-z0-9._-]", opts.ID)
+	if err := provider.ValidateID(opts.ID); err != nil {
+		return nil, fmt.Errorf("snapshot of %s: %w", vol, err)
 	}
 	if _, err := os.Stat(snapPath(v, opts.ID)); err == nil {
 		return nil, fmt.Errorf("snapshot %s@%s: %w", vol, opts.ID, provider.ErrExists)
