@@ -16,6 +16,7 @@
 package nbd
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -203,7 +204,8 @@ type conn struct {
 	exp        *Export
 	metas      []metaCtx
 
-	wmu      sync.Mutex // serializes replies
+	replies  chan reply    // to the reply writer, during transmission
+	written  chan struct{} // closed when the reply writer is done
 	stopping chan struct{}
 	stopOnce sync.Once
 	inflight sync.WaitGroup
@@ -238,11 +240,58 @@ func (c *conn) serve() {
 
 var errAbort = errors.New("client aborted")
 
-func (c *conn) write(b []byte) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	_, err := c.rw.Write(b)
-	return err
+// reply is one encoded reply; bp, if set, goes back to the pool once
+// written.
+type reply struct {
+	b  []byte
+	bp *[]byte
+}
+
+// write queues a reply for the reply writer.
+func (c *conn) write(b []byte) { c.replies <- reply{b: b} }
+
+// writeOwned queues a pooled buffer holding a reply.
+func (c *conn) writeOwned(bp *[]byte) { c.replies <- reply{b: *bp, bp: bp} }
+
+// replyWriter writes replies in completion order, coalescing those that
+// are ready together into one write (many requests in flight finish at
+// once). After a write error it only drains.
+func (c *conn) replyWriter() {
+	defer close(c.written)
+	bw := bufio.NewWriterSize(c.rw, 256<<10)
+	var err error
+	put := func(r reply) {
+		if err == nil {
+			_, err = bw.Write(r.b)
+		}
+		if r.bp != nil {
+			bufPool.Put(r.bp)
+		}
+	}
+	for r := range c.replies {
+		put(r)
+	more:
+		for {
+			select {
+			case r2, ok := <-c.replies:
+				if !ok {
+					break more
+				}
+				put(r2)
+			default:
+				break more
+			}
+		}
+		if err == nil {
+			err = bw.Flush()
+		}
+		if err != nil {
+			c.nc.Close() // the client is gone: stop reading too
+		}
+	}
+	if err == nil {
+		bw.Flush()
+	}
 }
 
 func (c *conn) handshake() error {
@@ -491,14 +540,21 @@ func getBuf(n int) *[]byte {
 func (c *conn) transmission() {
 	sem := make(chan struct{}, c.srv.opts.MaxInflight)
 	var hdr [requestSize]byte
+	// Buffered: a request header and a small payload cost one read
+	// syscall, not two.
+	r := bufio.NewReaderSize(c.rw, 256<<10)
+	c.replies, c.written = make(chan reply, 2*c.srv.opts.MaxInflight), make(chan struct{})
+	go c.replyWriter()
 	defer func() {
 		c.inflight.Wait()
+		close(c.replies)
+		<-c.written
 		if !c.exp.ReadOnly {
 			c.exp.Backend.Flush()
 		}
 	}()
 	for {
-		if _, err := io.ReadFull(c.rw, hdr[:]); err != nil {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			return
 		}
 		req, err := decodeRequest(hdr[:])
@@ -510,14 +566,14 @@ func (c *conn) transmission() {
 		if req.typ == cmdWrite {
 			if req.length > MaxBlock {
 				// Consume it so the stream stays in sync, then refuse.
-				if _, err := io.CopyN(io.Discard, c.rw, int64(req.length)); err != nil {
+				if _, err := io.CopyN(io.Discard, r, int64(req.length)); err != nil {
 					return
 				}
 				c.sendError(req, errOverflow, "write larger than the maximum block size")
 				continue
 			}
 			payload = getBuf(int(req.length))
-			if _, err := io.ReadFull(c.rw, *payload); err != nil {
+			if _, err := io.ReadFull(r, *payload); err != nil {
 				bufPool.Put(payload)
 				return
 			}
@@ -683,11 +739,11 @@ func (c *conn) read(req request) {
 		hdrLen = 28
 	}
 	bp := getBuf(hdrLen + n)
-	defer bufPool.Put(bp)
 	b := *bp
 	data := b[hdrLen:]
 	got, err := c.exp.Backend.ReadAt(data, int64(req.offset))
 	if err != nil && !(errors.Is(err, io.EOF) && got == n) {
+		bufPool.Put(bp)
 		c.sendError(req, errnoOf(err), err.Error())
 		return
 	}
@@ -697,7 +753,7 @@ func (c *conn) read(req request) {
 	} else {
 		simpleReplyHeader(b[:0], 0, req.cookie)
 	}
-	c.write(b)
+	c.writeOwned(bp)
 }
 
 // maxDescriptors bounds one block-status reply; clients ask again.
