@@ -77,7 +77,7 @@ func sqliteSets(t *testing.T, via string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		srv := nbd.NewServer(frontend.NBDExports(p), nbd.Options{})
+		srv := nbd.NewServer(frontend.NBDExports(p, nil), nbd.Options{})
 		go srv.Serve(context.Background(), l)
 		t.Cleanup(func() { srv.Shutdown(context.Background()) })
 		file = func(export string, ro bool) string {

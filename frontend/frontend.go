@@ -5,6 +5,7 @@
 package frontend
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sort"
@@ -22,8 +23,12 @@ var ErrReadOnly = errors.New("snapshot is read-only")
 // SplitName splits an export name "VOLUME@SNAPSHOT" (snapshot "" for a
 // volume).
 func SplitName(name string) (vol, snap string) {
-	vol, snap, _ = strings.Cut(name, "@")
-	return vol, snap
+	// Snapshot ids have no '@'; a volume's name (a file path for
+	// system providers) might.
+	if i := strings.LastIndexByte(name, '@'); i >= 0 {
+		return name[:i], name[i+1:]
+	}
+	return name, ""
 }
 
 // Names lists every volume and live snapshot of p as export names.
@@ -49,10 +54,44 @@ func (SnapshotBackend) WriteAt(p []byte, off int64) (int, error) { return 0, Err
 // Flush has nothing to do.
 func (SnapshotBackend) Flush() error { return nil }
 
-// NBDExports serves p's volumes and snapshots over NBD.
-func NBDExports(p *cow.Provider) nbd.Exports { return nbdExports{p} }
+// NBDExports serves p's volumes and snapshots over NBD, and, when reg is
+// not nil, the block-image snapshots of its other providers as read-only
+// exports VOLUME@SNAPSHOT (a reflink volume's name is its file's path).
+func NBDExports(p *cow.Provider, reg *provider.Registry) nbd.Exports { return nbdExports{p, reg} }
 
-type nbdExports struct{ p *cow.Provider }
+type nbdExports struct {
+	p   *cow.Provider
+	reg *provider.Registry
+}
+
+// imageBackend is a read-only provider image as an NBD backend.
+type imageBackend struct{ provider.Image }
+
+func (imageBackend) WriteAt(p []byte, off int64) (int, error) { return 0, ErrReadOnly }
+func (imageBackend) Flush() error                             { return nil }
+
+// systemExport looks name up among the other providers' snapshots.
+func (e nbdExports) systemExport(name, volName, snapID string) (*nbd.Export, error) {
+	if e.reg == nil || snapID == "" {
+		return nil, fmt.Errorf("export %q: %w", name, provider.ErrNotFound)
+	}
+	ctx := context.Background()
+	p, err := e.reg.For(ctx, volName)
+	if err != nil || p.Name() == cow.ProviderName {
+		return nil, fmt.Errorf("export %q: %w", name, provider.ErrNotFound)
+	}
+	img, err := p.Open(ctx, volName, snapID)
+	if err != nil {
+		return nil, err
+	}
+	return &nbd.Export{
+		Name:        name,
+		Description: fmt.Sprintf("%s snapshot %s of %s", p.Name(), snapID, volName),
+		Backend:     imageBackend{img},
+		ReadOnly:    true,
+		Release:     func() { img.Close() },
+	}, nil
+}
 
 func (e nbdExports) List() []string { return Names(e.p) }
 
@@ -60,6 +99,9 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 	volName, snapID := SplitName(name)
 	v, err := e.p.Volume(volName)
 	if err != nil {
+		if x, serr := e.systemExport(name, volName, snapID); serr == nil {
+			return x, nil
+		}
 		return nil, err
 	}
 	if snapID == "" {

@@ -48,7 +48,7 @@ func serve(t *testing.T, size int64) *served {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := nbd.NewServer(frontend.NBDExports(p), nbd.Options{})
+	srv := nbd.NewServer(frontend.NBDExports(p, nil), nbd.Options{})
 	done := make(chan struct{})
 	go func() { srv.Serve(context.Background(), l); close(done) }()
 	t.Cleanup(func() {

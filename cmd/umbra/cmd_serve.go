@@ -246,7 +246,24 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		}
 		opts.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
-	srv := nbd.NewServer(frontend.NBDExports(p), opts)
+	reg := &provider.Registry{}
+	reg.Register(p)
+	rp, bp := reflink.New(), btrfs.New()
+	reg.Register(rp)
+	reg.Register(bp)
+	for _, f := range cfg.Reflink {
+		if err := rp.Add(reflink.Volume{Path: f, StorageDir: filepath.Join(filepath.Dir(f), ".umbra-shadow")}); err != nil {
+			return usageError{err}
+		}
+		log.Info("reflink volume", "file", f)
+	}
+	for _, sv := range cfg.Btrfs {
+		if err := bp.Add(sv, filepath.Join(filepath.Dir(sv), ".umbra-snapshots", filepath.Base(sv))); err != nil {
+			return usageError{err}
+		}
+		log.Info("btrfs subvolume volume", "subvolume", sv)
+	}
+	srv := nbd.NewServer(frontend.NBDExports(p, reg), opts)
 	if err := os.MkdirAll(filepath.Dir(cfg.NBD.Socket), 0o750); err != nil {
 		return fmt.Errorf("NBD socket directory: %w", err)
 	}
@@ -280,23 +297,6 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	if cfg.Writers.HooksDir != "" {
 		writers.Add(wexec.New(cfg.Writers.HooksDir, 0))
 	}
-	reg := &provider.Registry{}
-	reg.Register(p)
-	rp, bp := reflink.New(), btrfs.New()
-	reg.Register(rp)
-	reg.Register(bp)
-	for _, f := range cfg.Reflink {
-		if err := rp.Add(reflink.Volume{Path: f, StorageDir: filepath.Join(filepath.Dir(f), ".umbra-shadow")}); err != nil {
-			return usageError{err}
-		}
-		log.Info("reflink volume", "file", f)
-	}
-	for _, sv := range cfg.Btrfs {
-		if err := bp.Add(sv, filepath.Join(filepath.Dir(sv), ".umbra-snapshots", filepath.Base(sv))); err != nil {
-			return usageError{err}
-		}
-		log.Info("btrfs subvolume volume", "subvolume", sv)
-	}
 	devices := func(vol string) []string {
 		if cfg.FUSE.Dir == "" {
 			return nil
@@ -320,7 +320,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		if err != nil {
 			return fmt.Errorf("NBD listen %s: %w", cfg.NBD.Listen, err)
 		}
-		tcpSrv := nbd.NewServer(frontend.NBDExports(p), nbd.Options{Logger: log, TLS: opts.TLS, RequireTLS: true})
+		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: opts.TLS, RequireTLS: true})
 		go func() { errc <- tcpSrv.Serve(ctx, tl) }()
 		defer tcpSrv.Shutdown(context.Background())
 		log.Info("serving NBD over TLS", "listen", tl.Addr().String())

@@ -379,6 +379,14 @@ func TestCLIMixedSet(t *testing.T) {
 	if b, _ := os.ReadFile(filepath.Join(mnt, ".umbra-shadow", "vm.img@mixed")); string(b[:2]) != "v1" {
 		t.Fatalf("reflink snapshot reads %q", b[:2])
 	}
+	// The reflink snapshot is a read-only NBD export like any other.
+	if _, err := exec.LookPath("qemu-io"); err == nil {
+		uri := "nbd+unix:///" + file + "@mixed?socket=" + s.nbd
+		out, err := exec.Command("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x76 0 1", "-c", "read -P 0x31 1 1", uri).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "failed") || strings.Contains(string(out), "Pattern verification") {
+			t.Fatalf("reading the reflink snapshot over NBD: %v\n%s", err, out)
+		}
+	}
 	s.ok("snapshot", "revert", file, "mixed")
 	if b, _ := os.ReadFile(file); string(b[:2]) != "v1" {
 		t.Fatal("revert of the reflink file did not restore it")
