@@ -1498,6 +1498,266 @@ func (x *ListProvidersResponse) GetProviders() []*Provider {
 	return nil
 }
 
+type BackupRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volumes       []string               `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	Repo          string                 `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
+	Writers       bool                   `protobuf:"varint,3,opt,name=writers,proto3" json:"writers,omitempty"`
+	Full          bool                   `protobuf:"varint,4,opt,name=full,proto3" json:"full,omitempty"` // read everything even when tracking allows less
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupRequest) Reset() {
+	*x = BackupRequest{}
+	mi := &file_umbra_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupRequest) ProtoMessage() {}
+
+func (x *BackupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
+func (*BackupRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *BackupRequest) GetVolumes() []string {
+	if x != nil {
+		return x.Volumes
+	}
+	return nil
+}
+
+func (x *BackupRequest) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *BackupRequest) GetWriters() bool {
+	if x != nil {
+		return x.Writers
+	}
+	return false
+}
+
+func (x *BackupRequest) GetFull() bool {
+	if x != nil {
+		return x.Full
+	}
+	return false
+}
+
+type ImageResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Image         string                 `protobuf:"bytes,2,opt,name=image,proto3" json:"image,omitempty"`
+	Snapshot      string                 `protobuf:"bytes,3,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Incremental   bool                   `protobuf:"varint,4,opt,name=incremental,proto3" json:"incremental,omitempty"`
+	WhyFull       string                 `protobuf:"bytes,5,opt,name=why_full,json=whyFull,proto3" json:"why_full,omitempty"`
+	BytesRead     int64                  `protobuf:"varint,6,opt,name=bytes_read,json=bytesRead,proto3" json:"bytes_read,omitempty"`
+	BytesReused   int64                  `protobuf:"varint,7,opt,name=bytes_reused,json=bytesReused,proto3" json:"bytes_reused,omitempty"`
+	BytesZero     int64                  `protobuf:"varint,8,opt,name=bytes_zero,json=bytesZero,proto3" json:"bytes_zero,omitempty"`
+	BytesNew      int64                  `protobuf:"varint,9,opt,name=bytes_new,json=bytesNew,proto3" json:"bytes_new,omitempty"`
+	BytesWritten  int64                  `protobuf:"varint,10,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
+	Seconds       float64                `protobuf:"fixed64,11,opt,name=seconds,proto3" json:"seconds,omitempty"`
+	Size          int64                  `protobuf:"varint,12,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageResult) Reset() {
+	*x = ImageResult{}
+	mi := &file_umbra_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageResult) ProtoMessage() {}
+
+func (x *ImageResult) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageResult.ProtoReflect.Descriptor instead.
+func (*ImageResult) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ImageResult) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *ImageResult) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *ImageResult) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+func (x *ImageResult) GetIncremental() bool {
+	if x != nil {
+		return x.Incremental
+	}
+	return false
+}
+
+func (x *ImageResult) GetWhyFull() string {
+	if x != nil {
+		return x.WhyFull
+	}
+	return ""
+}
+
+func (x *ImageResult) GetBytesRead() int64 {
+	if x != nil {
+		return x.BytesRead
+	}
+	return 0
+}
+
+func (x *ImageResult) GetBytesReused() int64 {
+	if x != nil {
+		return x.BytesReused
+	}
+	return 0
+}
+
+func (x *ImageResult) GetBytesZero() int64 {
+	if x != nil {
+		return x.BytesZero
+	}
+	return 0
+}
+
+func (x *ImageResult) GetBytesNew() int64 {
+	if x != nil {
+		return x.BytesNew
+	}
+	return 0
+}
+
+func (x *ImageResult) GetBytesWritten() int64 {
+	if x != nil {
+		return x.BytesWritten
+	}
+	return 0
+}
+
+func (x *ImageResult) GetSeconds() float64 {
+	if x != nil {
+		return x.Seconds
+	}
+	return 0
+}
+
+func (x *ImageResult) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+type BackupResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SetId         string                 `protobuf:"bytes,1,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	Images        []*ImageResult         `protobuf:"bytes,2,rep,name=images,proto3" json:"images,omitempty"`
+	Writers       []string               `protobuf:"bytes,3,rep,name=writers,proto3" json:"writers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupResponse) Reset() {
+	*x = BackupResponse{}
+	mi := &file_umbra_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupResponse) ProtoMessage() {}
+
+func (x *BackupResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupResponse.ProtoReflect.Descriptor instead.
+func (*BackupResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *BackupResponse) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
+func (x *BackupResponse) GetImages() []*ImageResult {
+	if x != nil {
+		return x.Images
+	}
+	return nil
+}
+
+func (x *BackupResponse) GetWriters() []string {
+	if x != nil {
+		return x.Writers
+	}
+	return nil
+}
+
 var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
@@ -1618,7 +1878,32 @@ const file_umbra_proto_rawDesc = "" +
 	" \x01(\tR\x05notes\"\x16\n" +
 	"\x14ListProvidersRequest\"I\n" +
 	"\x15ListProvidersResponse\x120\n" +
-	"\tproviders\x18\x01 \x03(\v2\x12.umbra.v1.ProviderR\tproviders2\xe0\x05\n" +
+	"\tproviders\x18\x01 \x03(\v2\x12.umbra.v1.ProviderR\tproviders\"k\n" +
+	"\rBackupRequest\x12\x18\n" +
+	"\avolumes\x18\x01 \x03(\tR\avolumes\x12\x12\n" +
+	"\x04repo\x18\x02 \x01(\tR\x04repo\x12\x18\n" +
+	"\awriters\x18\x03 \x01(\bR\awriters\x12\x12\n" +
+	"\x04full\x18\x04 \x01(\bR\x04full\"\xe5\x02\n" +
+	"\vImageResult\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
+	"\x05image\x18\x02 \x01(\tR\x05image\x12\x1a\n" +
+	"\bsnapshot\x18\x03 \x01(\tR\bsnapshot\x12 \n" +
+	"\vincremental\x18\x04 \x01(\bR\vincremental\x12\x19\n" +
+	"\bwhy_full\x18\x05 \x01(\tR\awhyFull\x12\x1d\n" +
+	"\n" +
+	"bytes_read\x18\x06 \x01(\x03R\tbytesRead\x12!\n" +
+	"\fbytes_reused\x18\a \x01(\x03R\vbytesReused\x12\x1d\n" +
+	"\n" +
+	"bytes_zero\x18\b \x01(\x03R\tbytesZero\x12\x1b\n" +
+	"\tbytes_new\x18\t \x01(\x03R\bbytesNew\x12#\n" +
+	"\rbytes_written\x18\n" +
+	" \x01(\x03R\fbytesWritten\x12\x18\n" +
+	"\aseconds\x18\v \x01(\x01R\aseconds\x12\x12\n" +
+	"\x04size\x18\f \x01(\x03R\x04size\"p\n" +
+	"\x0eBackupResponse\x12\x15\n" +
+	"\x06set_id\x18\x01 \x01(\tR\x05setId\x12-\n" +
+	"\x06images\x18\x02 \x03(\v2\x15.umbra.v1.ImageResultR\x06images\x12\x18\n" +
+	"\awriters\x18\x03 \x03(\tR\awriters2\x9d\x06\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -1630,7 +1915,8 @@ const file_umbra_proto_rawDesc = "" +
 	"\n" +
 	"SetStorage\x12\x1b.umbra.v1.SetStorageRequest\x1a\x1c.umbra.v1.SetStorageResponse\x12J\n" +
 	"\vListWriters\x12\x1c.umbra.v1.ListWritersRequest\x1a\x1d.umbra.v1.ListWritersResponse\x12P\n" +
-	"\rListProviders\x12\x1e.umbra.v1.ListProvidersRequest\x1a\x1f.umbra.v1.ListProvidersResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"\rListProviders\x12\x1e.umbra.v1.ListProvidersRequest\x1a\x1f.umbra.v1.ListProvidersResponse\x12;\n" +
+	"\x06Backup\x12\x17.umbra.v1.BackupRequest\x1a\x18.umbra.v1.BackupResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -1644,7 +1930,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                    // 0: umbra.v1.Volume
 	(*Storage)(nil),                   // 1: umbra.v1.Storage
@@ -1670,44 +1956,50 @@ var file_umbra_proto_goTypes = []any{
 	(*Provider)(nil),                  // 21: umbra.v1.Provider
 	(*ListProvidersRequest)(nil),      // 22: umbra.v1.ListProvidersRequest
 	(*ListProvidersResponse)(nil),     // 23: umbra.v1.ListProvidersResponse
-	(*timestamppb.Timestamp)(nil),     // 24: google.protobuf.Timestamp
+	(*BackupRequest)(nil),             // 24: umbra.v1.BackupRequest
+	(*ImageResult)(nil),               // 25: umbra.v1.ImageResult
+	(*BackupResponse)(nil),            // 26: umbra.v1.BackupResponse
+	(*timestamppb.Timestamp)(nil),     // 27: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	24, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	27, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	24, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	24, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	27, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	27, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
 	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
-	3,  // 12: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 13: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 14: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 15: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 16: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 17: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 18: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	19, // 19: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	22, // 20: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
-	4,  // 21: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 22: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 23: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 24: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 25: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 26: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 27: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	20, // 28: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	23, // 29: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	21, // [21:30] is the sub-list for method output_type
-	12, // [12:21] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	25, // 12: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
+	3,  // 13: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	5,  // 14: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	7,  // 15: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	9,  // 16: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	11, // 17: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	13, // 18: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	15, // 19: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	19, // 20: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	22, // 21: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	24, // 22: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
+	4,  // 23: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 24: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 25: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 26: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 27: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 28: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 29: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	20, // 30: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	23, // 31: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	26, // 32: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	23, // [23:33] is the sub-list for method output_type
+	13, // [13:23] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -1721,7 +2013,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,7 @@ const (
 	Umbra_SetStorage_FullMethodName        = "/umbra.v1.Umbra/SetStorage"
 	Umbra_ListWriters_FullMethodName       = "/umbra.v1.Umbra/ListWriters"
 	Umbra_ListProviders_FullMethodName     = "/umbra.v1.Umbra/ListProviders"
+	Umbra_Backup_FullMethodName            = "/umbra.v1.Umbra/Backup"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -57,6 +58,11 @@ type UmbraClient interface {
 	ListWriters(ctx context.Context, in *ListWritersRequest, opts ...grpc.CallOption) (*ListWritersResponse, error)
 	// ListProviders lists the providers and what each supports.
 	ListProviders(ctx context.Context, in *ListProvidersRequest, opts ...grpc.CallOption) (*ListProvidersResponse, error)
+	// Backup takes a snapshot set of the volumes (with writers if asked),
+	// reads each snapshot into an image in the repository — incremental
+	// from the volume's previous image when change tracking allows — and
+	// keeps the new snapshots as the base of the next incremental.
+	Backup(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (*BackupResponse, error)
 }
 
 type umbraClient struct {
@@ -157,6 +163,16 @@ func (c *umbraClient) ListProviders(ctx context.Context, in *ListProvidersReques
 	return out, nil
 }
 
+func (c *umbraClient) Backup(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (*BackupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BackupResponse)
+	err := c.cc.Invoke(ctx, Umbra_Backup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -180,6 +196,11 @@ type UmbraServer interface {
 	ListWriters(context.Context, *ListWritersRequest) (*ListWritersResponse, error)
 	// ListProviders lists the providers and what each supports.
 	ListProviders(context.Context, *ListProvidersRequest) (*ListProvidersResponse, error)
+	// Backup takes a snapshot set of the volumes (with writers if asked),
+	// reads each snapshot into an image in the repository — incremental
+	// from the volume's previous image when change tracking allows — and
+	// keeps the new snapshots as the base of the next incremental.
+	Backup(context.Context, *BackupRequest) (*BackupResponse, error)
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -216,6 +237,9 @@ func (UnimplementedUmbraServer) ListWriters(context.Context, *ListWritersRequest
 }
 func (UnimplementedUmbraServer) ListProviders(context.Context, *ListProvidersRequest) (*ListProvidersResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListProviders not implemented")
+}
+func (UnimplementedUmbraServer) Backup(context.Context, *BackupRequest) (*BackupResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Backup not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -400,6 +424,24 @@ func _Umbra_ListProviders_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Umbra_Backup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BackupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).Backup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_Backup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).Backup(ctx, req.(*BackupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -442,6 +484,10 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListProviders",
 			Handler:    _Umbra_ListProviders_Handler,
+		},
+		{
+			MethodName: "Backup",
+			Handler:    _Umbra_Backup_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

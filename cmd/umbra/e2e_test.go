@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"os"
@@ -393,4 +394,63 @@ func TestCLIMixedSet(t *testing.T) {
 	}
 	s.ok("snapshot", "delete", sub, "mixed")
 	s.stop() // before the unmount
+}
+
+// TestCLIBackup: umbra backup through the service — a full image, then an
+// incremental one reading only what changed — restore, list and verify.
+func TestCLIBackup(t *testing.T) {
+	testutil.Need(t, "qemu-io")
+	dir := t.TempDir()
+	s := startService(t, dir, []string{"a"})
+	repo := filepath.Join(dir, "repo")
+	if out, code := s.umbra("backup", "a", "--repo", repo); code != 3 && code != 2 || !strings.Contains(out, "repo init") {
+		t.Fatalf("backup into a missing repository: exit %d\n%s", code, out)
+	}
+	s.ok("repo", "init", "--repo", repo)
+	uri := "nbd+unix:///a?socket=" + s.nbd
+	qemuIO := func(cmd string) {
+		if out, err := exec.Command("qemu-io", "-f", "raw", "-c", cmd, uri).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-io %s: %v %s", cmd, err, out)
+		}
+	}
+	img := filepath.Join(dir, "a.img")
+	qemuIO("write -P 0x11 0 1M")
+	want1, _ := os.ReadFile(img)
+	type result struct {
+		Images []struct {
+			Image       string `json:"image"`
+			Incremental bool   `json:"incremental"`
+			BytesRead   string `json:"bytes_read"`
+		} `json:"images"`
+	}
+	var r1, r2 result
+	json.Unmarshal([]byte(s.ok("backup", "a", "--repo", repo, "--json")), &r1)
+	qemuIO("write -P 0x22 4M 64k")
+	want2, _ := os.ReadFile(img)
+	json.Unmarshal([]byte(s.ok("backup", "a", "--repo", repo, "--json")), &r2)
+	if len(r1.Images) != 1 || r1.Images[0].Incremental || len(r2.Images) != 1 || !r2.Images[0].Incremental {
+		t.Fatalf("backups: %+v then %+v", r1, r2)
+	}
+	if r2.Images[0].BytesRead != "65536" {
+		t.Fatalf("the incremental image read %s bytes for a 64 KiB change", r2.Images[0].BytesRead)
+	}
+	for _, c := range []struct {
+		id   string
+		want []byte
+	}{{r1.Images[0].Image, want1}, {r2.Images[0].Image, want2}} {
+		out := filepath.Join(dir, "restored.img")
+		s.ok("restore", c.id, "--repo", repo, "--to", out)
+		got, _ := os.ReadFile(out)
+		if !bytes.Equal(got, c.want) {
+			t.Fatalf("image %s does not restore byte-identical", c.id)
+		}
+	}
+	if out := s.ok("images", "list", "--repo", repo); strings.Count(out, "\na-") != 2 {
+		t.Fatalf("images list:\n%s", out)
+	}
+	s.ok("verify", "--repo", repo)
+	// Only the newest backup's snapshot stays, as the base of the next.
+	if l := s.list(); len(l.Snapshots) != 1 || !strings.HasPrefix(l.Snapshots[0].ID, "backup-") {
+		t.Fatalf("snapshots after two backups: %+v", l)
+	}
 }
