@@ -454,3 +454,29 @@ func TestCLIBackup(t *testing.T) {
 		t.Fatalf("snapshots after two backups: %+v", l)
 	}
 }
+
+// TestDemo runs the README's main job (the full path as root).
+func TestDemo(t *testing.T) {
+	dir := t.TempDir()
+	out, err := exec.Command(umbraBin, "demo", "--dir", dir, "--size", "67108864", "--json").CombinedOutput()
+	if err != nil {
+		t.Fatalf("umbra demo: %v\n%s", err, out)
+	}
+	var res struct {
+		Steps []demoStep `json:"steps"`
+	}
+	if err := json.Unmarshal(out[bytes.IndexByte(out, '{'):], &res); err != nil {
+		t.Fatalf("demo --json: %v\n%s", err, out)
+	}
+	want := "verify"
+	if ok, _ := canRunFullDemo(); ok {
+		want = "restore"
+	}
+	found := false
+	for _, s := range res.Steps {
+		found = found || s.Step == want
+	}
+	if !found {
+		t.Fatalf("demo did not reach %q: %s", want, out)
+	}
+}
