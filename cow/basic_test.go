@@ -324,3 +324,41 @@ func TestBlockDeviceOrigin(t *testing.T) {
 		t.Fatal("snapshot of a block device reads wrong bytes")
 	}
 }
+
+// TestSnapshotAllocation: ranges a snapshot reports as holes or zeros read
+// as zeros, and its data is reported as data.
+func TestSnapshotAllocation(t *testing.T) {
+	ctx := context.Background()
+	v, _ := newTestVolume(t, 64<<10, Options{})
+	mustWrite(t, v, bytes.Repeat([]byte{1}, 4096), 2*4096)
+	mustWrite(t, v, bytes.Repeat([]byte{3}, 4096), 9*4096)
+	s, _ := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
+	mustWrite(t, v, bytes.Repeat([]byte{2}, 4096), 5*4096) // a hole, preserved as zero
+	mustWrite(t, v, bytes.Repeat([]byte{4}, 4096), 2*4096) // data, preserved
+	h, _ := v.OpenSnapshot(s.ID)
+	ext, err := h.Allocation(0, v.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	content := readAll(t, h, v.Size())
+	pos := int64(0)
+	for _, e := range ext {
+		if e.Off != pos {
+			t.Fatalf("extents not contiguous at %d: %+v", pos, ext)
+		}
+		if (e.Hole || e.Zero) && !allZero(content[e.Off:e.Off+e.Len]) {
+			t.Fatalf("extent %+v is reported zero but holds data", e)
+		}
+		pos += e.Len
+	}
+	if pos != v.Size() {
+		t.Fatalf("extents cover %d of %d bytes", pos, v.Size())
+	}
+	for _, c := range []int64{2, 9} {
+		for _, e := range ext {
+			if e.Off <= c*4096 && c*4096 < e.Off+e.Len && (e.Hole || e.Zero) {
+				t.Fatalf("chunk %d holds data but is reported as %+v", c, e)
+			}
+		}
+	}
+}

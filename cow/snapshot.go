@@ -207,27 +207,49 @@ func (s *Snapshot) Allocation(off, length int64) ([]Extent, error) {
 		out = append(out, e)
 	}
 	end := off + length
-	for pos := off; pos < end; {
-		c := uint64(pos) >> v.shift
-		cend := min(int64(c+1)<<v.shift, end)
+	// Windows of chunks: resolve their entries in one pass, then ask the
+	// origin once per run of chunks it serves.
+	const window = 1 << 16
+	for wpos := off; wpos < end; {
+		c0 := uint64(wpos) >> v.shift
+		wend := min(int64(c0+window)<<v.shift, end)
+		c1 := uint64(wend-1) >> v.shift
+		src := make([]int64, c1-c0+1)
+		for i := range src {
+			src[i] = fromOrigin
+		}
 		v.mu.RLock()
 		if _, err := s.live(); err != nil {
 			v.mu.RUnlock()
 			return nil, err
 		}
-		e, ok := v.lookup(c, s.gen)
-		v.mu.RUnlock()
-		switch {
-		case ok && e.slot == zeroSlot:
-			add(Extent{Off: pos, Len: cend - pos, Zero: true})
-		case ok:
-			add(Extent{Off: pos, Len: cend - pos})
-		default:
-			for _, x := range v.originExtents(pos, cend-pos) {
-				add(x)
+		v.entries.AscendRange(entry{chunk: c0}, entry{chunk: c1 + 1}, func(e entry) bool {
+			if e.gen >= s.gen && src[e.chunk-c0] == fromOrigin {
+				src[e.chunk-c0] = e.slot
 			}
+			return true
+		})
+		v.mu.RUnlock()
+		for i := 0; i < len(src); {
+			j := i + 1
+			for j < len(src) && (src[j] == fromOrigin) == (src[i] == fromOrigin) && (src[i] == fromOrigin || (src[j] == zeroSlot) == (src[i] == zeroSlot)) {
+				j++
+			}
+			lo := max(int64(c0+uint64(i))<<v.shift, wpos)
+			hi := min(int64(c0+uint64(j))<<v.shift, wend)
+			switch src[i] {
+			case fromOrigin:
+				for _, x := range v.originExtents(lo, hi-lo) {
+					add(x)
+				}
+			case zeroSlot:
+				add(Extent{Off: lo, Len: hi - lo, Zero: true})
+			default:
+				add(Extent{Off: lo, Len: hi - lo})
+			}
+			i = j
 		}
-		pos = cend
+		wpos = wend
 	}
 	return out, nil
 }
