@@ -2,10 +2,13 @@ package backup
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/zeebo/blake3"
@@ -20,6 +23,9 @@ type Source interface {
 	Size() int64
 }
 
+// Range is a byte range of a volume.
+type Range struct{ Off, Len int64 }
+
 // Options of one backup.
 type Options struct {
 	Volume   string
@@ -28,6 +34,10 @@ type Options struct {
 	// may differ since Parent's snapshot) only those are read.
 	Parent  *Index
 	Changed *provider.Bitmap
+	// Allocated, when set, returns the parts of [off, off+n) that may hold
+	// data; the rest reads as zeros and is neither read nor stored (the
+	// engine's allocation map, SEEK_DATA/SEEK_HOLE on a file).
+	Allocated func(off, n int64) ([]Range, error)
 	// Cursor is told how far the ascending read has come (the COW
 	// engine's backup cursor releases preserved data behind it).
 	Cursor   func(off int64)
@@ -39,103 +49,238 @@ type Stats struct {
 	Incremental bool    `json:"incremental"`
 	Read        int64   `json:"bytes_read"`
 	Reused      int64   `json:"bytes_reused_from_parent"`
-	Zero        int64   `json:"bytes_zero"`
+	Unallocated int64   `json:"bytes_unallocated"` // holes, not read
+	Zero        int64   `json:"bytes_zero"`        // read, found all zero
+	Dedup       int64   `json:"bytes_deduplicated"`
 	Stored      int64   `json:"bytes_new"`     // new chunks, uncompressed
-	Compressed  int64   `json:"bytes_written"` // new chunks, compressed
+	Compressed  int64   `json:"bytes_written"` // new chunks as stored
+	Index       int64   `json:"bytes_index"`   // chunk list and index, as stored
 	Seconds     float64 `json:"seconds"`
 }
 
-const batch = 256 // chunks read at once (1 MiB)
+// batchBytes is how much is read and processed at once.
+const batchBytes = 4 << 20
 
-func changedChunk(bm *provider.Bitmap, i int64) bool {
-	lo := i * ChunkSize / bm.Granule
-	hi := ((i+1)*ChunkSize - 1) / bm.Granule
+// chunk kinds in a batch
+const (
+	kindRead   = iota // read from the source
+	kindReused        // unchanged since the parent
+	kindHole          // unallocated: zero without reading
+)
+
+type chunkWork struct {
+	kind int
+	data []byte
+	hash Hash
+	zero bool
+	blob []byte // compressed and sealed, when not known to the repository
+}
+
+// Backup reads src in ascending order and writes an image. The image is
+// listed only after its packs, index and chunk list are durable. It
+// holds a shared lock on the repository while it runs.
+func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, Stats, error) {
+	var st Stats
+	unlock, err := r.Lock(ctx, "backup "+opts.Volume, false)
+	if err != nil {
+		return nil, st, err
+	}
+	defer unlock()
+	start := time.Now()
+	cs := int64(r.cfg.ChunkSize)
+	size := src.Size()
+	n := (size + cs - 1) / cs
+	x := &Index{Volume: opts.Volume, Snapshot: opts.Snapshot, Size: size, ChunkSize: int(cs), Created: time.Now().UTC(), Chunks: make([]Hash, n)}
+	x.ID = imageID(opts.Volume, x.Created)
+	incr := opts.Parent != nil && opts.Changed != nil && opts.Parent.Size == size
+	if incr {
+		if err := r.loadChunks(ctx, opts.Parent); err != nil {
+			return nil, st, fmt.Errorf("backup %s: parent image: %w", opts.Volume, err)
+		}
+		x.Parent = opts.Parent.ID
+		st.Incremental = true
+	}
+	up := r.newUploader(ctx)
+	defer up.abort()
+	workers := runtime.GOMAXPROCS(0)
+	hashers := make([]func([]byte) Hash, workers)
+	for i := range hashers {
+		hashers[i] = r.hasher()
+	}
+	perBatch := max(batchBytes/cs, 1)
+	buf := make([]byte, perBatch*cs)
+	work := make([]chunkWork, perBatch)
+	for first := int64(0); first < n; first += perBatch {
+		if err := ctx.Err(); err != nil {
+			return nil, st, err
+		}
+		last := min(first+perBatch, n)
+		w := work[:last-first]
+		if err := r.planBatch(x, opts, incr, first, last, w, &st); err != nil {
+			return nil, st, err
+		}
+		if err := readRuns(src, buf, w, first, cs, size, &st); err != nil {
+			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+		}
+		r.processBatch(w, hashers)
+		for i := range w {
+			c := &w[i]
+			switch {
+			case c.kind == kindReused:
+				st.Reused += int64(len(c.data))
+			case c.kind == kindHole:
+				st.Unallocated += chunkLen(first+int64(i), cs, size)
+			case c.zero:
+				st.Zero += int64(len(c.data))
+			default:
+				x.Chunks[first+int64(i)] = c.hash
+				if c.blob == nil || up.has(c.hash) {
+					st.Dedup += int64(len(c.data))
+					continue
+				}
+				if err := up.add(c.hash, c.blob, len(c.data)); err != nil {
+					return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+				}
+				st.Stored += int64(len(c.data))
+				st.Compressed += int64(len(c.blob))
+			}
+		}
+		if opts.Cursor != nil {
+			opts.Cursor(last * cs)
+		}
+		if opts.Progress != nil {
+			opts.Progress(min(last*cs, size), size)
+		}
+	}
+	idxBytes, err := up.finish()
+	if err != nil {
+		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+	}
+	st.Index = idxBytes
+	st.Seconds = time.Since(start).Seconds()
+	x.Stats = &st
+	if err := r.writeImage(ctx, x); err != nil {
+		return nil, st, fmt.Errorf("backup %s: write image: %w", opts.Volume, err)
+	}
+	st.Seconds = time.Since(start).Seconds()
+	return x, st, nil
+}
+
+func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
+
+// planBatch decides, for chunks [first,last), which are reused from the
+// parent, which are holes, and which must be read.
+func (r *Repo) planBatch(x *Index, opts Options, incr bool, first, last int64, w []chunkWork, st *Stats) error {
+	cs := int64(r.cfg.ChunkSize)
+	for i := range w {
+		w[i] = chunkWork{kind: kindRead}
+		idx := first + int64(i)
+		if incr && !changedChunk(opts.Changed, idx, cs) {
+			h := opts.Parent.Chunks[idx]
+			// Reuse only what the repository still holds.
+			if _, _, ok := r.lookup(h); ok || h == (Hash{}) {
+				x.Chunks[idx] = h
+				w[i].kind = kindReused
+				w[i].data = zeroChunk[:chunkLen(idx, cs, x.Size)]
+			}
+		}
+	}
+	if opts.Allocated == nil {
+		return nil
+	}
+	off, end := first*cs, min(last*cs, x.Size)
+	data, err := opts.Allocated(off, end-off)
+	if err != nil {
+		return fmt.Errorf("backup %s: allocation map at %d: %w", opts.Volume, off, err)
+	}
+	// A chunk that no data range touches is a hole.
+	touched := make([]bool, len(w))
+	for _, d := range data {
+		lo := max(d.Off, off)
+		hi := min(d.Off+d.Len, end)
+		for c := (lo - off) / cs; lo < hi && c < int64(len(w)) && off+c*cs < hi; c++ {
+			touched[c] = true
+		}
+	}
+	for i := range w {
+		if !touched[i] && w[i].kind == kindRead {
+			w[i].kind = kindHole
+		}
+	}
+	return nil
+}
+
+var zeroChunk = make([]byte, 4<<20)
+
+// readRuns reads the chunks marked kindRead, one read per run.
+func readRuns(src Source, buf []byte, w []chunkWork, first, cs, size int64, st *Stats) error {
+	for j := 0; j < len(w); {
+		if w[j].kind != kindRead {
+			j++
+			continue
+		}
+		k := j + 1
+		for k < len(w) && w[k].kind == kindRead {
+			k++
+		}
+		off := (first + int64(j)) * cs
+		span := min((first+int64(k))*cs, size) - off
+		b := buf[int64(j)*cs : int64(j)*cs+span]
+		if n, err := src.ReadAt(b, off); err != nil && !(err == io.EOF && int64(n) == span) {
+			return fmt.Errorf("read at %d: %w", off, err)
+		}
+		st.Read += span
+		for i := j; i < k; i++ {
+			o := int64(i-j) * cs
+			w[i].data = b[o:min(o+cs, span)]
+		}
+		j = k
+	}
+	return nil
+}
+
+// processBatch hashes the chunks read, in parallel, and compresses and
+// seals those the repository does not have yet.
+func (r *Repo) processBatch(w []chunkWork, hashers []func([]byte) Hash) {
+	var wg sync.WaitGroup
+	per := (len(w) + len(hashers) - 1) / len(hashers)
+	for k, sum := range hashers {
+		lo, hi := k*per, min((k+1)*per, len(w))
+		if lo >= hi {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := lo; i < hi; i++ {
+				c := &w[i]
+				if c.kind != kindRead {
+					continue
+				}
+				if allZero(c.data) {
+					c.zero = true
+					continue
+				}
+				c.hash = sum(c.data)
+				if _, _, ok := r.lookup(c.hash); ok {
+					continue
+				}
+				c.blob = r.seal.seal(nil, r.enc.EncodeAll(c.data, make([]byte, 0, len(c.data)/2)))
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func changedChunk(bm *provider.Bitmap, i, cs int64) bool {
+	lo := i * cs / bm.Granule
+	hi := ((i+1)*cs - 1) / bm.Granule
 	for b := lo; b <= hi; b++ {
 		if bm.Set(b) {
 			return true
 		}
 	}
 	return false
-}
-
-// Backup reads src in ascending order and writes an image. The image is
-// listed only after every chunk and the index are durable.
-func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, Stats, error) {
-	start := time.Now()
-	size := src.Size()
-	n := (size + ChunkSize - 1) / ChunkSize
-	x := &Index{Volume: opts.Volume, Snapshot: opts.Snapshot, Size: size, Created: time.Now().UTC(), Chunks: make([]Hash, n)}
-	x.ID = imageID(opts.Volume, x.Created)
-	var st Stats
-	incr := opts.Parent != nil && opts.Changed != nil && opts.Parent.Size == size
-	if incr {
-		x.Parent = opts.Parent.ID
-		st.Incremental = true
-	}
-	buf := make([]byte, batch*ChunkSize)
-	for first := int64(0); first < n; first += batch {
-		if err := ctx.Err(); err != nil {
-			return nil, st, err
-		}
-		last := min(first+batch, n)
-		var need []int64
-		for i := first; i < last; i++ {
-			if incr && !changedChunk(opts.Changed, i) {
-				x.Chunks[i] = opts.Parent.Chunks[i]
-				st.Reused += ChunkSize
-				continue
-			}
-			need = append(need, i)
-		}
-		// Read runs of consecutive needed chunks, one read each.
-		for j := 0; j < len(need); {
-			k := j + 1
-			for k < len(need) && need[k] == need[k-1]+1 {
-				k++
-			}
-			lo, hi := need[j], need[k-1]+1
-			off := lo * ChunkSize
-			span := min(hi*ChunkSize, size) - off
-			if _, err := src.ReadAt(buf[:span], off); err != nil && err != io.EOF {
-				return nil, st, fmt.Errorf("backup %s: read at %d: %w", opts.Volume, off, err)
-			}
-			st.Read += span
-			for i := lo; i < hi; i++ {
-				o := (i - lo) * ChunkSize
-				data := buf[o:min(o+ChunkSize, span)]
-				if allZero(data) {
-					x.Chunks[i] = Hash{}
-					st.Zero += int64(len(data))
-					continue
-				}
-				h := Hash(blake3.Sum256(data))
-				x.Chunks[i] = h
-				wrote, z, err := r.putChunk(h, data)
-				if err != nil {
-					return nil, st, err
-				}
-				if wrote {
-					st.Stored += int64(len(data))
-					st.Compressed += z
-				}
-			}
-			j = k
-		}
-		if opts.Cursor != nil {
-			opts.Cursor(last * ChunkSize)
-		}
-		if opts.Progress != nil {
-			opts.Progress(min(last*ChunkSize, size), size)
-		}
-	}
-	if err := r.syncfs(); err != nil {
-		return nil, st, fmt.Errorf("backup %s: make chunks durable: %w", opts.Volume, err)
-	}
-	if err := writeAtomic(r.indexPath(x.ID), x.Encode()); err != nil {
-		return nil, st, fmt.Errorf("backup %s: write index: %w", opts.Volume, err)
-	}
-	st.Seconds = time.Since(start).Seconds()
-	return x, st, nil
 }
 
 func imageID(vol string, t time.Time) string {
@@ -145,10 +290,19 @@ func imageID(vol string, t time.Time) string {
 		}
 		return '_'
 	}, strings.TrimPrefix(vol, "/"))
-	return fmt.Sprintf("%s-%s", v, t.Format("20060102T150405.000000000Z"))
+	if len(v) > 120 {
+		v = v[len(v)-120:]
+	}
+	return fmt.Sprintf("%s-%s", strings.TrimLeft(v, "."), t.Format("20060102T150405.000000000Z"))
 }
 
 func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
 	for _, x := range b {
 		if x != 0 {
 			return false
@@ -157,12 +311,177 @@ func allZero(b []byte) bool {
 	return true
 }
 
-// syncfs makes everything written to the repository's filesystem durable.
-func (r *Repo) syncfs() error {
-	d, err := os.Open(r.dir)
+// uploader cuts blobs into packs and stores them in the background.
+type uploader struct {
+	r      *Repo
+	ctx    context.Context
+	cancel context.CancelFunc
+	cur    []byte
+	ents   []blobEntry
+	seen   map[Hash]struct{} // chunks added by this backup
+	jobs   chan packJob
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex // guards done, err
+	done  []packBlobs
+	err   error
+	ended bool
+}
+
+type packJob struct {
+	data []byte
+	p    packBlobs
+}
+
+func (r *Repo) newUploader(ctx context.Context) *uploader {
+	ctx, cancel := context.WithCancel(ctx)
+	u := &uploader{r: r, ctx: ctx, cancel: cancel, seen: map[Hash]struct{}{}, jobs: make(chan packJob, 2)}
+	n := 2
+	if _, ok := r.be.(*s3Backend); ok {
+		n = 4 // latency-bound
+	}
+	for range n {
+		u.wg.Add(1)
+		go u.run()
+	}
+	return u
+}
+
+func (u *uploader) run() {
+	defer u.wg.Done()
+	for j := range u.jobs {
+		err := u.r.be.Put(u.ctx, j.p.ID.name(), j.data)
+		u.mu.Lock()
+		if err != nil && u.err == nil {
+			u.err = fmt.Errorf("store pack %s: %w", j.p.ID, err)
+			u.cancel()
+		}
+		u.done = append(u.done, j.p)
+		u.mu.Unlock()
+	}
+}
+
+func (u *uploader) has(h Hash) bool { _, ok := u.seen[h]; return ok }
+
+func (u *uploader) add(h Hash, blob []byte, raw int) error {
+	u.mu.Lock()
+	err := u.err
+	u.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	return unix.Syncfs(int(d.Fd()))
+	u.seen[h] = struct{}{}
+	u.ents = append(u.ents, blobEntry{Hash: h, Off: uint32(len(u.cur)), Len: uint32(len(blob)), Raw: uint32(raw)})
+	u.cur = append(u.cur, blob...)
+	if len(u.cur) >= packTarget {
+		return u.cut()
+	}
+	return nil
+}
+
+// cut finishes the current pack and queues it.
+func (u *uploader) cut() error {
+	if len(u.ents) == 0 {
+		return nil
+	}
+	trailer := u.r.seal.seal(nil, encodePackTrailer(u.ents))
+	data := append(u.cur, trailer...)
+	data = appendUint32(data, uint32(len(trailer)))
+	p := packBlobs{ID: PackID(blake3.Sum256(data)), Blobs: u.ents}
+	u.cur, u.ents = make([]byte, 0, packTarget+1<<20), nil
+	select {
+	case u.jobs <- packJob{data: data, p: p}:
+		return nil
+	case <-u.ctx.Done():
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		if u.err != nil {
+			return u.err
+		}
+		return u.ctx.Err()
+	}
+}
+
+func appendUint32(b []byte, v uint32) []byte {
+	return append(b, byte(v), byte(v>>8), byte(v>>16), byte(v>>24))
+}
+
+// finishPacks stores the last pack, waits for all and makes them durable.
+func (u *uploader) finishPacks() error {
+	err := u.cut()
+	close(u.jobs)
+	u.ended = true
+	u.wg.Wait()
+	if err == nil {
+		err = u.err
+	}
+	if err == nil && len(u.done) > 0 {
+		if err = u.r.be.Sync(u.ctx); err != nil {
+			err = fmt.Errorf("make packs durable: %w", err)
+		}
+	}
+	return err
+}
+
+// finish stores the packs, writes the index that names them, and makes
+// the chunks known to the repository. It returns the index's stored size.
+func (u *uploader) finish() (int64, error) {
+	if err := u.finishPacks(); err != nil || len(u.done) == 0 {
+		return 0, err
+	}
+	b := u.r.seal.seal(nil, u.r.enc.EncodeAll(encodeChunkIndex(u.done), nil))
+	name := "index/" + randomID()
+	if err := u.r.be.Put(u.ctx, name, b); err != nil {
+		return 0, fmt.Errorf("write index: %w", err)
+	}
+	if err := u.r.be.Sync(u.ctx); err != nil {
+		return 0, fmt.Errorf("write index: %w", err)
+	}
+	u.r.mu.Lock()
+	for _, p := range u.done {
+		u.r.addPack(p)
+	}
+	u.r.indexes = append(u.r.indexes, name)
+	u.r.mu.Unlock()
+	return int64(len(b)), nil
+}
+
+// abort stops the uploads of a backup that failed; packs already stored
+// are garbage that prune removes.
+func (u *uploader) abort() {
+	if !u.ended {
+		u.cancel()
+		close(u.jobs)
+		u.wg.Wait()
+	}
+	u.cancel()
+}
+
+// FileAllocation returns an Allocated function for a regular file, from
+// SEEK_DATA/SEEK_HOLE.
+func FileAllocation(f *os.File) func(off, n int64) ([]Range, error) {
+	return func(off, n int64) ([]Range, error) {
+		var out []Range
+		end := off + n
+		fd := int(f.Fd())
+		for pos := off; pos < end; {
+			d, err := unix.Seek(fd, pos, unix.SEEK_DATA)
+			if errors.Is(err, unix.ENXIO) {
+				break // no data after pos
+			}
+			if err != nil {
+				return []Range{{off, n}}, nil // no SEEK_DATA here: all may be data
+			}
+			if d >= end {
+				break
+			}
+			h, err := unix.Seek(fd, d, unix.SEEK_HOLE)
+			if err != nil {
+				return []Range{{off, n}}, nil
+			}
+			out = append(out, Range{d, min(h, end) - d})
+			pos = h
+		}
+		return out, nil
+	}
 }

@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"umbra/backup"
@@ -97,53 +96,11 @@ func TestRoundTripChain(t *testing.T) {
 		t.Fatalf("verify: %+v", rep)
 	}
 
-	// Corruption: flip one bit of one chunk used only by the newest image;
-	// verify names exactly the images that use it; an older one restores.
-	last, _ := repo.Image(imgs[len(imgs)-1].id)
-	first, _ := repo.Image(imgs[0].id)
-	inFirst := map[backup.Hash]bool{}
-	for _, h := range first.Chunks {
-		inFirst[h] = true
+	var ids []string
+	for _, im := range imgs {
+		ids = append(ids, im.id)
 	}
-	var victim backup.Hash
-	for _, h := range last.Chunks {
-		if h != (backup.Hash{}) && !inFirst[h] {
-			victim = h
-			break
-		}
-	}
-	path := filepath.Join(dir, "repo", "chunks", victim.String()[:2], victim.String())
-	b, _ := os.ReadFile(path)
-	b[len(b)/2] ^= 1
-	os.WriteFile(path, b, 0o600)
-	rep := repo.Verify()
-	if len(rep.BadChunks) != 1 || rep.BadChunks[0] != victim.String() {
-		t.Fatalf("verify after a bit flip: %+v", rep)
-	}
-	for _, id := range rep.BadImages {
-		x, _ := repo.Image(id)
-		uses := false
-		for _, h := range x.Chunks {
-			uses = uses || h == victim
-		}
-		if !uses {
-			t.Fatalf("verify blames %s, which does not use the damaged chunk", id)
-		}
-	}
-	if err := repo.Restore(imgs[len(imgs)-1].id, filepath.Join(dir, "bad.img"), nil); !errors.Is(err, backup.ErrCorrupt) {
-		t.Fatalf("restore through a damaged chunk: %v, want ErrCorrupt", err)
-	}
-	if err := repo.Restore(imgs[0].id, filepath.Join(dir, "ok.img"), nil); err != nil {
-		t.Fatalf("an unaffected image does not restore: %v", err)
-	}
-	// A truncated index is named, and the others still list.
-	idx := filepath.Join(dir, "repo", "images", imgs[1].id+".idx")
-	ib, _ := os.ReadFile(idx)
-	os.WriteFile(idx, ib[:len(ib)/2], 0o600)
-	list, errs := repo.Images()
-	if len(errs) != 1 || !strings.Contains(errs[0].Error(), imgs[1].id) || len(list) != len(imgs)-1 {
-		t.Fatalf("truncated index: %d listed, errors %v", len(list), errs)
-	}
+	checkCorruption(t, repo, filepath.Join(dir, "repo"), ids)
 }
 
 func TestRepoErrors(t *testing.T) {
@@ -158,7 +115,7 @@ func TestRepoErrors(t *testing.T) {
 }
 
 func FuzzDecodeIndex(f *testing.F) {
-	x := &backup.Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3 * 4096, Chunks: make([]backup.Hash, 3)}
+	x := &backup.Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3 * 4096, ChunkSize: 4096, Chunks: make([]backup.Hash, 3)}
 	x.Chunks[1][0] = 7
 	f.Add(x.Encode())
 	f.Add([]byte("UMBRAIDX"))

@@ -1,48 +1,62 @@
-// Package backup writes sector-level images of volumes into a repository:
-// fixed-size chunks aligned to the volume, each named by its BLAKE3 hash
-// and compressed with zstd, shared by every image and volume that holds
-// the same bytes (dedup), and one index per image listing every chunk, so
-// any image — full or incremental — restores on its own. An image appears
-// only once all its chunks and its index are durable. All-zero chunks are
-// never stored.
+// Package backup writes sector-level images of volumes into a repository
+// and reads them back. A volume is cut into fixed-size chunks aligned to
+// it; each chunk is named by its hash (BLAKE3, or SHA-256 where that is
+// faster; keyed when the repository is encrypted), compressed with zstd,
+// optionally sealed with AES-256-GCM, and stored once as a blob in a pack
+// (packs keep the object count low: a million 4 KiB chunks are a few
+// hundred objects, which S3 and a filesystem both handle well). Chunk
+// index files say which pack holds which chunk. Each image has its own
+// chunk list naming every chunk, so any image — full or incremental —
+// restores on its own, and deleting one never touches another.
 //
-// This first version has a local-directory repository; the S3 backend,
-// encryption, locks and prune are still to come (issue 7).
+// Invariants: an image is listed only once its chunk list, the index
+// files and the packs it needs are durable (written in that reverse
+// order); prune deletes nothing that a listed image needs, and removes
+// index entries before the packs they name; all-zero chunks are never
+// stored. Objects live behind Backend: a local directory or S3.
 package backup
 
 import (
-	"encoding/binary"
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/crc32"
-	"os"
-	"path/filepath"
-	"sort"
+	"hash"
+	"io/fs"
+	"runtime"
 	"strings"
-	"time"
+	"sync"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/blake3"
 )
 
-// ChunkSize is the image chunk: 4 KiB, the COW engine's default, so an
-// incremental image of scattered 4 KiB changes adds about what changed.
-const ChunkSize = 4096
+// DefaultChunkSize is 4 KiB: the COW engine's granule, so an incremental
+// image of scattered 4 KiB changes adds about what changed (the table in
+// docs/benchmarks.md compares 4 to 256 KiB).
+const DefaultChunkSize = 4096
 
-// Config is the repository's config.json.
+// ChunkSize is kept for callers that assume the default.
+const ChunkSize = DefaultChunkSize
+
+// packTarget is where a pack is cut.
+const packTarget = 16 << 20
+
+// Config is the repository's config object (JSON, never encrypted).
 type Config struct {
 	Version     int    `json:"version"`
-	Hash        string `json:"hash"`
+	ID          string `json:"id"`
+	Hash        string `json:"hash"` // blake3 | sha256
 	ChunkSize   int    `json:"chunk_size"`
-	Compression string `json:"compression"`
+	Compression string `json:"compression"` // zstd
+	Encryption  string `json:"encryption"`  // none | aes-256-gcm
 }
 
-// Hash names a chunk; the zero hash stands for an all-zero chunk.
-type Hash [32]byte
-
-func (h Hash) String() string { return hex.EncodeToString(h[:]) }
+const formatVersion = 2
 
 // Typed errors.
 var (
@@ -50,127 +64,295 @@ var (
 	ErrCorrupt = errors.New("corrupt")
 )
 
-// Repo is an open repository.
-type Repo struct {
-	dir string
-	cfg Config
-	enc *zstd.Encoder
-	dec *zstd.Decoder
+// Settings open or create a repository.
+type Settings struct {
+	Password string      // empty: unencrypted (Init) / none given (Open)
+	Cred     Credentials // S3
+	// Init only:
+	ChunkSize int    // 0: DefaultChunkSize
+	Hash      string // "": the faster of blake3 and sha256 here
 }
 
-// Init creates a repository in dir (which must be empty or missing).
-func Init(dir string) (*Repo, error) {
-	if ents, err := os.ReadDir(dir); err == nil && len(ents) > 0 {
-		return nil, fmt.Errorf("init repository %s: the directory is not empty", dir)
-	}
-	for _, d := range []string{dir, filepath.Join(dir, "chunks"), filepath.Join(dir, "images")} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("init repository %s: %w", dir, err)
-		}
-	}
-	cfg := Config{Version: 1, Hash: "blake3", ChunkSize: ChunkSize, Compression: "zstd"}
-	b, _ := json.MarshalIndent(cfg, "", "  ")
-	if err := writeAtomic(filepath.Join(dir, "config.json"), b); err != nil {
+type loc struct {
+	pack          uint32 // index in Repo.packs
+	off, len, raw uint32
+}
+
+// Repo is an open repository. Its methods may be called concurrently.
+type Repo struct {
+	be      Backend
+	cfg     Config
+	seal    *sealer // nil: not encrypted
+	hashKey []byte  // nil: plain hashes
+	enc     *zstd.Encoder
+	dec     *zstd.Decoder
+
+	mu        sync.Mutex // guards the fields below
+	packs     []PackID
+	packIdx   map[PackID]uint32
+	chunks    map[Hash]loc
+	indexes   []string // index objects loaded
+	indexErrs []error  // index objects that could not be read
+}
+
+// Init creates an unencrypted repository at location.
+func Init(location string) (*Repo, error) {
+	return InitWith(context.Background(), location, Settings{})
+}
+
+// Open opens an unencrypted repository at location.
+func Open(location string) (*Repo, error) {
+	return OpenWith(context.Background(), location, Settings{})
+}
+
+// InitWith creates a repository at location (a directory that is empty or
+// missing, or an S3 bucket/prefix holding no repository).
+func InitWith(ctx context.Context, location string, set Settings) (*Repo, error) {
+	be, err := OpenBackend(location, set.Cred)
+	if err != nil {
 		return nil, err
 	}
-	return Open(dir)
+	if s3, ok := be.(*s3Backend); ok {
+		if err := s3.ensureBucket(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if names, err := be.List(ctx, ""); err != nil {
+		return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
+	} else if len(names) > 0 {
+		return nil, fmt.Errorf("init repository %s: not empty (%d objects, e.g. %s); choose an empty location", be.Location(), len(names), names[0])
+	}
+	cfg := Config{Version: formatVersion, ID: randomID(), Hash: set.Hash, ChunkSize: set.ChunkSize, Compression: "zstd", Encryption: "none"}
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = DefaultChunkSize
+	}
+	if !validChunkSize(cfg.ChunkSize) {
+		return nil, fmt.Errorf("init repository %s: chunk size %d: want a power of two from 4 KiB to 4 MiB", be.Location(), cfg.ChunkSize)
+	}
+	if cfg.Hash == "" {
+		cfg.Hash = "blake3"
+		if runtime.GOARCH == "arm64" {
+			cfg.Hash = "sha256" // SHA-2 instructions beat BLAKE3's NEON code there
+		}
+	}
+	if cfg.Hash != "blake3" && cfg.Hash != "sha256" {
+		return nil, fmt.Errorf("init repository %s: hash %q: want blake3 or sha256", be.Location(), cfg.Hash)
+	}
+	if set.Password != "" {
+		cfg.Encryption = "aes-256-gcm"
+		master := make([]byte, masterKeyLen)
+		rand.Read(master)
+		k, err := newKeyFile(set.Password, master)
+		if err != nil {
+			return nil, err
+		}
+		if err := be.Put(ctx, "keys/"+randomID(), k.encode()); err != nil {
+			return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
+		}
+	}
+	b, _ := json.MarshalIndent(cfg, "", "  ")
+	if err := be.Put(ctx, "config", b); err != nil {
+		return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
+	}
+	if err := be.Sync(ctx); err != nil {
+		return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
+	}
+	return openBackend(ctx, be, set)
 }
 
-// Open opens the repository in dir.
-func Open(dir string) (*Repo, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+// OpenWith opens the repository at location.
+func OpenWith(ctx context.Context, location string, set Settings) (*Repo, error) {
+	be, err := OpenBackend(location, set.Cred)
 	if err != nil {
-		return nil, fmt.Errorf("open repository %s: %w (create one with `umbra repo init --repo %s`): %v", dir, ErrNoRepo, dir, err)
+		return nil, err
+	}
+	return openBackend(ctx, be, set)
+}
+
+func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
+	where := be.Location()
+	b, err := be.Get(ctx, "config", 0, -1)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("open repository %s: %w there (create one with `umbra repo init --repo %s`)", where, ErrNoRepo, where)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open repository %s: %w", where, err)
 	}
 	var cfg Config
 	if err := json.Unmarshal(b, &cfg); err != nil {
-		return nil, fmt.Errorf("open repository %s: config.json: %w: %v", dir, ErrCorrupt, err)
+		return nil, fmt.Errorf("open repository %s: config: %w: %v", where, ErrCorrupt, err)
 	}
-	if cfg.Version != 1 || cfg.Hash != "blake3" || cfg.ChunkSize != ChunkSize || cfg.Compression != "zstd" {
-		return nil, fmt.Errorf("open repository %s: unsupported format %+v", dir, cfg)
+	if cfg.Version != formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
+		cfg.Compression != "zstd" || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
+		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads version %d)", where, cfg, formatVersion)
 	}
-	enc, _ := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
-	dec, _ := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1))
-	return &Repo{dir: dir, cfg: cfg, enc: enc, dec: dec}, nil
+	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: map[Hash]loc{}}
+	if cfg.Encryption != "none" {
+		if set.Password == "" {
+			return nil, fmt.Errorf("open repository %s: %w", where, ErrNeedPassword)
+		}
+		master, err := r.unlock(ctx, set.Password)
+		if err != nil {
+			return nil, fmt.Errorf("open repository %s: %w", where, err)
+		}
+		r.seal, _ = newSealer(master[:32])
+		r.hashKey = master[32:]
+	}
+	n := runtime.GOMAXPROCS(0)
+	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true))
+	r.dec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(n))
+	if err := r.loadIndexes(ctx); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("open repository %s: %w", where, err)
+	}
+	return r, nil
+}
+
+func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
+	names, err := r.be.List(ctx, "keys/")
+	if err != nil {
+		return nil, err
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("%w: encrypted but no key file under keys/", ErrCorrupt)
+	}
+	for _, n := range names {
+		b, err := r.be.Get(ctx, n, 0, -1)
+		if err != nil {
+			return nil, err
+		}
+		var k keyFile
+		if json.Unmarshal(b, &k) != nil {
+			continue
+		}
+		if m, err := k.unwrap(password); err == nil {
+			return m, nil
+		}
+	}
+	return nil, ErrWrongPassword
 }
 
 // Close releases the codecs.
 func (r *Repo) Close() { r.dec.Close(); r.enc.Close() }
 
-func (r *Repo) chunkPath(h Hash) string {
-	s := h.String()
-	return filepath.Join(r.dir, "chunks", s[:2], s)
+// Config returns the repository's settings.
+func (r *Repo) Config() Config { return r.cfg }
+
+// Location names the repository.
+func (r *Repo) Location() string { return r.be.Location() }
+
+func randomID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
-// writeAtomic writes a file so that it is either absent or complete and
-// durable: temporary file, fsync, rename, fsync of the directory.
-func writeAtomic(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".tmp-")
+// hasher returns a chunk-hash function for one goroutine.
+func (r *Repo) hasher() func([]byte) Hash {
+	switch {
+	case r.cfg.Hash == "blake3" && r.hashKey == nil:
+		return func(b []byte) Hash { return blake3.Sum256(b) }
+	case r.cfg.Hash == "blake3":
+		h, _ := blake3.NewKeyed(r.hashKey[:32])
+		return func(b []byte) (out Hash) {
+			h.Reset()
+			h.Write(b)
+			h.Sum(out[:0])
+			return out
+		}
+	case r.hashKey == nil:
+		return func(b []byte) Hash { return sha256.Sum256(b) }
+	default:
+		h := hmac.New(sha256.New, r.hashKey)
+		return func(b []byte) (out Hash) { return sumInto(h, b) }
+	}
+}
+
+func sumInto(h hash.Hash, b []byte) (out Hash) {
+	h.Reset()
+	h.Write(b)
+	h.Sum(out[:0])
+	return out
+}
+
+// putSealed compresses and seals b and stores it under name.
+func (r *Repo) putSealed(ctx context.Context, name string, b []byte) error {
+	return r.be.Put(ctx, name, r.seal.seal(nil, r.enc.EncodeAll(b, nil)))
+}
+
+// getSealed reads an object written by putSealed.
+func (r *Repo) getSealed(ctx context.Context, name string) ([]byte, error) {
+	b, err := r.be.Get(ctx, name, 0, -1)
+	if err != nil {
+		return nil, err
+	}
+	z, err := r.seal.open(nil, b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	out, err := r.dec.DecodeAll(z, nil)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %v", name, ErrCorrupt, err)
+	}
+	return out, nil
+}
+
+// loadIndexes reads every chunk index object into memory. A damaged one
+// is remembered (verify reports it; prune rebuilds from pack trailers).
+func (r *Repo) loadIndexes(ctx context.Context) error {
+	names, err := r.be.List(ctx, "index/")
 	if err != nil {
 		return err
 	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return err
+	for _, n := range names {
+		b, err := r.getSealed(ctx, n)
+		var packs []packBlobs
+		if err == nil {
+			packs, err = decodeChunkIndex(b)
+		}
+		if err != nil {
+			r.indexErrs = append(r.indexErrs, fmt.Errorf("index %s: %w", n, err))
+			continue
+		}
+		r.indexes = append(r.indexes, n)
+		for _, p := range packs {
+			r.addPack(p)
+		}
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return err
-	}
-	f.Close()
-	if err := os.Rename(f.Name(), path); err != nil {
-		os.Remove(f.Name())
-		return err
-	}
-	return syncDir(dir)
+	return nil
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
+// addPack records where a pack's chunks are. Callers hold mu or own r.
+func (r *Repo) addPack(p packBlobs) {
+	i, ok := r.packIdx[p.ID]
+	if !ok {
+		i = uint32(len(r.packs))
+		r.packs = append(r.packs, p.ID)
+		r.packIdx[p.ID] = i
 	}
-	defer d.Close()
-	return d.Sync()
+	for _, e := range p.Blobs {
+		if _, dup := r.chunks[e.Hash]; !dup {
+			r.chunks[e.Hash] = loc{pack: i, off: e.Off, len: e.Len, raw: e.Raw}
+		}
+	}
 }
 
-// putChunk stores data under its hash unless it is there; it reports
-// whether it wrote.
-func (r *Repo) putChunk(h Hash, data []byte) (bool, int64, error) {
-	p := r.chunkPath(h)
-	if _, err := os.Stat(p); err == nil {
-		return false, 0, nil
+func (r *Repo) lookup(h Hash) (loc, PackID, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l, ok := r.chunks[h]
+	if !ok {
+		return loc{}, PackID{}, false
 	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return false, 0, err
-	}
-	z := r.enc.EncodeAll(data, nil)
-	// Not synced one by one: Backup syncs the filesystem once before it
-	// writes the index that makes the chunks reachable.
-	f, err := os.CreateTemp(filepath.Dir(p), ".tmp-")
-	if err != nil {
-		return false, 0, fmt.Errorf("store chunk %s: %w", h, err)
-	}
-	_, err = f.Write(z)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), p)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-		return false, 0, fmt.Errorf("store chunk %s: %w", h, err)
-	}
-	return true, int64(len(z)), nil
+	return l, r.packs[l.pack], true
 }
 
-// getChunk reads, decompresses and verifies a chunk.
-func (r *Repo) getChunk(h Hash, dst []byte) ([]byte, error) {
-	z, err := os.ReadFile(r.chunkPath(h))
+// ErrMissingChunk: no index names a pack holding the chunk.
+var ErrMissingChunk = errors.New("chunk missing from the repository")
+
+// openBlob turns a stored blob into the chunk it holds, checking its hash.
+func (r *Repo) openBlob(h Hash, blob []byte, dst []byte, sum func([]byte) Hash) ([]byte, error) {
+	z, err := r.seal.open(nil, blob)
 	if err != nil {
 		return nil, fmt.Errorf("chunk %s: %w", h, err)
 	}
@@ -178,232 +360,37 @@ func (r *Repo) getChunk(h Hash, dst []byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("chunk %s: %w: %v", h, ErrCorrupt, err)
 	}
-	if blake3.Sum256(data) != h {
+	if sum(data) != h {
 		return nil, fmt.Errorf("chunk %s: %w: content does not match its hash", h, ErrCorrupt)
 	}
 	return data, nil
 }
 
-// Index is one image: every chunk of the volume at the snapshot.
-type Index struct {
-	ID       string    `json:"id"`
-	Volume   string    `json:"volume"`
-	Snapshot string    `json:"snapshot"` // the snapshot it was read from
-	Parent   string    `json:"parent,omitempty"`
-	Size     int64     `json:"size"`
-	Created  time.Time `json:"created"`
-	Chunks   []Hash    `json:"-"`
-}
-
-const indexMagic = "UMBRAIDX"
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// Encode serializes the index (format in docs/formats.md).
-func (x *Index) Encode() []byte {
-	var b []byte
-	b = append(b, indexMagic...)
-	b = binary.LittleEndian.AppendUint16(b, 1)
-	b = binary.LittleEndian.AppendUint32(b, ChunkSize)
-	b = binary.LittleEndian.AppendUint64(b, uint64(x.Size))
-	b = binary.LittleEndian.AppendUint64(b, uint64(x.Created.UnixNano()))
-	for _, s := range []string{x.ID, x.Volume, x.Snapshot, x.Parent} {
-		b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
-		b = append(b, s...)
+// getChunk reads one chunk.
+func (r *Repo) getChunk(ctx context.Context, h Hash, dst []byte, sum func([]byte) Hash) ([]byte, error) {
+	l, pid, ok := r.lookup(h)
+	if !ok {
+		return nil, fmt.Errorf("chunk %s: %w", h, ErrMissingChunk)
 	}
-	b = binary.LittleEndian.AppendUint64(b, uint64(len(x.Chunks)))
-	for _, h := range x.Chunks {
-		b = append(b, h[:]...)
-	}
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
-}
-
-// DecodeIndex parses an index and checks it.
-func DecodeIndex(b []byte) (*Index, error) {
-	bad := func(why string) (*Index, error) { return nil, fmt.Errorf("image index: %w: %s", ErrCorrupt, why) }
-	if len(b) < len(indexMagic)+2+4+8+8+4 || string(b[:8]) != indexMagic {
-		return bad("bad magic or too short")
-	}
-	body, sum := b[:len(b)-4], binary.LittleEndian.Uint32(b[len(b)-4:])
-	if crc32.Checksum(body, castagnoli) != sum {
-		return bad("checksum mismatch")
-	}
-	p := body[8:]
-	if binary.LittleEndian.Uint16(p) != 1 {
-		return bad("unknown version")
-	}
-	if binary.LittleEndian.Uint32(p[2:]) != ChunkSize {
-		return bad("other chunk size")
-	}
-	x := &Index{Size: int64(binary.LittleEndian.Uint64(p[6:])), Created: time.Unix(0, int64(binary.LittleEndian.Uint64(p[14:]))).UTC()}
-	p = p[22:]
-	var strs [4]string
-	for i := range strs {
-		if len(p) < 2 {
-			return bad("truncated")
-		}
-		n := int(binary.LittleEndian.Uint16(p))
-		if len(p) < 2+n {
-			return bad("truncated")
-		}
-		strs[i], p = string(p[2:2+n]), p[2+n:]
-	}
-	x.ID, x.Volume, x.Snapshot, x.Parent = strs[0], strs[1], strs[2], strs[3]
-	if len(p) < 8 {
-		return bad("truncated")
-	}
-	n := binary.LittleEndian.Uint64(p)
-	p = p[8:]
-	if x.Size < 0 || n != uint64((x.Size+ChunkSize-1)/ChunkSize) || uint64(len(p)) != n*32 {
-		return bad("chunk count does not match the size")
-	}
-	x.Chunks = make([]Hash, n)
-	for i := range x.Chunks {
-		copy(x.Chunks[i][:], p[i*32:])
-	}
-	return x, nil
-}
-
-func (r *Repo) indexPath(id string) string { return filepath.Join(r.dir, "images", id+".idx") }
-
-// Image reads image id's index.
-func (r *Repo) Image(id string) (*Index, error) {
-	b, err := os.ReadFile(r.indexPath(id))
+	blob, err := r.be.Get(ctx, pid.name(), int64(l.off), int64(l.len))
 	if err != nil {
-		return nil, fmt.Errorf("image %s: %w", id, err)
+		return nil, fmt.Errorf("chunk %s in pack %s: %w", h, pid, err)
 	}
-	x, err := DecodeIndex(b)
-	if err != nil {
-		return nil, fmt.Errorf("image %s (%s): %w", id, r.indexPath(id), err)
-	}
-	return x, nil
+	return r.openBlob(h, blob, dst, sum)
 }
 
-// Images lists the images, oldest first; unreadable indexes are reported
-// in errs.
-func (r *Repo) Images() (list []*Index, errs []error) {
-	ents, err := os.ReadDir(filepath.Join(r.dir, "images"))
-	if err != nil {
-		return nil, []error{err}
-	}
-	for _, e := range ents {
-		name := e.Name()
-		if !strings.HasSuffix(name, ".idx") {
-			continue
-		}
-		x, err := r.Image(strings.TrimSuffix(name, ".idx"))
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		list = append(list, x)
-	}
-	sort.Slice(list, func(i, j int) bool { return list[i].Created.Before(list[j].Created) })
-	return list, errs
-}
+func imageName(id string) string { return "images/" + id }
+func listName(id string) string  { return "lists/" + id }
 
-// Latest returns the newest image of vol, or nil.
-func (r *Repo) Latest(vol string) *Index {
-	list, _ := r.Images()
-	for i := len(list) - 1; i >= 0; i-- {
-		if list[i].Volume == vol {
-			return list[i]
+// validImageID keeps image IDs usable as object names.
+func validImageID(id string) bool {
+	if id == "" || len(id) > 200 || strings.HasPrefix(id, ".") {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
+			return false
 		}
 	}
-	return nil
-}
-
-var zeroChunk = make([]byte, ChunkSize)
-
-// Restore writes image id to the file or device at path, verifying every
-// chunk; zero chunks of a regular file are left as holes.
-func (r *Repo) Restore(id, path string, progress func(done, total int64)) error {
-	x, err := r.Image(id)
-	if err != nil {
-		return err
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return fmt.Errorf("restore to %s: %w", path, err)
-	}
-	defer f.Close()
-	fi, _ := f.Stat()
-	regular := fi.Mode().IsRegular()
-	if regular {
-		if err := f.Truncate(0); err != nil {
-			return err
-		}
-		if err := f.Truncate(x.Size); err != nil {
-			return err
-		}
-	}
-	buf := make([]byte, ChunkSize)
-	for i, h := range x.Chunks {
-		off := int64(i) * ChunkSize
-		n := min(ChunkSize, x.Size-off)
-		var data []byte
-		if h == (Hash{}) {
-			if regular {
-				continue
-			}
-			data = zeroChunk[:n]
-		} else {
-			if data, err = r.getChunk(h, buf); err != nil {
-				return fmt.Errorf("restore %s at %d: %w", id, off, err)
-			}
-		}
-		if _, err := f.WriteAt(data[:n], off); err != nil {
-			return fmt.Errorf("restore to %s: %w", path, err)
-		}
-		if progress != nil && i%4096 == 0 {
-			progress(off, x.Size)
-		}
-	}
-	return f.Sync()
-}
-
-// VerifyReport names what verify found.
-type VerifyReport struct {
-	Chunks     int      `json:"chunks"`
-	BadChunks  []string `json:"bad_chunks,omitempty"`
-	BadImages  []string `json:"bad_images,omitempty"`
-	BadIndexes []string `json:"bad_indexes,omitempty"`
-	GoodImages int      `json:"good_images"`
-}
-
-// Verify re-hashes every chunk any image uses and names the images that
-// a damaged or missing chunk breaks.
-func (r *Repo) Verify() VerifyReport {
-	var rep VerifyReport
-	list, errs := r.Images()
-	for _, e := range errs {
-		rep.BadIndexes = append(rep.BadIndexes, e.Error())
-	}
-	state := map[Hash]bool{} // hash -> good
-	buf := make([]byte, ChunkSize)
-	for _, x := range list {
-		ok := true
-		for _, h := range x.Chunks {
-			if h == (Hash{}) {
-				continue
-			}
-			good, seen := state[h]
-			if !seen {
-				_, err := r.getChunk(h, buf)
-				good = err == nil
-				state[h] = good
-				rep.Chunks++
-				if !good {
-					rep.BadChunks = append(rep.BadChunks, h.String())
-				}
-			}
-			ok = ok && good
-		}
-		if ok {
-			rep.GoodImages++
-		} else {
-			rep.BadImages = append(rep.BadImages, x.ID)
-		}
-	}
-	return rep
+	return true
 }

@@ -1,0 +1,108 @@
+package backup_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"umbra/backup"
+)
+
+// usersOf returns the images (of ids) whose chunk lists hold any of hs.
+func usersOf(t *testing.T, repo *backup.Repo, ids []string, hs []backup.Hash) []string {
+	t.Helper()
+	var out []string
+	for _, id := range ids {
+		x, err := repo.Image(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, h := range x.Chunks {
+			if slices.Contains(hs, h) {
+				out = append(out, id)
+				break
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// checkCorruption damages a local repository in three ways — one bit of
+// one blob, a truncated chunk list, a deleted pack — and checks that
+// verify names exactly the images each breaks, that restore through the
+// damage fails with ErrCorrupt or ErrNotExist, and that an unaffected
+// image still restores. ids are the repository's images, oldest first.
+func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "out.img")
+	first, _ := repo.Image(ids[0])
+	last, _ := repo.Image(ids[len(ids)-1])
+	var victim backup.Hash
+	for _, h := range last.Chunks {
+		if h != (backup.Hash{}) && !slices.Contains(first.Chunks, h) {
+			victim = h
+			break
+		}
+	}
+	if victim == (backup.Hash{}) {
+		t.Fatal("no chunk in the newest image that the oldest lacks")
+	}
+	pack, off, n := backup.BlobLocation(repo, victim)
+	path := filepath.Join(root, filepath.FromSlash(pack))
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := slices.Clone(b)
+	b[off+n/2] ^= 0x10
+	os.WriteFile(path, b, 0o600)
+	rep := repo.Verify()
+	want := usersOf(t, repo, ids, []backup.Hash{victim})
+	if len(rep.BadChunks) != 1 || rep.BadChunks[0] != victim.String() || !slices.Equal(rep.BadImages, want) {
+		t.Fatalf("verify after a bit flip: %+v, want bad chunk %s and images %v", rep, victim, want)
+	}
+	if err := repo.Restore(ids[len(ids)-1], out, nil); !errors.Is(err, backup.ErrCorrupt) {
+		t.Fatalf("restore through a damaged chunk: %v, want ErrCorrupt", err)
+	}
+	if err := repo.Restore(ids[0], out, nil); err != nil {
+		t.Fatalf("an unaffected image does not restore: %v", err)
+	}
+	os.WriteFile(path, orig, 0o600)
+
+	// A truncated chunk list breaks its image only.
+	lp := filepath.Join(root, "lists", ids[1])
+	lb, _ := os.ReadFile(lp)
+	os.WriteFile(lp, lb[:len(lb)/2], 0o600)
+	rep = repo.Verify()
+	if !slices.Equal(rep.BadImages, []string{ids[1]}) || len(rep.BadChunks) != 0 {
+		t.Fatalf("verify after truncating %s's chunk list: %+v", ids[1], rep)
+	}
+	if err := repo.Restore(ids[1], out, nil); !errors.Is(err, backup.ErrCorrupt) {
+		t.Fatalf("restore of an image with a truncated chunk list: %v, want ErrCorrupt", err)
+	}
+	os.WriteFile(lp, lb, 0o600)
+
+	// A deleted pack breaks exactly the images that use a chunk in it.
+	inPack := backup.PackChunks(repo, pack)
+	want = usersOf(t, repo, ids, inPack)
+	os.Rename(path, path+".away")
+	rep = repo.Verify()
+	if !slices.Equal(rep.BadImages, want) || len(rep.BadChunks) == 0 {
+		t.Fatalf("verify after deleting pack %s: bad images %v, want %v", pack, rep.BadImages, want)
+	}
+	for _, id := range ids {
+		if !slices.Contains(want, id) {
+			if err := repo.Restore(id, out, nil); err != nil {
+				t.Fatalf("image %s does not use the deleted pack but does not restore: %v", id, err)
+			}
+			break
+		}
+	}
+	os.Rename(path+".away", path)
+	if rep := repo.Verify(); len(rep.BadImages)+len(rep.BadChunks)+len(rep.BadIndexes) > 0 {
+		t.Fatalf("verify after undoing the damage: %+v", rep)
+	}
+}

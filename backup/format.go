@@ -1,0 +1,259 @@
+package backup
+
+import (
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"hash/crc32"
+	"time"
+)
+
+// The binary formats (docs/formats.md, "Backup repository"): packs of
+// blobs with a sealed trailer, chunk-index files, and image chunk lists.
+// Each has a magic, a version and a CRC-32C; each decoder is fuzzed.
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// Hash names a chunk; the zero hash stands for an all-zero chunk.
+type Hash [32]byte
+
+func (h Hash) String() string { return hex.EncodeToString(h[:]) }
+
+// PackID names a pack: the BLAKE3 hash of its bytes.
+type PackID [32]byte
+
+func (p PackID) String() string { return hex.EncodeToString(p[:]) }
+
+func (p PackID) name() string { s := p.String(); return "packs/" + s[:2] + "/" + s }
+
+// blobEntry locates one chunk's blob inside a pack.
+type blobEntry struct {
+	Hash Hash
+	Off  uint32 // offset of the sealed blob in the pack
+	Len  uint32 // its length
+	Raw  uint32 // the chunk's length before compression
+}
+
+const (
+	packMagic  = "UMBRAPCK"
+	cidxMagic  = "UMBRAIXS"
+	indexMagic = "UMBRAIDX"
+	blobEntLen = 32 + 4 + 4 + 4
+	// MaxPack bounds a pack; packs are cut at PackTarget.
+	maxPack = 1 << 30
+)
+
+// encodePackTrailer is the plain trailer listing a pack's blobs.
+func encodePackTrailer(ents []blobEntry) []byte {
+	b := make([]byte, 0, 8+2+4+len(ents)*blobEntLen+4)
+	b = append(b, packMagic...)
+	b = binary.LittleEndian.AppendUint16(b, 1)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(ents)))
+	for _, e := range ents {
+		b = append(b, e.Hash[:]...)
+		b = binary.LittleEndian.AppendUint32(b, e.Off)
+		b = binary.LittleEndian.AppendUint32(b, e.Len)
+		b = binary.LittleEndian.AppendUint32(b, e.Raw)
+	}
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+}
+
+func corrupt(what, why string) error { return fmt.Errorf("%s: %w: %s", what, ErrCorrupt, why) }
+
+func checkCRC(what string, b []byte) ([]byte, error) {
+	if len(b) < 4 {
+		return nil, corrupt(what, "too short")
+	}
+	body := b[:len(b)-4]
+	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
+		return nil, corrupt(what, "checksum mismatch")
+	}
+	return body, nil
+}
+
+// decodePackTrailer parses a plain trailer; packLen bounds the blobs.
+func decodePackTrailer(b []byte, packLen int64) ([]blobEntry, error) {
+	const what = "pack trailer"
+	body, err := checkCRC(what, b)
+	if err != nil {
+		return nil, err
+	}
+	if len(body) < 14 || string(body[:8]) != packMagic {
+		return nil, corrupt(what, "bad magic")
+	}
+	if binary.LittleEndian.Uint16(body[8:]) != 1 {
+		return nil, corrupt(what, "unknown version")
+	}
+	n := binary.LittleEndian.Uint32(body[10:])
+	p := body[14:]
+	if uint64(len(p)) != uint64(n)*blobEntLen {
+		return nil, corrupt(what, "entry count does not match its length")
+	}
+	ents := make([]blobEntry, n)
+	for i := range ents {
+		e := &ents[i]
+		copy(e.Hash[:], p)
+		e.Off = binary.LittleEndian.Uint32(p[32:])
+		e.Len = binary.LittleEndian.Uint32(p[36:])
+		e.Raw = binary.LittleEndian.Uint32(p[40:])
+		if int64(e.Off)+int64(e.Len) > packLen {
+			return nil, corrupt(what, "a blob lies outside the pack")
+		}
+		p = p[blobEntLen:]
+	}
+	return ents, nil
+}
+
+// packBlobs is one pack's entries in a chunk index.
+type packBlobs struct {
+	ID    PackID
+	Blobs []blobEntry
+}
+
+// encodeChunkIndex lists where chunks are: pack by pack.
+func encodeChunkIndex(packs []packBlobs) []byte {
+	var b []byte
+	b = append(b, cidxMagic...)
+	b = binary.LittleEndian.AppendUint16(b, 1)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(packs)))
+	for _, p := range packs {
+		b = append(b, p.ID[:]...)
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(p.Blobs)))
+		for _, e := range p.Blobs {
+			b = append(b, e.Hash[:]...)
+			b = binary.LittleEndian.AppendUint32(b, e.Off)
+			b = binary.LittleEndian.AppendUint32(b, e.Len)
+			b = binary.LittleEndian.AppendUint32(b, e.Raw)
+		}
+	}
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+}
+
+func decodeChunkIndex(b []byte) ([]packBlobs, error) {
+	const what = "chunk index"
+	body, err := checkCRC(what, b)
+	if err != nil {
+		return nil, err
+	}
+	if len(body) < 14 || string(body[:8]) != cidxMagic {
+		return nil, corrupt(what, "bad magic")
+	}
+	if binary.LittleEndian.Uint16(body[8:]) != 1 {
+		return nil, corrupt(what, "unknown version")
+	}
+	n := binary.LittleEndian.Uint32(body[10:])
+	p := body[14:]
+	if uint64(n) > uint64(len(p))/36 {
+		return nil, corrupt(what, "pack count exceeds its length")
+	}
+	out := make([]packBlobs, n)
+	for i := range out {
+		if len(p) < 36 {
+			return nil, corrupt(what, "truncated")
+		}
+		copy(out[i].ID[:], p)
+		m := binary.LittleEndian.Uint32(p[32:])
+		p = p[36:]
+		if uint64(len(p)) < uint64(m)*blobEntLen {
+			return nil, corrupt(what, "truncated")
+		}
+		out[i].Blobs = make([]blobEntry, m)
+		for j := range out[i].Blobs {
+			e := &out[i].Blobs[j]
+			copy(e.Hash[:], p)
+			e.Off = binary.LittleEndian.Uint32(p[32:])
+			e.Len = binary.LittleEndian.Uint32(p[36:])
+			e.Raw = binary.LittleEndian.Uint32(p[40:])
+			p = p[blobEntLen:]
+		}
+	}
+	if len(p) != 0 {
+		return nil, corrupt(what, "trailing bytes")
+	}
+	return out, nil
+}
+
+// Index is one image: every chunk of the volume at the snapshot. Images
+// lists them without Chunks; Image loads the chunk list.
+type Index struct {
+	ID        string    `json:"id"`
+	Volume    string    `json:"volume"`
+	Snapshot  string    `json:"snapshot"` // the snapshot it was read from
+	Parent    string    `json:"parent,omitempty"`
+	Size      int64     `json:"size"`
+	ChunkSize int       `json:"chunk_size"`
+	Created   time.Time `json:"created"`
+	Stats     *Stats    `json:"stats,omitempty"`
+	// ListHash is the BLAKE3 hash of the stored chunk list object.
+	ListHash Hash   `json:"list_hash"`
+	Chunks   []Hash `json:"-"`
+}
+
+// Encode serializes the chunk list (docs/formats.md).
+func (x *Index) Encode() []byte {
+	var b []byte
+	b = append(b, indexMagic...)
+	b = binary.LittleEndian.AppendUint16(b, 2)
+	b = binary.LittleEndian.AppendUint32(b, uint32(x.ChunkSize))
+	b = binary.LittleEndian.AppendUint64(b, uint64(x.Size))
+	b = binary.LittleEndian.AppendUint64(b, uint64(x.Created.UnixNano()))
+	for _, s := range []string{x.ID, x.Volume, x.Snapshot, x.Parent} {
+		b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
+		b = append(b, s...)
+	}
+	b = binary.LittleEndian.AppendUint64(b, uint64(len(x.Chunks)))
+	for _, h := range x.Chunks {
+		b = append(b, h[:]...)
+	}
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+}
+
+func validChunkSize(n int) bool { return n >= 4096 && n <= 4<<20 && n&(n-1) == 0 }
+
+// DecodeIndex parses a chunk list and checks it.
+func DecodeIndex(b []byte) (*Index, error) {
+	const what = "image index"
+	body, err := checkCRC(what, b)
+	if err != nil {
+		return nil, err
+	}
+	if len(body) < 8+2+4+8+8 || string(body[:8]) != indexMagic {
+		return nil, corrupt(what, "bad magic or too short")
+	}
+	p := body[8:]
+	if binary.LittleEndian.Uint16(p) != 2 {
+		return nil, corrupt(what, "unknown version")
+	}
+	x := &Index{ChunkSize: int(binary.LittleEndian.Uint32(p[2:])), Size: int64(binary.LittleEndian.Uint64(p[6:])),
+		Created: time.Unix(0, int64(binary.LittleEndian.Uint64(p[14:]))).UTC()}
+	if !validChunkSize(x.ChunkSize) {
+		return nil, corrupt(what, "bad chunk size")
+	}
+	p = p[22:]
+	var strs [4]string
+	for i := range strs {
+		if len(p) < 2 {
+			return nil, corrupt(what, "truncated")
+		}
+		n := int(binary.LittleEndian.Uint16(p))
+		if len(p) < 2+n {
+			return nil, corrupt(what, "truncated")
+		}
+		strs[i], p = string(p[2:2+n]), p[2+n:]
+	}
+	x.ID, x.Volume, x.Snapshot, x.Parent = strs[0], strs[1], strs[2], strs[3]
+	if len(p) < 8 {
+		return nil, corrupt(what, "truncated")
+	}
+	n := binary.LittleEndian.Uint64(p)
+	p = p[8:]
+	cs := int64(x.ChunkSize)
+	if x.Size < 0 || n != uint64((x.Size+cs-1)/cs) || uint64(len(p)) != n*32 {
+		return nil, corrupt(what, "chunk count does not match the size")
+	}
+	x.Chunks = make([]Hash, n)
+	for i := range x.Chunks {
+		copy(x.Chunks[i][:], p[i*32:])
+	}
+	return x, nil
+}

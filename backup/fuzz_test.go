@@ -1,0 +1,77 @@
+package backup
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func sampleBlobs() []blobEntry {
+	return []blobEntry{{Hash: Hash{1}, Off: 0, Len: 10, Raw: 4096}, {Hash: Hash{2, 3}, Off: 10, Len: 7, Raw: 100}}
+}
+
+func FuzzDecodePackTrailer(f *testing.F) {
+	f.Add(encodePackTrailer(sampleBlobs()), int64(17))
+	f.Add(encodePackTrailer(nil), int64(0))
+	f.Add([]byte(packMagic), int64(5))
+	f.Fuzz(func(t *testing.T, b []byte, packLen int64) {
+		ents, err := decodePackTrailer(b, packLen)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("error %v does not wrap ErrCorrupt", err)
+			}
+			return
+		}
+		for _, e := range ents {
+			if int64(e.Off)+int64(e.Len) > packLen {
+				t.Fatal("accepted a blob outside the pack")
+			}
+		}
+		if !bytes.Equal(encodePackTrailer(ents), b) {
+			t.Fatal("trailer does not round-trip")
+		}
+	})
+}
+
+func FuzzDecodeChunkIndex(f *testing.F) {
+	f.Add(encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}, {ID: PackID{8}}}))
+	f.Add(encodeChunkIndex(nil))
+	f.Add([]byte(cidxMagic))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		packs, err := decodeChunkIndex(b)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("error %v does not wrap ErrCorrupt", err)
+			}
+			return
+		}
+		if !bytes.Equal(encodeChunkIndex(packs), b) {
+			t.Fatal("chunk index does not round-trip")
+		}
+	})
+}
+
+// TestWriteSeedCorpus refreshes the committed seed corpora from valid
+// encodings when UMBRA_WRITE_CORPUS=1.
+func TestWriteSeedCorpus(t *testing.T) {
+	if os.Getenv("UMBRA_WRITE_CORPUS") == "" {
+		t.Skip("set UMBRA_WRITE_CORPUS=1 to rewrite testdata/fuzz seeds")
+	}
+	write := func(fuzz, name, body string) {
+		d := filepath.Join("testdata", "fuzz", fuzz)
+		os.MkdirAll(d, 0o755)
+		os.WriteFile(filepath.Join(d, name), []byte("go test fuzz v1\n"+body), 0o644)
+	}
+	tr := encodePackTrailer(sampleBlobs())
+	write("FuzzDecodePackTrailer", "valid", fmt.Sprintf("[]byte(%q)\nint64(17)\n", tr))
+	write("FuzzDecodePackTrailer", "short-pack", fmt.Sprintf("[]byte(%q)\nint64(16)\n", tr))
+	ci := encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}})
+	write("FuzzDecodeChunkIndex", "valid", fmt.Sprintf("[]byte(%q)\n", ci))
+	write("FuzzDecodeChunkIndex", "truncated", fmt.Sprintf("[]byte(%q)\n", ci[:len(ci)-9]))
+	x := &Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3*4096 + 5, ChunkSize: 4096, Chunks: make([]Hash, 4)}
+	x.Chunks[1][0] = 7
+	write("FuzzDecodeIndex", "valid-v2", fmt.Sprintf("[]byte(%q)\n", x.Encode()))
+}

@@ -1,0 +1,308 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Policy says which images prune keeps, per volume (restic's forget
+// semantics): the newest Last images, and the newest image of each of the
+// last Hourly hours, Daily days, Weekly ISO weeks and Monthly months that
+// have one. An image kept by any rule is kept.
+type Policy struct {
+	Last, Hourly, Daily, Weekly, Monthly int
+}
+
+func (p Policy) empty() bool { return p == Policy{} }
+
+// PruneReport says what prune did (or would do, with DryRun).
+type PruneReport struct {
+	DryRun        bool     `json:"dry_run"`
+	Kept          []string `json:"kept"`
+	Removed       []string `json:"removed"`
+	PacksDeleted  int      `json:"packs_deleted"`
+	PacksRepacked int      `json:"packs_repacked"`
+	BytesFreed    int64    `json:"bytes_freed"`
+	Recovered     int      `json:"packs_reindexed"` // packs found with no index naming them and still needed
+}
+
+// ErrNoPolicy: prune without any keep rule would delete every image.
+var ErrNoPolicy = errors.New("no keep rule: give at least one of --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly")
+
+// Select splits images (oldest first) into kept and removed by policy.
+func (p Policy) Select(images []*Index) (keep, remove []*Index) {
+	byVol := map[string][]*Index{}
+	var vols []string
+	for _, x := range images {
+		if byVol[x.Volume] == nil {
+			vols = append(vols, x.Volume)
+		}
+		byVol[x.Volume] = append(byVol[x.Volume], x)
+	}
+	kept := map[*Index]bool{}
+	for _, v := range vols {
+		list := byVol[v]
+		rules := []struct {
+			n   int
+			key func(time.Time) string
+		}{
+			{p.Last, func(t time.Time) string { return t.Format(time.RFC3339Nano) }},
+			{p.Hourly, func(t time.Time) string { return t.Format("2006-01-02T15") }},
+			{p.Daily, func(t time.Time) string { return t.Format("2006-01-02") }},
+			{p.Weekly, func(t time.Time) string { y, w := t.ISOWeek(); return fmt.Sprintf("%d-W%02d", y, w) }},
+			{p.Monthly, func(t time.Time) string { return t.Format("2006-01") }},
+		}
+		for _, rule := range rules {
+			left, last := rule.n, ""
+			for i := len(list) - 1; i >= 0 && left > 0; i-- {
+				k := rule.key(list[i].Created.Local())
+				if k == last {
+					continue
+				}
+				last = k
+				kept[list[i]] = true
+				left--
+			}
+		}
+	}
+	for _, x := range images {
+		if kept[x] {
+			keep = append(keep, x)
+		} else {
+			remove = append(remove, x)
+		}
+	}
+	return keep, remove
+}
+
+// repackBelow: a pack whose live blobs are less than this fraction of it
+// is rewritten; above, its dead blobs stay until more of it dies.
+const repackBelow = 0.8
+
+// Prune removes the images the policy does not keep, then collects
+// garbage: packs no kept image needs are deleted, mostly-dead packs are
+// rewritten, and one new index replaces the old ones. It holds an
+// exclusive lock. Order makes every step crash-safe: image records go
+// first; new packs and the new index are durable before old indexes go;
+// packs are deleted last.
+func (r *Repo) Prune(ctx context.Context, p Policy, dryRun bool) (PruneReport, error) {
+	rep := PruneReport{DryRun: dryRun}
+	if p.empty() {
+		return rep, ErrNoPolicy
+	}
+	unlock, err := r.Lock(ctx, "prune", true)
+	if err != nil {
+		return rep, err
+	}
+	defer unlock()
+	list, errs := r.images(ctx)
+	if len(errs) > 0 {
+		return rep, fmt.Errorf("prune %s: %d image records are unreadable (first: %v); run `umbra verify` and remove them by hand before pruning", r.Location(), len(errs), errs[0])
+	}
+	keep, remove := p.Select(list)
+	for _, x := range keep {
+		rep.Kept = append(rep.Kept, x.ID)
+	}
+	for _, x := range remove {
+		rep.Removed = append(rep.Removed, x.ID)
+	}
+	if dryRun {
+		return rep, nil
+	}
+	for _, x := range remove {
+		if err := r.be.Delete(ctx, imageName(x.ID)); err != nil {
+			return rep, fmt.Errorf("prune: remove image %s: %w", x.ID, err)
+		}
+	}
+	if err := r.be.Sync(ctx); err != nil {
+		return rep, err
+	}
+	for _, x := range remove {
+		r.be.Delete(ctx, listName(x.ID))
+	}
+	return rep, r.collect(ctx, keep, &rep)
+}
+
+// collect is prune's garbage collection over the kept images.
+func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) error {
+	used := map[Hash]bool{}
+	for _, x := range keep {
+		if err := r.loadChunks(ctx, x); err != nil {
+			return fmt.Errorf("prune: %w; not collecting garbage (it could delete what that image needs): run `umbra verify`", err)
+		}
+		for _, h := range x.Chunks {
+			used[h] = true
+		}
+		x.Chunks = nil // bounded memory: only the used set is kept
+	}
+	// Every pack with its blobs: from the indexes, and from the trailers
+	// of packs no index names (a backup that died before its index, or a
+	// damaged index).
+	names, err := r.be.List(ctx, "packs/")
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	blobs := map[PackID][]blobEntry{}
+	for h, l := range r.chunks {
+		pid := r.packs[l.pack]
+		blobs[pid] = append(blobs[pid], blobEntry{Hash: h, Off: l.off, Len: l.len, Raw: l.raw})
+	}
+	oldIndexes := append([]string(nil), r.indexes...)
+	r.mu.Unlock()
+	listedIndexes, _ := r.be.List(ctx, "index/") // the damaged ones too
+	present := map[PackID]bool{}
+	located := map[Hash]bool{}
+	for _, bs := range blobs {
+		for _, b := range bs {
+			located[b.Hash] = true
+		}
+	}
+	for _, n := range names {
+		pid, ok := parsePackName(n)
+		if !ok {
+			continue
+		}
+		present[pid] = true
+		if _, indexed := blobs[pid]; indexed {
+			continue
+		}
+		ents, err := r.readTrailer(ctx, n)
+		if err != nil {
+			continue // unreadable and unindexed: garbage
+		}
+		needed := false
+		for _, e := range ents {
+			if used[e.Hash] && !located[e.Hash] {
+				needed = true
+				located[e.Hash] = true
+			}
+		}
+		if needed {
+			blobs[pid] = ents
+			rep.Recovered++
+		} else {
+			rep.PacksDeleted++
+			r.be.Delete(ctx, n)
+		}
+	}
+	// Decide per pack: keep, delete, or repack its live blobs.
+	var keepPacks []packBlobs
+	var drop []PackID
+	var repack []packBlobs
+	for pid, bs := range blobs {
+		if !present[pid] {
+			continue // indexed but gone: its chunks are missing (verify says which images)
+		}
+		var live, total int64
+		var liveBlobs []blobEntry
+		for _, b := range bs {
+			total += int64(b.Len)
+			if used[b.Hash] {
+				live += int64(b.Len)
+				liveBlobs = append(liveBlobs, b)
+			}
+		}
+		switch {
+		case live == 0:
+			drop = append(drop, pid)
+			rep.BytesFreed += total
+		case float64(live) < repackBelow*float64(total):
+			repack = append(repack, packBlobs{ID: pid, Blobs: liveBlobs})
+			drop = append(drop, pid)
+			rep.BytesFreed += total - live
+		default:
+			keepPacks = append(keepPacks, packBlobs{ID: pid, Blobs: bs})
+		}
+	}
+	sort.Slice(keepPacks, func(i, j int) bool { return string(keepPacks[i].ID[:]) < string(keepPacks[j].ID[:]) })
+	// Copy live blobs verbatim (they are sealed on their own) into new packs.
+	up := r.newUploader(ctx)
+	defer up.abort()
+	for _, p := range repack {
+		for _, b := range p.Blobs {
+			if up.has(b.Hash) {
+				continue
+			}
+			blob, err := r.be.Get(ctx, p.ID.name(), int64(b.Off), int64(b.Len))
+			if err != nil {
+				return fmt.Errorf("prune: repack %s: %w", p.ID, err)
+			}
+			if err := up.add(b.Hash, blob, int(b.Raw)); err != nil {
+				return fmt.Errorf("prune: repack: %w", err)
+			}
+		}
+		rep.PacksRepacked++
+	}
+	if err := up.finishPacks(); err != nil {
+		return fmt.Errorf("prune: %w", err)
+	}
+	all := append(keepPacks, up.done...)
+	b := r.seal.seal(nil, r.enc.EncodeAll(encodeChunkIndex(all), nil))
+	newIndex := "index/" + randomID()
+	if err := r.be.Put(ctx, newIndex, b); err != nil {
+		return fmt.Errorf("prune: write index: %w", err)
+	}
+	if err := r.be.Sync(ctx); err != nil {
+		return err
+	}
+	for _, n := range append(oldIndexes, listedIndexes...) {
+		if n != newIndex {
+			if err := r.be.Delete(ctx, n); err != nil {
+				return fmt.Errorf("prune: remove old index %s: %w", n, err)
+			}
+		}
+	}
+	if err := r.be.Sync(ctx); err != nil {
+		return err
+	}
+	for _, pid := range drop {
+		if err := r.be.Delete(ctx, pid.name()); err != nil {
+			return fmt.Errorf("prune: remove pack %s: %w", pid, err)
+		}
+		rep.PacksDeleted++
+	}
+	// Chunk lists whose image record is gone (a backup or prune that died).
+	if lists, err := r.be.List(ctx, "lists/"); err == nil {
+		for _, n := range lists {
+			id := strings.TrimPrefix(n, "lists/")
+			if ok, err := r.be.Has(ctx, imageName(id)); err == nil && !ok {
+				r.be.Delete(ctx, n)
+			}
+		}
+	}
+	r.mu.Lock()
+	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, map[Hash]loc{}, []string{newIndex}, nil
+	for _, p := range all {
+		r.addPack(p)
+	}
+	r.mu.Unlock()
+	return r.be.Sync(ctx)
+}
+
+func parsePackName(n string) (PackID, bool) {
+	var pid PackID
+	s := n[strings.LastIndexByte(n, '/')+1:]
+	if len(s) != 64 {
+		return pid, false
+	}
+	for i := 0; i < 32; i++ {
+		var v byte
+		for _, c := range s[2*i : 2*i+2] {
+			switch {
+			case c >= '0' && c <= '9':
+				v = v<<4 | byte(c-'0')
+			case c >= 'a' && c <= 'f':
+				v = v<<4 | byte(c-'a'+10)
+			default:
+				return pid, false
+			}
+		}
+		pid[i] = v
+	}
+	return pid, true
+}

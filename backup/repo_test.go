@@ -1,0 +1,352 @@
+package backup_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"umbra/backup"
+)
+
+func init() { backup.SetScryptN(1 << 10) }
+
+// memSource is a volume in memory.
+type memSource []byte
+
+func (m memSource) ReadAt(p []byte, off int64) (int, error) { return copy(p, m[off:]), nil }
+func (m memSource) Size() int64                             { return int64(len(m)) }
+
+// volumeData makes a volume image with text-like (compressible), random
+// and zero regions, so compression, dedup and zero detection all matter.
+func volumeData(r *rand.Rand, size int) memSource {
+	b := make([]byte, size)
+	words := []string{"umbra ", "shadow ", "copy ", "volume ", "snapshot ", "block "}
+	for off := 0; off+4096 <= size; off += 4096 {
+		switch r.IntN(4) {
+		case 0: // zero
+		case 1:
+			for i := off; i < off+4096; i++ {
+				b[i] = byte(r.Uint32())
+			}
+		default:
+			var s strings.Builder
+			for s.Len() < 4096 {
+				s.WriteString(words[r.IntN(len(words))])
+			}
+			copy(b[off:off+4096], s.String())
+		}
+	}
+	return b
+}
+
+func backupAndRestore(t *testing.T, repo *backup.Repo, src memSource, opts backup.Options) *backup.Index {
+	t.Helper()
+	x, _, err := repo.Backup(context.Background(), src, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "out.img")
+	if err := repo.Restore(x.ID, out, nil); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(out)
+	if !bytes.Equal(got, src) {
+		t.Fatalf("image %s does not restore byte-identical", x.ID)
+	}
+	return x
+}
+
+func TestEncryptedRepository(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "repo")
+	repo, err := backup.InitWith(ctx, dir, backup.Settings{Password: "correct horse"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := volumeData(rand.New(rand.NewPCG(3, 4)), 4<<20)
+	backupAndRestore(t, repo, src, backup.Options{Volume: "secret-vol"})
+	repo.Close()
+
+	// Nothing readable leaks: not the text, not the volume's name, not
+	// the plain hash of a chunk.
+	plainHash := sha256.Sum256(src[:4096])
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if fi == nil || fi.IsDir() || strings.HasSuffix(p, "config") || strings.Contains(p, "keys") {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		if bytes.Contains(b, []byte("snapshot shadow")) || bytes.Contains(b, []byte("shadow copy")) || bytes.Contains(b, []byte("secret-vol")) || bytes.Contains(b, plainHash[:8]) {
+			t.Errorf("%s holds plaintext", p)
+		}
+		return nil
+	})
+	if _, err := backup.OpenWith(ctx, dir, backup.Settings{Password: "wrong"}); !errors.Is(err, backup.ErrWrongPassword) || !strings.Contains(err.Error(), dir) {
+		t.Fatalf("open with a wrong password: %v", err)
+	}
+	if _, err := backup.Open(dir); !errors.Is(err, backup.ErrNeedPassword) {
+		t.Fatalf("open without a password: %v", err)
+	}
+	repo, err = backup.OpenWith(ctx, dir, backup.Settings{Password: "correct horse"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	if rep := repo.Verify(); rep.GoodImages != 1 || len(rep.BadChunks) > 0 {
+		t.Fatalf("verify: %+v", rep)
+	}
+}
+
+func TestLocks(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "repo")
+	repo, err := backup.Init(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	other, _ := backup.Open(dir)
+	defer other.Close()
+	src := volumeData(rand.New(rand.NewPCG(5, 6)), 1<<20)
+
+	unlock, err := other.Lock(ctx, "prune", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = repo.Backup(ctx, src, backup.Options{Volume: "v"})
+	if !errors.Is(err, backup.ErrLocked) || !strings.Contains(err.Error(), `"prune"`) || !strings.Contains(err.Error(), "umbra repo unlock") {
+		t.Fatalf("backup into a repository locked by prune: %v", err)
+	}
+	unlock()
+
+	// Shared locks coexist; an exclusive one waits for them.
+	u1, err := other.Lock(ctx, "backup a", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := repo.Backup(ctx, src, backup.Options{Volume: "v"}); err != nil {
+		t.Fatalf("two backups at once: %v", err)
+	}
+	if _, err := repo.Prune(ctx, backup.Policy{Last: 1}, false); !errors.Is(err, backup.ErrLocked) {
+		t.Fatalf("prune during a backup: %v", err)
+	}
+	u1()
+
+	// A lock whose process is gone (kill -9) is stale and removed.
+	os.WriteFile(filepath.Join(dir, "locks", "deadbeef"), []byte(`{"host":"`+hostname()+`","pid":999999999,"op":"backup x","exclusive":true,"created":"2026-01-01T00:00:00Z","refreshed":"`+time.Now().UTC().Format(time.RFC3339)+`"}`), 0o600)
+	if _, _, err := repo.Backup(ctx, src, backup.Options{Volume: "v"}); err != nil {
+		t.Fatalf("backup after a dead process's lock: %v", err)
+	}
+	if n := backup.ObjectNames(repo, "locks/"); len(n) != 0 {
+		t.Fatalf("locks left behind: %v", n)
+	}
+}
+
+func hostname() string { h, _ := os.Hostname(); return h }
+
+func TestPolicySelect(t *testing.T) {
+	base := time.Date(2026, 3, 1, 0, 0, 0, 0, time.Local)
+	var imgs []*backup.Index
+	// One image every 6 hours for 60 days.
+	for i := 0; i < 240; i++ {
+		imgs = append(imgs, &backup.Index{ID: "v-" + time.Duration(i).String(), Volume: "v", Created: base.Add(time.Duration(i) * 6 * time.Hour)})
+	}
+	imgs = append(imgs, &backup.Index{ID: "w-1", Volume: "w", Created: base})
+	for _, tc := range []struct {
+		p    backup.Policy
+		want int
+	}{
+		{backup.Policy{Last: 3}, 3 + 1},
+		{backup.Policy{Daily: 7}, 7 + 1},
+		{backup.Policy{Weekly: 4}, 4 + 1},
+		{backup.Policy{Monthly: 12}, 2 + 1},        // March and April
+		{backup.Policy{Last: 2, Daily: 3}, 4 + 1},  // the newest 2 share a day
+		{backup.Policy{Hourly: 5, Last: 1}, 5 + 1}, // every image is its own hour
+		{backup.Policy{Daily: 1000}, 60 + 1},       // cannot keep more than exist
+	} {
+		keep, remove := tc.p.Select(imgs)
+		if len(keep) != tc.want || len(keep)+len(remove) != len(imgs) {
+			t.Errorf("%+v: kept %d, want %d", tc.p, len(keep), tc.want)
+		}
+		if !slices.Contains(keep, imgs[len(imgs)-2]) || !slices.Contains(keep, imgs[len(imgs)-1]) {
+			t.Errorf("%+v: the newest image of a volume was not kept", tc.p)
+		}
+	}
+}
+
+// TestPrune: images under a changing volume, prune keeps the last few;
+// the kept ones restore, verify is clean, space shrinks, and what was
+// removed is gone; a second prune finds nothing to do.
+func TestPrune(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "repo")
+	repo, err := backup.Init(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	r := rand.New(rand.NewPCG(7, 8))
+	src := volumeData(r, 4<<20)
+	var wants []memSource
+	var ids []string
+	for k := 0; k < 6; k++ {
+		// Rewrite a quarter of the volume with new random data each time.
+		for i := 0; i < 256; i++ {
+			off := r.IntN(len(src)/4096) * 4096
+			for j := off; j < off+4096; j++ {
+				src[j] = byte(r.Uint32())
+			}
+		}
+		x, _, err := repo.Backup(ctx, src, backup.Options{Volume: "v"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, x.ID)
+		wants = append(wants, slices.Clone(src))
+	}
+	before := repo.Stats(ctx)
+	if _, err := repo.Prune(ctx, backup.Policy{}, false); !errors.Is(err, backup.ErrNoPolicy) {
+		t.Fatalf("prune without a policy: %v", err)
+	}
+	rep, err := repo.Prune(ctx, backup.Policy{Last: 2}, true)
+	if err != nil || len(rep.Removed) != 4 || len(backup.ObjectNames(repo, "images/")) != 6 {
+		t.Fatalf("dry run: %+v %v", rep, err)
+	}
+	rep, err = repo.Prune(ctx, backup.Policy{Last: 2}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(rep.Kept, ids[4:]) || rep.PacksDeleted == 0 {
+		t.Fatalf("prune: %+v", rep)
+	}
+	after := repo.Stats(ctx)
+	if after.StoredBytes >= before.StoredBytes || after.Images != 2 {
+		t.Fatalf("prune freed nothing: before %+v after %+v", before, after)
+	}
+	for _, reopen := range []bool{false, true} {
+		if reopen {
+			repo.Close()
+			if repo, err = backup.Open(dir); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for k := 4; k < 6; k++ {
+			out := filepath.Join(t.TempDir(), "out.img")
+			if err := repo.Restore(ids[k], out, nil); err != nil {
+				t.Fatal(err)
+			}
+			got, _ := os.ReadFile(out)
+			if !bytes.Equal(got, wants[k]) {
+				t.Fatalf("kept image %d changed by prune", k)
+			}
+		}
+		if v := repo.Verify(); v.GoodImages != 2 || len(v.BadChunks)+len(v.BadImages)+len(v.BadIndexes) > 0 {
+			t.Fatalf("verify after prune: %+v", v)
+		}
+	}
+	if _, err := repo.Image(ids[0]); err == nil {
+		t.Fatal("a removed image is still readable")
+	}
+	if n := backup.ObjectNames(repo, "index/"); len(n) != 1 {
+		t.Fatalf("prune left %d index objects, want 1", len(n))
+	}
+	rep, err = repo.Prune(ctx, backup.Policy{Last: 2}, false)
+	if err != nil || len(rep.Removed) != 0 || rep.PacksDeleted != 0 || rep.PacksRepacked != 0 {
+		t.Fatalf("second prune: %+v %v", rep, err)
+	}
+	// A new backup dedups against what prune kept.
+	_, st, err := repo.Backup(ctx, src, backup.Options{Volume: "v"})
+	if err != nil || st.Stored != 0 {
+		t.Fatalf("backup of unchanged data after prune stored %d bytes (%v)", st.Stored, err)
+	}
+}
+
+// TestHoles: a sparse file's holes are neither read nor stored.
+func TestHoles(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	repo, err := backup.Init(filepath.Join(dir, "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	p := filepath.Join(dir, "sparse.img")
+	f, _ := os.Create(p)
+	defer f.Close()
+	f.Truncate(64 << 20)
+	data := bytes.Repeat([]byte("data"), 1024*64) // 256 KiB
+	f.WriteAt(data, 10<<20)
+	f.WriteAt(data[:100], 40<<20+17)
+	fi := fileSource{f}
+	x, st, err := repo.Backup(ctx, fi, backup.Options{Volume: "sparse", Allocated: backup.FileAllocation(f)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Read > 1<<20 || st.Unallocated < 62<<20 {
+		t.Fatalf("read %d bytes of a 64 MiB file with 256 KiB of data (unallocated %d)", st.Read, st.Unallocated)
+	}
+	out := filepath.Join(dir, "out.img")
+	if err := repo.Restore(x.ID, out, nil); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(p)
+	b, _ := os.ReadFile(out)
+	if !bytes.Equal(a, b) {
+		t.Fatal("sparse image does not restore byte-identical")
+	}
+}
+
+type fileSource struct{ *os.File }
+
+func (f fileSource) Size() int64 { fi, _ := f.Stat(); return fi.Size() }
+
+// TestImageReader reads an image in place at odd offsets.
+func TestImageReader(t *testing.T) {
+	ctx := context.Background()
+	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	src := volumeData(rand.New(rand.NewPCG(9, 10)), 1<<20+1234)
+	x := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	ir, err := repo.OpenImage(ctx, x.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(1, 1))
+	for i := 0; i < 200; i++ {
+		off := r.Int64N(int64(len(src)))
+		n := min(r.Int64N(20000), int64(len(src))-off)
+		got := make([]byte, n)
+		if _, err := ir.ReadAt(got, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, src[off:off+n]) {
+			t.Fatalf("ReadAt(%d, %d) differs", off, n)
+		}
+	}
+}
+
+func TestChunkSizes(t *testing.T) {
+	ctx := context.Background()
+	src := volumeData(rand.New(rand.NewPCG(11, 12)), 3<<20+4096)
+	for _, cs := range []int{4096, 16384, 65536, 262144} {
+		repo, err := backup.InitWith(ctx, filepath.Join(t.TempDir(), "repo"), backup.Settings{ChunkSize: cs, Hash: "sha256"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+		repo.Close()
+	}
+	if _, err := backup.InitWith(ctx, filepath.Join(t.TempDir(), "r"), backup.Settings{ChunkSize: 5000}); err == nil || !strings.Contains(err.Error(), "chunk size 5000") {
+		t.Fatalf("a bad chunk size: %v", err)
+	}
+}

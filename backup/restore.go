@@ -1,0 +1,253 @@
+package backup
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+)
+
+// Restore writes image id to the file or device at path, verifying every
+// chunk; zero chunks of a regular file are left as holes.
+func (r *Repo) Restore(id, path string, progress func(done, total int64)) error {
+	return r.RestoreContext(context.Background(), id, path, progress)
+}
+
+// RestoreContext is Restore with a context. Memory stays bounded: one
+// batch of chunks is in flight at a time.
+func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress func(done, total int64)) error {
+	x, err := r.image(ctx, id)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("restore to %s: %w", path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("restore to %s: %w", path, err)
+	}
+	regular := fi.Mode().IsRegular()
+	if regular {
+		if err := f.Truncate(0); err != nil {
+			return fmt.Errorf("restore to %s: %w", path, err)
+		}
+		if err := f.Truncate(x.Size); err != nil {
+			return fmt.Errorf("restore to %s: %w", path, err)
+		}
+	}
+	cs := int64(x.ChunkSize)
+	perBatch := max(batchBytes/cs, 1)
+	buf := make([]byte, perBatch*cs)
+	sums := make([]func([]byte) Hash, runtime.GOMAXPROCS(0))
+	for i := range sums {
+		sums[i] = r.hasher()
+	}
+	n := int64(len(x.Chunks))
+	for first := int64(0); first < n; first += perBatch {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		last := min(first+perBatch, n)
+		if err := r.readChunks(ctx, x, first, last, buf, sums); err != nil {
+			return fmt.Errorf("restore %s: %w", id, err)
+		}
+		// Write runs of chunks; a file keeps zero chunks as holes.
+		for j := first; j < last; {
+			if regular && x.Chunks[j] == (Hash{}) {
+				j++
+				continue
+			}
+			k := j + 1
+			for k < last && !(regular && x.Chunks[k] == (Hash{})) {
+				k++
+			}
+			off := j * cs
+			end := min(k*cs, x.Size)
+			if _, err := f.WriteAt(buf[(j-first)*cs:(j-first)*cs+end-off], off); err != nil {
+				return fmt.Errorf("restore to %s at %d: %w", path, off, err)
+			}
+			j = k
+		}
+		if progress != nil {
+			progress(min(last*cs, x.Size), x.Size)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("restore to %s: %w", path, err)
+	}
+	return nil
+}
+
+// fetch is one ranged read of adjacent blobs in a pack, and the chunks
+// (indexes into the batch) they hold.
+type fetch struct {
+	pack  PackID
+	off   int64
+	len   int64
+	items []fetchItem
+}
+
+type fetchItem struct {
+	slot int   // chunk index within the batch
+	h    Hash  // its hash
+	off  int64 // blob offset within the fetch
+	len  int64
+}
+
+// readChunks fills buf with chunks [first,last) of x: zero chunks are
+// zeroed, others fetched (adjacent blobs of a pack in one read), opened
+// and checked against their hash, in parallel.
+func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf []byte, sums []func([]byte) Hash) error {
+	cs := int64(x.ChunkSize)
+	var fetches []*fetch
+	var cur *fetch
+	for i := first; i < last; i++ {
+		h := x.Chunks[i]
+		slot := int(i - first)
+		dst := buf[int64(slot)*cs : int64(slot+1)*cs]
+		if h == (Hash{}) {
+			clear(dst)
+			continue
+		}
+		l, pid, ok := r.lookup(h)
+		if !ok {
+			return fmt.Errorf("at %d: chunk %s: %w", i*cs, h, ErrMissingChunk)
+		}
+		if cur == nil || cur.pack != pid || cur.off+cur.len != int64(l.off) || cur.len > 8<<20 {
+			cur = &fetch{pack: pid, off: int64(l.off)}
+			fetches = append(fetches, cur)
+		}
+		cur.items = append(cur.items, fetchItem{slot: slot, h: h, off: cur.len, len: int64(l.len)})
+		cur.len += int64(l.len)
+	}
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		ferr error
+		next = make(chan *fetch)
+	)
+	for _, sum := range sums {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ft := range next {
+				if err := r.doFetch(ctx, ft, buf, cs, sum); err != nil {
+					mu.Lock()
+					if ferr == nil {
+						ferr = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for _, ft := range fetches {
+		next <- ft
+	}
+	close(next)
+	wg.Wait()
+	return ferr
+}
+
+func (r *Repo) doFetch(ctx context.Context, ft *fetch, buf []byte, cs int64, sum func([]byte) Hash) error {
+	b, err := r.be.Get(ctx, ft.pack.name(), ft.off, ft.len)
+	if err != nil {
+		return fmt.Errorf("pack %s: %w", ft.pack, err)
+	}
+	for _, it := range ft.items {
+		dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
+		data, err := r.openBlob(it.h, b[it.off:it.off+it.len], dst[:0:cs], sum)
+		if err != nil {
+			return err
+		}
+		if &data[0] != &dst[0] {
+			copy(dst, data)
+		}
+		clear(dst[len(data):])
+	}
+	return nil
+}
+
+// ImageReader reads an image in place (for `umbra mount`): an
+// io.ReaderAt over the repository, safe for concurrent use, with a small
+// cache of recent chunks.
+type ImageReader struct {
+	r *Repo
+	x *Index
+
+	mu    sync.Mutex // guards cache, order
+	cache map[int64][]byte
+	order []int64
+}
+
+// OpenImage opens image id for reading.
+func (r *Repo) OpenImage(ctx context.Context, id string) (*ImageReader, error) {
+	x, err := r.image(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return &ImageReader{r: r, x: x, cache: map[int64][]byte{}}, nil
+}
+
+// Index returns the image's record.
+func (ir *ImageReader) Index() *Index { return ir.x }
+
+// Size is the image's size.
+func (ir *ImageReader) Size() int64 { return ir.x.Size }
+
+const readerCache = 1024 // chunks
+
+// ReadAt reads from the image as of its snapshot.
+func (ir *ImageReader) ReadAt(p []byte, off int64) (int, error) {
+	cs := int64(ir.x.ChunkSize)
+	n := 0
+	for n < len(p) {
+		pos := off + int64(n)
+		if pos >= ir.x.Size {
+			return n, fmt.Errorf("read past the end of image %s (%d bytes)", ir.x.ID, ir.x.Size)
+		}
+		i := pos / cs
+		c, err := ir.chunk(i)
+		if err != nil {
+			return n, err
+		}
+		n += copy(p[n:], c[pos-i*cs:min(int64(len(c)), ir.x.Size-i*cs)])
+	}
+	return n, nil
+}
+
+func (ir *ImageReader) chunk(i int64) ([]byte, error) {
+	cs := int64(ir.x.ChunkSize)
+	h := ir.x.Chunks[i]
+	if h == (Hash{}) {
+		return zeroChunk[:cs], nil
+	}
+	ir.mu.Lock()
+	c, ok := ir.cache[i]
+	ir.mu.Unlock()
+	if ok {
+		return c, nil
+	}
+	c, err := ir.r.getChunk(context.Background(), h, make([]byte, cs), ir.r.hasher())
+	if err != nil {
+		return nil, fmt.Errorf("image %s at %d: %w", ir.x.ID, i*cs, err)
+	}
+	if int64(len(c)) < cs {
+		c = append(c, zeroChunk[:cs-int64(len(c))]...)
+	}
+	ir.mu.Lock()
+	if _, dup := ir.cache[i]; !dup {
+		if len(ir.order) >= readerCache {
+			delete(ir.cache, ir.order[0])
+			ir.order = ir.order[1:]
+		}
+		ir.cache[i] = c
+		ir.order = append(ir.order, i)
+	}
+	ir.mu.Unlock()
+	return c, nil
+}

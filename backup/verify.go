@@ -1,0 +1,193 @@
+package backup
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"runtime"
+	"sort"
+	"sync"
+)
+
+// VerifyReport names what verify found.
+type VerifyReport struct {
+	Packs      int      `json:"packs"`
+	Chunks     int      `json:"chunks"`
+	BadChunks  []string `json:"bad_chunks,omitempty"`
+	BadImages  []string `json:"bad_images,omitempty"`
+	BadIndexes []string `json:"bad_indexes,omitempty"`
+	GoodImages int      `json:"good_images"`
+}
+
+// Verify re-hashes every chunk any image uses and names the images that
+// a damaged or missing chunk breaks.
+func (r *Repo) Verify() VerifyReport { return r.VerifyContext(context.Background(), nil) }
+
+// VerifyContext is Verify with a context and progress (packs done, total).
+func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int64)) VerifyReport {
+	var rep VerifyReport
+	r.mu.Lock()
+	for _, e := range r.indexErrs {
+		rep.BadIndexes = append(rep.BadIndexes, e.Error())
+	}
+	r.mu.Unlock()
+	list, errs := r.images(ctx)
+	for _, e := range errs {
+		rep.BadIndexes = append(rep.BadIndexes, e.Error())
+	}
+	needed := map[Hash]bool{} // hash -> good
+	var usable []*Index
+	for _, x := range list {
+		if err := r.loadChunks(ctx, x); err != nil {
+			rep.BadIndexes = append(rep.BadIndexes, err.Error())
+			rep.BadImages = append(rep.BadImages, x.ID)
+			continue
+		}
+		usable = append(usable, x)
+		for _, h := range x.Chunks {
+			if h != (Hash{}) {
+				needed[h] = false
+			}
+		}
+	}
+	// Group the needed chunks by pack and check each pack in one read.
+	byPack := map[PackID][]Hash{}
+	for h := range needed {
+		if _, pid, ok := r.lookup(h); ok {
+			byPack[pid] = append(byPack[pid], h)
+		}
+	}
+	pids := make([]PackID, 0, len(byPack))
+	for p := range byPack {
+		pids = append(pids, p)
+	}
+	sort.Slice(pids, func(i, j int) bool { return string(pids[i][:]) < string(pids[j][:]) })
+	var mu sync.Mutex // guards needed, done
+	done := int64(0)
+	next := make(chan PackID)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sum := r.hasher()
+			for pid := range next {
+				good := r.checkPack(ctx, pid, byPack[pid], sum)
+				mu.Lock()
+				for h, ok := range good {
+					needed[h] = ok
+				}
+				done++
+				if progress != nil {
+					progress(done, int64(len(pids)))
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	for _, p := range pids {
+		next <- p
+	}
+	close(next)
+	wg.Wait()
+	rep.Packs = len(pids)
+	rep.Chunks = len(needed)
+	for h, ok := range needed {
+		if !ok {
+			rep.BadChunks = append(rep.BadChunks, h.String())
+		}
+	}
+	sort.Strings(rep.BadChunks)
+	for _, x := range usable {
+		ok := true
+		for _, h := range x.Chunks {
+			if h != (Hash{}) && !needed[h] {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			rep.GoodImages++
+		} else {
+			rep.BadImages = append(rep.BadImages, x.ID)
+		}
+	}
+	sort.Strings(rep.BadImages)
+	return rep
+}
+
+// checkPack reads a pack whole and checks the given chunks in it.
+func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) map[Hash]bool {
+	good := make(map[Hash]bool, len(hs))
+	b, err := r.be.Get(ctx, pid.name(), 0, -1)
+	buf := make([]byte, r.cfg.ChunkSize)
+	for _, h := range hs {
+		l, _, _ := r.lookup(h)
+		if err != nil || int64(l.off)+int64(l.len) > int64(len(b)) {
+			good[h] = false
+			continue
+		}
+		_, oerr := r.openBlob(h, b[l.off:l.off+l.len], buf, sum)
+		good[h] = oerr == nil
+	}
+	return good
+}
+
+// readTrailer reads a pack's blob list from the pack itself.
+func (r *Repo) readTrailer(ctx context.Context, name string) ([]blobEntry, error) {
+	b, err := r.be.Get(ctx, name, 0, -1)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) < 4 {
+		return nil, corrupt(name, "too short")
+	}
+	tl := int64(binary.LittleEndian.Uint32(b[len(b)-4:]))
+	if tl > int64(len(b))-4 {
+		return nil, corrupt(name, "trailer length exceeds the pack")
+	}
+	t, err := r.seal.open(nil, b[int64(len(b))-4-tl:len(b)-4])
+	if err != nil {
+		return nil, fmt.Errorf("%s trailer: %w", name, err)
+	}
+	return decodePackTrailer(t, int64(len(b))-4-tl)
+}
+
+// RepoStats describes a repository.
+type RepoStats struct {
+	Location    string  `json:"location"`
+	Encryption  string  `json:"encryption"`
+	Hash        string  `json:"hash"`
+	ChunkSize   int     `json:"chunk_size"`
+	Images      int     `json:"images"`
+	Volumes     int     `json:"volumes"`
+	ImageBytes  int64   `json:"image_bytes"` // sum of image sizes
+	Chunks      int     `json:"chunks"`      // unique chunks stored
+	Packs       int     `json:"packs"`
+	RawBytes    int64   `json:"raw_bytes"`    // unique chunks, uncompressed
+	StoredBytes int64   `json:"stored_bytes"` // unique chunks as stored
+	DedupRatio  float64 `json:"dedup_ratio"`  // image bytes / stored bytes
+}
+
+// Stats summarizes the repository.
+func (r *Repo) Stats(ctx context.Context) RepoStats {
+	st := RepoStats{Location: r.Location(), Encryption: r.cfg.Encryption, Hash: r.cfg.Hash, ChunkSize: r.cfg.ChunkSize}
+	list, _ := r.images(ctx)
+	vols := map[string]bool{}
+	for _, x := range list {
+		st.ImageBytes += x.Size
+		vols[x.Volume] = true
+	}
+	st.Images, st.Volumes = len(list), len(vols)
+	r.mu.Lock()
+	st.Chunks, st.Packs = len(r.chunks), len(r.packs)
+	for _, l := range r.chunks {
+		st.RawBytes += int64(l.raw)
+		st.StoredBytes += int64(l.len)
+	}
+	r.mu.Unlock()
+	if st.StoredBytes > 0 {
+		st.DedupRatio = float64(st.ImageBytes) / float64(st.StoredBytes)
+	}
+	return st
+}
