@@ -2,14 +2,18 @@ package api
 
 import (
 	"context"
+
 	"errors"
 	"fmt"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"strings"
 	"time"
 
 	"umbra/api/umbrav1"
 	"umbra/backup"
 	"umbra/coordinator"
+	"umbra/cow"
 	"umbra/provider"
 )
 
@@ -19,11 +23,36 @@ const baseSnapshotPrefix = "backup-"
 
 // Backup runs a backup: one snapshot set, one image per volume.
 func (s *Server) Backup(ctx context.Context, req *umbrav1.BackupRequest) (*umbrav1.BackupResponse, error) {
+	return s.runBackup(ctx, req, nil)
+}
+
+// BackupStream is Backup with progress events.
+func (s *Server) BackupStream(req *umbrav1.BackupRequest, stream umbrav1.Umbra_BackupStreamServer) error {
+	var last time.Time
+	progress := func(p *umbrav1.BackupProgress) {
+		// At most ten events a second, and always the last one.
+		if now := time.Now(); now.Sub(last) >= 100*time.Millisecond || p.Done == p.Total {
+			last = now
+			stream.Send(&umbrav1.BackupEvent{Event: &umbrav1.BackupEvent_Progress{Progress: p}})
+		}
+	}
+	resp, err := s.runBackup(stream.Context(), req, progress)
+	if err != nil {
+		return err
+	}
+	return stream.Send(&umbrav1.BackupEvent{Event: &umbrav1.BackupEvent_Done{Done: resp}})
+}
+
+func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, progress func(*umbrav1.BackupProgress)) (*umbrav1.BackupResponse, error) {
 	if len(req.GetVolumes()) == 0 {
 		return nil, toStatus(fmt.Errorf("%w: name at least one volume", errBadRequest))
 	}
-	repo, err := backup.Open(req.GetRepo())
+	repo, err := backup.OpenWith(ctx, req.GetRepo(), backup.Settings{Password: req.GetPassword(),
+		Cred: backup.Credentials{AccessKey: req.GetS3AccessKey(), SecretKey: req.GetS3SecretKey()}})
 	if err != nil {
+		if errors.Is(err, backup.ErrWrongPassword) || errors.Is(err, backup.ErrNeedPassword) {
+			return nil, status.Error(codes.PermissionDenied, err.Error())
+		}
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
 	defer repo.Close()
@@ -35,7 +64,7 @@ func (s *Server) Backup(ctx context.Context, req *umbrav1.BackupRequest) (*umbra
 	resp := &umbrav1.BackupResponse{SetId: set.ID, Writers: set.Writers}
 	var failed error
 	for _, sn := range set.Snapshots {
-		res, err := s.backupOne(ctx, repo, sn, req.GetFull())
+		res, err := s.backupOne(ctx, repo, sn, req.GetFull(), progress)
 		if err != nil {
 			failed = err
 			break
@@ -69,7 +98,7 @@ func (s *Server) Backup(ctx context.Context, req *umbrav1.BackupRequest) (*umbra
 	return resp, nil
 }
 
-func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.Snapshot, full bool) (*umbrav1.ImageResult, error) {
+func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.Snapshot, full bool, progress func(*umbrav1.BackupProgress)) (*umbrav1.ImageResult, error) {
 	p, err := s.reg.Get(sn.Provider)
 	if err != nil {
 		return nil, err
@@ -106,12 +135,48 @@ func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.S
 	if c, ok := img.(provider.Cursorer); ok {
 		opts.Cursor = c.SetCursor
 	}
+	opts.Allocated = allocation(img)
+	if progress != nil {
+		opts.Progress = func(done, total int64) {
+			progress(&umbrav1.BackupProgress{Volume: sn.Volume, Done: done, Total: total})
+		}
+	}
 	x, st, err := repo.Backup(ctx, img, opts)
 	if err != nil {
+		if errors.Is(err, backup.ErrLocked) {
+			return nil, status.Error(codes.FailedPrecondition, err.Error())
+		}
 		return nil, err
 	}
 	res.Image, res.Incremental = x.ID, st.Incremental
 	res.BytesRead, res.BytesReused, res.BytesZero = st.Read, st.Reused, st.Zero
 	res.BytesNew, res.BytesWritten, res.Seconds = st.Stored, st.Compressed, st.Seconds
+	res.BytesUnallocated, res.BytesDeduplicated, res.BytesIndex = st.Unallocated, st.Dedup, st.Index
 	return res, nil
+}
+
+// allocation finds where an image may hold data, so that holes are not
+// read: the COW engine's allocation map, or SEEK_DATA on a file.
+func allocation(img provider.Image) func(off, n int64) ([]backup.Range, error) {
+	switch a := img.(type) {
+	case interface {
+		Allocation(off, n int64) ([]cow.Extent, error)
+	}:
+		return func(off, n int64) ([]backup.Range, error) {
+			ext, err := a.Allocation(off, n)
+			if err != nil {
+				return nil, err
+			}
+			var out []backup.Range
+			for _, e := range ext {
+				if !e.Hole && !e.Zero {
+					out = append(out, backup.Range{Off: e.Off, Len: e.Len})
+				}
+			}
+			return out, nil
+		}
+	case interface{ Fd() uintptr }:
+		return backup.FileAllocation(a)
+	}
+	return nil
 }

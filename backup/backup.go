@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -457,9 +456,9 @@ func (u *uploader) abort() {
 	u.cancel()
 }
 
-// FileAllocation returns an Allocated function for a regular file, from
-// SEEK_DATA/SEEK_HOLE.
-func FileAllocation(f *os.File) func(off, n int64) ([]Range, error) {
+// FileAllocation returns an Allocated function for an open regular file
+// (an *os.File), from SEEK_DATA/SEEK_HOLE.
+func FileAllocation(f interface{ Fd() uintptr }) func(off, n int64) ([]Range, error) {
 	return func(off, n int64) ([]Range, error) {
 		var out []Range
 		end := off + n

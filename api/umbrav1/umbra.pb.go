@@ -1499,11 +1499,15 @@ func (x *ListProvidersResponse) GetProviders() []*Provider {
 }
 
 type BackupRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volumes       []string               `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
-	Repo          string                 `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
-	Writers       bool                   `protobuf:"varint,3,opt,name=writers,proto3" json:"writers,omitempty"`
-	Full          bool                   `protobuf:"varint,4,opt,name=full,proto3" json:"full,omitempty"` // read everything even when tracking allows less
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Volumes []string               `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	Repo    string                 `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
+	Writers bool                   `protobuf:"varint,3,opt,name=writers,proto3" json:"writers,omitempty"`
+	Full    bool                   `protobuf:"varint,4,opt,name=full,proto3" json:"full,omitempty"` // read everything even when tracking allows less
+	// Secrets to open the repository (the API socket is root-only):
+	Password      string `protobuf:"bytes,5,opt,name=password,proto3" json:"password,omitempty"`                            // an encrypted repository's password
+	S3AccessKey   string `protobuf:"bytes,6,opt,name=s3_access_key,json=s3AccessKey,proto3" json:"s3_access_key,omitempty"` // for s3:// repositories
+	S3SecretKey   string `protobuf:"bytes,7,opt,name=s3_secret_key,json=s3SecretKey,proto3" json:"s3_secret_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1566,27 +1570,193 @@ func (x *BackupRequest) GetFull() bool {
 	return false
 }
 
-type ImageResult struct {
+func (x *BackupRequest) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+func (x *BackupRequest) GetS3AccessKey() string {
+	if x != nil {
+		return x.S3AccessKey
+	}
+	return ""
+}
+
+func (x *BackupRequest) GetS3SecretKey() string {
+	if x != nil {
+		return x.S3SecretKey
+	}
+	return ""
+}
+
+type BackupProgress struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Image         string                 `protobuf:"bytes,2,opt,name=image,proto3" json:"image,omitempty"`
-	Snapshot      string                 `protobuf:"bytes,3,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
-	Incremental   bool                   `protobuf:"varint,4,opt,name=incremental,proto3" json:"incremental,omitempty"`
-	WhyFull       string                 `protobuf:"bytes,5,opt,name=why_full,json=whyFull,proto3" json:"why_full,omitempty"`
-	BytesRead     int64                  `protobuf:"varint,6,opt,name=bytes_read,json=bytesRead,proto3" json:"bytes_read,omitempty"`
-	BytesReused   int64                  `protobuf:"varint,7,opt,name=bytes_reused,json=bytesReused,proto3" json:"bytes_reused,omitempty"`
-	BytesZero     int64                  `protobuf:"varint,8,opt,name=bytes_zero,json=bytesZero,proto3" json:"bytes_zero,omitempty"`
-	BytesNew      int64                  `protobuf:"varint,9,opt,name=bytes_new,json=bytesNew,proto3" json:"bytes_new,omitempty"`
-	BytesWritten  int64                  `protobuf:"varint,10,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
-	Seconds       float64                `protobuf:"fixed64,11,opt,name=seconds,proto3" json:"seconds,omitempty"`
-	Size          int64                  `protobuf:"varint,12,opt,name=size,proto3" json:"size,omitempty"`
+	Done          int64                  `protobuf:"varint,2,opt,name=done,proto3" json:"done,omitempty"` // bytes of the volume gone through
+	Total         int64                  `protobuf:"varint,3,opt,name=total,proto3" json:"total,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
+func (x *BackupProgress) Reset() {
+	*x = BackupProgress{}
+	mi := &file_umbra_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupProgress) ProtoMessage() {}
+
+func (x *BackupProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupProgress.ProtoReflect.Descriptor instead.
+func (*BackupProgress) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *BackupProgress) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *BackupProgress) GetDone() int64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *BackupProgress) GetTotal() int64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+type BackupEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Event:
+	//
+	//	*BackupEvent_Progress
+	//	*BackupEvent_Done
+	Event         isBackupEvent_Event `protobuf_oneof:"event"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupEvent) Reset() {
+	*x = BackupEvent{}
+	mi := &file_umbra_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupEvent) ProtoMessage() {}
+
+func (x *BackupEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupEvent.ProtoReflect.Descriptor instead.
+func (*BackupEvent) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *BackupEvent) GetEvent() isBackupEvent_Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *BackupEvent) GetProgress() *BackupProgress {
+	if x != nil {
+		if x, ok := x.Event.(*BackupEvent_Progress); ok {
+			return x.Progress
+		}
+	}
+	return nil
+}
+
+func (x *BackupEvent) GetDone() *BackupResponse {
+	if x != nil {
+		if x, ok := x.Event.(*BackupEvent_Done); ok {
+			return x.Done
+		}
+	}
+	return nil
+}
+
+type isBackupEvent_Event interface {
+	isBackupEvent_Event()
+}
+
+type BackupEvent_Progress struct {
+	Progress *BackupProgress `protobuf:"bytes,1,opt,name=progress,proto3,oneof"`
+}
+
+type BackupEvent_Done struct {
+	Done *BackupResponse `protobuf:"bytes,2,opt,name=done,proto3,oneof"`
+}
+
+func (*BackupEvent_Progress) isBackupEvent_Event() {}
+
+func (*BackupEvent_Done) isBackupEvent_Event() {}
+
+type ImageResult struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Volume            string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Image             string                 `protobuf:"bytes,2,opt,name=image,proto3" json:"image,omitempty"`
+	Snapshot          string                 `protobuf:"bytes,3,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Incremental       bool                   `protobuf:"varint,4,opt,name=incremental,proto3" json:"incremental,omitempty"`
+	WhyFull           string                 `protobuf:"bytes,5,opt,name=why_full,json=whyFull,proto3" json:"why_full,omitempty"`
+	BytesRead         int64                  `protobuf:"varint,6,opt,name=bytes_read,json=bytesRead,proto3" json:"bytes_read,omitempty"`
+	BytesReused       int64                  `protobuf:"varint,7,opt,name=bytes_reused,json=bytesReused,proto3" json:"bytes_reused,omitempty"`
+	BytesZero         int64                  `protobuf:"varint,8,opt,name=bytes_zero,json=bytesZero,proto3" json:"bytes_zero,omitempty"`
+	BytesNew          int64                  `protobuf:"varint,9,opt,name=bytes_new,json=bytesNew,proto3" json:"bytes_new,omitempty"`
+	BytesWritten      int64                  `protobuf:"varint,10,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
+	Seconds           float64                `protobuf:"fixed64,11,opt,name=seconds,proto3" json:"seconds,omitempty"`
+	Size              int64                  `protobuf:"varint,12,opt,name=size,proto3" json:"size,omitempty"`
+	BytesUnallocated  int64                  `protobuf:"varint,13,opt,name=bytes_unallocated,json=bytesUnallocated,proto3" json:"bytes_unallocated,omitempty"` // holes, not read
+	BytesDeduplicated int64                  `protobuf:"varint,14,opt,name=bytes_deduplicated,json=bytesDeduplicated,proto3" json:"bytes_deduplicated,omitempty"`
+	BytesIndex        int64                  `protobuf:"varint,15,opt,name=bytes_index,json=bytesIndex,proto3" json:"bytes_index,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
 func (x *ImageResult) Reset() {
 	*x = ImageResult{}
-	mi := &file_umbra_proto_msgTypes[25]
+	mi := &file_umbra_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1598,7 +1768,7 @@ func (x *ImageResult) String() string {
 func (*ImageResult) ProtoMessage() {}
 
 func (x *ImageResult) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[25]
+	mi := &file_umbra_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1611,7 +1781,7 @@ func (x *ImageResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageResult.ProtoReflect.Descriptor instead.
 func (*ImageResult) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{25}
+	return file_umbra_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ImageResult) GetVolume() string {
@@ -1698,6 +1868,27 @@ func (x *ImageResult) GetSize() int64 {
 	return 0
 }
 
+func (x *ImageResult) GetBytesUnallocated() int64 {
+	if x != nil {
+		return x.BytesUnallocated
+	}
+	return 0
+}
+
+func (x *ImageResult) GetBytesDeduplicated() int64 {
+	if x != nil {
+		return x.BytesDeduplicated
+	}
+	return 0
+}
+
+func (x *ImageResult) GetBytesIndex() int64 {
+	if x != nil {
+		return x.BytesIndex
+	}
+	return 0
+}
+
 type BackupResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SetId         string                 `protobuf:"bytes,1,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
@@ -1709,7 +1900,7 @@ type BackupResponse struct {
 
 func (x *BackupResponse) Reset() {
 	*x = BackupResponse{}
-	mi := &file_umbra_proto_msgTypes[26]
+	mi := &file_umbra_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1721,7 +1912,7 @@ func (x *BackupResponse) String() string {
 func (*BackupResponse) ProtoMessage() {}
 
 func (x *BackupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[26]
+	mi := &file_umbra_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1734,7 +1925,7 @@ func (x *BackupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupResponse.ProtoReflect.Descriptor instead.
 func (*BackupResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{26}
+	return file_umbra_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *BackupResponse) GetSetId() string {
@@ -1878,12 +2069,23 @@ const file_umbra_proto_rawDesc = "" +
 	" \x01(\tR\x05notes\"\x16\n" +
 	"\x14ListProvidersRequest\"I\n" +
 	"\x15ListProvidersResponse\x120\n" +
-	"\tproviders\x18\x01 \x03(\v2\x12.umbra.v1.ProviderR\tproviders\"k\n" +
+	"\tproviders\x18\x01 \x03(\v2\x12.umbra.v1.ProviderR\tproviders\"\xcf\x01\n" +
 	"\rBackupRequest\x12\x18\n" +
 	"\avolumes\x18\x01 \x03(\tR\avolumes\x12\x12\n" +
 	"\x04repo\x18\x02 \x01(\tR\x04repo\x12\x18\n" +
 	"\awriters\x18\x03 \x01(\bR\awriters\x12\x12\n" +
-	"\x04full\x18\x04 \x01(\bR\x04full\"\xe5\x02\n" +
+	"\x04full\x18\x04 \x01(\bR\x04full\x12\x1a\n" +
+	"\bpassword\x18\x05 \x01(\tR\bpassword\x12\"\n" +
+	"\rs3_access_key\x18\x06 \x01(\tR\vs3AccessKey\x12\"\n" +
+	"\rs3_secret_key\x18\a \x01(\tR\vs3SecretKey\"R\n" +
+	"\x0eBackupProgress\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
+	"\x04done\x18\x02 \x01(\x03R\x04done\x12\x14\n" +
+	"\x05total\x18\x03 \x01(\x03R\x05total\"~\n" +
+	"\vBackupEvent\x126\n" +
+	"\bprogress\x18\x01 \x01(\v2\x18.umbra.v1.BackupProgressH\x00R\bprogress\x12.\n" +
+	"\x04done\x18\x02 \x01(\v2\x18.umbra.v1.BackupResponseH\x00R\x04doneB\a\n" +
+	"\x05event\"\xe2\x03\n" +
 	"\vImageResult\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
 	"\x05image\x18\x02 \x01(\tR\x05image\x12\x1a\n" +
@@ -1899,11 +2101,15 @@ const file_umbra_proto_rawDesc = "" +
 	"\rbytes_written\x18\n" +
 	" \x01(\x03R\fbytesWritten\x12\x18\n" +
 	"\aseconds\x18\v \x01(\x01R\aseconds\x12\x12\n" +
-	"\x04size\x18\f \x01(\x03R\x04size\"p\n" +
+	"\x04size\x18\f \x01(\x03R\x04size\x12+\n" +
+	"\x11bytes_unallocated\x18\r \x01(\x03R\x10bytesUnallocated\x12-\n" +
+	"\x12bytes_deduplicated\x18\x0e \x01(\x03R\x11bytesDeduplicated\x12\x1f\n" +
+	"\vbytes_index\x18\x0f \x01(\x03R\n" +
+	"bytesIndex\"p\n" +
 	"\x0eBackupResponse\x12\x15\n" +
 	"\x06set_id\x18\x01 \x01(\tR\x05setId\x12-\n" +
 	"\x06images\x18\x02 \x03(\v2\x15.umbra.v1.ImageResultR\x06images\x12\x18\n" +
-	"\awriters\x18\x03 \x03(\tR\awriters2\x9d\x06\n" +
+	"\awriters\x18\x03 \x03(\tR\awriters2\xdf\x06\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -1916,7 +2122,8 @@ const file_umbra_proto_rawDesc = "" +
 	"SetStorage\x12\x1b.umbra.v1.SetStorageRequest\x1a\x1c.umbra.v1.SetStorageResponse\x12J\n" +
 	"\vListWriters\x12\x1c.umbra.v1.ListWritersRequest\x1a\x1d.umbra.v1.ListWritersResponse\x12P\n" +
 	"\rListProviders\x12\x1e.umbra.v1.ListProvidersRequest\x1a\x1f.umbra.v1.ListProvidersResponse\x12;\n" +
-	"\x06Backup\x12\x17.umbra.v1.BackupRequest\x1a\x18.umbra.v1.BackupResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"\x06Backup\x12\x17.umbra.v1.BackupRequest\x1a\x18.umbra.v1.BackupResponse\x12@\n" +
+	"\fBackupStream\x12\x17.umbra.v1.BackupRequest\x1a\x15.umbra.v1.BackupEvent0\x01B\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -1930,7 +2137,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                    // 0: umbra.v1.Volume
 	(*Storage)(nil),                   // 1: umbra.v1.Storage
@@ -1957,49 +2164,55 @@ var file_umbra_proto_goTypes = []any{
 	(*ListProvidersRequest)(nil),      // 22: umbra.v1.ListProvidersRequest
 	(*ListProvidersResponse)(nil),     // 23: umbra.v1.ListProvidersResponse
 	(*BackupRequest)(nil),             // 24: umbra.v1.BackupRequest
-	(*ImageResult)(nil),               // 25: umbra.v1.ImageResult
-	(*BackupResponse)(nil),            // 26: umbra.v1.BackupResponse
-	(*timestamppb.Timestamp)(nil),     // 27: google.protobuf.Timestamp
+	(*BackupProgress)(nil),            // 25: umbra.v1.BackupProgress
+	(*BackupEvent)(nil),               // 26: umbra.v1.BackupEvent
+	(*ImageResult)(nil),               // 27: umbra.v1.ImageResult
+	(*BackupResponse)(nil),            // 28: umbra.v1.BackupResponse
+	(*timestamppb.Timestamp)(nil),     // 29: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	27, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	29, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	27, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	27, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	29, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	29, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
 	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
-	25, // 12: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
-	3,  // 13: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 14: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 15: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 16: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 17: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 18: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 19: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	19, // 20: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	22, // 21: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
-	24, // 22: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
-	4,  // 23: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 24: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 25: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 26: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 27: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 28: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 29: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	20, // 30: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	23, // 31: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	26, // 32: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
-	23, // [23:33] is the sub-list for method output_type
-	13, // [13:23] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	25, // 12: umbra.v1.BackupEvent.progress:type_name -> umbra.v1.BackupProgress
+	28, // 13: umbra.v1.BackupEvent.done:type_name -> umbra.v1.BackupResponse
+	27, // 14: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
+	3,  // 15: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	5,  // 16: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	7,  // 17: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	9,  // 18: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	11, // 19: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	13, // 20: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	15, // 21: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	19, // 22: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	22, // 23: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	24, // 24: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
+	24, // 25: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
+	4,  // 26: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 27: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 28: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 29: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 30: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 31: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 32: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	20, // 33: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	23, // 34: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	28, // 35: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	26, // 36: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
+	26, // [26:37] is the sub-list for method output_type
+	15, // [15:26] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -2007,13 +2220,17 @@ func file_umbra_proto_init() {
 	if File_umbra_proto != nil {
 		return
 	}
+	file_umbra_proto_msgTypes[26].OneofWrappers = []any{
+		(*BackupEvent_Progress)(nil),
+		(*BackupEvent_Done)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -33,6 +33,7 @@ const (
 	Umbra_ListWriters_FullMethodName       = "/umbra.v1.Umbra/ListWriters"
 	Umbra_ListProviders_FullMethodName     = "/umbra.v1.Umbra/ListProviders"
 	Umbra_Backup_FullMethodName            = "/umbra.v1.Umbra/Backup"
+	Umbra_BackupStream_FullMethodName      = "/umbra.v1.Umbra/BackupStream"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -63,6 +64,9 @@ type UmbraClient interface {
 	// from the volume's previous image when change tracking allows — and
 	// keeps the new snapshots as the base of the next incremental.
 	Backup(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (*BackupResponse, error)
+	// BackupStream is Backup with progress: BackupEvents with progress
+	// while it runs, then one with the response.
+	BackupStream(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupEvent], error)
 }
 
 type umbraClient struct {
@@ -173,6 +177,25 @@ func (c *umbraClient) Backup(ctx context.Context, in *BackupRequest, opts ...grp
 	return out, nil
 }
 
+func (c *umbraClient) BackupStream(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupEvent], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Umbra_ServiceDesc.Streams[0], Umbra_BackupStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[BackupRequest, BackupEvent]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Umbra_BackupStreamClient = grpc.ServerStreamingClient[BackupEvent]
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -201,6 +224,9 @@ type UmbraServer interface {
 	// from the volume's previous image when change tracking allows — and
 	// keeps the new snapshots as the base of the next incremental.
 	Backup(context.Context, *BackupRequest) (*BackupResponse, error)
+	// BackupStream is Backup with progress: BackupEvents with progress
+	// while it runs, then one with the response.
+	BackupStream(*BackupRequest, grpc.ServerStreamingServer[BackupEvent]) error
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -240,6 +266,9 @@ func (UnimplementedUmbraServer) ListProviders(context.Context, *ListProvidersReq
 }
 func (UnimplementedUmbraServer) Backup(context.Context, *BackupRequest) (*BackupResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Backup not implemented")
+}
+func (UnimplementedUmbraServer) BackupStream(*BackupRequest, grpc.ServerStreamingServer[BackupEvent]) error {
+	return status.Errorf(codes.Unimplemented, "method BackupStream not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -442,6 +471,17 @@ func _Umbra_Backup_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Umbra_BackupStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(BackupRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(UmbraServer).BackupStream(m, &grpc.GenericServerStream[BackupRequest, BackupEvent]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Umbra_BackupStreamServer = grpc.ServerStreamingServer[BackupEvent]
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -490,6 +530,12 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Umbra_Backup_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "BackupStream",
+			Handler:       _Umbra_BackupStream_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "umbra.proto",
 }

@@ -46,6 +46,11 @@ func client(ctx context.Context) (umbrav1.UmbraClient, func(), error) {
 func call(parent context.Context, fn func(ctx context.Context, c umbrav1.UmbraClient) error) error {
 	ctx, cancel := context.WithTimeout(parent, 5*time.Minute)
 	defer cancel()
+	return callCtx(ctx, fn)
+}
+
+// callCtx is call without the timeout, for work as long as a backup.
+func callCtx(ctx context.Context, fn func(ctx context.Context, c umbrav1.UmbraClient) error) error {
 	c, done, err := client(ctx)
 	if err != nil {
 		return err
@@ -60,6 +65,8 @@ func call(parent context.Context, fn func(ctx context.Context, c umbrav1.UmbraCl
 			return notFoundError{errors.New(st.Message())}
 		case codes.InvalidArgument:
 			return usageError{errors.New(st.Message())}
+		case codes.Canceled:
+			return context.Canceled
 		default:
 			return errors.New(st.Message())
 		}

@@ -2,9 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -17,119 +18,182 @@ func init() {
 	verbs = append(verbs, newBackupCmd, newRepoCmd, newImagesCmd, newRestoreCmd, newVerifyCmd)
 }
 
-// repoFlag adds --repo, defaulting to STATE/repo.
-func repoFlag(cmd *cobra.Command, dst *string) {
-	cmd.Flags().StringVar(dst, "repo", filepath.Join(defaultStateDir(), "repo"), "backup repository directory")
-}
-
 func newBackupCmd() *cobra.Command {
-	var repo string
+	var rf repoFlags
 	var writers, full bool
 	cmd := &cobra.Command{
 		Use:   "backup VOLUME...",
 		Short: "Take a snapshot set and write an image of each volume into the repository (incremental when it can)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			abs, err := filepath.Abs(repo)
+			where, set, err := rf.settings()
 			if err != nil {
-				return usageError{err}
+				return err
 			}
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.Backup(ctx, &umbrav1.BackupRequest{Volumes: args, Repo: abs, Writers: writers, Full: full})
+			req := &umbrav1.BackupRequest{Volumes: args, Repo: where, Writers: writers, Full: full,
+				Password: set.Password, S3AccessKey: set.Cred.AccessKey, S3SecretKey: set.Cred.SecretKey}
+			pr := newProgress("backup")
+			var resp *umbrav1.BackupResponse
+			err = callCtx(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				stream, err := c.BackupStream(ctx, req)
 				if err != nil {
 					return err
 				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
-				w := table()
-				fmt.Fprintln(w, "VOLUME\tIMAGE\tKIND\tREAD\tNEW\tWRITTEN\tTIME\tNOTE")
-				for _, im := range resp.Images {
-					kind := "full"
-					if im.Incremental {
-						kind = "incremental"
+				for {
+					ev, err := stream.Recv()
+					if err == io.EOF {
+						return nil
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", im.Volume, im.Image, kind, human(im.BytesRead), human(im.BytesNew),
-						human(im.BytesWritten), (time.Duration(im.Seconds * float64(time.Second))).Round(time.Millisecond), im.WhyFull)
+					if err != nil {
+						return err
+					}
+					if p := ev.GetProgress(); p != nil {
+						pr.update(p.Volume, p.Done, p.Total)
+					}
+					if d := ev.GetDone(); d != nil {
+						resp = d
+					}
 				}
-				return w.Flush()
 			})
+			pr.finish()
+			if err != nil {
+				return err
+			}
+			if resp == nil {
+				return errors.New("the service ended the backup without a result; see its log")
+			}
+			if gflags.json {
+				return printJSON(os.Stdout, resp)
+			}
+			w := table()
+			fmt.Fprintln(w, "VOLUME\tIMAGE\tKIND\tREAD\tNEW\tWRITTEN\tTIME\tNOTE")
+			for _, im := range resp.Images {
+				kind := "full"
+				if im.Incremental {
+					kind = "incremental"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", im.Volume, im.Image, kind, human(im.BytesRead), human(im.BytesNew),
+					human(im.BytesWritten), (time.Duration(im.Seconds * float64(time.Second))).Round(time.Millisecond), im.WhyFull)
+			}
+			return w.Flush()
 		},
 	}
-	repoFlag(cmd, &repo)
+	rf.add(cmd)
 	cmd.Flags().BoolVar(&writers, "writers", true, "freeze the writers whose data is on the volumes (application-consistent)")
 	cmd.Flags().BoolVar(&full, "full", false, "read every chunk even when change tracking allows less")
 	return cmd
 }
 
 func newRepoCmd() *cobra.Command {
-	var repo string
 	cmd := &cobra.Command{Use: "repo", Short: "Backup repositories"}
+	var rf repoFlags
+	var chunk string
 	initCmd := &cobra.Command{
 		Use:   "init",
-		Short: "Create a backup repository",
+		Short: "Create a backup repository (encrypted when a password is given)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := backup.Init(repo)
+			where, set, err := rf.settings()
 			if err != nil {
 				return err
 			}
-			r.Close()
-			if gflags.json {
-				return printJSON(os.Stdout, map[string]string{"repo": repo})
+			if chunk != "" {
+				n, err := parseSize(chunk)
+				if err != nil {
+					return usageError{fmt.Errorf("--chunk-size: %w", err)}
+				}
+				set.ChunkSize = int(n)
 			}
-			fmt.Printf("created repository %s\n", repo)
+			r, err := backup.InitWith(cmd.Context(), where, set)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			if gflags.json {
+				return printJSON(os.Stdout, r.Config())
+			}
+			c := r.Config()
+			fmt.Printf("created repository %s (chunks %s, %s, encryption %s)\n", where, human(int64(c.ChunkSize)), c.Hash, c.Encryption)
 			return nil
 		},
 	}
-	repoFlag(initCmd, &repo)
-	cmd.AddCommand(initCmd)
+	rf.add(initCmd)
+	initCmd.Flags().StringVar(&chunk, "chunk-size", "", "chunk size, a power of two from 4K to 4M (default 4K; see docs/benchmarks.md)")
+	var urf repoFlags
+	var all bool
+	unlockCmd := &cobra.Command{
+		Use:   "unlock",
+		Short: "Remove stale locks (of processes that are gone); --all removes every lock",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := urf.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			n, err := r.Unlock(cmd.Context(), all)
+			if err != nil {
+				return err
+			}
+			if gflags.json {
+				return printJSON(os.Stdout, map[string]int{"removed": n})
+			}
+			fmt.Printf("removed %d locks\n", n)
+			return nil
+		},
+	}
+	urf.add(unlockCmd)
+	unlockCmd.Flags().BoolVar(&all, "all", false, "remove live locks too (only when no umbra process uses the repository)")
+	cmd.AddCommand(initCmd, unlockCmd)
 	return cmd
 }
 
-func openRepo(path string) (*backup.Repo, error) {
-	r, err := backup.Open(path)
-	if err != nil {
-		return nil, notFoundError{err}
-	}
-	return r, nil
-}
-
 func newImagesCmd() *cobra.Command {
-	var repo string
+	var rf repoFlags
 	cmd := &cobra.Command{Use: "images", Short: "Images in a backup repository"}
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List images, oldest first",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := openRepo(repo)
+			r, err := rf.open(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer r.Close()
 			images, errs := r.Images()
 			for _, e := range errs {
-				fmt.Fprintln(os.Stderr, "umbra: damaged index:", e)
+				fmt.Fprintln(os.Stderr, "umbra: damaged image record:", e)
 			}
 			if gflags.json {
+				if images == nil {
+					images = []*backup.Index{}
+				}
 				return printJSON(os.Stdout, images)
 			}
 			w := table()
-			fmt.Fprintln(w, "IMAGE\tVOLUME\tCREATED\tSIZE\tPARENT")
+			fmt.Fprintln(w, "IMAGE\tVOLUME\tCREATED\tSIZE\tKIND\tNEW\tPARENT")
 			for _, x := range images {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", x.ID, x.Volume, x.Created.Local().Format(time.DateTime), human(x.Size), x.Parent)
+				kind, added := "full", ""
+				if x.Parent != "" {
+					kind = "incremental"
+				}
+				if x.Stats != nil {
+					added = human(x.Stats.Compressed + x.Stats.Index)
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.ID, x.Volume, x.Created.Local().Format(time.DateTime), human(x.Size), kind, added, x.Parent)
 			}
 			return w.Flush()
 		},
 	}
-	repoFlag(list, &repo)
+	rf.add(list)
 	cmd.AddCommand(list)
 	return cmd
 }
 
 func newRestoreCmd() *cobra.Command {
-	var repo, to string
+	var rf repoFlags
+	var to string
 	cmd := &cobra.Command{
 		Use:   "restore IMAGE --to PATH|DEVICE",
 		Short: "Write an image to a file or device, verifying every chunk (zero chunks stay holes in files)",
@@ -138,13 +202,16 @@ func newRestoreCmd() *cobra.Command {
 			if to == "" {
 				return usageError{fmt.Errorf("--to PATH is required")}
 			}
-			r, err := openRepo(repo)
+			r, err := rf.open(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer r.Close()
 			start := time.Now()
-			if err := r.Restore(args[0], to, nil); err != nil {
+			pr := newProgress("restore")
+			err = r.RestoreContext(cmd.Context(), args[0], to, func(done, total int64) { pr.update(args[0], done, total) })
+			pr.finish()
+			if err != nil {
 				return err
 			}
 			if gflags.json {
@@ -154,28 +221,30 @@ func newRestoreCmd() *cobra.Command {
 			return nil
 		},
 	}
-	repoFlag(cmd, &repo)
+	rf.add(cmd)
 	cmd.Flags().StringVar(&to, "to", "", "file or block device to write")
 	return cmd
 }
 
 func newVerifyCmd() *cobra.Command {
-	var repo string
+	var rf repoFlags
 	cmd := &cobra.Command{
 		Use:   "verify",
 		Short: "Re-hash every chunk and name the images a damaged chunk breaks",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := openRepo(repo)
+			r, err := rf.open(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer r.Close()
-			rep := r.Verify()
+			pr := newProgress("verify")
+			rep := r.VerifyContext(cmd.Context(), func(done, total int64) { pr.update("packs", done, total) })
+			pr.finish()
 			if gflags.json {
 				printJSON(os.Stdout, rep)
 			} else {
-				fmt.Printf("%d chunks checked, %d images good\n", rep.Chunks, rep.GoodImages)
+				fmt.Printf("%d chunks in %d packs checked, %d images good\n", rep.Chunks, rep.Packs, rep.GoodImages)
 				for _, c := range rep.BadChunks {
 					fmt.Printf("damaged chunk %s\n", c)
 				}
@@ -187,11 +256,11 @@ func newVerifyCmd() *cobra.Command {
 				}
 			}
 			if len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes) > 0 {
-				return fmt.Errorf("the repository %s is damaged: %d images broken", repo, len(rep.BadImages))
+				return fmt.Errorf("the repository %s is damaged: %d images broken; restore the others, and take a full backup (`umbra backup --full`) of the volumes whose images broke", rf.location, len(rep.BadImages))
 			}
 			return nil
 		},
 	}
-	repoFlag(cmd, &repo)
+	rf.add(cmd)
 	return cmd
 }

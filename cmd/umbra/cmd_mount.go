@@ -1,0 +1,97 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"umbra/frontend"
+	"umbra/fusefile"
+	"umbra/nbd"
+)
+
+func init() { verbs = append(verbs, newMountCmd) }
+
+// newMountCmd serves a backup image in place, without restoring it: as a
+// read-only NBD export on a unix socket, and with --dir as a read-only
+// file a loop device can carry. It runs until interrupted.
+func newMountCmd() *cobra.Command {
+	var rf repoFlags
+	var socket, dir string
+	cmd := &cobra.Command{
+		Use:   "mount IMAGE",
+		Short: "Serve a backup image read-only over NBD (and as a file with --dir) without restoring it; runs until Ctrl-C",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			r, err := rf.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			ir, err := r.OpenImage(ctx, args[0])
+			if err != nil {
+				return notFoundError{err}
+			}
+			id := args[0]
+			if socket == "" {
+				socket = filepath.Join(defaultRuntimeDir(), "image-"+id+".sock")
+			}
+			os.MkdirAll(filepath.Dir(socket), 0o755)
+			os.Remove(socket)
+			l, err := net.Listen("unix", socket)
+			if err != nil {
+				return fmt.Errorf("--socket %s: %w", socket, err)
+			}
+			defer os.Remove(socket)
+			srv := nbd.NewServer(frontend.ImageExports(id, ir), nbd.Options{Logger: slog.Default()})
+			done := make(chan error, 1)
+			go func() { done <- srv.Serve(ctx, l) }()
+			out := map[string]string{"image": id, "nbd": fmt.Sprintf("nbd+unix:///%s?socket=%s", id, socket)}
+			if dir != "" {
+				if err := os.MkdirAll(dir, 0o755); err != nil {
+					return fmt.Errorf("--dir %s: %w", dir, err)
+				}
+				m, err := fusefile.Mount(dir, frontend.ImageFUSESource(id, ir), fusefile.Options{})
+				if err != nil {
+					return fmt.Errorf("--dir %s: %w; is /dev/fuse there and are you root?", dir, err)
+				}
+				defer m.Unmount()
+				out["file"] = filepath.Join(dir, id)
+			}
+			if gflags.json {
+				printJSON(os.Stdout, out)
+			} else {
+				fmt.Printf("serving image %s read-only\n  NBD: %s\n", id, out["nbd"])
+				if f, ok := out["file"]; ok {
+					fmt.Printf("  file: %s (e.g. losetup -r -f --show %s; mount -o ro,noload /dev/loopN /mnt)\n", f, f)
+				}
+				fmt.Println("Ctrl-C stops (unmount and detach loop devices first)")
+			}
+			select {
+			case <-ctx.Done():
+			case err := <-done:
+				if err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+					return err
+				}
+			}
+			sctx, cancel := context.WithTimeout(context.Background(), 5e9)
+			defer cancel()
+			srv.Shutdown(sctx)
+			return nil
+		},
+	}
+	rf.add(cmd)
+	cmd.Flags().StringVar(&socket, "socket", "", "unix socket of the NBD export (default RUNTIME/image-IMAGE.sock)")
+	cmd.Flags().StringVar(&dir, "dir", "", "also serve the image as a read-only file IMAGE in this directory (FUSE)")
+	return cmd
+}

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"umbra/backup"
+)
+
+func init() { verbs = append(verbs, newPruneCmd, newStatsCmd) }
+
+func newPruneCmd() *cobra.Command {
+	var rf repoFlags
+	var p backup.Policy
+	var dry bool
+	cmd := &cobra.Command{
+		Use:   "prune",
+		Short: "Remove the images no keep rule keeps (per volume) and free the space only they used",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := rf.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			rep, err := r.Prune(cmd.Context(), p, dry)
+			if err != nil {
+				if err == backup.ErrNoPolicy {
+					return usageError{err}
+				}
+				return err
+			}
+			if gflags.json {
+				return printJSON(os.Stdout, rep)
+			}
+			verb := "removed"
+			if dry {
+				verb = "would remove"
+			}
+			for _, id := range rep.Removed {
+				fmt.Printf("%s %s\n", verb, id)
+			}
+			fmt.Printf("kept %d images, %s %d", len(rep.Kept), verb, len(rep.Removed))
+			if !dry {
+				fmt.Printf("; %d packs deleted, %d repacked, %s freed", rep.PacksDeleted, rep.PacksRepacked, human(rep.BytesFreed))
+			}
+			fmt.Println()
+			return nil
+		},
+	}
+	rf.add(cmd)
+	f := cmd.Flags()
+	f.IntVar(&p.Last, "keep-last", 0, "keep the newest N images")
+	f.IntVar(&p.Hourly, "keep-hourly", 0, "keep the newest image of each of the last N hours that have one")
+	f.IntVar(&p.Daily, "keep-daily", 0, "keep the newest image of each of the last N days that have one")
+	f.IntVar(&p.Weekly, "keep-weekly", 0, "keep the newest image of each of the last N weeks that have one")
+	f.IntVar(&p.Monthly, "keep-monthly", 0, "keep the newest image of each of the last N months that have one")
+	f.BoolVar(&dry, "dry-run", false, "only say what would be removed")
+	return cmd
+}
+
+func newStatsCmd() *cobra.Command {
+	var rf repoFlags
+	cmd := &cobra.Command{
+		Use:   "stats",
+		Short: "What a backup repository holds: images, unique chunks, stored bytes, dedup",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := rf.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			st := r.Stats(cmd.Context())
+			if gflags.json {
+				return printJSON(os.Stdout, st)
+			}
+			w := table()
+			fmt.Fprintf(w, "repository\t%s\n", st.Location)
+			fmt.Fprintf(w, "format\tchunks %s, %s, zstd, encryption %s\n", human(int64(st.ChunkSize)), st.Hash, st.Encryption)
+			fmt.Fprintf(w, "images\t%d of %d volumes, %s in all\n", st.Images, st.Volumes, human(st.ImageBytes))
+			fmt.Fprintf(w, "unique chunks\t%d in %d packs, %s raw, %s stored\n", st.Chunks, st.Packs, human(st.RawBytes), human(st.StoredBytes))
+			fmt.Fprintf(w, "dedup+compression\t%.1fx\n", st.DedupRatio)
+			return w.Flush()
+		},
+	}
+	rf.add(cmd)
+	return cmd
+}
