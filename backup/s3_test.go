@@ -4,100 +4,29 @@ import (
 	"bytes"
 	"context"
 	"math/rand/v2"
-	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"umbra/backup"
+	"umbra/internal/testutil"
 )
 
-// versity runs a real S3 server (versitygw over a posix directory).
-type versity struct {
-	t    *testing.T
-	bin  string
-	dir  string
-	addr string
-	cmd  *exec.Cmd
-}
-
-const s3Key, s3Secret = "umbratest", "umbratestsecret123"
-
-func versityBinary(t *testing.T) string {
-	if p, err := exec.LookPath("versitygw"); err == nil {
-		return p
-	}
-	home, _ := os.UserHomeDir()
-	for _, p := range []string{os.Getenv("GOBIN"), filepath.Join(os.Getenv("GOPATH"), "bin"), filepath.Join(home, "go", "bin")} {
-		if p == "" {
-			continue
-		}
-		if _, err := os.Stat(filepath.Join(p, "versitygw")); err == nil {
-			return filepath.Join(p, "versitygw")
-		}
-	}
-	t.Skip("versitygw not found: go install github.com/versity/versitygw/cmd/versitygw@v1.8.0 (./scripts/test does)")
-	return ""
-}
-
-func startVersity(t *testing.T) *versity {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	v := &versity{t: t, bin: versityBinary(t), dir: t.TempDir(), addr: addr}
-	os.MkdirAll(filepath.Join(v.dir, "umbra-test"), 0o755)
-	v.start()
-	t.Cleanup(v.stop)
-	return v
-}
-
-func (v *versity) start() {
-	v.cmd = exec.Command(v.bin, "--port", v.addr, "--access", s3Key, "--secret", s3Secret, "posix", "--nometa", v.dir)
-	v.cmd.Stderr = os.Stderr // errors only; its access log goes to stdout
-	if err := v.cmd.Start(); err != nil {
-		v.t.Fatal(err)
-	}
-	for i := 0; i < 100; i++ {
-		if c, err := net.Dial("tcp", v.addr); err == nil {
-			c.Close()
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	v.t.Fatalf("versitygw did not listen on %s", v.addr)
-}
-
-func (v *versity) stop() {
-	if v.cmd != nil && v.cmd.Process != nil {
-		v.cmd.Process.Kill()
-		v.cmd.Wait()
-		v.cmd = nil
-	}
-}
-
-func (v *versity) location() string { return "s3+http://" + v.addr + "/umbra-test/repo" }
-
-var s3Settings = backup.Settings{Cred: backup.Credentials{AccessKey: s3Key, SecretKey: s3Secret}}
+var s3Settings = backup.Settings{Cred: backup.Credentials{AccessKey: testutil.S3AccessKey, SecretKey: testutil.S3SecretKey}}
 
 // TestS3RoundTrip: the same repository operations against a real S3
 // server: init, full and incremental images, restore, verify, prune.
 func TestS3RoundTrip(t *testing.T) {
 	ctx := context.Background()
-	v := startVersity(t)
+	v := testutil.StartS3(t)
 	set := s3Settings
 	set.Password = "s3 secret"
-	repo, err := backup.InitWith(ctx, v.location(), set)
+	repo, err := backup.InitWith(ctx, v.Location("repo"), set)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer repo.Close()
-	if _, err := backup.InitWith(ctx, v.location(), set); err == nil {
+	if _, err := backup.InitWith(ctx, v.Location("repo"), set); err == nil {
 		t.Fatal("init over an existing repository succeeded")
 	}
 	r := rand.New(rand.NewPCG(21, 22))
@@ -112,7 +41,7 @@ func TestS3RoundTrip(t *testing.T) {
 		}
 	}
 	// Reopened from scratch, it lists, verifies and prunes.
-	again, err := backup.OpenWith(ctx, v.location(), set)
+	again, err := backup.OpenWith(ctx, v.Location("repo"), set)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +58,7 @@ func TestS3RoundTrip(t *testing.T) {
 	if rep := again.Verify(); rep.GoodImages != 1 || len(rep.BadChunks) > 0 {
 		t.Fatalf("verify after prune over S3: %+v", rep)
 	}
-	if _, err := backup.OpenWith(ctx, v.location(), s3Settings); err == nil {
+	if _, err := backup.OpenWith(ctx, v.Location("repo"), s3Settings); err == nil {
 		t.Fatal("opened an encrypted S3 repository without its password")
 	}
 }
@@ -155,8 +84,8 @@ func (s *slowSource) ReadAt(p []byte, off int64) (int, error) {
 // either way the repository stays valid and the next backup works.
 func TestS3ServerRestart(t *testing.T) {
 	ctx := context.Background()
-	v := startVersity(t)
-	repo, err := backup.InitWith(ctx, v.location(), s3Settings)
+	v := testutil.StartS3(t)
+	repo, err := backup.InitWith(ctx, v.Location("repo"), s3Settings)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,8 +97,8 @@ func TestS3ServerRestart(t *testing.T) {
 		data[i] = byte(r.Uint32())
 	}
 	src := &slowSource{memSource: data, hook: func() {
-		v.stop()
-		go func() { time.Sleep(time.Second); v.start() }()
+		v.Stop()
+		go func() { time.Sleep(time.Second); v.Start() }()
 	}}
 	x, _, err := repo.Backup(ctx, src, backup.Options{Volume: "v"})
 	if err != nil {
@@ -181,7 +110,7 @@ func TestS3ServerRestart(t *testing.T) {
 	} else {
 		t.Logf("backup across a restart completed: %s", x.ID)
 	}
-	again, err := backup.OpenWith(ctx, v.location(), s3Settings)
+	again, err := backup.OpenWith(ctx, v.Location("repo"), s3Settings)
 	if err != nil {
 		t.Fatal(err)
 	}
