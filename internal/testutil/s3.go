@@ -85,7 +85,9 @@ func (s *S3) Stop() {
 }
 
 // Location is an Umbra repository location in the bucket.
-func (s *S3) Location(prefix string) string { return "s3+http://" + s.Addr + "/" + S3Bucket + "/" + prefix }
+func (s *S3) Location(prefix string) string {
+	return "s3+http://" + s.Addr + "/" + S3Bucket + "/" + prefix
+}
 
 // Env is the environment that gives a client the credentials.
 func (s *S3) Env() []string {
