@@ -68,12 +68,17 @@ const (
 )
 
 type chunkWork struct {
-	kind int
-	data []byte
-	hash Hash
-	zero bool
-	blob []byte // compressed and sealed, when not known to the repository
+	kind  int
+	data  []byte
+	hash  Hash
+	zero  bool
+	known bool // the repository has it already
 }
+
+// groupRaw bounds the chunks compressed together into one blob: enough
+// context for zstd to compress 4 KiB chunks well, and few enough bytes
+// that reading one chunk of a group stays cheap.
+var groupRaw = 64 << 10
 
 // Backup reads src in ascending order and writes an image. The image is
 // listed only after its packs, index and chunk list are durable. It
@@ -121,7 +126,8 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 		if err := readRuns(src, buf, w, first, cs, size, &st); err != nil {
 			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 		}
-		r.processBatch(w, hashers)
+		r.hashBatch(w, hashers)
+		var fresh []int // chunks to store, each hash once
 		for i := range w {
 			c := &w[i]
 			switch {
@@ -133,17 +139,20 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 				st.Zero += int64(len(c.data))
 			default:
 				x.Chunks[first+int64(i)] = c.hash
-				if c.blob == nil || up.has(c.hash) {
+				if c.known || up.has(c.hash) {
 					st.Dedup += int64(len(c.data))
 					continue
 				}
-				if err := up.add(c.hash, c.blob, len(c.data)); err != nil {
-					return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
-				}
+				up.mark(c.hash)
+				fresh = append(fresh, i)
 				st.Stored += int64(len(c.data))
-				st.Compressed += int64(len(c.blob))
 			}
 		}
+		n, err := r.storeGroups(w, fresh, up, len(hashers))
+		if err != nil {
+			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+		}
+		st.Compressed += n
 		if opts.Cursor != nil {
 			opts.Cursor(last * cs)
 		}
@@ -238,9 +247,9 @@ func readRuns(src Source, buf []byte, w []chunkWork, first, cs, size int64, st *
 	return nil
 }
 
-// processBatch hashes the chunks read, in parallel, and compresses and
-// seals those the repository does not have yet.
-func (r *Repo) processBatch(w []chunkWork, hashers []func([]byte) Hash) {
+// hashBatch hashes the chunks read, in parallel, and notes which the
+// repository has.
+func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash) {
 	var wg sync.WaitGroup
 	per := (len(w) + len(hashers) - 1) / len(hashers)
 	for k, sum := range hashers {
@@ -261,14 +270,67 @@ func (r *Repo) processBatch(w []chunkWork, hashers []func([]byte) Hash) {
 					continue
 				}
 				c.hash = sum(c.data)
-				if _, _, ok := r.lookup(c.hash); ok {
-					continue
-				}
-				c.blob = r.seal.seal(nil, r.enc.EncodeAll(c.data, make([]byte, 0, len(c.data)/2)))
+				_, _, c.known = r.lookup(c.hash)
 			}
 		}()
 	}
 	wg.Wait()
+}
+
+// storeGroups compresses and seals the fresh chunks of a batch in groups
+// of up to groupRaw bytes, in parallel, and hands them to the uploader in
+// order. It returns the bytes stored.
+func (r *Repo) storeGroups(w []chunkWork, fresh []int, up *uploader, workers int) (int64, error) {
+	type group struct {
+		idx  []int
+		blob []byte
+	}
+	var groups []*group
+	var raw int
+	for _, i := range fresh {
+		if len(groups) == 0 || raw+len(w[i].data) > groupRaw {
+			groups = append(groups, &group{})
+			raw = 0
+		}
+		g := groups[len(groups)-1]
+		g.idx = append(g.idx, i)
+		raw += len(w[i].data)
+	}
+	next := make(chan *group)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 0, groupRaw)
+			for g := range next {
+				buf = buf[:0]
+				for _, i := range g.idx {
+					buf = append(buf, w[i].data...)
+				}
+				g.blob = r.seal.seal(nil, r.enc.EncodeAll(buf, make([]byte, 0, len(buf)/2)))
+			}
+		}()
+	}
+	for _, g := range groups {
+		next <- g
+	}
+	close(next)
+	wg.Wait()
+	var n int64
+	ents := make([]blobEntry, 0, groupRaw/4096)
+	for _, g := range groups {
+		ents, off := ents[:0], uint32(0)
+		for _, i := range g.idx {
+			ents = append(ents, blobEntry{Hash: w[i].hash, RawOff: off, Raw: uint32(len(w[i].data))})
+			off += uint32(len(w[i].data))
+		}
+		if err := up.add(g.blob, ents); err != nil {
+			return n, err
+		}
+		n += int64(len(g.blob))
+	}
+	return n, nil
 }
 
 func changedChunk(bm *provider.Bitmap, i, cs int64) bool {
@@ -362,15 +424,22 @@ func (u *uploader) run() {
 
 func (u *uploader) has(h Hash) bool { _, ok := u.seen[h]; return ok }
 
-func (u *uploader) add(h Hash, blob []byte, raw int) error {
+// mark notes that h is on its way into a pack.
+func (u *uploader) mark(h Hash) { u.seen[h] = struct{}{} }
+
+// add appends one blob holding the chunks ents (their RawOff and Raw set).
+func (u *uploader) add(blob []byte, ents []blobEntry) error {
 	u.mu.Lock()
 	err := u.err
 	u.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	u.seen[h] = struct{}{}
-	u.ents = append(u.ents, blobEntry{Hash: h, Off: uint32(len(u.cur)), Len: uint32(len(blob)), Raw: uint32(raw)})
+	for _, e := range ents {
+		e.Off, e.Len = uint32(len(u.cur)), uint32(len(blob))
+		u.seen[e.Hash] = struct{}{}
+		u.ents = append(u.ents, e)
+	}
 	u.cur = append(u.cur, blob...)
 	if len(u.cur) >= packTarget {
 		return u.cut()

@@ -1,6 +1,12 @@
 package backup
 
-import "context"
+import (
+	"context"
+	"os"
+	"strconv"
+
+	"github.com/klauspost/compress/zstd"
+)
 
 // BlobLocation says where chunk h's blob is (for tests that damage it).
 func BlobLocation(r *Repo, h Hash) (pack string, off, n int64) {
@@ -32,3 +38,28 @@ func ObjectNames(r *Repo, prefix string) []string {
 
 // SetScryptN makes key derivation cheap in tests.
 func SetScryptN(n int) { scryptN = n }
+
+// BlobChunks lists the chunks compressed into the same blob as h.
+func BlobChunks(r *Repo, h Hash) []Hash {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l := r.chunks[h]
+	var out []Hash
+	for c, m := range r.chunks {
+		if m.pack == l.pack && m.off == l.off {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func init() {
+	if v := os.Getenv("UMBRA_GROUP_KIB"); v != "" {
+		n, _ := strconv.Atoi(v)
+		groupRaw = n << 10
+	}
+	if v := os.Getenv("UMBRA_ZSTD_LEVEL"); v != "" {
+		n, _ := strconv.Atoi(v)
+		encoderLevel = zstd.EncoderLevel(n)
+	}
+}

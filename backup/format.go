@@ -26,19 +26,21 @@ func (p PackID) String() string { return hex.EncodeToString(p[:]) }
 
 func (p PackID) name() string { s := p.String(); return "packs/" + s[:2] + "/" + s }
 
-// blobEntry locates one chunk's blob inside a pack.
+// blobEntry locates one chunk: a blob is several chunks compressed (and
+// sealed) together, so small chunks still compress well and cheaply.
 type blobEntry struct {
-	Hash Hash
-	Off  uint32 // offset of the sealed blob in the pack
-	Len  uint32 // its length
-	Raw  uint32 // the chunk's length before compression
+	Hash   Hash
+	Off    uint32 // offset of the sealed blob in the pack
+	Len    uint32 // its length
+	RawOff uint32 // the chunk's offset in the opened blob
+	Raw    uint32 // the chunk's length
 }
 
 const (
 	packMagic  = "UMBRAPCK"
 	cidxMagic  = "UMBRAIXS"
 	indexMagic = "UMBRAIDX"
-	blobEntLen = 32 + 4 + 4 + 4
+	blobEntLen = 32 + 4 + 4 + 4 + 4
 	// MaxPack bounds a pack; packs are cut at PackTarget.
 	maxPack = 1 << 30
 )
@@ -53,6 +55,7 @@ func encodePackTrailer(ents []blobEntry) []byte {
 		b = append(b, e.Hash[:]...)
 		b = binary.LittleEndian.AppendUint32(b, e.Off)
 		b = binary.LittleEndian.AppendUint32(b, e.Len)
+		b = binary.LittleEndian.AppendUint32(b, e.RawOff)
 		b = binary.LittleEndian.AppendUint32(b, e.Raw)
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
@@ -95,7 +98,8 @@ func decodePackTrailer(b []byte, packLen int64) ([]blobEntry, error) {
 		copy(e.Hash[:], p)
 		e.Off = binary.LittleEndian.Uint32(p[32:])
 		e.Len = binary.LittleEndian.Uint32(p[36:])
-		e.Raw = binary.LittleEndian.Uint32(p[40:])
+		e.RawOff = binary.LittleEndian.Uint32(p[40:])
+		e.Raw = binary.LittleEndian.Uint32(p[44:])
 		if int64(e.Off)+int64(e.Len) > packLen {
 			return nil, corrupt(what, "a blob lies outside the pack")
 		}
@@ -123,6 +127,7 @@ func encodeChunkIndex(packs []packBlobs) []byte {
 			b = append(b, e.Hash[:]...)
 			b = binary.LittleEndian.AppendUint32(b, e.Off)
 			b = binary.LittleEndian.AppendUint32(b, e.Len)
+			b = binary.LittleEndian.AppendUint32(b, e.RawOff)
 			b = binary.LittleEndian.AppendUint32(b, e.Raw)
 		}
 	}
@@ -163,7 +168,8 @@ func decodeChunkIndex(b []byte) ([]packBlobs, error) {
 			copy(e.Hash[:], p)
 			e.Off = binary.LittleEndian.Uint32(p[32:])
 			e.Len = binary.LittleEndian.Uint32(p[36:])
-			e.Raw = binary.LittleEndian.Uint32(p[40:])
+			e.RawOff = binary.LittleEndian.Uint32(p[40:])
+			e.Raw = binary.LittleEndian.Uint32(p[44:])
 			p = p[blobEntLen:]
 		}
 	}

@@ -150,7 +150,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	blobs := map[PackID][]blobEntry{}
 	for h, l := range r.chunks {
 		pid := r.packs[l.pack]
-		blobs[pid] = append(blobs[pid], blobEntry{Hash: h, Off: l.off, Len: l.len, Raw: l.raw})
+		blobs[pid] = append(blobs[pid], blobEntry{Hash: h, Off: l.off, Len: l.len, RawOff: l.rawOff, Raw: l.raw})
 	}
 	oldIndexes := append([]string(nil), r.indexes...)
 	r.mu.Unlock()
@@ -198,23 +198,22 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		if !present[pid] {
 			continue // indexed but gone: its chunks are missing (verify says which images)
 		}
-		var live, total int64
-		var liveBlobs []blobEntry
+		sort.Slice(bs, func(i, j int) bool { return bs[i].Off < bs[j].Off || bs[i].Off == bs[j].Off && bs[i].RawOff < bs[j].RawOff })
+		var live, total int64 // chunk bytes, uncompressed
 		for _, b := range bs {
-			total += int64(b.Len)
+			total += int64(b.Raw)
 			if used[b.Hash] {
-				live += int64(b.Len)
-				liveBlobs = append(liveBlobs, b)
+				live += int64(b.Raw)
 			}
 		}
 		switch {
 		case live == 0:
 			drop = append(drop, pid)
-			rep.BytesFreed += total
+			rep.BytesFreed += storedBytes(bs)
 		case float64(live) < repackBelow*float64(total):
-			repack = append(repack, packBlobs{ID: pid, Blobs: liveBlobs})
+			repack = append(repack, packBlobs{ID: pid, Blobs: bs})
 			drop = append(drop, pid)
-			rep.BytesFreed += total - live
+			rep.BytesFreed += storedBytes(bs)
 		default:
 			keepPacks = append(keepPacks, packBlobs{ID: pid, Blobs: bs})
 		}
@@ -223,20 +222,65 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	// Copy live blobs verbatim (they are sealed on their own) into new packs.
 	up := r.newUploader(ctx)
 	defer up.abort()
+	var pend []byte // live chunks taken out of partly dead blobs
+	var pendEnts []blobEntry
+	flush := func() error {
+		if len(pendEnts) == 0 {
+			return nil
+		}
+		blob := r.seal.seal(nil, r.enc.EncodeAll(pend, nil))
+		rep.BytesFreed -= int64(len(blob))
+		err := up.add(blob, pendEnts)
+		pend, pendEnts = pend[:0], pendEnts[:0]
+		return err
+	}
 	for _, p := range repack {
-		for _, b := range p.Blobs {
-			if up.has(b.Hash) {
+		for _, g := range blobGroups(p.Blobs) {
+			var keep []blobEntry
+			for _, b := range g {
+				if used[b.Hash] && !up.has(b.Hash) {
+					keep = append(keep, b)
+				}
+			}
+			if len(keep) == 0 {
 				continue
 			}
-			blob, err := r.be.Get(ctx, p.ID.name(), int64(b.Off), int64(b.Len))
+			blob, err := r.be.Get(ctx, p.ID.name(), int64(g[0].Off), int64(g[0].Len))
 			if err != nil {
 				return fmt.Errorf("prune: repack %s: %w", p.ID, err)
 			}
-			if err := up.add(b.Hash, blob, int(b.Raw)); err != nil {
-				return fmt.Errorf("prune: repack: %w", err)
+			if len(keep) == len(g) { // wholly live: copy it as it is
+				rep.BytesFreed -= int64(len(blob))
+				if err := up.add(blob, g); err != nil {
+					return fmt.Errorf("prune: repack: %w", err)
+				}
+				continue
+			}
+			group, err := r.openBlob(blob)
+			if err != nil {
+				return fmt.Errorf("prune: repack %s: %w; run `umbra verify`", p.ID, err)
+			}
+			sum := r.hasher()
+			for _, b := range keep {
+				l := loc{rawOff: b.RawOff, raw: b.Raw}
+				data, err := chunkIn(b.Hash, l, group, sum)
+				if err != nil {
+					return fmt.Errorf("prune: repack %s: %w; run `umbra verify`", p.ID, err)
+				}
+				if len(pend)+len(data) > groupRaw {
+					if err := flush(); err != nil {
+						return fmt.Errorf("prune: repack: %w", err)
+					}
+				}
+				up.mark(b.Hash)
+				pendEnts = append(pendEnts, blobEntry{Hash: b.Hash, RawOff: uint32(len(pend)), Raw: b.Raw})
+				pend = append(pend, data...)
 			}
 		}
 		rep.PacksRepacked++
+	}
+	if err := flush(); err != nil {
+		return fmt.Errorf("prune: repack: %w", err)
 	}
 	if err := up.finishPacks(); err != nil {
 		return fmt.Errorf("prune: %w", err)
@@ -282,6 +326,29 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	}
 	r.mu.Unlock()
 	return r.be.Sync(ctx)
+}
+
+// storedBytes sums the distinct blobs of entries sorted by offset.
+func storedBytes(bs []blobEntry) int64 {
+	var n int64
+	for _, g := range blobGroups(bs) {
+		n += int64(g[0].Len)
+	}
+	return n
+}
+
+// blobGroups splits entries sorted by offset into runs sharing a blob.
+func blobGroups(bs []blobEntry) [][]blobEntry {
+	var out [][]blobEntry
+	for i := 0; i < len(bs); {
+		j := i + 1
+		for j < len(bs) && bs[j].Off == bs[i].Off {
+			j++
+		}
+		out = append(out, bs[i:j])
+		i = j
+	}
+	return out
 }
 
 func parsePackName(n string) (PackID, bool) {

@@ -43,6 +43,9 @@ const DefaultChunkSize = 4096
 // ChunkSize is kept for callers that assume the default.
 const ChunkSize = DefaultChunkSize
 
+// encoderLevel is zstd's level for chunks.
+var encoderLevel = zstd.SpeedFastest
+
 // packTarget is where a pack is cut.
 const packTarget = 16 << 20
 
@@ -74,8 +77,10 @@ type Settings struct {
 }
 
 type loc struct {
-	pack          uint32 // index in Repo.packs
-	off, len, raw uint32
+	pack     uint32 // index in Repo.packs
+	off, len uint32 // the blob in the pack
+	rawOff   uint32 // the chunk in the opened blob
+	raw      uint32
 }
 
 // Repo is an open repository. Its methods may be called concurrently.
@@ -199,7 +204,7 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		r.hashKey = master[32:]
 	}
 	n := runtime.GOMAXPROCS(0)
-	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true))
+	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(encoderLevel), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true))
 	r.dec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(n))
 	if err := r.loadIndexes(ctx); err != nil {
 		r.Close()
@@ -332,7 +337,7 @@ func (r *Repo) addPack(p packBlobs) {
 	}
 	for _, e := range p.Blobs {
 		if _, dup := r.chunks[e.Hash]; !dup {
-			r.chunks[e.Hash] = loc{pack: i, off: e.Off, len: e.Len, raw: e.Raw}
+			r.chunks[e.Hash] = loc{pack: i, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}
 		}
 	}
 }
@@ -350,16 +355,25 @@ func (r *Repo) lookup(h Hash) (loc, PackID, bool) {
 // ErrMissingChunk: no index names a pack holding the chunk.
 var ErrMissingChunk = errors.New("chunk missing from the repository")
 
-// openBlob turns a stored blob into the chunk it holds, checking its hash.
-func (r *Repo) openBlob(h Hash, blob []byte, dst []byte, sum func([]byte) Hash) ([]byte, error) {
+// openBlob turns a stored blob into the chunks it holds.
+func (r *Repo) openBlob(blob []byte) ([]byte, error) {
 	z, err := r.seal.open(nil, blob)
 	if err != nil {
-		return nil, fmt.Errorf("chunk %s: %w", h, err)
+		return nil, err
 	}
-	data, err := r.dec.DecodeAll(z, dst[:0])
+	data, err := r.dec.DecodeAll(z, nil)
 	if err != nil {
-		return nil, fmt.Errorf("chunk %s: %w: %v", h, ErrCorrupt, err)
+		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
+	return data, nil
+}
+
+// chunkIn takes chunk h out of an opened blob, checking its hash.
+func chunkIn(h Hash, l loc, group []byte, sum func([]byte) Hash) ([]byte, error) {
+	if uint64(l.rawOff)+uint64(l.raw) > uint64(len(group)) {
+		return nil, fmt.Errorf("chunk %s: %w: lies outside its blob", h, ErrCorrupt)
+	}
+	data := group[l.rawOff : l.rawOff+l.raw]
 	if sum(data) != h {
 		return nil, fmt.Errorf("chunk %s: %w: content does not match its hash", h, ErrCorrupt)
 	}
@@ -367,7 +381,7 @@ func (r *Repo) openBlob(h Hash, blob []byte, dst []byte, sum func([]byte) Hash) 
 }
 
 // getChunk reads one chunk.
-func (r *Repo) getChunk(ctx context.Context, h Hash, dst []byte, sum func([]byte) Hash) ([]byte, error) {
+func (r *Repo) getChunk(ctx context.Context, h Hash, sum func([]byte) Hash) ([]byte, error) {
 	l, pid, ok := r.lookup(h)
 	if !ok {
 		return nil, fmt.Errorf("chunk %s: %w", h, ErrMissingChunk)
@@ -376,7 +390,11 @@ func (r *Repo) getChunk(ctx context.Context, h Hash, dst []byte, sum func([]byte
 	if err != nil {
 		return nil, fmt.Errorf("chunk %s in pack %s: %w", h, pid, err)
 	}
-	return r.openBlob(h, blob, dst, sum)
+	group, err := r.openBlob(blob)
+	if err != nil {
+		return nil, fmt.Errorf("chunk %s in pack %s: %w", h, pid, err)
+	}
+	return chunkIn(h, l, group, sum)
 }
 
 func imageName(id string) string { return "images/" + id }

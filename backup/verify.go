@@ -120,15 +120,20 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) map[Hash]bool {
 	good := make(map[Hash]bool, len(hs))
 	b, err := r.be.Get(ctx, pid.name(), 0, -1)
-	buf := make([]byte, r.cfg.ChunkSize)
+	opened := map[uint32][]byte{}
 	for _, h := range hs {
 		l, _, _ := r.lookup(h)
 		if err != nil || int64(l.off)+int64(l.len) > int64(len(b)) {
 			good[h] = false
 			continue
 		}
-		_, oerr := r.openBlob(h, b[l.off:l.off+l.len], buf, sum)
-		good[h] = oerr == nil
+		group, ok := opened[l.off]
+		if !ok {
+			group, _ = r.openBlob(b[l.off : l.off+l.len])
+			opened[l.off] = group
+		}
+		_, cerr := chunkIn(h, l, group, sum)
+		good[h] = cerr == nil
 	}
 	return good
 }
