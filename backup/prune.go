@@ -198,7 +198,9 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		if !present[pid] {
 			continue // indexed but gone: its chunks are missing (verify says which images)
 		}
-		sort.Slice(bs, func(i, j int) bool { return bs[i].Off < bs[j].Off || bs[i].Off == bs[j].Off && bs[i].RawOff < bs[j].RawOff })
+		sort.Slice(bs, func(i, j int) bool {
+			return bs[i].Off < bs[j].Off || bs[i].Off == bs[j].Off && bs[i].RawOff < bs[j].RawOff
+		})
 		var live, total int64 // chunk bytes, uncompressed
 		for _, b := range bs {
 			total += int64(b.Raw)
