@@ -111,21 +111,24 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 	for i := range hashers {
 		hashers[i] = r.hasher()
 	}
-	perBatch := max(batchBytes/cs, 1)
-	buf := make([]byte, perBatch*cs)
-	work := make([]chunkWork, perBatch)
-	for first := int64(0); first < n; first += perBatch {
-		if err := ctx.Err(); err != nil {
-			return nil, st, err
+	// A reader goroutine plans and reads batches ahead while this one
+	// hashes, compresses and packs the previous.
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	batches := r.readBatches(rctx, src, x, opts, incr)
+	comp := r.newCompressor(up, workers)
+	compClosed := false
+	defer func() {
+		if !compClosed {
+			comp.close()
 		}
-		last := min(first+perBatch, n)
-		w := work[:last-first]
-		if err := r.planBatch(x, opts, incr, first, last, w, &st); err != nil {
-			return nil, st, err
+	}()
+	for b := range batches {
+		if b.err != nil {
+			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, b.err)
 		}
-		if err := readRuns(src, buf, w, first, cs, size, &st); err != nil {
-			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
-		}
+		first, last, w := b.first, b.last, b.w
+		st.Read += b.read
 		r.hashBatch(w, hashers)
 		var fresh []int // chunks to store, each hash once
 		for i := range w {
@@ -148,11 +151,12 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 				st.Stored += int64(len(c.data))
 			}
 		}
-		n, err := r.storeGroups(w, fresh, up, len(hashers))
+		own := new(sync.WaitGroup)
+		err := comp.queue(w, fresh, own)
+		go func() { own.Wait(); b.release() }()
 		if err != nil {
 			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 		}
-		st.Compressed += n
 		if opts.Cursor != nil {
 			opts.Cursor(last * cs)
 		}
@@ -160,6 +164,15 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 			opts.Progress(min(last*cs, size), size)
 		}
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, st, err
+	}
+	stored, err := comp.close()
+	compClosed = true
+	if err != nil {
+		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+	}
+	st.Compressed = stored
 	idxBytes, err := up.finish()
 	if err != nil {
 		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
@@ -172,6 +185,61 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 	}
 	st.Seconds = time.Since(start).Seconds()
 	return x, st, nil
+}
+
+// batch is a run of chunks planned and read, on its way to packing.
+type batch struct {
+	first, last int64
+	w           []chunkWork
+	read        int64
+	err         error
+	release     func() // gives the buffers back to the reader
+}
+
+// readBatches plans and reads the volume batch by batch, two batches
+// ahead at most, in ascending order.
+func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Options, incr bool) <-chan batch {
+	cs := int64(r.cfg.ChunkSize)
+	n := int64(len(x.Chunks))
+	perBatch := max(batchBytes/cs, 1)
+	type bufs struct {
+		buf []byte
+		w   []chunkWork
+	}
+	const depth = 3
+	free := make(chan bufs, depth)
+	for range depth {
+		free <- bufs{make([]byte, perBatch*cs), make([]chunkWork, perBatch)}
+	}
+	out := make(chan batch, depth-1)
+	go func() {
+		defer close(out)
+		for first := int64(0); first < n; first += perBatch {
+			var b bufs
+			select {
+			case b = <-free:
+			case <-ctx.Done():
+				return
+			}
+			last := min(first+perBatch, n)
+			bt := batch{first: first, last: last, w: b.w[:last-first], release: func() { free <- b }}
+			var st Stats
+			bt.err = r.planBatch(x, opts, incr, first, last, bt.w, &st)
+			if bt.err == nil {
+				bt.err = readRuns(src, b.buf, bt.w, first, cs, x.Size, &st)
+			}
+			bt.read = st.Read
+			select {
+			case out <- bt:
+			case <-ctx.Done():
+				return
+			}
+			if bt.err != nil {
+				return
+			}
+		}
+	}()
+	return out
 }
 
 func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
@@ -277,60 +345,114 @@ func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash) {
 	wg.Wait()
 }
 
-// storeGroups compresses and seals the fresh chunks of a batch in groups
-// of up to groupRaw bytes, in parallel, and hands them to the uploader in
-// order. It returns the bytes stored.
-func (r *Repo) storeGroups(w []chunkWork, fresh []int, up *uploader, workers int) (int64, error) {
-	type group struct {
-		idx  []int
-		blob []byte
-	}
-	var groups []*group
-	var raw int
-	for _, i := range fresh {
-		if len(groups) == 0 || raw+len(w[i].data) > groupRaw {
-			groups = append(groups, &group{})
-			raw = 0
-		}
-		g := groups[len(groups)-1]
-		g.idx = append(g.idx, i)
-		raw += len(w[i].data)
-	}
-	next := make(chan *group)
-	var wg sync.WaitGroup
+// compressor compresses and seals groups of fresh chunks on every core
+// while the caller goes on hashing the next batch; a packer goroutine
+// hands the blobs to the uploader in the order the groups were queued.
+type compressor struct {
+	r      *Repo
+	up     *uploader
+	work   chan *group
+	order  chan *group
+	wg     sync.WaitGroup // workers
+	packed chan struct{}  // closed when the packer is done
+
+	mu     sync.Mutex // guards stored, err
+	stored int64
+	err    error
+}
+
+type group struct {
+	data [][]byte // the chunks, in batch memory until done
+	ents []blobEntry
+	blob []byte
+	done chan struct{}
+	own  *sync.WaitGroup // the batch's pending groups
+}
+
+func (r *Repo) newCompressor(up *uploader, workers int) *compressor {
+	c := &compressor{r: r, up: up, work: make(chan *group, 64), order: make(chan *group, 256), packed: make(chan struct{})}
 	for range workers {
-		wg.Add(1)
+		c.wg.Add(1)
 		go func() {
-			defer wg.Done()
+			defer c.wg.Done()
 			buf := make([]byte, 0, groupRaw)
-			for g := range next {
+			for g := range c.work {
 				buf = buf[:0]
-				for _, i := range g.idx {
-					buf = append(buf, w[i].data...)
+				for _, d := range g.data {
+					buf = append(buf, d...)
 				}
-				g.blob = r.seal.seal(nil, r.enc.EncodeAll(buf, make([]byte, 0, len(buf)/2)))
+				out := make([]byte, sealPrefix, sealPrefix+len(buf)+64)
+				g.blob = r.seal.sealPrefixed(r.enc.EncodeAll(buf, out))
+				g.data = nil
+				g.own.Done()
+				close(g.done)
 			}
 		}()
 	}
-	for _, g := range groups {
-		next <- g
-	}
-	close(next)
-	wg.Wait()
-	var n int64
-	ents := make([]blobEntry, 0, groupRaw/4096)
-	for _, g := range groups {
-		ents, off := ents[:0], uint32(0)
-		for _, i := range g.idx {
-			ents = append(ents, blobEntry{Hash: w[i].hash, RawOff: off, Raw: uint32(len(w[i].data))})
-			off += uint32(len(w[i].data))
+	go func() {
+		defer close(c.packed)
+		for g := range c.order {
+			<-g.done
+			c.mu.Lock()
+			failed := c.err != nil
+			c.mu.Unlock()
+			if failed {
+				continue
+			}
+			err := up.add(g.blob, g.ents)
+			c.mu.Lock()
+			c.stored += int64(len(g.blob))
+			if err != nil && c.err == nil {
+				c.err = err
+			}
+			c.mu.Unlock()
 		}
-		if err := up.add(g.blob, ents); err != nil {
-			return n, err
-		}
-		n += int64(len(g.blob))
+	}()
+	return c
+}
+
+// queue groups the fresh chunks of a batch (indexes into w) and queues
+// them; own counts the groups until they no longer need w's memory.
+func (c *compressor) queue(w []chunkWork, fresh []int, own *sync.WaitGroup) error {
+	c.mu.Lock()
+	err := c.err
+	c.mu.Unlock()
+	if err != nil {
+		return err
 	}
-	return n, nil
+	var g *group
+	raw := 0
+	flush := func() {
+		if g != nil {
+			own.Add(1)
+			c.order <- g
+			c.work <- g
+			g = nil
+		}
+	}
+	for _, i := range fresh {
+		if g == nil || raw+len(w[i].data) > groupRaw {
+			flush()
+			g, raw = &group{done: make(chan struct{}), own: own}, 0
+		}
+		g.ents = append(g.ents, blobEntry{Hash: w[i].hash, RawOff: uint32(raw), Raw: uint32(len(w[i].data))})
+		g.data = append(g.data, w[i].data)
+		raw += len(w[i].data)
+	}
+	flush()
+	return nil
+}
+
+// close waits for every queued group to be packed and returns the bytes
+// stored.
+func (c *compressor) close() (int64, error) {
+	close(c.work)
+	close(c.order)
+	c.wg.Wait()
+	<-c.packed
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stored, c.err
 }
 
 func changedChunk(bm *provider.Bitmap, i, cs int64) bool {
@@ -437,7 +559,6 @@ func (u *uploader) add(blob []byte, ents []blobEntry) error {
 	}
 	for _, e := range ents {
 		e.Off, e.Len = uint32(len(u.cur)), uint32(len(blob))
-		u.seen[e.Hash] = struct{}{}
 		u.ents = append(u.ents, e)
 	}
 	u.cur = append(u.cur, blob...)

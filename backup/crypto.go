@@ -102,6 +102,20 @@ func (s *sealer) seal(dst, plain []byte) []byte {
 	return s.aead.Seal(dst, nonce[:], plain, nil)
 }
 
+// sealPrefix is the room sealPrefixed needs before the plaintext.
+const sealPrefix = 12
+
+// sealPrefixed seals b[sealPrefix:] in place; b's first sealPrefix bytes
+// are room for the nonce (dropped when not sealing), and the tag needs 16
+// bytes of spare capacity. It saves a copy per blob on the backup path.
+func (s *sealer) sealPrefixed(b []byte) []byte {
+	if s == nil {
+		return b[sealPrefix:]
+	}
+	rand.Read(b[:sealPrefix])
+	return s.aead.Seal(b[:sealPrefix], b[:sealPrefix], b[sealPrefix:], nil)
+}
+
 func (s *sealer) open(dst, b []byte) ([]byte, error) {
 	if s == nil {
 		return append(dst, b...), nil

@@ -252,6 +252,9 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 				return fmt.Errorf("prune: repack %s: %w", p.ID, err)
 			}
 			if len(keep) == len(g) { // wholly live: copy it as it is
+				for _, b := range g {
+					up.mark(b.Hash)
+				}
 				rep.BytesFreed -= int64(len(blob))
 				if err := up.add(blob, g); err != nil {
 					return fmt.Errorf("prune: repack: %w", err)

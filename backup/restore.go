@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 )
 
 // Restore writes image id to the file or device at path, verifying every
@@ -41,40 +42,66 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	}
 	cs := int64(x.ChunkSize)
 	perBatch := max(batchBytes/cs, 1)
-	buf := make([]byte, perBatch*cs)
-	sums := make([]func([]byte) Hash, runtime.GOMAXPROCS(0))
-	for i := range sums {
-		sums[i] = r.hasher()
-	}
 	n := int64(len(x.Chunks))
-	for first := int64(0); first < n; first += perBatch {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		last := min(first+perBatch, n)
-		if err := r.readChunks(ctx, x, first, last, buf, sums); err != nil {
-			return fmt.Errorf("restore %s: %w", id, err)
-		}
-		// Write runs of chunks; a file keeps zero chunks as holes.
-		for j := first; j < last; {
-			if regular && x.Chunks[j] == (Hash{}) {
-				j++
-				continue
+	nb := (n + perBatch - 1) / perBatch
+	// Workers take whole batches: fetch, open, check and write each on
+	// its own, so that writing (page allocation on the target) runs on
+	// every core too. Memory: a batch buffer and a blob cache per worker.
+	workers := runtime.GOMAXPROCS(0)
+	if _, ok := r.be.(*s3Backend); ok {
+		workers = max(workers, 8) // latency-bound
+	}
+	var (
+		next   atomic.Int64
+		done   atomic.Int64
+		mu     sync.Mutex // guards failed and orders progress calls
+		failed error
+		wg     sync.WaitGroup
+	)
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, perBatch*cs)
+			sum := r.hasher()
+			cache := newBlobCache(64)
+			for {
+				bi := next.Add(1) - 1
+				if bi >= nb || ctx.Err() != nil {
+					return
+				}
+				mu.Lock()
+				stop := failed != nil
+				mu.Unlock()
+				if stop {
+					return
+				}
+				first := bi * perBatch
+				last := min(first+perBatch, n)
+				err := r.readChunks(ctx, x, first, last, buf, sum, cache)
+				if err != nil {
+					err = fmt.Errorf("restore %s: %w", id, err)
+				} else {
+					err = writeBatch(f, x, first, last, buf, regular, path)
+				}
+				mu.Lock()
+				if err != nil && failed == nil {
+					failed = err
+				}
+				d := done.Add(min(last*cs, x.Size) - first*cs)
+				if progress != nil && err == nil {
+					progress(d, x.Size)
+				}
+				mu.Unlock()
 			}
-			k := j + 1
-			for k < last && !(regular && x.Chunks[k] == (Hash{})) {
-				k++
-			}
-			off := j * cs
-			end := min(k*cs, x.Size)
-			if _, err := f.WriteAt(buf[(j-first)*cs:(j-first)*cs+end-off], off); err != nil {
-				return fmt.Errorf("restore to %s at %d: %w", path, off, err)
-			}
-			j = k
-		}
-		if progress != nil {
-			progress(min(last*cs, x.Size), x.Size)
-		}
+		}()
+	}
+	wg.Wait()
+	if failed != nil {
+		return failed
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("restore to %s: %w", path, err)
@@ -97,23 +124,80 @@ type fetchItem struct {
 	l    loc // l.off is relative to the pack
 }
 
+// writeBatch writes chunks [first,last) from buf; a regular file keeps
+// zero chunks as holes.
+func writeBatch(f *os.File, x *Index, first, last int64, buf []byte, regular bool, path string) error {
+	cs := int64(x.ChunkSize)
+	for j := first; j < last; {
+		if regular && x.Chunks[j] == (Hash{}) {
+			j++
+			continue
+		}
+		k := j + 1
+		for k < last && !(regular && x.Chunks[k] == (Hash{})) {
+			k++
+		}
+		off := j * cs
+		end := min(k*cs, x.Size)
+		if _, err := f.WriteAt(buf[(j-first)*cs:(j-first)*cs+end-off], off); err != nil {
+			return fmt.Errorf("restore to %s at %d: %w", path, off, err)
+		}
+		j = k
+	}
+	return nil
+}
+
+// blobCache keeps recently opened blobs of one reader.
+type blobCache struct {
+	m     map[blobKey][]byte
+	order []blobKey
+	max   int
+}
+
+type blobKey struct{ pack, off uint32 }
+
+func newBlobCache(n int) *blobCache { return &blobCache{m: map[blobKey][]byte{}, max: n} }
+
+func (c *blobCache) get(k blobKey) ([]byte, bool) { b, ok := c.m[k]; return b, ok }
+
+func (c *blobCache) put(k blobKey, b []byte) {
+	if _, ok := c.m[k]; ok {
+		return
+	}
+	if len(c.order) >= c.max {
+		delete(c.m, c.order[0])
+		c.order = c.order[1:]
+	}
+	c.m[k] = b
+	c.order = append(c.order, k)
+}
+
 // readChunks fills buf with chunks [first,last) of x: zero chunks are
-// zeroed, others fetched (adjacent blobs of a pack in one read), opened
-// and checked against their hash, in parallel.
-func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf []byte, sums []func([]byte) Hash) error {
+// zeroed, others taken from cached blobs or fetched (adjacent blobs of a
+// pack in one read), opened and checked against their hash.
+func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf []byte, sum func([]byte) Hash, cache *blobCache) error {
 	cs := int64(x.ChunkSize)
 	var fetches []*fetch
 	var cur *fetch
 	for i := first; i < last; i++ {
 		h := x.Chunks[i]
 		slot := int(i - first)
+		dst := buf[int64(slot)*cs : int64(slot+1)*cs]
 		if h == (Hash{}) {
-			clear(buf[int64(slot)*cs : int64(slot+1)*cs])
+			clear(dst)
 			continue
 		}
 		l, pid, ok := r.lookup(h)
 		if !ok {
 			return fmt.Errorf("at %d: chunk %s: %w", i*cs, h, ErrMissingChunk)
+		}
+		if group, ok := cache.get(blobKey{l.pack, l.off}); ok {
+			data, err := chunkIn(h, l, group, sum)
+			if err != nil {
+				return err
+			}
+			clear(dst[copy(dst, data):])
+			continue
 		}
 		bo, be := int64(l.off), int64(l.off)+int64(l.len)
 		switch {
@@ -127,56 +211,28 @@ func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf 
 		}
 		cur.items = append(cur.items, fetchItem{slot: slot, h: h, l: l})
 	}
-	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		ferr error
-		next = make(chan *fetch)
-	)
-	for _, sum := range sums {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ft := range next {
-				if err := r.doFetch(ctx, ft, buf, cs, sum); err != nil {
-					mu.Lock()
-					if ferr == nil {
-						ferr = err
-					}
-					mu.Unlock()
-				}
-			}
-		}()
-	}
 	for _, ft := range fetches {
-		next <- ft
-	}
-	close(next)
-	wg.Wait()
-	return ferr
-}
-
-func (r *Repo) doFetch(ctx context.Context, ft *fetch, buf []byte, cs int64, sum func([]byte) Hash) error {
-	b, err := r.be.Get(ctx, ft.pack.name(), ft.off, ft.len)
-	if err != nil {
-		return fmt.Errorf("pack %s: %w", ft.pack, err)
-	}
-	opened := map[uint32][]byte{} // blob offset -> its chunks
-	for _, it := range ft.items {
-		group, ok := opened[it.l.off]
-		if !ok {
-			o := int64(it.l.off) - ft.off
-			if group, err = r.openBlob(b[o : o+int64(it.l.len)]); err != nil {
-				return fmt.Errorf("chunk %s in pack %s: %w", it.h, ft.pack, err)
-			}
-			opened[it.l.off] = group
-		}
-		data, err := chunkIn(it.h, it.l, group, sum)
+		b, err := r.be.Get(ctx, ft.pack.name(), ft.off, ft.len)
 		if err != nil {
-			return err
+			return fmt.Errorf("pack %s: %w", ft.pack, err)
 		}
-		dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
-		clear(dst[copy(dst, data):])
+		for _, it := range ft.items {
+			k := blobKey{it.l.pack, it.l.off}
+			group, ok := cache.get(k)
+			if !ok {
+				o := int64(it.l.off) - ft.off
+				if group, err = r.openBlob(b[o : o+int64(it.l.len)]); err != nil {
+					return fmt.Errorf("chunk %s in pack %s: %w", it.h, ft.pack, err)
+				}
+				cache.put(k, group)
+			}
+			data, err := chunkIn(it.h, it.l, group, sum)
+			if err != nil {
+				return err
+			}
+			dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
+			clear(dst[copy(dst, data):])
+		}
 	}
 	return nil
 }
@@ -192,8 +248,6 @@ type ImageReader struct {
 	cache map[blobKey][]byte
 	order []blobKey
 }
-
-type blobKey struct{ pack, off uint32 }
 
 // OpenImage opens image id for reading.
 func (r *Repo) OpenImage(ctx context.Context, id string) (*ImageReader, error) {
