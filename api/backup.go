@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"crypto/sha256"
 
 	"errors"
 	"fmt"
@@ -47,15 +48,13 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 	if len(req.GetVolumes()) == 0 {
 		return nil, toStatus(fmt.Errorf("%w: name at least one volume", errBadRequest))
 	}
-	repo, err := backup.OpenWith(ctx, req.GetRepo(), backup.Settings{Password: req.GetPassword(),
-		Cred: backup.Credentials{AccessKey: req.GetS3AccessKey(), SecretKey: req.GetS3SecretKey()}})
+	repo, err := s.openRepo(ctx, req)
 	if err != nil {
 		if errors.Is(err, backup.ErrWrongPassword) || errors.Is(err, backup.ErrNeedPassword) {
 			return nil, status.Error(codes.PermissionDenied, err.Error())
 		}
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
-	defer repo.Close()
 	id := baseSnapshotPrefix + time.Now().UTC().Format("20060102T150405.000000Z")
 	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: req.GetVolumes(), Writers: req.GetWriters(), ID: id})
 	if err != nil {
@@ -96,6 +95,32 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 	}
 	s.log.Info("backup done", "set", set.ID, "images", len(resp.Images))
 	return resp, nil
+}
+
+// openRepo returns the repository a request names, kept open between
+// backups (its chunk index is loaded once, then only what other
+// processes added is read), keyed by location and secrets.
+func (s *Server) openRepo(ctx context.Context, req *umbrav1.BackupRequest) (*backup.Repo, error) {
+	key := sha256.Sum256([]byte(req.GetRepo() + "\x00" + req.GetPassword() + "\x00" + req.GetS3AccessKey() + "\x00" + req.GetS3SecretKey()))
+	s.repoMu.Lock()
+	defer s.repoMu.Unlock()
+	if s.repos == nil {
+		s.repos = map[[32]byte]*backup.Repo{}
+	}
+	if r, ok := s.repos[key]; ok {
+		if err := r.Refresh(ctx); err == nil {
+			return r, nil
+		}
+		r.Close()
+		delete(s.repos, key)
+	}
+	r, err := backup.OpenWith(ctx, req.GetRepo(), backup.Settings{Password: req.GetPassword(),
+		Cred: backup.Credentials{AccessKey: req.GetS3AccessKey(), SecretKey: req.GetS3SecretKey()}})
+	if err != nil {
+		return nil, err
+	}
+	s.repos[key] = r
+	return r, nil
 }
 
 func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.Snapshot, full bool, progress func(*umbrav1.BackupProgress)) (*umbrav1.ImageResult, error) {

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"umbra/api/umbrav1"
+	"umbra/backup"
 	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/provider"
@@ -40,6 +41,9 @@ type Server struct {
 	log     *slog.Logger
 
 	setMu sync.Mutex // one snapshot set at a time
+
+	repoMu sync.Mutex // guards repos
+	repos  map[[32]byte]*backup.Repo
 }
 
 // NewServer returns the API over p; sets with writers run through coord.

@@ -252,13 +252,12 @@ func (r *Repo) planBatch(x *Index, opts Options, incr bool, first, last int64, w
 		w[i] = chunkWork{kind: kindRead}
 		idx := first + int64(i)
 		if incr && !changedChunk(opts.Changed, idx, cs) {
-			h := opts.Parent.Chunks[idx]
-			// Reuse only what the repository still holds.
-			if _, _, ok := r.lookup(h); ok || h == (Hash{}) {
-				x.Chunks[idx] = h
-				w[i].kind = kindReused
-				w[i].data = zeroChunk[:chunkLen(idx, cs, x.Size)]
-			}
+			// The parent's chunks are there: prune keeps every chunk of a
+			// listed image (damage is verify's to find, and --full
+			// re-reads everything).
+			x.Chunks[idx] = opts.Parent.Chunks[idx]
+			w[i].kind = kindReused
+			w[i].data = zeroChunk[:chunkLen(idx, cs, x.Size)]
 		}
 	}
 	if opts.Allocated == nil {

@@ -195,9 +195,12 @@ type Index struct {
 	Chunks   []Hash `json:"-"`
 }
 
-// Encode serializes the chunk list (docs/formats.md).
+// Encode serializes the chunk list (docs/formats.md). The hashes are
+// stored as runs: a count of zero (all-zero) chunks, then a count of
+// hashes and the hashes, so holes cost nothing and the list needs no
+// compression (hashes do not compress).
 func (x *Index) Encode() []byte {
-	var b []byte
+	b := make([]byte, 0, 64+len(x.ID)+len(x.Volume)+len(x.Snapshot)+len(x.Parent)+len(x.Chunks)*32+8)
 	b = append(b, indexMagic...)
 	b = binary.LittleEndian.AppendUint16(b, 2)
 	b = binary.LittleEndian.AppendUint32(b, uint32(x.ChunkSize))
@@ -208,8 +211,21 @@ func (x *Index) Encode() []byte {
 		b = append(b, s...)
 	}
 	b = binary.LittleEndian.AppendUint64(b, uint64(len(x.Chunks)))
-	for _, h := range x.Chunks {
-		b = append(b, h[:]...)
+	for i := 0; i < len(x.Chunks); {
+		z := i
+		for z < len(x.Chunks) && x.Chunks[z] == (Hash{}) {
+			z++
+		}
+		d := z
+		for d < len(x.Chunks) && x.Chunks[d] != (Hash{}) {
+			d++
+		}
+		b = binary.LittleEndian.AppendUint32(b, uint32(z-i))
+		b = binary.LittleEndian.AppendUint32(b, uint32(d-z))
+		for _, h := range x.Chunks[z:d] {
+			b = append(b, h[:]...)
+		}
+		i = d
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 }
@@ -254,12 +270,35 @@ func DecodeIndex(b []byte) (*Index, error) {
 	n := binary.LittleEndian.Uint64(p)
 	p = p[8:]
 	cs := int64(x.ChunkSize)
-	if x.Size < 0 || n != uint64((x.Size+cs-1)/cs) || uint64(len(p)) != n*32 {
+	if x.Size < 0 || n != uint64((x.Size+cs-1)/cs) || n > uint64(len(p))*(1<<32) {
 		return nil, corrupt(what, "chunk count does not match the size")
 	}
-	x.Chunks = make([]Hash, n)
-	for i := range x.Chunks {
-		copy(x.Chunks[i][:], p[i*32:])
+	x.Chunks = make([]Hash, 0, min(n, uint64(len(p)/32)+1))
+	for uint64(len(x.Chunks)) < n {
+		if len(p) < 8 {
+			return nil, corrupt(what, "truncated")
+		}
+		z, d := uint64(binary.LittleEndian.Uint32(p)), uint64(binary.LittleEndian.Uint32(p[4:]))
+		p = p[8:]
+		if z+d == 0 || uint64(len(x.Chunks))+z+d > n || uint64(len(p)) < d*32 {
+			return nil, corrupt(what, "bad run of chunks")
+		}
+		if z > 0 && len(x.Chunks) > 0 && x.Chunks[len(x.Chunks)-1] == (Hash{}) || d > 0 && z == 0 && len(x.Chunks) > 0 {
+			return nil, corrupt(what, "runs not in canonical form")
+		}
+		x.Chunks = append(x.Chunks, make([]Hash, z)...)
+		for range d {
+			var h Hash
+			copy(h[:], p)
+			if h == (Hash{}) {
+				return nil, corrupt(what, "a zero hash in a run of data")
+			}
+			x.Chunks = append(x.Chunks, h)
+			p = p[32:]
+		}
+	}
+	if len(p) != 0 {
+		return nil, corrupt(what, "trailing bytes")
 	}
 	return x, nil
 }

@@ -17,7 +17,7 @@ import (
 
 // writeImage stores x's chunk list, then its record.
 func (r *Repo) writeImage(ctx context.Context, x *Index) error {
-	list := r.seal.seal(nil, r.enc.EncodeAll(x.Encode(), nil))
+	list := r.seal.seal(nil, x.Encode())
 	x.ListHash = blake3.Sum256(list)
 	if err := r.be.Put(ctx, listName(x.ID), list); err != nil {
 		return err
@@ -74,13 +74,9 @@ func (r *Repo) loadChunks(ctx context.Context, x *Index) error {
 	if blake3.Sum256(raw) != x.ListHash {
 		return fmt.Errorf("image %s: chunk list: %w: does not match the image record's hash", x.ID, ErrCorrupt)
 	}
-	z, err := r.seal.open(nil, raw)
+	b, err := r.seal.open(nil, raw)
 	if err != nil {
 		return fmt.Errorf("image %s: chunk list: %w", x.ID, err)
-	}
-	b, err := r.dec.DecodeAll(z, nil)
-	if err != nil {
-		return fmt.Errorf("image %s: chunk list: %w: %v", x.ID, ErrCorrupt, err)
 	}
 	l, err := DecodeIndex(b)
 	if err != nil {

@@ -302,6 +302,47 @@ func (r *Repo) getSealed(ctx context.Context, name string) ([]byte, error) {
 	return out, nil
 }
 
+// Refresh catches up with other processes: it loads index objects
+// written since the repository was opened, and reloads all of them when
+// one it had loaded is gone (a prune rewrote them).
+func (r *Repo) Refresh(ctx context.Context) error {
+	b, err := r.be.Get(ctx, "config", 0, -1)
+	if err != nil {
+		return err
+	}
+	var cfg Config
+	if json.Unmarshal(b, &cfg) != nil || cfg != r.cfg {
+		return fmt.Errorf("repository %s was replaced: open it again", r.Location())
+	}
+	names, err := r.be.List(ctx, "index/")
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	have := map[string]bool{}
+	for _, n := range r.indexes {
+		have[n] = true
+	}
+	r.mu.Unlock()
+	listed := map[string]bool{}
+	var fresh []string
+	for _, n := range names {
+		listed[n] = true
+		if !have[n] {
+			fresh = append(fresh, n)
+		}
+	}
+	for n := range have {
+		if !listed[n] {
+			r.mu.Lock()
+			r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, map[Hash]loc{}, nil, nil
+			r.mu.Unlock()
+			return r.loadIndexes(ctx)
+		}
+	}
+	return r.loadIndexNames(ctx, fresh)
+}
+
 // loadIndexes reads every chunk index object into memory. A damaged one
 // is remembered (verify reports it; prune rebuilds from pack trailers).
 func (r *Repo) loadIndexes(ctx context.Context) error {
@@ -309,20 +350,26 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	return r.loadIndexNames(ctx, names)
+}
+
+func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 	for _, n := range names {
 		b, err := r.getSealed(ctx, n)
 		var packs []packBlobs
 		if err == nil {
 			packs, err = decodeChunkIndex(b)
 		}
+		r.mu.Lock()
 		if err != nil {
 			r.indexErrs = append(r.indexErrs, fmt.Errorf("index %s: %w", n, err))
-			continue
+		} else {
+			r.indexes = append(r.indexes, n)
+			for _, p := range packs {
+				r.addPack(p)
+			}
 		}
-		r.indexes = append(r.indexes, n)
-		for _, p := range packs {
-			r.addPack(p)
-		}
+		r.mu.Unlock()
 	}
 	return nil
 }
