@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"umbra/backup"
 	"umbra/provider"
@@ -86,9 +87,17 @@ func BenchmarkBackupIncremental(b *testing.B) {
 	}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		_, st, err := repo.Backup(ctx, memSource(data), backup.Options{Volume: "v", Parent: full, Changed: bm})
+		x, st, err := repo.Backup(ctx, memSource(data), backup.Options{Volume: "v", Parent: full, Changed: bm})
 		if err != nil {
 			b.Fatal(err)
+		}
+		if os.Getenv("UMBRA_BENCH_RESTORE") != "" {
+			t0 := time.Now()
+			if err := repo.Restore(x.ID, filepath.Join(dir, "out.img"), nil); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(time.Since(t0).Seconds(), "s-restore")
+			os.Remove(filepath.Join(dir, "out.img"))
 		}
 		b.ReportMetric(st.Seconds, "s-incremental")
 		if i == 0 { // later rounds add nothing: the same chunks again

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sort"
 	"sync"
 	"sync/atomic"
 )
@@ -15,8 +16,11 @@ func (r *Repo) Restore(id, path string, progress func(done, total int64)) error 
 	return r.RestoreContext(context.Background(), id, path, progress)
 }
 
-// RestoreContext is Restore with a context. Memory stays bounded: one
-// batch of chunks is in flight at a time.
+// restoreCache bounds the opened blobs a restore keeps for later batches.
+const restoreCache = 64 << 20
+
+// RestoreContext is Restore with a context. Memory is bounded by a batch
+// per worker, the blob cache (restoreCache) and the image's chunk list.
 func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress func(done, total int64)) error {
 	x, err := r.image(ctx, id)
 	if err != nil {
@@ -46,11 +50,13 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	nb := (n + perBatch - 1) / perBatch
 	// Workers take whole batches: fetch, open, check and write each on
 	// its own, so that writing (page allocation on the target) runs on
-	// every core too. Memory: a batch buffer and a blob cache per worker.
+	// every core too. Memory: a batch buffer per worker and the shared
+	// blob cache.
 	workers := runtime.GOMAXPROCS(0)
 	if _, ok := r.be.(*s3Backend); ok {
 		workers = max(workers, 8) // latency-bound
 	}
+	cache := r.newBlobCache(x, restoreCache)
 	var (
 		next   atomic.Int64
 		done   atomic.Int64
@@ -64,7 +70,6 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 			defer wg.Done()
 			buf := make([]byte, perBatch*cs)
 			sum := r.hasher()
-			cache := newBlobCache(64)
 			for {
 				bi := next.Add(1) - 1
 				if bi >= nb || ctx.Err() != nil {
@@ -109,21 +114,6 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	return nil
 }
 
-// fetch is one ranged read of adjacent blobs in a pack, and the chunks
-// (slots of the batch) taken from them.
-type fetch struct {
-	pack  PackID
-	off   int64
-	len   int64
-	items []fetchItem
-}
-
-type fetchItem struct {
-	slot int // chunk index within the batch
-	h    Hash
-	l    loc // l.off is relative to the pack
-}
-
 // writeBatch writes chunks [first,last) from buf; a regular file keeps
 // zero chunks as holes.
 func writeBatch(f *os.File, x *Index, first, last int64, buf []byte, regular bool, path string) error {
@@ -147,38 +137,83 @@ func writeBatch(f *os.File, x *Index, first, last int64, buf []byte, regular boo
 	return nil
 }
 
-// blobCache keeps recently opened blobs of one reader.
+// blobCache keeps opened blobs that later batches of a restore still
+// need: it knows how many uses each blob has left (counted from the
+// chunk list up front), drops a blob at its last use, and keeps at most
+// max bytes (beyond that a blob is opened again when needed). Without
+// it, an incremental image's blobs — chunks from all over the volume
+// compressed together — would be opened once per chunk.
 type blobCache struct {
-	m     map[blobKey][]byte
-	order []blobKey
-	max   int
+	mu    sync.Mutex // guards the fields below
+	left  map[blobKey]int32
+	data  map[blobKey][]byte
+	bytes int64
+	max   int64
 }
 
 type blobKey struct{ pack, off uint32 }
 
-func newBlobCache(n int) *blobCache { return &blobCache{m: map[blobKey][]byte{}, max: n} }
+func (r *Repo) newBlobCache(x *Index, max int64) *blobCache {
+	c := &blobCache{left: map[blobKey]int32{}, data: map[blobKey][]byte{}, max: max}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, h := range x.Chunks {
+		if h == (Hash{}) {
+			continue
+		}
+		if l, ok := r.chunks[h]; ok {
+			c.left[blobKey{l.pack, l.off}]++
+		}
+	}
+	return c
+}
 
-func (c *blobCache) get(k blobKey) ([]byte, bool) { b, ok := c.m[k]; return b, ok }
+// take counts one use of k and returns the blob if it is cached.
+func (c *blobCache) take(k blobKey) ([]byte, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.left[k]--
+	b, ok := c.data[k]
+	if ok && c.left[k] <= 0 {
+		delete(c.data, k)
+		c.bytes -= int64(len(b))
+	}
+	return b, ok
+}
 
-func (c *blobCache) put(k blobKey, b []byte) {
-	if _, ok := c.m[k]; ok {
+// keep caches an opened blob if later uses remain and there is room.
+func (c *blobCache) keep(k blobKey, b []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.data[k]; ok || c.left[k] <= 0 || c.bytes+int64(len(b)) > c.max {
 		return
 	}
-	if len(c.order) >= c.max {
-		delete(c.m, c.order[0])
-		c.order = c.order[1:]
-	}
-	c.m[k] = b
-	c.order = append(c.order, k)
+	c.data[k] = b
+	c.bytes += int64(len(b))
+}
+
+// blobUse is one blob a batch needs and the chunks it gives.
+type blobUse struct {
+	key   blobKey
+	pack  PackID
+	l     loc // the blob's place (off, len) in its pack
+	items []blobItem
+}
+
+type blobItem struct {
+	slot int // chunk index within the batch
+	h    Hash
+	l    loc
 }
 
 // readChunks fills buf with chunks [first,last) of x: zero chunks are
-// zeroed, others taken from cached blobs or fetched (adjacent blobs of a
-// pack in one read), opened and checked against their hash.
+// zeroed, others taken from cached blobs or from the packs — each blob
+// the batch needs is read and opened once, adjacent blobs of a pack in
+// one read — and every chunk is checked against its hash.
 func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf []byte, sum func([]byte) Hash, cache *blobCache) error {
 	cs := int64(x.ChunkSize)
-	var fetches []*fetch
-	var cur *fetch
+	need := map[blobKey]*blobUse{}
+	var uses []*blobUse
 	for i := first; i < last; i++ {
 		h := x.Chunks[i]
 		slot := int(i - first)
@@ -191,7 +226,8 @@ func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf 
 		if !ok {
 			return fmt.Errorf("at %d: chunk %s: %w", i*cs, h, ErrMissingChunk)
 		}
-		if group, ok := cache.get(blobKey{l.pack, l.off}); ok {
+		k := blobKey{l.pack, l.off}
+		if group, ok := cache.take(k); ok {
 			data, err := chunkIn(h, l, group, sum)
 			if err != nil {
 				return err
@@ -199,40 +235,47 @@ func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf 
 			clear(dst[copy(dst, data):])
 			continue
 		}
-		bo, be := int64(l.off), int64(l.off)+int64(l.len)
-		switch {
-		case cur != nil && cur.pack == pid && bo >= cur.off && be <= cur.off+cur.len:
-			// a blob this fetch already reads
-		case cur != nil && cur.pack == pid && bo == cur.off+cur.len && cur.len < 8<<20:
-			cur.len += int64(l.len)
-		default:
-			cur = &fetch{pack: pid, off: bo, len: int64(l.len)}
-			fetches = append(fetches, cur)
+		u := need[k]
+		if u == nil {
+			u = &blobUse{key: k, pack: pid, l: l}
+			need[k] = u
+			uses = append(uses, u)
 		}
-		cur.items = append(cur.items, fetchItem{slot: slot, h: h, l: l})
+		u.items = append(u.items, blobItem{slot: slot, h: h, l: l})
 	}
-	for _, ft := range fetches {
-		b, err := r.be.Get(ctx, ft.pack.name(), ft.off, ft.len)
+	sort.Slice(uses, func(i, j int) bool {
+		a, b := uses[i].key, uses[j].key
+		return a.pack < b.pack || a.pack == b.pack && a.off < b.off
+	})
+	for i := 0; i < len(uses); {
+		// One read for a run of adjacent blobs of a pack (up to 8 MiB).
+		j, end := i+1, int64(uses[i].l.off)+int64(uses[i].l.len)
+		for j < len(uses) && uses[j].key.pack == uses[i].key.pack && int64(uses[j].l.off) == end && end-int64(uses[i].l.off) < 8<<20 {
+			end += int64(uses[j].l.len)
+			j++
+		}
+		start := int64(uses[i].l.off)
+		b, err := r.be.Get(ctx, uses[i].pack.name(), start, end-start)
 		if err != nil {
-			return fmt.Errorf("pack %s: %w", ft.pack, err)
+			return fmt.Errorf("pack %s: %w", uses[i].pack, err)
 		}
-		for _, it := range ft.items {
-			k := blobKey{it.l.pack, it.l.off}
-			group, ok := cache.get(k)
-			if !ok {
-				o := int64(it.l.off) - ft.off
-				if group, err = r.openBlob(b[o : o+int64(it.l.len)]); err != nil {
-					return fmt.Errorf("chunk %s in pack %s: %w", it.h, ft.pack, err)
-				}
-				cache.put(k, group)
-			}
-			data, err := chunkIn(it.h, it.l, group, sum)
+		for _, u := range uses[i:j] {
+			o := int64(u.l.off) - start
+			group, err := r.openBlob(b[o : o+int64(u.l.len)])
 			if err != nil {
-				return err
+				return fmt.Errorf("chunk %s in pack %s: %w", u.items[0].h, u.pack, err)
 			}
-			dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
-			clear(dst[copy(dst, data):])
+			cache.keep(u.key, group)
+			for _, it := range u.items {
+				data, err := chunkIn(it.h, it.l, group, sum)
+				if err != nil {
+					return err
+				}
+				dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
+				clear(dst[copy(dst, data):])
+			}
 		}
+		i = j
 	}
 	return nil
 }
