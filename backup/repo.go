@@ -43,8 +43,13 @@ const DefaultChunkSize = 4096
 // ChunkSize is kept for callers that assume the default.
 const ChunkSize = DefaultChunkSize
 
-// encoderLevel is zstd's level for chunks.
-var encoderLevel = zstd.SpeedFastest
+// levels are the zstd levels a repository may use for new blobs:
+// fastest keeps a full backup ahead of restic on two cores; better
+// stores about 5 % less for about 20 % more time (docs/benchmarks.md).
+var levels = map[string]zstd.EncoderLevel{"fastest": zstd.SpeedFastest, "default": zstd.SpeedDefault, "better": zstd.SpeedBetterCompression}
+
+// encoderLevel overrides the repository's level in benchmarks.
+var encoderLevel zstd.EncoderLevel
 
 // packTarget is where a pack is cut.
 const packTarget = 16 << 20
@@ -56,6 +61,7 @@ type Config struct {
 	Hash        string `json:"hash"` // blake3 | sha256
 	ChunkSize   int    `json:"chunk_size"`
 	Compression string `json:"compression"` // zstd
+	Level       string `json:"level"`       // fastest | default | better: for new blobs only
 	Encryption  string `json:"encryption"`  // none | aes-256-gcm
 }
 
@@ -74,6 +80,7 @@ type Settings struct {
 	// Init only:
 	ChunkSize int    // 0: DefaultChunkSize
 	Hash      string // "": the faster of blake3 and sha256 here
+	Level     string // "": fastest
 }
 
 type loc struct {
@@ -127,7 +134,13 @@ func InitWith(ctx context.Context, location string, set Settings) (*Repo, error)
 	} else if len(names) > 0 {
 		return nil, fmt.Errorf("init repository %s: not empty (%d objects, e.g. %s); choose an empty location", be.Location(), len(names), names[0])
 	}
-	cfg := Config{Version: formatVersion, ID: randomID(), Hash: set.Hash, ChunkSize: set.ChunkSize, Compression: "zstd", Encryption: "none"}
+	cfg := Config{Version: formatVersion, ID: randomID(), Hash: set.Hash, ChunkSize: set.ChunkSize, Compression: "zstd", Level: set.Level, Encryption: "none"}
+	if cfg.Level == "" {
+		cfg.Level = "fastest"
+	}
+	if _, ok := levels[cfg.Level]; !ok {
+		return nil, fmt.Errorf("init repository %s: compression %q: want fastest, default or better", be.Location(), cfg.Level)
+	}
 	if cfg.ChunkSize == 0 {
 		cfg.ChunkSize = DefaultChunkSize
 	}
@@ -188,7 +201,7 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		return nil, fmt.Errorf("open repository %s: config: %w: %v", where, ErrCorrupt, err)
 	}
 	if cfg.Version != formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
-		cfg.Compression != "zstd" || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
+		cfg.Compression != "zstd" || levels[cfg.Level] == 0 || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
 		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads version %d)", where, cfg, formatVersion)
 	}
 	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: map[Hash]loc{}}
@@ -204,7 +217,11 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		r.hashKey = master[32:]
 	}
 	n := runtime.GOMAXPROCS(0)
-	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(encoderLevel), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true))
+	level := levels[cfg.Level]
+	if encoderLevel != 0 {
+		level = encoderLevel
+	}
+	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true))
 	r.dec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(n))
 	if err := r.loadIndexes(ctx); err != nil {
 		r.Close()

@@ -87,7 +87,7 @@ func newBackupCmd() *cobra.Command {
 func newRepoCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "repo", Short: "Backup repositories"}
 	var rf repoFlags
-	var chunk string
+	var chunk, level string
 	initCmd := &cobra.Command{
 		Use:   "init",
 		Short: "Create a backup repository (encrypted when a password is given)",
@@ -104,6 +104,7 @@ func newRepoCmd() *cobra.Command {
 				}
 				set.ChunkSize = int(n)
 			}
+			set.Level = level
 			r, err := backup.InitWith(cmd.Context(), where, set)
 			if err != nil {
 				return err
@@ -113,12 +114,13 @@ func newRepoCmd() *cobra.Command {
 				return printJSON(os.Stdout, r.Config())
 			}
 			c := r.Config()
-			fmt.Printf("created repository %s (chunks %s, %s, encryption %s)\n", where, human(int64(c.ChunkSize)), c.Hash, c.Encryption)
+			fmt.Printf("created repository %s (chunks %s, %s, zstd %s, encryption %s)\n", where, human(int64(c.ChunkSize)), c.Hash, c.Level, c.Encryption)
 			return nil
 		},
 	}
 	rf.add(initCmd)
 	initCmd.Flags().StringVar(&chunk, "chunk-size", "", "chunk size, a power of two from 4K to 4M (default 4K; see docs/benchmarks.md)")
+	initCmd.Flags().StringVar(&level, "compression", "fastest", "zstd level for new data: fastest, default or better (smaller, slower)")
 	var urf repoFlags
 	var all bool
 	unlockCmd := &cobra.Command{
