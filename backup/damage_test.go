@@ -1,10 +1,14 @@
 package backup_test
 
 import (
+	"bytes"
+	"context"
 	"errors"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"umbra/backup"
@@ -112,5 +116,51 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 	os.Rename(path+".away", path)
 	if rep := repo.Verify(); len(rep.BadImages)+len(rep.BadChunks)+len(rep.BadIndexes) > 0 {
 		t.Fatalf("verify after undoing the damage: %+v", rep)
+	}
+}
+
+// TestDamagedIndexRebuilt: a truncated chunk index leaves its chunks
+// unlocatable — verify names the index and every image that needs them —
+// and prune rebuilds the locations from the packs' own trailers.
+func TestDamagedIndexRebuilt(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "repo")
+	repo, err := backup.Init(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := volumeData(rand.New(rand.NewPCG(51, 52)), 2<<20)
+	var ids []string
+	for k := 0; k < 3; k++ {
+		x := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+		ids = append(ids, x.ID)
+		copy(src[k*4096:], bytes.Repeat([]byte{byte(k + 9)}, 4096))
+	}
+	repo.Close()
+	idx := backup.ObjectNames(repo, "index/")
+	p := filepath.Join(dir, filepath.FromSlash(idx[0]))
+	b, _ := os.ReadFile(p)
+	os.WriteFile(p, b[:len(b)/2], 0o600)
+
+	repo, err = backup.Open(dir)
+	if err != nil {
+		t.Fatalf("open with a damaged index: %v", err)
+	}
+	defer repo.Close()
+	rep := repo.Verify()
+	if len(rep.BadIndexes) == 0 || !strings.Contains(rep.BadIndexes[0], idx[0]) || len(rep.BadImages) == 0 {
+		t.Fatalf("verify with a truncated index: %+v", rep)
+	}
+	pr, err := repo.Prune(ctx, backup.Policy{Last: 10}, false)
+	if err != nil || pr.Recovered == 0 || len(pr.Removed) != 0 {
+		t.Fatalf("prune did not re-index: %+v %v", pr, err)
+	}
+	if rep := repo.Verify(); rep.GoodImages != 3 || len(rep.BadIndexes)+len(rep.BadImages)+len(rep.BadChunks) > 0 {
+		t.Fatalf("verify after prune rebuilt the index: %+v", rep)
+	}
+	for _, id := range ids {
+		if err := repo.Restore(id, filepath.Join(t.TempDir(), "out.img"), nil); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
