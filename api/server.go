@@ -44,6 +44,8 @@ type Server struct {
 
 	repoMu sync.Mutex // guards repos
 	repos  map[[32]byte]*backup.Repo
+
+	sh *shares // FSRVP sets and exposures; nil until EnableShares
 }
 
 // NewServer returns the API over p; sets with writers run through coord.
@@ -327,6 +329,7 @@ func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapsho
 	v, err := s.cow.Volume(req.GetVolume())
 	if err != nil {
 		if p, perr := s.reg.For(ctx, req.GetVolume()); perr == nil && req.GetId() != "" {
+			s.unexposeBeforeDelete(req.GetVolume(), req.GetId())
 			if err := p.Delete(ctx, req.GetVolume(), req.GetId()); err != nil {
 				return nil, toStatus(err)
 			}
@@ -352,6 +355,7 @@ func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapsho
 	}
 	out := &umbrav1.DeleteSnapshotsResponse{}
 	for _, id := range ids {
+		s.unexposeBeforeDelete(v.Name(), id)
 		if err := v.DeleteSnapshot(id); err != nil {
 			return out, toStatus(err)
 		}

@@ -1949,6 +1949,1252 @@ func (x *BackupResponse) GetWriters() []string {
 	return nil
 }
 
+type GetSupportedVersionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSupportedVersionRequest) Reset() {
+	*x = GetSupportedVersionRequest{}
+	mi := &file_umbra_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSupportedVersionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSupportedVersionRequest) ProtoMessage() {}
+
+func (x *GetSupportedVersionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSupportedVersionRequest.ProtoReflect.Descriptor instead.
+func (*GetSupportedVersionRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{29}
+}
+
+type GetSupportedVersionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	MinVersion    uint32                 `protobuf:"varint,1,opt,name=min_version,json=minVersion,proto3" json:"min_version,omitempty"`
+	MaxVersion    uint32                 `protobuf:"varint,2,opt,name=max_version,json=maxVersion,proto3" json:"max_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSupportedVersionResponse) Reset() {
+	*x = GetSupportedVersionResponse{}
+	mi := &file_umbra_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSupportedVersionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSupportedVersionResponse) ProtoMessage() {}
+
+func (x *GetSupportedVersionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSupportedVersionResponse.ProtoReflect.Descriptor instead.
+func (*GetSupportedVersionResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *GetSupportedVersionResponse) GetMinVersion() uint32 {
+	if x != nil {
+		return x.MinVersion
+	}
+	return 0
+}
+
+func (x *GetSupportedVersionResponse) GetMaxVersion() uint32 {
+	if x != nil {
+		return x.MaxVersion
+	}
+	return 0
+}
+
+// Contexts: backup, file_share_backup (auto-release snapshots),
+// nas_rollback, app_rollback (persistent).
+type SetContextRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Context       string                 `protobuf:"bytes,1,opt,name=context,proto3" json:"context,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetContextRequest) Reset() {
+	*x = SetContextRequest{}
+	mi := &file_umbra_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetContextRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetContextRequest) ProtoMessage() {}
+
+func (x *SetContextRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetContextRequest.ProtoReflect.Descriptor instead.
+func (*SetContextRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *SetContextRequest) GetContext() string {
+	if x != nil {
+		return x.Context
+	}
+	return ""
+}
+
+type SetContextResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetContextResponse) Reset() {
+	*x = SetContextResponse{}
+	mi := &file_umbra_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetContextResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetContextResponse) ProtoMessage() {}
+
+func (x *SetContextResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetContextResponse.ProtoReflect.Descriptor instead.
+func (*SetContextResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{32}
+}
+
+type PathRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PathRequest) Reset() {
+	*x = PathRequest{}
+	mi := &file_umbra_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PathRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PathRequest) ProtoMessage() {}
+
+func (x *PathRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PathRequest.ProtoReflect.Descriptor instead.
+func (*PathRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *PathRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+type PathSupportResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Supported     bool                   `protobuf:"varint,1,opt,name=supported,proto3" json:"supported,omitempty"`
+	Volume        string                 `protobuf:"bytes,2,opt,name=volume,proto3" json:"volume,omitempty"`
+	Provider      string                 `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
+	WhyNot        string                 `protobuf:"bytes,4,opt,name=why_not,json=whyNot,proto3" json:"why_not,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PathSupportResponse) Reset() {
+	*x = PathSupportResponse{}
+	mi := &file_umbra_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PathSupportResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PathSupportResponse) ProtoMessage() {}
+
+func (x *PathSupportResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PathSupportResponse.ProtoReflect.Descriptor instead.
+func (*PathSupportResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *PathSupportResponse) GetSupported() bool {
+	if x != nil {
+		return x.Supported
+	}
+	return false
+}
+
+func (x *PathSupportResponse) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *PathSupportResponse) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *PathSupportResponse) GetWhyNot() string {
+	if x != nil {
+		return x.WhyNot
+	}
+	return ""
+}
+
+type PathShadowCopiedResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ShadowCopied  bool                   `protobuf:"varint,1,opt,name=shadow_copied,json=shadowCopied,proto3" json:"shadow_copied,omitempty"`
+	SetIds        []string               `protobuf:"bytes,2,rep,name=set_ids,json=setIds,proto3" json:"set_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PathShadowCopiedResponse) Reset() {
+	*x = PathShadowCopiedResponse{}
+	mi := &file_umbra_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PathShadowCopiedResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PathShadowCopiedResponse) ProtoMessage() {}
+
+func (x *PathShadowCopiedResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PathShadowCopiedResponse.ProtoReflect.Descriptor instead.
+func (*PathShadowCopiedResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *PathShadowCopiedResponse) GetShadowCopied() bool {
+	if x != nil {
+		return x.ShadowCopied
+	}
+	return false
+}
+
+func (x *PathShadowCopiedResponse) GetSetIds() []string {
+	if x != nil {
+		return x.SetIds
+	}
+	return nil
+}
+
+type StartShadowCopySetRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Context       string                 `protobuf:"bytes,1,opt,name=context,proto3" json:"context,omitempty"`                       // empty: the one SetContext set (default backup)
+	TimeoutMs     uint32                 `protobuf:"varint,2,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"` // per state; 0: the service's (180 s)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartShadowCopySetRequest) Reset() {
+	*x = StartShadowCopySetRequest{}
+	mi := &file_umbra_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartShadowCopySetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartShadowCopySetRequest) ProtoMessage() {}
+
+func (x *StartShadowCopySetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartShadowCopySetRequest.ProtoReflect.Descriptor instead.
+func (*StartShadowCopySetRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *StartShadowCopySetRequest) GetContext() string {
+	if x != nil {
+		return x.Context
+	}
+	return ""
+}
+
+func (x *StartShadowCopySetRequest) GetTimeoutMs() uint32 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
+}
+
+type AddToShadowCopySetRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SetId         string                 `protobuf:"bytes,1,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	Path          string                 `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"` // a share path on a volume, or a volume name
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddToShadowCopySetRequest) Reset() {
+	*x = AddToShadowCopySetRequest{}
+	mi := &file_umbra_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddToShadowCopySetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddToShadowCopySetRequest) ProtoMessage() {}
+
+func (x *AddToShadowCopySetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddToShadowCopySetRequest.ProtoReflect.Descriptor instead.
+func (*AddToShadowCopySetRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *AddToShadowCopySetRequest) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
+func (x *AddToShadowCopySetRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+type AddToShadowCopySetResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ShadowCopyId  string                 `protobuf:"bytes,1,opt,name=shadow_copy_id,json=shadowCopyId,proto3" json:"shadow_copy_id,omitempty"`
+	Volume        string                 `protobuf:"bytes,2,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddToShadowCopySetResponse) Reset() {
+	*x = AddToShadowCopySetResponse{}
+	mi := &file_umbra_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddToShadowCopySetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddToShadowCopySetResponse) ProtoMessage() {}
+
+func (x *AddToShadowCopySetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddToShadowCopySetResponse.ProtoReflect.Descriptor instead.
+func (*AddToShadowCopySetResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *AddToShadowCopySetResponse) GetShadowCopyId() string {
+	if x != nil {
+		return x.ShadowCopyId
+	}
+	return ""
+}
+
+func (x *AddToShadowCopySetResponse) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+type SetRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SetId         string                 `protobuf:"bytes,1,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	NoWriters     bool                   `protobuf:"varint,2,opt,name=no_writers,json=noWriters,proto3" json:"no_writers,omitempty"` // Commit: do not freeze the writers (crash-consistent)
+	NoMount       bool                   `protobuf:"varint,3,opt,name=no_mount,json=noMount,proto3" json:"no_mount,omitempty"`       // Expose: NBD exports only, no mounted directories
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetRequest) Reset() {
+	*x = SetRequest{}
+	mi := &file_umbra_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetRequest) ProtoMessage() {}
+
+func (x *SetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetRequest.ProtoReflect.Descriptor instead.
+func (*SetRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *SetRequest) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
+func (x *SetRequest) GetNoWriters() bool {
+	if x != nil {
+		return x.NoWriters
+	}
+	return false
+}
+
+func (x *SetRequest) GetNoMount() bool {
+	if x != nil {
+		return x.NoMount
+	}
+	return false
+}
+
+type ShadowCopy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Path          string                 `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	Volume        string                 `protobuf:"bytes,3,opt,name=volume,proto3" json:"volume,omitempty"`
+	Provider      string                 `protobuf:"bytes,4,opt,name=provider,proto3" json:"provider,omitempty"`
+	Snapshot      string                 `protobuf:"bytes,5,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Mapping       *ShareMapping          `protobuf:"bytes,6,opt,name=mapping,proto3" json:"mapping,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShadowCopy) Reset() {
+	*x = ShadowCopy{}
+	mi := &file_umbra_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShadowCopy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShadowCopy) ProtoMessage() {}
+
+func (x *ShadowCopy) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShadowCopy.ProtoReflect.Descriptor instead.
+func (*ShadowCopy) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ShadowCopy) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ShadowCopy) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ShadowCopy) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *ShadowCopy) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *ShadowCopy) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+func (x *ShadowCopy) GetMapping() *ShareMapping {
+	if x != nil {
+		return x.Mapping
+	}
+	return nil
+}
+
+type ShadowCopySet struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Context       string                 `protobuf:"bytes,2,opt,name=context,proto3" json:"context,omitempty"`
+	State         string                 `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	ShadowCopies  []*ShadowCopy          `protobuf:"bytes,4,rep,name=shadow_copies,json=shadowCopies,proto3" json:"shadow_copies,omitempty"`
+	Created       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created,proto3" json:"created,omitempty"`
+	Deadline      *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=deadline,proto3" json:"deadline,omitempty"` // when it is aborted unless it moves on
+	Error         string                 `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShadowCopySet) Reset() {
+	*x = ShadowCopySet{}
+	mi := &file_umbra_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShadowCopySet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShadowCopySet) ProtoMessage() {}
+
+func (x *ShadowCopySet) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShadowCopySet.ProtoReflect.Descriptor instead.
+func (*ShadowCopySet) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *ShadowCopySet) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ShadowCopySet) GetContext() string {
+	if x != nil {
+		return x.Context
+	}
+	return ""
+}
+
+func (x *ShadowCopySet) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *ShadowCopySet) GetShadowCopies() []*ShadowCopy {
+	if x != nil {
+		return x.ShadowCopies
+	}
+	return nil
+}
+
+func (x *ShadowCopySet) GetCreated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Created
+	}
+	return nil
+}
+
+func (x *ShadowCopySet) GetDeadline() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Deadline
+	}
+	return nil
+}
+
+func (x *ShadowCopySet) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type ListShadowCopySetsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListShadowCopySetsRequest) Reset() {
+	*x = ListShadowCopySetsRequest{}
+	mi := &file_umbra_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListShadowCopySetsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListShadowCopySetsRequest) ProtoMessage() {}
+
+func (x *ListShadowCopySetsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListShadowCopySetsRequest.ProtoReflect.Descriptor instead.
+func (*ListShadowCopySetsRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{42}
+}
+
+type ListShadowCopySetsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sets          []*ShadowCopySet       `protobuf:"bytes,1,rep,name=sets,proto3" json:"sets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListShadowCopySetsResponse) Reset() {
+	*x = ListShadowCopySetsResponse{}
+	mi := &file_umbra_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListShadowCopySetsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListShadowCopySetsResponse) ProtoMessage() {}
+
+func (x *ListShadowCopySetsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListShadowCopySetsResponse.ProtoReflect.Descriptor instead.
+func (*ListShadowCopySetsResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *ListShadowCopySetsResponse) GetSets() []*ShadowCopySet {
+	if x != nil {
+		return x.Sets
+	}
+	return nil
+}
+
+type ShareMapping struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SetId         string                 `protobuf:"bytes,1,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	ShadowCopyId  string                 `protobuf:"bytes,2,opt,name=shadow_copy_id,json=shadowCopyId,proto3" json:"shadow_copy_id,omitempty"`
+	SharePath     string                 `protobuf:"bytes,3,opt,name=share_path,json=sharePath,proto3" json:"share_path,omitempty"`
+	Volume        string                 `protobuf:"bytes,4,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot      string                 `protobuf:"bytes,5,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	NbdExport     string                 `protobuf:"bytes,6,opt,name=nbd_export,json=nbdExport,proto3" json:"nbd_export,omitempty"` // always: VOLUME@SNAPSHOT, read-only
+	MountDir      string                 `protobuf:"bytes,7,opt,name=mount_dir,json=mountDir,proto3" json:"mount_dir,omitempty"`    // the filesystem, mounted read-only
+	Path          string                 `protobuf:"bytes,8,opt,name=path,proto3" json:"path,omitempty"`                            // for providers whose snapshots are paths
+	Fstype        string                 `protobuf:"bytes,9,opt,name=fstype,proto3" json:"fstype,omitempty"`
+	Created       *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=created,proto3" json:"created,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShareMapping) Reset() {
+	*x = ShareMapping{}
+	mi := &file_umbra_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareMapping) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareMapping) ProtoMessage() {}
+
+func (x *ShareMapping) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareMapping.ProtoReflect.Descriptor instead.
+func (*ShareMapping) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *ShareMapping) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetShadowCopyId() string {
+	if x != nil {
+		return x.ShadowCopyId
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetSharePath() string {
+	if x != nil {
+		return x.SharePath
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetNbdExport() string {
+	if x != nil {
+		return x.NbdExport
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetMountDir() string {
+	if x != nil {
+		return x.MountDir
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetFstype() string {
+	if x != nil {
+		return x.Fstype
+	}
+	return ""
+}
+
+func (x *ShareMapping) GetCreated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Created
+	}
+	return nil
+}
+
+type ShareMappingRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SetId         string                 `protobuf:"bytes,1,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	ShadowCopyId  string                 `protobuf:"bytes,2,opt,name=shadow_copy_id,json=shadowCopyId,proto3" json:"shadow_copy_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShareMappingRequest) Reset() {
+	*x = ShareMappingRequest{}
+	mi := &file_umbra_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareMappingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareMappingRequest) ProtoMessage() {}
+
+func (x *ShareMappingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareMappingRequest.ProtoReflect.Descriptor instead.
+func (*ShareMappingRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ShareMappingRequest) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
+func (x *ShareMappingRequest) GetShadowCopyId() string {
+	if x != nil {
+		return x.ShadowCopyId
+	}
+	return ""
+}
+
+type DeleteShareMappingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteShareMappingResponse) Reset() {
+	*x = DeleteShareMappingResponse{}
+	mi := &file_umbra_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteShareMappingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteShareMappingResponse) ProtoMessage() {}
+
+func (x *DeleteShareMappingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteShareMappingResponse.ProtoReflect.Descriptor instead.
+func (*DeleteShareMappingResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{46}
+}
+
+type ExposeSnapshotRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Dir           string                 `protobuf:"bytes,3,opt,name=dir,proto3" json:"dir,omitempty"` // mount point (default STATE/exposed/VOLUME@ID)
+	NoMount       bool                   `protobuf:"varint,4,opt,name=no_mount,json=noMount,proto3" json:"no_mount,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExposeSnapshotRequest) Reset() {
+	*x = ExposeSnapshotRequest{}
+	mi := &file_umbra_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExposeSnapshotRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExposeSnapshotRequest) ProtoMessage() {}
+
+func (x *ExposeSnapshotRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExposeSnapshotRequest.ProtoReflect.Descriptor instead.
+func (*ExposeSnapshotRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *ExposeSnapshotRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *ExposeSnapshotRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ExposeSnapshotRequest) GetDir() string {
+	if x != nil {
+		return x.Dir
+	}
+	return ""
+}
+
+func (x *ExposeSnapshotRequest) GetNoMount() bool {
+	if x != nil {
+		return x.NoMount
+	}
+	return false
+}
+
+type UnexposeSnapshotRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnexposeSnapshotRequest) Reset() {
+	*x = UnexposeSnapshotRequest{}
+	mi := &file_umbra_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnexposeSnapshotRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnexposeSnapshotRequest) ProtoMessage() {}
+
+func (x *UnexposeSnapshotRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnexposeSnapshotRequest.ProtoReflect.Descriptor instead.
+func (*UnexposeSnapshotRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *UnexposeSnapshotRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *UnexposeSnapshotRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type UnexposeSnapshotResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnexposeSnapshotResponse) Reset() {
+	*x = UnexposeSnapshotResponse{}
+	mi := &file_umbra_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnexposeSnapshotResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnexposeSnapshotResponse) ProtoMessage() {}
+
+func (x *UnexposeSnapshotResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnexposeSnapshotResponse.ProtoReflect.Descriptor instead.
+func (*UnexposeSnapshotResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{49}
+}
+
+type ListShareMappingsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListShareMappingsRequest) Reset() {
+	*x = ListShareMappingsRequest{}
+	mi := &file_umbra_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListShareMappingsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListShareMappingsRequest) ProtoMessage() {}
+
+func (x *ListShareMappingsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListShareMappingsRequest.ProtoReflect.Descriptor instead.
+func (*ListShareMappingsRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{50}
+}
+
+type ListShareMappingsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Mappings      []*ShareMapping        `protobuf:"bytes,1,rep,name=mappings,proto3" json:"mappings,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListShareMappingsResponse) Reset() {
+	*x = ListShareMappingsResponse{}
+	mi := &file_umbra_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListShareMappingsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListShareMappingsResponse) ProtoMessage() {}
+
+func (x *ListShareMappingsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListShareMappingsResponse.ProtoReflect.Descriptor instead.
+func (*ListShareMappingsResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ListShareMappingsResponse) GetMappings() []*ShareMapping {
+	if x != nil {
+		return x.Mappings
+	}
+	return nil
+}
+
 var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
@@ -2109,7 +3355,91 @@ const file_umbra_proto_rawDesc = "" +
 	"\x0eBackupResponse\x12\x15\n" +
 	"\x06set_id\x18\x01 \x01(\tR\x05setId\x12-\n" +
 	"\x06images\x18\x02 \x03(\v2\x15.umbra.v1.ImageResultR\x06images\x12\x18\n" +
-	"\awriters\x18\x03 \x03(\tR\awriters2\xdf\x06\n" +
+	"\awriters\x18\x03 \x03(\tR\awriters\"\x1c\n" +
+	"\x1aGetSupportedVersionRequest\"_\n" +
+	"\x1bGetSupportedVersionResponse\x12\x1f\n" +
+	"\vmin_version\x18\x01 \x01(\rR\n" +
+	"minVersion\x12\x1f\n" +
+	"\vmax_version\x18\x02 \x01(\rR\n" +
+	"maxVersion\"-\n" +
+	"\x11SetContextRequest\x12\x18\n" +
+	"\acontext\x18\x01 \x01(\tR\acontext\"\x14\n" +
+	"\x12SetContextResponse\"!\n" +
+	"\vPathRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"\x80\x01\n" +
+	"\x13PathSupportResponse\x12\x1c\n" +
+	"\tsupported\x18\x01 \x01(\bR\tsupported\x12\x16\n" +
+	"\x06volume\x18\x02 \x01(\tR\x06volume\x12\x1a\n" +
+	"\bprovider\x18\x03 \x01(\tR\bprovider\x12\x17\n" +
+	"\awhy_not\x18\x04 \x01(\tR\x06whyNot\"X\n" +
+	"\x18PathShadowCopiedResponse\x12#\n" +
+	"\rshadow_copied\x18\x01 \x01(\bR\fshadowCopied\x12\x17\n" +
+	"\aset_ids\x18\x02 \x03(\tR\x06setIds\"T\n" +
+	"\x19StartShadowCopySetRequest\x12\x18\n" +
+	"\acontext\x18\x01 \x01(\tR\acontext\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\x02 \x01(\rR\ttimeoutMs\"F\n" +
+	"\x19AddToShadowCopySetRequest\x12\x15\n" +
+	"\x06set_id\x18\x01 \x01(\tR\x05setId\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"Z\n" +
+	"\x1aAddToShadowCopySetResponse\x12$\n" +
+	"\x0eshadow_copy_id\x18\x01 \x01(\tR\fshadowCopyId\x12\x16\n" +
+	"\x06volume\x18\x02 \x01(\tR\x06volume\"]\n" +
+	"\n" +
+	"SetRequest\x12\x15\n" +
+	"\x06set_id\x18\x01 \x01(\tR\x05setId\x12\x1d\n" +
+	"\n" +
+	"no_writers\x18\x02 \x01(\bR\tnoWriters\x12\x19\n" +
+	"\bno_mount\x18\x03 \x01(\bR\anoMount\"\xb2\x01\n" +
+	"\n" +
+	"ShadowCopy\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x12\x16\n" +
+	"\x06volume\x18\x03 \x01(\tR\x06volume\x12\x1a\n" +
+	"\bprovider\x18\x04 \x01(\tR\bprovider\x12\x1a\n" +
+	"\bsnapshot\x18\x05 \x01(\tR\bsnapshot\x120\n" +
+	"\amapping\x18\x06 \x01(\v2\x16.umbra.v1.ShareMappingR\amapping\"\x8e\x02\n" +
+	"\rShadowCopySet\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\acontext\x18\x02 \x01(\tR\acontext\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x129\n" +
+	"\rshadow_copies\x18\x04 \x03(\v2\x14.umbra.v1.ShadowCopyR\fshadowCopies\x124\n" +
+	"\acreated\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\acreated\x126\n" +
+	"\bdeadline\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\bdeadline\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"\x1b\n" +
+	"\x19ListShadowCopySetsRequest\"I\n" +
+	"\x1aListShadowCopySetsResponse\x12+\n" +
+	"\x04sets\x18\x01 \x03(\v2\x17.umbra.v1.ShadowCopySetR\x04sets\"\xbc\x02\n" +
+	"\fShareMapping\x12\x15\n" +
+	"\x06set_id\x18\x01 \x01(\tR\x05setId\x12$\n" +
+	"\x0eshadow_copy_id\x18\x02 \x01(\tR\fshadowCopyId\x12\x1d\n" +
+	"\n" +
+	"share_path\x18\x03 \x01(\tR\tsharePath\x12\x16\n" +
+	"\x06volume\x18\x04 \x01(\tR\x06volume\x12\x1a\n" +
+	"\bsnapshot\x18\x05 \x01(\tR\bsnapshot\x12\x1d\n" +
+	"\n" +
+	"nbd_export\x18\x06 \x01(\tR\tnbdExport\x12\x1b\n" +
+	"\tmount_dir\x18\a \x01(\tR\bmountDir\x12\x12\n" +
+	"\x04path\x18\b \x01(\tR\x04path\x12\x16\n" +
+	"\x06fstype\x18\t \x01(\tR\x06fstype\x124\n" +
+	"\acreated\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\acreated\"R\n" +
+	"\x13ShareMappingRequest\x12\x15\n" +
+	"\x06set_id\x18\x01 \x01(\tR\x05setId\x12$\n" +
+	"\x0eshadow_copy_id\x18\x02 \x01(\tR\fshadowCopyId\"\x1c\n" +
+	"\x1aDeleteShareMappingResponse\"l\n" +
+	"\x15ExposeSnapshotRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x10\n" +
+	"\x03dir\x18\x03 \x01(\tR\x03dir\x12\x19\n" +
+	"\bno_mount\x18\x04 \x01(\bR\anoMount\"A\n" +
+	"\x17UnexposeSnapshotRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\"\x1a\n" +
+	"\x18UnexposeSnapshotResponse\"\x1a\n" +
+	"\x18ListShareMappingsRequest\"O\n" +
+	"\x19ListShareMappingsResponse\x122\n" +
+	"\bmappings\x18\x01 \x03(\v2\x16.umbra.v1.ShareMappingR\bmappings2\xcd\x11\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -2123,7 +3453,25 @@ const file_umbra_proto_rawDesc = "" +
 	"\vListWriters\x12\x1c.umbra.v1.ListWritersRequest\x1a\x1d.umbra.v1.ListWritersResponse\x12P\n" +
 	"\rListProviders\x12\x1e.umbra.v1.ListProvidersRequest\x1a\x1f.umbra.v1.ListProvidersResponse\x12;\n" +
 	"\x06Backup\x12\x17.umbra.v1.BackupRequest\x1a\x18.umbra.v1.BackupResponse\x12@\n" +
-	"\fBackupStream\x12\x17.umbra.v1.BackupRequest\x1a\x15.umbra.v1.BackupEvent0\x01B\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"\fBackupStream\x12\x17.umbra.v1.BackupRequest\x1a\x15.umbra.v1.BackupEvent0\x01\x12b\n" +
+	"\x13GetSupportedVersion\x12$.umbra.v1.GetSupportedVersionRequest\x1a%.umbra.v1.GetSupportedVersionResponse\x12G\n" +
+	"\n" +
+	"SetContext\x12\x1b.umbra.v1.SetContextRequest\x1a\x1c.umbra.v1.SetContextResponse\x12G\n" +
+	"\x0fIsPathSupported\x12\x15.umbra.v1.PathRequest\x1a\x1d.umbra.v1.PathSupportResponse\x12O\n" +
+	"\x12IsPathShadowCopied\x12\x15.umbra.v1.PathRequest\x1a\".umbra.v1.PathShadowCopiedResponse\x12R\n" +
+	"\x12StartShadowCopySet\x12#.umbra.v1.StartShadowCopySetRequest\x1a\x17.umbra.v1.ShadowCopySet\x12_\n" +
+	"\x12AddToShadowCopySet\x12#.umbra.v1.AddToShadowCopySetRequest\x1a$.umbra.v1.AddToShadowCopySetResponse\x12E\n" +
+	"\x14PrepareShadowCopySet\x12\x14.umbra.v1.SetRequest\x1a\x17.umbra.v1.ShadowCopySet\x12D\n" +
+	"\x13CommitShadowCopySet\x12\x14.umbra.v1.SetRequest\x1a\x17.umbra.v1.ShadowCopySet\x12D\n" +
+	"\x13ExposeShadowCopySet\x12\x14.umbra.v1.SetRequest\x1a\x17.umbra.v1.ShadowCopySet\x12N\n" +
+	"\x1dRecoveryCompleteShadowCopySet\x12\x14.umbra.v1.SetRequest\x1a\x17.umbra.v1.ShadowCopySet\x12C\n" +
+	"\x12AbortShadowCopySet\x12\x14.umbra.v1.SetRequest\x1a\x17.umbra.v1.ShadowCopySet\x12_\n" +
+	"\x12ListShadowCopySets\x12#.umbra.v1.ListShadowCopySetsRequest\x1a$.umbra.v1.ListShadowCopySetsResponse\x12H\n" +
+	"\x0fGetShareMapping\x12\x1d.umbra.v1.ShareMappingRequest\x1a\x16.umbra.v1.ShareMapping\x12Y\n" +
+	"\x12DeleteShareMapping\x12\x1d.umbra.v1.ShareMappingRequest\x1a$.umbra.v1.DeleteShareMappingResponse\x12I\n" +
+	"\x0eExposeSnapshot\x12\x1f.umbra.v1.ExposeSnapshotRequest\x1a\x16.umbra.v1.ShareMapping\x12Y\n" +
+	"\x10UnexposeSnapshot\x12!.umbra.v1.UnexposeSnapshotRequest\x1a\".umbra.v1.UnexposeSnapshotResponse\x12\\\n" +
+	"\x11ListShareMappings\x12\".umbra.v1.ListShareMappingsRequest\x1a#.umbra.v1.ListShareMappingsResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -2137,82 +3485,146 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
 var file_umbra_proto_goTypes = []any{
-	(*Volume)(nil),                    // 0: umbra.v1.Volume
-	(*Storage)(nil),                   // 1: umbra.v1.Storage
-	(*Snapshot)(nil),                  // 2: umbra.v1.Snapshot
-	(*ListVolumesRequest)(nil),        // 3: umbra.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),       // 4: umbra.v1.ListVolumesResponse
-	(*ListSnapshotsRequest)(nil),      // 5: umbra.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),     // 6: umbra.v1.ListSnapshotsResponse
-	(*CreateSnapshotSetRequest)(nil),  // 7: umbra.v1.CreateSnapshotSetRequest
-	(*CreateSnapshotSetResponse)(nil), // 8: umbra.v1.CreateSnapshotSetResponse
-	(*DeleteSnapshotsRequest)(nil),    // 9: umbra.v1.DeleteSnapshotsRequest
-	(*DeleteSnapshotsResponse)(nil),   // 10: umbra.v1.DeleteSnapshotsResponse
-	(*RevertSnapshotRequest)(nil),     // 11: umbra.v1.RevertSnapshotRequest
-	(*RevertSnapshotResponse)(nil),    // 12: umbra.v1.RevertSnapshotResponse
-	(*GetStorageRequest)(nil),         // 13: umbra.v1.GetStorageRequest
-	(*GetStorageResponse)(nil),        // 14: umbra.v1.GetStorageResponse
-	(*SetStorageRequest)(nil),         // 15: umbra.v1.SetStorageRequest
-	(*SetStorageResponse)(nil),        // 16: umbra.v1.SetStorageResponse
-	(*WriterEvent)(nil),               // 17: umbra.v1.WriterEvent
-	(*Writer)(nil),                    // 18: umbra.v1.Writer
-	(*ListWritersRequest)(nil),        // 19: umbra.v1.ListWritersRequest
-	(*ListWritersResponse)(nil),       // 20: umbra.v1.ListWritersResponse
-	(*Provider)(nil),                  // 21: umbra.v1.Provider
-	(*ListProvidersRequest)(nil),      // 22: umbra.v1.ListProvidersRequest
-	(*ListProvidersResponse)(nil),     // 23: umbra.v1.ListProvidersResponse
-	(*BackupRequest)(nil),             // 24: umbra.v1.BackupRequest
-	(*BackupProgress)(nil),            // 25: umbra.v1.BackupProgress
-	(*BackupEvent)(nil),               // 26: umbra.v1.BackupEvent
-	(*ImageResult)(nil),               // 27: umbra.v1.ImageResult
-	(*BackupResponse)(nil),            // 28: umbra.v1.BackupResponse
-	(*timestamppb.Timestamp)(nil),     // 29: google.protobuf.Timestamp
+	(*Volume)(nil),                      // 0: umbra.v1.Volume
+	(*Storage)(nil),                     // 1: umbra.v1.Storage
+	(*Snapshot)(nil),                    // 2: umbra.v1.Snapshot
+	(*ListVolumesRequest)(nil),          // 3: umbra.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),         // 4: umbra.v1.ListVolumesResponse
+	(*ListSnapshotsRequest)(nil),        // 5: umbra.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),       // 6: umbra.v1.ListSnapshotsResponse
+	(*CreateSnapshotSetRequest)(nil),    // 7: umbra.v1.CreateSnapshotSetRequest
+	(*CreateSnapshotSetResponse)(nil),   // 8: umbra.v1.CreateSnapshotSetResponse
+	(*DeleteSnapshotsRequest)(nil),      // 9: umbra.v1.DeleteSnapshotsRequest
+	(*DeleteSnapshotsResponse)(nil),     // 10: umbra.v1.DeleteSnapshotsResponse
+	(*RevertSnapshotRequest)(nil),       // 11: umbra.v1.RevertSnapshotRequest
+	(*RevertSnapshotResponse)(nil),      // 12: umbra.v1.RevertSnapshotResponse
+	(*GetStorageRequest)(nil),           // 13: umbra.v1.GetStorageRequest
+	(*GetStorageResponse)(nil),          // 14: umbra.v1.GetStorageResponse
+	(*SetStorageRequest)(nil),           // 15: umbra.v1.SetStorageRequest
+	(*SetStorageResponse)(nil),          // 16: umbra.v1.SetStorageResponse
+	(*WriterEvent)(nil),                 // 17: umbra.v1.WriterEvent
+	(*Writer)(nil),                      // 18: umbra.v1.Writer
+	(*ListWritersRequest)(nil),          // 19: umbra.v1.ListWritersRequest
+	(*ListWritersResponse)(nil),         // 20: umbra.v1.ListWritersResponse
+	(*Provider)(nil),                    // 21: umbra.v1.Provider
+	(*ListProvidersRequest)(nil),        // 22: umbra.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),       // 23: umbra.v1.ListProvidersResponse
+	(*BackupRequest)(nil),               // 24: umbra.v1.BackupRequest
+	(*BackupProgress)(nil),              // 25: umbra.v1.BackupProgress
+	(*BackupEvent)(nil),                 // 26: umbra.v1.BackupEvent
+	(*ImageResult)(nil),                 // 27: umbra.v1.ImageResult
+	(*BackupResponse)(nil),              // 28: umbra.v1.BackupResponse
+	(*GetSupportedVersionRequest)(nil),  // 29: umbra.v1.GetSupportedVersionRequest
+	(*GetSupportedVersionResponse)(nil), // 30: umbra.v1.GetSupportedVersionResponse
+	(*SetContextRequest)(nil),           // 31: umbra.v1.SetContextRequest
+	(*SetContextResponse)(nil),          // 32: umbra.v1.SetContextResponse
+	(*PathRequest)(nil),                 // 33: umbra.v1.PathRequest
+	(*PathSupportResponse)(nil),         // 34: umbra.v1.PathSupportResponse
+	(*PathShadowCopiedResponse)(nil),    // 35: umbra.v1.PathShadowCopiedResponse
+	(*StartShadowCopySetRequest)(nil),   // 36: umbra.v1.StartShadowCopySetRequest
+	(*AddToShadowCopySetRequest)(nil),   // 37: umbra.v1.AddToShadowCopySetRequest
+	(*AddToShadowCopySetResponse)(nil),  // 38: umbra.v1.AddToShadowCopySetResponse
+	(*SetRequest)(nil),                  // 39: umbra.v1.SetRequest
+	(*ShadowCopy)(nil),                  // 40: umbra.v1.ShadowCopy
+	(*ShadowCopySet)(nil),               // 41: umbra.v1.ShadowCopySet
+	(*ListShadowCopySetsRequest)(nil),   // 42: umbra.v1.ListShadowCopySetsRequest
+	(*ListShadowCopySetsResponse)(nil),  // 43: umbra.v1.ListShadowCopySetsResponse
+	(*ShareMapping)(nil),                // 44: umbra.v1.ShareMapping
+	(*ShareMappingRequest)(nil),         // 45: umbra.v1.ShareMappingRequest
+	(*DeleteShareMappingResponse)(nil),  // 46: umbra.v1.DeleteShareMappingResponse
+	(*ExposeSnapshotRequest)(nil),       // 47: umbra.v1.ExposeSnapshotRequest
+	(*UnexposeSnapshotRequest)(nil),     // 48: umbra.v1.UnexposeSnapshotRequest
+	(*UnexposeSnapshotResponse)(nil),    // 49: umbra.v1.UnexposeSnapshotResponse
+	(*ListShareMappingsRequest)(nil),    // 50: umbra.v1.ListShareMappingsRequest
+	(*ListShareMappingsResponse)(nil),   // 51: umbra.v1.ListShareMappingsResponse
+	(*timestamppb.Timestamp)(nil),       // 52: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	29, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	52, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	29, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	29, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	52, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	52, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
 	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
 	25, // 12: umbra.v1.BackupEvent.progress:type_name -> umbra.v1.BackupProgress
 	28, // 13: umbra.v1.BackupEvent.done:type_name -> umbra.v1.BackupResponse
 	27, // 14: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
-	3,  // 15: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 16: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 17: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 18: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 19: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 20: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 21: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	19, // 22: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	22, // 23: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
-	24, // 24: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
-	24, // 25: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
-	4,  // 26: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 27: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 28: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 29: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 30: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 31: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 32: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	20, // 33: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	23, // 34: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	28, // 35: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
-	26, // 36: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
-	26, // [26:37] is the sub-list for method output_type
-	15, // [15:26] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	44, // 15: umbra.v1.ShadowCopy.mapping:type_name -> umbra.v1.ShareMapping
+	40, // 16: umbra.v1.ShadowCopySet.shadow_copies:type_name -> umbra.v1.ShadowCopy
+	52, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
+	52, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
+	41, // 19: umbra.v1.ListShadowCopySetsResponse.sets:type_name -> umbra.v1.ShadowCopySet
+	52, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
+	44, // 21: umbra.v1.ListShareMappingsResponse.mappings:type_name -> umbra.v1.ShareMapping
+	3,  // 22: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	5,  // 23: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	7,  // 24: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	9,  // 25: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	11, // 26: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	13, // 27: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	15, // 28: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	19, // 29: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	22, // 30: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	24, // 31: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
+	24, // 32: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
+	29, // 33: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
+	31, // 34: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
+	33, // 35: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
+	33, // 36: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
+	36, // 37: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
+	37, // 38: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
+	39, // 39: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 40: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 41: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 42: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 43: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 44: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
+	45, // 45: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	45, // 46: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	47, // 47: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
+	48, // 48: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
+	50, // 49: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
+	4,  // 50: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 51: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 52: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 53: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 54: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 55: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 56: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	20, // 57: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	23, // 58: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	28, // 59: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	26, // 60: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
+	30, // 61: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
+	32, // 62: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
+	34, // 63: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
+	35, // 64: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
+	41, // 65: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	38, // 66: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
+	41, // 67: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 68: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 69: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 70: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 71: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	43, // 72: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
+	44, // 73: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
+	46, // 74: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
+	44, // 75: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
+	49, // 76: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
+	51, // 77: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
+	50, // [50:78] is the sub-list for method output_type
+	22, // [22:50] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -2230,7 +3642,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   29,
+			NumMessages:   52,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

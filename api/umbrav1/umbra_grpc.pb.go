@@ -23,17 +23,34 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Umbra_ListVolumes_FullMethodName       = "/umbra.v1.Umbra/ListVolumes"
-	Umbra_ListSnapshots_FullMethodName     = "/umbra.v1.Umbra/ListSnapshots"
-	Umbra_CreateSnapshotSet_FullMethodName = "/umbra.v1.Umbra/CreateSnapshotSet"
-	Umbra_DeleteSnapshots_FullMethodName   = "/umbra.v1.Umbra/DeleteSnapshots"
-	Umbra_RevertSnapshot_FullMethodName    = "/umbra.v1.Umbra/RevertSnapshot"
-	Umbra_GetStorage_FullMethodName        = "/umbra.v1.Umbra/GetStorage"
-	Umbra_SetStorage_FullMethodName        = "/umbra.v1.Umbra/SetStorage"
-	Umbra_ListWriters_FullMethodName       = "/umbra.v1.Umbra/ListWriters"
-	Umbra_ListProviders_FullMethodName     = "/umbra.v1.Umbra/ListProviders"
-	Umbra_Backup_FullMethodName            = "/umbra.v1.Umbra/Backup"
-	Umbra_BackupStream_FullMethodName      = "/umbra.v1.Umbra/BackupStream"
+	Umbra_ListVolumes_FullMethodName                   = "/umbra.v1.Umbra/ListVolumes"
+	Umbra_ListSnapshots_FullMethodName                 = "/umbra.v1.Umbra/ListSnapshots"
+	Umbra_CreateSnapshotSet_FullMethodName             = "/umbra.v1.Umbra/CreateSnapshotSet"
+	Umbra_DeleteSnapshots_FullMethodName               = "/umbra.v1.Umbra/DeleteSnapshots"
+	Umbra_RevertSnapshot_FullMethodName                = "/umbra.v1.Umbra/RevertSnapshot"
+	Umbra_GetStorage_FullMethodName                    = "/umbra.v1.Umbra/GetStorage"
+	Umbra_SetStorage_FullMethodName                    = "/umbra.v1.Umbra/SetStorage"
+	Umbra_ListWriters_FullMethodName                   = "/umbra.v1.Umbra/ListWriters"
+	Umbra_ListProviders_FullMethodName                 = "/umbra.v1.Umbra/ListProviders"
+	Umbra_Backup_FullMethodName                        = "/umbra.v1.Umbra/Backup"
+	Umbra_BackupStream_FullMethodName                  = "/umbra.v1.Umbra/BackupStream"
+	Umbra_GetSupportedVersion_FullMethodName           = "/umbra.v1.Umbra/GetSupportedVersion"
+	Umbra_SetContext_FullMethodName                    = "/umbra.v1.Umbra/SetContext"
+	Umbra_IsPathSupported_FullMethodName               = "/umbra.v1.Umbra/IsPathSupported"
+	Umbra_IsPathShadowCopied_FullMethodName            = "/umbra.v1.Umbra/IsPathShadowCopied"
+	Umbra_StartShadowCopySet_FullMethodName            = "/umbra.v1.Umbra/StartShadowCopySet"
+	Umbra_AddToShadowCopySet_FullMethodName            = "/umbra.v1.Umbra/AddToShadowCopySet"
+	Umbra_PrepareShadowCopySet_FullMethodName          = "/umbra.v1.Umbra/PrepareShadowCopySet"
+	Umbra_CommitShadowCopySet_FullMethodName           = "/umbra.v1.Umbra/CommitShadowCopySet"
+	Umbra_ExposeShadowCopySet_FullMethodName           = "/umbra.v1.Umbra/ExposeShadowCopySet"
+	Umbra_RecoveryCompleteShadowCopySet_FullMethodName = "/umbra.v1.Umbra/RecoveryCompleteShadowCopySet"
+	Umbra_AbortShadowCopySet_FullMethodName            = "/umbra.v1.Umbra/AbortShadowCopySet"
+	Umbra_ListShadowCopySets_FullMethodName            = "/umbra.v1.Umbra/ListShadowCopySets"
+	Umbra_GetShareMapping_FullMethodName               = "/umbra.v1.Umbra/GetShareMapping"
+	Umbra_DeleteShareMapping_FullMethodName            = "/umbra.v1.Umbra/DeleteShareMapping"
+	Umbra_ExposeSnapshot_FullMethodName                = "/umbra.v1.Umbra/ExposeSnapshot"
+	Umbra_UnexposeSnapshot_FullMethodName              = "/umbra.v1.Umbra/UnexposeSnapshot"
+	Umbra_ListShareMappings_FullMethodName             = "/umbra.v1.Umbra/ListShareMappings"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -67,6 +84,28 @@ type UmbraClient interface {
 	// BackupStream is Backup with progress: BackupEvents with progress
 	// while it runs, then one with the response.
 	BackupStream(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupEvent], error)
+	// FSRVP counterpart (MS-FSRVP 3.1.4): shadow copy sets of shares,
+	// moving Started -> Added -> CreationInProgress -> Committed -> Exposed
+	// -> Recovered (or Aborted). A set that does not reach its next state
+	// within its timeout is aborted and cleaned up.
+	GetSupportedVersion(ctx context.Context, in *GetSupportedVersionRequest, opts ...grpc.CallOption) (*GetSupportedVersionResponse, error)
+	SetContext(ctx context.Context, in *SetContextRequest, opts ...grpc.CallOption) (*SetContextResponse, error)
+	IsPathSupported(ctx context.Context, in *PathRequest, opts ...grpc.CallOption) (*PathSupportResponse, error)
+	IsPathShadowCopied(ctx context.Context, in *PathRequest, opts ...grpc.CallOption) (*PathShadowCopiedResponse, error)
+	StartShadowCopySet(ctx context.Context, in *StartShadowCopySetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error)
+	AddToShadowCopySet(ctx context.Context, in *AddToShadowCopySetRequest, opts ...grpc.CallOption) (*AddToShadowCopySetResponse, error)
+	PrepareShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error)
+	CommitShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error)
+	ExposeShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error)
+	RecoveryCompleteShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error)
+	AbortShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error)
+	ListShadowCopySets(ctx context.Context, in *ListShadowCopySetsRequest, opts ...grpc.CallOption) (*ListShadowCopySetsResponse, error)
+	GetShareMapping(ctx context.Context, in *ShareMappingRequest, opts ...grpc.CallOption) (*ShareMapping, error)
+	DeleteShareMapping(ctx context.Context, in *ShareMappingRequest, opts ...grpc.CallOption) (*DeleteShareMappingResponse, error)
+	// Exposure of any snapshot (diskshadow expose / unexpose).
+	ExposeSnapshot(ctx context.Context, in *ExposeSnapshotRequest, opts ...grpc.CallOption) (*ShareMapping, error)
+	UnexposeSnapshot(ctx context.Context, in *UnexposeSnapshotRequest, opts ...grpc.CallOption) (*UnexposeSnapshotResponse, error)
+	ListShareMappings(ctx context.Context, in *ListShareMappingsRequest, opts ...grpc.CallOption) (*ListShareMappingsResponse, error)
 }
 
 type umbraClient struct {
@@ -196,6 +235,176 @@ func (c *umbraClient) BackupStream(ctx context.Context, in *BackupRequest, opts 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Umbra_BackupStreamClient = grpc.ServerStreamingClient[BackupEvent]
 
+func (c *umbraClient) GetSupportedVersion(ctx context.Context, in *GetSupportedVersionRequest, opts ...grpc.CallOption) (*GetSupportedVersionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetSupportedVersionResponse)
+	err := c.cc.Invoke(ctx, Umbra_GetSupportedVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) SetContext(ctx context.Context, in *SetContextRequest, opts ...grpc.CallOption) (*SetContextResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetContextResponse)
+	err := c.cc.Invoke(ctx, Umbra_SetContext_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) IsPathSupported(ctx context.Context, in *PathRequest, opts ...grpc.CallOption) (*PathSupportResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PathSupportResponse)
+	err := c.cc.Invoke(ctx, Umbra_IsPathSupported_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) IsPathShadowCopied(ctx context.Context, in *PathRequest, opts ...grpc.CallOption) (*PathShadowCopiedResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PathShadowCopiedResponse)
+	err := c.cc.Invoke(ctx, Umbra_IsPathShadowCopied_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) StartShadowCopySet(ctx context.Context, in *StartShadowCopySetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShadowCopySet)
+	err := c.cc.Invoke(ctx, Umbra_StartShadowCopySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) AddToShadowCopySet(ctx context.Context, in *AddToShadowCopySetRequest, opts ...grpc.CallOption) (*AddToShadowCopySetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AddToShadowCopySetResponse)
+	err := c.cc.Invoke(ctx, Umbra_AddToShadowCopySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) PrepareShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShadowCopySet)
+	err := c.cc.Invoke(ctx, Umbra_PrepareShadowCopySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) CommitShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShadowCopySet)
+	err := c.cc.Invoke(ctx, Umbra_CommitShadowCopySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) ExposeShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShadowCopySet)
+	err := c.cc.Invoke(ctx, Umbra_ExposeShadowCopySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) RecoveryCompleteShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShadowCopySet)
+	err := c.cc.Invoke(ctx, Umbra_RecoveryCompleteShadowCopySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) AbortShadowCopySet(ctx context.Context, in *SetRequest, opts ...grpc.CallOption) (*ShadowCopySet, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShadowCopySet)
+	err := c.cc.Invoke(ctx, Umbra_AbortShadowCopySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) ListShadowCopySets(ctx context.Context, in *ListShadowCopySetsRequest, opts ...grpc.CallOption) (*ListShadowCopySetsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListShadowCopySetsResponse)
+	err := c.cc.Invoke(ctx, Umbra_ListShadowCopySets_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) GetShareMapping(ctx context.Context, in *ShareMappingRequest, opts ...grpc.CallOption) (*ShareMapping, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShareMapping)
+	err := c.cc.Invoke(ctx, Umbra_GetShareMapping_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) DeleteShareMapping(ctx context.Context, in *ShareMappingRequest, opts ...grpc.CallOption) (*DeleteShareMappingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteShareMappingResponse)
+	err := c.cc.Invoke(ctx, Umbra_DeleteShareMapping_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) ExposeSnapshot(ctx context.Context, in *ExposeSnapshotRequest, opts ...grpc.CallOption) (*ShareMapping, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShareMapping)
+	err := c.cc.Invoke(ctx, Umbra_ExposeSnapshot_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) UnexposeSnapshot(ctx context.Context, in *UnexposeSnapshotRequest, opts ...grpc.CallOption) (*UnexposeSnapshotResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UnexposeSnapshotResponse)
+	err := c.cc.Invoke(ctx, Umbra_UnexposeSnapshot_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) ListShareMappings(ctx context.Context, in *ListShareMappingsRequest, opts ...grpc.CallOption) (*ListShareMappingsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListShareMappingsResponse)
+	err := c.cc.Invoke(ctx, Umbra_ListShareMappings_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -227,6 +436,28 @@ type UmbraServer interface {
 	// BackupStream is Backup with progress: BackupEvents with progress
 	// while it runs, then one with the response.
 	BackupStream(*BackupRequest, grpc.ServerStreamingServer[BackupEvent]) error
+	// FSRVP counterpart (MS-FSRVP 3.1.4): shadow copy sets of shares,
+	// moving Started -> Added -> CreationInProgress -> Committed -> Exposed
+	// -> Recovered (or Aborted). A set that does not reach its next state
+	// within its timeout is aborted and cleaned up.
+	GetSupportedVersion(context.Context, *GetSupportedVersionRequest) (*GetSupportedVersionResponse, error)
+	SetContext(context.Context, *SetContextRequest) (*SetContextResponse, error)
+	IsPathSupported(context.Context, *PathRequest) (*PathSupportResponse, error)
+	IsPathShadowCopied(context.Context, *PathRequest) (*PathShadowCopiedResponse, error)
+	StartShadowCopySet(context.Context, *StartShadowCopySetRequest) (*ShadowCopySet, error)
+	AddToShadowCopySet(context.Context, *AddToShadowCopySetRequest) (*AddToShadowCopySetResponse, error)
+	PrepareShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error)
+	CommitShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error)
+	ExposeShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error)
+	RecoveryCompleteShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error)
+	AbortShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error)
+	ListShadowCopySets(context.Context, *ListShadowCopySetsRequest) (*ListShadowCopySetsResponse, error)
+	GetShareMapping(context.Context, *ShareMappingRequest) (*ShareMapping, error)
+	DeleteShareMapping(context.Context, *ShareMappingRequest) (*DeleteShareMappingResponse, error)
+	// Exposure of any snapshot (diskshadow expose / unexpose).
+	ExposeSnapshot(context.Context, *ExposeSnapshotRequest) (*ShareMapping, error)
+	UnexposeSnapshot(context.Context, *UnexposeSnapshotRequest) (*UnexposeSnapshotResponse, error)
+	ListShareMappings(context.Context, *ListShareMappingsRequest) (*ListShareMappingsResponse, error)
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -269,6 +500,57 @@ func (UnimplementedUmbraServer) Backup(context.Context, *BackupRequest) (*Backup
 }
 func (UnimplementedUmbraServer) BackupStream(*BackupRequest, grpc.ServerStreamingServer[BackupEvent]) error {
 	return status.Errorf(codes.Unimplemented, "method BackupStream not implemented")
+}
+func (UnimplementedUmbraServer) GetSupportedVersion(context.Context, *GetSupportedVersionRequest) (*GetSupportedVersionResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetSupportedVersion not implemented")
+}
+func (UnimplementedUmbraServer) SetContext(context.Context, *SetContextRequest) (*SetContextResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetContext not implemented")
+}
+func (UnimplementedUmbraServer) IsPathSupported(context.Context, *PathRequest) (*PathSupportResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method IsPathSupported not implemented")
+}
+func (UnimplementedUmbraServer) IsPathShadowCopied(context.Context, *PathRequest) (*PathShadowCopiedResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method IsPathShadowCopied not implemented")
+}
+func (UnimplementedUmbraServer) StartShadowCopySet(context.Context, *StartShadowCopySetRequest) (*ShadowCopySet, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method StartShadowCopySet not implemented")
+}
+func (UnimplementedUmbraServer) AddToShadowCopySet(context.Context, *AddToShadowCopySetRequest) (*AddToShadowCopySetResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AddToShadowCopySet not implemented")
+}
+func (UnimplementedUmbraServer) PrepareShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PrepareShadowCopySet not implemented")
+}
+func (UnimplementedUmbraServer) CommitShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CommitShadowCopySet not implemented")
+}
+func (UnimplementedUmbraServer) ExposeShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ExposeShadowCopySet not implemented")
+}
+func (UnimplementedUmbraServer) RecoveryCompleteShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RecoveryCompleteShadowCopySet not implemented")
+}
+func (UnimplementedUmbraServer) AbortShadowCopySet(context.Context, *SetRequest) (*ShadowCopySet, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AbortShadowCopySet not implemented")
+}
+func (UnimplementedUmbraServer) ListShadowCopySets(context.Context, *ListShadowCopySetsRequest) (*ListShadowCopySetsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListShadowCopySets not implemented")
+}
+func (UnimplementedUmbraServer) GetShareMapping(context.Context, *ShareMappingRequest) (*ShareMapping, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetShareMapping not implemented")
+}
+func (UnimplementedUmbraServer) DeleteShareMapping(context.Context, *ShareMappingRequest) (*DeleteShareMappingResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteShareMapping not implemented")
+}
+func (UnimplementedUmbraServer) ExposeSnapshot(context.Context, *ExposeSnapshotRequest) (*ShareMapping, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ExposeSnapshot not implemented")
+}
+func (UnimplementedUmbraServer) UnexposeSnapshot(context.Context, *UnexposeSnapshotRequest) (*UnexposeSnapshotResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UnexposeSnapshot not implemented")
+}
+func (UnimplementedUmbraServer) ListShareMappings(context.Context, *ListShareMappingsRequest) (*ListShareMappingsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListShareMappings not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -482,6 +764,312 @@ func _Umbra_BackupStream_Handler(srv interface{}, stream grpc.ServerStream) erro
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Umbra_BackupStreamServer = grpc.ServerStreamingServer[BackupEvent]
 
+func _Umbra_GetSupportedVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetSupportedVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).GetSupportedVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_GetSupportedVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).GetSupportedVersion(ctx, req.(*GetSupportedVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_SetContext_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetContextRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).SetContext(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_SetContext_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).SetContext(ctx, req.(*SetContextRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_IsPathSupported_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PathRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).IsPathSupported(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_IsPathSupported_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).IsPathSupported(ctx, req.(*PathRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_IsPathShadowCopied_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PathRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).IsPathShadowCopied(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_IsPathShadowCopied_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).IsPathShadowCopied(ctx, req.(*PathRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_StartShadowCopySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartShadowCopySetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).StartShadowCopySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_StartShadowCopySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).StartShadowCopySet(ctx, req.(*StartShadowCopySetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_AddToShadowCopySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddToShadowCopySetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).AddToShadowCopySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_AddToShadowCopySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).AddToShadowCopySet(ctx, req.(*AddToShadowCopySetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_PrepareShadowCopySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).PrepareShadowCopySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_PrepareShadowCopySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).PrepareShadowCopySet(ctx, req.(*SetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_CommitShadowCopySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).CommitShadowCopySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_CommitShadowCopySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).CommitShadowCopySet(ctx, req.(*SetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_ExposeShadowCopySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).ExposeShadowCopySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_ExposeShadowCopySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).ExposeShadowCopySet(ctx, req.(*SetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_RecoveryCompleteShadowCopySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).RecoveryCompleteShadowCopySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_RecoveryCompleteShadowCopySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).RecoveryCompleteShadowCopySet(ctx, req.(*SetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_AbortShadowCopySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).AbortShadowCopySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_AbortShadowCopySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).AbortShadowCopySet(ctx, req.(*SetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_ListShadowCopySets_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListShadowCopySetsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).ListShadowCopySets(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_ListShadowCopySets_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).ListShadowCopySets(ctx, req.(*ListShadowCopySetsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_GetShareMapping_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ShareMappingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).GetShareMapping(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_GetShareMapping_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).GetShareMapping(ctx, req.(*ShareMappingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_DeleteShareMapping_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ShareMappingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).DeleteShareMapping(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_DeleteShareMapping_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).DeleteShareMapping(ctx, req.(*ShareMappingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_ExposeSnapshot_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExposeSnapshotRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).ExposeSnapshot(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_ExposeSnapshot_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).ExposeSnapshot(ctx, req.(*ExposeSnapshotRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_UnexposeSnapshot_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnexposeSnapshotRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).UnexposeSnapshot(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_UnexposeSnapshot_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).UnexposeSnapshot(ctx, req.(*UnexposeSnapshotRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_ListShareMappings_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListShareMappingsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).ListShareMappings(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_ListShareMappings_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).ListShareMappings(ctx, req.(*ListShareMappingsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -528,6 +1116,74 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Backup",
 			Handler:    _Umbra_Backup_Handler,
+		},
+		{
+			MethodName: "GetSupportedVersion",
+			Handler:    _Umbra_GetSupportedVersion_Handler,
+		},
+		{
+			MethodName: "SetContext",
+			Handler:    _Umbra_SetContext_Handler,
+		},
+		{
+			MethodName: "IsPathSupported",
+			Handler:    _Umbra_IsPathSupported_Handler,
+		},
+		{
+			MethodName: "IsPathShadowCopied",
+			Handler:    _Umbra_IsPathShadowCopied_Handler,
+		},
+		{
+			MethodName: "StartShadowCopySet",
+			Handler:    _Umbra_StartShadowCopySet_Handler,
+		},
+		{
+			MethodName: "AddToShadowCopySet",
+			Handler:    _Umbra_AddToShadowCopySet_Handler,
+		},
+		{
+			MethodName: "PrepareShadowCopySet",
+			Handler:    _Umbra_PrepareShadowCopySet_Handler,
+		},
+		{
+			MethodName: "CommitShadowCopySet",
+			Handler:    _Umbra_CommitShadowCopySet_Handler,
+		},
+		{
+			MethodName: "ExposeShadowCopySet",
+			Handler:    _Umbra_ExposeShadowCopySet_Handler,
+		},
+		{
+			MethodName: "RecoveryCompleteShadowCopySet",
+			Handler:    _Umbra_RecoveryCompleteShadowCopySet_Handler,
+		},
+		{
+			MethodName: "AbortShadowCopySet",
+			Handler:    _Umbra_AbortShadowCopySet_Handler,
+		},
+		{
+			MethodName: "ListShadowCopySets",
+			Handler:    _Umbra_ListShadowCopySets_Handler,
+		},
+		{
+			MethodName: "GetShareMapping",
+			Handler:    _Umbra_GetShareMapping_Handler,
+		},
+		{
+			MethodName: "DeleteShareMapping",
+			Handler:    _Umbra_DeleteShareMapping_Handler,
+		},
+		{
+			MethodName: "ExposeSnapshot",
+			Handler:    _Umbra_ExposeSnapshot_Handler,
+		},
+		{
+			MethodName: "UnexposeSnapshot",
+			Handler:    _Umbra_UnexposeSnapshot_Handler,
+		},
+		{
+			MethodName: "ListShareMappings",
+			Handler:    _Umbra_ListShareMappings_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

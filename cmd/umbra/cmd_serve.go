@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"umbra/api"
+	"umbra/catalog"
 	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/frontend"
@@ -36,7 +37,9 @@ func init() { verbs = append(verbs, newServeCmd) }
 // serveConfig is the TOML configuration of `umbra serve`; flags override
 // it and embedded defaults fill the rest.
 type serveConfig struct {
-	StateDir string         `toml:"state_dir"`
+	StateDir   string         `toml:"state_dir"`
+	ExposeDir  string         `toml:"expose_dir"`  // where exposed snapshots are mounted
+	SetTimeout string         `toml:"set_timeout"` // FSRVP message sequence timer
 	Writers  writersConfig  `toml:"writers"`
 	Reflink  []string       `toml:"reflink_volumes"`
 	Btrfs    []string       `toml:"btrfs_volumes"`
@@ -156,6 +159,8 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringArrayVar(&cfg.Btrfs, "btrfs-volume", nil, "a btrfs subvolume to snapshot natively (snapshots: .umbra-snapshots beside it); repeatable")
 	f.StringArrayVar(&cfg.Writers.SQLite, "sqlite-writer", nil, "SQLite database to quiesce for application-consistent snapshots; repeatable")
 	f.StringVar(&cfg.Writers.HooksDir, "hooks-dir", "", "directory of pre-freeze/post-thaw hook executables (called with freeze / thaw)")
+	f.StringVar(&cfg.ExposeDir, "expose-dir", "", "where exposed snapshots are mounted (default STATE/exposed)")
+	f.StringVar(&cfg.SetTimeout, "set-timeout", "", "abort a shadow copy set that does not reach its next state in this time (default 180s, as FSRVP)")
 	return cmd
 }
 
@@ -173,6 +178,8 @@ func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
 	set("tls-key", &file.NBD.TLSKey, flags.NBD.TLSKey)
 	set("fuse-dir", &file.FUSE.Dir, flags.FUSE.Dir)
 	set("hooks-dir", &file.Writers.HooksDir, flags.Writers.HooksDir)
+	set("expose-dir", &file.ExposeDir, flags.ExposeDir)
+	set("set-timeout", &file.SetTimeout, flags.SetTimeout)
 	if cmd.Flags().Changed("sqlite-writer") {
 		file.Writers.SQLite = append(file.Writers.SQLite, flags.Writers.SQLite...)
 	}
@@ -312,8 +319,6 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}()
 	defer os.Remove(writerSock)
 	log.Info("accepting out-of-process writers", "socket", writerSock)
-	go func() { errc <- api.NewServer(p, reg, coord, writers, log).Serve(ctx, al) }()
-	log.Info("serving the management API", "socket", apiPath)
 	log.Info("serving NBD", "socket", cfg.NBD.Socket, "exports", frontend.Names(p))
 	if cfg.NBD.Listen != "" {
 		tl, err := net.Listen("tcp", cfg.NBD.Listen)
@@ -332,6 +337,28 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		}
 		defer unmount()
 	}
+	apiSrv := api.NewServer(p, reg, coord, writers, log)
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	cat, err := catalog.Open(filepath.Join(cfg.StateDir, "catalog.db"))
+	if err != nil {
+		return err
+	}
+	exposeDir := cfg.ExposeDir
+	if exposeDir == "" {
+		exposeDir = filepath.Join(cfg.StateDir, "exposed")
+	}
+	setTimeout := api.DefaultSetTimeout
+	if cfg.SetTimeout != "" {
+		if setTimeout, err = time.ParseDuration(cfg.SetTimeout); err != nil || setTimeout <= 0 {
+			return usageError{fmt.Errorf("--set-timeout %q: want a duration like 180s", cfg.SetTimeout)}
+		}
+	}
+	apiSrv.EnableShares(ctx, cat, exposeDir, cfg.FUSE.Dir, setTimeout)
+	defer apiSrv.CloseShares()
+	go func() { errc <- apiSrv.Serve(ctx, al) }()
+	log.Info("serving the management API", "socket", apiPath)
 	select {
 	case <-ctx.Done():
 	case err := <-errc:

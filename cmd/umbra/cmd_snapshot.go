@@ -15,7 +15,8 @@ func init() { verbs = append(verbs, newSnapshotCmd) }
 
 func newSnapshotCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "snapshot", Short: "Create, list, delete and revert shadow copies"}
-	cmd.AddCommand(newSnapshotCreateCmd(), newSnapshotListCmd(), newSnapshotDeleteCmd(), newSnapshotRevertCmd())
+	cmd.AddCommand(newSnapshotCreateCmd(), newSnapshotListCmd(), newSnapshotDeleteCmd(), newSnapshotRevertCmd(),
+		newSnapshotExposeCmd(), newSnapshotUnexposeCmd())
 	return cmd
 }
 

@@ -1,0 +1,788 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"umbra/api/umbrav1"
+	"umbra/catalog"
+	"umbra/coordinator"
+	"umbra/cow"
+	"umbra/expose"
+	"umbra/provider"
+	"umbra/writer"
+)
+
+// FSRVP set states (MS-FSRVP 3.1.1.2).
+const (
+	stStarted   = "started"
+	stAdded     = "added"
+	stCreating  = "creation_in_progress"
+	stCommitted = "committed"
+	stExposed   = "exposed"
+	stRecovered = "recovered"
+	stAborted   = "aborted"
+)
+
+// DefaultSetTimeout is FSRVP's message sequence timer: a set that does
+// not reach its next state in this time is aborted.
+const DefaultSetTimeout = 180 * time.Second
+
+var contexts = map[string]bool{ // context -> persistent snapshots
+	"backup": false, "file_share_backup": false, "nas_rollback": true, "app_rollback": true,
+}
+
+// fsrvpSet is one shadow copy set, as kept in the catalog.
+type fsrvpSet struct {
+	ID       string        `json:"id"`
+	Context  string        `json:"context"`
+	State    string        `json:"state"`
+	Members  []fsrvpMember `json:"members"`
+	Created  time.Time     `json:"created"`
+	Deadline time.Time     `json:"deadline"`
+	Timeout  time.Duration `json:"timeout"`
+	Err      string        `json:"error,omitempty"`
+}
+
+type fsrvpMember struct {
+	ShadowID string `json:"shadow_id"`
+	Path     string `json:"path"`
+	Volume   string `json:"volume"`
+	Provider string `json:"provider"`
+	Snapshot string `json:"snapshot,omitempty"`
+}
+
+// exposure is one share mapping, as kept in the catalog.
+type exposure struct {
+	SetID     string        `json:"set_id,omitempty"`
+	ShadowID  string        `json:"shadow_id,omitempty"`
+	SharePath string        `json:"share_path,omitempty"`
+	Volume    string        `json:"volume"`
+	Snapshot  string        `json:"snapshot"`
+	Mount     *expose.Mount `json:"mount,omitempty"`
+	Path      string        `json:"path,omitempty"`
+	Created   time.Time     `json:"created"`
+}
+
+func exposureKey(vol, snap string) string { return vol + "@" + snap }
+
+// shares holds sets and exposures; mu serializes every change so the
+// catalog and the kernel state (mounts) move together.
+type shares struct {
+	cat     *catalog.Catalog
+	root    string // where exposures are mounted
+	fuseDir string // the service's FUSE files (COW snapshots as block files)
+	timeout time.Duration
+
+	mu      sync.Mutex // guards the fields below
+	sets    map[string]*fsrvpSet
+	exposed map[string]*exposure
+	timers  map[string]*time.Timer
+	context string
+}
+
+var errNoShares = status.Error(codes.FailedPrecondition, "shadow copy sets and exposure need the service's catalog: start umbra serve with a state directory")
+
+// EnableShares turns on FSRVP sets and exposure, kept in cat, mounting
+// under root; fuseDir is where the service serves its FUSE files ("" if
+// it does not). It reconciles the catalog with the providers: sets left
+// unfinished by a stop are aborted and cleaned, records of snapshots
+// that are gone are dropped, and exposures are made again.
+func (s *Server) EnableShares(ctx context.Context, cat *catalog.Catalog, root, fuseDir string, timeout time.Duration) {
+	if timeout <= 0 {
+		timeout = DefaultSetTimeout
+	}
+	sh := &shares{cat: cat, root: root, fuseDir: fuseDir, timeout: timeout, sets: map[string]*fsrvpSet{},
+		exposed: map[string]*exposure{}, timers: map[string]*time.Timer{}, context: "backup"}
+	s.sh = sh
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	catalog.Each(cat, catalog.Exposures, func(id string, e exposure) { sh.exposed[id] = &e },
+		func(id string, err error) { s.log.Warn("catalog: unreadable exposure dropped", "id", id, "err", err); cat.Delete(catalog.Exposures, id) })
+	var sets []fsrvpSet
+	catalog.Each(cat, catalog.Sets, func(id string, st fsrvpSet) { sets = append(sets, st) },
+		func(id string, err error) { s.log.Warn("catalog: unreadable set dropped", "id", id, "err", err); cat.Delete(catalog.Sets, id) })
+	for i := range sets {
+		st := &sets[i]
+		sh.sets[st.ID] = st
+		if st.State != stRecovered {
+			s.log.Warn("shadow copy set left unfinished by a stop: aborting", "set", st.ID, "state", st.State)
+			s.abortLocked(ctx, st, "the service stopped in state "+st.State)
+			continue
+		}
+		var keep []fsrvpMember
+		for _, m := range st.Members {
+			if s.snapshotExists(ctx, m.Volume, m.Snapshot) {
+				keep = append(keep, m)
+			}
+		}
+		st.Members = keep
+		if len(keep) == 0 {
+			delete(sh.sets, st.ID)
+			cat.Delete(catalog.Sets, st.ID)
+		} else {
+			cat.Put(catalog.Sets, st.ID, st)
+		}
+	}
+	for key, e := range sh.exposed {
+		if !s.snapshotExists(ctx, e.Volume, e.Snapshot) {
+			s.log.Warn("exposed snapshot is gone: dropping its share mapping", "snapshot", key)
+			if e.Mount != nil {
+				e.Mount.Unmount()
+			}
+			delete(sh.exposed, key)
+			cat.Delete(catalog.Exposures, key)
+			continue
+		}
+		if e.Mount != nil { // a mount of the previous run: make it again
+			dir := e.Mount.Dir
+			e.Mount.Unmount()
+			m, err := s.mountSnapshot(ctx, e.Volume, e.Snapshot, dir)
+			if err != nil {
+				s.log.Error("cannot mount an exposed snapshot again; it stays an NBD export", "snapshot", key, "err", err)
+			}
+			e.Mount = m
+			cat.Put(catalog.Exposures, key, e)
+		}
+	}
+}
+
+// CloseShares unmounts the exposures (their records stay: the next start
+// mounts them again) and closes the catalog.
+func (s *Server) CloseShares() {
+	sh := s.sh
+	if sh == nil {
+		return
+	}
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	for _, t := range sh.timers {
+		t.Stop()
+	}
+	for _, e := range sh.exposed {
+		if e.Mount != nil {
+			e.Mount.Unmount()
+		}
+	}
+	sh.cat.Close()
+}
+
+func (s *Server) snapshotExists(ctx context.Context, vol, id string) bool {
+	if vol == "" || id == "" {
+		return false
+	}
+	p, err := s.reg.For(ctx, vol)
+	if err != nil {
+		return false
+	}
+	list, err := p.List(ctx, vol)
+	if err != nil {
+		return false
+	}
+	for _, sn := range list {
+		if sn.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func (s *Server) GetSupportedVersion(context.Context, *umbrav1.GetSupportedVersionRequest) (*umbrav1.GetSupportedVersionResponse, error) {
+	return &umbrav1.GetSupportedVersionResponse{MinVersion: 1, MaxVersion: 2}, nil
+}
+
+func (s *Server) SetContext(ctx context.Context, req *umbrav1.SetContextRequest) (*umbrav1.SetContextResponse, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	if _, ok := contexts[req.GetContext()]; !ok {
+		return nil, toStatus(fmt.Errorf("%w: context %q: want backup, file_share_backup, nas_rollback or app_rollback", errBadRequest, req.GetContext()))
+	}
+	s.sh.mu.Lock()
+	s.sh.context = req.GetContext()
+	s.sh.mu.Unlock()
+	return &umbrav1.SetContextResponse{}, nil
+}
+
+// resolvePath finds the volume a share path lives on: a volume name, a
+// path on a filesystem mounted from a COW volume (through a loop device
+// over its FUSE file), a reflink file or a btrfs subvolume.
+func (s *Server) resolvePath(ctx context.Context, path string) (vol, prov string, err error) {
+	if path == "" {
+		return "", "", fmt.Errorf("%w: empty path", errBadRequest)
+	}
+	if p, err := s.reg.For(ctx, path); err == nil {
+		return path, p.Name(), nil
+	}
+	if !filepath.IsAbs(path) {
+		return "", "", fmt.Errorf("%w: %s: not a volume, and not an absolute path", provider.ErrNotFound, path)
+	}
+	path = filepath.Clean(path)
+	if s.sh != nil && s.sh.fuseDir != "" {
+		var vols []writer.Volume
+		for _, v := range s.cow.Volumes() {
+			vols = append(vols, writer.Volume{Name: v.Name(), Devices: []string{filepath.Join(s.sh.fuseDir, v.Name())}})
+		}
+		resolved, _ := writer.ResolveMounts(vols)
+		best, bestLen := "", -1
+		for _, v := range resolved {
+			for _, m := range v.Mounts {
+				if writer.Under(path, m) && len(m) > bestLen {
+					best, bestLen = v.Name, len(m)
+				}
+			}
+		}
+		if best != "" {
+			return best, cow.ProviderName, nil
+		}
+	}
+	for dir := path; dir != "/" && dir != "."; dir = filepath.Dir(dir) {
+		if p, err := s.reg.For(ctx, dir); err == nil {
+			return dir, p.Name(), nil
+		}
+	}
+	return "", "", fmt.Errorf("%w: %s is on no Umbra volume (a COW volume's filesystem mounted through its FUSE file, a reflink file or a btrfs subvolume)", provider.ErrNotFound, path)
+}
+
+func (s *Server) IsPathSupported(ctx context.Context, req *umbrav1.PathRequest) (*umbrav1.PathSupportResponse, error) {
+	vol, prov, err := s.resolvePath(ctx, req.GetPath())
+	if err != nil {
+		return &umbrav1.PathSupportResponse{WhyNot: err.Error()}, nil
+	}
+	return &umbrav1.PathSupportResponse{Supported: true, Volume: vol, Provider: prov}, nil
+}
+
+func (s *Server) IsPathShadowCopied(ctx context.Context, req *umbrav1.PathRequest) (*umbrav1.PathShadowCopiedResponse, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	vol, _, err := s.resolvePath(ctx, req.GetPath())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := &umbrav1.PathShadowCopiedResponse{}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	for _, st := range s.sh.sets {
+		for _, m := range st.Members {
+			if m.Volume == vol && m.Snapshot != "" {
+				out.ShadowCopied = true
+				out.SetIds = append(out.SetIds, st.ID)
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+// arm (re)starts the set's timer for its current state; holds mu.
+func (s *Server) arm(st *fsrvpSet) {
+	sh := s.sh
+	if t := sh.timers[st.ID]; t != nil {
+		t.Stop()
+		delete(sh.timers, st.ID)
+	}
+	if st.State == stRecovered || st.State == stAborted {
+		st.Deadline = time.Time{}
+		return
+	}
+	st.Deadline = time.Now().Add(st.Timeout)
+	state := st.State
+	sh.timers[st.ID] = time.AfterFunc(st.Timeout, func() {
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		if cur := sh.sets[st.ID]; cur == st && cur.State == state {
+			s.log.Warn("shadow copy set timed out: aborting", "set", st.ID, "state", state, "timeout", st.Timeout)
+			s.abortLocked(context.Background(), st, fmt.Sprintf("timed out after %v in state %s", st.Timeout, state))
+		}
+	})
+}
+
+// save writes the set to the catalog; holds mu.
+func (s *Server) save(st *fsrvpSet) error {
+	if st.State == stAborted {
+		return s.sh.cat.Delete(catalog.Sets, st.ID)
+	}
+	return s.sh.cat.Put(catalog.Sets, st.ID, st)
+}
+
+// abortLocked deletes what the set made (exposures, snapshots) and
+// forgets it; holds mu.
+func (s *Server) abortLocked(ctx context.Context, st *fsrvpSet, why string) {
+	for _, m := range st.Members {
+		if m.Snapshot == "" {
+			continue
+		}
+		s.unexposeLocked(m.Volume, m.Snapshot)
+		if p, err := s.reg.Get(m.Provider); err == nil {
+			if err := p.Delete(ctx, m.Volume, m.Snapshot); err != nil && !errors.Is(err, provider.ErrNotFound) {
+				s.log.Error("abort: delete snapshot", "set", st.ID, "volume", m.Volume, "snapshot", m.Snapshot, "err", err)
+			}
+		}
+	}
+	st.State, st.Err = stAborted, why
+	s.arm(st)
+	s.save(st)
+	delete(s.sh.sets, st.ID)
+}
+
+func (s *Server) setMsg(st *fsrvpSet) *umbrav1.ShadowCopySet {
+	out := &umbrav1.ShadowCopySet{Id: st.ID, Context: st.Context, State: st.State, Created: timestamppb.New(st.Created), Error: st.Err}
+	if !st.Deadline.IsZero() {
+		out.Deadline = timestamppb.New(st.Deadline)
+	}
+	for _, m := range st.Members {
+		sc := &umbrav1.ShadowCopy{Id: m.ShadowID, Path: m.Path, Volume: m.Volume, Provider: m.Provider, Snapshot: m.Snapshot}
+		if e := s.sh.exposed[exposureKey(m.Volume, m.Snapshot)]; e != nil && m.Snapshot != "" {
+			sc.Mapping = mappingMsg(e)
+		}
+		out.ShadowCopies = append(out.ShadowCopies, sc)
+	}
+	return out
+}
+
+func mappingMsg(e *exposure) *umbrav1.ShareMapping {
+	m := &umbrav1.ShareMapping{SetId: e.SetID, ShadowCopyId: e.ShadowID, SharePath: e.SharePath, Volume: e.Volume, Snapshot: e.Snapshot,
+		NbdExport: exposureKey(e.Volume, e.Snapshot), Path: e.Path, Created: timestamppb.New(e.Created)}
+	if e.Mount != nil {
+		m.MountDir, m.Fstype = e.Mount.Dir, e.Mount.FSType
+	}
+	return m
+}
+
+// set finds a set in one of the states allowed; holds mu.
+func (s *Server) set(id string, allowed ...string) (*fsrvpSet, error) {
+	st := s.sh.sets[id]
+	if st == nil {
+		return nil, status.Errorf(codes.NotFound, "shadow copy set %q: not found (it may have timed out and been aborted; see `umbra set list`)", id)
+	}
+	for _, a := range allowed {
+		if st.State == a {
+			return st, nil
+		}
+	}
+	return nil, status.Errorf(codes.FailedPrecondition, "shadow copy set %s is %s: this call needs it %s", id, st.State, strings.Join(allowed, " or "))
+}
+
+func (s *Server) StartShadowCopySet(ctx context.Context, req *umbrav1.StartShadowCopySetRequest) (*umbrav1.ShadowCopySet, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	c := req.GetContext()
+	if c == "" {
+		c = s.sh.context
+	}
+	if _, ok := contexts[c]; !ok {
+		return nil, toStatus(fmt.Errorf("%w: context %q: want backup, file_share_backup, nas_rollback or app_rollback", errBadRequest, c))
+	}
+	timeout := s.sh.timeout
+	if ms := req.GetTimeoutMs(); ms > 0 {
+		timeout = time.Duration(ms) * time.Millisecond
+	}
+	st := &fsrvpSet{ID: "fss-" + randomHex(8), Context: c, State: stStarted, Created: time.Now().UTC(), Timeout: timeout}
+	s.sh.sets[st.ID] = st
+	s.arm(st)
+	if err := s.save(st); err != nil {
+		delete(s.sh.sets, st.ID)
+		return nil, toStatus(err)
+	}
+	return s.setMsg(st), nil
+}
+
+func (s *Server) AddToShadowCopySet(ctx context.Context, req *umbrav1.AddToShadowCopySetRequest) (*umbrav1.AddToShadowCopySetResponse, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	vol, prov, err := s.resolvePath(ctx, req.GetPath())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, err := s.set(req.GetSetId(), stStarted, stAdded)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range st.Members {
+		if m.Volume == vol {
+			return nil, status.Errorf(codes.AlreadyExists, "shadow copy set %s already holds volume %s (by %s)", st.ID, vol, m.Path)
+		}
+	}
+	m := fsrvpMember{ShadowID: "sc-" + randomHex(8), Path: req.GetPath(), Volume: vol, Provider: prov}
+	st.Members = append(st.Members, m)
+	st.State = stAdded
+	s.arm(st)
+	s.save(st)
+	return &umbrav1.AddToShadowCopySetResponse{ShadowCopyId: m.ShadowID, Volume: vol}, nil
+}
+
+func (s *Server) PrepareShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, err := s.set(req.GetSetId(), stAdded)
+	if err != nil {
+		return nil, err
+	}
+	// Check now what commit will need, so that commit fails less.
+	for _, m := range st.Members {
+		p, err := s.reg.Get(m.Provider)
+		if err == nil {
+			err = p.Supports(ctx, m.Volume)
+		}
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("prepare %s: %w", m.Volume, err))
+		}
+	}
+	st.State = stCreating
+	s.arm(st)
+	s.save(st)
+	return s.setMsg(st), nil
+}
+
+func (s *Server) CommitShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	if s.coord == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, err := s.set(req.GetSetId(), stCreating)
+	if err != nil {
+		return nil, err
+	}
+	var vols []string
+	for _, m := range st.Members {
+		vols = append(vols, m.Volume)
+	}
+	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: vols, Writers: !req.GetNoWriters(), Persistent: contexts[st.Context], ID: st.ID})
+	if err != nil {
+		s.abortLocked(ctx, st, "commit failed: "+err.Error())
+		return nil, toStatus(fmt.Errorf("commit shadow copy set %s (aborted): %w", st.ID, err))
+	}
+	set.Done()
+	for i := range st.Members {
+		for _, sn := range set.Snapshots {
+			if sn.Volume == st.Members[i].Volume {
+				st.Members[i].Snapshot = sn.ID
+			}
+		}
+	}
+	st.State = stCommitted
+	s.arm(st)
+	s.save(st)
+	return s.setMsg(st), nil
+}
+
+func (s *Server) ExposeShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, err := s.set(req.GetSetId(), stCommitted)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range st.Members {
+		dir := filepath.Join(s.sh.root, st.ID, strings.ReplaceAll(strings.Trim(m.Volume, "/"), "/", "_"))
+		e := &exposure{SetID: st.ID, ShadowID: m.ShadowID, SharePath: m.Path}
+		if _, err := s.exposeLocked(ctx, m.Volume, m.Snapshot, dir, !req.GetNoMount(), e); err != nil {
+			s.abortLocked(ctx, st, "expose failed: "+err.Error())
+			return nil, toStatus(fmt.Errorf("expose shadow copy set %s (aborted): %w", st.ID, err))
+		}
+	}
+	st.State = stExposed
+	s.arm(st)
+	s.save(st)
+	return s.setMsg(st), nil
+}
+
+func (s *Server) RecoveryCompleteShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, err := s.set(req.GetSetId(), stExposed)
+	if err != nil {
+		return nil, err
+	}
+	st.State = stRecovered
+	s.arm(st)
+	s.save(st)
+	return s.setMsg(st), nil
+}
+
+func (s *Server) AbortShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, err := s.set(req.GetSetId(), stStarted, stAdded, stCreating, stCommitted, stExposed)
+	if err != nil {
+		return nil, err
+	}
+	s.abortLocked(ctx, st, "aborted by the client")
+	return s.setMsg(st), nil
+}
+
+func (s *Server) ListShadowCopySets(ctx context.Context, _ *umbrav1.ListShadowCopySetsRequest) (*umbrav1.ListShadowCopySetsResponse, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	out := &umbrav1.ListShadowCopySetsResponse{}
+	for _, st := range s.sh.sets {
+		out.Sets = append(out.Sets, s.setMsg(st))
+	}
+	return out, nil
+}
+
+func (s *Server) member(req *umbrav1.ShareMappingRequest) (*fsrvpSet, int, error) {
+	st := s.sh.sets[req.GetSetId()]
+	if st == nil {
+		return nil, 0, status.Errorf(codes.NotFound, "shadow copy set %q: not found", req.GetSetId())
+	}
+	for i, m := range st.Members {
+		if m.ShadowID == req.GetShadowCopyId() {
+			return st, i, nil
+		}
+	}
+	return nil, 0, status.Errorf(codes.NotFound, "shadow copy %q: not in set %s", req.GetShadowCopyId(), st.ID)
+}
+
+func (s *Server) GetShareMapping(ctx context.Context, req *umbrav1.ShareMappingRequest) (*umbrav1.ShareMapping, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, i, err := s.member(req)
+	if err != nil {
+		return nil, err
+	}
+	m := st.Members[i]
+	e := s.sh.exposed[exposureKey(m.Volume, m.Snapshot)]
+	if e == nil || m.Snapshot == "" {
+		return nil, status.Errorf(codes.FailedPrecondition, "shadow copy %s of set %s is not exposed (the set is %s)", m.ShadowID, st.ID, st.State)
+	}
+	return mappingMsg(e), nil
+}
+
+// DeleteShareMapping unexposes one shadow copy and deletes it; a set
+// with no shadow copy left is gone.
+func (s *Server) DeleteShareMapping(ctx context.Context, req *umbrav1.ShareMappingRequest) (*umbrav1.DeleteShareMappingResponse, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st, i, err := s.member(req)
+	if err != nil {
+		return nil, err
+	}
+	m := st.Members[i]
+	if st.State != stRecovered && st.State != stExposed && st.State != stCommitted {
+		return nil, status.Errorf(codes.FailedPrecondition, "shadow copy set %s is %s: abort it instead", st.ID, st.State)
+	}
+	s.unexposeLocked(m.Volume, m.Snapshot)
+	if p, err := s.reg.Get(m.Provider); err == nil {
+		if err := p.Delete(ctx, m.Volume, m.Snapshot); err != nil && !errors.Is(err, provider.ErrNotFound) {
+			return nil, toStatus(err)
+		}
+	}
+	st.Members = append(st.Members[:i], st.Members[i+1:]...)
+	if len(st.Members) == 0 {
+		st.State = stAborted // nothing left: forget it
+		s.arm(st)
+		s.save(st)
+		delete(s.sh.sets, st.ID)
+	} else {
+		s.save(st)
+	}
+	return &umbrav1.DeleteShareMappingResponse{}, nil
+}
+
+// mountSnapshot mounts a snapshot's filesystem read-only at dir.
+func (s *Server) mountSnapshot(ctx context.Context, vol, snap, dir string) (*expose.Mount, error) {
+	p, err := s.reg.For(ctx, vol)
+	if err != nil {
+		return nil, err
+	}
+	var file string
+	if p.Name() == cow.ProviderName {
+		if s.sh.fuseDir == "" {
+			return nil, fmt.Errorf("%w: mounting a COW snapshot needs the service's FUSE files (umbra serve --fuse-dir); it stays an NBD export %s@%s", errBadRequest, vol, snap)
+		}
+		file = filepath.Join(s.sh.fuseDir, exposureKey(vol, snap))
+	} else {
+		list, err := p.List(ctx, vol)
+		if err != nil {
+			return nil, err
+		}
+		for _, sn := range list {
+			if sn.ID == snap {
+				file = sn.Path
+			}
+		}
+		if fi, err := os.Stat(file); err != nil || !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("%w: snapshot %s@%s has no block file to mount", errBadRequest, vol, snap)
+		}
+	}
+	return expose.MountFile(file, dir)
+}
+
+// exposeLocked exposes a snapshot: always as its NBD export; as a path
+// when the provider's snapshots are directories (btrfs); else, with
+// mount, as a read-only mounted directory. Holds mu.
+func (s *Server) exposeLocked(ctx context.Context, vol, snap, dir string, mount bool, e *exposure) (*exposure, error) {
+	key := exposureKey(vol, snap)
+	if old := s.sh.exposed[key]; old != nil {
+		return nil, status.Errorf(codes.AlreadyExists, "snapshot %s is exposed already (see `umbra shares list`)", key)
+	}
+	p, err := s.reg.For(ctx, vol)
+	if err != nil {
+		return nil, err
+	}
+	if !s.snapshotExists(ctx, vol, snap) {
+		return nil, fmt.Errorf("snapshot %s: %w", key, provider.ErrNotFound)
+	}
+	e.Volume, e.Snapshot, e.Created = vol, snap, time.Now().UTC()
+	if p.Name() != cow.ProviderName {
+		list, _ := p.List(ctx, vol)
+		for _, sn := range list {
+			if sn.ID == snap && sn.Path != "" {
+				if fi, err := os.Stat(sn.Path); err == nil && fi.IsDir() {
+					e.Path = sn.Path
+				}
+			}
+		}
+	}
+	if mount && e.Path == "" {
+		if dir == "" {
+			dir = filepath.Join(s.sh.root, key)
+		}
+		m, err := s.mountSnapshot(ctx, vol, snap, dir)
+		if err != nil {
+			return nil, err
+		}
+		e.Mount = m
+	}
+	if err := s.sh.cat.Put(catalog.Exposures, key, e); err != nil {
+		if e.Mount != nil {
+			e.Mount.Unmount()
+		}
+		return nil, err
+	}
+	s.sh.exposed[key] = e
+	return e, nil
+}
+
+// unexposeLocked removes an exposure if there is one; holds mu.
+func (s *Server) unexposeLocked(vol, snap string) error {
+	key := exposureKey(vol, snap)
+	e := s.sh.exposed[key]
+	if e == nil {
+		return nil
+	}
+	var err error
+	if e.Mount != nil {
+		err = e.Mount.Unmount()
+	}
+	delete(s.sh.exposed, key)
+	if cerr := s.sh.cat.Delete(catalog.Exposures, key); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// unexposeBeforeDelete is called before a snapshot is deleted.
+func (s *Server) unexposeBeforeDelete(vol, snap string) {
+	if s.sh == nil {
+		return
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	s.unexposeLocked(vol, snap)
+}
+
+func (s *Server) ExposeSnapshot(ctx context.Context, req *umbrav1.ExposeSnapshotRequest) (*umbrav1.ShareMapping, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	if err := provider.ValidateID(req.GetId()); err != nil {
+		return nil, toStatus(err)
+	}
+	dir := req.GetDir()
+	if dir != "" && !filepath.IsAbs(dir) {
+		return nil, toStatus(fmt.Errorf("%w: --dir %s: give an absolute path", errBadRequest, dir))
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	e, err := s.exposeLocked(ctx, req.GetVolume(), req.GetId(), dir, !req.GetNoMount(), &exposure{})
+	if err != nil {
+		if status.Code(err) != codes.Unknown {
+			return nil, err
+		}
+		return nil, toStatus(err)
+	}
+	s.log.Info("snapshot exposed", "snapshot", exposureKey(e.Volume, e.Snapshot), "mount", e.Mount, "path", e.Path)
+	return mappingMsg(e), nil
+}
+
+func (s *Server) UnexposeSnapshot(ctx context.Context, req *umbrav1.UnexposeSnapshotRequest) (*umbrav1.UnexposeSnapshotResponse, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	key := exposureKey(req.GetVolume(), req.GetId())
+	if s.sh.exposed[key] == nil {
+		return nil, status.Errorf(codes.NotFound, "snapshot %s is not exposed (see `umbra shares list`)", key)
+	}
+	if err := s.unexposeLocked(req.GetVolume(), req.GetId()); err != nil {
+		return nil, toStatus(err)
+	}
+	s.log.Info("snapshot unexposed", "snapshot", key)
+	return &umbrav1.UnexposeSnapshotResponse{}, nil
+}
+
+func (s *Server) ListShareMappings(ctx context.Context, _ *umbrav1.ListShareMappingsRequest) (*umbrav1.ListShareMappingsResponse, error) {
+	if s.sh == nil {
+		return nil, errNoShares
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	out := &umbrav1.ListShareMappingsResponse{}
+	for _, e := range s.sh.exposed {
+		out.Mappings = append(out.Mappings, mappingMsg(e))
+	}
+	return out, nil
+}
