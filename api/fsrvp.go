@@ -110,10 +110,16 @@ func (s *Server) EnableShares(ctx context.Context, cat *catalog.Catalog, root, f
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	catalog.Each(cat, catalog.Exposures, func(id string, e exposure) { sh.exposed[id] = &e },
-		func(id string, err error) { s.log.Warn("catalog: unreadable exposure dropped", "id", id, "err", err); cat.Delete(catalog.Exposures, id) })
+		func(id string, err error) {
+			s.log.Warn("catalog: unreadable exposure dropped", "id", id, "err", err)
+			cat.Delete(catalog.Exposures, id)
+		})
 	var sets []fsrvpSet
 	catalog.Each(cat, catalog.Sets, func(id string, st fsrvpSet) { sets = append(sets, st) },
-		func(id string, err error) { s.log.Warn("catalog: unreadable set dropped", "id", id, "err", err); cat.Delete(catalog.Sets, id) })
+		func(id string, err error) {
+			s.log.Warn("catalog: unreadable set dropped", "id", id, "err", err)
+			cat.Delete(catalog.Sets, id)
+		})
 	for i := range sets {
 		st := &sets[i]
 		sh.sets[st.ID] = st

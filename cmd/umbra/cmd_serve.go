@@ -40,12 +40,12 @@ type serveConfig struct {
 	StateDir   string         `toml:"state_dir"`
 	ExposeDir  string         `toml:"expose_dir"`  // where exposed snapshots are mounted
 	SetTimeout string         `toml:"set_timeout"` // FSRVP message sequence timer
-	Writers  writersConfig  `toml:"writers"`
-	Reflink  []string       `toml:"reflink_volumes"`
-	Btrfs    []string       `toml:"btrfs_volumes"`
-	NBD      nbdConfig      `toml:"nbd"`
-	FUSE     fuseConfig     `toml:"fuse"`
-	Volumes  []volumeConfig `toml:"volume"`
+	Writers    writersConfig  `toml:"writers"`
+	Reflink    []string       `toml:"reflink_volumes"`
+	Btrfs      []string       `toml:"btrfs_volumes"`
+	NBD        nbdConfig      `toml:"nbd"`
+	FUSE       fuseConfig     `toml:"fuse"`
+	Volumes    []volumeConfig `toml:"volume"`
 }
 
 type nbdConfig struct {
