@@ -60,6 +60,7 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	s.Metrics.ObserveSet(set.Timings.Hold, set.Timings.FreezeToThaw)
 	resp := &umbrav1.BackupResponse{SetId: set.ID, Writers: set.Writers}
 	var failed error
 	for _, sn := range set.Snapshots {

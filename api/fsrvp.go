@@ -491,6 +491,7 @@ func (s *Server) CommitShadowCopySet(ctx context.Context, req *umbrav1.SetReques
 		return nil, toStatus(fmt.Errorf("commit shadow copy set %s (aborted): %w", st.ID, err))
 	}
 	set.Done()
+	s.Metrics.ObserveSet(set.Timings.Hold, set.Timings.FreezeToThaw)
 	for i := range st.Members {
 		for _, sn := range set.Snapshots {
 			if sn.Volume == st.Members[i].Volume {

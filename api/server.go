@@ -27,6 +27,7 @@ import (
 	"umbra/backup"
 	"umbra/coordinator"
 	"umbra/cow"
+	"umbra/metrics"
 	"umbra/provider"
 	"umbra/writer"
 )
@@ -46,6 +47,11 @@ type Server struct {
 	repos  map[[32]byte]*backup.Repo
 
 	sh *shares // FSRVP sets and exposures; nil until EnableShares
+
+	// Metrics, when set before Serve, records snapshot set timings.
+	Metrics *metrics.Metrics
+	// Audit, when set before Serve, logs every mutating call.
+	Audit *Audit
 }
 
 // NewServer returns the API over p; sets with writers run through coord.
@@ -96,6 +102,7 @@ func (s *Server) createWithWriters(ctx context.Context, req *umbrav1.CreateSnaps
 		return nil, toStatus(err)
 	}
 	set.Done()
+	s.Metrics.ObserveSet(set.Timings.Hold, set.Timings.FreezeToThaw)
 	resp := &umbrav1.CreateSnapshotSetResponse{SetId: set.ID, HoldMicros: set.Timings.Hold.Microseconds(),
 		FreezeMicros: set.Timings.FreezeToThaw.Microseconds(), Writers: set.Writers}
 	for _, sn := range set.Snapshots {
@@ -104,13 +111,27 @@ func (s *Server) createWithWriters(ctx context.Context, req *umbrav1.CreateSnaps
 	return resp, nil
 }
 
-// Serve serves the API on l until ctx ends.
+// Serve serves the API on the unix socket l until ctx ends: callers are
+// root or the service's user (SO_PEERCRED), with the admin role; their
+// mutating calls are audited.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
-	g := grpc.NewServer()
-	umbrav1.RegisterUmbraServer(g, s)
+	g := grpc.NewServer(s.interceptors(nil)...)
+	s.register(g)
 	stop := context.AfterFunc(ctx, g.GracefulStop)
 	defer stop()
 	return g.Serve(peerCheck{l})
+}
+
+func (s *Server) register(g *grpc.Server) { umbrav1.RegisterUmbraServer(g, s) }
+
+// credConn carries the peer's uid as its remote address, for the audit.
+type credConn struct {
+	net.Conn
+	uid uint32
+}
+
+func (c credConn) RemoteAddr() net.Addr {
+	return &net.UnixAddr{Name: fmt.Sprintf("uid=%d", c.uid), Net: "unix"}
 }
 
 // peerCheck accepts unix connections only from root or the service's own
@@ -138,7 +159,7 @@ func (p peerCheck) Accept() (net.Conn, error) {
 			c.Close()
 			continue
 		}
-		return c, nil
+		return credConn{c, cred.Uid}, nil
 	}
 }
 
@@ -318,6 +339,7 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 		}
 	}
 	resp.HoldMicros = time.Since(start).Microseconds()
+	s.Metrics.ObserveSet(time.Since(start), 0)
 	for _, sn := range made {
 		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
 	}

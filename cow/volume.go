@@ -126,6 +126,7 @@ type Volume struct {
 	gate     gate
 	stripes  [numStripes]sync.RWMutex
 	hasSnaps atomic.Int32
+	copies   atomic.Int64 // chunks preserved since open (for metrics)
 	isClosed atomic.Bool
 	bufs     sync.Pool
 
@@ -710,6 +711,7 @@ func (v *Volume) place(c, gen uint64, slot int64) {
 		return
 	}
 	v.entries.ReplaceOrInsert(entry{chunk: c, gen: s.gen, slot: slot})
+	v.copies.Add(1)
 	s.owned.Add(uint32(c))
 	if slot != zeroSlot {
 		s.nonzero++
@@ -1053,6 +1055,9 @@ func (v *Volume) DeleteSnapshot(id string) error {
 	}
 	return nil
 }
+
+// Preserved counts the chunks preserved since the volume was opened.
+func (v *Volume) Preserved() int64 { return v.copies.Load() }
 
 // Storage describes the shadow storage association.
 func (v *Volume) Storage() StorageInfo {

@@ -81,6 +81,32 @@ type Options struct {
 	Logger     *slog.Logger
 	// MaxInflight bounds concurrent requests per connection (default 32).
 	MaxInflight int
+	// Observe, when set, is told of every request (its command name) and
+	// of every error reply; it must be cheap and safe for concurrent use.
+	Observe func(cmd string, failed bool)
+}
+
+// CommandName names an NBD command for logs and metrics.
+func CommandName(typ uint16) string {
+	switch typ {
+	case cmdRead:
+		return "read"
+	case cmdWrite:
+		return "write"
+	case cmdDisc:
+		return "disc"
+	case cmdFlush:
+		return "flush"
+	case cmdTrim:
+		return "trim"
+	case cmdCache:
+		return "cache"
+	case cmdWriteZeroes:
+		return "write_zeroes"
+	case cmdBlockStatus:
+		return "block_status"
+	}
+	return "unknown"
 }
 
 // Server serves exports over NBD.
@@ -598,6 +624,9 @@ func (c *conn) transmission() {
 }
 
 func (c *conn) sendError(req request, errno uint32, msg string) {
+	if o := c.srv.opts.Observe; o != nil {
+		o(CommandName(req.typ), true)
+	}
 	if c.structured {
 		b := structuredHeader(nil, replyFlagDone, replyError, req.cookie, uint32(6+len(msg)))
 		b = binary.BigEndian.AppendUint32(b, errno)
@@ -626,6 +655,9 @@ func errnoOf(err error) uint32 {
 }
 
 func (c *conn) handle(req request, payload *[]byte) {
+	if o := c.srv.opts.Observe; o != nil {
+		o(CommandName(req.typ), false)
+	}
 	exp := c.exp
 	size := uint64(exp.Backend.Size())
 	inRange := req.offset <= size && uint64(req.length) <= size-req.offset

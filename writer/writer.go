@@ -103,6 +103,10 @@ const historyLen = 32
 
 // Registry holds the writers of a service and their states.
 type Registry struct {
+	// OnFailure, when set before use, is told of every failed phase (for
+	// metrics); it runs under the registry's lock and must not call it.
+	OnFailure func(writer, phase string)
+
 	mu      sync.Mutex // guards writers and states
 	writers map[string]Writer
 	states  map[string]*State
@@ -179,6 +183,9 @@ func (r *Registry) Record(name, setID, phase string, took time.Duration, err err
 	if err != nil {
 		ev.Error = err.Error()
 		s.State, s.LastError = "failed", err.Error()
+		if r.OnFailure != nil {
+			r.OnFailure(name, phase)
+		}
 	} else if state != "" {
 		s.State = state
 	}

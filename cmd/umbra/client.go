@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
@@ -11,6 +13,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -28,8 +31,11 @@ func apiSocketPath() string {
 // errUnreachable marks a service that does not answer (exit code 4).
 var errUnreachable = errors.New("the Umbra service is not reachable")
 
-// client dials the service's API.
+// client dials the service's API: the unix socket, or --api over TLS.
 func client(ctx context.Context) (umbrav1.UmbraClient, func(), error) {
+	if gflags.api != "" {
+		return remoteClient()
+	}
 	path := apiSocketPath()
 	if _, err := os.Stat(path); err != nil {
 		return nil, nil, fmt.Errorf("%w at %s: start it with `umbra serve` or give --api-socket (%v)", errUnreachable, path, err)
@@ -65,6 +71,8 @@ func callCtx(ctx context.Context, fn func(ctx context.Context, c umbrav1.UmbraCl
 			return notFoundError{errors.New(st.Message())}
 		case codes.InvalidArgument:
 			return usageError{errors.New(st.Message())}
+		case codes.Unauthenticated, codes.PermissionDenied:
+			return accessError{errors.New(st.Message())}
 		case codes.Canceled:
 			return context.Canceled
 		default:
@@ -73,6 +81,12 @@ func callCtx(ctx context.Context, fn func(ctx context.Context, c umbrav1.UmbraCl
 	}
 	return err
 }
+
+// accessError marks a call refused for who made it (exit code 5).
+type accessError struct{ err error }
+
+func (e accessError) Error() string { return e.err.Error() }
+func (e accessError) Unwrap() error { return e.err }
 
 // notFoundError marks a missing volume or snapshot (exit code 3).
 type notFoundError struct{ err error }
@@ -94,3 +108,48 @@ func human(n int64) string {
 	}
 	return fmt.Sprintf("%.1f%ciB", f, units[i])
 }
+
+// remoteClient dials --api over TLS with a client certificate or a
+// bearer token.
+func remoteClient() (umbrav1.UmbraClient, func(), error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if gflags.ca != "" {
+		pem, err := os.ReadFile(gflags.ca)
+		if err != nil {
+			return nil, nil, usageError{fmt.Errorf("--ca: %w", err)}
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, nil, usageError{fmt.Errorf("--ca %s: no PEM certificate in it", gflags.ca)}
+		}
+	}
+	if gflags.cert != "" {
+		c, err := tls.LoadX509KeyPair(gflags.cert, gflags.key)
+		if err != nil {
+			return nil, nil, usageError{fmt.Errorf("--cert/--key: %w", err)}
+		}
+		cfg.Certificates = []tls.Certificate{c}
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg))}
+	token := gflags.token
+	if token == "" {
+		token = os.Getenv("UMBRA_TOKEN")
+	}
+	if token != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(bearer(token)))
+	}
+	conn, err := grpc.NewClient("dns:///"+gflags.api, opts...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w at %s: %v", errUnreachable, gflags.api, err)
+	}
+	return umbrav1.NewUmbraClient(conn), func() { conn.Close() }, nil
+}
+
+// bearer sends a token with every call (TLS only).
+type bearer string
+
+func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(b)}, nil
+}
+
+func (bearer) RequireTransportSecurity() bool { return true }

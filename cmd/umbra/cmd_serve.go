@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,6 +23,7 @@ import (
 	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/frontend"
+	"umbra/metrics"
 	"umbra/nbd"
 	"umbra/provider"
 	"umbra/provider/btrfs"
@@ -40,12 +42,23 @@ type serveConfig struct {
 	StateDir   string         `toml:"state_dir"`
 	ExposeDir  string         `toml:"expose_dir"`  // where exposed snapshots are mounted
 	SetTimeout string         `toml:"set_timeout"` // FSRVP message sequence timer
+	API        apiConfig      `toml:"api"`
+	Metrics    string         `toml:"metrics_listen"`
+	AuditLog   string         `toml:"audit_log"`
 	Writers    writersConfig  `toml:"writers"`
 	Reflink    []string       `toml:"reflink_volumes"`
 	Btrfs      []string       `toml:"btrfs_volumes"`
 	NBD        nbdConfig      `toml:"nbd"`
 	FUSE       fuseConfig     `toml:"fuse"`
 	Volumes    []volumeConfig `toml:"volume"`
+}
+
+type apiConfig struct {
+	Listen   string `toml:"listen"`    // TCP HOST:PORT (TLS required)
+	TLSCert  string `toml:"tls_cert"`  // server certificate
+	TLSKey   string `toml:"tls_key"`   //
+	ClientCA string `toml:"client_ca"` // verify client certificates against it
+	Tokens   string `toml:"tokens"`    // identities: bearer tokens and certificate names with roles
 }
 
 type nbdConfig struct {
@@ -161,6 +174,13 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.Writers.HooksDir, "hooks-dir", "", "directory of pre-freeze/post-thaw hook executables (called with freeze / thaw)")
 	f.StringVar(&cfg.ExposeDir, "expose-dir", "", "where exposed snapshots are mounted (default STATE/exposed)")
 	f.StringVar(&cfg.SetTimeout, "set-timeout", "", "abort a shadow copy set that does not reach its next state in this time (default 180s, as FSRVP)")
+	f.StringVar(&cfg.API.Listen, "api-listen", "", "also serve the API on TCP HOST:PORT (TLS and --api-tokens required)")
+	f.StringVar(&cfg.API.TLSCert, "api-tls-cert", "", "TLS certificate for --api-listen")
+	f.StringVar(&cfg.API.TLSKey, "api-tls-key", "", "TLS key for --api-listen")
+	f.StringVar(&cfg.API.ClientCA, "api-client-ca", "", "CA that signs client certificates for --api-listen (identities: cert lines of --api-tokens)")
+	f.StringVar(&cfg.API.Tokens, "api-tokens", "", "identities file for --api-listen, mode 0600: `token TOKEN ROLE NAME` / `cert CN ROLE` lines; roles viewer, operator, admin")
+	f.StringVar(&cfg.Metrics, "metrics-listen", "", "serve Prometheus metrics at http://HOST:PORT/metrics")
+	f.StringVar(&cfg.AuditLog, "audit-log", "", "audit log of mutating API calls (default STATE/audit.log)")
 	return cmd
 }
 
@@ -180,6 +200,13 @@ func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
 	set("hooks-dir", &file.Writers.HooksDir, flags.Writers.HooksDir)
 	set("expose-dir", &file.ExposeDir, flags.ExposeDir)
 	set("set-timeout", &file.SetTimeout, flags.SetTimeout)
+	set("api-listen", &file.API.Listen, flags.API.Listen)
+	set("api-tls-cert", &file.API.TLSCert, flags.API.TLSCert)
+	set("api-tls-key", &file.API.TLSKey, flags.API.TLSKey)
+	set("api-client-ca", &file.API.ClientCA, flags.API.ClientCA)
+	set("api-tokens", &file.API.Tokens, flags.API.Tokens)
+	set("metrics-listen", &file.Metrics, flags.Metrics)
+	set("audit-log", &file.AuditLog, flags.AuditLog)
 	if cmd.Flags().Changed("sqlite-writer") {
 		file.Writers.SQLite = append(file.Writers.SQLite, flags.Writers.SQLite...)
 	}
@@ -245,7 +272,8 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	if err != nil {
 		return err
 	}
-	opts := nbd.Options{Logger: log}
+	m := metrics.New(p)
+	opts := nbd.Options{Logger: log, Observe: m.NBD}
 	if cfg.NBD.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
 		if err != nil {
@@ -291,6 +319,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	os.Chmod(apiPath, 0o660)
 	defer os.Remove(apiPath)
 	writers := writer.NewRegistry()
+	writers.OnFailure = m.WriterFailed
 	ff := fsfreeze.New()
 	if exe, err := os.Executable(); err == nil {
 		ff.GuardCommand = []string{exe, "thaw-guard"}
@@ -325,7 +354,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		if err != nil {
 			return fmt.Errorf("NBD listen %s: %w", cfg.NBD.Listen, err)
 		}
-		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: opts.TLS, RequireTLS: true})
+		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: opts.TLS, RequireTLS: true, Observe: m.NBD})
 		go func() { errc <- tcpSrv.Serve(ctx, tl) }()
 		defer tcpSrv.Shutdown(context.Background())
 		log.Info("serving NBD over TLS", "listen", tl.Addr().String())
@@ -357,8 +386,41 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}
 	apiSrv.EnableShares(ctx, cat, exposeDir, cfg.FUSE.Dir, setTimeout)
 	defer apiSrv.CloseShares()
+	apiSrv.Metrics = m
+	auditPath := cfg.AuditLog
+	if auditPath == "" {
+		auditPath = filepath.Join(cfg.StateDir, "audit.log")
+	}
+	if apiSrv.Audit, err = api.OpenAudit(auditPath); err != nil {
+		return err
+	}
+	defer apiSrv.Audit.Close()
 	go func() { errc <- apiSrv.Serve(ctx, al) }()
-	log.Info("serving the management API", "socket", apiPath)
+	log.Info("serving the management API", "socket", apiPath, "audit", auditPath)
+	if cfg.API.Listen != "" {
+		tcfg, ids, err := apiTLS(cfg.API)
+		if err != nil {
+			return err
+		}
+		tl, err := net.Listen("tcp", cfg.API.Listen)
+		if err != nil {
+			return fmt.Errorf("--api-listen %s: %w", cfg.API.Listen, err)
+		}
+		go func() { errc <- apiSrv.ServeTCP(ctx, tl, tcfg, ids) }()
+		log.Info("serving the management API over TLS", "listen", tl.Addr().String(), "client_certs", cfg.API.ClientCA != "")
+	}
+	if cfg.Metrics != "" {
+		ml, err := net.Listen("tcp", cfg.Metrics)
+		if err != nil {
+			return fmt.Errorf("--metrics-listen %s: %w", cfg.Metrics, err)
+		}
+		go func() {
+			if err := m.Serve(ctx, ml); err != nil {
+				log.Error("metrics listener stopped", "err", err)
+			}
+		}()
+		log.Info("serving metrics", "url", "http://"+ml.Addr().String()+"/metrics")
+	}
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
@@ -372,4 +434,32 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	srv.Shutdown(sctx)
 	os.Remove(cfg.NBD.Socket)
 	return nil
+}
+
+// apiTLS builds the TLS configuration and identities of the TCP API.
+func apiTLS(c apiConfig) (*tls.Config, *api.Identities, error) {
+	if c.TLSCert == "" || c.TLSKey == "" || c.Tokens == "" {
+		return nil, nil, usageError{errors.New("--api-listen serves the API on TCP, which requires --api-tls-cert, --api-tls-key and --api-tokens (nothing is served unauthenticated on TCP)")}
+	}
+	cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
+	if err != nil {
+		return nil, nil, usageError{fmt.Errorf("--api-tls-cert/--api-tls-key: %w", err)}
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if c.ClientCA != "" {
+		pem, err := os.ReadFile(c.ClientCA)
+		if err != nil {
+			return nil, nil, usageError{fmt.Errorf("--api-client-ca: %w", err)}
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, nil, usageError{fmt.Errorf("--api-client-ca %s: no PEM certificate in it", c.ClientCA)}
+		}
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.VerifyClientCertIfGiven
+	}
+	ids, err := api.LoadIdentities(c.Tokens)
+	if err != nil {
+		return nil, nil, usageError{err}
+	}
+	return cfg, ids, nil
 }

@@ -2,7 +2,8 @@
 // CLI verbs that drive it. Each verb lives in its own cmd_*.go file.
 //
 // Exit codes: 0 success; 1 an operation failed; 2 bad usage or input;
-// 3 a required resource was not found; 4 the service is unreachable.
+// 3 a required resource was not found; 4 the service is unreachable;
+// 5 the caller is not authenticated or lacks the role.
 package main
 
 import (
@@ -28,7 +29,10 @@ func (e usageError) Unwrap() error { return e.err }
 func exitCode(err error) int {
 	var ue usageError
 	var nf notFoundError
+	var ae accessError
 	switch {
+	case errors.As(err, &ae):
+		return 5
 	case errors.As(err, &ue):
 		return 2
 	case errors.As(err, &nf):

@@ -18,6 +18,10 @@ var version = "0.1.0-dev"
 type globalFlags struct {
 	json      bool
 	apiSocket string
+	api       string // TCP HOST:PORT of a remote service
+	token     string
+	ca        string
+	cert, key string
 }
 
 var gflags globalFlags
@@ -32,6 +36,11 @@ func newRootCmd() *cobra.Command {
 	}
 	root.PersistentFlags().BoolVar(&gflags.json, "json", false, "print machine-readable JSON instead of text")
 	root.PersistentFlags().StringVar(&gflags.apiSocket, "api-socket", "", "the service's API socket (default /run/umbra/umbra.sock as root, else $XDG_RUNTIME_DIR/umbra/umbra.sock)")
+	root.PersistentFlags().StringVar(&gflags.api, "api", "", "a remote service's API, HOST:PORT over TLS (instead of the unix socket)")
+	root.PersistentFlags().StringVar(&gflags.token, "token", "", "bearer token for --api (default $UMBRA_TOKEN)")
+	root.PersistentFlags().StringVar(&gflags.ca, "ca", "", "CA certificate that signs the --api server's certificate (default: the system's)")
+	root.PersistentFlags().StringVar(&gflags.cert, "cert", "", "client certificate for --api (with --key)")
+	root.PersistentFlags().StringVar(&gflags.key, "key", "", "client key for --api")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	for _, add := range verbs {
 		root.AddCommand(add())

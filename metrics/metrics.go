@@ -1,0 +1,112 @@
+// Package metrics exposes the service's Prometheus metrics on an opt-in
+// HTTP listener (umbra serve --metrics-listen): diff-area bytes used and
+// allowed per volume, preserved copies, live snapshots, hold and freeze
+// durations of snapshot sets, writer failures, NBD requests and errors.
+// Engine figures are read at scrape time; events are counted as they
+// happen through the hooks below.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"umbra/cow"
+)
+
+// Metrics holds the collectors of one service.
+type Metrics struct {
+	reg         *prometheus.Registry
+	hold        prometheus.Histogram
+	freeze      prometheus.Histogram
+	writerFails *prometheus.CounterVec
+	nbdReqs     *prometheus.CounterVec
+	nbdErrs     *prometheus.CounterVec
+}
+
+var (
+	descUsed = prometheus.NewDesc("umbra_diff_area_used_bytes", "Shadow storage used by a volume's snapshots.", []string{"volume"}, nil)
+	descMax  = prometheus.NewDesc("umbra_diff_area_limit_bytes", "Shadow storage limit of a volume (0: unlimited).", []string{"volume"}, nil)
+	descSnap = prometheus.NewDesc("umbra_snapshots", "Live snapshots of a volume.", []string{"volume"}, nil)
+	descCopy = prometheus.NewDesc("umbra_preserved_chunks_total", "Chunks preserved (copied before overwrite) since the service started.", []string{"volume"}, nil)
+)
+
+// engine reads the COW volumes at scrape time.
+type engine struct{ p *cow.Provider }
+
+func (e engine) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descUsed
+	ch <- descMax
+	ch <- descSnap
+	ch <- descCopy
+}
+
+func (e engine) Collect(ch chan<- prometheus.Metric) {
+	for _, v := range e.p.Volumes() {
+		st := v.Storage()
+		ch <- prometheus.MustNewConstMetric(descUsed, prometheus.GaugeValue, float64(st.Used), v.Name())
+		ch <- prometheus.MustNewConstMetric(descMax, prometheus.GaugeValue, float64(st.Max), v.Name())
+		ch <- prometheus.MustNewConstMetric(descSnap, prometheus.GaugeValue, float64(len(v.Snapshots())), v.Name())
+		ch <- prometheus.MustNewConstMetric(descCopy, prometheus.CounterValue, float64(v.Preserved()), v.Name())
+	}
+}
+
+// New registers the collectors for the volumes of p.
+func New(p *cow.Provider) *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	buckets := prometheus.ExponentialBuckets(0.0001, 4, 10) // 100 µs to 26 s
+	m.hold = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "umbra_hold_seconds", Help: "How long snapshot sets held writes.", Buckets: buckets})
+	m.freeze = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "umbra_freeze_seconds", Help: "How long snapshot sets kept writers frozen (freeze to thaw).", Buckets: buckets})
+	m.writerFails = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_writer_failures_total", Help: "Writer phases that failed."}, []string{"writer", "phase"})
+	m.nbdReqs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_requests_total", Help: "NBD requests by command."}, []string{"command"})
+	m.nbdErrs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_errors_total", Help: "NBD error replies by command."}, []string{"command"})
+	m.reg.MustRegister(engine{p}, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs,
+		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	return m
+}
+
+// ObserveSet records a committed snapshot set's hold and freeze times
+// (freeze 0: no writers).
+func (m *Metrics) ObserveSet(hold, freeze time.Duration) {
+	if m == nil {
+		return
+	}
+	m.hold.Observe(hold.Seconds())
+	if freeze > 0 {
+		m.freeze.Observe(freeze.Seconds())
+	}
+}
+
+// WriterFailed counts a writer phase that failed.
+func (m *Metrics) WriterFailed(writer, phase string) {
+	if m != nil {
+		m.writerFails.WithLabelValues(writer, phase).Inc()
+	}
+}
+
+// NBD is the nbd.Options.Observe hook.
+func (m *Metrics) NBD(cmd string, failed bool) {
+	if failed {
+		m.nbdErrs.WithLabelValues(cmd).Inc()
+	} else {
+		m.nbdReqs.WithLabelValues(cmd).Inc()
+	}
+}
+
+// Serve serves /metrics on l until ctx ends.
+func (m *Metrics) Serve(ctx context.Context, l net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	stop := context.AfterFunc(ctx, func() { srv.Close() })
+	defer stop()
+	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
