@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -569,6 +570,7 @@ func (s *Server) ListShadowCopySets(ctx context.Context, _ *umbrav1.ListShadowCo
 	for _, st := range s.sh.sets {
 		out.Sets = append(out.Sets, s.setMsg(st))
 	}
+	sort.Slice(out.Sets, func(i, j int) bool { return out.Sets[i].Created.AsTime().Before(out.Sets[j].Created.AsTime()) || out.Sets[i].Id < out.Sets[j].Id && out.Sets[i].Created.AsTime().Equal(out.Sets[j].Created.AsTime()) })
 	return out, nil
 }
 
@@ -791,5 +793,6 @@ func (s *Server) ListShareMappings(ctx context.Context, _ *umbrav1.ListShareMapp
 	for _, e := range s.sh.exposed {
 		out.Mappings = append(out.Mappings, mappingMsg(e))
 	}
+	sort.Slice(out.Mappings, func(i, j int) bool { return out.Mappings[i].NbdExport < out.Mappings[j].NbdExport })
 	return out, nil
 }
