@@ -570,7 +570,9 @@ func (s *Server) ListShadowCopySets(ctx context.Context, _ *umbrav1.ListShadowCo
 	for _, st := range s.sh.sets {
 		out.Sets = append(out.Sets, s.setMsg(st))
 	}
-	sort.Slice(out.Sets, func(i, j int) bool { return out.Sets[i].Created.AsTime().Before(out.Sets[j].Created.AsTime()) || out.Sets[i].Id < out.Sets[j].Id && out.Sets[i].Created.AsTime().Equal(out.Sets[j].Created.AsTime()) })
+	sort.Slice(out.Sets, func(i, j int) bool {
+		return out.Sets[i].Created.AsTime().Before(out.Sets[j].Created.AsTime()) || out.Sets[i].Id < out.Sets[j].Id && out.Sets[i].Created.AsTime().Equal(out.Sets[j].Created.AsTime())
+	})
 	return out, nil
 }
 
