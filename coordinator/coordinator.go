@@ -143,7 +143,13 @@ func (c *Coordinator) CreateSet(ctx context.Context, req Request) (*Set, error) 
 			return nil, err
 		}
 		set.members = append(set.members, member{p: p, vol: vol})
-		set.info.Volumes = append(set.info.Volumes, writer.Volume{Name: vol, Devices: c.devices(vol)})
+		wv := writer.Volume{Name: vol}
+		if p.Capabilities().Kind == "system" {
+			wv.Paths = []string{vol} // a system provider's volume is its path
+		} else {
+			wv.Devices = c.devices(vol)
+		}
+		set.info.Volumes = append(set.info.Volumes, wv)
 	}
 	set.info.ID, set.info.ForBackup = set.ID, req.ForBackup
 	if req.Writers {

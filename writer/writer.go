@@ -36,6 +36,12 @@ type Volume struct {
 	Devices []string `json:"devices"`
 	// Mounts are the mount points of filesystems on the volume.
 	Mounts []string `json:"mounts"`
+	// Paths are the files or directories that are the volume, for system
+	// providers (a reflink file, a btrfs subvolume): application writers
+	// whose data lies there are involved. Filesystem writers are not: a
+	// FICLONE or a btrfs snapshot needs its filesystem writable (it would
+	// wait on a freeze), and each flushes the data it snapshots itself.
+	Paths []string `json:"paths,omitempty"`
 }
 
 // Set is what a writer is told about the snapshot set.
@@ -52,6 +58,19 @@ func (s Set) Mounts() []string {
 		out = append(out, v.Mounts...)
 	}
 	return out
+}
+
+// Holds reports whether path lies on a volume of the set: under one of
+// its mounts or its paths. Application writers use it for Involved.
+func (s Set) Holds(path string) bool {
+	for _, v := range s.Volumes {
+		for _, d := range append(append([]string(nil), v.Mounts...), v.Paths...) {
+			if Under(path, d) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Writer quiesces an application around a snapshot. Every method is

@@ -52,14 +52,7 @@ func (w *Writer) Name() string        { return "postgres:" + w.dataDir }
 func (w *Writer) Level() writer.Level { return writer.LevelApplication }
 
 // Involved: the data directory lives on a filesystem of the set.
-func (w *Writer) Involved(s writer.Set) bool {
-	for _, m := range s.Mounts() {
-		if writer.Under(w.dataDir, m) {
-			return true
-		}
-	}
-	return false
-}
+func (w *Writer) Involved(s writer.Set) bool { return s.Holds(w.dataDir) }
 
 // Freeze checkpoints and starts a non-exclusive backup.
 func (w *Writer) Freeze(ctx context.Context, s writer.Set) error {

@@ -42,14 +42,7 @@ func (w *Writer) Name() string        { return "sqlite:" + w.path }
 func (w *Writer) Level() writer.Level { return writer.LevelApplication }
 
 // Involved: the database lives on a filesystem of the set.
-func (w *Writer) Involved(s writer.Set) bool {
-	for _, m := range s.Mounts() {
-		if writer.Under(w.path, m) {
-			return true
-		}
-	}
-	return false
-}
+func (w *Writer) Involved(s writer.Set) bool { return s.Holds(w.path) }
 
 // Freeze checkpoints the WAL and holds the write lock.
 func (w *Writer) Freeze(ctx context.Context, s writer.Set) error {
