@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -178,6 +179,19 @@ func TestReflinkIncrementalBackup(t *testing.T) {
 	t.Logf("incremental read %d bytes for %d changed 4 KiB blocks (%d bytes)", read, blocks, blocks*4096)
 	if read < int64(blocks)*4096 || read > int64(blocks)*4096*2 {
 		t.Fatalf("the incremental read %d bytes for %d changed blocks (%d bytes)", read, blocks, blocks*4096)
+	}
+	// The backup's reflink snapshot exposes as its NBD export; it holds
+	// no filesystem, so a mount says so.
+	var l snapList
+	json.Unmarshal([]byte(s.ok("snapshot", "list", vm, "--json")), &l)
+	if len(l.Snapshots) != 1 {
+		t.Fatalf("snapshots of the reflink volume: %+v", l)
+	}
+	if out, code := s.umbra("snapshot", "expose", vm, l.Snapshots[0].ID); code == 0 || !strings.Contains(out, "no mountable filesystem") {
+		t.Fatalf("mounting a snapshot without a filesystem: exit %d %s", code, out)
+	}
+	if out := s.ok("snapshot", "expose", vm, l.Snapshots[0].ID, "--no-mount"); !strings.Contains(out, "nbd:"+vm+"@"+l.Snapshots[0].ID) {
+		t.Fatalf("expose --no-mount: %s", out)
 	}
 	out := filepath.Join(dir, "restored.img")
 	s.ok("restore", incr.Images[0].Image, "--repo", repo, "--to", out)
