@@ -61,7 +61,7 @@ var methodRoles = map[string]Role{
 	"ListVolumes": RoleViewer, "ListSnapshots": RoleViewer, "GetStorage": RoleViewer, "ListWriters": RoleViewer,
 	"ListProviders": RoleViewer, "GetSupportedVersion": RoleViewer, "IsPathSupported": RoleViewer,
 	"IsPathShadowCopied": RoleViewer, "ListShadowCopySets": RoleViewer, "GetShareMapping": RoleViewer,
-	"ListShareMappings": RoleViewer,
+	"ListShareMappings": RoleViewer, "Events": RoleViewer,
 
 	"CreateSnapshotSet": RoleOperator, "Backup": RoleOperator, "BackupStream": RoleOperator,
 	"SetContext": RoleOperator, "StartShadowCopySet": RoleOperator, "AddToShadowCopySet": RoleOperator,

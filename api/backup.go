@@ -162,9 +162,14 @@ func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.S
 		opts.Cursor = c.SetCursor
 	}
 	opts.Allocated = allocation(img)
-	if progress != nil {
-		opts.Progress = func(done, total int64) {
+	var lastEvent time.Time
+	opts.Progress = func(done, total int64) {
+		if progress != nil {
 			progress(&umbrav1.BackupProgress{Volume: sn.Volume, Done: done, Total: total})
+		}
+		if now := time.Now(); now.Sub(lastEvent) >= time.Second || done == total {
+			lastEvent = now
+			s.emit("backup_progress", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, Done: done, Total: total})
 		}
 	}
 	x, st, err := repo.Backup(ctx, img, opts)
@@ -178,6 +183,7 @@ func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.S
 	res.BytesRead, res.BytesReused, res.BytesZero = st.Read, st.Reused, st.Zero
 	res.BytesNew, res.BytesWritten, res.Seconds = st.Stored, st.Compressed, st.Seconds
 	res.BytesUnallocated, res.BytesDeduplicated, res.BytesIndex = st.Unallocated, st.Dedup, st.Index
+	s.emit("backup_done", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, Message: "image " + x.ID, Done: st.Read, Total: res.Size})
 	return res, nil
 }
 

@@ -323,8 +323,9 @@ func (s *Server) arm(st *fsrvpSet) {
 	})
 }
 
-// save writes the set to the catalog; holds mu.
+// save writes the set to the catalog and tells subscribers; holds mu.
 func (s *Server) save(st *fsrvpSet) error {
+	s.emit("set_state", &umbrav1.Event{SetId: st.ID, State: st.State, Message: st.Err})
 	if st.State == stAborted {
 		return s.sh.cat.Delete(catalog.Sets, st.ID)
 	}
@@ -713,6 +714,7 @@ func (s *Server) exposeLocked(ctx context.Context, vol, snap, dir string, mount 
 		return nil, err
 	}
 	s.sh.exposed[key] = e
+	s.emit("exposed", &umbrav1.Event{Volume: vol, Snapshot: snap, SetId: e.SetID})
 	return e, nil
 }
 
@@ -728,6 +730,7 @@ func (s *Server) unexposeLocked(vol, snap string) error {
 		err = e.Mount.Unmount()
 	}
 	delete(s.sh.exposed, key)
+	s.emit("unexposed", &umbrav1.Event{Volume: vol, Snapshot: snap, SetId: e.SetID})
 	if cerr := s.sh.cat.Delete(catalog.Exposures, key); err == nil {
 		err = cerr
 	}

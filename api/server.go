@@ -52,6 +52,8 @@ type Server struct {
 	Metrics *metrics.Metrics
 	// Audit, when set before Serve, logs every mutating call.
 	Audit *Audit
+
+	events events // what happens, for Events subscribers
 }
 
 // NewServer returns the API over p; sets with writers run through coord.
@@ -107,6 +109,7 @@ func (s *Server) createWithWriters(ctx context.Context, req *umbrav1.CreateSnaps
 		FreezeMicros: set.Timings.FreezeToThaw.Microseconds(), Writers: set.Writers}
 	for _, sn := range set.Snapshots {
 		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
+		s.emit("snapshot_created", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, SetId: set.ID, Message: "writers: " + strings.Join(set.Writers, ",")})
 	}
 	return resp, nil
 }
@@ -343,6 +346,9 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 	for _, sn := range made {
 		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
 	}
+	for _, sn := range made {
+		s.emit("snapshot_created", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, SetId: setID})
+	}
 	s.log.Info("snapshot set created", "set", setID, "volumes", req.GetVolumes(), "hold_us", resp.HoldMicros)
 	return resp, nil
 }
@@ -355,6 +361,7 @@ func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapsho
 			if err := p.Delete(ctx, req.GetVolume(), req.GetId()); err != nil {
 				return nil, toStatus(err)
 			}
+			s.emit("snapshot_deleted", &umbrav1.Event{Volume: req.GetVolume(), Snapshot: req.GetId()})
 			return &umbrav1.DeleteSnapshotsResponse{Deleted: []string{req.GetId()}}, nil
 		}
 		return nil, toStatus(err)
@@ -382,6 +389,7 @@ func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapsho
 			return out, toStatus(err)
 		}
 		out.Deleted = append(out.Deleted, id)
+		s.emit("snapshot_deleted", &umbrav1.Event{Volume: v.Name(), Snapshot: id})
 	}
 	s.log.Info("snapshots deleted", "volume", v.Name(), "ids", out.Deleted)
 	return out, nil
@@ -394,6 +402,7 @@ func (s *Server) RevertSnapshot(ctx context.Context, req *umbrav1.RevertSnapshot
 			if err := p.Revert(ctx, req.GetVolume(), req.GetId()); err != nil {
 				return nil, toStatus(err)
 			}
+			s.emit("snapshot_reverted", &umbrav1.Event{Volume: req.GetVolume(), Snapshot: req.GetId()})
 			return &umbrav1.RevertSnapshotResponse{}, nil
 		}
 		return nil, toStatus(err)
@@ -401,6 +410,7 @@ func (s *Server) RevertSnapshot(ctx context.Context, req *umbrav1.RevertSnapshot
 	if err := v.Revert(req.GetId()); err != nil {
 		return nil, toStatus(err)
 	}
+	s.emit("snapshot_reverted", &umbrav1.Event{Volume: v.Name(), Snapshot: req.GetId()})
 	s.log.Info("volume reverted", "volume", v.Name(), "snapshot", req.GetId())
 	return &umbrav1.RevertSnapshotResponse{}, nil
 }
@@ -436,6 +446,7 @@ func (s *Server) SetStorage(ctx context.Context, req *umbrav1.SetStorageRequest)
 	if err := v.SetStorage(dir, req.GetMaxBytes(), policy); err != nil {
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
+	s.emit("storage_changed", &umbrav1.Event{Volume: v.Name(), Message: fmt.Sprintf("dir %s max %d policy %s", dir, req.GetMaxBytes(), policy)})
 	s.log.Info("storage changed", "volume", v.Name(), "dir", dir, "max", req.GetMaxBytes(), "policy", policy)
 	return &umbrav1.SetStorageResponse{Storage: storageMsg(v)}, nil
 }

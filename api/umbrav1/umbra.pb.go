@@ -3195,6 +3195,169 @@ func (x *ListShareMappingsResponse) GetMappings() []*ShareMapping {
 	return nil
 }
 
+type EventsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kinds         []string               `protobuf:"bytes,1,rep,name=kinds,proto3" json:"kinds,omitempty"` // only these kinds (empty: all)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventsRequest) Reset() {
+	*x = EventsRequest{}
+	mi := &file_umbra_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventsRequest) ProtoMessage() {}
+
+func (x *EventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
+func (*EventsRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *EventsRequest) GetKinds() []string {
+	if x != nil {
+		return x.Kinds
+	}
+	return nil
+}
+
+type Event struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	// snapshot_created, snapshot_deleted, snapshot_reverted, set_state,
+	// exposed, unexposed, storage_changed, writer_failed, backup_progress,
+	// backup_done
+	Kind          string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	Volume        string `protobuf:"bytes,3,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot      string `protobuf:"bytes,4,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	SetId         string `protobuf:"bytes,5,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	State         string `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
+	Message       string `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
+	Done          int64  `protobuf:"varint,8,opt,name=done,proto3" json:"done,omitempty"`
+	Total         int64  `protobuf:"varint,9,opt,name=total,proto3" json:"total,omitempty"`
+	Dropped       int64  `protobuf:"varint,10,opt,name=dropped,proto3" json:"dropped,omitempty"` // events this client missed before this one
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Event) Reset() {
+	*x = Event{}
+	mi := &file_umbra_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Event) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Event) ProtoMessage() {}
+
+func (x *Event) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Event.ProtoReflect.Descriptor instead.
+func (*Event) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *Event) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *Event) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Event) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *Event) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+func (x *Event) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
+func (x *Event) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Event) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Event) GetDone() int64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *Event) GetTotal() int64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *Event) GetDropped() int64 {
+	if x != nil {
+		return x.Dropped
+	}
+	return 0
+}
+
 var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
@@ -3439,7 +3602,21 @@ const file_umbra_proto_rawDesc = "" +
 	"\x18UnexposeSnapshotResponse\"\x1a\n" +
 	"\x18ListShareMappingsRequest\"O\n" +
 	"\x19ListShareMappingsResponse\x122\n" +
-	"\bmappings\x18\x01 \x03(\v2\x16.umbra.v1.ShareMappingR\bmappings2\xcd\x11\n" +
+	"\bmappings\x18\x01 \x03(\v2\x16.umbra.v1.ShareMappingR\bmappings\"%\n" +
+	"\rEventsRequest\x12\x14\n" +
+	"\x05kinds\x18\x01 \x03(\tR\x05kinds\"\x8a\x02\n" +
+	"\x05Event\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n" +
+	"\x06volume\x18\x03 \x01(\tR\x06volume\x12\x1a\n" +
+	"\bsnapshot\x18\x04 \x01(\tR\bsnapshot\x12\x15\n" +
+	"\x06set_id\x18\x05 \x01(\tR\x05setId\x12\x14\n" +
+	"\x05state\x18\x06 \x01(\tR\x05state\x12\x18\n" +
+	"\amessage\x18\a \x01(\tR\amessage\x12\x12\n" +
+	"\x04done\x18\b \x01(\x03R\x04done\x12\x14\n" +
+	"\x05total\x18\t \x01(\x03R\x05total\x12\x18\n" +
+	"\adropped\x18\n" +
+	" \x01(\x03R\adropped2\x83\x12\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -3471,7 +3648,8 @@ const file_umbra_proto_rawDesc = "" +
 	"\x12DeleteShareMapping\x12\x1d.umbra.v1.ShareMappingRequest\x1a$.umbra.v1.DeleteShareMappingResponse\x12I\n" +
 	"\x0eExposeSnapshot\x12\x1f.umbra.v1.ExposeSnapshotRequest\x1a\x16.umbra.v1.ShareMapping\x12Y\n" +
 	"\x10UnexposeSnapshot\x12!.umbra.v1.UnexposeSnapshotRequest\x1a\".umbra.v1.UnexposeSnapshotResponse\x12\\\n" +
-	"\x11ListShareMappings\x12\".umbra.v1.ListShareMappingsRequest\x1a#.umbra.v1.ListShareMappingsResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"\x11ListShareMappings\x12\".umbra.v1.ListShareMappingsRequest\x1a#.umbra.v1.ListShareMappingsResponse\x124\n" +
+	"\x06Events\x12\x17.umbra.v1.EventsRequest\x1a\x0f.umbra.v1.Event0\x01B\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -3485,7 +3663,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                      // 0: umbra.v1.Volume
 	(*Storage)(nil),                     // 1: umbra.v1.Storage
@@ -3539,18 +3717,20 @@ var file_umbra_proto_goTypes = []any{
 	(*UnexposeSnapshotResponse)(nil),    // 49: umbra.v1.UnexposeSnapshotResponse
 	(*ListShareMappingsRequest)(nil),    // 50: umbra.v1.ListShareMappingsRequest
 	(*ListShareMappingsResponse)(nil),   // 51: umbra.v1.ListShareMappingsResponse
-	(*timestamppb.Timestamp)(nil),       // 52: google.protobuf.Timestamp
+	(*EventsRequest)(nil),               // 52: umbra.v1.EventsRequest
+	(*Event)(nil),                       // 53: umbra.v1.Event
+	(*timestamppb.Timestamp)(nil),       // 54: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	52, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	54, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	52, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	52, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	54, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	54, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
 	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
@@ -3559,72 +3739,75 @@ var file_umbra_proto_depIdxs = []int32{
 	27, // 14: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
 	44, // 15: umbra.v1.ShadowCopy.mapping:type_name -> umbra.v1.ShareMapping
 	40, // 16: umbra.v1.ShadowCopySet.shadow_copies:type_name -> umbra.v1.ShadowCopy
-	52, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
-	52, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
+	54, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
+	54, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
 	41, // 19: umbra.v1.ListShadowCopySetsResponse.sets:type_name -> umbra.v1.ShadowCopySet
-	52, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
+	54, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
 	44, // 21: umbra.v1.ListShareMappingsResponse.mappings:type_name -> umbra.v1.ShareMapping
-	3,  // 22: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 23: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 24: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 25: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 26: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 27: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 28: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	19, // 29: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	22, // 30: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
-	24, // 31: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
-	24, // 32: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
-	29, // 33: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
-	31, // 34: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
-	33, // 35: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
-	33, // 36: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
-	36, // 37: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
-	37, // 38: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
-	39, // 39: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 40: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 41: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 42: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 43: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
-	42, // 44: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
-	45, // 45: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	45, // 46: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	47, // 47: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
-	48, // 48: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
-	50, // 49: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
-	4,  // 50: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 51: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 52: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 53: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 54: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 55: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 56: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	20, // 57: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	23, // 58: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	28, // 59: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
-	26, // 60: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
-	30, // 61: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
-	32, // 62: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
-	34, // 63: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
-	35, // 64: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
-	41, // 65: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	38, // 66: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
-	41, // 67: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 68: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 69: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 70: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 71: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	43, // 72: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
-	44, // 73: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
-	46, // 74: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
-	44, // 75: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
-	49, // 76: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
-	51, // 77: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
-	50, // [50:78] is the sub-list for method output_type
-	22, // [22:50] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	54, // 22: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
+	3,  // 23: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	5,  // 24: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	7,  // 25: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	9,  // 26: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	11, // 27: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	13, // 28: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	15, // 29: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	19, // 30: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	22, // 31: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	24, // 32: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
+	24, // 33: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
+	29, // 34: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
+	31, // 35: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
+	33, // 36: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
+	33, // 37: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
+	36, // 38: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
+	37, // 39: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
+	39, // 40: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 41: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 42: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 43: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 44: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 45: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
+	45, // 46: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	45, // 47: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	47, // 48: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
+	48, // 49: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
+	50, // 50: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
+	52, // 51: umbra.v1.Umbra.Events:input_type -> umbra.v1.EventsRequest
+	4,  // 52: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 53: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 54: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 55: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 56: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 57: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 58: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	20, // 59: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	23, // 60: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	28, // 61: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	26, // 62: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
+	30, // 63: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
+	32, // 64: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
+	34, // 65: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
+	35, // 66: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
+	41, // 67: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	38, // 68: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
+	41, // 69: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 70: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 71: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 72: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 73: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	43, // 74: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
+	44, // 75: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
+	46, // 76: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
+	44, // 77: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
+	49, // 78: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
+	51, // 79: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
+	53, // 80: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
+	52, // [52:81] is the sub-list for method output_type
+	23, // [23:52] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -3642,7 +3825,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   52,
+			NumMessages:   54,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

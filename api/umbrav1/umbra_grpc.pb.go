@@ -51,6 +51,7 @@ const (
 	Umbra_ExposeSnapshot_FullMethodName                = "/umbra.v1.Umbra/ExposeSnapshot"
 	Umbra_UnexposeSnapshot_FullMethodName              = "/umbra.v1.Umbra/UnexposeSnapshot"
 	Umbra_ListShareMappings_FullMethodName             = "/umbra.v1.Umbra/ListShareMappings"
+	Umbra_Events_FullMethodName                        = "/umbra.v1.Umbra/Events"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -106,6 +107,11 @@ type UmbraClient interface {
 	ExposeSnapshot(ctx context.Context, in *ExposeSnapshotRequest, opts ...grpc.CallOption) (*ShareMapping, error)
 	UnexposeSnapshot(ctx context.Context, in *UnexposeSnapshotRequest, opts ...grpc.CallOption) (*UnexposeSnapshotResponse, error)
 	ListShareMappings(ctx context.Context, in *ListShareMappingsRequest, opts ...grpc.CallOption) (*ListShareMappingsResponse, error)
+	// Events streams what happens from now on: snapshots created, deleted
+	// and reverted, set state changes, exposures, storage changes, writer
+	// failures, backup progress. A client too slow to keep up misses
+	// events (and is told how many in the next one's dropped).
+	Events(ctx context.Context, in *EventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error)
 }
 
 type umbraClient struct {
@@ -405,6 +411,25 @@ func (c *umbraClient) ListShareMappings(ctx context.Context, in *ListShareMappin
 	return out, nil
 }
 
+func (c *umbraClient) Events(ctx context.Context, in *EventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Umbra_ServiceDesc.Streams[1], Umbra_Events_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[EventsRequest, Event]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Umbra_EventsClient = grpc.ServerStreamingClient[Event]
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -458,6 +483,11 @@ type UmbraServer interface {
 	ExposeSnapshot(context.Context, *ExposeSnapshotRequest) (*ShareMapping, error)
 	UnexposeSnapshot(context.Context, *UnexposeSnapshotRequest) (*UnexposeSnapshotResponse, error)
 	ListShareMappings(context.Context, *ListShareMappingsRequest) (*ListShareMappingsResponse, error)
+	// Events streams what happens from now on: snapshots created, deleted
+	// and reverted, set state changes, exposures, storage changes, writer
+	// failures, backup progress. A client too slow to keep up misses
+	// events (and is told how many in the next one's dropped).
+	Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -551,6 +581,9 @@ func (UnimplementedUmbraServer) UnexposeSnapshot(context.Context, *UnexposeSnaps
 }
 func (UnimplementedUmbraServer) ListShareMappings(context.Context, *ListShareMappingsRequest) (*ListShareMappingsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListShareMappings not implemented")
+}
+func (UnimplementedUmbraServer) Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error {
+	return status.Errorf(codes.Unimplemented, "method Events not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -1070,6 +1103,17 @@ func _Umbra_ListShareMappings_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Umbra_Events_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(EventsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(UmbraServer).Events(m, &grpc.GenericServerStream[EventsRequest, Event]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Umbra_EventsServer = grpc.ServerStreamingServer[Event]
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1190,6 +1234,11 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "BackupStream",
 			Handler:       _Umbra_BackupStream_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Events",
+			Handler:       _Umbra_Events_Handler,
 			ServerStreams: true,
 		},
 	},

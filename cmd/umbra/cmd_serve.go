@@ -319,7 +319,13 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	os.Chmod(apiPath, 0o660)
 	defer os.Remove(apiPath)
 	writers := writer.NewRegistry()
-	writers.OnFailure = m.WriterFailed
+	var apiSrv *api.Server // set below, before any snapshot set can run
+	writers.OnFailure = func(w, phase string) {
+		m.WriterFailed(w, phase)
+		if apiSrv != nil {
+			apiSrv.WriterFailed(w, phase)
+		}
+	}
 	ff := fsfreeze.New()
 	if exe, err := os.Executable(); err == nil {
 		ff.GuardCommand = []string{exe, "thaw-guard"}
@@ -366,7 +372,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		}
 		defer unmount()
 	}
-	apiSrv := api.NewServer(p, reg, coord, writers, log)
+	apiSrv = api.NewServer(p, reg, coord, writers, log)
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}

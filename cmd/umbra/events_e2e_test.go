@@ -1,0 +1,53 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestEvents: `umbra events --json` follows snapshots created and
+// deleted and storage changes as they happen.
+func TestEvents(t *testing.T) {
+	dir := t.TempDir()
+	s := startService(t, dir, []string{"a"})
+	cmd := exec.Command(umbraBin, "--api-socket", s.api, "events", "--json")
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Signal(syscall.SIGINT); cmd.Wait() }()
+	lines := make(chan map[string]any, 64)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var ev map[string]any
+			if json.Unmarshal(sc.Bytes(), &ev) == nil {
+				lines <- ev
+			}
+		}
+		close(lines)
+	}()
+	time.Sleep(300 * time.Millisecond) // the subscription is made
+	s.ok("snapshot", "create", "a", "--id", "e1")
+	s.ok("snapshot", "delete", "a", "e1")
+	s.ok("storage", "resize", "a", "--max", "1G")
+	want := []string{"snapshot_created", "snapshot_deleted", "storage_changed"}
+	deadline := time.After(10 * time.Second)
+	for len(want) > 0 {
+		select {
+		case ev, ok := <-lines:
+			if !ok {
+				t.Fatalf("umbra events ended; still waiting for %v", want)
+			}
+			if ev["kind"] == want[0] && ev["volume"] == "a" {
+				want = want[1:]
+			}
+		case <-deadline:
+			t.Fatalf("no %v event", want)
+		}
+	}
+}
