@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -215,9 +216,25 @@ func (s *Server) ListVolumes(ctx context.Context, _ *umbrav1.ListVolumesRequest)
 		if st.Dir == "" {
 			vol.WhyNot = "no shadow storage association: add one with `umbra storage add`"
 		}
+		vol.Mounts = s.volumeMounts(v.Name())
+		if vol.CanBeStorage = len(vol.Mounts) > 0; !vol.CanBeStorage {
+			vol.StorageWhyNot = "none of its filesystems is mounted (put one on its FUSE file through a loop device); storage for a volume is never on the volume itself"
+		}
 		out.Volumes = append(out.Volumes, vol)
 	}
 	return out, nil
+}
+
+// volumeMounts lists where filesystems on a COW volume are mounted.
+func (s *Server) volumeMounts(name string) []string {
+	if s.sh == nil || s.sh.fuseDir == "" {
+		return nil
+	}
+	vols, _ := writer.ResolveMounts([]writer.Volume{{Name: name, Devices: []string{filepath.Join(s.sh.fuseDir, name)}}})
+	if len(vols) == 0 {
+		return nil
+	}
+	return vols[0].Mounts
 }
 
 func (s *Server) volumes(name string) ([]*cow.Volume, error) {
@@ -439,6 +456,13 @@ func (s *Server) SetStorage(ctx context.Context, req *umbrav1.SetStorageRequest)
 	dir, policy := cur.Dir, cur.Policy
 	if req.GetDir() != "" {
 		dir = req.GetDir()
+		// A diff area on the volume it protects would write through
+		// itself: every preserved chunk a write to the volume.
+		for _, m := range s.volumeMounts(v.Name()) {
+			if writer.Under(filepath.Clean(dir), m) {
+				return nil, toStatus(fmt.Errorf("%w: %s is on volume %s itself (mounted at %s): give a directory on another filesystem", errBadRequest, dir, v.Name(), m))
+			}
+		}
 	}
 	if req.GetPolicy() != "" {
 		policy = cow.Policy(strings.ToLower(req.GetPolicy()))

@@ -37,6 +37,12 @@ type Volume struct {
 	WhyNot        string                 `protobuf:"bytes,7,opt,name=why_not,json=whyNot,proto3" json:"why_not,omitempty"`
 	Storage       *Storage               `protobuf:"bytes,8,opt,name=storage,proto3" json:"storage,omitempty"`
 	Snapshots     int32                  `protobuf:"varint,9,opt,name=snapshots,proto3" json:"snapshots,omitempty"`
+	// SCMP: whether shadow storage of other volumes can live on this one
+	// (its filesystem is mounted through the service's FUSE file), and
+	// where; why not otherwise.
+	CanBeStorage  bool     `protobuf:"varint,10,opt,name=can_be_storage,json=canBeStorage,proto3" json:"can_be_storage,omitempty"`
+	StorageWhyNot string   `protobuf:"bytes,11,opt,name=storage_why_not,json=storageWhyNot,proto3" json:"storage_why_not,omitempty"`
+	Mounts        []string `protobuf:"bytes,12,rep,name=mounts,proto3" json:"mounts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -132,6 +138,27 @@ func (x *Volume) GetSnapshots() int32 {
 		return x.Snapshots
 	}
 	return 0
+}
+
+func (x *Volume) GetCanBeStorage() bool {
+	if x != nil {
+		return x.CanBeStorage
+	}
+	return false
+}
+
+func (x *Volume) GetStorageWhyNot() string {
+	if x != nil {
+		return x.StorageWhyNot
+	}
+	return ""
+}
+
+func (x *Volume) GetMounts() []string {
+	if x != nil {
+		return x.Mounts
+	}
+	return nil
 }
 
 type Storage struct {
@@ -3362,7 +3389,7 @@ var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
 	"\n" +
-	"\vumbra.proto\x12\bumbra.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x02\n" +
+	"\vumbra.proto\x12\bumbra.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x02\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06origin\x18\x02 \x01(\tR\x06origin\x12\x12\n" +
@@ -3373,7 +3400,11 @@ const file_umbra_proto_rawDesc = "" +
 	"\x0fcan_shadow_copy\x18\x06 \x01(\bR\rcanShadowCopy\x12\x17\n" +
 	"\awhy_not\x18\a \x01(\tR\x06whyNot\x12+\n" +
 	"\astorage\x18\b \x01(\v2\x11.umbra.v1.StorageR\astorage\x12\x1c\n" +
-	"\tsnapshots\x18\t \x01(\x05R\tsnapshots\"\x87\x01\n" +
+	"\tsnapshots\x18\t \x01(\x05R\tsnapshots\x12$\n" +
+	"\x0ecan_be_storage\x18\n" +
+	" \x01(\bR\fcanBeStorage\x12&\n" +
+	"\x0fstorage_why_not\x18\v \x01(\tR\rstorageWhyNot\x12\x16\n" +
+	"\x06mounts\x18\f \x03(\tR\x06mounts\"\x87\x01\n" +
 	"\aStorage\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x10\n" +
 	"\x03dir\x18\x02 \x01(\tR\x03dir\x12\x1b\n" +
