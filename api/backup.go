@@ -55,6 +55,7 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 		}
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
+	defer s.saveWriters() // their history, failures included
 	id := baseSnapshotPrefix + time.Now().UTC().Format("20060102T150405.000000Z")
 	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: req.GetVolumes(), Writers: req.GetWriters(), ID: id})
 	if err != nil {

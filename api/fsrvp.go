@@ -92,6 +92,17 @@ type shares struct {
 	exposed map[string]*exposure
 	timers  map[string]*time.Timer
 	context string
+
+	configured map[string]cow.StorageInfo // each volume's storage as configured at start
+}
+
+// storageRecord is a storage association changed through the API, with
+// the configuration it overrode.
+type storageRecord struct {
+	Dir    string          `json:"dir"`
+	Max    int64           `json:"max"`
+	Policy string          `json:"policy"`
+	Config cow.StorageInfo `json:"config"`
 }
 
 var errNoShares = status.Error(codes.FailedPrecondition, "shadow copy sets and exposure need the service's catalog: start umbra serve with a state directory")
@@ -110,6 +121,12 @@ func (s *Server) EnableShares(ctx context.Context, cat *catalog.Catalog, root, f
 	s.sh = sh
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
+	s.restoreStorage()
+	if s.writers != nil {
+		var saved []writer.State
+		catalog.Each(cat, catalog.Writers, func(_ string, st writer.State) { saved = append(saved, st) }, nil)
+		s.writers.Restore(saved)
+	}
 	catalog.Each(cat, catalog.Exposures, func(id string, e exposure) { sh.exposed[id] = &e },
 		func(id string, err error) {
 			s.log.Warn("catalog: unreadable exposure dropped", "id", id, "err", err)
@@ -487,6 +504,7 @@ func (s *Server) CommitShadowCopySet(ctx context.Context, req *umbrav1.SetReques
 	for _, m := range st.Members {
 		vols = append(vols, m.Volume)
 	}
+	defer s.saveWriters() // their history, failures included
 	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: vols, Writers: !req.GetNoWriters(), Persistent: contexts[st.Context], ID: st.ID})
 	if err != nil {
 		s.abortLocked(ctx, st, "commit failed: "+err.Error())
@@ -800,4 +818,60 @@ func (s *Server) ListShareMappings(ctx context.Context, _ *umbrav1.ListShareMapp
 	}
 	sort.Slice(out.Mappings, func(i, j int) bool { return out.Mappings[i].NbdExport < out.Mappings[j].NbdExport })
 	return out, nil
+}
+
+// restoreStorage applies the storage associations changed through the
+// API in an earlier run, unless the configuration changed since (then
+// the configuration wins and the record goes); holds mu.
+func (s *Server) restoreStorage() {
+	sh := s.sh
+	sh.configured = map[string]cow.StorageInfo{}
+	for _, v := range s.cow.Volumes() {
+		st := v.Storage()
+		st.Used = 0
+		sh.configured[v.Name()] = st
+	}
+	recs := map[string]storageRecord{}
+	catalog.Each(sh.cat, catalog.Storage, func(vol string, rec storageRecord) { recs[vol] = rec }, nil)
+	for vol, rec := range recs {
+		v, err := s.cow.Volume(vol)
+		if err != nil {
+			continue
+		}
+		if rec.Config != sh.configured[vol] {
+			s.log.Info("storage association: the configuration changed since it was changed through the API; using the configuration", "volume", vol)
+			sh.cat.Delete(catalog.Storage, vol)
+			continue
+		}
+		if err := v.SetStorage(rec.Dir, rec.Max, cow.Policy(rec.Policy)); err != nil {
+			s.log.Error("storage association changed through the API cannot be restored; using the configuration", "volume", vol, "err", err)
+			continue
+		}
+		s.log.Info("storage association restored", "volume", vol, "dir", rec.Dir, "max", rec.Max, "policy", rec.Policy)
+	}
+}
+
+// saveStorage records a storage association changed through the API.
+func (s *Server) saveStorage(v *cow.Volume) {
+	if s.sh == nil {
+		return
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	st := v.Storage()
+	rec := storageRecord{Dir: st.Dir, Max: st.Max, Policy: string(st.Policy), Config: s.sh.configured[v.Name()]}
+	if err := s.sh.cat.Put(catalog.Storage, v.Name(), rec); err != nil {
+		s.log.Error("catalog: storage association not recorded; it will not outlive a restart", "volume", v.Name(), "err", err)
+	}
+}
+
+// saveWriters records the writers' states and history (after a set, so
+// never inside a freeze window).
+func (s *Server) saveWriters() {
+	if s.sh == nil || s.writers == nil {
+		return
+	}
+	for _, st := range s.writers.States() {
+		s.sh.cat.Put(catalog.Writers, st.Name, st)
+	}
 }

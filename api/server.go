@@ -96,6 +96,7 @@ func (s *Server) ListWriters(ctx context.Context, _ *umbrav1.ListWritersRequest)
 // createWithWriters runs an application-consistent set through the
 // coordinator.
 func (s *Server) createWithWriters(ctx context.Context, req *umbrav1.CreateSnapshotSetRequest) (*umbrav1.CreateSnapshotSetResponse, error) {
+	defer s.saveWriters() // their history, failures included
 	set, err := s.coord.CreateSet(ctx, coordinator.Request{
 		Volumes: req.GetVolumes(), Writers: req.GetWriters(), Persistent: req.GetPersistent(), ID: req.GetId(),
 		FreezeTimeout: time.Duration(req.GetFreezeTimeoutMs()) * time.Millisecond,
@@ -470,6 +471,7 @@ func (s *Server) SetStorage(ctx context.Context, req *umbrav1.SetStorageRequest)
 	if err := v.SetStorage(dir, req.GetMaxBytes(), policy); err != nil {
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
+	s.saveStorage(v)
 	s.emit("storage_changed", &umbrav1.Event{Volume: v.Name(), Message: fmt.Sprintf("dir %s max %d policy %s", dir, req.GetMaxBytes(), policy)})
 	s.log.Info("storage changed", "volume", v.Name(), "dir", dir, "max", req.GetMaxBytes(), "policy", policy)
 	return &umbrav1.SetStorageResponse{Storage: storageMsg(v)}, nil

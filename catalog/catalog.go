@@ -20,6 +20,8 @@ import (
 const (
 	Sets      = "sets"
 	Exposures = "exposures"
+	Storage   = "storage" // storage associations changed through the API
+	Writers   = "writers" // writer states and recent history
 )
 
 // Catalog is an open catalog file.
@@ -32,7 +34,7 @@ func Open(path string) (*Catalog, error) {
 		return nil, fmt.Errorf("open catalog %s: %w (is another umbra serve using this state directory?)", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range []string{Sets, Exposures} {
+		for _, b := range []string{Sets, Exposures, Storage, Writers} {
 			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
 				return err
 			}
@@ -64,7 +66,8 @@ func (c *Catalog) Delete(bucket, id string) error {
 }
 
 // Each calls fn with every record of bucket, in key order; records that
-// do not decode are reported to bad and skipped.
+// do not decode are reported to bad and skipped. fn and bad run inside a
+// read transaction: they must not change the catalog.
 func Each[T any](c *Catalog, bucket string, fn func(id string, v T), bad func(id string, err error)) error {
 	return c.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket([]byte(bucket)).ForEach(func(k, raw []byte) error {

@@ -189,6 +189,28 @@ func (r *Registry) States() []State {
 	return out
 }
 
+// Restore brings back states saved by an earlier run (their history and
+// last error); a writer not registered (yet) shows as disconnected.
+func (r *Registry) Restore(saved []State) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, st := range saved {
+		if cur, ok := r.states[st.Name]; ok {
+			cur.History = append(append([]Event(nil), st.History...), cur.History...)
+			if len(cur.History) > historyLen {
+				cur.History = cur.History[len(cur.History)-historyLen:]
+			}
+			if cur.LastError == "" {
+				cur.LastError, cur.LastPhase = st.LastError, st.LastPhase
+			}
+			continue
+		}
+		c := st
+		c.State = "disconnected"
+		r.states[st.Name] = &c
+	}
+}
+
 // Record notes that writer name went through phase for set (err nil on
 // success) and sets its state.
 func (r *Registry) Record(name, setID, phase string, took time.Duration, err error, state string) {
