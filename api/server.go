@@ -372,6 +372,9 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 }
 
 func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapshotsRequest) (*umbrav1.DeleteSnapshotsResponse, error) {
+	if req.GetSetId() != "" {
+		return s.deleteSet(ctx, req.GetSetId())
+	}
 	v, err := s.cow.Volume(req.GetVolume())
 	if err != nil {
 		if p, perr := s.reg.For(ctx, req.GetVolume()); perr == nil && req.GetId() != "" {
@@ -407,9 +410,48 @@ func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapsho
 			return out, toStatus(err)
 		}
 		out.Deleted = append(out.Deleted, id)
+		out.Snapshots = append(out.Snapshots, v.Name()+"@"+id)
 		s.emit("snapshot_deleted", &umbrav1.Event{Volume: v.Name(), Snapshot: id})
 	}
 	s.log.Info("snapshots deleted", "volume", v.Name(), "ids", out.Deleted)
+	return out, nil
+}
+
+// deleteSet deletes every snapshot of a snapshot set, on every provider.
+func (s *Server) deleteSet(ctx context.Context, setID string) (*umbrav1.DeleteSnapshotsResponse, error) {
+	out := &umbrav1.DeleteSnapshotsResponse{}
+	for _, p := range s.reg.All() {
+		var vols []string
+		if p.Name() == cow.ProviderName {
+			for _, v := range s.cow.Volumes() {
+				vols = append(vols, v.Name())
+			}
+		} else if lister, ok := p.(interface{ Volumes() []string }); ok {
+			vols = lister.Volumes()
+		}
+		for _, vol := range vols {
+			list, err := p.List(ctx, vol)
+			if err != nil {
+				continue
+			}
+			for _, sn := range list {
+				if sn.SetID != setID {
+					continue
+				}
+				s.unexposeBeforeDelete(vol, sn.ID)
+				if err := p.Delete(ctx, vol, sn.ID); err != nil {
+					return out, toStatus(err)
+				}
+				out.Deleted = append(out.Deleted, sn.ID)
+				out.Snapshots = append(out.Snapshots, vol+"@"+sn.ID)
+				s.emit("snapshot_deleted", &umbrav1.Event{Volume: vol, Snapshot: sn.ID, SetId: setID})
+			}
+		}
+	}
+	if len(out.Deleted) == 0 {
+		return nil, status.Errorf(codes.NotFound, "snapshot set %q: no snapshot of it is left (see `umbra snapshot list`)", setID)
+	}
+	s.log.Info("snapshot set deleted", "set", setID, "snapshots", out.Snapshots)
 	return out, nil
 }
 

@@ -695,6 +695,7 @@ type DeleteSnapshotsRequest struct {
 	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
 	Oldest        bool                   `protobuf:"varint,3,opt,name=oldest,proto3" json:"oldest,omitempty"`
 	All           bool                   `protobuf:"varint,4,opt,name=all,proto3" json:"all,omitempty"`
+	SetId         string                 `protobuf:"bytes,5,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"` // every snapshot of this set, on every volume (volume may be empty)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -757,9 +758,17 @@ func (x *DeleteSnapshotsRequest) GetAll() bool {
 	return false
 }
 
+func (x *DeleteSnapshotsRequest) GetSetId() string {
+	if x != nil {
+		return x.SetId
+	}
+	return ""
+}
+
 type DeleteSnapshotsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Deleted       []string               `protobuf:"bytes,1,rep,name=deleted,proto3" json:"deleted,omitempty"`
+	Deleted       []string               `protobuf:"bytes,1,rep,name=deleted,proto3" json:"deleted,omitempty"`     // ids
+	Snapshots     []string               `protobuf:"bytes,2,rep,name=snapshots,proto3" json:"snapshots,omitempty"` // VOLUME@ID of each
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -797,6 +806,13 @@ func (*DeleteSnapshotsResponse) Descriptor() ([]byte, []int) {
 func (x *DeleteSnapshotsResponse) GetDeleted() []string {
 	if x != nil {
 		return x.Deleted
+	}
+	return nil
+}
+
+func (x *DeleteSnapshotsResponse) GetSnapshots() []string {
+	if x != nil {
+		return x.Snapshots
 	}
 	return nil
 }
@@ -3450,14 +3466,16 @@ const file_umbra_proto_rawDesc = "" +
 	"\vhold_micros\x18\x03 \x01(\x03R\n" +
 	"holdMicros\x12\x18\n" +
 	"\awriters\x18\x04 \x03(\tR\awriters\x12#\n" +
-	"\rfreeze_micros\x18\x05 \x01(\x03R\ffreezeMicros\"j\n" +
+	"\rfreeze_micros\x18\x05 \x01(\x03R\ffreezeMicros\"\x81\x01\n" +
 	"\x16DeleteSnapshotsRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
 	"\x06oldest\x18\x03 \x01(\bR\x06oldest\x12\x10\n" +
-	"\x03all\x18\x04 \x01(\bR\x03all\"3\n" +
+	"\x03all\x18\x04 \x01(\bR\x03all\x12\x15\n" +
+	"\x06set_id\x18\x05 \x01(\tR\x05setId\"Q\n" +
 	"\x17DeleteSnapshotsResponse\x12\x18\n" +
-	"\adeleted\x18\x01 \x03(\tR\adeleted\"?\n" +
+	"\adeleted\x18\x01 \x03(\tR\adeleted\x12\x1c\n" +
+	"\tsnapshots\x18\x02 \x03(\tR\tsnapshots\"?\n" +
 	"\x15RevertSnapshotRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\"\x18\n" +

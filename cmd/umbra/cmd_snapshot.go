@@ -102,23 +102,30 @@ func newSnapshotListCmd() *cobra.Command {
 
 func newSnapshotDeleteCmd() *cobra.Command {
 	var oldest, all bool
+	var set string
 	cmd := &cobra.Command{
-		Use:   "delete VOLUME [ID] [--oldest|--all]",
-		Short: "Delete a shadow copy, the oldest, or all of a volume",
-		Args:  cobra.RangeArgs(1, 2),
+		Use:   "delete VOLUME [ID] [--oldest|--all] | delete --set SET",
+		Short: "Delete a shadow copy, the oldest, or all of a volume; or every shadow copy of a set",
+		Args:  cobra.RangeArgs(0, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := &umbrav1.DeleteSnapshotsRequest{Volume: args[0], Oldest: oldest, All: all}
+			req := &umbrav1.DeleteSnapshotsRequest{Oldest: oldest, All: all, SetId: set}
+			if len(args) == 0 && set == "" {
+				return usageError{fmt.Errorf("name a VOLUME, or give --set")}
+			}
+			if len(args) > 0 {
+				req.Volume = args[0]
+			}
 			if len(args) == 2 {
 				req.Id = args[1]
 			}
 			n := 0
-			for _, b := range []bool{req.Id != "", oldest, all} {
+			for _, b := range []bool{req.Id != "", oldest, all, set != ""} {
 				if b {
 					n++
 				}
 			}
 			if n != 1 {
-				return usageError{fmt.Errorf("give exactly one of ID, --oldest or --all")}
+				return usageError{fmt.Errorf("give exactly one of ID, --oldest, --all or --set")}
 			}
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
 				resp, err := c.DeleteSnapshots(ctx, req)
@@ -128,8 +135,8 @@ func newSnapshotDeleteCmd() *cobra.Command {
 				if gflags.json {
 					return printJSON(os.Stdout, resp)
 				}
-				for _, id := range resp.Deleted {
-					fmt.Printf("deleted %s@%s\n", args[0], id)
+				for _, sn := range resp.Snapshots {
+					fmt.Printf("deleted %s\n", sn)
 				}
 				return nil
 			})
@@ -137,6 +144,7 @@ func newSnapshotDeleteCmd() *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&oldest, "oldest", false, "delete the oldest shadow copy")
 	cmd.Flags().BoolVar(&all, "all", false, "delete every shadow copy of the volume")
+	cmd.Flags().StringVar(&set, "set", "", "delete every shadow copy of this snapshot set (vssadmin delete shadows /shadow=SET)")
 	return cmd
 }
 

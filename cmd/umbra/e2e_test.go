@@ -392,7 +392,17 @@ func TestCLIMixedSet(t *testing.T) {
 	if b, _ := os.ReadFile(file); string(b[:2]) != "v1" {
 		t.Fatal("revert of the reflink file did not restore it")
 	}
-	s.ok("snapshot", "delete", sub, "mixed")
+	// The whole set goes at once, on every provider.
+	out = s.ok("snapshot", "delete", "--set", setID)
+	if strings.Count(out, "deleted ") != 3 {
+		t.Fatalf("delete --set: %s", out)
+	}
+	for _, v := range []string{"a", file, sub} {
+		json.Unmarshal([]byte(s.ok("snapshot", "list", v, "--json")), &l)
+		if len(l.Snapshots) != 0 {
+			t.Fatalf("snapshots of %s left after delete --set: %+v", v, l)
+		}
+	}
 	s.stop() // before the unmount
 }
 

@@ -80,6 +80,18 @@ func (p *Provider) dir(vol string) (string, string, error) {
 
 func (p *Provider) Name() string { return Name }
 
+// Volumes lists the volumes added, sorted.
+func (p *Provider) Volumes() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.vols))
+	for v := range p.vols {
+		out = append(out, v)
+	}
+	sort.Strings(out)
+	return out
+}
+
 func (p *Provider) Capabilities() provider.Capabilities {
 	return provider.Capabilities{
 		Kind: "system", CommitCost: "O(1) (read-only subvolume snapshot)", Revert: true,
@@ -110,13 +122,18 @@ func (p *Provider) Prepare(ctx context.Context, vol string, opts provider.Snapsh
 	if _, err := os.Stat(dst); err == nil {
 		return nil, fmt.Errorf("snapshot %s@%s: %w", vol, opts.ID, provider.ErrExists)
 	}
-	return &txn{vol: abs, dst: dst}, nil
+	return &txn{vol: abs, dst: dst, setID: opts.SetID}, nil
 }
 
 type txn struct {
 	vol, dst  string
+	setID     string
 	committed bool
 }
+
+// setFile records the snapshot set a snapshot belongs to, beside it
+// (a read-only subvolume cannot hold it).
+func setFile(path string) string { return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".set") }
 
 // PreCommit syncs the filesystem; the writers' fsfreeze holds its writes.
 func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
@@ -129,6 +146,9 @@ func (t *txn) Commit(ctx context.Context) (provider.Snapshot, error) {
 		return provider.Snapshot{}, err
 	}
 	t.committed = true
+	if t.setID != "" {
+		os.WriteFile(setFile(t.dst), []byte(t.setID), 0o644)
+	}
 	s, _, err := info(t.vol, t.dst)
 	return s, err
 }
@@ -140,6 +160,7 @@ func (t *txn) Abort(ctx context.Context) error {
 		return nil
 	}
 	t.committed = false
+	os.Remove(setFile(t.dst))
 	_, err := btrfs("subvolume", "delete", t.dst)
 	return err
 }
@@ -154,6 +175,9 @@ func info(vol, path string) (provider.Snapshot, uint64, error) {
 		return provider.Snapshot{}, 0, fmt.Errorf("snapshot %s: %w", path, provider.ErrNotFound)
 	}
 	s := provider.Snapshot{Volume: vol, ID: filepath.Base(path), Provider: Name, Persistent: true, Valid: true, Path: path}
+	if b, err := os.ReadFile(setFile(path)); err == nil {
+		s.SetID = strings.TrimSpace(string(b))
+	}
 	var gen uint64
 	for _, line := range strings.Split(out, "\n") {
 		k, v, ok := strings.Cut(strings.TrimSpace(line), ":")
@@ -182,7 +206,9 @@ func (p *Provider) Delete(ctx context.Context, vol, id string) error {
 	if _, err := os.Stat(path); err != nil || provider.ValidateID(id) != nil {
 		return fmt.Errorf("snapshot %s@%s: %w", vol, id, provider.ErrNotFound)
 	}
-	_, err = btrfs("subvolume", "delete", path)
+	if _, err = btrfs("subvolume", "delete", path); err == nil {
+		os.Remove(setFile(path))
+	}
 	return err
 }
 

@@ -126,6 +126,18 @@ func (p *Provider) volume(vol string) (*Volume, error) {
 
 func (p *Provider) Name() string { return Name }
 
+// Volumes lists the volumes added, sorted.
+func (p *Provider) Volumes() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.vols))
+	for v := range p.vols {
+		out = append(out, v)
+	}
+	sort.Strings(out)
+	return out
+}
+
 func (p *Provider) Capabilities() provider.Capabilities {
 	return provider.Capabilities{
 		Kind: "system", CommitCost: "O(extents) (FICLONE shares, copies nothing)", Revert: true, Tracking: true,
