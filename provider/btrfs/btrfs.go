@@ -133,7 +133,9 @@ type txn struct {
 
 // setFile records the snapshot set a snapshot belongs to, beside it
 // (a read-only subvolume cannot hold it).
-func setFile(path string) string { return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".set") }
+func setFile(path string) string {
+	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".set")
+}
 
 // PreCommit syncs the filesystem; the writers' fsfreeze holds its writes.
 func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
