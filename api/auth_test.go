@@ -18,9 +18,7 @@ import (
 
 	"umbra/api"
 	"umbra/api/umbrav1"
-	"umbra/cow"
 	"umbra/internal/testutil"
-	"umbra/provider"
 )
 
 type token string
@@ -34,19 +32,8 @@ func (token) RequireTransportSecurity() bool { return true }
 // roles for tokens and client certificates, fails closed, and audits.
 func TestTCPAuth(t *testing.T) {
 	dir := t.TempDir()
-	origin := filepath.Join(dir, "v.img")
-	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, 1<<20)
-	v, err := cow.Open("v", origin, cow.Options{StorageDir: filepath.Join(dir, "shadow")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	p := cow.NewProvider()
-	p.Add(v)
-	reg := &provider.Registry{}
-	reg.Register(p)
-	srv := api.NewServer(p, reg, nil, nil, nil)
+	srv := newTestServer(t, dir)
+	var err error
 	if srv.Audit, err = api.OpenAudit(filepath.Join(dir, "audit.log")); err != nil {
 		t.Fatal(err)
 	}

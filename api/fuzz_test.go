@@ -20,6 +20,25 @@ import (
 	"umbra/provider"
 )
 
+// newTestServer is an API server over one 1 MiB COW volume "v" in dir,
+// without coordinator or writers.
+func newTestServer(t testing.TB, dir string) *api.Server {
+	t.Helper()
+	origin := filepath.Join(dir, "v.img")
+	os.WriteFile(origin, nil, 0o600)
+	os.Truncate(origin, 1<<20)
+	v, err := cow.Open("v", origin, cow.Options{StorageDir: filepath.Join(dir, "shadow")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	p := cow.NewProvider()
+	p.Add(v)
+	reg := &provider.Registry{}
+	reg.Register(p)
+	return api.NewServer(p, reg, nil, nil, nil)
+}
+
 // fuzzState is what a refused request must leave as it was.
 func fuzzState(ctx context.Context, t *testing.T, s *api.Server) string {
 	var b strings.Builder
@@ -51,19 +70,7 @@ func fuzzState(ctx context.Context, t *testing.T, s *api.Server) string {
 // nothing (snapshots, storage, sets, share mappings).
 func FuzzHandlers(f *testing.F) {
 	dir := f.TempDir()
-	origin := filepath.Join(dir, "v.img")
-	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, 1<<20)
-	v, err := cow.Open("v", origin, cow.Options{StorageDir: filepath.Join(dir, "shadow")})
-	if err != nil {
-		f.Fatal(err)
-	}
-	defer v.Close()
-	p := cow.NewProvider()
-	p.Add(v)
-	reg := &provider.Registry{}
-	reg.Register(p)
-	srv := api.NewServer(p, reg, nil, nil, nil)
+	srv := newTestServer(f, dir)
 	cat, err := catalog.Open(filepath.Join(dir, "catalog.db"))
 	if err != nil {
 		f.Fatal(err)

@@ -45,6 +45,24 @@ const (
 	maxPack = 1 << 30
 )
 
+func appendBlobEntry(b []byte, e blobEntry) []byte {
+	b = append(b, e.Hash[:]...)
+	b = binary.LittleEndian.AppendUint32(b, e.Off)
+	b = binary.LittleEndian.AppendUint32(b, e.Len)
+	b = binary.LittleEndian.AppendUint32(b, e.RawOff)
+	return binary.LittleEndian.AppendUint32(b, e.Raw)
+}
+
+// readBlobEntry decodes one entry from p (at least blobEntLen bytes).
+func readBlobEntry(p []byte) (e blobEntry) {
+	copy(e.Hash[:], p)
+	e.Off = binary.LittleEndian.Uint32(p[32:])
+	e.Len = binary.LittleEndian.Uint32(p[36:])
+	e.RawOff = binary.LittleEndian.Uint32(p[40:])
+	e.Raw = binary.LittleEndian.Uint32(p[44:])
+	return e
+}
+
 // encodePackTrailer is the plain trailer listing a pack's blobs.
 func encodePackTrailer(ents []blobEntry) []byte {
 	b := make([]byte, 0, 8+2+4+len(ents)*blobEntLen+4)
@@ -52,11 +70,7 @@ func encodePackTrailer(ents []blobEntry) []byte {
 	b = binary.LittleEndian.AppendUint16(b, 1)
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(ents)))
 	for _, e := range ents {
-		b = append(b, e.Hash[:]...)
-		b = binary.LittleEndian.AppendUint32(b, e.Off)
-		b = binary.LittleEndian.AppendUint32(b, e.Len)
-		b = binary.LittleEndian.AppendUint32(b, e.RawOff)
-		b = binary.LittleEndian.AppendUint32(b, e.Raw)
+		b = appendBlobEntry(b, e)
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 }
@@ -95,11 +109,7 @@ func decodePackTrailer(b []byte, packLen int64) ([]blobEntry, error) {
 	ents := make([]blobEntry, n)
 	for i := range ents {
 		e := &ents[i]
-		copy(e.Hash[:], p)
-		e.Off = binary.LittleEndian.Uint32(p[32:])
-		e.Len = binary.LittleEndian.Uint32(p[36:])
-		e.RawOff = binary.LittleEndian.Uint32(p[40:])
-		e.Raw = binary.LittleEndian.Uint32(p[44:])
+		*e = readBlobEntry(p)
 		if int64(e.Off)+int64(e.Len) > packLen {
 			return nil, corrupt(what, "a blob lies outside the pack")
 		}
@@ -124,11 +134,7 @@ func encodeChunkIndex(packs []packBlobs) []byte {
 		b = append(b, p.ID[:]...)
 		b = binary.LittleEndian.AppendUint32(b, uint32(len(p.Blobs)))
 		for _, e := range p.Blobs {
-			b = append(b, e.Hash[:]...)
-			b = binary.LittleEndian.AppendUint32(b, e.Off)
-			b = binary.LittleEndian.AppendUint32(b, e.Len)
-			b = binary.LittleEndian.AppendUint32(b, e.RawOff)
-			b = binary.LittleEndian.AppendUint32(b, e.Raw)
+			b = appendBlobEntry(b, e)
 		}
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
@@ -164,12 +170,7 @@ func decodeChunkIndex(b []byte) ([]packBlobs, error) {
 		}
 		out[i].Blobs = make([]blobEntry, m)
 		for j := range out[i].Blobs {
-			e := &out[i].Blobs[j]
-			copy(e.Hash[:], p)
-			e.Off = binary.LittleEndian.Uint32(p[32:])
-			e.Len = binary.LittleEndian.Uint32(p[36:])
-			e.RawOff = binary.LittleEndian.Uint32(p[40:])
-			e.Raw = binary.LittleEndian.Uint32(p[44:])
+			out[i].Blobs[j] = readBlobEntry(p)
 			p = p[blobEntLen:]
 		}
 	}

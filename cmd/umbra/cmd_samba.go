@@ -38,14 +38,8 @@ func newSambaCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				r, err := c.IsPathSupported(ctx, &umbrav1.PathRequest{Path: args[0]})
-				if err != nil {
-					return err
-				}
-				if !r.Supported {
-					return notFoundError{errors.New(r.WhyNot)}
-				}
-				return nil
+				_, err := volumeOf(ctx, c, args[0])
+				return err
 			})
 		},
 	}
@@ -59,12 +53,9 @@ func newSambaCmd() *cobra.Command {
 				return usageError{err}
 			}
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				r, err := c.IsPathSupported(ctx, &umbrav1.PathRequest{Path: path})
+				vol, err := volumeOf(ctx, c, path)
 				if err != nil {
 					return err
-				}
-				if !r.Supported {
-					return notFoundError{errors.New(r.WhyNot)}
 				}
 				root, err := mountPointOf(path)
 				if err != nil {
@@ -73,7 +64,7 @@ func newSambaCmd() *cobra.Command {
 				var id string
 				for {
 					id = "GMT-" + time.Now().UTC().Format(gmtFormat)
-					_, err = c.CreateSnapshotSet(ctx, &umbrav1.CreateSnapshotSetRequest{Volumes: []string{r.Volume}, Writers: true, Persistent: true, Id: id})
+					_, err = c.CreateSnapshotSet(ctx, &umbrav1.CreateSnapshotSetRequest{Volumes: []string{vol}, Writers: true, Persistent: true, Id: id})
 					if err == nil || !strings.Contains(err.Error(), "exists") {
 						break
 					}
@@ -83,8 +74,8 @@ func newSambaCmd() *cobra.Command {
 					return err
 				}
 				dir := filepath.Join(root, snapDirName, "@"+id)
-				if _, err := c.ExposeSnapshot(ctx, &umbrav1.ExposeSnapshotRequest{Volume: r.Volume, Id: id, Dir: dir}); err != nil {
-					c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: r.Volume, Id: id})
+				if _, err := c.ExposeSnapshot(ctx, &umbrav1.ExposeSnapshotRequest{Volume: vol, Id: id, Dir: dir}); err != nil {
+					c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: vol, Id: id})
 					return err
 				}
 				rel, _ := filepath.Rel(root, path)
@@ -108,20 +99,29 @@ func newSambaCmd() *cobra.Command {
 				return usageError{fmt.Errorf("%s is not a snapshot path made by `umbra samba create` (no @GMT- component)", args[1])}
 			}
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				r, err := c.IsPathSupported(ctx, &umbrav1.PathRequest{Path: args[0]})
+				vol, err := volumeOf(ctx, c, args[0])
 				if err != nil {
 					return err
 				}
-				if !r.Supported {
-					return notFoundError{errors.New(r.WhyNot)}
-				}
-				_, err = c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: r.Volume, Id: id})
+				_, err = c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: vol, Id: id})
 				return err
 			})
 		},
 	}
 	cmd.AddCommand(check, create, del)
 	return cmd
+}
+
+// volumeOf asks the service which volume holds path (exit 3 if none).
+func volumeOf(ctx context.Context, c umbrav1.UmbraClient, path string) (string, error) {
+	r, err := c.IsPathSupported(ctx, &umbrav1.PathRequest{Path: path})
+	if err != nil {
+		return "", err
+	}
+	if !r.Supported {
+		return "", notFoundError{errors.New(r.WhyNot)}
+	}
+	return r.Volume, nil
 }
 
 // mountPointOf returns the mount point of the filesystem holding path.
