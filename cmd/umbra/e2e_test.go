@@ -23,7 +23,11 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	umbraBin = filepath.Join(dir, "umbra")
-	if out, err := exec.Command("go", "build", "-o", umbraBin, ".").CombinedOutput(); err != nil {
+	args := []string{"build", "-o", umbraBin}
+	if os.Getenv("UMBRA_RACE") != "" { // UMBRA_RACE=1: the binary under test runs with the race detector
+		args = append(args, "-race")
+	}
+	if out, err := exec.Command("go", append(args, ".")...).CombinedOutput(); err != nil {
 		os.Stderr.Write(out)
 		panic(err)
 	}

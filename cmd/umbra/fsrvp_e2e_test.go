@@ -153,13 +153,15 @@ func TestFSRVPSequence(t *testing.T) {
 	}
 	// A set that stops moving is aborted when its timer runs out, even
 	// after commit and expose.
-	b := s.set("start", "--timeout", "1s")
+	// The timer runs per state: each step must follow within 2 s, and
+	// after expose nothing comes.
+	b := s.set("start", "--timeout", "2s")
 	s.ok("set", "add", b.ID, mnt)
 	s.set("prepare", b.ID)
 	s.set("commit", b.ID)
 	b = s.set("expose", b.ID)
 	bdir := b.ShadowCopies[0].Mapping.MountDir
-	time.Sleep(1500 * time.Millisecond)
+	time.Sleep(2500 * time.Millisecond)
 	if out, code := s.umbra("set", "recovery-complete", b.ID); code != 3 || !strings.Contains(out, "timed out") && !strings.Contains(out, "not found") {
 		t.Fatalf("recovery-complete after the timeout: exit %d %s", code, out)
 	}
