@@ -1,11 +1,11 @@
 package api
 
 import (
-	"bufio"
 	"context"
-	"crypto/subtle"
+	"crypto/sha256"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -69,7 +70,7 @@ var methodRoles = map[string]Role{
 	"RecoveryCompleteShadowCopySet": RoleOperator, "AbortShadowCopySet": RoleOperator,
 	"ExposeSnapshot": RoleOperator, "UnexposeSnapshot": RoleOperator,
 
-	"SetStorage": RoleAdmin, "DeleteSnapshots": RoleAdmin, "RevertSnapshot": RoleAdmin, "DeleteShareMapping": RoleAdmin,
+	"SetStorage": RoleAdmin, "DeleteStorage": RoleAdmin, "DeleteSnapshots": RoleAdmin, "RevertSnapshot": RoleAdmin, "DeleteShareMapping": RoleAdmin,
 }
 
 // needs returns the role a full method name ("/umbra.v1.Umbra/X") needs.
@@ -85,8 +86,8 @@ func mutating(full string) bool { return needs(full) > RoleViewer }
 
 // Identities maps bearer tokens and client certificate names to roles.
 type Identities struct {
-	tokens map[string]identity // by token
-	certs  map[string]identity // by certificate common name
+	tokens map[[32]byte]identity // by SHA-256 of the token: lookups take the same time whatever they match
+	certs  map[string]identity   // by certificate common name
 }
 
 type identity struct {
@@ -94,13 +95,25 @@ type identity struct {
 	role Role
 }
 
-// LoadIdentities reads a tokens file: one identity per line,
+// minTokenLen keeps guessable tokens out of the file.
+const minTokenLen = 16
+
+// LoadIdentities reads a tokens file. The file holds secrets: it must not
+// be readable by group or others. It is either lines, with # comments,
 //
-//	token TOKEN ROLE NAME    a bearer token
+//	TOKEN ROLE NAME          a bearer token
+//	token TOKEN ROLE NAME    the same
 //	cert  CN    ROLE         a client certificate's common name
 //
-// with # comments. The file holds secrets: it must not be readable by
-// group or others.
+// or, when its name ends in .toml or its first line opens a table, TOML:
+//
+//	[[token]]
+//	token = "..."
+//	role = "operator"
+//	name = "backup-job"
+//	[[cert]]
+//	cn = "backup-host"
+//	role = "viewer"
 func LoadIdentities(path string) (*Identities, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -109,55 +122,134 @@ func LoadIdentities(path string) (*Identities, error) {
 	if fi.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("tokens file %s is mode %#o: it holds secrets, make it 0600 (chmod 600 %s)", path, fi.Mode().Perm(), path)
 	}
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("tokens file: %w", err)
 	}
-	defer f.Close()
-	ids := &Identities{tokens: map[string]identity{}, certs: map[string]identity{}}
-	sc := bufio.NewScanner(f)
-	for n := 1; sc.Scan(); n++ {
-		line := strings.TrimSpace(sc.Text())
+	ids := &Identities{tokens: map[[32]byte]identity{}, certs: map[string]identity{}}
+	if strings.HasSuffix(path, ".toml") || strings.HasPrefix(firstLine(string(b)), "[") {
+		err = ids.parseTOML(string(b))
+	} else {
+		err = ids.parseLines(string(b))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tokens file %s: %w", path, err)
+	}
+	if len(ids.tokens)+len(ids.certs) == 0 {
+		return nil, fmt.Errorf("tokens file %s has no identities: nobody could call the API", path)
+	}
+	return ids, nil
+}
+
+// firstLine is the first line that is neither blank nor a comment.
+func firstLine(text string) string {
+	for line := range strings.Lines(text) {
+		if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+			return line
+		}
+	}
+	return ""
+}
+
+func (ids *Identities) parseLines(text string) error {
+	n := 0
+	for line := range strings.Lines(text) {
+		n++
+		line = strings.TrimSpace(line)
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
 		f := strings.Fields(line)
-		bad := func(why string) error { return fmt.Errorf("tokens file %s line %d: %s", path, n, why) }
+		var err error
 		switch {
 		case f[0] == "token" && len(f) == 4:
-			r, err := ParseRole(f[2])
-			if err != nil {
-				return nil, bad(err.Error())
-			}
-			if len(f[1]) < 16 {
-				return nil, bad("a token must be at least 16 characters")
-			}
-			ids.tokens[f[1]] = identity{name: f[3], role: r}
+			err = ids.addToken(f[1], f[2], f[3])
 		case f[0] == "cert" && len(f) == 3:
-			r, err := ParseRole(f[2])
-			if err != nil {
-				return nil, bad(err.Error())
-			}
-			ids.certs[f[1]] = identity{name: "cert:" + f[1], role: r}
+			err = ids.addCert(f[1], f[2])
+		case len(f) == 3 && f[0] != "token" && f[0] != "cert":
+			err = ids.addToken(f[0], f[1], f[2])
 		default:
-			return nil, bad("want `token TOKEN ROLE NAME` or `cert COMMON-NAME ROLE`")
+			err = errors.New("want `TOKEN ROLE NAME`, `token TOKEN ROLE NAME` or `cert COMMON-NAME ROLE`")
+		}
+		if err != nil {
+			return fmt.Errorf("line %d: %w", n, err)
 		}
 	}
-	return ids, sc.Err()
+	return nil
 }
 
-// who authenticates a call: admin on the unix socket; on TCP the
-// verified client certificate or the bearer token; else nobody.
+func (ids *Identities) parseTOML(text string) error {
+	var file struct {
+		Token []struct{ Token, Role, Name string }
+		Cert  []struct{ CN, Role string }
+	}
+	md, err := toml.Decode(text, &file)
+	if err != nil {
+		return err
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		return fmt.Errorf("unknown keys %v: want [[token]] token/role/name and [[cert]] cn/role", und)
+	}
+	for i, t := range file.Token {
+		if err := ids.addToken(t.Token, t.Role, t.Name); err != nil {
+			return fmt.Errorf("token %d: %w", i+1, err)
+		}
+	}
+	for i, c := range file.Cert {
+		if err := ids.addCert(c.CN, c.Role); err != nil {
+			return fmt.Errorf("cert %d: %w", i+1, err)
+		}
+	}
+	return nil
+}
+
+func (ids *Identities) addToken(token, role, name string) error {
+	r, err := ParseRole(role)
+	if err != nil {
+		return err
+	}
+	if len(token) < minTokenLen {
+		return fmt.Errorf("a token must be at least %d characters", minTokenLen)
+	}
+	if name == "" {
+		return errors.New("a token needs a name (it is what the audit log records)")
+	}
+	h := sha256.Sum256([]byte(token))
+	if prev, dup := ids.tokens[h]; dup {
+		return fmt.Errorf("token of %s is already the token of %s", name, prev.name)
+	}
+	ids.tokens[h] = identity{name: name, role: r}
+	return nil
+}
+
+func (ids *Identities) addCert(cn, role string) error {
+	r, err := ParseRole(role)
+	if err != nil {
+		return err
+	}
+	if cn == "" {
+		return errors.New("a certificate needs its common name")
+	}
+	if _, dup := ids.certs[cn]; dup {
+		return fmt.Errorf("certificate %q is named twice", cn)
+	}
+	ids.certs[cn] = identity{name: "cert:" + cn, role: r}
+	return nil
+}
+
+// who authenticates a call. On the unix socket (ids nil) peerCheck has
+// let in only root and the service's uid: they are admins. On TCP the
+// verified client certificate or the bearer token decides; else nobody.
 func (ids *Identities) who(ctx context.Context) (identity, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
 		return identity{}, status.Error(codes.Unauthenticated, "no peer")
 	}
-	if a, unix := p.Addr.(*net.UnixAddr); unix {
-		return identity{name: "unix:" + a.Name, role: RoleAdmin}, nil
-	}
 	if ids == nil {
-		return identity{}, status.Error(codes.Unauthenticated, "this listener has no identities")
+		if a, unix := p.Addr.(*net.UnixAddr); unix {
+			return identity{name: "unix:" + a.Name, role: RoleAdmin}, nil
+		}
+		return identity{name: p.Addr.String()}, status.Error(codes.Unauthenticated, "this listener serves unix-socket peers only")
 	}
 	if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.VerifiedChains) > 0 {
 		cn := ti.State.VerifiedChains[0][0].Subject.CommonName
@@ -168,14 +260,12 @@ func (ids *Identities) who(ctx context.Context) (identity, error) {
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	for _, v := range md.Get("authorization") {
-		tok, ok := strings.CutPrefix(v, "Bearer ")
-		if !ok {
+		scheme, tok, ok := strings.Cut(v, " ")
+		if !ok || !strings.EqualFold(scheme, "Bearer") {
 			continue
 		}
-		for t, id := range ids.tokens {
-			if subtle.ConstantTimeCompare([]byte(t), []byte(tok)) == 1 {
-				return id, nil
-			}
+		if id, ok := ids.tokens[sha256.Sum256([]byte(strings.TrimSpace(tok)))]; ok {
+			return id, nil
 		}
 		return identity{name: "unknown-token"}, status.Error(codes.Unauthenticated, "unknown bearer token")
 	}
@@ -202,7 +292,8 @@ func (a *Audit) Close() error { return a.f.Close() }
 
 type auditLine struct {
 	Time    time.Time       `json:"time"`
-	Who     string          `json:"who"`
+	Who     string          `json:"who"`            // unix:uid=N, a token's name, cert:CN
+	Addr    string          `json:"addr,omitempty"` // a TCP caller's address
 	Role    string          `json:"role"`
 	Method  string          `json:"method"`
 	Request json.RawMessage `json:"request,omitempty"`
@@ -213,11 +304,11 @@ type auditLine struct {
 // secretFields are never written to the audit log.
 var secretFields = []string{"password", "s3_secret_key", "s3_access_key"}
 
-func (a *Audit) log(id identity, method string, req any, err error) {
+func (a *Audit) log(id identity, addr, method string, req any, err error) error {
 	if a == nil {
-		return
+		return nil
 	}
-	line := auditLine{Time: time.Now().UTC(), Who: id.name, Role: id.role.String(), Method: method, Result: status.Code(err).String()}
+	line := auditLine{Time: time.Now().UTC(), Who: id.name, Addr: addr, Role: id.role.String(), Method: method, Result: status.Code(err).String()}
 	if err != nil {
 		line.Error = status.Convert(err).Message()
 	}
@@ -233,13 +324,48 @@ func (a *Audit) log(id identity, method string, req any, err error) {
 			line.Request = b
 		}
 	}
-	b, _ := json.Marshal(line)
+	b, err := json.Marshal(line)
+	if err != nil {
+		return fmt.Errorf("audit line: %w", err)
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.f.Write(append(b, '\n'))
+	if _, err := a.f.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("audit log: %w", err)
+	}
+	return nil
 }
 
-// Interceptors authorize every call by role and audit the mutating ones.
+// audit logs a call; a log that cannot be written does not fail the call
+// (it has happened) but is reported.
+func (s *Server) audit(ctx context.Context, id identity, method string, req any, err error) {
+	var addr string
+	if p, ok := peer.FromContext(ctx); ok {
+		if _, unix := p.Addr.(*net.UnixAddr); !unix {
+			addr = p.Addr.String()
+		}
+	}
+	if werr := s.Audit.log(id, addr, method, req, err); werr != nil {
+		s.log.Error("audit", "method", method, "who", id.name, "err", werr)
+	}
+}
+
+// firstRecv remembers the request of a stream for the audit log.
+type firstRecv struct {
+	grpc.ServerStream
+	req any
+}
+
+func (f *firstRecv) RecvMsg(m any) error {
+	err := f.ServerStream.RecvMsg(m)
+	if err == nil && f.req == nil {
+		f.req = m
+	}
+	return err
+}
+
+// interceptors authorize every call by role and audit the mutating and
+// the refused ones. ids nil: the unix socket, whose peers are admins.
 func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
 	check := func(ctx context.Context, method string) (identity, error) {
 		id, err := ids.who(ctx)
@@ -253,25 +379,26 @@ func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
 	}
 	unary := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		id, err := check(ctx, info.FullMethod)
-		if err == nil {
-			var resp any
-			resp, err = h(ctx, req)
-			if mutating(info.FullMethod) {
-				s.Audit.log(id, info.FullMethod, req, err)
-			}
-			return resp, err
+		if err != nil {
+			s.audit(ctx, id, info.FullMethod, req, err)
+			return nil, err
 		}
-		s.Audit.log(id, info.FullMethod, req, err) // every refused call
-		return nil, err
+		resp, err := h(ctx, req)
+		if mutating(info.FullMethod) {
+			s.audit(ctx, id, info.FullMethod, req, err)
+		}
+		return resp, err
 	}
 	stream := func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		id, err := check(ss.Context(), info.FullMethod)
-		refused := err != nil
-		if !refused {
-			err = h(srv, ss)
+		if err != nil {
+			s.audit(ss.Context(), id, info.FullMethod, nil, err)
+			return err
 		}
-		if refused || mutating(info.FullMethod) {
-			s.Audit.log(id, info.FullMethod, nil, err)
+		fr := &firstRecv{ServerStream: ss}
+		err = h(srv, fr)
+		if mutating(info.FullMethod) {
+			s.audit(ss.Context(), id, info.FullMethod, fr.req, err)
 		}
 		return err
 	}

@@ -15,7 +15,7 @@ func TestAuditRedactsSecrets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.log(identity{name: "bob", role: RoleOperator}, "/umbra.v1.Umbra/Backup",
+	a.log(identity{name: "bob", role: RoleOperator}, "", "/umbra.v1.Umbra/Backup",
 		&umbrav1.BackupRequest{Volumes: []string{"db"}, Repo: "s3://h/b", Password: "hunter2hunter2", S3AccessKey: "AKIAXYZ", S3SecretKey: "verysecretkey"}, nil)
 	a.Close()
 	b, _ := os.ReadFile(p)

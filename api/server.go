@@ -475,6 +475,28 @@ func (s *Server) RevertSnapshot(ctx context.Context, req *umbrav1.RevertSnapshot
 	return &umbrav1.RevertSnapshotResponse{}, nil
 }
 
+func (s *Server) DeleteStorage(ctx context.Context, req *umbrav1.DeleteStorageRequest) (*umbrav1.DeleteStorageResponse, error) {
+	v, err := s.cow.Volume(req.GetVolume())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := &umbrav1.DeleteStorageResponse{}
+	if len(v.Snapshots()) > 0 {
+		del, err := s.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: v.Name(), All: true})
+		if err != nil {
+			return nil, err
+		}
+		out.Deleted = del.Deleted
+	}
+	if err := v.SetStorage("", 0, v.Storage().Policy); err != nil {
+		return nil, toStatus(err)
+	}
+	s.saveStorage(v)
+	s.emit("storage_changed", &umbrav1.Event{Volume: v.Name(), Message: "shadow storage association deleted"})
+	s.log.Info("storage association deleted", "volume", v.Name(), "snapshots_deleted", len(out.Deleted))
+	return out, nil
+}
+
 func (s *Server) GetStorage(ctx context.Context, req *umbrav1.GetStorageRequest) (*umbrav1.GetStorageResponse, error) {
 	vols, err := s.volumes(req.GetVolume())
 	if err != nil {

@@ -3401,6 +3401,94 @@ func (x *Event) GetDropped() int64 {
 	return 0
 }
 
+type DeleteStorageRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteStorageRequest) Reset() {
+	*x = DeleteStorageRequest{}
+	mi := &file_umbra_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteStorageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteStorageRequest) ProtoMessage() {}
+
+func (x *DeleteStorageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteStorageRequest.ProtoReflect.Descriptor instead.
+func (*DeleteStorageRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *DeleteStorageRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+type DeleteStorageResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Deleted       []string               `protobuf:"bytes,1,rep,name=deleted,proto3" json:"deleted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteStorageResponse) Reset() {
+	*x = DeleteStorageResponse{}
+	mi := &file_umbra_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteStorageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteStorageResponse) ProtoMessage() {}
+
+func (x *DeleteStorageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteStorageResponse.ProtoReflect.Descriptor instead.
+func (*DeleteStorageResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *DeleteStorageResponse) GetDeleted() []string {
+	if x != nil {
+		return x.Deleted
+	}
+	return nil
+}
+
 var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
@@ -3665,7 +3753,11 @@ const file_umbra_proto_rawDesc = "" +
 	"\x04done\x18\b \x01(\x03R\x04done\x12\x14\n" +
 	"\x05total\x18\t \x01(\x03R\x05total\x12\x18\n" +
 	"\adropped\x18\n" +
-	" \x01(\x03R\adropped2\x83\x12\n" +
+	" \x01(\x03R\adropped\".\n" +
+	"\x14DeleteStorageRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"1\n" +
+	"\x15DeleteStorageResponse\x12\x18\n" +
+	"\adeleted\x18\x01 \x03(\tR\adeleted2\xd5\x12\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -3675,7 +3767,8 @@ const file_umbra_proto_rawDesc = "" +
 	"\n" +
 	"GetStorage\x12\x1b.umbra.v1.GetStorageRequest\x1a\x1c.umbra.v1.GetStorageResponse\x12G\n" +
 	"\n" +
-	"SetStorage\x12\x1b.umbra.v1.SetStorageRequest\x1a\x1c.umbra.v1.SetStorageResponse\x12J\n" +
+	"SetStorage\x12\x1b.umbra.v1.SetStorageRequest\x1a\x1c.umbra.v1.SetStorageResponse\x12P\n" +
+	"\rDeleteStorage\x12\x1e.umbra.v1.DeleteStorageRequest\x1a\x1f.umbra.v1.DeleteStorageResponse\x12J\n" +
 	"\vListWriters\x12\x1c.umbra.v1.ListWritersRequest\x1a\x1d.umbra.v1.ListWritersResponse\x12P\n" +
 	"\rListProviders\x12\x1e.umbra.v1.ListProvidersRequest\x1a\x1f.umbra.v1.ListProvidersResponse\x12;\n" +
 	"\x06Backup\x12\x17.umbra.v1.BackupRequest\x1a\x18.umbra.v1.BackupResponse\x12@\n" +
@@ -3712,7 +3805,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                      // 0: umbra.v1.Volume
 	(*Storage)(nil),                     // 1: umbra.v1.Storage
@@ -3768,18 +3861,20 @@ var file_umbra_proto_goTypes = []any{
 	(*ListShareMappingsResponse)(nil),   // 51: umbra.v1.ListShareMappingsResponse
 	(*EventsRequest)(nil),               // 52: umbra.v1.EventsRequest
 	(*Event)(nil),                       // 53: umbra.v1.Event
-	(*timestamppb.Timestamp)(nil),       // 54: google.protobuf.Timestamp
+	(*DeleteStorageRequest)(nil),        // 54: umbra.v1.DeleteStorageRequest
+	(*DeleteStorageResponse)(nil),       // 55: umbra.v1.DeleteStorageResponse
+	(*timestamppb.Timestamp)(nil),       // 56: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	54, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	56, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	54, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	54, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	56, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	56, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
 	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
@@ -3788,12 +3883,12 @@ var file_umbra_proto_depIdxs = []int32{
 	27, // 14: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
 	44, // 15: umbra.v1.ShadowCopy.mapping:type_name -> umbra.v1.ShareMapping
 	40, // 16: umbra.v1.ShadowCopySet.shadow_copies:type_name -> umbra.v1.ShadowCopy
-	54, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
-	54, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
+	56, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
+	56, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
 	41, // 19: umbra.v1.ListShadowCopySetsResponse.sets:type_name -> umbra.v1.ShadowCopySet
-	54, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
+	56, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
 	44, // 21: umbra.v1.ListShareMappingsResponse.mappings:type_name -> umbra.v1.ShareMapping
-	54, // 22: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
+	56, // 22: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
 	3,  // 23: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
 	5,  // 24: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
 	7,  // 25: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
@@ -3801,59 +3896,61 @@ var file_umbra_proto_depIdxs = []int32{
 	11, // 27: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
 	13, // 28: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
 	15, // 29: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	19, // 30: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	22, // 31: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
-	24, // 32: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
-	24, // 33: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
-	29, // 34: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
-	31, // 35: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
-	33, // 36: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
-	33, // 37: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
-	36, // 38: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
-	37, // 39: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
-	39, // 40: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 41: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 42: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 43: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 44: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
-	42, // 45: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
-	45, // 46: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	45, // 47: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	47, // 48: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
-	48, // 49: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
-	50, // 50: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
-	52, // 51: umbra.v1.Umbra.Events:input_type -> umbra.v1.EventsRequest
-	4,  // 52: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 53: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 54: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 55: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 56: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 57: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 58: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	20, // 59: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	23, // 60: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	28, // 61: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
-	26, // 62: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
-	30, // 63: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
-	32, // 64: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
-	34, // 65: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
-	35, // 66: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
-	41, // 67: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	38, // 68: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
-	41, // 69: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 70: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 71: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 72: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 73: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	43, // 74: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
-	44, // 75: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
-	46, // 76: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
-	44, // 77: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
-	49, // 78: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
-	51, // 79: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
-	53, // 80: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
-	52, // [52:81] is the sub-list for method output_type
-	23, // [23:52] is the sub-list for method input_type
+	54, // 30: umbra.v1.Umbra.DeleteStorage:input_type -> umbra.v1.DeleteStorageRequest
+	19, // 31: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	22, // 32: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	24, // 33: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
+	24, // 34: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
+	29, // 35: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
+	31, // 36: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
+	33, // 37: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
+	33, // 38: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
+	36, // 39: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
+	37, // 40: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
+	39, // 41: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 42: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 43: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 44: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 45: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 46: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
+	45, // 47: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	45, // 48: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	47, // 49: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
+	48, // 50: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
+	50, // 51: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
+	52, // 52: umbra.v1.Umbra.Events:input_type -> umbra.v1.EventsRequest
+	4,  // 53: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 54: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 55: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 56: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 57: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 58: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 59: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	55, // 60: umbra.v1.Umbra.DeleteStorage:output_type -> umbra.v1.DeleteStorageResponse
+	20, // 61: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	23, // 62: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	28, // 63: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	26, // 64: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
+	30, // 65: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
+	32, // 66: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
+	34, // 67: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
+	35, // 68: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
+	41, // 69: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	38, // 70: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
+	41, // 71: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 72: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 73: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 74: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 75: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	43, // 76: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
+	44, // 77: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
+	46, // 78: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
+	44, // 79: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
+	49, // 80: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
+	51, // 81: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
+	53, // 82: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
+	53, // [53:83] is the sub-list for method output_type
+	23, // [23:53] is the sub-list for method input_type
 	23, // [23:23] is the sub-list for extension type_name
 	23, // [23:23] is the sub-list for extension extendee
 	0,  // [0:23] is the sub-list for field type_name
@@ -3874,7 +3971,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   54,
+			NumMessages:   56,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	Umbra_RevertSnapshot_FullMethodName                = "/umbra.v1.Umbra/RevertSnapshot"
 	Umbra_GetStorage_FullMethodName                    = "/umbra.v1.Umbra/GetStorage"
 	Umbra_SetStorage_FullMethodName                    = "/umbra.v1.Umbra/SetStorage"
+	Umbra_DeleteStorage_FullMethodName                 = "/umbra.v1.Umbra/DeleteStorage"
 	Umbra_ListWriters_FullMethodName                   = "/umbra.v1.Umbra/ListWriters"
 	Umbra_ListProviders_FullMethodName                 = "/umbra.v1.Umbra/ListProviders"
 	Umbra_Backup_FullMethodName                        = "/umbra.v1.Umbra/Backup"
@@ -73,6 +74,9 @@ type UmbraClient interface {
 	// GetStorage and SetStorage query and change shadow storage associations.
 	GetStorage(ctx context.Context, in *GetStorageRequest, opts ...grpc.CallOption) (*GetStorageResponse, error)
 	SetStorage(ctx context.Context, in *SetStorageRequest, opts ...grpc.CallOption) (*SetStorageResponse, error)
+	// DeleteStorage removes a volume's shadow storage association and with
+	// it every shadow copy of the volume (vssadmin delete shadowstorage).
+	DeleteStorage(ctx context.Context, in *DeleteStorageRequest, opts ...grpc.CallOption) (*DeleteStorageResponse, error)
 	// ListWriters lists the writers and their states (vssadmin list writers).
 	ListWriters(ctx context.Context, in *ListWritersRequest, opts ...grpc.CallOption) (*ListWritersResponse, error)
 	// ListProviders lists the providers and what each supports.
@@ -186,6 +190,16 @@ func (c *umbraClient) SetStorage(ctx context.Context, in *SetStorageRequest, opt
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SetStorageResponse)
 	err := c.cc.Invoke(ctx, Umbra_SetStorage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) DeleteStorage(ctx context.Context, in *DeleteStorageRequest, opts ...grpc.CallOption) (*DeleteStorageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteStorageResponse)
+	err := c.cc.Invoke(ctx, Umbra_DeleteStorage_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -449,6 +463,9 @@ type UmbraServer interface {
 	// GetStorage and SetStorage query and change shadow storage associations.
 	GetStorage(context.Context, *GetStorageRequest) (*GetStorageResponse, error)
 	SetStorage(context.Context, *SetStorageRequest) (*SetStorageResponse, error)
+	// DeleteStorage removes a volume's shadow storage association and with
+	// it every shadow copy of the volume (vssadmin delete shadowstorage).
+	DeleteStorage(context.Context, *DeleteStorageRequest) (*DeleteStorageResponse, error)
 	// ListWriters lists the writers and their states (vssadmin list writers).
 	ListWriters(context.Context, *ListWritersRequest) (*ListWritersResponse, error)
 	// ListProviders lists the providers and what each supports.
@@ -518,6 +535,9 @@ func (UnimplementedUmbraServer) GetStorage(context.Context, *GetStorageRequest) 
 }
 func (UnimplementedUmbraServer) SetStorage(context.Context, *SetStorageRequest) (*SetStorageResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SetStorage not implemented")
+}
+func (UnimplementedUmbraServer) DeleteStorage(context.Context, *DeleteStorageRequest) (*DeleteStorageResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteStorage not implemented")
 }
 func (UnimplementedUmbraServer) ListWriters(context.Context, *ListWritersRequest) (*ListWritersResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListWriters not implemented")
@@ -728,6 +748,24 @@ func _Umbra_SetStorage_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(UmbraServer).SetStorage(ctx, req.(*SetStorageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_DeleteStorage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteStorageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).DeleteStorage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_DeleteStorage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).DeleteStorage(ctx, req.(*DeleteStorageRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1148,6 +1186,10 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetStorage",
 			Handler:    _Umbra_SetStorage_Handler,
+		},
+		{
+			MethodName: "DeleteStorage",
+			Handler:    _Umbra_DeleteStorage_Handler,
 		},
 		{
 			MethodName: "ListWriters",

@@ -78,6 +78,24 @@ func newStorageCmd() *cobra.Command {
 			})
 		},
 	})
+	cmd.AddCommand(&cobra.Command{
+		Use:   "delete VOLUME",
+		Short: "Remove a volume's shadow storage association and every shadow copy of the volume (vssadmin delete shadowstorage)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				resp, err := c.DeleteStorage(ctx, &umbrav1.DeleteStorageRequest{Volume: args[0]})
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, resp)
+				}
+				fmt.Printf("%s: shadow storage association deleted, %d shadow copies with it\n", args[0], len(resp.Deleted))
+				return nil
+			})
+		},
+	})
 	for _, verb := range []string{"add", "resize"} {
 		var dir, maxSize, policy string
 		c := &cobra.Command{

@@ -62,6 +62,20 @@ func TestStorageShrinkAndPlacement(t *testing.T) {
 		t.Fatalf("storage used after the shrink: %+v", st)
 	}
 
+	// vssadmin delete shadowstorage: the association goes, and every
+	// shadow copy with it; the volume says why it cannot be shadow-copied.
+	if out := s.ok("storage", "delete", "a"); !strings.Contains(out, "1 shadow copies") {
+		t.Fatalf("storage delete: %s", out)
+	}
+	if l := s.list(); len(l.Snapshots) != 0 {
+		t.Fatalf("snapshots after storage delete: %+v", l)
+	}
+	if out, code := s.umbra("snapshot", "create", "a"); code == 0 || !strings.Contains(out, "storage") {
+		t.Fatalf("snapshot without storage: exit %d %s", code, out)
+	}
+	s.ok("storage", "add", "a", "--dir", filepath.Join(dir, "shadow2"))
+	s.ok("snapshot", "create", "a")
+
 	type vols struct {
 		Volumes []struct {
 			CanBeStorage  bool     `json:"can_be_storage"`
