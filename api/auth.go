@@ -23,6 +23,8 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
+
+	"umbra/api/umbrav1"
 )
 
 // Role is what a caller may do: a viewer lists, an operator also
@@ -75,7 +77,8 @@ var methodRoles = map[string]Role{
 
 // needs returns the role a full method name ("/umbra.v1.Umbra/X") needs.
 func needs(full string) Role {
-	if r, ok := methodRoles[full[strings.LastIndexByte(full, '/')+1:]]; ok {
+	name, ok := strings.CutPrefix(full, "/"+umbrav1.Umbra_ServiceDesc.ServiceName+"/")
+	if r, known := methodRoles[name]; ok && known {
 		return r
 	}
 	return RoleAdmin
