@@ -89,8 +89,12 @@ func (m *Metrics) WriterFailed(writer, phase string) {
 	}
 }
 
-// NBD is the nbd.Options.Observe hook.
+// NBD is the nbd.Options.Observe hook: requests handled, and error
+// replies (an oversized write is refused before it is handled), by command.
 func (m *Metrics) NBD(cmd string, failed bool) {
+	if m == nil {
+		return
+	}
 	if failed {
 		m.nbdErrs.WithLabelValues(cmd).Inc()
 	} else {
