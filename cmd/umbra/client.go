@@ -36,6 +36,9 @@ func client(ctx context.Context) (umbrav1.UmbraClient, func(), error) {
 	if gflags.api != "" {
 		return remoteClient()
 	}
+	if gflags.token != "" || gflags.ca != "" || gflags.cert != "" || gflags.key != "" {
+		return nil, nil, usageError{errors.New("--token, --ca, --cert and --key are for a remote service: give --api HOST:PORT too (the unix socket needs none)")}
+	}
 	path := apiSocketPath()
 	if _, err := os.Stat(path); err != nil {
 		return nil, nil, fmt.Errorf("%w at %s: start it with `umbra serve` or give --api-socket (%v)", errUnreachable, path, err)

@@ -276,6 +276,12 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
 		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
 	}
+	// The TCP API's certificate and tokens are checked before anything
+	// is opened: a refusal leaves nothing behind.
+	apiTLSCfg, apiIDs, err := apiTLS(cfg.API)
+	if err != nil {
+		return err
+	}
 	p, err := openVolumes(cfg, log)
 	defer closeVolumes(p, log)
 	if err != nil {
@@ -413,15 +419,11 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	go func() { errc <- apiSrv.Serve(ctx, al) }()
 	log.Info("serving the management API", "socket", apiPath, "audit", auditPath)
 	if cfg.API.Listen != "" {
-		tcfg, ids, err := apiTLS(cfg.API)
-		if err != nil {
-			return err
-		}
 		tl, err := net.Listen("tcp", cfg.API.Listen)
 		if err != nil {
 			return fmt.Errorf("--api-listen %s: %w", cfg.API.Listen, err)
 		}
-		go func() { errc <- apiSrv.ServeTCP(ctx, tl, tcfg, ids) }()
+		go func() { errc <- apiSrv.ServeTCP(ctx, tl, apiTLSCfg, apiIDs) }()
 		log.Info("serving the management API over TLS", "listen", tl.Addr().String(), "client_certs", cfg.API.ClientCA != "")
 	}
 	if cfg.Metrics != "" {
@@ -451,8 +453,15 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	return nil
 }
 
-// apiTLS builds the TLS configuration and identities of the TCP API.
+// apiTLS builds the TLS configuration and identities of the TCP API
+// (nil, nil without --api-listen).
 func apiTLS(c apiConfig) (*tls.Config, *api.Identities, error) {
+	if c.Listen == "" {
+		if c.TLSCert != "" || c.TLSKey != "" || c.ClientCA != "" || c.Tokens != "" {
+			return nil, nil, usageError{errors.New("--api-tls-cert, --api-tls-key, --api-client-ca and --api-tokens are for the TCP API: give --api-listen HOST:PORT too")}
+		}
+		return nil, nil, nil
+	}
 	if c.TLSCert == "" || c.TLSKey == "" || c.Tokens == "" {
 		return nil, nil, usageError{errors.New("--api-listen serves the API on TCP, which requires --api-tls-cert, --api-tls-key and --api-tokens (nothing is served unauthenticated on TCP)")}
 	}
