@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/BurntSushi/toml"
+
+	"umbra/api"
 	"umbra/internal/testutil"
 )
 
@@ -150,5 +153,44 @@ func TestServeAPIRefusals(t *testing.T) {
 				t.Errorf("the NBD socket was made before the refusal")
 			}
 		})
+	}
+}
+
+// TestDeployExamples: deploy/umbra.toml and deploy/tokens.example parse,
+// their commented-out settings included.
+func TestDeployExamples(t *testing.T) {
+	setting := regexp.MustCompile(`(?m)^# (\[\[?[a-z]+\]\]?|[a-z_]+ = .*)$`)
+	uncomment := func(b []byte) []byte { return setting.ReplaceAll(b, []byte("$1")) }
+
+	b, err := os.ReadFile("../../deploy/umbra.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, text := range [][]byte{b, uncomment(b)} {
+		var cfg serveConfig
+		md, err := toml.Decode(string(text), &cfg)
+		if err != nil {
+			t.Fatalf("deploy/umbra.toml: %v\n%s", err, text)
+		}
+		if und := md.Undecoded(); len(und) > 0 {
+			t.Errorf("deploy/umbra.toml: keys umbra serve does not know: %v", und)
+		}
+		if len(cfg.Volumes) != 1 {
+			t.Errorf("deploy/umbra.toml: %d volumes", len(cfg.Volumes))
+		}
+	}
+
+	b, err = os.ReadFile("../../deploy/tokens.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	lines, tomlForm := filepath.Join(dir, "tokens"), filepath.Join(dir, "tokens.toml")
+	os.WriteFile(lines, b, 0o600)
+	os.WriteFile(tomlForm, uncomment(regexp.MustCompile(`(?s)^.*# The same as TOML[^\n]*\n[^\n]*\n`).ReplaceAll(b, nil)), 0o600)
+	for _, f := range []string{lines, tomlForm} {
+		if _, err := api.LoadIdentities(f); err != nil {
+			t.Errorf("deploy/tokens.example: %v", err)
+		}
 	}
 }
