@@ -275,11 +275,25 @@ func (ids *Identities) who(ctx context.Context) (identity, error) {
 	return identity{name: "anonymous"}, status.Error(codes.Unauthenticated, "give a client certificate or a bearer token (umbra --token or UMBRA_TOKEN)")
 }
 
-// Audit appends one JSON line per mutating call: who, what, result.
+// Audit appends one JSON line per mutating or refused call: who, what,
+// result.
 type Audit struct {
-	mu sync.Mutex // serializes lines
+	mu sync.Mutex // guards f's lines and the refused-call budget below
 	f  *os.File
+
+	// Refused calls need no identity, so anyone who reaches the TCP port
+	// could fill the disk with them: at most refusedPerSecond are written
+	// a second, and the next line written says how many were not.
+	second  int64 // Unix second of the current budget
+	spent   int   // refused lines written in it
+	dropped int   // refused calls not written since the last line
 }
+
+const refusedPerSecond = 20
+
+// maxAuditRequest bounds a line's request summary (JSON bytes); requests
+// are small, and a caller cannot make the log grow faster than this.
+const maxAuditRequest = 4 << 10
 
 // OpenAudit opens (appending) the audit log at path.
 func OpenAudit(path string) (*Audit, error) {
@@ -302,16 +316,30 @@ type auditLine struct {
 	Request json.RawMessage `json:"request,omitempty"`
 	Result  string          `json:"result"`
 	Error   string          `json:"error,omitempty"`
+	Dropped int             `json:"refused_not_logged,omitempty"` // refused calls over the budget before this line
 }
 
 // secretFields are never written to the audit log.
 var secretFields = []string{"password", "s3_secret_key", "s3_access_key"}
 
-func (a *Audit) log(id identity, addr, method string, req any, err error) error {
+func (a *Audit) log(id identity, addr, method string, req any, err error, refused bool) error {
 	if a == nil {
 		return nil
 	}
-	line := auditLine{Time: time.Now().UTC(), Who: id.name, Addr: addr, Role: id.role.String(), Method: method, Result: status.Code(err).String()}
+	now := time.Now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if refused {
+		if sec := now.Unix(); sec != a.second {
+			a.second, a.spent = sec, 0
+		}
+		if a.spent >= refusedPerSecond {
+			a.dropped++
+			return nil
+		}
+		a.spent++
+	}
+	line := auditLine{Dropped: a.dropped, Time: now.UTC(), Who: id.name, Addr: addr, Role: id.role.String(), Method: method, Result: status.Code(err).String()}
 	if err != nil {
 		line.Error = status.Convert(err).Message()
 	}
@@ -325,30 +353,32 @@ func (a *Audit) log(id identity, addr, method string, req any, err error) error 
 		}
 		if b, err := (protojson.MarshalOptions{UseProtoNames: true}).Marshal(m); err == nil {
 			line.Request = b
+			if len(b) > maxAuditRequest {
+				line.Request = fmt.Appendf(nil, "%q", fmt.Sprintf("%d bytes, not logged", len(b)))
+			}
 		}
 	}
 	b, err := json.Marshal(line)
 	if err != nil {
 		return fmt.Errorf("audit line: %w", err)
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	if _, err := a.f.Write(append(b, '\n')); err != nil {
 		return fmt.Errorf("audit log: %w", err)
 	}
+	a.dropped = 0
 	return nil
 }
 
 // audit logs a call; a log that cannot be written does not fail the call
 // (it has happened) but is reported.
-func (s *Server) audit(ctx context.Context, id identity, method string, req any, err error) {
+func (s *Server) audit(ctx context.Context, id identity, method string, req any, err error, refused bool) {
 	var addr string
 	if p, ok := peer.FromContext(ctx); ok {
 		if _, unix := p.Addr.(*net.UnixAddr); !unix {
 			addr = p.Addr.String()
 		}
 	}
-	if werr := s.Audit.log(id, addr, method, req, err); werr != nil {
+	if werr := s.Audit.log(id, addr, method, req, err, refused); werr != nil {
 		s.log.Error("audit", "method", method, "who", id.name, "err", werr)
 	}
 }
@@ -383,25 +413,25 @@ func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
 	unary := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		id, err := check(ctx, info.FullMethod)
 		if err != nil {
-			s.audit(ctx, id, info.FullMethod, req, err)
+			s.audit(ctx, id, info.FullMethod, req, err, true)
 			return nil, err
 		}
 		resp, err := h(ctx, req)
 		if mutating(info.FullMethod) {
-			s.audit(ctx, id, info.FullMethod, req, err)
+			s.audit(ctx, id, info.FullMethod, req, err, false)
 		}
 		return resp, err
 	}
 	stream := func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		id, err := check(ss.Context(), info.FullMethod)
 		if err != nil {
-			s.audit(ss.Context(), id, info.FullMethod, nil, err)
+			s.audit(ss.Context(), id, info.FullMethod, nil, err, true)
 			return err
 		}
 		fr := &firstRecv{ServerStream: ss}
 		err = h(srv, fr)
 		if mutating(info.FullMethod) {
-			s.audit(ss.Context(), id, info.FullMethod, fr.req, err)
+			s.audit(ss.Context(), id, info.FullMethod, fr.req, err, false)
 		}
 		return err
 	}

@@ -16,7 +16,7 @@ func TestAuditRedactsSecrets(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.log(identity{name: "bob", role: RoleOperator}, "", "/umbra.v1.Umbra/Backup",
-		&umbrav1.BackupRequest{Volumes: []string{"db"}, Repo: "s3://h/b", Password: "hunter2hunter2", S3AccessKey: "AKIAXYZ", S3SecretKey: "verysecretkey"}, nil)
+		&umbrav1.BackupRequest{Volumes: []string{"db"}, Repo: "s3://h/b", Password: "hunter2hunter2", S3AccessKey: "AKIAXYZ", S3SecretKey: "verysecretkey"}, nil, false)
 	a.Close()
 	b, _ := os.ReadFile(p)
 	for _, secret := range []string{"hunter2hunter2", "AKIAXYZ", "verysecretkey"} {
