@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 )
@@ -64,12 +65,26 @@ func (m memExports) Lookup(name string) (*Export, error) {
 	return &Export{Name: "m", Backend: m.b}, nil
 }
 
-type memBackend struct{ data []byte }
+// memBackend is an export in memory; requests run concurrently, so it
+// locks as a real backend would.
+type memBackend struct {
+	mu   sync.RWMutex
+	data []byte
+}
 
-func (m *memBackend) ReadAt(p []byte, off int64) (int, error)  { return copy(p, m.data[off:]), nil }
-func (m *memBackend) WriteAt(p []byte, off int64) (int, error) { return copy(m.data[off:], p), nil }
-func (m *memBackend) Size() int64                              { return int64(len(m.data)) }
-func (m *memBackend) Flush() error                             { return nil }
+func (m *memBackend) ReadAt(p []byte, off int64) (int, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return copy(p, m.data[off:]), nil
+}
+
+func (m *memBackend) WriteAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return copy(m.data[off:], p), nil
+}
+func (m *memBackend) Size() int64  { return int64(len(m.data)) }
+func (m *memBackend) Flush() error { return nil }
 
 // FuzzSession feeds arbitrary client bytes to a server connection: the
 // server must neither panic nor hang.

@@ -165,7 +165,8 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			}
 			return fmt.Errorf("nbd: accept: %w", err)
 		}
-		c := &conn{srv: s, nc: nc, log: s.log.With("remote", nc.RemoteAddr().String())}
+		// stopping is made here, before Shutdown can see the conn.
+		c := &conn{srv: s, nc: nc, log: s.log.With("remote", nc.RemoteAddr().String()), stopping: make(chan struct{})}
 		s.mu.Lock()
 		if s.closing {
 			s.mu.Unlock()
@@ -248,7 +249,9 @@ func (c *conn) stop() {
 
 func (c *conn) serve() {
 	c.rw = c.nc
-	c.stopping = make(chan struct{})
+	if c.stopping == nil {
+		c.stopping = make(chan struct{})
+	}
 	defer c.nc.Close()
 	if err := c.handshake(); err != nil {
 		if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
