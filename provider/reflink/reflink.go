@@ -5,7 +5,8 @@
 // nothing. The I/O path stays the application's own; the writers' freeze is
 // what holds it. Changed-block tracking compares the files' extent maps
 // (FIEMAP): a block whose physical address is the same in both is
-// unchanged. The storage limit counts the bytes of snapshot extents that
+// unchanged; a block in a compressed (btrfs) or inline extent has no
+// address of its own and counts as changed. The storage limit counts the bytes of snapshot extents that
 // are no longer shared.
 package reflink
 
@@ -385,7 +386,10 @@ func (p *Provider) enforce(v *Volume) error {
 }
 
 // Changed compares extent maps: blocks mapped to the same physical place
-// in both files are unchanged; everything else is marked.
+// in both files are unchanged; everything else is marked. A block in an
+// extent whose physical address does not locate it (compressed on btrfs,
+// inline, delayed allocation: see opaque) is always marked: its address
+// says nothing about its bytes.
 func (p *Provider) Changed(ctx context.Context, vol, since, upto string) (*provider.Bitmap, bool, error) {
 	v, err := p.volume(vol)
 	if err != nil {
@@ -414,21 +418,34 @@ func (p *Provider) Changed(ctx context.Context, vol, since, upto string) (*provi
 	const g = 4096
 	size := fi.Size()
 	bm := &provider.Bitmap{Granule: g, Size: size, Bits: make([]uint64, (size/g+64)/64)}
-	phys := func(ext []extent, off int64) (int64, bool) {
-		i := sort.Search(len(ext), func(i int) bool { return ext[i].logical+ext[i].length > off })
-		if i < len(ext) && ext[i].logical <= off && ext[i].flags&fiemapUnwritten == 0 {
-			return ext[i].physical + off - ext[i].logical, true
-		}
-		return 0, false // a hole or unwritten
-	}
 	for blk := int64(0); blk*g < size; blk++ {
-		pa, oka := phys(ea, blk*g)
-		pb, okb := phys(eb, blk*g)
-		if oka != okb || (oka && pa != pb) {
+		pa, ka := locate(ea, blk*g)
+		pb, kb := locate(eb, blk*g)
+		if ka != kb || ka == mapOpaque || (ka == mapPlain && pa != pb) {
 			bm.Bits[blk/64] |= 1 << (blk % 64)
 		}
 	}
 	return bm, true, nil
+}
+
+// How a file offset is mapped.
+const (
+	mapHole   = iota // a hole or an unwritten extent: reads zeros
+	mapPlain         // data at a physical address of its own
+	mapOpaque        // data whose address does not identify it
+)
+
+// locate returns where the block at off of a file with extents ext
+// lies, and how it is mapped.
+func locate(ext []extent, off int64) (int64, int) {
+	i := sort.Search(len(ext), func(i int) bool { return ext[i].logical+ext[i].length > off })
+	switch {
+	case i == len(ext) || ext[i].logical > off || ext[i].flags&fiemapUnwritten != 0:
+		return 0, mapHole
+	case ext[i].flags&opaque != 0:
+		return 0, mapOpaque
+	}
+	return ext[i].physical + off - ext[i].logical, mapPlain
 }
 
 // FIEMAP, from linux/fiemap.h.
@@ -441,6 +458,15 @@ const (
 	fiemapExtentSize = 56
 	fiemapHeaderSize = 32
 )
+
+// opaque are the flags of extents whose physical address does not
+// locate each of their blocks: unknown or not yet allocated (0x2, 0x4),
+// encoded — btrfs reports a compressed extent's start for every part
+// of it, and merges a compressed extent with the next one written
+// right after it on disk into one record, so two different blocks
+// can show the same address (0x8) —, encrypted (0x80), packed or
+// inline in metadata (0x100, 0x200, 0x400).
+const opaque = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400
 
 type extent struct {
 	logical, physical, length int64
