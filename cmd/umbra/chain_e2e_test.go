@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -136,4 +137,32 @@ func TestBackupChainExt4(t *testing.T) {
 		os.Remove(im.want)
 	}
 	s.ok("verify", "--repo", repo)
+
+	// An image's files, read in place without restoring it.
+	fsDir := filepath.Join(dir, "image-files")
+	mount := exec.Command(umbraBin, "mount", images[5].image, "--repo", repo, "--socket", filepath.Join(dir, "img.sock"), "--fs", fsDir)
+	mount.Stderr = os.Stderr
+	if err := mount.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer mount.Process.Kill()
+	for i := 0; ; i++ {
+		if ents, _ := os.ReadDir(fsDir); len(ents) > 1 {
+			break
+		}
+		if i > 200 {
+			t.Fatal("umbra mount --fs did not mount the image's filesystem")
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	if _, err := os.Stat(filepath.Join(fsDir, "lost+found")); err != nil {
+		t.Fatalf("the mounted image: %v", err)
+	}
+	mount.Process.Signal(syscall.SIGINT)
+	if err := mount.Wait(); err != nil {
+		t.Fatalf("umbra mount after Ctrl-C: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(fsDir, "lost+found")); err == nil {
+		t.Fatal("umbra mount left the image's filesystem mounted")
+	}
 }

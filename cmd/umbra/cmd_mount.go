@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"umbra/expose"
 	"umbra/frontend"
 	"umbra/fusefile"
 	"umbra/nbd"
@@ -21,11 +22,12 @@ import (
 func init() { verbs = append(verbs, newMountCmd) }
 
 // newMountCmd serves a backup image in place, without restoring it: as a
-// read-only NBD export on a unix socket, and with --dir as a read-only
-// file a loop device can carry. It runs until interrupted.
+// read-only NBD export on a unix socket, with --dir as a read-only file a
+// loop device can carry, and with --fs as its filesystem mounted
+// read-only. It runs until interrupted, then unmounts in order.
 func newMountCmd() *cobra.Command {
 	var rf repoFlags
-	var socket, dir string
+	var socket, dir, fsDir string
 	cmd := &cobra.Command{
 		Use:   "mount IMAGE",
 		Short: "Serve a backup image read-only over NBD (and as a file with --dir) without restoring it; runs until Ctrl-C",
@@ -57,6 +59,15 @@ func newMountCmd() *cobra.Command {
 			done := make(chan error, 1)
 			go func() { done <- srv.Serve(ctx, l) }()
 			out := map[string]string{"image": id, "nbd": fmt.Sprintf("nbd+unix:///%s?socket=%s", id, socket)}
+			if fsDir != "" && dir == "" { // the filesystem needs the file
+				os.MkdirAll(defaultRuntimeDir(), 0o755)
+				tmp, err := os.MkdirTemp(defaultRuntimeDir(), "image-file-")
+				if err != nil {
+					return fmt.Errorf("--fs: %w", err)
+				}
+				defer os.Remove(tmp)
+				dir = tmp
+			}
 			if dir != "" {
 				if err := os.MkdirAll(dir, 0o755); err != nil {
 					return fmt.Errorf("--dir %s: %w", dir, err)
@@ -68,6 +79,14 @@ func newMountCmd() *cobra.Command {
 				defer m.Unmount()
 				out["file"] = filepath.Join(dir, id)
 			}
+			if fsDir != "" {
+				mnt, err := expose.MountFile(out["file"], fsDir)
+				if err != nil {
+					return fmt.Errorf("--fs %s: %w", fsDir, err)
+				}
+				defer mnt.Unmount() // before the FUSE file goes (defers run last first)
+				out["fs"], out["fstype"] = fsDir, mnt.FSType
+			}
 			if gflags.json {
 				printJSON(os.Stdout, out)
 			} else {
@@ -75,7 +94,10 @@ func newMountCmd() *cobra.Command {
 				if f, ok := out["file"]; ok {
 					fmt.Printf("  file: %s (e.g. losetup -r -f --show %s; mount -o ro,noload /dev/loopN /mnt)\n", f, f)
 				}
-				fmt.Println("Ctrl-C stops (unmount and detach loop devices first)")
+				if d, ok := out["fs"]; ok {
+					fmt.Printf("  files: %s (%s, read-only)\n", d, out["fstype"])
+				}
+				fmt.Println("Ctrl-C stops (it unmounts what it mounted; detach loop devices you attached first)")
 			}
 			select {
 			case <-ctx.Done():
@@ -93,5 +115,6 @@ func newMountCmd() *cobra.Command {
 	rf.add(cmd)
 	cmd.Flags().StringVar(&socket, "socket", "", "unix socket of the NBD export (default RUNTIME/image-IMAGE.sock)")
 	cmd.Flags().StringVar(&dir, "dir", "", "also serve the image as a read-only file IMAGE in this directory (FUSE)")
+	cmd.Flags().StringVar(&fsDir, "fs", "", "also mount the image's filesystem read-only at this directory (loop over the FUSE file; root)")
 	return cmd
 }
