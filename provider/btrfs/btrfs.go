@@ -137,7 +137,9 @@ func setFile(path string) string {
 	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".set")
 }
 
-// PreCommit syncs the filesystem; the writers' fsfreeze holds its writes.
+// PreCommit syncs the filesystem. Holding writes is the application
+// writers' freeze: fsfreeze cannot, a snapshot waits on a frozen
+// filesystem (coordinator's TestSystemCommitWaitsOnFreeze).
 func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
 	_, err := btrfs("filesystem", "sync", t.vol)
 	return err

@@ -184,7 +184,9 @@ type txn struct {
 	committed bool
 }
 
-// PreCommit flushes the file; holding its writes is the writers' freeze.
+// PreCommit flushes the file. Holding its writes is the application
+// writers' freeze: fsfreeze cannot, FICLONE waits on a frozen filesystem
+// (coordinator's TestSystemCommitWaitsOnFreeze).
 func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
 	f, err := os.Open(t.v.Path)
 	if err != nil {
