@@ -5,8 +5,10 @@
 // nothing. The I/O path stays the application's own; the writers' freeze is
 // what holds it. Changed-block tracking compares the files' extent maps
 // (FIEMAP): a block whose physical address is the same in both is
-// unchanged; a block in a compressed (btrfs) or inline extent has no
-// address of its own and counts as changed. The storage limit counts the bytes of snapshot extents that
+// unchanged. A block in a compressed (btrfs) or inline extent has no
+// address of its own there; on btrfs the file's extent items (tree
+// search, as root) say which of those are the same, and otherwise they
+// count as changed. The storage limit counts the bytes of snapshot extents that
 // are no longer shared.
 package reflink
 
@@ -397,8 +399,9 @@ func (p *Provider) enforce(v *Volume) error {
 // Changed compares extent maps: blocks mapped to the same physical place
 // in both files are unchanged; everything else is marked. A block in an
 // extent whose physical address does not locate it (compressed on btrfs,
-// inline, delayed allocation: see opaque) is always marked: its address
-// says nothing about its bytes.
+// inline, delayed allocation: see opaque) is marked, its address saying
+// nothing about its bytes, unless btrfs's extent items show it is the
+// same (refineBtrfs).
 func (p *Provider) Changed(ctx context.Context, vol, since, upto string) (*provider.Bitmap, bool, error) {
 	v, err := p.volume(vol)
 	if err != nil {
@@ -427,14 +430,44 @@ func (p *Provider) Changed(ctx context.Context, vol, since, upto string) (*provi
 	const g = 4096
 	size := fi.Size()
 	bm := &provider.Bitmap{Granule: g, Size: size, Bits: make([]uint64, (size/g+64)/64)}
+	opaqueSeen := false
 	for blk := int64(0); blk*g < size; blk++ {
 		pa, ka := locate(ea, blk*g)
 		pb, kb := locate(eb, blk*g)
 		if ka != kb || ka == mapOpaque || (ka == mapPlain && pa != pb) {
 			bm.Bits[blk/64] |= 1 << (blk % 64)
+			opaqueSeen = opaqueSeen || ka == mapOpaque || kb == mapOpaque
 		}
 	}
+	if opaqueSeen && isBtrfs(b) {
+		refineBtrfs(bm, a, b)
+	}
 	return bm, true, nil
+}
+
+// refineBtrfs clears, in bm, the blocks that the btrfs extent items of
+// files a and b show are the same bytes. It leaves bm as it is when the
+// items cannot be read.
+func refineBtrfs(bm *provider.Bitmap, a, b string) {
+	ia, err := btrfsItems(a)
+	if err != nil {
+		return
+	}
+	ib, err := btrfsItems(b)
+	if err != nil {
+		return
+	}
+	g := bm.Granule
+	for blk := int64(0); blk*g < bm.Size; blk++ {
+		if !bm.Set(blk) {
+			continue
+		}
+		da, oa, ka := locateItem(ia, blk*g)
+		db, ob, kb := locateItem(ib, blk*g)
+		if ka == kb && (ka == mapHole || (ka == mapPlain && da == db && oa == ob)) {
+			bm.Bits[blk/64] &^= 1 << (blk % 64)
+		}
+	}
 }
 
 // How a file offset is mapped.
