@@ -99,6 +99,9 @@ func btrfsItems(path string) ([]item, error) {
 			if objectid != st.Ino || typ != btrfsExtentDataKey {
 				continue
 			}
+			if size < 21 {
+				return nil, fmt.Errorf("btrfs tree search %s: extent item of %d bytes", path, size)
+			}
 			data = data[:size]
 			it := item{pos: int64(offset), kind: data[20]}
 			if it.kind == btrfsExtentInline {
