@@ -263,6 +263,13 @@ func (r *Repo) planBatch(x *Index, opts Options, incr bool, first, last int64, w
 	if opts.Allocated == nil {
 		return nil
 	}
+	toRead := false
+	for i := range w {
+		toRead = toRead || w[i].kind == kindRead
+	}
+	if !toRead { // all reused: asking for holes (SEEK_HOLE walks extents) is waste
+		return nil
+	}
 	off, end := first*cs, min(last*cs, x.Size)
 	data, err := opts.Allocated(off, end-off)
 	if err != nil {
