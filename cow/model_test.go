@@ -393,10 +393,10 @@ func (m *modelRun) crash() {
 
 func runModel(t *testing.T, seed uint64, steps int, policy Policy) (crashes int) {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	if seed%2 == 1 { // odd seeds preserve every run in the background (asyncPreserve)
-		old := asyncPreserve
-		asyncPreserve = 1
-		defer func() { asyncPreserve = old }()
+	if seed%2 == 1 { // odd seeds: every run preserved in the background, writes in one-chunk pieces
+		oldAsync, oldPiece := asyncPreserve, writePiece
+		asyncPreserve, writePiece = 1, 4096
+		defer func() { asyncPreserve, writePiece = oldAsync, oldPiece }()
 	}
 	ffs := newFaultFS()
 	const chunk = 4096
