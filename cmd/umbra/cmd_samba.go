@@ -38,8 +38,11 @@ func newSambaCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				_, err := volumeOf(ctx, c, args[0])
-				return err
+				vol, err := volumeOf(ctx, c, args[0])
+				if err != nil || !gflags.json { // Samba only reads the exit code
+					return err
+				}
+				return printJSON(os.Stdout, map[string]string{"path": args[0], "volume": vol})
 			})
 		},
 	}
@@ -79,7 +82,10 @@ func newSambaCmd() *cobra.Command {
 					return err
 				}
 				rel, _ := filepath.Rel(root, path)
-				fmt.Println(filepath.Join(dir, rel))
+				if gflags.json {
+					return printJSON(os.Stdout, map[string]string{"path": filepath.Join(dir, rel), "volume": vol, "snapshot": id})
+				}
+				fmt.Println(filepath.Join(dir, rel)) // what shell_snap reads
 				return nil
 			})
 		},
@@ -103,8 +109,10 @@ func newSambaCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				_, err = c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: vol, Id: id})
-				return err
+				if _, err = c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: vol, Id: id}); err != nil || !gflags.json {
+					return err
+				}
+				return printJSON(os.Stdout, map[string]string{"volume": vol, "snapshot": id, "deleted": "true"})
 			})
 		},
 	}

@@ -134,8 +134,10 @@ func newSetCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				_, err := c.SetContext(ctx, &umbrav1.SetContextRequest{Context: args[0]})
-				return err
+				if _, err := c.SetContext(ctx, &umbrav1.SetContextRequest{Context: args[0]}); err != nil {
+					return err
+				}
+				return done(map[string]string{"context": args[0]}, "sets started without --context now use "+args[0])
 			})
 		},
 	}
@@ -264,8 +266,10 @@ func newSharesCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				_, err := c.DeleteShareMapping(ctx, &umbrav1.ShareMappingRequest{SetId: args[0], ShadowCopyId: args[1]})
-				return err
+				if _, err := c.DeleteShareMapping(ctx, &umbrav1.ShareMappingRequest{SetId: args[0], ShadowCopyId: args[1]}); err != nil {
+					return err
+				}
+				return done(map[string]string{"set_id": args[0], "shadow_copy_id": args[1], "deleted": "true"}, "unexposed and deleted "+args[1]+" of set "+args[0])
 			})
 		},
 	}
@@ -302,9 +306,20 @@ func newSnapshotUnexposeCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				_, err := c.UnexposeSnapshot(ctx, &umbrav1.UnexposeSnapshotRequest{Volume: args[0], Id: args[1]})
-				return err
+				if _, err := c.UnexposeSnapshot(ctx, &umbrav1.UnexposeSnapshotRequest{Volume: args[0], Id: args[1]}); err != nil {
+					return err
+				}
+				return done(map[string]string{"volume": args[0], "id": args[1], "unexposed": "true"}, "unexposed "+args[0]+"@"+args[1])
 			})
 		},
 	}
+}
+
+// done reports a verb's result: v as JSON with --json, else text.
+func done(v any, text string) error {
+	if gflags.json {
+		return printJSON(os.Stdout, v)
+	}
+	fmt.Println(text)
+	return nil
 }
