@@ -48,6 +48,12 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 	if len(req.GetVolumes()) == 0 {
 		return nil, toStatus(fmt.Errorf("%w: name at least one volume", errBadRequest))
 	}
+	for _, vol := range req.GetVolumes() {
+		// Before any snapshot is taken: can each volume be imaged at all?
+		if p, err := s.reg.For(ctx, vol); err == nil && !p.Capabilities().BlockImage {
+			return nil, toStatus(fmt.Errorf("%w: volume %s (%s provider) cannot be imaged: its snapshots are directories, not block images; back its files up with a file-level tool from a snapshot (umbra snapshot create, then its path)", errBadRequest, vol, p.Name()))
+		}
+	}
 	repo, err := s.openRepo(ctx, req)
 	if err != nil {
 		if errors.Is(err, backup.ErrWrongPassword) || errors.Is(err, backup.ErrNeedPassword) {

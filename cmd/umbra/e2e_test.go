@@ -396,6 +396,11 @@ func TestCLIMixedSet(t *testing.T) {
 	if b, _ := os.ReadFile(file); string(b[:2]) != "v1" {
 		t.Fatal("revert of the reflink file did not restore it")
 	}
+	// A subvolume cannot be imaged: said before any snapshot is taken.
+	s.ok("repo", "init", "--repo", filepath.Join(dir, "repo"))
+	if out, code := s.umbra("backup", sub, "--repo", filepath.Join(dir, "repo")); code != 2 || !strings.Contains(out, "cannot be imaged") {
+		t.Fatalf("backup of a btrfs subvolume: exit %d %s", code, out)
+	}
 	// The whole set goes at once, on every provider.
 	out = s.ok("snapshot", "delete", "--set", setID)
 	if strings.Count(out, "deleted ") != 3 {
