@@ -340,6 +340,18 @@ func (s *Server) arm(st *fsrvpSet) {
 	})
 }
 
+// moveTo puts the set in state: its timer is re-armed for the new state,
+// the catalog and subscribers learn of it, and an aborted set is
+// forgotten. Holds mu.
+func (s *Server) moveTo(st *fsrvpSet, state string) {
+	st.State = state
+	s.arm(st)
+	s.save(st)
+	if state == stAborted {
+		delete(s.sh.sets, st.ID)
+	}
+}
+
 // save writes the set to the catalog and tells subscribers; holds mu.
 func (s *Server) save(st *fsrvpSet) error {
 	s.emit("set_state", &umbrav1.Event{SetId: st.ID, State: st.State, Message: st.Err})
@@ -363,10 +375,8 @@ func (s *Server) abortLocked(ctx context.Context, st *fsrvpSet, why string) {
 			}
 		}
 	}
-	st.State, st.Err = stAborted, why
-	s.arm(st)
-	s.save(st)
-	delete(s.sh.sets, st.ID)
+	st.Err = why
+	s.moveTo(st, stAborted) // forgets it
 }
 
 func (s *Server) setMsg(st *fsrvpSet) *umbrav1.ShadowCopySet {
@@ -455,9 +465,7 @@ func (s *Server) AddToShadowCopySet(ctx context.Context, req *umbrav1.AddToShado
 	}
 	m := fsrvpMember{ShadowID: "sc-" + randomHex(8), Path: req.GetPath(), Volume: vol, Provider: prov}
 	st.Members = append(st.Members, m)
-	st.State = stAdded
-	s.arm(st)
-	s.save(st)
+	s.moveTo(st, stAdded)
 	return &umbrav1.AddToShadowCopySetResponse{ShadowCopyId: m.ShadowID, Volume: vol}, nil
 }
 
@@ -481,9 +489,7 @@ func (s *Server) PrepareShadowCopySet(ctx context.Context, req *umbrav1.SetReque
 			return nil, toStatus(fmt.Errorf("prepare %s: %w", m.Volume, err))
 		}
 	}
-	st.State = stCreating
-	s.arm(st)
-	s.save(st)
+	s.moveTo(st, stCreating)
 	return s.setMsg(st), nil
 }
 
@@ -519,9 +525,7 @@ func (s *Server) CommitShadowCopySet(ctx context.Context, req *umbrav1.SetReques
 			}
 		}
 	}
-	st.State = stCommitted
-	s.arm(st)
-	s.save(st)
+	s.moveTo(st, stCommitted)
 	return s.setMsg(st), nil
 }
 
@@ -543,9 +547,7 @@ func (s *Server) ExposeShadowCopySet(ctx context.Context, req *umbrav1.SetReques
 			return nil, toStatus(fmt.Errorf("expose shadow copy set %s (aborted): %w", st.ID, err))
 		}
 	}
-	st.State = stExposed
-	s.arm(st)
-	s.save(st)
+	s.moveTo(st, stExposed)
 	return s.setMsg(st), nil
 }
 
@@ -559,9 +561,7 @@ func (s *Server) RecoveryCompleteShadowCopySet(ctx context.Context, req *umbrav1
 	if err != nil {
 		return nil, err
 	}
-	st.State = stRecovered
-	s.arm(st)
-	s.save(st)
+	s.moveTo(st, stRecovered)
 	return s.setMsg(st), nil
 }
 
@@ -650,10 +650,7 @@ func (s *Server) DeleteShareMapping(ctx context.Context, req *umbrav1.ShareMappi
 	}
 	st.Members = append(st.Members[:i], st.Members[i+1:]...)
 	if len(st.Members) == 0 {
-		st.State = stAborted // nothing left: forget it
-		s.arm(st)
-		s.save(st)
-		delete(s.sh.sets, st.ID)
+		s.moveTo(st, stAborted) // nothing left: forget it
 	} else {
 		s.save(st)
 	}
