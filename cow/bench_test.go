@@ -119,13 +119,18 @@ func benchFirstWrite(b *testing.B, chunk int64, bs int) {
 	var base, cow float64
 	for i := 0; i < b.N; i++ {
 		offs := firstWriteOffsets(size, max(chunk, int64(bs)), bs, n, r)
-		base += timeWrites(b, v, offs, bs)
+		b1 := timeWrites(b, v, offs, bs)
+		base += b1
 		s, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{})
 		if err != nil {
 			b.Fatal(err)
 		}
 		offs = firstWriteOffsets(size, max(chunk, int64(bs)), bs, n, r)
-		cow += timeWrites(b, v, offs, bs)
+		c1 := timeWrites(b, v, offs, bs)
+		cow += c1
+		if testing.Verbose() {
+			b.Logf("round %d: base %.0f cow %.0f MB/s ratio %.2f", i, b1, c1, c1/b1)
+		}
 		if err := v.DeleteSnapshot(s.ID); err != nil {
 			b.Fatal(err)
 		}

@@ -115,12 +115,25 @@ func TestStoreIOErrorInvalidates(t *testing.T) {
 	if _, err := v.WriteAt([]byte{1}, 0); err != nil {
 		t.Fatalf("origin write failed because the diff area did: %v", err)
 	}
-	ffs.writeErr = nil
+	// Until the diff-area write has failed (it may run after the origin
+	// write returns), the snapshot reads its bytes from memory.
+	h, err := v.OpenSnapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 1)
+	if _, err := h.ReadAt(got, 0); err == nil && got[0] != 5 {
+		t.Fatalf("snapshot reads %d, want the preserved 5", got[0])
+	}
+	// The listing reports the outcome of writes made before it.
 	s := v.Snapshots()[0]
+	ffs.writeErr = nil
 	if s.Valid || !strings.Contains(s.Reason, "input/output error") || !strings.Contains(s.Reason, "/d/v.umbra/store") {
 		t.Fatalf("after EIO on the diff area: %+v", s)
 	}
-	got := make([]byte, 1)
+	if _, err := h.ReadAt(got, 0); err == nil {
+		t.Fatal("invalid snapshot still reads")
+	}
 	v.ReadAt(got, 0)
 	if got[0] != 1 {
 		t.Fatal("origin write lost")

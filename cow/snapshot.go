@@ -152,10 +152,11 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		return true
 	})
 	var f File
+	var wb *writeBehind
 	if anySlot {
 		v.slotMu.RLock()
 		defer v.slotMu.RUnlock()
-		f = v.store.f
+		f, wb = v.store.f, v.store.wb
 	}
 	v.mu.RUnlock()
 	// piece: chunk c covers p[lo:hi], starting inChunk bytes into it.
@@ -179,15 +180,34 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 				return fmt.Errorf("snapshot %s@%s: read origin: %w", v.name, s.id, err)
 			}
 		default:
-			// EOF: a slot at the end of a sparse store reads as zeros.
-			n, err := f.ReadAt(p[lo:hi], src[i]*v.chunk+inChunk)
-			if err == io.EOF {
-				clear(p[lo+n : hi])
-			} else if err != nil {
-				return fmt.Errorf("snapshot %s@%s: read diff area %s: %w", v.name, s.id, v.storePath(), err)
+			if wb.items.Load() > 0 {
+				// Some slots may still be in memory: chunk by chunk.
+				for k := i; k < j; k++ {
+					lo, hi, inChunk := piece(c0 + uint64(k))
+					if !wb.read(src[k], p[lo:hi], inChunk) {
+						if err := v.readSlot(f, p[lo:hi], src[k], inChunk); err != nil {
+							return fmt.Errorf("snapshot %s@%s: %w", v.name, s.id, err)
+						}
+					}
+				}
+			} else if err := v.readSlot(f, p[lo:hi], src[i], inChunk); err != nil {
+				return fmt.Errorf("snapshot %s@%s: %w", v.name, s.id, err)
 			}
 		}
 		i = j
+	}
+	return nil
+}
+
+// readSlot reads p from the diff area, inChunk bytes into slot (and on
+// into the slots after it). A slot at the end of a sparse store reads as
+// zeros (EOF).
+func (v *Volume) readSlot(f File, p []byte, slot, inChunk int64) error {
+	n, err := f.ReadAt(p, slot*v.chunk+inChunk)
+	if err == io.EOF {
+		clear(p[n:])
+	} else if err != nil {
+		return fmt.Errorf("read diff area %s: %w", v.storePath(), err)
 	}
 	return nil
 }
@@ -372,8 +392,10 @@ func (v *Volume) revertLocked(s *snap) error {
 		data := buf[:v.chunkLen(c)]
 		if e.slot == zeroSlot {
 			clear(data)
-		} else if _, err := v.store.f.ReadAt(data, e.slot*v.chunk); err != nil && err != io.EOF {
-			return fmt.Errorf("read diff area %s: %w", v.storePath(), err)
+		} else if !v.store.wb.read(e.slot, data, 0) {
+			if err := v.readSlot(v.store.f, data, e.slot, 0); err != nil {
+				return err
+			}
 		}
 		if _, err := v.origin.WriteAt(data, int64(c)<<v.shift); err != nil {
 			return fmt.Errorf("write origin %s: %w", v.originPath, err)

@@ -22,10 +22,11 @@ type store struct {
 	hwm  int64   // slots ever handed out since the last reset
 	free []int64 // released slots below hwm
 	sync *groupSyncer
+	wb   *writeBehind // small copies for non-persistent snapshots
 }
 
-func newStore(f File, path string) *store {
-	s := &store{f: f, path: path}
+func newStore(f File, path string, chunk int64) *store {
+	s := &store{f: f, path: path, wb: newWriteBehind(f, chunk)}
 	s.sync = newGroupSyncer(f.Sync)
 	return s
 }
@@ -56,12 +57,13 @@ func (s *store) punch(slots []int64, chunk int64) {
 }
 
 func (s *store) reset() {
+	s.wb.drain() // nothing live is pending: no slot is in use
 	s.hwm, s.free = 0, nil
 	_ = s.f.Truncate(0)
 	s.sync = newGroupSyncer(s.f.Sync)
 }
 
-func (s *store) close() { s.f.Close() }
+func (s *store) close() { s.wb.stop(); s.f.Close() }
 
 // metaLog is the open metadata log. Appends happen under Volume.mu; the
 // fsync runs outside it, shared by concurrent callers.
@@ -141,7 +143,8 @@ func (v *Volume) openStore() error {
 	if err != nil {
 		return fmt.Errorf("open diff area %s: %w", v.storePath(), err)
 	}
-	v.store = newStore(f, v.storePath())
+	v.store = newStore(f, v.storePath(), v.chunk)
+	v.store.wb.onFail = func() { v.wbFailed.Store(true) }
 	if v.log == nil {
 		v.store.reset() // leftovers of snapshots that ended with a restart
 	}
@@ -304,7 +307,8 @@ func (v *Volume) recover() error {
 			return fmt.Errorf("open volume %s: diff area %s: %w", v.name, v.storePath(), err)
 		}
 	}
-	v.store = newStore(sf, v.storePath())
+	v.store = newStore(sf, v.storePath(), v.chunk)
+	v.store.wb.onFail = func() { v.wbFailed.Store(true) }
 	v.log = newMetaLog(meta, lf, int64(len(data)))
 
 	v.recovering = true

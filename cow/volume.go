@@ -127,6 +127,8 @@ type Volume struct {
 	stripes  [numStripes]sync.RWMutex
 	hasSnaps atomic.Int32
 	copies   atomic.Int64 // chunks preserved since open (for metrics)
+	wbFailed atomic.Bool  // a write-behind copy failed: settleWriteBehind
+	settleMu sync.Mutex   // one settleWriteBehind at a time
 	isClosed atomic.Bool
 	bufs     sync.Pool
 
@@ -290,6 +292,9 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	defer v.gate.leave()
 	if v.isClosed.Load() {
 		return 0, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
+	}
+	if v.wbFailed.Load() {
+		v.settleWriteBehind(false)
 	}
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
@@ -501,12 +506,14 @@ func (v *Volume) preserveAndWrite(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-// asyncPreserve: a run at least this long, preserved for non-persistent
-// snapshots only, is written to the diff area while the origin write
-// proceeds (both are copies of a megabyte; on two cores they overlap).
+// asyncPreserve: for non-persistent snapshots, a run at least this long
+// is written to the diff area by a goroutine while the origin write
+// proceeds (both are copies of up to a megabyte; on two cores they
+// overlap); a shorter run goes to the write-behind (writebehind.go),
+// which collects many into one diff-area write off the writer's path.
 // Persistent snapshots keep the order the crash invariant needs: the
 // original and its mapping are durable before the origin is written.
-// (A variable: the model test lowers it so small writes take this path.)
+// (A variable: the model test moves it to send every run one way.)
 var asyncPreserve int64 = 64 << 10
 
 // preserveBatch bounds the bytes one preserveRun reads at once.
@@ -614,6 +621,11 @@ func (v *Volume) preserveRun(c0 uint64, n int) func() {
 		defer v.bufs.Put(bp)
 		v.storeRun(need, slots, keep, anyData, first, gen, buf, data, lsync, ssync)
 	}
+	if lsync == nil && anyData && span < asyncPreserve {
+		v.storeBehind(need, slots, keep, gen, data)
+		v.bufs.Put(bp)
+		return nil
+	}
 	if lsync == nil && anyData && span >= asyncPreserve {
 		done := make(chan struct{})
 		go func() { defer close(done); finish() }()
@@ -671,6 +683,140 @@ func (v *Volume) storeRun(need []uint64, slots []int64, keep []bool, anyData boo
 			v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err))
 		}
 	}
+}
+
+// storeBehind queues preserved chunks for the write-behind and records
+// them in the mapping at once (readers find pending slots in memory).
+func (v *Volume) storeBehind(need []uint64, slots []int64, keep []bool, gen uint64, data func(uint64) []byte) {
+	for i, c := range need {
+		if keep[i] && slots[i] != zeroSlot {
+			v.store.wb.put(slots[i], c, data(c))
+		}
+	}
+	v.mu.Lock()
+	for i, c := range need {
+		if keep[i] {
+			v.place(c, gen, slots[i])
+		}
+	}
+	v.mu.Unlock()
+}
+
+// settleWriteBehind deals with write-behind copies whose diff-area write
+// failed, as a synchronous write would have: each is written to a new
+// slot, or, when that fails for lack of space, the policy applies; on
+// another error the snapshots that read it are invalidated. With wait,
+// it first waits for what is pending, so the outcome shows in the next
+// listing.
+func (v *Volume) settleWriteBehind(wait bool) {
+	v.mu.RLock()
+	st := v.store
+	v.mu.RUnlock()
+	if st == nil {
+		return
+	}
+	if wait {
+		st.wb.drain()
+	}
+	if !st.wb.hasFailed.Load() {
+		return
+	}
+	v.settleMu.Lock()
+	defer v.settleMu.Unlock()
+	v.wbFailed.Store(false)
+	for _, it := range st.wb.failures() {
+		v.resettle(st, it)
+	}
+}
+
+// resettle moves a failed write-behind copy to a new slot (see
+// settleWriteBehind).
+func (v *Volume) resettle(st *store, it *wbItem) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for {
+		if v.store != st {
+			return
+		}
+		e, ok := v.entryAt(it.chunk, it.slot)
+		if !ok {
+			return // dropped meanwhile: its slot was freed, the copy cancelled
+		}
+		ns, full := st.alloc(v.maxSlots())
+		if full {
+			if v.lackRoom(e, fmt.Sprintf("shadow storage limit of %d bytes in %s reached", v.maxStorage, v.storageDir)) {
+				continue
+			}
+			return
+		}
+		v.mu.Unlock()
+		_, err := st.f.WriteAt(it.data, ns*v.chunk)
+		v.mu.Lock()
+		if err != nil {
+			st.release(ns)
+			if isNoSpace(err) {
+				if v.lackRoom(e, fmt.Sprintf("filesystem of shadow storage %s is full", v.storageDir)) {
+					continue
+				}
+				return
+			}
+			v.dropReaders(e, fmt.Sprintf("writing diff area %s failed: %v", v.storePath(), err))
+			return
+		}
+		if e, ok = v.entryAt(it.chunk, it.slot); !ok {
+			v.freeSlots([]int64{ns})
+			return
+		}
+		e.slot, ns = ns, e.slot
+		v.entries.ReplaceOrInsert(e)
+		v.freeSlots([]int64{ns}) // the failed slot: cancels the copy
+		return
+	}
+}
+
+// entryAt finds chunk c's entry that holds slot. Caller holds mu.
+func (v *Volume) entryAt(c uint64, slot int64) (entry, bool) {
+	var found entry
+	ok := false
+	v.entries.AscendRange(entry{chunk: c}, entry{chunk: c + 1}, func(e entry) bool {
+		if e.slot == slot {
+			found, ok = e, true
+			return false
+		}
+		return true
+	})
+	return found, ok
+}
+
+// lackRoom applies the policy when entry e's copy finds no room; true
+// means try again (the oldest snapshot was deleted). Caller holds mu.
+func (v *Volume) lackRoom(e entry, why string) bool {
+	if v.policy == PolicyInvalidate || len(v.snaps) == 0 {
+		v.dropReaders(e, why)
+		return false
+	}
+	v.deleteLocked(v.snaps[0], true)
+	return true
+}
+
+// dropReaders invalidates the snapshots that read chunk e.chunk through
+// entry e and drops it. Caller holds mu.
+func (v *Volume) dropReaders(e entry, why string) {
+	var below uint64
+	v.entries.DescendLessOrEqual(entry{chunk: e.chunk, gen: e.gen - 1}, func(x entry) bool {
+		if x.chunk == e.chunk {
+			below = x.gen
+		}
+		return false
+	})
+	for _, s := range v.snaps {
+		if s.gen > below && s.gen <= e.gen && s.needs(e.chunk) {
+			v.invalidate(s, why)
+		}
+	}
+	var freed []int64
+	v.dropEntry(e, &freed)
+	v.freeSlots(freed)
 }
 
 // allocSlot allocates a diff-area slot for chunk c, applying the policy
@@ -905,6 +1051,7 @@ func (v *Volume) freeSlots(slots []int64) {
 	if len(slots) == 0 || v.store == nil || v.recovering {
 		return
 	}
+	v.store.wb.cancel(slots)
 	v.slotMu.Lock()
 	for _, s := range slots {
 		v.store.release(s)
@@ -1112,6 +1259,7 @@ func (v *Volume) info(s *snap) provider.Snapshot {
 
 // Snapshots lists the live snapshots, oldest first.
 func (v *Volume) Snapshots() []provider.Snapshot {
+	v.settleWriteBehind(true)
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	out := make([]provider.Snapshot, len(v.snaps))

@@ -1,0 +1,303 @@
+package cow
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// writeBehind keeps small preserved chunks of non-persistent snapshots in
+// memory until a background goroutine writes them to the diff area, many
+// at a time. A first write under a snapshot then costs the origin read
+// and the origin write in the writer's path; the diff-area write (the
+// costliest of the three where it allocates space) runs on another core.
+//
+// Non-persistent snapshots need no durability, so nothing orders these
+// writes against the origin's. What holds instead:
+//   - a reader of a slot sees its bytes: a pending slot is read from
+//     memory (read), and a slot stops being pending only once its bytes
+//     are in the file;
+//   - a freed slot is never overwritten by a late write: cancel drops a
+//     slot from the filling batch and waits for the batch in flight;
+//   - a failed write loses nothing: the chunk stays pending (readable)
+//     until the volume moves it to a new slot or applies its policy
+//     (Volume.settleWriteBehind), which cancels it.
+//
+// w.mu is a leaf lock: nothing else is locked while it is held, and the
+// flusher takes no other lock, so callers may wait for it holding theirs.
+type writeBehind struct {
+	f     File
+	chunk int64
+
+	mu      sync.Mutex
+	cond    *sync.Cond // the flusher and waiters
+	cur     *wbBatch   // filling
+	flying  *wbBatch   // being written; nil when idle
+	failed  []*wbItem  // written with an error; still pending
+	kick    bool       // write cur now, full or not
+	timer   *time.Timer
+	started bool
+	stopped bool
+	spare   []byte
+
+	items     atomic.Int64 // pending items (cur, flying, failed), read without mu
+	hasFailed atomic.Bool
+	onFail    func() // called (without mu) after a write failed
+}
+
+// wbItem is one preserved chunk: its slot, the chunk it holds (to find
+// its mapping after a failure) and its bytes.
+type wbItem struct {
+	slot  int64
+	chunk uint64
+	off   int    // of the bytes in the batch's buf
+	data  []byte // the bytes
+	dead  bool   // cancelled: not to be written
+}
+
+type wbBatch struct {
+	items []*wbItem
+	buf   []byte // the items' bytes, in order
+}
+
+// wbBatchBytes is how much is written to the diff area at once; wbDelay
+// bounds how long a partly filled batch waits for more. (Variables: the
+// model test makes batches tiny.)
+var (
+	wbBatchBytes = 256 << 10
+	wbDelay      = 2 * time.Millisecond
+)
+
+func newWriteBehind(f File, chunk int64) *writeBehind {
+	w := &writeBehind{f: f, chunk: chunk}
+	w.cond = sync.NewCond(&w.mu)
+	w.cur = w.newBatch()
+	return w
+}
+
+func (w *writeBehind) newBatch() *wbBatch {
+	b := &wbBatch{}
+	if w.spare != nil {
+		b.buf, w.spare = w.spare[:0], nil
+	} else {
+		b.buf = make([]byte, 0, max(int64(wbBatchBytes), 2*w.chunk))
+	}
+	return b
+}
+
+func (b *wbBatch) fits(n int64) bool { return int64(len(b.buf))+n <= int64(cap(b.buf)) }
+
+// put queues chunk c's preserved bytes for slot. It waits while the
+// filling batch is full and the one before is still being written.
+func (w *writeBehind) put(slot int64, c uint64, data []byte) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.started {
+		w.started = true
+		go w.run()
+	}
+	for !w.cur.fits(int64(len(data))) {
+		w.kick = true
+		w.cond.Broadcast()
+		w.cond.Wait()
+	}
+	b := w.cur
+	at := len(b.buf)
+	b.buf = append(b.buf, data...)
+	b.items = append(b.items, &wbItem{slot: slot, chunk: c, off: at, data: b.buf[at:len(b.buf):len(b.buf)]})
+	w.items.Add(1)
+	switch {
+	case !b.fits(w.chunk):
+		w.cond.Broadcast() // full: the flusher takes it
+	case len(b.items) == 1:
+		if w.timer == nil {
+			w.timer = time.AfterFunc(wbDelay, w.flushSoon)
+		} else {
+			w.timer.Reset(wbDelay)
+		}
+	}
+}
+
+func (w *writeBehind) flushSoon() {
+	w.mu.Lock()
+	w.kick = true
+	w.cond.Broadcast()
+	w.mu.Unlock()
+}
+
+// run is the flusher: it writes the filling batch when it is full, when
+// wbDelay has passed, or when someone waits for it.
+func (w *writeBehind) run() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for {
+		for !w.stopped && (len(w.cur.items) == 0 || !w.kick && w.cur.fits(w.chunk)) {
+			w.kick = w.kick && len(w.cur.items) > 0
+			w.cond.Wait()
+		}
+		if w.stopped {
+			return
+		}
+		b := w.cur
+		w.cur, w.flying, w.kick = w.newBatch(), b, false
+		w.cond.Broadcast()
+		var live []*wbItem
+		for _, it := range b.items {
+			if !it.dead {
+				live = append(live, it)
+			}
+		}
+		w.mu.Unlock()
+		failed := w.write(b.buf, live)
+		w.mu.Lock()
+		done := int64(0)
+		for _, it := range b.items {
+			if it.dead {
+				continue
+			}
+			if failed[it] {
+				it.data = append([]byte(nil), it.data...) // b.buf is reused
+				w.failed = append(w.failed, it)
+				continue
+			}
+			done++
+		}
+		w.items.Add(-done)
+		w.hasFailed.Store(len(w.failed) > 0)
+		w.flying = nil
+		w.spare = b.buf
+		w.cond.Broadcast()
+		if len(failed) > 0 && w.onFail != nil {
+			w.mu.Unlock()
+			w.onFail()
+			w.mu.Lock()
+		}
+	}
+}
+
+// write writes items (their bytes are in buf), runs of consecutive slots
+// adjacent in buf at once, and returns those that failed.
+func (w *writeBehind) write(buf []byte, items []*wbItem) map[*wbItem]bool {
+	var failed map[*wbItem]bool
+	for i := 0; i < len(items); {
+		j := i + 1
+		for j < len(items) && items[j].slot == items[j-1].slot+1 && items[j].off == items[j-1].off+len(items[j-1].data) && int64(len(items[j-1].data)) == w.chunk {
+			j++
+		}
+		last := items[j-1]
+		if _, err := w.f.WriteAt(buf[items[i].off:last.off+len(last.data)], items[i].slot*w.chunk); err != nil {
+			if failed == nil {
+				failed = map[*wbItem]bool{}
+			}
+			for _, it := range items[i:j] {
+				failed[it] = true
+			}
+		}
+		i = j
+	}
+	return failed
+}
+
+// find returns the pending item for slot, or nil. Caller holds w.mu.
+func (w *writeBehind) find(slot int64) *wbItem {
+	for _, list := range [][]*wbItem{w.failed, w.flyingItems(), w.cur.items} {
+		for _, it := range list {
+			if it.slot == slot && !it.dead {
+				return it
+			}
+		}
+	}
+	return nil
+}
+
+func (w *writeBehind) flyingItems() []*wbItem {
+	if w.flying == nil {
+		return nil
+	}
+	return w.flying.items
+}
+
+// read copies slot's pending bytes from inChunk on into p; false when the
+// slot is not pending (its bytes are in the file).
+func (w *writeBehind) read(slot int64, p []byte, inChunk int64) bool {
+	if w.items.Load() == 0 {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	it := w.find(slot)
+	if it == nil {
+		return false
+	}
+	n := copy(p, it.data[min(inChunk, int64(len(it.data))):])
+	clear(p[n:]) // past a short last chunk
+	return true
+}
+
+// cancel forgets freed slots. When one is being written, it waits for
+// that write, so the slot can be handed out again at once.
+func (w *writeBehind) cancel(slots []int64) {
+	if w.items.Load() == 0 {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	wait := false
+	for _, s := range slots {
+		it := w.find(s)
+		if it == nil {
+			continue
+		}
+		it.dead = true
+		w.items.Add(-1)
+		for i, f := range w.failed {
+			if f == it {
+				w.failed = append(w.failed[:i], w.failed[i+1:]...)
+				break
+			}
+		}
+		if w.flying != nil {
+			for _, f := range w.flying.items {
+				wait = wait || f == it
+			}
+		}
+	}
+	w.hasFailed.Store(len(w.failed) > 0)
+	for wait && w.flying != nil {
+		w.cond.Wait()
+	}
+}
+
+// drain writes everything pending and waits for it; failures stay in
+// failed.
+func (w *writeBehind) drain() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for !w.stopped && (len(w.cur.items) > 0 || w.flying != nil) {
+		w.kick = true
+		w.cond.Broadcast()
+		w.cond.Wait()
+	}
+}
+
+// failures returns the items whose write failed (they stay pending).
+func (w *writeBehind) failures() []*wbItem {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]*wbItem(nil), w.failed...)
+}
+
+// stop ends the flusher; what is pending is dropped. The store is being
+// closed or emptied: no slot is in use.
+func (w *writeBehind) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for w.flying != nil {
+		w.cond.Wait()
+	}
+	w.stopped = true
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	w.cond.Broadcast()
+}

@@ -1,0 +1,203 @@
+package cow
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+
+	"umbra/provider"
+)
+
+func (f *faultFS) setWriteErr(fn func(string) error) {
+	f.mu.Lock()
+	f.writeErr = fn
+	f.mu.Unlock()
+}
+
+// failTimes fails the first n writes to paths containing substr with err.
+func failTimes(substr string, n int, err error) func(string) error {
+	return func(p string) error {
+		if strings.Contains(p, substr) && n > 0 {
+			n--
+			return err
+		}
+		return nil
+	}
+}
+
+// TestWriteBehindFailure: a diff-area write that fails after the origin
+// write returned is dealt with as a synchronous one would be — moved to
+// a new slot, or the policy applies — and the snapshots that remain read
+// the preserved bytes.
+func TestWriteBehindFailure(t *testing.T) {
+	cases := []struct {
+		name   string
+		policy Policy
+		inject func(string) error
+		// what the listing shows afterwards: snapshot IDs and validity
+		want string
+	}{
+		{"one ENOSPC, written again", PolicyDeleteOldest, failTimes("store", 1, syscall.ENOSPC), "s0:true s1:true"},
+		{"one EIO, written again", PolicyInvalidate, failTimes("store", 1, syscall.EIO), "s0:true s1:true"},
+		{"full filesystem, delete-oldest", PolicyDeleteOldest, failOn("store", syscall.ENOSPC), ""},
+		{"full filesystem, invalidate", PolicyInvalidate, failOn("store", syscall.ENOSPC), "s0:true s1:false"},
+		{"lasting EIO", PolicyDeleteOldest, failOn("store", syscall.EIO), "s0:true s1:false"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			ffs := newFaultFS()
+			ffs.Put("/o", make([]byte, 16*4096))
+			v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs, Policy: tc.policy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer v.Close()
+			orig := fill(t, v, 5)
+			if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s0"}); err != nil {
+				t.Fatal(err)
+			}
+			mustWrite(t, v, bytes.Repeat([]byte{7}, 4096), 0) // s0 keeps its own chunk 0
+			if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s1"}); err != nil {
+				t.Fatal(err)
+			}
+			v.Snapshots() // settles s0's copy
+			ffs.setWriteErr(tc.inject)
+			mustWrite(t, v, bytes.Repeat([]byte{9}, 4096), 0) // s1 needs chunk 0 (the 7s)
+			list := v.Snapshots()
+			ffs.setWriteErr(nil)
+			var got []string
+			for _, s := range list {
+				got = append(got, fmt.Sprintf("%s:%v", s.ID, s.Valid))
+				if !s.Valid && !strings.Contains(s.Reason, "/d") {
+					t.Errorf("reason %q does not name the diff area", s.Reason)
+				}
+			}
+			if strings.Join(got, " ") != tc.want {
+				t.Fatalf("listing %q, want %q (%+v)", strings.Join(got, " "), tc.want, list)
+			}
+			after := append([]byte(nil), orig...)
+			copy(after, bytes.Repeat([]byte{7}, 4096))
+			for _, s := range list {
+				if !s.Valid {
+					continue
+				}
+				want := after
+				if s.ID == "s0" {
+					want = orig
+				}
+				h, _ := v.OpenSnapshot(s.ID)
+				if got := readAll(t, h, v.Size()); !bytes.Equal(got, want) {
+					t.Fatalf("%s reads wrong bytes after the failure", s.ID)
+				}
+			}
+			// No slot leaks: what the allocator counts is what entries hold.
+			v.mu.RLock()
+			held := int64(0)
+			v.entries.Ascend(func(e entry) bool {
+				if e.slot != zeroSlot {
+					held++
+				}
+				return true
+			})
+			used := v.store.used()
+			v.mu.RUnlock()
+			if used != held {
+				t.Fatalf("diff area: %d slots used, %d held by entries", used, held)
+			}
+		})
+	}
+}
+
+// TestWriteBehindConcurrent: writers, snapshot creation and deletion, and
+// snapshot readers at once. Each snapshot must read, every time, what the
+// volume held when it was committed (captured inside a hold), while its
+// copies go through the write-behind and slots are freed and reused.
+func TestWriteBehindConcurrent(t *testing.T) {
+	oldBatch := wbBatchBytes
+	wbBatchBytes = 8 << 10 // many batches, many frees racing flushes
+	defer func() { wbBatchBytes = oldBatch }()
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "o")
+	const size = 1 << 20
+	if err := os.WriteFile(origin, make([]byte, size), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open("v", origin, Options{StorageDir: filepath.Join(dir, "d")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	ctx := context.Background()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	defer func() { close(stop); wg.Wait() }() // before Close
+	for w := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 1))
+			p := make([]byte, 16<<10)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				n := 1 + r.IntN(len(p))
+				for i := range p[:n] {
+					p[i] = byte(r.Uint32())
+				}
+				if _, err := v.WriteAt(p[:n], r.Int64N(size-int64(n))); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	type shot struct {
+		id   string
+		want []byte
+	}
+	var live []shot
+	r := rand.New(rand.NewPCG(9, 9))
+	for i := range 60 {
+		h, err := v.Hold(ctx, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := make([]byte, size)
+		if _, err := v.ReadAt(want, 0); err != nil {
+			t.Fatal(err)
+		}
+		s, err := h.CreateSnapshot(ctx, provider.SnapshotOptions{ID: fmt.Sprint("s", i)})
+		h.Release()
+		if err != nil {
+			t.Fatal(err)
+		}
+		live = append(live, shot{s.ID, want})
+		for _, sh := range live {
+			sn, err := v.OpenSnapshot(sh.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := readAll(t, sn, size); !bytes.Equal(got, sh.want) {
+				t.Fatalf("snapshot %s (%d of %d live) reads bytes it did not hold at commit, first at %d", sh.id, len(live), i+1, firstDiff(got, sh.want))
+			}
+		}
+		if len(live) > 4 {
+			k := r.IntN(len(live))
+			if err := v.DeleteSnapshot(live[k].id); err != nil {
+				t.Fatal(err)
+			}
+			live = append(live[:k], live[k+1:]...)
+		}
+	}
+}
