@@ -325,6 +325,21 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	os.Chmod(cfg.NBD.Socket, 0o660)
 	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(ctx, ul) }()
+	// TCP listeners are bound before the API socket appears, so that a
+	// client that waits for the socket finds every listener up.
+	var tl, ml net.Listener
+	if cfg.API.Listen != "" {
+		if tl, err = net.Listen("tcp", cfg.API.Listen); err != nil {
+			return fmt.Errorf("--api-listen %s: %w", cfg.API.Listen, err)
+		}
+		defer tl.Close()
+	}
+	if cfg.Metrics != "" {
+		if ml, err = net.Listen("tcp", cfg.Metrics); err != nil {
+			return fmt.Errorf("--metrics-listen %s: %w", cfg.Metrics, err)
+		}
+		defer ml.Close()
+	}
 	apiPath := apiSocketPath()
 	os.Remove(apiPath)
 	al, err := net.Listen("unix", apiPath)
@@ -418,19 +433,11 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	defer apiSrv.Audit.Close()
 	go func() { errc <- apiSrv.Serve(ctx, al) }()
 	log.Info("serving the management API", "socket", apiPath, "audit", auditPath)
-	if cfg.API.Listen != "" {
-		tl, err := net.Listen("tcp", cfg.API.Listen)
-		if err != nil {
-			return fmt.Errorf("--api-listen %s: %w", cfg.API.Listen, err)
-		}
+	if tl != nil {
 		go func() { errc <- apiSrv.ServeTCP(ctx, tl, apiTLSCfg, apiIDs) }()
 		log.Info("serving the management API over TLS", "listen", tl.Addr().String(), "client_certs", cfg.API.ClientCA != "")
 	}
-	if cfg.Metrics != "" {
-		ml, err := net.Listen("tcp", cfg.Metrics)
-		if err != nil {
-			return fmt.Errorf("--metrics-listen %s: %w", cfg.Metrics, err)
-		}
+	if ml != nil {
 		go func() {
 			if err := m.Serve(ctx, ml); err != nil {
 				log.Error("metrics listener stopped", "err", err)
