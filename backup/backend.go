@@ -159,6 +159,9 @@ func (b *localBackend) Delete(ctx context.Context, name string) error {
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
+	if err == nil && strings.Count(name, "/") == 2 && strings.HasPrefix(name, "lists/") {
+		os.Remove(filepath.Dir(b.path(name))) // a segmented list's directory, once empty
+	}
 	return err
 }
 

@@ -93,17 +93,22 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 	start := time.Now()
 	cs := int64(r.cfg.ChunkSize)
 	size := src.Size()
-	n := (size + cs - 1) / cs
-	x := &Index{Volume: opts.Volume, Snapshot: opts.Snapshot, Size: size, ChunkSize: int(cs), Created: time.Now().UTC(), Chunks: make([]Hash, n)}
+	x := &Index{Volume: opts.Volume, Snapshot: opts.Snapshot, Size: size, ChunkSize: int(cs), Created: time.Now().UTC()}
 	x.ID = imageID(opts.Volume, x.Created)
-	incr := opts.Parent != nil && opts.Changed != nil && opts.Parent.Size == size
+	incr := opts.Parent != nil && opts.Changed != nil && opts.Parent.Size == size && opts.Parent.ChunkSize == int(cs)
 	if incr {
-		if err := r.loadChunks(ctx, opts.Parent); err != nil {
-			return nil, st, fmt.Errorf("backup %s: parent image: %w", opts.Volume, err)
+		// Fail early on a parent whose list cannot be read.
+		if _, _, err := r.segment(ctx, opts.Parent, 0); err != nil {
+			return nil, st, fmt.Errorf("backup %s: parent image: %w (take a full image with --full)", opts.Volume, err)
 		}
 		x.Parent = opts.Parent.ID
 		st.Incremental = true
 	}
+	if err := r.upgradeFormat(ctx); err != nil {
+		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+	}
+	lw := r.newListWriter(x)
+	hashes := make([]Hash, 0, max(batchBytes/cs, 1))
 	up := r.newUploader(ctx)
 	defer up.abort()
 	workers := runtime.GOMAXPROCS(0)
@@ -131,17 +136,21 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 		st.Read += b.read
 		r.hashBatch(w, hashers)
 		var fresh []int // chunks to store, each hash once
+		hashes = hashes[:0]
 		for i := range w {
 			c := &w[i]
 			switch {
 			case c.kind == kindReused:
 				st.Reused += int64(len(c.data))
+				hashes = append(hashes, c.hash)
 			case c.kind == kindHole:
 				st.Unallocated += chunkLen(first+int64(i), cs, size)
+				hashes = append(hashes, Hash{})
 			case c.zero:
 				st.Zero += int64(len(c.data))
+				hashes = append(hashes, Hash{})
 			default:
-				x.Chunks[first+int64(i)] = c.hash
+				hashes = append(hashes, c.hash)
 				if c.known || up.has(c.hash) {
 					st.Dedup += int64(len(c.data))
 					continue
@@ -150,6 +159,10 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 				fresh = append(fresh, i)
 				st.Stored += int64(len(c.data))
 			}
+		}
+		if err := lw.add(ctx, hashes...); err != nil {
+			b.release()
+			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 		}
 		own := new(sync.WaitGroup)
 		err := comp.queue(w, fresh, own)
@@ -173,11 +186,14 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 	}
 	st.Compressed = stored
+	if err := lw.finish(ctx); err != nil {
+		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+	}
 	idxBytes, err := up.finish()
 	if err != nil {
 		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 	}
-	st.Index = idxBytes
+	st.Index = idxBytes + lw.bytes
 	st.Seconds = time.Since(start).Seconds()
 	x.Stats = &st
 	if err := r.writeImage(ctx, x); err != nil {
@@ -200,8 +216,12 @@ type batch struct {
 // ahead at most, in ascending order.
 func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Options, incr bool) <-chan batch {
 	cs := int64(r.cfg.ChunkSize)
-	n := int64(len(x.Chunks))
+	n := x.NumChunks()
 	perBatch := max(batchBytes/cs, 1)
+	var parent *listCursor
+	if incr {
+		parent = &listCursor{r: r, x: opts.Parent}
+	}
 	type bufs struct {
 		buf []byte
 		w   []chunkWork
@@ -224,7 +244,7 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Optio
 			last := min(first+perBatch, n)
 			bt := batch{first: first, last: last, w: b.w[:last-first], release: func() { free <- b }}
 			var st Stats
-			bt.err = r.planBatch(x, opts, incr, first, last, bt.w, &st)
+			bt.err = r.planBatch(ctx, x, opts, parent, first, last, bt.w, &st)
 			if bt.err == nil {
 				bt.err = readRuns(src, b.buf, bt.w, first, cs, x.Size, &st)
 			}
@@ -246,16 +266,20 @@ func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
 
 // planBatch decides, for chunks [first,last), which are reused from the
 // parent, which are holes, and which must be read.
-func (r *Repo) planBatch(x *Index, opts Options, incr bool, first, last int64, w []chunkWork, st *Stats) error {
+func (r *Repo) planBatch(ctx context.Context, x *Index, opts Options, parent *listCursor, first, last int64, w []chunkWork, st *Stats) error {
 	cs := int64(r.cfg.ChunkSize)
 	for i := range w {
 		w[i] = chunkWork{kind: kindRead}
 		idx := first + int64(i)
-		if incr && !changedChunk(opts.Changed, idx, cs) {
+		if parent != nil && !changedChunk(opts.Changed, idx, cs) {
 			// The parent's chunks are there: prune keeps every chunk of a
 			// listed image (damage is verify's to find, and --full
 			// re-reads everything).
-			x.Chunks[idx] = opts.Parent.Chunks[idx]
+			h, err := parent.hash(ctx, idx)
+			if err != nil {
+				return fmt.Errorf("parent image: %w", err)
+			}
+			w[i].hash = h
 			w[i].kind = kindReused
 			w[i].data = zeroChunk[:chunkLen(idx, cs, x.Size)]
 		}

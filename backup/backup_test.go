@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -18,6 +19,19 @@ import (
 // writes, each read from a snapshot with the engine's change tracking,
 // each restoring byte-identical on its own.
 func TestRoundTripChain(t *testing.T) {
+	// One segment per list (the default), and lists cut into many
+	// segments that batches straddle.
+	for _, seg := range []int64{0, 7, 1000} {
+		t.Run(fmt.Sprint("segment=", seg), func(t *testing.T) {
+			if seg > 0 {
+				defer backup.SetSegmentChunks(backup.SetSegmentChunks(seg))
+			}
+			roundTripChain(t, seg)
+		})
+	}
+}
+
+func roundTripChain(t *testing.T, seg int64) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "vol.img")
@@ -95,6 +109,12 @@ func TestRoundTripChain(t *testing.T) {
 	if rep := repo.Verify(); len(rep.BadImages) > 0 || rep.GoodImages != len(imgs) {
 		t.Fatalf("verify: %+v", rep)
 	}
+	if seg > 0 {
+		perImage := (v.Size()/4096 + seg - 1) / seg
+		if n := len(backup.ObjectNames(repo, "lists/")); int64(n) != perImage*int64(len(imgs)) {
+			t.Fatalf("%d chunk list segments stored, want %d per image", n, perImage)
+		}
+	}
 
 	var ids []string
 	for _, im := range imgs {
@@ -118,6 +138,9 @@ func FuzzDecodeIndex(f *testing.F) {
 	x := &backup.Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3 * 4096, ChunkSize: 4096, Chunks: make([]backup.Hash, 3)}
 	x.Chunks[1][0] = 7
 	f.Add(x.Encode())
+	seg := &backup.Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 9 * 4096, ChunkSize: 4096, First: 4, Chunks: make([]backup.Hash, 3)}
+	seg.Chunks[0][0] = 7
+	f.Add(seg.Encode())
 	f.Add([]byte("UMBRAIDX"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		x, err := backup.DecodeIndex(b)

@@ -85,7 +85,7 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 	os.WriteFile(path, orig, 0o600)
 
 	// A truncated chunk list breaks its image only.
-	lp := filepath.Join(root, "lists", ids[1])
+	lp := filepath.Join(root, "lists", ids[1], "000000")
 	lb, _ := os.ReadFile(lp)
 	os.WriteFile(lp, lb[:len(lb)/2], 0o600)
 	rep = repo.Verify()

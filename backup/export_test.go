@@ -2,10 +2,12 @@ package backup
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"strconv"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/zeebo/blake3"
 )
 
 // BlobLocation says where chunk h's blob is (for tests that damage it).
@@ -36,6 +38,10 @@ func ObjectNames(r *Repo, prefix string) []string {
 	return n
 }
 
+// SetSegmentChunks sets the chunks per chunk-list segment (tests make
+// many small segments) and returns the old value.
+func SetSegmentChunks(n int64) int64 { old := segmentChunks; segmentChunks = n; return old }
+
 // SetScryptN makes key derivation cheap in tests.
 func SetScryptN(n int) { scryptN = n }
 
@@ -62,4 +68,33 @@ func init() {
 		n, _ := strconv.Atoi(v)
 		encoderLevel = zstd.EncoderLevel(n)
 	}
+}
+
+// DowngradeToV2 rewrites image id as format 2 wrote it (one chunk list
+// object, lists/ID) and marks the repository version 2, as a repository
+// written by an older Umbra is.
+func DowngradeToV2(r *Repo, id string) error {
+	ctx := context.Background()
+	x, err := r.Image(id)
+	if err != nil {
+		return err
+	}
+	segs := x.Segments
+	x.Segments, x.SegmentChunks, x.First, x.format = nil, 0, 0, 2
+	for k := range segs {
+		r.be.Delete(ctx, segmentName(x.ID, k))
+	}
+	list := r.seal.seal(nil, x.Encode())
+	x.ListHash = blake3.Sum256(list)
+	if err := r.be.Put(ctx, listName(x.ID), list); err != nil {
+		return err
+	}
+	rec, _ := json.Marshal(x)
+	if err := r.putSealed(ctx, imageName(x.ID), rec); err != nil {
+		return err
+	}
+	cfg := r.cfg
+	cfg.Version = 2
+	b, _ := json.Marshal(cfg)
+	return r.be.Put(ctx, "config", b)
 }

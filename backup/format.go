@@ -191,25 +191,58 @@ type Index struct {
 	ChunkSize int       `json:"chunk_size"`
 	Created   time.Time `json:"created"`
 	Stats     *Stats    `json:"stats,omitempty"`
-	// ListHash is the BLAKE3 hash of the stored chunk list object.
-	ListHash Hash   `json:"list_hash"`
-	Chunks   []Hash `json:"-"`
+	// ListHash is the BLAKE3 hash of the stored chunk list object of a
+	// format-2 image (one object, lists/ID).
+	ListHash Hash `json:"list_hash"`
+	// Segments are the BLAKE3 hashes of the stored segments of a
+	// format-3 chunk list (lists/ID/NNNNNN), each SegmentChunks chunks
+	// (the last one fewer).
+	Segments      []Hash `json:"segments,omitempty"`
+	SegmentChunks int64  `json:"segment_chunks,omitempty"`
+	// Chunks holds chunk hashes in memory: the whole list (format 2, or
+	// Image), or one segment starting at chunk First (DecodeIndex of a
+	// segment).
+	Chunks []Hash `json:"-"`
+	First  int64  `json:"-"`
+	format uint16 // the list's version when decoded
 }
 
-// Encode serializes the chunk list (docs/formats.md). The hashes are
-// stored as runs: a count of zero (all-zero) chunks, then a count of
-// hashes and the hashes, so holes cost nothing and the list needs no
-// compression (hashes do not compress).
+// NumChunks is the number of chunks of the volume.
+func (x *Index) NumChunks() int64 {
+	cs := int64(x.ChunkSize)
+	return (x.Size + cs - 1) / cs
+}
+
+// Encode serializes the chunk list (docs/formats.md): the whole list
+// (version 2) when First is 0 and Chunks covers the volume, else a
+// segment (version 3) of the chunks from First on. The hashes are stored
+// as runs: a count of zero (all-zero) chunks, then a count of hashes and
+// the hashes, so holes cost nothing and the list needs no compression
+// (hashes do not compress).
 func (x *Index) Encode() []byte {
-	b := make([]byte, 0, 64+len(x.ID)+len(x.Volume)+len(x.Snapshot)+len(x.Parent)+len(x.Chunks)*32+8)
+	version := x.format
+	if version == 0 {
+		version = 3
+		if x.First == 0 && int64(len(x.Chunks)) == x.NumChunks() && x.Segments == nil {
+			version = 2
+		}
+	}
+	return x.encode(version)
+}
+
+func (x *Index) encode(version uint16) []byte {
+	b := make([]byte, 0, 72+len(x.ID)+len(x.Volume)+len(x.Snapshot)+len(x.Parent)+len(x.Chunks)*32+8)
 	b = append(b, indexMagic...)
-	b = binary.LittleEndian.AppendUint16(b, 2)
+	b = binary.LittleEndian.AppendUint16(b, version)
 	b = binary.LittleEndian.AppendUint32(b, uint32(x.ChunkSize))
 	b = binary.LittleEndian.AppendUint64(b, uint64(x.Size))
 	b = binary.LittleEndian.AppendUint64(b, uint64(x.Created.UnixNano()))
 	for _, s := range []string{x.ID, x.Volume, x.Snapshot, x.Parent} {
 		b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
 		b = append(b, s...)
+	}
+	if version == 3 {
+		b = binary.LittleEndian.AppendUint64(b, uint64(x.First))
 	}
 	b = binary.LittleEndian.AppendUint64(b, uint64(len(x.Chunks)))
 	for i := 0; i < len(x.Chunks); {
@@ -244,11 +277,12 @@ func DecodeIndex(b []byte) (*Index, error) {
 		return nil, corrupt(what, "bad magic or too short")
 	}
 	p := body[8:]
-	if binary.LittleEndian.Uint16(p) != 2 {
+	version := binary.LittleEndian.Uint16(p)
+	if version != 2 && version != 3 {
 		return nil, corrupt(what, "unknown version")
 	}
 	x := &Index{ChunkSize: int(binary.LittleEndian.Uint32(p[2:])), Size: int64(binary.LittleEndian.Uint64(p[6:])),
-		Created: time.Unix(0, int64(binary.LittleEndian.Uint64(p[14:]))).UTC()}
+		Created: time.Unix(0, int64(binary.LittleEndian.Uint64(p[14:]))).UTC(), format: version}
 	if !validChunkSize(x.ChunkSize) {
 		return nil, corrupt(what, "bad chunk size")
 	}
@@ -265,13 +299,26 @@ func DecodeIndex(b []byte) (*Index, error) {
 		strs[i], p = string(p[2:2+n]), p[2+n:]
 	}
 	x.ID, x.Volume, x.Snapshot, x.Parent = strs[0], strs[1], strs[2], strs[3]
+	if x.Size < 0 {
+		return nil, corrupt(what, "negative size")
+	}
+	total := uint64(x.NumChunks())
+	if version == 3 {
+		if len(p) < 8 {
+			return nil, corrupt(what, "truncated")
+		}
+		first := binary.LittleEndian.Uint64(p)
+		if first >= total {
+			return nil, corrupt(what, "segment starts past the end")
+		}
+		x.First, p = int64(first), p[8:]
+	}
 	if len(p) < 8 {
 		return nil, corrupt(what, "truncated")
 	}
 	n := binary.LittleEndian.Uint64(p)
 	p = p[8:]
-	cs := int64(x.ChunkSize)
-	if x.Size < 0 || n != uint64((x.Size+cs-1)/cs) || n > uint64(len(p))*(1<<32) {
+	if version == 2 && n != total || version == 3 && (n == 0 || n > total-uint64(x.First)) || n > uint64(len(p))*(1<<32) {
 		return nil, corrupt(what, "chunk count does not match the size")
 	}
 	x.Chunks = make([]Hash, 0, min(n, uint64(len(p)/32)+1))

@@ -74,4 +74,9 @@ func TestWriteSeedCorpus(t *testing.T) {
 	x := &Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3*4096 + 5, ChunkSize: 4096, Chunks: make([]Hash, 4)}
 	x.Chunks[1][0] = 7
 	write("FuzzDecodeIndex", "valid-v2", fmt.Sprintf("[]byte(%q)\n", x.Encode()))
+	seg := &Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 9*4096 + 5, ChunkSize: 4096, First: 4, Chunks: make([]Hash, 3)}
+	seg.Chunks[2][0] = 7
+	write("FuzzDecodeIndex", "valid-v3-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
+	seg.First, seg.format = 0, 3
+	write("FuzzDecodeIndex", "valid-v3-first-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
 }

@@ -10,18 +10,24 @@ import (
 	"github.com/zeebo/blake3"
 )
 
-// An image is two objects: lists/ID, its chunk list (Index.Encode,
-// compressed and sealed), and images/ID, a small sealed JSON record of
-// the image that names the list's hash. The record is written last, so
-// an image is listed only when it is whole.
+// An image is its chunk list and images/ID, a small sealed JSON record
+// of the image that names the list's hashes. Format 3 cuts the list into
+// segments, lists/ID/NNNNNN (Index.Encode of SegmentChunks chunks,
+// sealed), written while the backup runs, so neither a backup nor a
+// restore holds more than a segment of it; format 2 had one object,
+// lists/ID. The record is written last, so an image is listed only when
+// it is whole.
 
-// writeImage stores x's chunk list, then its record.
+// segmentChunks is how many chunks a segment of a chunk list covers:
+// 65536 (256 MiB of volume at 4 KiB chunks, at most 2 MiB stored). (A
+// variable: tests make segments small.)
+var segmentChunks int64 = 1 << 16
+
+func segmentName(id string, k int) string { return fmt.Sprintf("lists/%s/%06d", id, k) }
+
+// writeImage makes the image's chunk list (written by a listWriter)
+// durable, then writes its record.
 func (r *Repo) writeImage(ctx context.Context, x *Index) error {
-	list := r.seal.seal(nil, x.Encode())
-	x.ListHash = blake3.Sum256(list)
-	if err := r.be.Put(ctx, listName(x.ID), list); err != nil {
-		return err
-	}
 	if err := r.be.Sync(ctx); err != nil {
 		return err
 	}
@@ -30,6 +36,168 @@ func (r *Repo) writeImage(ctx context.Context, x *Index) error {
 		return err
 	}
 	return r.be.Sync(ctx)
+}
+
+// listWriter writes an image's chunk list segment by segment as the
+// backup hands it the chunks' hashes in order.
+type listWriter struct {
+	r     *Repo
+	x     *Index
+	buf   []Hash
+	first int64
+	bytes int64 // stored
+}
+
+func (r *Repo) newListWriter(x *Index) *listWriter {
+	x.SegmentChunks = segmentChunks
+	return &listWriter{r: r, x: x, buf: make([]Hash, 0, min(segmentChunks, x.NumChunks()))}
+}
+
+// add appends the next chunks' hashes.
+func (w *listWriter) add(ctx context.Context, hs ...Hash) error {
+	for len(hs) > 0 {
+		n := min(len(hs), int(w.x.SegmentChunks)-len(w.buf))
+		w.buf = append(w.buf, hs[:n]...)
+		hs = hs[n:]
+		if int64(len(w.buf)) == w.x.SegmentChunks {
+			if err := w.flush(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// flush writes the segment collected so far.
+func (w *listWriter) flush(ctx context.Context) error {
+	if len(w.buf) == 0 {
+		return nil
+	}
+	x := w.x
+	seg := &Index{ID: x.ID, Volume: x.Volume, Snapshot: x.Snapshot, Parent: x.Parent, Size: x.Size, ChunkSize: x.ChunkSize,
+		Created: x.Created, Chunks: w.buf, First: w.first, format: 3}
+	obj := w.r.seal.seal(nil, seg.Encode())
+	if err := w.r.be.Put(ctx, segmentName(x.ID, len(x.Segments)), obj); err != nil {
+		return fmt.Errorf("chunk list: %w", err)
+	}
+	x.Segments = append(x.Segments, blake3.Sum256(obj))
+	w.first += int64(len(w.buf))
+	w.bytes += int64(len(obj))
+	w.buf = w.buf[:0]
+	return nil
+}
+
+// finish writes the last segment and checks the list covers the volume.
+func (w *listWriter) finish(ctx context.Context) error {
+	if err := w.flush(ctx); err != nil {
+		return err
+	}
+	if w.first != w.x.NumChunks() {
+		return fmt.Errorf("chunk list: %d of %d chunks written", w.first, w.x.NumChunks())
+	}
+	return nil
+}
+
+// numSegments is how many segments x's chunk list has (1 for format 2).
+func (x *Index) numSegments() int {
+	if x.Segments == nil {
+		return 1
+	}
+	return len(x.Segments)
+}
+
+// segmentOf is the segment holding chunk i.
+func (x *Index) segmentOf(i int64) int {
+	if x.Segments == nil {
+		return 0
+	}
+	return int(i / x.SegmentChunks)
+}
+
+// segment returns segment k of x's chunk list: its first chunk and the
+// hashes, read and checked against the record (or sliced from Chunks
+// when the whole list is in memory).
+func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, error) {
+	if x.Segments == nil || x.Chunks != nil {
+		if err := r.loadChunks(ctx, x); err != nil {
+			return 0, nil, err
+		}
+		if x.Segments == nil {
+			return 0, x.Chunks, nil
+		}
+		first := int64(k) * x.SegmentChunks
+		return first, x.Chunks[first:min(first+x.SegmentChunks, int64(len(x.Chunks)))], nil
+	}
+	if k < 0 || k >= len(x.Segments) {
+		return 0, nil, fmt.Errorf("image %s: chunk list segment %d of %d", x.ID, k, len(x.Segments))
+	}
+	name := segmentName(x.ID, k)
+	raw, err := r.be.Get(ctx, name, 0, -1)
+	if err != nil {
+		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
+	}
+	if blake3.Sum256(raw) != x.Segments[k] {
+		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w: does not match the image record's hash", x.ID, name, ErrCorrupt)
+	}
+	b, err := r.seal.open(nil, raw)
+	if err != nil {
+		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
+	}
+	l, err := DecodeIndex(b)
+	if err != nil {
+		return 0, nil, fmt.Errorf("image %s: %s: %w", x.ID, name, err)
+	}
+	first := int64(k) * x.SegmentChunks
+	want := min(x.SegmentChunks, x.NumChunks()-first)
+	if l.format != 3 || l.ID != x.ID || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize || l.First != first || int64(len(l.Chunks)) != want {
+		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w: belongs to %s (size %d, chunk %d, chunks %d from %d)", x.ID, name, ErrCorrupt, l.ID, l.Size, l.ChunkSize, len(l.Chunks), l.First)
+	}
+	return first, l.Chunks, nil
+}
+
+// eachSegment calls fn with every segment of x's chunk list, in order.
+func (r *Repo) eachSegment(ctx context.Context, x *Index, fn func(first int64, hashes []Hash) error) error {
+	for k := range x.numSegments() {
+		first, hs, err := r.segment(ctx, x, k)
+		if err != nil {
+			return err
+		}
+		if err := fn(first, hs); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// listCursor reads an image's chunk hashes by position, keeping one
+// segment in memory; cheapest in ascending order.
+type listCursor struct {
+	r      *Repo
+	x      *Index
+	first  int64
+	hashes []Hash
+}
+
+func (c *listCursor) hash(ctx context.Context, i int64) (Hash, error) {
+	if c.hashes == nil || i < c.first || i >= c.first+int64(len(c.hashes)) {
+		first, hs, err := c.r.segment(ctx, c.x, c.x.segmentOf(i))
+		if err != nil {
+			return Hash{}, err
+		}
+		c.first, c.hashes = first, hs
+	}
+	return c.hashes[i-c.first], nil
+}
+
+// deleteList removes an image's chunk list objects (after its record).
+func (r *Repo) deleteList(ctx context.Context, x *Index) {
+	if x.Segments == nil {
+		r.be.Delete(ctx, listName(x.ID))
+		return
+	}
+	for k := range x.Segments {
+		r.be.Delete(ctx, segmentName(x.ID, k))
+	}
 }
 
 // imageRecord reads images/ID.
@@ -45,26 +213,43 @@ func (r *Repo) imageRecord(ctx context.Context, id string) (*Index, error) {
 	return &x, nil
 }
 
-// Image reads image id with its chunk list.
-func (r *Repo) Image(id string) (*Index, error) { return r.image(context.Background(), id) }
-
-func (r *Repo) image(ctx context.Context, id string) (*Index, error) {
-	if !validImageID(id) {
-		return nil, fmt.Errorf("image %q: not an image ID (see `umbra images list`)", id)
-	}
-	x, err := r.imageRecord(ctx, id)
+// Image reads image id with its whole chunk list (memory grows with the
+// volume; OpenImage and Restore read it a segment at a time).
+func (r *Repo) Image(id string) (*Index, error) {
+	x, err := r.image(context.Background(), id)
 	if err != nil {
 		return nil, err
 	}
-	if err := r.loadChunks(ctx, x); err != nil {
+	if err := r.loadChunks(context.Background(), x); err != nil {
 		return nil, err
 	}
 	return x, nil
 }
 
-// loadChunks fills x.Chunks from its list, checking it against the record.
+func (r *Repo) image(ctx context.Context, id string) (*Index, error) {
+	if !validImageID(id) {
+		return nil, fmt.Errorf("image %q: not an image ID (see `umbra images list`)", id)
+	}
+	return r.imageRecord(ctx, id)
+}
+
+// loadChunks fills x.Chunks with the whole chunk list, checking it
+// against the record. Memory grows with the volume: the backup, restore,
+// verify and prune paths read segment by segment instead.
 func (r *Repo) loadChunks(ctx context.Context, x *Index) error {
 	if x.Chunks != nil {
+		return nil
+	}
+	if x.Segments != nil {
+		all := make([]Hash, 0, x.NumChunks())
+		for k := range x.Segments {
+			_, hs, err := r.segment(ctx, x, k)
+			if err != nil {
+				return err
+			}
+			all = append(all, hs...)
+		}
+		x.Chunks = all
 		return nil
 	}
 	raw, err := r.be.Get(ctx, listName(x.ID), 0, -1)
@@ -82,7 +267,7 @@ func (r *Repo) loadChunks(ctx context.Context, x *Index) error {
 	if err != nil {
 		return fmt.Errorf("image %s: %w", x.ID, err)
 	}
-	if l.ID != x.ID || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize {
+	if l.format != 2 || l.ID != x.ID || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize {
 		return fmt.Errorf("image %s: chunk list: %w: belongs to %s (size %d, chunk %d)", x.ID, ErrCorrupt, l.ID, l.Size, l.ChunkSize)
 	}
 	x.Chunks = l.Chunks

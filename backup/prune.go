@@ -122,7 +122,7 @@ func (r *Repo) Prune(ctx context.Context, p Policy, dryRun bool) (PruneReport, e
 		return rep, err
 	}
 	for _, x := range remove {
-		r.be.Delete(ctx, listName(x.ID))
+		r.deleteList(ctx, x)
 	}
 	return rep, r.collect(ctx, keep, &rep)
 }
@@ -131,13 +131,16 @@ func (r *Repo) Prune(ctx context.Context, p Policy, dryRun bool) (PruneReport, e
 func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) error {
 	used := map[Hash]bool{}
 	for _, x := range keep {
-		if err := r.loadChunks(ctx, x); err != nil {
+		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
+			for _, h := range hs {
+				used[h] = true
+			}
+			return nil
+		})
+		x.Chunks = nil // bounded memory: only the used set is kept
+		if err != nil {
 			return fmt.Errorf("prune: %w; not collecting garbage (it could delete what that image needs): run `umbra verify`", err)
 		}
-		for _, h := range x.Chunks {
-			used[h] = true
-		}
-		x.Chunks = nil // bounded memory: only the used set is kept
 	}
 	// Every pack with its blobs: from the indexes, and from the trailers
 	// of packs no index names (a backup that died before its index, or a
@@ -315,11 +318,19 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		}
 		rep.PacksDeleted++
 	}
-	// Chunk lists whose image record is gone (a backup or prune that died).
+	// Chunk lists whose image record is gone (a backup or prune that
+	// died): lists/ID (format 2) and lists/ID/NNNNNN (format 3).
 	if lists, err := r.be.List(ctx, "lists/"); err == nil {
+		gone := map[string]bool{}
 		for _, n := range lists {
-			id := strings.TrimPrefix(n, "lists/")
-			if ok, err := r.be.Has(ctx, imageName(id)); err == nil && !ok {
+			id, _, _ := strings.Cut(strings.TrimPrefix(n, "lists/"), "/")
+			g, seen := gone[id]
+			if !seen {
+				ok, err := r.be.Has(ctx, imageName(id))
+				g = err == nil && !ok
+				gone[id] = g
+			}
+			if g {
 				r.be.Delete(ctx, n)
 			}
 		}

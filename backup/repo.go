@@ -30,6 +30,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/blake3"
@@ -65,7 +66,10 @@ type Config struct {
 	Encryption  string `json:"encryption"`  // none | aes-256-gcm
 }
 
-const formatVersion = 2
+// formatVersion 3 cut chunk lists into segments; version 2 repositories
+// are read as they are and upgraded by their next backup (upgradeFormat),
+// so an older Umbra refuses them instead of misreading new images.
+const formatVersion = 3
 
 // Typed errors.
 var (
@@ -98,6 +102,8 @@ type Repo struct {
 	hashKey []byte  // nil: plain hashes
 	enc     *zstd.Encoder
 	dec     *zstd.Decoder
+
+	version atomic.Int32 // cfg.Version, as upgraded
 
 	mu        sync.Mutex // guards the fields below
 	packs     []PackID
@@ -200,11 +206,12 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 	if err := json.Unmarshal(b, &cfg); err != nil {
 		return nil, fmt.Errorf("open repository %s: config: %w: %v", where, ErrCorrupt, err)
 	}
-	if cfg.Version != formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
+	if (cfg.Version != formatVersion && cfg.Version != 2) || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
 		cfg.Compression != "zstd" || levels[cfg.Level] == 0 || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
 		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads version %d)", where, cfg, formatVersion)
 	}
 	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: map[Hash]loc{}}
+	r.version.Store(int32(cfg.Version))
 	if cfg.Encryption != "none" {
 		if set.Password == "" {
 			return nil, fmt.Errorf("open repository %s: %w", where, ErrNeedPassword)
@@ -254,11 +261,34 @@ func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
 	return nil, ErrWrongPassword
 }
 
+// upgradeFormat moves a version 2 repository to version 3 before the
+// first segmented chunk list is written into it.
+func (r *Repo) upgradeFormat(ctx context.Context) error {
+	if r.version.Load() >= formatVersion {
+		return nil
+	}
+	cfg := r.cfg
+	cfg.Version = formatVersion
+	b, _ := json.MarshalIndent(cfg, "", "  ")
+	if err := r.be.Put(ctx, "config", b); err != nil {
+		return fmt.Errorf("upgrade repository %s to format %d: %w", r.Location(), formatVersion, err)
+	}
+	if err := r.be.Sync(ctx); err != nil {
+		return fmt.Errorf("upgrade repository %s to format %d: %w", r.Location(), formatVersion, err)
+	}
+	r.version.Store(formatVersion)
+	return nil
+}
+
 // Close releases the codecs.
 func (r *Repo) Close() { r.dec.Close(); r.enc.Close() }
 
 // Config returns the repository's settings.
-func (r *Repo) Config() Config { return r.cfg }
+func (r *Repo) Config() Config {
+	c := r.cfg
+	c.Version = int(r.version.Load())
+	return c
+}
 
 // Location names the repository.
 func (r *Repo) Location() string { return r.be.Location() }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"umbra/backup"
+	"umbra/provider"
 )
 
 func init() { backup.SetScryptN(1 << 10) }
@@ -309,6 +311,17 @@ func (f fileSource) Size() int64 { fi, _ := f.Stat(); return fi.Size() }
 
 // TestImageReader reads an image in place at odd offsets.
 func TestImageReader(t *testing.T) {
+	for _, seg := range []int64{0, 3} {
+		t.Run(fmt.Sprint("segment=", seg), func(t *testing.T) {
+			if seg > 0 {
+				defer backup.SetSegmentChunks(backup.SetSegmentChunks(seg))
+			}
+			imageReader(t)
+		})
+	}
+}
+
+func imageReader(t *testing.T) {
 	ctx := context.Background()
 	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
 	if err != nil {
@@ -348,5 +361,81 @@ func TestChunkSizes(t *testing.T) {
 	}
 	if _, err := backup.InitWith(ctx, filepath.Join(t.TempDir(), "r"), backup.Settings{ChunkSize: 5000}); err == nil || !strings.Contains(err.Error(), "chunk size 5000") {
 		t.Fatalf("a bad chunk size: %v", err)
+	}
+}
+
+// TestFormat2Repository: a repository written by format 2 (one chunk
+// list object per image) still lists, restores, mounts and verifies; an
+// incremental image on top of a format-2 parent is written in segments
+// and moves the repository to format 3.
+func TestFormat2Repository(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(5))
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "repo")
+	repo, err := backup.Init(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := volumeData(rand.New(rand.NewPCG(3, 4)), 200<<10+100)
+	old := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	if err := backup.DowngradeToV2(repo, old.ID); err != nil {
+		t.Fatal(err)
+	}
+	repo.Close()
+	repo, err = backup.Open(dir)
+	if err != nil {
+		t.Fatalf("open a format-2 repository: %v", err)
+	}
+	defer repo.Close()
+	if v := repo.Config().Version; v != 2 {
+		t.Fatalf("version %d after the downgrade", v)
+	}
+	parent, err := repo.Image(old.ID)
+	if err != nil || parent.Segments != nil {
+		t.Fatalf("format-2 image: %v (segments %d)", err, len(parent.Segments))
+	}
+	ir, err := repo.OpenImage(ctx, old.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(src))
+	if _, err := ir.ReadAt(got, 0); err != nil || !bytes.Equal(got, src) {
+		t.Fatalf("format-2 image reads wrong: %v", err)
+	}
+	// Change chunks 3 and 30, then an incremental image on the old parent.
+	next := append(memSource(nil), src...)
+	next[3*4096] ^= 1
+	next[30*4096+7] ^= 1
+	changed := &provider.Bitmap{Granule: 4096, Size: int64(len(src)), Bits: make([]uint64, 1)}
+	changed.Bits[0] = 1<<3 | 1<<30
+	x := backupAndRestore(t, repo, next, backup.Options{Volume: "v", Parent: parent, Changed: changed})
+	if x.Parent != old.ID || len(x.Segments) != (len(src)/4096+1+4)/5 {
+		t.Fatalf("incremental on a format-2 parent: parent %q, %d segments", x.Parent, len(x.Segments))
+	}
+	if v := repo.Config().Version; v != 3 {
+		t.Fatalf("repository still version %d after a segmented image", v)
+	}
+	if rep := repo.Verify(); rep.GoodImages != 2 || len(rep.BadImages) > 0 {
+		t.Fatalf("verify a mixed repository: %+v", rep)
+	}
+	out := filepath.Join(t.TempDir(), "old.img")
+	if err := repo.Restore(old.ID, out, nil); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); !bytes.Equal(b, src) {
+		t.Fatal("format-2 image restores wrong")
+	}
+	// Prune the old image: its list object goes, the new image stays whole.
+	if _, err := repo.Prune(ctx, backup.Policy{Last: 1}, false); err != nil {
+		t.Fatal(err)
+	}
+	if names := backup.ObjectNames(repo, "lists/"); len(names) != len(x.Segments) {
+		t.Fatalf("after pruning the format-2 image, lists/ holds %v", names)
+	}
+	if err := repo.Restore(x.ID, out, nil); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); !bytes.Equal(b, next) {
+		t.Fatal("incremental image restores wrong after the prune")
 	}
 }

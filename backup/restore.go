@@ -20,7 +20,8 @@ func (r *Repo) Restore(id, path string, progress func(done, total int64)) error 
 const restoreCache = 64 << 20
 
 // RestoreContext is Restore with a context. Memory is bounded by a batch
-// per worker, the blob cache (restoreCache) and the image's chunk list.
+// per worker, the blob cache (restoreCache), one segment of the image's
+// chunk list and the repository's index: not by the volume's size.
 func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress func(done, total int64)) error {
 	x, err := r.image(ctx, id)
 	if err != nil {
@@ -44,10 +45,6 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 			return fmt.Errorf("restore to %s: %w", path, err)
 		}
 	}
-	cs := int64(x.ChunkSize)
-	perBatch := max(batchBytes/cs, 1)
-	n := int64(len(x.Chunks))
-	nb := (n + perBatch - 1) / perBatch
 	// Workers take whole batches: fetch, open, check and write each on
 	// its own, so that writing (page allocation on the target) runs on
 	// every core too. Memory: a batch buffer per worker and the shared
@@ -56,20 +53,68 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	if _, ok := r.be.(*s3Backend); ok {
 		workers = max(workers, 8) // latency-bound
 	}
-	cache := r.newBlobCache(x, restoreCache)
+	cs := int64(x.ChunkSize)
+	perBatch := max(batchBytes/cs, 1)
+	bufs := make(chan []byte, workers)
+	for range workers {
+		bufs <- make([]byte, perBatch*cs)
+	}
+	rs := &restoreRun{r: r, x: x, f: f, path: path, regular: regular, cache: newBlobCache(restoreCache), bufs: bufs, workers: workers, progress: progress}
+	err = r.eachSegment(ctx, x, func(first int64, hs []Hash) error {
+		if err := rs.segment(ctx, first, hs); err != nil {
+			return fmt.Errorf("restore %s: %w", id, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("restore to %s: %w", path, err)
+	}
+	return nil
+}
+
+// restoreRun is one restore's state across the segments of its list.
+type restoreRun struct {
+	r        *Repo
+	x        *Index
+	f        *os.File
+	path     string
+	regular  bool
+	cache    *blobCache
+	bufs     chan []byte
+	workers  int
+	progress func(done, total int64)
+	done     atomic.Int64
+	mu       sync.Mutex // orders progress calls
+}
+
+// segment restores the chunks of one segment of the list (hs, from chunk
+// first on), batch by batch on every worker.
+func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error {
+	rs.r.countUses(rs.cache, hs)
+	x := rs.x
+	cs := int64(x.ChunkSize)
+	perBatch := max(batchBytes/cs, 1)
+	n := int64(len(hs))
+	nb := (n + perBatch - 1) / perBatch
 	var (
 		next   atomic.Int64
-		done   atomic.Int64
-		mu     sync.Mutex // guards failed and orders progress calls
+		mu     sync.Mutex // guards failed
 		failed error
 		wg     sync.WaitGroup
 	)
-	for range workers {
+	for range rs.workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, perBatch*cs)
-			sum := r.hasher()
+			buf := <-rs.bufs
+			defer func() { rs.bufs <- buf }()
+			sum := rs.r.hasher()
 			for {
 				bi := next.Add(1) - 1
 				if bi >= nb || ctx.Err() != nil {
@@ -81,23 +126,25 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 				if stop {
 					return
 				}
-				first := bi * perBatch
-				last := min(first+perBatch, n)
-				err := r.readChunks(ctx, x, first, last, buf, sum, cache)
+				lo, hi := bi*perBatch, min((bi+1)*perBatch, n)
+				err := rs.r.readChunks(ctx, x, first+lo, hs[lo:hi], buf, sum, rs.cache)
+				if err == nil {
+					err = rs.write(first+lo, hs[lo:hi], buf)
+				}
 				if err != nil {
-					err = fmt.Errorf("restore %s: %w", id, err)
-				} else {
-					err = writeBatch(f, x, first, last, buf, regular, path)
+					mu.Lock()
+					if failed == nil {
+						failed = err
+					}
+					mu.Unlock()
+					return
 				}
-				mu.Lock()
-				if err != nil && failed == nil {
-					failed = err
+				rs.mu.Lock()
+				d := rs.done.Add(min((first+hi)*cs, x.Size) - (first+lo)*cs)
+				if rs.progress != nil {
+					rs.progress(d, x.Size)
 				}
-				d := done.Add(min(last*cs, x.Size) - first*cs)
-				if progress != nil && err == nil {
-					progress(d, x.Size)
-				}
-				mu.Unlock()
+				rs.mu.Unlock()
 			}
 		}()
 	}
@@ -105,32 +152,26 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	if failed != nil {
 		return failed
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("restore to %s: %w", path, err)
-	}
-	return nil
+	return ctx.Err()
 }
 
-// writeBatch writes chunks [first,last) from buf; a regular file keeps
+// write writes chunks first.. (hashes hs) from buf; a regular file keeps
 // zero chunks as holes.
-func writeBatch(f *os.File, x *Index, first, last int64, buf []byte, regular bool, path string) error {
-	cs := int64(x.ChunkSize)
-	for j := first; j < last; {
-		if regular && x.Chunks[j] == (Hash{}) {
+func (rs *restoreRun) write(first int64, hs []Hash, buf []byte) error {
+	cs := int64(rs.x.ChunkSize)
+	for j := 0; j < len(hs); {
+		if rs.regular && hs[j] == (Hash{}) {
 			j++
 			continue
 		}
 		k := j + 1
-		for k < last && !(regular && x.Chunks[k] == (Hash{})) {
+		for k < len(hs) && !(rs.regular && hs[k] == (Hash{})) {
 			k++
 		}
-		off := j * cs
-		end := min(k*cs, x.Size)
-		if _, err := f.WriteAt(buf[(j-first)*cs:(j-first)*cs+end-off], off); err != nil {
-			return fmt.Errorf("restore to %s at %d: %w", path, off, err)
+		off := (first + int64(j)) * cs
+		end := min((first+int64(k))*cs, rs.x.Size)
+		if _, err := rs.f.WriteAt(buf[int64(j)*cs:int64(j)*cs+end-off], off); err != nil {
+			return fmt.Errorf("restore to %s at %d: %w", rs.path, off, err)
 		}
 		j = k
 	}
@@ -153,11 +194,23 @@ type blobCache struct {
 
 type blobKey struct{ pack, off uint32 }
 
-func (r *Repo) newBlobCache(x *Index, max int64) *blobCache {
-	c := &blobCache{left: map[blobKey]int32{}, data: map[blobKey][]byte{}, max: max}
+func newBlobCache(max int64) *blobCache {
+	return &blobCache{left: map[blobKey]int32{}, data: map[blobKey][]byte{}, max: max}
+}
+
+// countUses adds the uses of blobs by the chunks hs (a segment about to
+// be restored); a blob is dropped from the cache at its last use.
+func (r *Repo) countUses(c *blobCache, hs []Hash) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, h := range x.Chunks {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, n := range c.left {
+		if n <= 0 {
+			delete(c.left, k)
+		}
+	}
+	for _, h := range hs {
 		if h == (Hash{}) {
 			continue
 		}
@@ -165,7 +218,6 @@ func (r *Repo) newBlobCache(x *Index, max int64) *blobCache {
 			c.left[blobKey{l.pack, l.off}]++
 		}
 	}
-	return c
 }
 
 // take counts one use of k and returns the blob if it is cached.
@@ -206,17 +258,16 @@ type blobItem struct {
 	l    loc
 }
 
-// readChunks fills buf with chunks [first,last) of x: zero chunks are
+// readChunks fills buf with chunks first.. of x (hashes hs): zero chunks are
 // zeroed, others taken from cached blobs or from the packs — each blob
 // the batch needs is read and opened once, adjacent blobs of a pack in
 // one read — and every chunk is checked against its hash.
-func (r *Repo) readChunks(ctx context.Context, x *Index, first, last int64, buf []byte, sum func([]byte) Hash, cache *blobCache) error {
+func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash, buf []byte, sum func([]byte) Hash, cache *blobCache) error {
 	cs := int64(x.ChunkSize)
 	need := map[blobKey]*blobUse{}
 	var uses []*blobUse
-	for i := first; i < last; i++ {
-		h := x.Chunks[i]
-		slot := int(i - first)
+	for slot, h := range hs {
+		i := first + int64(slot)
 		dst := buf[int64(slot)*cs : int64(slot+1)*cs]
 		if h == (Hash{}) {
 			clear(dst)
@@ -287,9 +338,10 @@ type ImageReader struct {
 	r *Repo
 	x *Index
 
-	mu    sync.Mutex // guards cache, order
+	mu    sync.Mutex // guards cache, order, list
 	cache map[blobKey][]byte
 	order []blobKey
+	list  listCursor
 }
 
 // OpenImage opens image id for reading.
@@ -298,7 +350,24 @@ func (r *Repo) OpenImage(ctx context.Context, id string) (*ImageReader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &ImageReader{r: r, x: x, cache: map[blobKey][]byte{}}, nil
+	ir := &ImageReader{r: r, x: x, cache: map[blobKey][]byte{}, list: listCursor{r: r, x: x}}
+	if _, err := ir.hash(0); err != nil && x.Size > 0 {
+		return nil, err
+	}
+	return ir, nil
+}
+
+// hash is chunk i's hash (the zero hash for an all-zero chunk).
+func (ir *ImageReader) hash(i int64) (Hash, error) {
+	ir.mu.Lock()
+	defer ir.mu.Unlock()
+	return ir.list.hash(context.Background(), i)
+}
+
+// Zero reports whether chunk i of the image is all zeros (never stored).
+func (ir *ImageReader) Zero(i int64) (bool, error) {
+	h, err := ir.hash(i)
+	return h == (Hash{}), err
 }
 
 // Index returns the image's record.
@@ -330,7 +399,10 @@ func (ir *ImageReader) ReadAt(p []byte, off int64) (int, error) {
 
 func (ir *ImageReader) chunk(i int64) ([]byte, error) {
 	cs := int64(ir.x.ChunkSize)
-	h := ir.x.Chunks[i]
+	h, err := ir.hash(i)
+	if err != nil {
+		return nil, err
+	}
 	if h == (Hash{}) {
 		return zeroChunk[:cs], nil
 	}

@@ -3,6 +3,7 @@ package backup
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"runtime"
 	"sort"
@@ -38,17 +39,20 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	needed := map[Hash]bool{} // hash -> good
 	var usable []*Index
 	for _, x := range list {
-		if err := r.loadChunks(ctx, x); err != nil {
+		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
+			for _, h := range hs {
+				if h != (Hash{}) {
+					needed[h] = false
+				}
+			}
+			return nil
+		})
+		if err != nil {
 			rep.BadIndexes = append(rep.BadIndexes, err.Error())
 			rep.BadImages = append(rep.BadImages, x.ID)
 			continue
 		}
 		usable = append(usable, x)
-		for _, h := range x.Chunks {
-			if h != (Hash{}) {
-				needed[h] = false
-			}
-		}
 	}
 	// Group the needed chunks by pack and check each pack in one read.
 	byPack := map[PackID][]Hash{}
@@ -100,11 +104,18 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	sort.Strings(rep.BadChunks)
 	for _, x := range usable {
 		ok := true
-		for _, h := range x.Chunks {
-			if h != (Hash{}) && !needed[h] {
-				ok = false
-				break
+		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
+			for _, h := range hs {
+				if h != (Hash{}) && !needed[h] {
+					ok = false
+					return errStop
+				}
 			}
+			return nil
+		})
+		if err != nil && err != errStop {
+			ok = false
+			rep.BadIndexes = append(rep.BadIndexes, err.Error())
 		}
 		if ok {
 			rep.GoodImages++
@@ -115,6 +126,8 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	sort.Strings(rep.BadImages)
 	return rep
 }
+
+var errStop = errors.New("stop")
 
 // checkPack reads a pack whole and checks the given chunks in it.
 func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) map[Hash]bool {

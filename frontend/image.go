@@ -40,7 +40,10 @@ func (e imageExports) Lookup(name string) (*nbd.Export, error) {
 			for pos := off; pos < off+length; {
 				i := pos / cs
 				end := min((i+1)*cs, off+length)
-				zero := x.Chunks[i] == (backup.Hash{})
+				zero, err := e.ir.Zero(i)
+				if err != nil {
+					return nil, err
+				}
 				if n := len(out); n > 0 && out[n-1].Zero == zero {
 					out[n-1].Len += end - pos
 				} else {

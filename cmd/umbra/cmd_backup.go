@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -203,6 +204,12 @@ func newRestoreCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if to == "" {
 				return usageError{fmt.Errorf("--to PATH is required")}
+			}
+			// A restore's heap is the index plus short-lived batch and
+			// blob buffers: collecting at half the live heap instead of
+			// all of it keeps the peak down at no cost in time.
+			if os.Getenv("GOGC") == "" {
+				debug.SetGCPercent(50)
 			}
 			r, err := rf.open(cmd.Context())
 			if err != nil {
