@@ -116,6 +116,21 @@ func (s *sealer) sealPrefixed(b []byte) []byte {
 	return s.aead.Seal(b[:sealPrefix], b[:sealPrefix], b[sealPrefix:], nil)
 }
 
+// openInPlace opens b, reusing its memory for the plaintext.
+func (s *sealer) openInPlace(b []byte) ([]byte, error) {
+	if s == nil {
+		return b, nil
+	}
+	if len(b) < sealOverhead {
+		return nil, fmt.Errorf("%w: sealed object too short", ErrCorrupt)
+	}
+	out, err := s.aead.Open(b[12:12], b[:12], b[12:], nil)
+	if err != nil {
+		return nil, fmt.Errorf("%w: authentication failed (damaged, or sealed with another key)", ErrCorrupt)
+	}
+	return out, nil
+}
+
 func (s *sealer) open(dst, b []byte) ([]byte, error) {
 	if s == nil {
 		return append(dst, b...), nil

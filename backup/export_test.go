@@ -24,11 +24,11 @@ func PackChunks(r *Repo, pack string) []Hash {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []Hash
-	for h, l := range r.chunks {
+	r.chunks.each(func(h Hash, l loc) {
 		if r.packs[l.pack].name() == pack {
 			out = append(out, h)
 		}
-	}
+	})
 	return out
 }
 
@@ -49,13 +49,13 @@ func SetScryptN(n int) { scryptN = n }
 func BlobChunks(r *Repo, h Hash) []Hash {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	l := r.chunks[h]
+	l, _ := r.chunks.get(h)
 	var out []Hash
-	for c, m := range r.chunks {
+	r.chunks.each(func(c Hash, m loc) {
 		if m.pack == l.pack && m.off == l.off {
 			out = append(out, c)
 		}
-	}
+	})
 	return out
 }
 

@@ -1,10 +1,13 @@
 package backup
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"time"
 )
 
@@ -141,43 +144,73 @@ func encodeChunkIndex(packs []packBlobs) []byte {
 }
 
 func decodeChunkIndex(b []byte) ([]packBlobs, error) {
-	const what = "chunk index"
-	body, err := checkCRC(what, b)
+	var out []packBlobs
+	_, err := readChunkIndex(bytes.NewReader(b), func(id PackID, n int) {
+		out = append(out, packBlobs{ID: id, Blobs: make([]blobEntry, 0, min(n, len(b)/blobEntLen))})
+	}, func(e blobEntry) {
+		p := &out[len(out)-1]
+		p.Blobs = append(p.Blobs, e)
+	})
 	if err != nil {
 		return nil, err
 	}
-	if len(body) < 14 || string(body[:8]) != cidxMagic {
-		return nil, corrupt(what, "bad magic")
-	}
-	if binary.LittleEndian.Uint16(body[8:]) != 1 {
-		return nil, corrupt(what, "unknown version")
-	}
-	n := binary.LittleEndian.Uint32(body[10:])
-	p := body[14:]
-	if uint64(n) > uint64(len(p))/36 {
-		return nil, corrupt(what, "pack count exceeds its length")
-	}
-	out := make([]packBlobs, n)
-	for i := range out {
-		if len(p) < 36 {
-			return nil, corrupt(what, "truncated")
-		}
-		copy(out[i].ID[:], p)
-		m := binary.LittleEndian.Uint32(p[32:])
-		p = p[36:]
-		if uint64(len(p)) < uint64(m)*blobEntLen {
-			return nil, corrupt(what, "truncated")
-		}
-		out[i].Blobs = make([]blobEntry, m)
-		for j := range out[i].Blobs {
-			out[i].Blobs[j] = readBlobEntry(p)
-			p = p[blobEntLen:]
-		}
-	}
-	if len(p) != 0 {
-		return nil, corrupt(what, "trailing bytes")
-	}
 	return out, nil
+}
+
+// readChunkIndex parses a chunk index from r as it streams (an index
+// object is never whole in memory): pack is called for each pack with
+// its entry count, entry for each of its entries. The checksum is known
+// only at the end: on an error the caller drops what it was given. It
+// returns the number of entries.
+func readChunkIndex(r io.Reader, pack func(PackID, int), entry func(blobEntry)) (int, error) {
+	const what = "chunk index"
+	br := bufio.NewReaderSize(r, 64<<10)
+	sum := crc32.New(castagnoli)
+	var buf [blobEntLen]byte
+	read := func(p []byte) error {
+		if _, err := io.ReadFull(br, p); err != nil {
+			return corrupt(what, "truncated")
+		}
+		sum.Write(p)
+		return nil
+	}
+	if err := read(buf[:14]); err != nil {
+		return 0, err
+	}
+	if string(buf[:8]) != cidxMagic {
+		return 0, corrupt(what, "bad magic")
+	}
+	if binary.LittleEndian.Uint16(buf[8:]) != 1 {
+		return 0, corrupt(what, "unknown version")
+	}
+	entries := 0
+	for range binary.LittleEndian.Uint32(buf[10:]) {
+		if err := read(buf[:36]); err != nil {
+			return 0, err
+		}
+		var id PackID
+		copy(id[:], buf[:32])
+		m := binary.LittleEndian.Uint32(buf[32:])
+		pack(id, int(m))
+		for range m {
+			if err := read(buf[:]); err != nil {
+				return 0, err
+			}
+			entry(readBlobEntry(buf[:]))
+		}
+		entries += int(m)
+	}
+	want := sum.Sum32()
+	if _, err := io.ReadFull(br, buf[:4]); err != nil {
+		return 0, corrupt(what, "truncated")
+	}
+	if binary.LittleEndian.Uint32(buf[:]) != want {
+		return 0, corrupt(what, "checksum mismatch")
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		return 0, corrupt(what, "trailing bytes")
+	}
+	return entries, nil
 }
 
 // Index is one image: every chunk of the volume at the snapshot. Images
@@ -206,6 +239,10 @@ type Index struct {
 	First  int64  `json:"-"`
 	format uint16 // the list's version when decoded
 }
+
+// maxSegmentChunks bounds a segment of a chunk list (what a decoder
+// allocates for one); writers use segmentChunks.
+const maxSegmentChunks = 1 << 20
 
 // NumChunks is the number of chunks of the volume.
 func (x *Index) NumChunks() int64 {
@@ -318,7 +355,7 @@ func DecodeIndex(b []byte) (*Index, error) {
 	}
 	n := binary.LittleEndian.Uint64(p)
 	p = p[8:]
-	if version == 2 && n != total || version == 3 && (n == 0 || n > total-uint64(x.First)) || n > uint64(len(p))*(1<<32) {
+	if version == 2 && n != total || version == 3 && (n == 0 || n > total-uint64(x.First) || n > maxSegmentChunks) || n > uint64(len(p))*(1<<32) {
 		return nil, corrupt(what, "chunk count does not match the size")
 	}
 	x.Chunks = make([]Hash, 0, min(n, uint64(len(p)/32)+1))

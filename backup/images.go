@@ -139,7 +139,7 @@ func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, err
 	if blake3.Sum256(raw) != x.Segments[k] {
 		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w: does not match the image record's hash", x.ID, name, ErrCorrupt)
 	}
-	b, err := r.seal.open(nil, raw)
+	b, err := r.seal.openInPlace(raw)
 	if err != nil {
 		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
 	}

@@ -151,10 +151,10 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	}
 	r.mu.Lock()
 	blobs := map[PackID][]blobEntry{}
-	for h, l := range r.chunks {
+	r.chunks.each(func(h Hash, l loc) {
 		pid := r.packs[l.pack]
 		blobs[pid] = append(blobs[pid], blobEntry{Hash: h, Off: l.off, Len: l.len, RawOff: l.rawOff, Raw: l.raw})
-	}
+	})
 	oldIndexes := append([]string(nil), r.indexes...)
 	r.mu.Unlock()
 	listedIndexes, _ := r.be.List(ctx, "index/") // the damaged ones too
@@ -336,7 +336,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		}
 	}
 	r.mu.Lock()
-	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, map[Hash]loc{}, []string{newIndex}, nil
+	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), []string{newIndex}, nil
 	for _, p := range all {
 		r.addPack(p)
 	}

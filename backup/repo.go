@@ -17,6 +17,7 @@
 package backup
 
 import (
+	"bytes"
 	"context"
 	"crypto/hmac"
 	"crypto/rand"
@@ -28,6 +29,7 @@ import (
 	"hash"
 	"io/fs"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -108,7 +110,7 @@ type Repo struct {
 	mu        sync.Mutex // guards the fields below
 	packs     []PackID
 	packIdx   map[PackID]uint32
-	chunks    map[Hash]loc
+	chunks    *chunkIndex
 	indexes   []string // index objects loaded
 	indexErrs []error  // index objects that could not be read
 }
@@ -210,7 +212,7 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		cfg.Compression != "zstd" || levels[cfg.Level] == 0 || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
 		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads version %d)", where, cfg, formatVersion)
 	}
-	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: map[Hash]loc{}}
+	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: newChunkIndex()}
 	r.version.Store(int32(cfg.Version))
 	if cfg.Encryption != "none" {
 		if set.Password == "" {
@@ -334,15 +336,22 @@ func (r *Repo) putSealed(ctx context.Context, name string, b []byte) error {
 
 // getSealed reads an object written by putSealed.
 func (r *Repo) getSealed(ctx context.Context, name string) ([]byte, error) {
+	return r.getSealedWith(ctx, name, r.dec)
+}
+
+// getSealedWith is getSealed with another decoder: a zstd decoder keeps
+// its last input and output until its next use, which for an index
+// object is tens of megabytes held for nothing.
+func (r *Repo) getSealedWith(ctx context.Context, name string, dec *zstd.Decoder) ([]byte, error) {
 	b, err := r.be.Get(ctx, name, 0, -1)
 	if err != nil {
 		return nil, err
 	}
-	z, err := r.seal.open(nil, b)
+	z, err := r.seal.openInPlace(b)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	out, err := r.dec.DecodeAll(z, nil)
+	out, err := dec.DecodeAll(z, nil)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w: %v", name, ErrCorrupt, err)
 	}
@@ -382,7 +391,7 @@ func (r *Repo) Refresh(ctx context.Context) error {
 	for n := range have {
 		if !listed[n] {
 			r.mu.Lock()
-			r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, map[Hash]loc{}, nil, nil
+			r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), nil, nil
 			r.mu.Unlock()
 			return r.loadIndexes(ctx)
 		}
@@ -401,45 +410,81 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 }
 
 func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
+	var all []indexEntry
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	if err != nil {
+		return err
+	}
+	defer dec.Close()
 	for _, n := range names {
-		b, err := r.getSealed(ctx, n)
-		var packs []packBlobs
+		// Streamed from the opened object into compact entries (the
+		// decompressed index is never whole in memory), sorted into the
+		// index once at the end.
+		before := len(all)
+		raw, err := r.be.Get(ctx, n, 0, -1)
+		var z []byte
 		if err == nil {
-			packs, err = decodeChunkIndex(b)
+			z, err = r.seal.openInPlace(raw)
+		}
+		if err == nil {
+			err = dec.Reset(bytes.NewReader(z))
+		}
+		if err == nil {
+			r.mu.Lock()
+			var pack uint32
+			_, err = readChunkIndex(dec, func(id PackID, m int) {
+				pack = r.packNumber(id)
+				all = slices.Grow(all, min(m, 1<<20))
+			}, func(e blobEntry) {
+				all = append(all, indexEntry{e.Hash, loc{pack: pack, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}})
+			})
+			r.mu.Unlock()
 		}
 		r.mu.Lock()
 		if err != nil {
+			all = all[:before] // nothing of a damaged index object
 			r.indexErrs = append(r.indexErrs, fmt.Errorf("index %s: %w", n, err))
 		} else {
 			r.indexes = append(r.indexes, n)
-			for _, p := range packs {
-				r.addPack(p)
-			}
 		}
 		r.mu.Unlock()
 	}
+	r.mu.Lock()
+	r.chunks.addBulk(all)
+	r.mu.Unlock()
 	return nil
 }
 
 // addPack records where a pack's chunks are. Callers hold mu or own r.
 func (r *Repo) addPack(p packBlobs) {
-	i, ok := r.packIdx[p.ID]
+	i := r.packNumber(p.ID)
+	for _, e := range p.Blobs {
+		r.addEntry(i, e)
+	}
+}
+
+// packNumber is pack id's number in r.packs, added if new. Callers hold
+// mu or own r.
+func (r *Repo) packNumber(id PackID) uint32 {
+	i, ok := r.packIdx[id]
 	if !ok {
 		i = uint32(len(r.packs))
-		r.packs = append(r.packs, p.ID)
-		r.packIdx[p.ID] = i
+		r.packs = append(r.packs, id)
+		r.packIdx[id] = i
 	}
-	for _, e := range p.Blobs {
-		if _, dup := r.chunks[e.Hash]; !dup {
-			r.chunks[e.Hash] = loc{pack: i, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}
-		}
-	}
+	return i
+}
+
+// addEntry records where a chunk is, unless it is known. Callers hold mu
+// or own r.
+func (r *Repo) addEntry(pack uint32, e blobEntry) {
+	r.chunks.add(e.Hash, loc{pack: pack, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw})
 }
 
 func (r *Repo) lookup(h Hash) (loc, PackID, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	l, ok := r.chunks[h]
+	l, ok := r.chunks.get(h)
 	if !ok {
 		return loc{}, PackID{}, false
 	}

@@ -16,8 +16,12 @@ func (r *Repo) Restore(id, path string, progress func(done, total int64)) error 
 	return r.RestoreContext(context.Background(), id, path, progress)
 }
 
-// restoreCache bounds the opened blobs a restore keeps for later batches.
-const restoreCache = 64 << 20
+// restoreCache bounds the opened blobs a restore keeps for later batches;
+// adjacentRead bounds one read of adjacent blobs of a pack.
+const (
+	restoreCache = 64 << 20
+	adjacentRead = 2 << 20
+)
 
 // RestoreContext is Restore with a context. Memory is bounded by a batch
 // per worker, the blob cache (restoreCache), one segment of the image's
@@ -214,7 +218,7 @@ func (r *Repo) countUses(c *blobCache, hs []Hash) {
 		if h == (Hash{}) {
 			continue
 		}
-		if l, ok := r.chunks[h]; ok {
+		if l, ok := r.chunks.get(h); ok {
 			c.left[blobKey{l.pack, l.off}]++
 		}
 	}
@@ -299,9 +303,9 @@ func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash,
 		return a.pack < b.pack || a.pack == b.pack && a.off < b.off
 	})
 	for i := 0; i < len(uses); {
-		// One read for a run of adjacent blobs of a pack (up to 8 MiB).
+		// One read for a run of adjacent blobs of a pack (up to adjacentRead).
 		j, end := i+1, int64(uses[i].l.off)+int64(uses[i].l.len)
-		for j < len(uses) && uses[j].key.pack == uses[i].key.pack && int64(uses[j].l.off) == end && end-int64(uses[i].l.off) < 8<<20 {
+		for j < len(uses) && uses[j].key.pack == uses[i].key.pack && int64(uses[j].l.off) == end && end-int64(uses[i].l.off) < adjacentRead {
 			end += int64(uses[j].l.len)
 			j++
 		}

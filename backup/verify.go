@@ -198,11 +198,15 @@ func (r *Repo) Stats(ctx context.Context) RepoStats {
 	}
 	st.Images, st.Volumes = len(list), len(vols)
 	r.mu.Lock()
-	st.Chunks, st.Packs = len(r.chunks), len(r.packs)
-	for _, l := range r.chunks {
+	st.Chunks, st.Packs = r.chunks.len(), len(r.packs)
+	blobs := map[blobKey]bool{}
+	r.chunks.each(func(_ Hash, l loc) {
 		st.RawBytes += int64(l.raw)
-		st.StoredBytes += int64(l.len)
-	}
+		if k := (blobKey{l.pack, l.off}); !blobs[k] { // a blob holds many chunks
+			blobs[k] = true
+			st.StoredBytes += int64(l.len)
+		}
+	})
 	r.mu.Unlock()
 	if st.StoredBytes > 0 {
 		st.DedupRatio = float64(st.ImageBytes) / float64(st.StoredBytes)
