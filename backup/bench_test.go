@@ -20,15 +20,30 @@ import (
 	"umbra/provider"
 )
 
-// BenchmarkBackupFile backs up the file UMBRA_BENCH_IMAGE (e.g. the ext4
-// image bench/backup.sh builds) into a fresh repository on tmpfs, then
-// restores it: the in-process part of bench/backup.sh, for profiling.
-func BenchmarkBackupFile(b *testing.B) {
+// benchImage is the image file UMBRA_BENCH_IMAGE names; the benchmark
+// skips without one.
+func benchImage(b *testing.B) string {
 	path := os.Getenv("UMBRA_BENCH_IMAGE")
 	if path == "" {
 		b.Skip("set UMBRA_BENCH_IMAGE to an image file")
 	}
-	f, err := os.Open(path)
+	return path
+}
+
+// readBenchImage reads the whole image named by UMBRA_BENCH_IMAGE.
+func readBenchImage(b *testing.B) []byte {
+	data, err := os.ReadFile(benchImage(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return data
+}
+
+// BenchmarkBackupFile backs up the file UMBRA_BENCH_IMAGE (e.g. the ext4
+// image bench/backup.sh builds) into a fresh repository on tmpfs, then
+// restores it: the in-process part of bench/backup.sh, for profiling.
+func BenchmarkBackupFile(b *testing.B) {
+	f, err := os.Open(benchImage(b))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -63,14 +78,7 @@ func BenchmarkBackupFile(b *testing.B) {
 // places and an incremental image from a change bitmap: the figure
 // bench/backup.sh measures through the service, without the service.
 func BenchmarkBackupIncremental(b *testing.B) {
-	path := os.Getenv("UMBRA_BENCH_IMAGE")
-	if path == "" {
-		b.Skip("set UMBRA_BENCH_IMAGE to an image file")
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		b.Fatal(err)
-	}
+	data := readBenchImage(b)
 	ctx := context.Background()
 	dir, _ := os.MkdirTemp("/dev/shm", "umbra-bench-")
 	defer os.RemoveAll(dir)
@@ -120,14 +128,7 @@ func BenchmarkBackupIncremental(b *testing.B) {
 // --compression choices and the throughput/size trade-off in
 // docs/benchmarks.md.
 func BenchmarkCompressors(b *testing.B) {
-	path := os.Getenv("UMBRA_BENCH_IMAGE")
-	if path == "" {
-		b.Skip("set UMBRA_BENCH_IMAGE to an image file")
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		b.Fatal(err)
-	}
+	data := readBenchImage(b)
 	var chunks []byte
 	for off := 0; off+4096 <= len(data); off += 4096 {
 		if !bytes.Equal(data[off:off+4096], make([]byte, 4096)) {
