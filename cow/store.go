@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -50,9 +51,20 @@ func (s *store) release(slot int64) { s.free = append(s.free, slot) }
 func (s *store) used() int64 { return s.hwm - int64(len(s.free)) }
 
 // punch gives freed slots' space back to the filesystem.
+// Runs of consecutive slots go in one call: a snapshot's copies are
+// mostly in runs, and deleting one frees them all under the volume lock.
 func (s *store) punch(slots []int64, chunk int64) {
-	for _, sl := range slots {
-		_ = s.f.Punch(sl*chunk, chunk) // best effort: the slot is reusable either way
+	if len(slots) > 1 && !slices.IsSorted(slots) {
+		slots = slices.Clone(slots)
+		slices.Sort(slots)
+	}
+	for i := 0; i < len(slots); {
+		j := i + 1
+		for j < len(slots) && slots[j] == slots[j-1]+1 {
+			j++
+		}
+		_ = s.f.Punch(slots[i]*chunk, int64(j-i)*chunk) // best effort: the slots are reusable either way
+		i = j
 	}
 }
 
