@@ -106,10 +106,16 @@ func TestKillDuringBackupAndPrune(t *testing.T) {
 	if rep := repo.Verify(); rep.GoodImages != 1 || len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes) > 0 {
 		t.Fatalf("verify at the end: %+v", rep)
 	}
+	// Segments of lists whose backup was killed are gone with the prune.
+	last, _ := repo.Images()
+	if n, want := len(backup.ObjectNames(repo, "lists/")), len(last[0].Segments); n != want {
+		t.Fatalf("%d chunk-list objects after the final prune, want the kept image's %d", n, want)
+	}
 }
 
 func crashChild(dir string) {
 	ctx := context.Background()
+	backup.SetSegmentChunks(100) // 21 segments an image: kills land between them
 	repo, err := backup.Open(dir)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
