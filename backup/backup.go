@@ -170,6 +170,9 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 		if err != nil {
 			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 		}
+		if err := up.flushIndex(ctx, false); err != nil {
+			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+		}
 		if opts.Cursor != nil {
 			opts.Cursor(last * cs)
 		}
@@ -531,15 +534,24 @@ type uploader struct {
 	cancel context.CancelFunc
 	cur    []byte
 	ents   []blobEntry
-	seen   map[Hash]struct{} // chunks added by this backup
+	seen   map[Hash]struct{} // chunks this backup stored that no index names yet
 	jobs   chan packJob
 	wg     sync.WaitGroup
+
+	indexBytes int64 // index objects written, as stored
 
 	mu    sync.Mutex // guards done, err
 	done  []packBlobs
 	err   error
 	ended bool
 }
+
+// indexEvery: a backup writes an index object for the packs it stored
+// every this many packs (1 GiB), so that neither their entries nor the
+// set of chunks it stored grows with the volume: indexed chunks are in
+// the repository's index, found there by the next batches. (A variable:
+// tests make it small.)
+var indexEvery = 64
 
 type packJob struct {
 	data []byte
@@ -607,7 +619,7 @@ func (u *uploader) cut() error {
 	data := append(u.cur, trailer...)
 	data = appendUint32(data, uint32(len(trailer)))
 	p := packBlobs{ID: PackID(blake3.Sum256(data)), Blobs: u.ents}
-	u.cur, u.ents = make([]byte, 0, packTarget+1<<20), nil
+	u.cur, u.ents = make([]byte, 0, packTarget+groupRaw+4096), nil
 	select {
 	case u.jobs <- packJob{data: data, p: p}:
 		return nil
@@ -642,27 +654,63 @@ func (u *uploader) finishPacks() error {
 	return err
 }
 
-// finish stores the packs, writes the index that names them, and makes
-// the chunks known to the repository. It returns the index's stored size.
-func (u *uploader) finish() (int64, error) {
-	if err := u.finishPacks(); err != nil || len(u.done) == 0 {
-		return 0, err
+// flushIndex writes an index object naming the packs stored so far (all
+// of them with force, else once indexEvery are waiting), after making
+// them durable, and moves their chunks into the repository's index. It
+// runs between batches on the backup's goroutine, the one that reads
+// seen.
+func (u *uploader) flushIndex(ctx context.Context, force bool) error {
+	u.mu.Lock()
+	if !force && len(u.done) < indexEvery || u.err != nil {
+		err := u.err
+		u.mu.Unlock()
+		return err
 	}
-	b := u.r.seal.seal(nil, u.r.enc.EncodeAll(encodeChunkIndex(u.done), nil))
+	done := u.done
+	u.done = nil
+	u.mu.Unlock()
+	if len(done) == 0 {
+		return nil
+	}
+	if err := u.r.be.Sync(ctx); err != nil {
+		return fmt.Errorf("make packs durable: %w", err)
+	}
+	b := u.r.seal.seal(nil, u.r.enc.EncodeAll(encodeChunkIndex(done), nil))
 	name := "index/" + randomID()
-	if err := u.r.be.Put(u.ctx, name, b); err != nil {
-		return 0, fmt.Errorf("write index: %w", err)
+	if err := u.r.be.Put(ctx, name, b); err != nil {
+		return fmt.Errorf("write index: %w", err)
 	}
-	if err := u.r.be.Sync(u.ctx); err != nil {
-		return 0, fmt.Errorf("write index: %w", err)
-	}
+	u.indexBytes += int64(len(b))
 	u.r.mu.Lock()
-	for _, p := range u.done {
+	for _, p := range done {
 		u.r.addPack(p)
 	}
 	u.r.indexes = append(u.r.indexes, name)
 	u.r.mu.Unlock()
-	return int64(len(b)), nil
+	for _, p := range done {
+		for _, e := range p.Blobs {
+			delete(u.seen, e.Hash)
+		}
+	}
+	return nil
+}
+
+// finish stores the last packs, writes the index that names them, makes
+// all durable and the chunks known to the repository. It returns the
+// stored size of the index objects this backup wrote.
+func (u *uploader) finish() (int64, error) {
+	if err := u.finishPacks(); err != nil {
+		return 0, err
+	}
+	if err := u.flushIndex(u.ctx, true); err != nil {
+		return 0, err
+	}
+	if u.indexBytes > 0 {
+		if err := u.r.be.Sync(u.ctx); err != nil {
+			return 0, fmt.Errorf("write index: %w", err)
+		}
+	}
+	return u.indexBytes, nil
 }
 
 // abort stops the uploads of a backup that failed; packs already stored

@@ -21,10 +21,15 @@ import (
 func TestRoundTripChain(t *testing.T) {
 	// One segment per list (the default), and lists cut into many
 	// segments that batches straddle.
+	// With segment=7, packs of 256 KiB and an index object every 3
+	// packs during each backup, too.
 	for _, seg := range []int64{0, 7, 1000} {
 		t.Run(fmt.Sprint("segment=", seg), func(t *testing.T) {
 			if seg > 0 {
 				defer backup.SetSegmentChunks(backup.SetSegmentChunks(seg))
+			}
+			if seg == 7 {
+				defer backup.SetSmallPacks(256<<10, 3)()
 			}
 			roundTripChain(t, seg)
 		})

@@ -42,6 +42,14 @@ func ObjectNames(r *Repo, prefix string) []string {
 // many small segments) and returns the old value.
 func SetSegmentChunks(n int64) int64 { old := segmentChunks; segmentChunks = n; return old }
 
+// SetSmallPacks makes packs of about n bytes and an index object every k
+// packs during a backup; it returns a function restoring the defaults.
+func SetSmallPacks(n, k int) func() {
+	oldN, oldK := packTarget, indexEvery
+	packTarget, indexEvery = n, k
+	return func() { packTarget, indexEvery = oldN, oldK }
+}
+
 // SetScryptN makes key derivation cheap in tests.
 func SetScryptN(n int) { scryptN = n }
 

@@ -54,8 +54,8 @@ var levels = map[string]zstd.EncoderLevel{"fastest": zstd.SpeedFastest, "default
 // encoderLevel overrides the repository's level in benchmarks.
 var encoderLevel zstd.EncoderLevel
 
-// packTarget is where a pack is cut.
-const packTarget = 16 << 20
+// packTarget is where a pack is cut. (A variable: tests make packs small.)
+var packTarget = 16 << 20
 
 // Config is the repository's config object (JSON, never encrypted).
 type Config struct {

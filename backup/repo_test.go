@@ -439,3 +439,31 @@ func TestFormat2Repository(t *testing.T) {
 		t.Fatal("incremental image restores wrong after the prune")
 	}
 }
+
+// TestIndexAsItGoes: a backup writes index objects as its packs are
+// stored, not one at the end, and forgets the chunks it indexed; a chunk
+// seen again later in the same backup is then found in the repository's
+// index and stored once.
+func TestIndexAsItGoes(t *testing.T) {
+	defer backup.SetSmallPacks(256<<10, 2)()
+	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	half := volumeData(rand.New(rand.NewPCG(7, 8)), 20<<20)
+	for i := range half {
+		half[i] ^= byte(i * 131) // incompressible enough to fill many packs
+	}
+	src := append(append(memSource(nil), half...), half...) // the second half repeats the first
+	x := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	if n := len(backup.ObjectNames(repo, "index/")); n < 3 {
+		t.Fatalf("%d index objects for %d MiB of new data in 256 KiB packs", n, len(half)>>20)
+	}
+	if x.Stats.Stored > int64(len(half))+1<<20 || x.Stats.Dedup < int64(len(half))-1<<20 {
+		t.Fatalf("the repeated half was not found again: stored %d, deduplicated %d of %d", x.Stats.Stored, x.Stats.Dedup, len(src))
+	}
+	if rep := repo.Verify(); rep.GoodImages != 1 || len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes) > 0 {
+		t.Fatalf("verify: %+v", rep)
+	}
+}
