@@ -115,7 +115,7 @@ func TestKillDuringBackupAndPrune(t *testing.T) {
 
 func crashChild(dir string) {
 	ctx := context.Background()
-	backup.SetSegmentChunks(100) // 21 segments an image: kills land between them
+	backup.SetSegmentChunks(100)     // 21 segments an image: kills land between them
 	backup.SetSmallPacks(128<<10, 2) // and between the index objects a backup writes as it goes
 	repo, err := backup.Open(dir)
 	if err != nil {
