@@ -73,6 +73,17 @@ func (g *gate) enter() {
 	g.mu.Unlock()
 }
 
+// tryEnter is enter unless the gate is closed (a hold): then false.
+func (g *gate) tryEnter() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return false
+	}
+	g.inflight++
+	return true
+}
+
 func (g *gate) leave() {
 	g.mu.Lock()
 	g.inflight--

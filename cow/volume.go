@@ -305,6 +305,42 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	return v.origin.WriteAt(p, off)
 }
 
+// TryWriteAt is WriteAt unless the write would have to wait for something
+// other than its own I/O — a hold, or another writer or a snapshot
+// reader on the same chunks: then it writes nothing and ok is false.
+// A server can run such writes on the goroutine that read them and hand
+// only the ones that would wait to another.
+func (v *Volume) TryWriteAt(p []byte, off int64) (n int, ok bool, err error) {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return 0, true, err
+	}
+	if len(p) == 0 {
+		return 0, true, nil
+	}
+	if !v.gate.tryEnter() {
+		return 0, false, nil
+	}
+	defer v.gate.leave()
+	if v.isClosed.Load() {
+		return 0, true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
+	}
+	if v.wbFailed.Load() {
+		v.settleWriteBehind(false)
+	}
+	if v.hasSnaps.Load() > 0 {
+		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
+		unlock, locked := v.tryLockChunks(c0, c1)
+		if !locked {
+			return 0, false, nil
+		}
+		defer unlock()
+		n, err := v.preserveAndWrite(p, off)
+		return n, true, err
+	}
+	n, err = v.origin.WriteAt(p, off)
+	return n, true, err
+}
+
 // Flush makes acknowledged writes durable.
 func (v *Volume) Flush() error {
 	if err := v.origin.Sync(); err != nil {
@@ -412,6 +448,27 @@ func (v *Volume) lockChunks(c0, c1 uint64, shared bool) func() {
 			}
 		}
 	}
+}
+
+// tryLockChunks takes the stripe locks of chunks c0..c1 for writing if
+// none is held, else takes none.
+func (v *Volume) tryLockChunks(c0, c1 uint64) (func(), bool) {
+	var held []int
+	release := func() {
+		for i := len(held) - 1; i >= 0; i-- {
+			v.stripes[held[i]].Unlock()
+		}
+	}
+	n := min(c1-c0+1, numStripes)
+	for k := uint64(0); k < n; k++ {
+		i := int((c0 + k) % numStripes)
+		if !v.stripes[i].TryLock() {
+			release()
+			return nil, false
+		}
+		held = append(held, i)
+	}
+	return release, true
 }
 
 // chunkLen is the length of chunk c (the last one may be short).

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"umbra/provider"
 )
@@ -199,5 +200,55 @@ func TestWriteBehindConcurrent(t *testing.T) {
 			}
 			live = append(live[:k], live[k+1:]...)
 		}
+	}
+}
+
+// TestTryWriteAt: it writes (preserving what snapshots need) unless the
+// write would wait for a hold or for a chunk another writer or reader
+// holds; then it writes nothing.
+func TestTryWriteAt(t *testing.T) {
+	ctx := context.Background()
+	ffs := newFaultFS()
+	ffs.Put("/o", make([]byte, 16*4096))
+	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	orig := fill(t, v, 3)
+	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{0xee}, 4096)
+	if n, ok, err := v.TryWriteAt(p, 4096); !ok || err != nil || n != 4096 {
+		t.Fatalf("uncontended: n %d ok %v err %v", n, ok, err)
+	}
+	h, _ := v.OpenSnapshot("s")
+	if got := readAll(t, h, v.Size()); !bytes.Equal(got, orig) {
+		t.Fatal("the snapshot lost the original of a TryWriteAt")
+	}
+	v.stripes[2%numStripes].RLock() // a snapshot reader on chunk 2
+	if _, ok, _ := v.TryWriteAt(p, 2*4096); ok {
+		t.Fatal("wrote through a reader's stripe lock")
+	}
+	if _, ok, _ := v.TryWriteAt(p, 3*4096); !ok {
+		t.Fatal("refused a chunk nobody holds")
+	}
+	v.stripes[2%numStripes].RUnlock()
+	hold, err := v.Hold(ctx, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := v.TryWriteAt(p, 5*4096); ok {
+		t.Fatal("wrote during a hold")
+	}
+	hold.Release()
+	got := make([]byte, 4096)
+	v.ReadAt(got, 5*4096)
+	if !bytes.Equal(got, orig[5*4096:6*4096]) {
+		t.Fatal("a refused TryWriteAt changed the volume")
+	}
+	if _, ok, err := v.TryWriteAt(p, v.Size()); !ok || err == nil {
+		t.Fatalf("out of range: ok %v err %v, want a range error", ok, err)
 	}
 }

@@ -308,3 +308,52 @@ func TestBadInput(t *testing.T) {
 	c.Close()
 	alive()
 }
+
+// TestHoldStallsOnlyWrites: small writes run on the goroutine that read
+// them (TryWriter), but one that meets a hold goes to a goroutine of its
+// own: a read sent after it on the same connection is answered while the
+// write waits, and the write completes when the hold is released.
+func TestHoldStallsOnlyWrites(t *testing.T) {
+	s := serve(t, 1<<20)
+	c := goExport(t, s.sock, "vol")
+	defer c.Close()
+	block := func(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
+	write := func(cookie, off uint64, p []byte) {
+		request(c, 1, cookie, off, uint32(len(p)))
+		c.Write(p)
+	}
+	write(1, 0, block(0xa1))
+	if errno, cookie := simpleReply(t, c); errno != 0 || cookie != 1 {
+		t.Fatalf("write: errno %d cookie %d", errno, cookie)
+	}
+	h, err := s.vol.Hold(context.Background(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	defer func() {
+		if !released {
+			h.Release()
+		}
+	}()
+	write(2, 4096, block(0xb2))
+	request(c, 0, 3, 0, 4096) // a read after the held write
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	errno, cookie := simpleReply(t, c)
+	if errno != 0 || cookie != 3 {
+		t.Fatalf("first reply during the hold: errno %d cookie %d, want the read (3)", errno, cookie)
+	}
+	got := make([]byte, 4096)
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, block(0xa1)) {
+		t.Fatalf("read during the hold: %v", err)
+	}
+	h.Release()
+	released = true
+	if errno, cookie := simpleReply(t, c); errno != 0 || cookie != 2 {
+		t.Fatalf("held write after release: errno %d cookie %d", errno, cookie)
+	}
+	s.vol.ReadAt(got, 4096)
+	if !bytes.Equal(got, block(0xb2)) {
+		t.Fatal("the held write did not land")
+	}
+}

@@ -46,6 +46,16 @@ type Backend interface {
 	Flush() error
 }
 
+// TryWriter is a Backend that can tell a write that would wait for
+// something besides its own I/O (a hold, a writer on the same blocks):
+// TryWriteAt then writes nothing and returns ok false. The server writes
+// small requests of such a backend on the goroutine that read them, the
+// way nbdkit's threads do, and hands a goroutine only those that would
+// wait — so a hold still stalls only the writes it holds.
+type TryWriter interface {
+	TryWriteAt(p []byte, off int64) (n int, ok bool, err error)
+}
+
 // Export is one named export. Optional capabilities are function fields;
 // nil means not supported (or emulated, for WriteZeroes).
 type Export struct {
@@ -231,11 +241,14 @@ type conn struct {
 	exp        *Export
 	metas      []metaCtx
 
-	replies  chan reply    // to the reply writer, during transmission
-	written  chan struct{} // closed when the reply writer is done
-	stopping chan struct{}
-	stopOnce sync.Once
-	inflight sync.WaitGroup
+	wmu       sync.Mutex    // guards bw
+	unflushed bool          // inline replies in bw (reading goroutine only)
+	bw        *bufio.Writer // replies: from the reply writer, or inline
+	replies   chan reply    // to the reply writer, during transmission
+	written   chan struct{} // closed when the reply writer is done
+	stopping  chan struct{}
+	stopOnce  sync.Once
+	inflight  sync.WaitGroup
 }
 
 func (c *conn) stop() {
@@ -287,7 +300,7 @@ func (c *conn) writeOwned(bp *[]byte) { c.replies <- reply{b: *bp, bp: bp} }
 // once). After a write error it only drains.
 func (c *conn) replyWriter() {
 	defer close(c.written)
-	bw := bufio.NewWriterSize(c.rw, 256<<10)
+	bw := c.bw
 	var err error
 	put := func(r reply) {
 		if err == nil {
@@ -298,6 +311,7 @@ func (c *conn) replyWriter() {
 		}
 	}
 	for r := range c.replies {
+		c.wmu.Lock()
 		put(r)
 	more:
 		for {
@@ -314,13 +328,67 @@ func (c *conn) replyWriter() {
 		if err == nil {
 			err = bw.Flush()
 		}
+		c.wmu.Unlock()
 		if err != nil {
 			c.nc.Close() // the client is gone: stop reading too
 		}
 	}
 	if err == nil {
+		c.wmu.Lock()
 		bw.Flush()
+		c.wmu.Unlock()
 	}
+}
+
+// inlineMax: writes up to this size to a TryWriter are tried on the
+// reading goroutine.
+const inlineMax = 64 << 10
+
+// writeInline tries a small write on the reading goroutine and buffers
+// its reply; false means it must go to a goroutine (it would wait, or is
+// not a plain in-range write to a TryWriter).
+func (c *conn) writeInline(req request, payload []byte) bool {
+	tw, ok := c.exp.Backend.(TryWriter)
+	if !ok || c.exp.ReadOnly || req.typ != cmdWrite || req.flags&cmdFlagFUA != 0 || req.length > inlineMax ||
+		req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
+		return false
+	}
+	_, done, err := tw.TryWriteAt(payload, int64(req.offset))
+	if !done {
+		return false
+	}
+	if o := c.srv.opts.Observe; o != nil {
+		o(CommandName(req.typ), false)
+		if err != nil {
+			o(CommandName(req.typ), true)
+		}
+	}
+	var b []byte
+	if err != nil {
+		b = c.errorReply(req, errnoOf(err), err.Error())
+	} else if c.structured {
+		b = structuredHeader(nil, replyFlagDone, replyNone, req.cookie, 0)
+	} else {
+		b = simpleReplyHeader(nil, 0, req.cookie)
+	}
+	c.wmu.Lock()
+	c.bw.Write(b) // an error shows on the reply writer's next flush
+	c.wmu.Unlock()
+	c.unflushed = true
+	return true
+}
+
+// flushInline sends the replies writeInline buffered, if any.
+func (c *conn) flushInline() {
+	if !c.unflushed {
+		return
+	}
+	c.unflushed = false
+	c.wmu.Lock()
+	if c.bw.Buffered() > 0 && c.bw.Flush() != nil {
+		c.nc.Close()
+	}
+	c.wmu.Unlock()
 }
 
 func (c *conn) handshake() error {
@@ -573,6 +641,7 @@ func (c *conn) transmission() {
 	// syscall, not two.
 	r := bufio.NewReaderSize(c.rw, 256<<10)
 	c.replies, c.written = make(chan reply, 2*c.srv.opts.MaxInflight), make(chan struct{})
+	c.bw = bufio.NewWriterSize(c.rw, 256<<10)
 	go c.replyWriter()
 	defer func() {
 		c.inflight.Wait()
@@ -608,8 +677,19 @@ func (c *conn) transmission() {
 			}
 		}
 		if req.typ == cmdDisc {
+			c.flushInline()
 			return
 		}
+		if req.typ == cmdWrite && c.writeInline(req, *payload) {
+			bufPool.Put(payload)
+			// Replies wait while more requests are already here, then go
+			// out in one write.
+			if r.Buffered() < requestSize {
+				c.flushInline()
+			}
+			continue
+		}
+		c.flushInline()
 		select {
 		case sem <- struct{}{}:
 		case <-c.stopping:
@@ -630,14 +710,18 @@ func (c *conn) sendError(req request, errno uint32, msg string) {
 	if o := c.srv.opts.Observe; o != nil {
 		o(CommandName(req.typ), true)
 	}
+	c.write(c.errorReply(req, errno, msg))
+}
+
+// errorReply is the reply to req failing with errno.
+func (c *conn) errorReply(req request, errno uint32, msg string) []byte {
 	if c.structured {
 		b := structuredHeader(nil, replyFlagDone, replyError, req.cookie, uint32(6+len(msg)))
 		b = binary.BigEndian.AppendUint32(b, errno)
 		b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))
-		c.write(append(b, msg...))
-		return
+		return append(b, msg...)
 	}
-	c.write(simpleReplyHeader(nil, errno, req.cookie))
+	return simpleReplyHeader(nil, errno, req.cookie)
 }
 
 func (c *conn) sendOK(req request) {
