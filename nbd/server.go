@@ -670,6 +670,23 @@ func (c *conn) transmission() {
 				c.sendError(req, errOverflow, "write larger than the maximum block size")
 				continue
 			}
+			if req.length <= inlineMax {
+				// Written from the read buffer itself when it can be done
+				// here (no copy), else copied out for a goroutine.
+				data, err := r.Peek(int(req.length))
+				if err != nil {
+					return
+				}
+				if c.writeInline(req, data) {
+					r.Discard(len(data))
+					// Replies wait while more requests are already here,
+					// then go out in one write.
+					if r.Buffered() < requestSize {
+						c.flushInline()
+					}
+					continue
+				}
+			}
 			payload = getBuf(int(req.length))
 			if _, err := io.ReadFull(r, *payload); err != nil {
 				bufPool.Put(payload)
@@ -679,15 +696,6 @@ func (c *conn) transmission() {
 		if req.typ == cmdDisc {
 			c.flushInline()
 			return
-		}
-		if req.typ == cmdWrite && c.writeInline(req, *payload) {
-			bufPool.Put(payload)
-			// Replies wait while more requests are already here, then go
-			// out in one write.
-			if r.Buffered() < requestSize {
-				c.flushInline()
-			}
-			continue
 		}
 		c.flushInline()
 		select {
