@@ -83,6 +83,7 @@ func (m *memBackend) WriteAt(p []byte, off int64) (int, error) {
 	defer m.mu.Unlock()
 	return copy(m.data[off:], p), nil
 }
+
 // TryWriteAt takes the inline path for writes at even offsets and hands
 // the others to a goroutine, so sessions exercise both.
 func (m *memBackend) TryWriteAt(p []byte, off int64) (int, bool, error) {
