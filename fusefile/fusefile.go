@@ -85,6 +85,10 @@ func Mount(dir string, src Source, opts Options) (*Server, error) {
 			MaxWrite:      opts.MaxWrite,
 			DirectMount:   true,
 			Debug:         opts.Debug,
+			// Asynchronous direct I/O: the kernel submits a loop device's
+			// (or any AIO caller's) O_DIRECT requests without waiting for
+			// each, so they reach us in parallel instead of one by one.
+			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
 		},
 	})
 	if err != nil {
