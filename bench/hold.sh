@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Hold window under fio load (issue 4): fio writes 4 KiB blocks at random
+# at queue depth 16 through the NBD export of a volume while snapshot sets
+# are taken through the API, one after another; each set reports how long
+# writes were held (flush-and-hold, commit, release). Prints p50/p99/max
+# of the hold and fio's IOPS. Everything on tmpfs.
+#   bench/hold.sh [snapshots] [fio-jobs]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-100}
+JOBS=${2:-1}
+for t in fio python3; do
+	command -v $t >/dev/null || { echo "bench/hold.sh: needs $t"; exit 1; }
+done
+W=/dev/shm/umbra-bench-hold
+rm -rf "$W"; mkdir -p "$W"
+SERVE=""
+FIO=""
+cleanup() {
+	[ -n "$FIO" ] && kill "$FIO" 2>/dev/null || true
+	[ -n "$SERVE" ] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null || true
+	rm -rf "$W"
+}
+trap cleanup EXIT
+go build -o "$W/umbra" ./cmd/umbra
+truncate -s 1G "$W/img"
+"$W/umbra" serve --volume disk="$W/img" --state-dir "$W/state" --nbd-socket "$W/nbd.sock" --api-socket "$W/api.sock" 2>"$W/serve.log" &
+SERVE=$!
+for _ in $(seq 100); do [ -S "$W/api.sock" ] && break; sleep 0.1; done
+umbra() { "$W/umbra" --api-socket "$W/api.sock" "$@"; }
+
+fio --name=load --ioengine=nbd --uri="nbd+unix:///disk?socket=$W/nbd.sock" --rw=randwrite --bs=4k \
+	--iodepth=16 --numjobs="$JOBS" --size=512M --time_based --runtime=600 --group_reporting \
+	--output-format=json >"$W/fio.json" 2>/dev/null &
+FIO=$!
+sleep 2 # fio at full speed
+start=$(date +%s.%N)
+for i in $(seq "$N"); do
+	umbra snapshot create disk --id "h$i" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["hold_micros"])' >>"$W/holds"
+	# Keep a few snapshots live, as a schedule does: first writes are COW.
+	[ "$i" -gt 3 ] && umbra snapshot delete disk "h$((i - 3))" >/dev/null
+done
+end=$(date +%s.%N)
+kill -INT "$FIO"
+wait "$FIO" 2>/dev/null || true
+FIO=""
+python3 - "$W/holds" "$W/fio.json" "$N" "$JOBS" "$start" "$end" <<'EOF'
+import json, sys
+holds = sorted(int(x) for x in open(sys.argv[1]))
+def pct(p):
+    return holds[min(len(holds) - 1, int(round(p / 100 * (len(holds) - 1))))]
+try:
+    text = open(sys.argv[2]).read()
+    d = json.loads(text[text.index("{"):])
+    iops = int(d["jobs"][0]["write"]["iops"])
+except Exception:
+    iops = 0
+print(f"hold window over {sys.argv[3]} snapshot sets under fio nbd randwrite 4k QD16 x{sys.argv[4]} ({iops} IOPS over the run), {float(sys.argv[6]) - float(sys.argv[5]):.1f} s")
+print(f"| p50 | p99 | max |")
+print(f"|---|---|---|")
+print(f"| {pct(50)} µs | {pct(99)} µs | {holds[-1]} µs |")
+EOF
