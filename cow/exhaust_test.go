@@ -100,13 +100,7 @@ func TestLimitInvalidate(t *testing.T) {
 
 func TestStoreIOErrorInvalidates(t *testing.T) {
 	ctx := context.Background()
-	ffs := newFaultFS()
-	ffs.Put("/o", make([]byte, 16*4096))
-	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
+	ffs, v := faultVolume(t, "")
 	mustWrite(t, v, bytes.Repeat([]byte{5}, 16*4096), 0)
 	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s"}); err != nil {
 		t.Fatal(err)

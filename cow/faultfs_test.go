@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -299,6 +300,21 @@ func (h *faultFile) Punch(off, length int64) error {
 	}
 	h.op(fileOp{kind: 'p', off: off, n: length})
 	return nil
+}
+
+// faultVolume opens volume "v", 16 chunks of zeros at /o with its shadow
+// storage in /d, on a fault-injecting filesystem; it is closed when the
+// test ends.
+func faultVolume(t *testing.T, policy Policy) (*faultFS, *Volume) {
+	t.Helper()
+	ffs := newFaultFS()
+	ffs.Put("/o", make([]byte, 16*4096))
+	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs, Policy: policy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	return ffs, v
 }
 
 // failOn returns an injector failing paths that contain substr with err.

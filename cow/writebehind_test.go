@@ -54,13 +54,7 @@ func TestWriteBehindFailure(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
-			ffs := newFaultFS()
-			ffs.Put("/o", make([]byte, 16*4096))
-			v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs, Policy: tc.policy})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer v.Close()
+			ffs, v := faultVolume(t, tc.policy)
 			orig := fill(t, v, 5)
 			if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s0"}); err != nil {
 				t.Fatal(err)
@@ -208,13 +202,7 @@ func TestWriteBehindConcurrent(t *testing.T) {
 // holds; then it writes nothing.
 func TestTryWriteAt(t *testing.T) {
 	ctx := context.Background()
-	ffs := newFaultFS()
-	ffs.Put("/o", make([]byte, 16*4096))
-	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
+	_, v := faultVolume(t, "")
 	orig := fill(t, v, 3)
 	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s"}); err != nil {
 		t.Fatal(err)
