@@ -184,10 +184,8 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 				// Some slots may still be in memory: chunk by chunk.
 				for k := i; k < j; k++ {
 					lo, hi, inChunk := piece(c0 + uint64(k))
-					if !wb.read(src[k], p[lo:hi], inChunk) {
-						if err := v.readSlot(f, p[lo:hi], src[k], inChunk); err != nil {
-							return fmt.Errorf("snapshot %s@%s: %w", v.name, s.id, err)
-						}
+					if err := v.readChunkSlot(f, wb, p[lo:hi], src[k], inChunk); err != nil {
+						return fmt.Errorf("snapshot %s@%s: %w", v.name, s.id, err)
 					}
 				}
 			} else if err := v.readSlot(f, p[lo:hi], src[i], inChunk); err != nil {
@@ -210,6 +208,15 @@ func (v *Volume) readSlot(f File, p []byte, slot, inChunk int64) error {
 		return fmt.Errorf("read diff area %s: %w", v.storePath(), err)
 	}
 	return nil
+}
+
+// readChunkSlot reads p, within one chunk, from slot: from memory while
+// the write-behind still holds it, else from the diff area.
+func (v *Volume) readChunkSlot(f File, wb *writeBehind, p []byte, slot, inChunk int64) error {
+	if wb.read(slot, p, inChunk) {
+		return nil
+	}
+	return v.readSlot(f, p, slot, inChunk)
 }
 
 // Allocation describes [off, off+length) of the snapshot as extents.
@@ -392,10 +399,8 @@ func (v *Volume) revertLocked(s *snap) error {
 		data := buf[:v.chunkLen(c)]
 		if e.slot == zeroSlot {
 			clear(data)
-		} else if !v.store.wb.read(e.slot, data, 0) {
-			if err := v.readSlot(v.store.f, data, e.slot, 0); err != nil {
-				return err
-			}
+		} else if err := v.readChunkSlot(v.store.f, v.store.wb, data, e.slot, 0); err != nil {
+			return err
 		}
 		if _, err := v.origin.WriteAt(data, int64(c)<<v.shift); err != nil {
 			return fmt.Errorf("write origin %s: %w", v.originPath, err)

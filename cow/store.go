@@ -26,8 +26,11 @@ type store struct {
 	wb   *writeBehind // small copies for non-persistent snapshots
 }
 
-func newStore(f File, path string, chunk int64) *store {
-	s := &store{f: f, path: path, wb: newWriteBehind(f, chunk)}
+// newStore wraps the open diff-area file f; a write-behind failure marks
+// the volume for settleWriteBehind.
+func (v *Volume) newStore(f File) *store {
+	s := &store{f: f, path: v.storePath(), wb: newWriteBehind(f, v.chunk)}
+	s.wb.onFail = func() { v.wbFailed.Store(true) }
 	s.sync = newGroupSyncer(f.Sync)
 	return s
 }
@@ -155,8 +158,7 @@ func (v *Volume) openStore() error {
 	if err != nil {
 		return fmt.Errorf("open diff area %s: %w", v.storePath(), err)
 	}
-	v.store = newStore(f, v.storePath(), v.chunk)
-	v.store.wb.onFail = func() { v.wbFailed.Store(true) }
+	v.store = v.newStore(f)
 	if v.log == nil {
 		v.store.reset() // leftovers of snapshots that ended with a restart
 	}
@@ -319,8 +321,7 @@ func (v *Volume) recover() error {
 			return fmt.Errorf("open volume %s: diff area %s: %w", v.name, v.storePath(), err)
 		}
 	}
-	v.store = newStore(sf, v.storePath(), v.chunk)
-	v.store.wb.onFail = func() { v.wbFailed.Store(true) }
+	v.store = v.newStore(sf)
 	v.log = newMetaLog(meta, lf, int64(len(data)))
 
 	v.recovering = true

@@ -282,27 +282,8 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 // still need. A snapshot problem never fails the write: the policy applies
 // and the affected snapshots say why on their next call.
 func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
-	if err := v.checkRange(off, int64(len(p))); err != nil {
-		return 0, err
-	}
-	if len(p) == 0 {
-		return 0, nil
-	}
-	v.gate.enter()
-	defer v.gate.leave()
-	if v.isClosed.Load() {
-		return 0, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
-	}
-	if v.wbFailed.Load() {
-		v.settleWriteBehind(false)
-	}
-	if v.hasSnaps.Load() > 0 {
-		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
-		unlock := v.lockChunks(c0, c1, false)
-		defer unlock()
-		return v.preserveAndWrite(p, off)
-	}
-	return v.origin.WriteAt(p, off)
+	n, _, err := v.write(p, off, true)
+	return n, err
 }
 
 // TryWriteAt is WriteAt unless the write would have to wait for something
@@ -311,13 +292,21 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 // A server can run such writes on the goroutine that read them and hand
 // only the ones that would wait to another.
 func (v *Volume) TryWriteAt(p []byte, off int64) (n int, ok bool, err error) {
+	return v.write(p, off, false)
+}
+
+// write is WriteAt (wait) or TryWriteAt (!wait: ok is false when it would
+// have waited for the gate or a stripe lock, and nothing was written).
+func (v *Volume) write(p []byte, off int64, wait bool) (n int, ok bool, err error) {
 	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return 0, true, err
 	}
 	if len(p) == 0 {
 		return 0, true, nil
 	}
-	if !v.gate.tryEnter() {
+	if wait {
+		v.gate.enter()
+	} else if !v.gate.tryEnter() {
 		return 0, false, nil
 	}
 	defer v.gate.leave()
@@ -329,12 +318,14 @@ func (v *Volume) TryWriteAt(p []byte, off int64) (n int, ok bool, err error) {
 	}
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
-		unlock, locked := v.tryLockChunks(c0, c1)
-		if !locked {
+		var unlock func()
+		if wait {
+			unlock = v.lockChunks(c0, c1, false)
+		} else if unlock, ok = v.tryLockChunks(c0, c1); !ok {
 			return 0, false, nil
 		}
 		defer unlock()
-		n, err := v.preserveAndWrite(p, off)
+		n, err = v.preserveAndWrite(p, off)
 		return n, true, err
 	}
 	n, err = v.origin.WriteAt(p, off)
@@ -674,14 +665,14 @@ func (v *Volume) preserveRun(c0 uint64, n int) func() {
 		anyData = anyData || ok
 	}
 	v.mu.Unlock()
-	finish := func() {
-		defer v.bufs.Put(bp)
-		v.storeRun(need, slots, keep, anyData, first, gen, buf, data, lsync, ssync)
-	}
 	if lsync == nil && anyData && span < asyncPreserve {
 		v.storeBehind(need, slots, keep, gen, data)
 		v.bufs.Put(bp)
 		return nil
+	}
+	finish := func() {
+		defer v.bufs.Put(bp)
+		v.storeRun(need, slots, keep, anyData, first, gen, buf, data, lsync, ssync)
 	}
 	if lsync == nil && anyData && span >= asyncPreserve {
 		done := make(chan struct{})
