@@ -132,27 +132,41 @@ func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, err
 		return 0, nil, fmt.Errorf("image %s: chunk list segment %d of %d", x.ID, k, len(x.Segments))
 	}
 	name := segmentName(x.ID, k)
+	first := int64(k) * x.SegmentChunks
+	want := min(x.SegmentChunks, x.NumChunks()-first)
+	l, err := r.readList(ctx, x, name, x.Segments[k], 3)
+	if err != nil {
+		return 0, nil, err
+	}
+	if l.First != first || int64(len(l.Chunks)) != want {
+		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w: holds %d chunks from %d, want %d from %d", x.ID, name, ErrCorrupt, len(l.Chunks), l.First, want, first)
+	}
+	return first, l.Chunks, nil
+}
+
+// readList reads the chunk-list object name of image x (the whole list,
+// format 2, or a segment, format 3) and checks it against the hash the
+// record names and against the record itself.
+func (r *Repo) readList(ctx context.Context, x *Index, name string, sum Hash, format uint16) (*Index, error) {
 	raw, err := r.be.Get(ctx, name, 0, -1)
 	if err != nil {
-		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
+		return nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
 	}
-	if blake3.Sum256(raw) != x.Segments[k] {
-		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w: does not match the image record's hash", x.ID, name, ErrCorrupt)
+	if blake3.Sum256(raw) != sum {
+		return nil, fmt.Errorf("image %s: chunk list %s: %w: does not match the image record's hash", x.ID, name, ErrCorrupt)
 	}
 	b, err := r.seal.openInPlace(raw)
 	if err != nil {
-		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
+		return nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
 	}
 	l, err := DecodeIndex(b)
 	if err != nil {
-		return 0, nil, fmt.Errorf("image %s: %s: %w", x.ID, name, err)
+		return nil, fmt.Errorf("image %s: %s: %w", x.ID, name, err)
 	}
-	first := int64(k) * x.SegmentChunks
-	want := min(x.SegmentChunks, x.NumChunks()-first)
-	if l.format != 3 || l.ID != x.ID || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize || l.First != first || int64(len(l.Chunks)) != want {
-		return 0, nil, fmt.Errorf("image %s: chunk list %s: %w: belongs to %s (size %d, chunk %d, chunks %d from %d)", x.ID, name, ErrCorrupt, l.ID, l.Size, l.ChunkSize, len(l.Chunks), l.First)
+	if l.format != format || l.ID != x.ID || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize {
+		return nil, fmt.Errorf("image %s: chunk list %s: %w: belongs to %s (size %d, chunk %d, format %d)", x.ID, name, ErrCorrupt, l.ID, l.Size, l.ChunkSize, l.format)
 	}
-	return first, l.Chunks, nil
+	return l, nil
 }
 
 // eachSegment calls fn with every segment of x's chunk list, in order.
@@ -252,23 +266,9 @@ func (r *Repo) loadChunks(ctx context.Context, x *Index) error {
 		x.Chunks = all
 		return nil
 	}
-	raw, err := r.be.Get(ctx, listName(x.ID), 0, -1)
+	l, err := r.readList(ctx, x, listName(x.ID), x.ListHash, 2)
 	if err != nil {
-		return fmt.Errorf("image %s: chunk list: %w", x.ID, err)
-	}
-	if blake3.Sum256(raw) != x.ListHash {
-		return fmt.Errorf("image %s: chunk list: %w: does not match the image record's hash", x.ID, ErrCorrupt)
-	}
-	b, err := r.seal.open(nil, raw)
-	if err != nil {
-		return fmt.Errorf("image %s: chunk list: %w", x.ID, err)
-	}
-	l, err := DecodeIndex(b)
-	if err != nil {
-		return fmt.Errorf("image %s: %w", x.ID, err)
-	}
-	if l.format != 2 || l.ID != x.ID || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize {
-		return fmt.Errorf("image %s: chunk list: %w: belongs to %s (size %d, chunk %d)", x.ID, ErrCorrupt, l.ID, l.Size, l.ChunkSize)
+		return err
 	}
 	x.Chunks = l.Chunks
 	return nil

@@ -63,7 +63,7 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	for range workers {
 		bufs <- make([]byte, perBatch*cs)
 	}
-	rs := &restoreRun{r: r, x: x, f: f, path: path, regular: regular, cache: newBlobCache(restoreCache), bufs: bufs, workers: workers, progress: progress}
+	rs := &restoreRun{r: r, x: x, f: f, path: path, regular: regular, cache: newBlobCache(restoreCache), bufs: bufs, perBatch: perBatch, workers: workers, progress: progress}
 	err = r.eachSegment(ctx, x, func(first int64, hs []Hash) error {
 		if err := rs.segment(ctx, first, hs); err != nil {
 			return fmt.Errorf("restore %s: %w", id, err)
@@ -90,7 +90,8 @@ type restoreRun struct {
 	path     string
 	regular  bool
 	cache    *blobCache
-	bufs     chan []byte
+	bufs     chan []byte // a batch buffer per worker
+	perBatch int64       // chunks in a batch
 	workers  int
 	progress func(done, total int64)
 	done     atomic.Int64
@@ -103,7 +104,7 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 	rs.r.countUses(rs.cache, hs)
 	x := rs.x
 	cs := int64(x.ChunkSize)
-	perBatch := max(batchBytes/cs, 1)
+	perBatch := rs.perBatch
 	n := int64(len(hs))
 	nb := (n + perBatch - 1) / perBatch
 	var (

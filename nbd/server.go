@@ -357,12 +357,12 @@ func (c *conn) replyWriter() {
 // reading goroutine.
 const inlineMax = 64 << 10
 
-// writeInline tries a small write on the reading goroutine and buffers
-// its reply; false means it must go to a goroutine (it would wait, or is
-// not a plain in-range write to a TryWriter).
+// writeInline tries write request req on the reading goroutine and
+// buffers its reply; false means it must go to a goroutine (it would
+// wait, or is not a small plain in-range write to a TryWriter).
 func (c *conn) writeInline(req request, payload []byte) bool {
 	tw, ok := c.exp.Backend.(TryWriter)
-	if !ok || c.exp.ReadOnly || req.typ != cmdWrite || req.flags&cmdFlagFUA != 0 || req.length > inlineMax ||
+	if !ok || c.exp.ReadOnly || req.flags&cmdFlagFUA != 0 || req.length > inlineMax ||
 		req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
 		return false
 	}
