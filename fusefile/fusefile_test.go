@@ -131,7 +131,8 @@ func TestLoopAsyncDirectIO(t *testing.T) {
 	}
 	dev := testutil.Losetup(t, filepath.Join(mnt, "vol"), false, true)
 	testutil.Run(t, "fio", "--name=aio", "--filename="+dev, "--ioengine=libaio", "--direct=1", "--rw=randwrite",
-		"--bs=4k", "--iodepth=32", "--size=32M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+		"--bs=4k", "--iodepth=32", "--size=32M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+		"--verify_state_save=0") // no state file left in the package directory
 	s, err := v.OpenSnapshot("before")
 	if err != nil {
 		t.Fatal(err)
