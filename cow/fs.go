@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,14 +40,64 @@ type FS interface {
 // OSFS is the real filesystem.
 type OSFS struct{}
 
-type osFile struct{ *os.File }
+type osFile struct {
+	*os.File
+	nowait *atomic.Int32 // how readNoWait reads: a nowait* constant
+}
+
+const (
+	nowaitFlag        = iota // preadv2 with RWF_NOWAIT
+	nowaitMemory             // tmpfs or ramfs: a read never waits for a disk
+	nowaitUnsupported        // neither: every no-wait read says it would wait
+)
 
 func (OSFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
 	f, err := os.OpenFile(name, flag, perm)
 	if err != nil {
 		return nil, err
 	}
-	return osFile{f}, nil
+	of := osFile{File: f, nowait: new(atomic.Int32)}
+	var st unix.Statfs_t
+	if unix.Fstatfs(int(f.Fd()), &st) == nil && (st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC) {
+		of.nowait.Store(nowaitMemory)
+	}
+	return of, nil
+}
+
+// NoWaitReader is a File that can read without waiting for a disk:
+// ReadAtNoWait fills p from the page cache, or returns ok false (and
+// nothing to use) when some of it would have to come from the disk.
+type NoWaitReader interface {
+	ReadAtNoWait(p []byte, off int64) (n int, ok bool, err error)
+}
+
+// ReadAtNoWait uses preadv2(RWF_NOWAIT) where the filesystem supports it
+// (ext4, xfs, btrfs, block devices); files in memory (tmpfs, ramfs,
+// which refuse the flag) are read plainly, since they never wait for a
+// disk; elsewhere it always says it would wait.
+func (f osFile) ReadAtNoWait(p []byte, off int64) (int, bool, error) {
+	switch f.nowait.Load() {
+	case nowaitMemory:
+		n, err := f.ReadAt(p, off)
+		return n, true, err
+	case nowaitUnsupported:
+		return 0, false, nil
+	}
+	n, err := unix.Preadv2(int(f.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT)
+	switch {
+	case errors.Is(err, unix.EOPNOTSUPP):
+		f.nowait.Store(nowaitUnsupported)
+		return 0, false, nil
+	case errors.Is(err, unix.EAGAIN), err == nil && n < len(p) && n > 0:
+		// Not cached (or only partly): the caller reads it where waiting
+		// is fine.
+		return 0, false, nil
+	case err != nil:
+		return 0, false, nil // the ordinary read reports it
+	case n == 0 && len(p) > 0:
+		return 0, true, io.EOF
+	}
+	return n, true, nil
 }
 func (OSFS) Remove(name string) error                  { return os.Remove(name) }
 func (OSFS) Rename(o, n string) error                  { return os.Rename(o, n) }

@@ -278,6 +278,22 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
+// TryReadAt is ReadAt when the bytes can be had without waiting for a
+// disk (from the page cache, or an origin in memory); otherwise it reads
+// nothing and ok is false. A server can then read cached data on the
+// goroutine that received the request and hand only the reads that would
+// wait to another, so they still overlap.
+func (v *Volume) TryReadAt(p []byte, off int64) (n int, ok bool, err error) {
+	nw, can := v.origin.(NoWaitReader)
+	if !can {
+		return 0, false, nil
+	}
+	if off < 0 || off >= v.size || int64(len(p)) > v.size-off {
+		return 0, false, nil // ReadAt says what is wrong
+	}
+	return nw.ReadAtNoWait(p, off)
+}
+
 // WriteAt writes the live volume, preserving first what live snapshots
 // still need. A snapshot problem never fails the write: the policy applies
 // and the affected snapshots say why on their next call.

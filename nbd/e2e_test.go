@@ -5,13 +5,17 @@ import (
 	"context"
 	"encoding/binary"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"umbra/cow"
 	"umbra/frontend"
@@ -355,5 +359,88 @@ func TestHoldStallsOnlyWrites(t *testing.T) {
 	s.vol.ReadAt(got, 4096)
 	if !bytes.Equal(got, block(0xb2)) {
 		t.Fatal("the held write did not land")
+	}
+}
+
+// TestInlineAndHandedReads: reads of cached blocks are served on the
+// goroutine that received them, reads that would wait for the disk (here:
+// blocks evicted from the page cache) by goroutines of their own; many
+// pipelined on one connection, mixed with writes, every reply carries its
+// own cookie's bytes.
+func TestInlineAndHandedReads(t *testing.T) {
+	const size = 4 << 20
+	s := serve(t, size)
+	want := make([]byte, size)
+	for i := range want {
+		want[i] = byte(i*7 + i>>12)
+	}
+	if _, err := s.vol.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.vol.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(s.dir, "vol.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for off := int64(0); off < size; off += 128 << 10 { // evict every other 64 KiB
+		unix.Fadvise(int(f.Fd()), off, 64<<10, unix.FADV_DONTNEED)
+	}
+	c := goExport(t, s.sock, "vol")
+	defer c.Close()
+	rng := rand.New(rand.NewPCG(3, 4))
+	type read struct{ off, n uint64 }
+	reads := map[uint64]read{}
+	var writes []uint64
+	go func() { // the requests, pipelined
+		for cookie := uint64(1); cookie <= 400; cookie++ {
+			n := uint64(512 << rng.IntN(8)) // 512 B .. 64 KiB
+			off := rng.Uint64N(size-n) &^ 511
+			if cookie%10 == 0 { // a write of bytes equal to what is there
+				request(c, 1, cookie, off, uint32(n))
+				c.Write(want[off : off+n])
+				continue
+			}
+			request(c, 0, cookie, off, uint32(n))
+		}
+	}()
+	// The generator runs ahead with the same sequence: replay it here.
+	rng2 := rand.New(rand.NewPCG(3, 4))
+	for cookie := uint64(1); cookie <= 400; cookie++ {
+		n := uint64(512 << rng2.IntN(8))
+		off := rng2.Uint64N(size-n) &^ 511
+		if cookie%10 == 0 {
+			writes = append(writes, cookie)
+			continue
+		}
+		reads[cookie] = read{off, n}
+	}
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	for range 400 {
+		errno, cookie := simpleReply(t, c)
+		if errno != 0 {
+			t.Fatalf("request %d: errno %d", cookie, errno)
+		}
+		r, ok := reads[cookie]
+		if !ok {
+			if !slices.Contains(writes, cookie) {
+				t.Fatalf("reply to unknown or repeated cookie %d", cookie)
+			}
+			writes = slices.DeleteFunc(writes, func(w uint64) bool { return w == cookie })
+			continue
+		}
+		delete(reads, cookie)
+		got := make([]byte, r.n)
+		if _, err := io.ReadFull(c, got); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want[r.off:r.off+r.n]) {
+			t.Fatalf("read %d [%d,+%d): wrong bytes", cookie, r.off, r.n)
+		}
+	}
+	if len(reads)+len(writes) != 0 {
+		t.Fatalf("%d replies missing", len(reads)+len(writes))
 	}
 }

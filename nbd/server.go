@@ -56,6 +56,15 @@ type TryWriter interface {
 	TryWriteAt(p []byte, off int64) (n int, ok bool, err error)
 }
 
+// TryReader is a Backend that can tell a read that would wait for a
+// disk: TryReadAt then returns ok false. The server reads small requests
+// that need not wait on the goroutine that received them (no hand-off,
+// replies sent together) and gives the others a goroutine each, so reads
+// from the disk still overlap.
+type TryReader interface {
+	TryReadAt(p []byte, off int64) (n int, ok bool, err error)
+}
+
 // Export is one named export. Optional capabilities are function fields;
 // nil means not supported (or emulated, for WriteZeroes).
 type Export struct {
@@ -243,6 +252,7 @@ type conn struct {
 
 	wmu       sync.Mutex    // guards bw
 	unflushed bool          // inline replies in bw (reading goroutine only)
+	scratch   []byte        // an inline read's reply (reading goroutine only)
 	bw        *bufio.Writer // replies: from the reply writer, or inline
 	replies   chan reply    // to the reply writer, during transmission
 	written   chan struct{} // closed when the reply writer is done
@@ -353,8 +363,8 @@ func (c *conn) replyWriter() {
 	}
 }
 
-// inlineMax: writes up to this size to a TryWriter are tried on the
-// reading goroutine.
+// inlineMax: writes to a TryWriter and reads from a TryReader up to this
+// size are tried on the reading goroutine.
 const inlineMax = 64 << 10
 
 // writeInline tries write request req on the reading goroutine and
@@ -386,6 +396,43 @@ func (c *conn) writeInline(req request, payload []byte) bool {
 	}
 	c.wmu.Lock()
 	c.bw.Write(b) // an error shows on the reply writer's next flush
+	c.wmu.Unlock()
+	c.unflushed = true
+	return true
+}
+
+// readInline serves read request req on the reading goroutine when the
+// backend has the bytes at hand, buffering the reply; false means it
+// goes to a goroutine (it would wait, failed, or is not a small plain
+// in-range read of a TryReader).
+func (c *conn) readInline(req request) bool {
+	tr, ok := c.exp.Backend.(TryReader)
+	if !ok || req.flags != 0 || req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
+		return false
+	}
+	hdrLen := 16
+	if c.structured {
+		hdrLen = 28
+	}
+	n := int(req.length)
+	if c.scratch == nil {
+		c.scratch = make([]byte, 28+inlineMax)
+	}
+	b := c.scratch[:hdrLen+n]
+	if got, ok, err := tr.TryReadAt(b[hdrLen:], int64(req.offset)); !ok || err != nil || got != n {
+		return false // the goroutine's ReadAt reports any error
+	}
+	if o := c.srv.opts.Observe; o != nil {
+		o(CommandName(req.typ), false)
+	}
+	if c.structured {
+		h := structuredHeader(b[:0], replyFlagDone, replyOffsetData, req.cookie, uint32(8+n))
+		binary.BigEndian.AppendUint64(h, req.offset)
+	} else {
+		simpleReplyHeader(b[:0], 0, req.cookie)
+	}
+	c.wmu.Lock()
+	c.bw.Write(b) // copied: scratch is reused; an error shows on the next flush
 	c.wmu.Unlock()
 	c.unflushed = true
 	return true
@@ -705,6 +752,12 @@ func (c *conn) transmission() {
 				bufPool.Put(payload)
 				return
 			}
+		}
+		if req.typ == cmdRead && req.length <= inlineMax && c.readInline(req) {
+			if r.Buffered() < requestSize {
+				c.flushInline()
+			}
+			continue
 		}
 		if req.typ == cmdDisc {
 			c.flushInline()

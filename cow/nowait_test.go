@@ -1,0 +1,80 @@
+package cow
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestTryReadAt: a volume reads without waiting what is in the page
+// cache, refuses (reading nothing) what would come from the disk, and on
+// tmpfs reads everything, since nothing there waits for a disk.
+func TestTryReadAt(t *testing.T) {
+	const size = 1 << 20
+	data := bytes.Repeat([]byte("umbra-nowait-"), size/13+1)[:size]
+	check := func(t *testing.T, v *Volume, off, n int64, wantOK bool) {
+		t.Helper()
+		p := make([]byte, n)
+		got, ok, err := v.TryReadAt(p, off)
+		if ok != wantOK {
+			t.Fatalf("TryReadAt [%d,+%d): ok %v, want %v (err %v)", off, n, ok, wantOK, err)
+		}
+		if ok && (err != nil || got != int(n) || !bytes.Equal(p, data[off:off+n])) {
+			t.Fatalf("TryReadAt [%d,+%d): %d bytes, %v, or wrong bytes", off, n, got, err)
+		}
+	}
+
+	t.Run("disk", func(t *testing.T) {
+		v, origin := newTestVolume(t, size, Options{})
+		mustWrite(t, v, data, 0)
+		if err := v.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		check(t, v, 8192, 4096, true) // just written: cached
+		if v.origin.(osFile).nowait.Load() == nowaitUnsupported {
+			t.Skipf("%s: the filesystem refuses RWF_NOWAIT; reads there always go to a goroutine", origin)
+		}
+		f, err := os.Open(origin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if err := unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_DONTNEED); err != nil {
+			t.Fatal(err)
+		}
+		check(t, v, 8192, 4096, false) // evicted: it would wait
+		if _, err := v.ReadAt(make([]byte, 4096), 8192); err != nil {
+			t.Fatal(err)
+		}
+		check(t, v, 8192, 4096, true) // the ordinary read brought it back
+		check(t, v, size-4096, 8192, false)
+		check(t, v, -1, 4096, false)
+	})
+
+	t.Run("tmpfs", func(t *testing.T) {
+		var st unix.Statfs_t
+		if unix.Statfs("/dev/shm", &st) != nil || st.Type != unix.TMPFS_MAGIC {
+			t.Skip("no tmpfs at /dev/shm")
+		}
+		dir, err := os.MkdirTemp("/dev/shm", "umbra-nowait-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		origin := filepath.Join(dir, "origin.img")
+		if err := os.WriteFile(origin, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		v, err := Open("vol0", origin, Options{StorageDir: filepath.Join(dir, "diff")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer v.Close()
+		check(t, v, 0, 65536, true)
+		check(t, v, size-4096, 4096, true)
+		check(t, v, size-4096, 8192, false)
+	})
+}
