@@ -71,6 +71,22 @@ type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (n int, ok bool, err error)
 }
 
+// cached reports whether [off, off+n) is all in memory: always for a file
+// in RAM, else by cachestat(2) (Linux 6.5 and later; false without it).
+func (f osFile) cached(off, n int64) bool {
+	if f.nowait.Load() == nowaitMemory {
+		return true
+	}
+	const page = 4096
+	first, end := off&^(page-1), (off+n+page-1)&^(page-1)
+	var cs unix.Cachestat_t
+	r := unix.CachestatRange{Off: uint64(first), Len: uint64(end - first)}
+	if unix.Cachestat(uint(f.Fd()), &r, &cs, 0) != nil {
+		return false
+	}
+	return cs.Cache >= uint64((end-first)/page)
+}
+
 // ReadAtNoWait uses preadv2(RWF_NOWAIT) where the filesystem supports it
 // (ext4, xfs, btrfs, block devices); files in memory (tmpfs, ramfs,
 // which refuse the flag) are read plainly, since they never wait for a

@@ -9,15 +9,27 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestTryReadAt: a volume reads without waiting what is in the page
-// cache, refuses (reading nothing) what would come from the disk, and on
-// tmpfs reads everything, since nothing there waits for a disk.
+// TestTryReadAt: a volume reads without waiting (TryReadAt) and offers
+// for sendfile (CachedFile) what is in the page cache, refuses what would
+// come from the disk, and on tmpfs takes everything, since nothing there
+// waits for a disk.
 func TestTryReadAt(t *testing.T) {
 	const size = 1 << 20
 	data := bytes.Repeat([]byte("umbra-nowait-"), size/13+1)[:size]
 	check := func(t *testing.T, v *Volume, off, n int64, wantOK bool) {
 		t.Helper()
 		p := make([]byte, n)
+		// CachedFile first: a refused no-wait read starts readahead.
+		f, ok := v.CachedFile(off, n)
+		if ok != wantOK {
+			t.Fatalf("CachedFile [%d,+%d): ok %v, want %v", off, n, ok, wantOK)
+		}
+		if ok {
+			if _, err := f.ReadAt(p, off); err != nil || !bytes.Equal(p, data[off:off+n]) {
+				t.Fatalf("CachedFile [%d,+%d): the file does not hold the volume's bytes there (%v)", off, n, err)
+			}
+		}
+		clear(p)
 		got, ok, err := v.TryReadAt(p, off)
 		if ok != wantOK {
 			t.Fatalf("TryReadAt [%d,+%d): ok %v, want %v (err %v)", off, n, ok, wantOK, err)

@@ -294,6 +294,19 @@ func (v *Volume) TryReadAt(p []byte, off int64) (n int, ok bool, err error) {
 	return nw.ReadAtNoWait(p, off)
 }
 
+// CachedFile returns the open file that holds the live volume's bytes
+// [off, off+n) at the same offsets, when those bytes are in memory (in
+// the page cache, or an origin on tmpfs or ramfs), so a server can send
+// them with sendfile(2) without a copy through user space and without
+// waiting for a disk. ok is false otherwise: read them with ReadAt.
+func (v *Volume) CachedFile(off, n int64) (f *os.File, ok bool) {
+	of, isOS := v.origin.(osFile)
+	if !isOS || off < 0 || n <= 0 || off >= v.size || n > v.size-off {
+		return nil, false
+	}
+	return of.File, of.cached(off, n)
+}
+
 // WriteAt writes the live volume, preserving first what live snapshots
 // still need. A snapshot problem never fails the write: the policy applies
 // and the affected snapshots say why on their next call.

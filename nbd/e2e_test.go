@@ -362,11 +362,12 @@ func TestHoldStallsOnlyWrites(t *testing.T) {
 	}
 }
 
-// TestInlineAndHandedReads: reads of cached blocks are served on the
-// goroutine that received them, reads that would wait for the disk (here:
-// blocks evicted from the page cache) by goroutines of their own; many
-// pipelined on one connection, mixed with writes, every reply carries its
-// own cookie's bytes.
+// TestInlineAndHandedReads: small reads of cached blocks are served on
+// the goroutine that received them, large ones with sendfile(2), and
+// reads that would wait for the disk (here: blocks evicted from the page
+// cache) by goroutines of their own with a copy; many pipelined on one
+// connection, mixed with writes, every reply carries its own cookie's
+// bytes.
 func TestInlineAndHandedReads(t *testing.T) {
 	const size = 4 << 20
 	s := serve(t, size)
@@ -396,7 +397,7 @@ func TestInlineAndHandedReads(t *testing.T) {
 	var writes []uint64
 	go func() { // the requests, pipelined
 		for cookie := uint64(1); cookie <= 400; cookie++ {
-			n := uint64(512 << rng.IntN(8)) // 512 B .. 64 KiB
+			n := uint64(512 << rng.IntN(12)) // 512 B .. 1 MiB
 			off := rng.Uint64N(size-n) &^ 511
 			if cookie%10 == 0 { // a write of bytes equal to what is there
 				request(c, 1, cookie, off, uint32(n))
@@ -409,7 +410,7 @@ func TestInlineAndHandedReads(t *testing.T) {
 	// The generator runs ahead with the same sequence: replay it here.
 	rng2 := rand.New(rand.NewPCG(3, 4))
 	for cookie := uint64(1); cookie <= 400; cookie++ {
-		n := uint64(512 << rng2.IntN(8))
+		n := uint64(512 << rng2.IntN(12))
 		off := rng2.Uint64N(size-n) &^ 511
 		if cookie%10 == 0 {
 			writes = append(writes, cookie)

@@ -17,6 +17,7 @@ package nbd
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -25,9 +26,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"umbra/provider"
 )
@@ -63,6 +69,15 @@ type TryWriter interface {
 // from the disk still overlap.
 type TryReader interface {
 	TryReadAt(p []byte, off int64) (n int, ok bool, err error)
+}
+
+// FileReader is a Backend whose bytes lie in an OS file at the same
+// offsets. CachedFile returns that file when [off, off+n) is in memory,
+// so the server sends large reads with sendfile(2) — no copy through user
+// space — without waiting for a disk while it holds the connection's
+// reply stream; ok false means read the ordinary way.
+type FileReader interface {
+	CachedFile(off, n int64) (f *os.File, ok bool)
 }
 
 // Export is one named export. Optional capabilities are function fields;
@@ -931,6 +946,9 @@ func (c *conn) read(req request) {
 	if c.structured {
 		hdrLen = 28
 	}
+	if n > inlineMax && c.sendFile(req) {
+		return
+	}
 	bp := getBuf(hdrLen + n)
 	b := *bp
 	data := b[hdrLen:]
@@ -948,6 +966,93 @@ func (c *conn) read(req request) {
 	}
 	c.writeOwned(bp)
 }
+
+// sendFile sends the reply to read request req straight from the
+// backend's file with sendfile(2), when the backend is a FileReader whose
+// bytes are cached and the connection a plain (not TLS) socket. False
+// means nothing was sent.
+func (c *conn) sendFile(req request) bool {
+	fr, ok := c.exp.Backend.(FileReader)
+	if !ok || c.tls || sendfileRefused.Load() {
+		return false
+	}
+	sc, ok := c.nc.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	n := int(req.length)
+	f, ok := fr.CachedFile(int64(req.offset), int64(n))
+	if !ok {
+		return false
+	}
+	frc, err1 := f.SyscallConn()
+	src, err2 := sc.SyscallConn()
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	var h []byte
+	if c.structured {
+		h = structuredHeader(nil, replyFlagDone, replyOffsetData, req.cookie, uint32(8+n))
+		h = binary.BigEndian.AppendUint64(h, req.offset)
+	} else {
+		h = simpleReplyHeader(nil, 0, req.cookie)
+	}
+	if o := c.srv.opts.Observe; o != nil {
+		o(CommandName(req.typ), false)
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_, err := c.bw.Write(h)
+	if err == nil {
+		err = c.bw.Flush()
+	}
+	if err == nil {
+		// Control keeps the file open while the bytes go; the socket's
+		// Write waits in the poller while its buffer is full.
+		off, left := int64(req.offset), n
+		var werr, serr error
+		cerr := frc.Control(func(ffd uintptr) {
+			werr = src.Write(func(sfd uintptr) bool {
+				for left > 0 {
+					k, e := unix.Sendfile(int(sfd), int(ffd), &off, left)
+					switch {
+					case e == unix.EAGAIN:
+						return false
+					case e == unix.EINTR:
+						continue
+					case e != nil:
+						serr = e
+						return true
+					case k == 0:
+						serr = io.ErrUnexpectedEOF // the file shrank under the export
+						return true
+					}
+					left -= k
+				}
+				return true
+			})
+		})
+		err = cmp.Or(serr, werr, cerr)
+		if err == nil && left > 0 {
+			err = io.ErrShortWrite
+		}
+	}
+	if err != nil {
+		// The header is out: the stream cannot be resynchronized.
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
+			sendfileRefused.Store(true)
+			c.log.Warn("sendfile(2) refused; large reads are copied from now on", "export", c.exp.Name, "err", err)
+		}
+		c.log.Debug("sendfile reply failed, closing", "err", err)
+		c.nc.Close()
+	}
+	return true
+}
+
+// sendfileRefused is set when the kernel refuses sendfile(2) for an
+// export's file: the connection that met it is closed (its reply was half
+// sent) and no later read tries again.
+var sendfileRefused atomic.Bool
 
 // maxDescriptors bounds one block-status reply; clients ask again.
 const maxDescriptors = 2048
