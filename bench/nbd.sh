@@ -2,10 +2,13 @@
 # NBD front-end speed (issue 4): Umbra's server beside nbdkit's file
 # plugin and qemu-nbd, all serving the same image file on tmpfs, driven by
 # fio's nbd engine in the same run. Prints a table of ratios to nbdkit.
-#   bench/nbd.sh [seconds-per-test]
+# Each test runs ROUNDS times, the servers taking turns; the table gives
+# the medians (single runs move by +-30 % on two shared cores).
+#   bench/nbd.sh [seconds-per-test] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RT=${1:-5}
+ROUNDS=${2:-3}
 for t in fio nbdkit qemu-nbd python3; do
   command -v $t >/dev/null || { echo "bench/nbd.sh: needs $t (apt-get install fio nbdkit qemu-utils)"; exit 1; }
 done
@@ -40,18 +43,21 @@ runfio() {
 }
 
 TESTS=("read 1M 16" "write 1M 16" "randread 4k 16" "randwrite 4k 16")
-echo "fio nbd engine, ${RT}s per test, 1 GiB image on tmpfs, $(nproc) cores; ratio = umbra / nbdkit"
+echo "fio nbd engine, ${RT}s per test, median of $ROUNDS rounds taking turns, 1 GiB image on tmpfs, $(nproc) cores; ratio = umbra / nbdkit"
 printf "%-22s %-5s %12s %12s %12s %8s %8s\n" test conns umbra nbdkit qemu-nbd "u/nbdkit" "u/qemu"
-row() { # label jobs uri-umbra
-  local t=($1) label="$1" jobs=$2 u k q
-  u=$(runfio ${t[0]} ${t[1]} ${t[2]} $jobs "$3")
-  k=$(runfio ${t[0]} ${t[1]} ${t[2]} $jobs "${URI[nbdkit]}")
-  q=$(runfio ${t[0]} ${t[1]} ${t[2]} $jobs "${URI[qemu-nbd]}")
+row() { # label jobs uri-umbra tag
+  local t=($1) label="$1" jobs=$2 u="" k="" q="" i
+  for i in $(seq "$ROUNDS"); do
+    u+="$(runfio ${t[0]} ${t[1]} ${t[2]} $jobs "$3");"
+    k+="$(runfio ${t[0]} ${t[1]} ${t[2]} $jobs "${URI[nbdkit]}");"
+    q+="$(runfio ${t[0]} ${t[1]} ${t[2]} $jobs "${URI[qemu-nbd]}");"
+  done
   python3 - "$label" "$jobs" "$u" "$k" "$q" "$4" <<'EOF'
-import sys
+import statistics, sys
 label, jobs, u, k, q, tag = sys.argv[1:]
 unit = 0 if "1M" in label else 1  # MB/s for 1M, IOPS for 4k
-uv, kv, qv = (float(x.split()[unit]) for x in (u, k, q))
+med = lambda runs: statistics.median(float(r.split()[unit]) for r in runs.split(";") if r)
+uv, kv, qv = med(u), med(k), med(q)
 fmt = "%.0f MB/s" if unit == 0 else "%.0f IOPS"
 print("%-22s %-5s %12s %12s %12s %8.2f %8.2f" % (label + tag, jobs, fmt % uv, fmt % kv, fmt % qv, uv / kv, uv / qv))
 EOF
