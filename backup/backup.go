@@ -467,6 +467,8 @@ func (c *compressor) queue(w []chunkWork, fresh []int, own *sync.WaitGroup) erro
 		if g == nil || raw+len(w[i].data) > groupRaw {
 			flush()
 			g, raw = &group{done: make(chan struct{}), own: own}, 0
+			n := max(1, groupRaw/max(1, len(w[i].data)))
+			g.ents, g.data = make([]blobEntry, 0, n), make([][]byte, 0, n)
 		}
 		g.ents = append(g.ents, blobEntry{Hash: w[i].hash, RawOff: uint32(raw), Raw: uint32(len(w[i].data))})
 		g.data = append(g.data, w[i].data)
@@ -599,15 +601,32 @@ func (u *uploader) add(blob []byte, ents []blobEntry) error {
 	if err != nil {
 		return err
 	}
+	if u.cur == nil {
+		u.cur = make([]byte, 0, packRoom())
+	}
 	for _, e := range ents {
 		e.Off, e.Len = uint32(len(u.cur)), uint32(len(blob))
 		u.ents = append(u.ents, e)
 	}
 	u.cur = append(u.cur, blob...)
-	if len(u.cur) >= packTarget {
+	if len(u.cur) >= packTarget || len(u.ents) >= maxPackEntries {
 		return u.cut()
 	}
 	return nil
+}
+
+// maxPackEntries bounds the chunks one pack lists, so its trailer (48
+// bytes a chunk, held in memory while the pack fills and read whole by
+// restore) stays under 1 MiB however well the data compresses: 4 KiB
+// chunks of typical data put ~12 000 in a 16 MiB pack, but chunks that
+// compress to a few bytes would put millions.
+var maxPackEntries = 16384
+
+// packRoom is the capacity that holds a pack with its trailer without
+// growing: the target, one more blob (a little over a group when it
+// does not compress), and the largest trailer.
+func packRoom() int {
+	return packTarget + groupRaw + 4096 + (maxPackEntries+groupRaw/4096)*blobEntLen + 64 + sealOverhead
 }
 
 // cut finishes the current pack and queues it.
@@ -619,7 +638,7 @@ func (u *uploader) cut() error {
 	data := append(u.cur, trailer...)
 	data = appendUint32(data, uint32(len(trailer)))
 	p := packBlobs{ID: PackID(blake3.Sum256(data)), Blobs: u.ents}
-	u.cur, u.ents = make([]byte, 0, packTarget+groupRaw+4096), nil
+	u.cur, u.ents = nil, nil // the next add allocates: data is the job's now
 	select {
 	case u.jobs <- packJob{data: data, p: p}:
 		return nil

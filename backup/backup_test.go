@@ -3,6 +3,7 @@ package backup_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -159,4 +160,65 @@ func FuzzDecodeIndex(f *testing.F) {
 			t.Fatal("index does not round-trip")
 		}
 	})
+}
+
+// TestPackEntriesBounded: chunks that compress to almost nothing do not
+// pile up in one pack with an unbounded trailer: a pack lists at most
+// maxPackEntries chunks (plus the rest of the group that reached it),
+// and the image restores.
+func TestPackEntriesBounded(t *testing.T) {
+	const limit, chunks = 64, 1024
+	defer backup.SetPackEntries(limit)()
+	ctx := context.Background()
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "vol.img")
+	want := make([]byte, chunks*4096)
+	for i := range chunks { // distinct chunks, each its index repeated
+		for k := 0; k < 4096; k += 8 {
+			binary.LittleEndian.PutUint64(want[i*4096+k:], uint64(i)+1)
+		}
+	}
+	if err := os.WriteFile(origin, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := v.OpenSnapshot("s")
+	repo, err := backup.Init(filepath.Join(dir, "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	x, _, err := repo.Backup(ctx, s, backup.Options{Volume: "vol", Snapshot: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	packs := backup.ObjectNames(repo, "packs/")
+	total := 0
+	for _, p := range packs {
+		n, err := backup.PackTrailerEntries(repo, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n > limit+15 {
+			t.Fatalf("pack %s lists %d chunks, want at most %d", p, n, limit+15)
+		}
+		total += n
+	}
+	if total != chunks || len(packs) < chunks/(limit+15) {
+		t.Fatalf("%d packs listing %d chunks, want %d chunks in at least %d packs", len(packs), total, chunks, chunks/(limit+15))
+	}
+	out := filepath.Join(dir, "restored.img")
+	if err := repo.Restore(x.ID, out, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(out); !bytes.Equal(got, want) {
+		t.Fatal("image does not restore byte-identical")
+	}
 }

@@ -50,6 +50,21 @@ func SetSmallPacks(n, k int) func() {
 	return func() { packTarget, indexEvery = oldN, oldK }
 }
 
+// SetPackEntries sets the most chunks a pack lists and returns a function
+// restoring the default.
+func SetPackEntries(n int) func() {
+	old := maxPackEntries
+	maxPackEntries = n
+	return func() { maxPackEntries = old }
+}
+
+// PackTrailerEntries reads the trailer of pack (an object name) and
+// returns how many chunks it lists.
+func PackTrailerEntries(r *Repo, pack string) (int, error) {
+	ents, err := r.readTrailer(context.Background(), pack)
+	return len(ents), err
+}
+
 // SetScryptN makes key derivation cheap in tests.
 func SetScryptN(n int) { scryptN = n }
 
