@@ -2,11 +2,17 @@ package cow
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
+
+	"umbra/provider"
 )
 
 // TestTryReadAt: a volume reads without waiting (TryReadAt) and offers
@@ -89,4 +95,70 @@ func TestTryReadAt(t *testing.T) {
 		check(t, v, size-4096, 4096, true)
 		check(t, v, size-4096, 8192, false)
 	})
+}
+
+// TestTryWriteFrom: bytes a fill function puts into the origin file are
+// the volume's new bytes, while a live snapshot keeps the old ones (the
+// volume preserves before calling fill, even when fill fails); during a
+// hold nothing happens and fill is not called.
+func TestTryWriteFrom(t *testing.T) {
+	const size = 1 << 20
+	v, _ := newTestVolume(t, size, Options{})
+	old := bytes.Repeat([]byte{1}, size)
+	mustWrite(t, v, old, 0)
+	if _, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := v.OpenSnapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	want := slices.Clone(old)
+	put := func(off int64, p []byte) func(*os.File, int64) error {
+		return func(f *os.File, at int64) error {
+			if at != off {
+				t.Fatalf("fill at %d, want %d", at, off)
+			}
+			_, err := f.WriteAt(p, at)
+			return err
+		}
+	}
+	p := bytes.Repeat([]byte{2}, 300<<10)
+	if ok, err := v.TryWriteFrom(12345, int64(len(p)), put(12345, p)); !ok || err != nil {
+		t.Fatalf("TryWriteFrom: ok %v, %v", ok, err)
+	}
+	copy(want[12345:], p)
+	if !bytes.Equal(readAll(t, v, size), want) || !bytes.Equal(readAll(t, s, size), old) {
+		t.Fatal("after TryWriteFrom: volume or snapshot holds the wrong bytes")
+	}
+
+	// fill fails after writing part: the snapshot still has the old bytes.
+	boom := errors.New("boom")
+	_, err = v.TryWriteFrom(700<<10, 200<<10, func(f *os.File, at int64) error {
+		f.WriteAt(bytes.Repeat([]byte{3}, 4096), at)
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("a failing fill: %v, want it returned", err)
+	}
+	if !bytes.Equal(readAll(t, s, size), old) {
+		t.Fatal("a failing fill changed the snapshot")
+	}
+
+	h, err := v.Hold(context.Background(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok, err := v.TryWriteFrom(0, 4096, func(*os.File, int64) error {
+		t.Fatal("fill called during a hold")
+		return nil
+	})
+	h.Release()
+	if ok || err != nil {
+		t.Fatalf("TryWriteFrom during a hold: ok %v, %v; want false, nil", ok, err)
+	}
+	if ok, err := v.TryWriteFrom(size-4096, 8192, put(0, nil)); !ok || !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("TryWriteFrom beyond the end: ok %v, %v", ok, err)
+	}
 }

@@ -361,6 +361,45 @@ func (v *Volume) write(p []byte, off int64, wait bool) (n int, ok bool, err erro
 	return n, true, err
 }
 
+// TryWriteFrom is TryWriteAt for bytes that fill puts straight into the
+// origin file — with splice(2) from a socket, so they never pass through
+// user space. The volume preserves first what live snapshots need of
+// [off, off+n), calls fill with the origin file and off, and completes the
+// preservation when fill returns, whatever it returns; fill must write
+// nothing outside [off, off+n). ok is false, and fill is not called, when
+// the write would wait (a hold, chunks another writer or reader holds)
+// or the origin is not an OS file.
+func (v *Volume) TryWriteFrom(off, n int64, fill func(f *os.File, off int64) error) (ok bool, err error) {
+	of, isOS := v.origin.(osFile)
+	if !isOS || n <= 0 {
+		return false, nil
+	}
+	if err := v.checkRange(off, n); err != nil {
+		return true, err
+	}
+	if !v.gate.tryEnter() {
+		return false, nil
+	}
+	defer v.gate.leave()
+	if v.isClosed.Load() {
+		return true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
+	}
+	if v.wbFailed.Load() {
+		v.settleWriteBehind(false)
+	}
+	if v.hasSnaps.Load() > 0 {
+		c0, c1 := uint64(off)>>v.shift, uint64(off+n-1)>>v.shift
+		unlock, ok := v.tryLockChunks(c0, c1)
+		if !ok {
+			return false, nil
+		}
+		defer unlock()
+		finish := v.preserveRange(c0, c1)
+		defer finish() // after the origin write, before the unlock
+	}
+	return true, fill(of.File, off)
+}
+
 // Flush makes acknowledged writes durable.
 func (v *Volume) Flush() error {
 	if err := v.origin.Sync(); err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -443,5 +445,208 @@ func TestInlineAndHandedReads(t *testing.T) {
 	}
 	if len(reads)+len(writes) != 0 {
 		t.Fatalf("%d replies missing", len(reads)+len(writes))
+	}
+}
+
+// TestSplicedWrites: writes larger than 64 KiB go from the socket into
+// the origin file with splice(2). Pipelined batches of them, some with
+// FUA, land byte-exact; a snapshot taken between batches keeps its bytes
+// while the next batch overwrites them (the engine preserves before the
+// splice); a large write that meets a hold goes the ordinary way and a
+// read sent after it is answered during the hold.
+func TestSplicedWrites(t *testing.T) {
+	const size = 16 << 20
+	s := serve(t, size)
+	c := goExport(t, s.sock, "vol")
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	model := make([]byte, size)
+	rng := rand.New(rand.NewPCG(5, 6))
+	cookie := uint64(0)
+	batch := func() {
+		t.Helper()
+		// Non-overlapping writes: 1 MiB slots, each written at most once.
+		slots := rng.Perm(size >> 20)[:8]
+		sent := map[uint64]bool{}
+		for _, slot := range slots {
+			n := uint64(64<<10+512) << rng.IntN(4) // 64.5 KiB .. 516 KiB
+			off := uint64(slot)<<20 + rng.Uint64N(1<<20-n)&^511
+			p := make([]byte, n)
+			for i := range p {
+				p[i] = byte(rng.Uint32())
+			}
+			copy(model[off:], p)
+			cookie++
+			var flags uint16
+			if cookie%3 == 0 {
+				flags = 1 // FUA
+			}
+			b := binary.BigEndian.AppendUint32(nil, 0x25609513)
+			b = binary.BigEndian.AppendUint16(b, flags)
+			b = binary.BigEndian.AppendUint16(b, 1)
+			b = binary.BigEndian.AppendUint64(b, cookie)
+			b = binary.BigEndian.AppendUint64(b, off)
+			b = binary.BigEndian.AppendUint32(b, uint32(n))
+			c.Write(append(b, p...))
+			sent[cookie] = true
+		}
+		for range slots {
+			errno, ck := simpleReply(t, c)
+			if errno != 0 || !sent[ck] {
+				t.Fatalf("write %d: errno %d", ck, errno)
+			}
+			delete(sent, ck)
+		}
+	}
+	readBack := func(export string, want []byte) {
+		t.Helper()
+		rc := goExport(t, s.sock, export)
+		defer rc.Close()
+		got := make([]byte, 1<<20)
+		for off := 0; off < size; off += len(got) {
+			request(rc, 0, 1, uint64(off), uint32(len(got)))
+			if errno, _ := simpleReply(t, rc); errno != 0 {
+				t.Fatalf("read %s at %d: errno %d", export, off, errno)
+			}
+			if _, err := io.ReadFull(rc, got); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want[off:off+len(got)]) {
+				t.Fatalf("%s: wrong bytes in [%d, +1 MiB)", export, off)
+			}
+		}
+	}
+	batch()
+	batch()
+	readBack("vol", model)
+	if _, err := s.vol.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "mid"}); err != nil {
+		t.Fatal(err)
+	}
+	atSnap := slices.Clone(model)
+	batch()
+	batch()
+	readBack("vol", model)
+	readBack("vol@mid", atSnap)
+
+	// A hold: the large write waits on a goroutine of its own.
+	h, err := s.vol.Hold(context.Background(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{0xc3}, 256<<10)
+	request(c, 1, 100, 0, uint32(len(p)))
+	c.Write(p)
+	request(c, 0, 101, 0, 4096)
+	if errno, ck := simpleReply(t, c); errno != 0 || ck != 101 {
+		h.Release()
+		t.Fatalf("first reply during the hold: errno %d cookie %d, want the read (101)", errno, ck)
+	}
+	io.ReadFull(c, make([]byte, 4096))
+	h.Release()
+	if errno, ck := simpleReply(t, c); errno != 0 || ck != 100 {
+		t.Fatalf("held write after release: errno %d cookie %d", errno, ck)
+	}
+	copy(model, p)
+	readBack("vol", model)
+}
+
+// fileExports serves one file, writable or not, as export "f".
+type fileExports struct{ b *fileBackend }
+
+func (e fileExports) List() []string { return []string{"f"} }
+func (e fileExports) Lookup(name string) (*nbd.Export, error) {
+	if name != "f" {
+		return nil, os.ErrNotExist
+	}
+	return &nbd.Export{Name: "f", Backend: e.b}, nil
+}
+
+// fileBackend is a file behind nbd.SpliceWriter. While refuse is set,
+// writes go to bad, a file that fails them after the server has begun
+// moving their payload; otherwise to good.
+type fileBackend struct {
+	bad, good *os.File
+	refuse    atomic.Bool
+}
+
+func (b *fileBackend) ReadAt(p []byte, off int64) (int, error)  { return b.good.ReadAt(p, off) }
+func (b *fileBackend) WriteAt(p []byte, off int64) (int, error) { return b.good.WriteAt(p, off) }
+func (b *fileBackend) Size() int64                              { return 4 << 20 }
+func (b *fileBackend) Flush() error                             { return nil }
+func (b *fileBackend) TryWriteFrom(off, n int64, fill func(*os.File, int64) error) (bool, error) {
+	if b.refuse.Load() {
+		return true, fill(b.bad, off)
+	}
+	return true, fill(b.good, off)
+}
+
+// TestSplicedWriteRefused: when the file refuses a spliced write the
+// client gets an error reply for it, the rest of its payload is skipped
+// (whether it was already read into the server's buffer, in the pipe or
+// still in the socket), and the next requests on the connection are
+// served: a read, and a spliced write that lands exactly.
+func TestSplicedWriteRefused(t *testing.T) {
+	// Read-only: pwrite and splice fail (EBADF). O_APPEND: pwrite goes
+	// to the end, splice fails (EINVAL) with payload bytes in the pipe.
+	for _, flag := range []int{os.O_RDONLY, os.O_WRONLY | os.O_APPEND} {
+		t.Run(fmt.Sprint("flag=", flag), func(t *testing.T) { refusedWrites(t, flag) })
+	}
+}
+
+func refusedWrites(t *testing.T, flag int) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "f.img")
+	want := bytes.Repeat([]byte{7}, 4<<20)
+	if err := os.WriteFile(path, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bad, err := os.OpenFile(filepath.Join(dir, "bad.img"), os.O_CREATE|flag, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bad.Close()
+	good, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer good.Close()
+	b := &fileBackend{bad: bad, good: good}
+	sock := filepath.Join(dir, "nbd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := nbd.NewServer(fileExports{b}, nbd.Options{})
+	go srv.Serve(context.Background(), l)
+	defer srv.Shutdown(context.Background())
+	c := goExport(t, sock, "f")
+	defer c.Close()
+	for i, n := range []int{100 << 10, 1 << 20, 3 << 20} {
+		ck := uint64(10 * (i + 1))
+		b.refuse.Store(true)
+		request(c, 1, ck, 0, uint32(n))
+		c.Write(bytes.Repeat([]byte{9}, n))
+		request(c, 0, ck+1, 4096, 4096)
+		if errno, got := simpleReply(t, c); errno == 0 || got != ck {
+			t.Fatalf("write of %d bytes to a refusing file: errno %d cookie %d, want an error for %d", n, errno, got, ck)
+		}
+		if errno, got := simpleReply(t, c); errno != 0 || got != ck+1 {
+			t.Fatalf("read after the refused write: errno %d cookie %d", errno, got)
+		}
+		got := make([]byte, 4096)
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, want[4096:8192]) {
+			t.Fatalf("read after the refused write: %v or wrong bytes", err)
+		}
+		b.refuse.Store(false)
+		p := bytes.Repeat([]byte{byte(0x40 + i)}, n)
+		request(c, 1, ck+2, 0, uint32(n))
+		c.Write(p)
+		if errno, got := simpleReply(t, c); errno != 0 || got != ck+2 {
+			t.Fatalf("write after the refused one: errno %d cookie %d", errno, got)
+		}
+		copy(want, p)
+		if on, _ := os.ReadFile(path); !bytes.Equal(on, want) {
+			t.Fatalf("the write after the refused one (%d bytes) did not land exactly", n)
+		}
 	}
 }

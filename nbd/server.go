@@ -80,6 +80,16 @@ type FileReader interface {
 	CachedFile(off, n int64) (f *os.File, ok bool)
 }
 
+// SpliceWriter is a Backend whose writes can go straight into its file:
+// TryWriteFrom prepares [off, off+n) as WriteAt would and calls fill to
+// put the bytes into f at off. The server then moves a large write's
+// payload from the socket into the file with splice(2), without copying
+// it through user space; ok false means the write would wait (a hold)
+// and nothing happened, so it goes the ordinary way.
+type SpliceWriter interface {
+	TryWriteFrom(off, n int64, fill func(f *os.File, off int64) error) (ok bool, err error)
+}
+
 // Export is one named export. Optional capabilities are function fields;
 // nil means not supported (or emulated, for WriteZeroes).
 type Export struct {
@@ -268,6 +278,7 @@ type conn struct {
 	wmu       sync.Mutex    // guards bw
 	unflushed bool          // inline replies in bw (reading goroutine only)
 	scratch   []byte        // an inline read's reply (reading goroutine only)
+	pipe      [2]int        // splice pipe for large writes (reading goroutine only)
 	bw        *bufio.Writer // replies: from the reply writer, or inline
 	replies   chan reply    // to the reply writer, during transmission
 	written   chan struct{} // closed when the reply writer is done
@@ -450,6 +461,165 @@ func (c *conn) readInline(req request) bool {
 	c.bw.Write(b) // copied: scratch is reused; an error shows on the next flush
 	c.wmu.Unlock()
 	c.unflushed = true
+	return true
+}
+
+const (
+	spliceNot    = iota // not taken: nothing consumed, go the ordinary way
+	spliceDone          // the payload consumed and the reply buffered
+	spliceBroken        // the connection failed mid-payload
+)
+
+// spliceWrite serves large write request req on the reading goroutine
+// when the backend is a SpliceWriter that need not wait and the
+// connection a plain socket: the payload part already read goes in with
+// one pwrite, the rest with splice(2) socket -> pipe -> file.
+func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
+	sw, ok := c.exp.Backend.(SpliceWriter)
+	if !ok || c.tls || c.exp.ReadOnly || req.flags&^cmdFlagFUA != 0 ||
+		req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
+		return spliceNot
+	}
+	sc, ok := c.nc.(syscall.Conn)
+	if !ok {
+		return spliceNot
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil || !c.openPipe() {
+		return spliceNot
+	}
+	n := int(req.length)
+	consumed := 0
+	var sockErr error
+	ok, err = sw.TryWriteFrom(int64(req.offset), int64(n), func(f *os.File, at int64) error {
+		head, _ := r.Peek(min(r.Buffered(), n))
+		_, werr := f.WriteAt(head, at)
+		r.Discard(len(head))
+		consumed = len(head)
+		if werr != nil {
+			return werr
+		}
+		frc, err := f.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var ferr error
+		if cerr := frc.Control(func(ffd uintptr) {
+			consumed, sockErr, ferr = c.spliceIn(rc, int(ffd), at, consumed, n)
+		}); cerr != nil {
+			return cerr
+		}
+		return ferr
+	})
+	if !ok {
+		return spliceNot
+	}
+	if sockErr != nil {
+		c.log.Debug("client gone mid-write", "err", sockErr)
+		return spliceBroken
+	}
+	if consumed < n { // the file refused: keep the stream in step
+		if _, derr := io.CopyN(io.Discard, r, int64(n-consumed)); derr != nil {
+			return spliceBroken
+		}
+	}
+	if err == nil && req.flags&cmdFlagFUA != 0 {
+		err = c.exp.Backend.Flush()
+	}
+	if o := c.srv.opts.Observe; o != nil {
+		o(CommandName(req.typ), false)
+		if err != nil {
+			o(CommandName(req.typ), true)
+		}
+	}
+	var b []byte
+	if err != nil {
+		b = c.errorReply(req, errnoOf(err), err.Error())
+	} else if c.structured {
+		b = structuredHeader(nil, replyFlagDone, replyNone, req.cookie, 0)
+	} else {
+		b = simpleReplyHeader(nil, 0, req.cookie)
+	}
+	c.wmu.Lock()
+	c.bw.Write(b) // an error shows on the next flush
+	c.wmu.Unlock()
+	c.unflushed = true
+	return spliceDone
+}
+
+// spliceIn moves payload bytes consumed..n from the socket (rc) into file
+// descriptor ffd at at+consumed through the connection's pipe. It returns
+// how many were taken from the socket (all of them unless the socket
+// failed: bytes the file refused are read out of the pipe and dropped)
+// and which side failed.
+func (c *conn) spliceIn(rc syscall.RawConn, ffd int, at int64, consumed, n int) (int, error, error) {
+	pos := at + int64(consumed)
+	for consumed < n {
+		var k int
+		var err error
+		if rerr := rc.Read(func(sfd uintptr) bool {
+			var k64 int64
+			k64, err = unix.Splice(int(sfd), nil, c.pipe[1], nil, n-consumed, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			k = int(k64)
+			return err != unix.EAGAIN
+		}); rerr != nil {
+			return consumed, rerr, nil
+		}
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return consumed, err, nil
+		case k == 0:
+			return consumed, io.ErrUnexpectedEOF, nil
+		}
+		consumed += k
+		for k > 0 {
+			m, err := unix.Splice(c.pipe[0], nil, ffd, &pos, k, unix.SPLICE_F_MOVE)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || m == 0 {
+				if derr := c.drainPipe(k); derr != nil {
+					return consumed, derr, nil
+				}
+				return consumed, nil, cmp.Or(err, io.ErrShortWrite)
+			}
+			k -= int(m)
+		}
+	}
+	return consumed, nil, nil
+}
+
+// drainPipe reads and drops k bytes left in the connection's pipe.
+func (c *conn) drainPipe(k int) error {
+	var b [64 << 10]byte
+	for k > 0 {
+		m, err := unix.Read(c.pipe[0], b[:min(k, len(b))])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || m == 0 {
+			return cmp.Or(err, io.ErrUnexpectedEOF)
+		}
+		k -= m
+	}
+	return nil
+}
+
+// openPipe makes the connection's splice pipe (1 MiB where the system
+// allows, else the default 64 KiB: it only takes more rounds); false if
+// there is none.
+func (c *conn) openPipe() bool {
+	if c.pipe[1] != 0 {
+		return true
+	}
+	var p [2]int
+	if unix.Pipe2(p[:], unix.O_CLOEXEC) != nil {
+		return false
+	}
+	unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, 1<<20)
+	c.pipe = p
 	return true
 }
 
@@ -719,6 +889,10 @@ func (c *conn) transmission() {
 	c.bw = bufio.NewWriterSize(c.rw, 256<<10)
 	go c.replyWriter()
 	defer func() {
+		if c.pipe[1] != 0 {
+			unix.Close(c.pipe[0])
+			unix.Close(c.pipe[1])
+		}
 		c.inflight.Wait()
 		close(c.replies)
 		<-c.written
@@ -760,6 +934,17 @@ func (c *conn) transmission() {
 						c.flushInline()
 					}
 					continue
+				}
+			}
+			if req.length > inlineMax {
+				switch c.spliceWrite(r, req) {
+				case spliceDone:
+					if r.Buffered() < requestSize {
+						c.flushInline()
+					}
+					continue
+				case spliceBroken:
+					return
 				}
 			}
 			payload = getBuf(int(req.length))
