@@ -650,3 +650,62 @@ func refusedWrites(t *testing.T, flag int) {
 		}
 	}
 }
+
+// TestStructuredOKIsSimple: with structured replies negotiated, a write,
+// a flush and a trim that succeed are answered with a 16-byte simple
+// reply (the protocol allows it for anything but a read; clients take it
+// in one receive), a failed write with a structured error chunk that
+// carries the message, and a read with a structured chunk.
+func TestStructuredOKIsSimple(t *testing.T) {
+	s := serve(t, 1<<20)
+	c := handshake(t, s.sock)
+	defer c.Close()
+	sendOpt(c, 8, nil) // NBD_OPT_STRUCTURED_REPLY
+	if typ, _ := readOptReply(t, c); typ != 1 {
+		t.Fatalf("structured replies refused: %#x", typ)
+	}
+	sendOpt(c, 7, append(binary.BigEndian.AppendUint32(nil, 3), 'v', 'o', 'l', 0, 0))
+	for {
+		typ, _ := readOptReply(t, c)
+		if typ == 1 {
+			break
+		}
+		if typ&(1<<31) != 0 {
+			t.Fatalf("GO refused: %#x", typ)
+		}
+	}
+	magic := func() uint32 {
+		t.Helper()
+		h := make([]byte, 4)
+		if _, err := io.ReadFull(c, h); err != nil {
+			t.Fatal(err)
+		}
+		return binary.BigEndian.Uint32(h)
+	}
+	for _, op := range []uint16{1, 3, 4} { // write, flush, trim
+		n := uint32(4096)
+		if op == 3 {
+			n = 0
+		}
+		request(c, op, uint64(op), 0, n)
+		if op == 1 {
+			c.Write(make([]byte, n))
+		}
+		if m := magic(); m != 0x67446698 {
+			t.Fatalf("command %d: reply magic %#x, want a simple reply", op, m)
+		}
+		io.ReadFull(c, make([]byte, 12))
+	}
+	request(c, 1, 9, 1<<20, 4096) // beyond the end
+	c.Write(make([]byte, 4096))
+	if m := magic(); m != 0x668e33ef {
+		t.Fatalf("failed write: reply magic %#x, want a structured error chunk", m)
+	}
+	h := make([]byte, 16)
+	io.ReadFull(c, h)
+	io.ReadFull(c, make([]byte, binary.BigEndian.Uint32(h[12:])))
+	request(c, 0, 10, 0, 4096)
+	if m := magic(); m != 0x668e33ef {
+		t.Fatalf("read: reply magic %#x, want a structured chunk", m)
+	}
+}
