@@ -406,6 +406,13 @@ func (c *conn) writeInline(req request, payload []byte) bool {
 	if !done {
 		return false
 	}
+	c.replyInline(req, err)
+	return true
+}
+
+// replyInline counts request req and buffers its reply (success, or err)
+// for flushInline; reading goroutine only.
+func (c *conn) replyInline(req request, err error) {
 	if o := c.srv.opts.Observe; o != nil {
 		o(CommandName(req.typ), false)
 		if err != nil {
@@ -417,10 +424,9 @@ func (c *conn) writeInline(req request, payload []byte) bool {
 		b = c.errorReply(req, errnoOf(err), err.Error())
 	}
 	c.wmu.Lock()
-	c.bw.Write(b) // an error shows on the reply writer's next flush
+	c.bw.Write(b) // an error shows on the next flush
 	c.wmu.Unlock()
 	c.unflushed = true
-	return true
 }
 
 // readInline serves read request req on the reading goroutine when the
@@ -522,20 +528,7 @@ func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
 	if err == nil && req.flags&cmdFlagFUA != 0 {
 		err = c.exp.Backend.Flush()
 	}
-	if o := c.srv.opts.Observe; o != nil {
-		o(CommandName(req.typ), false)
-		if err != nil {
-			o(CommandName(req.typ), true)
-		}
-	}
-	b := okReply(req)
-	if err != nil {
-		b = c.errorReply(req, errnoOf(err), err.Error())
-	}
-	c.wmu.Lock()
-	c.bw.Write(b) // an error shows on the next flush
-	c.wmu.Unlock()
-	c.unflushed = true
+	c.replyInline(req, err)
 	return spliceDone
 }
 
