@@ -2,14 +2,16 @@ package nbd
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func FuzzDecodeRequest(f *testing.F) {
@@ -127,21 +129,92 @@ func FuzzSession(f *testing.F) {
 	s = append(s, request{typ: cmdDisc}.encode()...)
 	f.Add(s)
 	f.Add([]byte{0, 0, 0, 1})
+	s = append([]byte(nil), s[:len(s)-requestSize]...) // without the DISC
+	s = append(s, request{typ: cmdWrite, cookie: 4, offset: 0, length: 70000}.encode()...)
+	s = append(s, make([]byte, 70000)...)
+	s = append(s, request{typ: cmdRead, cookie: 5, offset: 0, length: 70000}.encode()...)
+	s = append(s, request{typ: cmdWrite, cookie: 6, offset: 512, length: 90000}.encode()...)
+	f.Add(append(s, make([]byte, 1000)...)) // the payload cut short
+	file, err := os.CreateTemp("", "umbra-fuzz-")
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer os.Remove(file.Name())
+	defer file.Close()
+	file.Truncate(256 << 10)
 	f.Fuzz(func(t *testing.T, in []byte) {
-		srv := NewServer(memExports{&memBackend{data: make([]byte, 4096)}}, Options{})
-		a, b := net.Pipe()
-		c := &conn{srv: srv, nc: a, log: srv.log}
-		done := make(chan struct{})
-		go func() { c.serve(); close(done) }()
-		go io.Copy(io.Discard, b)
-		b.SetWriteDeadline(time.Now().Add(2 * time.Second))
-		b.Write(in)
-		b.Close()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Fatal("server connection hung on closed input")
-		}
-		_ = context.Background
+		// Over net.Pipe with a backend in memory, and over a unix socket
+		// pair with a file backend, where inline reads, sendfile and
+		// spliced writes run.
+		session(t, memExports{&memBackend{data: make([]byte, 4096)}}, in, false)
+		session(t, fileExports{fileBackend{file}}, in, true)
 	})
+}
+
+func session(t *testing.T, exps Exports, in []byte, socket bool) {
+	srv := NewServer(exps, Options{})
+	var a, b net.Conn
+	if socket {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, b = fileConn(t, fds[0]), fileConn(t, fds[1])
+	} else {
+		a, b = net.Pipe()
+	}
+	c := &conn{srv: srv, nc: a, log: srv.log}
+	done := make(chan struct{})
+	go func() { c.serve(); close(done) }()
+	go io.Copy(io.Discard, b)
+	b.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	b.Write(in)
+	if uc, ok := b.(*net.UnixConn); ok {
+		uc.CloseWrite() // EOF for the server; its replies still drain
+	} else {
+		b.Close()
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("server connection hung on closed input")
+	}
+	b.Close()
+}
+
+func fileConn(t *testing.T, fd int) net.Conn {
+	f := os.NewFile(uintptr(fd), "socket")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+type fileExports struct{ b fileBackend }
+
+func (e fileExports) List() []string { return []string{"m"} }
+func (e fileExports) Lookup(name string) (*Export, error) {
+	if name != "m" {
+		return nil, errors.New("no such export")
+	}
+	return &Export{Name: "m", Backend: e.b}, nil
+}
+
+// fileBackend is an export in a file, offering the server every fast
+// path: TryReader, FileReader and SpliceWriter.
+type fileBackend struct{ f *os.File }
+
+func (b fileBackend) ReadAt(p []byte, off int64) (int, error)  { return b.f.ReadAt(p, off) }
+func (b fileBackend) WriteAt(p []byte, off int64) (int, error) { return b.f.WriteAt(p, off) }
+func (b fileBackend) Size() int64                              { return 256 << 10 }
+func (b fileBackend) Flush() error                             { return nil }
+func (b fileBackend) TryReadAt(p []byte, off int64) (int, bool, error) {
+	n, err := b.f.ReadAt(p, off)
+	return n, true, err
+}
+func (b fileBackend) CachedFile(off, n int64) (*os.File, bool) { return b.f, true }
+func (b fileBackend) TryWriteFrom(off, n int64, fill func(*os.File, int64) error) (bool, error) {
+	return true, fill(b.f, off)
 }
