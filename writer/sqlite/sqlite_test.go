@@ -1,0 +1,157 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"umbra/writer"
+)
+
+// app is a database in WAL mode that a goroutine commits to without
+// pause, as the demo's and the coordinator tests' applications do.
+type app struct {
+	path    string
+	db      *sql.DB
+	commits atomic.Int64
+	stop    chan struct{}
+	wg      sync.WaitGroup
+}
+
+func startApp(t testing.TB) *app {
+	t.Helper()
+	a := &app{path: filepath.Join(t.TempDir(), "app.db"), stop: make(chan struct{})}
+	db, err := sql.Open("sqlite", "file:"+a.path+"?_pragma=journal_mode(WAL)&_pragma=busy_timeout(20000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB)"); err != nil {
+		t.Fatal(err)
+	}
+	a.db = db
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		p := make([]byte, 64)
+		for i := int64(1); ; i++ {
+			select {
+			case <-a.stop:
+				return
+			default:
+			}
+			if _, err := db.Exec("INSERT INTO t VALUES (?, ?)", i, p); err != nil {
+				t.Errorf("commit %d: %v", i, err)
+				return
+			}
+			a.commits.Store(i)
+		}
+	}()
+	t.Cleanup(func() { close(a.stop); a.wg.Wait(); db.Close() })
+	return a
+}
+
+// TestFreezeUnderCommits: with an application committing without pause,
+// each freeze leaves an empty WAL and holds the application's commits
+// until thaw; then they resume.
+func TestFreezeUnderCommits(t *testing.T) {
+	a := startApp(t)
+	w := New(a.path)
+	var took []time.Duration
+	for k := 0; k < 10; k++ {
+		time.Sleep(20 * time.Millisecond)
+		t0 := time.Now()
+		if err := w.Freeze(context.Background(), writer.Set{}); err != nil {
+			t.Fatalf("freeze %d: %v", k, err)
+		}
+		took = append(took, time.Since(t0))
+		if fi, err := os.Stat(a.path + "-wal"); err != nil || fi.Size() != 0 {
+			t.Fatalf("freeze %d: the WAL is not empty (%v)", k, err)
+		}
+		held := a.commits.Load()
+		time.Sleep(30 * time.Millisecond)
+		if n := a.commits.Load(); n != held {
+			t.Fatalf("freeze %d: %d commits went through while frozen", k, n-held)
+		}
+		if err := w.Thaw(context.Background(), writer.Set{}); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); a.commits.Load() == held; {
+			if time.Now().After(deadline) {
+				t.Fatalf("thaw %d: the application does not commit again", k)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	slices.Sort(took)
+	t.Logf("10 freezes under %d commits: median %v, worst %v", a.commits.Load(), took[5], took[9])
+}
+
+// TestFreezeGivesUp: a reader that keeps an old snapshot open holds the
+// checkpoint off; the freeze gives up when its context ends, says why,
+// and leaves the database usable.
+func TestFreezeGivesUp(t *testing.T) {
+	a := startApp(t)
+	r, err := sql.Open("sqlite", "file:"+a.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	tx, err := r.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := tx.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil { // the read snapshot starts here
+		t.Fatal(err)
+	}
+	for before := a.commits.Load(); a.commits.Load() < before+10; {
+		time.Sleep(time.Millisecond) // commits after the reader's snapshot
+	}
+	w := New(a.path)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	err = w.Freeze(ctx, writer.Set{})
+	if err == nil || !strings.Contains(err.Error(), "kept the database busy") {
+		t.Fatalf("freeze with a reader holding an old snapshot: %v, want it to give up", err)
+	}
+	tx.Rollback()
+	before := a.commits.Load()
+	for deadline := time.Now().Add(10 * time.Second); a.commits.Load() == before; {
+		if time.Now().After(deadline) {
+			t.Fatal("the application does not commit after the failed freeze")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := w.Freeze(context.Background(), writer.Set{}); err != nil {
+		t.Fatalf("freeze once the reader is gone: %v", err)
+	}
+	w.Thaw(context.Background(), writer.Set{})
+}
+
+// BenchmarkFreezeUnderCommits: how long a freeze takes while an
+// application commits without pause (ms-median and ms-worst per run).
+func BenchmarkFreezeUnderCommits(b *testing.B) {
+	a := startApp(b)
+	w := New(a.path)
+	var took []time.Duration
+	for i := 0; i < b.N; i++ {
+		time.Sleep(20 * time.Millisecond)
+		t0 := time.Now()
+		if err := w.Freeze(context.Background(), writer.Set{}); err != nil {
+			b.Fatal(err)
+		}
+		took = append(took, time.Since(t0))
+		w.Thaw(context.Background(), writer.Set{})
+	}
+	slices.Sort(took)
+	b.ReportMetric(float64(took[len(took)/2])/1e6, "ms-median")
+	b.ReportMetric(float64(took[len(took)-1])/1e6, "ms-worst")
+}
