@@ -5,6 +5,7 @@
 # writes were held (flush-and-hold, commit, release). Prints p50/p99/max
 # of the hold and fio's IOPS. Everything on tmpfs.
 #   bench/hold.sh [snapshots] [fio-jobs]
+# UMBRA_BIN=path runs that binary instead of building one (A/B runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100}
@@ -22,7 +23,7 @@ cleanup() {
 	rm -rf "$W"
 }
 trap cleanup EXIT
-go build -o "$W/umbra" ./cmd/umbra
+if [ -n "${UMBRA_BIN:-}" ]; then cp "$UMBRA_BIN" "$W/umbra"; else go build -o "$W/umbra" ./cmd/umbra; fi
 truncate -s 1G "$W/img"
 "$W/umbra" serve --volume disk="$W/img" --state-dir "$W/state" --nbd-socket "$W/nbd.sock" --api-socket "$W/api.sock" 2>"$W/serve.log" &
 SERVE=$!
