@@ -21,6 +21,7 @@ import (
 
 	"umbra/cow"
 	"umbra/frontend"
+	"umbra/internal/testutil"
 	"umbra/nbd"
 	"umbra/provider"
 )
@@ -43,6 +44,12 @@ func serve(t *testing.T, size int64) *served {
 	origin := filepath.Join(dir, "vol.img")
 	os.WriteFile(origin, nil, 0o600)
 	os.Truncate(origin, size)
+	return serveOrigin(t, dir, origin)
+}
+
+// serveOrigin serves origin (a file or a block device) as volume "vol".
+func serveOrigin(t *testing.T, dir, origin string) *served {
+	t.Helper()
 	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
 	if err != nil {
 		t.Fatal(err)
@@ -455,8 +462,22 @@ func TestInlineAndHandedReads(t *testing.T) {
 // splice); a large write that meets a hold goes the ordinary way and a
 // read sent after it is answered during the hold.
 func TestSplicedWrites(t *testing.T) {
+	t.Run("file", func(t *testing.T) { splicedWrites(t, serve(t, 16<<20)) })
+	// A block device origin: splice(2) into it and sendfile(2) and
+	// cachestat(2) from it take other kernel paths than a file's.
+	t.Run("blockdev", func(t *testing.T) {
+		testutil.NeedRoot(t)
+		testutil.Need(t, "losetup")
+		dir := t.TempDir()
+		back := filepath.Join(dir, "back.img")
+		os.WriteFile(back, nil, 0o600)
+		os.Truncate(back, 16<<20)
+		splicedWrites(t, serveOrigin(t, dir, testutil.Losetup(t, back, false, false)))
+	})
+}
+
+func splicedWrites(t *testing.T, s *served) {
 	const size = 16 << 20
-	s := serve(t, size)
 	c := goExport(t, s.sock, "vol")
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(60 * time.Second))
