@@ -311,6 +311,11 @@ func TestBlockDeviceOrigin(t *testing.T) {
 	if v.Size() != 4<<20 {
 		t.Fatalf("block device size %d, want %d", v.Size(), 4<<20)
 	}
+	// /dev is devtmpfs, which statfs calls tmpfs: the device's reads must
+	// still not be taken for reads from memory.
+	if v.origin.(osFile).nowait.Load() == nowaitMemory {
+		t.Fatal("a block device origin is taken for a file in memory")
+	}
 	s, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{Persistent: true})
 	if err != nil {
 		t.Fatal(err)

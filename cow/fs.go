@@ -42,7 +42,7 @@ type OSFS struct{}
 
 type osFile struct {
 	*os.File
-	nowait *atomic.Int32 // how readNoWait reads: a nowait* constant
+	nowait *atomic.Int32 // how ReadAtNoWait reads: a nowait* constant
 }
 
 const (
@@ -57,11 +57,22 @@ func (OSFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
 		return nil, err
 	}
 	of := osFile{File: f, nowait: new(atomic.Int32)}
-	var st unix.Statfs_t
-	if unix.Fstatfs(int(f.Fd()), &st) == nil && (st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC) {
+	if inMemory(f) {
 		of.nowait.Store(nowaitMemory)
 	}
 	return of, nil
+}
+
+// inMemory reports whether f is a regular file on tmpfs or ramfs. (A
+// device node in /dev is on devtmpfs, which statfs also calls tmpfs, but
+// its data is the device's.)
+func inMemory(f *os.File) bool {
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return false
+	}
+	var st unix.Statfs_t
+	return unix.Fstatfs(int(f.Fd()), &st) == nil && (st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC)
 }
 
 // NoWaitReader is a File that can read without waiting for a disk:
