@@ -438,11 +438,7 @@ func (c *conn) readInline(req request) bool {
 	if !ok || req.flags != 0 || req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
 		return false
 	}
-	hdrLen := 16
-	if c.structured {
-		hdrLen = 28
-	}
-	n := int(req.length)
+	hdrLen, n := c.readHeaderLen(), int(req.length)
 	if c.scratch == nil {
 		c.scratch = make([]byte, 28+inlineMax)
 	}
@@ -453,12 +449,7 @@ func (c *conn) readInline(req request) bool {
 	if o := c.srv.opts.Observe; o != nil {
 		o(CommandName(req.typ), false)
 	}
-	if c.structured {
-		h := structuredHeader(b[:0], replyFlagDone, replyOffsetData, req.cookie, uint32(8+n))
-		binary.BigEndian.AppendUint64(h, req.offset)
-	} else {
-		simpleReplyHeader(b[:0], 0, req.cookie)
-	}
+	c.appendReadHeader(b[:0], req)
 	c.wmu.Lock()
 	c.bw.Write(b) // copied: scratch is reused; an error shows on the next flush
 	c.wmu.Unlock()
@@ -1112,29 +1103,39 @@ func writeZeroes(b Backend, off, n int64) error {
 
 func (c *conn) read(req request) {
 	n := int(req.length)
-	hdrLen := 16
-	if c.structured {
-		hdrLen = 28
-	}
 	if n > inlineMax && c.sendFile(req) {
 		return
 	}
+	hdrLen := c.readHeaderLen()
 	bp := getBuf(hdrLen + n)
 	b := *bp
-	data := b[hdrLen:]
-	got, err := c.exp.Backend.ReadAt(data, int64(req.offset))
+	got, err := c.exp.Backend.ReadAt(b[hdrLen:], int64(req.offset))
 	if err != nil && !(errors.Is(err, io.EOF) && got == n) {
 		bufPool.Put(bp)
 		c.sendError(req, errnoOf(err), err.Error())
 		return
 	}
-	if c.structured {
-		h := structuredHeader(b[:0], replyFlagDone, replyOffsetData, req.cookie, uint32(8+n))
-		binary.BigEndian.AppendUint64(h, req.offset)
-	} else {
-		simpleReplyHeader(b[:0], 0, req.cookie)
-	}
+	c.appendReadHeader(b[:0], req)
 	c.writeOwned(bp)
+}
+
+// readHeaderLen is the length of the header before a read reply's data:
+// an NBD_REPLY_TYPE_OFFSET_DATA chunk's with structured replies, else a
+// simple reply's.
+func (c *conn) readHeaderLen() int {
+	if c.structured {
+		return 28
+	}
+	return 16
+}
+
+// appendReadHeader appends the header of the reply to read request req.
+func (c *conn) appendReadHeader(b []byte, req request) []byte {
+	if c.structured {
+		b = structuredHeader(b, replyFlagDone, replyOffsetData, req.cookie, 8+req.length)
+		return binary.BigEndian.AppendUint64(b, req.offset)
+	}
+	return simpleReplyHeader(b, 0, req.cookie)
 }
 
 // sendFile sends the reply to read request req straight from the
@@ -1160,13 +1161,7 @@ func (c *conn) sendFile(req request) bool {
 	if err1 != nil || err2 != nil {
 		return false
 	}
-	var h []byte
-	if c.structured {
-		h = structuredHeader(nil, replyFlagDone, replyOffsetData, req.cookie, uint32(8+n))
-		h = binary.BigEndian.AppendUint64(h, req.offset)
-	} else {
-		h = simpleReplyHeader(nil, 0, req.cookie)
-	}
+	h := c.appendReadHeader(nil, req)
 	if o := c.srv.opts.Observe; o != nil {
 		o(CommandName(req.typ), false)
 	}
