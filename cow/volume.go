@@ -327,38 +327,58 @@ func (v *Volume) TryWriteAt(p []byte, off int64) (n int, ok bool, err error) {
 // write is WriteAt (wait) or TryWriteAt (!wait: ok is false when it would
 // have waited for the gate or a stripe lock, and nothing was written).
 func (v *Volume) write(p []byte, off int64, wait bool) (n int, ok bool, err error) {
-	if err := v.checkRange(off, int64(len(p))); err != nil {
-		return 0, true, err
-	}
 	if len(p) == 0 {
-		return 0, true, nil
+		return 0, true, v.checkRange(off, 0)
+	}
+	unlock, ok, err := v.beginWrite(off, int64(len(p)), wait)
+	if !ok || err != nil {
+		return 0, ok, err
+	}
+	defer v.gate.leave()
+	if unlock == nil {
+		n, err = v.origin.WriteAt(p, off)
+		return n, true, err
+	}
+	defer unlock()
+	n, err = v.preserveAndWrite(p, off)
+	return n, true, err
+}
+
+// beginWrite admits a write of [off, off+n), n > 0: the range, the gate
+// (a hold), a closed volume, a failed write-behind to settle and, while
+// snapshots are live, the chunks' stripe locks. When it returns ok and no
+// error the caller is inside the gate (v.gate.leave when done) and, if
+// unlock is not nil, holds the stripe locks (unlock before leaving the
+// gate). With !wait, ok is false when it would have waited, and nothing
+// is held.
+func (v *Volume) beginWrite(off, n int64, wait bool) (unlock func(), ok bool, err error) {
+	if err := v.checkRange(off, n); err != nil {
+		return nil, true, err
 	}
 	if wait {
 		v.gate.enter()
 	} else if !v.gate.tryEnter() {
-		return 0, false, nil
+		return nil, false, nil
 	}
-	defer v.gate.leave()
 	if v.isClosed.Load() {
-		return 0, true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
+		v.gate.leave()
+		return nil, true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
 	}
 	if v.wbFailed.Load() {
 		v.settleWriteBehind(false)
 	}
-	if v.hasSnaps.Load() > 0 {
-		c0, c1 := uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift
-		var unlock func()
-		if wait {
-			unlock = v.lockChunks(c0, c1, false)
-		} else if unlock, ok = v.tryLockChunks(c0, c1); !ok {
-			return 0, false, nil
-		}
-		defer unlock()
-		n, err = v.preserveAndWrite(p, off)
-		return n, true, err
+	if v.hasSnaps.Load() == 0 {
+		return nil, true, nil
 	}
-	n, err = v.origin.WriteAt(p, off)
-	return n, true, err
+	c0, c1 := uint64(off)>>v.shift, uint64(off+n-1)>>v.shift
+	if wait {
+		return v.lockChunks(c0, c1, false), true, nil
+	}
+	if unlock, ok = v.tryLockChunks(c0, c1); !ok {
+		v.gate.leave()
+		return nil, false, nil
+	}
+	return unlock, true, nil
 }
 
 // TryWriteFrom is TryWriteAt for bytes that fill puts straight into the
@@ -374,27 +394,14 @@ func (v *Volume) TryWriteFrom(off, n int64, fill func(f *os.File, off int64) err
 	if !isOS || n <= 0 {
 		return false, nil
 	}
-	if err := v.checkRange(off, n); err != nil {
-		return true, err
-	}
-	if !v.gate.tryEnter() {
-		return false, nil
+	unlock, ok, err := v.beginWrite(off, n, false)
+	if !ok || err != nil {
+		return ok, err
 	}
 	defer v.gate.leave()
-	if v.isClosed.Load() {
-		return true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
-	}
-	if v.wbFailed.Load() {
-		v.settleWriteBehind(false)
-	}
-	if v.hasSnaps.Load() > 0 {
-		c0, c1 := uint64(off)>>v.shift, uint64(off+n-1)>>v.shift
-		unlock, ok := v.tryLockChunks(c0, c1)
-		if !ok {
-			return false, nil
-		}
+	if unlock != nil {
 		defer unlock()
-		finish := v.preserveRange(c0, c1)
+		finish := v.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift)
 		defer finish() // after the origin write, before the unlock
 	}
 	return true, fill(of.File, off)
