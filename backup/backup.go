@@ -694,18 +694,37 @@ func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	if err := u.r.be.Sync(ctx); err != nil {
 		return fmt.Errorf("make packs durable: %w", err)
 	}
-	b := u.r.seal.seal(nil, u.r.enc.EncodeAll(encodeChunkIndex(done), nil))
-	name := "index/" + randomID()
-	if err := u.r.be.Put(ctx, name, b); err != nil {
-		return fmt.Errorf("write index: %w", err)
+	// Many packs' entries (up to ~45 MiB) are encoded as two objects on
+	// two goroutines: at the end of a backup this is the part nothing
+	// else overlaps.
+	parts := [][]packBlobs{done}
+	if len(done) >= 8 {
+		parts = [][]packBlobs{done[:len(done)/2], done[len(done)/2:]}
 	}
-	u.indexBytes += int64(len(b))
+	objs := make([][]byte, len(parts))
+	var wg sync.WaitGroup
+	for i, part := range parts {
+		wg.Go(func() { objs[i] = u.r.seal.seal(nil, u.r.enc.EncodeAll(encodeChunkIndex(part), nil)) })
+	}
+	wg.Wait()
+	names := make([]string, len(objs))
+	for i, b := range objs {
+		names[i] = "index/" + randomID()
+		if err := u.r.be.Put(ctx, names[i], b); err != nil {
+			return fmt.Errorf("write index: %w", err)
+		}
+		u.indexBytes += int64(len(b))
+	}
+	// Only now, with an index naming them stored, do the chunks become
+	// findable for deduplication.
 	u.r.mu.Lock()
-	for _, p := range done {
-		u.r.addPack(p)
-	}
-	u.r.indexes = append(u.r.indexes, name)
+	u.r.addPacks(done)
+	u.r.indexes = append(u.r.indexes, names...)
 	u.r.mu.Unlock()
+	if force { // the backup's last: nothing asks seen again
+		clear(u.seen)
+		return nil
+	}
 	for _, p := range done {
 		for _, e := range p.Blobs {
 			delete(u.seen, e.Hash)

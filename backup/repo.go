@@ -455,6 +455,24 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 	return nil
 }
 
+// addPacks records where the chunks of many packs are, with one sort and
+// one merge of the index (adding them one by one merged the index again
+// every 16 384 chunks). Callers hold mu or own r.
+func (r *Repo) addPacks(ps []packBlobs) {
+	n := 0
+	for _, p := range ps {
+		n += len(p.Blobs)
+	}
+	es := make([]indexEntry, 0, n)
+	for _, p := range ps {
+		i := r.packNumber(p.ID)
+		for _, e := range p.Blobs {
+			es = append(es, indexEntry{e.Hash, loc{pack: i, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}})
+		}
+	}
+	r.chunks.addBulk(es)
+}
+
 // addPack records where a pack's chunks are. Callers hold mu or own r.
 func (r *Repo) addPack(p packBlobs) {
 	i := r.packNumber(p.ID)
