@@ -60,9 +60,24 @@ func (x *chunkIndex) add(h Hash, l loc) {
 		return
 	}
 	x.recent[h] = l
-	if len(x.recent) > max(1<<14, len(x.sorted)/4) {
+	if len(x.recent) > x.recentMax() {
 		x.merge(nil)
 	}
+}
+
+// recentMax is how many entries recent holds before a merge.
+func (x *chunkIndex) recentMax() int { return max(1<<14, len(x.sorted)/4) }
+
+// addMany records es: one by one while they fit in recent (a merge
+// copies the whole sorted array), else with one sort and merge.
+func (x *chunkIndex) addMany(es []indexEntry) {
+	if len(x.recent)+len(es) <= x.recentMax() {
+		for _, e := range es {
+			x.add(e.h, e.l)
+		}
+		return
+	}
+	x.addBulk(es)
 }
 
 // addBulk records many entries at once (an index being loaded): one

@@ -6,7 +6,8 @@ import (
 )
 
 // TestChunkIndex checks the compact index against a map: bulk loads with
-// repeats, single adds across several rebuilds, the first place kept.
+// repeats, single adds across several rebuilds, batches of either size
+// through addMany, the first place kept.
 func TestChunkIndex(t *testing.T) {
 	r := rand.New(rand.NewPCG(5, 6))
 	x := newChunkIndex()
@@ -26,8 +27,21 @@ func TestChunkIndex(t *testing.T) {
 		hashes = append(hashes, h)
 		return h
 	}
-	for round := range 6 {
-		if round%2 == 0 {
+	for round := range 9 {
+		if round%3 == 2 { // addMany: a few (into recent), then many (bulk)
+			for _, n := range []int{500, 30000} {
+				var many []indexEntry
+				for i := range n {
+					h := randHash()
+					l := loc{pack: uint32(round), off: uint32(n + i)}
+					many = append(many, indexEntry{h, l})
+					if _, ok := model[h]; !ok {
+						model[h] = l
+					}
+				}
+				x.addMany(many)
+			}
+		} else if round%3 == 0 {
 			var bulk []indexEntry
 			for i := range 20000 {
 				h := randHash()

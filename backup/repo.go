@@ -455,9 +455,10 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 	return nil
 }
 
-// addPacks records where the chunks of many packs are, with one sort and
-// one merge of the index (adding them one by one merged the index again
-// every 16 384 chunks). Callers hold mu or own r.
+// addPacks records where the chunks of many packs are: many at once with
+// one sort and one merge of the index (one by one merged it again every
+// 16 384 chunks), a few into its map of recent ones. Callers hold mu or
+// own r.
 func (r *Repo) addPacks(ps []packBlobs) {
 	n := 0
 	for _, p := range ps {
@@ -470,7 +471,7 @@ func (r *Repo) addPacks(ps []packBlobs) {
 			es = append(es, indexEntry{e.Hash, loc{pack: i, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}})
 		}
 	}
-	r.chunks.addBulk(es)
+	r.chunks.addMany(es)
 }
 
 // addPack records where a pack's chunks are. Callers hold mu or own r.
