@@ -8,7 +8,11 @@
 // qemu's qemu:dirty-bitmap:), and the commands READ, WRITE (+FUA), FLUSH,
 // TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO), BLOCK_STATUS, CACHE and DISC.
 // Requests on a connection run concurrently; replies are written whole
-// under a lock, in completion order.
+// under a lock, in completion order. Small writes and reads that need not
+// wait (TryWriter, TryReader) run on the goroutine that read them, large
+// cached reads go out with sendfile(2) (FileReader) and large writes come
+// in with splice(2) (SpliceWriter), so the bytes skip a copy through user
+// space; anything that would wait gets a goroutine of its own.
 //
 // Why our own: the Go NBD libraries found are clients or unmaintained
 // servers without structured replies or meta contexts; the server is the
