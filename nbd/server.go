@@ -279,13 +279,14 @@ type conn struct {
 	exp        *Export
 	metas      []metaCtx
 
-	wmu       sync.Mutex    // guards bw
-	unflushed bool          // inline replies in bw (reading goroutine only)
-	scratch   []byte        // an inline read's reply (reading goroutine only)
-	pipe      [2]int        // splice pipe for large writes (reading goroutine only)
-	bw        *bufio.Writer // replies: from the reply writer, or inline
-	replies   chan reply    // to the reply writer, during transmission
-	written   chan struct{} // closed when the reply writer is done
+	wmu       sync.Mutex      // guards bw
+	unflushed bool            // inline replies in bw (reading goroutine only)
+	scratch   []byte          // an inline read's reply (reading goroutine only)
+	pipe      [2]int          // splice pipe for large writes (reading goroutine only)
+	raw       syscall.RawConn // the socket, for sendfile and splice; nil under TLS
+	bw        *bufio.Writer   // replies: from the reply writer, or inline
+	replies   chan reply      // to the reply writer, during transmission
+	written   chan struct{}   // closed when the reply writer is done
 	stopping  chan struct{}
 	stopOnce  sync.Once
 	inflight  sync.WaitGroup
@@ -427,10 +428,24 @@ func (c *conn) replyInline(req request, err error) {
 	if err != nil {
 		b = c.errorReply(req, errnoOf(err), err.Error())
 	}
+	c.bufferReply(b)
+}
+
+// bufferReply adds an encoded reply (copied) to those flushInline sends;
+// a write error shows on that flush. Reading goroutine only.
+func (c *conn) bufferReply(b []byte) {
 	c.wmu.Lock()
-	c.bw.Write(b) // an error shows on the next flush
+	c.bw.Write(b)
 	c.wmu.Unlock()
 	c.unflushed = true
+}
+
+// flushUnlessMore sends the buffered inline replies unless another
+// request is already in r: then they wait and go out together.
+func (c *conn) flushUnlessMore(r *bufio.Reader) {
+	if r.Buffered() < requestSize {
+		c.flushInline()
+	}
 }
 
 // readInline serves read request req on the reading goroutine when the
@@ -454,10 +469,7 @@ func (c *conn) readInline(req request) bool {
 		o(CommandName(req.typ), false)
 	}
 	c.appendReadHeader(b[:0], req)
-	c.wmu.Lock()
-	c.bw.Write(b) // copied: scratch is reused; an error shows on the next flush
-	c.wmu.Unlock()
-	c.unflushed = true
+	c.bufferReply(b) // copied: scratch is reused
 	return true
 }
 
@@ -473,22 +485,14 @@ const (
 // one pwrite, the rest with splice(2) socket -> pipe -> file.
 func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
 	sw, ok := c.exp.Backend.(SpliceWriter)
-	if !ok || c.tls || c.exp.ReadOnly || req.flags&^cmdFlagFUA != 0 ||
-		req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
-		return spliceNot
-	}
-	sc, ok := c.nc.(syscall.Conn)
-	if !ok {
-		return spliceNot
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil || !c.openPipe() {
+	if !ok || c.raw == nil || c.exp.ReadOnly || req.flags&^cmdFlagFUA != 0 ||
+		req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) || !c.openPipe() {
 		return spliceNot
 	}
 	n := int(req.length)
 	consumed := 0
 	var sockErr error
-	ok, err = sw.TryWriteFrom(int64(req.offset), int64(n), func(f *os.File, at int64) error {
+	ok, err := sw.TryWriteFrom(int64(req.offset), int64(n), func(f *os.File, at int64) error {
 		head, _ := r.Peek(min(r.Buffered(), n))
 		_, werr := f.WriteAt(head, at)
 		r.Discard(len(head))
@@ -502,7 +506,7 @@ func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
 		}
 		var ferr error
 		if cerr := frc.Control(func(ffd uintptr) {
-			consumed, sockErr, ferr = c.spliceIn(rc, int(ffd), at, consumed, n)
+			consumed, sockErr, ferr = c.spliceIn(int(ffd), at, consumed, n)
 		}); cerr != nil {
 			return cerr
 		}
@@ -527,17 +531,17 @@ func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
 	return spliceDone
 }
 
-// spliceIn moves payload bytes consumed..n from the socket (rc) into file
+// spliceIn moves payload bytes consumed..n from the socket into file
 // descriptor ffd at at+consumed through the connection's pipe. It returns
 // how many were taken from the socket (all of them unless the socket
 // failed: bytes the file refused are read out of the pipe and dropped)
 // and which side failed.
-func (c *conn) spliceIn(rc syscall.RawConn, ffd int, at int64, consumed, n int) (int, error, error) {
+func (c *conn) spliceIn(ffd int, at int64, consumed, n int) (int, error, error) {
 	pos := at + int64(consumed)
 	for consumed < n {
 		var k int
 		var err error
-		if rerr := rc.Read(func(sfd uintptr) bool {
+		if rerr := c.raw.Read(func(sfd uintptr) bool {
 			var k64 int64
 			k64, err = unix.Splice(int(sfd), nil, c.pipe[1], nil, n-consumed, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 			k = int(k64)
@@ -867,6 +871,9 @@ func (c *conn) transmission() {
 	r := bufio.NewReaderSize(c.rw, 256<<10)
 	c.replies, c.written = make(chan reply, 2*c.srv.opts.MaxInflight), make(chan struct{})
 	c.bw = bufio.NewWriterSize(c.rw, 256<<10)
+	if sc, ok := c.nc.(syscall.Conn); ok && !c.tls {
+		c.raw, _ = sc.SyscallConn() // nil on error: the copying paths
+	}
 	go c.replyWriter()
 	defer func() {
 		if c.pipe[1] != 0 {
@@ -908,20 +915,13 @@ func (c *conn) transmission() {
 				}
 				if c.writeInline(req, data) {
 					r.Discard(len(data))
-					// Replies wait while more requests are already here,
-					// then go out in one write.
-					if r.Buffered() < requestSize {
-						c.flushInline()
-					}
+					c.flushUnlessMore(r)
 					continue
 				}
-			}
-			if req.length > inlineMax {
+			} else {
 				switch c.spliceWrite(r, req) {
 				case spliceDone:
-					if r.Buffered() < requestSize {
-						c.flushInline()
-					}
+					c.flushUnlessMore(r)
 					continue
 				case spliceBroken:
 					return
@@ -934,9 +934,7 @@ func (c *conn) transmission() {
 			}
 		}
 		if req.typ == cmdRead && req.length <= inlineMax && c.readInline(req) {
-			if r.Buffered() < requestSize {
-				c.flushInline()
-			}
+			c.flushUnlessMore(r)
 			continue
 		}
 		if req.typ == cmdDisc {
@@ -1148,11 +1146,7 @@ func (c *conn) appendReadHeader(b []byte, req request) []byte {
 // means nothing was sent.
 func (c *conn) sendFile(req request) bool {
 	fr, ok := c.exp.Backend.(FileReader)
-	if !ok || c.tls || sendfileRefused.Load() {
-		return false
-	}
-	sc, ok := c.nc.(syscall.Conn)
-	if !ok {
+	if !ok || c.raw == nil || sendfileRefused.Load() {
 		return false
 	}
 	n := int(req.length)
@@ -1160,9 +1154,8 @@ func (c *conn) sendFile(req request) bool {
 	if !ok {
 		return false
 	}
-	frc, err1 := f.SyscallConn()
-	src, err2 := sc.SyscallConn()
-	if err1 != nil || err2 != nil {
+	frc, err := f.SyscallConn()
+	if err != nil {
 		return false
 	}
 	h := c.appendReadHeader(nil, req)
@@ -1171,7 +1164,7 @@ func (c *conn) sendFile(req request) bool {
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	_, err := c.bw.Write(h)
+	_, err = c.bw.Write(h)
 	if err == nil {
 		err = c.bw.Flush()
 	}
@@ -1181,7 +1174,7 @@ func (c *conn) sendFile(req request) bool {
 		off, left := int64(req.offset), n
 		var werr, serr error
 		cerr := frc.Control(func(ffd uintptr) {
-			werr = src.Write(func(sfd uintptr) bool {
+			werr = c.raw.Write(func(sfd uintptr) bool {
 				for left > 0 {
 					k, e := unix.Sendfile(int(sfd), int(ffd), &off, left)
 					switch {
