@@ -337,9 +337,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	}
 	r.mu.Lock()
 	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), []string{newIndex}, nil
-	for _, p := range all {
-		r.addPack(p)
-	}
+	r.addPacks(all)
 	r.mu.Unlock()
 	return r.be.Sync(ctx)
 }

@@ -436,7 +436,7 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 				pack = r.packNumber(id)
 				all = slices.Grow(all, min(m, 1<<20))
 			}, func(e blobEntry) {
-				all = append(all, indexEntry{e.Hash, loc{pack: pack, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}})
+				all = append(all, e.entry(pack))
 			})
 			r.mu.Unlock()
 		}
@@ -468,18 +468,15 @@ func (r *Repo) addPacks(ps []packBlobs) {
 	for _, p := range ps {
 		i := r.packNumber(p.ID)
 		for _, e := range p.Blobs {
-			es = append(es, indexEntry{e.Hash, loc{pack: i, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}})
+			es = append(es, e.entry(i))
 		}
 	}
 	r.chunks.addMany(es)
 }
 
-// addPack records where a pack's chunks are. Callers hold mu or own r.
-func (r *Repo) addPack(p packBlobs) {
-	i := r.packNumber(p.ID)
-	for _, e := range p.Blobs {
-		r.addEntry(i, e)
-	}
+// entry is e's chunk index entry for the pack numbered pack.
+func (e blobEntry) entry(pack uint32) indexEntry {
+	return indexEntry{e.Hash, loc{pack: pack, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw}}
 }
 
 // packNumber is pack id's number in r.packs, added if new. Callers hold
@@ -492,12 +489,6 @@ func (r *Repo) packNumber(id PackID) uint32 {
 		r.packIdx[id] = i
 	}
 	return i
-}
-
-// addEntry records where a chunk is, unless it is known. Callers hold mu
-// or own r.
-func (r *Repo) addEntry(pack uint32, e blobEntry) {
-	r.chunks.add(e.Hash, loc{pack: pack, off: e.Off, len: e.Len, rawOff: e.RawOff, raw: e.Raw})
 }
 
 func (r *Repo) lookup(h Hash) (loc, PackID, bool) {
