@@ -288,7 +288,7 @@ func (v *Volume) TryReadAt(p []byte, off int64) (n int, ok bool, err error) {
 	if !can {
 		return 0, false, nil
 	}
-	if off < 0 || off >= v.size || int64(len(p)) > v.size-off {
+	if v.checkRange(off, int64(len(p))) != nil {
 		return 0, false, nil // ReadAt says what is wrong
 	}
 	return nw.ReadAtNoWait(p, off)
@@ -301,7 +301,7 @@ func (v *Volume) TryReadAt(p []byte, off int64) (n int, ok bool, err error) {
 // waiting for a disk. ok is false otherwise: read them with ReadAt.
 func (v *Volume) CachedFile(off, n int64) (f *os.File, ok bool) {
 	of, isOS := v.origin.(osFile)
-	if !isOS || off < 0 || n <= 0 || off >= v.size || n > v.size-off {
+	if !isOS || n <= 0 || v.checkRange(off, n) != nil {
 		return nil, false
 	}
 	return of.File, of.cached(off, n)
