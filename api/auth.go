@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -416,7 +417,7 @@ func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
 			s.audit(ctx, id, info.FullMethod, req, err, true)
 			return nil, err
 		}
-		resp, err := h(ctx, req)
+		resp, err := s.guard(info.FullMethod, func() (any, error) { return h(ctx, req) })
 		if mutating(info.FullMethod) {
 			s.audit(ctx, id, info.FullMethod, req, err, false)
 		}
@@ -429,13 +430,26 @@ func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
 			return err
 		}
 		fr := &firstRecv{ServerStream: ss}
-		err = h(srv, fr)
+		_, err = s.guard(info.FullMethod, func() (any, error) { return nil, h(srv, fr) })
 		if mutating(info.FullMethod) {
 			s.audit(ss.Context(), id, info.FullMethod, fr.req, err, false)
 		}
 		return err
 	}
 	return []grpc.ServerOption{grpc.UnaryInterceptor(unary), grpc.StreamInterceptor(stream)}
+}
+
+// guard runs a call's handler and turns a panic in it into an Internal
+// error (logged with its stack): a bug in one request must not take down
+// the service, whose NBD and FUSE front-ends carry the volumes' writes.
+func (s *Server) guard(method string, h func() (any, error)) (resp any, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.log.Error("a call panicked; the service goes on", "method", method, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			resp, err = nil, status.Errorf(codes.Internal, "%s failed inside the service (a bug: %v); the service is still running, and its log has the details to report", method, p)
+		}
+	}()
+	return h()
 }
 
 // ServeTCP serves the API on a TCP listener, TLS only, every call
