@@ -3,7 +3,9 @@ package backup_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"io/fs"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -162,5 +164,100 @@ func TestDamagedIndexRebuilt(t *testing.T) {
 		if err := repo.Restore(id, filepath.Join(t.TempDir(), "out.img"), nil); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestDamagedImageRecord: an image record that decodes but makes no sense
+// (or does not decode) is reported as that image's damage — by Images,
+// Verify, Restore and Prune, never a panic — while the other image still
+// restores; `umbra images delete` removes it, lists and all, and frees
+// the space only it used.
+func TestDamagedImageRecord(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(64))
+	edit := func(f func(m map[string]any)) func([]byte) []byte {
+		return func(b []byte) []byte {
+			var m map[string]any
+			if err := json.Unmarshal(b, &m); err != nil {
+				t.Fatal(err)
+			}
+			f(m)
+			b, _ = json.Marshal(m)
+			return b
+		}
+	}
+	for name, damage := range map[string]func([]byte) []byte{
+		"chunk size 0":       edit(func(m map[string]any) { m["chunk_size"] = 0 }),
+		"other chunk size":   edit(func(m map[string]any) { m["chunk_size"] = 8192 }),
+		"negative size":      edit(func(m map[string]any) { m["size"] = -4096 }),
+		"size past 4 EiB":    edit(func(m map[string]any) { m["size"] = int64(1)<<62 + 1 }),
+		"0 chunks a segment": edit(func(m map[string]any) { m["segment_chunks"] = 0 }),
+		"too few segments":   edit(func(m map[string]any) { m["segments"] = m["segments"].([]any)[:1] }),
+		"segments swapped":   edit(func(m map[string]any) { s := m["segments"].([]any); s[0], s[1] = s[1], s[0] }),
+		"not JSON":           func(b []byte) []byte { return b[:len(b)/2] },
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			dir := filepath.Join(t.TempDir(), "repo")
+			repo, err := backup.Init(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer repo.Close()
+			rng := rand.New(rand.NewPCG(61, 62))
+			good := backupAndRestore(t, repo, volumeData(rng, 2<<20), backup.Options{Volume: "a"})
+			bad := backupAndRestore(t, repo, volumeData(rng, 2<<20), backup.Options{Volume: "b"})
+			before := backup.ObjectNames(repo, "packs/")
+			if err := backup.EditRecord(repo, bad.ID, damage); err != nil {
+				t.Fatal(err)
+			}
+
+			// A record that cannot be read is reported by Images; one
+			// that reads but names the wrong segments shows when its list
+			// is read.
+			list, errs := repo.Images()
+			var re *backup.RecordError
+			if name == "segments swapped" {
+				if len(list) != 2 || len(errs) != 0 {
+					t.Fatalf("Images: %d listed, errors %v; want both listed", len(list), errs)
+				}
+			} else if len(list) != 1 || list[0].ID != good.ID || len(errs) != 1 || !errors.As(errs[0], &re) || re.ID != bad.ID {
+				t.Fatalf("Images: %d listed, errors %v; want %s listed and %s reported", len(list), errs, good.ID, bad.ID)
+			}
+			rep := repo.Verify()
+			if !slices.Equal(rep.BadImages, []string{bad.ID}) || rep.GoodImages != 1 || len(rep.BadChunks) > 0 {
+				t.Fatalf("verify: %+v, want exactly %s bad", rep, bad.ID)
+			}
+			if err := repo.Restore(bad.ID, filepath.Join(t.TempDir(), "out.img"), nil); !errors.Is(err, backup.ErrCorrupt) || !strings.Contains(err.Error(), bad.ID) {
+				t.Fatalf("restore of the damaged image: %v, want ErrCorrupt naming it", err)
+			}
+			if err := repo.Restore(good.ID, filepath.Join(t.TempDir(), "out.img"), nil); err != nil {
+				t.Fatalf("restore of the intact image: %v", err)
+			}
+			if _, err := repo.Prune(ctx, backup.Policy{Last: 5}, false); err == nil || !strings.Contains(err.Error(), "umbra images delete "+bad.ID) {
+				t.Fatalf("prune over a damaged record: %v, want a refusal saying how to delete it", err)
+			}
+			if _, err := repo.Delete(ctx, []string{bad.ID, "v-19700101T000000Z"}); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("delete with an unknown image: %v, want ErrNotExist", err)
+			}
+			if !slices.Contains(backup.ObjectNames(repo, "images/"), "images/"+bad.ID) {
+				t.Fatal("a refused delete removed the damaged record")
+			}
+			dr, err := repo.Delete(ctx, []string{bad.ID})
+			if err != nil || !slices.Equal(dr.Removed, []string{bad.ID}) || !slices.Equal(dr.Kept, []string{good.ID}) || dr.BytesFreed == 0 {
+				t.Fatalf("delete: %+v %v", dr, err)
+			}
+			if left := backup.ObjectNames(repo, "lists/"); slices.ContainsFunc(left, func(n string) bool { return strings.Contains(n, bad.ID) }) {
+				t.Fatalf("the deleted image's chunk list is still there: %v", left)
+			}
+			if after := backup.ObjectNames(repo, "packs/"); len(after) >= len(before) {
+				t.Fatalf("no pack freed: %d before, %d after", len(before), len(after))
+			}
+			if rep := repo.Verify(); rep.GoodImages != 1 || len(rep.BadImages)+len(rep.BadIndexes)+len(rep.BadChunks) > 0 {
+				t.Fatalf("verify after delete: %+v", rep)
+			}
+			if err := repo.Restore(good.ID, filepath.Join(t.TempDir(), "out.img"), nil); err != nil {
+				t.Fatalf("restore after delete: %v", err)
+			}
+		})
 	}
 }

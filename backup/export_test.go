@@ -121,3 +121,15 @@ func DowngradeToV2(r *Repo, id string) error {
 	b, _ := json.Marshal(cfg)
 	return r.be.Put(ctx, "config", b)
 }
+
+// EditRecord rewrites image id's record (the JSON inside its sealing)
+// through fn, as a bad writer or bit rot in an unencrypted repository
+// could.
+func EditRecord(r *Repo, id string, fn func([]byte) []byte) error {
+	ctx := context.Background()
+	b, err := r.getSealed(ctx, imageName(id))
+	if err != nil {
+		return err
+	}
+	return r.putSealed(ctx, imageName(id), fn(b))
+}

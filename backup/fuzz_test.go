@@ -2,6 +2,7 @@ package backup
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -79,4 +80,33 @@ func TestWriteSeedCorpus(t *testing.T) {
 	write("FuzzDecodeIndex", "valid-v3-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
 	seg.First, seg.format = 0, 3
 	write("FuzzDecodeIndex", "valid-v3-first-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
+}
+
+// FuzzImageRecord: whatever an image record's JSON says, checkRecord
+// either refuses it or leaves chunk and segment arithmetic that cannot
+// fault: every chunk falls in a listed segment.
+func FuzzImageRecord(f *testing.F) {
+	for _, x := range []Index{
+		{ID: "v-1", Volume: "v", Size: 1 << 20, ChunkSize: 4096, Segments: []Hash{{1}}, SegmentChunks: 1 << 16},
+		{ID: "v-1", Size: 3 * 4096, ChunkSize: 4096, Segments: []Hash{{1}, {2}}, SegmentChunks: 2},
+		{ID: "v-1", Size: 0, ChunkSize: 4096, SegmentChunks: 1 << 16},
+		{ID: "v-1", Size: 1 << 62, ChunkSize: 4096, ListHash: Hash{3}},
+		{ID: "v-1", Size: 4096, ChunkSize: 4096, Segments: []Hash{}, SegmentChunks: 0},
+	} {
+		b, _ := json.Marshal(x)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var x Index
+		if json.Unmarshal(b, &x) != nil || x.checkRecord(4096) != "" {
+			return
+		}
+		n := x.NumChunks()
+		if n < 0 {
+			t.Fatalf("accepted a record of %d chunks", n)
+		}
+		if n > 0 && x.segmentOf(n-1) >= x.numSegments() {
+			t.Fatalf("chunk %d is in segment %d of %d", n-1, x.segmentOf(n-1), x.numSegments())
+		}
+	})
 }

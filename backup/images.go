@@ -3,7 +3,9 @@ package backup
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"sort"
 	"strings"
 
@@ -203,20 +205,23 @@ func (c *listCursor) hash(ctx context.Context, i int64) (Hash, error) {
 	return c.hashes[i-c.first], nil
 }
 
-// deleteList removes an image's chunk list objects (after its record).
-func (r *Repo) deleteList(ctx context.Context, x *Index) {
-	if x.Segments == nil {
-		r.be.Delete(ctx, listName(x.ID))
-		return
+// deleteList removes image id's chunk list objects (after its record):
+// a format-2 list and every segment of a format-3 one, found by name so
+// that a damaged record is no obstacle.
+func (r *Repo) deleteList(ctx context.Context, id string) {
+	segs, _ := r.be.List(ctx, listName(id)+"/")
+	for _, n := range segs {
+		r.be.Delete(ctx, n)
 	}
-	for k := range x.Segments {
-		r.be.Delete(ctx, segmentName(x.ID, k))
-	}
+	r.be.Delete(ctx, listName(id))
 }
 
 // imageRecord reads images/ID.
 func (r *Repo) imageRecord(ctx context.Context, id string) (*Index, error) {
 	b, err := r.getSealed(ctx, imageName(id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("image %s in %s: %w", id, r.Location(), ErrNoImage)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", id, err)
 	}
@@ -224,7 +229,33 @@ func (r *Repo) imageRecord(ctx context.Context, id string) (*Index, error) {
 	if err := json.Unmarshal(b, &x); err != nil || x.ID != id {
 		return nil, fmt.Errorf("image %s: record: %w", id, ErrCorrupt)
 	}
+	if why := x.checkRecord(r.cfg.ChunkSize); why != "" {
+		return nil, fmt.Errorf("image %s: record: %w: %s", id, ErrCorrupt, why)
+	}
 	return &x, nil
+}
+
+// maxImageSize bounds a volume's size in a record (4 EiB), so chunk
+// arithmetic cannot overflow.
+const maxImageSize = 1 << 62
+
+// checkRecord says what is wrong with a decoded image record whose
+// repository uses chunkSize, or "" when nothing is: every later step
+// (chunk counts, segment lookups) relies on these.
+func (x *Index) checkRecord(chunkSize int) string {
+	switch {
+	case x.ChunkSize != chunkSize:
+		return fmt.Sprintf("chunk size %d, the repository's is %d", x.ChunkSize, chunkSize)
+	case x.Size < 0 || x.Size > maxImageSize:
+		return fmt.Sprintf("volume size %d out of range", x.Size)
+	case x.Segments == nil:
+		return ""
+	case x.SegmentChunks < 1 || x.SegmentChunks > maxSegmentChunks:
+		return fmt.Sprintf("%d chunks per list segment", x.SegmentChunks)
+	case int64(len(x.Segments)) != (x.NumChunks()+x.SegmentChunks-1)/x.SegmentChunks:
+		return fmt.Sprintf("%d list segments for %d chunks of %d a segment", len(x.Segments), x.NumChunks(), x.SegmentChunks)
+	}
+	return ""
 }
 
 // Image reads image id with its whole chunk list (memory grows with the
@@ -274,8 +305,19 @@ func (r *Repo) loadChunks(ctx context.Context, x *Index) error {
 	return nil
 }
 
+// RecordError is an image whose record cannot be read or makes no
+// sense: Images reports one per such image; `umbra images delete`
+// removes it.
+type RecordError struct {
+	ID  string
+	Err error // names the image
+}
+
+func (e *RecordError) Error() string { return e.Err.Error() }
+func (e *RecordError) Unwrap() error { return e.Err }
+
 // Images lists the images without their chunk lists, oldest first;
-// unreadable records are reported in errs.
+// unreadable records are reported in errs (each a *RecordError).
 func (r *Repo) Images() (list []*Index, errs []error) { return r.images(context.Background()) }
 
 func (r *Repo) images(ctx context.Context) (list []*Index, errs []error) {
@@ -284,9 +326,10 @@ func (r *Repo) images(ctx context.Context) (list []*Index, errs []error) {
 		return nil, []error{err}
 	}
 	for _, n := range names {
-		x, err := r.imageRecord(ctx, strings.TrimPrefix(n, "images/"))
+		id := strings.TrimPrefix(n, "images/")
+		x, err := r.imageRecord(ctx, id)
 		if err != nil {
-			errs = append(errs, err)
+			errs = append(errs, &RecordError{ID: id, Err: err})
 			continue
 		}
 		list = append(list, x)

@@ -101,7 +101,7 @@ func (r *Repo) Prune(ctx context.Context, p Policy, dryRun bool) (PruneReport, e
 	defer unlock()
 	list, errs := r.images(ctx)
 	if len(errs) > 0 {
-		return rep, fmt.Errorf("prune %s: %d image records are unreadable (first: %v); run `umbra verify` and remove them by hand before pruning", r.Location(), len(errs), errs[0])
+		return rep, fmt.Errorf("prune %s: %w", r.Location(), unreadable(errs))
 	}
 	keep, remove := p.Select(list)
 	for _, x := range keep {
@@ -122,7 +122,68 @@ func (r *Repo) Prune(ctx context.Context, p Policy, dryRun bool) (PruneReport, e
 		return rep, err
 	}
 	for _, x := range remove {
-		r.deleteList(ctx, x)
+		r.deleteList(ctx, x.ID)
+	}
+	return rep, r.collect(ctx, keep, &rep)
+}
+
+// unreadable is the error for image records that stop a garbage
+// collection (it cannot know which chunks they need).
+func unreadable(errs []error) error {
+	var ids []string
+	for _, e := range errs {
+		if re, ok := e.(*RecordError); ok {
+			ids = append(ids, re.ID)
+		}
+	}
+	return fmt.Errorf("%d image records are unreadable (first: %v); not collecting garbage, which could delete what they need: "+
+		"delete them with `umbra images delete %s` if they cannot be repaired (`umbra verify` names every damaged image)",
+		len(errs), errs[0], strings.Join(ids, " "))
+}
+
+// Delete removes images ids — their records, even damaged ones, and
+// their chunk lists — then collects garbage as Prune does, so the space
+// only they used is freed. It holds an exclusive lock; an ID that is not
+// in the repository is an error and nothing is deleted.
+func (r *Repo) Delete(ctx context.Context, ids []string) (PruneReport, error) {
+	var rep PruneReport
+	for _, id := range ids {
+		if !validImageID(id) {
+			return rep, fmt.Errorf("image %q: not an image ID (see `umbra images list`)", id)
+		}
+	}
+	unlock, err := r.Lock(ctx, "delete", true)
+	if err != nil {
+		return rep, err
+	}
+	defer unlock()
+	for _, id := range ids {
+		ok, err := r.be.Has(ctx, imageName(id))
+		if err != nil {
+			return rep, fmt.Errorf("image %s: %w", id, err)
+		}
+		if !ok {
+			return rep, fmt.Errorf("image %s in %s: %w; nothing deleted", id, r.Location(), ErrNoImage)
+		}
+	}
+	for _, id := range ids {
+		if err := r.be.Delete(ctx, imageName(id)); err != nil {
+			return rep, fmt.Errorf("delete image %s: %w", id, err)
+		}
+		rep.Removed = append(rep.Removed, id)
+	}
+	if err := r.be.Sync(ctx); err != nil {
+		return rep, err
+	}
+	for _, id := range ids {
+		r.deleteList(ctx, id)
+	}
+	keep, errs := r.images(ctx)
+	if len(errs) > 0 {
+		return rep, fmt.Errorf("deleted %d images from %s, but %w", len(ids), r.Location(), unreadable(errs))
+	}
+	for _, x := range keep {
+		rep.Kept = append(rep.Kept, x.ID)
 	}
 	return rep, r.collect(ctx, keep, &rep)
 }
@@ -139,7 +200,8 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		})
 		x.Chunks = nil // bounded memory: only the used set is kept
 		if err != nil {
-			return fmt.Errorf("prune: %w; not collecting garbage (it could delete what that image needs): run `umbra verify`", err)
+			return fmt.Errorf("prune: %w; not collecting garbage, which could delete what that image needs: "+
+				"run `umbra verify`, and delete the image with `umbra images delete %s` if it cannot be repaired", err, x.ID)
 		}
 	}
 	// Every pack with its blobs: from the indexes, and from the trailers

@@ -77,7 +77,15 @@ const formatVersion = 3
 var (
 	ErrNoRepo  = errors.New("no Umbra repository")
 	ErrCorrupt = errors.New("corrupt")
+	// ErrNoImage: the repository has no image of that ID (it is an
+	// fs.ErrNotExist too).
+	ErrNoImage error = noImage{}
 )
+
+type noImage struct{}
+
+func (noImage) Error() string        { return "no such image (see `umbra images list`)" }
+func (noImage) Is(target error) bool { return target == fs.ErrNotExist }
 
 // Settings open or create a repository.
 type Settings struct {

@@ -35,6 +35,9 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	list, errs := r.images(ctx)
 	for _, e := range errs {
 		rep.BadIndexes = append(rep.BadIndexes, e.Error())
+		if re, ok := e.(*RecordError); ok {
+			rep.BadImages = append(rep.BadImages, re.ID)
+		}
 	}
 	needed := map[Hash]bool{} // hash -> good
 	var usable []*Index

@@ -190,7 +190,33 @@ func newImagesCmd() *cobra.Command {
 		},
 	}
 	rf.add(list)
-	cmd.AddCommand(list)
+	var drf repoFlags
+	del := &cobra.Command{
+		Use:   "delete IMAGE...",
+		Short: "Delete images (damaged ones too) and free the space only they used",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := drf.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			rep, err := r.Delete(cmd.Context(), args)
+			if err != nil {
+				return err
+			}
+			if gflags.json {
+				return printJSON(os.Stdout, rep)
+			}
+			for _, id := range rep.Removed {
+				fmt.Printf("deleted %s\n", id)
+			}
+			fmt.Printf("%d images left; %d packs deleted, %d repacked, %s freed\n", len(rep.Kept), rep.PacksDeleted, rep.PacksRepacked, human(rep.BytesFreed))
+			return nil
+		},
+	}
+	drf.add(del)
+	cmd.AddCommand(list, del)
 	return cmd
 }
 

@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+
+	"umbra/backup"
 )
 
 func main() {
@@ -35,7 +37,7 @@ func exitCode(err error) int {
 		return 5
 	case errors.As(err, &ue):
 		return 2
-	case errors.As(err, &nf):
+	case errors.As(err, &nf), errors.Is(err, backup.ErrNoImage):
 		return 3
 	case errors.Is(err, errUnreachable):
 		return 4

@@ -112,9 +112,17 @@ func TestCLIRepository(t *testing.T) {
 		t.Fatalf("images: %+v", images)
 	}
 	var pr backup.PruneReport
-	json.Unmarshal([]byte(s.ok(append([]string{"prune", "--keep-last", "1", "--json"}, pw...)...)), &pr)
-	if len(pr.Removed) != 2 || len(pr.Kept) != 1 || pr.Kept[0] != images[2].ID {
+	json.Unmarshal([]byte(s.ok(append([]string{"prune", "--keep-last", "2", "--json"}, pw...)...)), &pr)
+	if len(pr.Removed) != 1 || len(pr.Kept) != 2 || pr.Removed[0] != images[0].ID {
 		t.Fatalf("prune: %+v", pr)
+	}
+	if _, stderr, code := s.run(nil, append([]string{"images", "delete", images[1].ID, "v-19700101T000000Z"}, pw...)...); code == 0 || !strings.Contains(stderr, "v-19700101T000000Z") {
+		t.Fatalf("images delete with an unknown image: exit %d, %s", code, stderr)
+	}
+	var dr backup.PruneReport
+	json.Unmarshal([]byte(s.ok(append([]string{"images", "delete", images[1].ID, "--json"}, pw...)...)), &dr)
+	if len(dr.Removed) != 1 || dr.Removed[0] != images[1].ID || len(dr.Kept) != 1 || dr.Kept[0] != images[2].ID {
+		t.Fatalf("images delete: %+v", dr)
 	}
 	if _, _, code := s.run(nil, append([]string{"prune"}, pw...)...); code != 2 {
 		t.Fatalf("prune without a keep rule: exit %d, want 2", code)
