@@ -2,12 +2,16 @@ package backup
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 )
 
 // Restore writes image id to the file or device at path, verifying every
@@ -31,24 +35,11 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	if err != nil {
 		return err
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, regular, err := openTarget(path, x.Size)
 	if err != nil {
-		return fmt.Errorf("restore to %s: %w", path, err)
+		return fmt.Errorf("restore %s to %s: %w", id, path, err)
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return fmt.Errorf("restore to %s: %w", path, err)
-	}
-	regular := fi.Mode().IsRegular()
-	if regular {
-		if err := f.Truncate(0); err != nil {
-			return fmt.Errorf("restore to %s: %w", path, err)
-		}
-		if err := f.Truncate(x.Size); err != nil {
-			return fmt.Errorf("restore to %s: %w", path, err)
-		}
-	}
 	// Workers take whole batches: fetch, open, check and write each on
 	// its own, so that writing (page allocation on the target) runs on
 	// every core too. Memory: a batch buffer per worker and the shared
@@ -80,6 +71,62 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 		return fmt.Errorf("restore to %s: %w", path, err)
 	}
 	return nil
+}
+
+// openTarget opens a restore's target for an image of size bytes: a
+// regular file, created or emptied and sized to the image (so zero
+// chunks stay holes), or a block device, opened exclusively — the
+// kernel refuses with EBUSY while it is mounted or held, which would
+// otherwise be overwritten under a live filesystem — and checked to hold
+// the whole image before anything is written.
+func openTarget(path string, size int64) (f *os.File, regular bool, err error) {
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return nil, false, err
+		}
+		if err := f.Truncate(size); err != nil {
+			f.Close()
+			os.Remove(path)
+			return nil, false, err
+		}
+		return f, true, nil
+	case err != nil:
+		return nil, false, err
+	case fi.Mode()&fs.ModeDevice != 0 && fi.Mode()&fs.ModeCharDevice == 0:
+		f, err = os.OpenFile(path, os.O_RDWR|os.O_EXCL, 0)
+		if errors.Is(err, syscall.EBUSY) {
+			return nil, false, fmt.Errorf("%w: the device is in use (mounted, or held by another program); unmount it first", err)
+		}
+		if err != nil {
+			return nil, false, err
+		}
+		n, err := f.Seek(0, io.SeekEnd)
+		if err == nil && n < size {
+			err = fmt.Errorf("the device holds %d bytes and the image %d: restore to a device at least as large", n, size)
+		}
+		if err != nil {
+			f.Close()
+			return nil, false, err
+		}
+		return f, false, nil
+	case !fi.Mode().IsRegular():
+		return nil, false, fmt.Errorf("not a regular file or block device (%v)", fi.Mode().Type())
+	}
+	f, err = os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, false, err
+	}
+	if err = f.Truncate(0); err == nil {
+		err = f.Truncate(size)
+	}
+	if err != nil {
+		f.Close()
+		return nil, false, err
+	}
+	return f, true, nil
 }
 
 // restoreRun is one restore's state across the segments of its list.
