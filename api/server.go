@@ -6,6 +6,12 @@
 // manages shadow storage associations.
 package api
 
+// Regenerating umbrav1 needs protoc (Debian's protobuf-compiler, 3.21.12)
+// and, on PATH, protoc-gen-go v1.36.12 and protoc-gen-go-grpc v1.5.1
+// (go install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12 and
+// google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1).
+//go:generate protoc --go_out=umbrav1 --go_opt=paths=source_relative --go-grpc_out=umbrav1 --go-grpc_opt=paths=source_relative umbra.proto
+
 import (
 	"context"
 	"errors"
@@ -184,7 +190,7 @@ func toStatus(err error) error {
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, provider.ErrHoldTimeout), errors.Is(err, coordinator.ErrFreezeTimeout):
 		return status.Error(codes.DeadlineExceeded, err.Error())
-	case errors.Is(err, provider.ErrSnapshotInvalid), errors.Is(err, cow.ErrReleased):
+	case errors.Is(err, provider.ErrSnapshotInvalid), errors.Is(err, cow.ErrReleased), errors.Is(err, cow.ErrInUse):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	}
 	return status.Error(codes.Internal, err.Error())
@@ -467,7 +473,11 @@ func (s *Server) RevertSnapshot(ctx context.Context, req *umbrav1.RevertSnapshot
 		}
 		return nil, toStatus(err)
 	}
-	if err := v.Revert(req.GetId()); err != nil {
+	revert := v.Revert
+	if req.GetForce() {
+		revert = v.ForceRevert
+	}
+	if err := revert(req.GetId()); err != nil {
 		return nil, toStatus(err)
 	}
 	s.emit("snapshot_reverted", &umbrav1.Event{Volume: v.Name(), Snapshot: req.GetId()})

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -365,5 +366,46 @@ func TestSnapshotAllocation(t *testing.T) {
 				t.Fatalf("chunk %d holds data but is reported as %+v", c, e)
 			}
 		}
+	}
+}
+
+// TestRevertInUse: Revert refuses with ErrInUse, naming the users, while a
+// front-end client has the origin open, and changes nothing; ForceRevert
+// reverts anyway; once every user is done (each done func counting once)
+// Revert works again.
+func TestRevertInUse(t *testing.T) {
+	v, _ := newTestVolume(t, 1<<20, Options{})
+	mustWrite(t, v, bytes.Repeat([]byte{1}, 4096), 0)
+	if _, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, v, bytes.Repeat([]byte{2}, 4096), 0)
+	nbd1, nbd2, fuse := v.Use("NBD connection"), v.Use("NBD connection"), v.Use("open FUSE file")
+	err := v.Revert("s1")
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "1 open FUSE file(s), 2 NBD connection(s)") {
+		t.Fatalf("revert in use: %v", err)
+	}
+	if b := readAll(t, v, 4096); b[0] != 2 {
+		t.Fatal("a refused revert changed the origin")
+	}
+	nbd1()
+	nbd1() // a second call counts for nothing
+	fuse()
+	if got := v.Users(); len(got) != 1 || got[0] != "1 NBD connection(s)" {
+		t.Fatalf("users after two of three are done: %v", got)
+	}
+	if err := v.ForceRevert("s1"); err != nil {
+		t.Fatalf("forced revert: %v", err)
+	}
+	if b := readAll(t, v, 4096); b[0] != 1 {
+		t.Fatal("the forced revert did not roll the origin back")
+	}
+	mustWrite(t, v, bytes.Repeat([]byte{3}, 4096), 0)
+	nbd2()
+	if err := v.Revert("s1"); err != nil {
+		t.Fatalf("revert once free: %v", err)
+	}
+	if b := readAll(t, v, 4096); b[0] != 1 {
+		t.Fatal("the revert did not roll the origin back")
 	}
 }

@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"sort"
+	"strings"
+	"sync"
 	"sync/atomic"
 
 	"umbra/provider"
@@ -352,15 +355,62 @@ func (s *Snapshot) Close() error {
 	return nil
 }
 
+// Use records that a front-end client has the origin open (kind says
+// what: "NBD connection", "open FUSE file"); the returned function, called
+// once, ends it. Revert refuses while any is open.
+func (v *Volume) Use(kind string) (done func()) {
+	v.usersMu.Lock()
+	if v.users == nil {
+		v.users = map[string]int{}
+	}
+	v.users[kind]++
+	v.usersMu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			v.usersMu.Lock()
+			if v.users[kind]--; v.users[kind] == 0 {
+				delete(v.users, kind)
+			}
+			v.usersMu.Unlock()
+		})
+	}
+}
+
+// Users says which front-end clients have the origin open, e.g.
+// "2 NBD connection(s)"; empty when none.
+func (v *Volume) Users() []string {
+	v.usersMu.Lock()
+	defer v.usersMu.Unlock()
+	var out []string
+	for kind, n := range v.users {
+		out = append(out, fmt.Sprintf("%d %s(s)", n, kind))
+	}
+	sort.Strings(out)
+	return out
+}
+
 // Revert rolls the origin back to snapshot id: every chunk written since
 // is copied back, and later snapshots are deleted. Writes are held while it
 // runs; the snapshot stays and now matches the origin. An interrupted
-// revert finishes when the volume is next opened.
-func (v *Volume) Revert(id string) error {
+// revert finishes when the volume is next opened. It refuses with
+// ErrInUse while a front-end client has the origin open: a filesystem
+// mounted on it would find its blocks changed underneath (ForceRevert
+// does it anyway).
+func (v *Volume) Revert(id string) error { return v.revert(id, false) }
+
+// ForceRevert is Revert even while clients have the origin open.
+func (v *Volume) ForceRevert(id string) error { return v.revert(id, true) }
+
+func (v *Volume) revert(id string, force bool) error {
 	if err := v.gate.close(context.Background()); err != nil {
 		return err
 	}
 	defer v.gate.reopen()
+	if users := v.Users(); len(users) > 0 && !force {
+		return fmt.Errorf("revert %s to %s: %w: %s; unmount what is on it, detach its loop device (umount, losetup -d) and disconnect NBD clients, or revert with --force",
+			v.name, id, ErrInUse, strings.Join(users, ", "))
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	s := v.snapByID(id)

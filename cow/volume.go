@@ -52,6 +52,8 @@ var (
 	ErrOutOfRange = errors.New("request beyond the end of the volume")
 	ErrClosed     = errors.New("volume is closed")
 	ErrBadID      = provider.ErrBadID
+	// ErrInUse: a front-end client has the origin open (Revert).
+	ErrInUse = errors.New("volume in use")
 )
 
 // Options configure a volume.
@@ -133,6 +135,9 @@ type Volume struct {
 	bufs     sync.Pool
 
 	slotMu sync.RWMutex // held shared while a diff-area slot is read; exclusively to free slots
+
+	usersMu sync.Mutex
+	users   map[string]int // front-end clients with the origin open, by kind
 
 	mu         sync.RWMutex // guards everything below
 	closed     bool

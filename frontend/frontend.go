@@ -113,6 +113,7 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 			WriteZeroes: v.WriteZeroes,
 			Extents:     convert(v.Allocation),
 			Changed:     func(since string) (*provider.Bitmap, bool, error) { return v.Changed(since, "") },
+			Release:     v.Use("NBD connection"),
 		}, nil
 	}
 	s, err := v.OpenSnapshot(snapID)
@@ -158,7 +159,7 @@ func (s fuseSource) Open(name string) (*fusefile.Entry, error) {
 		return nil, err
 	}
 	if snapID == "" {
-		return &fusefile.Entry{Name: name, Backend: v, Trim: v.Trim}, nil
+		return &fusefile.Entry{Name: name, Backend: v, Trim: v.Trim, Opened: func() func() { return v.Use("open FUSE file") }}, nil
 	}
 	snap, err := v.OpenSnapshot(snapID)
 	if err != nil {

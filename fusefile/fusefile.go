@@ -40,6 +40,9 @@ type Entry struct {
 	Trim func(off, length int64) error
 	// Release is called when the kernel forgets the file.
 	Release func()
+	// Opened, if set, is called at each open of the file; the function
+	// it returns is called when that open is released (the last close).
+	Opened func() (released func())
 }
 
 // Source lists and opens the directory's files; its set may change.
@@ -190,7 +193,22 @@ func (f *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	if f.e.ReadOnly && flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
 	}
-	return nil, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
+	var fh fs.FileHandle
+	if f.e.Opened != nil {
+		fh = &handle{released: f.e.Opened()}
+	}
+	return fh, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
+}
+
+// handle is one open of a file whose Entry watches opens; I/O goes to
+// the node's methods.
+type handle struct{ released func() }
+
+var _ fs.FileReleaser = (*handle)(nil)
+
+func (h *handle) Release(ctx context.Context) syscall.Errno {
+	h.released()
+	return 0
 }
 
 func errno(err error) syscall.Errno {

@@ -730,3 +730,45 @@ func TestStructuredOKIsSimple(t *testing.T) {
 		t.Fatalf("read: reply magic %#x, want a structured chunk", m)
 	}
 }
+
+// TestExportUsers: a volume counts an NBD client as a user from NBD_OPT_GO
+// (or EXPORT_NAME) until it disconnects, and an NBD_OPT_INFO query not at
+// all once answered — what the engine's revert refusal relies on.
+func TestExportUsers(t *testing.T) {
+	s := serve(t, 1<<20)
+	users := func(want int) {
+		t.Helper()
+		for i := 0; ; i++ {
+			got := s.vol.Users()
+			if want == 0 && len(got) == 0 || want == 1 && slices.Equal(got, []string{"1 NBD connection(s)"}) {
+				return
+			}
+			if i == 200 {
+				t.Fatalf("volume users %v, want %d NBD connection", got, want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	c := handshake(t, s.sock)
+	d := binary.BigEndian.AppendUint32(nil, 3)
+	d = append(d, "vol"...)
+	d = append(d, 0, 0)
+	sendOpt(c, 6, d) // NBD_OPT_INFO
+	for typ := uint32(0); typ != 1; {
+		typ, _ = readOptReply(t, c)
+	}
+	users(0)
+	c.Close()
+
+	c = goExport(t, s.sock, "vol")
+	users(1)
+	c.Close()
+	users(0)
+
+	c = handshake(t, s.sock)
+	sendOpt(c, 1, []byte("vol")) // NBD_OPT_EXPORT_NAME
+	io.ReadFull(c, make([]byte, 10))
+	users(1)
+	c.Close()
+	users(0)
+}

@@ -110,8 +110,15 @@ type Export struct {
 	// Changed returns what changed since a snapshot, for the meta context
 	// umbra:changed:<snapshot>.
 	Changed func(since string) (*provider.Bitmap, bool, error)
-	// Release is called once when the connection using the export ends.
+	// Release is called once when the connection using the export ends
+	// (or the handshake that looked it up does).
 	Release func()
+}
+
+func (e *Export) release() {
+	if e.Release != nil {
+		e.Release()
+	}
 }
 
 // Exports resolves export names; the set may change at any time.
@@ -326,11 +333,7 @@ func (c *conn) serve() {
 		}
 		return
 	}
-	defer func() {
-		if c.exp.Release != nil {
-			c.exp.Release()
-		}
-	}()
+	defer c.exp.release()
 	c.transmission()
 }
 
@@ -732,6 +735,7 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 			b = append(b, make([]byte, 124)...)
 		}
 		if _, err := c.rw.Write(b); err != nil {
+			exp.release()
 			return false, err
 		}
 		c.exp = exp
@@ -746,6 +750,12 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 		if err != nil {
 			return false, c.replyErr(code, repErrUnknown, fmt.Sprintf("export %q: %v; NBD_OPT_LIST shows the exports", req.name, err))
 		}
+		kept := false // by the connection, after NBD_OPT_GO
+		defer func() {
+			if !kept {
+				exp.release()
+			}
+		}()
 		info := binary.BigEndian.AppendUint16(nil, infoExport)
 		info = binary.BigEndian.AppendUint64(info, uint64(exp.Backend.Size()))
 		info = binary.BigEndian.AppendUint16(info, transmissionFlags(exp))
@@ -777,11 +787,8 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 			return false, err
 		}
 		if code == optGo {
-			c.exp = exp
+			c.exp, kept = exp, true
 			return true, nil
-		}
-		if exp.Release != nil {
-			exp.Release()
 		}
 		return false, nil
 	case optListMetaContext, optSetMetaContext:
@@ -818,9 +825,7 @@ func (c *conn) metaContext(code uint32, data []byte) error {
 	if err != nil {
 		return c.replyErr(code, repErrUnknown, fmt.Sprintf("export %q: %v", req.export, err))
 	}
-	if exp.Release != nil {
-		defer exp.Release()
-	}
+	defer exp.release()
 	var picked []metaCtx
 	add := func(name, since string) {
 		picked = append(picked, metaCtx{id: uint32(len(picked) + 1), name: name, since: since})

@@ -818,9 +818,12 @@ func (x *DeleteSnapshotsResponse) GetSnapshots() []string {
 }
 
 type RevertSnapshotRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Id     string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	// force reverts even while NBD clients or open FUSE files use the
+	// volume (refused with FAILED_PRECONDITION otherwise).
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -867,6 +870,13 @@ func (x *RevertSnapshotRequest) GetId() string {
 		return x.Id
 	}
 	return ""
+}
+
+func (x *RevertSnapshotRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type RevertSnapshotResponse struct {
@@ -3563,10 +3573,11 @@ const file_umbra_proto_rawDesc = "" +
 	"\x06set_id\x18\x05 \x01(\tR\x05setId\"Q\n" +
 	"\x17DeleteSnapshotsResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x03(\tR\adeleted\x12\x1c\n" +
-	"\tsnapshots\x18\x02 \x03(\tR\tsnapshots\"?\n" +
+	"\tsnapshots\x18\x02 \x03(\tR\tsnapshots\"U\n" +
 	"\x15RevertSnapshotRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
-	"\x02id\x18\x02 \x01(\tR\x02id\"\x18\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"\x18\n" +
 	"\x16RevertSnapshotResponse\"+\n" +
 	"\x11GetStorageRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\"A\n" +

@@ -149,13 +149,17 @@ func newSnapshotDeleteCmd() *cobra.Command {
 }
 
 func newSnapshotRevertCmd() *cobra.Command {
-	return &cobra.Command{
+	var force bool
+	cmd := &cobra.Command{
 		Use:   "revert VOLUME ID",
 		Short: "Roll a volume back to a shadow copy (later ones are deleted); unmount it first",
-		Args:  cobra.ExactArgs(2),
+		Long: "Roll a volume back to a shadow copy; later shadow copies are deleted. It is refused while the\n" +
+			"volume is in use (an NBD client connected, its FUSE file open, e.g. by a loop device): unmount the\n" +
+			"filesystem, detach the loop device (umount, losetup -d) and disconnect clients first, or --force.",
+		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				if _, err := c.RevertSnapshot(ctx, &umbrav1.RevertSnapshotRequest{Volume: args[0], Id: args[1]}); err != nil {
+				if _, err := c.RevertSnapshot(ctx, &umbrav1.RevertSnapshotRequest{Volume: args[0], Id: args[1], Force: force}); err != nil {
 					return err
 				}
 				if gflags.json {
@@ -166,4 +170,6 @@ func newSnapshotRevertCmd() *cobra.Command {
 			})
 		},
 	}
+	cmd.Flags().BoolVar(&force, "force", false, "revert even while clients use the volume (what they have cached goes stale)")
+	return cmd
 }
