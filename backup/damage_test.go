@@ -197,12 +197,7 @@ func TestDamagedImageRecord(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			ctx := context.Background()
-			dir := filepath.Join(t.TempDir(), "repo")
-			repo, err := backup.Init(dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer repo.Close()
+			repo, _ := newRepo(t)
 			rng := rand.New(rand.NewPCG(61, 62))
 			good := backupAndRestore(t, repo, volumeData(rng, 2<<20), backup.Options{Volume: "a"})
 			bad := backupAndRestore(t, repo, volumeData(rng, 2<<20), backup.Options{Volume: "b"})

@@ -49,6 +49,19 @@ func volumeData(r *rand.Rand, size int) memSource {
 	return b
 }
 
+// newRepo makes an unencrypted repository in a new directory, closed at
+// the end of the test.
+func newRepo(t *testing.T) (*backup.Repo, string) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "repo")
+	repo, err := backup.Init(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { repo.Close() })
+	return repo, dir
+}
+
 func backupAndRestore(t *testing.T, repo *backup.Repo, src memSource, opts backup.Options) *backup.Index {
 	t.Helper()
 	x, _, err := repo.Backup(context.Background(), src, opts)
@@ -108,12 +121,7 @@ func TestEncryptedRepository(t *testing.T) {
 
 func TestLocks(t *testing.T) {
 	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "repo")
-	repo, err := backup.Init(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer repo.Close()
+	repo, dir := newRepo(t)
 	other, _ := backup.Open(dir)
 	defer other.Close()
 	src := volumeData(rand.New(rand.NewPCG(5, 6)), 1<<20)
@@ -188,12 +196,7 @@ func TestPolicySelect(t *testing.T) {
 // removed is gone; a second prune finds nothing to do.
 func TestPrune(t *testing.T) {
 	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "repo")
-	repo, err := backup.Init(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer repo.Close()
+	repo, dir := newRepo(t)
 	r := rand.New(rand.NewPCG(7, 8))
 	src := volumeData(r, 4<<20)
 	var wants []memSource
