@@ -218,7 +218,7 @@ func (s *Server) ListVolumes(ctx context.Context, _ *umbrav1.ListVolumesRequest)
 		vol := &umbrav1.Volume{
 			Name: v.Name(), Origin: v.OriginPath(), Size: v.Size(), ChunkSize: v.ChunkSize(),
 			Provider: cow.ProviderName, CanShadowCopy: st.Dir != "", Storage: storageMsg(v),
-			Snapshots: int32(len(v.Snapshots())),
+			Snapshots: int32(len(v.Snapshots())), Users: v.Users(),
 		}
 		if st.Dir == "" {
 			vol.WhyNot = "no shadow storage association: add one with `umbra storage add`"

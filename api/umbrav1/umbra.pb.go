@@ -43,6 +43,9 @@ type Volume struct {
 	CanBeStorage  bool     `protobuf:"varint,10,opt,name=can_be_storage,json=canBeStorage,proto3" json:"can_be_storage,omitempty"`
 	StorageWhyNot string   `protobuf:"bytes,11,opt,name=storage_why_not,json=storageWhyNot,proto3" json:"storage_why_not,omitempty"`
 	Mounts        []string `protobuf:"bytes,12,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	// Front-end clients that have the volume open, e.g. "1 NBD
+	// connection(s)", "1 open FUSE file(s)"; revert is refused while any do.
+	Users         []string `protobuf:"bytes,13,rep,name=users,proto3" json:"users,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -157,6 +160,13 @@ func (x *Volume) GetStorageWhyNot() string {
 func (x *Volume) GetMounts() []string {
 	if x != nil {
 		return x.Mounts
+	}
+	return nil
+}
+
+func (x *Volume) GetUsers() []string {
+	if x != nil {
+		return x.Users
 	}
 	return nil
 }
@@ -3503,7 +3513,7 @@ var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
 	"\n" +
-	"\vumbra.proto\x12\bumbra.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x02\n" +
+	"\vumbra.proto\x12\bumbra.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x03\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06origin\x18\x02 \x01(\tR\x06origin\x12\x12\n" +
@@ -3518,7 +3528,8 @@ const file_umbra_proto_rawDesc = "" +
 	"\x0ecan_be_storage\x18\n" +
 	" \x01(\bR\fcanBeStorage\x12&\n" +
 	"\x0fstorage_why_not\x18\v \x01(\tR\rstorageWhyNot\x12\x16\n" +
-	"\x06mounts\x18\f \x03(\tR\x06mounts\"\x87\x01\n" +
+	"\x06mounts\x18\f \x03(\tR\x06mounts\x12\x14\n" +
+	"\x05users\x18\r \x03(\tR\x05users\"\x87\x01\n" +
 	"\aStorage\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x10\n" +
 	"\x03dir\x18\x02 \x01(\tR\x03dir\x12\x1b\n" +

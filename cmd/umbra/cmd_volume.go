@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -28,13 +29,17 @@ func newVolumeCmd() *cobra.Command {
 					return printJSON(os.Stdout, resp)
 				}
 				w := table()
-				fmt.Fprintln(w, "NAME\tSIZE\tCHUNK\tPROVIDER\tSNAPSHOTS\tSHADOW STORAGE\tORIGIN")
+				fmt.Fprintln(w, "NAME\tSIZE\tCHUNK\tPROVIDER\tSNAPSHOTS\tIN USE BY\tSHADOW STORAGE\tORIGIN")
 				for _, v := range resp.Volumes {
 					st := "none: " + v.WhyNot
 					if v.CanShadowCopy {
 						st = fmt.Sprintf("%s used of %s in %s", human(v.Storage.UsedBytes), maxStr(v.Storage.MaxBytes), v.Storage.Dir)
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, human(v.Size), human(v.ChunkSize), v.Provider, v.Snapshots, st, v.Origin)
+					users := strings.Join(v.Users, ", ")
+					if users == "" {
+						users = "-"
+					}
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", v.Name, human(v.Size), human(v.ChunkSize), v.Provider, v.Snapshots, users, st, v.Origin)
 				}
 				return w.Flush()
 			})

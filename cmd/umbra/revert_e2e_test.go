@@ -63,6 +63,9 @@ func TestCLIRevertInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 	refused("1 open FUSE file")
+	if out := s.ok("volume", "list", "--json"); !strings.Contains(out, `"1 open FUSE file(s)"`) {
+		t.Fatalf("volume list does not show the open FUSE file:\n%s", out)
+	}
 	f.Close()
 	reverts()
 
