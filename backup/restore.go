@@ -113,7 +113,18 @@ func openTarget(path string, size int64) (f *os.File, regular bool, err error) {
 		}
 		return f, false, nil
 	case !fi.Mode().IsRegular():
-		return nil, false, fmt.Errorf("not a regular file or block device (%v)", fi.Mode().Type())
+		kind := "a special file"
+		switch m := fi.Mode(); {
+		case m.IsDir():
+			kind = "a directory"
+		case m&fs.ModeCharDevice != 0:
+			kind = "a character device"
+		case m&fs.ModeNamedPipe != 0:
+			kind = "a named pipe"
+		case m&fs.ModeSocket != 0:
+			kind = "a socket"
+		}
+		return nil, false, fmt.Errorf("%s, not a regular file or block device: give a file to create or overwrite, or a block device", kind)
 	}
 	f, err = os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
