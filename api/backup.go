@@ -187,6 +187,9 @@ func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.S
 		return nil, err
 	}
 	res.Image, res.Incremental = x.ID, st.Incremental
+	if st.WhyFull != "" {
+		res.WhyFull = st.WhyFull
+	}
 	res.BytesRead, res.BytesReused, res.BytesZero = st.Read, st.Reused, st.Zero
 	res.BytesNew, res.BytesWritten, res.Seconds = st.Stored, st.Compressed, st.Seconds
 	res.BytesUnallocated, res.BytesDeduplicated, res.BytesIndex = st.Unallocated, st.Dedup, st.Index

@@ -55,6 +55,8 @@ type Stats struct {
 	Compressed  int64   `json:"bytes_written"` // new chunks as stored
 	Index       int64   `json:"bytes_index"`   // chunk list and index, as stored
 	Seconds     float64 `json:"seconds"`
+	// WhyFull says why a backup given a parent read everything anyway.
+	WhyFull string `json:"why_full,omitempty"`
 }
 
 // batchBytes is how much is read and processed at once.
@@ -97,10 +99,15 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 	x.ID = imageID(opts.Volume, x.Created)
 	incr := opts.Parent != nil && opts.Changed != nil && opts.Parent.Size == size && opts.Parent.ChunkSize == int(cs)
 	if incr {
-		// Fail early on a parent whose list cannot be read.
+		// A parent deleted or pruned between being chosen and this lock,
+		// or damaged, cannot lend its chunks: read everything instead
+		// (unchanged chunks still deduplicate) and say why.
 		if _, _, err := r.segment(ctx, opts.Parent, 0); err != nil {
-			return nil, st, fmt.Errorf("backup %s: parent image: %w (take a full image with --full)", opts.Volume, err)
+			incr = false
+			st.WhyFull = fmt.Sprintf("the previous image %s cannot be read (%v): reading everything, unchanged chunks deduplicate", opts.Parent.ID, err)
 		}
+	}
+	if incr {
 		x.Parent = opts.Parent.ID
 		st.Incremental = true
 	}
