@@ -213,10 +213,20 @@ func (c *Coordinator) run(ctx context.Context, set *Set, req Request) error {
 			return err
 		}
 	}
-	holdStart := time.Now()
+	// The hold window starts when the first member blocks writes: for a
+	// HoldTimer after the flush its PreCommit does first, otherwise when
+	// PreCommit is called.
+	holdStart := time.Time{}
 	for _, m := range set.members {
+		start := time.Now()
 		if err := m.txn.PreCommit(ctx, req.HoldTimeout); err != nil {
 			return fmt.Errorf("hold %s: %w", m.vol, err)
+		}
+		if ht, ok := m.txn.(provider.HoldTimer); ok && !ht.HeldSince().IsZero() {
+			start = ht.HeldSince()
+		}
+		if holdStart.IsZero() || start.Before(holdStart) {
+			holdStart = start
 		}
 	}
 	for _, m := range set.members {
@@ -231,7 +241,9 @@ func (c *Coordinator) run(ctx context.Context, set *Set, req Request) error {
 			return fmt.Errorf("release %s: %w", m.vol, err)
 		}
 	}
-	set.Timings.Hold = time.Since(holdStart)
+	if !holdStart.IsZero() {
+		set.Timings.Hold = time.Since(holdStart)
+	}
 	for _, level := range []writer.Level{writer.LevelFilesystem, writer.LevelApplication} {
 		ws := c.byLevel(set.writers, level)
 		if err := c.phase(context.Background(), ws, info, "thaw", func(ctx context.Context, w writer.Writer) error {

@@ -369,3 +369,41 @@ func TestRequesterGoneAborts(t *testing.T) {
 		t.Fatal("snapshots left")
 	}
 }
+
+// flushFirstProvider's transactions flush for 80 ms in PreCommit before
+// they hold writes, as the COW engine's does (much faster).
+type flushFirstProvider struct{ failingProvider }
+
+type flushFirstTxn struct {
+	failingTxn
+	held time.Time
+}
+
+func (flushFirstProvider) Prepare(context.Context, string, provider.SnapshotOptions) (provider.Txn, error) {
+	return &flushFirstTxn{}, nil
+}
+func (t *flushFirstTxn) PreCommit(context.Context, time.Duration) error {
+	time.Sleep(80 * time.Millisecond)
+	t.held = time.Now()
+	return nil
+}
+func (t *flushFirstTxn) HeldSince() time.Time { return t.held }
+func (t *flushFirstTxn) Commit(context.Context) (provider.Snapshot, error) {
+	return provider.Snapshot{Volume: "bad", ID: "s"}, nil
+}
+
+// TestHoldWindowExcludesFlush: a set's hold window is the time writes
+// were held — from the moment the first member blocked them — not the
+// flush a provider runs while writes still flow (provider.HoldTimer).
+func TestHoldWindowExcludesFlush(t *testing.T) {
+	_, reg := cowVolumes(t, "a")
+	reg.Register(flushFirstProvider{})
+	c := New(reg, writer.NewRegistry(), nil, nil)
+	set, err := c.CreateSet(context.Background(), Request{Volumes: []string{"bad"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := set.Timings.Hold; h <= 0 || h >= 80*time.Millisecond {
+		t.Fatalf("hold window %v: want the held time only, not the 80 ms flush before it", h)
+	}
+}

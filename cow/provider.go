@@ -141,6 +141,15 @@ func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
 	return nil
 }
 
+// HeldSince is when the hold began to block writes (after the flush that
+// precedes it); zero while not holding.
+func (t *txn) HeldSince() time.Time {
+	if t.hold == nil {
+		return time.Time{}
+	}
+	return t.hold.start
+}
+
 func (t *txn) Commit(ctx context.Context) (provider.Snapshot, error) {
 	if t.hold == nil {
 		return provider.Snapshot{}, fmt.Errorf("commit %s: no hold: call PreCommit first", t.v.name)

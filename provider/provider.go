@@ -128,6 +128,14 @@ type Txn interface {
 	Abort(ctx context.Context) error
 }
 
+// HoldTimer is implemented by a Txn whose PreCommit flushes before it
+// holds writes: HeldSince is when writes began to wait (zero while not
+// holding), so that a set's hold window counts only the time writes were
+// actually held, not the flush that ran while they still flowed.
+type HoldTimer interface {
+	HeldSince() time.Time
+}
+
 // Provider makes, lists and removes point-in-time copies of volumes.
 // A volume is named by a string the provider understands: a COW volume's
 // name, a file path, a subvolume path.
