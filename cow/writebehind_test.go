@@ -240,3 +240,90 @@ func TestTryWriteAt(t *testing.T) {
 		t.Fatalf("out of range: ok %v err %v, want a range error", ok, err)
 	}
 }
+
+// gatedFile is a File whose writes wait until the test opens its gate,
+// counting the writes that have started.
+type gatedFile struct {
+	File
+	started chan struct{}
+	open    chan struct{}
+}
+
+func (f *gatedFile) WriteAt(p []byte, off int64) (int, error) {
+	f.started <- struct{}{}
+	<-f.open
+	return f.File.WriteAt(p, off)
+}
+
+// TestWriteBehindQueue: while the diff area stalls on one batch, wbQueue
+// filled batches wait behind it and puts do not block; their slots read
+// from memory, a cancelled one is never written, and once the stall ends
+// everything else lands in order.
+func TestWriteBehindQueue(t *testing.T) {
+	dir := t.TempDir()
+	of, err := OSFS{}.OpenFile(filepath.Join(dir, "store"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer of.Close()
+	f := &gatedFile{File: of, started: make(chan struct{}, 100), open: make(chan struct{})}
+	const chunk = 4096
+	w := newWriteBehind(f, chunk)
+	defer w.stop()
+	release := sync.OnceFunc(func() { close(f.open) })
+	defer release() // before stop, which waits for the write in flight
+	perBatch := int64(wbBatchBytes) / chunk
+	chunkOf := func(slot int64) []byte { return bytes.Repeat([]byte{byte(slot%250 + 1)}, chunk) }
+	// The first batch goes to the file and stalls there; wbQueue more
+	// fill up behind it without any put waiting.
+	n := (1 + int64(wbQueue)) * perBatch
+	done := make(chan struct{})
+	go func() {
+		for slot := range n {
+			w.put(slot, uint64(slot), chunkOf(slot))
+		}
+		close(done)
+	}()
+	<-f.started
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("puts blocked with %d batches queued behind a stalled write", wbQueue)
+	}
+	// One more batch's worth must wait: the queue is full.
+	blocked := make(chan struct{})
+	go func() {
+		for slot := n; slot < n+perBatch+1; slot++ {
+			w.put(slot, uint64(slot), chunkOf(slot))
+		}
+		close(blocked)
+	}()
+	select {
+	case <-blocked:
+		t.Fatal("puts went on with the queue full")
+	case <-time.After(50 * time.Millisecond):
+	}
+	last := n - 1 // in the last queued batch
+	got := make([]byte, chunk)
+	if !w.read(last, got, 0) || !bytes.Equal(got, chunkOf(last)) {
+		t.Fatal("a slot in a queued batch does not read from memory")
+	}
+	w.cancel([]int64{last})
+	if w.read(last, got, 0) {
+		t.Fatal("a cancelled slot still reads as pending")
+	}
+	release() // the stall ends
+	<-blocked
+	w.drain()
+	b := make([]byte, chunk)
+	for slot := range n + perBatch + 1 {
+		of.ReadAt(b, slot*chunk)
+		want := chunkOf(slot)
+		if slot == last {
+			want = make([]byte, chunk)
+		}
+		if !bytes.Equal(b, want) {
+			t.Fatalf("slot %d holds the wrong bytes after the queue drained", slot)
+		}
+	}
+}
