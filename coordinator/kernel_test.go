@@ -34,9 +34,7 @@ import (
 func TestSQLiteSetsOnKernelPath(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "losetup", "mkfs.ext4")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	for _, via := range []string{"nbdfuse", "fuse"} {
 		t.Run(via, func(t *testing.T) { sqliteSets(t, via) })
 	}

@@ -63,9 +63,7 @@ func TestPostgresUnderLoad(t *testing.T) {
 	if initdb == "" || pgctl == "" {
 		t.Skip("needs the PostgreSQL server (apt-get install postgresql)")
 	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	// The postgres user must reach the data directory.
 	os.Chmod(filepath.Dir(dir), 0o755)

@@ -230,9 +230,7 @@ func mkfs(t *testing.T, dir, name string, mkfs ...string) string {
 func TestSystemVolumesWithWriters(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "losetup", "mkfs.xfs", "mkfs.btrfs", "btrfs", "mkfs.ext4")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse (the COW volume is carried by Umbra's FUSE file)")
-	}
+	testutil.NeedFUSE(t)
 	ctx := context.Background()
 	dir := t.TempDir()
 	log := &seqLog{}

@@ -21,9 +21,7 @@ import (
 func mounted(t *testing.T, size int64) (dir string, v *cow.Volume, mnt string) {
 	t.Helper()
 	testutil.NeedRoot(t)
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir = t.TempDir()
 	origin := filepath.Join(dir, "vol.img")
 	os.WriteFile(origin, nil, 0o600)

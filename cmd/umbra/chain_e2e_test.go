@@ -31,9 +31,7 @@ import (
 func TestBackupChainExt4(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "mkfs.ext4", "e2fsck", "losetup", "qemu-img")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "fs.img")
 	os.WriteFile(img, nil, 0o600)

@@ -215,9 +215,7 @@ func TestServeDiesUnderLoop(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for FUSE and loop devices")
 	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	fuseDir := filepath.Join(dir, "fuse")
 	s := startService(t, dir, []string{"v"}, "--fuse-dir", fuseDir)

@@ -20,9 +20,7 @@ import (
 func TestEncryptedDataStaysEncrypted(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "e4crypt", "mkfs.ext4", "e2fsck", "losetup")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "enc.img")
 	os.WriteFile(img, nil, 0o600)

@@ -44,9 +44,7 @@ func (s *service) set(args ...string) setJSON {
 func TestFSRVPSequence(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "mkfs.ext4", "losetup", "blkid")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "fs.img")
 	os.WriteFile(img, nil, 0o600)

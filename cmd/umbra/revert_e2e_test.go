@@ -20,9 +20,7 @@ import (
 func TestCLIRevertInUse(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "qemu-io")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	fuseDir := filepath.Join(dir, "fuse")
 	s := startService(t, dir, []string{"a"}, "--fuse-dir", fuseDir)

@@ -22,9 +22,7 @@ import (
 func TestSambaPreviousVersions(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "smbd", "smbclient", "mkfs.ext4", "losetup", "blkid")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
-	}
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	os.Chmod(filepath.Dir(dir), 0o755) // smbd's guest (nobody) walks to the share
 	os.Chmod(dir, 0o755)

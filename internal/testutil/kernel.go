@@ -25,6 +25,14 @@ func NeedRoot(t testing.TB) {
 	}
 }
 
+// NeedFUSE skips the test unless the kernel offers FUSE (/dev/fuse).
+func NeedFUSE(t testing.TB) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("needs /dev/fuse (FUSE): a volume's file, nbdfuse and the loop devices over them")
+	}
+}
+
 // Need skips the test unless every tool is on PATH.
 func Need(t testing.TB, tools ...string) {
 	t.Helper()
