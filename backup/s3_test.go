@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"math/rand/v2"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -57,6 +58,21 @@ func TestS3RoundTrip(t *testing.T) {
 	}
 	if rep := again.Verify(); rep.GoodImages != 1 || len(rep.BadChunks) > 0 {
 		t.Fatalf("verify after prune over S3: %+v", rep)
+	}
+	// The removed images' chunk lists went with them (found by name).
+	for _, n := range backup.ObjectNames(again, "lists/") {
+		if !strings.Contains(n, ids[2]) {
+			t.Fatalf("a pruned image's chunk list is left: %s", n)
+		}
+	}
+	if rep, err := again.Delete(ctx, []string{ids[2]}); err != nil || len(rep.Removed) != 1 || len(rep.Kept) != 0 {
+		t.Fatalf("delete the last image over S3: %+v %v", rep, err)
+	}
+	if left := backup.ObjectNames(again, "lists/"); len(left) > 0 {
+		t.Fatalf("chunk lists left after the last image was deleted: %v", left)
+	}
+	if left := backup.ObjectNames(again, "packs/"); len(left) > 0 {
+		t.Fatalf("packs left after the last image was deleted: %v", left)
 	}
 	if _, err := backup.OpenWith(ctx, v.Location("repo"), s3Settings); err == nil {
 		t.Fatal("opened an encrypted S3 repository without its password")
