@@ -312,6 +312,14 @@ func TestBlockDeviceOrigin(t *testing.T) {
 	if v.Size() != 4<<20 {
 		t.Fatalf("block device size %d, want %d", v.Size(), 4<<20)
 	}
+	// The volume holds the device exclusively: a second volume on it and
+	// mkfs (an exclusive opener, as mount is) are refused.
+	if _, err := Open("again", dev, Options{StorageDir: filepath.Join(dir, "diff2")}); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("a second volume on the device: %v", err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err == nil {
+		t.Fatalf("mkfs.ext4 wrote a device a volume holds: %s", out)
+	}
 	// /dev is devtmpfs, which statfs calls tmpfs: the device's reads must
 	// still not be taken for reads from memory.
 	if v.origin.(osFile).nowait.Load() == nowaitMemory {
@@ -328,6 +336,24 @@ func TestBlockDeviceOrigin(t *testing.T) {
 	h, _ := v.OpenSnapshot(s.ID)
 	if got := readAll(t, h, v.Size()); !bytes.Equal(got, bytes.Repeat([]byte{4}, 4<<20)) {
 		t.Fatal("snapshot of a block device reads wrong bytes")
+	}
+}
+
+// TestMountedDeviceRefused: a block device with a mounted filesystem is
+// not opened as a volume (the filesystem's writes would bypass the
+// engine), and the error says why.
+func TestMountedDeviceRefused(t *testing.T) {
+	testutil.NeedRoot(t)
+	testutil.Need(t, "losetup", "mkfs.ext4", "mount")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "fs.img")
+	os.WriteFile(img, nil, 0o600)
+	os.Truncate(img, 8<<20)
+	testutil.Run(t, "mkfs.ext4", "-q", "-F", img)
+	dev := testutil.Losetup(t, img, false, false)
+	testutil.Mount(t, dev, dir)
+	if _, err := Open("fs", dev, Options{StorageDir: filepath.Join(dir, "diff")}); err == nil || !strings.Contains(err.Error(), "unmount it first") {
+		t.Fatalf("open a mounted device as a volume: %v", err)
 	}
 }
 

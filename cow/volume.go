@@ -183,7 +183,19 @@ func Open(name, originPath string, opts Options) (*Volume, error) {
 	if opts.MaxSnapshots <= 0 {
 		opts.MaxSnapshots = DefaultMaxSnapshots
 	}
-	f, err := opts.FS.OpenFile(originPath, os.O_RDWR, 0)
+	// A block device is opened exclusively: while the volume is open the
+	// kernel refuses to mount it or hand it to another exclusive opener
+	// (mkfs, another volume), whose writes would bypass the engine and
+	// change what the snapshots read; and a device already mounted is
+	// refused here.
+	flag := os.O_RDWR
+	if fi, err := os.Stat(originPath); err == nil && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
+		flag |= os.O_EXCL
+	}
+	f, err := opts.FS.OpenFile(originPath, flag, 0)
+	if errors.Is(err, syscall.EBUSY) {
+		return nil, fmt.Errorf("open volume %s origin: %w: the device is in use (mounted, or held by another program); every write to a volume must go through Umbra: unmount it first", name, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s origin: %w", name, err)
 	}
