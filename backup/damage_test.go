@@ -79,11 +79,18 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 	if !slices.Equal(rep.BadChunks, wantBad) || !slices.Equal(rep.BadImages, want) {
 		t.Fatalf("verify after a bit flip: %+v, want bad chunks %v and images %v", rep, wantBad, want)
 	}
-	if err := repo.Restore(ids[len(ids)-1], out, nil); !errors.Is(err, backup.ErrCorrupt) {
-		t.Fatalf("restore through a damaged chunk: %v, want ErrCorrupt", err)
+	if err := repo.Restore(ids[len(ids)-1], out, nil); !errors.Is(err, backup.ErrCorrupt) || !strings.Contains(err.Error(), "was removed") {
+		t.Fatalf("restore through a damaged chunk: %v, want ErrCorrupt and the partial file removed", err)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a failed restore left the file it created: %v", err)
 	}
 	if err := repo.Restore(ids[0], out, nil); err != nil {
 		t.Fatalf("an unaffected image does not restore: %v", err)
+	}
+	// Into a file that was there, a failed restore says what is left.
+	if err := repo.Restore(ids[len(ids)-1], out, nil); !errors.Is(err, backup.ErrCorrupt) || !strings.Contains(err.Error(), "holds part of the image") {
+		t.Fatalf("restore over a file through a damaged chunk: %v", err)
 	}
 	os.WriteFile(path, orig, 0o600)
 

@@ -30,16 +30,28 @@ const (
 // RestoreContext is Restore with a context. Memory is bounded by a batch
 // per worker, the blob cache (restoreCache), one segment of the image's
 // chunk list and the repository's index: not by the volume's size.
-func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress func(done, total int64)) error {
+// A restore that fails removes the file it created; a file or device that
+// was there before keeps what was written, and the error says so.
+func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress func(done, total int64)) (err error) {
 	x, err := r.image(ctx, id)
 	if err != nil {
 		return err
 	}
-	f, regular, err := openTarget(path, x.Size)
+	f, regular, created, err := openTarget(path, x.Size)
 	if err != nil {
 		return fmt.Errorf("restore %s to %s: %w", id, path, err)
 	}
-	defer f.Close()
+	defer func() {
+		f.Close()
+		switch {
+		case err == nil:
+		case created:
+			os.Remove(path)
+			err = fmt.Errorf("%w (the partial file %s was removed)", err, path)
+		default:
+			err = fmt.Errorf("%w (%s now holds part of the image: restore again before using it)", err, path)
+		}
+	}()
 	// Workers take whole batches: fetch, open, check and write each on
 	// its own, so that writing (page allocation on the target) runs on
 	// every core too. Memory: a batch buffer per worker and the shared
@@ -78,30 +90,31 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 // chunks stay holes), or a block device, opened exclusively — the
 // kernel refuses with EBUSY while it is mounted or held, which would
 // otherwise be overwritten under a live filesystem — and checked to hold
-// the whole image before anything is written.
-func openTarget(path string, size int64) (f *os.File, regular bool, err error) {
+// the whole image before anything is written. created says the file is
+// new.
+func openTarget(path string, size int64) (f *os.File, regular, created bool, err error) {
 	fi, err := os.Stat(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {
-			return nil, false, err
+			return nil, false, false, err
 		}
 		if err := f.Truncate(size); err != nil {
 			f.Close()
 			os.Remove(path)
-			return nil, false, err
+			return nil, false, false, err
 		}
-		return f, true, nil
+		return f, true, true, nil
 	case err != nil:
-		return nil, false, err
+		return nil, false, false, err
 	case fi.Mode()&fs.ModeDevice != 0 && fi.Mode()&fs.ModeCharDevice == 0:
 		f, err = os.OpenFile(path, os.O_RDWR|os.O_EXCL, 0)
 		if errors.Is(err, syscall.EBUSY) {
-			return nil, false, fmt.Errorf("%w: the device is in use (mounted, or held by another program); unmount it first", err)
+			return nil, false, false, fmt.Errorf("%w: the device is in use (mounted, or held by another program); unmount it first", err)
 		}
 		if err != nil {
-			return nil, false, err
+			return nil, false, false, err
 		}
 		n, err := f.Seek(0, io.SeekEnd)
 		if err == nil && n < size {
@@ -109,9 +122,9 @@ func openTarget(path string, size int64) (f *os.File, regular bool, err error) {
 		}
 		if err != nil {
 			f.Close()
-			return nil, false, err
+			return nil, false, false, err
 		}
-		return f, false, nil
+		return f, false, false, nil
 	case !fi.Mode().IsRegular():
 		kind := "a special file"
 		switch m := fi.Mode(); {
@@ -124,20 +137,20 @@ func openTarget(path string, size int64) (f *os.File, regular bool, err error) {
 		case m&fs.ModeSocket != 0:
 			kind = "a socket"
 		}
-		return nil, false, fmt.Errorf("%s, not a regular file or block device: give a file to create or overwrite, or a block device", kind)
+		return nil, false, false, fmt.Errorf("%s, not a regular file or block device: give a file to create or overwrite, or a block device", kind)
 	}
 	f, err = os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		return nil, false, err
+		return nil, false, false, err
 	}
 	if err = f.Truncate(0); err == nil {
 		err = f.Truncate(size)
 	}
 	if err != nil {
 		f.Close()
-		return nil, false, err
+		return nil, false, false, err
 	}
-	return f, true, nil
+	return f, true, false, nil
 }
 
 // restoreRun is one restore's state across the segments of its list.
