@@ -47,8 +47,7 @@ func sqliteSets(t *testing.T, via string) {
 	}
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "vol.img")
-	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, 512<<20)
+	testutil.SparseFile(t, origin, 512<<20)
 	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
 	if err != nil {
 		t.Fatal(err)

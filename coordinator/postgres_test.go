@@ -69,8 +69,7 @@ func TestPostgresUnderLoad(t *testing.T) {
 	os.Chmod(filepath.Dir(dir), 0o755)
 	os.Chmod(dir, 0o755)
 	origin := filepath.Join(dir, "vol.img")
-	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, 256<<20)
+	testutil.SparseFile(t, origin, 256<<20)
 	v, err := cow.Open("pg", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
 	if err != nil {
 		t.Fatal(err)

@@ -209,8 +209,7 @@ func snapshotRows(t *testing.T, path string) int64 {
 func mkfs(t *testing.T, dir, name string, mkfs ...string) string {
 	t.Helper()
 	img := filepath.Join(dir, name+".img")
-	os.WriteFile(img, nil, 0o600)
-	os.Truncate(img, 512<<20)
+	testutil.SparseFile(t, img, 512<<20)
 	dev := testutil.Losetup(t, img, false, false)
 	testutil.Run(t, mkfs[0], append(mkfs[1:], dev)...)
 	return testutil.Mount(t, dev, dir)
@@ -237,8 +236,7 @@ func TestSystemVolumesWithWriters(t *testing.T) {
 
 	// The COW volume, ext4 on a loop device over its FUSE file.
 	origin := filepath.Join(dir, "vol.img")
-	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, 256<<20)
+	testutil.SparseFile(t, origin, 256<<20)
 	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
 	if err != nil {
 		t.Fatal(err)

@@ -24,8 +24,7 @@ func mounted(t *testing.T, size int64) (dir string, v *cow.Volume, mnt string) {
 	testutil.NeedFUSE(t)
 	dir = t.TempDir()
 	origin := filepath.Join(dir, "vol.img")
-	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, size)
+	testutil.SparseFile(t, origin, size)
 	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
 	if err != nil {
 		t.Fatal(err)

@@ -42,8 +42,7 @@ func serve(t *testing.T, size int64) *served {
 	t.Helper()
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "vol.img")
-	os.WriteFile(origin, nil, 0o600)
-	os.Truncate(origin, size)
+	testutil.SparseFile(t, origin, size)
 	return serveOrigin(t, dir, origin)
 }
 
@@ -470,8 +469,7 @@ func TestSplicedWrites(t *testing.T) {
 		testutil.Need(t, "losetup")
 		dir := t.TempDir()
 		back := filepath.Join(dir, "back.img")
-		os.WriteFile(back, nil, 0o600)
-		os.Truncate(back, 16<<20)
+		testutil.SparseFile(t, back, 16<<20)
 		splicedWrites(t, serveOrigin(t, dir, testutil.Losetup(t, back, false, false)))
 	})
 }

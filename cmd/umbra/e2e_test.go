@@ -54,8 +54,7 @@ func startService(t *testing.T, dir string, volumes []string, extra ...string) *
 	for _, v := range volumes {
 		img := filepath.Join(dir, v+".img")
 		if _, err := os.Stat(img); err != nil {
-			os.WriteFile(img, nil, 0o600)
-			os.Truncate(img, 16<<20)
+			testutil.SparseFile(t, img, 16<<20)
 		}
 		s.args = append(s.args, "--volume", v+"="+img)
 	}
@@ -345,8 +344,7 @@ func TestCLIMixedSet(t *testing.T) {
 	testutil.Need(t, "losetup", "mkfs.btrfs", "btrfs")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "b.img")
-	os.WriteFile(img, nil, 0o600)
-	os.Truncate(img, 256<<20)
+	testutil.SparseFile(t, img, 256<<20)
 	dev := testutil.Losetup(t, img, false, false)
 	testutil.Run(t, "mkfs.btrfs", "-q", "-f", dev)
 	mnt := testutil.Mount(t, dev, dir)

@@ -125,8 +125,7 @@ func TestServeAPIRefusals(t *testing.T) {
 	empty := filepath.Join(dir, "tokens-empty")
 	os.WriteFile(empty, []byte("# nobody\n"), 0o600)
 	img := filepath.Join(dir, "a.img")
-	os.WriteFile(img, nil, 0o600)
-	os.Truncate(img, 1<<20)
+	testutil.SparseFile(t, img, 1<<20)
 	listen := []string{"--api-listen", "127.0.0.1:0", "--api-tls-cert", cert, "--api-tls-key", key}
 	for _, c := range []struct {
 		name string

@@ -27,8 +27,7 @@ func TestSambaPreviousVersions(t *testing.T) {
 	os.Chmod(filepath.Dir(dir), 0o755) // smbd's guest (nobody) walks to the share
 	os.Chmod(dir, 0o755)
 	img := filepath.Join(dir, "share.img")
-	os.WriteFile(img, nil, 0o600)
-	os.Truncate(img, 64<<20)
+	testutil.SparseFile(t, img, 64<<20)
 	fuseDir := filepath.Join(dir, "fuse")
 	s := startService(t, dir, []string{"share"}, "--fuse-dir", fuseDir)
 	file := filepath.Join(fuseDir, "share")

@@ -25,6 +25,19 @@ func NeedRoot(t testing.TB) {
 	}
 }
 
+// SparseFile creates path as an empty sparse file of size bytes (an
+// image to put a filesystem or a volume on) and returns path.
+func SparseFile(t testing.TB, path string, size int64) string {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 // NeedFUSE skips the test unless the kernel offers FUSE (/dev/fuse).
 func NeedFUSE(t testing.TB) {
 	t.Helper()
