@@ -295,3 +295,19 @@ func TestParentGone(t *testing.T) {
 		t.Fatal("the image taken without its parent restores wrong")
 	}
 }
+
+// TestUnfetchableRecord: a record that cannot be fetched (here a
+// symlink to a directory where the object should be; on S3 a server
+// that does not answer) is not offered for deletion: prune says to try
+// again.
+func TestUnfetchableRecord(t *testing.T) {
+	repo, dir := newRepo(t)
+	backupAndRestore(t, repo, volumeData(rand.New(rand.NewPCG(91, 92)), 1<<20), backup.Options{Volume: "v"})
+	if err := os.Symlink(t.TempDir(), filepath.Join(dir, "images", "v-19700101T000000Z")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := repo.Prune(context.Background(), backup.Policy{Last: 5}, false)
+	if err == nil || !strings.Contains(err.Error(), "try again") || strings.Contains(err.Error(), "images delete") {
+		t.Fatalf("prune over a record that cannot be fetched: %v", err)
+	}
+}

@@ -128,17 +128,25 @@ func (r *Repo) Prune(ctx context.Context, p Policy, dryRun bool) (PruneReport, e
 }
 
 // unreadable is the error for image records that stop a garbage
-// collection (it cannot know which chunks they need).
+// collection (it cannot know which chunks they need). Only records that
+// are damaged are offered for deletion; one that could not be fetched
+// (the storage did not answer) is to be tried again.
 func unreadable(errs []error) error {
-	var ids []string
+	var damaged []string
 	for _, e := range errs {
-		if re, ok := e.(*RecordError); ok {
-			ids = append(ids, re.ID)
+		var re *RecordError
+		if errors.As(e, &re) && errors.Is(e, ErrCorrupt) {
+			damaged = append(damaged, re.ID)
 		}
 	}
-	return fmt.Errorf("%d image records are unreadable (first: %v); not collecting garbage, which could delete what they need: "+
-		"delete them with `umbra images delete %s` if they cannot be repaired (`umbra verify` names every damaged image)",
-		len(errs), errs[0], strings.Join(ids, " "))
+	msg := fmt.Sprintf("%d image records are unreadable (first: %v); not collecting garbage, which could delete what they need", len(errs), errs[0])
+	if len(damaged) < len(errs) {
+		msg += "; check that the repository's storage answers, and try again"
+	}
+	if len(damaged) > 0 {
+		msg += fmt.Sprintf("; delete the damaged ones with `umbra images delete %s` if they cannot be repaired (`umbra verify` names every damaged image)", strings.Join(damaged, " "))
+	}
+	return errors.New(msg)
 }
 
 // Delete removes images ids — their records, even damaged ones, and
