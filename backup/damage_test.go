@@ -310,4 +310,8 @@ func TestUnfetchableRecord(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "try again") || strings.Contains(err.Error(), "images delete") {
 		t.Fatalf("prune over a record that cannot be fetched: %v", err)
 	}
+	// Verify says so apart from damage.
+	if rep := repo.Verify(); !slices.Equal(rep.Unreadable, []string{"v-19700101T000000Z"}) || len(rep.BadImages) > 0 || rep.GoodImages != 1 {
+		t.Fatalf("verify over a record that cannot be fetched: %+v", rep)
+	}
 }

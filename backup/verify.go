@@ -18,6 +18,9 @@ type VerifyReport struct {
 	BadImages  []string `json:"bad_images,omitempty"`
 	BadIndexes []string `json:"bad_indexes,omitempty"`
 	GoodImages int      `json:"good_images"`
+	// Unreadable are images whose record the storage did not return
+	// (not damaged as far as verify can tell: run it again).
+	Unreadable []string `json:"unreadable_images,omitempty"`
 }
 
 // Verify re-hashes every chunk any image uses and names the images that
@@ -36,7 +39,11 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	for _, e := range errs {
 		rep.BadIndexes = append(rep.BadIndexes, e.Error())
 		if re, ok := e.(*RecordError); ok {
-			rep.BadImages = append(rep.BadImages, re.ID)
+			if errors.Is(e, ErrCorrupt) {
+				rep.BadImages = append(rep.BadImages, re.ID)
+			} else {
+				rep.Unreadable = append(rep.Unreadable, re.ID)
+			}
 		}
 	}
 	needed := map[Hash]bool{} // hash -> good

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -290,8 +291,11 @@ func newVerifyCmd() *cobra.Command {
 					fmt.Printf("damaged index: %s\n", e)
 				}
 			}
-			if len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes) > 0 {
+			if len(rep.BadChunks)+len(rep.BadImages) > 0 || len(rep.BadIndexes) > len(rep.Unreadable) {
 				return fmt.Errorf("the repository %s is damaged: %d images broken; restore the others, and take a full backup (`umbra backup --full`) of the volumes whose images broke", rf.location, len(rep.BadImages))
+			}
+			if len(rep.Unreadable) > 0 {
+				return fmt.Errorf("the storage of %s did not return %d image records (%s); nothing found damaged: check the storage and run verify again", rf.location, len(rep.Unreadable), strings.Join(rep.Unreadable, " "))
 			}
 			return nil
 		},
