@@ -141,12 +141,13 @@ func (w *writeBehind) flushSoon() {
 }
 
 // run is the flusher: it writes the queued batches in order, and the
-// filling one when wbDelay has passed or someone waits for it.
+// filling one when it is full (the queue was full when it filled), when
+// wbDelay has passed, or when someone waits for it.
 func (w *writeBehind) run() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for {
-		for !w.stopped && len(w.full) == 0 && (len(w.cur.items) == 0 || !w.kick) {
+		for !w.stopped && len(w.full) == 0 && (len(w.cur.items) == 0 || !w.kick && w.cur.fits(w.chunk)) {
 			w.kick = w.kick && len(w.cur.items) > 0
 			w.cond.Wait()
 		}
