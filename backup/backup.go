@@ -105,11 +105,9 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 		if _, _, err := r.segment(ctx, opts.Parent, 0); err != nil {
 			incr = false
 			st.WhyFull = fmt.Sprintf("the previous image %s cannot be read (%v): reading everything, unchanged chunks deduplicate", opts.Parent.ID, err)
+		} else {
+			x.Parent, st.Incremental = opts.Parent.ID, true
 		}
-	}
-	if incr {
-		x.Parent = opts.Parent.ID
-		st.Incremental = true
 	}
 	if err := r.upgradeFormat(ctx); err != nil {
 		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)

@@ -113,18 +113,28 @@ func (r *Repo) Prune(ctx context.Context, p Policy, dryRun bool) (PruneReport, e
 	if dryRun {
 		return rep, nil
 	}
-	for _, x := range remove {
-		if err := r.be.Delete(ctx, imageName(x.ID)); err != nil {
-			return rep, fmt.Errorf("prune: remove image %s: %w", x.ID, err)
+	if err := r.removeImages(ctx, rep.Removed); err != nil {
+		return rep, fmt.Errorf("prune: %w", err)
+	}
+	return rep, r.collect(ctx, keep, &rep)
+}
+
+// removeImages deletes images' records, makes that durable, then deletes
+// their chunk lists: an image is gone once its record is, and a list
+// left by a crash in between is collected later.
+func (r *Repo) removeImages(ctx context.Context, ids []string) error {
+	for _, id := range ids {
+		if err := r.be.Delete(ctx, imageName(id)); err != nil {
+			return fmt.Errorf("remove image %s: %w", id, err)
 		}
 	}
 	if err := r.be.Sync(ctx); err != nil {
-		return rep, err
+		return err
 	}
-	for _, x := range remove {
-		r.deleteList(ctx, x.ID)
+	for _, id := range ids {
+		r.deleteList(ctx, id)
 	}
-	return rep, r.collect(ctx, keep, &rep)
+	return nil
 }
 
 // unreadable is the error for image records that stop a garbage
@@ -174,18 +184,10 @@ func (r *Repo) Delete(ctx context.Context, ids []string) (PruneReport, error) {
 			return rep, fmt.Errorf("image %s in %s: %w; nothing deleted", id, r.Location(), ErrNoImage)
 		}
 	}
-	for _, id := range ids {
-		if err := r.be.Delete(ctx, imageName(id)); err != nil {
-			return rep, fmt.Errorf("delete image %s: %w", id, err)
-		}
-		rep.Removed = append(rep.Removed, id)
-	}
-	if err := r.be.Sync(ctx); err != nil {
+	if err := r.removeImages(ctx, ids); err != nil {
 		return rep, err
 	}
-	for _, id := range ids {
-		r.deleteList(ctx, id)
-	}
+	rep.Removed = append(rep.Removed, ids...)
 	keep, errs := r.images(ctx)
 	if len(errs) > 0 {
 		return rep, fmt.Errorf("deleted %d images from %s, but %w", len(ids), r.Location(), unreadable(errs))
