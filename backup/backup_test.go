@@ -164,11 +164,12 @@ func FuzzDecodeIndex(f *testing.F) {
 
 // TestPackEntriesBounded: chunks that compress to almost nothing do not
 // pile up in one pack with an unbounded trailer: a pack lists at most
-// maxPackEntries chunks (plus the rest of the group that reached it),
-// and the image restores.
+// maxPackEntries chunks (plus the rest of the group that reached it:
+// groups of 16 chunks here), and the image restores.
 func TestPackEntriesBounded(t *testing.T) {
 	const limit, chunks = 64, 1024
 	defer backup.SetPackEntries(limit)()
+	defer backup.SetGroupRaw(16 * 4096)()
 	ctx := context.Background()
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "vol.img")

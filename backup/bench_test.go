@@ -64,10 +64,13 @@ func BenchmarkBackupFile(b *testing.B) {
 		b.ReportMetric(float64(st.Read)/st.Seconds/(1<<20), "MiB/s-read")
 		b.ReportMetric(st.Seconds, "s-backup")
 		b.ReportMetric(float64(st.Compressed)/(1<<20), "MiB-stored")
+		b.ReportMetric(float64(st.Index)/(1<<20), "MiB-index")
 		if os.Getenv("UMBRA_BENCH_RESTORE") != "" {
+			t0 := time.Now()
 			if err := repo.Restore(x.ID, filepath.Join(dir, "out.img"), nil); err != nil {
 				b.Fatal(err)
 			}
+			b.ReportMetric(time.Since(t0).Seconds(), "s-restore")
 		}
 		repo.Close()
 	}

@@ -50,6 +50,22 @@ func SetSmallPacks(n, k int) func() {
 	return func() { packTarget, indexEvery = oldN, oldK }
 }
 
+// SetGroupRaw sets the most chunk bytes one blob holds and returns a
+// function restoring the default.
+func SetGroupRaw(n int) func() {
+	old := groupRaw
+	groupRaw = n
+	return func() { groupRaw = old }
+}
+
+// SetReaderCache sets the bytes of opened blobs an ImageReader keeps and
+// returns a function restoring the default.
+func SetReaderCache(n int64) func() {
+	old := readerCache
+	readerCache = n
+	return func() { readerCache = old }
+}
+
 // SetPackEntries sets the most chunks a pack lists and returns a function
 // restoring the default.
 func SetPackEntries(n int) func() {

@@ -46,6 +46,9 @@ const (
 	blobEntLen = 32 + 4 + 4 + 4 + 4
 	// MaxPack bounds a pack; packs are cut at PackTarget.
 	maxPack = 1 << 30
+	// maxDecoded bounds what one sealed zstd object (blob, image record)
+	// may decompress to.
+	maxDecoded = 256 << 20
 )
 
 func appendBlobEntry(b []byte, e blobEntry) []byte {

@@ -239,7 +239,10 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		level = encoderLevel
 	}
 	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true))
-	r.dec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(n))
+	// Blobs open to at most groupRaw bytes and records to a few MiB; the
+	// bound keeps a damaged (or, unencrypted, forged) frame from asking
+	// for gigabytes.
+	r.dec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(n), zstd.WithDecoderMaxMemory(maxDecoded))
 	if err := r.loadIndexes(ctx); err != nil {
 		r.Close()
 		return nil, fmt.Errorf("open repository %s: %w", where, err)

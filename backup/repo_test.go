@@ -193,8 +193,22 @@ func TestPolicySelect(t *testing.T) {
 
 // TestPrune: images under a changing volume, prune keeps the last few;
 // the kept ones restore, verify is clean, space shrinks, and what was
-// removed is gone; a second prune finds nothing to do.
+// removed is gone; a second prune finds nothing to do. With 16 KiB
+// groups some blobs stay wholly live (copied as they are) and the live
+// chunks of partly dead ones fill several new blobs; the default 1 MiB
+// groups make fewer, larger blobs.
 func TestPrune(t *testing.T) {
+	for _, group := range []int{16 << 10, 0} {
+		t.Run(fmt.Sprintf("group=%dK", group>>10), func(t *testing.T) {
+			if group > 0 {
+				defer backup.SetGroupRaw(group)()
+			}
+			testPrune(t)
+		})
+	}
+}
+
+func testPrune(t *testing.T) {
 	ctx := context.Background()
 	repo, dir := newRepo(t)
 	r := rand.New(rand.NewPCG(7, 8))
@@ -290,12 +304,19 @@ func TestHoles(t *testing.T) {
 	f.WriteAt(data, 10<<20)
 	f.WriteAt(data[:100], 40<<20+17)
 	fi := fileSource{f}
-	x, st, err := repo.Backup(ctx, fi, backup.Options{Volume: "sparse", Allocated: backup.FileAllocation(f)})
+	alloc, calls := backup.FileAllocation(f), 0
+	counted := func(off, n int64) ([]backup.Range, error) { calls++; return alloc(off, n) }
+	x, st, err := repo.Backup(ctx, fi, backup.Options{Volume: "sparse", Allocated: counted})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if st.Read > 1<<20 || st.Unallocated < 62<<20 {
 		t.Fatalf("read %d bytes of a 64 MiB file with 256 KiB of data (unallocated %d)", st.Read, st.Unallocated)
+	}
+	// One question about the whole 64 MiB, not one per 4 MiB batch
+	// (SEEK_HOLE walks a run of data to its end each time).
+	if calls != 1 {
+		t.Fatalf("the allocation of a 64 MiB volume was asked for %d times, want once", calls)
 	}
 	out := filepath.Join(dir, "out.img")
 	if err := repo.Restore(x.ID, out, nil); err != nil {
@@ -312,7 +333,9 @@ type fileSource struct{ *os.File }
 
 func (f fileSource) Size() int64 { fi, _ := f.Stat(); return fi.Size() }
 
-// TestImageReader reads an image in place at odd offsets.
+// TestImageReader reads an image in place at odd offsets: with chunk
+// lists of one segment and of many, and with 16 KiB blobs of which the
+// reader keeps at most two opened (so it evicts and reopens them).
 func TestImageReader(t *testing.T) {
 	for _, seg := range []int64{0, 3} {
 		t.Run(fmt.Sprint("segment=", seg), func(t *testing.T) {
@@ -322,6 +345,11 @@ func TestImageReader(t *testing.T) {
 			imageReader(t)
 		})
 	}
+	t.Run("evicting", func(t *testing.T) {
+		defer backup.SetGroupRaw(16 << 10)()
+		defer backup.SetReaderCache(40 << 10)()
+		imageReader(t)
+	})
 }
 
 func imageReader(t *testing.T) {

@@ -414,10 +414,11 @@ type ImageReader struct {
 	r *Repo
 	x *Index
 
-	mu    sync.Mutex // guards cache, order, list
-	cache map[blobKey][]byte
-	order []blobKey
-	list  listCursor
+	mu     sync.Mutex // guards cache, order, cached, list
+	cache  map[blobKey][]byte
+	order  []blobKey
+	cached int64 // bytes in cache
+	list   listCursor
 }
 
 // OpenImage opens image id for reading.
@@ -452,7 +453,8 @@ func (ir *ImageReader) Index() *Index { return ir.x }
 // Size is the image's size.
 func (ir *ImageReader) Size() int64 { return ir.x.Size }
 
-const readerCache = 256 // opened blobs (up to 16 MiB)
+// readerCache bounds the opened blobs an ImageReader keeps, in bytes.
+var readerCache int64 = 32 << 20
 
 // ReadAt reads from the image as of its snapshot.
 func (ir *ImageReader) ReadAt(p []byte, off int64) (int, error) {
@@ -500,11 +502,13 @@ func (ir *ImageReader) chunk(i int64) ([]byte, error) {
 		}
 		ir.mu.Lock()
 		if _, dup := ir.cache[key]; !dup {
-			if len(ir.order) >= readerCache {
+			for len(ir.order) > 0 && ir.cached+int64(len(group)) > readerCache {
+				ir.cached -= int64(len(ir.cache[ir.order[0]]))
 				delete(ir.cache, ir.order[0])
 				ir.order = ir.order[1:]
 			}
 			ir.cache[key] = group
+			ir.cached += int64(len(group))
 			ir.order = append(ir.order, key)
 		}
 		ir.mu.Unlock()

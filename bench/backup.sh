@@ -32,7 +32,7 @@ trap cleanup EXIT
 
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc; }
-ratio() { echo "scale=2; $1 / $2" | bc; }
+ratio() { printf "%.2f" "$(echo "scale=4; $1 / $2" | bc)"; }
 mib() { echo "scale=1; $1 / 1048576" | bc; }
 size() { du -sb "$1" | cut -f1; }
 rss() { grep 'Maximum resident' "$1" | awk '{print $NF}'; } # KiB
