@@ -21,7 +21,8 @@ import (
 type Backend interface {
 	// Put stores data under name. It need not be durable until Sync.
 	Put(ctx context.Context, name string, data []byte) error
-	// Get reads length bytes at off of name (length < 0: to the end).
+	// Get reads length bytes at off of name (length < 0: to the end)
+	// into new memory the caller owns (a restore decrypts it in place).
 	// A missing object is an error wrapping fs.ErrNotExist.
 	Get(ctx context.Context, name string, off, length int64) ([]byte, error)
 	// Has reports whether name exists.

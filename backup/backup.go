@@ -84,7 +84,7 @@ type chunkWork struct {
 // 1 MiB 471 MiB, and larger groups also back up 5-10 % faster (fewer
 // frames to set up, seal and pack). Reading one chunk opens its whole
 // group: ~0.5 ms for 1 MiB, restic's average blob size, which restores
-// and mounts amortise through their blob caches.
+// and mounts amortise through their caches.
 var groupRaw = 1 << 20
 
 // Backup reads src in ascending order and writes an image. The image is

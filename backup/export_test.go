@@ -66,6 +66,14 @@ func SetReaderCache(n int64) func() {
 	return func() { readerCache = old }
 }
 
+// SetRestoreCache sets the bytes of chunks a restore keeps for later
+// batches and returns a function restoring the default.
+func SetRestoreCache(n int64) func() {
+	old := restoreCache
+	restoreCache = n
+	return func() { restoreCache = old }
+}
+
 // SetPackEntries sets the most chunks a pack lists and returns a function
 // restoring the default.
 func SetPackEntries(n int) func() {

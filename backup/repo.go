@@ -528,6 +528,21 @@ func (r *Repo) openBlob(blob []byte) ([]byte, error) {
 	return data, nil
 }
 
+// openBlobInto is openBlob for a caller that owns blob (it is decrypted
+// in place) and does not keep the result: it is decompressed into dst's
+// memory when it fits, to spare the garbage collector a blob a call.
+func (r *Repo) openBlobInto(dst, blob []byte) ([]byte, error) {
+	z, err := r.seal.openInPlace(blob)
+	if err != nil {
+		return nil, err
+	}
+	data, err := r.dec.DecodeAll(z, dst[:0])
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	return data, nil
+}
+
 // chunkIn takes chunk h out of an opened blob, checking its hash.
 func chunkIn(h Hash, l loc, group []byte, sum func([]byte) Hash) ([]byte, error) {
 	if uint64(l.rawOff)+uint64(l.raw) > uint64(len(group)) {

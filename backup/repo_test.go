@@ -329,6 +329,41 @@ func TestHoles(t *testing.T) {
 	}
 }
 
+// TestRestoreChunkCache: a full image whose second half repeats chunks of
+// the first (deduplicated: their blobs are opened for the first half and
+// the chunks kept for the second) and an incremental whose changed chunks
+// share blobs across the whole volume restore byte-identical with the
+// chunk cache at its default size, with room for a few chunks only (the
+// rest: blobs opened again) and with none.
+func TestRestoreChunkCache(t *testing.T) {
+	r := rand.New(rand.NewPCG(13, 14))
+	src := volumeData(r, 16<<20)
+	for off := 8 << 20; off < len(src); off += 4096 {
+		k := r.IntN(8<<20/4096) * 4096
+		copy(src[off:off+4096], src[k:k+4096])
+	}
+	changed := slices.Clone(src)
+	bm := &provider.Bitmap{Granule: 4096, Size: int64(len(src))}
+	bm.Bits = make([]uint64, (len(src)/4096+63)/64)
+	for range 300 {
+		blk := r.IntN(len(src) / 4096)
+		for j := blk * 4096; j < blk*4096+4096; j++ {
+			changed[j] = byte(r.Uint32())
+		}
+		bm.Bits[blk/64] |= 1 << (blk % 64)
+	}
+	for _, cache := range []int64{0, 3 * 4096, 64 << 20} {
+		t.Run(fmt.Sprintf("cache=%d", cache), func(t *testing.T) {
+			if cache != 64<<20 {
+				defer backup.SetRestoreCache(cache)()
+			}
+			repo, _ := newRepo(t)
+			full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+			backupAndRestore(t, repo, changed, backup.Options{Volume: "v", Parent: full, Changed: bm})
+		})
+	}
+}
+
 type fileSource struct{ *os.File }
 
 func (f fileSource) Size() int64 { fi, _ := f.Stat(); return fi.Size() }

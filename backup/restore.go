@@ -1,6 +1,7 @@
 package backup
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -20,15 +21,14 @@ func (r *Repo) Restore(id, path string, progress func(done, total int64)) error 
 	return r.RestoreContext(context.Background(), id, path, progress)
 }
 
-// restoreCache bounds the opened blobs a restore keeps for later batches;
+// restoreCache bounds the chunks a restore keeps for later batches;
 // adjacentRead bounds one read of adjacent blobs of a pack.
-const (
-	restoreCache = 64 << 20
-	adjacentRead = 2 << 20
-)
+var restoreCache int64 = 64 << 20
+
+const adjacentRead = 2 << 20
 
 // RestoreContext is Restore with a context. Memory is bounded by a batch
-// per worker, the blob cache (restoreCache), one segment of the image's
+// per worker, the chunk cache (restoreCache), one segment of the image's
 // chunk list and the repository's index: not by the volume's size.
 // A restore that fails removes the file it created; a file or device that
 // was there before keeps what was written, and the error says so.
@@ -55,7 +55,7 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	// Workers take whole batches: fetch, open, check and write each on
 	// its own, so that writing (page allocation on the target) runs on
 	// every core too. Memory: a batch buffer per worker and the shared
-	// blob cache.
+	// chunk cache.
 	workers := runtime.GOMAXPROCS(0)
 	if _, ok := r.be.(*s3Backend); ok {
 		workers = max(workers, 8) // latency-bound
@@ -66,7 +66,7 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	for range workers {
 		bufs <- make([]byte, perBatch*cs)
 	}
-	rs := &restoreRun{r: r, x: x, f: f, path: path, regular: regular, cache: newBlobCache(restoreCache), bufs: bufs, perBatch: perBatch, workers: workers, progress: progress}
+	rs := &restoreRun{r: r, x: x, f: f, path: path, regular: regular, cache: newChunkCache(restoreCache), bufs: bufs, perBatch: perBatch, workers: workers, progress: progress}
 	err = r.eachSegment(ctx, x, func(first int64, hs []Hash) error {
 		if err := rs.segment(ctx, first, hs); err != nil {
 			return fmt.Errorf("restore %s: %w", id, err)
@@ -160,7 +160,7 @@ type restoreRun struct {
 	f        *os.File
 	path     string
 	regular  bool
-	cache    *blobCache
+	cache    *chunkCache
 	bufs     chan []byte // a batch buffer per worker
 	perBatch int64       // chunks in a batch
 	workers  int
@@ -191,6 +191,7 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 			buf := <-rs.bufs
 			defer func() { rs.bufs <- buf }()
 			sum := rs.r.hasher()
+			var scratch []byte // an opened blob
 			for {
 				bi := next.Add(1) - 1
 				if bi >= nb || ctx.Err() != nil {
@@ -203,7 +204,7 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 					return
 				}
 				lo, hi := bi*perBatch, min((bi+1)*perBatch, n)
-				err := rs.r.readChunks(ctx, x, first+lo, hs[lo:hi], buf, sum, rs.cache)
+				err := rs.r.readChunks(ctx, x, first+lo, hs[lo:hi], buf, sum, rs.cache, &scratch)
 				if err == nil {
 					err = rs.write(first+lo, hs[lo:hi], buf)
 				}
@@ -254,70 +255,104 @@ func (rs *restoreRun) write(first int64, hs []Hash, buf []byte) error {
 	return nil
 }
 
-// blobCache keeps opened blobs that later batches of a restore still
-// need: it knows how many uses each blob has left (counted from the
-// chunk list up front), drops a blob at its last use, and keeps at most
-// max bytes (beyond that a blob is opened again when needed). Without
-// it, an incremental image's blobs — chunks from all over the volume
-// compressed together — would be opened once per chunk.
-type blobCache struct {
+// chunkCache keeps the chunks that later batches of a restore still
+// need, taken out of the blobs opened for earlier ones: it knows how many
+// uses each chunk of the segment has left and which of them each blob
+// holds (counted from the chunk list up front), keeps a copy of a chunk
+// with uses left when its blob is opened, drops it at its last use, and
+// keeps at most max bytes (beyond that a blob is opened again when
+// needed). Without it an incremental image's blobs — chunks from all
+// over the volume compressed together — and a full image's deduplicated
+// chunks would open a blob (up to groupRaw bytes) for each use; keeping
+// whole blobs instead costs their full size for a few chunks each.
+type chunkCache struct {
 	mu    sync.Mutex // guards the fields below
-	left  map[blobKey]int32
-	data  map[blobKey][]byte
+	left  map[Hash]int32
+	inuse map[blobKey][]chunkRef // the segment's chunks each blob holds
+	data  map[Hash][]byte
 	bytes int64
 	max   int64
 }
 
-type blobKey struct{ pack, off uint32 }
-
-func newBlobCache(max int64) *blobCache {
-	return &blobCache{left: map[blobKey]int32{}, data: map[blobKey][]byte{}, max: max}
+type chunkRef struct {
+	h Hash
+	l loc
 }
 
-// countUses adds the uses of blobs by the chunks hs (a segment about to
-// be restored); a blob is dropped from the cache at its last use.
-func (r *Repo) countUses(c *blobCache, hs []Hash) {
+type blobKey struct{ pack, off uint32 }
+
+func newChunkCache(max int64) *chunkCache {
+	return &chunkCache{max: max}
+}
+
+// countUses starts a segment: it counts the uses of each chunk of hs and
+// notes which blob holds each. Every use of the previous segment has been
+// taken by then, so nothing is carried over.
+func (r *Repo) countUses(c *chunkCache, hs []Hash) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for k, n := range c.left {
-		if n <= 0 {
-			delete(c.left, k)
-		}
-	}
+	c.left, c.inuse, c.data, c.bytes = map[Hash]int32{}, map[blobKey][]chunkRef{}, map[Hash][]byte{}, 0
 	for _, h := range hs {
 		if h == (Hash{}) {
 			continue
 		}
+		c.left[h]++
+		if c.left[h] > 1 {
+			continue
+		}
 		if l, ok := r.chunks.get(h); ok {
-			c.left[blobKey{l.pack, l.off}]++
+			k := blobKey{l.pack, l.off}
+			c.inuse[k] = append(c.inuse[k], chunkRef{h, l})
 		}
 	}
 }
 
-// take counts one use of k and returns the blob if it is cached.
-func (c *blobCache) take(k blobKey) ([]byte, bool) {
+// take counts one use of chunk h and returns it if it is cached.
+func (c *chunkCache) take(h Hash) ([]byte, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.left[k]--
-	b, ok := c.data[k]
-	if ok && c.left[k] <= 0 {
-		delete(c.data, k)
+	c.left[h]--
+	b, ok := c.data[h]
+	if ok && c.left[h] <= 0 {
+		delete(c.data, h)
 		c.bytes -= int64(len(b))
 	}
 	return b, ok
 }
 
-// keep caches an opened blob if later uses remain and there is room.
-func (c *blobCache) keep(k blobKey, b []byte) {
+// keep copies out of the opened blob k the chunks with uses left that are
+// not cached yet, while there is room; each is checked against its hash.
+func (c *chunkCache) keep(k blobKey, group []byte, sum func([]byte) Hash) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.data[k]; ok || c.left[k] <= 0 || c.bytes+int64(len(b)) > c.max {
-		return
+	refs := c.inuse[k]
+	rest := refs[:0]
+	for _, ref := range refs {
+		if c.left[ref.h] <= 0 {
+			continue // all its uses are taken
+		}
+		if _, ok := c.data[ref.h]; ok {
+			continue
+		}
+		if c.bytes+int64(ref.l.raw) > c.max {
+			rest = append(rest, ref) // no room: the blob is opened again
+			continue
+		}
+		data, err := chunkIn(ref.h, ref.l, group, sum)
+		if err != nil {
+			return err
+		}
+		c.data[ref.h] = bytes.Clone(data)
+		c.bytes += int64(len(data))
 	}
-	c.data[k] = b
-	c.bytes += int64(len(b))
+	if len(rest) == 0 {
+		delete(c.inuse, k)
+	} else {
+		c.inuse[k] = rest
+	}
+	return nil
 }
 
 // blobUse is one blob a batch needs and the chunks it gives.
@@ -335,10 +370,10 @@ type blobItem struct {
 }
 
 // readChunks fills buf with chunks first.. of x (hashes hs): zero chunks are
-// zeroed, others taken from cached blobs or from the packs — each blob
+// zeroed, others taken from the chunk cache or from the packs — each blob
 // the batch needs is read and opened once, adjacent blobs of a pack in
 // one read — and every chunk is checked against its hash.
-func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash, buf []byte, sum func([]byte) Hash, cache *blobCache) error {
+func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash, buf []byte, sum func([]byte) Hash, cache *chunkCache, scratch *[]byte) error {
 	cs := int64(x.ChunkSize)
 	need := map[blobKey]*blobUse{}
 	var uses []*blobUse
@@ -353,15 +388,11 @@ func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash,
 		if !ok {
 			return fmt.Errorf("at %d: chunk %s: %w", i*cs, h, ErrMissingChunk)
 		}
-		k := blobKey{l.pack, l.off}
-		if group, ok := cache.take(k); ok {
-			data, err := chunkIn(h, l, group, sum)
-			if err != nil {
-				return err
-			}
+		if data, ok := cache.take(h); ok {
 			clear(dst[copy(dst, data):])
 			continue
 		}
+		k := blobKey{l.pack, l.off}
 		u := need[k]
 		if u == nil {
 			u = &blobUse{key: k, pack: pid, l: l}
@@ -388,11 +419,14 @@ func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash,
 		}
 		for _, u := range uses[i:j] {
 			o := int64(u.l.off) - start
-			group, err := r.openBlob(b[o : o+int64(u.l.len)])
+			group, err := r.openBlobInto(*scratch, b[o:o+int64(u.l.len)])
 			if err != nil {
 				return fmt.Errorf("chunk %s in pack %s: %w", u.items[0].h, u.pack, err)
 			}
-			cache.keep(u.key, group)
+			*scratch = group[:0]
+			if err := cache.keep(u.key, group, sum); err != nil {
+				return fmt.Errorf("pack %s: %w", u.pack, err)
+			}
 			for _, it := range u.items {
 				data, err := chunkIn(it.h, it.l, group, sum)
 				if err != nil {
