@@ -666,11 +666,11 @@ func (u *uploader) add(blob []byte, ents []blobEntry) error {
 	return nil
 }
 
-// maxPackEntries bounds the chunks one pack lists, so its trailer (48
-// bytes a chunk, held in memory while the pack fills and read whole by
-// restore) stays under 1 MiB however well the data compresses: 4 KiB
-// chunks of typical data put ~12 000 in a 16 MiB pack, but chunks that
-// compress to a few bytes would put millions.
+// maxPackEntries bounds the chunks one pack holds, so its index entries
+// (48 bytes a chunk, held in memory while the pack fills) stay under 1
+// MiB however well the data compresses: 4 KiB chunks of typical data put
+// ~12 000 in a 16 MiB pack, but chunks that compress to a few bytes would
+// put millions.
 var maxPackEntries = 16384
 
 // packRoom is the capacity that holds a pack with its trailer without

@@ -131,11 +131,29 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 
 // TestDamagedIndexRebuilt: a truncated chunk index leaves its chunks
 // unlocatable — verify names the index and every image that needs them —
-// and prune rebuilds the locations from the packs' own trailers.
+// and prune rebuilds the locations from the packs' own trailers: version
+// 2 trailers (places only: the blobs are opened and hashed, with the
+// repository's keyed hash when it is encrypted) and the version 1
+// trailers earlier Umbra wrote (every chunk with its hash).
 func TestDamagedIndexRebuilt(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		password string
+		v1       bool
+	}{{"v2", "", false}, {"v2-encrypted", "pw", false}, {"v1", "", true}} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.v1 {
+				defer backup.SetTrailerV1()()
+			}
+			damagedIndexRebuilt(t, backup.Settings{Password: c.password})
+		})
+	}
+}
+
+func damagedIndexRebuilt(t *testing.T, set backup.Settings) {
 	ctx := context.Background()
 	dir := filepath.Join(t.TempDir(), "repo")
-	repo, err := backup.Init(dir)
+	repo, err := backup.InitWith(ctx, dir, set)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +170,7 @@ func TestDamagedIndexRebuilt(t *testing.T) {
 	b, _ := os.ReadFile(p)
 	os.WriteFile(p, b[:len(b)/2], 0o600)
 
-	repo, err = backup.Open(dir)
+	repo, err = backup.OpenWith(ctx, dir, set)
 	if err != nil {
 		t.Fatalf("open with a damaged index: %v", err)
 	}

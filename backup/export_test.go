@@ -74,6 +74,13 @@ func SetRestoreCache(n int64) func() {
 	return func() { restoreCache = old }
 }
 
+// SetTrailerV1 makes packs carry version 1 trailers, as earlier Umbra
+// wrote them, and returns a function restoring version 2.
+func SetTrailerV1() func() {
+	writeTrailerV1 = true
+	return func() { writeTrailerV1 = false }
+}
+
 // SetPackEntries sets the most chunks a pack lists and returns a function
 // restoring the default.
 func SetPackEntries(n int) func() {

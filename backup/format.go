@@ -69,11 +69,72 @@ func readBlobEntry(p []byte) (e blobEntry) {
 	return e
 }
 
-// encodePackTrailer is the plain trailer listing a pack's blobs.
+// Pack trailer versions. Version 1 listed every chunk with its hash (48
+// bytes a chunk: 16 MiB of a 2 GiB image's 545 MiB repository, a copy of
+// what the index says); version 2 lists each blob and runs of its chunks'
+// places and lengths, and the hashes come from opening the blobs — which
+// only the recovery of a pack no index names needs.
+const (
+	trailerV1 = 1
+	trailerV2 = 2
+	// maxTrailerChunks bounds the chunks a trailer may describe (writers
+	// put at most maxPackEntries plus a group in a pack).
+	maxTrailerChunks = 1 << 22
+)
+
+// writeTrailerV1: tests write version 1 trailers, as earlier Umbra did.
+var writeTrailerV1 = false
+
+// encodePackTrailer is the plain (version 2) trailer describing the
+// blobs of a pack and the chunks in each: ents in pack order, a blob's
+// entries together and in ascending RawOff.
 func encodePackTrailer(ents []blobEntry) []byte {
+	if writeTrailerV1 {
+		return encodePackTrailerV1(ents)
+	}
+	type run struct{ rawOff, count, raw uint32 }
+	type blob struct {
+		off, len uint32
+		runs     []run
+	}
+	var blobs []blob
+	for _, e := range ents {
+		if n := len(blobs); n == 0 || blobs[n-1].off != e.Off || blobs[n-1].len != e.Len {
+			blobs = append(blobs, blob{off: e.Off, len: e.Len})
+		}
+		b := &blobs[len(blobs)-1]
+		if n := len(b.runs); n > 0 {
+			r := &b.runs[n-1]
+			if r.raw == e.Raw && uint64(r.rawOff)+uint64(r.count)*uint64(r.raw) == uint64(e.RawOff) {
+				r.count++
+				continue
+			}
+		}
+		b.runs = append(b.runs, run{e.RawOff, 1, e.Raw})
+	}
+	b := make([]byte, 0, 8+2+4+len(blobs)*24+4)
+	b = append(b, packMagic...)
+	b = binary.LittleEndian.AppendUint16(b, trailerV2)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(blobs)))
+	for _, bl := range blobs {
+		b = binary.LittleEndian.AppendUint32(b, bl.off)
+		b = binary.LittleEndian.AppendUint32(b, bl.len)
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(bl.runs)))
+		for _, r := range bl.runs {
+			b = binary.LittleEndian.AppendUint32(b, r.rawOff)
+			b = binary.LittleEndian.AppendUint32(b, r.count)
+			b = binary.LittleEndian.AppendUint32(b, r.raw)
+		}
+	}
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+}
+
+// encodePackTrailerV1 is the version 1 trailer: every chunk with its
+// hash. Only tests write it now (see writeTrailerV1).
+func encodePackTrailerV1(ents []blobEntry) []byte {
 	b := make([]byte, 0, 8+2+4+len(ents)*blobEntLen+4)
 	b = append(b, packMagic...)
-	b = binary.LittleEndian.AppendUint16(b, 1)
+	b = binary.LittleEndian.AppendUint16(b, trailerV1)
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(ents)))
 	for _, e := range ents {
 		b = appendBlobEntry(b, e)
@@ -95,33 +156,89 @@ func checkCRC(what string, b []byte) ([]byte, error) {
 }
 
 // decodePackTrailer parses a plain trailer; packLen bounds the blobs.
-func decodePackTrailer(b []byte, packLen int64) ([]blobEntry, error) {
+// hashed says the entries carry their chunks' hashes (version 1); a
+// version 2 trailer gives places only, in canonical form (what
+// encodePackTrailer writes: blobs differ from the one before, runs are
+// as long as they can be).
+func decodePackTrailer(b []byte, packLen int64) (ents []blobEntry, hashed bool, err error) {
 	const what = "pack trailer"
 	body, err := checkCRC(what, b)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if len(body) < 14 || string(body[:8]) != packMagic {
-		return nil, corrupt(what, "bad magic")
-	}
-	if binary.LittleEndian.Uint16(body[8:]) != 1 {
-		return nil, corrupt(what, "unknown version")
+		return nil, false, corrupt(what, "bad magic")
 	}
 	n := binary.LittleEndian.Uint32(body[10:])
 	p := body[14:]
-	if uint64(len(p)) != uint64(n)*blobEntLen {
-		return nil, corrupt(what, "entry count does not match its length")
-	}
-	ents := make([]blobEntry, n)
-	for i := range ents {
-		e := &ents[i]
-		*e = readBlobEntry(p)
-		if int64(e.Off)+int64(e.Len) > packLen {
-			return nil, corrupt(what, "a blob lies outside the pack")
+	switch binary.LittleEndian.Uint16(body[8:]) {
+	case trailerV1:
+		if uint64(len(p)) != uint64(n)*blobEntLen {
+			return nil, false, corrupt(what, "entry count does not match its length")
 		}
-		p = p[blobEntLen:]
+		ents = make([]blobEntry, n)
+		for i := range ents {
+			e := &ents[i]
+			*e = readBlobEntry(p)
+			if int64(e.Off)+int64(e.Len) > packLen {
+				return nil, false, corrupt(what, "a blob lies outside the pack")
+			}
+			p = p[blobEntLen:]
+		}
+		return ents, true, nil
+	case trailerV2:
+	default:
+		return nil, false, corrupt(what, "unknown version")
 	}
-	return ents, nil
+	u32 := func() (uint32, bool) {
+		if len(p) < 4 {
+			return 0, false
+		}
+		v := binary.LittleEndian.Uint32(p)
+		p = p[4:]
+		return v, true
+	}
+	if uint64(n)*12 > uint64(len(p)) {
+		return nil, false, corrupt(what, "blob count does not match its length")
+	}
+	var prevOff, prevLen uint32
+	for i := range n {
+		off, ok1 := u32()
+		ln, ok2 := u32()
+		runs, ok3 := u32()
+		if !ok1 || !ok2 || !ok3 || uint64(runs)*12 > uint64(len(p)) {
+			return nil, false, corrupt(what, "truncated")
+		}
+		if int64(off)+int64(ln) > packLen {
+			return nil, false, corrupt(what, "a blob lies outside the pack")
+		}
+		if runs == 0 || i > 0 && off == prevOff && ln == prevLen {
+			return nil, false, corrupt(what, "not canonical")
+		}
+		prevOff, prevLen = off, ln
+		var end uint64 // of the previous run
+		var prevRaw uint32
+		for j := range runs {
+			rawOff, _ := u32()
+			count, _ := u32()
+			raw, _ := u32()
+			last := uint64(rawOff) + uint64(count)*uint64(raw)
+			if count == 0 || raw == 0 || last > maxDecoded || j > 0 && raw == prevRaw && uint64(rawOff) == end {
+				return nil, false, corrupt(what, "bad chunk run")
+			}
+			if len(ents)+int(count) > maxTrailerChunks {
+				return nil, false, corrupt(what, "too many chunks")
+			}
+			for k := range count {
+				ents = append(ents, blobEntry{Off: off, Len: ln, RawOff: rawOff + k*raw, Raw: raw})
+			}
+			end, prevRaw = last, raw
+		}
+	}
+	if len(p) != 0 {
+		return nil, false, corrupt(what, "trailing bytes")
+	}
+	return ents, false, nil
 }
 
 // packBlobs is one pack's entries in a chunk index.

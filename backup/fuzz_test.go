@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 )
 
@@ -14,12 +15,23 @@ func sampleBlobs() []blobEntry {
 	return []blobEntry{{Hash: Hash{1}, Off: 0, Len: 10, Raw: 4096}, {Hash: Hash{2, 3}, Off: 10, Len: 7, Raw: 100}}
 }
 
+// sampleRuns: two blobs, the first with a run of three full chunks and a
+// short one, as a backup of a volume's end writes them.
+func sampleRuns() []blobEntry {
+	return []blobEntry{
+		{Off: 0, Len: 10, RawOff: 0, Raw: 4096}, {Off: 0, Len: 10, RawOff: 4096, Raw: 4096},
+		{Off: 0, Len: 10, RawOff: 8192, Raw: 4096}, {Off: 0, Len: 10, RawOff: 12288, Raw: 100},
+		{Off: 10, Len: 7, RawOff: 0, Raw: 4096},
+	}
+}
+
 func FuzzDecodePackTrailer(f *testing.F) {
-	f.Add(encodePackTrailer(sampleBlobs()), int64(17))
+	f.Add(encodePackTrailer(sampleRuns()), int64(17))
+	f.Add(encodePackTrailerV1(sampleBlobs()), int64(17))
 	f.Add(encodePackTrailer(nil), int64(0))
 	f.Add([]byte(packMagic), int64(5))
 	f.Fuzz(func(t *testing.T, b []byte, packLen int64) {
-		ents, err := decodePackTrailer(b, packLen)
+		ents, hashed, err := decodePackTrailer(b, packLen)
 		if err != nil {
 			if !errors.Is(err, ErrCorrupt) {
 				t.Fatalf("error %v does not wrap ErrCorrupt", err)
@@ -30,11 +42,39 @@ func FuzzDecodePackTrailer(f *testing.F) {
 			if int64(e.Off)+int64(e.Len) > packLen {
 				t.Fatal("accepted a blob outside the pack")
 			}
+			if !hashed && (e.Raw == 0 || uint64(e.RawOff)+uint64(e.Raw) > maxDecoded) {
+				t.Fatalf("accepted a chunk at %d+%d of its blob", e.RawOff, e.Raw)
+			}
 		}
-		if !bytes.Equal(encodePackTrailer(ents), b) {
+		enc := encodePackTrailer
+		if hashed {
+			enc = encodePackTrailerV1
+		}
+		if !bytes.Equal(enc(ents), b) {
 			t.Fatal("trailer does not round-trip")
 		}
 	})
+}
+
+// TestPackTrailerV2: entries round-trip through the version 2 trailer
+// (hashes aside) in two blobs and two runs, in 24 + 12 bytes a blob and
+// run instead of 48 a chunk.
+func TestPackTrailerV2(t *testing.T) {
+	in := sampleRuns()
+	b := encodePackTrailer(in)
+	ents, hashed, err := decodePackTrailer(b, 17)
+	if err != nil || hashed {
+		t.Fatalf("decode: %v (hashed %v)", err, hashed)
+	}
+	if !slices.Equal(ents, in) {
+		t.Fatalf("decoded %+v, want %+v", ents, in)
+	}
+	if want := 14 + 2*12 + 3*12 + 4; len(b) != want {
+		t.Fatalf("trailer of 2 blobs, 3 runs is %d bytes, want %d", len(b), want)
+	}
+	if _, _, err := decodePackTrailer(b, 16); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a blob past the pack's end: %v", err)
+	}
 }
 
 func FuzzDecodeChunkIndex(f *testing.F) {
@@ -66,9 +106,12 @@ func TestWriteSeedCorpus(t *testing.T) {
 		os.MkdirAll(d, 0o755)
 		os.WriteFile(filepath.Join(d, name), []byte("go test fuzz v1\n"+body), 0o644)
 	}
-	tr := encodePackTrailer(sampleBlobs())
+	tr := encodePackTrailerV1(sampleBlobs())
 	write("FuzzDecodePackTrailer", "valid", fmt.Sprintf("[]byte(%q)\nint64(17)\n", tr))
 	write("FuzzDecodePackTrailer", "short-pack", fmt.Sprintf("[]byte(%q)\nint64(16)\n", tr))
+	tr = encodePackTrailer(sampleRuns())
+	write("FuzzDecodePackTrailer", "valid-v2", fmt.Sprintf("[]byte(%q)\nint64(17)\n", tr))
+	write("FuzzDecodePackTrailer", "short-pack-v2", fmt.Sprintf("[]byte(%q)\nint64(16)\n", tr))
 	ci := encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}})
 	write("FuzzDecodeChunkIndex", "valid", fmt.Sprintf("[]byte(%q)\n", ci))
 	write("FuzzDecodeChunkIndex", "truncated", fmt.Sprintf("[]byte(%q)\n", ci[:len(ci)-9]))

@@ -297,6 +297,9 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	}
 	sort.Slice(keepPacks, func(i, j int) bool { return string(keepPacks[i].ID[:]) < string(keepPacks[j].ID[:]) })
 	// Copy live blobs verbatim (they are sealed on their own) into new packs.
+	if err := r.upgradeFormat(ctx); err != nil {
+		return fmt.Errorf("prune: %w", err)
+	}
 	up := r.newUploader(ctx)
 	defer up.abort()
 	var pend []byte // live chunks taken out of partly dead blobs

@@ -68,10 +68,12 @@ type Config struct {
 	Encryption  string `json:"encryption"`  // none | aes-256-gcm
 }
 
-// formatVersion 3 cut chunk lists into segments; version 2 repositories
-// are read as they are and upgraded by their next backup (upgradeFormat),
-// so an older Umbra refuses them instead of misreading new images.
-const formatVersion = 3
+// formatVersion 4 writes version 2 pack trailers (no chunk hashes); 3
+// cut chunk lists into segments. Version 2 and 3 repositories are read as
+// they are and upgraded by their next backup or prune (upgradeFormat),
+// before it writes anything new, so an older Umbra refuses them instead
+// of misreading new images or taking new packs for garbage.
+const formatVersion = 4
 
 // Typed errors.
 var (
@@ -216,7 +218,7 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 	if err := json.Unmarshal(b, &cfg); err != nil {
 		return nil, fmt.Errorf("open repository %s: config: %w: %v", where, ErrCorrupt, err)
 	}
-	if (cfg.Version != formatVersion && cfg.Version != 2) || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
+	if cfg.Version < 2 || cfg.Version > formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
 		cfg.Compression != "zstd" || levels[cfg.Level] == 0 || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
 		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads version %d)", where, cfg, formatVersion)
 	}
@@ -274,8 +276,9 @@ func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
 	return nil, ErrWrongPassword
 }
 
-// upgradeFormat moves a version 2 repository to version 3 before the
-// first segmented chunk list is written into it.
+// upgradeFormat moves a version 2 or 3 repository to the current format
+// before the first segmented chunk list or version 2 pack trailer is
+// written into it.
 func (r *Repo) upgradeFormat(ctx context.Context) error {
 	if r.version.Load() >= formatVersion {
 		return nil

@@ -478,7 +478,7 @@ func TestFormat2Repository(t *testing.T) {
 	if x.Parent != old.ID || len(x.Segments) != (len(src)/4096+1+4)/5 {
 		t.Fatalf("incremental on a format-2 parent: parent %q, %d segments", x.Parent, len(x.Segments))
 	}
-	if v := repo.Config().Version; v != 3 {
+	if v := repo.Config().Version; v != 4 {
 		t.Fatalf("repository still version %d after a segmented image", v)
 	}
 	if rep := repo.Verify(); rep.GoodImages != 2 || len(rep.BadImages) > 0 {

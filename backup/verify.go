@@ -161,7 +161,9 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]
 	return good
 }
 
-// readTrailer reads a pack's blob list from the pack itself.
+// readTrailer reads the chunks a pack holds from the pack itself. A
+// version 2 trailer gives their places only: each blob is opened and its
+// chunks hashed; the chunks of a blob that does not open are left out.
 func (r *Repo) readTrailer(ctx context.Context, name string) ([]blobEntry, error) {
 	b, err := r.be.Get(ctx, name, 0, -1)
 	if err != nil {
@@ -178,7 +180,28 @@ func (r *Repo) readTrailer(ctx context.Context, name string) ([]blobEntry, error
 	if err != nil {
 		return nil, fmt.Errorf("%s trailer: %w", name, err)
 	}
-	return decodePackTrailer(t, int64(len(b))-4-tl)
+	ents, hashed, err := decodePackTrailer(t, int64(len(b))-4-tl)
+	if err != nil || hashed {
+		return ents, err
+	}
+	sum := r.hasher()
+	out := ents[:0]
+	for i := 0; i < len(ents); {
+		j := i + 1
+		for j < len(ents) && ents[j].Off == ents[i].Off && ents[j].Len == ents[i].Len {
+			j++
+		}
+		e := ents[i]
+		group, err := r.openBlob(b[e.Off : e.Off+e.Len])
+		for _, e := range ents[i:j] {
+			if err == nil && uint64(e.RawOff)+uint64(e.Raw) <= uint64(len(group)) {
+				e.Hash = sum(group[e.RawOff : e.RawOff+e.Raw])
+				out = append(out, e)
+			}
+		}
+		i = j
+	}
+	return out, nil
 }
 
 // RepoStats describes a repository.
