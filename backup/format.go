@@ -79,7 +79,7 @@ const (
 	trailerV2 = 2
 	// maxTrailerChunks bounds the chunks a trailer may describe (writers
 	// put at most maxPackEntries plus a group in a pack).
-	maxTrailerChunks = 1 << 22
+	maxTrailerChunks = 1 << 16
 )
 
 // writeTrailerV1: tests write version 1 trailers, as earlier Umbra did.
