@@ -449,8 +449,32 @@ type group struct {
 	data [][]byte // the chunks, in batch memory until done
 	ents []blobEntry
 	blob []byte
+	mem  *[]byte // blob's memory, back to blobBufs once packed
 	done chan struct{}
 	own  *sync.WaitGroup // the batch's pending groups
+}
+
+// blobBufs recycles the memory blobs are compressed and sealed into: a
+// blob is copied into its pack, so its buffer serves the next group
+// (instead of a new, cleared megabyte per group).
+var blobBufs = sync.Pool{New: func() any { b := make([]byte, 0, sealPrefix+groupRaw+128); return &b }}
+
+// contiguous returns a group's chunks as one slice when they lie back to
+// back in the batch's memory (runs of new chunks read together), so they
+// need not be copied before compressing; otherwise nil.
+func contiguous(data [][]byte) []byte {
+	if len(data) == 0 {
+		return nil
+	}
+	all := data[0]
+	for _, d := range data[1:] {
+		n := len(all)
+		if len(d) == 0 || cap(all) < n+len(d) || &all[:n+1][n] != &d[0] {
+			return nil
+		}
+		all = all[:n+len(d)]
+	}
+	return all
 }
 
 func (r *Repo) newCompressor(up *uploader, workers int) *compressor {
@@ -461,12 +485,21 @@ func (r *Repo) newCompressor(up *uploader, workers int) *compressor {
 			defer c.wg.Done()
 			buf := make([]byte, 0, groupRaw)
 			for g := range c.work {
-				buf = buf[:0]
-				for _, d := range g.data {
-					buf = append(buf, d...)
+				src := contiguous(g.data)
+				if src == nil {
+					buf = buf[:0]
+					for _, d := range g.data {
+						buf = append(buf, d...)
+					}
+					src = buf
 				}
-				out := make([]byte, sealPrefix, sealPrefix+len(buf)+64)
-				g.blob = r.seal.sealPrefixed(r.enc.EncodeAll(buf, out))
+				// Room for zstd's frame and block headers when nothing
+				// compresses, and the seal's tag.
+				g.mem = blobBufs.Get().(*[]byte)
+				if cap(*g.mem) < sealPrefix+len(src)+128 {
+					*g.mem = make([]byte, 0, sealPrefix+len(src)+128)
+				}
+				g.blob = r.seal.sealPrefixed(r.enc.EncodeAll(src, (*g.mem)[:sealPrefix]))
 				g.data = nil
 				g.own.Done()
 				close(g.done)
@@ -484,6 +517,7 @@ func (r *Repo) newCompressor(up *uploader, workers int) *compressor {
 				continue
 			}
 			err := up.add(g.blob, g.ents)
+			blobBufs.Put(g.mem)
 			c.mu.Lock()
 			c.stored += int64(len(g.blob))
 			if err != nil && c.err == nil {

@@ -240,7 +240,10 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 	if encoderLevel != 0 {
 		level = encoderLevel
 	}
-	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true))
+	// No frame checksum: every chunk is checked against its hash when read
+	// (and a sealed object by its tag), so xxhash over each blob would only
+	// cost time (1.5 % of a backup's CPU).
+	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(false))
 	// Blobs open to at most groupRaw bytes and records to a few MiB; the
 	// bound keeps a damaged (or, unencrypted, forged) frame from asking
 	// for gigabytes.
