@@ -43,51 +43,37 @@ func ObjectNames(r *Repo, prefix string) []string {
 func SetSegmentChunks(n int64) int64 { old := segmentChunks; segmentChunks = n; return old }
 
 // SetSmallPacks makes packs of about n bytes and an index object every k
-// packs during a backup; it returns a function restoring the defaults.
+// packs during a backup. Like the Set functions below it returns a
+// function restoring the defaults.
 func SetSmallPacks(n, k int) func() {
 	oldN, oldK := packTarget, indexEvery
 	packTarget, indexEvery = n, k
 	return func() { packTarget, indexEvery = oldN, oldK }
 }
 
-// SetGroupRaw sets the most chunk bytes one blob holds and returns a
-// function restoring the default.
-func SetGroupRaw(n int) func() {
-	old := groupRaw
-	groupRaw = n
-	return func() { groupRaw = old }
+// set sets *p to v and returns a function restoring the old value.
+func set[T any](p *T, v T) func() {
+	old := *p
+	*p = v
+	return func() { *p = old }
 }
 
-// SetReaderCache sets the bytes of opened blobs an ImageReader keeps and
-// returns a function restoring the default.
-func SetReaderCache(n int64) func() {
-	old := readerCache
-	readerCache = n
-	return func() { readerCache = old }
-}
+// SetGroupRaw sets the most chunk bytes one blob holds.
+func SetGroupRaw(n int) func() { return set(&groupRaw, n) }
+
+// SetReaderCache sets the bytes of opened blobs an ImageReader keeps.
+func SetReaderCache(n int64) func() { return set(&readerCache, n) }
 
 // SetRestoreCache sets the bytes of chunks a restore keeps for later
-// batches and returns a function restoring the default.
-func SetRestoreCache(n int64) func() {
-	old := restoreCache
-	restoreCache = n
-	return func() { restoreCache = old }
-}
+// batches.
+func SetRestoreCache(n int64) func() { return set(&restoreCache, n) }
 
 // SetTrailerV1 makes packs carry version 1 trailers, as earlier Umbra
-// wrote them, and returns a function restoring version 2.
-func SetTrailerV1() func() {
-	writeTrailerV1 = true
-	return func() { writeTrailerV1 = false }
-}
+// wrote them.
+func SetTrailerV1() func() { return set(&writeTrailerV1, true) }
 
-// SetPackEntries sets the most chunks a pack lists and returns a function
-// restoring the default.
-func SetPackEntries(n int) func() {
-	old := maxPackEntries
-	maxPackEntries = n
-	return func() { maxPackEntries = old }
-}
+// SetPackEntries sets the most chunks a pack lists.
+func SetPackEntries(n int) func() { return set(&maxPackEntries, n) }
 
 // PackTrailerEntries reads the trailer of pack (an object name) and
 // returns how many chunks it lists.
