@@ -139,24 +139,41 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 
 var errStop = errors.New("stop")
 
-// checkPack reads a pack whole and checks the given chunks in it.
+// checkPack reads a pack whole and checks the given chunks in it, blob
+// by blob: one opened blob in memory at a time (decrypted in place and
+// decompressed into memory it reuses), not the whole pack opened.
 func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) map[Hash]bool {
 	good := make(map[Hash]bool, len(hs))
 	b, err := r.be.Get(ctx, pid.name(), 0, -1)
-	opened := map[uint32][]byte{}
+	type item struct {
+		h Hash
+		l loc
+	}
+	items := make([]item, 0, len(hs))
 	for _, h := range hs {
 		l, _, _ := r.lookup(h)
 		if err != nil || int64(l.off)+int64(l.len) > int64(len(b)) {
 			good[h] = false
 			continue
 		}
-		group, ok := opened[l.off]
-		if !ok {
-			group, _ = r.openBlob(b[l.off : l.off+l.len])
-			opened[l.off] = group
+		items = append(items, item{h, l})
+	}
+	sort.Slice(items, func(i, j int) bool { return items[i].l.off < items[j].l.off })
+	var group, scratch []byte
+	var gerr error
+	for i, it := range items {
+		if i == 0 || it.l.off != items[i-1].l.off {
+			group, gerr = r.openBlobInto(scratch, b[it.l.off:it.l.off+it.l.len])
+			if gerr == nil {
+				scratch = group[:0]
+			}
 		}
-		_, cerr := chunkIn(h, l, group, sum)
-		good[h] = cerr == nil
+		if gerr != nil {
+			good[it.h] = false
+			continue
+		}
+		_, cerr := chunkIn(it.h, it.l, group, sum)
+		good[it.h] = cerr == nil
 	}
 	return good
 }
