@@ -23,7 +23,8 @@ func TestRoundTripChain(t *testing.T) {
 	// One segment per list (the default), and lists cut into many
 	// segments that batches straddle.
 	// With segment=7, packs of 256 KiB and an index object every 3
-	// packs during each backup, too.
+	// packs during each backup, too; with segment=1000, an encrypted
+	// repository (a damaged sealed blob loses all its chunks).
 	for _, seg := range []int64{0, 7, 1000} {
 		t.Run(fmt.Sprint("segment=", seg), func(t *testing.T) {
 			if seg > 0 {
@@ -32,12 +33,16 @@ func TestRoundTripChain(t *testing.T) {
 			if seg == 7 {
 				defer backup.SetSmallPacks(256<<10, 3)()
 			}
-			roundTripChain(t, seg)
+			password := ""
+			if seg == 1000 {
+				password = "secret"
+			}
+			roundTripChain(t, seg, password)
 		})
 	}
 }
 
-func roundTripChain(t *testing.T, seg int64) {
+func roundTripChain(t *testing.T, seg int64, password string) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "vol.img")
@@ -59,7 +64,7 @@ func roundTripChain(t *testing.T, seg int64) {
 		}
 	}
 	scribble(500)
-	repo, err := backup.Init(filepath.Join(dir, "repo"))
+	repo, err := backup.InitWith(ctx, filepath.Join(dir, "repo"), backup.Settings{Password: password})
 	if err != nil {
 		t.Fatal(err)
 	}
