@@ -165,12 +165,27 @@ func (m *modelRun) checkSnap(s *modelSnap) {
 	}
 }
 
-// checkSpace: the allocator's used slots are exactly those entries hold.
+// checkSpace: the allocator's used slots are exactly those entries hold,
+// and every entry belongs to the owned set of the live snapshot of its
+// generation, which owns nothing else (usersAbove relies on it).
 func (m *modelRun) checkSpace() {
 	m.t.Helper()
 	v := m.v
 	v.mu.RLock()
 	defer v.mu.RUnlock()
+	perGen := map[uint64]uint64{}
+	v.entries.Ascend(func(e entry) bool {
+		if s := v.snapByGen(e.gen); s == nil || !s.owned.Contains(uint32(e.chunk)) {
+			m.fatalf("entry %+v not owned by a live snapshot of its generation", e)
+		}
+		perGen[e.gen]++
+		return true
+	})
+	for _, s := range v.snaps {
+		if n := s.owned.GetCardinality(); n != perGen[s.gen] {
+			m.fatalf("snapshot %s owns %d chunks and has %d entries", s.id, n, perGen[s.gen])
+		}
+	}
 	if v.store == nil {
 		return
 	}

@@ -679,13 +679,18 @@ func (v *Volume) maxGen(c uint64) uint64 {
 }
 
 // usersAbove reports whether a live snapshot with generation in
-// (maxGen(c), upper] still needs the origin's chunk c.
+// (maxGen(c), upper] still needs the origin's chunk c. Every entry
+// belongs to a live snapshot's owned set (deleting a snapshot hands its
+// entries to the one before or drops them), so maxGen(c) is the newest
+// snapshot owning c: scanning from the newest, the first owner ends the
+// search, and a snapshot in range that needs c before it answers yes —
+// one bitmap lookup for a first write under the newest snapshot instead
+// of a walk down the B-tree of all entries.
 func (v *Volume) usersAbove(c, upper uint64) bool {
-	g := v.maxGen(c)
 	for i := len(v.snaps) - 1; i >= 0; i-- {
 		s := v.snaps[i]
-		if s.gen <= g {
-			break
+		if s.owned.Contains(uint32(c)) {
+			return false
 		}
 		if s.gen <= upper && s.needs(c) {
 			return true
