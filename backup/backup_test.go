@@ -9,6 +9,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"testing"
 
 	"umbra/backup"
@@ -142,6 +144,19 @@ func TestRepoErrors(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "x"), nil, 0o600)
 	if _, err := backup.Init(dir); err == nil {
 		t.Fatal("init in a non-empty directory succeeded")
+	}
+	// A repository a newer Umbra wrote is refused, saying so.
+	newer := filepath.Join(dir, "newer")
+	repo, err := backup.Init(newer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	repo.Close()
+	cfg, _ := os.ReadFile(filepath.Join(newer, "config"))
+	cfg = regexp.MustCompile(`"version": \d+`).ReplaceAll(cfg, []byte(`"version": 99`))
+	os.WriteFile(filepath.Join(newer, "config"), cfg, 0o600)
+	if _, err := backup.Open(newer); err == nil || !strings.Contains(err.Error(), "newer Umbra") {
+		t.Fatalf("open a repository of format 99: %v", err)
 	}
 }
 

@@ -394,7 +394,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		rep.PacksDeleted++
 	}
 	// Chunk lists whose image record is gone (a backup or prune that
-	// died): lists/ID (format 2) and lists/ID/NNNNNN (format 3).
+	// died): lists/ID (format 2) and lists/ID/NNNNNN (format 3 on).
 	if lists, err := r.be.List(ctx, "lists/"); err == nil {
 		gone := map[string]bool{}
 		for _, n := range lists {

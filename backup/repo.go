@@ -220,7 +220,11 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 	}
 	if cfg.Version < 2 || cfg.Version > formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
 		cfg.Compression != "zstd" || levels[cfg.Level] == 0 || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
-		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads version %d)", where, cfg, formatVersion)
+		why := "settings this Umbra does not know"
+		if cfg.Version > formatVersion {
+			why = "written by a newer Umbra: use that version"
+		}
+		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads formats 2 to %d; %s)", where, cfg, formatVersion, why)
 	}
 	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: newChunkIndex()}
 	r.version.Store(int32(cfg.Version))
