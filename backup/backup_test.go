@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -122,16 +123,21 @@ func roundTripChain(t *testing.T, seg int64, password string) {
 	if rep := repo.Verify(); len(rep.BadImages) > 0 || rep.GoodImages != len(imgs) {
 		t.Fatalf("verify: %+v", rep)
 	}
-	if seg > 0 {
-		perImage := (v.Size()/4096 + seg - 1) / seg
-		if n := len(backup.ObjectNames(repo, "lists/")); int64(n) != perImage*int64(len(imgs)) {
-			t.Fatalf("%d chunk list segments stored, want %d per image", n, perImage)
-		}
-	}
-
 	var ids []string
 	for _, im := range imgs {
 		ids = append(ids, im.id)
+	}
+	if seg > 0 {
+		perImage := (v.Size()/4096 + seg - 1) / seg
+		for _, id := range ids {
+			if x, _ := repo.Image(id); int64(len(x.Segments)) != perImage {
+				t.Fatalf("image %s has %d chunk list segments, want %d", id, len(x.Segments), perImage)
+			}
+		}
+		// Shared: the segments stored are the images' segments, once each.
+		if got, want := backup.ObjectNames(repo, "segments/"), backup.SegmentObjects(repo, ids...); !slices.Equal(got, want) || len(backup.ObjectNames(repo, "lists/")) > 0 {
+			t.Fatalf("%d chunk list segments stored, want the images' %d", len(got), len(want))
+		}
 	}
 	checkCorruption(t, repo, filepath.Join(dir, "repo"), ids)
 }

@@ -101,13 +101,22 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 	}
 	os.WriteFile(path, orig, 0o600)
 
-	// A truncated chunk list breaks its image only.
-	lp := filepath.Join(root, "lists", ids[1], "000000")
+	// A truncated chunk-list segment breaks exactly the images that share
+	// it.
+	seg := backup.SegmentObject(repo, ids[1], 0)
+	var sharing []string
+	for _, id := range ids {
+		if slices.Contains(backup.SegmentObjects(repo, id), seg) {
+			sharing = append(sharing, id)
+		}
+	}
+	slices.Sort(sharing)
+	lp := filepath.Join(root, filepath.FromSlash(seg))
 	lb, _ := os.ReadFile(lp)
 	os.WriteFile(lp, lb[:len(lb)/2], 0o600)
 	rep = repo.Verify()
-	if !slices.Equal(rep.BadImages, []string{ids[1]}) || len(rep.BadChunks) != 0 {
-		t.Fatalf("verify after truncating %s's chunk list: %+v", ids[1], rep)
+	if !slices.Equal(rep.BadImages, sharing) || len(rep.BadChunks) != 0 {
+		t.Fatalf("verify after truncating %s's chunk list segment %s: %+v, want %v broken", ids[1], seg, rep, sharing)
 	}
 	if err := repo.Restore(ids[1], out, nil); !errors.Is(err, backup.ErrCorrupt) {
 		t.Fatalf("restore of an image with a truncated chunk list: %v, want ErrCorrupt", err)

@@ -3,7 +3,9 @@ package backup
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 
 	"github.com/klauspost/compress/zstd"
@@ -80,6 +82,37 @@ func SetPackEntries(n int) func() { return set(&maxPackEntries, n) }
 func PackTrailerEntries(r *Repo, pack string) (int, error) {
 	ents, err := r.readTrailer(context.Background(), pack)
 	return len(ents), err
+}
+
+// SegmentObject is the object holding segment k of image id's chunk list.
+func SegmentObject(r *Repo, id string, k int) string {
+	x, err := r.image(context.Background(), id)
+	if err != nil {
+		panic(err)
+	}
+	if x.Shared {
+		return sharedSegmentName(x.Segments[k])
+	}
+	if x.Segments == nil {
+		return listName(id)
+	}
+	return segmentName(id, k)
+}
+
+// SegmentObjects lists, sorted and once each, the objects holding the
+// chunk lists of images ids.
+func SegmentObjects(r *Repo, ids ...string) []string {
+	set := map[string]bool{}
+	for _, id := range ids {
+		x, err := r.image(context.Background(), id)
+		if err != nil {
+			panic(err)
+		}
+		for k := range x.numSegments() {
+			set[SegmentObject(r, id, k)] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(set))
 }
 
 // SetScryptN makes key derivation cheap in tests.

@@ -349,9 +349,12 @@ type Index struct {
 	ListHash Hash `json:"list_hash"`
 	// Segments are the BLAKE3 hashes of the stored segments of a
 	// format-3 chunk list (lists/ID/NNNNNN), each SegmentChunks chunks
-	// (the last one fewer).
+	// (the last one fewer); with Shared (format 5), the repository's
+	// chunk hash of each segment's plain encoding, which names it:
+	// segments/HH/HASH, shared by every image with the same segment.
 	Segments      []Hash `json:"segments,omitempty"`
 	SegmentChunks int64  `json:"segment_chunks,omitempty"`
+	Shared        bool   `json:"shared_segments,omitempty"`
 	// Chunks holds chunk hashes in memory: the whole list (format 2, or
 	// Image), or one segment starting at chunk First (DecodeIndex of a
 	// segment).

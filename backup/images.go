@@ -8,15 +8,21 @@ import (
 	"io/fs"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/zeebo/blake3"
 )
 
 // An image is its chunk list and images/ID, a small sealed JSON record
-// of the image that names the list's hashes. Format 3 cuts the list into
-// segments, lists/ID/NNNNNN (Index.Encode of SegmentChunks chunks,
-// sealed), written while the backup runs, so neither a backup nor a
-// restore holds more than a segment of it; format 2 had one object,
+// of the image that names the list's hashes. The list is cut into
+// segments of SegmentChunks chunks (Index.Encode, sealed), written while
+// the backup runs, so neither a backup nor a restore holds more than a
+// segment of it. Format 5 names a segment by the repository's chunk
+// hash of its plain encoding, segments/HH/HASH, with nothing of the
+// image in it: an incremental whose changes fall in a few segments
+// stores only those (a full list costs 32 bytes per non-zero chunk, 8
+// GiB per image of a volume holding 1 TiB), and images share the rest.
+// Format 3 wrote lists/ID/NNNNNN per image; format 2 one object,
 // lists/ID. The record is written last, so an image is listed only when
 // it is whole.
 
@@ -26,6 +32,9 @@ import (
 var segmentChunks int64 = 1 << 16
 
 func segmentName(id string, k int) string { return fmt.Sprintf("lists/%s/%06d", id, k) }
+
+// sharedSegmentName names a format-5 segment by its hash.
+func sharedSegmentName(h Hash) string { s := h.String(); return "segments/" + s[:2] + "/" + s }
 
 // writeImage makes the image's chunk list (written by a listWriter)
 // durable, then writes its record.
@@ -45,14 +54,15 @@ func (r *Repo) writeImage(ctx context.Context, x *Index) error {
 type listWriter struct {
 	r     *Repo
 	x     *Index
+	sum   func([]byte) Hash
 	buf   []Hash
 	first int64
 	bytes int64 // stored
 }
 
 func (r *Repo) newListWriter(x *Index) *listWriter {
-	x.SegmentChunks = segmentChunks
-	return &listWriter{r: r, x: x, buf: make([]Hash, 0, min(segmentChunks, x.NumChunks()))}
+	x.SegmentChunks, x.Shared = segmentChunks, true
+	return &listWriter{r: r, x: x, sum: r.hasher(), buf: make([]Hash, 0, min(segmentChunks, x.NumChunks()))}
 }
 
 // add appends the next chunks' hashes.
@@ -76,15 +86,27 @@ func (w *listWriter) flush(ctx context.Context) error {
 		return nil
 	}
 	x := w.x
-	seg := &Index{ID: x.ID, Volume: x.Volume, Snapshot: x.Snapshot, Parent: x.Parent, Size: x.Size, ChunkSize: x.ChunkSize,
-		Created: x.Created, Chunks: w.buf, First: w.first, format: 3}
-	obj := w.r.seal.seal(nil, seg.Encode())
-	if err := w.r.be.Put(ctx, segmentName(x.ID, len(x.Segments)), obj); err != nil {
+	// Nothing of the image in the segment, so that another image with the
+	// same chunks there has the same segment.
+	seg := &Index{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: 3}
+	plain := seg.Encode()
+	h := w.sum(plain)
+	name := sharedSegmentName(h)
+	// One stored already (by an earlier image, or a backup that died
+	// after storing it) is whole: a Put is atomic.
+	have, err := w.r.be.Has(ctx, name)
+	if err != nil {
 		return fmt.Errorf("chunk list: %w", err)
 	}
-	x.Segments = append(x.Segments, blake3.Sum256(obj))
+	if !have {
+		obj := w.r.seal.seal(nil, plain)
+		if err := w.r.be.Put(ctx, name, obj); err != nil {
+			return fmt.Errorf("chunk list: %w", err)
+		}
+		w.bytes += int64(len(obj))
+	}
+	x.Segments = append(x.Segments, h)
 	w.first += int64(len(w.buf))
-	w.bytes += int64(len(obj))
 	w.buf = w.buf[:0]
 	return nil
 }
@@ -136,7 +158,14 @@ func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, err
 	name := segmentName(x.ID, k)
 	first := int64(k) * x.SegmentChunks
 	want := min(x.SegmentChunks, x.NumChunks()-first)
-	l, err := r.readList(ctx, x, name, x.Segments[k], 3)
+	var l *Index
+	var err error
+	if x.Shared {
+		name = sharedSegmentName(x.Segments[k])
+		l, err = r.readSharedSegment(ctx, x, name, x.Segments[k])
+	} else {
+		l, err = r.readList(ctx, x, name, x.Segments[k], 3)
+	}
 	if err != nil {
 		return 0, nil, err
 	}
@@ -169,6 +198,40 @@ func (r *Repo) readList(ctx context.Context, x *Index, name string, sum Hash, fo
 		return nil, fmt.Errorf("image %s: chunk list %s: %w: belongs to %s (size %d, chunk %d, format %d)", x.ID, name, ErrCorrupt, l.ID, l.Size, l.ChunkSize, l.format)
 	}
 	return l, nil
+}
+
+// readSharedSegment reads the format-5 segment name of image x and checks
+// it against its hash (the repository's chunk hash of the plain segment)
+// and against the record.
+func (r *Repo) readSharedSegment(ctx context.Context, x *Index, name string, sum Hash) (*Index, error) {
+	raw, err := r.be.Get(ctx, name, 0, -1)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
+	}
+	b, err := r.seal.openInPlace(raw)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
+	}
+	if r.hasher()(b) != sum {
+		return nil, fmt.Errorf("image %s: chunk list %s: %w: does not match its name", x.ID, name, ErrCorrupt)
+	}
+	l, err := DecodeIndex(b)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %s: %w", x.ID, name, err)
+	}
+	if l.format != 3 || l.ID != "" || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize {
+		return nil, fmt.Errorf("image %s: chunk list %s: %w: a segment of another volume (size %d, chunk %d, format %d)", x.ID, name, ErrCorrupt, l.Size, l.ChunkSize, l.format)
+	}
+	return l, nil
+}
+
+// sharedSegments adds the names of the format-5 segments x uses to set.
+func (x *Index) sharedSegments(set map[string]bool) {
+	if x.Shared {
+		for _, h := range x.Segments {
+			set[sharedSegmentName(h)] = true
+		}
+	}
 }
 
 // eachSegment calls fn with every segment of x's chunk list, in order.

@@ -410,6 +410,19 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 			}
 		}
 	}
+	// Shared chunk-list segments (format 5) that no listed image names:
+	// only removed images used them, or a backup died before its record.
+	if segs, err := r.be.List(ctx, "segments/"); err == nil {
+		used := map[string]bool{}
+		for _, x := range keep {
+			x.sharedSegments(used)
+		}
+		for _, n := range segs {
+			if !used[n] {
+				r.be.Delete(ctx, n)
+			}
+		}
+	}
 	r.mu.Lock()
 	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), []string{newIndex}, nil
 	r.addPacks(all)

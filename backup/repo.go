@@ -68,12 +68,14 @@ type Config struct {
 	Encryption  string `json:"encryption"`  // none | aes-256-gcm
 }
 
-// formatVersion 4 writes version 2 pack trailers (no chunk hashes); 3
-// cut chunk lists into segments. Version 2 and 3 repositories are read as
-// they are and upgraded by their next backup or prune (upgradeFormat),
-// before it writes anything new, so an older Umbra refuses them instead
-// of misreading new images or taking new packs for garbage.
-const formatVersion = 4
+// formatVersion 5 names chunk-list segments by their content, shared
+// between images (segments/HH/HASH); 4 wrote version 2 pack trailers (no
+// chunk hashes); 3 cut chunk lists into segments. Repositories of formats
+// 2 to 4 are read as they are and upgraded by their next backup or prune
+// (upgradeFormat), before it writes anything new, so an older Umbra
+// refuses them instead of missing new images' lists or taking new packs
+// for garbage.
+const formatVersion = 5
 
 // Typed errors.
 var (
@@ -283,9 +285,8 @@ func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
 	return nil, ErrWrongPassword
 }
 
-// upgradeFormat moves a version 2 or 3 repository to the current format
-// before the first segmented chunk list or version 2 pack trailer is
-// written into it.
+// upgradeFormat moves a repository of an older format to the current one
+// before anything of the new format (a segment, a pack) is written.
 func (r *Repo) upgradeFormat(ctx context.Context) error {
 	if r.version.Load() >= formatVersion {
 		return nil

@@ -364,6 +364,63 @@ func TestRestoreChunkCache(t *testing.T) {
 	}
 }
 
+// TestSharedSegments: an incremental whose changes fall in one segment of
+// the chunk list stores that segment only and names the others of its
+// parent; deleting the parent keeps what the incremental still uses and
+// drops the rest; an identical volume backed up under another name
+// stores no list at all.
+func TestSharedSegments(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(64))
+	ctx := context.Background()
+	repo, _ := newRepo(t)
+	r := rand.New(rand.NewPCG(17, 18))
+	src := volumeData(r, 8*64*4096) // 8 segments
+	full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	next := slices.Clone(src)
+	bm := &provider.Bitmap{Granule: 4096, Size: int64(len(src))}
+	bm.Bits = make([]uint64, (len(src)/4096+63)/64)
+	for _, blk := range []int{2*64 + 5, 2*64 + 40} { // both in segment 2
+		for j := blk * 4096; j < blk*4096+4096; j++ {
+			next[j] = byte(r.Uint32())
+		}
+		bm.Bits[blk/64] |= 1 << (blk % 64)
+	}
+	incr := backupAndRestore(t, repo, next, backup.Options{Volume: "v", Parent: full, Changed: bm})
+	fs, is := backup.SegmentObjects(repo, full.ID), backup.SegmentObjects(repo, incr.ID)
+	var shared int
+	for _, n := range is {
+		if slices.Contains(fs, n) {
+			shared++
+		}
+	}
+	if len(is) != 8 || shared != 7 || len(backup.ObjectNames(repo, "segments/")) != 9 {
+		t.Fatalf("incremental has %d segments, %d shared with its parent, %d stored; want 8, 7, 9", len(is), shared, len(backup.ObjectNames(repo, "segments/")))
+	}
+	if incr.Stats.Index > full.Stats.Index/2 {
+		t.Fatalf("the incremental stored %d bytes of list and index, the full %d", incr.Stats.Index, full.Stats.Index)
+	}
+	other := backupAndRestore(t, repo, next, backup.Options{Volume: "w"})
+	if other.Stats.Stored != 0 || len(backup.ObjectNames(repo, "segments/")) != 9 {
+		t.Fatalf("an identical volume stored %d new bytes, %d segments in all", other.Stats.Stored, len(backup.ObjectNames(repo, "segments/")))
+	}
+	if _, err := repo.Delete(ctx, []string{full.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if got := backup.ObjectNames(repo, "segments/"); !slices.Equal(got, is) {
+		t.Fatalf("after deleting the full image, segments %v, want the incremental's %v", got, is)
+	}
+	out := filepath.Join(t.TempDir(), "out.img")
+	if err := repo.Restore(incr.ID, out, nil); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); !bytes.Equal(b, next) {
+		t.Fatal("the incremental restores wrong after its parent was deleted")
+	}
+	if v := repo.Verify(); v.GoodImages != 2 || len(v.BadImages) > 0 {
+		t.Fatalf("verify: %+v", v)
+	}
+}
+
 type fileSource struct{ *os.File }
 
 func (f fileSource) Size() int64 { fi, _ := f.Stat(); return fi.Size() }
@@ -478,7 +535,7 @@ func TestFormat2Repository(t *testing.T) {
 	if x.Parent != old.ID || len(x.Segments) != (len(src)/4096+1+4)/5 {
 		t.Fatalf("incremental on a format-2 parent: parent %q, %d segments", x.Parent, len(x.Segments))
 	}
-	if v := repo.Config().Version; v != 4 {
+	if v := repo.Config().Version; v != 5 {
 		t.Fatalf("repository still version %d after a segmented image", v)
 	}
 	if rep := repo.Verify(); rep.GoodImages != 2 || len(rep.BadImages) > 0 {
@@ -495,7 +552,7 @@ func TestFormat2Repository(t *testing.T) {
 	if _, err := repo.Prune(ctx, backup.Policy{Last: 1}, false); err != nil {
 		t.Fatal(err)
 	}
-	if names := backup.ObjectNames(repo, "lists/"); len(names) != len(x.Segments) {
+	if names := backup.ObjectNames(repo, "lists/"); len(names) != 0 || !slices.Equal(backup.ObjectNames(repo, "segments/"), backup.SegmentObjects(repo, x.ID)) {
 		t.Fatalf("after pruning the format-2 image, lists/ holds %v", names)
 	}
 	if err := repo.Restore(x.ID, out, nil); err != nil {
