@@ -8,10 +8,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"testing"
 
 	"umbra/backup"
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -27,14 +27,7 @@ func TestRepoModel(t *testing.T) {
 	if os.Getenv("UMBRA_LONG") != "" {
 		seeds, steps = 60, 120
 	}
-	base := uint64(rand.Int64())
-	if s := os.Getenv("UMBRA_SEED"); s != "" {
-		n, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("UMBRA_SEED=%q: %v", s, err)
-		}
-		base, seeds = n, 1
-	}
+	base, seeds := testutil.Seeds(t, seeds)
 	defer backup.SetSegmentChunks(backup.SetSegmentChunks(16))
 	defer backup.SetGroupRaw(32 << 10)()
 	for i := range seeds {

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -488,14 +489,7 @@ func TestModel(t *testing.T) {
 	if os.Getenv("UMBRA_LONG") != "" {
 		seeds, steps = 400, 500 // ~12 000 crash points
 	}
-	base := uint64(rand.Int64())
-	if s := os.Getenv("UMBRA_SEED"); s != "" {
-		n, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("UMBRA_SEED=%q: %v", s, err)
-		}
-		base, seeds = n, 1
-	}
+	base, seeds := testutil.Seeds(t, seeds)
 	crashes := 0
 	for i := range seeds {
 		seed := base + uint64(i)
