@@ -403,6 +403,9 @@ func TestSharedSegments(t *testing.T) {
 	if other.Stats.Stored != 0 || len(backup.ObjectNames(repo, "segments/")) != 9 {
 		t.Fatalf("an identical volume stored %d new bytes, %d segments in all", other.Stats.Stored, len(backup.ObjectNames(repo, "segments/")))
 	}
+	if st := repo.Stats(ctx); st.ListSegments != 24 || st.ListObjects != 9 || st.Format != 5 {
+		t.Fatalf("stats: %d list segments in %d objects, format %d; want 24 in 9, format 5", st.ListSegments, st.ListObjects, st.Format)
+	}
 	if _, err := repo.Delete(ctx, []string{full.ID}); err != nil {
 		t.Fatal(err)
 	}

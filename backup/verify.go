@@ -235,6 +235,13 @@ type RepoStats struct {
 	RawBytes    int64   `json:"raw_bytes"`    // unique chunks, uncompressed
 	StoredBytes int64   `json:"stored_bytes"` // unique chunks as stored
 	DedupRatio  float64 `json:"dedup_ratio"`  // image bytes / stored bytes
+	// Format is the repository's format version.
+	Format int `json:"format"`
+	// ListSegments counts the chunk-list segments the images name, and
+	// ListObjects the objects holding them: fewer when images share
+	// segments (format 5).
+	ListSegments int `json:"list_segments"`
+	ListObjects  int `json:"list_objects"`
 }
 
 // Stats summarizes the repository.
@@ -247,6 +254,16 @@ func (r *Repo) Stats(ctx context.Context) RepoStats {
 		vols[x.Volume] = true
 	}
 	st.Images, st.Volumes = len(list), len(vols)
+	st.Format = r.Config().Version
+	shared := map[string]bool{}
+	for _, x := range list {
+		st.ListSegments += x.numSegments()
+		if !x.Shared {
+			st.ListObjects += x.numSegments()
+		}
+		x.sharedSegments(shared)
+	}
+	st.ListObjects += len(shared)
 	r.mu.Lock()
 	st.Chunks, st.Packs = r.chunks.len(), len(r.packs)
 	blobs := map[blobKey]bool{}

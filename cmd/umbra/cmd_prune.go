@@ -79,8 +79,9 @@ func newStatsCmd() *cobra.Command {
 			}
 			w := table()
 			fmt.Fprintf(w, "repository\t%s\n", st.Location)
-			fmt.Fprintf(w, "format\tchunks %s, %s, zstd, encryption %s\n", human(int64(st.ChunkSize)), st.Hash, st.Encryption)
+			fmt.Fprintf(w, "format\t%d: chunks %s, %s, zstd, encryption %s\n", st.Format, human(int64(st.ChunkSize)), st.Hash, st.Encryption)
 			fmt.Fprintf(w, "images\t%d of %d volumes, %s in all\n", st.Images, st.Volumes, human(st.ImageBytes))
+			fmt.Fprintf(w, "chunk lists\t%d segments, %d stored (images share the ones they have in common)\n", st.ListSegments, st.ListObjects)
 			fmt.Fprintf(w, "unique chunks\t%d in %d packs, %s raw, %s stored\n", st.Chunks, st.Packs, human(st.RawBytes), human(st.StoredBytes))
 			fmt.Fprintf(w, "dedup+compression\t%.1fx\n", st.DedupRatio)
 			return w.Flush()
