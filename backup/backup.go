@@ -143,6 +143,19 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, b.err)
 		}
 		first, last, w := b.first, b.last, b.w
+		if b.segment != nil {
+			if err := lw.reuse(ctx, *b.segment, last-first); err != nil {
+				return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
+			}
+			st.Reused += min(last*cs, size) - first*cs
+			if opts.Cursor != nil {
+				opts.Cursor(last * cs)
+			}
+			if opts.Progress != nil {
+				opts.Progress(min(last*cs, size), size)
+			}
+			continue
+		}
 		st.Read += b.read
 		r.hashBatch(w, hashers)
 		var fresh []int // chunks to store, each hash once
@@ -223,6 +236,9 @@ type batch struct {
 	read        int64
 	err         error
 	release     func() // gives the buffers back to the reader
+	// segment: the batch is a whole segment of the chunk list that did
+	// not change since the parent, whose segment it names (w is nil).
+	segment *Hash
 }
 
 // readBatches plans and reads the volume batch by batch, two batches
@@ -252,6 +268,15 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Optio
 	go func() {
 		defer close(out)
 		for first := int64(0); first < n; first += perBatch {
+			if h, end, ok := unchangedSegment(x, opts, incr, first, perBatch); ok {
+				select {
+				case out <- batch{first: first, last: end, release: func() {}, segment: &h}:
+				case <-ctx.Done():
+					return
+				}
+				first = end - perBatch
+				continue
+			}
 			var b bufs
 			select {
 			case b = <-free:
@@ -277,6 +302,33 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Optio
 		}
 	}()
 	return out
+}
+
+// unchangedSegment reports whether the chunks from first on are a whole
+// segment of the chunk list that did not change since the parent (an
+// incremental whose parent shares its segments, segments a whole number
+// of batches), and then the parent's segment and where it ends: the
+// backup names that segment without reading it or the volume there, so
+// that an incremental's work on lists follows the segments its changes
+// fall in, not the size of the volume.
+func unchangedSegment(x *Index, opts Options, incr bool, first, perBatch int64) (Hash, int64, bool) {
+	p := opts.Parent
+	sc := x.SegmentChunks
+	if !incr || !p.Shared || p.SegmentChunks != sc || sc%perBatch != 0 || first%sc != 0 {
+		return Hash{}, 0, false
+	}
+	k := first / sc
+	if k >= int64(len(p.Segments)) {
+		return Hash{}, 0, false
+	}
+	cs := int64(x.ChunkSize)
+	end := min(first+sc, x.NumChunks())
+	for i := first; i < end; i++ {
+		if changedChunk(opts.Changed, i, cs) {
+			return Hash{}, 0, false
+		}
+	}
+	return p.Segments[k], end, true
 }
 
 func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }

@@ -7,6 +7,8 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
+	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/blake3"
@@ -113,6 +115,28 @@ func SegmentObjects(r *Repo, ids ...string) []string {
 		}
 	}
 	return slices.Sorted(maps.Keys(set))
+}
+
+// countingBackend counts the Gets of objects under a prefix.
+type countingBackend struct {
+	Backend
+	prefix string
+	gets   atomic.Int64
+}
+
+func (c *countingBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	if strings.HasPrefix(name, c.prefix) {
+		c.gets.Add(1)
+	}
+	return c.Backend.Get(ctx, name, off, length)
+}
+
+// CountGets makes r count the reads of objects under prefix from now on
+// and returns how many there were so far.
+func CountGets(r *Repo, prefix string) func() int64 {
+	c := &countingBackend{Backend: r.be, prefix: prefix}
+	r.be = c
+	return c.gets.Load
 }
 
 // SetScryptN makes key derivation cheap in tests.

@@ -111,6 +111,25 @@ func (w *listWriter) flush(ctx context.Context) error {
 	return nil
 }
 
+// reuse names segment h, of n chunks, as the next one: a segment of the
+// parent's list that did not change. It must be there (a parent whose
+// segment is gone would pass its loss on).
+func (w *listWriter) reuse(ctx context.Context, h Hash, n int64) error {
+	if len(w.buf) != 0 || w.first != int64(len(w.x.Segments))*w.x.SegmentChunks {
+		return fmt.Errorf("chunk list: reusing a segment at chunk %d, not on a segment boundary", w.first)
+	}
+	have, err := w.r.be.Has(ctx, sharedSegmentName(h))
+	if err != nil {
+		return fmt.Errorf("chunk list: %w", err)
+	}
+	if !have {
+		return fmt.Errorf("chunk list: the previous image's segment %s is missing: %w; run `umbra verify`, and back up with --full", sharedSegmentName(h), ErrCorrupt)
+	}
+	w.x.Segments = append(w.x.Segments, h)
+	w.first += n
+	return nil
+}
+
 // finish writes the last segment and checks the list covers the volume.
 func (w *listWriter) finish(ctx context.Context) error {
 	if err := w.flush(ctx); err != nil {

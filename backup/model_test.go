@@ -28,20 +28,27 @@ func TestRepoModel(t *testing.T) {
 		seeds, steps = 60, 120
 	}
 	base, seeds := testutil.Seeds(t, seeds)
-	defer backup.SetSegmentChunks(backup.SetSegmentChunks(16))
 	defer backup.SetGroupRaw(32 << 10)()
-	for i := range seeds {
-		seed := base + uint64(i)
-		if !t.Run(fmt.Sprint("seed=", seed), func(t *testing.T) { repoModel(t, seed, steps) }) {
-			t.Fatalf("replay with UMBRA_SEED=%d", seed)
+	// 16 segments of 16 chunks (many segments, none a whole batch), and 4
+	// segments of 1024 chunks (one 4 MiB batch each: unchanged ones pass
+	// through an incremental unread).
+	for _, shape := range []struct{ segChunks, segs, seeds int }{{16, 16, seeds}, {1024, 4, max(1, seeds/3)}} {
+		defer backup.SetSegmentChunks(backup.SetSegmentChunks(int64(shape.segChunks)))
+		for i := range shape.seeds {
+			seed := base + uint64(i)
+			name := fmt.Sprintf("segment=%d/seed=%d", shape.segChunks, seed)
+			if !t.Run(name, func(t *testing.T) { repoModel(t, seed, steps, shape.segChunks, shape.segs) }) {
+				t.Fatalf("replay with UMBRA_SEED=%d", seed)
+			}
 		}
 	}
 }
 
-func repoModel(t *testing.T, seed uint64, steps int) {
+func repoModel(t *testing.T, seed uint64, steps, segChunks, segs int) {
 	ctx := context.Background()
 	r := rand.New(rand.NewPCG(seed, 99))
-	const chunk, chunks = 4096, 16 * 16 // 16 segments of 16 chunks
+	const chunk = 4096
+	chunks := segChunks * segs
 	repo, dir := newRepo(t)
 	defer func() { repo.Close() }()
 	vol := volumeData(r, chunks*chunk)
@@ -105,9 +112,9 @@ func repoModel(t *testing.T, seed uint64, steps int) {
 	for step := range steps {
 		switch k := r.IntN(100); {
 		case k < 25: // a few chunks in one segment
-			seg := r.IntN(16)
+			seg := r.IntN(segs)
 			for range 1 + r.IntN(4) {
-				write(seg*16 + r.IntN(16))
+				write(seg*segChunks + r.IntN(segChunks))
 			}
 		case k < 35: // scattered
 			for range 1 + r.IntN(20) {

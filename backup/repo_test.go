@@ -424,6 +424,48 @@ func TestSharedSegments(t *testing.T) {
 	}
 }
 
+// TestUnchangedSegmentsPassThrough: with segments a whole number of
+// batches, an incremental names its parent's unchanged segments without
+// reading them (nor the volume there): only the changed segment of the
+// parent is read, and the image restores.
+func TestUnchangedSegmentsPassThrough(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(1024)) // one 4 MiB batch
+	ctx := context.Background()
+	repo, _ := newRepo(t)
+	r := rand.New(rand.NewPCG(19, 20))
+	src := volumeData(r, 4*1024*4096) // 4 segments
+	full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	next := slices.Clone(src)
+	bm := &provider.Bitmap{Granule: 4096, Size: int64(len(src))}
+	bm.Bits = make([]uint64, (len(src)/4096+63)/64)
+	for _, blk := range []int{2*1024 + 7, 2*1024 + 900} { // segment 2
+		for j := blk * 4096; j < blk*4096+4096; j++ {
+			next[j] = byte(r.Uint32())
+		}
+		bm.Bits[blk/64] |= 1 << (blk % 64)
+	}
+	gets := backup.CountGets(repo, "segments/")
+	incr, st, err := repo.Backup(ctx, next, backup.Options{Volume: "v", Parent: full, Changed: bm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Segment 0 once (the parent is checked readable), segment 2 once.
+	if n := gets(); n != 2 || st.Read != 2*4096 || st.Reused != int64(len(src))-2*4096 {
+		t.Fatalf("incremental read %d parent segments, %d bytes, reused %d", n, st.Read, st.Reused)
+	}
+	fs, is := backup.SegmentObjects(repo, full.ID), backup.SegmentObjects(repo, incr.ID)
+	if shared := len(is) - len(slices.DeleteFunc(slices.Clone(is), func(n string) bool { return slices.Contains(fs, n) })); shared != 3 {
+		t.Fatalf("%d of 4 segments shared with the parent, want 3", shared)
+	}
+	out := filepath.Join(t.TempDir(), "out.img")
+	if err := repo.Restore(incr.ID, out, nil); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); !bytes.Equal(b, next) {
+		t.Fatal("the incremental restores wrong")
+	}
+}
+
 type fileSource struct{ *os.File }
 
 func (f fileSource) Size() int64 { fi, _ := f.Stat(); return fi.Size() }
