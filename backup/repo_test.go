@@ -51,6 +51,21 @@ func volumeData(r *rand.Rand, size int) memSource {
 
 // newRepo makes an unencrypted repository in a new directory, closed at
 // the end of the test.
+// rewrite returns a copy of src with the 4 KiB blocks blks filled with
+// random bytes, and the change bitmap that marks them.
+func rewrite(r *rand.Rand, src memSource, blks ...int) (memSource, *provider.Bitmap) {
+	next := slices.Clone(src)
+	bm := &provider.Bitmap{Granule: 4096, Size: int64(len(src))}
+	bm.Bits = make([]uint64, (len(src)/4096+63)/64)
+	for _, blk := range blks {
+		for j := blk * 4096; j < blk*4096+4096; j++ {
+			next[j] = byte(r.Uint32())
+		}
+		bm.Bits[blk/64] |= 1 << (blk % 64)
+	}
+	return next, bm
+}
+
 func newRepo(t *testing.T) (*backup.Repo, string) {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "repo")
@@ -342,16 +357,11 @@ func TestRestoreChunkCache(t *testing.T) {
 		k := r.IntN(8<<20/4096) * 4096
 		copy(src[off:off+4096], src[k:k+4096])
 	}
-	changed := slices.Clone(src)
-	bm := &provider.Bitmap{Granule: 4096, Size: int64(len(src))}
-	bm.Bits = make([]uint64, (len(src)/4096+63)/64)
+	var blks []int
 	for range 300 {
-		blk := r.IntN(len(src) / 4096)
-		for j := blk * 4096; j < blk*4096+4096; j++ {
-			changed[j] = byte(r.Uint32())
-		}
-		bm.Bits[blk/64] |= 1 << (blk % 64)
+		blks = append(blks, r.IntN(len(src)/4096))
 	}
+	changed, bm := rewrite(r, src, blks...)
 	for _, cache := range []int64{0, 3 * 4096, 64 << 20} {
 		t.Run(fmt.Sprintf("cache=%d", cache), func(t *testing.T) {
 			if cache != 64<<20 {
@@ -376,15 +386,7 @@ func TestSharedSegments(t *testing.T) {
 	r := rand.New(rand.NewPCG(17, 18))
 	src := volumeData(r, 8*64*4096) // 8 segments
 	full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
-	next := slices.Clone(src)
-	bm := &provider.Bitmap{Granule: 4096, Size: int64(len(src))}
-	bm.Bits = make([]uint64, (len(src)/4096+63)/64)
-	for _, blk := range []int{2*64 + 5, 2*64 + 40} { // both in segment 2
-		for j := blk * 4096; j < blk*4096+4096; j++ {
-			next[j] = byte(r.Uint32())
-		}
-		bm.Bits[blk/64] |= 1 << (blk % 64)
-	}
+	next, bm := rewrite(r, src, 2*64+5, 2*64+40) // both in segment 2
 	incr := backupAndRestore(t, repo, next, backup.Options{Volume: "v", Parent: full, Changed: bm})
 	fs, is := backup.SegmentObjects(repo, full.ID), backup.SegmentObjects(repo, incr.ID)
 	var shared int
@@ -435,15 +437,7 @@ func TestUnchangedSegmentsPassThrough(t *testing.T) {
 	r := rand.New(rand.NewPCG(19, 20))
 	src := volumeData(r, 4*1024*4096) // 4 segments
 	full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
-	next := slices.Clone(src)
-	bm := &provider.Bitmap{Granule: 4096, Size: int64(len(src))}
-	bm.Bits = make([]uint64, (len(src)/4096+63)/64)
-	for _, blk := range []int{2*1024 + 7, 2*1024 + 900} { // segment 2
-		for j := blk * 4096; j < blk*4096+4096; j++ {
-			next[j] = byte(r.Uint32())
-		}
-		bm.Bits[blk/64] |= 1 << (blk % 64)
-	}
+	next, bm := rewrite(r, src, 2*1024+7, 2*1024+900) // segment 2
 	gets := backup.CountGets(repo, "segments/")
 	incr, st, err := repo.Backup(ctx, next, backup.Options{Volume: "v", Parent: full, Changed: bm})
 	if err != nil {
