@@ -439,12 +439,13 @@ func storedBytes(bs []blobEntry) int64 {
 	return n
 }
 
-// blobGroups splits entries sorted by offset into runs sharing a blob.
+// blobGroups splits entries sorted by offset into runs sharing a blob
+// (the same offset and length).
 func blobGroups(bs []blobEntry) [][]blobEntry {
 	var out [][]blobEntry
 	for i := 0; i < len(bs); {
 		j := i + 1
-		for j < len(bs) && bs[j].Off == bs[i].Off {
+		for j < len(bs) && bs[j].Off == bs[i].Off && bs[j].Len == bs[i].Len {
 			j++
 		}
 		out = append(out, bs[i:j])

@@ -202,21 +202,15 @@ func (r *Repo) readTrailer(ctx context.Context, name string) ([]blobEntry, error
 		return ents, err
 	}
 	sum := r.hasher()
-	out := ents[:0]
-	for i := 0; i < len(ents); {
-		j := i + 1
-		for j < len(ents) && ents[j].Off == ents[i].Off && ents[j].Len == ents[i].Len {
-			j++
-		}
-		e := ents[i]
-		group, err := r.openBlob(b[e.Off : e.Off+e.Len])
-		for _, e := range ents[i:j] {
+	var out []blobEntry
+	for _, g := range blobGroups(ents) {
+		group, err := r.openBlob(b[g[0].Off : g[0].Off+g[0].Len])
+		for _, e := range g {
 			if err == nil && uint64(e.RawOff)+uint64(e.Raw) <= uint64(len(group)) {
 				e.Hash = sum(group[e.RawOff : e.RawOff+e.Raw])
 				out = append(out, e)
 			}
 		}
-		i = j
 	}
 	return out, nil
 }
