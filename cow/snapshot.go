@@ -133,8 +133,8 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 	v := s.v
 	c0 := uint64(off) >> v.shift
 	c1 := uint64(off+int64(len(p))-1) >> v.shift
-	unlock := v.lockChunks(c0, c1, true)
-	defer unlock()
+	locks := v.lockChunks(c0, c1, true)
+	defer locks.unlock()
 	v.mu.RLock()
 	if _, err := s.readable(c0); err != nil {
 		v.mu.RUnlock()

@@ -347,16 +347,16 @@ func (v *Volume) write(p []byte, off int64, wait bool) (n int, ok bool, err erro
 	if len(p) == 0 {
 		return 0, true, v.checkRange(off, 0)
 	}
-	unlock, ok, err := v.beginWrite(off, int64(len(p)), wait)
+	locks, ok, err := v.beginWrite(off, int64(len(p)), wait)
 	if !ok || err != nil {
 		return 0, ok, err
 	}
 	defer v.gate.leave()
-	if unlock == nil {
+	if !locks.held() {
 		n, err = v.origin.WriteAt(p, off)
 		return n, true, err
 	}
-	defer unlock()
+	defer locks.unlock()
 	n, err = v.preserveAndWrite(p, off)
 	return n, true, err
 }
@@ -365,37 +365,37 @@ func (v *Volume) write(p []byte, off int64, wait bool) (n int, ok bool, err erro
 // (a hold), a closed volume, a failed write-behind to settle and, while
 // snapshots are live, the chunks' stripe locks. When it returns ok and no
 // error the caller is inside the gate (v.gate.leave when done) and, if
-// unlock is not nil, holds the stripe locks (unlock before leaving the
+// locks are held, holds the stripe locks (unlock before leaving the
 // gate). With !wait, ok is false when it would have waited, and nothing
 // is held.
-func (v *Volume) beginWrite(off, n int64, wait bool) (unlock func(), ok bool, err error) {
+func (v *Volume) beginWrite(off, n int64, wait bool) (locks chunkLocks, ok bool, err error) {
 	if err := v.checkRange(off, n); err != nil {
-		return nil, true, err
+		return chunkLocks{}, true, err
 	}
 	if wait {
 		v.gate.enter()
 	} else if !v.gate.tryEnter() {
-		return nil, false, nil
+		return chunkLocks{}, false, nil
 	}
 	if v.isClosed.Load() {
 		v.gate.leave()
-		return nil, true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
+		return chunkLocks{}, true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
 	}
 	if v.wbFailed.Load() {
 		v.settleWriteBehind(false)
 	}
 	if v.hasSnaps.Load() == 0 {
-		return nil, true, nil
+		return chunkLocks{}, true, nil
 	}
 	c0, c1 := uint64(off)>>v.shift, uint64(off+n-1)>>v.shift
 	if wait {
 		return v.lockChunks(c0, c1, false), true, nil
 	}
-	if unlock, ok = v.tryLockChunks(c0, c1); !ok {
+	if locks, ok = v.tryLockChunks(c0, c1); !ok {
 		v.gate.leave()
-		return nil, false, nil
+		return chunkLocks{}, false, nil
 	}
-	return unlock, true, nil
+	return locks, true, nil
 }
 
 // TryWriteFrom is TryWriteAt for bytes that fill puts straight into the
@@ -411,13 +411,13 @@ func (v *Volume) TryWriteFrom(off, n int64, fill func(f *os.File, off int64) err
 	if !isOS || n <= 0 {
 		return false, nil
 	}
-	unlock, ok, err := v.beginWrite(off, n, false)
+	locks, ok, err := v.beginWrite(off, n, false)
 	if !ok || err != nil {
 		return ok, err
 	}
 	defer v.gate.leave()
-	if unlock != nil {
-		defer unlock()
+	if locks.held() {
+		defer locks.unlock()
 		finish := v.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift)
 		defer finish() // after the origin write, before the unlock
 	}
@@ -458,8 +458,8 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 	}
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
-		unlock := v.lockChunks(c0, c1, false)
-		defer unlock()
+		locks := v.lockChunks(c0, c1, false)
+		defer locks.unlock()
 		finish := v.preserveRange(c0, c1)
 		defer finish() // after the origin write, before the unlock
 	}
@@ -496,62 +496,74 @@ func (v *Volume) originExtents(off, length int64) []Extent {
 	return []Extent{{Off: off, Len: length}}
 }
 
-// lockChunks takes the stripe locks of chunks c0..c1, exclusively or
-// shared, in ascending stripe order, and returns the function that
-// releases them. Consecutive chunks map to consecutive stripes, so the set
-// is one or two ranges of stripe indexes.
-func (v *Volume) lockChunks(c0, c1 uint64, shared bool) func() {
-	type span struct{ lo, hi int }
-	var spans [2]span
-	ns := 1
-	if c1-c0+1 >= numStripes {
-		spans[0] = span{0, numStripes - 1}
-	} else if lo, hi := int(c0%numStripes), int(c1%numStripes); lo <= hi {
-		spans[0] = span{lo, hi}
-	} else {
-		spans[0], spans[1], ns = span{0, hi}, span{lo, numStripes - 1}, 2
-	}
-	for _, sp := range spans[:ns] {
-		for i := sp.lo; i <= sp.hi; i++ {
-			if shared {
-				v.stripes[i].RLock()
-			} else {
-				v.stripes[i].Lock()
-			}
-		}
-	}
-	return func() {
-		for _, sp := range spans[:ns] {
-			for i := sp.lo; i <= sp.hi; i++ {
-				if shared {
-					v.stripes[i].RUnlock()
-				} else {
-					v.stripes[i].Unlock()
-				}
-			}
+// chunkLocks is a set of held stripe locks: n stripes from first on,
+// wrapping. The zero value holds none. A value, not a closure: taking
+// and releasing them is on every write's path.
+type chunkLocks struct {
+	v      *Volume
+	first  int
+	n      int
+	shared bool
+}
+
+func (l chunkLocks) held() bool { return l.n > 0 }
+
+func (l chunkLocks) unlock() {
+	for k := range l.n {
+		i := (l.first + k) % numStripes
+		if l.shared {
+			l.v.stripes[i].RUnlock()
+		} else {
+			l.v.stripes[i].Unlock()
 		}
 	}
 }
 
+// stripes returns the stripe locks of chunks c0..c1, not taken.
+func (v *Volume) stripesOf(c0, c1 uint64, shared bool) chunkLocks {
+	return chunkLocks{v: v, first: int(c0 % numStripes), n: int(min(c1-c0+1, numStripes)), shared: shared}
+}
+
+// lockChunks takes the stripe locks of chunks c0..c1, exclusively or
+// shared, in ascending stripe order (so two lockers never deadlock).
+func (v *Volume) lockChunks(c0, c1 uint64, shared bool) chunkLocks {
+	l := v.stripesOf(c0, c1, shared)
+	lock := func(i int) {
+		if shared {
+			v.stripes[i].RLock()
+		} else {
+			v.stripes[i].Lock()
+		}
+	}
+	wrap := l.first + l.n - numStripes // stripes held past the end, from 0
+	for i := 0; i < wrap; i++ {
+		lock(i)
+	}
+	for i := l.first; i < min(l.first+l.n, numStripes); i++ {
+		lock(i)
+	}
+	return l
+}
+
 // tryLockChunks takes the stripe locks of chunks c0..c1 for writing if
 // none is held, else takes none.
-func (v *Volume) tryLockChunks(c0, c1 uint64) (func(), bool) {
-	var held []int
-	release := func() {
-		for i := len(held) - 1; i >= 0; i-- {
-			v.stripes[held[i]].Unlock()
+func (v *Volume) tryLockChunks(c0, c1 uint64) (chunkLocks, bool) {
+	l := v.stripesOf(c0, c1, false)
+	for k := range l.n {
+		if !v.stripes[(l.first+k)%numStripes].TryLock() {
+			l.n = k
+			l.unlock()
+			return chunkLocks{}, false
 		}
 	}
-	n := min(c1-c0+1, numStripes)
-	for k := uint64(0); k < n; k++ {
-		i := int((c0 + k) % numStripes)
-		if !v.stripes[i].TryLock() {
-			release()
-			return nil, false
-		}
-		held = append(held, i)
-	}
-	return release, true
+	return l, true
+}
+
+// chunkIn returns chunk c's bytes in buf, which holds chunks from first
+// on.
+func (v *Volume) chunkIn(buf []byte, first, c uint64) []byte {
+	o := int64(c-first) << v.shift
+	return buf[o : o+v.chunkLen(c)]
 }
 
 // chunkLen is the length of chunk c (the last one may be short).
@@ -712,99 +724,135 @@ func (v *Volume) preserveRun(c0 uint64, n int) func() {
 		return nil
 	}
 	gen := nw.gen
-	var need []uint64
+	var need []preserved
 	for c := c0; c < c0+uint64(n); c++ {
 		if nw.changed.Contains(uint32(c)) {
 			continue
 		}
 		nw.changed.Add(uint32(c))
 		if v.usersAbove(c, gen) {
-			need = append(need, c)
+			need = append(need, preserved{c: c})
 		}
 	}
-	lsync, ssync := v.logSyncer(), v.store.sync
+	lsync, ssync, wb := v.logSyncer(), v.store.sync, v.store.wb
 	v.mu.Unlock()
 	if len(need) == 0 {
 		return nil
 	}
-	first, last := need[0], need[len(need)-1]
+	first, last := need[0].c, need[len(need)-1].c
 	span := int64(last-first)<<v.shift + v.chunkLen(last)
-	bp := v.bufs.Get().(*[]byte)
-	if int64(cap(*bp)) < span {
-		*bp = make([]byte, max(span, preserveBatch))
+	// A short run for the write-behind is read straight into its batch.
+	behind := lsync == nil && span < asyncPreserve && wb.fitsSpace(span)
+	var (
+		sp  wbSpace
+		bp  *[]byte
+		buf []byte
+	)
+	if behind {
+		sp = wb.reserve(span)
+		buf = sp.buf
+	} else {
+		bp = v.bufs.Get().(*[]byte)
+		if int64(cap(*bp)) < span {
+			*bp = make([]byte, max(span, preserveBatch))
+		}
+		buf = (*bp)[:span]
 	}
-	buf := (*bp)[:span]
 	if _, err := v.origin.ReadAt(buf, int64(first)<<v.shift); err != nil && err != io.EOF {
+		v.releaseRun(wb, sp, bp)
 		v.mu.Lock()
-		for _, c := range need {
-			v.invalidateUsers(c, gen, fmt.Sprintf("reading original of chunk %d from origin %s failed: %v", c, v.originPath, err))
+		for _, p := range need {
+			v.invalidateUsers(p.c, gen, fmt.Sprintf("reading original of chunk %d from origin %s failed: %v", p.c, v.originPath, err))
 		}
 		v.mu.Unlock()
 		v.syncInvalidation(lsync)
-		v.bufs.Put(bp)
 		return nil
 	}
-	data := func(c uint64) []byte {
-		o := int64(c-first) << v.shift
-		return buf[o : o+v.chunkLen(c)]
-	}
-	slots := make([]int64, len(need))
-	keep := make([]bool, len(need))
 	anyData := false
 	v.mu.Lock()
-	for i, c := range need {
-		if allZero(data(c)) {
-			slots[i], keep[i] = zeroSlot, true
+	for i := range need {
+		p := &need[i]
+		if allZero(v.chunkIn(buf, first, p.c)) {
+			p.slot, p.keep = zeroSlot, true
 			continue
 		}
-		slot, ok := v.allocSlot(c, gen)
-		slots[i], keep[i] = slot, ok
-		anyData = anyData || ok
+		p.slot, p.keep = v.allocSlot(p.c, gen)
+		anyData = anyData || p.keep
 	}
 	v.mu.Unlock()
 	if lsync == nil && anyData && span < asyncPreserve {
-		v.storeBehind(need, slots, keep, gen, data)
-		v.bufs.Put(bp)
+		for _, p := range need {
+			if !p.keep || p.slot == zeroSlot {
+				continue
+			}
+			if behind {
+				wb.add(sp, int(p.c-first)<<v.shift, int(v.chunkLen(p.c)), p.slot, p.c)
+			} else {
+				wb.put(p.slot, p.c, v.chunkIn(buf, first, p.c))
+			}
+		}
+		v.releaseRun(wb, sp, bp)
+		v.placeAll(need, gen)
 		return nil
 	}
 	finish := func() {
-		defer v.bufs.Put(bp)
-		v.storeRun(need, slots, keep, anyData, first, gen, buf, data, lsync, ssync)
+		defer v.releaseRun(wb, sp, bp)
+		v.storeRun(need, anyData, first, gen, buf, lsync, ssync)
 	}
 	if lsync == nil && anyData && span >= asyncPreserve {
-		done := make(chan struct{})
-		go func() { defer close(done); finish() }()
-		return func() { <-done }
+		ch := make(chan struct{})
+		go func() { defer close(ch); finish() }()
+		return func() { <-ch }
 	}
 	finish()
 	return nil
 }
 
+// preserved is a chunk preserveRun preserves: the slot it got (zeroSlot
+// for an all-zero original) and whether it is kept (false when the
+// policy gave it up).
+type preserved struct {
+	c    uint64
+	slot int64
+	keep bool
+}
+
+// releaseRun hands back what preserveRun read a run into: room in the
+// write-behind (sp) or a pooled buffer (bp).
+func (v *Volume) releaseRun(wb *writeBehind, sp wbSpace, bp *[]byte) {
+	if bp == nil {
+		wb.release(sp)
+	} else {
+		v.bufs.Put(bp)
+	}
+}
+
 // storeRun writes preserved chunks to their slots (runs of consecutive
 // slots at once), makes them durable when a persistent snapshot needs
 // it, and records them in the mapping.
-func (v *Volume) storeRun(need []uint64, slots []int64, keep []bool, anyData bool, first, gen uint64, buf []byte, data func(uint64) []byte, lsync, ssync *groupSyncer) {
+func (v *Volume) storeRun(need []preserved, anyData bool, first, gen uint64, buf []byte, lsync, ssync *groupSyncer) {
 	// Write runs of consecutive chunks that got consecutive slots at once.
 	for i := 0; i < len(need); {
-		if !keep[i] || slots[i] == zeroSlot {
+		if !need[i].keep || need[i].slot == zeroSlot {
 			i++
 			continue
 		}
 		j := i + 1
-		for j < len(need) && keep[j] && need[j] == need[j-1]+1 && slots[j] == slots[j-1]+1 {
+		for j < len(need) && need[j].keep && need[j].c == need[j-1].c+1 && need[j].slot == need[j-1].slot+1 {
 			j++
 		}
-		lo := int64(need[i]-first) << v.shift
-		hi := int64(need[j-1]-first)<<v.shift + v.chunkLen(need[j-1])
-		if _, err := v.store.f.WriteAt(buf[lo:hi], slots[i]*v.chunk); err != nil {
+		lo := int64(need[i].c-first) << v.shift
+		hi := int64(need[j-1].c-first)<<v.shift + v.chunkLen(need[j-1].c)
+		if _, err := v.store.f.WriteAt(buf[lo:hi], need[i].slot*v.chunk); err != nil {
 			// Retry one by one: the slow path applies the policy.
 			v.mu.Lock()
-			for k := i; k < j; k++ {
-				v.store.release(slots[k])
+			for _, p := range need[i:j] {
+				v.store.release(p.slot)
 			}
 			v.mu.Unlock()
 			for k := i; k < j; k++ {
-				slots[k], keep[k] = v.writeSlot(need[k], gen, data(need[k]))
+				p := &need[k]
+				p.slot, p.keep = v.writeSlot(p.c, gen, v.chunkIn(buf, first, p.c))
 			}
 		}
 		i = j
@@ -816,11 +864,7 @@ func (v *Volume) storeRun(need []uint64, slots []int64, keep []bool, anyData boo
 		}
 	}
 	v.mu.Lock()
-	for i, c := range need {
-		if keep[i] {
-			v.place(c, gen, slots[i])
-		}
-	}
+	v.placeLocked(need, gen)
 	lsync = v.logSyncer()
 	v.mu.Unlock()
 	if lsync != nil {
@@ -830,21 +874,21 @@ func (v *Volume) storeRun(need []uint64, slots []int64, keep []bool, anyData boo
 	}
 }
 
-// storeBehind queues preserved chunks for the write-behind and records
-// them in the mapping at once (readers find pending slots in memory).
-func (v *Volume) storeBehind(need []uint64, slots []int64, keep []bool, gen uint64, data func(uint64) []byte) {
-	for i, c := range need {
-		if keep[i] && slots[i] != zeroSlot {
-			v.store.wb.put(slots[i], c, data(c))
-		}
-	}
+// placeAll records the kept chunks of need in the mapping at their
+// slots. Chunks queued in the write-behind are recorded at once: readers
+// find pending slots in memory.
+func (v *Volume) placeAll(need []preserved, gen uint64) {
 	v.mu.Lock()
-	for i, c := range need {
-		if keep[i] {
-			v.place(c, gen, slots[i])
+	v.placeLocked(need, gen)
+	v.mu.Unlock()
+}
+
+func (v *Volume) placeLocked(need []preserved, gen uint64) {
+	for _, p := range need {
+		if p.keep {
+			v.place(p.c, gen, p.slot)
 		}
 	}
-	v.mu.Unlock()
 }
 
 // settleWriteBehind deals with write-behind copies whose diff-area write
