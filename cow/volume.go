@@ -519,7 +519,7 @@ func (l chunkLocks) unlock() {
 	}
 }
 
-// stripes returns the stripe locks of chunks c0..c1, not taken.
+// stripesOf returns the stripe locks of chunks c0..c1, not taken.
 func (v *Volume) stripesOf(c0, c1 uint64, shared bool) chunkLocks {
 	return chunkLocks{v: v, first: int(c0 % numStripes), n: int(min(c1-c0+1, numStripes)), shared: shared}
 }
