@@ -434,3 +434,43 @@ func TestRevertInUse(t *testing.T) {
 		t.Fatal("the revert did not roll the origin back")
 	}
 }
+
+// TestChunkLocks: a run of chunks takes the stripes it maps to, wrapping
+// past the last stripe, and no other; a try that meets a held stripe
+// takes none; unlocking frees every one.
+func TestChunkLocks(t *testing.T) {
+	v := &Volume{}
+	heldExactly := func(want map[int]bool) {
+		t.Helper()
+		for i := range numStripes {
+			free := v.stripes[i].TryLock()
+			if free {
+				v.stripes[i].Unlock()
+			}
+			if free == want[i] {
+				t.Fatalf("stripe %d held %v, want %v", i, !free, want[i])
+			}
+		}
+	}
+	l := v.lockChunks(numStripes-2, numStripes+1, false) // stripes 1022, 1023, 0, 1
+	heldExactly(map[int]bool{numStripes - 2: true, numStripes - 1: true, 0: true, 1: true})
+	if _, ok := v.tryLockChunks(5*numStripes-3, 5*numStripes+4); ok { // 1021..1023, 0..4: meets 1022
+		t.Fatal("tryLockChunks took stripes another holder has")
+	}
+	heldExactly(map[int]bool{numStripes - 2: true, numStripes - 1: true, 0: true, 1: true})
+	l.unlock()
+	heldExactly(nil)
+	all := v.lockChunks(7, 7+3*numStripes, true) // more chunks than stripes: all, shared
+	if v.stripes[3].TryLock() || !v.stripes[3].TryRLock() {
+		t.Fatal("a shared lock of every stripe is not shared")
+	}
+	v.stripes[3].RUnlock()
+	all.unlock()
+	heldExactly(nil)
+	if l, ok := v.tryLockChunks(2, 2); !ok || !l.held() {
+		t.Fatal("tryLockChunks failed on free stripes")
+	} else {
+		l.unlock()
+	}
+	heldExactly(nil)
+}
