@@ -413,8 +413,17 @@ func (m *modelRun) crash() {
 
 func runModel(t *testing.T, seed uint64, steps int, policy Policy) (crashes int) {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	oldAsync, oldPiece, oldBatch, oldDelay := asyncPreserve, writePiece, wbBatchBytes, wbDelay
-	defer func() { asyncPreserve, writePiece, wbBatchBytes, wbDelay = oldAsync, oldPiece, oldBatch, oldDelay }()
+	oldAsync, oldPiece, oldBatch, oldDelay, oldGap := asyncPreserve, writePiece, wbBatchBytes, wbDelay, originGap
+	defer func() {
+		asyncPreserve, writePiece, wbBatchBytes, wbDelay, originGap = oldAsync, oldPiece, oldBatch, oldDelay, oldGap
+	}()
+	// Snapshot reads take the origin run by run, or across every gap.
+	switch seed / 3 % 3 {
+	case 1:
+		originGap = 0
+	case 2:
+		originGap = 1 << 40
+	}
 	// A full batch or a drain writes the write-behind, never a timer, so
 	// a seed replays the same file operations.
 	wbDelay = time.Hour

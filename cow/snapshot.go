@@ -127,6 +127,13 @@ func (s *Snapshot) ReadAt(p []byte, off int64) (int, error) {
 // fromOrigin marks a chunk a snapshot reads from the origin.
 const fromOrigin = -2
 
+// originGap: a snapshot read takes the origin's chunks on both sides of
+// a gap of at most this many bytes (chunks it reads from the diff area)
+// in one pread, copying the gap for nothing: a system call costs about
+// what copying 8-16 KiB from the page cache does (BenchmarkDeepRead).
+// (A variable: the model test sets it to 0 and to large values.)
+var originGap int64 = 16 << 10
+
 // readSpan reads p at off: it resolves every chunk under one lock, then
 // reads runs of origin chunks and of consecutive slots with one pread each.
 func (s *Snapshot) readSpan(p []byte, off int64) error {
@@ -154,12 +161,11 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		}
 		return true
 	})
-	var f File
-	var wb *writeBehind
+	var st *store
 	if anySlot {
 		v.slotMu.RLock()
 		defer v.slotMu.RUnlock()
-		f, wb = v.store.f, v.store.wb
+		st = v.store
 	}
 	v.mu.RUnlock()
 	// piece: chunk c covers p[lo:hi], starting inChunk bytes into it.
@@ -167,6 +173,28 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		start := max(int64(c)<<v.shift, off)
 		end := min(int64(c+1)<<v.shift, off+int64(len(p)))
 		return int(start - off), int(end - off), start - int64(c)<<v.shift
+	}
+	// The origin first, in as few reads as pays: runs of origin chunks
+	// with short gaps between them are read in one pread, and the gaps'
+	// chunks are then filled from the diff area over what it read (the
+	// stripe locks keep the origin's chunks as they are meanwhile).
+	for i := 0; i < len(src); {
+		if src[i] != fromOrigin {
+			i++
+			continue
+		}
+		j, last := i+1, i
+		for k := i + 1; k < len(src) && int64(k-last-1)<<v.shift <= originGap; k++ {
+			if src[k] == fromOrigin {
+				j, last = k+1, k
+			}
+		}
+		lo, _, _ := piece(c0 + uint64(i))
+		_, hi, _ := piece(c0 + uint64(j-1))
+		if _, err := v.origin.ReadAt(p[lo:hi], off+int64(lo)); err != nil && err != io.EOF {
+			return fmt.Errorf("snapshot %s@%s: read origin: %w", v.name, s.id, err)
+		}
+		i = j
 	}
 	for i := 0; i < len(src); {
 		j := i + 1
@@ -178,20 +206,17 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		switch src[i] {
 		case zeroSlot:
 			clear(p[lo:hi])
-		case fromOrigin:
-			if _, err := v.origin.ReadAt(p[lo:hi], off+int64(lo)); err != nil && err != io.EOF {
-				return fmt.Errorf("snapshot %s@%s: read origin: %w", v.name, s.id, err)
-			}
+		case fromOrigin: // read above
 		default:
-			if wb.items.Load() > 0 {
+			if st.wb.items.Load() > 0 {
 				// Some slots may still be in memory: chunk by chunk.
 				for k := i; k < j; k++ {
 					lo, hi, inChunk := piece(c0 + uint64(k))
-					if err := v.readChunkSlot(f, wb, p[lo:hi], src[k], inChunk); err != nil {
+					if err := v.readChunkSlot(st, p[lo:hi], src[k], inChunk); err != nil {
 						return fmt.Errorf("snapshot %s@%s: %w", v.name, s.id, err)
 					}
 				}
-			} else if err := v.readSlot(f, p[lo:hi], src[i], inChunk); err != nil {
+			} else if err := v.readSlot(st, p[lo:hi], src[i], inChunk); err != nil {
 				return fmt.Errorf("snapshot %s@%s: %w", v.name, s.id, err)
 			}
 		}
@@ -203,8 +228,8 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 // readSlot reads p from the diff area, inChunk bytes into slot (and on
 // into the slots after it). A slot at the end of a sparse store reads as
 // zeros (EOF).
-func (v *Volume) readSlot(f File, p []byte, slot, inChunk int64) error {
-	n, err := f.ReadAt(p, slot*v.chunk+inChunk)
+func (v *Volume) readSlot(st *store, p []byte, slot, inChunk int64) error {
+	n, err := st.readAt(p, slot*v.chunk+inChunk)
 	if err == io.EOF {
 		clear(p[n:])
 	} else if err != nil {
@@ -215,11 +240,11 @@ func (v *Volume) readSlot(f File, p []byte, slot, inChunk int64) error {
 
 // readChunkSlot reads p, within one chunk, from slot: from memory while
 // the write-behind still holds it, else from the diff area.
-func (v *Volume) readChunkSlot(f File, wb *writeBehind, p []byte, slot, inChunk int64) error {
-	if wb.read(slot, p, inChunk) {
+func (v *Volume) readChunkSlot(st *store, p []byte, slot, inChunk int64) error {
+	if st.wb.read(slot, p, inChunk) {
 		return nil
 	}
-	return v.readSlot(f, p, slot, inChunk)
+	return v.readSlot(st, p, slot, inChunk)
 }
 
 // Allocation describes [off, off+length) of the snapshot as extents.
@@ -449,7 +474,7 @@ func (v *Volume) revertLocked(s *snap) error {
 		data := buf[:v.chunkLen(c)]
 		if e.slot == zeroSlot {
 			clear(data)
-		} else if err := v.readChunkSlot(v.store.f, v.store.wb, data, e.slot, 0); err != nil {
+		} else if err := v.readChunkSlot(v.store, data, e.slot, 0); err != nil {
 			return err
 		}
 		if _, err := v.origin.WriteAt(data, int64(c)<<v.shift); err != nil {

@@ -24,12 +24,13 @@ type store struct {
 	free []int64 // released slots below hwm
 	sync *groupSyncer
 	wb   *writeBehind // small copies for non-persistent snapshots
+	m    *storeMap    // small slot reads copy from it (storemap.go)
 }
 
 // newStore wraps the open diff-area file f; a write-behind failure marks
 // the volume for settleWriteBehind.
 func (v *Volume) newStore(f File) *store {
-	s := &store{f: f, path: v.storePath(), wb: newWriteBehind(f, v.chunk)}
+	s := &store{f: f, path: v.storePath(), wb: newWriteBehind(f, v.chunk), m: newStoreMap(f)}
 	s.wb.onFail = func() { v.wbFailed.Store(true) }
 	s.sync = newGroupSyncer(f.Sync)
 	return s
@@ -74,11 +75,20 @@ func (s *store) punch(slots []int64, chunk int64) {
 func (s *store) reset() {
 	s.wb.drain() // nothing live is pending: no slot is in use
 	s.hwm, s.free = 0, nil
+	s.m.truncated()
 	_ = s.f.Truncate(0)
 	s.sync = newGroupSyncer(s.f.Sync)
 }
 
-func (s *store) close() { s.wb.stop(); s.f.Close() }
+func (s *store) close() { s.wb.stop(); s.m.close(); s.f.Close() }
+
+// readAt reads p at off in the diff-area file.
+func (s *store) readAt(p []byte, off int64) (int, error) {
+	if s.m.read(s.f, p, off) {
+		return len(p), nil
+	}
+	return s.f.ReadAt(p, off)
+}
 
 // metaLog is the open metadata log. Appends happen under Volume.mu; the
 // fsync runs outside it, shared by concurrent callers.
