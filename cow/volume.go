@@ -1240,8 +1240,12 @@ func (v *Volume) freeSlots(slots []int64) {
 	if len(slots) == 0 || v.store == nil || v.recovering {
 		return
 	}
-	v.store.wb.cancel(slots)
+	// Readers that found these slots may still be reading them, from the
+	// write-behind's memory or from the file: only once they are done may
+	// pending copies be dropped (a reader would otherwise miss the copy in
+	// memory and read the file, which never got it) and the slots reused.
 	v.slotMu.Lock()
+	v.store.wb.cancel(slots)
 	for _, s := range slots {
 		v.store.release(s)
 	}
