@@ -3,13 +3,10 @@ package cow
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"sync"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -162,147 +159,5 @@ func TestStoreMapFault(t *testing.T) {
 	}
 	if v.store.m.faults.Load() == 0 {
 		t.Fatal("the stale size did not make the mapped copy fault: the test did not test the fallback")
-	}
-}
-
-// TestConcurrentSnapshotReads reads live snapshots from two goroutines
-// while two writers keep overwriting the volume and snapshots come and go
-// (the last one's delete empties and truncates the diff area), on tmpfs
-// where it can be so that slots are read through the mapping (trimmed
-// often): a read returns exactly what the first full read of that
-// snapshot returned, or, once the snapshot is deleted, an error that says
-// so — never other bytes. (It found a delete dropping copies still in the
-// write-behind before the readers that had found them were done: they
-// then read the file, which never got them.)
-func TestConcurrentSnapshotReads(t *testing.T) {
-	oldTrim := trimEvery
-	defer func() { trimEvery = oldTrim }()
-	trimEvery = 64 << 10
-	const chunk, nchunks = 4096, 256
-	dir := t.TempDir()
-	var st unix.Statfs_t
-	if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
-		dir = memDir(t)
-	}
-	v, _ := newTestVolume(t, chunk*nchunks, Options{ChunkSize: chunk, StorageDir: dir})
-	block := func(b []byte, blk, seq int) {
-		for i := range b {
-			b[i] = byte(blk*31 + seq*7 + i)
-		}
-	}
-	p := make([]byte, chunk)
-	for blk := range nchunks {
-		block(p, blk, 0)
-		mustWrite(t, v, p, int64(blk)*chunk)
-	}
-	type live struct {
-		id   string
-		s    *Snapshot
-		data []byte
-	}
-	var (
-		mu    sync.Mutex
-		snaps []live
-		stop  = make(chan struct{})
-		errs  = make(chan error, 4)
-		wg    sync.WaitGroup
-	)
-	worker := func(f func(r *rand.Rand) error) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r := rand.New(rand.NewPCG(uint64(len(errs)), rand.Uint64()))
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if err := f(r); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	for range 2 { // writers
-		seq := 0
-		worker(func(r *rand.Rand) error {
-			seq++
-			p := make([]byte, 3*chunk)
-			blk, n := r.IntN(nchunks-2), 1+r.IntN(3)
-			for i := range n {
-				block(p[i*chunk:(i+1)*chunk], blk+i, seq)
-			}
-			_, err := v.WriteAt(p[:n*chunk], int64(blk)*chunk)
-			return err
-		})
-	}
-	for range 2 { // readers
-		worker(func(r *rand.Rand) error {
-			mu.Lock()
-			if len(snaps) == 0 {
-				mu.Unlock()
-				return nil
-			}
-			l := snaps[r.IntN(len(snaps))]
-			mu.Unlock()
-			off := r.Int64N(nchunks) * chunk
-			n := min(1+r.Int64N(16*chunk), chunk*nchunks-off)
-			got := make([]byte, n)
-			if _, err := l.s.ReadAt(got, off); err != nil {
-				if errors.Is(err, provider.ErrNotFound) {
-					return nil // deleted meanwhile
-				}
-				return err
-			}
-			if !bytes.Equal(got, l.data[off:off+n]) {
-				return fmt.Errorf("snapshot %s [%d,+%d) read other bytes than at commit", l.id, off, n)
-			}
-			return nil
-		})
-	}
-	r := rand.New(rand.NewPCG(5, 6))
-	for round := 0; round < 150; round++ {
-		info, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := v.OpenSnapshot(info.ID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		data := make([]byte, chunk*nchunks)
-		if _, err := s.ReadAt(data, 0); err != nil {
-			t.Fatal(err)
-		}
-		mu.Lock()
-		snaps = append(snaps, live{info.ID, s, data})
-		mu.Unlock()
-		time.Sleep(time.Millisecond)
-		for {
-			mu.Lock()
-			if len(snaps) == 0 || len(snaps) < 3 && r.IntN(2) == 0 {
-				mu.Unlock()
-				break
-			}
-			i := r.IntN(len(snaps))
-			id := snaps[i].id
-			snaps = append(snaps[:i], snaps[i+1:]...)
-			mu.Unlock()
-			if err := v.DeleteSnapshot(id); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	close(stop)
-	wg.Wait()
-	select {
-	case err := <-errs:
-		t.Fatal(err)
-	default:
-	}
-	if v.store.m.b != nil && v.store.m.copied.Load() == 0 {
-		t.Fatal("no slot was read through the diff-area mapping")
 	}
 }

@@ -1,0 +1,199 @@
+package cow
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"umbra/provider"
+)
+
+// TestConcurrentSnapshotReads reads live snapshots from two goroutines
+// while two writers keep overwriting the volume and snapshots come and go
+// (the last one's delete empties and truncates the diff area), on tmpfs
+// where it can be so that slots are read through the mapping (trimmed
+// often): a read returns exactly what the first full read of that
+// snapshot returned, or an error that says why it cannot (deleted, by
+// the test or by the storage policy; invalidated by the policy) — never
+// other bytes. Variants: persistent snapshots, a storage limit under
+// each policy, and writes large enough to be preserved by the pipeline.
+// (It found a delete dropping copies still in the write-behind before
+// the readers that had found them were done: they then read the file,
+// which never got them.)
+func TestConcurrentSnapshotReads(t *testing.T) {
+	oldTrim := trimEvery
+	defer func() { trimEvery = oldTrim }()
+	trimEvery = 64 << 10
+	const chunk = 4096
+	for _, tc := range []struct {
+		name       string
+		persistent bool
+		maxChunks  int64
+		policy     Policy
+		maxWrite   int // chunks
+	}{
+		{name: "non-persistent", maxWrite: 3},
+		{name: "persistent", persistent: true, maxWrite: 3},
+		{name: "limit-delete-oldest", maxChunks: 48, policy: PolicyDeleteOldest, maxWrite: 3},
+		{name: "limit-invalidate", maxChunks: 48, policy: PolicyInvalidate, maxWrite: 3},
+		{name: "large-writes", maxWrite: 96},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			nchunks := 256
+			if tc.maxWrite > 3 {
+				nchunks = 1024
+			}
+			dir := t.TempDir()
+			var st unix.Statfs_t
+			if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
+				dir = memDir(t)
+			}
+			v, _ := newTestVolume(t, int64(chunk*nchunks), Options{ChunkSize: chunk, StorageDir: dir, MaxStorage: tc.maxChunks * chunk, Policy: tc.policy})
+			concurrentReads(t, v, chunk, nchunks, tc.maxWrite, tc.persistent)
+			// Under a tight limit most snapshots die before they are read.
+			if tc.maxChunks == 0 && v.store != nil && v.store.m.b != nil && v.store.m.copied.Load() == 0 {
+				t.Fatal("no slot was read through the diff-area mapping")
+			}
+		})
+	}
+}
+
+func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, persistent bool) {
+	size := chunk * nchunks
+	block := func(b []byte, blk, seq int) {
+		for i := range b {
+			b[i] = byte(blk*31 + seq*7 + i)
+		}
+	}
+	p := make([]byte, size)
+	for blk := range nchunks {
+		block(p[blk*chunk:(blk+1)*chunk], blk, 0)
+	}
+	mustWrite(t, v, p, 0)
+	type live struct {
+		id   string
+		s    *Snapshot
+		data []byte
+	}
+	var (
+		mu    sync.Mutex
+		snaps []live
+		stop  = make(chan struct{})
+		errs  = make(chan error, 4)
+		wg    sync.WaitGroup
+		reads int
+	)
+	// gone reports an error a read of a snapshot may end with: it was
+	// deleted (by the test or the policy) or invalidated by the policy.
+	gone := func(err error) bool {
+		return errors.Is(err, provider.ErrNotFound) || errors.Is(err, provider.ErrSnapshotInvalid)
+	}
+	worker := func(seed uint64, f func(r *rand.Rand) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(seed, rand.Uint64()))
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if err := f(r); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for w := range 2 {
+		seq := 0
+		buf := make([]byte, maxWrite*chunk)
+		worker(uint64(w), func(r *rand.Rand) error {
+			seq++
+			n := 1 + r.IntN(maxWrite)
+			blk := r.IntN(nchunks - n + 1)
+			for i := range n {
+				block(buf[i*chunk:(i+1)*chunk], blk+i, seq)
+			}
+			_, err := v.WriteAt(buf[:n*chunk], int64(blk*chunk))
+			return err
+		})
+	}
+	for w := range 2 {
+		worker(uint64(10+w), func(r *rand.Rand) error {
+			mu.Lock()
+			if len(snaps) == 0 {
+				mu.Unlock()
+				return nil
+			}
+			l := snaps[r.IntN(len(snaps))]
+			mu.Unlock()
+			off := r.IntN(nchunks) * chunk
+			n := min(1+r.IntN(16*chunk), size-off)
+			got := make([]byte, n)
+			if _, err := l.s.ReadAt(got, int64(off)); err != nil {
+				if gone(err) {
+					return nil
+				}
+				return err
+			}
+			if !bytes.Equal(got, l.data[off:off+n]) {
+				return fmt.Errorf("snapshot %s [%d,+%d) read other bytes than at commit", l.id, off, n)
+			}
+			mu.Lock()
+			reads++
+			mu.Unlock()
+			return nil
+		})
+	}
+	r := rand.New(rand.NewPCG(5, 6))
+	for round := 0; round < 150; round++ {
+		info, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{Persistent: persistent})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := v.OpenSnapshot(info.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data := make([]byte, size)
+		if _, err := s.ReadAt(data, 0); err == nil {
+			mu.Lock()
+			snaps = append(snaps, live{info.ID, s, data})
+			mu.Unlock()
+		} else if !gone(err) {
+			t.Fatal(err)
+		}
+		for {
+			mu.Lock()
+			if len(snaps) == 0 || len(snaps) < 3 && r.IntN(2) == 0 {
+				mu.Unlock()
+				break
+			}
+			i := r.IntN(len(snaps))
+			id := snaps[i].id
+			snaps = append(snaps[:i], snaps[i+1:]...)
+			mu.Unlock()
+			if err := v.DeleteSnapshot(id); err != nil && !errors.Is(err, provider.ErrNotFound) {
+				t.Fatal(err)
+			}
+		}
+	}
+	close(stop)
+	wg.Wait()
+	select {
+	case err := <-errs:
+		t.Fatal(err)
+	default:
+	}
+	if reads == 0 {
+		t.Fatal("no snapshot read completed: the test tested nothing")
+	}
+}
