@@ -36,13 +36,15 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 		persistent bool
 		maxChunks  int64
 		policy     Policy
-		maxWrite   int // chunks
+		maxWrite   int  // chunks
+		cursor     bool // stream each snapshot once with the backup cursor
 	}{
 		{name: "non-persistent", maxWrite: 3},
 		{name: "persistent", persistent: true, maxWrite: 3},
 		{name: "limit-delete-oldest", maxChunks: 48, policy: PolicyDeleteOldest, maxWrite: 3},
 		{name: "limit-invalidate", maxChunks: 48, policy: PolicyInvalidate, maxWrite: 3},
 		{name: "large-writes", maxWrite: 96},
+		{name: "cursor", maxWrite: 3, cursor: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			nchunks := 256
@@ -55,7 +57,7 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 				dir = memDir(t)
 			}
 			v, _ := newTestVolume(t, int64(chunk*nchunks), Options{ChunkSize: chunk, StorageDir: dir, MaxStorage: tc.maxChunks * chunk, Policy: tc.policy})
-			concurrentReads(t, v, chunk, nchunks, tc.maxWrite, tc.persistent)
+			concurrentReads(t, v, chunk, nchunks, tc.maxWrite, tc.persistent, tc.cursor)
 			// Under a tight limit most snapshots die before they are read.
 			if tc.maxChunks == 0 && v.store != nil && v.store.m.b != nil && v.store.m.copied.Load() == 0 {
 				t.Fatal("no slot was read through the diff-area mapping")
@@ -64,7 +66,7 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 	}
 }
 
-func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, persistent bool) {
+func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, persistent, cursor bool) {
 	size := chunk * nchunks
 	block := func(b []byte, blk, seq int) {
 		for i := range b {
@@ -92,7 +94,8 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 	// gone reports an error a read of a snapshot may end with: it was
 	// deleted (by the test or the policy) or invalidated by the policy.
 	gone := func(err error) bool {
-		return errors.Is(err, provider.ErrNotFound) || errors.Is(err, provider.ErrSnapshotInvalid)
+		return errors.Is(err, provider.ErrNotFound) || errors.Is(err, provider.ErrSnapshotInvalid) ||
+			cursor && errors.Is(err, ErrReleased)
 	}
 	worker := func(seed uint64, f func(r *rand.Rand) error) {
 		wg.Add(1)
@@ -164,12 +167,31 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 			t.Fatal(err)
 		}
 		data := make([]byte, size)
-		if _, err := s.ReadAt(data, 0); err == nil {
+		_, err = s.ReadAt(data, 0)
+		if err == nil {
 			mu.Lock()
 			snaps = append(snaps, live{info.ID, s, data})
 			mu.Unlock()
 		} else if !gone(err) {
 			t.Fatal(err)
+		}
+		if cursor && err == nil && round%2 == 0 {
+			// A backup's pass: ascending, releasing what is behind it, while
+			// the writers go on; every piece still reads as at commit.
+			piece := make([]byte, 16*chunk)
+			for off := 0; off < size; off += len(piece) {
+				n := min(len(piece), size-off)
+				if _, err := s.ReadAt(piece[:n], int64(off)); err != nil {
+					t.Fatalf("round %d: streaming %s at %d: %v", round, info.ID, off, err)
+				}
+				if !bytes.Equal(piece[:n], data[off:off+n]) {
+					t.Fatalf("round %d: streaming %s [%d,+%d) read other bytes than at commit", round, info.ID, off, n)
+				}
+				s.SetCursor(int64(off + n))
+			}
+			if _, err := s.ReadAt(piece[:chunk], 0); !errors.Is(err, ErrReleased) {
+				t.Fatalf("round %d: read behind the cursor of %s: %v, want ErrReleased", round, info.ID, err)
+			}
 		}
 		for {
 			mu.Lock()
