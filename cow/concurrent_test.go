@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -68,6 +69,28 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 	}
 }
 
+// writeAny writes p at off the way one of the front-ends would: WriteAt,
+// TryWriteAt, or TryWriteFrom filling the origin file itself (as a splice
+// from a socket does), falling back to WriteAt when a try would wait.
+func writeAny(r *rand.Rand, v *Volume, p []byte, off int64) error {
+	switch r.IntN(3) {
+	case 1:
+		if _, ok, err := v.TryWriteAt(p, off); ok || err != nil {
+			return err
+		}
+	case 2:
+		ok, err := v.TryWriteFrom(off, int64(len(p)), func(f *os.File, at int64) error {
+			_, err := f.WriteAt(p, at)
+			return err
+		})
+		if ok || err != nil {
+			return err
+		}
+	}
+	_, err := v.WriteAt(p, off)
+	return err
+}
+
 func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, persistent, cursor bool) {
 	size := chunk * nchunks
 	block := func(b []byte, blk, seq int) {
@@ -127,8 +150,7 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 			for i := range n {
 				block(buf[i*chunk:(i+1)*chunk], blk+i, seq)
 			}
-			_, err := v.WriteAt(buf[:n*chunk], int64(blk*chunk))
-			return err
+			return writeAny(r, v, buf[:n*chunk], int64(blk*chunk))
 		})
 	}
 	for w := range 2 {
@@ -278,7 +300,7 @@ func TestSnapshotPointInTime(t *testing.T) {
 					binary.LittleEndian.PutUint64(b, uint64(blk+i))
 					binary.LittleEndian.PutUint64(b[8:], uint64(s))
 				}
-				if _, err := v.WriteAt(buf[:n*chunk], int64(blk*chunk)); err != nil {
+				if err := writeAny(r, v, buf[:n*chunk], int64(blk*chunk)); err != nil {
 					errs <- err
 					return
 				}
