@@ -94,10 +94,30 @@ func writeAny(r *rand.Rand, v *Volume, p []byte, off int64) error {
 
 func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, persistent, cursor bool) {
 	size := chunk * nchunks
+	// A block says which block and which write it is (and fills the rest).
 	block := func(b []byte, blk, seq int) {
 		for i := range b {
 			b[i] = byte(blk*31 + seq*7 + i)
 		}
+		binary.LittleEndian.PutUint64(b, uint64(blk))
+		binary.LittleEndian.PutUint64(b[8:], uint64(seq))
+	}
+	// differ names the first block where got (read at off) and want differ.
+	differ := func(got, want []byte, off int) string {
+		for i := range got {
+			if got[i] != want[i] {
+				b := (off + i) / chunk * chunk
+				at := func(x []byte) string {
+					lo := b - off
+					if lo < 0 || lo+16 > len(x) {
+						return "?"
+					}
+					return fmt.Sprintf("block %d write %d", binary.LittleEndian.Uint64(x[lo:]), binary.LittleEndian.Uint64(x[lo+8:]))
+				}
+				return fmt.Sprintf("first at byte %d: want %s, got %s", off+i, at(want), at(got))
+			}
+		}
+		return ""
 	}
 	p := make([]byte, size)
 	for blk := range nchunks {
@@ -173,7 +193,7 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 				return err
 			}
 			if !bytes.Equal(got, l.data[off:off+n]) {
-				return fmt.Errorf("snapshot %s [%d,+%d) read other bytes than at commit", l.id, off, n)
+				return fmt.Errorf("snapshot %s [%d,+%d) read other bytes than at commit: %s", l.id, off, n, differ(got, l.data[off:off+n], off))
 			}
 			mu.Lock()
 			reads++
@@ -210,7 +230,7 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 					t.Fatalf("round %d: streaming %s at %d: %v", round, info.ID, off, err)
 				}
 				if !bytes.Equal(piece[:n], data[off:off+n]) {
-					t.Fatalf("round %d: streaming %s [%d,+%d) read other bytes than at commit", round, info.ID, off, n)
+					t.Fatalf("round %d: streaming %s [%d,+%d) read other bytes than at commit: %s", round, info.ID, off, n, differ(piece[:n], data[off:off+n], off))
 				}
 				s.SetCursor(int64(off + n))
 			}

@@ -162,9 +162,14 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		return true
 	})
 	var st *store
+	slotsHeld := anySlot
 	if anySlot {
 		v.slotMu.RLock()
-		defer v.slotMu.RUnlock()
+		defer func() {
+			if slotsHeld {
+				v.slotMu.RUnlock()
+			}
+		}()
 		st = v.store
 	}
 	v.mu.RUnlock()
@@ -174,6 +179,7 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		end := min(int64(c+1)<<v.shift, off+int64(len(p)))
 		return int(start - off), int(end - off), start - int64(c)<<v.shift
 	}
+	readOrigin := false
 	// The origin first, in as few reads as pays: runs of origin chunks
 	// with short gaps between them are read in one pread, and the gaps'
 	// chunks are then filled from the diff area over what it read (the
@@ -191,6 +197,7 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 		}
 		lo, _, _ := piece(c0 + uint64(i))
 		_, hi, _ := piece(c0 + uint64(j-1))
+		readOrigin = true
 		if _, err := v.origin.ReadAt(p[lo:hi], off+int64(lo)); err != nil && err != io.EOF {
 			return fmt.Errorf("snapshot %s@%s: read origin: %w", v.name, s.id, err)
 		}
@@ -221,6 +228,24 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 			}
 		}
 		i = j
+	}
+	if slotsHeld {
+		// Before v.mu: a delete frees slots under v.mu and waits for
+		// slotMu.
+		slotsHeld = false
+		v.slotMu.RUnlock()
+	}
+	if readOrigin {
+		// A write takes no stripe lock while no snapshot lives: had this
+		// one been deleted during the read (with every other), the origin
+		// bytes may be a write it never held. Live now means live
+		// throughout, so every write since took the locks this holds.
+		v.mu.RLock()
+		_, err := s.live()
+		v.mu.RUnlock()
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }
