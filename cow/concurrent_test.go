@@ -10,7 +10,9 @@ import (
 	"math/rand/v2"
 	"os"
 	"slices"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -40,8 +42,9 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 		persistent bool
 		maxChunks  int64
 		policy     Policy
-		maxWrite   int  // chunks
-		cursor     bool // stream each snapshot once with the backup cursor
+		maxWrite   int   // chunks
+		cursor     bool  // stream each snapshot once with the backup cursor
+		faults     error // fail one diff-area write in 30 with it
 	}{
 		{name: "non-persistent", maxWrite: 3},
 		{name: "persistent", persistent: true, maxWrite: 3},
@@ -49,21 +52,47 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 		{name: "limit-invalidate", maxChunks: 48, policy: PolicyInvalidate, maxWrite: 3},
 		{name: "large-writes", maxWrite: 96},
 		{name: "cursor", maxWrite: 3, cursor: true},
+		// Diff-area writes that fail now and then (on the fault-injecting
+		// filesystem): the copies are retried elsewhere or the policy
+		// applies, and the snapshots that lose one say so.
+		{name: "store-eio-invalidate", maxWrite: 8, faults: syscall.EIO, policy: PolicyInvalidate},
+		{name: "store-enospc-delete-oldest", maxWrite: 8, faults: syscall.ENOSPC, policy: PolicyDeleteOldest},
+		{name: "store-eio-persistent", persistent: true, maxWrite: 3, faults: syscall.EIO, policy: PolicyInvalidate},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			nchunks := 256
 			if tc.maxWrite > 3 {
 				nchunks = 1024
 			}
-			dir := t.TempDir()
-			var st unix.Statfs_t
-			if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
-				dir = memDir(t)
+			opts := Options{ChunkSize: chunk, MaxStorage: tc.maxChunks * chunk, Policy: tc.policy}
+			var v *Volume
+			if tc.faults != nil {
+				ffs := newFaultFS()
+				ffs.Put("/o", make([]byte, chunk*nchunks))
+				r := rand.New(rand.NewPCG(1, 2)) // under ffs.mu, like writeErr
+				ffs.setWriteErr(func(p string) error {
+					if strings.Contains(p, "store") && r.IntN(30) == 0 {
+						return tc.faults
+					}
+					return nil
+				})
+				opts.StorageDir, opts.FS = "/d", ffs
+				var err error
+				if v, err = Open("v", "/o", opts); err != nil {
+					t.Fatal(err)
+				}
+				defer v.Close()
+			} else {
+				opts.StorageDir = t.TempDir()
+				var st unix.Statfs_t
+				if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
+					opts.StorageDir = memDir(t)
+				}
+				v, _ = newTestVolume(t, int64(chunk*nchunks), opts)
 			}
-			v, _ := newTestVolume(t, int64(chunk*nchunks), Options{ChunkSize: chunk, StorageDir: dir, MaxStorage: tc.maxChunks * chunk, Policy: tc.policy})
 			concurrentReads(t, v, chunk, nchunks, tc.maxWrite, tc.persistent, tc.cursor)
 			// Under a tight limit most snapshots die before they are read.
-			if tc.maxChunks == 0 && v.store != nil && v.store.m.b != nil && v.store.m.copied.Load() == 0 {
+			if tc.maxChunks == 0 && tc.faults == nil && v.store != nil && v.store.m.b != nil && v.store.m.copied.Load() == 0 {
 				t.Fatal("no slot was read through the diff-area mapping")
 			}
 		})
