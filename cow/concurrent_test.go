@@ -14,6 +14,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -45,6 +46,7 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 		maxWrite   int   // chunks
 		cursor     bool  // stream each snapshot once with the backup cursor
 		faults     error // fail one diff-area write in 30 with it
+		resize     bool  // SetMaxStorage from another goroutine all along
 	}{
 		{name: "non-persistent", maxWrite: 3},
 		{name: "persistent", persistent: true, maxWrite: 3},
@@ -58,6 +60,9 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 		{name: "store-eio-invalidate", maxWrite: 8, faults: syscall.EIO, policy: PolicyInvalidate},
 		{name: "store-enospc-delete-oldest", maxWrite: 8, faults: syscall.ENOSPC, policy: PolicyDeleteOldest},
 		{name: "store-eio-persistent", persistent: true, maxWrite: 3, faults: syscall.EIO, policy: PolicyInvalidate},
+		// The association resized all the time, from 16 chunks to none.
+		{name: "resize-delete-oldest", maxWrite: 3, resize: true, policy: PolicyDeleteOldest},
+		{name: "resize-invalidate", maxWrite: 3, resize: true, policy: PolicyInvalidate},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			nchunks := 256
@@ -90,9 +95,32 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 				}
 				v, _ = newTestVolume(t, int64(chunk*nchunks), opts)
 			}
+			stop, done := make(chan struct{}), make(chan error, 1)
+			go func() {
+				r := rand.New(rand.NewPCG(3, 4))
+				for {
+					select {
+					case <-stop:
+						done <- nil
+						return
+					default:
+					}
+					if tc.resize {
+						if err := v.SetMaxStorage(int64(r.IntN(4)) * 16 * chunk); err != nil {
+							done <- err
+							return
+						}
+					}
+					time.Sleep(200 * time.Microsecond)
+				}
+			}()
 			concurrentReads(t, v, chunk, nchunks, tc.maxWrite, tc.persistent, tc.cursor)
+			close(stop)
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
 			// Under a tight limit most snapshots die before they are read.
-			if tc.maxChunks == 0 && tc.faults == nil && v.store != nil && v.store.m.b != nil && v.store.m.copied.Load() == 0 {
+			if tc.maxChunks == 0 && tc.faults == nil && !tc.resize && v.store != nil && v.store.m.b != nil && v.store.m.copied.Load() == 0 {
 				t.Fatal("no slot was read through the diff-area mapping")
 			}
 		})
