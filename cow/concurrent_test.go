@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"umbra/provider"
 )
 
@@ -88,11 +86,7 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 				}
 				defer v.Close()
 			} else {
-				opts.StorageDir = t.TempDir()
-				var st unix.Statfs_t
-				if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
-					opts.StorageDir = memDir(t)
-				}
+				opts.StorageDir = memDirOrTemp(t)
 				v, _ = newTestVolume(t, int64(chunk*nchunks), opts)
 			}
 			stop, done := make(chan struct{}), make(chan error, 1)
@@ -124,6 +118,19 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 				t.Fatal("no slot was read through the diff-area mapping")
 			}
 		})
+	}
+}
+
+// stopWorkers stops the test's goroutines and fails the test with the
+// first error one of them reported.
+func stopWorkers(t *testing.T, stop chan struct{}, wg *sync.WaitGroup, errs chan error) {
+	t.Helper()
+	close(stop)
+	wg.Wait()
+	select {
+	case err := <-errs:
+		t.Fatal(err)
+	default:
 	}
 }
 
@@ -310,13 +317,7 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 			}
 		}
 	}
-	close(stop)
-	wg.Wait()
-	select {
-	case err := <-errs:
-		t.Fatal(err)
-	default:
-	}
+	stopWorkers(t, stop, &wg, errs)
 	if reads == 0 {
 		t.Fatal("no snapshot read completed: the test tested nothing")
 	}
@@ -333,12 +334,7 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 // let through the gate or a copy lost shows as a violation.
 func TestSnapshotPointInTime(t *testing.T) {
 	const chunk, nchunks, maxWrite = 4096, 1024, 96
-	dir := t.TempDir()
-	var st unix.Statfs_t
-	if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
-		dir = memDir(t)
-	}
-	v, _ := newTestVolume(t, chunk*nchunks, Options{ChunkSize: chunk, StorageDir: dir})
+	v, _ := newTestVolume(t, chunk*nchunks, Options{ChunkSize: chunk, StorageDir: memDirOrTemp(t)})
 	type write struct{ blk, n, seq int }
 	var (
 		mu                 sync.Mutex
@@ -444,13 +440,7 @@ func TestSnapshotPointInTime(t *testing.T) {
 			}
 		}
 	}
-	close(stop)
-	wg.Wait()
-	select {
-	case err := <-errs:
-		t.Fatal(err)
-	default:
-	}
+	stopWorkers(t, stop, &wg, errs)
 }
 
 // TestConcurrentCrash: two writers keep writing while persistent

@@ -29,6 +29,17 @@ func memDir(t *testing.T) string {
 	return d
 }
 
+// memDirOrTemp returns a temporary directory on tmpfs when there is one
+// (the diff area is then mapped), else on the default temporary one.
+func memDirOrTemp(t *testing.T) string {
+	t.Helper()
+	var st unix.Statfs_t
+	if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
+		return memDir(t)
+	}
+	return t.TempDir()
+}
+
 // TestStoreMapRandom runs random unaligned writes, snapshot creates and
 // deletes on a volume in real files (so slot reads go through the
 // diff-area mapping, trimmed every few reads) and checks every read of a
