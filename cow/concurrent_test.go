@@ -121,6 +121,20 @@ func TestConcurrentSnapshotReads(t *testing.T) {
 	}
 }
 
+// commitAndOpen creates a snapshot of v and opens it.
+func commitAndOpen(t *testing.T, v *Volume, persistent bool) (provider.Snapshot, *Snapshot) {
+	t.Helper()
+	info, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{Persistent: persistent})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := v.OpenSnapshot(info.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info, s
+}
+
 // stopWorkers stops the test's goroutines and fails the test with the
 // first error one of them reported.
 func stopWorkers(t *testing.T, stop chan struct{}, wg *sync.WaitGroup, errs chan error) {
@@ -267,16 +281,9 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 	}
 	r := rand.New(rand.NewPCG(5, 6))
 	for round := 0; round < 150; round++ {
-		info, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{Persistent: persistent})
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := v.OpenSnapshot(info.ID)
-		if err != nil {
-			t.Fatal(err)
-		}
+		info, s := commitAndOpen(t, v, persistent)
 		data := make([]byte, size)
-		_, err = s.ReadAt(data, 0)
+		_, err := s.ReadAt(data, 0)
 		if err == nil {
 			mu.Lock()
 			snaps = append(snaps, live{info.ID, s, data})
@@ -527,14 +534,7 @@ func TestConcurrentCrash(t *testing.T) {
 		seq += 2_000_000
 		rounds := 2 + r.IntN(10)
 		for round := 0; round < rounds; round++ {
-			info, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{Persistent: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			s, err := v.OpenSnapshot(info.ID)
-			if err != nil {
-				t.Fatal(err)
-			}
+			info, s := commitAndOpen(t, v, true)
 			data := make([]byte, size)
 			if _, err := s.ReadAt(data, 0); err != nil {
 				t.Fatal(err)
