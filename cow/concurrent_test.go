@@ -325,6 +325,7 @@ func concurrentReads(t *testing.T, v *Volume, chunk, nchunks, maxWrite int, pers
 		}
 	}
 	stopWorkers(t, stop, &wg, errs)
+	t.Logf("%d snapshot reads checked", reads)
 	if reads == 0 {
 		t.Fatal("no snapshot read completed: the test tested nothing")
 	}
