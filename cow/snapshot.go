@@ -135,7 +135,9 @@ const fromOrigin = -2
 var originGap int64 = 16 << 10
 
 // readSpan reads p at off: it resolves every chunk under one lock, then
-// reads runs of origin chunks and of consecutive slots with one pread each.
+// reads the origin's chunks (across short gaps: originGap) and runs of
+// consecutive slots with one read each, and, if it read the origin,
+// checks the snapshot still lives.
 func (s *Snapshot) readSpan(p []byte, off int64) error {
 	v := s.v
 	c0 := uint64(off) >> v.shift

@@ -10,20 +10,20 @@ import (
 
 // storeMap is a read-only shared mapping of a diff-area file in memory
 // (tmpfs, ramfs: see mapRead) that small slot reads copy from instead of
-// calling pread: a snapshot read whose
-// span mixes the origin with scattered preserved chunks reads one slot
-// per preserved chunk, and on these machines a 4 KiB pread costs ~1.2 µs
-// against ~0.2 µs for the copy (BenchmarkDeepRead). The mapping reserves
-// address space only; the pages are the page cache's, which pread reads
-// too. Three rules keep it safe:
+// calling pread: a snapshot read whose span mixes the origin with
+// scattered preserved chunks reads one slot per preserved chunk, and on
+// these machines a 4 KiB pread costs ~1.2 µs against ~0.2 µs for the copy
+// (BenchmarkDeepRead). The mapping reserves address space only; the
+// pages are the page cache's, which pread reads too. Three rules keep it
+// safe:
 //   - only bytes the file is known to hold are copied (size, refreshed
 //     with fstat when a read goes past it; the file only shrinks when the
 //     store is reset, which sets it back to zero first);
-//   - a copy that faults anyway (the file truncated or a disk error
-//     behind it) panics instead of killing the process
+//   - a copy that faults anyway (the file cut short behind the engine's
+//     back) panics instead of killing the process
 //     (debug.SetPanicOnFault), is recovered, and the read falls back to
-//     pread, which reports what happened;
-//   - the mapping is removed only when no reader is in it (closeMap takes
+//     pread, which reports what is there;
+//   - the mapping is removed only when no reader is in it (close takes
 //     the lock readers hold shared).
 //
 // Pages a read touched stay mapped and count in the process's resident
@@ -33,7 +33,7 @@ import (
 // areas.
 type storeMap struct {
 	mu     sync.RWMutex // shared while copying; exclusive to unmap
-	b      []byte       // nil: no mapping (not a regular OS file, or mmap failed)
+	b      []byte       // nil: no mapping (not a file in memory, or mmap failed)
 	size   atomic.Int64 // bytes of the file known to exist
 	copied atomic.Int64 // bytes copied from the mapping, ever
 	faults atomic.Int64 // copies that faulted and fell back to pread
