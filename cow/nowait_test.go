@@ -85,15 +85,7 @@ func TestTryReadAt(t *testing.T) {
 	})
 
 	t.Run("tmpfs", func(t *testing.T) {
-		var st unix.Statfs_t
-		if unix.Statfs("/dev/shm", &st) != nil || st.Type != unix.TMPFS_MAGIC {
-			t.Skip("no tmpfs at /dev/shm")
-		}
-		dir, err := os.MkdirTemp("/dev/shm", "umbra-nowait-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
+		dir := memDir(t)
 		origin := filepath.Join(dir, "origin.img")
 		if err := os.WriteFile(origin, data, 0o600); err != nil {
 			t.Fatal(err)

@@ -13,13 +13,18 @@ import (
 	"umbra/provider"
 )
 
-// memDir returns a temporary directory on tmpfs (/dev/shm), where the
-// diff area is mapped, or skips the test.
+// shmIsTmpfs reports whether /dev/shm is a tmpfs.
+func shmIsTmpfs() bool {
+	var st unix.Statfs_t
+	return unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC
+}
+
+// memDir returns a temporary directory on tmpfs (/dev/shm: files in
+// memory, where the diff area is mapped), or skips the test.
 func memDir(t *testing.T) string {
 	t.Helper()
-	var st unix.Statfs_t
-	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != unix.TMPFS_MAGIC {
-		t.Skip("no tmpfs at /dev/shm: the diff area is mapped only in memory")
+	if !shmIsTmpfs() {
+		t.Skip("no tmpfs at /dev/shm")
 	}
 	d, err := os.MkdirTemp("/dev/shm", "umbra-test-")
 	if err != nil {
@@ -33,8 +38,7 @@ func memDir(t *testing.T) string {
 // (the diff area is then mapped), else on the default temporary one.
 func memDirOrTemp(t *testing.T) string {
 	t.Helper()
-	var st unix.Statfs_t
-	if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
+	if shmIsTmpfs() {
 		return memDir(t)
 	}
 	return t.TempDir()
