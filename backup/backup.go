@@ -80,12 +80,15 @@ type chunkWork struct {
 
 // groupRaw bounds the chunks compressed together into one blob (a
 // group never spans two batches). Measured on a 2 GiB ext4 image
-// (docs/benchmarks.md): 64 KiB groups store 505 MiB, 256 KiB 484 MiB,
-// 1 MiB 471 MiB, and larger groups also back up 5-10 % faster (fewer
-// frames to set up, seal and pack). Reading one chunk opens its whole
-// group: ~0.5 ms for 1 MiB, restic's average blob size, which restores
-// and mounts amortise through their caches.
-var groupRaw = 1 << 20
+// (docs/benchmarks.md) with the C encoder: at the fastest level 1 MiB
+// groups store 478 MiB at 777 MB/s, 4 MiB 476 MiB at 937 MB/s; at the
+// default level 437 and 427 MiB (with the Go encoder at the fastest
+// level, 64 KiB groups stored 505 MiB). Larger groups are also fewer
+// frames to set up, seal and pack.
+// Reading one chunk opens its whole group: ~2-4 ms for 4 MiB — Proxmox
+// Backup Server's chunk size, which restores and mounts amortise through
+// their caches.
+var groupRaw = 4 << 20
 
 // Backup reads src in ascending order and writes an image. The image is
 // listed only after its packs, index and chunk list are durable. It
@@ -131,7 +134,13 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	batches := r.readBatches(rctx, src, x, opts, incr)
-	comp := r.newCompressor(up, workers)
+	// Hashing and compression take a token each while they run, so no
+	// more of them run at once than there are cores: C zstd runs on
+	// threads of its own (cgo), and without the tokens hashing would
+	// time-slice with it, each evicting the other's tables from the
+	// core's caches (7 % slower backups measured, docs/benchmarks.md).
+	cpu := make(chan struct{}, workers)
+	comp := r.newCompressor(up, workers, cpu)
 	compClosed := false
 	defer func() {
 		if !compClosed {
@@ -157,7 +166,7 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 			continue
 		}
 		st.Read += b.read
-		r.hashBatch(w, hashers)
+		r.hashBatch(w, hashers, cpu)
 		var fresh []int // chunks to store, each hash once
 		hashes = hashes[:0]
 		for i := range w {
@@ -452,8 +461,8 @@ func readRuns(src Source, buf []byte, w []chunkWork, first, cs, size int64, st *
 }
 
 // hashBatch hashes the chunks read, in parallel, and notes which the
-// repository has.
-func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash) {
+// repository has; each hashing goroutine holds a cpu token.
+func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash, cpu chan struct{}) {
 	var wg sync.WaitGroup
 	per := (len(w) + len(hashers) - 1) / len(hashers)
 	for k, sum := range hashers {
@@ -464,6 +473,8 @@ func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			cpu <- struct{}{}
+			defer func() { <-cpu }()
 			for i := lo; i < hi; i++ {
 				c := &w[i]
 				if c.kind != kindRead {
@@ -509,7 +520,7 @@ type group struct {
 // blobBufs recycles the memory blobs are compressed and sealed into: a
 // blob is copied into its pack, so its buffer serves the next group
 // (instead of a new, cleared megabyte per group).
-var blobBufs = sync.Pool{New: func() any { b := make([]byte, 0, sealPrefix+groupRaw+128); return &b }}
+var blobBufs = sync.Pool{New: func() any { b := make([]byte, 0, sealPrefix+groupRaw+groupRaw>>7+4096); return &b }}
 
 // contiguous returns a group's chunks as one slice when they lie back to
 // back in the batch's memory (runs of new chunks read together), so they
@@ -529,7 +540,7 @@ func contiguous(data [][]byte) []byte {
 	return all
 }
 
-func (r *Repo) newCompressor(up *uploader, workers int) *compressor {
+func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *compressor {
 	c := &compressor{r: r, up: up, work: make(chan *group, 64), order: make(chan *group, 256), packed: make(chan struct{})}
 	for range workers {
 		c.wg.Add(1)
@@ -548,10 +559,12 @@ func (r *Repo) newCompressor(up *uploader, workers int) *compressor {
 				// Room for zstd's frame and block headers when nothing
 				// compresses, and the seal's tag.
 				g.mem = blobBufs.Get().(*[]byte)
-				if cap(*g.mem) < sealPrefix+len(src)+128 {
-					*g.mem = make([]byte, 0, sealPrefix+len(src)+128)
+				if need := sealPrefix + r.enc.bound(len(src)) + sealOverhead; cap(*g.mem) < need {
+					*g.mem = make([]byte, 0, need)
 				}
-				g.blob = r.seal.sealPrefixed(r.enc.EncodeAll(src, (*g.mem)[:sealPrefix]))
+				cpu <- struct{}{}
+				g.blob = r.seal.sealPrefixed(r.enc.encode((*g.mem)[:sealPrefix], src))
+				<-cpu
 				g.data = nil
 				g.own.Done()
 				close(g.done)
@@ -763,7 +776,7 @@ var maxPackEntries = 16384
 // growing: the target, one more blob (a little over a group when it
 // does not compress), and the largest trailer.
 func packRoom() int {
-	return packTarget + groupRaw + 4096 + (maxPackEntries+groupRaw/4096)*blobEntLen + 64 + sealOverhead
+	return packTarget + groupRaw + groupRaw>>7 + 4096 + (maxPackEntries+groupRaw/4096)*blobEntLen + 64 + sealOverhead
 }
 
 // cut finishes the current pack and queues it.
@@ -841,7 +854,7 @@ func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	objs := make([][]byte, len(parts))
 	var wg sync.WaitGroup
 	for i, part := range parts {
-		wg.Go(func() { objs[i] = u.r.seal.seal(nil, u.r.enc.EncodeAll(encodeChunkIndex(part), nil)) })
+		wg.Go(func() { objs[i] = u.r.seal.seal(nil, u.r.enc.encode(nil, encodeChunkIndex(part))) })
 	}
 	wg.Wait()
 	names := make([]string, len(objs))

@@ -1,20 +1,13 @@
 package backup_test
 
 import (
-	"bytes"
 	"context"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"runtime"
-	"sync"
-	"sync/atomic"
+	"strconv"
 	"testing"
 	"time"
-
-	"github.com/klauspost/compress/s2"
-	"github.com/klauspost/compress/zstd"
 
 	"umbra/backup"
 	"umbra/provider"
@@ -52,7 +45,7 @@ func BenchmarkBackupFile(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		dir, _ := os.MkdirTemp("/dev/shm", "umbra-bench-")
 		defer os.RemoveAll(dir)
-		repo, err := backup.InitWith(context.Background(), filepath.Join(dir, "repo"), backup.Settings{Password: os.Getenv("UMBRA_PASSWORD")})
+		repo, err := backup.InitWith(context.Background(), filepath.Join(dir, "repo"), backup.Settings{Password: os.Getenv("UMBRA_PASSWORD"), ChunkSize: benchChunk(), Level: os.Getenv("UMBRA_BENCH_LEVEL")})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -125,59 +118,8 @@ func BenchmarkBackupIncremental(b *testing.B) {
 	}
 }
 
-// BenchmarkCompressors compresses the non-zero 4 KiB chunks of
-// UMBRA_BENCH_IMAGE in 64 KiB (and 256 KiB) groups, as a backup does, on
-// every core, with each codec Umbra could use: the table behind the
-// --compression choices and the throughput/size trade-off in
-// docs/benchmarks.md.
-func BenchmarkCompressors(b *testing.B) {
-	data := readBenchImage(b)
-	var chunks []byte
-	for off := 0; off+4096 <= len(data); off += 4096 {
-		if !bytes.Equal(data[off:off+4096], make([]byte, 4096)) {
-			chunks = append(chunks, data[off:off+4096]...)
-		}
-	}
-	data = nil
-	type codec struct {
-		name string
-		enc  func(dst, src []byte) []byte
-	}
-	var codecs []codec
-	for _, lv := range []zstd.EncoderLevel{zstd.SpeedFastest, zstd.SpeedDefault, zstd.SpeedBetterCompression} {
-		e, _ := zstd.NewWriter(nil, zstd.WithEncoderLevel(lv), zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)), zstd.WithLowerEncoderMem(true))
-		codecs = append(codecs, codec{"zstd-" + lv.String(), func(d, s []byte) []byte { return e.EncodeAll(s, d) }})
-	}
-	codecs = append(codecs, codec{"s2", func(d, s []byte) []byte { return s2.Encode(d[:cap(d)], s) }},
-		codec{"s2-better", func(d, s []byte) []byte { return s2.EncodeBetter(d[:cap(d)], s) }})
-	for _, group := range []int{64 << 10, 256 << 10} {
-		for _, c := range codecs {
-			b.Run(fmt.Sprintf("%s/group=%dK", c.name, group>>10), func(b *testing.B) {
-				var out atomic.Int64
-				for range b.N {
-					out.Store(0)
-					next := atomic.Int64{}
-					var wg sync.WaitGroup
-					for range runtime.GOMAXPROCS(0) {
-						wg.Add(1)
-						go func() {
-							defer wg.Done()
-							dst := make([]byte, 0, s2.MaxEncodedLen(group))
-							for {
-								off := int(next.Add(int64(group))) - group
-								if off >= len(chunks) {
-									return
-								}
-								dst = c.enc(dst[:0], chunks[off:min(off+group, len(chunks))])
-								out.Add(int64(len(dst)))
-							}
-						}()
-					}
-					wg.Wait()
-				}
-				b.SetBytes(int64(len(chunks)))
-				b.ReportMetric(float64(out.Load())/(1<<20), "MiB-out")
-			})
-		}
-	}
+// benchChunk is UMBRA_BENCH_CHUNK in KiB (0: the default).
+func benchChunk() int {
+	n, _ := strconv.Atoi(os.Getenv("UMBRA_BENCH_CHUNK"))
+	return n << 10
 }

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync/atomic"
 
-	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/blake3"
 )
 
@@ -161,10 +160,8 @@ func init() {
 		n, _ := strconv.Atoi(v)
 		groupRaw = n << 10
 	}
-	if v := os.Getenv("UMBRA_ZSTD_LEVEL"); v != "" {
-		n, _ := strconv.Atoi(v)
-		encoderLevel = zstd.EncoderLevel(n)
-	}
+	// UMBRA_ZSTD_GO=1: the pure-Go encoder in a cgo build (benchmarks).
+	forceGoEncoder = os.Getenv("UMBRA_ZSTD_GO") != ""
 }
 
 // DowngradeToV2 rewrites image id as format 2 wrote it (one chunk list
@@ -207,3 +204,10 @@ func EditRecord(r *Repo, id string, fn func([]byte) []byte) error {
 	}
 	return r.putSealed(ctx, imageName(id), fn(b))
 }
+
+// SetGoEncoder makes repositories opened from now on compress with the
+// pure-Go encoder even in a cgo build.
+func SetGoEncoder(on bool) func() { return set(&forceGoEncoder, on) }
+
+// CZstd says whether this build compresses with C zstd.
+const CZstd = cZstd

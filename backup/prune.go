@@ -308,7 +308,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		if len(pendEnts) == 0 {
 			return nil
 		}
-		blob := r.seal.seal(nil, r.enc.EncodeAll(pend, nil))
+		blob := r.seal.seal(nil, r.enc.encode(nil, pend))
 		rep.BytesFreed -= int64(len(blob))
 		err := up.add(blob, pendEnts)
 		pend, pendEnts = pend[:0], pendEnts[:0]
@@ -369,7 +369,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		return fmt.Errorf("prune: %w", err)
 	}
 	all := append(keepPacks, up.done...)
-	b := r.seal.seal(nil, r.enc.EncodeAll(encodeChunkIndex(all), nil))
+	b := r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(all)))
 	newIndex := "index/" + randomID()
 	if err := r.be.Put(ctx, newIndex, b); err != nil {
 		return fmt.Errorf("prune: write index: %w", err)

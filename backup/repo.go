@@ -1,7 +1,9 @@
 // Package backup writes sector-level images of volumes into a repository
 // and reads them back. A volume is cut into fixed-size chunks aligned to
 // it; each chunk is named by its hash (BLAKE3, or SHA-256 where that is
-// faster; keyed when the repository is encrypted), compressed with zstd,
+// faster; keyed when the repository is encrypted), compressed with zstd
+// (the reference C library through cgo when the binary has cgo, else
+// klauspost/compress: compress.go),
 // optionally sealed with AES-256-GCM, and stored once as a blob in a pack
 // (packs keep the object count low: a million 4 KiB chunks are a few
 // hundred objects, which S3 and a filesystem both handle well). Chunk
@@ -45,14 +47,6 @@ const DefaultChunkSize = 4096
 
 // ChunkSize is kept for callers that assume the default.
 const ChunkSize = DefaultChunkSize
-
-// levels are the zstd levels a repository may use for new blobs:
-// fastest keeps a full backup ahead of restic on two cores; better
-// stores about 5 % less for about 20 % more time (docs/benchmarks.md).
-var levels = map[string]zstd.EncoderLevel{"fastest": zstd.SpeedFastest, "default": zstd.SpeedDefault, "better": zstd.SpeedBetterCompression}
-
-// encoderLevel overrides the repository's level in benchmarks.
-var encoderLevel zstd.EncoderLevel
 
 // packTarget is where a pack is cut. (A variable: tests make packs small.)
 var packTarget = 16 << 20
@@ -114,7 +108,7 @@ type Repo struct {
 	cfg     Config
 	seal    *sealer // nil: not encrypted
 	hashKey []byte  // nil: plain hashes
-	enc     *zstd.Encoder
+	enc     encoder
 	dec     *zstd.Decoder
 
 	version atomic.Int32 // cfg.Version, as upgraded
@@ -156,9 +150,9 @@ func InitWith(ctx context.Context, location string, set Settings) (*Repo, error)
 	}
 	cfg := Config{Version: formatVersion, ID: randomID(), Hash: set.Hash, ChunkSize: set.ChunkSize, Compression: "zstd", Level: set.Level, Encryption: "none"}
 	if cfg.Level == "" {
-		cfg.Level = "fastest"
+		cfg.Level = defaultLevel
 	}
-	if _, ok := levels[cfg.Level]; !ok {
+	if !knownLevel(cfg.Level) {
 		return nil, fmt.Errorf("init repository %s: compression %q: want fastest, default or better", be.Location(), cfg.Level)
 	}
 	if cfg.ChunkSize == 0 {
@@ -221,7 +215,7 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		return nil, fmt.Errorf("open repository %s: config: %w: %v", where, ErrCorrupt, err)
 	}
 	if cfg.Version < 2 || cfg.Version > formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
-		cfg.Compression != "zstd" || levels[cfg.Level] == 0 || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
+		cfg.Compression != "zstd" || !knownLevel(cfg.Level) || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
 		why := "settings this Umbra does not know"
 		if cfg.Version > formatVersion {
 			why = "written by a newer Umbra: use that version"
@@ -242,14 +236,10 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		r.hashKey = master[32:]
 	}
 	n := runtime.GOMAXPROCS(0)
-	level := levels[cfg.Level]
-	if encoderLevel != 0 {
-		level = encoderLevel
-	}
 	// No frame checksum: every chunk is checked against its hash when read
 	// (and a sealed object by its tag), so xxhash over each blob would only
 	// cost time (1.5 % of a backup's CPU).
-	r.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(n), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(false))
+	r.enc = newEncoder(cfg.Level, n)
 	// Blobs open to at most groupRaw bytes and records to a few MiB; the
 	// bound keeps a damaged (or, unencrypted, forged) frame from asking
 	// for gigabytes.
@@ -305,7 +295,7 @@ func (r *Repo) upgradeFormat(ctx context.Context) error {
 }
 
 // Close releases the codecs.
-func (r *Repo) Close() { r.dec.Close(); r.enc.Close() }
+func (r *Repo) Close() { r.dec.Close(); r.enc.close() }
 
 // Config returns the repository's settings.
 func (r *Repo) Config() Config {
@@ -353,7 +343,7 @@ func sumInto(h hash.Hash, b []byte) (out Hash) {
 
 // putSealed compresses and seals b and stores it under name.
 func (r *Repo) putSealed(ctx context.Context, name string, b []byte) error {
-	return r.be.Put(ctx, name, r.seal.seal(nil, r.enc.EncodeAll(b, nil)))
+	return r.be.Put(ctx, name, r.seal.seal(nil, r.enc.encode(nil, b)))
 }
 
 // getSealed reads an object written by putSealed.

@@ -608,6 +608,7 @@ func TestFormat2Repository(t *testing.T) {
 // index and stored once.
 func TestIndexAsItGoes(t *testing.T) {
 	defer backup.SetSmallPacks(256<<10, 2)()
+	defer backup.SetGroupRaw(64 << 10)() // blobs well under a pack
 	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
 	if err != nil {
 		t.Fatal(err)

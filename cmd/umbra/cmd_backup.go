@@ -122,7 +122,7 @@ func newRepoCmd() *cobra.Command {
 	}
 	rf.add(initCmd)
 	initCmd.Flags().StringVar(&chunk, "chunk-size", "", "chunk size, a power of two from 4K to 4M (default 4K; see docs/benchmarks.md)")
-	initCmd.Flags().StringVar(&level, "compression", "fastest", "zstd level for new data: fastest, default or better (smaller, slower)")
+	initCmd.Flags().StringVar(&level, "compression", "fastest", "zstd level for new data: fastest (zstd 1), default (3; ~10 % smaller, ~40 % slower) or better (7; smaller still, ~3x slower)")
 	var urf repoFlags
 	var all bool
 	unlockCmd := &cobra.Command{

@@ -1,0 +1,139 @@
+package backup
+
+import (
+	"bytes"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/zeebo/blake3"
+)
+
+// encoders returns every encoder this build has, at every level.
+func encoders(t testing.TB) map[string]encoder {
+	t.Helper()
+	es := map[string]encoder{}
+	for name, l := range levels {
+		es["go-"+name] = newGoEncoder(l.goSide, 2)
+		if e := newCEncoder(l.c, func() *goEncoder { return newGoEncoder(l.goSide, 2) }); e != nil {
+			es["c-"+name] = e
+		} else if cZstd {
+			t.Fatal("a cgo build has no C encoder")
+		}
+	}
+	t.Cleanup(func() {
+		for _, e := range es {
+			e.close()
+		}
+	})
+	return es
+}
+
+// TestEncoders: each encoder appends one standard zstd frame (what the
+// decoder every reader uses takes) after what dst held, within its bound,
+// for empty, small, compressible and incompressible input, whatever room
+// dst has; and compressible input shrinks.
+func TestEncoders(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	noise := make([]byte, 4<<20+17)
+	for i := range noise {
+		noise[i] = byte(r.Uint32())
+	}
+	text := []byte(strings.Repeat("umbra shadow copy volume snapshot ", 130_000))
+	inputs := map[string][]byte{"empty": nil, "one byte": {7}, "4 KiB text": text[:4096], "text": text, "noise": noise, "zeros": make([]byte, 1<<20)}
+	dec, _ := zstd.NewReader(nil, zstd.WithDecoderMaxMemory(maxDecoded))
+	defer dec.Close()
+	if !cZstd {
+		t.Log("built without cgo: only the Go encoder is tested")
+	}
+	for name, e := range encoders(t) {
+		for in, src := range inputs {
+			for _, room := range []int{0, 100, e.bound(len(src)) + 64} {
+				prefix := []byte("prefix")
+				dst := append(make([]byte, 0, len(prefix)+room), prefix...)
+				out := e.encode(dst, src)
+				if !bytes.Equal(out[:len(prefix)], prefix) {
+					t.Fatalf("%s, %s: the bytes before the frame changed", name, in)
+				}
+				frame := out[len(prefix):]
+				if len(frame) > e.bound(len(src)) {
+					t.Fatalf("%s, %s: %d-byte frame over the bound %d", name, in, len(frame), e.bound(len(src)))
+				}
+				got, err := dec.DecodeAll(frame, nil)
+				if err != nil || !bytes.Equal(got, src) {
+					t.Fatalf("%s, %s, room %d: does not decode to its input (%v)", name, in, room, err)
+				}
+				if in == "text" && len(frame) > len(src)/10 {
+					t.Fatalf("%s: text compressed to %d of %d bytes", name, len(frame), len(src))
+				}
+			}
+		}
+	}
+}
+
+// BenchmarkEncoders compresses the distinct non-zero 4 KiB chunks of the
+// image UMBRA_BENCH_IMAGE names, in 1 and 4 MiB groups as a backup does,
+// on every core, with each encoder and level this build has: the
+// size/throughput table behind the levels and the group size in
+// docs/benchmarks.md (MB/s of input; MiB-out is what the blobs would
+// hold).
+func BenchmarkEncoders(b *testing.B) {
+	path := os.Getenv("UMBRA_BENCH_IMAGE")
+	if path == "" {
+		b.Skip("set UMBRA_BENCH_IMAGE to an image file")
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	seen := map[Hash]bool{}
+	var chunks []byte
+	zero := make([]byte, 4096)
+	for off := 0; off+4096 <= len(data); off += 4096 {
+		c := data[off : off+4096]
+		if h := blake3.Sum256(c); !bytes.Equal(c, zero) && !seen[h] {
+			seen[h] = true
+			chunks = append(chunks, c...)
+		}
+	}
+	data = nil
+	es := encoders(b)
+	names := slices.Sorted(maps.Keys(es))
+	for _, group := range []int{1 << 20, 4 << 20} {
+		for _, name := range names {
+			e := es[name]
+			b.Run(fmt.Sprintf("%s/group=%dM", name, group>>20), func(b *testing.B) {
+				var out atomic.Int64
+				for range b.N {
+					out.Store(0)
+					var next atomic.Int64
+					var wg sync.WaitGroup
+					for range runtime.GOMAXPROCS(0) {
+						wg.Go(func() {
+							dst := make([]byte, 0, e.bound(group))
+							for {
+								off := int(next.Add(int64(group))) - group
+								if off >= len(chunks) {
+									return
+								}
+								dst = e.encode(dst[:0], chunks[off:min(off+group, len(chunks))])
+								out.Add(int64(len(dst)))
+							}
+						})
+					}
+					wg.Wait()
+				}
+				b.SetBytes(int64(len(chunks)))
+				b.ReportMetric(float64(out.Load())/(1<<20), "MiB-out")
+			})
+		}
+	}
+}
