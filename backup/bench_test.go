@@ -123,3 +123,61 @@ func benchChunk() int {
 	n, _ := strconv.Atoi(os.Getenv("UMBRA_BENCH_CHUNK"))
 	return n << 10
 }
+
+// BenchmarkImageReader backs up UMBRA_BENCH_IMAGE into a repository on
+// tmpfs and reads the image back the way `umbra mount` does: 4 KiB reads
+// at random places, 4 KiB reads hopping within a 16 MiB window that
+// moves along, and 128 KiB reads in order (UMBRA_GROUP_KIB sets the blob
+// size to compare).
+func BenchmarkImageReader(b *testing.B) {
+	f, err := os.Open(benchImage(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	dir, _ := os.MkdirTemp("/dev/shm", "umbra-bench-")
+	defer os.RemoveAll(dir)
+	ctx := context.Background()
+	repo, err := backup.Init(filepath.Join(dir, "repo"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer repo.Close()
+	x, _, err := repo.Backup(ctx, fileSource{f}, backup.Options{Volume: "v", Allocated: backup.FileAllocation(f)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	blocks := int(x.Size / 4096)
+	reads := map[string]func(ir *backup.ImageReader, r *rand.Rand, i int) int{
+		"random-4K": func(ir *backup.ImageReader, r *rand.Rand, _ int) int {
+			buf := make([]byte, 4096)
+			n, _ := ir.ReadAt(buf, int64(r.IntN(blocks))*4096)
+			return n
+		},
+		"local-4K": func(ir *backup.ImageReader, r *rand.Rand, i int) int {
+			buf := make([]byte, 4096)
+			base := int64(i/500) * (16 << 20)
+			n, _ := ir.ReadAt(buf, (base+int64(r.IntN(16<<20/4096))*4096)%x.Size)
+			return n
+		},
+		"sequential-128K": func(ir *backup.ImageReader, _ *rand.Rand, i int) int {
+			buf := make([]byte, 128<<10)
+			n, _ := ir.ReadAt(buf, int64(i)*int64(len(buf))%x.Size)
+			return n
+		},
+	}
+	for _, name := range []string{"random-4K", "local-4K", "sequential-128K"} {
+		b.Run(name, func(b *testing.B) {
+			ir, err := repo.OpenImage(ctx, x.ID)
+			if err != nil {
+				b.Fatal(err)
+			}
+			r := rand.New(rand.NewPCG(1, 2))
+			var bytes int64
+			for i := 0; b.Loop(); i++ {
+				bytes += int64(reads[name](ir, r, i))
+			}
+			b.SetBytes(bytes / int64(max(b.N, 1)))
+		})
+	}
+}
