@@ -42,6 +42,8 @@ type encoder interface {
 	encode(dst, src []byte) []byte
 	// bound is the most bytes encode appends for n bytes of input.
 	bound(n int) int
+	// name says which implementation it is: "c" or "go".
+	name() string
 	close()
 }
 
@@ -60,6 +62,8 @@ func (g *goEncoder) encode(dst, src []byte) []byte { return g.e.EncodeAll(src, d
 func (g *goEncoder) bound(n int) int { return n + n>>10 + 64 }
 
 func (g *goEncoder) close() { g.e.Close() }
+
+func (g *goEncoder) name() string { return "go" }
 
 // forceGoEncoder makes newEncoder return the Go encoder in cgo builds too
 // (tests exercise both).

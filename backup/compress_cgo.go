@@ -33,6 +33,8 @@ func newCEncoder(level int, fallback func() *goEncoder) encoder {
 
 func (e *cEncoder) bound(n int) int { return czstd.CompressBound(n) }
 
+func (e *cEncoder) name() string { return "c" }
+
 func (e *cEncoder) encode(dst, src []byte) []byte {
 	n := len(dst)
 	if need := n + e.bound(len(src)); cap(dst) < need {

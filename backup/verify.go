@@ -236,11 +236,16 @@ type RepoStats struct {
 	// segments (format 5).
 	ListSegments int `json:"list_segments"`
 	ListObjects  int `json:"list_objects"`
+	// Level is the zstd level new blobs get (fastest, default, better);
+	// Encoder what compresses them in this binary: "c" (the reference
+	// zstd, a cgo build) or "go".
+	Level   string `json:"level"`
+	Encoder string `json:"encoder"`
 }
 
 // Stats summarizes the repository.
 func (r *Repo) Stats(ctx context.Context) RepoStats {
-	st := RepoStats{Location: r.Location(), Encryption: r.cfg.Encryption, Hash: r.cfg.Hash, ChunkSize: r.cfg.ChunkSize}
+	st := RepoStats{Location: r.Location(), Encryption: r.cfg.Encryption, Hash: r.cfg.Hash, ChunkSize: r.cfg.ChunkSize, Level: r.cfg.Level, Encoder: r.enc.name()}
 	list, _ := r.images(ctx)
 	vols := map[string]bool{}
 	for _, x := range list {
