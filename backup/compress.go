@@ -12,8 +12,9 @@ import (
 //     whenever the binary is built with cgo — the default where a C
 //     compiler is installed. At the fastest level it compresses this
 //     project's benchmark image 1.7x faster than the pure-Go encoder
-//     (1.4-1.7x at the others), which is what brings a full backup to
-//     zstd -1 -T0's throughput (docs/benchmarks.md, seventh session);
+//     (1.7x at the default level, 1.2x at better), which is what brings
+//     a full backup to zstd -1 -T0's throughput (docs/benchmarks.md,
+//     seventh session);
 //   - klauspost/compress, pure Go, in builds without cgo
 //     (CGO_ENABLED=0, or no C compiler): the same frames, more CPU.
 //
