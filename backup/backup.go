@@ -519,7 +519,7 @@ type group struct {
 
 // blobBufs recycles the memory blobs are compressed and sealed into: a
 // blob is copied into its pack, so its buffer serves the next group
-// (instead of a new, cleared megabyte per group).
+// (instead of a new, cleared 4 MiB per group).
 var blobBufs = sync.Pool{New: func() any { b := make([]byte, 0, sealPrefix+groupRaw+groupRaw>>7+4096); return &b }}
 
 // contiguous returns a group's chunks as one slice when they lie back to
