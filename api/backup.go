@@ -3,12 +3,12 @@ package api
 import (
 	"context"
 	"crypto/sha256"
+	"regexp"
 
 	"errors"
 	"fmt"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"strings"
 	"time"
 
 	"umbra/api/umbrav1"
@@ -19,8 +19,33 @@ import (
 )
 
 // baseSnapshotPrefix marks the snapshots a backup keeps as the base of
-// the volume's next incremental image.
+// the volume's next incremental image into the same repository:
+// "backup-REPO-TIME", REPO the first 8 hex digits of the repository's ID,
+// so that a volume backed up into two repositories in turn (a local one
+// nightly, S3 weekly) keeps one base for each and both stay incremental.
+// Bases named "backup-TIME" (before 2026-11-24) served every repository.
 const baseSnapshotPrefix = "backup-"
+
+// baseTag is the part of a base's name that says which repository it
+// serves.
+func baseTag(repo *backup.Repo) string {
+	id := repo.Config().ID
+	return id[:min(8, len(id))]
+}
+
+// baseName matches the names backups give their bases: the repository
+// tag (absent before 2026-11-24) and the time.
+var baseName = regexp.MustCompile(`^backup-(?:([0-9a-f]{8})-)?[0-9]{8}T[0-9]{6}\.[0-9]{6}Z$`)
+
+// supersededBase reports whether old, a snapshot of a volume just backed
+// up into the repository tagged tag as snapshot current, is a base that
+// the new one replaces: the repository's previous base, or one from
+// before bases were per repository. Snapshots named otherwise, say a
+// user's "backup-nightly", are not bases.
+func supersededBase(old, current, tag string) bool {
+	m := baseName.FindStringSubmatch(old)
+	return old != current && m != nil && (m[1] == "" || m[1] == tag)
+}
 
 // Backup runs a backup: one snapshot set, one image per volume.
 func (s *Server) Backup(ctx context.Context, req *umbrav1.BackupRequest) (*umbrav1.BackupResponse, error) {
@@ -62,7 +87,7 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
 	defer s.saveWriters() // their history, failures included
-	id := baseSnapshotPrefix + time.Now().UTC().Format("20060102T150405.000000Z")
+	id := baseSnapshotPrefix + baseTag(repo) + "-" + time.Now().UTC().Format("20060102T150405.000000Z")
 	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: req.GetVolumes(), Writers: req.GetWriters(), ID: id})
 	if err != nil {
 		return nil, toStatus(err)
@@ -88,7 +113,9 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 		}
 		return nil, toStatus(failed)
 	}
-	// The previous bases are superseded.
+	// This repository's previous bases are superseded; other
+	// repositories' stay, as the bases of their own next incrementals.
+	tag := baseTag(repo)
 	for _, sn := range set.Snapshots {
 		p, err := s.reg.Get(sn.Provider)
 		if err != nil {
@@ -96,7 +123,7 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 		}
 		list, _ := p.List(ctx, sn.Volume)
 		for _, old := range list {
-			if strings.HasPrefix(old.ID, baseSnapshotPrefix) && old.ID != sn.ID {
+			if supersededBase(old.ID, sn.ID, tag) {
 				p.Delete(ctx, sn.Volume, old.ID)
 			}
 		}

@@ -434,20 +434,31 @@ func TestCLIBackup(t *testing.T) {
 	type result struct {
 		Images []struct {
 			Image       string `json:"image"`
+			Snapshot    string `json:"snapshot"`
 			Incremental bool   `json:"incremental"`
 			BytesRead   string `json:"bytes_read"`
 		} `json:"images"`
 	}
-	var r1, r2 result
+	// A second repository (say, the off-site one) backed up in between
+	// keeps its own base: neither repository's next image reads more
+	// than what changed since its own last one.
+	other := filepath.Join(dir, "other")
+	s.ok("repo", "init", "--repo", other)
+	var r1, r2, o1, o2 result
 	json.Unmarshal([]byte(s.ok("backup", "a", "--repo", repo, "--json")), &r1)
+	json.Unmarshal([]byte(s.ok("backup", "a", "--repo", other, "--json")), &o1)
 	qemuIO("write -P 0x22 4M 64k")
 	want2, _ := os.ReadFile(img)
 	json.Unmarshal([]byte(s.ok("backup", "a", "--repo", repo, "--json")), &r2)
+	json.Unmarshal([]byte(s.ok("backup", "a", "--repo", other, "--json")), &o2)
 	if len(r1.Images) != 1 || r1.Images[0].Incremental || len(r2.Images) != 1 || !r2.Images[0].Incremental {
 		t.Fatalf("backups: %+v then %+v", r1, r2)
 	}
 	if r2.Images[0].BytesRead != "65536" {
 		t.Fatalf("the incremental image read %s bytes for a 64 KiB change", r2.Images[0].BytesRead)
+	}
+	if len(o2.Images) != 1 || !o2.Images[0].Incremental || o2.Images[0].BytesRead != "65536" {
+		t.Fatalf("the other repository's second image: %+v (first %+v)", o2, o1)
 	}
 	for _, c := range []struct {
 		id   string
@@ -464,9 +475,11 @@ func TestCLIBackup(t *testing.T) {
 		t.Fatalf("images list:\n%s", out)
 	}
 	s.ok("verify", "--repo", repo)
-	// Only the newest backup's snapshot stays, as the base of the next.
-	if l := s.list(); len(l.Snapshots) != 1 || !strings.HasPrefix(l.Snapshots[0].ID, "backup-") {
-		t.Fatalf("snapshots after two backups: %+v", l)
+	// Only each repository's newest backup snapshot stays, as the base of
+	// its next image.
+	if l := s.list(); len(l.Snapshots) != 2 || l.Snapshots[0].ID != r2.Images[0].Snapshot && l.Snapshots[1].ID != r2.Images[0].Snapshot ||
+		l.Snapshots[0].ID != o2.Images[0].Snapshot && l.Snapshots[1].ID != o2.Images[0].Snapshot {
+		t.Fatalf("snapshots after two backups into each of two repositories: %+v", l)
 	}
 }
 
