@@ -77,6 +77,21 @@ umbra repo init --repo "$W/repo" >/dev/null
 t0=$(now); umbra backup vol --repo "$W/repo" --writers=false >/dev/null; t1=$(now)
 umbra_full=$(secs "$t0" "$t1"); umbra_size=$(size "$W/repo")
 
+# Compression levels: full backup time and repository size, on the
+# volume as restic backed it up (before the scattered rewrites below), so
+# the sizes compare with restic's. Printed at the end.
+levels="| zstd level | full, s | restic's time / this | repo after full, MiB | vs restic size |
+|---|---|---|---|---|"
+for l in fastest default better; do
+	umbra repo init --repo "$W/repo-$l" --compression "$l" >/dev/null
+	t0=$(now); umbra backup vol --repo "$W/repo-$l" --writers=false >/dev/null; t1=$(now)
+	s0=$(size "$W/repo-$l")
+	[ "$l" = default ] && def_size=$s0
+	levels+="
+| $l | $(secs "$t0" "$t1") | $(ratio "$restic_full" "$(secs "$t0" "$t1")")x | $(mib "$s0") | $(ratio "$s0" "$restic_size")x |"
+	rm -rf "$W/repo-$l"
+done
+
 changed=$(scatter 1)
 t0=$(now); umbra backup vol --repo "$W/repo" --writers=false --json >"$W/incr.json" 2>/dev/null; t1=$(now)
 umbra_incr=$(secs "$t0" "$t1"); umbra_added=$(($(size "$W/repo") - umbra_size))
@@ -134,7 +149,6 @@ for round in 1 2 3; do
 	umbra repo init --repo "$W/repo-t" --compression default >/dev/null
 	t0=$(now); umbra backup vol --repo "$W/repo-t" --writers=false --full >/dev/null; t1=$(now)
 	udef+=("$(secs "$t0" "$t1")")
-	def_size=$(size "$W/repo-t")
 	rm -rf "$W/repo-t"
 done
 zstd_med=$(median "${zs[@]}"); umbra_full_med=$(median "${uf[@]}"); umbra_def_med=$(median "${udef[@]}")
@@ -174,13 +188,4 @@ for c in $CHUNKS; do
 done
 echo
 
-# Compression levels: full backup time and repository size.
-echo "| zstd level | full, s | restic's time / this | repo after full, MiB | vs restic size |"
-echo "|---|---|---|---|---|"
-for l in fastest default better; do
-	umbra repo init --repo "$W/repo-$l" --compression "$l" >/dev/null
-	t0=$(now); umbra backup vol --repo "$W/repo-$l" --writers=false >/dev/null; t1=$(now)
-	s0=$(size "$W/repo-$l")
-	echo "| $l | $(secs "$t0" "$t1") | $(ratio "$restic_full" "$(secs "$t0" "$t1")")x | $(mib "$s0") | $(ratio "$s0" "$restic_size")x |"
-	rm -rf "$W/repo-$l"
-done
+echo "$levels"
