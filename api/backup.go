@@ -87,7 +87,8 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
 	defer s.saveWriters() // their history, failures included
-	id := baseSnapshotPrefix + baseTag(repo) + "-" + time.Now().UTC().Format("20060102T150405.000000Z")
+	tag := baseTag(repo)
+	id := baseSnapshotPrefix + tag + "-" + time.Now().UTC().Format("20060102T150405.000000Z")
 	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: req.GetVolumes(), Writers: req.GetWriters(), ID: id})
 	if err != nil {
 		return nil, toStatus(err)
@@ -115,7 +116,6 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 	}
 	// This repository's previous bases are superseded; other
 	// repositories' stay, as the bases of their own next incrementals.
-	tag := baseTag(repo)
 	for _, sn := range set.Snapshots {
 		p, err := s.reg.Get(sn.Provider)
 		if err != nil {

@@ -21,8 +21,7 @@ type cEncoder struct {
 	goEnc    *goEncoder
 }
 
-// cZstd says whether this binary has the C encoder (reported by
-// `umbra version` and the benchmarks).
+// cZstd says whether this binary has the C encoder (for the tests).
 const cZstd = true
 
 func newCEncoder(level int, fallback func() *goEncoder) encoder {

@@ -267,24 +267,40 @@ func (r *Repo) eachSegment(ctx context.Context, x *Index, fn func(first int64, h
 	return nil
 }
 
-// listCursor reads an image's chunk hashes by position, keeping one
-// segment in memory; cheapest in ascending order.
+// listCursor reads an image's chunk hashes by position, keeping the
+// segments read last in memory (keep of them, one when 0); cheapest in
+// ascending order.
 type listCursor struct {
-	r      *Repo
-	x      *Index
+	r    *Repo
+	x    *Index
+	keep int
+	segs []listSegment // oldest first
+}
+
+type listSegment struct {
 	first  int64
 	hashes []Hash
 }
 
 func (c *listCursor) hash(ctx context.Context, i int64) (Hash, error) {
-	if c.hashes == nil || i < c.first || i >= c.first+int64(len(c.hashes)) {
-		first, hs, err := c.r.segment(ctx, c.x, c.x.segmentOf(i))
-		if err != nil {
-			return Hash{}, err
+	for _, s := range c.segs {
+		if i >= s.first && i < s.first+int64(len(s.hashes)) {
+			return s.hashes[i-s.first], nil
 		}
-		c.first, c.hashes = first, hs
 	}
-	return c.hashes[i-c.first], nil
+	k := c.x.segmentOf(i)
+	first, hs, err := c.r.segment(ctx, c.x, k)
+	if err != nil {
+		return Hash{}, err
+	}
+	if i < first || i >= first+int64(len(hs)) {
+		return Hash{}, fmt.Errorf("image %s: chunk %d is not in its list segment %d: %w", c.x.ID, i, k, ErrCorrupt)
+	}
+	if len(c.segs) >= max(c.keep, 1) {
+		c.segs = c.segs[1:]
+	}
+	c.segs = append(c.segs, listSegment{first, hs})
+	return hs[i-first], nil
 }
 
 // deleteList removes image id's chunk list objects (after its record):

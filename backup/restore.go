@@ -448,20 +448,14 @@ type ImageReader struct {
 	r *Repo
 	x *Index
 
-	mu     sync.Mutex // guards cache, order, cached, segs, segOrder
+	mu     sync.Mutex // guards cache, order, cached, list
 	cache  map[blobKey][]byte
 	order  []blobKey
 	cached int64 // bytes in cache
-	// The chunk list segments read last (up to readerSegments), so that
-	// reads hopping between a few places of the image do not read a
+	// list keeps the chunk list segments read last (readerSegments), so
+	// that reads hopping between a few places of the image do not read a
 	// segment (up to 2 MiB) again at every hop.
-	segs     map[int]listSegment
-	segOrder []int
-}
-
-type listSegment struct {
-	first  int64
-	hashes []Hash
+	list listCursor
 }
 
 // readerSegments bounds the chunk list segments an ImageReader keeps: 8
@@ -474,7 +468,7 @@ func (r *Repo) OpenImage(ctx context.Context, id string) (*ImageReader, error) {
 	if err != nil {
 		return nil, err
 	}
-	ir := &ImageReader{r: r, x: x, cache: map[blobKey][]byte{}, segs: map[int]listSegment{}}
+	ir := &ImageReader{r: r, x: x, cache: map[blobKey][]byte{}, list: listCursor{r: r, x: x, keep: readerSegments}}
 	if _, err := ir.hash(0); err != nil && x.Size > 0 {
 		return nil, err
 	}
@@ -485,25 +479,7 @@ func (r *Repo) OpenImage(ctx context.Context, id string) (*ImageReader, error) {
 func (ir *ImageReader) hash(i int64) (Hash, error) {
 	ir.mu.Lock()
 	defer ir.mu.Unlock()
-	k := ir.x.segmentOf(i)
-	seg, ok := ir.segs[k]
-	if !ok {
-		first, hs, err := ir.r.segment(context.Background(), ir.x, k)
-		if err != nil {
-			return Hash{}, err
-		}
-		if len(ir.segOrder) >= readerSegments {
-			delete(ir.segs, ir.segOrder[0])
-			ir.segOrder = ir.segOrder[1:]
-		}
-		seg = listSegment{first, hs}
-		ir.segs[k] = seg
-		ir.segOrder = append(ir.segOrder, k)
-	}
-	if i < seg.first || i >= seg.first+int64(len(seg.hashes)) {
-		return Hash{}, fmt.Errorf("image %s: chunk %d is not in its list segment %d: %w", ir.x.ID, i, k, ErrCorrupt)
-	}
-	return seg.hashes[i-seg.first], nil
+	return ir.list.hash(context.Background(), i)
 }
 
 // Zero reports whether chunk i of the image is all zeros (never stored).
