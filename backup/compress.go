@@ -21,16 +21,26 @@ import (
 // Nothing in a repository records which encoder wrote it.
 
 // levels are the compression levels a repository may name for new
-// blobs, as zstd levels for the C encoder and klauspost's nearest
-// equivalents for the Go one.
+// blobs, as zstd parameters for the C encoder and klauspost's nearest
+// equivalents for the Go one. "fastest" is zstd 1 (the fast strategy)
+// with a 4 MiB window (a whole blob), a 64 Ki-entry hash table instead of
+// level 1's 8 Ki and matches from 6 bytes: on the benchmark image's 4 KiB
+// chunks in 4 MiB blobs it stores 6 % less than plain level 1 (445.9
+// against 475.9 MiB) for ~20 % more encoder time, a better trade than
+// level 2 (448.1 MiB, ~30 % more) or hash tables of 2^15 (454.6) or 2^17
+// (439.7, ~40 % more) — docs/benchmarks.md, eighth session.
 var levels = map[string]struct {
-	c      int
+	c      cParams
 	goSide zstd.EncoderLevel
 }{
-	"fastest": {1, zstd.SpeedFastest},
-	"default": {3, zstd.SpeedDefault},
-	"better":  {7, zstd.SpeedBetterCompression},
+	"fastest": {cParams{level: 1, windowLog: 22, hashLog: 16, minMatch: 6}, zstd.SpeedFastest},
+	"default": {cParams{level: 3}, zstd.SpeedDefault},
+	"better":  {cParams{level: 7}, zstd.SpeedBetterCompression},
 }
+
+// cParams are the C encoder's parameters: a zstd level and, where not 0,
+// the window log, hash log and minimum match that replace the level's.
+type cParams struct{ level, windowLog, hashLog, minMatch int }
 
 // defaultLevel is the level Init gives a repository when none is asked
 // for: the fastest, near zstd -1's throughput; "default" stores ~10 %

@@ -5,4 +5,4 @@ package backup
 // cZstd says whether this binary has the C encoder: not without cgo.
 const cZstd = false
 
-func newCEncoder(int, func() *goEncoder) encoder { return nil }
+func newCEncoder(cParams, func() *goEncoder) encoder { return nil }

@@ -23,7 +23,13 @@ func encoders(t testing.TB) map[string]encoder {
 	es := map[string]encoder{}
 	for name, l := range levels {
 		es["go-"+name] = newGoEncoder(l.goSide, 2)
-		if e := newCEncoder(l.c, func() *goEncoder { return newGoEncoder(l.goSide, 2) }); e != nil {
+		// The C library fails only to allocate, or on a parameter it
+		// refuses: either would hide behind the fallback.
+		fallback := func() *goEncoder {
+			t.Errorf("the C encoder at level %s fell back to Go", name)
+			return newGoEncoder(l.goSide, 2)
+		}
+		if e := newCEncoder(l.c, fallback); e != nil {
 			es["c-"+name] = e
 		} else if cZstd {
 			t.Fatal("a cgo build has no C encoder")
@@ -106,6 +112,17 @@ func BenchmarkEncoders(b *testing.B) {
 	}
 	data = nil
 	es := encoders(b)
+	// UMBRA_BENCH_ZSTD="LEVEL,WLOG,HLOG,MML ...": more C parameter sets
+	// to compare (0: the level's own).
+	for _, spec := range strings.Fields(os.Getenv("UMBRA_BENCH_ZSTD")) {
+		var p cParams
+		if _, err := fmt.Sscanf(spec, "%d,%d,%d,%d", &p.level, &p.windowLog, &p.hashLog, &p.minMatch); err != nil {
+			b.Fatalf("UMBRA_BENCH_ZSTD: %q: %v", spec, err)
+		}
+		if e := newCEncoder(p, func() *goEncoder { return newGoEncoder(zstd.SpeedFastest, 2) }); e != nil {
+			es["c-"+spec] = e
+		}
+	}
 	names := slices.Sorted(maps.Keys(es))
 	for _, group := range []int{1 << 20, 4 << 20} {
 		for _, name := range names {
