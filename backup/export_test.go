@@ -211,3 +211,11 @@ func SetGoEncoder(on bool) func() { return set(&forceGoEncoder, on) }
 
 // CZstd says whether this build compresses with C zstd.
 const CZstd = cZstd
+
+// InitFormat5 creates a repository as Umbra before format 6 did: an
+// encrypted one names chunks by 32-byte hashes.
+func InitFormat5(ctx context.Context, location string, set Settings) (*Repo, error) {
+	initFormat5 = true
+	defer func() { initFormat5 = false }()
+	return InitWith(ctx, location, set)
+}

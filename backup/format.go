@@ -17,10 +17,19 @@ import (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// Hash names a chunk; the zero hash stands for an all-zero chunk.
+// Hash names a chunk; the zero hash stands for an all-zero chunk. In a
+// repository with 16-byte chunk hashes (format 6, encrypted) the last 16
+// bytes are zero.
 type Hash [32]byte
 
-func (h Hash) String() string { return hex.EncodeToString(h[:]) }
+// String is the hash in hex: 32 digits when its last 16 bytes are zero
+// (a 16-byte hash; a 32-byte one ends so with probability 2^-128).
+func (h Hash) String() string {
+	if [16]byte(h[16:]) == [16]byte{} {
+		return hex.EncodeToString(h[:16])
+	}
+	return hex.EncodeToString(h[:])
+}
 
 // PackID names a pack: the BLAKE3 hash of its bytes.
 type PackID [32]byte
@@ -247,26 +256,63 @@ type packBlobs struct {
 	Blobs []blobEntry
 }
 
-// encodeChunkIndex lists where chunks are: pack by pack.
-func encodeChunkIndex(packs []packBlobs) []byte {
+// Chunk index versions: 1 lists 48-byte entries (32-byte hash, then the
+// place); 2 (16-byte hashes, format 6) lists per pack first every hash,
+// then every place, so the places — runs of near-equal numbers —
+// compress to almost nothing next to the hashes.
+const (
+	chunkIndexV1 = 1
+	chunkIndexV2 = 2
+	// maxIndexPackEntries bounds a pack's entries in a version 2 index
+	// (writers put at most maxTrailerChunks in a pack).
+	maxIndexPackEntries = 1 << 20
+	placeLen            = 16
+)
+
+// encodeChunkIndex lists where chunks are, pack by pack, for a repository
+// whose chunk hashes have hashBytes bytes (16: version 2, else 1).
+func encodeChunkIndex(packs []packBlobs, hashBytes int) []byte {
 	var b []byte
 	b = append(b, cidxMagic...)
-	b = binary.LittleEndian.AppendUint16(b, 1)
+	if hashBytes != 16 {
+		b = binary.LittleEndian.AppendUint16(b, chunkIndexV1)
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(packs)))
+		for _, p := range packs {
+			b = append(b, p.ID[:]...)
+			b = binary.LittleEndian.AppendUint32(b, uint32(len(p.Blobs)))
+			for _, e := range p.Blobs {
+				b = appendBlobEntry(b, e)
+			}
+		}
+		return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	}
+	b = binary.LittleEndian.AppendUint16(b, chunkIndexV2)
+	b = append(b, byte(hashBytes))
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(packs)))
 	for _, p := range packs {
 		b = append(b, p.ID[:]...)
 		b = binary.LittleEndian.AppendUint32(b, uint32(len(p.Blobs)))
 		for _, e := range p.Blobs {
-			b = appendBlobEntry(b, e)
+			b = append(b, e.Hash[:hashBytes]...)
+		}
+		for _, e := range p.Blobs {
+			b = appendPlace(b, e)
 		}
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 }
 
-func decodeChunkIndex(b []byte) ([]packBlobs, error) {
+func appendPlace(b []byte, e blobEntry) []byte {
+	b = binary.LittleEndian.AppendUint32(b, e.Off)
+	b = binary.LittleEndian.AppendUint32(b, e.Len)
+	b = binary.LittleEndian.AppendUint32(b, e.RawOff)
+	return binary.LittleEndian.AppendUint32(b, e.Raw)
+}
+
+func decodeChunkIndex(b []byte, hashBytes int) ([]packBlobs, error) {
 	var out []packBlobs
-	_, err := readChunkIndex(bytes.NewReader(b), func(id PackID, n int) {
-		out = append(out, packBlobs{ID: id, Blobs: make([]blobEntry, 0, min(n, len(b)/blobEntLen))})
+	_, err := readChunkIndex(bytes.NewReader(b), hashBytes, func(id PackID, n int) {
+		out = append(out, packBlobs{ID: id, Blobs: make([]blobEntry, 0, min(n, len(b)/(hashBytes+placeLen)))})
 	}, func(e blobEntry) {
 		p := &out[len(out)-1]
 		p.Blobs = append(p.Blobs, e)
@@ -278,11 +324,13 @@ func decodeChunkIndex(b []byte) ([]packBlobs, error) {
 }
 
 // readChunkIndex parses a chunk index from r as it streams (an index
-// object is never whole in memory): pack is called for each pack with
-// its entry count, entry for each of its entries. The checksum is known
-// only at the end: on an error the caller drops what it was given. It
-// returns the number of entries.
-func readChunkIndex(r io.Reader, pack func(PackID, int), entry func(blobEntry)) (int, error) {
+// object is never whole in memory; a version 2 one holds one pack's
+// hashes at a time): pack is called for each pack with its entry count,
+// entry for each of its entries. hashBytes is the repository's hash
+// length: an index of another one is corrupt. The checksum is known only
+// at the end: on an error the caller drops what it was given. It returns
+// the number of entries.
+func readChunkIndex(r io.Reader, hashBytes int, pack func(PackID, int), entry func(blobEntry)) (int, error) {
 	const what = "chunk index"
 	br := bufio.NewReaderSize(r, 64<<10)
 	sum := crc32.New(castagnoli)
@@ -294,29 +342,70 @@ func readChunkIndex(r io.Reader, pack func(PackID, int), entry func(blobEntry)) 
 		sum.Write(p)
 		return nil
 	}
-	if err := read(buf[:14]); err != nil {
+	if err := read(buf[:10]); err != nil {
 		return 0, err
 	}
 	if string(buf[:8]) != cidxMagic {
 		return 0, corrupt(what, "bad magic")
 	}
-	if binary.LittleEndian.Uint16(buf[8:]) != 1 {
+	version := binary.LittleEndian.Uint16(buf[8:])
+	switch {
+	case version == chunkIndexV1 && hashBytes == 32:
+	case version == chunkIndexV2:
+		if err := read(buf[:1]); err != nil {
+			return 0, err
+		}
+		if int(buf[0]) != hashBytes || hashBytes != 16 {
+			return 0, corrupt(what, fmt.Sprintf("%d-byte hashes in a repository of %d-byte ones", buf[0], hashBytes))
+		}
+	case version == chunkIndexV1:
+		return 0, corrupt(what, fmt.Sprintf("32-byte hashes in a repository of %d-byte ones", hashBytes))
+	default:
 		return 0, corrupt(what, "unknown version")
 	}
+	if err := read(buf[:4]); err != nil {
+		return 0, err
+	}
+	var hashes []byte // version 2: one pack's
 	entries := 0
-	for range binary.LittleEndian.Uint32(buf[10:]) {
+	for range binary.LittleEndian.Uint32(buf[:]) {
 		if err := read(buf[:36]); err != nil {
 			return 0, err
 		}
 		var id PackID
 		copy(id[:], buf[:32])
 		m := binary.LittleEndian.Uint32(buf[32:])
-		pack(id, int(m))
+		if version == chunkIndexV1 {
+			pack(id, int(m))
+			for range m {
+				if err := read(buf[:]); err != nil {
+					return 0, err
+				}
+				entry(readBlobEntry(buf[:]))
+			}
+			entries += int(m)
+			continue
+		}
+		if m > maxIndexPackEntries {
+			return 0, corrupt(what, "too many entries in a pack")
+		}
+		// Grown as read, so a damaged count costs no more than the data.
+		hashes = hashes[:0]
 		for range m {
-			if err := read(buf[:]); err != nil {
+			if err := read(buf[:hashBytes]); err != nil {
 				return 0, err
 			}
-			entry(readBlobEntry(buf[:]))
+			hashes = append(hashes, buf[:hashBytes]...)
+		}
+		pack(id, int(m))
+		for i := range int(m) {
+			if err := read(buf[:placeLen]); err != nil {
+				return 0, err
+			}
+			e := blobEntry{Off: binary.LittleEndian.Uint32(buf[0:]), Len: binary.LittleEndian.Uint32(buf[4:]),
+				RawOff: binary.LittleEndian.Uint32(buf[8:]), Raw: binary.LittleEndian.Uint32(buf[12:])}
+			copy(e.Hash[:], hashes[i*hashBytes:(i+1)*hashBytes])
+			entry(e)
 		}
 		entries += int(m)
 	}
@@ -401,9 +490,10 @@ func (x *Index) encode(version uint16) []byte {
 		b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
 		b = append(b, s...)
 	}
-	if version == 3 {
+	if version >= 3 {
 		b = binary.LittleEndian.AppendUint64(b, uint64(x.First))
 	}
+	width := segmentHashBytes(version)
 	b = binary.LittleEndian.AppendUint64(b, uint64(len(x.Chunks)))
 	for i := 0; i < len(x.Chunks); {
 		z := i
@@ -417,11 +507,20 @@ func (x *Index) encode(version uint16) []byte {
 		b = binary.LittleEndian.AppendUint32(b, uint32(z-i))
 		b = binary.LittleEndian.AppendUint32(b, uint32(d-z))
 		for _, h := range x.Chunks[z:d] {
-			b = append(b, h[:]...)
+			b = append(b, h[:width]...)
 		}
 		i = d
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+}
+
+// segmentHashBytes is the hash length of a chunk list of this version:
+// version 4 is version 3 with 16-byte hashes (format 6, encrypted).
+func segmentHashBytes(version uint16) int {
+	if version == 4 {
+		return 16
+	}
+	return 32
 }
 
 func validChunkSize(n int) bool { return n >= 4096 && n <= 4<<20 && n&(n-1) == 0 }
@@ -438,9 +537,10 @@ func DecodeIndex(b []byte) (*Index, error) {
 	}
 	p := body[8:]
 	version := binary.LittleEndian.Uint16(p)
-	if version != 2 && version != 3 {
+	if version < 2 || version > 4 {
 		return nil, corrupt(what, "unknown version")
 	}
+	width := uint64(segmentHashBytes(version))
 	x := &Index{ChunkSize: int(binary.LittleEndian.Uint32(p[2:])), Size: int64(binary.LittleEndian.Uint64(p[6:])),
 		Created: time.Unix(0, int64(binary.LittleEndian.Uint64(p[14:]))).UTC(), format: version}
 	if !validChunkSize(x.ChunkSize) {
@@ -463,7 +563,7 @@ func DecodeIndex(b []byte) (*Index, error) {
 		return nil, corrupt(what, "negative size")
 	}
 	total := uint64(x.NumChunks())
-	if version == 3 {
+	if version >= 3 {
 		if len(p) < 8 {
 			return nil, corrupt(what, "truncated")
 		}
@@ -478,17 +578,17 @@ func DecodeIndex(b []byte) (*Index, error) {
 	}
 	n := binary.LittleEndian.Uint64(p)
 	p = p[8:]
-	if version == 2 && n != total || version == 3 && (n == 0 || n > total-uint64(x.First) || n > maxSegmentChunks) || n > uint64(len(p))*(1<<32) {
+	if version == 2 && n != total || version >= 3 && (n == 0 || n > total-uint64(x.First) || n > maxSegmentChunks) || n > uint64(len(p))*(1<<32) {
 		return nil, corrupt(what, "chunk count does not match the size")
 	}
-	x.Chunks = make([]Hash, 0, min(n, uint64(len(p)/32)+1))
+	x.Chunks = make([]Hash, 0, min(n, uint64(len(p))/width+1))
 	for uint64(len(x.Chunks)) < n {
 		if len(p) < 8 {
 			return nil, corrupt(what, "truncated")
 		}
 		z, d := uint64(binary.LittleEndian.Uint32(p)), uint64(binary.LittleEndian.Uint32(p[4:]))
 		p = p[8:]
-		if z+d == 0 || uint64(len(x.Chunks))+z+d > n || uint64(len(p)) < d*32 {
+		if z+d == 0 || uint64(len(x.Chunks))+z+d > n || uint64(len(p)) < d*width {
 			return nil, corrupt(what, "bad run of chunks")
 		}
 		if z > 0 && len(x.Chunks) > 0 && x.Chunks[len(x.Chunks)-1] == (Hash{}) || d > 0 && z == 0 && len(x.Chunks) > 0 {
@@ -497,12 +597,12 @@ func DecodeIndex(b []byte) (*Index, error) {
 		x.Chunks = append(x.Chunks, make([]Hash, z)...)
 		for range d {
 			var h Hash
-			copy(h[:], p)
+			copy(h[:width], p)
 			if h == (Hash{}) {
 				return nil, corrupt(what, "a zero hash in a run of data")
 			}
 			x.Chunks = append(x.Chunks, h)
-			p = p[32:]
+			p = p[width:]
 		}
 	}
 	if len(p) != 0 {

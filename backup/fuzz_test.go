@@ -77,22 +77,65 @@ func TestPackTrailerV2(t *testing.T) {
 	}
 }
 
+// FuzzDecodeChunkIndex decodes as a repository of 32-byte hashes would
+// (version 1), then of 16-byte ones (version 2): at most one accepts, and
+// what it accepts round-trips.
 func FuzzDecodeChunkIndex(f *testing.F) {
-	f.Add(encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}, {ID: PackID{8}}}))
-	f.Add(encodeChunkIndex(nil))
+	for _, n := range []int{32, 16} {
+		f.Add(encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}, {ID: PackID{8}}}, n))
+		f.Add(encodeChunkIndex(nil, n))
+	}
 	f.Add([]byte(cidxMagic))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		packs, err := decodeChunkIndex(b)
-		if err != nil {
-			if !errors.Is(err, ErrCorrupt) {
-				t.Fatalf("error %v does not wrap ErrCorrupt", err)
+		accepted := 0
+		for _, n := range []int{32, 16} {
+			packs, err := decodeChunkIndex(b, n)
+			if err != nil {
+				if !errors.Is(err, ErrCorrupt) {
+					t.Fatalf("error %v does not wrap ErrCorrupt", err)
+				}
+				continue
 			}
-			return
+			accepted++
+			for _, p := range packs {
+				for _, e := range p.Blobs {
+					if n == 16 && [16]byte(e.Hash[16:]) != [16]byte{} {
+						t.Fatal("a 16-byte index gave a 32-byte hash")
+					}
+				}
+			}
+			if !bytes.Equal(encodeChunkIndex(packs, n), b) {
+				t.Fatalf("chunk index (%d-byte hashes) does not round-trip", n)
+			}
 		}
-		if !bytes.Equal(encodeChunkIndex(packs), b) {
-			t.Fatal("chunk index does not round-trip")
+		if accepted > 1 {
+			t.Fatal("one index accepted for both hash lengths")
 		}
 	})
+}
+
+// TestChunkIndexV2: a 16-byte repository's index round-trips, takes 16
+// bytes of hash and 16 of place a chunk, and neither length reads the
+// other's.
+func TestChunkIndexV2(t *testing.T) {
+	in := []packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}, {ID: PackID{8}, Blobs: sampleBlobs()[:1]}}
+	b := encodeChunkIndex(in, 16)
+	if want := 8 + 2 + 1 + 4 + 2*36 + 3*32 + 4; len(b) != want {
+		t.Fatalf("index of 3 chunks in 2 packs is %d bytes, want %d", len(b), want)
+	}
+	out, err := decodeChunkIndex(b, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 2 || !slices.Equal(out[0].Blobs, in[0].Blobs) || !slices.Equal(out[1].Blobs, in[1].Blobs) {
+		t.Fatalf("decoded %+v, want %+v", out, in)
+	}
+	if _, err := decodeChunkIndex(b, 32); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a 16-byte index in a 32-byte repository: %v", err)
+	}
+	if _, err := decodeChunkIndex(encodeChunkIndex(in, 32), 16); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a 32-byte index in a 16-byte repository: %v", err)
+	}
 }
 
 // TestWriteSeedCorpus refreshes the committed seed corpora from valid
@@ -112,9 +155,12 @@ func TestWriteSeedCorpus(t *testing.T) {
 	tr = encodePackTrailer(sampleRuns())
 	write("FuzzDecodePackTrailer", "valid-v2", fmt.Sprintf("[]byte(%q)\nint64(17)\n", tr))
 	write("FuzzDecodePackTrailer", "short-pack-v2", fmt.Sprintf("[]byte(%q)\nint64(16)\n", tr))
-	ci := encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}})
+	ci := encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}}, 32)
 	write("FuzzDecodeChunkIndex", "valid", fmt.Sprintf("[]byte(%q)\n", ci))
 	write("FuzzDecodeChunkIndex", "truncated", fmt.Sprintf("[]byte(%q)\n", ci[:len(ci)-9]))
+	ci = encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}, {ID: PackID{7}, Blobs: sampleRuns()}}, 16)
+	write("FuzzDecodeChunkIndex", "valid-v2", fmt.Sprintf("[]byte(%q)\n", ci))
+	write("FuzzDecodeChunkIndex", "truncated-v2", fmt.Sprintf("[]byte(%q)\n", ci[:len(ci)-9]))
 	x := &Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3*4096 + 5, ChunkSize: 4096, Chunks: make([]Hash, 4)}
 	x.Chunks[1][0] = 7
 	write("FuzzDecodeIndex", "valid-v2", fmt.Sprintf("[]byte(%q)\n", x.Encode()))
@@ -123,6 +169,8 @@ func TestWriteSeedCorpus(t *testing.T) {
 	write("FuzzDecodeIndex", "valid-v3-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
 	seg.First, seg.format = 0, 3
 	write("FuzzDecodeIndex", "valid-v3-first-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
+	seg.First, seg.format = 4, 4
+	write("FuzzDecodeIndex", "valid-v4-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
 }
 
 // FuzzImageRecord: whatever an image record's JSON says, checkRecord

@@ -33,6 +33,15 @@ var segmentChunks int64 = 1 << 16
 
 func segmentName(id string, k int) string { return fmt.Sprintf("lists/%s/%06d", id, k) }
 
+// segmentVersion is the version of the shared segments this repository
+// holds: 4 with 16-byte hashes, else 3.
+func (r *Repo) segmentVersion() uint16 {
+	if r.hashLen() == 16 {
+		return 4
+	}
+	return 3
+}
+
 // sharedSegmentName names a format-5 segment by its hash.
 func sharedSegmentName(h Hash) string { s := h.String(); return "segments/" + s[:2] + "/" + s }
 
@@ -88,7 +97,7 @@ func (w *listWriter) flush(ctx context.Context) error {
 	x := w.x
 	// Nothing of the image in the segment, so that another image with the
 	// same chunks there has the same segment.
-	seg := &Index{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: 3}
+	seg := &Index{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: w.r.segmentVersion()}
 	plain := seg.Encode()
 	h := w.sum(plain)
 	name := sharedSegmentName(h)
@@ -238,7 +247,7 @@ func (r *Repo) readSharedSegment(ctx context.Context, x *Index, name string, sum
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %s: %w", x.ID, name, err)
 	}
-	if l.format != 3 || l.ID != "" || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize {
+	if l.format != r.segmentVersion() || l.ID != "" || l.Size != x.Size || l.ChunkSize != r.cfg.ChunkSize {
 		return nil, fmt.Errorf("image %s: chunk list %s: %w: a segment of another volume (size %d, chunk %d, format %d)", x.ID, name, ErrCorrupt, l.Size, l.ChunkSize, l.format)
 	}
 	return l, nil

@@ -53,23 +53,33 @@ var packTarget = 16 << 20
 
 // Config is the repository's config object (JSON, never encrypted).
 type Config struct {
-	Version     int    `json:"version"`
-	ID          string `json:"id"`
-	Hash        string `json:"hash"` // blake3 | sha256
+	Version int    `json:"version"`
+	ID      string `json:"id"`
+	Hash    string `json:"hash"` // blake3 | sha256
+	// HashBytes is how many bytes of the hash name a chunk: 16 in
+	// encrypted repositories from format 6 on (keyed, so a collision
+	// cannot be searched for offline), else 32 (0 in older configs).
+	HashBytes   int    `json:"hash_bytes,omitempty"`
 	ChunkSize   int    `json:"chunk_size"`
 	Compression string `json:"compression"` // zstd
 	Level       string `json:"level"`       // fastest | default | better: for new blobs only
 	Encryption  string `json:"encryption"`  // none | aes-256-gcm
 }
 
-// formatVersion 5 names chunk-list segments by their content, shared
+// formatVersion 6 names chunks by 16 bytes of their keyed hash in
+// encrypted repositories (hash_bytes; chunk lists version 4, chunk index
+// version 2); 5 names chunk-list segments by their content, shared
 // between images (segments/HH/HASH); 4 wrote version 2 pack trailers (no
 // chunk hashes); 3 cut chunk lists into segments. Repositories of formats
-// 2 to 4 are read as they are and upgraded by their next backup or prune
+// 2 to 5 are read as they are and upgraded by their next backup or prune
 // (upgradeFormat), before it writes anything new, so an older Umbra
 // refuses them instead of missing new images' lists or taking new packs
 // for garbage.
-const formatVersion = 5
+const formatVersion = 6
+
+// initFormat5 makes Init write a format-5 repository (32-byte hashes
+// when encrypted too), as earlier Umbra did: tests set it.
+var initFormat5 = false
 
 // Typed errors.
 var (
@@ -172,6 +182,7 @@ func InitWith(ctx context.Context, location string, set Settings) (*Repo, error)
 	}
 	if set.Password != "" {
 		cfg.Encryption = "aes-256-gcm"
+		cfg.HashBytes = 16
 		master := make([]byte, masterKeyLen)
 		rand.Read(master)
 		k, err := newKeyFile(set.Password, master)
@@ -181,6 +192,9 @@ func InitWith(ctx context.Context, location string, set Settings) (*Repo, error)
 		if err := be.Put(ctx, "keys/"+randomID(), k.encode()); err != nil {
 			return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
 		}
+	}
+	if initFormat5 {
+		cfg.Version, cfg.HashBytes = 5, 0
 	}
 	b, _ := json.MarshalIndent(cfg, "", "  ")
 	if err := be.Put(ctx, "config", b); err != nil {
@@ -215,7 +229,8 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		return nil, fmt.Errorf("open repository %s: config: %w: %v", where, ErrCorrupt, err)
 	}
 	if cfg.Version < 2 || cfg.Version > formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
-		cfg.Compression != "zstd" || !knownLevel(cfg.Level) || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") {
+		cfg.Compression != "zstd" || !knownLevel(cfg.Level) || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") ||
+		cfg.HashBytes != 0 && cfg.HashBytes != 32 && (cfg.HashBytes != 16 || cfg.Encryption == "none" || cfg.Version < 6) {
 		why := "settings this Umbra does not know"
 		if cfg.Version > formatVersion {
 			why = "written by a newer Umbra: use that version"
@@ -313,8 +328,29 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// hasher returns a chunk-hash function for one goroutine.
+// hashLen is how many bytes of a chunk's hash name it: 16 or 32.
+func (r *Repo) hashLen() int {
+	if r.cfg.HashBytes == 16 {
+		return 16
+	}
+	return 32
+}
+
+// hasher returns a chunk-hash function for one goroutine: the hash cut
+// to hashLen bytes (the rest zero).
 func (r *Repo) hasher() func([]byte) Hash {
+	sum := r.fullHasher()
+	if r.hashLen() == 16 {
+		return func(b []byte) Hash {
+			h := sum(b)
+			clear(h[16:])
+			return h
+		}
+	}
+	return sum
+}
+
+func (r *Repo) fullHasher() func([]byte) Hash {
 	switch {
 	case r.cfg.Hash == "blake3" && r.hashKey == nil:
 		return func(b []byte) Hash { return blake3.Sum256(b) }
@@ -444,7 +480,7 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 		if err == nil {
 			r.mu.Lock()
 			var pack uint32
-			_, err = readChunkIndex(dec, func(id PackID, m int) {
+			_, err = readChunkIndex(dec, r.hashLen(), func(id PackID, m int) {
 				pack = r.packNumber(id)
 				all = slices.Grow(all, min(m, 1<<20))
 			}, func(e blobEntry) {

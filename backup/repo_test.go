@@ -405,8 +405,8 @@ func TestSharedSegments(t *testing.T) {
 	if other.Stats.Stored != 0 || len(backup.ObjectNames(repo, "segments/")) != 9 {
 		t.Fatalf("an identical volume stored %d new bytes, %d segments in all", other.Stats.Stored, len(backup.ObjectNames(repo, "segments/")))
 	}
-	if st := repo.Stats(ctx); st.ListSegments != 24 || st.ListObjects != 9 || st.Format != 5 {
-		t.Fatalf("stats: %d list segments in %d objects, format %d; want 24 in 9, format 5", st.ListSegments, st.ListObjects, st.Format)
+	if st := repo.Stats(ctx); st.ListSegments != 24 || st.ListObjects != 9 || st.Format != 6 {
+		t.Fatalf("stats: %d list segments in %d objects, format %d; want 24 in 9, format 6", st.ListSegments, st.ListObjects, st.Format)
 	}
 	if _, err := repo.Delete(ctx, []string{full.ID}); err != nil {
 		t.Fatal(err)
@@ -574,7 +574,7 @@ func TestFormat2Repository(t *testing.T) {
 	if x.Parent != old.ID || len(x.Segments) != (len(src)/4096+1+4)/5 {
 		t.Fatalf("incremental on a format-2 parent: parent %q, %d segments", x.Parent, len(x.Segments))
 	}
-	if v := repo.Config().Version; v != 5 {
+	if v := repo.Config().Version; v != 6 {
 		t.Fatalf("repository still version %d after a segmented image", v)
 	}
 	if rep := repo.Verify(); rep.GoodImages != 2 || len(rep.BadImages) > 0 {
@@ -628,5 +628,74 @@ func TestIndexAsItGoes(t *testing.T) {
 	}
 	if rep := repo.Verify(); rep.GoodImages != 1 || len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes) > 0 {
 		t.Fatalf("verify: %+v", rep)
+	}
+}
+
+// TestChunkHashLengths: a new encrypted repository names chunks by 16
+// bytes of their keyed hash — segments named by 32 hex digits, about
+// half the list and index bytes of a format-5 encrypted repository (32
+// bytes) for the same images — and both kinds back up, restore, verify
+// and prune; the format-5 one is upgraded to format 6 and keeps its
+// 32-byte names.
+func TestChunkHashLengths(t *testing.T) {
+	ctx := context.Background()
+	r := rand.New(rand.NewPCG(21, 22))
+	src := volumeData(r, 3<<20)
+	next := append(memSource(nil), src...)
+	for _, at := range []int{5, 300, 700} {
+		next[at*4096+9] ^= 0xff
+	}
+	set := backup.Settings{Password: "pw"}
+	var index [2]int64
+	for i, init := range []func(context.Context, string, backup.Settings) (*backup.Repo, error){backup.InitWith, backup.InitFormat5} {
+		dir := filepath.Join(t.TempDir(), "repo")
+		repo, err := init(ctx, dir, set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, wantLen := 16, 32 // bytes a hash, hex digits a segment name
+		if i == 1 {
+			want, wantLen = 0, 64
+		}
+		full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+		index[i] = full.Stats.Index
+		changed := &provider.Bitmap{Granule: 4096, Size: int64(len(src)), Bits: make([]uint64, (len(src)/4096+63)/64)}
+		for _, at := range []int{5, 300, 700} {
+			changed.Bits[at/64] |= 1 << (at % 64)
+		}
+		incr := backupAndRestore(t, repo, next, backup.Options{Volume: "v", Parent: full, Changed: changed})
+		if c := repo.Config(); c.HashBytes != want || c.Version != 6 {
+			t.Fatalf("repository %d: hash_bytes %d, format %d; want %d, 6", i, c.HashBytes, c.Version, want)
+		}
+		for _, n := range backup.ObjectNames(repo, "segments/") {
+			if l := len(n[strings.LastIndex(n, "/")+1:]); l != wantLen {
+				t.Fatalf("repository %d: segment %s named by %d hex digits, want %d", i, n, l, wantLen)
+			}
+		}
+		repo.Close()
+		repo, err = backup.OpenWith(ctx, dir, set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep := repo.Verify(); rep.GoodImages != 2 || len(rep.BadChunks) > 0 || len(rep.BadImages) > 0 {
+			t.Fatalf("repository %d: verify: %+v", i, rep)
+		}
+		if _, err := repo.Prune(ctx, backup.Policy{Last: 1}, false); err != nil {
+			t.Fatal(err)
+		}
+		out := filepath.Join(t.TempDir(), "out.img")
+		if err := repo.Restore(incr.ID, out, nil); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(out); !bytes.Equal(b, next) {
+			t.Fatalf("repository %d: the incremental restores wrong after prune", i)
+		}
+		if rep := repo.Verify(); rep.GoodImages != 1 || len(rep.BadChunks) > 0 {
+			t.Fatalf("repository %d: verify after prune: %+v", i, rep)
+		}
+		repo.Close()
+	}
+	if index[0] > index[1]*6/10 {
+		t.Fatalf("list and index of a full image: %d bytes with 16-byte hashes, %d with 32", index[0], index[1])
 	}
 }

@@ -220,6 +220,7 @@ type RepoStats struct {
 	Location    string  `json:"location"`
 	Encryption  string  `json:"encryption"`
 	Hash        string  `json:"hash"`
+	HashBytes   int     `json:"hash_bytes"` // of the hash naming a chunk: 16 or 32
 	ChunkSize   int     `json:"chunk_size"`
 	Images      int     `json:"images"`
 	Volumes     int     `json:"volumes"`
@@ -245,7 +246,7 @@ type RepoStats struct {
 
 // Stats summarizes the repository.
 func (r *Repo) Stats(ctx context.Context) RepoStats {
-	st := RepoStats{Location: r.Location(), Encryption: r.cfg.Encryption, Hash: r.cfg.Hash, ChunkSize: r.cfg.ChunkSize, Level: r.cfg.Level, Encoder: r.enc.name()}
+	st := RepoStats{Location: r.Location(), Encryption: r.cfg.Encryption, Hash: r.cfg.Hash, HashBytes: r.hashLen(), ChunkSize: r.cfg.ChunkSize, Level: r.cfg.Level, Encoder: r.enc.name()}
 	list, _ := r.images(ctx)
 	vols := map[string]bool{}
 	for _, x := range list {

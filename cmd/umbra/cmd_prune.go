@@ -83,7 +83,7 @@ func newStatsCmd() *cobra.Command {
 			if st.Encoder == "go" {
 				encoder = "pure Go: this binary was built without cgo"
 			}
-			fmt.Fprintf(w, "format\t%d: chunks %s, %s, zstd %s (%s), encryption %s\n", st.Format, human(int64(st.ChunkSize)), st.Hash, st.Level, encoder, st.Encryption)
+			fmt.Fprintf(w, "format\t%d: chunks %s named by %d bytes of %s, zstd %s (%s), encryption %s\n", st.Format, human(int64(st.ChunkSize)), st.HashBytes, st.Hash, st.Level, encoder, st.Encryption)
 			fmt.Fprintf(w, "images\t%d of %d volumes, %s in all\n", st.Images, st.Volumes, human(st.ImageBytes))
 			fmt.Fprintf(w, "chunk lists\t%d segments, %d stored (images share the ones they have in common)\n", st.ListSegments, st.ListObjects)
 			fmt.Fprintf(w, "unique chunks\t%d in %d packs, %s raw, %s stored\n", st.Chunks, st.Packs, human(st.RawBytes), human(st.StoredBytes))
