@@ -60,7 +60,6 @@ import (
 // per concurrent call, from a pool (a context is not safe for concurrent
 // use, and setting one up costs more than a small object's compression).
 type cEncoder struct {
-	p    cParams
 	ctxs sync.Pool
 	// fallback encodes when the C library fails (it can only fail to
 	// allocate): made on first use.
@@ -77,7 +76,7 @@ type cCtx struct{ c *C.ZSTD_CCtx }
 const cZstd = true
 
 func newCEncoder(p cParams, fallback func() *goEncoder) encoder {
-	e := &cEncoder{p: p, fallback: fallback}
+	e := &cEncoder{fallback: fallback}
 	e.ctxs.New = func() any {
 		c := C.umbra_zstd_ctx(C.int(p.level), C.int(p.windowLog), C.int(p.hashLog), C.int(p.minMatch))
 		if c == nil {

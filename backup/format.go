@@ -61,7 +61,12 @@ const (
 )
 
 func appendBlobEntry(b []byte, e blobEntry) []byte {
-	b = append(b, e.Hash[:]...)
+	return appendPlace(append(b, e.Hash[:]...), e)
+}
+
+// appendPlace appends where e's chunk is: u32 blob offset in the pack,
+// blob length, chunk offset in the opened blob, chunk length.
+func appendPlace(b []byte, e blobEntry) []byte {
 	b = binary.LittleEndian.AppendUint32(b, e.Off)
 	b = binary.LittleEndian.AppendUint32(b, e.Len)
 	b = binary.LittleEndian.AppendUint32(b, e.RawOff)
@@ -69,13 +74,17 @@ func appendBlobEntry(b []byte, e blobEntry) []byte {
 }
 
 // readBlobEntry decodes one entry from p (at least blobEntLen bytes).
-func readBlobEntry(p []byte) (e blobEntry) {
+func readBlobEntry(p []byte) blobEntry {
+	e := readPlace(p[32:])
 	copy(e.Hash[:], p)
-	e.Off = binary.LittleEndian.Uint32(p[32:])
-	e.Len = binary.LittleEndian.Uint32(p[36:])
-	e.RawOff = binary.LittleEndian.Uint32(p[40:])
-	e.Raw = binary.LittleEndian.Uint32(p[44:])
 	return e
+}
+
+// readPlace decodes what appendPlace wrote (p holds at least placeLen
+// bytes).
+func readPlace(p []byte) blobEntry {
+	return blobEntry{Off: binary.LittleEndian.Uint32(p), Len: binary.LittleEndian.Uint32(p[4:]),
+		RawOff: binary.LittleEndian.Uint32(p[8:]), Raw: binary.LittleEndian.Uint32(p[12:])}
 }
 
 // Pack trailer versions. Version 1 listed every chunk with its hash (48
@@ -302,13 +311,6 @@ func encodeChunkIndex(packs []packBlobs, hashBytes int) []byte {
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 }
 
-func appendPlace(b []byte, e blobEntry) []byte {
-	b = binary.LittleEndian.AppendUint32(b, e.Off)
-	b = binary.LittleEndian.AppendUint32(b, e.Len)
-	b = binary.LittleEndian.AppendUint32(b, e.RawOff)
-	return binary.LittleEndian.AppendUint32(b, e.Raw)
-}
-
 func decodeChunkIndex(b []byte, hashBytes int) ([]packBlobs, error) {
 	var out []packBlobs
 	_, err := readChunkIndex(bytes.NewReader(b), hashBytes, func(id PackID, n int) {
@@ -402,8 +404,7 @@ func readChunkIndex(r io.Reader, hashBytes int, pack func(PackID, int), entry fu
 			if err := read(buf[:placeLen]); err != nil {
 				return 0, err
 			}
-			e := blobEntry{Off: binary.LittleEndian.Uint32(buf[0:]), Len: binary.LittleEndian.Uint32(buf[4:]),
-				RawOff: binary.LittleEndian.Uint32(buf[8:]), Raw: binary.LittleEndian.Uint32(buf[12:])}
+			e := readPlace(buf[:])
 			copy(e.Hash[:], hashes[i*hashBytes:(i+1)*hashBytes])
 			entry(e)
 		}
