@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -255,14 +254,6 @@ func closeVolumes(p *cow.Provider, log *slog.Logger) {
 }
 
 func runServe(ctx context.Context, cfg serveConfig) error {
-	// UMBRA_CPUPROFILE=FILE profiles the service until it stops (for
-	// finding where a front-end spends its time under load).
-	if path := os.Getenv("UMBRA_CPUPROFILE"); path != "" {
-		if f, err := os.Create(path); err == nil {
-			pprof.StartCPUProfile(f)
-			defer func() { pprof.StopCPUProfile(); f.Close() }()
-		}
-	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	if cfg.StateDir == "" {
 		cfg.StateDir = defaultStateDir()

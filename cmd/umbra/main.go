@@ -10,12 +10,22 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/pprof"
 
 	"umbra/backup"
 )
 
 func main() {
+	// UMBRA_CPUPROFILE=FILE profiles the command (the service until it
+	// stops, a restore until it ends): for finding where time goes.
+	if path := os.Getenv("UMBRA_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil && pprof.StartCPUProfile(f) == nil {
+			defer f.Close()
+			defer pprof.StopCPUProfile()
+		}
+	}
 	err := newRootCmd().Execute()
+	pprof.StopCPUProfile()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "umbra:", err)
 		os.Exit(exitCode(err))
