@@ -6,7 +6,9 @@ import (
 
 // Compression: every blob and metadata object is one standard zstd frame
 // without a content checksum, whichever encoder wrote it, and is read back
-// with klauspost/compress's decoder. Two encoders write those frames:
+// with klauspost/compress's decoder; in cgo builds blobs, the bulk of a
+// restore, go to the C library first (cDecode) and to the Go decoder only
+// when C does not take them. Two encoders write those frames:
 //
 //   - the reference C zstd (DataDog/zstd, cgo; compress_cgo.go), used
 //     whenever the binary is built with cgo — the default where a C
@@ -75,6 +77,10 @@ func (g *goEncoder) bound(n int) int { return n + n>>10 + 64 }
 func (g *goEncoder) close() { g.e.Close() }
 
 func (g *goEncoder) name() string { return "go" }
+
+// forceGoDecoder makes cDecode decline every frame, so that blobs go to
+// the Go decoder in cgo builds too (tests exercise both).
+var forceGoDecoder bool
 
 // forceGoEncoder makes newEncoder return the Go encoder in cgo builds too
 // (tests exercise both).

@@ -154,3 +154,70 @@ func BenchmarkEncoders(b *testing.B) {
 		}
 	}
 }
+
+// TestDecoders: the C fast path (cgo builds) decodes every encoder's
+// frames of 4 KiB and more (any blob) to exactly what the Go decoder gives, into dst's room when it
+// fits, and declines — leaving the verdict to the Go decoder — whatever
+// is not one whole frame that records a size within the bound: empty
+// input, garbage, a truncated frame, two frames, a frame over the bound,
+// a frame without its size.
+func TestDecoders(t *testing.T) {
+	if !cZstd {
+		t.Skip("built without cgo: blobs have only the Go decoder")
+	}
+	r := rand.New(rand.NewPCG(3, 4))
+	noise := make([]byte, 1<<20)
+	for i := range noise {
+		noise[i] = byte(r.Uint32())
+	}
+	text := []byte(strings.Repeat("umbra shadow copy volume snapshot ", 30_000))
+	dec, _ := zstd.NewReader(nil, zstd.WithDecoderMaxMemory(maxDecoded))
+	defer dec.Close()
+	for name, e := range encoders(t) {
+		for in, src := range map[string][]byte{"one byte": {7}, "4 KiB noise": noise[:4096], "text": text, "noise": noise, "zeros": make([]byte, 1<<20)} {
+			frame := e.encode(nil, src)
+			want, err := dec.DecodeAll(frame, nil)
+			if err != nil || !bytes.Equal(want, src) {
+				t.Fatalf("%s, %s: Go decoder: %v", name, in, err)
+			}
+			got, ok := cDecode(nil, frame, maxDecoded)
+			if !ok && len(src) < 4096 {
+				// The Go encoder leaves the size out of a tiny frame's
+				// header; blobs hold 4 KiB or more.
+				continue
+			}
+			if !ok || !bytes.Equal(got, src) {
+				t.Fatalf("%s, %s: C decoder took it %v, equal %v", name, in, ok, bytes.Equal(got, src))
+			}
+			room := make([]byte, 0, len(src)+10)
+			if got, ok := cDecode(room, frame, maxDecoded); !ok || &got[0] != &room[:1][0] {
+				t.Fatalf("%s, %s: not decoded into dst's room", name, in)
+			}
+			if _, ok := cDecode(nil, frame, len(src)-1); ok {
+				t.Fatalf("%s, %s: took a frame over the bound", name, in)
+			}
+			if _, ok := cDecode(nil, frame[:len(frame)-1], maxDecoded); ok {
+				t.Fatalf("%s, %s: took a truncated frame", name, in)
+			}
+			if _, ok := cDecode(nil, append(slices.Clone(frame), frame...), maxDecoded); ok {
+				t.Fatalf("%s, %s: took two frames", name, in)
+			}
+		}
+	}
+	for in, z := range map[string][]byte{"empty": nil, "garbage": noise[:4096], "zstd magic then garbage": append([]byte{0x28, 0xb5, 0x2f, 0xfd}, noise[:100]...)} {
+		if _, ok := cDecode(nil, z, maxDecoded); ok {
+			t.Fatalf("%s: the C decoder took it", in)
+		}
+	}
+	// A streamed frame does not record its size.
+	var sb bytes.Buffer
+	w, _ := zstd.NewWriter(&sb)
+	w.Write(text)
+	w.Close()
+	if _, ok := cDecode(nil, sb.Bytes(), maxDecoded); ok {
+		t.Fatal("took a frame that does not record its size")
+	}
+	if got, err := dec.DecodeAll(sb.Bytes(), nil); err != nil || !bytes.Equal(got, text) {
+		t.Fatalf("streamed frame: %v", err)
+	}
+}

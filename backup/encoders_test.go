@@ -11,7 +11,7 @@ import (
 // TestMixedEncoders: a repository is one format whichever encoder wrote
 // it. Images written by the pure-Go encoder and by C zstd (in a cgo
 // build) in the same repository, in either order, deduplicate against
-// each other, restore byte-identical, verify, and survive a prune that
+// each other, restore byte-identical through either decoder, verify, and survive a prune that
 // recompresses the live chunks of partly dead blobs.
 func TestMixedEncoders(t *testing.T) {
 	if !backup.CZstd {
@@ -23,6 +23,7 @@ func TestMixedEncoders(t *testing.T) {
 	_, dir := newRepo(t)
 	for i, goEnc := range []bool{true, false, true, false} {
 		restore := backup.SetGoEncoder(goEnc)
+		restoreDec := backup.SetGoDecoder(i%2 == 0) // each decoder reads blobs of both encoders
 		repo, err := backup.Open(dir)
 		if err != nil {
 			t.Fatal(err)
@@ -48,5 +49,6 @@ func TestMixedEncoders(t *testing.T) {
 		}
 		repo.Close()
 		restore()
+		restoreDec()
 	}
 }

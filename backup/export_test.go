@@ -219,3 +219,6 @@ func InitFormat5(ctx context.Context, location string, set Settings) (*Repo, err
 	defer func() { initFormat5 = false }()
 	return InitWith(ctx, location, set)
 }
+
+// SetGoDecoder sends every blob to the Go decoder (cgo builds too).
+func SetGoDecoder(on bool) func() { return set(&forceGoDecoder, on) }

@@ -558,9 +558,9 @@ func (r *Repo) openBlob(blob []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	data, err := r.dec.DecodeAll(z, nil)
+	data, err := r.decodeBlob(nil, z)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		return nil, err
 	}
 	return data, nil
 }
@@ -572,6 +572,16 @@ func (r *Repo) openBlobInto(dst, blob []byte) ([]byte, error) {
 	z, err := r.seal.openInPlace(blob)
 	if err != nil {
 		return nil, err
+	}
+	return r.decodeBlob(dst, z)
+}
+
+// decodeBlob decodes the zstd frame z into dst's room: with the C library
+// when it takes it, else with the Go decoder, whose error names a damaged
+// frame.
+func (r *Repo) decodeBlob(dst, z []byte) ([]byte, error) {
+	if data, ok := cDecode(dst, z, maxDecoded); ok {
+		return data, nil
 	}
 	data, err := r.dec.DecodeAll(z, dst[:0])
 	if err != nil {
