@@ -75,3 +75,41 @@ func TestRestoreTargets(t *testing.T) {
 		t.Fatal("a refused restore wrote to the mounted filesystem")
 	}
 }
+
+// TestRestoreTargetFull: a restore onto a file whose filesystem fills up
+// (a 1 MiB tmpfs, the image 12 MiB over several list segments) fails
+// with the write's error and where it happened, removes the partial file
+// it created, and leaves the repository able to restore the image.
+func TestRestoreTargetFull(t *testing.T) {
+	testutil.NeedRoot(t)
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(512))
+	dir := t.TempDir()
+	repo, err := backup.Init(filepath.Join(dir, "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	src := volumeData(rand.New(rand.NewPCG(73, 74)), 12<<20)
+	x := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+
+	small := filepath.Join(dir, "small")
+	os.Mkdir(small, 0o700)
+	testutil.Run(t, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small)
+	defer testutil.Run(t, "umount", small)
+	out := filepath.Join(small, "out.img")
+	var last int64
+	err = repo.Restore(x.ID, out, func(done, total int64) { last = done })
+	if err == nil || !strings.Contains(err.Error(), "no space left") || !strings.Contains(err.Error(), out+" at ") {
+		t.Fatalf("restore onto a full filesystem: %v", err)
+	}
+	if !strings.Contains(err.Error(), "partial file "+out+" was removed") {
+		t.Fatalf("the error does not say the partial file was removed: %v", err)
+	}
+	if _, serr := os.Stat(out); serr == nil {
+		t.Fatal("the partial file is still there")
+	}
+	if last >= x.Size {
+		t.Fatalf("progress reached %d of %d bytes for a restore that failed", last, x.Size)
+	}
+	backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+}
