@@ -131,23 +131,8 @@ func benchChunk() int {
 // moves along, and 128 KiB reads in order (UMBRA_GROUP_KIB sets the blob
 // size to compare).
 func BenchmarkImageReader(b *testing.B) {
-	f, err := os.Open(benchImage(b))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	dir, _ := os.MkdirTemp("/dev/shm", "umbra-bench-")
-	defer os.RemoveAll(dir)
 	ctx := context.Background()
-	repo, err := backup.Init(filepath.Join(dir, "repo"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer repo.Close()
-	x, _, err := repo.Backup(ctx, fileSource{f}, backup.Options{Volume: "v", Allocated: backup.FileAllocation(f)})
-	if err != nil {
-		b.Fatal(err)
-	}
+	repo, x, _ := benchBackup(b, backup.Settings{})
 	blocks := int(x.Size / 4096)
 	reads := map[string]func(ir *backup.ImageReader, r *rand.Rand, i int) int{
 		"random-4K": func(ir *backup.ImageReader, r *rand.Rand, _ int) int {
@@ -188,23 +173,7 @@ func BenchmarkImageReader(b *testing.B) {
 // tmpfs b.N times, reporting the time and the CPU (user and system) of
 // each restore: the in-process part of bench/backup.sh's restore rows.
 func BenchmarkRestoreFile(b *testing.B) {
-	f, err := os.Open(benchImage(b))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	dir, _ := os.MkdirTemp("/dev/shm", "umbra-bench-")
-	defer os.RemoveAll(dir)
-	ctx := context.Background()
-	repo, err := backup.InitWith(ctx, filepath.Join(dir, "repo"), backup.Settings{Password: os.Getenv("UMBRA_PASSWORD"), ChunkSize: benchChunk()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer repo.Close()
-	x, _, err := repo.Backup(ctx, fileSource{f}, backup.Options{Volume: "v", Allocated: backup.FileAllocation(f)})
-	if err != nil {
-		b.Fatal(err)
-	}
+	repo, x, dir := benchBackup(b, backup.Settings{Password: os.Getenv("UMBRA_PASSWORD"), ChunkSize: benchChunk()})
 	out := filepath.Join(dir, "out.img")
 	var wall, user, sys float64
 	b.ResetTimer()
@@ -231,4 +200,29 @@ func cpuSeconds() (user, sys float64) {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano()).Seconds(), time.Duration(ru.Stime.Nano()).Seconds()
+}
+
+// benchBackup backs up UMBRA_BENCH_IMAGE into a new repository (set) in
+// a directory on tmpfs, all removed when the benchmark ends.
+func benchBackup(b *testing.B, set backup.Settings) (*backup.Repo, *backup.Index, string) {
+	f, err := os.Open(benchImage(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	dir, err := os.MkdirTemp("/dev/shm", "umbra-bench-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	repo, err := backup.InitWith(context.Background(), filepath.Join(dir, "repo"), set)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(repo.Close)
+	x, _, err := repo.Backup(context.Background(), fileSource{f}, backup.Options{Volume: "v", Allocated: backup.FileAllocation(f)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return repo, x, dir
 }
