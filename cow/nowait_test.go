@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -16,9 +19,9 @@ import (
 )
 
 // TestTryReadAt: a volume reads without waiting (TryReadAt) and offers
-// for sendfile (CachedFile) what is in the page cache, refuses what would
-// come from the disk, and on tmpfs takes everything, since nothing there
-// waits for a disk.
+// for sendfile (CachedFile) and as a mapping (MappedRange) what is in the
+// page cache, refuses what would come from the disk, and on tmpfs takes
+// everything, since nothing there waits for a disk.
 func TestTryReadAt(t *testing.T) {
 	const size = 1 << 20
 	data := bytes.Repeat([]byte("umbra-nowait-"), size/13+1)[:size]
@@ -26,6 +29,11 @@ func TestTryReadAt(t *testing.T) {
 	// probe starts readahead, which on a fast disk can bring the pages
 	// back before the other probe looks.
 	var evict func()
+	// probeMapped: check MappedRange too. Not where pages are evicted
+	// later: a page once mapped is sometimes still held on another CPU's
+	// LRU batch when FADV_DONTNEED runs, and stays cached (TestMappedRange
+	// covers a file on disk).
+	probeMapped := false
 	check := func(t *testing.T, v *Volume, off, n int64, wantOK bool) {
 		t.Helper()
 		p := make([]byte, n)
@@ -39,6 +47,18 @@ func TestTryReadAt(t *testing.T) {
 		if ok {
 			if _, err := f.ReadAt(p, off); err != nil || !bytes.Equal(p, data[off:off+n]) {
 				t.Fatalf("CachedFile [%d,+%d): the file does not hold the volume's bytes there (%v)", off, n, err)
+			}
+		}
+		if probeMapped {
+			m, release, ok := v.MappedRange(off, n)
+			if ok != wantOK {
+				t.Fatalf("MappedRange [%d,+%d): ok %v, want %v", off, n, ok, wantOK)
+			}
+			if ok {
+				if !bytes.Equal(m, data[off:off+n]) {
+					t.Fatalf("MappedRange [%d,+%d): the mapping does not hold the volume's bytes there", off, n)
+				}
+				release()
 			}
 		}
 		clear(p)
@@ -95,6 +115,7 @@ func TestTryReadAt(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer v.Close()
+		probeMapped = true
 		check(t, v, 0, 65536, true)
 		check(t, v, size-4096, 4096, true)
 		check(t, v, size-4096, 8192, false)
@@ -165,4 +186,72 @@ func TestTryWriteFrom(t *testing.T) {
 	if ok, err := v.TryWriteFrom(size-4096, 8192, put(0, nil)); !ok || !errors.Is(err, ErrOutOfRange) {
 		t.Fatalf("TryWriteFrom beyond the end: ok %v, %v", ok, err)
 	}
+}
+
+// TestMappedRange: the mapping MappedRange lends shows writes made
+// through the volume after it was made and stops counting in the
+// process's RSS when the loan comes back; Close waits for the loans out
+// to come back and unmaps, and later calls lend nothing.
+func TestMappedRange(t *testing.T) {
+	const size = 1 << 20
+	v, _ := newTestVolume(t, size, Options{})
+	mustWrite(t, v, bytes.Repeat([]byte{1}, size), 0)
+	m, release, ok := v.MappedRange(0, size)
+	if !ok {
+		t.Fatal("no mapping of a regular-file origin in the page cache")
+	}
+	mustWrite(t, v, bytes.Repeat([]byte{2}, 4096), 8192)
+	if m[8192] != 2 || m[8191] != 1 {
+		t.Fatal("the mapping does not show a write made after it")
+	}
+	if rss := mappingRSS(t, m); rss == 0 {
+		t.Fatal("smaps shows nothing of a mapping just read")
+	}
+	base := m
+	release()
+	if rss := mappingRSS(t, base); rss != 0 {
+		t.Fatalf("%d KiB of the mapping still counted in RSS after its loan came back", rss)
+	}
+	m, release, ok = v.MappedRange(0, size)
+	if !ok {
+		t.Fatal("no second loan")
+	}
+	closed := make(chan error)
+	go func() { closed <- v.Close() }()
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) with a loan of the mapping out", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	release()
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok := v.MappedRange(0, 4096); ok {
+		t.Fatal("a closed volume lent its mapping")
+	}
+}
+
+// mappingRSS is the Rss smaps reports, in KiB, for the mapping that
+// starts at m.
+func mappingRSS(t *testing.T, m []byte) int {
+	t.Helper()
+	smaps, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Skipf("no smaps: %v", err)
+	}
+	start := fmt.Sprintf("%x-", uintptr(unsafe.Pointer(&m[0])))
+	in := false
+	for _, line := range strings.Split(string(smaps), "\n") {
+		if strings.HasPrefix(line, start) {
+			in = true
+		}
+		if in && strings.HasPrefix(line, "Rss:") {
+			var kb int
+			fmt.Sscanf(strings.TrimPrefix(line, "Rss:"), "%d", &kb)
+			return kb
+		}
+	}
+	t.Fatalf("no mapping at %s in smaps", start)
+	return 0
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -14,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -371,7 +373,8 @@ func TestHoldStallsOnlyWrites(t *testing.T) {
 }
 
 // TestInlineAndHandedReads: small reads of cached blocks are served on
-// the goroutine that received them, large ones with sendfile(2), and
+// the goroutine that received them, large ones from the origin's mapping
+// (a unix socket; TestMappedReads), and
 // reads that would wait for the disk (here: blocks evicted from the page
 // cache) by goroutines of their own with a copy; many pipelined on one
 // connection, mixed with writes, every reply carries its own cookie's
@@ -769,4 +772,129 @@ func TestExportUsers(t *testing.T) {
 	users(1)
 	c.Close()
 	users(0)
+}
+
+// mappedExports serves a mappedBackend as export "m".
+type mappedExports struct{ b *mappedBackend }
+
+func (e mappedExports) List() []string { return []string{"m"} }
+func (e mappedExports) Lookup(name string) (*nbd.Export, error) {
+	if name != "m" {
+		return nil, os.ErrNotExist
+	}
+	return &nbd.Export{Name: "m", Backend: e.b}, nil
+}
+
+// mappedBackend is a file behind nbd.MappedReader: it lends slices of its
+// own mapping of the file and counts loans and returns.
+type mappedBackend struct {
+	f              *os.File
+	m              []byte
+	lent, returned atomic.Int64
+}
+
+func (b *mappedBackend) ReadAt(p []byte, off int64) (int, error)  { return b.f.ReadAt(p, off) }
+func (b *mappedBackend) WriteAt(p []byte, off int64) (int, error) { return b.f.WriteAt(p, off) }
+func (b *mappedBackend) Size() int64                              { return int64(len(b.m)) }
+func (b *mappedBackend) Flush() error                             { return nil }
+func (b *mappedBackend) MappedRange(off, n int64) ([]byte, func(), bool) {
+	b.lent.Add(1)
+	return b.m[off : off+n], func() { b.returned.Add(1) }, true
+}
+
+// TestMappedReads: on a unix socket, reads larger than 64 KiB of a
+// MappedReader are sent from its mapping, pipelined replies each with its
+// own bytes, every loan returned. When the mapping no longer has the bytes
+// (the file was cut short under it: the kernel's copy faults) the
+// connection is closed — the server does not crash, since it never reads
+// the mapping itself — and the next connection is served.
+func TestMappedReads(t *testing.T) {
+	const size = 4 << 20
+	dir := t.TempDir()
+	path := filepath.Join(dir, "m.img")
+	want := make([]byte, size)
+	for i := range want {
+		want[i] = byte(i*13 + i>>14)
+	}
+	if err := os.WriteFile(path, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	m, err := unix.Mmap(int(f.Fd()), 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	b := &mappedBackend{f: f, m: m}
+	sock := filepath.Join(dir, "nbd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := nbd.NewServer(mappedExports{b}, nbd.Options{})
+	go srv.Serve(context.Background(), l)
+	defer srv.Shutdown(context.Background())
+
+	c := goExport(t, sock, "m")
+	type read struct{ off, n uint64 }
+	reads := map[uint64]read{}
+	rng := rand.New(rand.NewPCG(5, 6))
+	for cookie := uint64(1); cookie <= 64; cookie++ {
+		n := uint64(128<<10) << rng.IntN(4) // 128 KiB .. 1 MiB
+		r := read{rng.Uint64N(size-n) &^ 511, n}
+		reads[cookie] = r
+		request(c, 0, cookie, r.off, uint32(r.n))
+	}
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	for range 64 {
+		errno, cookie := simpleReply(t, c)
+		r, ok := reads[cookie]
+		if errno != 0 || !ok {
+			t.Fatalf("reply to %d: errno %d, expected %v", cookie, errno, ok)
+		}
+		delete(reads, cookie)
+		got := make([]byte, r.n)
+		if _, err := io.ReadFull(c, got); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want[r.off:r.off+r.n]) {
+			t.Fatalf("read %d [%d,+%d): wrong bytes", cookie, r.off, r.n)
+		}
+	}
+	c.Close()
+	if b.lent.Load() != 64 {
+		t.Fatalf("%d of 64 large reads went through the mapping", b.lent.Load())
+	}
+
+	// Cut the file short under the mapping: the kernel's copy meets
+	// pages past the end (SIGBUS if the server read them itself).
+	if err := f.Truncate(size / 2); err != nil {
+		t.Fatal(err)
+	}
+	c = goExport(t, sock, "m")
+	request(c, 0, 1, size-(1<<20), 1<<20)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadAll(c); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("read past the cut: %v (want the connection closed)", err)
+	}
+	c.Close()
+	c = goExport(t, sock, "m") // the server is still up
+	request(c, 0, 2, 0, 128<<10)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if errno, cookie := simpleReply(t, c); errno != 0 || cookie != 2 {
+		t.Fatalf("after the cut: errno %d cookie %d", errno, cookie)
+	}
+	got := make([]byte, 128<<10)
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, want[:128<<10]) {
+		t.Fatalf("after the cut: %v", err)
+	}
+	c.Close()
+	srv.Shutdown(context.Background())
+	if b.lent.Load() != b.returned.Load() {
+		t.Fatalf("%d loans, %d returned", b.lent.Load(), b.returned.Load())
+	}
 }

@@ -84,6 +84,17 @@ type FileReader interface {
 	CachedFile(off, n int64) (f *os.File, ok bool)
 }
 
+// MappedReader is a Backend that can lend [off, off+n) of a memory
+// mapping when it is in memory, for the server to write to the socket
+// (the kernel copies it once; the server never reads it itself, so a
+// fault in it is an EFAULT from write, not a crash). release returns it.
+// On a unix socket the server prefers it to sendfile(2), which hands the
+// receiver the file's pages one by one and costs the client more than
+// the copy saves the server (docs/benchmarks.md, ninth session).
+type MappedReader interface {
+	MappedRange(off, n int64) (b []byte, release func(), ok bool)
+}
+
 // SpliceWriter is a Backend whose writes can go straight into its file:
 // TryWriteFrom prepares [off, off+n) as WriteAt would and calls fill to
 // put the bytes into f at off. The server then moves a large write's
@@ -291,6 +302,7 @@ type conn struct {
 	scratch   []byte          // an inline read's reply (reading goroutine only)
 	pipe      [2]int          // splice pipe for large writes (reading goroutine only)
 	raw       syscall.RawConn // the socket, for sendfile and splice; nil under TLS
+	unix      bool            // a unix socket without TLS (sendMapped)
 	bw        *bufio.Writer   // replies: from the reply writer, or inline
 	replies   chan reply      // to the reply writer, during transmission
 	written   chan struct{}   // closed when the reply writer is done
@@ -857,7 +869,7 @@ func (c *conn) metaContext(code uint32, data []byte) error {
 	return c.reply(code, repAck, nil)
 }
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 1<<20); return &b }}
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 1<<20+64); return &b }}
 
 func getBuf(n int) *[]byte {
 	bp := bufPool.Get().(*[]byte)
@@ -878,6 +890,7 @@ func (c *conn) transmission() {
 	c.bw = bufio.NewWriterSize(c.rw, 256<<10)
 	if sc, ok := c.nc.(syscall.Conn); ok && !c.tls {
 		c.raw, _ = sc.SyscallConn() // nil on error: the copying paths
+		_, c.unix = c.nc.(*net.UnixConn)
 	}
 	go c.replyWriter()
 	defer func() {
@@ -1110,7 +1123,7 @@ func writeZeroes(b Backend, off, n int64) error {
 
 func (c *conn) read(req request) {
 	n := int(req.length)
-	if n > inlineMax && c.sendFile(req) {
+	if n > inlineMax && (c.sendMapped(req) || c.sendFile(req)) {
 		return
 	}
 	hdrLen := c.readHeaderLen()
@@ -1149,9 +1162,44 @@ func (c *conn) appendReadHeader(b []byte, req request) []byte {
 // backend's file with sendfile(2), when the backend is a FileReader whose
 // bytes are cached and the connection a plain (not TLS) socket. False
 // means nothing was sent.
+// sendMapped sends the reply to read request req from the backend's
+// mapping of its bytes, when it is a MappedReader holding them in memory
+// and the connection is a plain unix socket (on TCP, sendfile's pages go
+// to the network card as they are); false means it sent nothing.
+func (c *conn) sendMapped(req request) bool {
+	mr, ok := c.exp.Backend.(MappedReader)
+	if !ok || c.raw == nil || c.tls || !c.unix {
+		return false
+	}
+	b, release, ok := mr.MappedRange(int64(req.offset), int64(req.length))
+	if !ok {
+		return false
+	}
+	defer release()
+	if o := c.srv.opts.Observe; o != nil {
+		o(CommandName(req.typ), false)
+	}
+	h := c.appendReadHeader(nil, req)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_, err := c.bw.Write(h)
+	if err == nil {
+		err = c.bw.Flush()
+	}
+	if err == nil {
+		_, err = c.rw.Write(b)
+	}
+	if err != nil {
+		// The header may be out: the stream cannot be resynchronized.
+		c.log.Debug("mapped read reply failed, closing", "err", err)
+		c.nc.Close()
+	}
+	return true
+}
+
 func (c *conn) sendFile(req request) bool {
 	fr, ok := c.exp.Backend.(FileReader)
-	if !ok || c.raw == nil || sendfileRefused.Load() {
+	if !ok || c.raw == nil || sendfileRefused.Load() || os.Getenv("UMBRA_NO_SENDFILE") != "" {
 		return false
 	}
 	n := int(req.length)
