@@ -221,3 +221,30 @@ func TestDecoders(t *testing.T) {
 		t.Fatalf("streamed frame: %v", err)
 	}
 }
+
+// FuzzBlobDecode: whatever a blob holds, the C fast path does not crash,
+// returns no more than the bound, and where the Go decoder (the judge of
+// damaged blobs) also decodes the input, both give the same bytes. (A
+// frame only C takes still meets the chunk hashes after decoding.)
+func FuzzBlobDecode(f *testing.F) {
+	text := []byte(strings.Repeat("umbra shadow copy ", 400))
+	for _, e := range encoders(f) {
+		f.Add(e.encode(nil, text))
+		f.Add(e.encode(nil, text[:100]))
+	}
+	f.Add([]byte{0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x05, 0x29, 0, 0, 'h', 'e', 'l', 'l', 'o'})
+	dec, _ := zstd.NewReader(nil, zstd.WithDecoderMaxMemory(1<<20))
+	defer dec.Close()
+	f.Fuzz(func(t *testing.T, z []byte) {
+		got, ok := cDecode(nil, z, 1<<20)
+		if !ok {
+			return
+		}
+		if len(got) > 1<<20 {
+			t.Fatalf("decoded %d bytes past the bound", len(got))
+		}
+		if want, err := dec.DecodeAll(z, nil); err == nil && !bytes.Equal(got, want) {
+			t.Fatalf("C and Go decode the same frame to different bytes (%d and %d)", len(got), len(want))
+		}
+	})
+}
