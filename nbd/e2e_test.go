@@ -444,13 +444,7 @@ func TestInlineAndHandedReads(t *testing.T) {
 			continue
 		}
 		delete(reads, cookie)
-		got := make([]byte, r.n)
-		if _, err := io.ReadFull(c, got); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, want[r.off:r.off+r.n]) {
-			t.Fatalf("read %d [%d,+%d): wrong bytes", cookie, r.off, r.n)
-		}
+		readPayload(t, c, cookie, r.off, want[r.off:r.off+r.n])
 	}
 	if len(reads)+len(writes) != 0 {
 		t.Fatalf("%d replies missing", len(reads)+len(writes))
@@ -572,15 +566,45 @@ func splicedWrites(t *testing.T, s *served) {
 	readBack("vol", model)
 }
 
-// fileExports serves one file, writable or not, as export "f".
-type fileExports struct{ b *fileBackend }
+// readPayload reads the payload of read reply cookie (for [off, +len(want)))
+// and checks it is want.
+func readPayload(t *testing.T, c net.Conn, cookie, off uint64, want []byte) {
+	t.Helper()
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read %d [%d,+%d): wrong bytes", cookie, off, len(want))
+	}
+}
 
-func (e fileExports) List() []string { return []string{"f"} }
-func (e fileExports) Lookup(name string) (*nbd.Export, error) {
-	if name != "f" {
+// serveOne serves exports on a unix socket in dir until the test ends.
+func serveOne(t *testing.T, dir string, exports nbd.Exports) (sock string, srv *nbd.Server) {
+	t.Helper()
+	sock = filepath.Join(dir, "nbd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv = nbd.NewServer(exports, nbd.Options{})
+	go srv.Serve(context.Background(), l)
+	t.Cleanup(func() { srv.Shutdown(context.Background()) })
+	return sock, srv
+}
+
+// oneExport serves one backend as the export it names.
+type oneExport struct {
+	name string
+	b    nbd.Backend
+}
+
+func (e oneExport) List() []string { return []string{e.name} }
+func (e oneExport) Lookup(name string) (*nbd.Export, error) {
+	if name != e.name {
 		return nil, os.ErrNotExist
 	}
-	return &nbd.Export{Name: "f", Backend: e.b}, nil
+	return &nbd.Export{Name: e.name, Backend: e.b}, nil
 }
 
 // fileBackend is a file behind nbd.SpliceWriter. While refuse is set,
@@ -633,14 +657,7 @@ func refusedWrites(t *testing.T, flag int) {
 	}
 	defer good.Close()
 	b := &fileBackend{bad: bad, good: good}
-	sock := filepath.Join(dir, "nbd.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := nbd.NewServer(fileExports{b}, nbd.Options{})
-	go srv.Serve(context.Background(), l)
-	defer srv.Shutdown(context.Background())
+	sock, _ := serveOne(t, dir, oneExport{"f", b})
 	c := goExport(t, sock, "f")
 	defer c.Close()
 	for i, n := range []int{100 << 10, 1 << 20, 3 << 20} {
@@ -774,17 +791,6 @@ func TestExportUsers(t *testing.T) {
 	users(0)
 }
 
-// mappedExports serves a mappedBackend as export "m".
-type mappedExports struct{ b *mappedBackend }
-
-func (e mappedExports) List() []string { return []string{"m"} }
-func (e mappedExports) Lookup(name string) (*nbd.Export, error) {
-	if name != "m" {
-		return nil, os.ErrNotExist
-	}
-	return &nbd.Export{Name: "m", Backend: e.b}, nil
-}
-
 // mappedBackend is a file behind nbd.MappedReader: it lends slices of its
 // own mapping of the file and counts loans and returns.
 type mappedBackend struct {
@@ -830,14 +836,7 @@ func TestMappedReads(t *testing.T) {
 	}
 	defer unix.Munmap(m)
 	b := &mappedBackend{f: f, m: m}
-	sock := filepath.Join(dir, "nbd.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := nbd.NewServer(mappedExports{b}, nbd.Options{})
-	go srv.Serve(context.Background(), l)
-	defer srv.Shutdown(context.Background())
+	sock, srv := serveOne(t, dir, oneExport{"m", b})
 
 	c := goExport(t, sock, "m")
 	type read struct{ off, n uint64 }
@@ -857,13 +856,7 @@ func TestMappedReads(t *testing.T) {
 			t.Fatalf("reply to %d: errno %d, expected %v", cookie, errno, ok)
 		}
 		delete(reads, cookie)
-		got := make([]byte, r.n)
-		if _, err := io.ReadFull(c, got); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, want[r.off:r.off+r.n]) {
-			t.Fatalf("read %d [%d,+%d): wrong bytes", cookie, r.off, r.n)
-		}
+		readPayload(t, c, cookie, r.off, want[r.off:r.off+r.n])
 	}
 	c.Close()
 	if b.lent.Load() != 64 {
