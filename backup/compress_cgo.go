@@ -52,6 +52,7 @@ static size_t umbra_zstd_compress(ZSTD_CCtx *c, void *dst, size_t cap, const voi
 	size_t r = ZSTD_compress2(c, dst, cap, src, n);
 	return ZSTD_isError(r) ? 0 : r;
 }
+
 // umbra_zstd_size is the decoded size src records when it is exactly one
 // frame whose header says its size, else -1.
 static long long umbra_zstd_size(const void *src, size_t n) {

@@ -869,6 +869,8 @@ func (c *conn) metaContext(code uint32, data []byte) error {
 	return c.reply(code, repAck, nil)
 }
 
+// bufPool: room for a 1 MiB read and its reply header, so that the
+// commonest large read does not allocate a new buffer.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 1<<20+64); return &b }}
 
 func getBuf(n int) *[]byte {
@@ -1158,17 +1160,13 @@ func (c *conn) appendReadHeader(b []byte, req request) []byte {
 	return simpleReplyHeader(b, 0, req.cookie)
 }
 
-// sendFile sends the reply to read request req straight from the
-// backend's file with sendfile(2), when the backend is a FileReader whose
-// bytes are cached and the connection a plain (not TLS) socket. False
-// means nothing was sent.
 // sendMapped sends the reply to read request req from the backend's
 // mapping of its bytes, when it is a MappedReader holding them in memory
 // and the connection is a plain unix socket (on TCP, sendfile's pages go
 // to the network card as they are); false means it sent nothing.
 func (c *conn) sendMapped(req request) bool {
 	mr, ok := c.exp.Backend.(MappedReader)
-	if !ok || c.raw == nil || c.tls || !c.unix {
+	if !ok || !c.unix {
 		return false
 	}
 	b, release, ok := mr.MappedRange(int64(req.offset), int64(req.length))
@@ -1197,9 +1195,13 @@ func (c *conn) sendMapped(req request) bool {
 	return true
 }
 
+// sendFile sends the reply to read request req straight from the
+// backend's file with sendfile(2), when the backend is a FileReader whose
+// bytes are cached and the connection a plain (not TLS) socket. False
+// means nothing was sent.
 func (c *conn) sendFile(req request) bool {
 	fr, ok := c.exp.Backend.(FileReader)
-	if !ok || c.raw == nil || sendfileRefused.Load() || os.Getenv("UMBRA_NO_SENDFILE") != "" {
+	if !ok || c.raw == nil || sendfileRefused.Load() {
 		return false
 	}
 	n := int(req.length)
