@@ -1032,6 +1032,16 @@ func (v *Volume) resettle(st *store, it *wbItem) {
 		v.mu.Lock()
 		if err != nil {
 			st.release(ns)
+			// e is from before the write: the entry may have been
+			// dropped meanwhile and its slot freed (and handed out
+			// again). Acting on the old value would free that slot a
+			// second time.
+			if v.store != st {
+				return
+			}
+			if e, ok = v.entryAt(it.chunk, it.slot); !ok {
+				return
+			}
 			if isNoSpace(err) {
 				if v.lackRoom(e, fmt.Sprintf("filesystem of shadow storage %s is full", v.storageDir)) {
 					continue
@@ -1675,6 +1685,11 @@ func (v *Volume) releaseInvalid() {
 }
 
 func (v *Volume) dropEntry(e entry, freed *[]int64) {
+	// Only the entry as it stands: a stale copy (another slot now
+	// under its key, or none) must not free a slot it no longer owns.
+	if cur, ok := v.entries.Get(e); !ok || cur.slot != e.slot {
+		return
+	}
 	v.entries.Delete(e)
 	if s := v.snapByGen(e.gen); s != nil {
 		s.owned.Remove(uint32(e.chunk))

@@ -29,17 +29,18 @@ type writeBehind struct {
 	f     File
 	chunk int64
 
-	mu      sync.Mutex
-	cond    *sync.Cond // the flusher and waiters
-	cur     *wbBatch   // filling
-	full    []*wbBatch // filled, waiting for the flusher, oldest first
-	flying  *wbBatch   // being written; nil when idle
-	failed  []*wbItem  // written with an error; still pending
-	kick    bool       // write cur now, full or not
-	timer   *time.Timer
-	started bool
-	stopped bool
-	spares  [][]byte // buffers of written batches, for new ones
+	mu       sync.Mutex
+	cond     *sync.Cond // the flusher and waiters
+	cur      *wbBatch   // filling
+	full     []*wbBatch // filled, waiting for the flusher, oldest first
+	flying   *wbBatch   // being written; nil when idle
+	failed   []*wbItem  // written with an error; still pending
+	kick     bool       // write cur now, full or not
+	timer    *time.Timer
+	started  bool
+	stopped  bool
+	draining int      // drain calls waiting
+	spares   [][]byte // buffers of written batches, for new ones
 
 	items     atomic.Int64 // pending items (cur, flying, failed), read without mu
 	hasFailed atomic.Bool
@@ -137,6 +138,9 @@ func (w *writeBehind) reserve(n int64) wbSpace {
 	at := len(b.buf)
 	b.buf = b.buf[:at+int(n)]
 	b.reserved++
+	if w.draining > 0 {
+		w.cond.Broadcast() // the batch is no longer writable: drain must look again
+	}
 	return wbSpace{b: b, off: at, buf: b.buf[at : at+int(n) : at+int(n)]}
 }
 
@@ -373,9 +377,17 @@ func (w *writeBehind) cancel(slots []int64) {
 // queued behind it (they go in order): the writer holding the room may
 // be waiting for a lock the caller holds (the volume empties its store
 // under Volume.mu). Its items are written when the room comes back.
+//
+// Every change that can make writable false wakes the drainers: the
+// flusher finishing or taking a batch, and a reserve while one drains
+// (the room it takes makes its batch unwritable; without the wakeup the
+// drainer would sleep on a batch that waits for a writer blocked behind
+// the drainer's caller).
 func (w *writeBehind) drain() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	w.draining++
+	defer func() { w.draining-- }()
 	for !w.stopped && w.writable() {
 		w.kick = true
 		w.cond.Broadcast()

@@ -7,8 +7,10 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -397,5 +399,166 @@ func TestWriteBehindSpace(t *testing.T) {
 		if !bytes.Equal(got, chunkOf(slot)) {
 			t.Fatalf("slot %d holds the wrong bytes after its queued batch was written", slot)
 		}
+	}
+}
+
+// hookFS runs before(name) ahead of every write, outside the fault
+// file system's lock, so the hook may call into the volume; a non-nil
+// error fails the write instead.
+type hookFS struct {
+	FS
+	before func(name string) error
+}
+
+type hookFile struct {
+	File
+	name string
+	fs   *hookFS
+}
+
+func (h *hookFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
+	f, err := h.FS.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return &hookFile{File: f, name: name, fs: h}, nil
+}
+
+func (f *hookFile) WriteAt(p []byte, off int64) (int, error) {
+	if err := f.fs.before(f.name); err != nil {
+		return 0, &os.PathError{Op: "write", Path: f.name, Err: err}
+	}
+	return f.File.WriteAt(p, off)
+}
+
+// TestResettleRacesDelete: a failed write-behind copy is being written
+// to a new slot when its snapshot is deleted (freeing the old slot), and
+// that write fails too. The copy must be given up without touching the
+// old slot again: it had freed that slot a second time, and the
+// allocator then handed one slot to two chunks (a snapshot read another
+// chunk's bytes; found by TestConcurrentSnapshotReads, store-eio).
+func TestResettleRacesDelete(t *testing.T) {
+	ffs := newFaultFS()
+	ffs.Put("/o", make([]byte, 16*4096))
+	var v *Volume
+	var writes atomic.Int32
+	hfs := &hookFS{FS: ffs, before: func(name string) error {
+		if !strings.Contains(name, "store") {
+			return nil
+		}
+		switch writes.Add(1) {
+		case 1: // the write-behind's batch
+			return syscall.EIO
+		case 2: // the copy moving to a new slot, v.mu not held
+			if err := v.DeleteSnapshot("s0"); err != nil {
+				t.Error(err)
+			}
+			return syscall.EIO
+		}
+		return nil
+	}}
+	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: hfs, Policy: PolicyInvalidate})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	fill(t, v, 5)
+	ctx := context.Background()
+	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s0"}); err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, v, bytes.Repeat([]byte{7}, 4096), 0) // preserved through the write-behind
+	if list := v.Snapshots(); len(list) != 0 {        // settles: both writes fail
+		t.Fatalf("snapshots %+v, want none (s0 was deleted)", list)
+	}
+	if n := writes.Load(); n < 2 {
+		t.Fatalf("%d diff-area writes, want the batch and the move", n)
+	}
+	v.mu.RLock()
+	used, free := v.store.used(), slices.Clone(v.store.free)
+	v.mu.RUnlock()
+	if used != 0 {
+		t.Fatalf("diff area: %d slots used with no snapshot (free list %v)", used, free)
+	}
+	// Two chunks preserved now get two slots and read back their own.
+	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := v.OpenSnapshot("s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := readAll(t, h, v.Size())
+	mustWrite(t, v, bytes.Repeat([]byte{8}, 2*4096), 4096)
+	v.Snapshots()
+	if got := readAll(t, h, v.Size()); !bytes.Equal(got, before) {
+		t.Fatal("s1 reads other bytes than at commit")
+	}
+}
+
+// TestDrainWakesOnReserve: drain sleeps while a batch is writable; a
+// writer taking room in that batch makes it unwritable, and drain must
+// notice at once. Had it slept on, the flusher (busy elsewhere at the
+// time, here in its failure callback) would find the batch held and
+// sleep too, and the writer, waiting for the lock drain's caller holds
+// (the volume empties its store under Volume.mu), never hand the room
+// back: a deadlock found by TestConcurrentSnapshotReads.
+func TestDrainWakesOnReserve(t *testing.T) {
+	dir := t.TempDir()
+	of, err := OSFS{}.OpenFile(filepath.Join(dir, "store"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer of.Close()
+	// No flush timer: its wakeup would hide a missing one.
+	oldDelay := wbDelay
+	defer func() { wbDelay = oldDelay }()
+	wbDelay = time.Hour
+	const chunk = 4096
+	failing := true
+	f := &hookFile{File: of, name: "store", fs: &hookFS{before: func(string) error {
+		if failing {
+			failing = false
+			return syscall.EIO
+		}
+		return nil
+	}}}
+	w := newWriteBehind(f, chunk)
+	defer w.stop()
+	inFail, unblock := make(chan struct{}), make(chan struct{})
+	w.onFail = func() { inFail <- struct{}{}; <-unblock }
+	release := sync.OnceFunc(func() { close(unblock) })
+	defer release()
+	data := bytes.Repeat([]byte{1}, chunk)
+	w.put(0, 0, data)
+	w.flushSoon()
+	<-inFail // the flusher is in its callback, not waiting
+	w.put(1, 1, data)
+	drained := make(chan struct{})
+	go func() { w.drain(); close(drained) }()
+	for { // until drain sleeps on slot 1's batch
+		w.mu.Lock()
+		n := w.draining
+		w.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	sp := w.reserve(chunk)
+	select {
+	case <-drained:
+	case <-time.After(10 * time.Second):
+		w.release(sp)
+		release()
+		<-drained
+		t.Fatal("drain slept on after a writer took room in the batch it waited for")
+	}
+	w.release(sp)
+	release()
+	w.drain()
+	got := make([]byte, chunk)
+	if _, err := of.ReadAt(got, chunk); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("slot 1 not written after the drain (%v)", err)
 	}
 }
