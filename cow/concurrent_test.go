@@ -32,9 +32,9 @@ import (
 // the readers that had found them were done: they then read the file,
 // which never got them.)
 func TestConcurrentSnapshotReads(t *testing.T) {
-	oldTrim := trimEvery
-	defer func() { trimEvery = oldTrim }()
-	trimEvery = 64 << 10
+	oldTrim, oldBudget := trimEvery, mapBudget
+	defer func() { trimEvery, mapBudget = oldTrim, oldBudget }()
+	trimEvery, mapBudget = 64<<10, 0
 	const chunk = 4096
 	for _, tc := range []struct {
 		name       string

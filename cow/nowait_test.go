@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -189,13 +190,17 @@ func TestTryWriteFrom(t *testing.T) {
 }
 
 // TestMappedRange: the mapping MappedRange lends shows writes made
-// through the volume after it was made and stops counting in the
-// process's RSS once trimEvery bytes were lent; Close waits for the loans out
-// to come back and unmaps, and later calls lend nothing.
+// through the volume after it was made; what it touched stays in the
+// process's RSS while that is within mapBudget and stops counting once
+// trimEvery bytes were lent past it; Close waits for the loans out to
+// come back and unmaps, and later calls lend nothing.
 func TestMappedRange(t *testing.T) {
 	const size = 1 << 20
-	defer func(n int64) { trimEvery = n }(trimEvery)
-	trimEvery = size // every whole loan trims
+	defer func(n, b int64) { trimEvery, mapBudget = n, b }(trimEvery, mapBudget)
+	trimEvery, mapBudget = size, math.MaxInt64 // every whole loan looks; none is over
+	if r := residentFilePages(); r <= 0 || r == math.MaxInt64 {
+		t.Fatalf("resident file pages read as %d", r)
+	}
 	v, _ := newTestVolume(t, size, Options{})
 	mustWrite(t, v, bytes.Repeat([]byte{1}, size), 0)
 	m, release, ok := v.MappedRange(0, size)
@@ -211,8 +216,17 @@ func TestMappedRange(t *testing.T) {
 	}
 	base := m
 	release()
+	if rss := mappingRSS(t, base); rss == 0 {
+		t.Fatal("the mapping was trimmed with the process within its budget")
+	}
+	mapBudget = 0
+	if m, release, ok = v.MappedRange(0, size); !ok {
+		t.Fatal("no loan after the first")
+	}
+	_ = m[0]
+	release()
 	if rss := mappingRSS(t, base); rss != 0 {
-		t.Fatalf("%d KiB of the mapping still counted in RSS after its loan came back", rss)
+		t.Fatalf("%d KiB of the mapping still counted in RSS after a loan over budget came back", rss)
 	}
 	m, release, ok = v.MappedRange(0, size)
 	if !ok {

@@ -1,7 +1,11 @@
 package cow
 
 import (
+	"math"
+	"os"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -27,10 +31,9 @@ import (
 //     the lock readers hold shared).
 //
 // Pages a read touched stay mapped and count in the process's resident
-// set; after every trimEvery bytes copied the mapping's page-table
-// entries are dropped (MADV_DONTNEED on a shared file mapping leaves the
-// page cache as it is), so the service's RSS does not grow with its diff
-// areas.
+// set; see trimDue for when the mapping's page-table entries are dropped
+// (MADV_DONTNEED on a shared file mapping leaves the page cache as it
+// is), so the service's RSS does not grow with its diff areas.
 type storeMap struct {
 	mu     sync.RWMutex // shared while copying; exclusive to unmap
 	b      []byte       // nil: no mapping (not a file in memory, or mmap failed)
@@ -48,9 +51,57 @@ const (
 	mapReadMax = 64 << 10
 )
 
-// trimEvery bounds what the mapping keeps resident (see storeMap). (A
-// variable: a test makes it small.)
-var trimEvery int64 = 64 << 20
+// Pages the kernel or a copy touched through a mapping (the diff area's
+// here, the origin's in Volume.MappedRange) stay mapped and count in the
+// process's resident set — and a large RSS makes the service the OOM
+// killer's first choice. So every trimEvery bytes a mapping lends, it
+// looks at the process's resident file pages and, past mapBudget, drops
+// its page-table entries. Dropping them costs the next reads a page
+// fault per 64 KiB (fault-around) and every core a TLB flush: dropping
+// every 64 MiB whatever the resident size cost four clients reading the
+// same 512 MiB a fifth of their throughput (tenth session), and at every
+// loan a third. mapBudget is a sixteenth of RAM, at least 64 MiB.
+// (Variables: tests make them small.)
+var (
+	trimEvery int64 = 64 << 20
+	mapBudget       = defaultMapBudget()
+)
+
+func defaultMapBudget() int64 {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return 64 << 20
+	}
+	return max(int64(si.Totalram)*int64(si.Unit)/16, 64<<20)
+}
+
+// trimDue reports whether a mapping that has now lent t bytes, n of them
+// just now, should drop its page-table entries (see mapBudget).
+func trimDue(t, n int64) bool {
+	if t/trimEvery == (t-n)/trimEvery {
+		return false
+	}
+	return residentFilePages() > mapBudget
+}
+
+// residentFilePages is the process's resident file and shared-memory
+// pages in bytes (the third field of /proc/self/statm), or MaxInt64
+// when it cannot be read: then every mapping trims, as if over budget.
+func residentFilePages() int64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return math.MaxInt64
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return math.MaxInt64
+	}
+	pages, err := strconv.ParseInt(f[2], 10, 64)
+	if err != nil {
+		return math.MaxInt64
+	}
+	return pages * int64(os.Getpagesize())
+}
 
 // mapper is a File that can be mapped for reading.
 type mapper interface {
@@ -103,7 +154,7 @@ func (m *storeMap) read(f File, p []byte, off int64) bool {
 		m.faults.Add(1)
 		return false
 	}
-	if t := m.copied.Add(int64(len(p))); t/trimEvery != (t-int64(len(p)))/trimEvery {
+	if trimDue(m.copied.Add(int64(len(p))), int64(len(p))) {
 		_ = unix.Madvise(m.b, unix.MADV_DONTNEED)
 	}
 	return true

@@ -51,9 +51,9 @@ func memDirOrTemp(t *testing.T) string {
 // origin read across gaps of preserved chunks never, by default, and
 // always.
 func TestStoreMapRandom(t *testing.T) {
-	oldTrim, oldGap := trimEvery, originGap
-	defer func() { trimEvery, originGap = oldTrim, oldGap }()
-	trimEvery = 20 << 10
+	oldTrim, oldGap, oldBudget := trimEvery, originGap, mapBudget
+	defer func() { trimEvery, originGap, mapBudget = oldTrim, oldGap, oldBudget }()
+	trimEvery, mapBudget = 20<<10, 0
 	for _, gap := range []int64{0, oldGap, 1 << 30} {
 		t.Run(fmt.Sprintf("gap=%d", gap), func(t *testing.T) {
 			originGap = gap

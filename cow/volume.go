@@ -365,13 +365,11 @@ func (v *Volume) MappedRange(off, n int64) (b []byte, release func(), ok bool) {
 	b = v.mapped[off : off+n : off+n]
 	return b, func() {
 		// Pages the kernel's copy touched stay mapped and count in the
-		// process's RSS — the origin's pages there would make the service
-		// the OOM killer's first choice — so every trimEvery bytes lent the
-		// page-table entries are dropped, as the diff area's mapping does
-		// (the page cache stays: MADV_DONTNEED on a shared mapping discards
-		// nothing). Per loan it cost reads a third of their speed on four
-		// connections (TLB shootdowns), ninth session.
-		if t := v.mapLent.Add(n); t/trimEvery != (t-n)/trimEvery {
+		// process's RSS: past the budget their page-table entries are
+		// dropped, as the diff area's mapping does (trimDue; the page
+		// cache stays: MADV_DONTNEED on a shared mapping discards
+		// nothing).
+		if trimDue(v.mapLent.Add(n), n) {
 			_ = unix.Madvise(v.mapped, unix.MADV_DONTNEED)
 		}
 		v.mapMu.RUnlock()
