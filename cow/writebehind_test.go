@@ -262,12 +262,7 @@ func (f *gatedFile) WriteAt(p []byte, off int64) (int, error) {
 // from memory, a cancelled one is never written, and once the stall ends
 // everything else lands in order.
 func TestWriteBehindQueue(t *testing.T) {
-	dir := t.TempDir()
-	of, err := OSFS{}.OpenFile(filepath.Join(dir, "store"), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer of.Close()
+	of := tempStore(t)
 	f := &gatedFile{File: of, started: make(chan struct{}, 100), open: make(chan struct{})}
 	const chunk = 4096
 	w := newWriteBehind(f, chunk)
@@ -336,12 +331,7 @@ func TestWriteBehindQueue(t *testing.T) {
 // after the flush would never reach the file, and the recycled buffer
 // would be reused under the writer.
 func TestWriteBehindSpace(t *testing.T) {
-	dir := t.TempDir()
-	f, err := OSFS{}.OpenFile(filepath.Join(dir, "store"), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f := tempStore(t)
 	const chunk = 4096
 	w := newWriteBehind(f, chunk)
 	defer w.stop()
@@ -504,12 +494,7 @@ func TestResettleRacesDelete(t *testing.T) {
 // (the volume empties its store under Volume.mu), never hand the room
 // back: a deadlock found by TestConcurrentSnapshotReads.
 func TestDrainWakesOnReserve(t *testing.T) {
-	dir := t.TempDir()
-	of, err := OSFS{}.OpenFile(filepath.Join(dir, "store"), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer of.Close()
+	of := tempStore(t)
 	// No flush timer: its wakeup would hide a missing one.
 	oldDelay := wbDelay
 	defer func() { wbDelay = oldDelay }()
@@ -561,4 +546,16 @@ func TestDrainWakesOnReserve(t *testing.T) {
 	if _, err := of.ReadAt(got, chunk); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("slot 1 not written after the drain (%v)", err)
 	}
+}
+
+// tempStore opens a new diff-area file in a temporary directory, closed
+// when the test ends.
+func tempStore(t *testing.T) File {
+	t.Helper()
+	f, err := OSFS{}.OpenFile(filepath.Join(t.TempDir(), "store"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
 }
