@@ -125,7 +125,9 @@ func (v *Volume) diffDir() string   { return filepath.Join(v.storageDir, v.name+
 func (v *Volume) storePath() string { return filepath.Join(v.diffDir(), "store") }
 func (v *Volume) metaPath() string  { return filepath.Join(v.diffDir(), "meta.log") }
 
-// logAppend appends rec when a persistent snapshot lives. Caller holds mu.
+// logAppend appends rec when a persistent snapshot lives. Caller holds mu
+// (which orders appends and guards f and off against a checkpoint; err is
+// also read by fsync, outside mu: it is set under l.mu).
 func (v *Volume) logAppend(rec record) {
 	l := v.log
 	if l == nil || l.err != nil {
@@ -133,7 +135,9 @@ func (v *Volume) logAppend(rec record) {
 	}
 	b := rec.encode()
 	if _, err := l.f.WriteAt(b, l.off); err != nil {
+		l.mu.Lock()
 		l.err = fmt.Errorf("append to metadata %s: %w", l.path, err)
+		l.mu.Unlock()
 		return
 	}
 	l.off += int64(len(b))
