@@ -1010,13 +1010,20 @@ func (v *Volume) settleWriteBehind(wait bool) {
 func (v *Volume) resettle(st *store, it *wbItem) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	for {
+	// current is the copy's entry as it stands now: each time mu was let
+	// go the entry may have been dropped and its slot freed (and handed
+	// out again), and acting on an older value would free that slot a
+	// second time. Not found: the copy was cancelled with it.
+	current := func() (entry, bool) {
 		if v.store != st {
-			return
+			return entry{}, false
 		}
-		e, ok := v.entryAt(it.chunk, it.slot)
+		return v.entryAt(it.chunk, it.slot)
+	}
+	for {
+		e, ok := current()
 		if !ok {
-			return // dropped meanwhile: its slot was freed, the copy cancelled
+			return
 		}
 		ns, full := st.alloc(v.maxSlots())
 		if full {
@@ -1030,14 +1037,7 @@ func (v *Volume) resettle(st *store, it *wbItem) {
 		v.mu.Lock()
 		if err != nil {
 			st.release(ns)
-			// e is from before the write: the entry may have been
-			// dropped meanwhile and its slot freed (and handed out
-			// again). Acting on the old value would free that slot a
-			// second time.
-			if v.store != st {
-				return
-			}
-			if e, ok = v.entryAt(it.chunk, it.slot); !ok {
+			if e, ok = current(); !ok {
 				return
 			}
 			if isNoSpace(err) {
@@ -1049,8 +1049,10 @@ func (v *Volume) resettle(st *store, it *wbItem) {
 			v.dropReaders(e, fmt.Sprintf("writing diff area %s failed: %v", v.storePath(), err))
 			return
 		}
-		if e, ok = v.entryAt(it.chunk, it.slot); !ok {
-			v.freeSlots([]int64{ns})
+		if e, ok = current(); !ok {
+			if v.store == st { // else that store is gone, ns with it
+				v.freeSlots([]int64{ns})
+			}
 			return
 		}
 		e.slot, ns = ns, e.slot
@@ -1683,11 +1685,6 @@ func (v *Volume) releaseInvalid() {
 }
 
 func (v *Volume) dropEntry(e entry, freed *[]int64) {
-	// Only the entry as it stands: a stale copy (another slot now
-	// under its key, or none) must not free a slot it no longer owns.
-	if cur, ok := v.entries.Get(e); !ok || cur.slot != e.slot {
-		return
-	}
 	v.entries.Delete(e)
 	if s := v.snapByGen(e.gen); s != nil {
 		s.owned.Remove(uint32(e.chunk))
