@@ -332,7 +332,6 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 			h.Release()
 		}
 	}
-	start := time.Now()
 	for _, v := range vols {
 		h, err := v.Hold(ctx, limit)
 		if err != nil {
@@ -365,8 +364,9 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 			return abort(err)
 		}
 	}
-	resp.HoldMicros = time.Since(start).Microseconds()
-	s.Metrics.ObserveSet(time.Since(start), 0)
+	held := cow.HoldWindow(holds)
+	resp.HoldMicros = held.Microseconds()
+	s.Metrics.ObserveSet(held, 0)
 	for _, sn := range made {
 		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
 	}

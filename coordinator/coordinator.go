@@ -236,13 +236,23 @@ func (c *Coordinator) run(ctx context.Context, set *Set, req Request) error {
 		}
 		set.Snapshots = append(set.Snapshots, snap)
 	}
+	// It ends when the last member lets writes go: for a HoldTimer when
+	// its release did, otherwise when PostCommit returned.
+	holdEnd := time.Time{}
 	for _, m := range set.members {
 		if err := m.txn.PostCommit(ctx); err != nil {
 			return fmt.Errorf("release %s: %w", m.vol, err)
 		}
+		end := time.Now()
+		if ht, ok := m.txn.(provider.HoldTimer); ok && !ht.HeldUntil().IsZero() {
+			end = ht.HeldUntil()
+		}
+		if end.After(holdEnd) {
+			holdEnd = end
+		}
 	}
 	if !holdStart.IsZero() {
-		set.Timings.Hold = time.Since(holdStart)
+		set.Timings.Hold = holdEnd.Sub(holdStart)
 	}
 	for _, level := range []writer.Level{writer.LevelFilesystem, writer.LevelApplication} {
 		ws := c.byLevel(set.writers, level)

@@ -371,12 +371,14 @@ func TestRequesterGoneAborts(t *testing.T) {
 }
 
 // flushFirstProvider's transactions flush for 80 ms in PreCommit before
-// they hold writes, as the COW engine's does (much faster).
+// they hold writes, as the COW engine's does (much faster), and take
+// 80 ms to return from PostCommit after they let writes go, as a
+// coordinator preempted after a release would.
 type flushFirstProvider struct{ failingProvider }
 
 type flushFirstTxn struct {
 	failingTxn
-	held time.Time
+	held, until time.Time
 }
 
 func (flushFirstProvider) Prepare(context.Context, string, provider.SnapshotOptions) (provider.Txn, error) {
@@ -388,13 +390,20 @@ func (t *flushFirstTxn) PreCommit(context.Context, time.Duration) error {
 	return nil
 }
 func (t *flushFirstTxn) HeldSince() time.Time { return t.held }
+func (t *flushFirstTxn) HeldUntil() time.Time { return t.until }
+func (t *flushFirstTxn) PostCommit(context.Context) error {
+	t.until = time.Now()
+	time.Sleep(80 * time.Millisecond)
+	return nil
+}
 func (t *flushFirstTxn) Commit(context.Context) (provider.Snapshot, error) {
 	return provider.Snapshot{Volume: "bad", ID: "s"}, nil
 }
 
 // TestHoldWindowExcludesFlush: a set's hold window is the time writes
-// were held — from the moment the first member blocked them — not the
-// flush a provider runs while writes still flow (provider.HoldTimer).
+// were held — from the moment the first member blocked them until the
+// last let them go — not the flush a provider runs while writes still
+// flow, nor the time after the release (provider.HoldTimer).
 func TestHoldWindowExcludesFlush(t *testing.T) {
 	_, reg := cowVolumes(t, "a")
 	reg.Register(flushFirstProvider{})
@@ -404,6 +413,6 @@ func TestHoldWindowExcludesFlush(t *testing.T) {
 		t.Fatal(err)
 	}
 	if h := set.Timings.Hold; h <= 0 || h >= 80*time.Millisecond {
-		t.Fatalf("hold window %v: want the held time only, not the 80 ms flush before it", h)
+		t.Fatalf("hold window %v: want the held time only, not the 80 ms flush before it or the 80 ms after the release", h)
 	}
 }

@@ -224,6 +224,41 @@ func TestHoldExpires(t *testing.T) {
 	}
 }
 
+// TestHoldWindowEndsAtRelease: a hold's window is from when writes began
+// to wait until they resumed, for one hold and for a set (HoldWindow) —
+// not until whoever released it next looks at the clock.
+func TestHoldWindowEndsAtRelease(t *testing.T) {
+	ctx := context.Background()
+	a, _ := newTestVolume(t, 1<<20, Options{})
+	b, _ := newTestVolume(t, 1<<20, Options{})
+	ha, err := a.Hold(ctx, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, end := ha.Window(); !end.IsZero() {
+		t.Fatalf("a standing hold has an end: %v", end)
+	}
+	hb, err := b.Hold(ctx, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if err := ha.Release(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if err := hb.Release(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if e := ha.Elapsed(); e < 20*time.Millisecond || e >= 100*time.Millisecond {
+		t.Fatalf("first hold: %v, want its 20 ms and no more than the 40 ms to the second release", e)
+	}
+	if w := HoldWindow([]*Hold{ha, hb}); w < 40*time.Millisecond || w >= 100*time.Millisecond {
+		t.Fatalf("set window %v: want from the first hold to the last release (~40 ms), not the 100 ms after", w)
+	}
+}
+
 func TestProviderTxn(t *testing.T) {
 	ctx := context.Background()
 	v, _ := newTestVolume(t, 1<<20, Options{})

@@ -121,6 +121,8 @@ type txn struct {
 	v         *Volume
 	opts      provider.SnapshotOptions
 	hold      *Hold
+	heldSince time.Time // the last hold's window
+	heldUntil time.Time
 	committed string // snapshot id once committed
 }
 
@@ -138,17 +140,16 @@ func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
 		return err
 	}
 	t.hold = h
+	t.heldSince, t.heldUntil = h.start, time.Time{}
 	return nil
 }
 
 // HeldSince is when the hold began to block writes (after the flush that
-// precedes it); zero while not holding.
-func (t *txn) HeldSince() time.Time {
-	if t.hold == nil {
-		return time.Time{}
-	}
-	return t.hold.start
-}
+// precedes it); zero before PreCommit.
+func (t *txn) HeldSince() time.Time { return t.heldSince }
+
+// HeldUntil is when writes resumed; zero until PostCommit or Abort.
+func (t *txn) HeldUntil() time.Time { return t.heldUntil }
 
 func (t *txn) Commit(ctx context.Context) (provider.Snapshot, error) {
 	if t.hold == nil {
@@ -167,6 +168,7 @@ func (t *txn) PostCommit(ctx context.Context) error {
 		return nil
 	}
 	err := t.hold.Release()
+	_, t.heldUntil = t.hold.Window()
 	t.hold = nil
 	return err
 }
@@ -174,6 +176,7 @@ func (t *txn) PostCommit(ctx context.Context) error {
 func (t *txn) Abort(ctx context.Context) error {
 	if t.hold != nil {
 		_ = t.hold.Release()
+		_, t.heldUntil = t.hold.Window()
 		t.hold = nil
 	}
 	if t.committed != "" {

@@ -1382,9 +1382,10 @@ type Hold struct {
 	start time.Time
 	timer *time.Timer
 
-	mu      sync.Mutex // guards done and expired
+	mu      sync.Mutex // guards the fields below
 	done    bool
 	expired bool
+	ended   time.Time // when writes resumed
 }
 
 // Hold blocks new writes, waits for those in flight, flushes and returns.
@@ -1429,6 +1430,7 @@ func (h *Hold) expire() {
 	if !h.done {
 		h.done, h.expired = true, true
 		h.v.gate.reopen()
+		h.ended = time.Now()
 	}
 }
 
@@ -1444,12 +1446,49 @@ func (h *Hold) Release() error {
 		h.done = true
 		h.timer.Stop()
 		h.v.gate.reopen()
+		h.ended = time.Now()
 	}
 	return nil
 }
 
-// Elapsed is how long writes have been held.
-func (h *Hold) Elapsed() time.Duration { return time.Since(h.start) }
+// Elapsed is how long writes have been held: until now, or until they
+// resumed once the hold has ended.
+func (h *Hold) Elapsed() time.Duration {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.ended.IsZero() {
+		return h.ended.Sub(h.start)
+	}
+	return time.Since(h.start)
+}
+
+// Window is when writes began to wait and when they resumed (zero while
+// the hold stands).
+func (h *Hold) Window() (start, end time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.start, h.ended
+}
+
+// HoldWindow is how long writes were held by a set of ended holds: from
+// the first hold's start to the last one's end (writes on some volume of
+// the set were waiting all that time).
+func HoldWindow(holds []*Hold) time.Duration {
+	var first, last time.Time
+	for _, h := range holds {
+		start, end := h.Window()
+		if end.IsZero() {
+			end = time.Now()
+		}
+		if first.IsZero() || start.Before(first) {
+			first = start
+		}
+		if end.After(last) {
+			last = end
+		}
+	}
+	return last.Sub(first)
+}
 
 // CreateSnapshot commits a snapshot inside the hold window.
 func (h *Hold) CreateSnapshot(ctx context.Context, opts provider.SnapshotOptions) (provider.Snapshot, error) {

@@ -128,12 +128,15 @@ type Txn interface {
 	Abort(ctx context.Context) error
 }
 
-// HoldTimer is implemented by a Txn whose PreCommit flushes before it
-// holds writes: HeldSince is when writes began to wait (zero while not
-// holding), so that a set's hold window counts only the time writes were
-// actually held, not the flush that ran while they still flowed.
+// HoldTimer is implemented by a Txn that knows when its volume's writes
+// were held: HeldSince is when they began to wait (after the flush its
+// PreCommit does while they still flow; zero before PreCommit), HeldUntil
+// when they resumed (zero until PostCommit or Abort). A set's hold window
+// then counts only the time writes were actually held, not that flush,
+// nor the time the coordinator takes to run again after a release.
 type HoldTimer interface {
 	HeldSince() time.Time
+	HeldUntil() time.Time
 }
 
 // Provider makes, lists and removes point-in-time copies of volumes.
