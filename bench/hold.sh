@@ -5,7 +5,8 @@
 # writes were held (flush-and-hold, commit, release). Prints p50/p99/max
 # of the hold and fio's IOPS. Everything on tmpfs.
 #   bench/hold.sh [snapshots] [fio-jobs]
-# UMBRA_BIN=path runs that binary instead of building one (A/B runs).
+# UMBRA_BIN=path runs that binary instead of building one (A/B runs);
+# UMBRA_SERVE_ARGS adds flags to `umbra serve` (--hold-priority normal).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100}
@@ -25,7 +26,7 @@ cleanup() {
 trap cleanup EXIT
 if [ -n "${UMBRA_BIN:-}" ]; then cp "$UMBRA_BIN" "$W/umbra"; else go build -o "$W/umbra" ./cmd/umbra; fi
 truncate -s 1G "$W/img"
-"$W/umbra" serve --volume disk="$W/img" --state-dir "$W/state" --nbd-socket "$W/nbd.sock" --api-socket "$W/api.sock" 2>"$W/serve.log" &
+"$W/umbra" serve --volume disk="$W/img" --state-dir "$W/state" --nbd-socket "$W/nbd.sock" --api-socket "$W/api.sock" ${UMBRA_SERVE_ARGS:-} 2>"$W/serve.log" &
 SERVE=$!
 for _ in $(seq 100); do [ -S "$W/api.sock" ] && break; sleep 0.1; done
 umbra() { "$W/umbra" --api-socket "$W/api.sock" "$@"; }

@@ -16,6 +16,7 @@ import (
 	"github.com/google/btree"
 	"golang.org/x/sys/unix"
 
+	"umbra/internal/rtprio"
 	"umbra/provider"
 )
 
@@ -1381,6 +1382,7 @@ type Hold struct {
 	v     *Volume
 	start time.Time
 	timer *time.Timer
+	lower func() // ends the hold's real-time window (rtprio)
 
 	mu      sync.Mutex // guards the fields below
 	done    bool
@@ -1399,10 +1401,14 @@ func (v *Volume) hold(ctx context.Context, limit time.Duration, flush bool) (*Ho
 	if limit <= 0 {
 		limit = DefaultHoldLimit
 	}
+	// Writes wait from here until Release: the threads that finish the
+	// writes in flight, flush and commit run first (see rtprio).
+	lower := rtprio.Raise()
 	start := time.Now()
 	dctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	if err := v.gate.close(dctx); err != nil {
+		lower()
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("hold volume %s: %w", v.name, ctx.Err())
 		}
@@ -1411,13 +1417,15 @@ func (v *Volume) hold(ctx context.Context, limit time.Duration, flush bool) (*Ho
 	if flush {
 		if err := v.Flush(); err != nil {
 			v.gate.reopen()
+			lower()
 			return nil, err
 		}
 	}
-	h := &Hold{v: v, start: start}
+	h := &Hold{v: v, start: start, lower: lower}
 	left := limit - time.Since(start)
 	if left <= 0 {
 		v.gate.reopen()
+		lower()
 		return nil, fmt.Errorf("hold volume %s: flush took longer than %v: %w", v.name, limit, provider.ErrHoldTimeout)
 	}
 	h.timer = time.AfterFunc(left, h.expire)
@@ -1431,6 +1439,7 @@ func (h *Hold) expire() {
 		h.done, h.expired = true, true
 		h.v.gate.reopen()
 		h.ended = time.Now()
+		h.lower()
 	}
 }
 
@@ -1447,6 +1456,7 @@ func (h *Hold) Release() error {
 		h.timer.Stop()
 		h.v.gate.reopen()
 		h.ended = time.Now()
+		h.lower()
 	}
 	return nil
 }

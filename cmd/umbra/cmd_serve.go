@@ -23,6 +23,7 @@ import (
 	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/frontend"
+	"umbra/internal/rtprio"
 	"umbra/metrics"
 	"umbra/nbd"
 	"umbra/provider"
@@ -40,8 +41,9 @@ func init() { verbs = append(verbs, newServeCmd) }
 // it and embedded defaults fill the rest.
 type serveConfig struct {
 	StateDir   string         `toml:"state_dir"`
-	ExposeDir  string         `toml:"expose_dir"`  // where exposed snapshots are mounted
-	SetTimeout string         `toml:"set_timeout"` // FSRVP message sequence timer
+	ExposeDir  string         `toml:"expose_dir"`    // where exposed snapshots are mounted
+	SetTimeout string         `toml:"set_timeout"`   // FSRVP message sequence timer
+	HoldPrio   string         `toml:"hold_priority"` // realtime (default) or normal
 	API        apiConfig      `toml:"api"`
 	Metrics    string         `toml:"metrics_listen"`
 	AuditLog   string         `toml:"audit_log"`
@@ -174,6 +176,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.Writers.HooksDir, "hooks-dir", "", "directory of pre-freeze/post-thaw hook executables (called with freeze / thaw)")
 	f.StringVar(&cfg.ExposeDir, "expose-dir", "", "where exposed snapshots are mounted (default STATE/exposed)")
 	f.StringVar(&cfg.SetTimeout, "set-timeout", "", "abort a shadow copy set that does not reach its next state in this time (default 180s, as FSRVP)")
+	f.StringVar(&cfg.HoldPrio, "hold-priority", "", "realtime (default): while a snapshot holds writes, run at SCHED_FIFO (at most 50 ms a hold, 5% of the time); normal: never")
 	f.StringVar(&cfg.API.Listen, "api-listen", "", "also serve the API on TCP HOST:PORT (TLS and --api-tokens required)")
 	f.StringVar(&cfg.API.TLSCert, "api-tls-cert", "", "TLS certificate for --api-listen")
 	f.StringVar(&cfg.API.TLSKey, "api-tls-key", "", "TLS key for --api-listen")
@@ -200,6 +203,7 @@ func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
 	set("hooks-dir", &file.Writers.HooksDir, flags.Writers.HooksDir)
 	set("expose-dir", &file.ExposeDir, flags.ExposeDir)
 	set("set-timeout", &file.SetTimeout, flags.SetTimeout)
+	set("hold-priority", &file.HoldPrio, flags.HoldPrio)
 	set("api-listen", &file.API.Listen, flags.API.Listen)
 	set("api-tls-cert", &file.API.TLSCert, flags.API.TLSCert)
 	set("api-tls-key", &file.API.TLSKey, flags.API.TLSKey)
@@ -266,6 +270,17 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}
 	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
 		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
+	}
+	switch cfg.HoldPrio {
+	case "", "realtime":
+		rtprio.SetEnabled(true)
+		if err := rtprio.Probe(); err != nil {
+			log.Warn("holds run at normal priority: the hold window may grow under CPU load; give the service CAP_SYS_NICE, or set hold_priority = \"normal\" to silence this", "err", err)
+		}
+	case "normal":
+		rtprio.SetEnabled(false)
+	default:
+		return usageError{fmt.Errorf("--hold-priority %q: want realtime or normal", cfg.HoldPrio)}
 	}
 	// The TCP API's certificate and tokens are checked before anything
 	// is opened: a refusal leaves nothing behind.
