@@ -43,7 +43,7 @@ type serveConfig struct {
 	StateDir   string         `toml:"state_dir"`
 	ExposeDir  string         `toml:"expose_dir"`    // where exposed snapshots are mounted
 	SetTimeout string         `toml:"set_timeout"`   // FSRVP message sequence timer
-	HoldPrio   string         `toml:"hold_priority"` // realtime (default) or normal
+	HoldPrio   string         `toml:"hold_priority"` // normal (default) or realtime
 	API        apiConfig      `toml:"api"`
 	Metrics    string         `toml:"metrics_listen"`
 	AuditLog   string         `toml:"audit_log"`
@@ -176,7 +176,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.Writers.HooksDir, "hooks-dir", "", "directory of pre-freeze/post-thaw hook executables (called with freeze / thaw)")
 	f.StringVar(&cfg.ExposeDir, "expose-dir", "", "where exposed snapshots are mounted (default STATE/exposed)")
 	f.StringVar(&cfg.SetTimeout, "set-timeout", "", "abort a shadow copy set that does not reach its next state in this time (default 180s, as FSRVP)")
-	f.StringVar(&cfg.HoldPrio, "hold-priority", "", "realtime (default): while a snapshot holds writes, run at SCHED_FIFO (at most 50 ms a hold, 5% of the time); normal: never")
+	f.StringVar(&cfg.HoldPrio, "hold-priority", "", "normal (default), or realtime: while a snapshot holds writes, run at SCHED_FIFO (50 ms a hold, 5% of the time; not with CPU-bound work such as backups in the service)")
 	f.StringVar(&cfg.API.Listen, "api-listen", "", "also serve the API on TCP HOST:PORT (TLS and --api-tokens required)")
 	f.StringVar(&cfg.API.TLSCert, "api-tls-cert", "", "TLS certificate for --api-listen")
 	f.StringVar(&cfg.API.TLSKey, "api-tls-key", "", "TLS key for --api-listen")
@@ -272,12 +272,12 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
 	}
 	switch cfg.HoldPrio {
-	case "", "realtime":
+	case "realtime":
 		rtprio.SetEnabled(true)
 		if err := rtprio.Probe(); err != nil {
-			log.Warn("holds run at normal priority: the hold window may grow under CPU load; give the service CAP_SYS_NICE, or set hold_priority = \"normal\" to silence this", "err", err)
+			log.Warn("hold_priority realtime: holds run at normal priority; give the service CAP_SYS_NICE", "err", err)
 		}
-	case "normal":
+	case "", "normal":
 		rtprio.SetEnabled(false)
 	default:
 		return usageError{fmt.Errorf("--hold-priority %q: want realtime or normal", cfg.HoldPrio)}

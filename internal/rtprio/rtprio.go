@@ -1,6 +1,6 @@
 // Package rtprio lifts every thread of the process to real-time priority
 // (SCHED_FIFO) for short windows and puts each back as it was, within a
-// budget of real-time time.
+// budget of real-time time. It is off until SetEnabled(true).
 //
 // The hold window of a snapshot is such a window: new writes wait while
 // the writes in flight finish, the volume flushes and the snapshot
@@ -8,20 +8,27 @@
 // threads are preempted by the load itself (fio on both cores kept the
 // hold's threads off a CPU for milliseconds, measured), and every write
 // on the volume waits for them. At SCHED_FIFO for those milliseconds they
-// run first: bench/hold.sh p99 2.9-3.4 ms at normal priority, 0.8-0.9 ms
+// run first: bench/hold.sh p99 2.5-4.1 ms at normal priority, 0.7-1.0 ms
 // with the windows (docs/benchmarks.md).
 //
-// Bounds, so that a busy process never takes the machine: a window lasts
-// at most MaxWindow, and windows spend at most Budget of real-time time
-// per second (as a token bucket: a window starts only with budget left
-// and is cut when it runs out). Outside its windows the process never
-// runs at real-time priority. Threads born in a window inherit SCHED_FIFO
-// (the runtime may start one to run the window's goroutines) and are put
-// to SCHED_NORMAL when it ends.
+// Why it is off by default: threads at one FIFO priority are not
+// time-sliced, and the Go runtime needs its sysmon thread to preempt
+// goroutines and its timers to run. With goroutines in the process that
+// keep a CPU busy (BenchmarkHoldWindow's writers; a backup compressing),
+// they keep both CPUs, nothing preempts them, and a hold measured up to
+// ~0.9 s instead of ~0.2 ms — even the cut below waits for a CPU. It
+// suits a service whose work is I/O-driven (serving NBD, FUSE).
+//
+// Bounds: a window lasts at most MaxWindow (a timer: see above), and
+// windows spend at most Budget of real-time time per second (token
+// bucket: a window starts only with budget left and is cut when it runs
+// out). Outside its windows the process never runs at real-time
+// priority. Threads born in a window inherit SCHED_FIFO (the runtime may
+// start one to run the window's goroutines) and are put to SCHED_NORMAL
+// when it ends.
 //
 // No library does this; it is sched_setattr for each thread listed in
-// /proc/self/task. Without CAP_SYS_NICE, or after SetEnabled(false),
-// Raise does nothing.
+// /proc/self/task. Without CAP_SYS_NICE Raise does nothing.
 package rtprio
 
 import (
@@ -44,7 +51,7 @@ const (
 
 var (
 	mu      sync.Mutex // guards the fields below
-	enabled = true
+	enabled = false
 	denied  bool // EPERM once: not allowed here
 	depth   int  // Raise calls not yet lowered
 	epoch   int  // counts windows, so a stale cut does nothing
@@ -56,7 +63,7 @@ var (
 	kept    map[int]bool           // threads at another policy, left alone
 )
 
-// SetEnabled turns the windows on (the default) or off.
+// SetEnabled turns the windows on or off (the default).
 func SetEnabled(on bool) {
 	mu.Lock()
 	defer mu.Unlock()
