@@ -120,9 +120,8 @@ func (p *Provider) Prepare(ctx context.Context, vol string, opts provider.Snapsh
 type txn struct {
 	v         *Volume
 	opts      provider.SnapshotOptions
-	hold      *Hold
-	heldSince time.Time // the last hold's window
-	heldUntil time.Time
+	hold      *Hold  // standing
+	last      *Hold  // the last one, standing or ended: its window
 	committed string // snapshot id once committed
 }
 
@@ -139,17 +138,28 @@ func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
 	if err != nil {
 		return err
 	}
-	t.hold = h
-	t.heldSince, t.heldUntil = h.start, time.Time{}
+	t.hold, t.last = h, h
 	return nil
 }
 
 // HeldSince is when the hold began to block writes (after the flush that
 // precedes it); zero before PreCommit.
-func (t *txn) HeldSince() time.Time { return t.heldSince }
+func (t *txn) HeldSince() time.Time {
+	if t.last == nil {
+		return time.Time{}
+	}
+	start, _ := t.last.Window()
+	return start
+}
 
-// HeldUntil is when writes resumed; zero until PostCommit or Abort.
-func (t *txn) HeldUntil() time.Time { return t.heldUntil }
+// HeldUntil is when writes resumed; zero until the hold ended.
+func (t *txn) HeldUntil() time.Time {
+	if t.last == nil {
+		return time.Time{}
+	}
+	_, end := t.last.Window()
+	return end
+}
 
 func (t *txn) Commit(ctx context.Context) (provider.Snapshot, error) {
 	if t.hold == nil {
@@ -168,7 +178,6 @@ func (t *txn) PostCommit(ctx context.Context) error {
 		return nil
 	}
 	err := t.hold.Release()
-	_, t.heldUntil = t.hold.Window()
 	t.hold = nil
 	return err
 }
@@ -176,7 +185,6 @@ func (t *txn) PostCommit(ctx context.Context) error {
 func (t *txn) Abort(ctx context.Context) error {
 	if t.hold != nil {
 		_ = t.hold.Release()
-		_, t.heldUntil = t.hold.Window()
 		t.hold = nil
 	}
 	if t.committed != "" {
