@@ -90,6 +90,7 @@ func TestTryReadAt(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer f.Close()
+		defer func() { evict = nil }() // it closes over this subtest's t and f
 		evict = func() {
 			if err := unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_DONTNEED); err != nil {
 				t.Fatal(err)
