@@ -62,16 +62,33 @@ func TestTryReadAt(t *testing.T) {
 				release()
 			}
 		}
-		clear(p)
-		if evict != nil {
-			evict()
+		// A RWF_NOWAIT read of an evicted page starts readahead and
+		// takes the page if that finished before it looked: on this
+		// VM's disk (its blocks often in the host's cache) that is
+		// sometimes within the call. A read that waits for the disk
+		// would never refuse, so one refusal in a few evictions is what
+		// tells the two apart; each success must still be right.
+		attempts := 1
+		if !wantOK && evict != nil {
+			attempts = 8
 		}
-		got, ok, err := v.TryReadAt(p, off)
+		var got int
+		var err error
+		for range attempts {
+			clear(p)
+			if evict != nil {
+				evict()
+			}
+			got, ok, err = v.TryReadAt(p, off)
+			if ok && (err != nil || got != int(n) || !bytes.Equal(p, data[off:off+n])) {
+				t.Fatalf("TryReadAt [%d,+%d): %d bytes, %v, or wrong bytes", off, n, got, err)
+			}
+			if ok == wantOK {
+				break
+			}
+		}
 		if ok != wantOK {
-			t.Fatalf("TryReadAt [%d,+%d): ok %v, want %v (err %v)", off, n, ok, wantOK, err)
-		}
-		if ok && (err != nil || got != int(n) || !bytes.Equal(p, data[off:off+n])) {
-			t.Fatalf("TryReadAt [%d,+%d): %d bytes, %v, or wrong bytes", off, n, got, err)
+			t.Fatalf("TryReadAt [%d,+%d): ok %v, want %v (err %v, %d tries)", off, n, ok, wantOK, err, attempts)
 		}
 	}
 
