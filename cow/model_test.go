@@ -413,9 +413,9 @@ func (m *modelRun) crash() {
 
 func runModel(t *testing.T, seed uint64, steps int, policy Policy) (crashes int) {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	oldAsync, oldPiece, oldBatch, oldDelay, oldGap := asyncPreserve, writePiece, wbBatchBytes, wbDelay, originGap
+	oldPiece, oldBatch, oldDelay, oldGap := writePiece, wbBatchBytes, wbDelay, originGap
 	defer func() {
-		asyncPreserve, writePiece, wbBatchBytes, wbDelay, originGap = oldAsync, oldPiece, oldBatch, oldDelay, oldGap
+		writePiece, wbBatchBytes, wbDelay, originGap = oldPiece, oldBatch, oldDelay, oldGap
 	}()
 	// Snapshot reads take the origin run by run, or across every gap.
 	switch seed / 3 % 3 {
@@ -428,10 +428,10 @@ func runModel(t *testing.T, seed uint64, steps int, policy Policy) (crashes int)
 	// a seed replays the same file operations.
 	wbDelay = time.Hour
 	switch seed % 3 {
-	case 1: // every run preserved by a goroutine, writes in one-chunk pieces
-		asyncPreserve, writePiece = 1, 4096
-	case 2: // every run through the write-behind, two chunks a batch
-		asyncPreserve, wbBatchBytes = 1<<62, 1
+	case 1: // writes in one-chunk pieces
+		writePiece = 4096
+	case 2: // two chunks a batch, one a run
+		wbBatchBytes = 1
 	}
 	ffs := newFaultFS()
 	const chunk = 4096

@@ -23,7 +23,7 @@ type store struct {
 	hwm  int64   // slots ever handed out since the last reset
 	free []int64 // released slots below hwm
 	sync *groupSyncer
-	wb   *writeBehind // small copies for non-persistent snapshots
+	wb   *writeBehind // copies for non-persistent snapshots
 	m    *storeMap    // small slot reads copy from it (storemap.go)
 }
 

@@ -506,8 +506,7 @@ func (v *Volume) TryWriteFrom(off, n int64, fill func(f *os.File, off int64) err
 	defer v.gate.leave()
 	if locks.held() {
 		defer locks.unlock()
-		finish := v.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift)
-		defer finish() // after the origin write, before the unlock
+		v.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift)
 	}
 	return true, fill(of.File, off)
 }
@@ -548,8 +547,7 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
 		locks := v.lockChunks(c0, c1, false)
 		defer locks.unlock()
-		finish := v.preserveRange(c0, c1)
-		defer finish() // after the origin write, before the unlock
+		v.preserveRange(c0, c1)
 	}
 	if !noHole {
 		if err := v.origin.Punch(off, length); err == nil {
@@ -661,15 +659,13 @@ func (v *Volume) chunkLen(c uint64) int64 {
 
 // preserveRange preserves, for each chunk in c0..c1 written for the first
 // time since the newest snapshot, what live snapshots need. The caller
-// holds the chunks' stripe locks. The returned function completes the
-// preservation; call it after the origin write and before releasing the
-// stripe locks (snapshot readers wait on them).
-func (v *Volume) preserveRange(c0, c1 uint64) func() {
+// holds the chunks' stripe locks and writes the origin after it returns.
+func (v *Volume) preserveRange(c0, c1 uint64) {
 	v.mu.RLock()
 	n := v.newest()
 	if n == nil {
 		v.mu.RUnlock()
-		return noFinish
+		return
 	}
 	var todo []uint64
 	for c := c0; c <= c1; c++ {
@@ -679,35 +675,23 @@ func (v *Volume) preserveRange(c0, c1 uint64) func() {
 	}
 	v.mu.RUnlock()
 	// Preserve runs of consecutive chunks with one read and as few
-	// writes as their slots allow.
-	maxRun := max(int(preserveBatch/v.chunk), 1)
-	var finishes []func()
+	// writes as their slots allow; a run fits one write-behind batch.
+	maxRun := max(int(min(preserveBatch, int64(wbBatchBytes))/v.chunk), 1)
 	for i := 0; i < len(todo); {
 		j := i + 1
 		for j < len(todo) && todo[j] == todo[j-1]+1 && j-i < maxRun {
 			j++
 		}
-		if f := v.preserveRun(todo[i], j-i); f != nil {
-			finishes = append(finishes, f)
-		}
+		v.preserveRun(todo[i], j-i)
 		i = j
-	}
-	if len(finishes) == 0 {
-		return noFinish
-	}
-	return func() {
-		for _, f := range finishes {
-			f()
-		}
 	}
 }
 
-func noFinish() {}
-
 // writePiece is how much of a large write is preserved and written at a
-// time: the original of the next piece is read while the diff-area write
-// of the previous one runs (asyncPreserve), a pipeline over two cores.
-// (A variable: the model test makes pieces small.)
+// time: for non-persistent snapshots the write-behind writes one piece's
+// originals to the diff area while the writer writes that piece of the
+// origin and reads the next piece's originals, a pipeline over two
+// cores. (A variable: the model test makes pieces small.)
 var writePiece = 256 << 10
 
 // preserveAndWrite preserves what p overwrites and writes p, piece by
@@ -715,18 +699,6 @@ var writePiece = 256 << 10
 // piece's original is read (and, for persistent snapshots, made durable
 // with its mapping) before that piece of the origin is written.
 func (v *Volume) preserveAndWrite(p []byte, off int64) (int, error) {
-	if len(p) <= writePiece { // one piece: no pipeline to set up
-		finish := v.preserveRange(uint64(off)>>v.shift, uint64(off+int64(len(p))-1)>>v.shift)
-		n, err := v.origin.WriteAt(p, off)
-		finish()
-		return n, err
-	}
-	var finishes []func()
-	defer func() {
-		for _, f := range finishes {
-			f()
-		}
-	}()
 	done := 0
 	for done < len(p) {
 		at := off + int64(done)
@@ -736,7 +708,7 @@ func (v *Volume) preserveAndWrite(p []byte, off int64) (int, error) {
 		if step := max(int64(writePiece), v.chunk); int64(n) > step {
 			n = int((at+step)>>v.shift<<v.shift - at)
 		}
-		finishes = append(finishes, v.preserveRange(uint64(at)>>v.shift, uint64(at+int64(n)-1)>>v.shift))
+		v.preserveRange(uint64(at)>>v.shift, uint64(at+int64(n)-1)>>v.shift)
 		k, err := v.origin.WriteAt(p[done:done+n], at)
 		done += k
 		if err != nil {
@@ -745,16 +717,6 @@ func (v *Volume) preserveAndWrite(p []byte, off int64) (int, error) {
 	}
 	return done, nil
 }
-
-// asyncPreserve: for non-persistent snapshots, a run at least this long
-// is written to the diff area by a goroutine while the origin write
-// proceeds (both are copies of up to a megabyte; on two cores they
-// overlap); a shorter run goes to the write-behind (writebehind.go),
-// which collects many into one diff-area write off the writer's path.
-// Persistent snapshots keep the order the crash invariant needs: the
-// original and its mapping are durable before the origin is written.
-// (A variable: the model test moves it to send every run one way.)
-var asyncPreserve int64 = 64 << 10
 
 // preserveBatch bounds the bytes one preserveRun reads at once.
 const preserveBatch = 1 << 20
@@ -801,15 +763,18 @@ func (v *Volume) usersAbove(c, upper uint64) bool {
 
 // preserveRun copies chunks c0..c0+n-1, those written for the first time
 // since the newest snapshot and still needed by a live snapshot, to the
-// diff area. The caller holds their stripe locks. It returns nil when it
-// is done, or a function that waits for the diff-area write it left
-// running (see asyncPreserve).
-func (v *Volume) preserveRun(c0 uint64, n int) func() {
+// diff area. The caller holds their stripe locks. For non-persistent
+// snapshots the copies go to the write-behind (writebehind.go), which
+// writes them to the diff area off the writer's path, many at a time;
+// readers find them in memory until then. Persistent snapshots keep the
+// order their crash invariant needs: the originals and their mapping are
+// durable when it returns, before the origin is written.
+func (v *Volume) preserveRun(c0 uint64, n int) {
 	v.mu.Lock()
 	nw := v.newest()
 	if nw == nil {
 		v.mu.Unlock()
-		return nil
+		return
 	}
 	gen := nw.gen
 	var need []preserved
@@ -825,12 +790,12 @@ func (v *Volume) preserveRun(c0 uint64, n int) func() {
 	lsync, ssync, wb := v.logSyncer(), v.store.sync, v.store.wb
 	v.mu.Unlock()
 	if len(need) == 0 {
-		return nil
+		return
 	}
 	first, last := need[0].c, need[len(need)-1].c
 	span := int64(last-first)<<v.shift + v.chunkLen(last)
-	// A short run for the write-behind is read straight into its batch.
-	behind := lsync == nil && span < asyncPreserve && wb.fitsSpace(span)
+	// A run for the write-behind is read straight into its batch.
+	behind := lsync == nil && wb.fitsSpace(span)
 	var (
 		sp  wbSpace
 		bp  *[]byte
@@ -854,7 +819,7 @@ func (v *Volume) preserveRun(c0 uint64, n int) func() {
 		}
 		v.mu.Unlock()
 		v.syncInvalidation(lsync)
-		return nil
+		return
 	}
 	anyData := false
 	v.mu.Lock()
@@ -868,32 +833,19 @@ func (v *Volume) preserveRun(c0 uint64, n int) func() {
 		anyData = anyData || p.keep
 	}
 	v.mu.Unlock()
-	if lsync == nil && anyData && span < asyncPreserve {
+	if behind {
 		for _, p := range need {
 			if !p.keep || p.slot == zeroSlot {
 				continue
 			}
-			if behind {
-				wb.add(sp, int(p.c-first)<<v.shift, int(v.chunkLen(p.c)), p.slot, p.c)
-			} else {
-				wb.put(p.slot, p.c, v.chunkIn(buf, first, p.c))
-			}
+			wb.add(sp, int(p.c-first)<<v.shift, int(v.chunkLen(p.c)), p.slot, p.c)
 		}
 		v.releaseRun(wb, sp, bp)
 		v.placeAll(need, gen)
-		return nil
+		return
 	}
-	finish := func() {
-		defer v.releaseRun(wb, sp, bp)
-		v.storeRun(need, anyData, first, gen, buf, lsync, ssync)
-	}
-	if lsync == nil && anyData && span >= asyncPreserve {
-		ch := make(chan struct{})
-		go func() { defer close(ch); finish() }()
-		return func() { <-ch }
-	}
-	finish()
-	return nil
+	defer v.releaseRun(wb, sp, bp)
+	v.storeRun(need, anyData, first, gen, buf, lsync, ssync)
 }
 
 // preserved is a chunk preserveRun preserves: the slot it got (zeroSlot

@@ -6,11 +6,13 @@ import (
 	"time"
 )
 
-// writeBehind keeps small preserved chunks of non-persistent snapshots in
+// writeBehind keeps the preserved chunks of non-persistent snapshots in
 // memory until a background goroutine writes them to the diff area, many
 // at a time. A first write under a snapshot then costs the origin read
 // and the origin write in the writer's path; the diff-area write (the
-// costliest of the three where it allocates space) runs on another core.
+// costliest of the three where it allocates space) runs on another core,
+// and for a large write overlaps the writer's next pieces and next
+// writes.
 //
 // Non-persistent snapshots need no durability, so nothing orders these
 // writes against the origin's. What holds instead:
@@ -107,15 +109,6 @@ func (w *writeBehind) newBatch() *wbBatch {
 }
 
 func (b *wbBatch) fits(n int64) bool { return int64(len(b.buf))+n <= int64(cap(b.buf)) }
-
-// put queues chunk c's preserved bytes for slot. It waits only while
-// the filling batch is full and wbQueue filled ones wait for the flusher.
-func (w *writeBehind) put(slot int64, c uint64, data []byte) {
-	sp := w.reserve(int64(len(data)))
-	copy(sp.buf, data)
-	w.add(sp, 0, len(data), slot, c)
-	w.release(sp)
-}
 
 // fitsSpace reports whether n bytes fit one batch (see reserve).
 func (w *writeBehind) fitsSpace(n int64) bool { return n <= max(int64(wbBatchBytes), 2*w.chunk) }

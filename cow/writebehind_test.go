@@ -559,3 +559,12 @@ func tempStore(t *testing.T) File {
 	t.Cleanup(func() { f.Close() })
 	return f
 }
+
+// put (for tests) queues chunk c's preserved bytes for slot. It waits only while
+// the filling batch is full and wbQueue filled ones wait for the flusher.
+func (w *writeBehind) put(slot int64, c uint64, data []byte) {
+	sp := w.reserve(int64(len(data)))
+	copy(sp.buf, data)
+	w.add(sp, 0, len(data), slot, c)
+	w.release(sp)
+}
