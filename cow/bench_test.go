@@ -478,6 +478,60 @@ func BenchmarkDeepRead(b *testing.B) {
 	}
 }
 
+// BenchmarkReadPending reads preserved chunks of a snapshot once, 1 MiB
+// at a time as a backup does, while none of the volume's copies waits in
+// the write-behind and while a few others do (a backup reading a
+// snapshot as writes go on): only the slots still in memory should be
+// read apart from the rest. Each pass reads a region not read before
+// (pages of the diff area already mapped would read faster); past 6
+// rounds the regions repeat.
+func BenchmarkReadPending(b *testing.B) {
+	const size = 256 << 20
+	const region = 16 << 20
+	const regions = 12 // preserved: the first 192 MiB
+	defer func(d time.Duration) { wbDelay = d }(wbDelay)
+	wbDelay = time.Hour // the few copies below stay in memory
+	v := benchVolume(b, size, DefaultChunkSize, false)
+	info, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	s, err := v.OpenSnapshot(info.ID)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	p := make([]byte, 1<<20)
+	for off := int64(0); off < regions*region; off += int64(len(p)) {
+		v.WriteAt(p, off)
+	}
+	v.settleWriteBehind(true) // every copy in the file
+	read := func(r int) float64 {
+		start := time.Now()
+		for off := int64(r) * region; off < int64(r+1)*region; off += int64(len(p)) {
+			if _, err := s.ReadAt(p, off); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return region / time.Since(start).Seconds() / 1e6
+	}
+	var idle, busy float64
+	for i := 0; i < b.N; i++ {
+		idle += read(2 * (i % (regions / 2)))
+		for k := range int64(4) { // first writes past the regions
+			v.WriteAt(p[:4096], regions*region+int64(i%2048)*16384+k*4096)
+		}
+		if v.store.wb.items.Load() == 0 {
+			b.Fatal("no copy waits in the write-behind")
+		}
+		busy += read(2*(i%(regions/2)) + 1)
+		v.settleWriteBehind(true)
+	}
+	b.ReportMetric(idle/float64(b.N), "none-pending-MB/s")
+	b.ReportMetric(busy/float64(b.N), "some-pending-MB/s")
+	b.ReportMetric(busy/idle, "ratio")
+}
+
 // BenchmarkMappingMemory reports heap bytes per preserved chunk.
 func BenchmarkMappingMemory(b *testing.B) {
 	d := benchDir(b)

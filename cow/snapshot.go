@@ -217,8 +217,8 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 			clear(p[lo:hi])
 		case fromOrigin: // read above
 		default:
-			if st.wb.items.Load() > 0 {
-				// Some slots may still be in memory: chunk by chunk.
+			if st.wb.anyPending(src[i], j-i) {
+				// Some slots are still in memory: chunk by chunk.
 				for k := i; k < j; k++ {
 					lo, hi, inChunk := piece(c0 + uint64(k))
 					if err := v.readChunkSlot(st, p[lo:hi], src[k], inChunk); err != nil {

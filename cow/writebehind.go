@@ -41,8 +41,9 @@ type writeBehind struct {
 	timer    *time.Timer
 	started  bool
 	stopped  bool
-	draining int      // drain calls waiting
-	spares   [][]byte // buffers of written batches, for new ones
+	draining int               // drain calls waiting
+	spares   [][]byte          // buffers of written batches, for new ones
+	pending  map[int64]*wbItem // by slot: the items not yet in the file
 
 	items     atomic.Int64 // pending items (cur, flying, failed), read without mu
 	hasFailed atomic.Bool
@@ -92,7 +93,7 @@ var (
 )
 
 func newWriteBehind(f File, chunk int64) *writeBehind {
-	w := &writeBehind{f: f, chunk: chunk}
+	w := &writeBehind{f: f, chunk: chunk, pending: map[int64]*wbItem{}}
 	w.cond = sync.NewCond(&w.mu)
 	w.cur = w.newBatch()
 	return w
@@ -142,7 +143,9 @@ func (w *writeBehind) reserve(n int64) wbSpace {
 func (w *writeBehind) add(sp wbSpace, off, n int, slot int64, c uint64) {
 	at := sp.off + off
 	w.mu.Lock()
-	sp.b.items = append(sp.b.items, &wbItem{slot: slot, chunk: c, off: at, data: sp.b.buf[at : at+n : at+n]})
+	it := &wbItem{slot: slot, chunk: c, off: at, data: sp.b.buf[at : at+n : at+n]}
+	sp.b.items = append(sp.b.items, it)
+	w.pending[slot] = it
 	w.items.Add(1)
 	w.mu.Unlock()
 }
@@ -228,6 +231,9 @@ func (w *writeBehind) run() {
 				w.failed = append(w.failed, it)
 				continue
 			}
+			if w.pending[it.slot] == it {
+				delete(w.pending, it.slot)
+			}
 			done++
 		}
 		w.items.Add(-done)
@@ -293,25 +299,27 @@ func (w *writeBehind) write(buf []byte, items []*wbItem) map[*wbItem]bool {
 
 // find returns the pending item for slot, or nil. Caller holds w.mu.
 func (w *writeBehind) find(slot int64) *wbItem {
-	lists := [][]*wbItem{w.failed, w.flyingItems(), w.cur.items}
-	for _, b := range w.full {
-		lists = append(lists, b.items)
-	}
-	for _, list := range lists {
-		for _, it := range list {
-			if it.slot == slot && !it.dead {
-				return it
-			}
-		}
+	if it := w.pending[slot]; it != nil && !it.dead {
+		return it
 	}
 	return nil
 }
 
-func (w *writeBehind) flyingItems() []*wbItem {
-	if w.flying == nil {
-		return nil
+// anyPending reports whether one of the n slots from slot on is still
+// pending; when not, their bytes are in the file (a slot in use never
+// becomes pending again).
+func (w *writeBehind) anyPending(slot int64, n int) bool {
+	if w.items.Load() == 0 {
+		return false
 	}
-	return w.flying.items
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for s := slot; s < slot+int64(n); s++ {
+		if w.find(s) != nil {
+			return true
+		}
+	}
+	return false
 }
 
 // read copies slot's pending bytes from inChunk on into p; false when the
@@ -346,6 +354,7 @@ func (w *writeBehind) cancel(slots []int64) {
 			continue
 		}
 		it.dead = true
+		delete(w.pending, s)
 		w.items.Add(-1)
 		for i, f := range w.failed {
 			if f == it {
