@@ -13,11 +13,14 @@ import (
 )
 
 // storeMap is a read-only shared mapping of a diff-area file in memory
-// (tmpfs, ramfs: see mapRead) that small slot reads copy from instead of
+// (tmpfs, ramfs: see mapRead) that slot reads copy from instead of
 // calling pread: a snapshot read whose span mixes the origin with
 // scattered preserved chunks reads one slot per preserved chunk, and on
 // these machines a 4 KiB pread costs ~1.2 µs against ~0.2 µs for the copy
-// (BenchmarkDeepRead). The mapping reserves address space only; the
+// (BenchmarkDeepRead); a long run of slots copies at 4.1-4.6 GB/s where
+// pread, page by page through tmpfs, reads 3.1-3.3 GB/s, faults on pages
+// not yet mapped included (BenchmarkReadPending, each region read once).
+// The mapping reserves address space only; the
 // pages are the page cache's, which pread reads too. Three rules keep it
 // safe:
 //   - only bytes the file is known to hold are copied (size, refreshed
@@ -46,9 +49,6 @@ const (
 	// storeMapBytes is how much of the diff-area file is mapped; slots
 	// beyond it are read with pread.
 	storeMapBytes = 64 << 30
-	// mapReadMax: reads longer than this use pread, whose call costs
-	// little beside the copy.
-	mapReadMax = 64 << 10
 )
 
 // Pages the kernel or a copy touched through a mapping (the diff area's
@@ -135,7 +135,7 @@ func newStoreMap(f File) *storeMap {
 // caller reads with pread.
 func (m *storeMap) read(f File, p []byte, off int64) bool {
 	end := off + int64(len(p))
-	if m.b == nil || len(p) > mapReadMax || off < 0 || end > int64(len(m.b)) {
+	if m.b == nil || off < 0 || end > int64(len(m.b)) {
 		return false
 	}
 	if end > m.size.Load() {
