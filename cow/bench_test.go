@@ -480,7 +480,7 @@ func BenchmarkDeepRead(b *testing.B) {
 
 // BenchmarkReadPending reads preserved chunks of a snapshot once, 1 MiB
 // at a time as a backup does, while none of the volume's copies waits in
-// the write-behind and while a few others do (a backup reading a
+// the write-behind and while 100 others do (a backup reading a
 // snapshot as writes go on): only the slots still in memory should be
 // read apart from the rest. Each pass reads a region not read before
 // (pages of the diff area already mapped would read faster); past 6
@@ -518,8 +518,8 @@ func BenchmarkReadPending(b *testing.B) {
 	var idle, busy float64
 	for i := 0; i < b.N; i++ {
 		idle += read(2 * (i % (regions / 2)))
-		for k := range int64(4) { // first writes past the regions
-			v.WriteAt(p[:4096], regions*region+int64(i%2048)*16384+k*4096)
+		for k := range int64(100) { // 100 first writes past the regions
+			v.WriteAt(p[:4096], regions*region+int64(i%64)<<20+k*4096)
 		}
 		if v.store.wb.items.Load() == 0 {
 			b.Fatal("no copy waits in the write-behind")
