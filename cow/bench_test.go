@@ -158,14 +158,16 @@ func BenchmarkPhysicalLimit(b *testing.B) {
 	}
 }
 
-func benchPhysicalLimit(b *testing.B, bs int) {
-	const size = 256 << 20
-	d := benchDir(b)
+// plainOrigin makes d/origin, size bytes of a pattern written 1 MiB at a
+// time, for the benchmarks that use plain system calls; it returns the
+// file (closed when the benchmark ends) and the 1 MiB buffer.
+func plainOrigin(b *testing.B, d string, size int64) (*os.File, []byte) {
+	b.Helper()
 	f, err := os.Create(filepath.Join(d, "origin"))
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer f.Close()
+	b.Cleanup(func() { f.Close() })
 	buf := make([]byte, 1<<20)
 	for i := range buf {
 		buf[i] = byte(i * 7)
@@ -173,6 +175,13 @@ func benchPhysicalLimit(b *testing.B, bs int) {
 	for off := int64(0); off < size; off += int64(len(buf)) {
 		f.WriteAt(buf, off)
 	}
+	return f, buf
+}
+
+func benchPhysicalLimit(b *testing.B, bs int) {
+	const size = 256 << 20
+	d := benchDir(b)
+	f, _ := plainOrigin(b, d, size)
 	store, err := os.Create(filepath.Join(d, "store"))
 	if err != nil {
 		b.Fatal(err)
@@ -231,18 +240,7 @@ func benchPipelineLimit(b *testing.B, files int) {
 	const size = 256 << 20
 	const piece = 256 << 10
 	d := benchDir(b)
-	o, err := os.Create(filepath.Join(d, "origin"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer o.Close()
-	p := make([]byte, 1<<20)
-	for i := range p {
-		p[i] = byte(i * 7)
-	}
-	for off := int64(0); off < size; off += int64(len(p)) {
-		o.WriteAt(p, off)
-	}
+	o, p := plainOrigin(b, d, size)
 	r := rand.New(rand.NewPCG(9, 10))
 	type job struct {
 		buf []byte
