@@ -24,7 +24,7 @@ type store struct {
 	free []int64 // released slots below hwm
 	sync *groupSyncer
 	wb   *writeBehind // copies for non-persistent snapshots
-	m    *storeMap    // small slot reads copy from it (storemap.go)
+	m    *storeMap    // slot reads copy from it in memory (storemap.go)
 }
 
 // newStore wraps the open diff-area file f; a write-behind failure marks

@@ -1416,12 +1416,11 @@ func (h *Hold) Release() error {
 // Elapsed is how long writes have been held: until now, or until they
 // resumed once the hold has ended.
 func (h *Hold) Elapsed() time.Duration {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !h.ended.IsZero() {
-		return h.ended.Sub(h.start)
+	start, end := h.Window()
+	if end.IsZero() {
+		return time.Since(start)
 	}
-	return time.Since(h.start)
+	return end.Sub(start)
 }
 
 // Window is when writes began to wait and when they resumed (zero while

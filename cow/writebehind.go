@@ -297,13 +297,9 @@ func (w *writeBehind) write(buf []byte, items []*wbItem) map[*wbItem]bool {
 	return failed
 }
 
-// find returns the pending item for slot, or nil. Caller holds w.mu.
-func (w *writeBehind) find(slot int64) *wbItem {
-	if it := w.pending[slot]; it != nil && !it.dead {
-		return it
-	}
-	return nil
-}
+// find returns the pending item for slot, or nil (cancel drops what it
+// kills from pending). Caller holds w.mu.
+func (w *writeBehind) find(slot int64) *wbItem { return w.pending[slot] }
 
 // anyPending reports whether one of the n slots from slot on is still
 // pending; when not, their bytes are in the file (a slot in use never
