@@ -1280,9 +1280,22 @@ func (v *Volume) deleteLocked(s *snap, log bool) {
 // preservation still holds a slot (one may be in flight: its copy is then
 // discarded by place).
 func (v *Volume) maybeResetStore() {
-	if v.store != nil && len(v.snaps) == 0 && v.store.used() == 0 {
-		v.store.reset()
+	st := v.store
+	if st == nil || len(v.snaps) > 0 || st.used() > 0 {
+		return
 	}
+	st.reset(st.keep * v.chunk)
+	if st.idle != nil {
+		st.idle.Reset(idleRelease)
+		return
+	}
+	st.idle = time.AfterFunc(idleRelease, func() {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		if v.store == st && !st.shut && len(v.snaps) == 0 && st.used() == 0 {
+			st.reset(0)
+		}
+	})
 }
 
 // freeSlots returns slots to the allocator once no reader is reading them.
@@ -1654,6 +1667,9 @@ func (v *Volume) SetMaxStorage(maxBytes int64) error {
 		v.invalidate(victim, why)
 		v.releaseInvalid()
 	}
+	if v.store != nil {
+		v.store.setKeep(v.keepSlots(), v.chunk)
+	}
 	lsync := v.logSyncer()
 	v.mu.Unlock()
 	if lsync != nil {
@@ -1771,7 +1787,7 @@ func (v *Volume) Close() error {
 	}
 	if v.store != nil {
 		if len(v.snaps) == 0 {
-			v.store.reset()
+			v.store.reset(0)
 		}
 		if err := v.store.f.Sync(); err != nil {
 			errs = append(errs, fmt.Errorf("sync diff area %s: %w", v.storePath(), err))
