@@ -176,3 +176,55 @@ func TestStoreMapFault(t *testing.T) {
 		t.Fatal("the stale size did not make the mapped copy fault: the test did not test the fallback")
 	}
 }
+
+// A long run of originals of an origin in memory is copied from the
+// origin's mapping; snapshots read exactly what it held, and a copy that
+// faults (the origin cut short behind the engine's back) falls back to
+// pread without failing the write.
+func TestOriginalsFromMapping(t *testing.T) {
+	const chunk, size = 4096, 8 << 20
+	d := memDir(t)
+	origin := d + "/origin"
+	r := rand.New(rand.NewPCG(11, 12))
+	want := make([]byte, size)
+	for i := range want {
+		want[i] = byte(r.Uint32())
+	}
+	if err := os.WriteFile(origin, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open("mapped", origin, Options{ChunkSize: chunk, StorageDir: d + "/diff"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	s, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn, err := v.OpenSnapshot(s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 4; i++ {
+		off := r.Int64N(size-(1<<20)) &^ 511
+		mustWrite(t, v, bytes.Repeat([]byte{byte(i + 1)}, 1<<20), off)
+	}
+	if v.mapLent.Load() == 0 {
+		t.Fatal("no original was copied from the origin's mapping: the test did not test it")
+	}
+	if got := readAll(t, sn, size); !bytes.Equal(got, want) {
+		t.Fatal("snapshot differs from the origin at its commit")
+	}
+	// Cut the origin's second half away, then write there: the mapped copy
+	// of the originals faults and the write still goes through.
+	if err := os.Truncate(origin, size/2); err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{0xee}, 1<<20)
+	mustWrite(t, v, p, size-(1<<20))
+	got := make([]byte, len(p))
+	if _, err := v.ReadAt(got, size-(1<<20)); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("origin after the write past the cut: err %v, equal %v", err, bytes.Equal(got, p))
+	}
+}

@@ -784,6 +784,9 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 		}
 		nw.changed.Add(uint32(c))
 		if v.usersAbove(c, gen) {
+			if need == nil {
+				need = make([]preserved, 0, c0+uint64(n)-c)
+			}
 			need = append(need, preserved{c: c})
 		}
 	}
@@ -811,7 +814,7 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 		}
 		buf = (*bp)[:span]
 	}
-	if _, err := v.origin.ReadAt(buf, int64(first)<<v.shift); err != nil && err != io.EOF {
+	if err := v.readOriginal(buf, int64(first)<<v.shift); err != nil {
 		v.releaseRun(wb, sp, bp)
 		v.mu.Lock()
 		for _, p := range need {
@@ -834,12 +837,15 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 	}
 	v.mu.Unlock()
 	if behind {
+		items := make([]wbItem, 0, len(need))
 		for _, p := range need {
 			if !p.keep || p.slot == zeroSlot {
 				continue
 			}
-			wb.add(sp, int(p.c-first)<<v.shift, int(v.chunkLen(p.c)), p.slot, p.c)
+			off, n := int(p.c-first)<<v.shift, int(v.chunkLen(p.c))
+			items = append(items, wbItem{slot: p.slot, chunk: p.c, off: off, data: sp.buf[off : off+n : off+n]})
 		}
+		wb.addAll(sp, items)
 		v.releaseRun(wb, sp, bp)
 		v.placeAll(need, gen)
 		return
@@ -847,6 +853,33 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 	defer v.releaseRun(wb, sp, bp)
 	v.storeRun(need, anyData, first, gen, buf, lsync, ssync)
 }
+
+// readOriginal reads the originals at off into p, before the write that
+// overwrites them. A run of 64 KiB or more of an origin in memory (tmpfs)
+// is copied from its mapping (MappedRange's): pread goes through tmpfs a
+// page at a time, 0.19-0.22 ms a MiB here against 0.09-0.10 for a copy
+// from pages already mapped (0.2 with a fault per 64 KiB the first time),
+// and this read is on the writer's path. A shorter one is read with
+// pread: a first copy from a page not yet mapped costs a fault, ~2.6 us,
+// more than a 4 KiB pread (~1.2 us). A copy that faults on an error falls
+// back to pread, which reports what is wrong.
+func (v *Volume) readOriginal(p []byte, off int64) error {
+	if of, ok := v.origin.(osFile); ok && len(p) >= mapOriginalMin && of.nowait.Load() == nowaitMemory {
+		if b, release, ok := v.MappedRange(off, int64(len(p))); ok {
+			ok = copyMapped(p, b)
+			release()
+			if ok {
+				return nil
+			}
+		}
+	}
+	if _, err := v.origin.ReadAt(p, off); err != nil && err != io.EOF {
+		return err
+	}
+	return nil
+}
+
+const mapOriginalMin = 64 << 10
 
 // preserved is a chunk preserveRun preserves: the slot it got (zeroSlot
 // for an all-zero original) and whether it is kept (false when the

@@ -141,12 +141,21 @@ func (w *writeBehind) reserve(n int64) wbSpace {
 // add queues the n bytes at off in sp, filled already, as chunk c's
 // preserved bytes for slot. From now on read finds them.
 func (w *writeBehind) add(sp wbSpace, off, n int, slot int64, c uint64) {
-	at := sp.off + off
+	w.addAll(sp, []wbItem{{slot: slot, chunk: c, off: off, data: sp.buf[off : off+n : off+n]}})
+}
+
+// addAll is add for many chunks of sp at once (one lock, one
+// allocation: a 1 MiB write preserves 256 of 4 KiB): each item names its
+// slot, chunk, and bytes at off in sp.buf (data, a slice of sp.buf).
+func (w *writeBehind) addAll(sp wbSpace, items []wbItem) {
 	w.mu.Lock()
-	it := &wbItem{slot: slot, chunk: c, off: at, data: sp.b.buf[at : at+n : at+n]}
-	sp.b.items = append(sp.b.items, it)
-	w.pending[slot] = it
-	w.items.Add(1)
+	for i := range items {
+		it := &items[i]
+		it.off += sp.off
+		sp.b.items = append(sp.b.items, it)
+		w.pending[it.slot] = it
+	}
+	w.items.Add(int64(len(items)))
 	w.mu.Unlock()
 }
 
@@ -239,7 +248,7 @@ func (w *writeBehind) run() {
 		w.items.Add(-done)
 		w.hasFailed.Store(len(w.failed) > 0)
 		w.flying = nil
-		if len(w.spares) < 2 {
+		if len(w.spares) < wbQueue+1 { // enough for a full queue: a new buffer's pages are faulted in afresh
 			w.spares = append(w.spares, b.buf)
 		}
 		w.cond.Broadcast()
