@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
-	"github.com/google/btree"
 	"golang.org/x/sys/unix"
 
 	"umbra/internal/rtprio"
@@ -154,7 +153,7 @@ type Volume struct {
 	policy     Policy
 	snaps      []*snap // live, ascending generation
 	lastGen    uint64
-	entries    *btree.BTreeG[entry]
+	entries    *entryMap
 	store      *store   // nil until the first snapshot
 	log        *metaLog // non-nil while a persistent snapshot lives
 	persistent int      // live persistent snapshots
@@ -223,7 +222,7 @@ func Open(name, originPath string, opts Options) (*Volume, error) {
 		storageDir: opts.StorageDir,
 		maxStorage: opts.MaxStorage,
 		policy:     opts.Policy,
-		entries:    btree.NewG(32, entryLess),
+		entries:    newEntryMap(),
 	}
 	for v.chunk>>v.shift > 1 {
 		v.shift++
@@ -956,12 +955,21 @@ func (v *Volume) placeAll(need []preserved, gen uint64) {
 	v.mu.Unlock()
 }
 
+// placeLocked records the kept chunks of need, preserved for generation
+// gen. If that snapshot was deleted meanwhile, they go where deleting it
+// would have put them.
 func (v *Volume) placeLocked(need []preserved, gen uint64) {
+	s := v.snapByGen(gen)
+	if s == nil {
+		s = v.predecessor(gen)
+	}
+	run := make([]entry, 0, len(need))
 	for _, p := range need {
-		if p.keep {
-			v.place(p.c, gen, p.slot)
+		if p.keep && v.claim(s, p.c, p.slot) {
+			run = append(run, entry{chunk: p.c, gen: s.gen, slot: p.slot})
 		}
 	}
+	v.entries.insertRun(run)
 }
 
 // settleWriteBehind deals with write-behind copies whose diff-area write
@@ -1201,27 +1209,23 @@ func (v *Volume) failAll(why string) {
 	}
 }
 
-// place records the preserved copy of chunk c made for generation gen. If
-// that snapshot was deleted meanwhile, the copy goes where deleting it
-// would have put it.
-func (v *Volume) place(c, gen uint64, slot int64) {
-	s := v.snapByGen(gen)
-	if s == nil {
-		s = v.predecessor(gen)
-	}
+// claim makes snapshot s (nil: gone) the owner of chunk c's copy in slot
+// and logs it, unless s is gone or owns c already: then the slot is
+// freed. True means the caller puts the entry in the mapping.
+func (v *Volume) claim(s *snap, c uint64, slot int64) bool {
 	if s == nil || s.owned.Contains(uint32(c)) {
 		if slot != zeroSlot {
 			v.freeSlots([]int64{slot})
 		}
-		return
+		return false
 	}
-	v.entries.ReplaceOrInsert(entry{chunk: c, gen: s.gen, slot: slot})
 	v.copies.Add(1)
 	s.owned.Add(uint32(c))
 	if slot != zeroSlot {
 		s.nonzero++
 	}
 	v.logAppend(record{Type: recMap, Chunk: c, Gen: s.gen, Slot: slot})
+	return true
 }
 
 func (v *Volume) snapIndex(gen uint64) int {
