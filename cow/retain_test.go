@@ -60,91 +60,113 @@ func setRetain(t *testing.T, bytes int64, idle time.Duration) {
 	t.Cleanup(func() { retainBytes, idleRelease = oldB, oldI })
 }
 
-// Freed slots below the retained size keep their space and are handed
-// out again; those above it are punched out; shrinking the association
-// gives back what no longer fits; and once no snapshot lives the file
-// keeps its retained space only for idleRelease.
+// While the file is within the retained size, freed slots keep their
+// space and are handed out again; shrinking the association below the
+// file gives free space back; and a file that grew past the retained
+// size punches what is freed.
 func TestDiffAreaRetention(t *testing.T) {
 	const chunk = 4096
-	setRetain(t, 4*chunk, time.Hour)
 	ctx := context.Background()
-	v, _ := newTestVolume(t, 1<<20, Options{ChunkSize: chunk})
-	fill := func(b byte, c0, n int64) {
-		mustWrite(t, v, bytes.Repeat([]byte{b}, int(n*chunk)), c0*chunk)
-	}
-	fill(1, 0, 16)
-	s1, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fill(2, 0, 8) // slots 0-7, s1's
-	s2, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fill(3, 8, 2) // slots 8-9, s2's
-	if got := dataRanges(t, v, chunk); len(got) != 1 || got[0] != [2]int64{0, 10} {
-		t.Fatalf("allocated slots before delete: %v, want [[0 10]]", got)
-	}
-	// s2 reads chunks 0-7 from the origin: deleting s1 frees slots 0-7.
-	if err := v.DeleteSnapshot(s1.ID); err != nil {
-		t.Fatal(err)
-	}
-	if got := dataRanges(t, v, chunk); len(got) != 2 || got[0] != [2]int64{0, 4} || got[1] != [2]int64{8, 10} {
-		t.Fatalf("allocated slots after freeing 0-7 with 4 retained: %v, want [[0 4] [8 10]]", got)
-	}
-	if used := v.Storage().Used; used != 2*chunk {
-		t.Fatalf("used %d, want %d", used, 2*chunk)
-	}
-	// Reuse: the next copies take free slots, and s2 still reads its own.
-	s3, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fill(4, 10, 2)
-	if used := v.Storage().Used; used != 4*chunk {
-		t.Fatalf("used %d after two more copies, want %d", used, 4*chunk)
-	}
-	for _, c := range []struct {
-		id   string
-		c    int64
-		want byte
-	}{{s2.ID, 8, 1}, {s2.ID, 10, 1}, {s3.ID, 8, 3}, {s3.ID, 10, 1}, {s3.ID, 0, 2}} {
-		sn, err := v.OpenSnapshot(c.id)
+	// Two snapshots, s1 owning slots 0-7, s2 slots 8-9; deleting s1
+	// frees 0-7 (s2 reads those chunks from the origin).
+	setup := func(t *testing.T) (v *Volume, s1, s2 string, fill func(b byte, c0, n int64)) {
+		v, _ = newTestVolume(t, 1<<20, Options{ChunkSize: chunk})
+		fill = func(b byte, c0, n int64) {
+			mustWrite(t, v, bytes.Repeat([]byte{b}, int(n*chunk)), c0*chunk)
+		}
+		fill(1, 0, 16)
+		a, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := make([]byte, chunk)
-		if _, err := sn.ReadAt(got, c.c*chunk); err != nil {
+		fill(2, 0, 8)
+		b, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
+		if err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(got, bytes.Repeat([]byte{c.want}, chunk)) {
-			t.Fatalf("snapshot %s chunk %d reads %d, want %d", c.id, c.c, got[0], c.want)
+		fill(3, 8, 2)
+		if got := dataRanges(t, v, chunk); len(got) != 1 || got[0] != [2]int64{0, 10} {
+			t.Fatalf("allocated slots before delete: %v, want [[0 10]]", got)
 		}
+		if err := v.DeleteSnapshot(a.ID); err != nil {
+			t.Fatal(err)
+		}
+		return v, a.ID, b.ID, fill
 	}
-	// Shrinking the association to 2 slots is below the 4 used:
-	// delete-oldest drops s2, and no free slot keeps space past the max.
-	if err := v.SetMaxStorage(2 * chunk); err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range dataRanges(t, v, chunk) {
-		for sl := r[0]; sl < r[1]; sl++ {
-			if sl >= 2 && !slotInUse(v, sl) {
-				t.Fatalf("free slot %d keeps its space past the shrunk max (allocated %v)", sl, dataRanges(t, v, chunk))
+	t.Run("within", func(t *testing.T) {
+		setRetain(t, 16*chunk, time.Hour)
+		v, _, s2, fill := setup(t)
+		if got := dataRanges(t, v, chunk); len(got) != 1 || got[0] != [2]int64{0, 10} {
+			t.Fatalf("allocated slots after freeing 0-7 with 16 retained: %v, want [[0 10]]", got)
+		}
+		if used := v.Storage().Used; used != 2*chunk {
+			t.Fatalf("used %d, want %d", used, 2*chunk)
+		}
+		// Reuse: the next copies take free slots, no new space.
+		s3, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		fill(4, 10, 2)
+		if used := v.Storage().Used; used != 4*chunk {
+			t.Fatalf("used %d after two more copies, want %d", used, 4*chunk)
+		}
+		if got := dataRanges(t, v, chunk); len(got) != 1 || got[0] != [2]int64{0, 10} {
+			t.Fatalf("allocated slots after reuse: %v, want [[0 10]]", got)
+		}
+		for _, c := range []struct {
+			id   string
+			c    int64
+			want byte
+		}{{s2, 8, 1}, {s2, 10, 1}, {s3.ID, 8, 3}, {s3.ID, 10, 1}, {s3.ID, 0, 2}} {
+			sn, err := v.OpenSnapshot(c.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, chunk)
+			if _, err := sn.ReadAt(got, c.c*chunk); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, bytes.Repeat([]byte{c.want}, chunk)) {
+				t.Fatalf("snapshot %s chunk %d reads %d, want %d", c.id, c.c, got[0], c.want)
 			}
 		}
-	}
-	if err := v.SetMaxStorage(0); err != nil {
-		t.Fatal(err)
-	}
-	for _, s := range v.Snapshots() {
-		if err := v.DeleteSnapshot(s.ID); err != nil {
+		// Shrinking to 2 slots, below the 4 used: delete-oldest drops s2,
+		// and the file holds no more than what is in use.
+		if err := v.SetMaxStorage(2 * chunk); err != nil {
 			t.Fatal(err)
 		}
-	}
-	if n := storeSize(t, v); n > 4*chunk {
-		t.Fatalf("diff area is %d bytes with no snapshot, want at most the %d retained", n, 4*chunk)
-	}
+		n := int64(0)
+		for _, r := range dataRanges(t, v, chunk) {
+			for sl := r[0]; sl < r[1]; sl++ {
+				n++
+				if !slotInUse(v, sl) {
+					t.Fatalf("free slot %d keeps its space past the shrunk max (allocated %v)", sl, dataRanges(t, v, chunk))
+				}
+			}
+		}
+		if n > 2 {
+			t.Fatalf("%d slots allocated after shrinking to 2", n)
+		}
+		if err := v.SetMaxStorage(0); err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range v.Snapshots() {
+			if err := v.DeleteSnapshot(s.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := storeSize(t, v); n > 16*chunk {
+			t.Fatalf("diff area is %d bytes with no snapshot, want at most the %d retained", n, 16*chunk)
+		}
+	})
+	t.Run("past", func(t *testing.T) {
+		setRetain(t, 4*chunk, time.Hour)
+		v, _, _, _ := setup(t)
+		if got := dataRanges(t, v, chunk); len(got) != 1 || got[0] != [2]int64{8, 10} {
+			t.Fatalf("allocated slots after freeing 0-7 of a 10-slot file with 4 retained: %v, want [[8 10]]", got)
+		}
+	})
 }
 
 // With no snapshot left, the retained space goes back after idleRelease;

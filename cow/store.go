@@ -65,8 +65,12 @@ func (s *store) used() int64 { return s.hwm - int64(len(s.free)) }
 // overwrite (BenchmarkPhysicalLimit), and on a disk filesystem block
 // allocation, its journal and fragmentation. Two bounds keep that from
 // holding space nobody uses:
-//   - only slots below retainBytes (and below the association's max)
-//     keep their space when freed; the rest are punched out;
+//   - freed slots keep their space only while every slot handed out
+//     since the file was last emptied is below retainBytes and the
+//     association's max (keep): the file then never holds more than
+//     the max, used and kept together; otherwise they are punched out,
+//     and shrinking the association below the file gives back all its
+//     free space;
 //   - once the last snapshot is gone, the file keeps at most retainBytes
 //     for idleRelease, in case another snapshot follows (a backup
 //     cycle's next one), and is then truncated to nothing.
@@ -96,13 +100,7 @@ func (s *store) setKeep(n, chunk int64) {
 	if n >= old {
 		return
 	}
-	var give []int64
-	for _, f := range s.free {
-		if f >= n {
-			give = append(give, f)
-		}
-	}
-	s.punch(give, chunk)
+	s.punch(s.free, chunk)
 	s.cut(max(s.hwm, n) * chunk)
 }
 
@@ -115,19 +113,13 @@ func (s *store) cut(size int64) {
 	_ = s.f.Truncate(size)
 }
 
-// punch gives freed slots' space back to the filesystem, except for
-// slots below keep (see retainBytes).
+// punch gives freed slots' space back to the filesystem, unless the
+// file is within keep slots (see retainBytes).
 // Runs of consecutive slots go in one call: a snapshot's copies are
 // mostly in runs, and deleting one frees them all under the volume lock.
 func (s *store) punch(slots []int64, chunk int64) {
-	if s.keep > 0 {
-		var out []int64
-		for _, sl := range slots {
-			if sl >= s.keep {
-				out = append(out, sl)
-			}
-		}
-		slots = out
+	if s.hwm <= s.keep {
+		return
 	}
 	if len(slots) > 1 && !slices.IsSorted(slots) {
 		slots = slices.Clone(slots)
