@@ -43,6 +43,10 @@ type OSFS struct{}
 type osFile struct {
 	*os.File
 	nowait *atomic.Int32 // how ReadAtNoWait reads: a nowait* constant
+	// holes: a file in memory may have holes (see cached); checks counts
+	// the checks made while it may, to look again now and then.
+	holes  *atomic.Bool
+	checks *atomic.Int64
 }
 
 const (
@@ -56,9 +60,10 @@ func (OSFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
 	if err != nil {
 		return nil, err
 	}
-	of := osFile{File: f, nowait: new(atomic.Int32)}
+	of := osFile{File: f, nowait: new(atomic.Int32), holes: new(atomic.Bool), checks: new(atomic.Int64)}
 	if inMemory(f) {
 		of.nowait.Store(nowaitMemory)
+		of.holes.Store(!of.dense())
 	}
 	return of, nil
 }
@@ -82,11 +87,25 @@ type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (n int, ok bool, err error)
 }
 
-// cached reports whether [off, off+n) is all in memory: always for a file
-// in RAM, else by cachestat(2) (Linux 6.5 and later; false without it).
+// cached reports whether [off, off+n) is all in memory, by cachestat(2)
+// (Linux 6.5 and later; false without it). A file in RAM always is,
+// except for its holes: a page fault on a hole of a shared tmpfs mapping
+// allocates the page, so a reader lent a mapping over a sparse range
+// (MappedRange: an NBD read of a volume never written) would fill the
+// filesystem, and the machine's memory, with zeros. So a file in RAM
+// that may have holes (fewer blocks than its size at open, or punched
+// since) is asked too; one without is not, a system call saved on every
+// read. While it may have holes, every holeRecheck-th check looks at
+// whether it still has (writes fill them in).
 func (f osFile) cached(off, n int64) bool {
 	if f.nowait.Load() == nowaitMemory {
-		return true
+		if !f.holes.Load() {
+			return true
+		}
+		if f.checks.Add(1)%holeRecheck == 0 && f.dense() {
+			f.holes.Store(false)
+			return true
+		}
 	}
 	const page = 4096
 	first, end := off&^(page-1), (off+n+page-1)&^(page-1)
@@ -151,9 +170,32 @@ func (f osFile) Size() (int64, error) {
 	return f.Seek(0, io.SeekEnd)
 }
 
+const holeRecheck = 4096
+
+// dense reports whether the file has a block for every page of its size
+// (false when it cannot tell).
+func (f osFile) dense() bool {
+	var st unix.Stat_t
+	if unix.Fstat(int(f.Fd()), &st) != nil {
+		return false
+	}
+	return st.Blocks*512 >= (st.Size+4095)&^4095
+}
+
+// Truncate may leave a hole at the end (see cached).
+func (f osFile) Truncate(size int64) error {
+	if f.holes != nil {
+		f.holes.Store(true)
+	}
+	return f.File.Truncate(size)
+}
+
 func (f osFile) Punch(off, length int64) error {
 	if length <= 0 {
 		return nil
+	}
+	if f.holes != nil {
+		f.holes.Store(true) // before: a check after the punch sees it
 	}
 	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 }
