@@ -825,7 +825,7 @@ func (s *Server) restoreStorage() {
 	sh.configured = map[string]cow.StorageInfo{}
 	for _, v := range s.cow.Volumes() {
 		st := v.Storage()
-		st.Used = 0
+		st.Used, st.Allocated = 0, 0 // the configuration, not the state
 		sh.configured[v.Name()] = st
 	}
 	recs := map[string]storageRecord{}

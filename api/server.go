@@ -208,7 +208,7 @@ func snapshotMsg(s provider.Snapshot) *umbrav1.Snapshot {
 
 func storageMsg(v *cow.Volume) *umbrav1.Storage {
 	st := v.Storage()
-	return &umbrav1.Storage{Volume: v.Name(), Dir: st.Dir, MaxBytes: st.Max, UsedBytes: st.Used, Policy: string(st.Policy)}
+	return &umbrav1.Storage{Volume: v.Name(), Dir: st.Dir, MaxBytes: st.Max, UsedBytes: st.Used, AllocatedBytes: st.Allocated, Policy: string(st.Policy)}
 }
 
 func (s *Server) ListVolumes(ctx context.Context, _ *umbrav1.ListVolumesRequest) (*umbrav1.ListVolumesResponse, error) {

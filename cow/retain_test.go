@@ -102,6 +102,9 @@ func TestDiffAreaRetention(t *testing.T) {
 		if used := v.Storage().Used; used != 2*chunk {
 			t.Fatalf("used %d, want %d", used, 2*chunk)
 		}
+		if a := storeAllocated(v); a < 10*chunk {
+			t.Fatalf("storage reports %d bytes of the diff area allocated, want the %d the file keeps", a, 10*chunk)
+		}
 		// Reuse: the next copies take free slots, no new space.
 		s3, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{})
 		if err != nil {
@@ -147,6 +150,9 @@ func TestDiffAreaRetention(t *testing.T) {
 		}
 		if n > 2 {
 			t.Fatalf("%d slots allocated after shrinking to 2", n)
+		}
+		if a := storeAllocated(v); a >= 10*chunk {
+			t.Fatalf("storage reports %d bytes allocated after shrinking to %d", a, 2*chunk)
 		}
 		if err := v.SetMaxStorage(0); err != nil {
 			t.Fatal(err)
@@ -196,12 +202,24 @@ func TestDiffAreaIdleRelease(t *testing.T) {
 	}
 	round(3) // reuses slots 0-31
 	deadline := time.Now().Add(10 * time.Second)
-	for storeSize(t, v) != 0 {
+	for storeSize(t, v) != 0 || storeAllocated(v) != 0 {
 		if time.Now().After(deadline) {
 			t.Fatalf("diff area still %d bytes 10 s after the last snapshot went (idleRelease %v)", storeSize(t, v), idleRelease)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// storeAllocated is the diff-area store's part of what Storage reports
+// allocated (without the metadata log), once the write-behind is written.
+func storeAllocated(v *Volume) int64 {
+	v.mu.RLock()
+	st := v.store
+	v.mu.RUnlock()
+	if st != nil {
+		st.wb.drain()
+	}
+	return v.Storage().Allocated - v.allocated(v.metaPath())
 }
 
 // slotInUse reports whether an entry holds slot.

@@ -76,10 +76,16 @@ type Options struct {
 
 // StorageInfo describes a volume's shadow storage association.
 type StorageInfo struct {
-	Dir    string `json:"dir"`
-	Max    int64  `json:"max"`
-	Used   int64  `json:"used"`
-	Policy Policy `json:"policy"`
+	Dir string `json:"dir"`
+	Max int64  `json:"max"`
+	// Used is what live snapshots' preserved chunks take.
+	Used int64 `json:"used"`
+	// Allocated is what the diff area's files occupy on their filesystem
+	// (VSS's "allocated shadow copy storage space"): Used, plus freed
+	// space kept for reuse (at most the max; released 15 s after the last
+	// snapshot goes) and the metadata log. It is never less than Used.
+	Allocated int64  `json:"allocated"`
+	Policy    Policy `json:"policy"`
 }
 
 type entry struct {
@@ -1642,7 +1648,26 @@ func (v *Volume) Storage() StorageInfo {
 	if v.store != nil {
 		used = v.store.used() * v.chunk
 	}
-	return StorageInfo{Dir: v.storageDir, Max: v.maxStorage, Used: used, Policy: v.policy}
+	var alloc int64
+	if v.storageDir != "" {
+		// Never less than used: a copy in the write-behind takes its
+		// space a moment after it is counted used.
+		alloc = max(v.allocated(v.storePath()), used) + v.allocated(v.metaPath())
+	}
+	return StorageInfo{Dir: v.storageDir, Max: v.maxStorage, Used: used, Allocated: alloc, Policy: v.policy}
+}
+
+// allocated is the space a diff-area file occupies: its blocks where the
+// file layer tells them, else its size; 0 when it does not exist.
+func (v *Volume) allocated(name string) int64 {
+	fi, err := v.fs.Stat(name)
+	if err != nil {
+		return 0
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Blocks * 512
+	}
+	return fi.Size()
 }
 
 // SetStorage changes the association. The directory can change only while

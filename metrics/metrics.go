@@ -33,10 +33,11 @@ type Metrics struct {
 }
 
 var (
-	descUsed = prometheus.NewDesc("umbra_diff_area_used_bytes", "Shadow storage used by a volume's snapshots.", []string{"volume"}, nil)
-	descMax  = prometheus.NewDesc("umbra_diff_area_limit_bytes", "Shadow storage limit of a volume (0: unlimited).", []string{"volume"}, nil)
-	descSnap = prometheus.NewDesc("umbra_snapshots", "Live snapshots of a volume.", []string{"volume"}, nil)
-	descCopy = prometheus.NewDesc("umbra_preserved_chunks_total", "Chunks preserved (copied before overwrite) since the service started.", []string{"volume"}, nil)
+	descUsed  = prometheus.NewDesc("umbra_diff_area_used_bytes", "Shadow storage used by a volume's snapshots.", []string{"volume"}, nil)
+	descAlloc = prometheus.NewDesc("umbra_diff_area_allocated_bytes", "Space a volume's diff-area files occupy: used plus freed space kept for reuse and the metadata log.", []string{"volume"}, nil)
+	descMax   = prometheus.NewDesc("umbra_diff_area_limit_bytes", "Shadow storage limit of a volume (0: unlimited).", []string{"volume"}, nil)
+	descSnap  = prometheus.NewDesc("umbra_snapshots", "Live snapshots of a volume.", []string{"volume"}, nil)
+	descCopy  = prometheus.NewDesc("umbra_preserved_chunks_total", "Chunks preserved (copied before overwrite) since the service started.", []string{"volume"}, nil)
 )
 
 // engine reads the COW volumes at scrape time.
@@ -44,6 +45,7 @@ type engine struct{ p *cow.Provider }
 
 func (e engine) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descUsed
+	ch <- descAlloc
 	ch <- descMax
 	ch <- descSnap
 	ch <- descCopy
@@ -53,6 +55,7 @@ func (e engine) Collect(ch chan<- prometheus.Metric) {
 	for _, v := range e.p.Volumes() {
 		st := v.Storage()
 		ch <- prometheus.MustNewConstMetric(descUsed, prometheus.GaugeValue, float64(st.Used), v.Name())
+		ch <- prometheus.MustNewConstMetric(descAlloc, prometheus.GaugeValue, float64(st.Allocated), v.Name())
 		ch <- prometheus.MustNewConstMetric(descMax, prometheus.GaugeValue, float64(st.Max), v.Name())
 		ch <- prometheus.MustNewConstMetric(descSnap, prometheus.GaugeValue, float64(len(v.Snapshots())), v.Name())
 		ch <- prometheus.MustNewConstMetric(descCopy, prometheus.CounterValue, float64(v.Preserved()), v.Name())

@@ -84,12 +84,13 @@ func TestScrape(t *testing.T) {
 
 	s.scrape()
 	for sample, want := range map[string]float64{
-		`umbra_diff_area_limit_bytes{volume="a"}`:  2 << 20,
-		`umbra_diff_area_used_bytes{volume="a"}`:   0,
-		`umbra_snapshots{volume="a"}`:              0,
-		`umbra_preserved_chunks_total{volume="a"}`: 0,
-		`umbra_hold_seconds_count`:                 0,
-		`umbra_freeze_seconds_count`:               0,
+		`umbra_diff_area_limit_bytes{volume="a"}`:     2 << 20,
+		`umbra_diff_area_used_bytes{volume="a"}`:      0,
+		`umbra_diff_area_allocated_bytes{volume="a"}`: 0,
+		`umbra_snapshots{volume="a"}`:                 0,
+		`umbra_preserved_chunks_total{volume="a"}`:    0,
+		`umbra_hold_seconds_count`:                    0,
+		`umbra_freeze_seconds_count`:                  0,
 	} {
 		if got := s.value(sample); got != want {
 			t.Errorf("before: %s = %v, want %v", sample, got, want)
@@ -132,8 +133,12 @@ func TestScrape(t *testing.T) {
 			t.Errorf("after: %s = %v, want %v", sample, got, want)
 		}
 	}
-	if used := s.value(`umbra_diff_area_used_bytes{volume="a"}`); used < 64<<10 {
+	used := s.value(`umbra_diff_area_used_bytes{volume="a"}`)
+	if used < 64<<10 {
 		t.Errorf("diff area used %v bytes after 64 KiB was preserved", used)
+	}
+	if a := s.value(`umbra_diff_area_allocated_bytes{volume="a"}`); a < used {
+		t.Errorf("diff area allocated %v bytes, less than the %v used", a, used)
 	}
 	if s.value("go_goroutines") < 1 || s.value("process_open_fds") < 1 {
 		t.Errorf("the Go and process collectors are missing")

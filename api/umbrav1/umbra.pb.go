@@ -172,14 +172,19 @@ func (x *Volume) GetUsers() []string {
 }
 
 type Storage struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Dir           string                 `protobuf:"bytes,2,opt,name=dir,proto3" json:"dir,omitempty"`
-	MaxBytes      int64                  `protobuf:"varint,3,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
-	UsedBytes     int64                  `protobuf:"varint,4,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
-	Policy        string                 `protobuf:"bytes,5,opt,name=policy,proto3" json:"policy,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Volume   string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Dir      string                 `protobuf:"bytes,2,opt,name=dir,proto3" json:"dir,omitempty"`
+	MaxBytes int64                  `protobuf:"varint,3,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	// What live snapshots' preserved chunks take.
+	UsedBytes int64  `protobuf:"varint,4,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
+	Policy    string `protobuf:"bytes,5,opt,name=policy,proto3" json:"policy,omitempty"`
+	// What the diff area's files occupy on their filesystem: used, plus
+	// freed space kept for reuse (at most max_bytes; released 15 s after the
+	// last snapshot goes) and the metadata log (vssadmin's "allocated").
+	AllocatedBytes int64 `protobuf:"varint,6,opt,name=allocated_bytes,json=allocatedBytes,proto3" json:"allocated_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Storage) Reset() {
@@ -245,6 +250,13 @@ func (x *Storage) GetPolicy() string {
 		return x.Policy
 	}
 	return ""
+}
+
+func (x *Storage) GetAllocatedBytes() int64 {
+	if x != nil {
+		return x.AllocatedBytes
+	}
+	return 0
 }
 
 type Snapshot struct {
@@ -3529,14 +3541,15 @@ const file_umbra_proto_rawDesc = "" +
 	" \x01(\bR\fcanBeStorage\x12&\n" +
 	"\x0fstorage_why_not\x18\v \x01(\tR\rstorageWhyNot\x12\x16\n" +
 	"\x06mounts\x18\f \x03(\tR\x06mounts\x12\x14\n" +
-	"\x05users\x18\r \x03(\tR\x05users\"\x87\x01\n" +
+	"\x05users\x18\r \x03(\tR\x05users\"\xb0\x01\n" +
 	"\aStorage\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x10\n" +
 	"\x03dir\x18\x02 \x01(\tR\x03dir\x12\x1b\n" +
 	"\tmax_bytes\x18\x03 \x01(\x03R\bmaxBytes\x12\x1d\n" +
 	"\n" +
 	"used_bytes\x18\x04 \x01(\x03R\tusedBytes\x12\x16\n" +
-	"\x06policy\x18\x05 \x01(\tR\x06policy\"\xb4\x02\n" +
+	"\x06policy\x18\x05 \x01(\tR\x06policy\x12'\n" +
+	"\x0fallocated_bytes\x18\x06 \x01(\x03R\x0eallocatedBytes\"\xb4\x02\n" +
 	"\bSnapshot\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x1a\n" +

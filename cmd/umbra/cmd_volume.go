@@ -59,7 +59,7 @@ func newStorageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "storage", Short: "Shadow storage associations (vssadmin add/resize/list shadowstorage)"}
 	cmd.AddCommand(&cobra.Command{
 		Use:   "list [VOLUME]",
-		Short: "Show where each volume keeps its shadow copies, the limit and what is used",
+		Short: "Show where each volume keeps its shadow copies, the limit, what is used and what is allocated",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vol := ""
@@ -75,9 +75,9 @@ func newStorageCmd() *cobra.Command {
 					return printJSON(os.Stdout, resp)
 				}
 				w := table()
-				fmt.Fprintln(w, "VOLUME\tDIR\tUSED\tMAX\tPOLICY")
+				fmt.Fprintln(w, "VOLUME\tDIR\tUSED\tALLOCATED\tMAX\tPOLICY")
 				for _, s := range resp.Storage {
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Dir, human(s.UsedBytes), maxStr(s.MaxBytes), s.Policy)
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Dir, human(s.UsedBytes), human(s.AllocatedBytes), maxStr(s.MaxBytes), s.Policy)
 				}
 				return w.Flush()
 			})
@@ -121,7 +121,7 @@ func newStorageCmd() *cobra.Command {
 						return printJSON(os.Stdout, resp)
 					}
 					s := resp.Storage
-					fmt.Printf("%s: shadow storage %s, %s used of %s, policy %s\n", s.Volume, s.Dir, human(s.UsedBytes), maxStr(s.MaxBytes), s.Policy)
+					fmt.Printf("%s: shadow storage %s, %s used (%s allocated) of %s, policy %s\n", s.Volume, s.Dir, human(s.UsedBytes), human(s.AllocatedBytes), maxStr(s.MaxBytes), s.Policy)
 					return nil
 				})
 			},

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -44,12 +45,23 @@ func TestStorageShrinkAndPlacement(t *testing.T) {
 	}
 	var st struct {
 		Storage []struct {
-			UsedBytes string `json:"used_bytes"`
+			UsedBytes      string `json:"used_bytes"`
+			AllocatedBytes string `json:"allocated_bytes"`
 		} `json:"storage"`
+	}
+	allocated := func() int64 {
+		n, err := strconv.ParseInt(st.Storage[0].AllocatedBytes, 10, 64)
+		if err != nil {
+			t.Fatalf("storage list: allocated_bytes %q: %v", st.Storage[0].AllocatedBytes, err)
+		}
+		return n
 	}
 	json.Unmarshal([]byte(s.ok("storage", "list", "a", "--json")), &st)
 	if st.Storage[0].UsedBytes != "3145728" {
 		t.Fatalf("storage used before the shrink: %+v", st)
+	}
+	if a := allocated(); a < 3<<20 {
+		t.Fatalf("storage allocated %d bytes before the shrink, less than the 3 MiB used", a)
 	}
 	s.ok("storage", "resize", "a", "--max", "1536K")
 	l := s.list()
@@ -60,6 +72,14 @@ func TestStorageShrinkAndPlacement(t *testing.T) {
 	json.Unmarshal([]byte(s.ok("storage", "list", "a", "--json")), &st)
 	if st.Storage[0].UsedBytes != "1048576" {
 		t.Fatalf("storage used after the shrink: %+v", st)
+	}
+	// The space of the dropped snapshots goes back at once: the diff area
+	// keeps no more than its max.
+	if a := allocated(); a < 1<<20 || a > 2<<20 {
+		t.Fatalf("storage allocated %d bytes after shrinking to 1.5 MiB with 1 MiB used", a)
+	}
+	if out := s.ok("storage", "list", "a"); !strings.Contains(out, "ALLOCATED") {
+		t.Fatalf("storage list shows no allocated column:\n%s", out)
 	}
 
 	// vssadmin delete shadowstorage: the association goes, and every
