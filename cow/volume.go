@@ -784,10 +784,9 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 	gen := nw.gen
 	var need []preserved
 	for c := c0; c < c0+uint64(n); c++ {
-		if nw.changed.Contains(uint32(c)) {
+		if !nw.changed.CheckedAdd(uint32(c)) {
 			continue
 		}
-		nw.changed.Add(uint32(c))
 		if v.usersAbove(c, gen) {
 			if need == nil {
 				need = make([]preserved, 0, c0+uint64(n)-c)
@@ -1219,14 +1218,13 @@ func (v *Volume) failAll(why string) {
 // and logs it, unless s is gone or owns c already: then the slot is
 // freed. True means the caller puts the entry in the mapping.
 func (v *Volume) claim(s *snap, c uint64, slot int64) bool {
-	if s == nil || s.owned.Contains(uint32(c)) {
+	if s == nil || !s.owned.CheckedAdd(uint32(c)) {
 		if slot != zeroSlot {
 			v.freeSlots([]int64{slot})
 		}
 		return false
 	}
 	v.copies.Add(1)
-	s.owned.Add(uint32(c))
 	if slot != zeroSlot {
 		s.nonzero++
 	}
