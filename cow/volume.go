@@ -1641,18 +1641,23 @@ func (v *Volume) Preserved() int64 { return v.copies.Load() }
 // Storage describes the shadow storage association.
 func (v *Volume) Storage() StorageInfo {
 	v.mu.RLock()
-	defer v.mu.RUnlock()
-	var used int64
+	st := StorageInfo{Dir: v.storageDir, Max: v.maxStorage, Policy: v.policy}
 	if v.store != nil {
-		used = v.store.used() * v.chunk
+		st.Used = v.store.used() * v.chunk
 	}
-	var alloc int64
+	var store, meta string
 	if v.storageDir != "" {
+		store, meta = v.storePath(), v.metaPath()
+	}
+	v.mu.RUnlock()
+	// Stat outside the lock: a diff area on a filesystem that hangs must
+	// not stall the origin's writers behind a listing.
+	if store != "" {
 		// Never less than used: a copy in the write-behind takes its
 		// space a moment after it is counted used.
-		alloc = max(v.allocated(v.storePath()), used) + v.allocated(v.metaPath())
+		st.Allocated = max(v.allocated(store), st.Used) + v.allocated(meta)
 	}
-	return StorageInfo{Dir: v.storageDir, Max: v.maxStorage, Used: used, Allocated: alloc, Policy: v.policy}
+	return st
 }
 
 // allocated is the space a diff-area file occupies: its blocks where the
