@@ -184,9 +184,7 @@ func (f osFile) dense() bool {
 
 // Truncate may leave a hole at the end (see cached).
 func (f osFile) Truncate(size int64) error {
-	if f.holes != nil {
-		f.holes.Store(true)
-	}
+	f.holes.Store(true)
 	return f.File.Truncate(size)
 }
 
@@ -194,9 +192,7 @@ func (f osFile) Punch(off, length int64) error {
 	if length <= 0 {
 		return nil
 	}
-	if f.holes != nil {
-		f.holes.Store(true) // before: a check after the punch sees it
-	}
+	f.holes.Store(true) // before: a check after the punch sees it
 	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 }
 

@@ -204,7 +204,7 @@ func TestDiffAreaIdleRelease(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for storeSize(t, v) != 0 || storeAllocated(v) != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("diff area still %d bytes 10 s after the last snapshot went (idleRelease %v)", storeSize(t, v), idleRelease)
+			t.Fatalf("diff area still %d bytes (%d allocated) 10 s after the last snapshot went (idleRelease %v)", storeSize(t, v), storeAllocated(v), idleRelease)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
