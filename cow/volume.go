@@ -782,14 +782,16 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 		return
 	}
 	gen := nw.gen
-	var need []preserved
+	// A short run (a 4 KiB write's one chunk) needs no allocation.
+	var needBuf [4]preserved
+	need := needBuf[:0]
 	for c := c0; c < c0+uint64(n); c++ {
 		if !nw.changed.CheckedAdd(uint32(c)) {
 			continue
 		}
 		if v.usersAbove(c, gen) {
-			if need == nil {
-				need = make([]preserved, 0, c0+uint64(n)-c)
+			if left := c0 + uint64(n) - c; len(need) == 0 && left > uint64(cap(need)) {
+				need = make([]preserved, 0, left)
 			}
 			need = append(need, preserved{c: c})
 		}
@@ -841,7 +843,8 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 	}
 	v.mu.Unlock()
 	if behind {
-		items := make([]wbItem, 0, len(need))
+		var itemBuf [4]wbItem
+		items := itemBuf[:0]
 		for _, p := range need {
 			if !p.keep || p.slot == zeroSlot {
 				continue

@@ -44,6 +44,7 @@ type writeBehind struct {
 	draining int               // drain calls waiting
 	spares   [][]byte          // buffers of written batches, for new ones
 	pending  map[int64]*wbItem // by slot: the items not yet in the file
+	slab     []wbItem          // where addAll puts items, wbSlab at a time
 
 	items     atomic.Int64 // pending items (cur, flying, failed), read without mu
 	hasFailed atomic.Bool
@@ -92,6 +93,11 @@ var (
 	wbQueue      = 4
 )
 
+// wbSlab is how many items addAll allocates at once: one allocation per
+// 64 first writes of a chunk instead of one each (a slab stays in memory
+// while one of its items does: 64 items, 3.5 KiB).
+const wbSlab = 64
+
 func newWriteBehind(f File, chunk int64) *writeBehind {
 	w := &writeBehind{f: f, chunk: chunk, pending: map[int64]*wbItem{}}
 	w.cond = sync.NewCond(&w.mu)
@@ -106,6 +112,7 @@ func (w *writeBehind) newBatch() *wbBatch {
 	} else {
 		b.buf = make([]byte, 0, max(int64(wbBatchBytes), 2*w.chunk))
 	}
+	b.items = make([]*wbItem, 0, int64(cap(b.buf))/w.chunk) // one allocation, not one per doubling
 	return b
 }
 
@@ -144,13 +151,18 @@ func (w *writeBehind) add(sp wbSpace, off, n int, slot int64, c uint64) {
 	w.addAll(sp, []wbItem{{slot: slot, chunk: c, off: off, data: sp.buf[off : off+n : off+n]}})
 }
 
-// addAll is add for many chunks of sp at once (one lock, one
-// allocation: a 1 MiB write preserves 256 of 4 KiB): each item names its
-// slot, chunk, and bytes at off in sp.buf (data, a slice of sp.buf).
+// addAll is add for many chunks of sp at once (one lock: a 1 MiB write
+// preserves 256 of 4 KiB): each item names its slot, chunk, and bytes at
+// off in sp.buf (data, a slice of sp.buf). The items are copied into the
+// slab, so a first write allocates nothing here.
 func (w *writeBehind) addAll(sp wbSpace, items []wbItem) {
 	w.mu.Lock()
 	for i := range items {
-		it := &items[i]
+		if len(w.slab) == cap(w.slab) {
+			w.slab = make([]wbItem, 0, max(wbSlab, len(items)-i))
+		}
+		w.slab = append(w.slab, items[i])
+		it := &w.slab[len(w.slab)-1]
 		it.off += sp.off
 		sp.b.items = append(sp.b.items, it)
 		w.pending[it.slot] = it
@@ -210,6 +222,7 @@ func (w *writeBehind) flushSoon() {
 func (w *writeBehind) run() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	var live []*wbItem // reused from batch to batch
 	for {
 		if w.stopped {
 			return
@@ -221,7 +234,8 @@ func (w *writeBehind) run() {
 		}
 		w.flying = b
 		w.cond.Broadcast()
-		var live []*wbItem
+		clear(live)
+		live = live[:0]
 		for _, it := range b.items {
 			if !it.dead {
 				live = append(live, it)
