@@ -845,6 +845,9 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 	if behind {
 		var itemBuf [4]wbItem
 		items := itemBuf[:0]
+		if len(need) > len(itemBuf) {
+			items = make([]wbItem, 0, len(need))
+		}
 		for _, p := range need {
 			if !p.keep || p.slot == zeroSlot {
 				continue
