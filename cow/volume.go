@@ -672,7 +672,8 @@ func (v *Volume) preserveRange(c0, c1 uint64) {
 		v.mu.RUnlock()
 		return
 	}
-	var todo []uint64
+	var todoBuf [64]uint64 // a 256 KiB piece of 4 KiB chunks
+	todo := todoBuf[:0]
 	for c := c0; c <= c1; c++ {
 		if !n.changed.Contains(uint32(c)) {
 			todo = append(todo, c)
