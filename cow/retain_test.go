@@ -200,14 +200,30 @@ func TestDiffAreaIdleRelease(t *testing.T) {
 	if n := storeSize(t, v); n != 32*chunk {
 		t.Fatalf("diff area is %d bytes right after the last snapshot went, want the %d it held", n, 32*chunk)
 	}
+	if n := wbSpares(v); n == 0 {
+		t.Fatal("the write-behind kept no spare buffer while the diff area keeps its space")
+	}
 	round(3) // reuses slots 0-31
 	deadline := time.Now().Add(10 * time.Second)
-	for storeSize(t, v) != 0 || storeAllocated(v) != 0 {
+	for storeSize(t, v) != 0 || storeAllocated(v) != 0 || wbSpares(v) != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("diff area still %d bytes (%d allocated) 10 s after the last snapshot went (idleRelease %v)", storeSize(t, v), storeAllocated(v), idleRelease)
+			t.Fatalf("diff area still %d bytes (%d allocated, %d spare write-behind buffers) 10 s after the last snapshot went (idleRelease %v)", storeSize(t, v), storeAllocated(v), wbSpares(v), idleRelease)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// wbSpares is how many buffers of written batches the write-behind keeps.
+func wbSpares(v *Volume) int {
+	v.mu.RLock()
+	st := v.store
+	v.mu.RUnlock()
+	if st == nil {
+		return 0
+	}
+	st.wb.mu.Lock()
+	defer st.wb.mu.Unlock()
+	return len(st.wb.spares)
 }
 
 // storeAllocated is the diff-area store's part of what Storage reports

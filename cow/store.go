@@ -136,9 +136,13 @@ func (s *store) punch(slots []int64, chunk int64) {
 }
 
 // reset empties the allocator once no slot is in use. The file keeps up
-// to keep bytes of its space (see retainBytes); 0 gives it all back.
+// to keep bytes of its space (see retainBytes); 0 gives it all back, and
+// the write-behind's spare buffers with it.
 func (s *store) reset(keep int64) {
 	s.wb.drain() // nothing live is pending: no slot is in use
+	if keep == 0 {
+		s.wb.dropSpares()
+	}
 	s.hwm, s.free = 0, nil
 	s.cut(keep)
 	s.sync = newGroupSyncer(s.f.Sync)
