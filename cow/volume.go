@@ -344,7 +344,7 @@ func (v *Volume) CachedFile(off, n int64) (f *os.File, ok bool) {
 // sendfile(2) into a unix socket, which queues the file's pages themselves
 // and leaves the receiver to take them 4 KiB at a time (fio's receiving
 // thread at 92 % system time), the receiver reads large buffers
-// (docs/benchmarks.md, ninth session). ok is false unless the origin is a
+// (docs/benchmarks.md, measured 2026-12-03). ok is false unless the origin is a
 // regular file and the range is in memory (as CachedFile).
 //
 // The caller must not read the slice in Go code: a fault there (the file
