@@ -90,7 +90,7 @@ type FileReader interface {
 // fault in it is an EFAULT from write, not a crash). release returns it.
 // On a unix socket the server prefers it to sendfile(2), which hands the
 // receiver the file's pages one by one and costs the client more than
-// the copy saves the server (docs/benchmarks.md, ninth session).
+// the copy saves the server (docs/benchmarks.md, measured 2026-12-03).
 type MappedReader interface {
 	MappedRange(off, n int64) (b []byte, release func(), ok bool)
 }
