@@ -16,7 +16,7 @@ import (
 //     project's benchmark image 1.7x faster than the pure-Go encoder
 //     (1.7x at the default level, 1.2x at better), which is what brings
 //     a full backup to zstd -1 -T0's throughput (docs/benchmarks.md,
-//     seventh session);
+//     measured 2026-11-24);
 //   - klauspost/compress, pure Go, in builds without cgo
 //     (CGO_ENABLED=0, or no C compiler): the same frames, more CPU.
 //
@@ -30,7 +30,7 @@ import (
 // chunks in 4 MiB blobs it stores 6 % less than plain level 1 (445.9
 // against 475.9 MiB) for ~20 % more encoder time, a better trade than
 // level 2 (448.1 MiB, ~30 % more) or hash tables of 2^15 (454.6) or 2^17
-// (439.7, ~40 % more) — docs/benchmarks.md, eighth session.
+// (439.7, ~40 % more) — docs/benchmarks.md, measured 2026-11-24.
 var levels = map[string]struct {
 	c      cParams
 	goSide zstd.EncoderLevel

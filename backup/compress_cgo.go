@@ -169,7 +169,7 @@ type dCtx struct{ c *C.ZSTD_DCtx }
 // cDecode decodes z, one zstd frame that records its decoded size of at
 // most max bytes, into dst's room with the reference C library: on the
 // benchmark image's blobs ~20 % faster than the Go decoder
-// (docs/benchmarks.md, ninth session). ok is false for anything else —
+// (docs/benchmarks.md, measured 2026-12-03). ok is false for anything else —
 // no size in the header, several frames, over max, or a frame the library
 // refuses — and the caller then asks the Go decoder, whose verdict and
 // error stand: this is a fast path, never the judge of a damaged blob.

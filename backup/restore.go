@@ -57,7 +57,7 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	// one file take its inode lock in turn (tmpfs, ext4, xfs), so two
 	// writers only spin on each other: on tmpfs two goroutines wrote 1.4
 	// GiB in the time one did, at twice the CPU (docs/benchmarks.md,
-	// ninth session). Memory: workers+2 batch buffers and the shared
+	// measured 2026-12-03). Memory: workers+2 batch buffers and the shared
 	// chunk cache.
 	workers := runtime.GOMAXPROCS(0)
 	if _, ok := r.be.(*s3Backend); ok {
@@ -546,7 +546,7 @@ func (ir *ImageReader) Size() int64 { return ir.x.Size }
 // 16 blobs of 4 MiB. With 8, reading an image through a mount in order
 // took 1.8x as long as with 64 MiB (a full image's duplicate chunks
 // point back to blobs opened long before), and reads hopping within 16
-// MiB 3.4x (docs/benchmarks.md, seventh session).
+// MiB 3.4x (docs/benchmarks.md, measured 2026-11-24).
 var readerCache int64 = 64 << 20
 
 // ReadAt reads from the image as of its snapshot.
