@@ -106,14 +106,15 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 	}
 	if snapID == "" {
 		return &nbd.Export{
-			Name:        name,
-			Description: fmt.Sprintf("Umbra volume %s (%s)", v.Name(), v.OriginPath()),
-			Backend:     v,
-			Trim:        v.Trim,
-			WriteZeroes: v.WriteZeroes,
-			Extents:     convert(v.Allocation),
-			Changed:     func(since string) (*provider.Bitmap, bool, error) { return v.Changed(since, "") },
-			Release:     v.Use("NBD connection"),
+			Name:         name,
+			Description:  fmt.Sprintf("Umbra volume %s (%s)", v.Name(), v.OriginPath()),
+			Backend:      v,
+			Trim:         v.Trim,
+			WriteZeroes:  v.WriteZeroes,
+			Extents:      convert(v.Allocation),
+			Changed:      func(since string) (*provider.Bitmap, bool, error) { return v.Changed(since, "") },
+			ChangedBases: func() []string { return changedBases(v, "") },
+			Release:      v.Use("NBD connection"),
 		}, nil
 	}
 	s, err := v.OpenSnapshot(snapID)
@@ -121,14 +122,31 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 		return nil, err
 	}
 	return &nbd.Export{
-		Name:        name,
-		Description: fmt.Sprintf("Umbra shadow copy %s of volume %s", snapID, v.Name()),
-		Backend:     SnapshotBackend{s},
-		ReadOnly:    true,
-		Extents:     convert(s.Allocation),
-		Changed:     s.Changed,
-		Release:     func() { s.Close() },
+		Name:         name,
+		Description:  fmt.Sprintf("Umbra shadow copy %s of volume %s", snapID, v.Name()),
+		Backend:      SnapshotBackend{s},
+		ReadOnly:     true,
+		Extents:      convert(s.Allocation),
+		Changed:      s.Changed,
+		ChangedBases: func() []string { return changedBases(v, snapID) },
+		Release:      func() { s.Close() },
 	}, nil
+}
+
+// changedBases lists the valid snapshots of v that changes can be
+// counted from: all of them for the volume (upto ""), those up to and
+// including snapshot upto for a snapshot.
+func changedBases(v *cow.Volume, upto string) []string {
+	var out []string
+	for _, s := range v.Snapshots() { // oldest first
+		if s.Valid {
+			out = append(out, s.ID)
+		}
+		if s.ID == upto {
+			break
+		}
+	}
+	return out
 }
 
 func convert(f func(off, length int64) ([]cow.Extent, error)) func(off, length int64) ([]nbd.Extent, error) {

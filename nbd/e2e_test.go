@@ -891,3 +891,103 @@ func TestMappedReads(t *testing.T) {
 		t.Fatalf("%d loans, %d returned", b.lent.Load(), b.returned.Load())
 	}
 }
+
+// nbdsh runs a Python script under nbdsh (the handle is h) and returns
+// its output. nbdsh runs the first python3 on PATH, which must be the one
+// with Debian's libnbd module (python3-libnbd): /usr/bin goes first.
+func nbdsh(t *testing.T, script string) string {
+	t.Helper()
+	need(t, "nbdsh")
+	cmd := exec.Command("nbdsh", "-c", script)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		if strings.Contains(string(out), "No module named nbd") {
+			t.Skip("needs libnbd's Python module (apt-get install python3-libnbd)")
+		}
+		t.Fatalf("nbdsh -c %s: %v\n%s", script, err, out)
+	}
+	return string(out)
+}
+
+// TestZeroLengthRead: a read of 0 bytes succeeds with structured replies
+// (libnbd's default) and without; the connection stays usable. libnbd
+// drops a connection that answers it with an OFFSET_DATA chunk of length
+// 8, which the protocol forbids.
+func TestZeroLengthRead(t *testing.T) {
+	s := serve(t, 1<<20)
+	for _, structured := range []string{"True", "False"} {
+		out := nbdsh(t, fmt.Sprintf(`
+h.set_request_structured_replies(%s)
+h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ZERO_SIZE)  # let 0-byte requests through
+h.connect_uri(%q)
+assert h.get_structured_replies_negotiated() == %s
+assert h.pread(0, 0) == b""
+assert h.pread(0, 1<<20) == b""
+h.pwrite(b"umbra", 4096)
+assert h.pread(5, 4096) == b"umbra"
+assert h.pread(0, 4096) == b""
+print("ok")
+`, structured, s.uri("vol"), structured))
+		if !strings.Contains(out, "ok") {
+			t.Fatalf("structured %s: %s", structured, out)
+		}
+	}
+}
+
+// TestListMetaContexts: NBD_OPT_LIST_META_CONTEXT with no query lists
+// every context of the export, and a namespace query that namespace's:
+// umbra:changed:SNAP for each snapshot.
+func TestListMetaContexts(t *testing.T) {
+	s := serve(t, 1<<20)
+	for _, id := range []string{"s1", "s2"} {
+		if _, err := s.vol.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	list := func(export string, queries ...string) []string {
+		t.Helper()
+		script := "h.set_opt_mode(True)\n"
+		for _, q := range queries {
+			script += fmt.Sprintf("h.add_meta_context(%q)\n", q)
+		}
+		script += fmt.Sprintf("h.connect_uri(%q)\n", s.uri(export))
+		script += "h.opt_list_meta_context(lambda name: print(\"ctx\", name))\nh.opt_abort()\n"
+		var got []string
+		for _, l := range strings.Split(nbdsh(t, script), "\n") {
+			if name, ok := strings.CutPrefix(l, "ctx "); ok {
+				got = append(got, name)
+			}
+		}
+		slices.Sort(got)
+		return got
+	}
+	all := []string{"base:allocation", "umbra:changed:s1", "umbra:changed:s2"}
+	for _, tc := range []struct {
+		export  string
+		queries []string
+		want    []string
+	}{
+		{"vol", nil, all},
+		{"vol", []string{"umbra:"}, all[1:]},
+		{"vol", []string{"umbra:changed:"}, all[1:]},
+		{"vol", []string{"base:"}, all[:1]},
+		{"vol", []string{"umbra:changed:s2"}, all[2:]},
+		{"vol", []string{"umbra:changed:nosuch"}, nil},
+		{"vol", []string{"other:"}, nil},
+		{"vol@s1", nil, all[:2]},
+		{"vol@s2", []string{"umbra:"}, all[1:]},
+	} {
+		if got := list(tc.export, tc.queries...); !slices.Equal(got, tc.want) {
+			t.Errorf("%s %q: listed %q, want %q", tc.export, tc.queries, got, tc.want)
+		}
+	}
+	// nbdinfo shows an export's contexts from the same listing.
+	need(t, "nbdinfo")
+	info := run(t, "nbdinfo", s.uri("vol"))
+	for _, ctx := range all {
+		if !strings.Contains(info, ctx) {
+			t.Errorf("nbdinfo does not show context %s:\n%s", ctx, info)
+		}
+	}
+}

@@ -5,7 +5,8 @@
 // It speaks the fixed newstyle handshake with NBD_OPT_GO/INFO/LIST/ABORT/
 // EXPORT_NAME, STARTTLS, structured replies and meta contexts
 // (base:allocation and umbra:changed:<snapshot>, Umbra's counterpart of
-// qemu's qemu:dirty-bitmap:), and the commands READ, WRITE (+FUA), FLUSH,
+// qemu's qemu:dirty-bitmap:; NBD_OPT_LIST_META_CONTEXT with no query lists
+// them all, with "umbra:" the umbra: ones), and the commands READ, WRITE (+FUA), FLUSH,
 // TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO), BLOCK_STATUS, CACHE and DISC.
 // Requests on a connection run concurrently; replies are written whole
 // under a lock, in completion order. Small writes and reads that need not
@@ -36,6 +37,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 
@@ -121,6 +123,9 @@ type Export struct {
 	// Changed returns what changed since a snapshot, for the meta context
 	// umbra:changed:<snapshot>.
 	Changed func(since string) (*provider.Bitmap, bool, error)
+	// ChangedBases lists the snapshots Changed accepts, for
+	// NBD_OPT_LIST_META_CONTEXT to offer as umbra:changed:<snapshot>.
+	ChangedBases func() []string
 	// Release is called once when the connection using the export ends
 	// (or the handshake that looked it up does).
 	Release func()
@@ -472,7 +477,8 @@ func (c *conn) readInline(req request) bool {
 	if !ok || req.flags != 0 || req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
 		return false
 	}
-	hdrLen, n := c.readHeaderLen(), int(req.length)
+	n := int(req.length)
+	hdrLen := c.readHeaderLen(n)
 	if c.scratch == nil {
 		c.scratch = make([]byte, 28+inlineMax)
 	}
@@ -687,7 +693,25 @@ func (c *conn) reply(opt, typ uint32, data []byte) error {
 }
 
 func (c *conn) replyErr(opt, typ uint32, msg string) error {
-	return c.reply(opt, typ, []byte(msg))
+	return c.reply(opt, typ, []byte(clipString(msg)))
+}
+
+// maxString is the NBD protocol's bound on a string (an export name, an
+// error message): at most 4096 bytes.
+const maxString = 4096
+
+// clipString cuts msg to maxString bytes on a UTF-8 boundary: an error
+// message quoting a client's long export name must stay a valid string,
+// and an error chunk's message length is only 16 bits.
+func clipString(msg string) string {
+	if len(msg) <= maxString {
+		return msg
+	}
+	i := maxString
+	for i > maxString-utf8.UTFMax && !utf8.RuneStart(msg[i]) {
+		i--
+	}
+	return msg[:i]
 }
 
 // option handles one option; done means the transmission phase starts.
@@ -839,17 +863,36 @@ func (c *conn) metaContext(code uint32, data []byte) error {
 	}
 	defer exp.release()
 	var picked []metaCtx
+	seen := map[string]bool{}
 	add := func(name, since string) {
-		picked = append(picked, metaCtx{id: uint32(len(picked) + 1), name: name, since: since})
+		if !seen[name] {
+			seen[name] = true
+			picked = append(picked, metaCtx{id: uint32(len(picked) + 1), name: name, since: since})
+		}
 	}
-	queries := req.queries
-	if len(queries) == 0 && code == optListMetaContext {
-		queries = []string{"base:"}
+	// Every umbra:changed: context the export has, for listing.
+	addChanged := func() {
+		if exp.Changed == nil || exp.ChangedBases == nil {
+			return
+		}
+		for _, since := range exp.ChangedBases() {
+			add(changedPrefix+since, since)
+		}
 	}
-	for _, q := range queries {
+	list := code == optListMetaContext
+	if list && len(req.queries) == 0 {
+		// No query lists every context the export has.
+		add("base:allocation", "")
+		addChanged()
+	}
+	for _, q := range req.queries {
 		switch {
-		case q == "base:allocation" || (code == optListMetaContext && q == "base:"):
+		case q == "base:allocation" || (list && q == "base:"):
 			add("base:allocation", "")
+		case list && (q == "umbra:" || q == changedPrefix):
+			// A namespace (or a leaf prefix) lists what is in it;
+			// NBD_OPT_SET_META_CONTEXT selects only whole names.
+			addChanged()
 		case strings.HasPrefix(q, changedPrefix) && len(q) > len(changedPrefix) && exp.Changed != nil:
 			since := q[len(changedPrefix):]
 			if _, _, err := exp.Changed(since); err == nil {
@@ -1015,6 +1058,7 @@ func (c *conn) sendError(req request, errno uint32, msg string) {
 
 // errorReply is the reply to req failing with errno.
 func (c *conn) errorReply(req request, errno uint32, msg string) []byte {
+	msg = clipString(msg)
 	if c.structured {
 		b := structuredHeader(nil, replyFlagDone, replyError, req.cookie, uint32(6+len(msg)))
 		b = binary.BigEndian.AppendUint32(b, errno)
@@ -1156,7 +1200,7 @@ func (c *conn) read(req request) {
 	if n > inlineMax && (c.sendMapped(req) || c.sendFile(req)) {
 		return
 	}
-	hdrLen := c.readHeaderLen()
+	hdrLen := c.readHeaderLen(n)
 	bp := getBuf(hdrLen + n)
 	b := *bp
 	got, err := c.exp.Backend.ReadAt(b[hdrLen:], int64(req.offset))
@@ -1169,19 +1213,29 @@ func (c *conn) read(req request) {
 	c.writeOwned(bp)
 }
 
-// readHeaderLen is the length of the header before a read reply's data:
-// an NBD_REPLY_TYPE_OFFSET_DATA chunk's with structured replies, else a
-// simple reply's.
-func (c *conn) readHeaderLen() int {
-	if c.structured {
+// readHeaderLen is the length of the header before the data of the
+// reply to a read of n bytes: an NBD_REPLY_TYPE_OFFSET_DATA chunk's with
+// structured replies (a NONE chunk's for n 0), else a simple reply's.
+func (c *conn) readHeaderLen(n int) int {
+	switch {
+	case c.structured && n == 0:
+		return 20
+	case c.structured:
 		return 28
 	}
 	return 16
 }
 
 // appendReadHeader appends the header of the reply to read request req.
+// A structured reply to a read of 0 bytes is one NBD_REPLY_TYPE_NONE
+// chunk: an OFFSET_DATA chunk must describe at least one byte (its length
+// is at least 9), and NONE with the done flag is a success for any
+// request (NBD protocol, "Structured reply types").
 func (c *conn) appendReadHeader(b []byte, req request) []byte {
-	if c.structured {
+	switch {
+	case c.structured && req.length == 0:
+		return structuredHeader(b, replyFlagDone, replyNone, req.cookie, 0)
+	case c.structured:
 		b = structuredHeader(b, replyFlagDone, replyOffsetData, req.cookie, 8+req.length)
 		return binary.BigEndian.AppendUint64(b, req.offset)
 	}
