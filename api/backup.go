@@ -2,7 +2,6 @@ package api
 
 import (
 	"context"
-	"crypto/sha256"
 	"regexp"
 
 	"errors"
@@ -79,13 +78,14 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 			return nil, toStatus(fmt.Errorf("%w: volume %s (%s provider) cannot be imaged: its snapshots are directories, not block images; back its files up with a file-level tool from a snapshot (umbra snapshot create, then its path)", errBadRequest, vol, p.Name()))
 		}
 	}
-	repo, err := s.openRepo(ctx, req)
+	repo, release, err := s.openRepo(ctx, req)
 	if err != nil {
 		if errors.Is(err, backup.ErrWrongPassword) || errors.Is(err, backup.ErrNeedPassword) {
 			return nil, status.Error(codes.PermissionDenied, err.Error())
 		}
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
+	defer release()
 	defer s.saveWriters() // their history, failures included
 	tag := baseTag(repo)
 	id := baseSnapshotPrefix + tag + "-" + time.Now().UTC().Format("20060102T150405.000000Z")
@@ -130,32 +130,6 @@ func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, prog
 	}
 	s.log.Info("backup done", "set", set.ID, "images", len(resp.Images))
 	return resp, nil
-}
-
-// openRepo returns the repository a request names, kept open between
-// backups (its chunk index is loaded once, then only what other
-// processes added is read), keyed by location and secrets.
-func (s *Server) openRepo(ctx context.Context, req *umbrav1.BackupRequest) (*backup.Repo, error) {
-	key := sha256.Sum256([]byte(req.GetRepo() + "\x00" + req.GetPassword() + "\x00" + req.GetS3AccessKey() + "\x00" + req.GetS3SecretKey()))
-	s.repoMu.Lock()
-	defer s.repoMu.Unlock()
-	if s.repos == nil {
-		s.repos = map[[32]byte]*backup.Repo{}
-	}
-	if r, ok := s.repos[key]; ok {
-		if err := r.Refresh(ctx); err == nil {
-			return r, nil
-		}
-		r.Close()
-		delete(s.repos, key)
-	}
-	r, err := backup.OpenWith(ctx, req.GetRepo(), backup.Settings{Password: req.GetPassword(),
-		Cred: backup.Credentials{AccessKey: req.GetS3AccessKey(), SecretKey: req.GetS3SecretKey()}})
-	if err != nil {
-		return nil, err
-	}
-	s.repos[key] = r
-	return r, nil
 }
 
 func (s *Server) backupOne(ctx context.Context, repo *backup.Repo, sn provider.Snapshot, full bool, progress func(*umbrav1.BackupProgress)) (*umbrav1.ImageResult, error) {

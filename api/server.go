@@ -31,7 +31,6 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"umbra/api/umbrav1"
-	"umbra/backup"
 	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/metrics"
@@ -50,8 +49,9 @@ type Server struct {
 
 	setMu sync.Mutex // one snapshot set at a time
 
-	repoMu sync.Mutex // guards repos
-	repos  map[[32]byte]*backup.Repo
+	repoMu   sync.Mutex // guards repos
+	repos    map[[32]byte]*repoEntry
+	repoIdle time.Duration // how long an unused repository stays open (repocache.go)
 
 	sh *shares // FSRVP sets and exposures; nil until EnableShares
 
@@ -68,7 +68,7 @@ func NewServer(p *cow.Provider, reg *provider.Registry, coord *coordinator.Coord
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{cow: p, reg: reg, coord: coord, writers: writers, log: log}
+	return &Server{cow: p, reg: reg, coord: coord, writers: writers, log: log, repoIdle: defaultRepoIdle}
 }
 
 // ListProviders lists the providers and their capabilities.

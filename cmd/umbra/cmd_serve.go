@@ -428,6 +428,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}
 	apiSrv.EnableShares(ctx, cat, exposeDir, cfg.FUSE.Dir, setTimeout)
 	defer apiSrv.CloseShares()
+	defer apiSrv.CloseRepos()
 	apiSrv.Metrics = m
 	auditPath := cfg.AuditLog
 	if auditPath == "" {
