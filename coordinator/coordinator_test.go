@@ -374,15 +374,19 @@ func TestRequesterGoneAborts(t *testing.T) {
 // they hold writes, as the COW engine's does (much faster), and take
 // 80 ms to return from PostCommit after they let writes go, as a
 // coordinator preempted after a release would.
-type flushFirstProvider struct{ failingProvider }
+type flushFirstProvider struct {
+	failingProvider
+	txn *flushFirstTxn // the last one prepared
+}
 
 type flushFirstTxn struct {
 	failingTxn
 	held, until time.Time
 }
 
-func (flushFirstProvider) Prepare(context.Context, string, provider.SnapshotOptions) (provider.Txn, error) {
-	return &flushFirstTxn{}, nil
+func (p *flushFirstProvider) Prepare(context.Context, string, provider.SnapshotOptions) (provider.Txn, error) {
+	p.txn = &flushFirstTxn{}
+	return p.txn, nil
 }
 func (t *flushFirstTxn) PreCommit(context.Context, time.Duration) error {
 	time.Sleep(80 * time.Millisecond)
@@ -406,13 +410,14 @@ func (t *flushFirstTxn) Commit(context.Context) (provider.Snapshot, error) {
 // flow, nor the time after the release (provider.HoldTimer).
 func TestHoldWindowExcludesFlush(t *testing.T) {
 	_, reg := cowVolumes(t, "a")
-	reg.Register(flushFirstProvider{})
+	p := &flushFirstProvider{}
+	reg.Register(p)
 	c := New(reg, writer.NewRegistry(), nil, nil)
 	set, err := c.CreateSet(context.Background(), Request{Volumes: []string{"bad"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h := set.Timings.Hold; h <= 0 || h >= 80*time.Millisecond {
-		t.Fatalf("hold window %v: want the held time only, not the 80 ms flush before it or the 80 ms after the release", h)
+	if h, want := set.Timings.Hold, p.txn.until.Sub(p.txn.held); h != want {
+		t.Fatalf("hold window %v: want the held time only (%v), not the 80 ms flush before it or the 80 ms after the release", h, want)
 	}
 }

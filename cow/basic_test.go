@@ -231,10 +231,14 @@ func TestHoldWindowEndsAtRelease(t *testing.T) {
 	ctx := context.Background()
 	a, _ := newTestVolume(t, 1<<20, Options{})
 	b, _ := newTestVolume(t, 1<<20, Options{})
+	// The test reads the clock on both sides of each call: a window must
+	// lie within what it saw, whatever the scheduler did in between.
+	t0 := time.Now()
 	ha, err := a.Hold(ctx, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t1 := time.Now()
 	if _, end := ha.Window(); !end.IsZero() {
 		t.Fatalf("a standing hold has an end: %v", end)
 	}
@@ -242,20 +246,28 @@ func TestHoldWindowEndsAtRelease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(20 * time.Millisecond)
+	time.Sleep(20 * time.Millisecond) // only so the windows differ
+	ra0 := time.Now()
 	if err := ha.Release(); err != nil {
 		t.Fatal(err)
 	}
+	ra1 := time.Now()
 	time.Sleep(20 * time.Millisecond)
+	rb0 := time.Now()
 	if err := hb.Release(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(100 * time.Millisecond)
-	if e := ha.Elapsed(); e < 20*time.Millisecond || e >= 100*time.Millisecond {
-		t.Fatalf("first hold: %v, want its 20 ms and no more than the 40 ms to the second release", e)
+	rb1 := time.Now()
+	// Look later than any window could end: a window that ran until
+	// it was looked at would be longer than every bound below.
+	for time.Since(rb1) <= rb1.Sub(t0) {
+		time.Sleep(time.Millisecond)
 	}
-	if w := HoldWindow([]*Hold{ha, hb}); w < 40*time.Millisecond || w >= 100*time.Millisecond {
-		t.Fatalf("set window %v: want from the first hold to the last release (~40 ms), not the 100 ms after", w)
+	if e := ha.Elapsed(); e < ra0.Sub(t1) || e > ra1.Sub(t0) {
+		t.Fatalf("first hold: %v, want between %v and %v (from its Hold call to its Release)", e, ra0.Sub(t1), ra1.Sub(t0))
+	}
+	if w := HoldWindow([]*Hold{ha, hb}); w < rb0.Sub(t1) || w > rb1.Sub(t0) {
+		t.Fatalf("set window %v: want from the first hold to the last release (between %v and %v), not until it was looked at", w, rb0.Sub(t1), rb1.Sub(t0))
 	}
 }
 

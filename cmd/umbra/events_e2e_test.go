@@ -31,7 +31,20 @@ func TestEvents(t *testing.T) {
 		}
 		close(lines)
 	}()
-	time.Sleep(300 * time.Millisecond) // the subscription is made
+	// The subscription is made once an event comes through: poke with a
+	// resize that changes nothing until one does, then drain what the
+	// pokes still have in flight (it is at most one event each).
+	for first := time.After(30 * time.Second); ; {
+		s.ok("storage", "resize", "a", "--max", "1G")
+		select {
+		case <-lines:
+		case <-time.After(100 * time.Millisecond):
+			continue
+		case <-first:
+			t.Fatal("no event from umbra events in 30 s")
+		}
+		break
+	}
 	s.ok("snapshot", "create", "a", "--id", "e1")
 	s.ok("snapshot", "delete", "a", "e1")
 	s.ok("storage", "resize", "a", "--max", "1G")

@@ -150,15 +150,32 @@ func TestFSRVPSequence(t *testing.T) {
 	}
 	// A set that stops moving is aborted when its timer runs out, even
 	// after commit and expose.
-	// The timer runs per state: each step must follow within 2 s, and
+	// The timer runs per state: each step must follow within 3 s, and
 	// after expose nothing comes.
-	b := s.set("start", "--timeout", "2s")
+	b := s.set("start", "--timeout", "3s")
 	s.ok("set", "add", b.ID, mnt)
 	s.set("prepare", b.ID)
 	s.set("commit", b.ID)
 	b = s.set("expose", b.ID)
 	bdir := b.ShadowCopies[0].Mapping.MountDir
-	time.Sleep(2500 * time.Millisecond)
+	// Wait for the timer, however late it runs: the set leaves the
+	// exposed state by itself.
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		var sets struct {
+			Sets []setJSON `json:"sets"`
+		}
+		json.Unmarshal([]byte(s.ok("set", "list", "--json")), &sets)
+		exposed := false
+		for _, x := range sets.Sets {
+			exposed = exposed || x.ID == b.ID && x.State == "exposed"
+		}
+		if !exposed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("set %s still exposed 60 s after its 3 s timer: %+v", b.ID, sets)
+		}
+	}
 	if out, code := s.umbra("set", "recovery-complete", b.ID); code != 3 || !strings.Contains(out, "timed out") && !strings.Contains(out, "not found") {
 		t.Fatalf("recovery-complete after the timeout: exit %d %s", code, out)
 	}

@@ -19,7 +19,7 @@ import (
 )
 
 // sqliteApp inserts numbered rows into db until stopped.
-func sqliteApp(t *testing.T, path string) (stop func() int) {
+func sqliteApp(t *testing.T, path string) (stop func() int, committed func() int) {
 	t.Helper()
 	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=journal_mode(WAL)&_pragma=busy_timeout(10000)")
 	if err != nil {
@@ -40,7 +40,7 @@ func sqliteApp(t *testing.T, path string) (stop func() int) {
 			}
 		}
 	}()
-	return func() int { quit.Store(true); wg.Wait(); db.Close(); return int(n.Load()) }
+	return func() int { quit.Store(true); wg.Wait(); db.Close(); return int(n.Load()) }, func() int { return int(n.Load()) }
 }
 
 // checkDB opens a database copy read-only: it must pass integrity_check
@@ -85,12 +85,23 @@ func TestSystemProvidersWithWriters(t *testing.T) {
 	sub := filepath.Join(bfs, "app")
 	testutil.Run(t, "btrfs", "subvolume", "create", sub)
 	dbX, dbB := filepath.Join(xfs, "orders.db"), filepath.Join(sub, "orders.db")
-	stopX, stopB := sqliteApp(t, dbX), sqliteApp(t, dbB)
+	stopX, doneX := sqliteApp(t, dbX)
+	stopB, doneB := sqliteApp(t, dbB)
 	defer stopX()
 	defer stopB()
+	// waitRows waits until both applications committed more than x and b
+	// rows.
+	waitRows := func(x, b int) {
+		for deadline := time.Now().Add(30 * time.Second); doneX() <= x || doneB() <= b; {
+			if time.Now().After(deadline) {
+				t.Fatalf("the applications committed %d and %d rows in 30 s, want more than %d and %d", doneX(), doneB(), x, b)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	s := startService(t, dir, []string{"c"}, "--reflink-volume", dbX, "--btrfs-volume", sub, "--sqlite-writer", dbX, "--sqlite-writer", dbB)
 	defer s.stop()
-	time.Sleep(200 * time.Millisecond)
+	waitRows(0, 0)
 	var resp struct {
 		Writers []string `json:"writers"`
 	}
@@ -98,7 +109,7 @@ func TestSystemProvidersWithWriters(t *testing.T) {
 	if len(resp.Writers) != 2 {
 		t.Fatalf("writers frozen: %v, want both SQLite writers", resp.Writers)
 	}
-	time.Sleep(100 * time.Millisecond)
+	waitRows(doneX(), doneB()) // rows after the snapshot's
 	nX, nB := stopX(), stopB()
 	gotX := checkDB(t, filepath.Join(xfs, ".umbra-shadow", "orders.db@consistent"))
 	gotB := checkDB(t, filepath.Join(bfs, ".umbra-snapshots", "app", "consistent", "orders.db"))

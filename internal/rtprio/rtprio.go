@@ -58,10 +58,28 @@ var (
 	began   time.Time
 	tokens  = Budget
 	filled  time.Time // when tokens were last refilled
-	cutter  *time.Timer
+	cutter  stopper
 	saved   map[int]unix.SchedAttr // raised threads, as they were
 	kept    map[int]bool           // threads at another policy, left alone
 )
+
+// clock is where windows read the time and set their cut: the system's,
+// or a test's that moves only when told to.
+type clock interface {
+	Now() time.Time
+	AfterFunc(d time.Duration, f func()) stopper
+}
+
+type stopper interface{ Stop() bool }
+
+type systemClock struct{}
+
+func (systemClock) Now() time.Time { return time.Now() }
+func (systemClock) AfterFunc(d time.Duration, f func()) stopper {
+	return time.AfterFunc(d, f)
+}
+
+var clk clock = systemClock{} // guarded by mu
 
 // SetEnabled turns the windows on or off (the default).
 func SetEnabled(on bool) {
@@ -103,7 +121,7 @@ func Raise() (lower func()) {
 		return func() {}
 	}
 	if depth == 0 {
-		now := time.Now()
+		now := clk.Now()
 		if !filled.IsZero() {
 			tokens = min(Budget, tokens+time.Duration(float64(now.Sub(filled))*float64(Budget)/float64(time.Second)))
 		}
@@ -114,7 +132,7 @@ func Raise() (lower func()) {
 		epoch++
 		began = now
 		e := epoch
-		cutter = time.AfterFunc(min(MaxWindow, tokens), func() { cut(e) })
+		cutter = clk.AfterFunc(min(MaxWindow, tokens), func() { cut(e) })
 	}
 	depth++
 	e := epoch
@@ -147,7 +165,7 @@ func cut(e int) {
 func end() {
 	cutter.Stop()
 	lowerAll()
-	now := time.Now()
+	now := clk.Now()
 	tokens -= now.Sub(began)
 	epoch++ // lowers of this window do nothing now
 }

@@ -1,6 +1,7 @@
 package rtprio
 
 import (
+	"fmt"
 	"runtime"
 	"sync"
 	"testing"
@@ -43,14 +44,100 @@ func onlyFIFO(t *testing.T, what string) {
 	}
 }
 
-func fresh(t *testing.T) {
+// fakeClock moves only when Advance moves it, and runs the functions
+// due on the way at their own instant: a window's cut is then a step of
+// the test, not a race with the scheduler.
+type fakeClock struct {
+	mu     sync.Mutex // guards the fields below
+	now    time.Time
+	timers []*fakeTimer
+}
+
+type fakeTimer struct {
+	c       *fakeClock
+	at      time.Time
+	f       func()
+	stopped bool // guarded by c.mu
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) AfterFunc(d time.Duration, f func()) stopper {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	tm := &fakeTimer{c: c, at: c.now.Add(d), f: f}
+	c.timers = append(c.timers, tm)
+	return tm
+}
+
+func (tm *fakeTimer) Stop() bool {
+	tm.c.mu.Lock()
+	defer tm.c.mu.Unlock()
+	was := !tm.stopped
+	tm.stopped = true
+	return was
+}
+
+// Advance moves the clock by d, running each timer that falls due at its
+// deadline, in order.
+func (c *fakeClock) Advance(d time.Duration) { c.advance(d, false) }
+
+// AdvanceLate moves the clock by d and only then runs the timers due, as
+// the system's run late when their goroutine waits for a CPU.
+func (c *fakeClock) AdvanceLate(d time.Duration) { c.advance(d, true) }
+
+func (c *fakeClock) advance(d time.Duration, late bool) {
+	c.mu.Lock()
+	end := c.now.Add(d)
+	if late {
+		c.now = end
+	}
+	for {
+		var next *fakeTimer
+		for _, tm := range c.timers {
+			if !tm.stopped && !tm.at.After(end) && (next == nil || tm.at.Before(next.at)) {
+				next = tm
+			}
+		}
+		if next == nil {
+			break
+		}
+		next.stopped = true
+		if !late {
+			c.now = next.at
+		}
+		c.mu.Unlock()
+		next.f()
+		c.mu.Lock()
+	}
+	c.now = end
+	c.mu.Unlock()
+}
+
+// fresh enables windows with a full budget on a clock the test moves.
+func fresh(t *testing.T) *fakeClock {
 	testutil.NeedRoot(t)
 	if err := Probe(); err != nil {
 		t.Skipf("rtprio: %v", err)
 	}
+	c := &fakeClock{now: time.Unix(1e9, 0)}
 	mu.Lock()
-	tokens, filled, enabled, denied = Budget, time.Time{}, true, false
+	tokens, filled, enabled, denied, clk = Budget, time.Time{}, true, false, c
 	mu.Unlock()
+	t.Cleanup(func() {
+		mu.Lock()
+		if depth > 0 { // a failed test left its window open
+			depth = 0
+			end()
+		}
+		clk = systemClock{}
+		mu.Unlock()
+	})
+	return c
 }
 
 // lockedThread runs a goroutine on its own thread until stop is closed;
@@ -130,55 +217,69 @@ func TestNested(t *testing.T) {
 	onlyNormal(t, "both lowered")
 }
 
-// TestCutAtMaxWindow: a window not lowered ends by itself.
+// TestCutAtMaxWindow: a window not lowered ends by itself at MaxWindow,
+// not before.
 func TestCutAtMaxWindow(t *testing.T) {
-	fresh(t)
+	c := fresh(t)
 	lower := Raise()
 	onlyFIFO(t, "in the window")
-	time.Sleep(MaxWindow + 30*time.Millisecond)
-	onlyNormal(t, "past MaxWindow")
+	c.Advance(MaxWindow - time.Nanosecond)
+	onlyFIFO(t, "just before MaxWindow")
+	c.Advance(time.Nanosecond)
+	onlyNormal(t, "at MaxWindow")
 	lower() // late: nothing
-	// The cut window spent the budget: the next would be cut after the
-	// ~2 ms refilled since, perhaps while it is checked. Budget is
-	// TestBudget's; here a full one.
-	mu.Lock()
-	tokens, filled = Budget, time.Now()
-	mu.Unlock()
+	// The cut window spent the whole budget: a window now would not open.
+	// After 20 s the budget is full again (capped at Budget).
+	c.Advance(20 * time.Second)
 	l2 := Raise()
 	onlyFIFO(t, "a new window after a cut")
+	lower() // the cut window's lower does not end the new one
+	onlyFIFO(t, "the cut window lowered again")
 	l2()
-	lower() // the cut window's lower does not end the new one's either
 	onlyNormal(t, "after")
 }
 
-// TestBudget: windows stop opening once their real-time time passes the
-// budget, and open again as it refills.
+// TestBudget: windows spend the budget (refilled at Budget per second),
+// one that runs out of it is cut when it does, none opens with nothing
+// left, and one opens again once it refills.
 func TestBudget(t *testing.T) {
-	fresh(t)
-	// 10 ms windows: the 50 ms budget (plus 5 % refilled meanwhile) lasts
-	// five or six of them.
-	opened := 0
-	for ; opened < 20; opened++ {
+	c := fresh(t)
+	// Windows of 10 ms, each 10 ms after the last opened: 5 % of 10 ms
+	// (0.5 ms) comes back between them. Budget left when each opens:
+	// 50, 40.5, 31, 21.5, 12, then 2.5 ms.
+	for i := range 5 {
 		lower := Raise()
-		a, err := unix.SchedGetAttr(unix.Gettid(), 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if a.Policy != unix.SCHED_FIFO {
-			lower()
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
+		onlyFIFO(t, fmt.Sprintf("window %d", i+1))
+		c.Advance(10 * time.Millisecond)
 		lower()
+		onlyNormal(t, fmt.Sprintf("window %d lowered", i+1))
 	}
-	if opened < 2 || opened > 7 { // fewer when sleeps overshoot on a busy machine
-		t.Fatalf("%d windows of 10 ms opened before the budget ran out, want 5 or 6 (fewer on a busy machine), not all 20", opened)
-	}
-	onlyNormal(t, "with the budget spent")
-	time.Sleep(500 * time.Millisecond) // refills 25 ms
 	lower := Raise()
-	onlyFIFO(t, "after a refill")
+	onlyFIFO(t, "window 6, with 2.5 ms left")
+	c.Advance(2500*time.Microsecond - time.Nanosecond)
+	onlyFIFO(t, "window 6 just before its budget runs out")
+	c.Advance(time.Nanosecond)
+	onlyNormal(t, "window 6 with the budget spent")
 	lower()
+	// Window 7 opens with the 0.125 ms refilled during window 6; its cut
+	// runs 10 ms late (a loaded machine), which overdraws the budget by
+	// 9.875 ms: the next window stays shut until that is refilled.
+	lower = Raise()
+	onlyFIFO(t, "window 7, with 0.125 ms left")
+	c.AdvanceLate(10 * time.Millisecond)
+	onlyNormal(t, "window 7 cut late")
+	lower()
+	l := Raise() // refills 0.5 ms: -9.375 ms left
+	onlyNormal(t, "a window asked for with the budget overdrawn")
+	l()
+	c.Advance(500 * time.Millisecond) // refills 25 ms: 15.625 ms left
+	l = Raise()
+	onlyFIFO(t, "after a refill")
+	c.Advance(15625*time.Microsecond - time.Nanosecond)
+	onlyFIFO(t, "just before the refilled budget runs out")
+	c.Advance(time.Nanosecond)
+	onlyNormal(t, "the refilled budget spent")
+	l()
 }
 
 // TestDisabled: SetEnabled(false) turns Raise into nothing.
