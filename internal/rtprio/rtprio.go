@@ -172,28 +172,44 @@ func end() {
 
 // raiseAll sets every thread at SCHED_NORMAL to SCHED_FIFO, saving what
 // each had; threads at another policy (already real-time, batch, idle)
-// are left as they are. False when none could be raised.
+// are left as they are. A thread may be born while this runs from one
+// not raised yet, and would miss the window: hence the passes, until one
+// finds no thread it has not seen. False when none could be raised.
 func raiseAll() bool {
 	saved, kept = map[int]unix.SchedAttr{}, map[int]bool{}
-	for _, tid := range threads() {
-		old, err := unix.SchedGetAttr(tid, 0)
-		if err != nil {
-			continue // gone
-		}
-		if old.Policy != unix.SCHED_NORMAL {
-			kept[tid] = true // not ours to change
-			continue
-		}
-		a := unix.SchedAttr{Policy: unix.SCHED_FIFO, Priority: 1}
-		if err := unix.SchedSetAttr(tid, &a, 0); err != nil {
-			if errors.Is(err, unix.EPERM) {
-				denied = true
-				lowerAll()
-				return false
+	for pass := 0; pass < 4; pass++ {
+		fresh := 0
+		for _, tid := range threads() {
+			if _, ok := saved[tid]; ok || kept[tid] {
+				continue
 			}
-			continue
+			old, err := unix.SchedGetAttr(tid, 0)
+			if err != nil {
+				continue // gone
+			}
+			if old.Policy != unix.SCHED_NORMAL {
+				if pass == 0 {
+					kept[tid] = true // not ours to change
+				}
+				// Later, a thread at SCHED_FIFO 1 was born of a raised
+				// one: lowerAll puts it to SCHED_NORMAL.
+				continue
+			}
+			fresh++
+			a := unix.SchedAttr{Policy: unix.SCHED_FIFO, Priority: 1}
+			if err := unix.SchedSetAttr(tid, &a, 0); err != nil {
+				if errors.Is(err, unix.EPERM) {
+					denied = true
+					lowerAll()
+					return false
+				}
+				continue
+			}
+			saved[tid] = *old
 		}
-		saved[tid] = *old
+		if fresh == 0 {
+			break
+		}
 	}
 	return len(saved) > 0
 }
