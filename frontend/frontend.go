@@ -8,8 +8,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path"
 	"sort"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"umbra/cow"
 	"umbra/fusefile"
@@ -20,15 +23,60 @@ import (
 // ErrReadOnly is returned by writes to a snapshot.
 var ErrReadOnly = errors.New("snapshot is read-only")
 
-// SplitName splits an export name "VOLUME@SNAPSHOT" (snapshot "" for a
-// volume).
-func SplitName(name string) (vol, snap string) {
-	// Snapshot ids have no '@'; a volume's name (a file path for
-	// system providers) might.
-	if i := strings.LastIndexByte(name, '@'); i >= 0 {
-		return name[:i], name[i+1:]
+// maxName is the NBD protocol's bound on a string such as an export
+// name.
+const maxName = 4096
+
+// ParseName splits an export (or FUSE file) name "VOLUME" or
+// "VOLUME@SNAPSHOT" (snapshot "" for a volume). It refuses, wrapping
+// provider.ErrBadID, every name that is not one of those two forms: empty
+// parts ("vol@", "@snap", ""), more than one '@', a snapshot id outside
+// [A-Za-z0-9._-], a volume that is neither such a name nor a clean file
+// path (the name of a reflink or btrfs volume), control characters,
+// invalid UTF-8, and more than 4096 bytes. A malformed name must never
+// fall back to another export: "vol@" once served the live volume
+// read-write.
+func ParseName(name string) (vol, snap string, err error) {
+	bad := func(why string) (string, string, error) {
+		shown := name
+		if len(shown) > 64 {
+			shown = shown[:64] + "..."
+		}
+		return "", "", fmt.Errorf("export name %q: %s (want VOLUME or VOLUME@SNAPSHOT; NBD_OPT_LIST shows the exports): %w",
+			shown, why, provider.ErrBadID)
 	}
-	return name, ""
+	switch {
+	case name == "":
+		return bad("empty")
+	case len(name) > maxName:
+		return bad(fmt.Sprintf("%d bytes, more than %d", len(name), maxName))
+	case !utf8.ValidString(name):
+		return bad("not valid UTF-8")
+	case strings.IndexFunc(name, unicode.IsControl) >= 0:
+		return bad("has a control character")
+	case strings.Count(name, "@") > 1:
+		return bad("more than one '@'")
+	}
+	vol, snap, hasSnap := strings.Cut(name, "@")
+	if vol == "" {
+		return bad("no volume before '@'")
+	}
+	if hasSnap {
+		if snap == "" {
+			return bad("no snapshot after '@'")
+		}
+		if provider.ValidateID(snap) != nil {
+			return bad("snapshot id not 1-128 of [A-Za-z0-9._-] starting with a letter or digit")
+		}
+	}
+	if strings.Contains(vol, "/") {
+		if path.Clean(vol) != vol {
+			return bad("volume path not in clean form")
+		}
+	} else if provider.ValidateID(vol) != nil {
+		return bad("volume name not 1-128 of [A-Za-z0-9._-] starting with a letter or digit")
+	}
+	return vol, snap, nil
 }
 
 // Names lists every volume and live snapshot of p as export names.
@@ -96,7 +144,10 @@ func (e nbdExports) systemExport(name, volName, snapID string) (*nbd.Export, err
 func (e nbdExports) List() []string { return Names(e.p) }
 
 func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
-	volName, snapID := SplitName(name)
+	volName, snapID, err := ParseName(name)
+	if err != nil {
+		return nil, err
+	}
 	v, err := e.p.Volume(volName)
 	if err != nil {
 		if x, serr := e.systemExport(name, volName, snapID); serr == nil {
@@ -171,7 +222,10 @@ type fuseSource struct{ p *cow.Provider }
 func (s fuseSource) List() []string { return Names(s.p) }
 
 func (s fuseSource) Open(name string) (*fusefile.Entry, error) {
-	volName, snapID := SplitName(name)
+	volName, snapID, err := ParseName(name)
+	if err != nil {
+		return nil, err
+	}
 	v, err := s.p.Volume(volName)
 	if err != nil {
 		return nil, err

@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -989,5 +990,44 @@ func TestListMetaContexts(t *testing.T) {
 		if !strings.Contains(info, ctx) {
 			t.Errorf("nbdinfo does not show context %s:\n%s", ctx, info)
 		}
+	}
+}
+
+// TestMalformedExportNames: every malformed export name is refused, by a
+// real client and on the wire, and none reaches an export: "vol@" once
+// served the live volume read-write.
+func TestMalformedExportNames(t *testing.T) {
+	need(t, "nbdinfo", "qemu-io")
+	s := serve(t, 1<<20)
+	if _, err := s.vol.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	uri := func(name string) string {
+		return "nbd+unix:///" + url.PathEscape(name) + "?socket=" + s.sock
+	}
+	run(t, "nbdinfo", uri("vol"))
+	run(t, "nbdinfo", uri("vol@s1"))
+	for _, name := range []string{"vol@", "@s1", "@", "vol@s1@s1", "vol@@s1", "vol@s1 ", "vol@../s1", "vol@s1\t", "vol\u00e9@s1", "vol@-s1"} {
+		fails(t, "nbdinfo", uri(name))
+	}
+	// A write through "vol@" is refused and changes nothing.
+	fails(t, "qemu-io", "-f", "raw", "-c", "write -P 0x77 0 4k", uri("vol@"))
+	run(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 4k", uri("vol"))
+
+	// On the wire: NBD_OPT_GO of a malformed or overlong name gets an
+	// error reply and the connection stays in the option phase.
+	for _, name := range []string{"vol@", strings.Repeat("v", 5000)} {
+		c := handshake(t, s.sock)
+		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+		d = append(append(d, name...), 0, 0)
+		sendOpt(c, 7, d)
+		if typ, msg := readOptReply(t, c); typ&(1<<31) == 0 || !strings.Contains(string(msg), "export name") {
+			t.Errorf("GO of a %d-byte malformed name answered %#x %q, want an error naming the export name", len(name), typ, msg)
+		}
+		sendOpt(c, 3, nil) // NBD_OPT_LIST still works
+		if typ, _ := readOptReply(t, c); typ != 2 {
+			t.Errorf("LIST after a refused GO answered %#x", typ)
+		}
+		c.Close()
 	}
 }

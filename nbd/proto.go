@@ -139,6 +139,9 @@ func decodeInfoRequest(b []byte) (infoRequest, error) {
 	if uint64(n)+6 > uint64(len(b)) {
 		return r, fmt.Errorf("info request name of %d bytes in %d: %w", n, len(b), ErrProtocol)
 	}
+	if n > maxString {
+		return r, fmt.Errorf("export name of %d bytes, more than the protocol's %d: %w", n, maxString, ErrProtocol)
+	}
 	r.name = string(b[4 : 4+n])
 	rest := b[4+n:]
 	k := binary.BigEndian.Uint16(rest)
@@ -166,6 +169,9 @@ func decodeMetaRequest(b []byte) (metaRequest, error) {
 	n := binary.BigEndian.Uint32(b)
 	if uint64(n)+8 > uint64(len(b)) {
 		return r, fmt.Errorf("meta context export name of %d bytes: %w", n, ErrProtocol)
+	}
+	if n > maxString {
+		return r, fmt.Errorf("export name of %d bytes, more than the protocol's %d: %w", n, maxString, ErrProtocol)
 	}
 	r.export = string(b[4 : 4+n])
 	rest := b[4+n:]

@@ -761,6 +761,9 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 		c.structured = true
 		return false, c.reply(code, repAck, nil)
 	case optExportName:
+		if len(data) > maxString {
+			return false, fmt.Errorf("export name of %d bytes: %w", len(data), ErrProtocol)
+		}
 		exp, err := c.srv.exports.Lookup(string(data))
 		if err != nil {
 			return false, fmt.Errorf("export %q: %w", data, err)
