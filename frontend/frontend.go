@@ -20,8 +20,31 @@ import (
 	"umbra/provider"
 )
 
-// ErrReadOnly is returned by writes to a snapshot.
+// ErrReadOnly is returned by writes to a read-only backend: a snapshot,
+// another provider's snapshot, a backup image.
 var ErrReadOnly = errors.New("snapshot is read-only")
+
+// image is what a read-only backend serves: the bytes of a snapshot or
+// a backup image, and their size.
+type image interface {
+	ReadAt(p []byte, off int64) (int, error)
+	Size() int64
+}
+
+// readOnly serves an image as a block backend (nbd.Backend and
+// fusefile.Backend) whose writes are refused. It hides every other
+// method of the image, so the front-ends find no fast path
+// (nbd.TryWriter, nbd.SpliceWriter, ...) that could bypass the refusal.
+type readOnly struct{ img image }
+
+func (r readOnly) ReadAt(p []byte, off int64) (int, error) { return r.img.ReadAt(p, off) }
+func (r readOnly) Size() int64                             { return r.img.Size() }
+
+// WriteAt refuses, writing nothing.
+func (readOnly) WriteAt(p []byte, off int64) (int, error) { return 0, ErrReadOnly }
+
+// Flush has nothing to make durable.
+func (readOnly) Flush() error { return nil }
 
 // maxName is the NBD protocol's bound on a string such as an export
 // name.
@@ -92,16 +115,6 @@ func Names(p *cow.Provider) []string {
 	return out
 }
 
-// SnapshotBackend is a read-only view of a snapshot with the methods a
-// block front-end expects.
-type SnapshotBackend struct{ *cow.Snapshot }
-
-// WriteAt refuses: snapshots are read-only.
-func (SnapshotBackend) WriteAt(p []byte, off int64) (int, error) { return 0, ErrReadOnly }
-
-// Flush has nothing to do.
-func (SnapshotBackend) Flush() error { return nil }
-
 // NBDExports serves p's volumes and snapshots over NBD, and, when reg is
 // not nil, the block-image snapshots of its other providers as read-only
 // exports VOLUME@SNAPSHOT (a reflink volume's name is its file's path).
@@ -111,12 +124,6 @@ type nbdExports struct {
 	p   *cow.Provider
 	reg *provider.Registry
 }
-
-// imageBackend is a read-only provider image as an NBD backend.
-type imageBackend struct{ provider.Image }
-
-func (imageBackend) WriteAt(p []byte, off int64) (int, error) { return 0, ErrReadOnly }
-func (imageBackend) Flush() error                             { return nil }
 
 // systemExport looks name up among the other providers' snapshots.
 func (e nbdExports) systemExport(name, volName, snapID string) (*nbd.Export, error) {
@@ -135,7 +142,7 @@ func (e nbdExports) systemExport(name, volName, snapID string) (*nbd.Export, err
 	return &nbd.Export{
 		Name:        name,
 		Description: fmt.Sprintf("%s snapshot %s of %s", p.Name(), snapID, volName),
-		Backend:     imageBackend{img},
+		Backend:     readOnly{img},
 		ReadOnly:    true,
 		Release:     func() { img.Close() },
 	}, nil
@@ -175,7 +182,7 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 	return &nbd.Export{
 		Name:         name,
 		Description:  fmt.Sprintf("Umbra shadow copy %s of volume %s", snapID, v.Name()),
-		Backend:      SnapshotBackend{s},
+		Backend:      readOnly{s},
 		ReadOnly:     true,
 		Extents:      convert(s.Allocation),
 		Changed:      s.Changed,
@@ -237,5 +244,5 @@ func (s fuseSource) Open(name string) (*fusefile.Entry, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &fusefile.Entry{Name: name, Backend: SnapshotBackend{snap}, ReadOnly: true, Release: func() { snap.Close() }}, nil
+	return &fusefile.Entry{Name: name, Backend: readOnly{snap}, ReadOnly: true, Release: func() { snap.Close() }}, nil
 }

@@ -17,11 +17,6 @@ type imageExports struct {
 	ir   *backup.ImageReader
 }
 
-type imageReader struct{ *backup.ImageReader }
-
-func (imageReader) WriteAt(p []byte, off int64) (int, error) { return 0, ErrReadOnly }
-func (imageReader) Flush() error                             { return nil }
-
 func (e imageExports) List() []string { return []string{e.name} }
 
 func (e imageExports) Lookup(name string) (*nbd.Export, error) {
@@ -32,7 +27,7 @@ func (e imageExports) Lookup(name string) (*nbd.Export, error) {
 	return &nbd.Export{
 		Name:        e.name,
 		Description: fmt.Sprintf("backup image %s of %s (snapshot %s)", x.ID, x.Volume, x.Snapshot),
-		Backend:     imageReader{e.ir},
+		Backend:     readOnly{e.ir},
 		ReadOnly:    true,
 		Extents: func(off, length int64) ([]nbd.Extent, error) {
 			cs := int64(x.ChunkSize)
@@ -70,5 +65,5 @@ func (s imageFUSE) Open(name string) (*fusefile.Entry, error) {
 	if name != s.name {
 		return nil, fmt.Errorf("%s: no such image file", name)
 	}
-	return &fusefile.Entry{Name: name, Backend: imageReader{s.ir}, ReadOnly: true}, nil
+	return &fusefile.Entry{Name: name, Backend: readOnly{s.ir}, ReadOnly: true}, nil
 }
