@@ -16,6 +16,7 @@
 #   sudo bench/backup.sh            # prints markdown tables
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench/machine.sh
 CHUNKS=${CHUNKS:-"4K 16K 64K 256K"}
 RESTORE_ROUNDS=${RESTORE_ROUNDS:-5}
 for t in restic zstd qemu-io mkfs.ext4 bc; do

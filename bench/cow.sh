@@ -5,5 +5,6 @@
 # measures fsync on the real disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench/machine.sh
 go test ./cow -run '^$' -bench "${1:-.}" -benchtime 1x -count 1 | grep -E '^Benchmark' |
   sed -E 's/-[0-9]+ +1 +[0-9]+ ns\/op//'

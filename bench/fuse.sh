@@ -7,6 +7,7 @@
 #   bench/fuse.sh [seconds-per-test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench/machine.sh
 RT=${1:-5}
 [ "$(id -u)" = 0 ] || { echo "bench/fuse.sh: needs root (loop devices)"; exit 1; }
 for t in fio nbdkit nbdfuse losetup python3; do

@@ -9,6 +9,7 @@
 # UMBRA_SERVE_ARGS adds flags to `umbra serve` (--hold-priority normal).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench/machine.sh
 N=${1:-100}
 JOBS=${2:-1}
 for t in fio python3; do

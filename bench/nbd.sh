@@ -7,6 +7,7 @@
 #   bench/nbd.sh [seconds-per-test] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench/machine.sh
 RT=${1:-5}
 ROUNDS=${2:-3}
 for t in fio nbdkit qemu-nbd python3; do

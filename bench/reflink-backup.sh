@@ -8,6 +8,7 @@
 #   sudo bench/reflink-backup.sh [SIZE_MIB]   (default 1024)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench/machine.sh
 MIB=${1:-1024}
 ROUNDS=3
 W=/dev/shm/umbra-bench-reflink
