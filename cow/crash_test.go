@@ -106,8 +106,28 @@ func TestKillDuringWrites(t *testing.T) {
 		t.Logf("round %d: %d snapshots checked byte-exact, %d live", round, checked, len(live))
 		if r.IntN(2) == 0 {
 			v.Close() // sometimes the next child starts after a clean stop
+		} else {
+			abandon(v) // and sometimes after one as unclean as the kill
 		}
 	}
+}
+
+// abandon lets the volume's files go as a killed process does: no
+// checkpoint, no clean record; only the descriptors (and with them the
+// claims) go.
+func abandon(v *Volume) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.closed = true
+	if v.log != nil {
+		v.log.f.Close()
+	}
+	if v.store != nil {
+		v.store.close()
+	}
+	v.unmapOrigin()
+	v.origin.Close()
+	v.storageOwn.Release()
 }
 
 func hashOf(t *testing.T, r io.ReaderAt, size int64) string {

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
+
+	"umbra/internal/owner"
 )
 
 // File is what the engine needs of an open file. The OS implementation is
@@ -39,6 +41,26 @@ type FS interface {
 
 // OSFS is the real filesystem.
 type OSFS struct{}
+
+// claimer is an FS whose files and directories can be claimed for this
+// process (DESIGN invariant 10; OSFS does it with internal/owner). A
+// test's in-memory FS claims nothing.
+type claimer interface {
+	claimFile(f File, what, path, hint string) error
+	claimDir(dir, what, hint string) (*owner.Dir, error)
+}
+
+func (OSFS) claimFile(f File, what, path, hint string) error {
+	of, ok := f.(osFile)
+	if !ok {
+		return nil
+	}
+	return owner.Claim(of.File, what, path, hint)
+}
+
+func (OSFS) claimDir(dir, what, hint string) (*owner.Dir, error) {
+	return owner.ClaimDir(dir, what, hint)
+}
 
 type osFile struct {
 	*os.File

@@ -241,6 +241,13 @@ func (v *Volume) openStore() error {
 	if v.store != nil {
 		return nil
 	}
+	if c, ok := v.fs.(claimer); ok && v.storageOwn == nil {
+		own, err := c.claimDir(v.storageDir, "shadow storage directory", storageHint)
+		if err != nil {
+			return fmt.Errorf("snapshot volume %s: %w", v.name, err)
+		}
+		v.storageOwn = own
+	}
 	if err := v.fs.MkdirAll(v.diffDir(), 0o700); err != nil {
 		return fmt.Errorf("create diff area %s: %w", v.diffDir(), err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/RoaringBitmap/roaring/v2"
 	"golang.org/x/sys/unix"
 
+	"umbra/internal/owner"
 	"umbra/internal/rtprio"
 	"umbra/provider"
 )
@@ -155,6 +156,7 @@ type Volume struct {
 	mu         sync.RWMutex // guards everything below
 	closed     bool
 	storageDir string
+	storageOwn *owner.Dir // this process's claim on storageDir (nil: none, or an FS that claims nothing)
 	maxStorage int64
 	policy     Policy
 	snaps      []*snap // live, ascending generation
@@ -212,9 +214,18 @@ func Open(name, originPath string, opts Options) (*Volume, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s origin: %w", name, err)
 	}
+	// A regular file has no O_EXCL: it is claimed instead, and so is the
+	// shadow storage (one owner: a second service writing the same file
+	// or diff area would change this one's snapshots behind its back).
+	storageOwn, err := claim(opts.FS, f, originPath, opts.StorageDir)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open volume %s: %w", name, err)
+	}
 	size, err := f.Size()
 	if err != nil {
 		f.Close()
+		storageOwn.Release()
 		return nil, fmt.Errorf("open volume %s origin %s: size: %w", name, originPath, err)
 	}
 	v := &Volume{
@@ -226,6 +237,7 @@ func Open(name, originPath string, opts Options) (*Volume, error) {
 		chunk:      opts.ChunkSize,
 		maxSnaps:   opts.MaxSnapshots,
 		storageDir: opts.StorageDir,
+		storageOwn: storageOwn,
 		maxStorage: opts.MaxStorage,
 		policy:     opts.Policy,
 		entries:    newEntryMap(),
@@ -236,16 +248,56 @@ func Open(name, originPath string, opts Options) (*Volume, error) {
 	v.nchunks = uint64((size + v.chunk - 1) / v.chunk)
 	if v.nchunks > 1<<32 {
 		f.Close()
+		storageOwn.Release()
 		return nil, fmt.Errorf("open volume %s: %d chunks of %d bytes exceed 2^32; use a larger chunk size", name, v.nchunks, v.chunk)
 	}
 	v.bufs.New = func() any { b := make([]byte, v.chunk); return &b }
 	if v.storageDir != "" {
 		if err := v.recover(); err != nil {
 			f.Close()
+			storageOwn.Release()
 			return nil, err
 		}
 	}
 	return v, nil
+}
+
+// Hints of the refusals of claim.
+const (
+	originHint  = "another Umbra service serves this file (writes through a second would change the first's snapshots): use that service, or stop it first"
+	storageHint = "another Umbra service keeps its diff areas there: give this volume its own shadow storage directory (--storage), or stop that service first"
+)
+
+// claim claims a regular-file origin and the shadow storage directory
+// (when dir is not "") for this process, where fsys can (a block device
+// is held by O_EXCL instead).
+func claim(fsys FS, origin File, originPath, dir string) (*owner.Dir, error) {
+	c, ok := fsys.(claimer)
+	if !ok {
+		return nil, nil
+	}
+	if fi, err := fsys.Stat(originPath); err == nil && fi.Mode().IsRegular() {
+		if err := c.claimFile(origin, "volume file", originPath, originHint); err != nil {
+			return nil, err
+		}
+	}
+	return claimStorage(fsys, dir)
+}
+
+// claimStorage claims shadow storage directory dir for this process. A
+// directory that cannot be made yet does not keep the origin from
+// opening: the first snapshot claims it (openStore) and reports why it
+// cannot; only another owner is refused here.
+func claimStorage(fsys FS, dir string) (*owner.Dir, error) {
+	c, ok := fsys.(claimer)
+	if !ok || dir == "" {
+		return nil, nil
+	}
+	own, err := c.claimDir(dir, "shadow storage directory", storageHint)
+	if err != nil && !errors.Is(err, owner.ErrHeld) {
+		return nil, nil
+	}
+	return own, err
 }
 
 func validName(name string) error { return provider.ValidateID(name) }
@@ -1699,11 +1751,17 @@ func (v *Volume) SetStorage(dir string, maxBytes int64, policy Policy) error {
 			v.mu.Unlock()
 			return fmt.Errorf("storage for %s: cannot move shadow storage from %s to %s while %d snapshots live; delete them first", v.name, v.storageDir, dir, len(v.snaps))
 		}
+		own, err := claimStorage(v.fs, dir)
+		if err != nil {
+			v.mu.Unlock()
+			return fmt.Errorf("storage for %s: %w", v.name, err)
+		}
 		if v.store != nil {
 			v.store.close()
 			v.store = nil
 		}
-		v.storageDir = dir
+		v.storageOwn.Release()
+		v.storageDir, v.storageOwn = dir, own
 	}
 	v.policy = policy
 	v.mu.Unlock()
@@ -1870,6 +1928,7 @@ func (v *Volume) Close() error {
 	if err := v.origin.Close(); err != nil {
 		errs = append(errs, err)
 	}
+	v.storageOwn.Release()
 	if len(errs) > 0 {
 		return fmt.Errorf("close volume %s: %w", v.name, errors.Join(errs...))
 	}

@@ -17,12 +17,14 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"umbra/api"
 	"umbra/catalog"
 	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/frontend"
+	"umbra/internal/owner"
 	"umbra/internal/rtprio"
 	"umbra/metrics"
 	"umbra/nbd"
@@ -288,6 +290,26 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	if err != nil {
 		return err
 	}
+	// One owner (DESIGN invariant 10): the state directory, then the
+	// sockets, then (openVolumes) each volume file and shadow storage
+	// directory are claimed before anything is changed, so a second
+	// service is refused with nothing of the first's touched.
+	stateOwn, err := owner.ClaimDir(cfg.StateDir, "state directory",
+		"another umbra serve runs with it: use that service, or stop it first, or give this one its own --state-dir (and --nbd-socket, --api-socket)")
+	if err != nil {
+		return err
+	}
+	defer stateOwn.Release()
+	apiPath := apiSocketPath()
+	for _, sock := range []struct{ path, what, flag string }{
+		{cfg.NBD.Socket, "NBD socket", "--nbd-socket"},
+		{apiPath, "API socket", "--api-socket"},
+		{filepath.Join(filepath.Dir(apiPath), "writers.sock"), "writer socket", "--api-socket (the writer socket is beside it)"},
+	} {
+		if err := socketFree(sock.path, sock.what, sock.flag); err != nil {
+			return err
+		}
+	}
 	p, err := openVolumes(cfg, log)
 	defer closeVolumes(p, log)
 	if err != nil {
@@ -305,6 +327,8 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	reg := &provider.Registry{}
 	reg.Register(p)
 	rp, bp := reflink.New(), btrfs.New()
+	defer rp.Close()
+	defer bp.Close()
 	reg.Register(rp)
 	reg.Register(bp)
 	for _, f := range cfg.Reflink {
@@ -346,7 +370,6 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		}
 		defer ml.Close()
 	}
-	apiPath := apiSocketPath()
 	os.Remove(apiPath)
 	al, err := net.Listen("unix", apiPath)
 	if err != nil {
@@ -409,9 +432,6 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		defer unmount()
 	}
 	apiSrv = api.NewServer(p, reg, coord, writers, log)
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
 	cat, err := catalog.Open(filepath.Join(cfg.StateDir, "catalog.db"))
 	if err != nil {
 		return err
@@ -465,6 +485,29 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	srv.Shutdown(sctx)
 	os.Remove(cfg.NBD.Socket)
 	return nil
+}
+
+// socketFree refuses a unix socket path that a running process answers
+// on: serve replaces the socket file, and would take it from another
+// service. A socket file nobody listens on (left by a killed service) is
+// free. The holder's pid is the listener's, from SO_PEERCRED.
+func socketFree(path, what, flag string) error {
+	c, err := net.DialTimeout("unix", path, 2*time.Second)
+	if err != nil {
+		return nil
+	}
+	defer c.Close()
+	pid := 0
+	if uc, ok := c.(*net.UnixConn); ok {
+		if raw, err := uc.SyscallConn(); err == nil {
+			raw.Control(func(fd uintptr) {
+				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+					pid = int(cred.Pid)
+				}
+			})
+		}
+	}
+	return owner.Held(what, path, pid, fmt.Sprintf("another service listens there: use it, or stop it first, or give this one another %s", flag))
 }
 
 // apiTLS builds the TLS configuration and identities of the TCP API

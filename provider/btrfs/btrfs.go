@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"umbra/internal/owner"
 	"umbra/provider"
 )
 
@@ -27,15 +28,26 @@ const Name = "btrfs"
 
 // Provider implements provider.Provider over btrfs subvolumes.
 type Provider struct {
-	mu   sync.Mutex        // guards vols, seq
-	vols map[string]string // subvolume path -> snapshot directory
-	seq  int
+	mu     sync.Mutex            // guards vols, claims, seq
+	vols   map[string]string     // subvolume path -> snapshot directory
+	claims map[string]*owner.Dir // subvolume path -> this process's claim on its snapshot directory
+	seq    int
 }
 
 var _ provider.Provider = (*Provider)(nil)
 
 // New returns a provider with no volumes.
-func New() *Provider { return &Provider{vols: map[string]string{}} }
+func New() *Provider { return &Provider{vols: map[string]string{}, claims: map[string]*owner.Dir{}} }
+
+// Close gives up the provider's claims on its snapshot directories.
+func (p *Provider) Close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for path, c := range p.claims {
+		c.Release()
+		delete(p.claims, path)
+	}
+}
 
 func btrfs(args ...string) (string, error) {
 	out, err := exec.Command("btrfs", args...).CombinedOutput()
@@ -58,12 +70,17 @@ func (p *Provider) Add(path, snapDir string) error {
 	if _, err := btrfs("subvolume", "show", abs); err != nil {
 		return fmt.Errorf("btrfs volume %s is not a subvolume: %w", abs, err)
 	}
-	if err := os.MkdirAll(snapDir, 0o700); err != nil {
-		return err
+	// One owner: the snapshot directory is this process's while the
+	// volume is registered (until Close).
+	claim, err := owner.ClaimDir(snapDir, "btrfs snapshot directory",
+		"another Umbra service keeps this subvolume's snapshots there (its retention and revert would act on this one's): use that service, or stop it first")
+	if err != nil {
+		return fmt.Errorf("btrfs volume %s: %w", abs, err)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.vols[abs] = snapDir
+	p.claims[abs].Release() // a volume added again
+	p.vols[abs], p.claims[abs] = snapDir, claim
 	return nil
 }
 

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"umbra/internal/owner"
 	"umbra/internal/testutil"
 	"umbra/provider"
 )
@@ -27,8 +29,17 @@ func TestSubvolumes(t *testing.T) {
 	os.WriteFile(filepath.Join(vol, "f"), []byte("one"), 0o644)
 
 	p := New()
+	defer p.Close()
 	if err := p.Add(filepath.Join(mnt, "not-a-subvolume"), filepath.Join(mnt, ".snaps")); err == nil {
 		t.Fatal("a plain path was accepted as a subvolume")
+	}
+	// One owner: a snapshot directory another process (service) holds is
+	// refused, named.
+	held := filepath.Join(mnt, ".held")
+	os.Mkdir(held, 0o700)
+	testutil.HoldLock(t, held)
+	if err := p.Add(vol, held); !errors.Is(err, owner.ErrHeld) || !strings.Contains(err.Error(), held) {
+		t.Fatalf("add with a held snapshot directory: got %v, want it refused naming %s", err, held)
 	}
 	if err := p.Add(vol, filepath.Join(mnt, ".snaps")); err != nil {
 		t.Fatal(err)

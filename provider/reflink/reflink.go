@@ -27,6 +27,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"umbra/internal/owner"
 	"umbra/provider"
 )
 
@@ -43,9 +44,10 @@ type Volume struct {
 
 // Provider implements provider.Provider and provider.Tracker.
 type Provider struct {
-	mu   sync.Mutex // guards vols and seq
-	vols map[string]*Volume
-	seq  int
+	mu     sync.Mutex // guards vols, claims and seq
+	vols   map[string]*Volume
+	claims map[string]*owner.Dir // by volume path: this process's claim on its storage directory
+	seq    int
 }
 
 var (
@@ -54,7 +56,12 @@ var (
 )
 
 // New returns a provider with no volumes.
-func New() *Provider { return &Provider{vols: map[string]*Volume{}} }
+func New() *Provider {
+	return &Provider{vols: map[string]*Volume{}, claims: map[string]*owner.Dir{}}
+}
+
+// storageHint is what to do when another process owns a storage directory.
+const storageHint = "another Umbra service keeps its reflink snapshots there (its retention would delete this one's, and this one's its): serve the file from that service, or stop it first"
 
 // Add registers a file volume. The storage directory must be on the same
 // filesystem and the filesystem must clone: both are checked now.
@@ -67,9 +74,35 @@ func (p *Provider) Add(v Volume) error {
 	if v.Policy == "" {
 		v.Policy = "delete-oldest"
 	}
-	if err := os.MkdirAll(v.StorageDir, 0o700); err != nil {
-		return fmt.Errorf("reflink storage %s: %w", v.StorageDir, err)
+	// One owner: the storage directory is this process's while the
+	// volume is registered (until Close).
+	claim, err := owner.ClaimDir(v.StorageDir, "reflink shadow storage directory", storageHint)
+	if err != nil {
+		return fmt.Errorf("reflink volume %s: %w", v.Path, err)
 	}
+	if err := p.check(v); err != nil {
+		claim.Release()
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.claims[v.Path].Release() // a volume added again
+	p.vols[v.Path], p.claims[v.Path] = &v, claim
+	return nil
+}
+
+// Close gives up the provider's claims on its storage directories.
+func (p *Provider) Close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for path, c := range p.claims {
+		c.Release()
+		delete(p.claims, path)
+	}
+}
+
+// check says whether v can be snapshotted by cloning.
+func (p *Provider) check(v Volume) error {
 	var a, b unix.Stat_t
 	if err := unix.Stat(v.Path, &a); err != nil {
 		return fmt.Errorf("reflink volume %s: %w", v.Path, err)
@@ -88,9 +121,6 @@ func (p *Provider) Add(v Volume) error {
 		return fmt.Errorf("reflink volume %s: the filesystem cannot clone (%v): use XFS with reflink=1 or btrfs", v.Path, err)
 	}
 	os.Remove(probe)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.vols[v.Path] = &v
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"umbra/internal/owner"
 	"umbra/internal/testutil"
 	"umbra/provider"
 	"umbra/provider/providertest"
@@ -206,3 +208,28 @@ func TestConformance(t *testing.T) {
 }
 
 func testOpts(id string) provider.SnapshotOptions { return provider.SnapshotOptions{ID: id} }
+
+// A storage directory another process owns (a second service's) is
+// refused, named, before anything is cloned into it; the provider's own
+// claim goes with Close.
+func TestStorageOwned(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(file, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	held := filepath.Join(dir, ".umbra-shadow")
+	if err := os.Mkdir(held, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	pid := testutil.HoldLock(t, held)
+	p := New()
+	defer p.Close()
+	err := p.Add(Volume{Path: file, StorageDir: held})
+	if !errors.Is(err, owner.ErrHeld) || !strings.Contains(err.Error(), held) || !strings.Contains(err.Error(), fmt.Sprintf("pid %d", pid)) {
+		t.Fatalf("add with a storage directory pid %d holds: got %v, want it refused naming both", pid, err)
+	}
+	if len(p.Volumes()) != 0 {
+		t.Fatalf("refused volume registered: %v", p.Volumes())
+	}
+}
