@@ -268,11 +268,15 @@ func (c *Coordinator) run(ctx context.Context, set *Set, req Request) error {
 	return c.phase(ctx, set.writers, info, "post-snapshot", func(ctx context.Context, w writer.Writer) error { return w.PostSnapshot(ctx, info) })
 }
 
-// abort thaws and aborts every writer, releases every hold and deletes
-// every snapshot of the set, whatever phase failed.
+// abort releases every hold, thaws and aborts every writer and deletes
+// every snapshot of the set, whatever phase failed. Holds go first: while
+// one stands every write to its volume waits, the thaw of a filesystem
+// on it among them (FITHAW writes the superblock), so thawing first
+// would keep applications stalled until the hold's own limit.
 func (c *Coordinator) abort(set *Set, cause error) {
 	ctx, cancel := context.WithTimeout(context.Background(), DefaultHoldTimeout)
 	defer cancel()
+	c.release(ctx, set)
 	for _, level := range []writer.Level{writer.LevelFilesystem, writer.LevelApplication} {
 		for _, w := range c.byLevel(set.writers, level) {
 			if err := w.Thaw(ctx, set.info); err != nil {
@@ -297,6 +301,20 @@ func (c *Coordinator) abort(set *Set, cause error) {
 		}
 	}
 	c.log.Warn("snapshot set aborted", "set", set.ID, "err", cause)
+}
+
+// release lets the writes of every member go (PostCommit releases a
+// hold whether or not the member committed; a hold that already ended at
+// its limit is no news during an abort).
+func (c *Coordinator) release(ctx context.Context, set *Set) {
+	for _, m := range set.members {
+		if m.txn == nil {
+			continue
+		}
+		if err := m.txn.PostCommit(ctx); err != nil && !errors.Is(err, provider.ErrHoldTimeout) {
+			c.log.Error("release during abort", "volume", m.vol, "err", err)
+		}
+	}
 }
 
 // BackupComplete tells the writers the backup ended (ok or not); a set

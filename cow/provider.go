@@ -103,16 +103,26 @@ func (p *Provider) Prepare(ctx context.Context, vol string, opts provider.Snapsh
 	if err != nil {
 		return nil, err
 	}
-	v.mu.RLock()
-	noStorage := v.storageDir == ""
-	v.mu.RUnlock()
-	if noStorage {
-		return nil, fmt.Errorf("prepare snapshot of %s: %w; add one with `umbra storage add %s DIR --max SIZE`", vol, provider.ErrNoStorage, vol)
-	}
 	if opts.ID != "" {
 		if err := validName(opts.ID); err != nil {
 			return nil, fmt.Errorf("prepare snapshot of %s: %w", vol, err)
 		}
+	}
+	// What commit would refuse is refused here too, before any writer
+	// freezes or any write waits (commit checks again: a snapshot can be
+	// made between the two).
+	v.mu.RLock()
+	noStorage := v.storageDir == ""
+	exists := opts.ID != "" && v.snapByID(opts.ID) != nil
+	full := len(v.snaps) >= v.maxSnaps
+	v.mu.RUnlock()
+	switch {
+	case noStorage:
+		return nil, fmt.Errorf("prepare snapshot of %s: %w; add one with `umbra storage add %s DIR --max SIZE`", vol, provider.ErrNoStorage, vol)
+	case exists:
+		return nil, fmt.Errorf("prepare snapshot %s@%s: %w: choose another id or delete it first", vol, opts.ID, provider.ErrExists)
+	case full:
+		return nil, fmt.Errorf("prepare snapshot of %s: %d live snapshots is the limit; delete some first", vol, v.maxSnaps)
 	}
 	return &txn{v: v, opts: opts}, nil
 }

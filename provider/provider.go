@@ -17,6 +17,9 @@
 //
 // A Txn is used by one goroutine. Abort after PostCommit deletes the
 // committed snapshot; Abort is always safe to call and idempotent.
+// PostCommit is also safe after PreCommit whatever Commit did (or if it
+// was never called): an aborting set calls it first on every member so
+// that no write waits on a hold while the rest of the abort runs.
 package provider
 
 import (
