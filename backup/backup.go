@@ -854,7 +854,7 @@ func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	objs := make([][]byte, len(parts))
 	var wg sync.WaitGroup
 	for i, part := range parts {
-		wg.Go(func() { objs[i] = u.r.seal.seal(nil, u.r.enc.encode(nil, encodeChunkIndex(part, u.r.hashLen()))) })
+		wg.Go(func() { objs[i] = wrapObject(u.r.seal.seal(nil, u.r.enc.encode(nil, encodeChunkIndex(part, u.r.hashLen())))) })
 	}
 	wg.Wait()
 	names := make([]string, len(objs))

@@ -3,6 +3,8 @@ package backup
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"maps"
 	"os"
 	"slices"
@@ -184,7 +186,7 @@ func DowngradeToV2(r *Repo, id string) error {
 		return err
 	}
 	rec, _ := json.Marshal(x)
-	if err := r.putSealed(ctx, imageName(x.ID), rec); err != nil {
+	if err := r.putObject(ctx, imageName(x.ID), rec); err != nil {
 		return err
 	}
 	cfg := r.cfg
@@ -198,11 +200,11 @@ func DowngradeToV2(r *Repo, id string) error {
 // could.
 func EditRecord(r *Repo, id string, fn func([]byte) []byte) error {
 	ctx := context.Background()
-	b, err := r.getSealed(ctx, imageName(id))
+	b, err := r.getObject(ctx, imageName(id))
 	if err != nil {
 		return err
 	}
-	return r.putSealed(ctx, imageName(id), fn(b))
+	return r.putObject(ctx, imageName(id), fn(b))
 }
 
 // SetGoEncoder makes repositories opened from now on compress with the
@@ -222,3 +224,82 @@ func InitFormat5(ctx context.Context, location string, set Settings) (*Repo, err
 
 // SetGoDecoder sends every blob to the Go decoder (cgo builds too).
 func SetGoDecoder(on bool) func() { return set(&forceGoDecoder, on) }
+
+// CheckObject reads object name as the repository's readers of its kind
+// do (a key file with password) and returns what they find wrong.
+func CheckObject(r *Repo, name, password string) error {
+	ctx := context.Background()
+	switch kind, rest, _ := strings.Cut(name, "/"); kind {
+	case "config":
+		b, err := r.be.Get(ctx, name, 0, -1)
+		if err != nil {
+			return err
+		}
+		_, err = decodeConfig(b)
+		return err
+	case "keys":
+		_, err := r.unlock(ctx, password)
+		return err
+	case "images":
+		_, err := r.imageRecord(ctx, rest)
+		return err
+	case "index":
+		fresh := &Repo{be: r.be, cfg: r.cfg, seal: r.seal, hashKey: r.hashKey, packIdx: map[PackID]uint32{}, chunks: newChunkIndex()}
+		fresh.version.Store(r.version.Load())
+		if err := fresh.loadIndexNames(ctx, []string{name}); err != nil {
+			return err
+		}
+		return errors.Join(fresh.indexErrs...)
+	case "locks":
+		_, err := r.readLock(ctx, name)
+		return err
+	case "segments":
+		list, errs := r.images(ctx)
+		if len(errs) > 0 {
+			return errors.Join(errs...)
+		}
+		for _, x := range list {
+			if err := r.eachSegment(ctx, x, func(int64, []Hash) error { return nil }); err != nil {
+				return err
+			}
+		}
+		return nil
+	case "packs":
+		pid, _ := parsePackName(name)
+		b, err := r.be.Get(ctx, name, 0, -1)
+		if err != nil {
+			return err
+		}
+		return r.checkPackBytes(pid, b)
+	}
+	return fmt.Errorf("no reader for %s", name)
+}
+
+// SetLegacyObjects makes writers store metadata objects without the
+// envelope, as Umbra before format 7 did.
+func SetLegacyObjects() func() { return set(&writeLegacyObjects, true) }
+
+// overlayBackend serves one object from memory.
+type overlayBackend struct {
+	Backend
+	name string
+	data []byte
+}
+
+func (o *overlayBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	if name != o.name {
+		return o.Backend.Get(ctx, name, off, length)
+	}
+	if length < 0 {
+		length = int64(len(o.data)) - off
+	}
+	return slices.Clone(o.data[off : off+length]), nil
+}
+
+// Overlay makes r read data as object name (without storing it), until
+// the returned function is called.
+func Overlay(r *Repo, name string, data []byte) func() {
+	old := r.be
+	r.be = &overlayBackend{Backend: old, name: name, data: data}
+	return func() { r.be = old }
+}

@@ -52,7 +52,7 @@ func (r *Repo) writeImage(ctx context.Context, x *Index) error {
 		return err
 	}
 	rec, _ := json.Marshal(x)
-	if err := r.putSealed(ctx, imageName(x.ID), rec); err != nil {
+	if err := r.putObject(ctx, imageName(x.ID), rec); err != nil {
 		return err
 	}
 	return r.be.Sync(ctx)
@@ -325,7 +325,7 @@ func (r *Repo) deleteList(ctx context.Context, id string) {
 
 // imageRecord reads images/ID.
 func (r *Repo) imageRecord(ctx context.Context, id string) (*Index, error) {
-	b, err := r.getSealed(ctx, imageName(id))
+	b, err := r.getObject(ctx, imageName(id))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("image %s in %s: %w", id, r.Location(), ErrNoImage)
 	}

@@ -58,7 +58,7 @@ func (r *Repo) Lock(ctx context.Context, op string, exclusive bool) (func(), err
 		return nil, err
 	}
 	b, _ := json.Marshal(me)
-	if err := r.be.Put(ctx, name, r.seal.seal(nil, b)); err != nil {
+	if err := r.be.Put(ctx, name, wrapObject(r.seal.seal(nil, b))); err != nil {
 		return nil, fmt.Errorf("lock repository %s: %w", r.Location(), err)
 	}
 	// Two lockers may have passed the first check together: look again
@@ -81,7 +81,7 @@ func (r *Repo) Lock(ctx context.Context, op string, exclusive bool) (func(), err
 			case <-t.C:
 				me.Refreshed = time.Now().UTC()
 				b, _ := json.Marshal(me)
-				r.be.Put(context.Background(), name, r.seal.seal(nil, b))
+				r.be.Put(context.Background(), name, wrapObject(r.seal.seal(nil, b)))
 			}
 		}
 	}()
@@ -153,12 +153,19 @@ func (r *Repo) Unlock(ctx context.Context, all bool) (int, error) {
 
 func (r *Repo) readLock(ctx context.Context, name string) (lockInfo, error) {
 	var l lockInfo
+	// Locks of any format are read: a process that opened the repository
+	// before its upgrade to the envelope may still hold one.
 	b, err := r.be.Get(ctx, name, 0, -1)
+	if err == nil {
+		b, err = unwrapObject(name, b, true)
+	}
 	if err == nil {
 		b, err = r.seal.open(nil, b)
 	}
 	if err == nil {
-		err = json.Unmarshal(b, &l)
+		if jerr := json.Unmarshal(b, &l); jerr != nil {
+			err = corrupt(name, "not a lock: "+jerr.Error())
+		}
 	}
 	return l, err
 }

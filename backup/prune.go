@@ -369,7 +369,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		return fmt.Errorf("prune: %w", err)
 	}
 	all := append(keepPacks, up.done...)
-	b := r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(all, r.hashLen())))
+	b := wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(all, r.hashLen()))))
 	newIndex := "index/" + randomID()
 	if err := r.be.Put(ctx, newIndex, b); err != nil {
 		return fmt.Errorf("prune: write index: %w", err)

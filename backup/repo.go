@@ -64,9 +64,13 @@ type Config struct {
 	Compression string `json:"compression"` // zstd
 	Level       string `json:"level"`       // fastest | default | better: for new blobs only
 	Encryption  string `json:"encryption"`  // none | aes-256-gcm
+	// Checksum is the hex SHA-256 of the config's encoding without it
+	// (format 7 on: encodeConfig); empty in memory.
+	Checksum string `json:"checksum,omitempty"`
 }
 
-// formatVersion 6 names chunks by 16 bytes of their keyed hash in
+// formatVersion 7 wraps every metadata object in a checksummed envelope
+// (envelope.go) and gives the config a checksum; 6 names chunks by 16 bytes of their keyed hash in
 // encrypted repositories (hash_bytes; chunk lists version 4, chunk index
 // version 2); 5 names chunk-list segments by their content, shared
 // between images (segments/HH/HASH); 4 wrote version 2 pack trailers (no
@@ -75,7 +79,7 @@ type Config struct {
 // (upgradeFormat), before it writes anything new, so an older Umbra
 // refuses them instead of missing new images' lists or taking new packs
 // for garbage.
-const formatVersion = 6
+const formatVersion = 7
 
 // initFormat5 makes Init write a format-5 repository (32-byte hashes
 // when encrypted too), as earlier Umbra did: tests set it.
@@ -189,15 +193,14 @@ func InitWith(ctx context.Context, location string, set Settings) (*Repo, error)
 		if err != nil {
 			return nil, err
 		}
-		if err := be.Put(ctx, "keys/"+randomID(), k.encode()); err != nil {
+		if err := be.Put(ctx, "keys/"+randomID(), wrapObject(k.encode())); err != nil {
 			return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
 		}
 	}
 	if initFormat5 {
 		cfg.Version, cfg.HashBytes = 5, 0
 	}
-	b, _ := json.MarshalIndent(cfg, "", "  ")
-	if err := be.Put(ctx, "config", b); err != nil {
+	if err := be.Put(ctx, "config", encodeConfig(cfg)); err != nil {
 		return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
 	}
 	if err := be.Sync(ctx); err != nil {
@@ -224,9 +227,9 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open repository %s: %w", where, err)
 	}
-	var cfg Config
-	if err := json.Unmarshal(b, &cfg); err != nil {
-		return nil, fmt.Errorf("open repository %s: config: %w: %v", where, ErrCorrupt, err)
+	cfg, err := decodeConfig(b)
+	if err != nil {
+		return nil, fmt.Errorf("open repository %s: %w", where, err)
 	}
 	if cfg.Version < 2 || cfg.Version > formatVersion || (cfg.Hash != "blake3" && cfg.Hash != "sha256") || !validChunkSize(cfg.ChunkSize) ||
 		cfg.Compression != "zstd" || !knownLevel(cfg.Level) || (cfg.Encryption != "none" && cfg.Encryption != "aes-256-gcm") ||
@@ -274,18 +277,38 @@ func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
 	if len(names) == 0 {
 		return nil, fmt.Errorf("%w: encrypted but no key file under keys/", ErrCorrupt)
 	}
+	// A key file that is damaged is told apart from one the password
+	// does not open: when no key opens, the damaged ones are named, and
+	// when every key is damaged that is the error, not the password.
+	var damaged []error
 	for _, n := range names {
-		b, err := r.be.Get(ctx, n, 0, -1)
-		if err != nil {
+		b, err := r.getWrapped(ctx, n)
+		if err != nil && !errors.Is(err, ErrCorrupt) {
 			return nil, err
 		}
 		var k keyFile
-		if json.Unmarshal(b, &k) != nil {
+		if err == nil {
+			if jerr := json.Unmarshal(b, &k); jerr != nil {
+				err = corrupt(n, "not a key file: "+jerr.Error())
+			}
+		}
+		if err != nil {
+			damaged = append(damaged, err)
 			continue
 		}
-		if m, err := k.unwrap(password); err == nil {
+		m, err := k.unwrap(password)
+		if err == nil {
 			return m, nil
 		}
+		if !errors.Is(err, ErrWrongPassword) {
+			damaged = append(damaged, fmt.Errorf("%s: %w", n, err))
+		}
+	}
+	switch {
+	case len(damaged) == len(names):
+		return nil, fmt.Errorf("%w (the password was not tried; restore keys/ from a copy of the repository)", errors.Join(damaged...))
+	case len(damaged) > 0:
+		return nil, fmt.Errorf("%w; %d of the %d key files are damaged and were not tried: %w", ErrWrongPassword, len(damaged), len(names), errors.Join(damaged...))
 	}
 	return nil, ErrWrongPassword
 }
@@ -293,19 +316,31 @@ func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
 // upgradeFormat moves a repository of an older format to the current one
 // before anything of the new format (a segment, a pack) is written.
 func (r *Repo) upgradeFormat(ctx context.Context) error {
-	if r.version.Load() >= formatVersion {
+	target := int32(formatVersion)
+	if writeLegacyObjects {
+		target = envelopeFormat - 1 // as Umbra before the envelope
+	}
+	if r.version.Load() >= target {
 		return nil
 	}
+	fail := func(err error) error {
+		return fmt.Errorf("upgrade repository %s to format %d: %w", r.Location(), target, err)
+	}
+	// Every object wrapped before the config says they all are.
+	if target >= envelopeFormat {
+		if err := r.wrapLegacy(ctx); err != nil {
+			return fail(err)
+		}
+	}
 	cfg := r.cfg
-	cfg.Version = formatVersion
-	b, _ := json.MarshalIndent(cfg, "", "  ")
-	if err := r.be.Put(ctx, "config", b); err != nil {
-		return fmt.Errorf("upgrade repository %s to format %d: %w", r.Location(), formatVersion, err)
+	cfg.Version = int(target)
+	if err := r.be.Put(ctx, "config", encodeConfig(cfg)); err != nil {
+		return fail(err)
 	}
 	if err := r.be.Sync(ctx); err != nil {
-		return fmt.Errorf("upgrade repository %s to format %d: %w", r.Location(), formatVersion, err)
+		return fail(err)
 	}
-	r.version.Store(formatVersion)
+	r.version.Store(target)
 	return nil
 }
 
@@ -377,21 +412,16 @@ func sumInto(h hash.Hash, b []byte) (out Hash) {
 	return out
 }
 
-// putSealed compresses and seals b and stores it under name.
-func (r *Repo) putSealed(ctx context.Context, name string, b []byte) error {
-	return r.be.Put(ctx, name, r.seal.seal(nil, r.enc.encode(nil, b)))
+// getObject reads an object written by putObject.
+func (r *Repo) getObject(ctx context.Context, name string) ([]byte, error) {
+	return r.getObjectWith(ctx, name, r.dec)
 }
 
-// getSealed reads an object written by putSealed.
-func (r *Repo) getSealed(ctx context.Context, name string) ([]byte, error) {
-	return r.getSealedWith(ctx, name, r.dec)
-}
-
-// getSealedWith is getSealed with another decoder: a zstd decoder keeps
+// getObjectWith is getObject with another decoder: a zstd decoder keeps
 // its last input and output until its next use, which for an index
 // object is tens of megabytes held for nothing.
-func (r *Repo) getSealedWith(ctx context.Context, name string, dec *zstd.Decoder) ([]byte, error) {
-	b, err := r.be.Get(ctx, name, 0, -1)
+func (r *Repo) getObjectWith(ctx context.Context, name string, dec *zstd.Decoder) ([]byte, error) {
+	b, err := r.getWrapped(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -414,10 +444,20 @@ func (r *Repo) Refresh(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	var cfg Config
-	if json.Unmarshal(b, &cfg) != nil || cfg != r.cfg {
+	// Another process may have upgraded the format (the rest is fixed).
+	cfg, err := decodeConfig(b)
+	if err != nil {
+		return fmt.Errorf("repository %s: %w", r.Location(), err)
+	}
+	if cfg.Version < int(r.version.Load()) || cfg.Version > formatVersion {
 		return fmt.Errorf("repository %s was replaced: open it again", r.Location())
 	}
+	v := cfg.Version
+	cfg.Version = r.cfg.Version
+	if cfg != r.cfg {
+		return fmt.Errorf("repository %s was replaced: open it again", r.Location())
+	}
+	r.version.Store(int32(v))
 	names, err := r.be.List(ctx, "index/")
 	if err != nil {
 		return err
@@ -469,7 +509,7 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 		// decompressed index is never whole in memory), sorted into the
 		// index once at the end.
 		before := len(all)
-		raw, err := r.be.Get(ctx, n, 0, -1)
+		raw, err := r.getWrapped(ctx, n)
 		var z []byte
 		if err == nil {
 			z, err = r.seal.openInPlace(raw)

@@ -405,8 +405,8 @@ func TestSharedSegments(t *testing.T) {
 	if other.Stats.Stored != 0 || len(backup.ObjectNames(repo, "segments/")) != 9 {
 		t.Fatalf("an identical volume stored %d new bytes, %d segments in all", other.Stats.Stored, len(backup.ObjectNames(repo, "segments/")))
 	}
-	if st := repo.Stats(ctx); st.ListSegments != 24 || st.ListObjects != 9 || st.Format != 6 {
-		t.Fatalf("stats: %d list segments in %d objects, format %d; want 24 in 9, format 6", st.ListSegments, st.ListObjects, st.Format)
+	if st := repo.Stats(ctx); st.ListSegments != 24 || st.ListObjects != 9 || st.Format != 7 {
+		t.Fatalf("stats: %d list segments in %d objects, format %d; want 24 in 9, format 7", st.ListSegments, st.ListObjects, st.Format)
 	}
 	if _, err := repo.Delete(ctx, []string{full.ID}); err != nil {
 		t.Fatal(err)
@@ -574,7 +574,7 @@ func TestFormat2Repository(t *testing.T) {
 	if x.Parent != old.ID || len(x.Segments) != (len(src)/4096+1+4)/5 {
 		t.Fatalf("incremental on a format-2 parent: parent %q, %d segments", x.Parent, len(x.Segments))
 	}
-	if v := repo.Config().Version; v != 6 {
+	if v := repo.Config().Version; v != 7 {
 		t.Fatalf("repository still version %d after a segmented image", v)
 	}
 	if rep := repo.Verify(); rep.GoodImages != 2 || len(rep.BadImages) > 0 {
@@ -635,7 +635,7 @@ func TestIndexAsItGoes(t *testing.T) {
 // bytes of their keyed hash — segments named by 32 hex digits, about
 // half the list and index bytes of a format-5 encrypted repository (32
 // bytes) for the same images — and both kinds back up, restore, verify
-// and prune; the format-5 one is upgraded to format 6 and keeps its
+// and prune; the format-5 one is upgraded to format 7 and keeps its
 // 32-byte names.
 func TestChunkHashLengths(t *testing.T) {
 	ctx := context.Background()
@@ -664,8 +664,8 @@ func TestChunkHashLengths(t *testing.T) {
 			changed.Bits[at/64] |= 1 << (at % 64)
 		}
 		incr := backupAndRestore(t, repo, next, backup.Options{Volume: "v", Parent: full, Changed: changed})
-		if c := repo.Config(); c.HashBytes != want || c.Version != 6 {
-			t.Fatalf("repository %d: hash_bytes %d, format %d; want %d, 6", i, c.HashBytes, c.Version, want)
+		if c := repo.Config(); c.HashBytes != want || c.Version != 7 {
+			t.Fatalf("repository %d: hash_bytes %d, format %d; want %d, 7", i, c.HashBytes, c.Version, want)
 		}
 		for _, n := range backup.ObjectNames(repo, "segments/") {
 			if l := len(n[strings.LastIndex(n, "/")+1:]); l != wantLen {

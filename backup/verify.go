@@ -8,6 +8,8 @@ import (
 	"runtime"
 	"sort"
 	"sync"
+
+	"github.com/zeebo/blake3"
 )
 
 // VerifyReport names what verify found.
@@ -17,6 +19,9 @@ type VerifyReport struct {
 	BadChunks  []string `json:"bad_chunks,omitempty"`
 	BadImages  []string `json:"bad_images,omitempty"`
 	BadIndexes []string `json:"bad_indexes,omitempty"`
+	// BadPacks are packs whose bytes do not match their name (the
+	// trailer or a blob is damaged), each with what is wrong.
+	BadPacks   []string `json:"bad_packs,omitempty"`
 	GoodImages int      `json:"good_images"`
 	// Unreadable are images whose record the storage did not return
 	// (not damaged as far as verify can tell: run it again).
@@ -71,9 +76,21 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 			byPack[pid] = append(byPack[pid], h)
 		}
 	}
+	// Every stored pack is checked whole against its name, the ones no
+	// image needs too: a damaged trailer makes a pack impossible to
+	// re-index should its index be lost.
 	pids := make([]PackID, 0, len(byPack))
 	for p := range byPack {
 		pids = append(pids, p)
+	}
+	if names, err := r.be.List(ctx, "packs/"); err != nil {
+		rep.BadPacks = append(rep.BadPacks, fmt.Sprintf("list packs: %v", err))
+	} else {
+		for _, n := range names {
+			if pid, ok := parsePackName(n); ok && byPack[pid] == nil {
+				pids = append(pids, pid)
+			}
+		}
 	}
 	sort.Slice(pids, func(i, j int) bool { return string(pids[i][:]) < string(pids[j][:]) })
 	var mu sync.Mutex // guards needed, done
@@ -86,8 +103,11 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 			defer wg.Done()
 			sum := r.hasher()
 			for pid := range next {
-				good := r.checkPack(ctx, pid, byPack[pid], sum)
+				good, perr := r.checkPack(ctx, pid, byPack[pid], sum)
 				mu.Lock()
+				if perr != nil {
+					rep.BadPacks = append(rep.BadPacks, perr.Error())
+				}
 				for h, ok := range good {
 					needed[h] = ok
 				}
@@ -105,6 +125,7 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	close(next)
 	wg.Wait()
 	rep.Packs = len(pids)
+	sort.Strings(rep.BadPacks)
 	rep.Chunks = len(needed)
 	for h, ok := range needed {
 		if !ok {
@@ -139,12 +160,20 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 
 var errStop = errors.New("stop")
 
-// checkPack reads a pack whole and checks the given chunks in it, blob
-// by blob: one opened blob in memory at a time (decrypted in place and
-// decompressed into memory it reuses), not the whole pack opened.
-func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) map[Hash]bool {
+// checkPack reads a pack whole, checks it against its name and its
+// trailer, and checks the given chunks in it, blob by blob: one opened
+// blob in memory at a time (decrypted in place and decompressed into
+// memory it reuses), not the whole pack opened. The error says what is
+// wrong with the pack itself.
+func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) (map[Hash]bool, error) {
 	good := make(map[Hash]bool, len(hs))
 	b, err := r.be.Get(ctx, pid.name(), 0, -1)
+	var perr error
+	if err != nil {
+		perr = fmt.Errorf("pack %s: %w", pid, err)
+	} else {
+		perr = r.checkPackBytes(pid, b)
+	}
 	type item struct {
 		h Hash
 		l loc
@@ -175,7 +204,43 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]
 		_, cerr := chunkIn(it.h, it.l, group, sum)
 		good[it.h] = cerr == nil
 	}
-	return good
+	return good, perr
+}
+
+// checkPackBytes checks a stored pack against its name (the BLAKE3 of
+// its bytes) and its trailer's envelope (length, CRC, layout).
+func (r *Repo) checkPackBytes(pid PackID, b []byte) error {
+	_, _, terr := r.packTrailer(pid.name(), b)
+	if blake3.Sum256(b) != pid {
+		if terr == nil {
+			return fmt.Errorf("pack %s: %w: its bytes do not match its name (a blob is damaged; its trailer reads)", pid, ErrCorrupt)
+		}
+		return fmt.Errorf("pack %s: %w: its bytes do not match its name (%v)", pid, ErrCorrupt, terr)
+	}
+	if terr != nil {
+		return fmt.Errorf("pack %s: %w", pid, terr)
+	}
+	return nil
+}
+
+// packTrailer decodes the trailer of pack name, whose bytes are b.
+func (r *Repo) packTrailer(name string, b []byte) (ents []blobEntry, hashed bool, err error) {
+	if len(b) < 4 {
+		return nil, false, corrupt(name, "too short")
+	}
+	tl := int64(binary.LittleEndian.Uint32(b[len(b)-4:]))
+	if tl > int64(len(b))-4 {
+		return nil, false, corrupt(name, "trailer length exceeds the pack")
+	}
+	t, err := r.seal.open(nil, b[int64(len(b))-4-tl:len(b)-4])
+	if err != nil {
+		return nil, false, fmt.Errorf("%s trailer: %w", name, err)
+	}
+	ents, hashed, err = decodePackTrailer(t, int64(len(b))-4-tl)
+	if err != nil {
+		return nil, false, fmt.Errorf("%s: %w", name, err)
+	}
+	return ents, hashed, nil
 }
 
 // readTrailer reads the chunks a pack holds from the pack itself. A
@@ -186,18 +251,7 @@ func (r *Repo) readTrailer(ctx context.Context, name string) ([]blobEntry, error
 	if err != nil {
 		return nil, err
 	}
-	if len(b) < 4 {
-		return nil, corrupt(name, "too short")
-	}
-	tl := int64(binary.LittleEndian.Uint32(b[len(b)-4:]))
-	if tl > int64(len(b))-4 {
-		return nil, corrupt(name, "trailer length exceeds the pack")
-	}
-	t, err := r.seal.open(nil, b[int64(len(b))-4-tl:len(b)-4])
-	if err != nil {
-		return nil, fmt.Errorf("%s trailer: %w", name, err)
-	}
-	ents, hashed, err := decodePackTrailer(t, int64(len(b))-4-tl)
+	ents, hashed, err := r.packTrailer(name, b)
 	if err != nil || hashed {
 		return ents, err
 	}

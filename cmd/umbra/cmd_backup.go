@@ -290,8 +290,11 @@ func newVerifyCmd() *cobra.Command {
 				for _, e := range rep.BadIndexes {
 					fmt.Printf("damaged index: %s\n", e)
 				}
+				for _, e := range rep.BadPacks {
+					fmt.Printf("damaged pack: %s\n", e)
+				}
 			}
-			if len(rep.BadChunks)+len(rep.BadImages) > 0 || len(rep.BadIndexes) > len(rep.Unreadable) {
+			if len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadPacks) > 0 || len(rep.BadIndexes) > len(rep.Unreadable) {
 				return fmt.Errorf("the repository %s is damaged: %d images broken; restore the others, and take a full backup (`umbra backup --full`) of the volumes whose images broke", rf.location, len(rep.BadImages))
 			}
 			if len(rep.Unreadable) > 0 {
