@@ -159,10 +159,18 @@ func (c *Coordinator) CreateSet(ctx context.Context, req Request) (*Set, error) 
 		}
 		set.info.Volumes = vols
 		for _, w := range c.writers.Writers() {
-			if w.Involved(set.info) {
-				set.writers = append(set.writers, w)
-				set.Writers = append(set.Writers, w.Name())
+			if !w.Involved(set.info) {
+				continue
 			}
+			if idle, ok := w.(writer.Idler); ok {
+				if why := idle.Idle(set.info); why != "" {
+					c.writers.Record(w.Name(), set.ID, "identify", 0, nil, writer.StateNotParticipating)
+					c.log.Info("writer not participating: nothing to quiesce", "writer", w.Name(), "set", set.ID, "why", why)
+					continue
+				}
+			}
+			set.writers = append(set.writers, w)
+			set.Writers = append(set.Writers, w.Name())
 		}
 	}
 	if err := c.run(ctx, set, req); err != nil {

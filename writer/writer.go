@@ -90,6 +90,20 @@ type Writer interface {
 	Abort(ctx context.Context, set Set) error
 }
 
+// StateNotParticipating is the state of a writer whose data lies on a
+// set's volumes but that had nothing to quiesce there (Idler).
+const StateNotParticipating = "not participating"
+
+// Idler is a writer that can have nothing to quiesce on volumes that hold
+// its data (a configured database not created yet). Such a writer does
+// not participate in the set, as a VSS writer that reports no components
+// does not, and the set goes on without it.
+type Idler interface {
+	// Idle says why the writer has nothing to quiesce in set; "" when it
+	// has.
+	Idle(set Set) string
+}
+
 // Base gives writers no-op phases to embed.
 type Base struct{}
 
@@ -102,7 +116,7 @@ func (Base) Abort(context.Context, Set) error                { return nil }
 // State is a writer's state, as `vssadmin list writers` shows it.
 type State struct {
 	Name      string    `json:"name"`
-	State     string    `json:"state"` // stable, waiting for completion, failed, disconnected
+	State     string    `json:"state"` // stable, waiting for completion, failed, disconnected, not participating
 	LastPhase string    `json:"last_phase,omitempty"`
 	LastError string    `json:"last_error,omitempty"`
 	Updated   time.Time `json:"updated"`

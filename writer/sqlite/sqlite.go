@@ -10,6 +10,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -46,12 +47,22 @@ func (w *Writer) Level() writer.Level { return writer.LevelApplication }
 // Involved: the database lives on a filesystem of the set.
 func (w *Writer) Involved(s writer.Set) bool { return s.Holds(w.path) }
 
+// Idle: a database that does not exist (yet) has nothing to quiesce;
+// opening it would create it on the volume being snapshotted, or fail
+// and abort the set.
+func (w *Writer) Idle(s writer.Set) string {
+	if _, err := os.Stat(w.path); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Sprintf("database %s does not exist", w.path)
+	}
+	return ""
+}
+
 // Freeze checkpoints the WAL and holds the write lock.
 func (w *Writer) Freeze(ctx context.Context, s writer.Set) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.db == nil {
-		db, err := sql.Open("sqlite", "file:"+w.path+"?_pragma=busy_timeout(10000)")
+		db, err := sql.Open("sqlite", "file:"+w.path+"?mode=rw&_pragma=busy_timeout(10000)")
 		if err != nil {
 			return fmt.Errorf("open %s: %w", w.path, err)
 		}

@@ -173,3 +173,27 @@ func BenchmarkFreezeUnderCommits(b *testing.B) {
 	b.ReportMetric(float64(took[len(took)/2])/1e6, "ms-median")
 	b.ReportMetric(float64(took[len(took)-1])/1e6, "ms-worst")
 }
+
+// A configured database that does not exist has nothing to quiesce: the
+// writer says so (it does not take part in the set), and a freeze never
+// creates the file on the volume being snapshotted.
+func TestMissingDatabase(t *testing.T) {
+	dir := t.TempDir()
+	for _, path := range []string{filepath.Join(dir, "app.db"), filepath.Join(dir, "not-yet", "app.db")} {
+		w := New(path)
+		if why := w.Idle(writer.Set{}); !strings.Contains(why, path) || !strings.Contains(why, "does not exist") {
+			t.Errorf("Idle for missing %s: %q, want it to say the database does not exist", path, why)
+		}
+		if err := w.Freeze(context.Background(), writer.Set{}); err == nil {
+			t.Errorf("freeze of missing %s succeeded", path)
+		}
+		w.Thaw(context.Background(), writer.Set{})
+		if _, err := os.Stat(path); err == nil {
+			t.Errorf("freeze created %s", path)
+		}
+	}
+	a := startApp(t)
+	if why := New(a.path).Idle(writer.Set{}); why != "" {
+		t.Errorf("Idle for an existing database: %q", why)
+	}
+}
