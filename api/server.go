@@ -47,8 +47,6 @@ type Server struct {
 	writers *writer.Registry
 	log     *slog.Logger
 
-	setMu sync.Mutex // one snapshot set at a time
-
 	repoMu   sync.Mutex // guards repos
 	repos    map[[32]byte]*repoEntry
 	repoIdle time.Duration // how long an unused repository stays open (repocache.go)
@@ -63,10 +61,17 @@ type Server struct {
 	events events // what happens, for Events subscribers
 }
 
-// NewServer returns the API over p; sets with writers run through coord.
+// NewServer returns the API over p; every snapshot set is made by coord
+// (nil: a coordinator over reg and writers, with no mount lookup).
 func NewServer(p *cow.Provider, reg *provider.Registry, coord *coordinator.Coordinator, writers *writer.Registry, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
+	}
+	if writers == nil {
+		writers = writer.NewRegistry()
+	}
+	if coord == nil {
+		coord = coordinator.New(reg, writers, nil, log)
 	}
 	return &Server{cow: p, reg: reg, coord: coord, writers: writers, log: log, repoIdle: defaultRepoIdle}
 }
@@ -97,29 +102,6 @@ func (s *Server) ListWriters(ctx context.Context, _ *umbrav1.ListWritersRequest)
 		out.Writers = append(out.Writers, w)
 	}
 	return out, nil
-}
-
-// createWithWriters runs an application-consistent set through the
-// coordinator.
-func (s *Server) createWithWriters(ctx context.Context, req *umbrav1.CreateSnapshotSetRequest) (*umbrav1.CreateSnapshotSetResponse, error) {
-	defer s.saveWriters() // their history, failures included
-	set, err := s.coord.CreateSet(ctx, coordinator.Request{
-		Volumes: req.GetVolumes(), Writers: req.GetWriters(), Persistent: req.GetPersistent(), ID: req.GetId(),
-		FreezeTimeout: time.Duration(req.GetFreezeTimeoutMs()) * time.Millisecond,
-		HoldTimeout:   time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond,
-	})
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	set.Done()
-	s.Metrics.ObserveSet(set.Timings.Hold, set.Timings.FreezeToThaw)
-	resp := &umbrav1.CreateSnapshotSetResponse{SetId: set.ID, HoldMicros: set.Timings.Hold.Microseconds(),
-		FreezeMicros: set.Timings.FreezeToThaw.Microseconds(), Writers: set.Writers}
-	for _, sn := range set.Snapshots {
-		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
-		s.emit("snapshot_created", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, SetId: set.ID, Message: "writers: " + strings.Join(set.Writers, ",")})
-	}
-	return resp, nil
 }
 
 // Serve serves the API on the unix socket l until ctx ends: callers are
@@ -184,7 +166,7 @@ func toStatus(err error) error {
 		return status.Error(codes.NotFound, err.Error())
 	case errors.Is(err, provider.ErrExists):
 		return status.Error(codes.AlreadyExists, err.Error())
-	case errors.Is(err, provider.ErrBadID), errors.Is(err, errBadRequest):
+	case errors.Is(err, provider.ErrBadID), errors.Is(err, errBadRequest), errors.Is(err, coordinator.ErrBadRequest):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, provider.ErrNoStorage):
 		return status.Error(codes.FailedPrecondition, err.Error())
@@ -286,94 +268,37 @@ func (s *Server) ListSnapshots(ctx context.Context, req *umbrav1.ListSnapshotsRe
 	return out, nil
 }
 
-// CreateSnapshotSet holds writes on every volume of the set, commits each
-// inside its hold, then releases them all: nothing is acknowledged to any
-// volume between the first commit and the last. Any failure deletes what
-// was created.
+// CreateSnapshotSet makes a snapshot set through the coordinator (the
+// one path that makes sets): with writers, or over volumes of a system
+// provider, application-consistent; always every volume committed
+// inside one hold window. Any failure deletes what was created.
 func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnapshotSetRequest) (*umbrav1.CreateSnapshotSetResponse, error) {
 	if len(req.GetVolumes()) == 0 {
 		return nil, toStatus(fmt.Errorf("%w: name at least one volume", errBadRequest))
 	}
-	system := false // a volume of a system provider goes through the coordinator
-	for _, name := range req.GetVolumes() {
-		if _, err := s.cow.Volume(name); err != nil {
-			system = true
-		}
+	if req.GetWriters() {
+		defer s.saveWriters() // their history, failures included
 	}
-	if req.GetWriters() || system {
-		if s.coord == nil {
-			return nil, toStatus(fmt.Errorf("%w: this service has no coordinator for writers", errBadRequest))
-		}
-		return s.createWithWriters(ctx, req)
-	}
-	seen := map[string]bool{}
-	var vols []*cow.Volume
-	for _, name := range req.GetVolumes() {
-		if seen[name] {
-			return nil, toStatus(fmt.Errorf("%w: volume %s named twice", errBadRequest, name))
-		}
-		seen[name] = true
-		v, err := s.cow.Volume(name)
-		if err != nil {
-			return nil, toStatus(err)
-		}
-		vols = append(vols, v)
-	}
-	limit := time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond
-	if limit <= 0 {
-		limit = cow.DefaultHoldLimit
-	}
-	s.setMu.Lock()
-	defer s.setMu.Unlock()
-	setID := fmt.Sprintf("set-%d", time.Now().UnixNano())
-	var holds []*cow.Hold
-	release := func() {
-		for _, h := range holds {
-			h.Release()
-		}
-	}
-	for _, v := range vols {
-		h, err := v.Hold(ctx, limit)
-		if err != nil {
-			release()
-			return nil, toStatus(err)
-		}
-		holds = append(holds, h)
-	}
-	resp := &umbrav1.CreateSnapshotSetResponse{SetId: setID}
-	var made []provider.Snapshot
-	abort := func(err error) (*umbrav1.CreateSnapshotSetResponse, error) {
-		release()
-		for _, sn := range made {
-			if v, verr := s.cow.Volume(sn.Volume); verr == nil {
-				v.DeleteSnapshot(sn.ID)
-			}
-		}
-		s.log.Warn("snapshot set aborted", "set", setID, "err", err)
+	set, err := s.coord.CreateSet(ctx, coordinator.Request{
+		Volumes: req.GetVolumes(), Writers: req.GetWriters(), Persistent: req.GetPersistent(), ID: req.GetId(),
+		FreezeTimeout: time.Duration(req.GetFreezeTimeoutMs()) * time.Millisecond,
+		HoldTimeout:   time.Duration(req.GetHoldTimeoutMs()) * time.Millisecond,
+	})
+	if err != nil {
 		return nil, toStatus(err)
 	}
-	for i := range vols {
-		sn, err := holds[i].CreateSnapshot(ctx, provider.SnapshotOptions{ID: req.GetId(), Persistent: req.GetPersistent(), SetID: setID})
-		if err != nil {
-			return abort(err)
-		}
-		made = append(made, sn)
+	set.Done()
+	s.Metrics.ObserveSet(set.Timings.Hold, set.Timings.FreezeToThaw)
+	resp := &umbrav1.CreateSnapshotSetResponse{SetId: set.ID, HoldMicros: set.Timings.Hold.Microseconds(),
+		FreezeMicros: set.Timings.FreezeToThaw.Microseconds(), Writers: set.Writers}
+	var msg string
+	if req.GetWriters() {
+		msg = "writers: " + strings.Join(set.Writers, ",")
 	}
-	for _, h := range holds {
-		if err := h.Release(); err != nil { // a hold that expired broke the set
-			return abort(err)
-		}
-	}
-	held := cow.HoldWindow(holds)
-	resp.HoldMicros = held.Microseconds()
-	s.Metrics.ObserveSet(held, 0)
-	for _, sn := range made {
+	for _, sn := range set.Snapshots {
 		resp.Snapshots = append(resp.Snapshots, snapshotMsg(sn))
+		s.emit("snapshot_created", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, SetId: set.ID, Message: msg})
 	}
-	for _, sn := range made {
-		s.emit("snapshot_created", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, SetId: setID})
-	}
-	s.log.Info("snapshot set created", "set", setID, "volumes", req.GetVolumes(), "hold_us", resp.HoldMicros)
 	return resp, nil
 }
 

@@ -25,6 +25,7 @@ import (
 var (
 	ErrFreezeTimeout = errors.New("writers did not freeze in time")
 	ErrAborted       = errors.New("snapshot set aborted")
+	ErrBadRequest    = errors.New("bad snapshot set request")
 )
 
 // Defaults bound the phases as VSS does.
@@ -121,7 +122,12 @@ func (c *Coordinator) phase(ctx context.Context, ws []writer.Writer, set writer.
 // CreateSet runs the whole sequence and returns the committed set.
 func (c *Coordinator) CreateSet(ctx context.Context, req Request) (*Set, error) {
 	if len(req.Volumes) == 0 {
-		return nil, errors.New("snapshot set: no volumes")
+		return nil, fmt.Errorf("%w: name at least one volume", ErrBadRequest)
+	}
+	if req.ID != "" {
+		if err := provider.ValidateID(req.ID); err != nil {
+			return nil, fmt.Errorf("snapshot set: snapshot id: %w", err)
+		}
 	}
 	if req.FreezeTimeout <= 0 {
 		req.FreezeTimeout = DefaultFreezeTimeout
@@ -135,7 +141,7 @@ func (c *Coordinator) CreateSet(ctx context.Context, req Request) (*Set, error) 
 	seen := map[string]bool{}
 	for _, vol := range req.Volumes {
 		if seen[vol] {
-			return nil, fmt.Errorf("snapshot set: volume %s named twice", vol)
+			return nil, fmt.Errorf("%w: volume %s named twice", ErrBadRequest, vol)
 		}
 		seen[vol] = true
 		p, err := c.providers.For(ctx, vol)
@@ -272,7 +278,9 @@ func (c *Coordinator) run(ctx context.Context, set *Set, req Request) error {
 			return err
 		}
 	}
-	set.Timings.FreezeToThaw = time.Since(freezeStart)
+	if len(set.writers) > 0 { // nothing froze otherwise
+		set.Timings.FreezeToThaw = time.Since(freezeStart)
+	}
 	return c.phase(ctx, set.writers, info, "post-snapshot", func(ctx context.Context, w writer.Writer) error { return w.PostSnapshot(ctx, info) })
 }
 
