@@ -20,6 +20,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -397,6 +398,12 @@ func (s *Server) RevertSnapshot(ctx context.Context, req *umbrav1.RevertSnapshot
 			return &umbrav1.RevertSnapshotResponse{}, nil
 		}
 		return nil, toStatus(err)
+	}
+	// A snapshot that does not exist is the first thing to say, before
+	// that the volume is in use (which would send the user off to
+	// unmount it for nothing).
+	if !slices.ContainsFunc(v.Snapshots(), func(sn provider.Snapshot) bool { return sn.ID == req.GetId() }) {
+		return nil, toStatus(fmt.Errorf("revert %s to %s: %w (see `umbra snapshot list %s`)", v.Name(), req.GetId(), provider.ErrNotFound, v.Name()))
 	}
 	revert := v.Revert
 	if req.GetForce() {

@@ -95,17 +95,20 @@ func newRepoCmd() *cobra.Command {
 		Short: "Create a backup repository (encrypted when a password is given)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			n, err := parseSizeFlag("--chunk-size", chunk, cmd.Flags().Changed("chunk-size"))
+			if err != nil {
+				return err
+			}
+			if cmd.Flags().Changed("chunk-size") {
+				if err := checkChunkSize("--chunk-size", n, repoMinChunk, repoMaxChunk); err != nil {
+					return err
+				}
+			}
 			where, set, err := rf.settings()
 			if err != nil {
 				return err
 			}
-			if chunk != "" {
-				n, err := parseSize(chunk)
-				if err != nil {
-					return usageError{fmt.Errorf("--chunk-size: %w", err)}
-				}
-				set.ChunkSize = int(n)
-			}
+			set.ChunkSize = int(n)
 			set.Level = level
 			r, err := backup.InitWith(cmd.Context(), where, set)
 			if err != nil {

@@ -133,6 +133,12 @@ socket (and on TCP with TLS when --nbd-listen is given).
 SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// A size flag given empty is a mistake, not the default.
+			for _, name := range []string{"max-storage", "chunk-size"} {
+				if f := cmd.Flags().Lookup(name); f.Changed && strings.TrimSpace(f.Value.String()) == "" {
+					return usageError{fmt.Errorf("--%s: size is empty: %s", name, sizeSyntax)}
+				}
+			}
 			if cfgFile != "" {
 				var file serveConfig
 				md, err := toml.DecodeFile(cfgFile, &file)
@@ -228,11 +234,11 @@ func openVolumes(cfg serveConfig, log *slog.Logger) (*cow.Provider, error) {
 			opts.StorageDir = filepath.Join(cfg.StateDir, "shadow")
 		}
 		var err error
-		if opts.MaxStorage, err = parseSize(vc.MaxStorage); err != nil {
-			return p, usageError{fmt.Errorf("volume %s: max storage: %w", vc.Name, err)}
+		if opts.MaxStorage, err = parseSizeFlag("volume "+vc.Name+": max storage", vc.MaxStorage, vc.MaxStorage != ""); err != nil {
+			return p, err
 		}
-		if opts.ChunkSize, err = parseSize(vc.ChunkSize); err != nil {
-			return p, usageError{fmt.Errorf("volume %s: chunk size: %w", vc.Name, err)}
+		if opts.ChunkSize, err = parseSizeFlag("volume "+vc.Name+": chunk size", vc.ChunkSize, vc.ChunkSize != ""); err != nil {
+			return p, err
 		}
 		v, err := cow.Open(vc.Name, vc.Path, opts)
 		if err != nil {
@@ -272,6 +278,10 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}
 	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
 		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
+	}
+	setTimeout, err := checkServeConfig(cfg)
+	if err != nil {
+		return err
 	}
 	switch cfg.HoldPrio {
 	case "realtime":
@@ -439,12 +449,6 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	exposeDir := cfg.ExposeDir
 	if exposeDir == "" {
 		exposeDir = filepath.Join(cfg.StateDir, "exposed")
-	}
-	setTimeout := api.DefaultSetTimeout
-	if cfg.SetTimeout != "" {
-		if setTimeout, err = time.ParseDuration(cfg.SetTimeout); err != nil || setTimeout <= 0 {
-			return usageError{fmt.Errorf("--set-timeout %q: want a duration like 180s", cfg.SetTimeout)}
-		}
 	}
 	apiSrv.EnableShares(ctx, cat, exposeDir, cfg.FUSE.Dir, setTimeout)
 	defer apiSrv.CloseShares()

@@ -108,9 +108,9 @@ func newStorageCmd() *cobra.Command {
 			Short: map[string]string{"add": "Set a volume's shadow storage directory, limit and policy", "resize": "Change the limit (shrinking below what is used applies the policy now)"}[verb],
 			Args:  cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				max, err := parseSize(maxSize)
+				max, err := parseSizeFlag("--max", maxSize, cmd.Flags().Changed("max"))
 				if err != nil {
-					return usageError{fmt.Errorf("--max: %w", err)}
+					return err
 				}
 				return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
 					resp, err := c.SetStorage(ctx, &umbrav1.SetStorageRequest{Volume: args[0], Dir: dir, MaxBytes: max, Policy: policy})

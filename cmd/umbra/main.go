@@ -3,12 +3,16 @@
 //
 // Exit codes: 0 success; 1 an operation failed; 2 bad usage or input;
 // 3 a required resource was not found; 4 the service is unreachable;
-// 5 the caller is not authenticated or lacks the role.
+// 5 the caller is not authenticated or lacks the role (a repository's
+// wrong or missing password too). Under --json an error is one JSON
+// object on stderr: {"error": "...", "code": N}, N the exit code.
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"runtime/pprof"
 
@@ -27,9 +31,43 @@ func main() {
 	err := newRootCmd().Execute()
 	pprof.StopCPUProfile() // a no-op without a profile
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "umbra:", err)
-		os.Exit(exitCode(err))
+		code := exitCode(err)
+		printError(os.Stderr, err, code, jsonWanted(os.Args[1:]))
+		os.Exit(code)
 	}
+}
+
+// printError writes a failed command's error: a line of text, or under
+// --json one JSON object, {"error": "...", "code": N} with N the exit
+// code, on one line.
+func printError(w io.Writer, err error, code int, asJSON bool) {
+	if !asJSON {
+		fmt.Fprintln(w, "umbra:", err)
+		return
+	}
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	enc.Encode(struct {
+		Error string `json:"error"`
+		Code  int    `json:"code"`
+	}{err.Error(), code})
+}
+
+// jsonWanted reports whether --json was given: the parsed flag, or when
+// parsing failed before reaching it, the arguments themselves.
+func jsonWanted(args []string) bool {
+	if gflags.json {
+		return true
+	}
+	for _, a := range args {
+		if a == "--" {
+			break
+		}
+		if a == "--json" || a == "--json=true" || a == "--json=1" {
+			return true
+		}
+	}
+	return false
 }
 
 // usageError marks errors caused by bad flags or arguments (exit code 2).
@@ -43,7 +81,7 @@ func exitCode(err error) int {
 	var nf notFoundError
 	var ae accessError
 	switch {
-	case errors.As(err, &ae):
+	case errors.As(err, &ae), errors.Is(err, backup.ErrWrongPassword), errors.Is(err, backup.ErrNeedPassword):
 		return 5
 	case errors.As(err, &ue):
 		return 2

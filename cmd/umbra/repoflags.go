@@ -72,8 +72,11 @@ func (f *repoFlags) open(ctx context.Context) (*backup.Repo, error) {
 		return nil, err
 	}
 	r, err := backup.OpenWith(ctx, where, set)
-	if errors.Is(err, backup.ErrNoRepo) {
+	switch {
+	case errors.Is(err, backup.ErrNoRepo):
 		return nil, notFoundError{err}
+	case errors.Is(err, backup.ErrWrongPassword), errors.Is(err, backup.ErrNeedPassword):
+		return nil, accessError{err}
 	}
 	return r, err
 }
