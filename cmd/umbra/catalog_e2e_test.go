@@ -25,7 +25,7 @@ func TestCatalogSurvivesRestart(t *testing.T) {
 	}
 	type storage struct {
 		Storage []struct {
-			MaxBytes string `json:"max_bytes"`
+			MaxBytes int64 `json:"max_bytes"`
 		} `json:"storage"`
 	}
 	type writers struct {
@@ -37,12 +37,12 @@ func TestCatalogSurvivesRestart(t *testing.T) {
 			} `json:"history"`
 		} `json:"writers"`
 	}
-	check := func(when string, max string) {
+	check := func(when string, max int64) {
 		t.Helper()
 		var st storage
 		json.Unmarshal([]byte(s.ok("storage", "list", "a", "--json")), &st)
 		if len(st.Storage) != 1 || st.Storage[0].MaxBytes != max {
-			t.Fatalf("%s: storage %+v, want max %s", when, st, max)
+			t.Fatalf("%s: storage %+v, want max %d", when, st, max)
 		}
 		var w writers
 		json.Unmarshal([]byte(s.ok("writers", "list", "--json")), &w)
@@ -56,13 +56,13 @@ func TestCatalogSurvivesRestart(t *testing.T) {
 			t.Fatalf("%s: the hook's failure is not in the writers' history: %+v", when, w)
 		}
 	}
-	check("before restart", "2097152")
+	check("before restart", 2097152)
 	s.stop()
 	s.start()
-	check("after a clean restart", "2097152")
+	check("after a clean restart", 2097152)
 	s.kill9()
 	s.start()
-	check("after kill -9", "2097152")
+	check("after kill -9", 2097152)
 	// The configuration changed since: it wins.
 	s.stop()
 	for i, a := range s.args {
@@ -71,5 +71,5 @@ func TestCatalogSurvivesRestart(t *testing.T) {
 		}
 	}
 	s.start()
-	check("after the configuration changed", "8388608")
+	check("after the configuration changed", 8388608)
 }

@@ -436,7 +436,7 @@ func TestCLIBackup(t *testing.T) {
 			Image       string `json:"image"`
 			Snapshot    string `json:"snapshot"`
 			Incremental bool   `json:"incremental"`
-			BytesRead   string `json:"bytes_read"`
+			BytesRead   int64  `json:"bytes_read"`
 		} `json:"images"`
 	}
 	// A second repository (say, the off-site one) backed up in between
@@ -454,10 +454,10 @@ func TestCLIBackup(t *testing.T) {
 	if len(r1.Images) != 1 || r1.Images[0].Incremental || len(r2.Images) != 1 || !r2.Images[0].Incremental {
 		t.Fatalf("backups: %+v then %+v", r1, r2)
 	}
-	if r2.Images[0].BytesRead != "65536" {
-		t.Fatalf("the incremental image read %s bytes for a 64 KiB change", r2.Images[0].BytesRead)
+	if r2.Images[0].BytesRead != 65536 {
+		t.Fatalf("the incremental image read %d bytes for a 64 KiB change", r2.Images[0].BytesRead)
 	}
-	if len(o2.Images) != 1 || !o2.Images[0].Incremental || o2.Images[0].BytesRead != "65536" {
+	if len(o2.Images) != 1 || !o2.Images[0].Incremental || o2.Images[0].BytesRead != 65536 {
 		t.Fatalf("the other repository's second image: %+v (first %+v)", o2, o1)
 	}
 	for _, c := range []struct {

@@ -22,7 +22,7 @@ type imageResult struct {
 	Image       string `json:"image"`
 	Snapshot    string `json:"snapshot"`
 	Incremental bool   `json:"incremental"`
-	BytesRead   int64  `json:"bytes_read,string"`
+	BytesRead   int64  `json:"bytes_read"`
 	WhyFull     string `json:"why_full"`
 }
 

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 
-	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/spf13/cobra"
@@ -55,7 +54,7 @@ var verbs []func() *cobra.Command
 // field names and RFC 3339 times).
 func printJSON(w io.Writer, v any) error {
 	if m, ok := v.(proto.Message); ok {
-		b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true, EmitUnpopulated: true}.Marshal(m)
+		b, err := protoJSON(m, "  ", true)
 		if err != nil {
 			return err
 		}
@@ -69,7 +68,7 @@ func printJSON(w io.Writer, v any) error {
 
 // printJSONLine writes one API message as compact JSON on one line.
 func printJSONLine(w io.Writer, m proto.Message) error {
-	b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+	b, err := protoJSON(m, "", false)
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -45,19 +44,13 @@ func TestStorageShrinkAndPlacement(t *testing.T) {
 	}
 	var st struct {
 		Storage []struct {
-			UsedBytes      string `json:"used_bytes"`
-			AllocatedBytes string `json:"allocated_bytes"`
+			UsedBytes      int64 `json:"used_bytes"`
+			AllocatedBytes int64 `json:"allocated_bytes"`
 		} `json:"storage"`
 	}
-	allocated := func() int64 {
-		n, err := strconv.ParseInt(st.Storage[0].AllocatedBytes, 10, 64)
-		if err != nil {
-			t.Fatalf("storage list: allocated_bytes %q: %v", st.Storage[0].AllocatedBytes, err)
-		}
-		return n
-	}
+	allocated := func() int64 { return st.Storage[0].AllocatedBytes }
 	json.Unmarshal([]byte(s.ok("storage", "list", "a", "--json")), &st)
-	if st.Storage[0].UsedBytes != "3145728" {
+	if st.Storage[0].UsedBytes != 3145728 {
 		t.Fatalf("storage used before the shrink: %+v", st)
 	}
 	if a := allocated(); a < 3<<20 {
@@ -70,7 +63,7 @@ func TestStorageShrinkAndPlacement(t *testing.T) {
 	}
 	io("a@s3", "read -P 0x33 0 1M")
 	json.Unmarshal([]byte(s.ok("storage", "list", "a", "--json")), &st)
-	if st.Storage[0].UsedBytes != "1048576" {
+	if st.Storage[0].UsedBytes != 1048576 {
 		t.Fatalf("storage used after the shrink: %+v", st)
 	}
 	// The space of the dropped snapshots goes back at once: the diff area
