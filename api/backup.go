@@ -68,7 +68,23 @@ func (s *Server) BackupStream(req *umbrav1.BackupRequest, stream umbrav1.Umbra_B
 	return stream.Send(&umbrav1.BackupEvent{Event: &umbrav1.BackupEvent_Done{Done: resp}})
 }
 
+// runBackup runs a backup; one that fails or is cancelled is in the
+// service's log as well as the audit log (which records requests, not
+// what became of a long job).
 func (s *Server) runBackup(ctx context.Context, req *umbrav1.BackupRequest, progress func(*umbrav1.BackupProgress)) (*umbrav1.BackupResponse, error) {
+	start := time.Now()
+	resp, err := s.backupSet(ctx, req, progress)
+	if err != nil {
+		msg := "backup failed"
+		if ctx.Err() != nil {
+			msg = "backup cancelled"
+		}
+		s.log.Error(msg, "volumes", req.GetVolumes(), "repo", req.GetRepo(), "after", time.Since(start).Round(time.Millisecond), "err", err)
+	}
+	return resp, err
+}
+
+func (s *Server) backupSet(ctx context.Context, req *umbrav1.BackupRequest, progress func(*umbrav1.BackupProgress)) (*umbrav1.BackupResponse, error) {
 	if len(req.GetVolumes()) == 0 {
 		return nil, toStatus(fmt.Errorf("%w: name at least one volume", errBadRequest))
 	}
