@@ -23,6 +23,11 @@ var (
 	ErrNeedPassword = errors.New("the repository is encrypted: give its password (--password-file or UMBRA_PASSWORD)")
 	// ErrWrongPassword: no key file opens with the password.
 	ErrWrongPassword = errors.New("wrong password: no key of the repository opens with it")
+	// ErrNotEncrypted: a password was given for a repository that is not
+	// encrypted (it would protect nothing, while its user believes it
+	// does).
+	ErrNotEncrypted = errors.New("the repository is not encrypted, but a password was given (--password-file or UMBRA_PASSWORD): " +
+		"it would protect nothing; drop the password, or back up into a repository created with one (`umbra repo init --password-file`)")
 )
 
 const masterKeyLen = 64

@@ -242,6 +242,9 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 	}
 	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: newChunkIndex()}
 	r.version.Store(int32(cfg.Version))
+	if cfg.Encryption == "none" && set.Password != "" {
+		return nil, fmt.Errorf("open repository %s: %w", where, ErrNotEncrypted)
+	}
 	if cfg.Encryption != "none" {
 		if set.Password == "" {
 			return nil, fmt.Errorf("open repository %s: %w", where, ErrNeedPassword)

@@ -113,7 +113,7 @@ func TestBackupChainExt4(t *testing.T) {
 	wg.Wait()
 	for i, im := range images {
 		got := filepath.Join(dir, "restored.img")
-		s.ok("restore", im.image, "--repo", repo, "--to", got)
+		s.ok("restore", im.image, "--repo", repo, "--to", got, "--force")
 		a, _ := os.ReadFile(got)
 		b, _ := os.ReadFile(im.want)
 		// ext4 rewrites its superblock (bytes 1024-2047) when thawed: it

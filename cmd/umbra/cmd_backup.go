@@ -227,6 +227,7 @@ func newImagesCmd() *cobra.Command {
 func newRestoreCmd() *cobra.Command {
 	var rf repoFlags
 	var to string
+	var force bool
 	cmd := &cobra.Command{
 		Use:   "restore IMAGE --to PATH|DEVICE",
 		Short: "Write an image to a file or device, verifying every chunk (zero chunks stay holes in files)",
@@ -234,6 +235,9 @@ func newRestoreCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if to == "" {
 				return usageError{fmt.Errorf("--to PATH is required")}
+			}
+			if err := checkRestoreTarget(to, force); err != nil {
+				return err
 			}
 			// A restore's heap is the index plus short-lived batch and
 			// blob buffers: collecting at half the live heap instead of
@@ -262,7 +266,41 @@ func newRestoreCmd() *cobra.Command {
 	}
 	rf.add(cmd)
 	cmd.Flags().StringVar(&to, "to", "", "file or block device to write")
+	cmd.Flags().BoolVar(&force, "force", false, "overwrite a file that exists, or a block device that holds data")
 	return cmd
+}
+
+// checkRestoreTarget refuses, without --force, to overwrite what a
+// restore's target holds: a regular file that is not empty, or a block
+// device whose first MiB is not all zero (a filesystem, a partition
+// table, an LVM label: as mkfs asks before it overwrites one). A device
+// in use is refused by the restore itself, --force or not.
+func checkRestoreTarget(to string, force bool) error {
+	fi, err := os.Stat(to)
+	if err != nil || force {
+		return nil // a missing target is created; other errors are the restore's to report
+	}
+	switch {
+	case fi.Mode().IsRegular() && fi.Size() > 0:
+		return usageError{fmt.Errorf("--to %s: the file exists and holds %s: give --force to overwrite it, or another path", to, human(fi.Size()))}
+	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0:
+		f, err := os.Open(to)
+		if err != nil {
+			return fmt.Errorf("--to %s: %w", to, err)
+		}
+		defer f.Close()
+		buf := make([]byte, 1<<20)
+		n, err := io.ReadFull(f, buf)
+		if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+			return fmt.Errorf("--to %s: %w", to, err)
+		}
+		for _, c := range buf[:n] {
+			if c != 0 {
+				return usageError{fmt.Errorf("--to %s: the device holds data (its first MiB is not zero: a filesystem or a partition table?): give --force to overwrite it", to)}
+			}
+		}
+	}
+	return nil
 }
 
 func newVerifyCmd() *cobra.Command {

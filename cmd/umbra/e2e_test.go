@@ -465,7 +465,7 @@ func TestCLIBackup(t *testing.T) {
 		want []byte
 	}{{r1.Images[0].Image, want1}, {r2.Images[0].Image, want2}} {
 		out := filepath.Join(dir, "restored.img")
-		s.ok("restore", c.id, "--repo", repo, "--to", out)
+		s.ok("restore", c.id, "--repo", repo, "--to", out, "--force")
 		got, _ := os.ReadFile(out)
 		if !bytes.Equal(got, c.want) {
 			t.Fatalf("image %s does not restore byte-identical", c.id)

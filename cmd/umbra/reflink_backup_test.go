@@ -178,7 +178,7 @@ func reflinkChain(t *testing.T, mkfs, opts []string) {
 	change(3)
 	for i, im := range images {
 		out := filepath.Join(dir, "restored.img")
-		s.ok("restore", im.id, "--repo", repo, "--to", out)
+		s.ok("restore", im.id, "--repo", repo, "--to", out, "--force")
 		if fileSum(t, out) != im.sum {
 			t.Fatalf("image %d (%s) does not restore byte-identical to its snapshot", i, im.id)
 		}

@@ -78,5 +78,8 @@ func (f *repoFlags) open(ctx context.Context) (*backup.Repo, error) {
 	case errors.Is(err, backup.ErrWrongPassword), errors.Is(err, backup.ErrNeedPassword):
 		return nil, accessError{err}
 	}
+	if errors.Is(err, backup.ErrNotEncrypted) {
+		return nil, usageError{err}
+	}
 	return r, err
 }
