@@ -1,7 +1,8 @@
 // Package metrics exposes the service's Prometheus metrics on an opt-in
 // HTTP listener (umbra serve --metrics-listen): diff-area bytes used and
 // allowed per volume, preserved copies, live snapshots, hold and freeze
-// durations of snapshot sets, writer failures, NBD requests and errors.
+// durations of snapshot sets, writer failures, NBD requests and errors,
+// NBD buffers.
 // Engine figures are read at scrape time; events are counted as they
 // happen through the hooks below.
 package metrics
@@ -18,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"umbra/cow"
+	"umbra/nbd"
 )
 
 // Metrics holds the collectors of one service.
@@ -30,6 +32,47 @@ type Metrics struct {
 	nbdErrs     *prometheus.CounterVec
 	nbdReqCtrs  sync.Map // command -> prometheus.Counter of nbdReqs
 	nbdErrCtrs  sync.Map // command -> prometheus.Counter of nbdErrs
+	nbd         *nbdServers
+}
+
+var (
+	descNBDHeld    = prometheus.NewDesc("umbra_nbd_buffered_bytes", "Bytes NBD connections hold for read replies not yet sent and write payloads not yet written.", nil, nil)
+	descNBDWaiting = prometheus.NewDesc("umbra_nbd_waiting_connections", "NBD connections that stopped reading requests until their client reads replies (or their writes finish).", nil, nil)
+)
+
+// nbdServers reads the NBD servers' buffers at scrape time.
+type nbdServers struct {
+	mu   sync.Mutex // guards srvs
+	srvs []*nbd.Server
+}
+
+func (n *nbdServers) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descNBDHeld
+	ch <- descNBDWaiting
+}
+
+func (n *nbdServers) Collect(ch chan<- prometheus.Metric) {
+	n.mu.Lock()
+	var held int64
+	var waiting int
+	for _, s := range n.srvs {
+		st := s.BufferStats()
+		held, waiting = held+st.Held, waiting+st.Waiting
+	}
+	n.mu.Unlock()
+	ch <- prometheus.MustNewConstMetric(descNBDHeld, prometheus.GaugeValue, float64(held))
+	ch <- prometheus.MustNewConstMetric(descNBDWaiting, prometheus.GaugeValue, float64(waiting))
+}
+
+// WatchNBD adds an NBD server's buffers to umbra_nbd_buffered_bytes and
+// umbra_nbd_waiting_connections.
+func (m *Metrics) WatchNBD(s *nbd.Server) {
+	if m == nil {
+		return
+	}
+	m.nbd.mu.Lock()
+	m.nbd.srvs = append(m.nbd.srvs, s)
+	m.nbd.mu.Unlock()
 }
 
 var (
@@ -64,14 +107,14 @@ func (e engine) Collect(ch chan<- prometheus.Metric) {
 
 // New registers the collectors for the volumes of p.
 func New(p *cow.Provider) *Metrics {
-	m := &Metrics{reg: prometheus.NewRegistry()}
+	m := &Metrics{reg: prometheus.NewRegistry(), nbd: &nbdServers{}}
 	buckets := prometheus.ExponentialBuckets(0.0001, 4, 10) // 100 µs to 26 s
 	m.hold = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "umbra_hold_seconds", Help: "How long snapshot sets held writes.", Buckets: buckets})
 	m.freeze = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "umbra_freeze_seconds", Help: "How long snapshot sets kept writers frozen (freeze to thaw).", Buckets: buckets})
 	m.writerFails = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_writer_failures_total", Help: "Writer phases that failed."}, []string{"writer", "phase"})
 	m.nbdReqs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_requests_total", Help: "NBD requests by command."}, []string{"command"})
 	m.nbdErrs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_errors_total", Help: "NBD error replies by command."}, []string{"command"})
-	m.reg.MustRegister(engine{p}, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs,
+	m.reg.MustRegister(engine{p}, m.nbd, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }

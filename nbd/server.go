@@ -15,6 +15,13 @@
 // in with splice(2) (SpliceWriter), so the bytes skip a copy through user
 // space; anything that would wait gets a goroutine of its own.
 //
+// Memory is bounded: a connection holds at most Options.ConnBuffer (64
+// MiB) of read replies not yet written to the socket and write payloads
+// not yet written to the export; past it, it stops reading requests until
+// its client reads replies or its writes finish, whatever the client
+// sends. A server serves at most Options.MaxConns (64) connections at
+// once, so its buffers stay under 64 × 64 MiB = 4 GiB.
+//
 // Why our own: the Go NBD libraries found are clients or unmaintained
 // servers without structured replies or meta contexts; the server is the
 // front door to the COW engine and its change tracking, so Umbra owns it.
@@ -152,10 +159,32 @@ type Options struct {
 	Logger     *slog.Logger
 	// MaxInflight bounds concurrent requests per connection (default 32).
 	MaxInflight int
+	// ConnBuffer bounds the bytes one connection holds for its requests:
+	// read replies not yet written to the socket and write payloads not
+	// yet written to the export (default DefaultConnBuffer; smaller
+	// values are raised to MinConnBuffer, what one request may need).
+	// Past it the connection stops reading requests until its client
+	// reads replies or its writes finish.
+	ConnBuffer int64
+	// MaxConns bounds the connections served at once (default
+	// DefaultMaxConns); one more is closed as soon as it is accepted.
+	// The server's buffers are bounded by MaxConns × ConnBuffer.
+	MaxConns int
 	// Observe, when set, is told of every request (its command name) and
 	// of every error reply; it must be cheap and safe for concurrent use.
 	Observe func(cmd string, failed bool)
 }
+
+// Memory bounds (package doc): with the defaults a server holds at most
+// DefaultMaxConns × DefaultConnBuffer = 4 GiB of request and reply
+// buffers, and a connection whose client stops reading replies at most
+// 64 MiB. 64 MiB is two reads of the largest block or 64 of 1 MiB in
+// flight, more than a client needs to keep the connection busy.
+const (
+	DefaultConnBuffer = 64 << 20
+	MinConnBuffer     = MaxBlock + 4096 // the largest request and its reply header
+	DefaultMaxConns   = 64
+)
 
 // CommandName names an NBD command for logs and metrics.
 func CommandName(typ uint16) string {
@@ -191,12 +220,36 @@ type Server struct {
 	conns     map[*conn]bool
 	closing   bool
 	wg        sync.WaitGroup // connections
+
+	held     atomic.Int64 // bytes held by all connections' budgets
+	peakConn atomic.Int64 // the most one connection has held
+	waiting  atomic.Int64 // connections waiting for their budget
+}
+
+// BufferStats tells what a server holds in request and reply buffers.
+type BufferStats struct {
+	Held     int64 // bytes held now, all connections
+	PeakConn int64 // the most one connection has held at once
+	Waiting  int   // connections not reading requests until their client reads replies (or writes finish)
+}
+
+// BufferStats reports the server's buffered bytes (what Options.ConnBuffer
+// bounds).
+func (s *Server) BufferStats() BufferStats {
+	return BufferStats{Held: s.held.Load(), PeakConn: s.peakConn.Load(), Waiting: int(s.waiting.Load())}
 }
 
 // NewServer returns a server for exports.
 func NewServer(exports Exports, opts Options) *Server {
 	if opts.MaxInflight <= 0 {
 		opts.MaxInflight = 32
+	}
+	if opts.ConnBuffer <= 0 {
+		opts.ConnBuffer = DefaultConnBuffer
+	}
+	opts.ConnBuffer = max(opts.ConnBuffer, MinConnBuffer)
+	if opts.MaxConns <= 0 {
+		opts.MaxConns = DefaultMaxConns
 	}
 	log := opts.Logger
 	if log == nil {
@@ -238,11 +291,18 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		}
 		// stopping is made here, before Shutdown can see the conn.
 		c := &conn{srv: s, nc: nc, log: s.log.With("remote", nc.RemoteAddr().String()), stopping: make(chan struct{})}
+		c.budget.max = s.opts.ConnBuffer
 		s.mu.Lock()
 		if s.closing {
 			s.mu.Unlock()
 			nc.Close()
 			return ErrServerClosed
+		}
+		if len(s.conns) >= s.opts.MaxConns {
+			s.mu.Unlock()
+			s.log.Warn("NBD connection refused: too many connections", "max", s.opts.MaxConns, "remote", nc.RemoteAddr().String())
+			nc.Close()
+			continue
 		}
 		s.conns[c] = true
 		s.wg.Add(1)
@@ -314,6 +374,73 @@ type conn struct {
 	stopping  chan struct{}
 	stopOnce  sync.Once
 	inflight  sync.WaitGroup
+	budget    budget // bytes held for requests and replies
+}
+
+// budget bounds the bytes a connection holds (Options.ConnBuffer).
+type budget struct {
+	mu   sync.Mutex    // guards used, wake
+	used int64         // bytes taken
+	wake chan struct{} // closed when bytes come back, if someone waits
+	max  int64         // set before the connection starts
+}
+
+// take waits until n bytes fit in the connection's budget (n larger than
+// the budget runs alone) and takes them; false if the connection stops
+// first. Reading goroutine only.
+func (c *conn) take(n int64) bool {
+	if n <= 0 {
+		return true
+	}
+	b, s := &c.budget, c.srv
+	waited := false
+	defer func() {
+		if waited {
+			s.waiting.Add(-1)
+		}
+	}()
+	for {
+		b.mu.Lock()
+		if b.used == 0 || b.used+n <= b.max {
+			b.used += n
+			used := b.used
+			b.mu.Unlock()
+			s.held.Add(n)
+			for p := s.peakConn.Load(); used > p && !s.peakConn.CompareAndSwap(p, used); p = s.peakConn.Load() {
+			}
+			return true
+		}
+		if b.wake == nil {
+			b.wake = make(chan struct{})
+		}
+		wake := b.wake
+		b.mu.Unlock()
+		if !waited {
+			waited = true
+			s.waiting.Add(1)
+		}
+		select {
+		case <-wake:
+		case <-c.stopping:
+			return false
+		}
+	}
+}
+
+// give returns n bytes taken with take.
+func (c *conn) give(n int64) {
+	if n <= 0 {
+		return
+	}
+	b := &c.budget
+	b.mu.Lock()
+	b.used -= n
+	if b.wake != nil {
+		close(b.wake)
+		b.wake = nil
+	}
+	b.mu.Unlock()
+	c.srv.held.Add(-n)
 }
 
 func (c *conn) stop() {
@@ -357,17 +484,22 @@ func (c *conn) serve() {
 var errAbort = errors.New("client aborted")
 
 // reply is one encoded reply; bp, if set, goes back to the pool once
-// written.
+// written, and cost bytes to the connection's budget.
 type reply struct {
-	b  []byte
-	bp *[]byte
+	b    []byte
+	bp   *[]byte
+	cost int64
 }
 
 // write queues a reply for the reply writer.
 func (c *conn) write(b []byte) { c.replies <- reply{b: b} }
 
-// writeOwned queues a pooled buffer holding a reply.
-func (c *conn) writeOwned(bp *[]byte) { c.replies <- reply{b: *bp, bp: bp} }
+// writeCost queues a reply whose cost bytes of the connection's budget
+// are given back once it is written.
+func (c *conn) writeCost(b []byte, cost int64) { c.replies <- reply{b: b, cost: cost} }
+
+// writeOwned queues a pooled buffer holding a reply, likewise.
+func (c *conn) writeOwned(bp *[]byte, cost int64) { c.replies <- reply{b: *bp, bp: bp, cost: cost} }
 
 // replyWriter writes replies in completion order, coalescing those that
 // are ready together into one write (many requests in flight finish at
@@ -383,6 +515,7 @@ func (c *conn) replyWriter() {
 		if r.bp != nil {
 			putBuf(r.bp)
 		}
+		c.give(r.cost)
 	}
 	for r := range c.replies {
 		c.wmu.Lock()
@@ -991,6 +1124,7 @@ func (c *conn) transmission() {
 			return
 		}
 		var payload *[]byte
+		var cost int64 // bytes of the budget the request holds
 		if req.typ == cmdWrite {
 			if req.length > MaxBlock {
 				// Consume it so the stream stays in sync, then refuse.
@@ -1021,9 +1155,17 @@ func (c *conn) transmission() {
 					return
 				}
 			}
+			// The payload waits in memory for the export: it counts
+			// against the budget until written.
+			cost = int64(req.length)
+			c.flushInline()
+			if !c.take(cost) {
+				return
+			}
 			payload = getBuf(int(req.length))
 			if _, err := io.ReadFull(r, *payload); err != nil {
 				putBuf(payload)
+				c.give(cost)
 				return
 			}
 		}
@@ -1036,18 +1178,34 @@ func (c *conn) transmission() {
 			return
 		}
 		c.flushInline()
+		// A read's reply, and a block status's, waits in memory for the
+		// client: it counts against the budget until written.
+		switch {
+		case req.typ == cmdRead && req.length <= MaxBlock:
+			cost = int64(c.readHeaderLen(int(req.length))) + int64(req.length)
+		case req.typ == cmdBlockStatus:
+			cost = int64(len(c.metas)) * (24 + 8*maxDescriptors)
+		}
+		if req.typ != cmdWrite && !c.take(cost) {
+			return
+		}
 		select {
 		case sem <- struct{}{}:
 		case <-c.stopping:
+			c.give(cost)
+			if payload != nil {
+				putBuf(payload)
+			}
 			return
 		}
 		c.inflight.Add(1)
 		go func() {
 			defer func() { <-sem; c.inflight.Done() }()
-			c.handle(req, payload)
+			kept := c.handle(req, payload, cost)
 			if payload != nil {
 				putBuf(payload)
 			}
+			c.give(cost - kept)
 		}()
 	}
 }
@@ -1088,7 +1246,10 @@ func errnoOf(err error) uint32 {
 	}
 }
 
-func (c *conn) handle(req request, payload *[]byte) {
+// handle serves request req; cost bytes of the budget were taken for it,
+// and kept of them go back when its reply is written (the rest when
+// handle returns).
+func (c *conn) handle(req request, payload *[]byte, cost int64) (kept int64) {
 	if o := c.srv.opts.Observe; o != nil {
 		o(CommandName(req.typ), false)
 	}
@@ -1111,7 +1272,7 @@ func (c *conn) handle(req request, payload *[]byte) {
 			c.sendError(req, errOverflow, "read larger than the maximum block size")
 			return
 		}
-		c.read(req)
+		return c.read(req, cost)
 	case cmdWrite:
 		switch {
 		case exp.ReadOnly:
@@ -1180,14 +1341,20 @@ func (c *conn) handle(req request, payload *[]byte) {
 			c.sendError(req, errInval, "block status needs structured replies and a meta context")
 			return
 		}
-		c.blockStatus(req)
+		return c.blockStatus(req, cost)
 	default:
 		c.sendError(req, errInval, fmt.Sprintf("unknown command %d", req.typ))
 	}
+	return 0
 }
 
+// zeroes is what writeZeroes writes, shared: a backend's WriteAt does not
+// modify its argument (io.WriterAt), and requests in flight must not
+// each allocate their own.
+var zeroes = make([]byte, 1<<20)
+
 func writeZeroes(b Backend, off, n int64) error {
-	z := make([]byte, min(n, 1<<20))
+	z := zeroes
 	for n > 0 {
 		k := min(n, int64(len(z)))
 		if _, err := b.WriteAt(z[:k], off); err != nil {
@@ -1198,10 +1365,12 @@ func writeZeroes(b Backend, off, n int64) error {
 	return nil
 }
 
-func (c *conn) read(req request) {
+// read serves read request req; the reply, when buffered, keeps cost
+// bytes of the budget until written.
+func (c *conn) read(req request, cost int64) (kept int64) {
 	n := int(req.length)
 	if n > inlineMax && (c.sendMapped(req) || c.sendFile(req)) {
-		return
+		return 0 // sent from the page cache: nothing buffered
 	}
 	hdrLen := c.readHeaderLen(n)
 	bp := getBuf(hdrLen + n)
@@ -1210,10 +1379,11 @@ func (c *conn) read(req request) {
 	if err != nil && !(errors.Is(err, io.EOF) && got == n) {
 		putBuf(bp)
 		c.sendError(req, errnoOf(err), err.Error())
-		return
+		return 0
 	}
 	c.appendReadHeader(b[:0], req)
-	c.writeOwned(bp)
+	c.writeOwned(bp, cost)
+	return cost
 }
 
 // readHeaderLen is the length of the header before the data of the
@@ -1359,7 +1529,9 @@ var sendfileRefused atomic.Bool
 // maxDescriptors bounds one block-status reply; clients ask again.
 const maxDescriptors = 2048
 
-func (c *conn) blockStatus(req request) {
+// blockStatus answers block status request req; its reply keeps cost
+// bytes of the budget until written.
+func (c *conn) blockStatus(req request, cost int64) (kept int64) {
 	var out []byte
 	for i, m := range c.metas {
 		var desc []byte
@@ -1371,7 +1543,7 @@ func (c *conn) blockStatus(req request) {
 		}
 		if err != nil {
 			c.sendError(req, errIO, err.Error())
-			return
+			return 0
 		}
 		flags := uint16(0)
 		if i == len(c.metas)-1 {
@@ -1381,7 +1553,8 @@ func (c *conn) blockStatus(req request) {
 		out = binary.BigEndian.AppendUint32(out, m.id)
 		out = append(out, desc...)
 	}
-	c.write(out)
+	c.writeCost(out, cost)
+	return cost
 }
 
 func appendDesc(desc []byte, length int64, flags uint32) []byte {

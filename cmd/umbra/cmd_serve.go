@@ -354,6 +354,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		log.Info("btrfs subvolume volume", "subvolume", sv)
 	}
 	srv := nbd.NewServer(frontend.NBDExports(p, reg), opts)
+	m.WatchNBD(srv)
 	if err := os.MkdirAll(filepath.Dir(cfg.NBD.Socket), 0o750); err != nil {
 		return fmt.Errorf("NBD socket directory: %w", err)
 	}
@@ -430,6 +431,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 			return fmt.Errorf("NBD listen %s: %w", cfg.NBD.Listen, err)
 		}
 		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: opts.TLS, RequireTLS: true, Observe: m.NBD})
+		m.WatchNBD(tcpSrv)
 		go func() { errc <- tcpSrv.Serve(ctx, tl) }()
 		defer tcpSrv.Shutdown(context.Background())
 		log.Info("serving NBD over TLS", "listen", tl.Addr().String())
