@@ -241,9 +241,10 @@ func (ids *Identities) addCert(cn, role string) error {
 	return nil
 }
 
-// who authenticates a call. On the unix socket (ids nil) peerCheck has
-// let in only root and the service's uid: they are admins. On TCP the
-// verified client certificate or the bearer token decides; else nobody.
+// who authenticates a call. On the unix socket (ids nil) root and the
+// service's uid (SO_PEERCRED, read by peerCheck) are admins, and any
+// other uid is refused. On TCP the verified client certificate or the
+// bearer token decides; else nobody.
 func (ids *Identities) who(ctx context.Context) (identity, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
@@ -251,7 +252,16 @@ func (ids *Identities) who(ctx context.Context) (identity, error) {
 	}
 	if ids == nil {
 		if a, unix := p.Addr.(*net.UnixAddr); unix {
-			return identity{name: "unix:" + a.Name, role: RoleAdmin}, nil
+			id := identity{name: "unix:" + a.Name}
+			var uid int
+			if _, err := fmt.Sscanf(a.Name, "uid=%d", &uid); err != nil {
+				return id, status.Error(codes.Unauthenticated, "the unix socket peer's uid is unknown")
+			}
+			if uid != 0 && uid != os.Getuid() {
+				return id, status.Errorf(codes.PermissionDenied, "uid %d may not use this service's API socket: it admits root and the service's own user (uid %d); run the command as one of them (e.g. with sudo)", uid, os.Getuid())
+			}
+			id.role = RoleAdmin
+			return id, nil
 		}
 		return identity{name: p.Addr.String()}, status.Error(codes.Unauthenticated, "this listener serves unix-socket peers only")
 	}

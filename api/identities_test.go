@@ -89,6 +89,16 @@ func TestUnixModeRefusesOtherPeers(t *testing.T) {
 	if id, err := unixOnly.who(ctx); err != nil || id.role != RoleAdmin || id.name != "unix:uid=0" {
 		t.Fatalf("unix peer: %v %v", id, err)
 	}
+	// Any other uid is refused per call (PermissionDenied, audited), as
+	// is a unix address without one.
+	other := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.UnixAddr{Name: "uid=65534", Net: "unix"}})
+	if id, err := unixOnly.who(other); status.Code(err) != codes.PermissionDenied || id.role != RoleNone || id.name != "unix:uid=65534" || !strings.Contains(err.Error(), "uid 65534 may not use") {
+		t.Fatalf("unix peer uid 65534: %v %v", id, err)
+	}
+	anon := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.UnixAddr{Name: "@", Net: "unix"}})
+	if id, err := unixOnly.who(anon); err == nil || id.role != RoleNone {
+		t.Fatalf("unix peer without a uid: %v %v", id, err)
+	}
 	if _, err := unixOnly.who(bearerCtx("anything-0123456789abc")); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("TCP peer on the unix listener: %v", err)
 	}

@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -42,6 +43,11 @@ func client(ctx context.Context) (umbrav1.UmbraClient, func(), error) {
 	path := apiSocketPath()
 	if _, err := os.Stat(path); err != nil {
 		return nil, nil, fmt.Errorf("%w at %s: start it with `umbra serve` or give --api-socket (%v)", errUnreachable, path, err)
+	}
+	// Connecting needs write permission on the socket: without it the
+	// service is there but refuses this user, which is exit 5, not 4.
+	if err := unix.Access(path, unix.W_OK); errors.Is(err, unix.EACCES) {
+		return nil, nil, accessError{fmt.Errorf("permission denied on the API socket %s (uid %d): it admits root and the service's own user; run the command as one of them (e.g. with sudo)", path, os.Getuid())}
 	}
 	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
