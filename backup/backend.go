@@ -123,6 +123,31 @@ func (b *localBackend) Get(ctx context.Context, name string, off, length int64) 
 	return buf, nil
 }
 
+func (b *localBackend) Size(ctx context.Context, name string) (int64, error) {
+	fi, err := os.Stat(b.path(name))
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+// sizer is a backend that tells an object's size without reading it
+// (both do; wrappers in tests may not).
+type sizer interface {
+	Size(ctx context.Context, name string) (int64, error)
+}
+
+// objectSize is the size of object name, or fallback when the backend
+// cannot tell.
+func objectSize(ctx context.Context, be Backend, name string, fallback int64) int64 {
+	if s, ok := be.(sizer); ok {
+		if n, err := s.Size(ctx, name); err == nil {
+			return n
+		}
+	}
+	return fallback
+}
+
 func (b *localBackend) Has(ctx context.Context, name string) (bool, error) {
 	_, err := os.Stat(b.path(name))
 	if errors.Is(err, fs.ErrNotExist) {

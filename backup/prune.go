@@ -261,8 +261,11 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 			blobs[pid] = ents
 			rep.Recovered++
 		} else {
-			rep.PacksDeleted++
-			r.be.Delete(ctx, n)
+			size := objectSize(ctx, r.be, n, 0)
+			if r.be.Delete(ctx, n) == nil {
+				rep.PacksDeleted++
+				rep.BytesFreed += size
+			}
 		}
 	}
 	// Decide per pack: keep, delete, or repack its live blobs.
@@ -286,11 +289,9 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		switch {
 		case live == 0:
 			drop = append(drop, pid)
-			rep.BytesFreed += storedBytes(bs)
 		case float64(live) < repackBelow*float64(total):
 			repack = append(repack, packBlobs{ID: pid, Blobs: bs})
 			drop = append(drop, pid)
-			rep.BytesFreed += storedBytes(bs)
 		default:
 			keepPacks = append(keepPacks, packBlobs{ID: pid, Blobs: bs})
 		}
@@ -309,7 +310,6 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 			return nil
 		}
 		blob := r.seal.seal(nil, r.enc.encode(nil, pend))
-		rep.BytesFreed -= int64(len(blob))
 		err := up.add(blob, pendEnts)
 		pend, pendEnts = pend[:0], pendEnts[:0]
 		return err
@@ -333,7 +333,6 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 				for _, b := range g {
 					up.mark(b.Hash)
 				}
-				rep.BytesFreed -= int64(len(blob))
 				if err := up.add(blob, g); err != nil {
 					return fmt.Errorf("prune: repack: %w", err)
 				}
@@ -368,6 +367,11 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	if err := up.finishPacks(); err != nil {
 		return fmt.Errorf("prune: %w", err)
 	}
+	// What is freed is what the packs shrink by: the packs deleted, less
+	// the packs written for their live blobs.
+	for _, p := range up.done {
+		rep.BytesFreed -= objectSize(ctx, r.be, p.ID.name(), storedBytes(p.Blobs))
+	}
 	all := append(keepPacks, up.done...)
 	b := wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(all, r.hashLen()))))
 	newIndex := "index/" + randomID()
@@ -388,10 +392,12 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		return err
 	}
 	for _, pid := range drop {
+		size := objectSize(ctx, r.be, pid.name(), storedBytes(blobs[pid]))
 		if err := r.be.Delete(ctx, pid.name()); err != nil {
 			return fmt.Errorf("prune: remove pack %s: %w", pid, err)
 		}
 		rep.PacksDeleted++
+		rep.BytesFreed += size
 	}
 	// Chunk lists whose image record is gone (a backup or prune that
 	// died): lists/ID (format 2) and lists/ID/NNNNNN (format 3 on).

@@ -141,6 +141,14 @@ func (b *s3Backend) Has(ctx context.Context, name string) (bool, error) {
 	return err == nil, err
 }
 
+func (b *s3Backend) Size(ctx context.Context, name string) (int64, error) {
+	st, err := b.c.StatObject(ctx, b.bucket, b.prefix+name, minio.StatObjectOptions{})
+	if err != nil {
+		return 0, b.wrap(name, err)
+	}
+	return st.Size, nil
+}
+
 func (b *s3Backend) List(ctx context.Context, prefix string) ([]string, error) {
 	var out []string
 	for o := range b.c.ListObjects(ctx, b.bucket, minio.ListObjectsOptions{Prefix: b.prefix + prefix, Recursive: true}) {
