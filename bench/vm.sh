@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# bench/vm.sh: the same fio jobs, in one VM (scripts/vmtest: Debian's kernel
+# under qemu TCG, 2 CPUs), on
+#   plain        a virtio disk
+#   umbra        Umbra's NBD export of a virtio disk through the kernel's
+#                nbd-client, no snapshot
+#   umbra+snap   the same with a live snapshot taken before the first write
+#   lvm-thick    an LVM LV with a thick (dm-snapshot) snapshot
+#   lvm-thin     a thin LV with a thin snapshot
+# Each target gets its own virtio disk (Umbra's shadow storage: ext4 on one
+# more), is filled once, then: first write (4 KiB random writes over the
+# whole region, each block once: under a snapshot every one copies),
+# rewrite (the same again), read (4 KiB random reads). Throughput is
+# reported as a ratio to the plain disk: under TCG absolute numbers mean
+# little.
+#
+#   bench/vm.sh [REGION_MIB]     (default 32)
+set -euo pipefail
+
+if [ -z "${VMTEST_OUT:-}" ]; then
+  # On the host: boot the VM with five scratch disks and run this script in it.
+  cd "$(dirname "$0")/.."
+  bench/machine.sh
+  echo "guest: Debian's kernel under qemu TCG (no KVM), 2 vCPUs, 2 GiB; disks are sparse files (cache=unsafe)"
+  exec scripts/vmtest --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G \
+    --timeout 3000 bench/vm.sh "${1:-32}"
+fi
+
+# In the guest.
+mib=${1:-32}
+W=/tmp/bench; mkdir -p "$W/shadow" "$W/lvm"
+ip link set lo up
+export LVM_SYSTEM_DIR=$W/lvm
+cat >"$W/lvm/lvm.conf" <<'EOF'
+devices { obtain_device_list_from_udev = 0 external_device_info_source = "none" }
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+backup { backup = 0 archive = 0 }
+global { locking_dir = "/run/lock/lvm" }
+EOF
+mkdir -p /run/lock/lvm
+
+job() { # job NAME DEV RW: one fio pass over the region; prints KiB/s
+  local bw
+  fio --name="$1" --filename="$2" --rw="$3" --bs=4k --size="${mib}M" --direct=1 \
+    --ioengine=libaio --iodepth=16 --randrepeat=0 --output-format=json >"$W/$1.json"
+  bw=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["bw"] + j["read"]["bw"]))' "$W/$1.json")
+  echo "$bw"
+}
+fill() { dd if=/dev/urandom of="$1" bs=1M count="$mib" oflag=direct status=none; }
+declare -A first rewrite rd
+run() { # run TARGET DEV [SNAPSHOT-COMMAND]: fill, snapshot, the three passes
+  local t=$1 dev=$2; shift 2
+  fill "$dev"
+  if [ $# -gt 0 ]; then "$@" >/dev/null; fi
+  first[$t]=$(job "$t-first" "$dev" randwrite)
+  rewrite[$t]=$(job "$t-rewrite" "$dev" randwrite)
+  rd[$t]=$(job "$t-read" "$dev" randread)
+  echo "$t: first ${first[$t]} KiB/s, rewrite ${rewrite[$t]} KiB/s, read ${rd[$t]} KiB/s"
+}
+
+run plain /dev/vda
+
+mkfs.ext4 -q /dev/vdc && mount /dev/vdc "$W/shadow"
+"$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
+serve=$!
+for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0.2; done
+nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 >/dev/null
+nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 >/dev/null
+run umbra /dev/nbd0
+run umbra+snap /dev/nbd1 "$UMBRA" snapshot create u2 --id s1
+nbd-client -d /dev/nbd0 >/dev/null; nbd-client -d /dev/nbd1 >/dev/null
+kill "$serve"; wait "$serve" || true
+
+pvcreate -q /dev/vde && vgcreate -q vgthick /dev/vde
+lvcreate -q -y -L "${mib}M" -n lv vgthick
+run lvm-thick /dev/vgthick/lv lvcreate -q -y -s -L "$((mib * 2))M" -n snap vgthick/lv
+echo "lvm-thick snapshot chunk size: $(lvs --noheadings -o chunk_size vgthick/snap)"
+lvremove -q -y vgthick >/dev/null
+
+pvcreate -q /dev/vdf && vgcreate -q vgthin /dev/vdf
+lvcreate -q -y -L "$((mib * 3))M" -T vgthin/pool
+lvcreate -q -y -V "${mib}M" -T vgthin/pool -n lv
+run lvm-thin /dev/vgthin/lv lvcreate -q -y -s -n snap vgthin/lv
+echo "lvm-thin pool chunk size: $(lvs --noheadings -o chunk_size vgthin/pool)"
+lvremove -q -y vgthin >/dev/null
+
+echo
+echo "4 KiB random I/O over ${mib} MiB, iodepth 16, O_DIRECT; ratio to the plain virtio disk (TCG: ratios only)"
+printf '%-12s %12s %12s %12s\n' target "first write" rewrite read
+for t in plain umbra umbra+snap lvm-thick lvm-thin; do
+  printf '%-12s %12s %12s %12s\n' "$t" \
+    "$(awk -v a="${first[$t]}" -v b="${first[plain]}" 'BEGIN{printf "%.2f", a/b}')" \
+    "$(awk -v a="${rewrite[$t]}" -v b="${rewrite[plain]}" 'BEGIN{printf "%.2f", a/b}')" \
+    "$(awk -v a="${rd[$t]}" -v b="${rd[plain]}" 'BEGIN{printf "%.2f", a/b}')"
+done
