@@ -66,10 +66,11 @@ type apiConfig struct {
 }
 
 type nbdConfig struct {
-	Socket  string `toml:"socket"`
-	Listen  string `toml:"listen"`
-	TLSCert string `toml:"tls_cert"`
-	TLSKey  string `toml:"tls_key"`
+	Socket   string `toml:"socket"`
+	Listen   string `toml:"listen"`
+	TLSCert  string `toml:"tls_cert"`
+	TLSKey   string `toml:"tls_key"`
+	ClientCA string `toml:"client_ca"` // TCP clients need a certificate it signed
 }
 
 type writersConfig struct {
@@ -177,6 +178,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.NBD.Listen, "nbd-listen", "", "also serve NBD on TCP HOST:PORT (requires --tls-cert and --tls-key)")
 	f.StringVar(&cfg.NBD.TLSCert, "tls-cert", "", "TLS certificate file for NBD over TCP")
 	f.StringVar(&cfg.NBD.TLSKey, "tls-key", "", "TLS key file for NBD over TCP")
+	f.StringVar(&cfg.NBD.ClientCA, "nbd-tls-client-ca", "", "CA that signs the client certificates NBD over TCP requires (recommended: without it any client that trusts --tls-cert may write)")
 	f.StringVar(&cfg.FUSE.Dir, "fuse-dir", "", "also mount a FUSE directory with each volume and snapshot as a file")
 	f.StringArrayVar(&cfg.Reflink, "reflink-volume", nil, "a file on XFS (reflink=1) or btrfs to snapshot by cloning (shadow storage: .umbra-shadow beside it); repeatable")
 	f.StringArrayVar(&cfg.Btrfs, "btrfs-volume", nil, "a btrfs subvolume to snapshot natively (snapshots: .umbra-snapshots beside it); repeatable")
@@ -207,6 +209,7 @@ func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
 	set("nbd-listen", &file.NBD.Listen, flags.NBD.Listen)
 	set("tls-cert", &file.NBD.TLSCert, flags.NBD.TLSCert)
 	set("tls-key", &file.NBD.TLSKey, flags.NBD.TLSKey)
+	set("nbd-tls-client-ca", &file.NBD.ClientCA, flags.NBD.ClientCA)
 	set("fuse-dir", &file.FUSE.Dir, flags.FUSE.Dir)
 	set("hooks-dir", &file.Writers.HooksDir, flags.Writers.HooksDir)
 	set("expose-dir", &file.ExposeDir, flags.ExposeDir)
@@ -278,6 +281,10 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	}
 	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
 		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
+	}
+	nbdClientCAs, err := nbdClientPool(cfg.NBD)
+	if err != nil {
+		return err
 	}
 	setTimeout, err := checkServeConfig(cfg)
 	if err != nil {
@@ -430,7 +437,13 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		if err != nil {
 			return fmt.Errorf("NBD listen %s: %w", cfg.NBD.Listen, err)
 		}
-		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: opts.TLS, RequireTLS: true, Observe: m.NBD})
+		tcpTLS := opts.TLS.Clone()
+		if nbdClientCAs != nil {
+			tcpTLS.ClientCAs, tcpTLS.ClientAuth = nbdClientCAs, tls.RequireAndVerifyClientCert
+		} else {
+			log.Warn("NBD over TCP without client certificates: any client that trusts the server certificate can read and write every volume; give --nbd-tls-client-ca")
+		}
+		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: tcpTLS, RequireTLS: true, Observe: m.NBD})
 		m.WatchNBD(tcpSrv)
 		go func() { errc <- tcpSrv.Serve(ctx, tl) }()
 		defer tcpSrv.Shutdown(context.Background())
@@ -491,6 +504,25 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	srv.Shutdown(sctx)
 	os.Remove(cfg.NBD.Socket)
 	return nil
+}
+
+// nbdClientPool loads the CA of --nbd-tls-client-ca (nil without it).
+func nbdClientPool(c nbdConfig) (*x509.CertPool, error) {
+	if c.ClientCA == "" {
+		return nil, nil
+	}
+	if c.Listen == "" {
+		return nil, usageError{errors.New("--nbd-tls-client-ca is for NBD over TCP: give --nbd-listen HOST:PORT (and --tls-cert, --tls-key) too")}
+	}
+	b, err := os.ReadFile(c.ClientCA)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--nbd-tls-client-ca: %w", err)}
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, usageError{fmt.Errorf("--nbd-tls-client-ca %s: no PEM certificate in it", c.ClientCA)}
+	}
+	return pool, nil
 }
 
 // socketFree refuses a unix socket path that a running process answers

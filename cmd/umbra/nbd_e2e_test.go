@@ -2,17 +2,21 @@ package main
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"umbra/internal/testutil"
 )
 
 // nbdGo opens export name on the NBD unix socket sock (fixed newstyle,
@@ -149,6 +153,75 @@ func TestNBDStalledClientMemory(t *testing.T) {
 		}
 		if _, err := io.CopyN(io.Discard, c, 16<<20); err != nil {
 			t.Fatal(err)
+		}
+	}
+}
+
+// TestNBDClientCertificates: with --nbd-tls-client-ca, NBD over TCP
+// serves only clients with a certificate that CA signed: nbdinfo with
+// one reads the volume, nbdinfo and a Go client without one are refused
+// before any export is negotiated.
+func TestNBDClientCertificates(t *testing.T) {
+	if _, err := exec.LookPath("nbdinfo"); err != nil {
+		t.Skip("needs nbdinfo (apt-get install libnbd-bin)")
+	}
+	dir := t.TempDir()
+	pki := testutil.NewPKI(t)
+	testutil.WritePEM(t, pki.Issue(t, "umbra-server", true), filepath.Join(dir, "server.pem"), filepath.Join(dir, "server.key"))
+	pki.WriteCA(t, filepath.Join(dir, "ca.pem"))
+	// GnuTLS's certificate directories, as nbdinfo, qemu and nbdkit use them.
+	withCert, noCert := filepath.Join(dir, "client"), filepath.Join(dir, "anon")
+	for _, d := range []string{withCert, noCert} {
+		os.Mkdir(d, 0o700)
+		pki.WriteCA(t, filepath.Join(d, "ca-cert.pem"))
+	}
+	testutil.WritePEM(t, pki.Issue(t, "backup-host", false), filepath.Join(withCert, "client-cert.pem"), filepath.Join(withCert, "client-key.pem"))
+	// A certificate from another CA is refused too.
+	other := filepath.Join(dir, "other")
+	os.Mkdir(other, 0o700)
+	pki.WriteCA(t, filepath.Join(other, "ca-cert.pem"))
+	testutil.WritePEM(t, testutil.NewPKI(t).Issue(t, "intruder", false), filepath.Join(other, "client-cert.pem"), filepath.Join(other, "client-key.pem"))
+
+	addr := freePort(t)
+	startService(t, dir, []string{"v"}, "--nbd-listen", addr, "--tls-cert", filepath.Join(dir, "server.pem"),
+		"--tls-key", filepath.Join(dir, "server.key"), "--nbd-tls-client-ca", filepath.Join(dir, "ca.pem"))
+	uri := func(certs string) string { return "nbds://" + addr + "/v?tls-certificates=" + certs }
+	if out, err := exec.Command("nbdinfo", "--size", uri(withCert)).CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "16777216" {
+		t.Fatalf("nbdinfo with a client certificate: %v\n%s", err, out)
+	}
+	for _, certs := range []string{noCert, other} {
+		if out, err := exec.Command("nbdinfo", "--size", uri(certs)).CombinedOutput(); err == nil {
+			t.Errorf("nbdinfo with certificates %s was served:\n%s", filepath.Base(certs), out)
+		}
+	}
+
+	// A Go client that trusts the server but has no certificate: the
+	// TLS handshake fails, or the first option after it finds the
+	// connection closed.
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Minute))
+	io.ReadFull(c, make([]byte, 18))
+	c.Write([]byte{0, 0, 0, 3})
+	opt := func(w io.Writer, code uint32, data []byte) {
+		b := binary.BigEndian.AppendUint64(nil, 0x49484156454f5054)
+		b = binary.BigEndian.AppendUint32(b, code)
+		b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+		w.Write(append(b, data...))
+	}
+	opt(c, 5, nil) // NBD_OPT_STARTTLS
+	h := make([]byte, 20)
+	if _, err := io.ReadFull(c, h); err != nil || binary.BigEndian.Uint32(h[12:]) != 1 {
+		t.Fatalf("STARTTLS: %v %x", err, h)
+	}
+	tc := tls.Client(c, &tls.Config{RootCAs: pki.Pool, ServerName: "127.0.0.1"})
+	if err := tc.Handshake(); err == nil {
+		opt(tc, 7, append(binary.BigEndian.AppendUint32(nil, 1), 'v', 0, 0)) // NBD_OPT_GO v
+		if _, err := io.ReadFull(tc, h); err == nil {
+			t.Fatalf("a client without a certificate got an option reply %x", h)
 		}
 	}
 }
