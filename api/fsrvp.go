@@ -22,6 +22,7 @@ import (
 	"umbra/coordinator"
 	"umbra/cow"
 	"umbra/expose"
+	"umbra/frontend"
 	"umbra/provider"
 	"umbra/writer"
 )
@@ -700,6 +701,11 @@ func (s *Server) exposeLocked(ctx context.Context, vol, snap, dir string, mount 
 	}
 	if !s.snapshotExists(ctx, vol, snap) {
 		return nil, fmt.Errorf("snapshot %s: %w", key, provider.ErrNotFound)
+	}
+	if v, err := s.cow.Volume(vol); err == nil {
+		if err := frontend.Unreadable(v, snap); err != nil {
+			return nil, err
+		}
 	}
 	e.Volume, e.Snapshot, e.Created = vol, snap, time.Now().UTC()
 	if p.Name() != cow.ProviderName {

@@ -184,11 +184,16 @@ func toStatus(err error) error {
 var errBadRequest = errors.New("bad request")
 
 func snapshotMsg(s provider.Snapshot) *umbrav1.Snapshot {
-	return &umbrav1.Snapshot{
+	m := &umbrav1.Snapshot{
 		Volume: s.Volume, Id: s.ID, Provider: s.Provider, SetId: s.SetID,
 		Created: timestamppb.New(s.Created), Persistent: s.Persistent, Valid: s.Valid,
 		Reason: s.Reason, Size: s.Size, DiffBytes: s.DiffBytes, Export: s.Volume + "@" + s.ID,
+		State: provider.StateOf(s),
 	}
+	if m.State == provider.StateBackupBase {
+		m.Export = "" // not exported: nothing behind the cursor reads
+	}
+	return m
 }
 
 func storageMsg(v *cow.Volume) *umbrav1.Storage {
@@ -476,11 +481,28 @@ func (s *Server) SetStorage(ctx context.Context, req *umbrav1.SetStorageRequest)
 	if req.GetPolicy() != "" {
 		policy = cow.Policy(strings.ToLower(req.GetPolicy()))
 	}
+	before := v.Snapshots()
 	if err := v.SetStorage(dir, req.GetMaxBytes(), policy); err != nil {
 		return nil, toStatus(fmt.Errorf("%w: %v", errBadRequest, err))
 	}
+	out := &umbrav1.SetStorageResponse{Storage: storageMsg(v)}
+	// A shrink below what is used applies the policy now: say which
+	// snapshots it took.
+	after := map[string]provider.Snapshot{}
+	for _, sn := range v.Snapshots() {
+		after[sn.ID] = sn
+	}
+	for _, sn := range before {
+		if now, ok := after[sn.ID]; !ok {
+			out.Deleted = append(out.Deleted, v.Name()+"@"+sn.ID)
+			s.emit("snapshot_deleted", &umbrav1.Event{Volume: v.Name(), Snapshot: sn.ID, Message: "deleted to fit the shadow storage's new size"})
+		} else if sn.Valid && !now.Valid {
+			out.Invalidated = append(out.Invalidated, v.Name()+"@"+sn.ID)
+		}
+	}
 	s.saveStorage(v)
 	s.emit("storage_changed", &umbrav1.Event{Volume: v.Name(), Message: fmt.Sprintf("dir %s max %d policy %s", dir, req.GetMaxBytes(), policy)})
-	s.log.Info("storage changed", "volume", v.Name(), "dir", dir, "max", req.GetMaxBytes(), "policy", policy)
-	return &umbrav1.SetStorageResponse{Storage: storageMsg(v)}, nil
+	s.log.Info("storage changed", "volume", v.Name(), "dir", dir, "max", req.GetMaxBytes(), "policy", policy,
+		"snapshots_deleted", out.Deleted, "snapshots_invalidated", out.Invalidated)
+	return out, nil
 }

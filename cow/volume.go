@@ -1655,11 +1655,16 @@ func (v *Volume) commit(opts provider.SnapshotOptions) (provider.Snapshot, error
 }
 
 func (v *Volume) info(s *snap) provider.Snapshot {
-	return provider.Snapshot{
+	out := provider.Snapshot{
 		Volume: v.name, ID: s.id, Provider: ProviderName, SetID: s.setID,
 		Created: s.created, Persistent: s.persistent, Valid: s.invalid == "",
 		Reason: s.invalid, Size: v.size, DiffBytes: s.nonzero * v.chunk,
 	}
+	if s.invalid == "" && s.hasCursor && s.cursor > 0 {
+		out.State = provider.StateBackupBase
+		out.Reason = fmt.Sprintf("kept as a backup's base; its data below byte %d was released as the backup read past it", int64(s.cursor)<<v.shift)
+	}
+	return out
 }
 
 // Snapshots lists the live snapshots, oldest first.

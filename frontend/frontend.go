@@ -102,17 +102,32 @@ func ParseName(name string) (vol, snap string, err error) {
 	return vol, snap, nil
 }
 
-// Names lists every volume and live snapshot of p as export names.
+// Names lists every volume and live snapshot of p as export names; not
+// a backup base, which cannot be read.
 func Names(p *cow.Provider) []string {
 	var out []string
 	for _, v := range p.Volumes() {
 		out = append(out, v.Name())
 		for _, s := range v.Snapshots() {
-			out = append(out, v.Name()+"@"+s.ID)
+			if provider.StateOf(s) != provider.StateBackupBase {
+				out = append(out, v.Name()+"@"+s.ID)
+			}
 		}
 	}
 	sort.Strings(out)
 	return out
+}
+
+// Unreadable says why snapshot id of v cannot be served or exposed (a
+// backup base: its data was released), or is nil.
+func Unreadable(v *cow.Volume, id string) error {
+	for _, s := range v.Snapshots() {
+		if s.ID == id && provider.StateOf(s) == provider.StateBackupBase {
+			return fmt.Errorf("snapshot %s@%s is a backup base (%s): it only tells the next incremental backup what changed and cannot be read; create a snapshot to read the volume (umbra snapshot create %s): %w",
+				v.Name(), id, s.Reason, v.Name(), cow.ErrReleased)
+		}
+	}
+	return nil
 }
 
 // NBDExports serves p's volumes and snapshots over NBD, and, when reg is
@@ -174,6 +189,9 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 			ChangedBases: func() []string { return changedBases(v, "") },
 			Release:      v.Use("NBD connection"),
 		}, nil
+	}
+	if err := Unreadable(v, snapID); err != nil {
+		return nil, err
 	}
 	s, err := v.OpenSnapshot(snapID)
 	if err != nil {
@@ -239,6 +257,9 @@ func (s fuseSource) Open(name string) (*fusefile.Entry, error) {
 	}
 	if snapID == "" {
 		return &fusefile.Entry{Name: name, Backend: v, Trim: v.Trim, Opened: func() func() { return v.Use("open FUSE file") }}, nil
+	}
+	if err := Unreadable(v, snapID); err != nil {
+		return nil, err
 	}
 	snap, err := v.OpenSnapshot(snapID)
 	if err != nil {

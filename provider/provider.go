@@ -81,6 +81,33 @@ type Snapshot struct {
 	Size       int64     `json:"size"`             // bytes of the volume image
 	Path       string    `json:"path,omitempty"`   // for providers whose snapshots have a path
 	DiffBytes  int64     `json:"diff_bytes"`       // shadow storage used by this snapshot
+	// State is StateBackupBase for a snapshot whose data a backup
+	// released (Reason says how far); empty means StateValid or
+	// StateInvalid, as Valid says (see StateOf).
+	State string `json:"state,omitempty"`
+}
+
+// Snapshot states, as listed.
+const (
+	StateValid   = "valid"
+	StateInvalid = "invalid"
+	// StateBackupBase: kept by a backup as the base of the volume's next
+	// incremental image; the data behind the backup cursor was released,
+	// so it is no longer readable, only the changes since it are known.
+	// It is neither exported nor exposed; Valid stays true, as a base to
+	// count changes from.
+	StateBackupBase = "backup-base"
+)
+
+// StateOf is s's state: valid, invalid or backup-base.
+func StateOf(s Snapshot) string {
+	switch {
+	case s.State != "":
+		return s.State
+	case !s.Valid:
+		return StateInvalid
+	}
+	return StateValid
 }
 
 // Capabilities say what a provider can do, for `umbra providers list`.

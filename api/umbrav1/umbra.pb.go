@@ -260,18 +260,23 @@ func (x *Storage) GetAllocatedBytes() int64 {
 }
 
 type Snapshot struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
-	Provider      string                 `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
-	SetId         string                 `protobuf:"bytes,4,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
-	Created       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created,proto3" json:"created,omitempty"`
-	Persistent    bool                   `protobuf:"varint,6,opt,name=persistent,proto3" json:"persistent,omitempty"`
-	Valid         bool                   `protobuf:"varint,7,opt,name=valid,proto3" json:"valid,omitempty"`
-	Reason        string                 `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"`
-	Size          int64                  `protobuf:"varint,9,opt,name=size,proto3" json:"size,omitempty"`
-	DiffBytes     int64                  `protobuf:"varint,10,opt,name=diff_bytes,json=diffBytes,proto3" json:"diff_bytes,omitempty"`
-	Export        string                 `protobuf:"bytes,11,opt,name=export,proto3" json:"export,omitempty"` // NBD export name
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Volume     string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Id         string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Provider   string                 `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
+	SetId      string                 `protobuf:"bytes,4,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	Created    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created,proto3" json:"created,omitempty"`
+	Persistent bool                   `protobuf:"varint,6,opt,name=persistent,proto3" json:"persistent,omitempty"`
+	Valid      bool                   `protobuf:"varint,7,opt,name=valid,proto3" json:"valid,omitempty"`
+	Reason     string                 `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"`
+	Size       int64                  `protobuf:"varint,9,opt,name=size,proto3" json:"size,omitempty"`
+	DiffBytes  int64                  `protobuf:"varint,10,opt,name=diff_bytes,json=diffBytes,proto3" json:"diff_bytes,omitempty"`
+	Export     string                 `protobuf:"bytes,11,opt,name=export,proto3" json:"export,omitempty"` // NBD export name
+	// valid; invalid (reason says why); or backup-base: kept by a backup
+	// as the base of the volume's next incremental image, its data behind
+	// the backup cursor released, so it is not readable, exported or
+	// exposed (reason says so).
+	State         string `protobuf:"bytes,12,opt,name=state,proto3" json:"state,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -379,6 +384,13 @@ func (x *Snapshot) GetDiffBytes() int64 {
 func (x *Snapshot) GetExport() string {
 	if x != nil {
 		return x.Export
+	}
+	return ""
+}
+
+func (x *Snapshot) GetState() string {
+	if x != nil {
+		return x.State
 	}
 	return ""
 }
@@ -1094,8 +1106,12 @@ func (x *SetStorageRequest) GetPolicy() string {
 }
 
 type SetStorageResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Storage       *Storage               `protobuf:"bytes,1,opt,name=storage,proto3" json:"storage,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Storage *Storage               `protobuf:"bytes,1,opt,name=storage,proto3" json:"storage,omitempty"`
+	// Snapshots (VOLUME@ID) that a shrink below what was used deleted
+	// (policy delete-oldest) or invalidated (policy invalidate).
+	Deleted       []string `protobuf:"bytes,2,rep,name=deleted,proto3" json:"deleted,omitempty"`
+	Invalidated   []string `protobuf:"bytes,3,rep,name=invalidated,proto3" json:"invalidated,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1133,6 +1149,20 @@ func (*SetStorageResponse) Descriptor() ([]byte, []int) {
 func (x *SetStorageResponse) GetStorage() *Storage {
 	if x != nil {
 		return x.Storage
+	}
+	return nil
+}
+
+func (x *SetStorageResponse) GetDeleted() []string {
+	if x != nil {
+		return x.Deleted
+	}
+	return nil
+}
+
+func (x *SetStorageResponse) GetInvalidated() []string {
+	if x != nil {
+		return x.Invalidated
 	}
 	return nil
 }
@@ -3549,7 +3579,7 @@ const file_umbra_proto_rawDesc = "" +
 	"\n" +
 	"used_bytes\x18\x04 \x01(\x03R\tusedBytes\x12\x16\n" +
 	"\x06policy\x18\x05 \x01(\tR\x06policy\x12'\n" +
-	"\x0fallocated_bytes\x18\x06 \x01(\x03R\x0eallocatedBytes\"\xb4\x02\n" +
+	"\x0fallocated_bytes\x18\x06 \x01(\x03R\x0eallocatedBytes\"\xca\x02\n" +
 	"\bSnapshot\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x1a\n" +
@@ -3565,7 +3595,8 @@ const file_umbra_proto_rawDesc = "" +
 	"\n" +
 	"diff_bytes\x18\n" +
 	" \x01(\x03R\tdiffBytes\x12\x16\n" +
-	"\x06export\x18\v \x01(\tR\x06export\"\x14\n" +
+	"\x06export\x18\v \x01(\tR\x06export\x12\x14\n" +
+	"\x05state\x18\f \x01(\tR\x05state\"\x14\n" +
 	"\x12ListVolumesRequest\"A\n" +
 	"\x13ListVolumesResponse\x12*\n" +
 	"\avolumes\x18\x01 \x03(\v2\x10.umbra.v1.VolumeR\avolumes\".\n" +
@@ -3611,9 +3642,11 @@ const file_umbra_proto_rawDesc = "" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x10\n" +
 	"\x03dir\x18\x02 \x01(\tR\x03dir\x12\x1b\n" +
 	"\tmax_bytes\x18\x03 \x01(\x03R\bmaxBytes\x12\x16\n" +
-	"\x06policy\x18\x04 \x01(\tR\x06policy\"A\n" +
+	"\x06policy\x18\x04 \x01(\tR\x06policy\"}\n" +
 	"\x12SetStorageResponse\x12+\n" +
-	"\astorage\x18\x01 \x01(\v2\x11.umbra.v1.StorageR\astorage\"\x98\x01\n" +
+	"\astorage\x18\x01 \x01(\v2\x11.umbra.v1.StorageR\astorage\x12\x18\n" +
+	"\adeleted\x18\x02 \x03(\tR\adeleted\x12 \n" +
+	"\vinvalidated\x18\x03 \x03(\tR\vinvalidated\"\x98\x01\n" +
 	"\vWriterEvent\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x15\n" +
 	"\x06set_id\x18\x02 \x01(\tR\x05setId\x12\x14\n" +

@@ -66,11 +66,17 @@ func printSnapshots(list []*umbrav1.Snapshot) {
 		if s.Persistent {
 			kind = "persistent"
 		}
-		state := "valid"
-		if !s.Valid {
+		state, export := "valid", s.Export
+		switch {
+		case s.State == "backup-base":
+			state = "backup-base (not readable)"
+		case !s.Valid:
 			state = "INVALID: " + s.Reason
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Id, s.Created.AsTime().Local().Format(time.DateTime), kind, state, human(s.DiffBytes), s.Export)
+		if export == "" {
+			export = "-"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Id, s.Created.AsTime().Local().Format(time.DateTime), kind, state, human(s.DiffBytes), export)
 	}
 	w.Flush()
 }

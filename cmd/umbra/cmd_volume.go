@@ -122,6 +122,12 @@ func newStorageCmd() *cobra.Command {
 					}
 					s := resp.Storage
 					fmt.Printf("%s: shadow storage %s, %s used (%s allocated) of %s, policy %s\n", s.Volume, s.Dir, human(s.UsedBytes), human(s.AllocatedBytes), maxStr(s.MaxBytes), s.Policy)
+					if len(resp.Deleted) > 0 {
+						fmt.Printf("deleted to fit: %s\n", strings.Join(resp.Deleted, ", "))
+					}
+					if len(resp.Invalidated) > 0 {
+						fmt.Printf("invalidated to fit: %s\n", strings.Join(resp.Invalidated, ", "))
+					}
 					return nil
 				})
 			},

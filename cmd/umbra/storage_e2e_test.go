@@ -56,7 +56,10 @@ func TestStorageShrinkAndPlacement(t *testing.T) {
 	if a := allocated(); a < 3<<20 {
 		t.Fatalf("storage allocated %d bytes before the shrink, less than the 3 MiB used", a)
 	}
-	s.ok("storage", "resize", "a", "--max", "1536K")
+	// The shrink names the snapshots it deleted, in text and JSON.
+	if out := s.ok("storage", "resize", "a", "--max", "1536K"); !strings.Contains(out, "deleted to fit: a@s1, a@s2") {
+		t.Fatalf("storage resize does not name the snapshots it deleted:\n%s", out)
+	}
 	l := s.list()
 	if len(l.Snapshots) != 1 || l.Snapshots[0].ID != "s3" {
 		t.Fatalf("after shrinking to 1.5 MiB: %+v", l)
