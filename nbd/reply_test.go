@@ -120,3 +120,51 @@ func TestClipString(t *testing.T) {
 		}
 	}
 }
+
+// longExports has an export whose description (a volume's origin path,
+// say) is longer than the protocol's strings may be.
+type longExports struct{ memExports }
+
+func (e longExports) Lookup(name string) (*Export, error) {
+	x, err := e.memExports.Lookup(name)
+	if x != nil {
+		x.Description = strings.Repeat("d", 5000)
+	}
+	return x, err
+}
+
+// TestLongDescriptionClipped: NBD_INFO_DESCRIPTION stays within 4096
+// bytes.
+func TestLongDescriptionClipped(t *testing.T) {
+	_, dial := serveMem(t, longExports{memExports{&memBackend{data: make([]byte, 4096)}}}, Options{})
+	c := dial()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	d := binary.BigEndian.AppendUint32(nil, 1)
+	d = append(d, 'm', 0, 1)
+	d = binary.BigEndian.AppendUint16(d, infoDescription)
+	b := binary.BigEndian.AppendUint64(nil, magicIHaveOpt)
+	b = binary.BigEndian.AppendUint32(b, optInfo)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
+	c.Write(append(b, d...))
+	for {
+		h := make([]byte, 20)
+		if _, err := io.ReadFull(c, h); err != nil {
+			t.Fatal(err)
+		}
+		data := make([]byte, binary.BigEndian.Uint32(h[16:]))
+		io.ReadFull(c, data)
+		typ := binary.BigEndian.Uint32(h[12:])
+		if typ != repInfo {
+			if typ != repAck {
+				t.Fatalf("INFO answered %#x", typ)
+			}
+			t.Fatal("no description in the INFO replies")
+		}
+		if binary.BigEndian.Uint16(data) == infoDescription {
+			if len(data)-2 != maxString {
+				t.Fatalf("description of %d bytes, want it clipped to %d", len(data)-2, maxString)
+			}
+			return
+		}
+	}
+}

@@ -945,9 +945,9 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 			var b []byte
 			switch want {
 			case infoName:
-				b = append(binary.BigEndian.AppendUint16(nil, infoName), exp.Name...)
+				b = append(binary.BigEndian.AppendUint16(nil, infoName), clipString(exp.Name)...)
 			case infoDescription:
-				b = append(binary.BigEndian.AppendUint16(nil, infoDescription), exp.Description...)
+				b = append(binary.BigEndian.AppendUint16(nil, infoDescription), clipString(exp.Description)...)
 			default:
 				continue
 			}
