@@ -371,13 +371,25 @@ func (s *Server) abortLocked(ctx context.Context, st *fsrvpSet, why string) {
 		}
 		s.unexposeLocked(m.Volume, m.Snapshot)
 		if p, err := s.reg.Get(m.Provider); err == nil {
-			if err := p.Delete(ctx, m.Volume, m.Snapshot); err != nil && !errors.Is(err, provider.ErrNotFound) {
+			if err := s.dropSetMember(ctx, p, st, m); err != nil && !errors.Is(err, provider.ErrNotFound) {
 				s.log.Error("abort: delete snapshot", "set", st.ID, "volume", m.Volume, "snapshot", m.Snapshot, "err", err)
 			}
 		}
 	}
 	st.Err = why
 	s.moveTo(st, stAborted) // forgets it
+}
+
+// dropSetMember deletes a set's shadow copy once its exposure is gone.
+// The FSRVP client asked for it, and the loop device of the exposure
+// just removed lets go of the snapshot's FUSE file a moment later, so it
+// is deleted even in use; whom that cut off is logged.
+func (s *Server) dropSetMember(ctx context.Context, p provider.Provider, st *fsrvpSet, m fsrvpMember) error {
+	cut, err := s.dropSnapshot(ctx, p, m.Volume, m.Snapshot, true)
+	if len(cut) > 0 {
+		s.log.Warn("shadow copy deleted while in use", "set", st.ID, "snapshot", exposureKey(m.Volume, m.Snapshot), "cut_off", cut)
+	}
+	return err
 }
 
 func (s *Server) setMsg(st *fsrvpSet) *umbrav1.ShadowCopySet {
@@ -645,7 +657,7 @@ func (s *Server) DeleteShareMapping(ctx context.Context, req *umbrav1.ShareMappi
 	}
 	s.unexposeLocked(m.Volume, m.Snapshot)
 	if p, err := s.reg.Get(m.Provider); err == nil {
-		if err := p.Delete(ctx, m.Volume, m.Snapshot); err != nil && !errors.Is(err, provider.ErrNotFound) {
+		if err := s.dropSetMember(ctx, p, st, m); err != nil && !errors.Is(err, provider.ErrNotFound) {
 			return nil, toStatus(err)
 		}
 	}
@@ -758,14 +770,33 @@ func (s *Server) unexposeLocked(vol, snap string) error {
 	return err
 }
 
-// unexposeBeforeDelete is called before a snapshot is deleted.
-func (s *Server) unexposeBeforeDelete(vol, snap string) {
+// unexposeBeforeDelete is called before a snapshot is deleted by force:
+// it says what exposure it removed ("" if none).
+func (s *Server) unexposeBeforeDelete(vol, snap string) string {
 	if s.sh == nil {
-		return
+		return ""
 	}
 	s.sh.mu.Lock()
 	defer s.sh.mu.Unlock()
-	s.unexposeLocked(vol, snap)
+	e := s.sh.exposed[exposureKey(vol, snap)]
+	if e == nil {
+		return ""
+	}
+	if err := s.unexposeLocked(vol, snap); err != nil {
+		s.log.Error("unexpose before a forced delete", "snapshot", exposureKey(vol, snap), "err", err)
+	}
+	return exposureUse(e)
+}
+
+// exposureUse says how a snapshot is exposed, for users and cut-offs.
+func exposureUse(e *exposure) string {
+	switch {
+	case e.Mount != nil:
+		return "exposed at " + e.Mount.Dir
+	case e.Path != "":
+		return "exposed at " + e.Path
+	}
+	return "exposed as NBD export " + exposureKey(e.Volume, e.Snapshot)
 }
 
 func (s *Server) ExposeSnapshot(ctx context.Context, req *umbrav1.ExposeSnapshotRequest) (*umbrav1.ShareMapping, error) {

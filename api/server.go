@@ -258,7 +258,9 @@ func (s *Server) ListSnapshots(ctx context.Context, req *umbrav1.ListSnapshotsRe
 			}
 			out := &umbrav1.ListSnapshotsResponse{}
 			for _, sn := range list {
-				out.Snapshots = append(out.Snapshots, snapshotMsg(sn))
+				m := snapshotMsg(sn)
+				m.Users = s.snapshotUsers(sn.Volume, sn.ID)
+				out.Snapshots = append(out.Snapshots, m)
 			}
 			return out, nil
 		}
@@ -270,7 +272,9 @@ func (s *Server) ListSnapshots(ctx context.Context, req *umbrav1.ListSnapshotsRe
 	out := &umbrav1.ListSnapshotsResponse{}
 	for _, v := range vols {
 		for _, sn := range v.Snapshots() {
-			out.Snapshots = append(out.Snapshots, snapshotMsg(sn))
+			m := snapshotMsg(sn)
+			m.Users = s.snapshotUsers(sn.Volume, sn.ID)
+			out.Snapshots = append(out.Snapshots, m)
 		}
 	}
 	return out, nil
@@ -310,55 +314,128 @@ func (s *Server) CreateSnapshotSet(ctx context.Context, req *umbrav1.CreateSnaps
 	return resp, nil
 }
 
+// DeleteSnapshots deletes one snapshot, the oldest, all of a volume's or
+// all of a set's. While any of them is in use (exposed, open through a
+// loop device over its FUSE file, read by an NBD client) it refuses,
+// naming the users, and deletes none; with force it deletes them and
+// says what it cut off.
 func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapshotsRequest) (*umbrav1.DeleteSnapshotsResponse, error) {
 	if req.GetSetId() != "" {
-		return s.deleteSet(ctx, req.GetSetId())
+		return s.deleteSet(ctx, req.GetSetId(), req.GetForce())
 	}
 	v, err := s.cow.Volume(req.GetVolume())
 	if err != nil {
 		if p, perr := s.reg.For(ctx, req.GetVolume()); perr == nil && req.GetId() != "" {
-			s.unexposeBeforeDelete(req.GetVolume(), req.GetId())
-			if err := p.Delete(ctx, req.GetVolume(), req.GetId()); err != nil {
-				return nil, toStatus(err)
-			}
-			s.emit("snapshot_deleted", &umbrav1.Event{Volume: req.GetVolume(), Snapshot: req.GetId()})
-			return &umbrav1.DeleteSnapshotsResponse{Deleted: []string{req.GetId()}}, nil
+			return s.deleteSnapshots(ctx, p, []provider.Snapshot{{Volume: req.GetVolume(), ID: req.GetId()}}, req.GetForce(), "")
 		}
 		return nil, toStatus(err)
 	}
-	var ids []string
-	list := v.Snapshots()
+	var list []provider.Snapshot
+	all := v.Snapshots()
 	switch {
 	case req.GetAll():
-		for _, sn := range list {
-			ids = append(ids, sn.ID)
-		}
+		list = all
 	case req.GetOldest():
-		if len(list) > 0 {
-			ids = append(ids, list[0].ID)
+		if len(all) > 0 {
+			list = all[:1]
 		}
 	case req.GetId() != "":
-		ids = append(ids, req.GetId())
+		list = []provider.Snapshot{{Volume: v.Name(), ID: req.GetId()}}
 	default:
 		return nil, toStatus(fmt.Errorf("%w: give a snapshot id, oldest or all", errBadRequest))
 	}
+	return s.deleteSnapshots(ctx, s.cow, list, req.GetForce(), "")
+}
+
+// deleteSnapshots deletes list (all of p) as DeleteSnapshots says.
+func (s *Server) deleteSnapshots(ctx context.Context, p provider.Provider, list []provider.Snapshot, force bool, setID string) (*umbrav1.DeleteSnapshotsResponse, error) {
+	if !force {
+		if err := s.refuseInUse(list); err != nil {
+			return nil, err
+		}
+	}
 	out := &umbrav1.DeleteSnapshotsResponse{}
-	for _, id := range ids {
-		s.unexposeBeforeDelete(v.Name(), id)
-		if err := v.DeleteSnapshot(id); err != nil {
+	for _, sn := range list {
+		var cut []string
+		if force {
+			if e := s.unexposeBeforeDelete(sn.Volume, sn.ID); e != "" {
+				cut = append(cut, e)
+			}
+		}
+		users, err := s.dropSnapshot(ctx, p, sn.Volume, sn.ID, force)
+		if err != nil {
 			return out, toStatus(err)
 		}
-		out.Deleted = append(out.Deleted, id)
-		out.Snapshots = append(out.Snapshots, v.Name()+"@"+id)
-		s.emit("snapshot_deleted", &umbrav1.Event{Volume: v.Name(), Snapshot: id})
+		if cut = append(cut, users...); len(cut) > 0 {
+			out.CutOff = append(out.CutOff, fmt.Sprintf("%s@%s: %s", sn.Volume, sn.ID, strings.Join(cut, ", ")))
+			s.log.Warn("snapshot deleted while in use (forced)", "snapshot", sn.Volume+"@"+sn.ID, "cut_off", cut)
+		}
+		out.Deleted = append(out.Deleted, sn.ID)
+		out.Snapshots = append(out.Snapshots, sn.Volume+"@"+sn.ID)
+		s.emit("snapshot_deleted", &umbrav1.Event{Volume: sn.Volume, Snapshot: sn.ID, SetId: setID})
 	}
-	s.log.Info("snapshots deleted", "volume", v.Name(), "ids", out.Deleted)
+	if setID == "" {
+		s.log.Info("snapshots deleted", "snapshots", out.Snapshots)
+	}
 	return out, nil
 }
 
+// refuseInUse refuses, naming them, if any snapshot of list is in use.
+func (s *Server) refuseInUse(list []provider.Snapshot) error {
+	var busy []string
+	for _, sn := range list {
+		if users := s.snapshotUsers(sn.Volume, sn.ID); len(users) > 0 {
+			busy = append(busy, fmt.Sprintf("%s@%s (%s)", sn.Volume, sn.ID, strings.Join(users, ", ")))
+		}
+	}
+	if len(busy) == 0 {
+		return nil
+	}
+	return toStatus(fmt.Errorf("delete: %w: %s; nothing was deleted: unexpose it (umbra snapshot unexpose), detach the loop device over its FUSE file (umount, losetup -d) and disconnect its NBD clients, or delete with --force",
+		cow.ErrSnapshotInUse, strings.Join(busy, "; ")))
+}
+
+// snapshotUsers names what uses a snapshot: its exposure and, for a COW
+// volume, the front-end clients that have it open.
+func (s *Server) snapshotUsers(vol, id string) []string {
+	var out []string
+	if s.sh != nil {
+		s.sh.mu.Lock()
+		if e := s.sh.exposed[exposureKey(vol, id)]; e != nil {
+			out = append(out, exposureUse(e))
+		}
+		s.sh.mu.Unlock()
+	}
+	if v, err := s.cow.Volume(vol); err == nil {
+		out = append(out, v.SnapshotUsers(id)...)
+	}
+	return out
+}
+
+// dropSnapshot deletes snapshot id of vol through p. A COW snapshot that
+// front-end clients have open is refused unless force; forced, the users
+// cut off are returned.
+func (s *Server) dropSnapshot(ctx context.Context, p provider.Provider, vol, id string, force bool) ([]string, error) {
+	if p.Name() == cow.ProviderName {
+		v, err := s.cow.Volume(vol)
+		if err != nil {
+			return nil, err
+		}
+		if force {
+			return v.ForceDeleteSnapshot(id)
+		}
+		return nil, v.DeleteSnapshot(id)
+	}
+	return nil, p.Delete(ctx, vol, id)
+}
+
 // deleteSet deletes every snapshot of a snapshot set, on every provider.
-func (s *Server) deleteSet(ctx context.Context, setID string) (*umbrav1.DeleteSnapshotsResponse, error) {
-	out := &umbrav1.DeleteSnapshotsResponse{}
+func (s *Server) deleteSet(ctx context.Context, setID string, force bool) (*umbrav1.DeleteSnapshotsResponse, error) {
+	type member struct {
+		p    provider.Provider
+		list []provider.Snapshot
+	}
+	var members []member
 	for _, p := range s.reg.All() {
 		var vols []string
 		if p.Name() == cow.ProviderName {
@@ -368,27 +445,45 @@ func (s *Server) deleteSet(ctx context.Context, setID string) (*umbrav1.DeleteSn
 		} else if lister, ok := p.(interface{ Volumes() []string }); ok {
 			vols = lister.Volumes()
 		}
+		m := member{p: p}
 		for _, vol := range vols {
 			list, err := p.List(ctx, vol)
 			if err != nil {
 				continue
 			}
 			for _, sn := range list {
-				if sn.SetID != setID {
-					continue
+				if sn.SetID == setID {
+					m.list = append(m.list, provider.Snapshot{Volume: vol, ID: sn.ID})
 				}
-				s.unexposeBeforeDelete(vol, sn.ID)
-				if err := p.Delete(ctx, vol, sn.ID); err != nil {
-					return out, toStatus(err)
-				}
-				out.Deleted = append(out.Deleted, sn.ID)
-				out.Snapshots = append(out.Snapshots, vol+"@"+sn.ID)
-				s.emit("snapshot_deleted", &umbrav1.Event{Volume: vol, Snapshot: sn.ID, SetId: setID})
 			}
 		}
+		if len(m.list) > 0 {
+			members = append(members, m)
+		}
 	}
-	if len(out.Deleted) == 0 {
+	if len(members) == 0 {
 		return nil, status.Errorf(codes.NotFound, "snapshot set %q: no snapshot of it is left (see `umbra snapshot list`)", setID)
+	}
+	if !force { // refuse before deleting any, on every provider
+		var all []provider.Snapshot
+		for _, m := range members {
+			all = append(all, m.list...)
+		}
+		if err := s.refuseInUse(all); err != nil {
+			return nil, err
+		}
+	}
+	out := &umbrav1.DeleteSnapshotsResponse{}
+	for _, m := range members {
+		r, err := s.deleteSnapshots(ctx, m.p, m.list, force, setID)
+		if r != nil {
+			out.Deleted = append(out.Deleted, r.Deleted...)
+			out.Snapshots = append(out.Snapshots, r.Snapshots...)
+			out.CutOff = append(out.CutOff, r.CutOff...)
+		}
+		if err != nil {
+			return out, err
+		}
 	}
 	s.log.Info("snapshot set deleted", "set", setID, "snapshots", out.Snapshots)
 	return out, nil

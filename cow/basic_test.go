@@ -521,3 +521,68 @@ func TestChunkLocks(t *testing.T) {
 	}
 	heldExactly(nil)
 }
+
+// TestDeleteSnapshotInUse: deleting a snapshot refuses, naming its users,
+// while front-end clients have it open (a reader keeps reading it);
+// ForceDeleteSnapshot deletes it anyway and says whom it cut off; a
+// revert that would delete a later snapshot in use refuses too; once the
+// users are gone a plain delete works. Users of a deleted snapshot do not
+// count against a new one with the same id.
+func TestDeleteSnapshotInUse(t *testing.T) {
+	v, _ := newTestVolume(t, 1<<20, Options{})
+	ctx := context.Background()
+	mustWrite(t, v, bytes.Repeat([]byte{1}, 4096), 0)
+	for _, id := range []string{"s1", "s2"} {
+		if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s2, err := v.OpenSnapshot("s2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	loop, nbd := s2.Use("open FUSE file"), s2.Use("NBD connection")
+	err = v.DeleteSnapshot("s2")
+	if !errors.Is(err, ErrSnapshotInUse) || !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "1 NBD connection(s), 1 open FUSE file(s)") || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("delete in use: %v", err)
+	}
+	if got := v.SnapshotUsers("s2"); len(got) != 2 {
+		t.Fatalf("snapshot users: %v", got)
+	}
+	if len(v.SnapshotUsers("s1")) != 0 || len(v.Users()) != 0 {
+		t.Fatal("users of one snapshot counted for another or for the volume")
+	}
+	b := make([]byte, 4096)
+	if _, err := s2.ReadAt(b, 0); err != nil || b[0] != 1 {
+		t.Fatalf("a refused delete cut the reader off: %v", err)
+	}
+	if err := v.Revert("s1"); !errors.Is(err, ErrSnapshotInUse) || !strings.Contains(err.Error(), "@s2 (1 NBD connection(s), 1 open FUSE file(s))") {
+		t.Fatalf("revert deleting a snapshot in use: %v", err)
+	}
+	if len(v.Snapshots()) != 2 {
+		t.Fatal("a refused revert deleted a snapshot")
+	}
+	loop()
+	cut, err := v.ForceDeleteSnapshot("s2")
+	if err != nil || strings.Join(cut, ",") != "1 NBD connection(s)" {
+		t.Fatalf("forced delete: cut %v, %v", cut, err)
+	}
+	if _, err := s2.ReadAt(b, 0); !errors.Is(err, provider.ErrNotFound) {
+		t.Fatalf("read of a deleted snapshot: %v", err)
+	}
+	// The same id again: the old snapshot's user is not its user.
+	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s2"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.DeleteSnapshot("s2"); err != nil {
+		t.Fatalf("delete of a new snapshot under an old one's id: %v", err)
+	}
+	nbd()
+	s1, _ := v.OpenSnapshot("s1")
+	done := s1.Use("NBD connection")
+	done()
+	done() // a second call counts for nothing
+	if err := v.DeleteSnapshot("s1"); err != nil {
+		t.Fatalf("delete once free: %v", err)
+	}
+}

@@ -200,7 +200,10 @@ func (t *txn) Abort(ctx context.Context) error {
 	if t.committed != "" {
 		id := t.committed
 		t.committed = ""
-		return t.v.DeleteSnapshot(id)
+		// The set's own snapshot: whoever opened it since the commit
+		// read a snapshot that never was acknowledged.
+		_, err := t.v.ForceDeleteSnapshot(id)
+		return err
 	}
 	return nil
 }

@@ -442,6 +442,59 @@ func (v *Volume) Users() []string {
 	return out
 }
 
+// Use records that a front-end client has this snapshot open (kind says
+// what: "NBD connection", "open FUSE file"); the returned function, called
+// once, ends it. DeleteSnapshot refuses while any is open.
+func (s *Snapshot) Use(kind string) (done func()) {
+	v := s.v
+	v.usersMu.Lock()
+	if v.snapUsers == nil {
+		v.snapUsers = map[uint64]map[string]int{}
+	}
+	if v.snapUsers[s.gen] == nil {
+		v.snapUsers[s.gen] = map[string]int{}
+	}
+	v.snapUsers[s.gen][kind]++
+	v.usersMu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			v.usersMu.Lock()
+			defer v.usersMu.Unlock()
+			m := v.snapUsers[s.gen]
+			if m[kind]--; m[kind] == 0 {
+				delete(m, kind)
+			}
+			if len(m) == 0 {
+				delete(v.snapUsers, s.gen)
+			}
+		})
+	}
+}
+
+// SnapshotUsers says which front-end clients have snapshot id open, e.g.
+// "1 open FUSE file(s)"; empty when none (or no such snapshot).
+func (v *Volume) SnapshotUsers(id string) []string {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	s := v.snapByID(id)
+	if s == nil {
+		return nil
+	}
+	return v.snapshotUsers(s.gen)
+}
+
+func (v *Volume) snapshotUsers(gen uint64) []string {
+	v.usersMu.Lock()
+	defer v.usersMu.Unlock()
+	var out []string
+	for kind, n := range v.snapUsers[gen] {
+		out = append(out, fmt.Sprintf("%d %s(s)", n, kind))
+	}
+	sort.Strings(out)
+	return out
+}
+
 // Revert rolls the origin back to snapshot id: every chunk written since
 // is copied back, and later snapshots are deleted. Writes are held while it
 // runs; the snapshot stays and now matches the origin. An interrupted
@@ -474,6 +527,20 @@ func (v *Volume) revert(id string, force bool) error {
 	}
 	if s.hasCursor && s.cursor > 0 {
 		return fmt.Errorf("revert %s to %s: a backup cursor released part of it: %w", v.name, id, ErrReleased)
+	}
+	if !force { // the snapshots after s go with the revert
+		var used []string
+		for _, later := range v.snaps {
+			if later.gen > s.gen {
+				if users := v.snapshotUsers(later.gen); len(users) > 0 {
+					used = append(used, fmt.Sprintf("%s@%s (%s)", v.name, later.id, strings.Join(users, ", ")))
+				}
+			}
+		}
+		if len(used) > 0 {
+			return fmt.Errorf("revert %s to %s deletes the snapshots after it: %w: %s; detach their loop devices and disconnect their NBD clients, or revert with --force",
+				v.name, id, ErrSnapshotInUse, strings.Join(used, "; "))
+		}
 	}
 	for v.newest() != s {
 		v.deleteLocked(v.newest(), true)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -54,9 +55,17 @@ var (
 	ErrOutOfRange = errors.New("request beyond the end of the volume")
 	ErrClosed     = errors.New("volume is closed")
 	ErrBadID      = provider.ErrBadID
-	// ErrInUse: a front-end client has the origin open (Revert).
+	// ErrInUse: a front-end client has the origin open (Revert) or the
+	// snapshot open (DeleteSnapshot).
 	ErrInUse = errors.New("volume in use")
+	// ErrSnapshotInUse is ErrInUse for a snapshot (errors.Is matches both).
+	ErrSnapshotInUse error = snapshotInUse{}
 )
+
+type snapshotInUse struct{}
+
+func (snapshotInUse) Error() string        { return "snapshot in use" }
+func (snapshotInUse) Is(target error) bool { return target == ErrInUse }
 
 // Options configure a volume.
 type Options struct {
@@ -144,8 +153,9 @@ type Volume struct {
 
 	slotMu sync.RWMutex // held shared while a diff-area slot is read; exclusively to free slots
 
-	usersMu sync.Mutex
-	users   map[string]int // front-end clients with the origin open, by kind
+	usersMu   sync.Mutex                // guards users and snapUsers
+	users     map[string]int            // front-end clients with the origin open, by kind
+	snapUsers map[uint64]map[string]int // clients with a snapshot open, by generation and kind
 
 	mapMu     sync.RWMutex // held shared while the kernel may copy from mapped
 	mapped    []byte       // the origin mapped read-only (MappedRange), once asked for
@@ -1680,23 +1690,46 @@ func (v *Volume) Snapshots() []provider.Snapshot {
 }
 
 // DeleteSnapshot deletes snapshot id; other snapshots read the same bytes
-// afterwards, and its diff-area space is reused.
+// afterwards, and its diff-area space is reused. It refuses with
+// ErrSnapshotInUse, naming them, while front-end clients have the
+// snapshot open (a loop device over its FUSE file, an NBD client): their
+// reads would fail from then on (ForceDeleteSnapshot does it anyway).
 func (v *Volume) DeleteSnapshot(id string) error {
+	_, err := v.deleteSnapshot(id, false)
+	return err
+}
+
+// ForceDeleteSnapshot is DeleteSnapshot even while clients have the
+// snapshot open; it returns the users it cut off (their reads fail with
+// provider.ErrNotFound from now on).
+func (v *Volume) ForceDeleteSnapshot(id string) (cut []string, err error) {
+	return v.deleteSnapshot(id, true)
+}
+
+func (v *Volume) deleteSnapshot(id string, force bool) ([]string, error) {
 	v.mu.Lock()
 	s := v.snapByID(id)
 	if s == nil {
 		v.mu.Unlock()
-		return fmt.Errorf("snapshot %s@%s: %w", v.name, id, provider.ErrNotFound)
+		return nil, fmt.Errorf("snapshot %s@%s: %w", v.name, id, provider.ErrNotFound)
+	}
+	// Under mu: a client opening the snapshot now waits for the delete
+	// and then finds it gone.
+	users := v.snapshotUsers(s.gen)
+	if len(users) > 0 && !force {
+		v.mu.Unlock()
+		return nil, fmt.Errorf("delete snapshot %s@%s: %w: %s; detach the loop device over its FUSE file (umount, losetup -d) and disconnect its NBD clients, or delete with --force",
+			v.name, id, ErrSnapshotInUse, strings.Join(users, ", "))
 	}
 	v.deleteLocked(s, true)
 	lsync := v.logSyncer()
 	v.mu.Unlock()
 	if lsync != nil {
 		if err := lsync.sync(); err != nil {
-			return fmt.Errorf("delete snapshot %s@%s: %w", v.name, id, err)
+			return users, fmt.Errorf("delete snapshot %s@%s: %w", v.name, id, err)
 		}
 	}
-	return nil
+	return users, nil
 }
 
 // Preserved counts the chunks preserved since the volume was opened.

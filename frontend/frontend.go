@@ -197,6 +197,7 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 	if err != nil {
 		return nil, err
 	}
+	done := s.Use("NBD connection") // deleting the snapshot refuses meanwhile
 	return &nbd.Export{
 		Name:         name,
 		Description:  fmt.Sprintf("Umbra shadow copy %s of volume %s", snapID, v.Name()),
@@ -205,7 +206,7 @@ func (e nbdExports) Lookup(name string) (*nbd.Export, error) {
 		Extents:      convert(s.Allocation),
 		Changed:      s.Changed,
 		ChangedBases: func() []string { return changedBases(v, snapID) },
-		Release:      func() { s.Close() },
+		Release:      func() { done(); s.Close() },
 	}, nil
 }
 
@@ -265,5 +266,6 @@ func (s fuseSource) Open(name string) (*fusefile.Entry, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &fusefile.Entry{Name: name, Backend: readOnly{snap}, ReadOnly: true, Release: func() { snap.Close() }}, nil
+	return &fusefile.Entry{Name: name, Backend: readOnly{snap}, ReadOnly: true, Release: func() { snap.Close() },
+		Opened: func() func() { return snap.Use("open FUSE file") }}, nil
 }

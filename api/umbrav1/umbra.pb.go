@@ -276,7 +276,10 @@ type Snapshot struct {
 	// as the base of the volume's next incremental image, its data behind
 	// the backup cursor released, so it is not readable, exported or
 	// exposed (reason says so).
-	State         string `protobuf:"bytes,12,opt,name=state,proto3" json:"state,omitempty"`
+	State string `protobuf:"bytes,12,opt,name=state,proto3" json:"state,omitempty"`
+	// users: front-end clients with the snapshot open and its exposure
+	// ("1 NBD connection(s)", "exposed at DIR"); delete refuses meanwhile.
+	Users         []string `protobuf:"bytes,13,rep,name=users,proto3" json:"users,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -393,6 +396,13 @@ func (x *Snapshot) GetState() string {
 		return x.State
 	}
 	return ""
+}
+
+func (x *Snapshot) GetUsers() []string {
+	if x != nil {
+		return x.Users
+	}
+	return nil
 }
 
 type ListVolumesRequest struct {
@@ -724,12 +734,16 @@ func (x *CreateSnapshotSetResponse) GetFreezeMicros() int64 {
 }
 
 type DeleteSnapshotsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
-	Oldest        bool                   `protobuf:"varint,3,opt,name=oldest,proto3" json:"oldest,omitempty"`
-	All           bool                   `protobuf:"varint,4,opt,name=all,proto3" json:"all,omitempty"`
-	SetId         string                 `protobuf:"bytes,5,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"` // every snapshot of this set, on every volume (volume may be empty)
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Id     string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Oldest bool                   `protobuf:"varint,3,opt,name=oldest,proto3" json:"oldest,omitempty"`
+	All    bool                   `protobuf:"varint,4,opt,name=all,proto3" json:"all,omitempty"`
+	SetId  string                 `protobuf:"bytes,5,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"` // every snapshot of this set, on every volume (volume may be empty)
+	// force deletes even snapshots in use (exposed, NBD clients, open FUSE
+	// files: their reads fail from then on); refused with
+	// FAILED_PRECONDITION, naming the users, otherwise.
+	Force         bool `protobuf:"varint,6,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -799,10 +813,18 @@ func (x *DeleteSnapshotsRequest) GetSetId() string {
 	return ""
 }
 
+func (x *DeleteSnapshotsRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
 type DeleteSnapshotsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Deleted       []string               `protobuf:"bytes,1,rep,name=deleted,proto3" json:"deleted,omitempty"`     // ids
-	Snapshots     []string               `protobuf:"bytes,2,rep,name=snapshots,proto3" json:"snapshots,omitempty"` // VOLUME@ID of each
+	Deleted       []string               `protobuf:"bytes,1,rep,name=deleted,proto3" json:"deleted,omitempty"`             // ids
+	Snapshots     []string               `protobuf:"bytes,2,rep,name=snapshots,proto3" json:"snapshots,omitempty"`         // VOLUME@ID of each
+	CutOff        []string               `protobuf:"bytes,3,rep,name=cut_off,json=cutOff,proto3" json:"cut_off,omitempty"` // with force: "VOLUME@ID: what was using it"
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -847,6 +869,13 @@ func (x *DeleteSnapshotsResponse) GetDeleted() []string {
 func (x *DeleteSnapshotsResponse) GetSnapshots() []string {
 	if x != nil {
 		return x.Snapshots
+	}
+	return nil
+}
+
+func (x *DeleteSnapshotsResponse) GetCutOff() []string {
+	if x != nil {
+		return x.CutOff
 	}
 	return nil
 }
@@ -3579,7 +3608,7 @@ const file_umbra_proto_rawDesc = "" +
 	"\n" +
 	"used_bytes\x18\x04 \x01(\x03R\tusedBytes\x12\x16\n" +
 	"\x06policy\x18\x05 \x01(\tR\x06policy\x12'\n" +
-	"\x0fallocated_bytes\x18\x06 \x01(\x03R\x0eallocatedBytes\"\xca\x02\n" +
+	"\x0fallocated_bytes\x18\x06 \x01(\x03R\x0eallocatedBytes\"\xe0\x02\n" +
 	"\bSnapshot\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x1a\n" +
@@ -3596,7 +3625,8 @@ const file_umbra_proto_rawDesc = "" +
 	"diff_bytes\x18\n" +
 	" \x01(\x03R\tdiffBytes\x12\x16\n" +
 	"\x06export\x18\v \x01(\tR\x06export\x12\x14\n" +
-	"\x05state\x18\f \x01(\tR\x05state\"\x14\n" +
+	"\x05state\x18\f \x01(\tR\x05state\x12\x14\n" +
+	"\x05users\x18\r \x03(\tR\x05users\"\x14\n" +
 	"\x12ListVolumesRequest\"A\n" +
 	"\x13ListVolumesResponse\x12*\n" +
 	"\avolumes\x18\x01 \x03(\v2\x10.umbra.v1.VolumeR\avolumes\".\n" +
@@ -3619,16 +3649,18 @@ const file_umbra_proto_rawDesc = "" +
 	"\vhold_micros\x18\x03 \x01(\x03R\n" +
 	"holdMicros\x12\x18\n" +
 	"\awriters\x18\x04 \x03(\tR\awriters\x12#\n" +
-	"\rfreeze_micros\x18\x05 \x01(\x03R\ffreezeMicros\"\x81\x01\n" +
+	"\rfreeze_micros\x18\x05 \x01(\x03R\ffreezeMicros\"\x97\x01\n" +
 	"\x16DeleteSnapshotsRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
 	"\x06oldest\x18\x03 \x01(\bR\x06oldest\x12\x10\n" +
 	"\x03all\x18\x04 \x01(\bR\x03all\x12\x15\n" +
-	"\x06set_id\x18\x05 \x01(\tR\x05setId\"Q\n" +
+	"\x06set_id\x18\x05 \x01(\tR\x05setId\x12\x14\n" +
+	"\x05force\x18\x06 \x01(\bR\x05force\"j\n" +
 	"\x17DeleteSnapshotsResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x03(\tR\adeleted\x12\x1c\n" +
-	"\tsnapshots\x18\x02 \x03(\tR\tsnapshots\"U\n" +
+	"\tsnapshots\x18\x02 \x03(\tR\tsnapshots\x12\x17\n" +
+	"\acut_off\x18\x03 \x03(\tR\x06cutOff\"U\n" +
 	"\x15RevertSnapshotRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x14\n" +

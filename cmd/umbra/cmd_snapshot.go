@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -60,7 +61,7 @@ func newSnapshotCreateCmd() *cobra.Command {
 
 func printSnapshots(list []*umbrav1.Snapshot) {
 	w := table()
-	fmt.Fprintln(w, "VOLUME\tID\tCREATED\tKIND\tSTATE\tDIFF\tEXPORT")
+	fmt.Fprintln(w, "VOLUME\tID\tCREATED\tKIND\tSTATE\tDIFF\tEXPORT\tIN USE BY")
 	for _, s := range list {
 		kind := "auto-release"
 		if s.Persistent {
@@ -76,7 +77,11 @@ func printSnapshots(list []*umbrav1.Snapshot) {
 		if export == "" {
 			export = "-"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Id, s.Created.AsTime().Local().Format(time.DateTime), kind, state, human(s.DiffBytes), export)
+		users := "-"
+		if len(s.Users) > 0 {
+			users = strings.Join(s.Users, ", ")
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Volume, s.Id, s.Created.AsTime().Local().Format(time.DateTime), kind, state, human(s.DiffBytes), export, users)
 	}
 	w.Flush()
 }
@@ -107,14 +112,16 @@ func newSnapshotListCmd() *cobra.Command {
 }
 
 func newSnapshotDeleteCmd() *cobra.Command {
-	var oldest, all bool
+	var oldest, all, force bool
 	var set string
 	cmd := &cobra.Command{
-		Use:   "delete VOLUME [ID] [--oldest|--all] | delete --set SET",
+		Use: "delete VOLUME [ID] [--oldest|--all] | delete --set SET",
+		Long: "Delete shadow copies. A shadow copy in use (exposed, read through a loop device over its FUSE file, " +
+			"or by an NBD client) is refused, naming its users, and nothing is deleted; --force deletes anyway and says what it cut off.",
 		Short: "Delete a shadow copy, the oldest, or all of a volume; or every shadow copy of a set",
 		Args:  cobra.RangeArgs(0, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := &umbrav1.DeleteSnapshotsRequest{Oldest: oldest, All: all, SetId: set}
+			req := &umbrav1.DeleteSnapshotsRequest{Oldest: oldest, All: all, SetId: set, Force: force}
 			if len(args) == 0 && set == "" {
 				return usageError{fmt.Errorf("name a VOLUME, or give --set")}
 			}
@@ -144,6 +151,9 @@ func newSnapshotDeleteCmd() *cobra.Command {
 				for _, sn := range resp.Snapshots {
 					fmt.Printf("deleted %s\n", sn)
 				}
+				for _, c := range resp.CutOff {
+					fmt.Printf("cut off %s\n", c)
+				}
 				return nil
 			})
 		},
@@ -151,6 +161,7 @@ func newSnapshotDeleteCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&oldest, "oldest", false, "delete the oldest shadow copy")
 	cmd.Flags().BoolVar(&all, "all", false, "delete every shadow copy of the volume")
 	cmd.Flags().StringVar(&set, "set", "", "delete every shadow copy of this snapshot set (vssadmin delete shadows /shadow=SET)")
+	cmd.Flags().BoolVar(&force, "force", false, "delete even shadow copies in use: unexpose them, and their readers' reads fail from then on")
 	return cmd
 }
 
