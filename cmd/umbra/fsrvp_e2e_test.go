@@ -204,7 +204,17 @@ func TestFSRVPSequence(t *testing.T) {
 	if out, code := s.umbra("snapshot", "expose", "fs", "manual"); code == 0 || !strings.Contains(out, "exposed already") {
 		t.Fatalf("exposing twice: exit %d %s", code, out)
 	}
-	s.ok("snapshot", "delete", "fs", "manual") // unexposes first
+	// An exposed snapshot is in use: deleting it is refused, naming the
+	// exposure, and the exposure stays; --force unexposes it first.
+	if out, code := s.umbra("snapshot", "delete", "fs", "manual"); code == 0 || !strings.Contains(out, "exposed at "+edir) {
+		t.Fatalf("delete of an exposed snapshot: exit %d %s", code, out)
+	}
+	if b, err := os.ReadFile(filepath.Join(edir, "doc.txt")); err != nil || string(b) != "version 2" {
+		t.Fatalf("a refused delete cut the exposure off: %q %v", b, err)
+	}
+	if out := s.ok("snapshot", "delete", "fs", "manual", "--force"); !strings.Contains(out, "cut off fs@manual: exposed at "+edir) {
+		t.Fatalf("the forced delete does not say what it cut off:\n%s", out)
+	}
 	if _, err := os.Stat(filepath.Join(edir, "doc.txt")); err == nil {
 		t.Fatal("deleting an exposed snapshot left it mounted")
 	}
