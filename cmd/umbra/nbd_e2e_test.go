@@ -139,7 +139,9 @@ func TestNBDStalledClientMemory(t *testing.T) {
 	if held > 64<<20 {
 		t.Errorf("service holds %.0f bytes of replies for one connection, budget 64 MiB", held)
 	}
-	if rss > rssBudget {
+	if os.Getenv("UMBRA_RACE") != "" {
+		t.Log("UMBRA_RACE: the race detector's shadow memory is in the RSS; not held to the budget")
+	} else if rss > rssBudget {
 		t.Errorf("service peak RSS %d MiB with one stalled NBD client, budget %d MiB", rss>>20, rssBudget>>20)
 	}
 	// The client reads after all: every reply comes.
