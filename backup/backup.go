@@ -74,6 +74,7 @@ type chunkWork struct {
 	kind  int
 	data  []byte
 	hash  Hash
+	prev  Hash // the parent's hash of this chunk (incrementals)
 	zero  bool
 	known bool // the repository has it already
 }
@@ -121,7 +122,12 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 		return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 	}
 	lw := r.newListWriter(x)
+	if incr && opts.Parent.Shared && opts.Parent.SegmentChunks == x.SegmentChunks && r.version.Load() >= patchFormat {
+		lw.parent = opts.Parent // its segments are the bases of patches
+		x.Patches = []Hash{}
+	}
 	hashes := make([]Hash, 0, max(batchBytes/cs, 1))
+	var prevs []Hash // the parent's hashes of the same chunks
 	up := r.newUploader(ctx)
 	defer up.abort()
 	workers := runtime.GOMAXPROCS(0)
@@ -169,8 +175,12 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 		r.hashBatch(w, hashers, cpu)
 		var fresh []int // chunks to store, each hash once
 		hashes = hashes[:0]
+		prevs = prevs[:0]
 		for i := range w {
 			c := &w[i]
+			if lw.parent != nil {
+				prevs = append(prevs, c.prev)
+			}
 			switch {
 			case c.kind == kindReused:
 				st.Reused += int64(len(c.data))
@@ -192,7 +202,7 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 				st.Stored += int64(len(c.data))
 			}
 		}
-		if err := lw.add(ctx, hashes...); err != nil {
+		if err := lw.add(ctx, hashes, prevs); err != nil {
 			b.release()
 			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 		}
@@ -247,8 +257,12 @@ type batch struct {
 	release     func() // gives the buffers back to the reader
 	// segment: the batch is a whole segment of the chunk list that did
 	// not change since the parent, whose segment it names (w is nil).
-	segment *Hash
+	segment *segRef
 }
+
+// segRef names a stored segment of a chunk list and its patch (zero:
+// none).
+type segRef struct{ base, patch Hash }
 
 // readBatches plans and reads the volume batch by batch, two batches
 // ahead at most, in ascending order.
@@ -320,24 +334,26 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Optio
 // backup names that segment without reading it or the volume there, so
 // that an incremental's work on lists follows the segments its changes
 // fall in, not the size of the volume.
-func unchangedSegment(x *Index, opts Options, incr bool, first, perBatch int64) (Hash, int64, bool) {
+func unchangedSegment(x *Index, opts Options, incr bool, first, perBatch int64) (segRef, int64, bool) {
 	p := opts.Parent
 	sc := x.SegmentChunks
 	if !incr || !p.Shared || p.SegmentChunks != sc || sc%perBatch != 0 || first%sc != 0 {
-		return Hash{}, 0, false
+		return segRef{}, 0, false
 	}
 	k := first / sc
 	if k >= int64(len(p.Segments)) {
-		return Hash{}, 0, false
+		return segRef{}, 0, false
 	}
 	cs := int64(x.ChunkSize)
 	end := min(first+sc, x.NumChunks())
 	for i := first; i < end; i++ {
 		if changedChunk(opts.Changed, i, cs) {
-			return Hash{}, 0, false
+			return segRef{}, 0, false
 		}
 	}
-	return p.Segments[k], end, true
+	ref := segRef{base: p.Segments[k]}
+	ref.patch, _ = p.patched(int(k))
+	return ref, end, true
 }
 
 func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
@@ -349,14 +365,18 @@ func (r *Repo) planBatch(ctx context.Context, x *Index, opts Options, parent *li
 	for i := range w {
 		w[i] = chunkWork{kind: kindRead}
 		idx := first + int64(i)
-		if parent != nil && !changedChunk(opts.Changed, idx, cs) {
+		if parent == nil {
+			continue
+		}
+		h, err := parent.hash(ctx, idx)
+		if err != nil {
+			return fmt.Errorf("parent image: %w", err)
+		}
+		w[i].prev = h // what a patch of the parent's segment is made against
+		if !changedChunk(opts.Changed, idx, cs) {
 			// The parent's chunks are there: prune keeps every chunk of a
 			// listed image (damage is verify's to find, and --full
 			// re-reads everything).
-			h, err := parent.hash(ctx, idx)
-			if err != nil {
-				return fmt.Errorf("parent image: %w", err)
-			}
 			w[i].hash = h
 			w[i].kind = kindReused
 			w[i].data = zeroChunk[:chunkLen(idx, cs, x.Size)]

@@ -133,8 +133,8 @@ func TestEnvelopeUpgrade(t *testing.T) {
 			}
 			copy(src, make([]byte, 4096))
 			backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
-			if v := repo.Config().Version; v != 7 {
-				t.Fatalf("format after a backup: %d, want 7", v)
+			if v := repo.Config().Version; v != 8 {
+				t.Fatalf("format after a backup: %d, want 8", v)
 			}
 			for _, prefix := range []string{"images/", "index/", "keys/"} {
 				for _, n := range backup.ObjectNames(repo, prefix) {

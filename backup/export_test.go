@@ -103,7 +103,7 @@ func SegmentObject(r *Repo, id string, k int) string {
 }
 
 // SegmentObjects lists, sorted and once each, the objects holding the
-// chunk lists of images ids.
+// chunk lists of images ids: segments and their patches.
 func SegmentObjects(r *Repo, ids ...string) []string {
 	set := map[string]bool{}
 	for _, id := range ids {
@@ -113,6 +113,9 @@ func SegmentObjects(r *Repo, ids ...string) []string {
 		}
 		for k := range x.numSegments() {
 			set[SegmentObject(r, id, k)] = true
+			if h, ok := x.patched(k); ok {
+				set[patchName(h)] = true
+			}
 		}
 	}
 	return slices.Sorted(maps.Keys(set))
@@ -302,4 +305,22 @@ func Overlay(r *Repo, name string, data []byte) func() {
 	old := r.be
 	r.be = &overlayBackend{Backend: old, name: name, data: data}
 	return func() { r.be = old }
+}
+
+// PatchObjects lists, sorted and once each, the segment patches images
+// ids name.
+func PatchObjects(r *Repo, ids ...string) []string {
+	set := map[string]bool{}
+	for _, id := range ids {
+		x, err := r.image(context.Background(), id)
+		if err != nil {
+			panic(err)
+		}
+		for k := range x.Patches {
+			if h, ok := x.patched(k); ok {
+				set[patchName(h)] = true
+			}
+		}
+	}
+	return slices.Sorted(maps.Keys(set))
 }

@@ -445,6 +445,10 @@ type Index struct {
 	Segments      []Hash `json:"segments,omitempty"`
 	SegmentChunks int64  `json:"segment_chunks,omitempty"`
 	Shared        bool   `json:"shared_segments,omitempty"`
+	// Patches (format 7), when present, has one entry per segment: zero,
+	// or the name (segments/HH/HASH) of a patch to apply to that segment
+	// (patch.go), whose base is the segment Segments names.
+	Patches []Hash `json:"patches,omitempty"`
 	// Chunks holds chunk hashes in memory: the whole list (format 2, or
 	// Image), or one segment starting at chunk First (DecodeIndex of a
 	// segment).

@@ -201,3 +201,32 @@ func FuzzImageRecord(f *testing.F) {
 		}
 	})
 }
+
+func FuzzDecodePatch(f *testing.F) {
+	p := &segPatch{chunkSize: 4096, size: 1 << 30, first: 65536, count: 65536, base: Hash{9},
+		ents: []patchEntry{{3, Hash{1, 2}}, {4, Hash{}}, {65535, Hash{7}}}}
+	f.Add(encodePatch(p, 32), 32)
+	f.Add(encodePatch(p, 16), 16)
+	f.Add(encodePatch(&segPatch{chunkSize: 4096, size: 4096, count: 1}, 16), 16)
+	f.Add([]byte(patchMagic), 32)
+	f.Fuzz(func(t *testing.T, b []byte, hashBytes int) {
+		if hashBytes != 16 {
+			hashBytes = 32
+		}
+		p, err := decodePatch(b, hashBytes)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("error %v does not wrap ErrCorrupt", err)
+			}
+			return
+		}
+		for i, e := range p.ents {
+			if int64(e.at) >= p.count || i > 0 && e.at <= p.ents[i-1].at {
+				t.Fatalf("accepted entry %d at %d of %d", i, e.at, p.count)
+			}
+		}
+		if !bytes.Equal(encodePatch(p, hashBytes), b) {
+			t.Fatal("patch does not round-trip")
+		}
+	})
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -61,8 +62,10 @@ func (r *Repo) writeImage(ctx context.Context, x *Index) error {
 // listWriter writes an image's chunk list segment by segment as the
 // backup hands it the chunks' hashes in order.
 type listWriter struct {
-	r     *Repo
-	x     *Index
+	r      *Repo
+	x      *Index
+	parent *Index // when set, a changed segment may be stored as a patch of the parent's
+	pbuf   []Hash // the parent's hashes of the chunks in buf
 	sum   func([]byte) Hash
 	buf   []Hash
 	first int64
@@ -74,12 +77,17 @@ func (r *Repo) newListWriter(x *Index) *listWriter {
 	return &listWriter{r: r, x: x, sum: r.hasher(), buf: make([]Hash, 0, min(segmentChunks, x.NumChunks()))}
 }
 
-// add appends the next chunks' hashes.
-func (w *listWriter) add(ctx context.Context, hs ...Hash) error {
+// add appends the next chunks' hashes, and with a parent, the parent's
+// hashes of the same chunks.
+func (w *listWriter) add(ctx context.Context, hs, prevs []Hash) error {
 	for len(hs) > 0 {
 		n := min(len(hs), int(w.x.SegmentChunks)-len(w.buf))
 		w.buf = append(w.buf, hs[:n]...)
 		hs = hs[n:]
+		if w.parent != nil {
+			w.pbuf = append(w.pbuf, prevs[:n]...)
+			prevs = prevs[n:]
+		}
 		if int64(len(w.buf)) == w.x.SegmentChunks {
 			if err := w.flush(ctx); err != nil {
 				return err
@@ -95,6 +103,12 @@ func (w *listWriter) flush(ctx context.Context) error {
 		return nil
 	}
 	x := w.x
+	if w.parent != nil {
+		done, err := w.flushPatch(ctx)
+		if err != nil || done {
+			return err
+		}
+	}
 	// Nothing of the image in the segment, so that another image with the
 	// same chunks there has the same segment.
 	seg := &Index{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: w.r.segmentVersion()}
@@ -114,27 +128,104 @@ func (w *listWriter) flush(ctx context.Context) error {
 		}
 		w.bytes += int64(len(obj))
 	}
-	x.Segments = append(x.Segments, h)
-	w.first += int64(len(w.buf))
-	w.buf = w.buf[:0]
+	w.next(h, Hash{})
 	return nil
+}
+
+// next records the segment just written or reused, base and patch, and
+// moves on.
+func (w *listWriter) next(base, patch Hash) {
+	w.x.Segments = append(w.x.Segments, base)
+	if w.x.Patches != nil {
+		w.x.Patches = append(w.x.Patches, patch)
+	}
+	w.first += int64(len(w.buf))
+	w.buf, w.pbuf = w.buf[:0], w.pbuf[:0]
+}
+
+// flushPatch stores the segment collected as a patch of the parent's
+// base segment there, when it differs from that base in few enough
+// chunks (or names the base alone when not at all), and reports whether
+// it did. The patch is the parent's (cumulative: against the base, so a
+// segment is never more than its base and one patch) with the chunks
+// that differ from the parent's set; neither base is read.
+func (w *listWriter) flushPatch(ctx context.Context) (bool, error) {
+	x, k := w.x, len(w.x.Segments)
+	if k >= len(w.parent.Segments) || len(w.pbuf) != len(w.buf) {
+		return false, nil
+	}
+	var prior []patchEntry
+	if h, ok := w.parent.patched(k); ok {
+		p, err := w.r.readPatch(ctx, w.parent, k, h)
+		if err != nil {
+			return false, fmt.Errorf("chunk list: the previous image's: %w", err)
+		}
+		prior = p.ents
+	}
+	limit := len(w.buf) / patchDivisor
+	var ents []patchEntry
+	for i := range w.buf {
+		inPrior := len(prior) > 0 && prior[0].at == uint32(i)
+		if inPrior {
+			prior = prior[1:]
+		}
+		if inPrior || w.buf[i] != w.pbuf[i] {
+			if len(ents) == limit {
+				return false, nil // a new base
+			}
+			ents = append(ents, patchEntry{uint32(i), w.buf[i]})
+		}
+	}
+	if len(ents) == 0 {
+		w.next(w.parent.Segments[k], Hash{})
+		return true, nil
+	}
+	p := &segPatch{chunkSize: x.ChunkSize, size: x.Size, first: w.first, count: int64(len(w.buf)), base: w.parent.Segments[k], ents: ents}
+	plain := encodePatch(p, w.r.hashLen())
+	h := w.sum(plain)
+	name := patchName(h)
+	have, err := w.r.be.Has(ctx, name)
+	if err != nil {
+		return false, fmt.Errorf("chunk list: %w", err)
+	}
+	if !have {
+		obj := w.r.seal.seal(nil, plain)
+		if err := w.r.be.Put(ctx, name, obj); err != nil {
+			return false, fmt.Errorf("chunk list: %w", err)
+		}
+		w.bytes += int64(len(obj))
+	}
+	w.next(p.base, h)
+	return true, nil
 }
 
 // reuse names segment h, of n chunks, as the next one: a segment of the
 // parent's list that did not change. It must be there (a parent whose
 // segment is gone would pass its loss on).
-func (w *listWriter) reuse(ctx context.Context, h Hash, n int64) error {
+func (w *listWriter) reuse(ctx context.Context, ref segRef, n int64) error {
 	if len(w.buf) != 0 || w.first != int64(len(w.x.Segments))*w.x.SegmentChunks {
 		return fmt.Errorf("chunk list: reusing a segment at chunk %d, not on a segment boundary", w.first)
 	}
-	have, err := w.r.be.Has(ctx, sharedSegmentName(h))
-	if err != nil {
-		return fmt.Errorf("chunk list: %w", err)
+	names := []string{sharedSegmentName(ref.base)}
+	if ref.patch != (Hash{}) {
+		if w.x.Patches == nil {
+			return fmt.Errorf("chunk list: reusing a patched segment in an image without patches")
+		}
+		names = append(names, patchName(ref.patch))
 	}
-	if !have {
-		return fmt.Errorf("chunk list: the previous image's segment %s is missing: %w; run `umbra verify`, and back up with --full", sharedSegmentName(h), ErrCorrupt)
+	for _, name := range names {
+		have, err := w.r.be.Has(ctx, name)
+		if err != nil {
+			return fmt.Errorf("chunk list: %w", err)
+		}
+		if !have {
+			return fmt.Errorf("chunk list: the previous image's segment %s is missing: %w; run `umbra verify`, and back up with --full", name, ErrCorrupt)
+		}
 	}
-	w.x.Segments = append(w.x.Segments, h)
+	w.x.Segments = append(w.x.Segments, ref.base)
+	if w.x.Patches != nil {
+		w.x.Patches = append(w.x.Patches, ref.patch)
+	}
 	w.first += n
 	return nil
 }
@@ -146,6 +237,9 @@ func (w *listWriter) finish(ctx context.Context) error {
 	}
 	if w.first != w.x.NumChunks() {
 		return fmt.Errorf("chunk list: %d of %d chunks written", w.first, w.x.NumChunks())
+	}
+	if !slices.ContainsFunc(w.x.Patches, func(h Hash) bool { return h != Hash{} }) {
+		w.x.Patches = nil // a record older Umbra reads the same
 	}
 	return nil
 }
@@ -168,8 +262,27 @@ func (x *Index) segmentOf(i int64) int {
 
 // segment returns segment k of x's chunk list: its first chunk and the
 // hashes, read and checked against the record (or sliced from Chunks
-// when the whole list is in memory).
+// when the whole list is in memory), with its patch applied.
 func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, error) {
+	first, hs, err := r.baseSegment(ctx, x, k)
+	if err != nil || x.Chunks != nil {
+		return first, hs, err
+	}
+	if h, ok := x.patched(k); ok {
+		p, err := r.readPatch(ctx, x, k, h)
+		if err != nil {
+			return 0, nil, err
+		}
+		for _, e := range p.ents {
+			hs[e.at] = e.h
+		}
+	}
+	return first, hs, nil
+}
+
+// baseSegment is segment k of x's chunk list as stored, without its
+// patch: a slice of its own (segment patches it in place).
+func (r *Repo) baseSegment(ctx context.Context, x *Index, k int) (int64, []Hash, error) {
 	if x.Segments == nil || x.Chunks != nil {
 		if err := r.loadChunks(ctx, x); err != nil {
 			return 0, nil, err
@@ -180,6 +293,12 @@ func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, err
 		first := int64(k) * x.SegmentChunks
 		return first, x.Chunks[first:min(first+x.SegmentChunks, int64(len(x.Chunks)))], nil
 	}
+	return r.storedSegment(ctx, x, k)
+}
+
+// storedSegment reads segment k of x's chunk list (format 3 or later)
+// from the repository, without its patch.
+func (r *Repo) storedSegment(ctx context.Context, x *Index, k int) (int64, []Hash, error) {
 	if k < 0 || k >= len(x.Segments) {
 		return 0, nil, fmt.Errorf("image %s: chunk list segment %d of %d", x.ID, k, len(x.Segments))
 	}
@@ -258,6 +377,11 @@ func (x *Index) sharedSegments(set map[string]bool) {
 	if x.Shared {
 		for _, h := range x.Segments {
 			set[sharedSegmentName(h)] = true
+		}
+		for _, h := range x.Patches {
+			if h != (Hash{}) {
+				set[patchName(h)] = true
+			}
 		}
 	}
 }
@@ -355,12 +479,16 @@ func (x *Index) checkRecord(chunkSize int) string {
 		return fmt.Sprintf("chunk size %d, the repository's is %d", x.ChunkSize, chunkSize)
 	case x.Size < 0 || x.Size > maxImageSize:
 		return fmt.Sprintf("volume size %d out of range", x.Size)
-	case x.Segments == nil:
+	case x.Segments == nil && x.Patches == nil:
 		return ""
+	case x.Segments == nil:
+		return "segment patches without segments"
 	case x.SegmentChunks < 1 || x.SegmentChunks > maxSegmentChunks:
 		return fmt.Sprintf("%d chunks per list segment", x.SegmentChunks)
 	case int64(len(x.Segments)) != (x.NumChunks()+x.SegmentChunks-1)/x.SegmentChunks:
 		return fmt.Sprintf("%d list segments for %d chunks of %d a segment", len(x.Segments), x.NumChunks(), x.SegmentChunks)
+	case x.Patches != nil && (!x.Shared || len(x.Patches) != len(x.Segments)):
+		return fmt.Sprintf("%d segment patches for %d segments", len(x.Patches), len(x.Segments))
 	}
 	return ""
 }

@@ -69,8 +69,10 @@ type Config struct {
 	Checksum string `json:"checksum,omitempty"`
 }
 
-// formatVersion 7 wraps every metadata object in a checksummed envelope
-// (envelope.go) and gives the config a checksum; 6 names chunks by 16 bytes of their keyed hash in
+// formatVersion 8 stores a changed segment of an incremental's chunk
+// list as a patch of its parent's (Index.Patches, patch.go); 7 wraps
+// every metadata object in a checksummed envelope (envelope.go) and
+// gives the config a checksum; 6 names chunks by 16 bytes of their keyed hash in
 // encrypted repositories (hash_bytes; chunk lists version 4, chunk index
 // version 2); 5 names chunk-list segments by their content, shared
 // between images (segments/HH/HASH); 4 wrote version 2 pack trailers (no
@@ -79,7 +81,7 @@ type Config struct {
 // (upgradeFormat), before it writes anything new, so an older Umbra
 // refuses them instead of missing new images' lists or taking new packs
 // for garbage.
-const formatVersion = 7
+const formatVersion = 8
 
 // initFormat5 makes Init write a format-5 repository (32-byte hashes
 // when encrypted too), as earlier Umbra did: tests set it.

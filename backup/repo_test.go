@@ -375,10 +375,10 @@ func TestRestoreChunkCache(t *testing.T) {
 }
 
 // TestSharedSegments: an incremental whose changes fall in one segment of
-// the chunk list stores that segment only and names the others of its
-// parent; deleting the parent keeps what the incremental still uses and
-// drops the rest; an identical volume backed up under another name
-// stores no list at all.
+// the chunk list stores a patch of that segment only and names the
+// parent's segments; deleting the parent keeps what the incremental
+// still uses and drops the rest; an identical volume backed up under
+// another name stores only the segment the incremental holds as a patch.
 func TestSharedSegments(t *testing.T) {
 	defer backup.SetSegmentChunks(backup.SetSegmentChunks(64))
 	ctx := context.Background()
@@ -395,18 +395,18 @@ func TestSharedSegments(t *testing.T) {
 			shared++
 		}
 	}
-	if len(is) != 8 || shared != 7 || len(backup.ObjectNames(repo, "segments/")) != 9 {
-		t.Fatalf("incremental has %d segments, %d shared with its parent, %d stored; want 8, 7, 9", len(is), shared, len(backup.ObjectNames(repo, "segments/")))
+	if len(is) != 9 || shared != 8 || len(backup.PatchObjects(repo, incr.ID)) != 1 || len(backup.ObjectNames(repo, "segments/")) != 9 {
+		t.Fatalf("incremental has %d list objects (%d patches), %d shared with its parent, %d stored; want 9 (1), 8, 9", len(is), len(backup.PatchObjects(repo, incr.ID)), shared, len(backup.ObjectNames(repo, "segments/")))
 	}
 	if incr.Stats.Index > full.Stats.Index/2 {
 		t.Fatalf("the incremental stored %d bytes of list and index, the full %d", incr.Stats.Index, full.Stats.Index)
 	}
 	other := backupAndRestore(t, repo, next, backup.Options{Volume: "w"})
-	if other.Stats.Stored != 0 || len(backup.ObjectNames(repo, "segments/")) != 9 {
-		t.Fatalf("an identical volume stored %d new bytes, %d segments in all", other.Stats.Stored, len(backup.ObjectNames(repo, "segments/")))
+	if other.Stats.Stored != 0 || len(backup.ObjectNames(repo, "segments/")) != 10 {
+		t.Fatalf("an identical volume stored %d new bytes, %d list objects in all", other.Stats.Stored, len(backup.ObjectNames(repo, "segments/")))
 	}
-	if st := repo.Stats(ctx); st.ListSegments != 24 || st.ListObjects != 9 || st.Format != 7 {
-		t.Fatalf("stats: %d list segments in %d objects, format %d; want 24 in 9, format 7", st.ListSegments, st.ListObjects, st.Format)
+	if st := repo.Stats(ctx); st.ListSegments != 24 || st.ListObjects != 10 || st.Format != 8 {
+		t.Fatalf("stats: %d list segments in %d objects, format %d; want 24 in 10, format 8", st.ListSegments, st.ListObjects, st.Format)
 	}
 	if _, err := repo.Delete(ctx, []string{full.ID}); err != nil {
 		t.Fatal(err)
@@ -448,8 +448,8 @@ func TestUnchangedSegmentsPassThrough(t *testing.T) {
 		t.Fatalf("incremental read %d parent segments, %d bytes, reused %d", n, st.Read, st.Reused)
 	}
 	fs, is := backup.SegmentObjects(repo, full.ID), backup.SegmentObjects(repo, incr.ID)
-	if shared := len(is) - len(slices.DeleteFunc(slices.Clone(is), func(n string) bool { return slices.Contains(fs, n) })); shared != 3 {
-		t.Fatalf("%d of 4 segments shared with the parent, want 3", shared)
+	if shared := len(is) - len(slices.DeleteFunc(slices.Clone(is), func(n string) bool { return slices.Contains(fs, n) })); shared != 4 || len(is) != 5 {
+		t.Fatalf("%d of %d list objects shared with the parent, want 4 of 5 (the changed segment a patch)", shared, len(is))
 	}
 	out := filepath.Join(t.TempDir(), "out.img")
 	if err := repo.Restore(incr.ID, out, nil); err != nil {
@@ -574,7 +574,7 @@ func TestFormat2Repository(t *testing.T) {
 	if x.Parent != old.ID || len(x.Segments) != (len(src)/4096+1+4)/5 {
 		t.Fatalf("incremental on a format-2 parent: parent %q, %d segments", x.Parent, len(x.Segments))
 	}
-	if v := repo.Config().Version; v != 7 {
+	if v := repo.Config().Version; v != 8 {
 		t.Fatalf("repository still version %d after a segmented image", v)
 	}
 	if rep := repo.Verify(); rep.GoodImages != 2 || len(rep.BadImages) > 0 {
@@ -635,7 +635,7 @@ func TestIndexAsItGoes(t *testing.T) {
 // bytes of their keyed hash — segments named by 32 hex digits, about
 // half the list and index bytes of a format-5 encrypted repository (32
 // bytes) for the same images — and both kinds back up, restore, verify
-// and prune; the format-5 one is upgraded to format 7 and keeps its
+// and prune; the format-5 one is upgraded to format 8 and keeps its
 // 32-byte names.
 func TestChunkHashLengths(t *testing.T) {
 	ctx := context.Background()
@@ -664,8 +664,8 @@ func TestChunkHashLengths(t *testing.T) {
 			changed.Bits[at/64] |= 1 << (at % 64)
 		}
 		incr := backupAndRestore(t, repo, next, backup.Options{Volume: "v", Parent: full, Changed: changed})
-		if c := repo.Config(); c.HashBytes != want || c.Version != 7 {
-			t.Fatalf("repository %d: hash_bytes %d, format %d; want %d, 7", i, c.HashBytes, c.Version, want)
+		if c := repo.Config(); c.HashBytes != want || c.Version != 8 {
+			t.Fatalf("repository %d: hash_bytes %d, format %d; want %d, 8", i, c.HashBytes, c.Version, want)
 		}
 		for _, n := range backup.ObjectNames(repo, "segments/") {
 			if l := len(n[strings.LastIndex(n, "/")+1:]); l != wantLen {

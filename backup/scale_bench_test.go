@@ -1,0 +1,203 @@
+package backup_test
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"umbra/backup"
+	"umbra/provider"
+)
+
+// patternSource is a synthetic volume like `nbdkit pattern`: every 8-byte
+// word of its first data bytes is its offset (big-endian), so every 4 KiB
+// chunk is unique and compresses well; the rest is a hole. A chunk in
+// changed holds its offset XOR salt instead (a rewritten block).
+type patternSource struct {
+	size, data int64
+	changed    map[int64]bool
+	salt       uint64
+}
+
+func (p *patternSource) Size() int64 { return p.size }
+
+func (p *patternSource) ReadAt(b []byte, off int64) (int, error) {
+	if off%8 != 0 || len(b)%8 != 0 {
+		return 0, fmt.Errorf("pattern source: unaligned read of %d at %d", len(b), off)
+	}
+	for i := 0; i < len(b); i += 8 {
+		o := off + int64(i)
+		v := uint64(o)
+		switch {
+		case o >= p.data:
+			v = 0
+		case p.changed[o/4096]:
+			v ^= p.salt
+		}
+		binary.BigEndian.PutUint64(b[i:], v)
+	}
+	return len(b), nil
+}
+
+func (p *patternSource) allocated(off, n int64) ([]backup.Range, error) {
+	if off >= p.data {
+		return nil, nil
+	}
+	return []backup.Range{{Off: off, Len: min(n, p.data-off)}}, nil
+}
+
+// peakRSS is the process's peak resident set since resetPeak, in MiB.
+func peakRSS() float64 {
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmHWM:") {
+			kb, _ := strconv.Atoi(strings.Fields(l)[1])
+			return float64(kb) / 1024
+		}
+	}
+	return 0
+}
+
+func curRSS() float64 {
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") {
+			kb, _ := strconv.Atoi(strings.Fields(l)[1])
+			return float64(kb) / 1024
+		}
+	}
+	return 0
+}
+
+// resetPeak returns memory to the system and starts a new peak.
+func resetPeak() {
+	runtime.GC()
+	debug.FreeOSMemory()
+	os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
+}
+
+// dirBytes sums the sizes of the files under dir whose path (relative)
+// does not start with skip.
+func dirBytes(dir, skip string) int64 {
+	var n int64
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if rel, _ := filepath.Rel(dir, p); skip == "" || !strings.HasPrefix(rel, skip) {
+				fi, _ := d.Info()
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	return n
+}
+
+// BenchmarkScale backs up a synthetic volume of UMBRA_SCALE_CHUNKS unique
+// 4 KiB chunks (in a volume 16 times larger, the rest a hole) into a
+// repository under UMBRA_SCALE_DIR (default /tmp), then an incremental
+// after 1 % of its data chunks were rewritten at scattered places, then
+// restores (to /dev/null's stand-in, a sparse file), verifies and prunes
+// it, reporting each phase's peak RSS (VmHWM, reset before each) and the
+// metadata each backup wrote: the in-process part of bench/scale.sh.
+func BenchmarkScale(b *testing.B) {
+	n, _ := strconv.ParseInt(os.Getenv("UMBRA_SCALE_CHUNKS"), 10, 64)
+	if n == 0 {
+		b.Skip("set UMBRA_SCALE_CHUNKS to the number of unique 4 KiB chunks")
+	}
+	ctx := context.Background()
+	base := os.Getenv("UMBRA_SCALE_DIR")
+	if base == "" {
+		base = os.TempDir()
+	}
+	dir, err := os.MkdirTemp(base, "umbra-scale-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	loc := filepath.Join(dir, "repo")
+	set := backup.Settings{Password: os.Getenv("UMBRA_PASSWORD")}
+	repo, err := backup.InitWith(ctx, loc, set)
+	if err != nil {
+		b.Fatal(err)
+	}
+	repo.Close()
+	src := &patternSource{size: 16 * n * 4096, data: n * 4096}
+	report := func(name string, v float64, unit string) {
+		b.ReportMetric(v, unit)
+		fmt.Fprintf(os.Stderr, "scale chunks=%d %s %.1f %s\n", n, name, v, unit)
+	}
+	phase := func(name string, fn func(r *backup.Repo)) {
+		resetPeak()
+		t0 := time.Now()
+		r, err := backup.OpenWith(ctx, loc, set)
+		if err != nil {
+			b.Fatal(err)
+		}
+		fn(r)
+		r.Close()
+		report(name+"-peak-rss", peakRSS(), "MiB")
+		report(name+"-s", time.Since(t0).Seconds(), "s")
+		resetPeak()
+		report(name+"-after-rss", curRSS(), "MiB")
+	}
+	var full *backup.Index
+	phase("backup", func(r *backup.Repo) {
+		var st backup.Stats
+		full, st, err = r.Backup(ctx, src, backup.Options{Volume: "v", Allocated: src.allocated})
+		if err != nil {
+			b.Fatal(err)
+		}
+		report("backup-index", float64(st.Index)/(1<<20), "MiB")
+	})
+	report("repo-size", float64(dirBytes(loc, ""))/(1<<20), "MiB")
+	// 1 % of the data chunks rewritten at scattered places.
+	rnd := rand.New(rand.NewPCG(1, 2))
+	src.changed, src.salt = map[int64]bool{}, 0x5a5a5a5a5a5a5a5a
+	bm := &provider.Bitmap{Granule: 4096, Size: src.size, Bits: make([]uint64, (src.size/4096+63)/64)}
+	for range n / 100 {
+		c := rnd.Int64N(n)
+		src.changed[c] = true
+		bm.Bits[c/64] |= 1 << (c % 64)
+	}
+	changed := int64(len(src.changed)) * 4096
+	meta0 := dirBytes(loc, "packs")
+	phase("incremental", func(r *backup.Repo) {
+		_, st, err := r.Backup(ctx, src, backup.Options{Volume: "v", Parent: full, Changed: bm, Allocated: src.allocated})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if !st.Incremental {
+			b.Fatalf("not incremental: %s", st.WhyFull)
+		}
+		report("incremental-changed", float64(changed)/(1<<20), "MiB")
+		report("incremental-metadata", float64(dirBytes(loc, "packs")-meta0)/(1<<20), "MiB")
+		report("incremental-metadata-pct", 100*float64(dirBytes(loc, "packs")-meta0)/float64(changed), "%")
+	})
+	out := filepath.Join(dir, "out.img")
+	phase("restore", func(r *backup.Repo) {
+		if err := r.RestoreContext(ctx, full.ID, out, nil); err != nil {
+			b.Fatal(err)
+		}
+	})
+	os.Remove(out)
+	phase("verify", func(r *backup.Repo) {
+		if rep := r.VerifyContext(ctx, nil); len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes) > 0 {
+			b.Fatalf("verify: %+v", rep)
+		}
+	})
+	phase("prune", func(r *backup.Repo) {
+		if _, err := r.Delete(ctx, []string{full.ID}); err != nil {
+			b.Fatal(err)
+		}
+	})
+}
