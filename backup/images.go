@@ -66,10 +66,10 @@ type listWriter struct {
 	x      *Index
 	parent *Index // when set, a changed segment may be stored as a patch of the parent's
 	pbuf   []Hash // the parent's hashes of the chunks in buf
-	sum   func([]byte) Hash
-	buf   []Hash
-	first int64
-	bytes int64 // stored
+	sum    func([]byte) Hash
+	buf    []Hash
+	first  int64
+	bytes  int64 // stored
 }
 
 func (r *Repo) newListWriter(x *Index) *listWriter {

@@ -411,8 +411,8 @@ func TestSharedSegments(t *testing.T) {
 	if _, err := repo.Delete(ctx, []string{full.ID}); err != nil {
 		t.Fatal(err)
 	}
-	if got := backup.ObjectNames(repo, "segments/"); !slices.Equal(got, is) {
-		t.Fatalf("after deleting the full image, segments %v, want the incremental's %v", got, is)
+	if got, want := backup.ObjectNames(repo, "segments/"), backup.SegmentObjects(repo, incr.ID, other.ID); !slices.Equal(got, want) || len(got) != 10 {
+		t.Fatalf("after deleting the full image, segments %v, want the remaining images' %v (10)", got, want)
 	}
 	out := filepath.Join(t.TempDir(), "out.img")
 	if err := repo.Restore(incr.ID, out, nil); err != nil {
