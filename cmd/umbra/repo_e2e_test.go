@@ -129,7 +129,8 @@ func TestCLIRepository(t *testing.T) {
 	}
 	var st backup.RepoStats
 	json.Unmarshal([]byte(s.ok(append([]string{"stats", "--json"}, pw...)...)), &st)
-	if st.Images != 1 || st.Encryption != "aes-256-gcm" || st.Chunks == 0 || st.Format != 8 || st.HashBytes != 16 || st.ListSegments == 0 || st.ListObjects != st.ListSegments ||
+	// The incremental left has one segment, its parent's base and a patch.
+	if st.Images != 1 || st.Encryption != "aes-256-gcm" || st.Chunks == 0 || st.Format != 8 || st.HashBytes != 16 || st.ListSegments != 1 || st.ListObjects != 2 ||
 		st.Level != "fastest" || st.Encoder != "c" && st.Encoder != "go" {
 		t.Fatalf("stats: %+v", st)
 	}
