@@ -70,7 +70,8 @@ type nbdConfig struct {
 	Listen   string `toml:"listen"`
 	TLSCert  string `toml:"tls_cert"`
 	TLSKey   string `toml:"tls_key"`
-	ClientCA string `toml:"client_ca"` // TCP clients need a certificate it signed
+	ClientCA string `toml:"client_ca"`       // TCP clients need a certificate it signed
+	MaxConns int    `toml:"max_connections"` // per listener (default nbd.DefaultMaxConns)
 }
 
 type writersConfig struct {
@@ -178,6 +179,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.NBD.Listen, "nbd-listen", "", "also serve NBD on TCP HOST:PORT (requires --tls-cert and --tls-key)")
 	f.StringVar(&cfg.NBD.TLSCert, "tls-cert", "", "TLS certificate file for NBD over TCP")
 	f.StringVar(&cfg.NBD.TLSKey, "tls-key", "", "TLS key file for NBD over TCP")
+	f.IntVar(&cfg.NBD.MaxConns, "nbd-max-connections", 0, fmt.Sprintf("NBD connections served at once per listener; one more is closed (default %d; each holds at most %d MiB of buffers)", nbd.DefaultMaxConns, nbd.DefaultConnBuffer>>20))
 	f.StringVar(&cfg.NBD.ClientCA, "nbd-tls-client-ca", "", "CA that signs the client certificates NBD over TCP requires (recommended: without it any client that trusts --tls-cert may write)")
 	f.StringVar(&cfg.FUSE.Dir, "fuse-dir", "", "also mount a FUSE directory with each volume and snapshot as a file")
 	f.StringArrayVar(&cfg.Reflink, "reflink-volume", nil, "a file on XFS (reflink=1) or btrfs to snapshot by cloning (shadow storage: .umbra-shadow beside it); repeatable")
@@ -210,6 +212,9 @@ func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
 	set("tls-cert", &file.NBD.TLSCert, flags.NBD.TLSCert)
 	set("tls-key", &file.NBD.TLSKey, flags.NBD.TLSKey)
 	set("nbd-tls-client-ca", &file.NBD.ClientCA, flags.NBD.ClientCA)
+	if cmd.Flags().Changed("nbd-max-connections") {
+		file.NBD.MaxConns = flags.NBD.MaxConns
+	}
 	set("fuse-dir", &file.FUSE.Dir, flags.FUSE.Dir)
 	set("hooks-dir", &file.Writers.HooksDir, flags.Writers.HooksDir)
 	set("expose-dir", &file.ExposeDir, flags.ExposeDir)
@@ -333,7 +338,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		return err
 	}
 	m := metrics.New(p)
-	opts := nbd.Options{Logger: log, Observe: m.NBD}
+	opts := nbd.Options{Logger: log, Observe: m.NBD, MaxConns: cfg.NBD.MaxConns}
 	if cfg.NBD.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
 		if err != nil {
@@ -443,7 +448,7 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		} else {
 			log.Warn("NBD over TCP without client certificates: any client that trusts the server certificate can read and write every volume; give --nbd-tls-client-ca")
 		}
-		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: tcpTLS, RequireTLS: true, Observe: m.NBD})
+		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: tcpTLS, RequireTLS: true, Observe: m.NBD, MaxConns: cfg.NBD.MaxConns})
 		m.WatchNBD(tcpSrv)
 		go func() { errc <- tcpSrv.Serve(ctx, tl) }()
 		defer tcpSrv.Shutdown(context.Background())
@@ -506,8 +511,12 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	return nil
 }
 
-// nbdClientPool loads the CA of --nbd-tls-client-ca (nil without it).
+// nbdClientPool checks the NBD settings and loads the CA of
+// --nbd-tls-client-ca (nil without it).
 func nbdClientPool(c nbdConfig) (*x509.CertPool, error) {
+	if c.MaxConns < 0 {
+		return nil, usageError{fmt.Errorf("--nbd-max-connections %d: want a positive number (0: the default, %d)", c.MaxConns, nbd.DefaultMaxConns)}
+	}
 	if c.ClientCA == "" {
 		return nil, nil
 	}

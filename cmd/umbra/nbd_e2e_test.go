@@ -227,3 +227,28 @@ func TestNBDClientCertificates(t *testing.T) {
 		}
 	}
 }
+
+// TestNBDMaxConnections: --nbd-max-connections caps the connections
+// served at once; one more is closed before the greeting, and the one
+// served goes on.
+func TestNBDMaxConnections(t *testing.T) {
+	s := startService(t, t.TempDir(), []string{"v"}, "--nbd-max-connections", "1")
+	c := nbdGo(t, s.nbd, "v")
+	extra, err := net.Dial("unix", s.nbd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	extra.SetDeadline(time.Now().Add(time.Minute))
+	if n, err := io.ReadFull(extra, make([]byte, 18)); err == nil {
+		t.Fatalf("a second connection got the greeting (%d bytes) past --nbd-max-connections 1", n)
+	}
+	r := binary.BigEndian.AppendUint32(nil, 0x25609513)
+	r = binary.BigEndian.AppendUint32(r, 3) // NBD_CMD_FLUSH
+	r = append(r, make([]byte, 20)...)
+	c.Write(r)
+	h := make([]byte, 16)
+	if _, err := io.ReadFull(c, h); err != nil || binary.BigEndian.Uint32(h[4:]) != 0 {
+		t.Fatalf("flush on the served connection: %v %x", err, h)
+	}
+}

@@ -137,6 +137,7 @@ func TestServeAPIRefusals(t *testing.T) {
 		{"no tokens file", listen, "requires --api-tls-cert, --api-tls-key and --api-tokens"},
 		{"no certificate", []string{"--api-listen", "127.0.0.1:0", "--api-tokens", empty}, "requires --api-tls-cert"},
 		{"tokens without listen", []string{"--api-tokens", open}, "give --api-listen"},
+		{"negative NBD connections", []string{"--nbd-max-connections", "-1"}, "--nbd-max-connections -1"},
 		{"NBD client CA without listen", []string{"--nbd-tls-client-ca", cert}, "give --nbd-listen"},
 		{"NBD client CA not PEM", []string{"--nbd-listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key, "--nbd-tls-client-ca", empty}, "no PEM certificate"},
 	} {
