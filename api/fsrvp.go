@@ -2,8 +2,6 @@ package api
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -23,48 +21,13 @@ import (
 	"umbra/cow"
 	"umbra/expose"
 	"umbra/frontend"
+	"umbra/fsrvp"
 	"umbra/provider"
 	"umbra/writer"
 )
 
-// FSRVP set states (MS-FSRVP 3.1.1.2).
-const (
-	stStarted   = "started"
-	stAdded     = "added"
-	stCreating  = "creation_in_progress"
-	stCommitted = "committed"
-	stExposed   = "exposed"
-	stRecovered = "recovered"
-	stAborted   = "aborted"
-)
-
-// DefaultSetTimeout is FSRVP's message sequence timer: a set that does
-// not reach its next state in this time is aborted.
-const DefaultSetTimeout = 180 * time.Second
-
-var contexts = map[string]bool{ // context -> persistent snapshots
-	"backup": false, "file_share_backup": false, "nas_rollback": true, "app_rollback": true,
-}
-
-// fsrvpSet is one shadow copy set, as kept in the catalog.
-type fsrvpSet struct {
-	ID       string        `json:"id"`
-	Context  string        `json:"context"`
-	State    string        `json:"state"`
-	Members  []fsrvpMember `json:"members"`
-	Created  time.Time     `json:"created"`
-	Deadline time.Time     `json:"deadline"`
-	Timeout  time.Duration `json:"timeout"`
-	Err      string        `json:"error,omitempty"`
-}
-
-type fsrvpMember struct {
-	ShadowID string `json:"shadow_id"`
-	Path     string `json:"path"`
-	Volume   string `json:"volume"`
-	Provider string `json:"provider"`
-	Snapshot string `json:"snapshot,omitempty"`
-}
+// DefaultSetTimeout is FSRVP's message sequence timer (see fsrvp).
+const DefaultSetTimeout = fsrvp.DefaultTimeout
 
 // exposure is one share mapping, as kept in the catalog.
 type exposure struct {
@@ -80,19 +43,18 @@ type exposure struct {
 
 func exposureKey(vol, snap string) string { return vol + "@" + snap }
 
-// shares holds sets and exposures; mu serializes every change so the
-// catalog and the kernel state (mounts) move together.
+// shares holds the FSRVP sets (their state machine is package fsrvp)
+// and the exposures; mu serializes every change of an exposure so the
+// catalog and the kernel state (mounts) move together. A set's step
+// takes the sets' lock, then mu (never the other way round).
 type shares struct {
 	cat     *catalog.Catalog
 	root    string // where exposures are mounted
 	fuseDir string // the service's FUSE files (COW snapshots as block files)
-	timeout time.Duration
+	sets    *fsrvp.Sets
 
 	mu      sync.Mutex // guards the fields below
-	sets    map[string]*fsrvpSet
 	exposed map[string]*exposure
-	timers  map[string]*time.Timer
-	context string
 
 	configured map[string]cow.StorageInfo // each volume's storage as configured at start
 }
@@ -114,14 +76,10 @@ var errNoShares = status.Error(codes.FailedPrecondition, "shadow copy sets and e
 // unfinished by a stop are aborted and cleaned, records of snapshots
 // that are gone are dropped, and exposures are made again.
 func (s *Server) EnableShares(ctx context.Context, cat *catalog.Catalog, root, fuseDir string, timeout time.Duration) {
-	if timeout <= 0 {
-		timeout = DefaultSetTimeout
-	}
-	sh := &shares{cat: cat, root: root, fuseDir: fuseDir, timeout: timeout, sets: map[string]*fsrvpSet{},
-		exposed: map[string]*exposure{}, timers: map[string]*time.Timer{}, context: "backup"}
+	sh := &shares{cat: cat, root: root, fuseDir: fuseDir, exposed: map[string]*exposure{}}
+	sh.sets = fsrvp.New(cat, setHost{s}, timeout, s.log)
 	s.sh = sh
 	sh.mu.Lock()
-	defer sh.mu.Unlock()
 	s.restoreStorage()
 	if s.writers != nil {
 		var saved []writer.State
@@ -133,34 +91,10 @@ func (s *Server) EnableShares(ctx context.Context, cat *catalog.Catalog, root, f
 			s.log.Warn("catalog: unreadable exposure dropped", "id", id, "err", err)
 			cat.Delete(catalog.Exposures, id)
 		})
-	var sets []fsrvpSet
-	catalog.Each(cat, catalog.Sets, func(id string, st fsrvpSet) { sets = append(sets, st) },
-		func(id string, err error) {
-			s.log.Warn("catalog: unreadable set dropped", "id", id, "err", err)
-			cat.Delete(catalog.Sets, id)
-		})
-	for i := range sets {
-		st := &sets[i]
-		sh.sets[st.ID] = st
-		if st.State != stRecovered {
-			s.log.Warn("shadow copy set left unfinished by a stop: aborting", "set", st.ID, "state", st.State)
-			s.abortLocked(ctx, st, "the service stopped in state "+st.State)
-			continue
-		}
-		var keep []fsrvpMember
-		for _, m := range st.Members {
-			if s.snapshotExists(ctx, m.Volume, m.Snapshot) {
-				keep = append(keep, m)
-			}
-		}
-		st.Members = keep
-		if len(keep) == 0 {
-			delete(sh.sets, st.ID)
-			cat.Delete(catalog.Sets, st.ID)
-		} else {
-			cat.Put(catalog.Sets, st.ID, st)
-		}
-	}
+	sh.mu.Unlock()
+	sh.sets.Restore(ctx) // aborts unfinished sets: their exposures go
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
 	for key, e := range sh.exposed {
 		if !s.snapshotExists(ctx, e.Volume, e.Snapshot) {
 			s.log.Warn("exposed snapshot is gone: dropping its share mapping", "snapshot", key)
@@ -191,11 +125,9 @@ func (s *Server) CloseShares() {
 	if sh == nil {
 		return
 	}
+	sh.sets.Close()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	for _, t := range sh.timers {
-		t.Stop()
-	}
 	for _, e := range sh.exposed {
 		if e.Mount != nil {
 			e.Mount.Unmount()
@@ -224,12 +156,6 @@ func (s *Server) snapshotExists(ctx context.Context, vol, id string) bool {
 	return false
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
 func (s *Server) GetSupportedVersion(context.Context, *umbrav1.GetSupportedVersionRequest) (*umbrav1.GetSupportedVersionResponse, error) {
 	return &umbrav1.GetSupportedVersionResponse{MinVersion: 1, MaxVersion: 2}, nil
 }
@@ -238,12 +164,9 @@ func (s *Server) SetContext(ctx context.Context, req *umbrav1.SetContextRequest)
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	if _, ok := contexts[req.GetContext()]; !ok {
-		return nil, toStatus(fmt.Errorf("%w: context %q: want backup, file_share_backup, nas_rollback or app_rollback", errBadRequest, req.GetContext()))
+	if err := s.sh.sets.SetContext(req.GetContext()); err != nil {
+		return nil, setStatus(err)
 	}
-	s.sh.mu.Lock()
-	s.sh.context = req.GetContext()
-	s.sh.mu.Unlock()
 	return &umbrav1.SetContextResponse{}, nil
 }
 
@@ -303,88 +226,58 @@ func (s *Server) IsPathShadowCopied(ctx context.Context, req *umbrav1.PathReques
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	out := &umbrav1.PathShadowCopiedResponse{}
+	ids := s.sh.sets.ShadowCopied(vol)
+	return &umbrav1.PathShadowCopiedResponse{ShadowCopied: len(ids) > 0, SetIds: ids}, nil
+}
+
+// setHost is what the FSRVP sets act on: the service's coordinator,
+// providers and exposures.
+type setHost struct{ s *Server }
+
+func (h setHost) Supports(ctx context.Context, m fsrvp.Member) error {
+	p, err := h.s.reg.Get(m.Provider)
+	if err == nil {
+		err = p.Supports(ctx, m.Volume)
+	}
+	return err
+}
+
+func (h setHost) CommitSet(ctx context.Context, id string, vols []string, writers, persistent bool) ([]provider.Snapshot, error) {
+	s := h.s
+	if writers {
+		defer s.saveWriters() // their history, failures included
+	}
+	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: vols, Writers: writers, Persistent: persistent, ID: id})
+	if err != nil {
+		return nil, err
+	}
+	set.Done()
+	s.Metrics.ObserveSet(set.Timings.Hold, set.Timings.FreezeToThaw)
+	return set.Snapshots, nil
+}
+
+func (h setHost) Expose(ctx context.Context, st fsrvp.Set, m fsrvp.Member, mount bool) error {
+	s := h.s
+	dir := filepath.Join(s.sh.root, st.ID, strings.ReplaceAll(strings.Trim(m.Volume, "/"), "/", "_"))
 	s.sh.mu.Lock()
 	defer s.sh.mu.Unlock()
-	for _, st := range s.sh.sets {
-		for _, m := range st.Members {
-			if m.Volume == vol && m.Snapshot != "" {
-				out.ShadowCopied = true
-				out.SetIds = append(out.SetIds, st.ID)
-				break
-			}
-		}
-	}
-	return out, nil
+	_, err := s.exposeLocked(ctx, m.Volume, m.Snapshot, dir, mount, &exposure{SetID: st.ID, ShadowID: m.ShadowID, SharePath: m.Path})
+	return err
 }
 
-// arm (re)starts the set's timer for its current state; holds mu.
-func (s *Server) arm(st *fsrvpSet) {
-	sh := s.sh
-	if t := sh.timers[st.ID]; t != nil {
-		t.Stop()
-		delete(sh.timers, st.ID)
+// Drop unexposes a set's shadow copy and deletes it. The FSRVP client
+// asked for it, and the loop device of the exposure just removed lets go
+// of the snapshot's FUSE file a moment later, so it is deleted even in
+// use; whom that cut off is logged.
+func (h setHost) Drop(ctx context.Context, st fsrvp.Set, m fsrvp.Member) error {
+	s := h.s
+	s.sh.mu.Lock()
+	s.unexposeLocked(m.Volume, m.Snapshot)
+	s.sh.mu.Unlock()
+	p, err := s.reg.Get(m.Provider)
+	if err != nil {
+		return nil // its provider is gone, and the snapshot with it
 	}
-	if st.State == stRecovered || st.State == stAborted {
-		st.Deadline = time.Time{}
-		return
-	}
-	st.Deadline = time.Now().Add(st.Timeout)
-	state := st.State
-	sh.timers[st.ID] = time.AfterFunc(st.Timeout, func() {
-		sh.mu.Lock()
-		defer sh.mu.Unlock()
-		if cur := sh.sets[st.ID]; cur == st && cur.State == state {
-			s.log.Warn("shadow copy set timed out: aborting", "set", st.ID, "state", state, "timeout", st.Timeout)
-			s.abortLocked(context.Background(), st, fmt.Sprintf("timed out after %v in state %s", st.Timeout, state))
-		}
-	})
-}
-
-// moveTo puts the set in state: its timer is re-armed for the new state,
-// the catalog and subscribers learn of it, and an aborted set is
-// forgotten. Holds mu.
-func (s *Server) moveTo(st *fsrvpSet, state string) {
-	st.State = state
-	s.arm(st)
-	s.save(st)
-	if state == stAborted {
-		delete(s.sh.sets, st.ID)
-	}
-}
-
-// save writes the set to the catalog and tells subscribers; holds mu.
-func (s *Server) save(st *fsrvpSet) error {
-	s.emit("set_state", &umbrav1.Event{SetId: st.ID, State: st.State, Message: st.Err})
-	if st.State == stAborted {
-		return s.sh.cat.Delete(catalog.Sets, st.ID)
-	}
-	return s.sh.cat.Put(catalog.Sets, st.ID, st)
-}
-
-// abortLocked deletes what the set made (exposures, snapshots) and
-// forgets it; holds mu.
-func (s *Server) abortLocked(ctx context.Context, st *fsrvpSet, why string) {
-	for _, m := range st.Members {
-		if m.Snapshot == "" {
-			continue
-		}
-		s.unexposeLocked(m.Volume, m.Snapshot)
-		if p, err := s.reg.Get(m.Provider); err == nil {
-			if err := s.dropSetMember(ctx, p, st, m); err != nil && !errors.Is(err, provider.ErrNotFound) {
-				s.log.Error("abort: delete snapshot", "set", st.ID, "volume", m.Volume, "snapshot", m.Snapshot, "err", err)
-			}
-		}
-	}
-	st.Err = why
-	s.moveTo(st, stAborted) // forgets it
-}
-
-// dropSetMember deletes a set's shadow copy once its exposure is gone.
-// The FSRVP client asked for it, and the loop device of the exposure
-// just removed lets go of the snapshot's FUSE file a moment later, so it
-// is deleted even in use; whom that cut off is logged.
-func (s *Server) dropSetMember(ctx context.Context, p provider.Provider, st *fsrvpSet, m fsrvpMember) error {
 	cut, err := s.dropSnapshot(ctx, p, m.Volume, m.Snapshot, true)
 	if len(cut) > 0 {
 		s.log.Warn("shadow copy deleted while in use", "set", st.ID, "snapshot", exposureKey(m.Volume, m.Snapshot), "cut_off", cut)
@@ -392,11 +285,39 @@ func (s *Server) dropSetMember(ctx context.Context, p provider.Provider, st *fsr
 	return err
 }
 
-func (s *Server) setMsg(st *fsrvpSet) *umbrav1.ShadowCopySet {
+func (h setHost) Exists(ctx context.Context, vol, snap string) bool {
+	return h.s.snapshotExists(ctx, vol, snap)
+}
+
+func (h setHost) Changed(st fsrvp.Set) {
+	h.s.emit("set_state", &umbrav1.Event{SetId: st.ID, State: st.State, Message: st.Err})
+}
+
+// setStatus maps the sets' errors to gRPC codes.
+func setStatus(err error) error {
+	switch {
+	case errors.Is(err, fsrvp.ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, fsrvp.ErrState):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, fsrvp.ErrExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, fsrvp.ErrBadRequest):
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	if status.Code(err) != codes.Unknown {
+		return err
+	}
+	return toStatus(err)
+}
+
+func (s *Server) setMsg(st fsrvp.Set) *umbrav1.ShadowCopySet {
 	out := &umbrav1.ShadowCopySet{Id: st.ID, Context: st.Context, State: st.State, Created: timestamppb.New(st.Created), Error: st.Err}
 	if !st.Deadline.IsZero() {
 		out.Deadline = timestamppb.New(st.Deadline)
 	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
 	for _, m := range st.Members {
 		sc := &umbrav1.ShadowCopy{Id: m.ShadowID, Path: m.Path, Volume: m.Volume, Provider: m.Provider, Snapshot: m.Snapshot}
 		if e := s.sh.exposed[exposureKey(m.Volume, m.Snapshot)]; e != nil && m.Snapshot != "" {
@@ -416,45 +337,19 @@ func mappingMsg(e *exposure) *umbrav1.ShareMapping {
 	return m
 }
 
-// set finds a set in one of the states allowed; holds mu.
-func (s *Server) set(id string, allowed ...string) (*fsrvpSet, error) {
-	st := s.sh.sets[id]
-	if st == nil {
-		return nil, status.Errorf(codes.NotFound, "shadow copy set %q: not found (it may have timed out and been aborted; see `umbra set list`)", id)
+// setReply answers a set's step: the set as it is now, or the error.
+func (s *Server) setReply(st fsrvp.Set, err error) (*umbrav1.ShadowCopySet, error) {
+	if err != nil {
+		return nil, setStatus(err)
 	}
-	for _, a := range allowed {
-		if st.State == a {
-			return st, nil
-		}
-	}
-	return nil, status.Errorf(codes.FailedPrecondition, "shadow copy set %s is %s: this call needs it %s", id, st.State, strings.Join(allowed, " or "))
+	return s.setMsg(st), nil
 }
 
 func (s *Server) StartShadowCopySet(ctx context.Context, req *umbrav1.StartShadowCopySetRequest) (*umbrav1.ShadowCopySet, error) {
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	c := req.GetContext()
-	if c == "" {
-		c = s.sh.context
-	}
-	if _, ok := contexts[c]; !ok {
-		return nil, toStatus(fmt.Errorf("%w: context %q: want backup, file_share_backup, nas_rollback or app_rollback", errBadRequest, c))
-	}
-	timeout := s.sh.timeout
-	if ms := req.GetTimeoutMs(); ms > 0 {
-		timeout = time.Duration(ms) * time.Millisecond
-	}
-	st := &fsrvpSet{ID: "fss-" + randomHex(8), Context: c, State: stStarted, Created: time.Now().UTC(), Timeout: timeout}
-	s.sh.sets[st.ID] = st
-	s.arm(st)
-	if err := s.save(st); err != nil {
-		delete(s.sh.sets, st.ID)
-		return nil, toStatus(err)
-	}
-	return s.setMsg(st), nil
+	return s.setReply(s.sh.sets.Start(req.GetContext(), time.Duration(req.GetTimeoutMs())*time.Millisecond))
 }
 
 func (s *Server) AddToShadowCopySet(ctx context.Context, req *umbrav1.AddToShadowCopySetRequest) (*umbrav1.AddToShadowCopySetResponse, error) {
@@ -465,20 +360,10 @@ func (s *Server) AddToShadowCopySet(ctx context.Context, req *umbrav1.AddToShado
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	st, err := s.set(req.GetSetId(), stStarted, stAdded)
+	m, err := s.sh.sets.Add(req.GetSetId(), req.GetPath(), vol, prov)
 	if err != nil {
-		return nil, err
+		return nil, setStatus(err)
 	}
-	for _, m := range st.Members {
-		if m.Volume == vol {
-			return nil, status.Errorf(codes.AlreadyExists, "shadow copy set %s already holds volume %s (by %s)", st.ID, vol, m.Path)
-		}
-	}
-	m := fsrvpMember{ShadowID: "sc-" + randomHex(8), Path: req.GetPath(), Volume: vol, Provider: prov}
-	st.Members = append(st.Members, m)
-	s.moveTo(st, stAdded)
 	return &umbrav1.AddToShadowCopySetResponse{ShadowCopyId: m.ShadowID, Volume: vol}, nil
 }
 
@@ -486,152 +371,58 @@ func (s *Server) PrepareShadowCopySet(ctx context.Context, req *umbrav1.SetReque
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	st, err := s.set(req.GetSetId(), stAdded)
-	if err != nil {
-		return nil, err
-	}
-	// Check now what commit will need, so that commit fails less.
-	for _, m := range st.Members {
-		p, err := s.reg.Get(m.Provider)
-		if err == nil {
-			err = p.Supports(ctx, m.Volume)
-		}
-		if err != nil {
-			return nil, toStatus(fmt.Errorf("prepare %s: %w", m.Volume, err))
-		}
-	}
-	s.moveTo(st, stCreating)
-	return s.setMsg(st), nil
+	return s.setReply(s.sh.sets.Prepare(ctx, req.GetSetId()))
 }
 
 func (s *Server) CommitShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	if s.coord == nil {
-		return nil, errNoShares
-	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	st, err := s.set(req.GetSetId(), stCreating)
-	if err != nil {
-		return nil, err
-	}
-	var vols []string
-	for _, m := range st.Members {
-		vols = append(vols, m.Volume)
-	}
-	defer s.saveWriters() // their history, failures included
-	set, err := s.coord.CreateSet(ctx, coordinator.Request{Volumes: vols, Writers: !req.GetNoWriters(), Persistent: contexts[st.Context], ID: st.ID})
-	if err != nil {
-		s.abortLocked(ctx, st, "commit failed: "+err.Error())
-		return nil, toStatus(fmt.Errorf("commit shadow copy set %s (aborted): %w", st.ID, err))
-	}
-	set.Done()
-	s.Metrics.ObserveSet(set.Timings.Hold, set.Timings.FreezeToThaw)
-	for i := range st.Members {
-		for _, sn := range set.Snapshots {
-			if sn.Volume == st.Members[i].Volume {
-				st.Members[i].Snapshot = sn.ID
-			}
-		}
-	}
-	s.moveTo(st, stCommitted)
-	return s.setMsg(st), nil
+	return s.setReply(s.sh.sets.Commit(ctx, req.GetSetId(), !req.GetNoWriters()))
 }
 
 func (s *Server) ExposeShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	st, err := s.set(req.GetSetId(), stCommitted)
-	if err != nil {
-		return nil, err
-	}
-	for _, m := range st.Members {
-		dir := filepath.Join(s.sh.root, st.ID, strings.ReplaceAll(strings.Trim(m.Volume, "/"), "/", "_"))
-		e := &exposure{SetID: st.ID, ShadowID: m.ShadowID, SharePath: m.Path}
-		if _, err := s.exposeLocked(ctx, m.Volume, m.Snapshot, dir, !req.GetNoMount(), e); err != nil {
-			s.abortLocked(ctx, st, "expose failed: "+err.Error())
-			return nil, toStatus(fmt.Errorf("expose shadow copy set %s (aborted): %w", st.ID, err))
-		}
-	}
-	s.moveTo(st, stExposed)
-	return s.setMsg(st), nil
+	return s.setReply(s.sh.sets.Expose(ctx, req.GetSetId(), !req.GetNoMount()))
 }
 
 func (s *Server) RecoveryCompleteShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	st, err := s.set(req.GetSetId(), stExposed)
-	if err != nil {
-		return nil, err
-	}
-	s.moveTo(st, stRecovered)
-	return s.setMsg(st), nil
+	return s.setReply(s.sh.sets.RecoveryComplete(req.GetSetId()))
 }
 
 func (s *Server) AbortShadowCopySet(ctx context.Context, req *umbrav1.SetRequest) (*umbrav1.ShadowCopySet, error) {
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	st, err := s.set(req.GetSetId(), stStarted, stAdded, stCreating, stCommitted, stExposed)
-	if err != nil {
-		return nil, err
-	}
-	s.abortLocked(ctx, st, "aborted by the client")
-	return s.setMsg(st), nil
+	return s.setReply(s.sh.sets.Abort(ctx, req.GetSetId()))
 }
 
 func (s *Server) ListShadowCopySets(ctx context.Context, _ *umbrav1.ListShadowCopySetsRequest) (*umbrav1.ListShadowCopySetsResponse, error) {
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
 	out := &umbrav1.ListShadowCopySetsResponse{}
-	for _, st := range s.sh.sets {
+	for _, st := range s.sh.sets.List() {
 		out.Sets = append(out.Sets, s.setMsg(st))
 	}
-	sort.Slice(out.Sets, func(i, j int) bool {
-		return out.Sets[i].Created.AsTime().Before(out.Sets[j].Created.AsTime()) || out.Sets[i].Id < out.Sets[j].Id && out.Sets[i].Created.AsTime().Equal(out.Sets[j].Created.AsTime())
-	})
 	return out, nil
-}
-
-func (s *Server) member(req *umbrav1.ShareMappingRequest) (*fsrvpSet, int, error) {
-	st := s.sh.sets[req.GetSetId()]
-	if st == nil {
-		return nil, 0, status.Errorf(codes.NotFound, "shadow copy set %q: not found", req.GetSetId())
-	}
-	for i, m := range st.Members {
-		if m.ShadowID == req.GetShadowCopyId() {
-			return st, i, nil
-		}
-	}
-	return nil, 0, status.Errorf(codes.NotFound, "shadow copy %q: not in set %s", req.GetShadowCopyId(), st.ID)
 }
 
 func (s *Server) GetShareMapping(ctx context.Context, req *umbrav1.ShareMappingRequest) (*umbrav1.ShareMapping, error) {
 	if s.sh == nil {
 		return nil, errNoShares
 	}
+	st, m, err := s.sh.sets.Member(req.GetSetId(), req.GetShadowCopyId())
+	if err != nil {
+		return nil, setStatus(err)
+	}
 	s.sh.mu.Lock()
 	defer s.sh.mu.Unlock()
-	st, i, err := s.member(req)
-	if err != nil {
-		return nil, err
-	}
-	m := st.Members[i]
 	e := s.sh.exposed[exposureKey(m.Volume, m.Snapshot)]
 	if e == nil || m.Snapshot == "" {
 		return nil, status.Errorf(codes.FailedPrecondition, "shadow copy %s of set %s is not exposed (the set is %s)", m.ShadowID, st.ID, st.State)
@@ -645,27 +436,8 @@ func (s *Server) DeleteShareMapping(ctx context.Context, req *umbrav1.ShareMappi
 	if s.sh == nil {
 		return nil, errNoShares
 	}
-	s.sh.mu.Lock()
-	defer s.sh.mu.Unlock()
-	st, i, err := s.member(req)
-	if err != nil {
-		return nil, err
-	}
-	m := st.Members[i]
-	if st.State != stRecovered && st.State != stExposed && st.State != stCommitted {
-		return nil, status.Errorf(codes.FailedPrecondition, "shadow copy set %s is %s: abort it instead", st.ID, st.State)
-	}
-	s.unexposeLocked(m.Volume, m.Snapshot)
-	if p, err := s.reg.Get(m.Provider); err == nil {
-		if err := s.dropSetMember(ctx, p, st, m); err != nil && !errors.Is(err, provider.ErrNotFound) {
-			return nil, toStatus(err)
-		}
-	}
-	st.Members = append(st.Members[:i], st.Members[i+1:]...)
-	if len(st.Members) == 0 {
-		s.moveTo(st, stAborted) // nothing left: forget it
-	} else {
-		s.save(st)
+	if err := s.sh.sets.DeleteMember(ctx, req.GetSetId(), req.GetShadowCopyId()); err != nil {
+		return nil, setStatus(err)
 	}
 	return &umbrav1.DeleteShareMappingResponse{}, nil
 }
