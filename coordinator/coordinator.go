@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -177,6 +178,9 @@ func (c *Coordinator) CreateSet(ctx context.Context, req Request) (*Set, error) 
 			}
 			set.writers = append(set.writers, w)
 			set.Writers = append(set.Writers, w.Name())
+		}
+		if err := covered(set.info, set.writers); err != nil {
+			return nil, err
 		}
 	}
 	if err := c.run(ctx, set, req); err != nil {
@@ -364,4 +368,23 @@ func (s *Set) Done() {
 	for _, w := range s.writers {
 		s.c.writers.Record(w.Name(), s.ID, "done", 0, nil, "stable")
 	}
+}
+
+// covered refuses a set asked for with writers in which a volume holds a
+// mounted filesystem that no filesystem-level writer freezes: its
+// snapshot would be only crash-consistent while the set said it was
+// application-consistent.
+func covered(info writer.Set, ws []writer.Writer) error {
+	for _, w := range ws {
+		if w.Level() == writer.LevelFilesystem {
+			return nil
+		}
+	}
+	for _, v := range info.Volumes {
+		if len(v.Mounts) > 0 {
+			return fmt.Errorf("snapshot set with writers: volume %s holds mounted filesystems %s that no writer freezes (the fsfreeze writer is not registered): "+
+				"the snapshot would be only crash-consistent; take it without --writers to accept that", v.Name, strings.Join(v.Mounts, ", "))
+		}
+	}
+	return nil
 }

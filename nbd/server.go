@@ -173,6 +173,11 @@ type Options struct {
 	// Observe, when set, is told of every request (its command name) and
 	// of every error reply; it must be cheap and safe for concurrent use.
 	Observe func(cmd string, failed bool)
+	// Attached, when set, is told that connection nc (the accepted
+	// socket, under any TLS) now serves export; the function it returns
+	// runs when the connection lets the export go. The service learns
+	// from it which kernel nbd devices are its clients (writers).
+	Attached func(nc net.Conn, export string) (detached func())
 }
 
 // Memory bounds (package doc): with the defaults a server holds at most
@@ -910,6 +915,7 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 			exp.release()
 			return false, err
 		}
+		c.attach(exp)
 		c.exp = exp
 		c.metas = nil
 		return true, nil
@@ -959,6 +965,7 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 			return false, err
 		}
 		if code == optGo {
+			c.attach(exp)
 			c.exp, kept = exp, true
 			return true, nil
 		}
@@ -967,6 +974,22 @@ func (c *conn) option(code uint32, data []byte, noZeroes bool) (done bool, err e
 		return false, c.metaContext(code, data)
 	default:
 		return false, c.replyErr(code, repErrUnsup, fmt.Sprintf("option %d is not supported", code))
+	}
+}
+
+// attach tells Options.Attached that the connection keeps exp, and has
+// exp's release tell it the connection let go.
+func (c *conn) attach(exp *Export) {
+	if c.srv.opts.Attached == nil {
+		return
+	}
+	detached := c.srv.opts.Attached(c.nc, exp.Name)
+	prev := exp.Release
+	exp.Release = func() {
+		detached()
+		if prev != nil {
+			prev()
+		}
 	}
 }
 

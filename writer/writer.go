@@ -258,9 +258,13 @@ type Mount struct {
 	FSType string
 }
 
-// ReadMounts parses /proc/self/mountinfo.
+// MountInfo is the mount table ReadMounts reads (a variable so that a
+// test can give its own, beside SysBlock).
+var MountInfo = "/proc/self/mountinfo"
+
+// ReadMounts parses the mount table (/proc/self/mountinfo).
 func ReadMounts() ([]Mount, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	f, err := os.Open(MountInfo)
 	if err != nil {
 		return nil, fmt.Errorf("read mounts: %w", err)
 	}
@@ -323,29 +327,101 @@ func LoopBacking(dev string) (string, bool) {
 }
 
 // ResolveMounts fills each volume's Mounts: filesystems whose source is one
-// of the volume's devices, or a loop device backed by one.
+// of the volume's devices (or a partition of one: /dev/nbd0p1 of
+// /dev/nbd0), or a loop device backed by one.
 func ResolveMounts(vols []Volume) ([]Volume, error) {
 	mounts, err := ReadMounts()
 	if err != nil {
 		return vols, err
 	}
+	return resolveMounts(vols, mounts, LoopBacking), nil
+}
+
+func resolveMounts(vols []Volume, mounts []Mount, backing func(dev string) (string, bool)) []Volume {
 	out := make([]Volume, len(vols))
 	for i, v := range vols {
 		out[i] = v
 		out[i].Mounts = nil
 		for _, m := range mounts {
 			src := m.Source
-			if b, ok := LoopBacking(src); ok {
+			if b, ok := backing(src); ok {
 				src = b
 			}
 			for _, d := range v.Devices {
-				if src == d || m.Source == d {
+				if src == d || m.Source == d || partitionOf(m.Source, d) {
 					out[i].Mounts = append(out[i].Mounts, m.Point)
+					break
 				}
 			}
 		}
 	}
-	return out, nil
+	return out
+}
+
+// partitionOf reports whether dev is a partition of disk by the kernel's
+// naming: /dev/nbd0p1 of /dev/nbd0, /dev/loop3p2 of /dev/loop3.
+func partitionOf(dev, disk string) bool {
+	if !strings.HasPrefix(disk, "/dev/") {
+		return false
+	}
+	rest, ok := strings.CutPrefix(dev, disk+"p")
+	if !ok || rest == "" {
+		return false
+	}
+	for _, r := range rest {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// SysBlock is where the kernel lists block devices (a variable so that a
+// test can give a directory of its own: this machine may have no nbd).
+var SysBlock = "/sys/block"
+
+// NBDDevices returns the kernel nbd devices (/dev/nbdX) connected to a
+// server whose clients are the processes pids.
+//
+// How a device is matched to a connection: the kernel records in
+// /sys/block/nbdX/pid the process that started the device (netlink
+// NBD_CMD_CONNECT, or the NBD_DO_IT ioctl), and the server reads with
+// SO_PEERCRED the process that connected the socket. nbd-client in
+// netlink mode (Debian's default) connects, negotiates and starts the
+// device in one process, so the two are the same pid: a pid names one
+// live process, and a device of another server's client cannot match.
+// The file stays while the device is connected, even after that process
+// exits. A client that starts the device from another process than the
+// one that connected (an ioctl-mode client that forks in between) is not
+// matched: its filesystems are not found (docs/architecture.md).
+// The kernel path is tested in scripts/vmtest; here through SysBlock.
+func NBDDevices(pids []int) []string {
+	if len(pids) == 0 {
+		return nil
+	}
+	want := map[int]bool{}
+	for _, p := range pids {
+		want[p] = true
+	}
+	ents, err := os.ReadDir(SysBlock)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "nbd") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(SysBlock, e.Name(), "pid"))
+		if err != nil {
+			continue // not connected
+		}
+		var pid int
+		if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &pid); err == nil && want[pid] {
+			out = append(out, "/dev/"+e.Name())
+		}
+	}
+	return out
 }
 
 // Under reports whether path lies in the tree of dir.

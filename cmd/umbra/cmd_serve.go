@@ -338,7 +338,8 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 		return err
 	}
 	m := metrics.New(p)
-	opts := nbd.Options{Logger: log, Observe: m.NBD, MaxConns: cfg.NBD.MaxConns}
+	clients := &frontend.Clients{} // which processes (kernel nbd devices among them) use which export
+	opts := nbd.Options{Logger: log, Observe: m.NBD, MaxConns: cfg.NBD.MaxConns, Attached: clients.Attached}
 	if cfg.NBD.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
 		if err != nil {
@@ -421,11 +422,14 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	if cfg.Writers.HooksDir != "" {
 		writers.Add(wexec.New(cfg.Writers.HooksDir, 0))
 	}
+	// A volume reaches the kernel as its FUSE file (under a loop device)
+	// and as the nbd devices connected to its export.
 	devices := func(vol string) []string {
-		if cfg.FUSE.Dir == "" {
-			return nil
+		var out []string
+		if cfg.FUSE.Dir != "" {
+			out = append(out, filepath.Join(cfg.FUSE.Dir, vol))
 		}
-		return []string{filepath.Join(cfg.FUSE.Dir, vol)}
+		return append(out, writer.NBDDevices(clients.PIDs(vol))...)
 	}
 	coord := coordinator.New(reg, writers, devices, log)
 	writerSock := filepath.Join(filepath.Dir(apiPath), "writers.sock")
