@@ -708,14 +708,16 @@ type uploader struct {
 	ents   []blobEntry
 	seen   map[Hash]struct{} // chunks this backup stored that no index names yet
 	jobs   chan packJob
+	free   chan []byte // pack buffers stored, for the next packs
 	wg     sync.WaitGroup
 
 	indexBytes int64 // index objects written, as stored
 
-	mu    sync.Mutex // guards done, err
-	done  []packBlobs
-	err   error
-	ended bool
+	mu         sync.Mutex // guards done, doneChunks, err
+	done       []packBlobs
+	doneChunks int // chunks in done
+	err        error
+	ended      bool
 }
 
 // indexEvery: a backup writes an index object for the packs it stored
@@ -725,6 +727,13 @@ type uploader struct {
 // tests make it small.)
 var indexEvery = 64
 
+// indexEveryChunks: an index object is also written once the packs
+// waiting for one hold this many chunks. Chunks that compress well fill
+// a pack with up to maxPackEntries of them, so 64 packs could be a
+// million chunks: their entries and the set of chunks stored but not
+// yet findable (~150 bytes a chunk together) grew with the volume.
+var indexEveryChunks = 1 << 17
+
 type packJob struct {
 	data []byte
 	p    packBlobs
@@ -732,11 +741,11 @@ type packJob struct {
 
 func (r *Repo) newUploader(ctx context.Context) *uploader {
 	ctx, cancel := context.WithCancel(ctx)
-	u := &uploader{r: r, ctx: ctx, cancel: cancel, seen: map[Hash]struct{}{}, jobs: make(chan packJob, 2)}
 	n := 2
 	if _, ok := r.be.(*s3Backend); ok {
 		n = 4 // latency-bound
 	}
+	u := &uploader{r: r, ctx: ctx, cancel: cancel, seen: map[Hash]struct{}{}, jobs: make(chan packJob, 2), free: make(chan []byte, n+3)}
 	for range n {
 		u.wg.Add(1)
 		go u.run()
@@ -748,12 +757,19 @@ func (u *uploader) run() {
 	defer u.wg.Done()
 	for j := range u.jobs {
 		err := u.r.be.Put(u.ctx, j.p.ID.name(), j.data)
+		// The next pack fills this one's memory: a pack is ~20 MiB, and
+		// a new one each time left the collector hundreds of MiB to find.
+		select {
+		case u.free <- j.data[:0]:
+		default:
+		}
 		u.mu.Lock()
 		if err != nil && u.err == nil {
 			u.err = fmt.Errorf("store pack %s: %w", j.p.ID, err)
 			u.cancel()
 		}
 		u.done = append(u.done, j.p)
+		u.doneChunks += len(j.p.Blobs)
 		u.mu.Unlock()
 	}
 }
@@ -772,7 +788,11 @@ func (u *uploader) add(blob []byte, ents []blobEntry) error {
 		return err
 	}
 	if u.cur == nil {
-		u.cur = make([]byte, 0, packRoom())
+		select {
+		case u.cur = <-u.free:
+		default:
+			u.cur = make([]byte, 0, packRoom())
+		}
 	}
 	for _, e := range ents {
 		e.Off, e.Len = uint32(len(u.cur)), uint32(len(blob))
@@ -850,13 +870,13 @@ func (u *uploader) finishPacks() error {
 // seen.
 func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	u.mu.Lock()
-	if !force && len(u.done) < indexEvery || u.err != nil {
+	if !force && len(u.done) < indexEvery && u.doneChunks < indexEveryChunks || u.err != nil {
 		err := u.err
 		u.mu.Unlock()
 		return err
 	}
 	done := u.done
-	u.done = nil
+	u.done, u.doneChunks = nil, 0
 	u.mu.Unlock()
 	if len(done) == 0 {
 		return nil
@@ -874,7 +894,9 @@ func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	objs := make([][]byte, len(parts))
 	var wg sync.WaitGroup
 	for i, part := range parts {
-		wg.Go(func() { objs[i] = wrapObject(u.r.seal.seal(nil, u.r.enc.encode(nil, encodeChunkIndex(part, u.r.hashLen())))) })
+		wg.Go(func() {
+			objs[i] = wrapObject(u.r.seal.seal(nil, u.r.enc.encode(nil, encodeChunkIndex(part, u.r.hashLen()))))
+		})
 	}
 	wg.Wait()
 	names := make([]string, len(objs))

@@ -324,3 +324,7 @@ func PatchObjects(r *Repo, ids ...string) []string {
 	}
 	return slices.Sorted(maps.Keys(set))
 }
+
+// SetIndexEveryChunks makes a backup write an index object once the
+// packs waiting for one hold n chunks.
+func SetIndexEveryChunks(n int) func() { return set(&indexEveryChunks, n) }
