@@ -527,6 +527,10 @@ func (s *Server) DeleteStorage(ctx context.Context, req *umbrav1.DeleteStorageRe
 	out := &umbrav1.DeleteStorageResponse{}
 	if len(v.Snapshots()) > 0 {
 		del, err := s.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: v.Name(), All: true})
+		if errors.Is(err, cow.ErrInUse) || status.Code(err) == codes.FailedPrecondition {
+			return nil, status.Errorf(codes.FailedPrecondition, "delete storage of %s: its shadow copies go with it, and %s (`umbra snapshot delete %s --all --force` deletes them first)",
+				v.Name(), status.Convert(err).Message(), v.Name())
+		}
 		if err != nil {
 			return nil, err
 		}

@@ -143,7 +143,7 @@ func TestProviderFailureAborts(t *testing.T) {
 	w := &recWriter{name: "app"}
 	ws.Add(w)
 	c := New(reg, ws, nil, nil)
-	_, err := c.CreateSet(context.Background(), Request{Volumes: []string{"a", "bad"}, Writers: true})
+	_, err := c.CreateSet(context.Background(), Request{Volumes: []string{"a", "bad"}, Writers: true, HoldTimeout: 10 * time.Minute})
 	if !errors.Is(err, ErrAborted) {
 		t.Fatalf("set with a failing commit: %v", err)
 	}
@@ -154,16 +154,10 @@ func TestProviderFailureAborts(t *testing.T) {
 	if !w.seen("thaw") || !w.seen("abort") {
 		t.Fatalf("writer not thawed and aborted: %v", w.phases)
 	}
-	// Nothing is held: a write goes through at once.
-	done := make(chan error, 1)
-	go func() { _, err := v.WriteAt([]byte{1}, 0); done <- err }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("volume still held after the abort")
+	// Nothing is held: a write goes through (one still held would wait
+	// for the hold's ten-minute limit, and the test would time out).
+	if _, err := v.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -175,13 +169,11 @@ func TestFreezeTimeoutAborts(t *testing.T) {
 	ws.Add(slow)
 	ws.Add(ok)
 	c := New(reg, ws, nil, nil)
-	start := time.Now()
+	// The hung writer never returns by itself: the set returns at all
+	// only because the freeze timeout ends it.
 	_, err := c.CreateSet(context.Background(), Request{Volumes: []string{"a"}, Writers: true, FreezeTimeout: 200 * time.Millisecond})
 	if !errors.Is(err, ErrFreezeTimeout) {
 		t.Fatalf("hung writer: %v, want ErrFreezeTimeout", err)
-	}
-	if time.Since(start) > 5*time.Second {
-		t.Fatal("abort took too long")
 	}
 	if !ok.seen("thaw") {
 		t.Fatal("the writer that froze was not thawed")

@@ -130,6 +130,15 @@ except Exception as e:
 	s.ok("snapshot", "expose", "a", "two", "--no-mount")
 	refused([]string{"a", "two"}, "a@two (exposed as NBD export a@two)")
 
+	// Deleting the storage association deletes its shadow copies: refused
+	// the same way.
+	if out, code := s.umbra("storage", "delete", "a"); code == 0 || !strings.Contains(out, "a@one (1 NBD connection(s))") || !strings.Contains(out, "snapshot delete a --all --force") {
+		t.Fatalf("storage delete while its snapshots are in use: exit %d\n%s", code, out)
+	}
+	if n := len(s.list().Snapshots); n != 2 {
+		t.Fatalf("a refused storage delete left %d snapshots, want 2", n)
+	}
+
 	out := s.ok("snapshot", "delete", "a", "--all", "--force", "--json")
 	var resp struct {
 		Snapshots []string `json:"snapshots"`
