@@ -19,6 +19,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Mount is one exposure as a directory.
@@ -90,14 +92,39 @@ func (m *Mount) Unmount() error {
 			}
 		}
 	}
-	if b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(m.Device), "loop", "backing_file")); err == nil &&
-		strings.TrimSpace(string(b)) == m.File {
+	if Carries(m.Device, m.File) {
 		if _, err := run("losetup", "-d", m.Device); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	os.Remove(m.Dir)
 	return errors.Join(errs...)
+}
+
+// Carries reports whether loop device dev is still attached to file (and
+// not, since, to another file): its backing file is file, or file was
+// served by a FUSE server that is gone. Then the kernel names the
+// backing file from the root of the dead mount ("/NAME") and every
+// access to it fails with ENOTCONN; the service's own FUSE files are in
+// that state after it was killed, and their loop devices must still go.
+func Carries(dev, file string) bool {
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+	if err != nil {
+		return false
+	}
+	switch strings.TrimSpace(string(b)) {
+	case file:
+		return true
+	case "/" + filepath.Base(file), "/" + filepath.Base(file) + " (deleted)":
+		f, err := os.Open(dev)
+		if err != nil {
+			return false
+		}
+		defer f.Close()
+		_, err = unix.IoctlLoopGetStatus64(int(f.Fd())) // stats the backing file
+		return errors.Is(err, unix.ENOTCONN)
+	}
+	return false
 }
 
 // mounted reports whether dir is a mount point in /proc/self/mountinfo.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +19,14 @@ import (
 var umbraBin string
 
 func TestMain(m *testing.M) {
+	// Every test's temporary directory (t.TempDir) goes under root, so
+	// that what the suite leaves behind can be told from what other
+	// suites on the machine hold at the same time.
+	root, err := os.MkdirTemp("", "umbra-e2e-")
+	if err != nil {
+		panic(err)
+	}
+	os.Setenv("TMPDIR", root)
 	dir, err := os.MkdirTemp("", "umbra-bin-")
 	if err != nil {
 		panic(err)
@@ -33,6 +42,12 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
+	if left := testutil.Leftovers(root); len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "FAIL: the tests left behind:\n  %s\n", strings.Join(left, "\n  "))
+		testutil.CleanLeftovers(root)
+		code = 1
+	}
+	os.RemoveAll(root)
 	os.Exit(code)
 }
 

@@ -102,6 +102,10 @@ func TestFSRVPSequence(t *testing.T) {
 	// loop device hangs on the FUSE file); the exposure comes back.
 	for _, crash := range []bool{false, true} {
 		unmountLive()
+		exposureLoops := loopsOver(t, fuseDir)
+		if len(exposureLoops) == 0 {
+			t.Fatalf("no loop device over the exposure's FUSE file before the restart (crash=%v)", crash)
+		}
 		if crash {
 			s.kill9()
 		} else {
@@ -128,6 +132,14 @@ func TestFSRVPSequence(t *testing.T) {
 		json.Unmarshal([]byte(s.ok("set", "list", "--json")), &sets)
 		if len(sets.Sets) != 1 || sets.Sets[0].State != "recovered" {
 			t.Fatalf("sets after restart (crash=%v): %+v", crash, sets)
+		}
+		// The loop devices of the previous run's exposure are gone (or
+		// carry a live file again): none is left over the dead FUSE file.
+		for dev, name := range exposureLoops {
+			b, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+			if bf := strings.TrimSpace(string(b)); bf == "/"+name || bf == "/"+name+" (deleted)" {
+				t.Fatalf("after the restart (crash=%v), %s still hangs on the previous run's FUSE file %s", crash, dev, name)
+			}
 		}
 		dev, detach = testutil.Attach(t, file, false, true)
 		testutil.Run(t, "mount", dev, mnt)
@@ -221,4 +233,19 @@ func TestFSRVPSequence(t *testing.T) {
 	if _, code := s.umbra("snapshot", "unexpose", "fs", "manual"); code != 3 {
 		t.Fatalf("unexpose of what is not exposed: exit %d, want 3", code)
 	}
+}
+
+// loopsOver maps the loop devices whose backing file is in dir to that
+// file's name.
+func loopsOver(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, bf := range loops {
+		b, err := os.ReadFile(bf)
+		if p := strings.TrimSpace(string(b)); err == nil && filepath.Dir(p) == dir {
+			out["/dev/"+filepath.Base(filepath.Dir(filepath.Dir(bf)))] = filepath.Base(p)
+		}
+	}
+	return out
 }

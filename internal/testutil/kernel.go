@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"umbra/expose"
 )
 
 // NeedRoot skips the test unless it runs as root.
@@ -95,8 +97,8 @@ func Attach(t testing.TB, file string, readOnly, directIO bool) (dev string, det
 	var once sync.Once
 	return dev, func() {
 		once.Do(func() {
-			b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
-			if err == nil && strings.TrimSpace(string(b)) == file {
+			// Also when file was a FUSE file of a server that died.
+			if expose.Carries(dev, file) {
 				exec.Command("losetup", "-d", dev).Run()
 			}
 		})
