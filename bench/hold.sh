@@ -4,7 +4,10 @@
 # are taken through the API, one after another; each set reports how long
 # writes were held (flush-and-hold, commit, release). Prints p50/p99/max
 # of the hold and fio's IOPS. Everything on tmpfs.
-#   bench/hold.sh [snapshots] [fio-jobs]
+#   bench/hold.sh [snapshots] [fio-jobs] [hogs-per-core]
+# hogs-per-core > 0 is the loaded-machine row: that many CPU hogs (busy
+# loops at normal priority) per core run beside fio for the whole
+# measurement, as other work on a busy host would.
 # UMBRA_BIN=path runs that binary instead of building one (A/B runs);
 # UMBRA_SERVE_ARGS adds flags to `umbra serve` (--hold-priority normal).
 set -euo pipefail
@@ -12,6 +15,7 @@ cd "$(dirname "$0")/.."
 bench/machine.sh
 N=${1:-100}
 JOBS=${2:-1}
+HOGS=${3:-0}
 for t in fio python3; do
 	command -v $t >/dev/null || { echo "bench/hold.sh: needs $t"; exit 1; }
 done
@@ -19,7 +23,9 @@ W=/dev/shm/umbra-bench-hold
 rm -rf "$W"; mkdir -p "$W"
 SERVE=""
 FIO=""
+HOGPIDS=""
 cleanup() {
+	[ -n "$HOGPIDS" ] && kill $HOGPIDS 2>/dev/null || true
 	[ -n "$FIO" ] && kill "$FIO" 2>/dev/null || true
 	[ -n "$SERVE" ] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null || true
 	rm -rf "$W"
@@ -36,6 +42,10 @@ fio --name=load --ioengine=nbd --uri="nbd+unix:///disk?socket=$W/nbd.sock" --rw=
 	--iodepth=16 --numjobs="$JOBS" --size=512M --time_based --runtime=600 --group_reporting \
 	--output-format=json >"$W/fio.json" 2>/dev/null &
 FIO=$!
+for _ in $(seq $((HOGS * $(nproc)))); do
+	(while :; do :; done) &
+	HOGPIDS="$HOGPIDS $!"
+done
 sleep 2 # fio at full speed
 start=$(date +%s.%N)
 for i in $(seq "$N"); do
@@ -44,10 +54,12 @@ for i in $(seq "$N"); do
 	[ "$i" -gt 3 ] && umbra snapshot delete disk "h$((i - 3))" >/dev/null
 done
 end=$(date +%s.%N)
+[ -n "$HOGPIDS" ] && kill $HOGPIDS 2>/dev/null || true
+HOGPIDS=""
 kill -INT "$FIO"
 wait "$FIO" 2>/dev/null || true
 FIO=""
-python3 - "$W/holds" "$W/fio.json" "$N" "$JOBS" "$start" "$end" <<'EOF'
+python3 - "$W/holds" "$W/fio.json" "$N" "$JOBS" "$start" "$end" "$HOGS" "$(nproc)" "${UMBRA_SERVE_ARGS:-}" "$(cut -d' ' -f1 /proc/loadavg)" <<'EOF'
 import json, sys
 holds = sorted(int(x) for x in open(sys.argv[1]))
 def pct(p):
@@ -58,8 +70,11 @@ try:
     iops = int(d["jobs"][0]["write"]["iops"])
 except Exception:
     iops = 0
-print(f"hold window over {sys.argv[3]} snapshot sets under fio nbd randwrite 4k QD16 x{sys.argv[4]} ({iops} IOPS over the run), {float(sys.argv[6]) - float(sys.argv[5]):.1f} s")
-print(f"| p50 | p99 | max |")
-print(f"|---|---|---|")
-print(f"| {pct(50)} µs | {pct(99)} µs | {holds[-1]} µs |")
+hogs = int(sys.argv[7])
+load = f", {hogs * int(sys.argv[8])} CPU hogs ({hogs} per core)" if hogs else ""
+args = f", serve {sys.argv[9]}" if sys.argv[9] else ""
+print(f"hold window over {sys.argv[3]} snapshot sets under fio nbd randwrite 4k QD16 x{sys.argv[4]}{load}{args} ({iops} IOPS over the run), {float(sys.argv[6]) - float(sys.argv[5]):.1f} s, load average {sys.argv[10]} at the end")
+print(f"| p50 | p90 | p99 | max |")
+print(f"|---|---|---|---|")
+print(f"| {pct(50)} µs | {pct(90)} µs | {pct(99)} µs | {holds[-1]} µs |")
 EOF

@@ -102,11 +102,13 @@ func (m *Mount) Unmount() error {
 }
 
 // Carries reports whether loop device dev is still attached to file (and
-// not, since, to another file): its backing file is file, or file was
-// served by a FUSE server that is gone. Then the kernel names the
-// backing file from the root of the dead mount ("/NAME") and every
-// access to it fails with ENOTCONN; the service's own FUSE files are in
-// that state after it was killed, and their loop devices must still go.
+// not, since, to another file): its backing file is file, or file's
+// mount is gone. Then the kernel names the backing file from the root of
+// the detached mount ("/NAME"): the service's FUSE files after it was
+// killed and its FUSE directory mounted again, whose loop devices must
+// still go. (Whether that FUSE server is gone cannot be asked of the
+// device: the kernel answers a stat of the file from its attribute cache
+// for a while.)
 func Carries(dev, file string) bool {
 	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
 	if err != nil {
@@ -116,15 +118,30 @@ func Carries(dev, file string) bool {
 	case file:
 		return true
 	case "/" + filepath.Base(file), "/" + filepath.Base(file) + " (deleted)":
-		f, err := os.Open(dev)
-		if err != nil {
-			return false
-		}
-		defer f.Close()
-		_, err = unix.IoctlLoopGetStatus64(int(f.Fd())) // stats the backing file
-		return errors.Is(err, unix.ENOTCONN)
+		_, err := os.Stat(file)
+		// Not the same file as what is at file's path now, if anything.
+		return err != nil || !sameFile(dev, file)
 	}
 	return false
+}
+
+// sameFile reports whether loop device dev's backing file is the file at
+// path (device and inode), as far as the loop device can say.
+func sameFile(dev, path string) bool {
+	f, err := os.Open(dev)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+	if err != nil {
+		return false
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return false
+	}
+	return info.Device == st.Dev && info.Inode == st.Ino
 }
 
 // mounted reports whether dir is a mount point in /proc/self/mountinfo.

@@ -26,6 +26,10 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
+	// As /tmp: tests run commands as other users (nobody) in there.
+	if err := os.Chmod(root, 0o1777); err != nil {
+		panic(err)
+	}
 	os.Setenv("TMPDIR", root)
 	dir, err := os.MkdirTemp("", "umbra-bin-")
 	if err != nil {
