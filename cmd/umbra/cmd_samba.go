@@ -95,10 +95,11 @@ func newSambaCmd() *cobra.Command {
 		Short: "Unmount and delete the snapshot that SNAPSHOT-PATH (printed by create) lies in (shell_snap:delete command)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var id string
-			for _, part := range strings.Split(filepath.Clean(args[1]), string(filepath.Separator)) {
+			var id, expDir string // the snapshot and where create exposed it
+			parts := strings.Split(filepath.Clean(args[1]), string(filepath.Separator))
+			for i, part := range parts {
 				if strings.HasPrefix(part, "@GMT-") {
-					id = part[1:]
+					id, expDir = part[1:], "/"+filepath.Join(parts[:i+1]...)
 				}
 			}
 			if id == "" {
@@ -109,8 +110,20 @@ func newSambaCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if _, err = c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: vol, Id: id}); err != nil || !gflags.json {
+				// The snapshot is in use by its own exposure (what create
+				// mounted): force unexposes it first. Anyone else it cuts
+				// off is named.
+				resp, err := c.DeleteSnapshots(ctx, &umbrav1.DeleteSnapshotsRequest{Volume: vol, Id: id, Force: true})
+				if err != nil {
 					return err
+				}
+				for _, cut := range resp.CutOff {
+					if cut != vol+"@"+id+": exposed at "+expDir {
+						fmt.Fprintf(os.Stderr, "umbra: deleted while in use: %s\n", cut)
+					}
+				}
+				if !gflags.json {
+					return nil
 				}
 				return printJSON(os.Stdout, map[string]string{"volume": vol, "snapshot": id, "deleted": "true"})
 			})
