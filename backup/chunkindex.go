@@ -155,3 +155,44 @@ func (x *chunkIndex) each(fn func(Hash, loc)) {
 		fn(h, l)
 	}
 }
+
+// frozen is the index as one sorted array (recent folded in), which
+// later additions do not change (a merge builds a new array): positions
+// in it name chunks compactly, e.g. as bits of a set. Callers hold the
+// repository's mu.
+func (x *chunkIndex) frozen() frozenIndex {
+	if len(x.recent) > 0 {
+		x.merge(nil)
+	}
+	return frozenIndex{x.sorted, x.dir, x.bits}
+}
+
+// frozenIndex is a sorted array of entries and its directory.
+type frozenIndex struct {
+	sorted []indexEntry
+	dir    []uint32
+	bits   uint
+}
+
+// pos is where h is, if it is.
+func (f frozenIndex) pos(h Hash) (int, bool) {
+	if len(f.sorted) == 0 {
+		return 0, false
+	}
+	b := top64(&h) >> (64 - f.bits)
+	for i := f.dir[b]; i < f.dir[b+1]; i++ {
+		if c := cmpHash(&f.sorted[i].h, &h); c == 0 {
+			return int(i), true
+		} else if c > 0 {
+			break
+		}
+	}
+	return 0, false
+}
+
+// bitset is a set of small integers.
+type bitset []uint64
+
+func newBitset(n int) bitset    { return make(bitset, (n+63)/64) }
+func (b bitset) set(i int)      { b[i/64] |= 1 << (i % 64) }
+func (b bitset) has(i int) bool { return b[i/64]&(1<<(i%64)) != 0 }

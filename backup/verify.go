@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sort"
 	"sync"
 
@@ -51,13 +52,26 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 			}
 		}
 	}
-	needed := map[Hash]bool{} // hash -> good
+	// The chunks the images need, as positions in the index: a bit each
+	// (a map of hashes took ~150 bytes a chunk); those no index names
+	// apart (damage: as many as there are).
+	r.mu.Lock()
+	idx := r.chunks.frozen()
+	packs := slices.Clone(r.packs)
+	r.mu.Unlock()
+	needed := newBitset(len(idx.sorted))
+	missing := map[Hash]bool{}
 	var usable []*Index
 	for _, x := range list {
 		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
-				if h != (Hash{}) {
-					needed[h] = false
+				if h == (Hash{}) {
+					continue
+				}
+				if i, ok := idx.pos(h); ok {
+					needed.set(i)
+				} else {
+					missing[h] = true
 				}
 			}
 			return nil
@@ -69,31 +83,53 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 		}
 		usable = append(usable, x)
 	}
-	// Group the needed chunks by pack and check each pack in one read.
-	byPack := map[PackID][]Hash{}
-	for h := range needed {
-		if _, pid, ok := r.lookup(h); ok {
-			byPack[pid] = append(byPack[pid], h)
+	// Group the needed chunks by pack (positions, 4 bytes a chunk) and
+	// check each pack in one read.
+	start := make([]int, len(packs)+1)
+	nNeeded := 0
+	for i, e := range idx.sorted {
+		if needed.has(i) {
+			start[e.l.pack+1]++
+			nNeeded++
+		}
+	}
+	for p := 1; p < len(start); p++ {
+		start[p] += start[p-1]
+	}
+	order := make([]uint32, nNeeded)
+	fill := slices.Clone(start[:len(packs)])
+	for i, e := range idx.sorted {
+		if needed.has(i) {
+			order[fill[e.l.pack]] = uint32(i)
+			fill[e.l.pack]++
+		}
+	}
+	fill = nil
+	packNo := make(map[PackID]uint32, len(packs))
+	var pids []PackID
+	for p, pid := range packs {
+		packNo[pid] = uint32(p)
+		if start[p+1] > start[p] {
+			pids = append(pids, pid)
 		}
 	}
 	// Every stored pack is checked whole against its name, the ones no
 	// image needs too: a damaged trailer makes a pack impossible to
 	// re-index should its index be lost.
-	pids := make([]PackID, 0, len(byPack))
-	for p := range byPack {
-		pids = append(pids, p)
-	}
 	if names, err := r.be.List(ctx, "packs/"); err != nil {
 		rep.BadPacks = append(rep.BadPacks, fmt.Sprintf("list packs: %v", err))
 	} else {
 		for _, n := range names {
-			if pid, ok := parsePackName(n); ok && byPack[pid] == nil {
-				pids = append(pids, pid)
+			if pid, ok := parsePackName(n); ok {
+				if p, known := packNo[pid]; !known || start[p+1] == start[p] {
+					pids = append(pids, pid)
+				}
 			}
 		}
 	}
 	sort.Slice(pids, func(i, j int) bool { return string(pids[i][:]) < string(pids[j][:]) })
-	var mu sync.Mutex // guards needed, done
+	good := newBitset(len(idx.sorted))
+	var mu sync.Mutex // guards good, rep.BadPacks, done
 	done := int64(0)
 	next := make(chan PackID)
 	var wg sync.WaitGroup
@@ -103,13 +139,23 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 			defer wg.Done()
 			sum := r.hasher()
 			for pid := range next {
-				good, perr := r.checkPack(ctx, pid, byPack[pid], sum)
+				var pos []uint32
+				if p, ok := packNo[pid]; ok {
+					pos = order[start[p]:start[p+1]]
+				}
+				hs := make([]Hash, len(pos))
+				for j, i := range pos {
+					hs[j] = idx.sorted[i].h
+				}
+				g, perr := r.checkPack(ctx, pid, hs, sum)
 				mu.Lock()
 				if perr != nil {
 					rep.BadPacks = append(rep.BadPacks, perr.Error())
 				}
-				for h, ok := range good {
-					needed[h] = ok
+				for j, i := range pos {
+					if g[hs[j]] {
+						good.set(int(i))
+					}
 				}
 				done++
 				if progress != nil {
@@ -126,18 +172,24 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	wg.Wait()
 	rep.Packs = len(pids)
 	sort.Strings(rep.BadPacks)
-	rep.Chunks = len(needed)
-	for h, ok := range needed {
-		if !ok {
-			rep.BadChunks = append(rep.BadChunks, h.String())
+	rep.Chunks = nNeeded + len(missing)
+	for i := range idx.sorted {
+		if needed.has(i) && !good.has(i) {
+			rep.BadChunks = append(rep.BadChunks, idx.sorted[i].h.String())
 		}
+	}
+	for h := range missing {
+		rep.BadChunks = append(rep.BadChunks, h.String())
 	}
 	sort.Strings(rep.BadChunks)
 	for _, x := range usable {
 		ok := true
 		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
-				if h != (Hash{}) && !needed[h] {
+				if h == (Hash{}) {
+					continue
+				}
+				if i, found := idx.pos(h); !found || !good.has(i) {
 					ok = false
 					return errStop
 				}
