@@ -30,6 +30,7 @@ import (
 	"umbra/nbd"
 	"umbra/provider"
 	"umbra/provider/btrfs"
+	"umbra/provider/lvmthin"
 	"umbra/provider/reflink"
 	"umbra/writer"
 	wexec "umbra/writer/exec"
@@ -52,6 +53,7 @@ type serveConfig struct {
 	Writers    writersConfig  `toml:"writers"`
 	Reflink    []string       `toml:"reflink_volumes"`
 	Btrfs      []string       `toml:"btrfs_volumes"`
+	LVMThin    []string       `toml:"lvmthin_volumes"`
 	NBD        nbdConfig      `toml:"nbd"`
 	FUSE       fuseConfig     `toml:"fuse"`
 	Volumes    []volumeConfig `toml:"volume"`
@@ -184,6 +186,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.FUSE.Dir, "fuse-dir", "", "also mount a FUSE directory with each volume and snapshot as a file")
 	f.StringArrayVar(&cfg.Reflink, "reflink-volume", nil, "a file on XFS (reflink=1) or btrfs to snapshot by cloning (shadow storage: .umbra-shadow beside it); repeatable")
 	f.StringArrayVar(&cfg.Btrfs, "btrfs-volume", nil, "a btrfs subvolume to snapshot natively (snapshots: .umbra-snapshots beside it); repeatable")
+	f.StringArrayVar(&cfg.LVMThin, "lvmthin-volume", nil, "an LVM thin LV, VG/LV, to snapshot natively (thin snapshots in its pool); repeatable")
 	f.StringArrayVar(&cfg.Writers.SQLite, "sqlite-writer", nil, "SQLite database to quiesce for application-consistent snapshots; repeatable")
 	f.StringVar(&cfg.Writers.HooksDir, "hooks-dir", "", "directory of pre-freeze/post-thaw hook executables (called with freeze / thaw)")
 	f.StringVar(&cfg.ExposeDir, "expose-dir", "", "where exposed snapshots are mounted (default STATE/exposed)")
@@ -281,8 +284,8 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 	if cfg.NBD.Socket == "" {
 		cfg.NBD.Socket = filepath.Join(defaultRuntimeDir(), "nbd.sock")
 	}
-	if len(cfg.Volumes)+len(cfg.Reflink)+len(cfg.Btrfs) == 0 {
-		return usageError{errors.New("no volumes: give --volume NAME=PATH (or --reflink-volume / --btrfs-volume) or a --config file with [[volume]] tables")}
+	if len(cfg.Volumes)+len(cfg.Reflink)+len(cfg.Btrfs)+len(cfg.LVMThin) == 0 {
+		return usageError{errors.New("no volumes: give --volume NAME=PATH (or --reflink-volume / --btrfs-volume / --lvmthin-volume) or a --config file with [[volume]] tables")}
 	}
 	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
 		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
@@ -365,6 +368,14 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 			return usageError{err}
 		}
 		log.Info("btrfs subvolume volume", "subvolume", sv)
+	}
+	lp := lvmthin.New()
+	reg.Register(lp)
+	for _, lv := range cfg.LVMThin {
+		if err := lp.Add(ctx, lv); err != nil {
+			return usageError{err}
+		}
+		log.Info("LVM thin volume", "lv", lv)
 	}
 	srv := nbd.NewServer(frontend.NBDExports(p, reg), opts)
 	m.WatchNBD(srv)

@@ -221,8 +221,10 @@ type txn struct {
 func (t *txn) snapLV() string { return t.lv + "_umbra_" + t.id }
 
 // PreCommit writes back the LV's dirty pages and flushes its cache.
-// Holding writes is the writers' freeze (fsfreeze of a filesystem on it);
-// lvcreate suspends the LV for the instant of the snapshot itself.
+// lvcreate then suspends the LV for the instant of the snapshot, and
+// device-mapper's suspend freezes a filesystem mounted on it (so its
+// snapshot is clean); a filesystem frozen beforehand (fsfreeze) makes
+// that suspend fail with EBUSY, so filesystem writers stay out.
 func (t *txn) PreCommit(ctx context.Context, limit time.Duration) error {
 	f, err := os.Open(dmPath(t.vg, t.lv))
 	if err != nil {
