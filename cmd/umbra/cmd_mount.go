@@ -49,6 +49,9 @@ func newMountCmd() *cobra.Command {
 				socket = filepath.Join(defaultRuntimeDir(), "image-"+id+".sock")
 			}
 			os.MkdirAll(filepath.Dir(socket), 0o755)
+			if err := socketFree(socket, "NBD socket", "--socket"); err != nil {
+				return err
+			}
 			os.Remove(socket)
 			l, err := net.Listen("unix", socket)
 			if err != nil {

@@ -335,6 +335,9 @@ func runServe(ctx context.Context, cfg serveConfig) error {
 			return err
 		}
 	}
+	if err := fuseDirFree(cfg.FUSE.Dir); err != nil {
+		return err
+	}
 	p, err := openVolumes(cfg, log)
 	defer closeVolumes(p, log)
 	if err != nil {
@@ -570,6 +573,33 @@ func socketFree(path, what, flag string) error {
 		}
 	}
 	return owner.Held(what, path, pid, fmt.Sprintf("another service listens there: use it, or stop it first, or give this one another %s", flag))
+}
+
+// fuseDirFree refuses a --fuse-dir on which a FUSE filesystem is mounted
+// and alive: mounting over it would hide another service's files from
+// new openers (a dead one, left by kill -9, mountFUSE detaches).
+func fuseDirFree(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil
+	}
+	if _, err := os.Stat(abs); err != nil {
+		return nil // absent, or dead (ENOTCONN): mountFUSE handles it
+	}
+	mounts, err := writer.ReadMounts()
+	if err != nil {
+		return nil
+	}
+	for _, m := range mounts {
+		if m.Point == abs && strings.HasPrefix(m.FSType, "fuse") {
+			return owner.Held("FUSE directory", abs, 0,
+				"a FUSE filesystem (another umbra serve's?) is mounted there: give this one another --fuse-dir, or stop that service first")
+		}
+	}
+	return nil
 }
 
 // apiTLS builds the TLS configuration and identities of the TCP API

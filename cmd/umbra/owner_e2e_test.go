@@ -20,7 +20,12 @@ import (
 func TestSecondServiceRefused(t *testing.T) {
 	testutil.Need(t, "qemu-io")
 	dir := t.TempDir()
-	s := startService(t, dir, []string{"dup"})
+	var extra []string
+	fuse := os.Geteuid() == 0 && fileExists("/dev/fuse")
+	if fuse {
+		extra = append(extra, "--fuse-dir", filepath.Join(dir, "fuse"))
+	}
+	s := startService(t, dir, []string{"dup"}, extra...)
 	pid := s.cmd.Process.Pid
 	uri := func(export string) string { return "nbd+unix:///" + export + "?socket=" + s.nbd }
 	qemuIO := func(args ...string) {
@@ -43,7 +48,7 @@ func TestSecondServiceRefused(t *testing.T) {
 	}
 	testutil.SparseFile(t, filepath.Join(dir, "x", "other.img"), 16<<20)
 	otherVol := "--volume=o=" + filepath.Join(dir, "x", "other.img")
-	for _, c := range []struct {
+	cases := []struct {
 		name string
 		args []string
 		want string // what the refusal names
@@ -53,13 +58,25 @@ func TestSecondServiceRefused(t *testing.T) {
 		{"same shadow storage", append(other("d"), otherVol, "--storage", filepath.Join(dir, "state", "shadow")), "shadow storage directory " + filepath.Join(dir, "state", "shadow")},
 		{"same NBD socket", []string{"--state-dir", filepath.Join(dir, "e", "state"), "--nbd-socket", s.nbd, "--api-socket", filepath.Join(dir, "e-api.sock"), otherVol}, "NBD socket " + s.nbd},
 		{"same API socket", []string{"--state-dir", filepath.Join(dir, "f", "state"), "--nbd-socket", filepath.Join(dir, "f-nbd.sock"), "--api-socket", s.api, otherVol}, "API socket " + s.api},
-	} {
+	}
+	if fuse {
+		cases = append(cases, struct {
+			name string
+			args []string
+			want string
+		}{"same FUSE directory", append(other("g"), otherVol, "--fuse-dir", filepath.Join(dir, "fuse")), "FUSE directory " + filepath.Join(dir, "fuse")})
+	}
+	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			out, code := serveRefused(t, c.args)
 			if code != 1 {
 				t.Errorf("exit code %d, want 1", code)
 			}
-			for _, want := range []string{c.want, fmt.Sprintf("in use by pid %d", pid), "or stop"} {
+			holder := fmt.Sprintf("in use by pid %d", pid)
+			if strings.HasPrefix(c.want, "FUSE") {
+				holder = "in use by another process" // a FUSE mount does not say whose it is
+			}
+			for _, want := range []string{c.want, holder, "or stop"} {
 				if !strings.Contains(out, want) {
 					t.Errorf("refusal does not say %q:\n%s", want, out)
 				}
@@ -100,3 +117,5 @@ func serveRefused(t *testing.T, args []string) (string, int) {
 	cmd.Wait()
 	return out.String(), cmd.ProcessState.ExitCode()
 }
+
+func fileExists(path string) bool { _, err := os.Stat(path); return err == nil }
