@@ -3,7 +3,8 @@
 // (lvcreate -s, O(1): the pool shares every block until one is written);
 // delete removes it (lvremove); revert merges it into the volume
 // (lvconvert --merge, keeping a thin copy of the snapshot under its name).
-// Snapshots are block devices, opened read-only as images.
+// Snapshots are block devices, opened read-only as images; changed blocks
+// between snapshots come from the pool's metadata (thin_delta).
 //
 // Snapshots are found by their LVM tags, not their names: umbra_vol:VG/LV
 // names the volume, umbra_id:ID the snapshot, umbra_seq:N orders them
@@ -18,6 +19,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -95,7 +97,7 @@ func (p *Provider) Volumes() []string {
 
 func (p *Provider) Capabilities() provider.Capabilities {
 	return provider.Capabilities{
-		Kind: "system", CommitCost: "O(1) (thin snapshot)", Revert: true, BlockImage: true,
+		Kind: "system", CommitCost: "O(1) (thin snapshot)", Revert: true, BlockImage: true, Tracking: true,
 		Persistent: true, Notes: "thin LVs (VG/LV); snapshots share the thin pool; revert merges (lvconvert --merge) and needs the LV unused",
 	}
 }
@@ -370,4 +372,106 @@ func (p *Provider) Revert(ctx context.Context, vol, id string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+var _ provider.Tracker = (*Provider)(nil)
+
+var deltaRE = regexp.MustCompile(`<(different|left_only|right_only) begin="(\d+)" length="(\d+)"`)
+
+// Changed lists the pool chunks that differ between snapshot since and
+// snapshot upto (empty: the live LV), from the thin pool's metadata
+// (thin_delta on a metadata snapshot): what a thin LV's incremental image
+// backup has to read. The LVs are flushed first, so that the pool has
+// committed the mappings of every write they acknowledged.
+func (p *Provider) Changed(ctx context.Context, vol, since, upto string) (*provider.Bitmap, bool, error) {
+	from, err := p.find(ctx, vol, since)
+	if err != nil {
+		return nil, false, err
+	}
+	vg, lv, _ := strings.Cut(vol, "/")
+	toLV := lv
+	if upto != "" {
+		to, err := p.find(ctx, vol, upto)
+		if err != nil {
+			return nil, false, err
+		}
+		toLV = to.lv
+	}
+	out, err := lvm(ctx, "lvs", "--noheadings", "--separator", "|", "--units", "b", "--nosuffix",
+		"-o", "lv_name,thin_id,pool_lv,lv_size", vg)
+	if err != nil {
+		return nil, false, err
+	}
+	ids := map[string]string{}
+	var pool string
+	var size int64
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Split(strings.TrimSpace(line), "|")
+		if len(f) != 4 {
+			continue
+		}
+		ids[f[0]] = f[1]
+		if f[0] == lv {
+			pool = f[2]
+			size, _ = strconv.ParseInt(f[3], 10, 64)
+		}
+	}
+	id1, id2 := ids[from.lv], ids[toLV]
+	if id1 == "" || id2 == "" || pool == "" {
+		return nil, false, fmt.Errorf("changed blocks of %s: no thin ids for %s and %s in %s", vol, from.lv, toLV, vg)
+	}
+	cs, err := lvm(ctx, "lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "chunk_size", vg+"/"+pool)
+	if err != nil {
+		return nil, false, err
+	}
+	chunk, err := strconv.ParseInt(strings.TrimSpace(cs), 10, 64)
+	if err != nil || chunk <= 0 {
+		return nil, false, fmt.Errorf("changed blocks of %s: chunk size of %s/%s: %q", vol, vg, pool, cs)
+	}
+	// The live LV's acknowledged writes: a flush makes the pool commit
+	// their mappings (a snapshot's are committed when it is made).
+	if upto == "" {
+		f, err := os.Open(dmPath(vg, lv))
+		if err != nil {
+			return nil, false, fmt.Errorf("changed blocks of %s: %w", vol, err)
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return nil, false, fmt.Errorf("changed blocks of %s: flush: %w", vol, err)
+		}
+	}
+	tpool := dmPath(vg, pool) + "-tpool"
+	if _, err := os.Stat(tpool); err != nil {
+		tpool = dmPath(vg, pool)
+	}
+	tmeta := dmPath(vg, pool+"_tmeta")
+	dm := func(msg string) error {
+		b, err := exec.CommandContext(ctx, "dmsetup", "message", tpool, "0", msg).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("dmsetup message %s 0 %s: %v: %s", tpool, msg, err, strings.TrimSpace(string(b)))
+		}
+		return nil
+	}
+	if err := dm("reserve_metadata_snap"); err != nil {
+		return nil, false, fmt.Errorf("changed blocks of %s: %w", vol, err)
+	}
+	xml, derr := exec.CommandContext(ctx, "thin_delta", "-m", "--snap1", id1, "--snap2", id2, tmeta).CombinedOutput()
+	rerr := dm("release_metadata_snap")
+	if derr != nil {
+		return nil, false, fmt.Errorf("changed blocks of %s: thin_delta: %v: %s", vol, derr, strings.TrimSpace(string(xml)))
+	}
+	if rerr != nil {
+		return nil, false, fmt.Errorf("changed blocks of %s: %w", vol, rerr)
+	}
+	n := (size + chunk - 1) / chunk
+	bm := &provider.Bitmap{Granule: chunk, Size: size, Bits: make([]uint64, (n+63)/64)}
+	for _, m := range deltaRE.FindAllStringSubmatch(string(xml), -1) {
+		begin, _ := strconv.ParseInt(m[2], 10, 64)
+		length, _ := strconv.ParseInt(m[3], 10, 64)
+		for i := begin; i < begin+length && i < n; i++ {
+			bm.Bits[i/64] |= 1 << (uint(i) % 64)
+		}
+	}
+	return bm, true, nil
 }

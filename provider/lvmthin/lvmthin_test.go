@@ -1,6 +1,7 @@
 package lvmthin
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"umbra/internal/testutil"
 	"umbra/provider"
@@ -107,4 +109,73 @@ func TestAddRefusesNonThin(t *testing.T) {
 	if _, err := p.Prepare(ctx, vg+"/thick", provider.SnapshotOptions{}); !errors.Is(err, provider.ErrNotFound) {
 		t.Fatalf("prepare on a volume not added: %v, want ErrNotFound", err)
 	}
+}
+
+// TestChanged checks changed-block tracking from the pool's metadata:
+// exactly the chunks written after a snapshot are reported, between a
+// snapshot and the live LV and between two snapshots.
+func TestChanged(t *testing.T) {
+	vg := thinPool(t)
+	ctx := context.Background()
+	testutil.Run(t, "lvm", "lvcreate", "-q", "-y", "-V", "16M", "-T", vg+"/pool", "-n", "c")
+	p := New()
+	vol := vg + "/c"
+	if err := p.Add(ctx, vol); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(dmPath(vg, "c"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	write := func(off int64, n int) {
+		t.Helper()
+		if _, err := f.WriteAt(bytes.Repeat([]byte{0x5a}, n), off); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(0, 16<<20) // every chunk mapped
+	snapshot := func(id string) {
+		t.Helper()
+		txn, err := p.Prepare(ctx, vol, provider.SnapshotOptions{ID: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := txn.PreCommit(ctx, time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := txn.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		txn.PostCommit(ctx)
+	}
+	check := func(since, upto string, offs ...int64) {
+		t.Helper()
+		bm, reliable, err := p.Changed(ctx, vol, since, upto)
+		if err != nil || !reliable {
+			t.Fatalf("changed %s..%q: reliable %v, %v", since, upto, reliable, err)
+		}
+		want := map[int64]bool{}
+		for _, off := range offs {
+			want[off/bm.Granule] = true
+		}
+		for i := int64(0); i < (16<<20)/bm.Granule; i++ {
+			if bm.Set(i) != want[i] {
+				t.Fatalf("changed %s..%q: chunk %d (of %d bytes) reported %v, want %v", since, upto, i, bm.Granule, bm.Set(i), want[i])
+			}
+		}
+	}
+	snapshot("s1")
+	first := []int64{0, 3<<20 + 4096, 9 << 20}
+	for _, off := range first {
+		write(off, 4096)
+	}
+	check("s1", "", first...)
+	snapshot("s2")
+	write(12<<20, 4096)
+	check("s1", "s2", first...)
+	check("s2", "", 12<<20)
 }
