@@ -328,3 +328,24 @@ func PatchObjects(r *Repo, ids ...string) []string {
 // SetIndexEveryChunks makes a backup write an index object once the
 // packs waiting for one hold n chunks.
 func SetIndexEveryChunks(n int) func() { return set(&indexEveryChunks, n) }
+
+// failingDeletes fails every Delete of a name under prefix.
+type failingDeletes struct {
+	Backend
+	prefix string
+}
+
+func (f *failingDeletes) Delete(ctx context.Context, name string) error {
+	if strings.HasPrefix(name, f.prefix) {
+		return fmt.Errorf("delete %s: %w", name, errors.New("storage unavailable"))
+	}
+	return f.Backend.Delete(ctx, name)
+}
+
+// FailDeletes makes r's deletes of objects under prefix fail until the
+// returned function is called.
+func FailDeletes(r *Repo, prefix string) func() {
+	old := r.be
+	r.be = &failingDeletes{Backend: old, prefix: prefix}
+	return func() { r.be = old }
+}

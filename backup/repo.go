@@ -135,6 +135,7 @@ type Repo struct {
 	chunks    *chunkIndex
 	indexes   []string // index objects loaded
 	indexErrs []error  // index objects that could not be read
+	leftLocks []string // locks of ended operations whose delete failed
 }
 
 // Init creates an unencrypted repository at location.
@@ -349,8 +350,13 @@ func (r *Repo) upgradeFormat(ctx context.Context) error {
 	return nil
 }
 
-// Close releases the codecs.
-func (r *Repo) Close() { r.dec.Close(); r.enc.close() }
+// Close deletes the locks of ended operations that could not be
+// deleted before, and releases the codecs.
+func (r *Repo) Close() {
+	r.retryLeftLocks(context.Background())
+	r.dec.Close()
+	r.enc.close()
+}
 
 // Config returns the repository's settings.
 func (r *Repo) Config() Config {
