@@ -375,7 +375,25 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	all := append(keepPacks, up.done...)
 	b := wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(all, r.hashLen()))))
 	newIndex := "index/" + randomID()
-	if err := r.be.Put(ctx, newIndex, b); err != nil {
+	err = r.be.Put(ctx, newIndex, b)
+	if isNoSpace(err) {
+		// A full filesystem: first what no kept image needs and nothing
+		// names (chunk lists of removed images), then the old index
+		// objects — should this process die before the new one is
+		// written, the packs stay, named by no index, and the next
+		// prune or `umbra repo repair` indexes them again from their
+		// trailers.
+		r.deleteDeadLists(ctx, keep)
+		if err = r.be.Put(ctx, newIndex, b); isNoSpace(err) {
+			for _, n := range append(oldIndexes, listedIndexes...) {
+				if derr := r.be.Delete(ctx, n); derr != nil {
+					return fmt.Errorf("prune: write index: %w; and removing old index %s to make room: %v", err, n, derr)
+				}
+			}
+			err = r.be.Put(ctx, newIndex, b)
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("prune: write index: %w", err)
 	}
 	if err := r.be.Sync(ctx); err != nil {
@@ -399,6 +417,16 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		rep.PacksDeleted++
 		rep.BytesFreed += size
 	}
+	r.deleteDeadLists(ctx, keep)
+	r.mu.Lock()
+	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), []string{newIndex}, nil
+	r.addPacks(all)
+	r.mu.Unlock()
+	return r.be.Sync(ctx)
+}
+
+// deleteDeadLists deletes the chunk lists no image in keep names.
+func (r *Repo) deleteDeadLists(ctx context.Context, keep []*Index) {
 	// Chunk lists whose image record is gone (a backup or prune that
 	// died): lists/ID (format 2) and lists/ID/NNNNNN (format 3 on).
 	if lists, err := r.be.List(ctx, "lists/"); err == nil {
@@ -429,11 +457,6 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 			}
 		}
 	}
-	r.mu.Lock()
-	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), []string{newIndex}, nil
-	r.addPacks(all)
-	r.mu.Unlock()
-	return r.be.Sync(ctx)
 }
 
 // storedBytes sums the distinct blobs of entries sorted by offset.
