@@ -178,3 +178,35 @@ func TestVerifyPackTrailer(t *testing.T) {
 		t.Fatalf("verify after a flipped trailer bit: %+v", rep)
 	}
 }
+
+// TestDamagedKeyFile: a truncated key file is reported as damaged, not
+// as a wrong password; with a second, whole key the right password
+// still opens the repository, and a wrong one is told as such with the
+// damaged key named.
+func TestDamagedKeyFile(t *testing.T) {
+	backup.SetScryptN(1 << 10)
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "repo")
+	set := backup.Settings{Password: "right"}
+	repo, err := backup.InitWith(ctx, dir, set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	repo.Close()
+	keys, _ := filepath.Glob(filepath.Join(dir, "keys", "*"))
+	whole, _ := os.ReadFile(keys[0])
+	os.WriteFile(keys[0], whole[:len(whole)/2], 0o600)
+	_, err = backup.OpenWith(ctx, dir, set)
+	if !errors.Is(err, backup.ErrCorrupt) || errors.Is(err, backup.ErrWrongPassword) || !strings.Contains(err.Error(), filepath.Base(keys[0])) {
+		t.Fatalf("open with a truncated key file: %v; want it named as damaged, not a wrong password", err)
+	}
+	os.WriteFile(filepath.Join(dir, "keys", "0000second"), whole, 0o600)
+	r, err := backup.OpenWith(ctx, dir, set)
+	if err != nil {
+		t.Fatalf("open with one whole key of two: %v", err)
+	}
+	r.Close()
+	if _, err := backup.OpenWith(ctx, dir, backup.Settings{Password: "wrong"}); !errors.Is(err, backup.ErrWrongPassword) || !strings.Contains(err.Error(), "damaged") {
+		t.Fatalf("a wrong password with a damaged key beside: %v", err)
+	}
+}
