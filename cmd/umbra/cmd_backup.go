@@ -151,7 +151,7 @@ func newRepoCmd() *cobra.Command {
 	}
 	urf.add(unlockCmd)
 	unlockCmd.Flags().BoolVar(&all, "all", false, "remove live locks too (only when no umbra process uses the repository)")
-	cmd.AddCommand(initCmd, unlockCmd)
+	cmd.AddCommand(initCmd, unlockCmd, newRepoRepairCmd())
 	return cmd
 }
 
@@ -335,8 +335,14 @@ func newVerifyCmd() *cobra.Command {
 					fmt.Printf("damaged pack: %s\n", e)
 				}
 			}
-			if len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadPacks) > 0 || len(rep.BadIndexes) > len(rep.Unreadable) {
-				return fmt.Errorf("the repository %s is damaged: %d images broken; restore the others, and take a full backup (`umbra backup --full`) of the volumes whose images broke", rf.location, len(rep.BadImages))
+			if len(rep.BadIndexes) > len(rep.Unreadable) || len(rep.BadPacks) > 0 {
+				return fmt.Errorf("the repository %s is damaged: %d images broken, %d index objects or records and %d packs damaged; "+
+					"run `umbra repo repair --repo %s` (--dry-run first to see what it does): it rebuilds the index from the packs, rewrites what damaged packs still hold and names the images that stay broken",
+					rf.location, len(rep.BadImages), len(rep.BadIndexes)-len(rep.Unreadable), len(rep.BadPacks), rf.location)
+			}
+			if len(rep.BadChunks)+len(rep.BadImages) > 0 {
+				return fmt.Errorf("the repository %s is damaged: %d images broken; restore the others; `umbra repo repair --repo %s` drops what cannot be read and names what it breaks; "+
+					"take a full backup (`umbra backup --full`) of the volumes whose images broke", rf.location, len(rep.BadImages), rf.location)
 			}
 			if len(rep.Unreadable) > 0 {
 				return fmt.Errorf("the storage of %s did not return %d image records (%s); nothing found damaged: check the storage and run verify again", rf.location, len(rep.Unreadable), strings.Join(rep.Unreadable, " "))
