@@ -123,8 +123,16 @@ func decodeConfig(b []byte) (Config, error) {
 	if err := json.Unmarshal(b, &c); err != nil {
 		return c, corrupt("config", err.Error())
 	}
-	if c.Checksum == "" && c.Version < envelopeFormat || c.Version > formatVersion {
-		return c, nil // older, or newer: the caller refuses it by its version
+	if c.Checksum == "" && c.Version < envelopeFormat {
+		return c, nil
+	}
+	if c.Version > formatVersion {
+		// Newer: the caller refuses it by its version, unless this is
+		// a flipped bit in the version of one of ours.
+		if c.Checksum != "" && !bytes.Equal(encodeConfig(c), b) {
+			return c, corrupt("config", fmt.Sprintf("checksum mismatch, or written by a newer Umbra (format %d): use that version", c.Version))
+		}
+		return c, nil
 	}
 	if c.Checksum == "" {
 		return c, corrupt("config", fmt.Sprintf("format %d without a checksum", c.Version))
