@@ -412,19 +412,12 @@ func (s *Server) snapshotUsers(vol, id string) []string {
 	return out
 }
 
-// dropSnapshot deletes snapshot id of vol through p. A COW snapshot that
+// dropSnapshot deletes snapshot id of vol through p. A snapshot that
 // front-end clients have open is refused unless force; forced, the users
 // cut off are returned.
 func (s *Server) dropSnapshot(ctx context.Context, p provider.Provider, vol, id string, force bool) ([]string, error) {
-	if p.Name() == cow.ProviderName {
-		v, err := s.cow.Volume(vol)
-		if err != nil {
-			return nil, err
-		}
-		if force {
-			return v.ForceDeleteSnapshot(id)
-		}
-		return nil, v.DeleteSnapshot(id)
+	if fd, ok := p.(provider.ForceDeleter); ok && force {
+		return fd.ForceDelete(ctx, vol, id)
 	}
 	return nil, p.Delete(ctx, vol, id)
 }

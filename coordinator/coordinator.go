@@ -354,13 +354,30 @@ func (s *Set) BackupComplete(ctx context.Context, ok bool) error {
 	if s.ForBackup {
 		for i, m := range s.members {
 			if i < len(s.Snapshots) {
-				if err := m.p.Delete(ctx, m.vol, s.Snapshots[i].ID); err != nil && !errors.Is(err, provider.ErrNotFound) {
+				if err := s.c.releaseSnapshot(ctx, m.p, m.vol, s.Snapshots[i].ID); err != nil && !errors.Is(err, provider.ErrNotFound) {
 					errs = append(errs, err)
 				}
 			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// releaseSnapshot deletes an auto-release snapshot once its backup is
+// complete. It is the requester's, and a reader the requester just let
+// go of (a loop device it detached, an NBD client it closed) leaves a
+// moment later: the snapshot goes even while in use, and whom that cut
+// off is logged.
+func (c *Coordinator) releaseSnapshot(ctx context.Context, p provider.Provider, vol, id string) error {
+	fd, ok := p.(provider.ForceDeleter)
+	if !ok {
+		return p.Delete(ctx, vol, id)
+	}
+	cut, err := fd.ForceDelete(ctx, vol, id)
+	if len(cut) > 0 {
+		c.log.Info("auto-release snapshot deleted at backup complete while still open", "snapshot", vol+"@"+id, "cut_off", cut)
+	}
+	return err
 }
 
 // Done marks a set not made for a backup as finished for its writers.

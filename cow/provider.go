@@ -21,8 +21,9 @@ type Provider struct {
 }
 
 var (
-	_ provider.Provider = (*Provider)(nil)
-	_ provider.Tracker  = (*Provider)(nil)
+	_ provider.Provider     = (*Provider)(nil)
+	_ provider.Tracker      = (*Provider)(nil)
+	_ provider.ForceDeleter = (*Provider)(nil)
 )
 
 // NewProvider returns a provider with no volumes.
@@ -214,6 +215,15 @@ func (p *Provider) Delete(ctx context.Context, vol, id string) error {
 		return err
 	}
 	return v.DeleteSnapshot(id)
+}
+
+// ForceDelete deletes snapshot id of vol even while clients read it.
+func (p *Provider) ForceDelete(ctx context.Context, vol, id string) ([]string, error) {
+	v, err := p.Volume(vol)
+	if err != nil {
+		return nil, err
+	}
+	return v.ForceDeleteSnapshot(id)
 }
 
 func (p *Provider) List(ctx context.Context, vol string) ([]provider.Snapshot, error) {

@@ -158,6 +158,13 @@ type Txn interface {
 	Abort(ctx context.Context) error
 }
 
+// ForceDeleter is implemented by a provider whose Delete refuses while
+// front-end clients read the snapshot: ForceDelete deletes it anyway and
+// names the users it cut off.
+type ForceDeleter interface {
+	ForceDelete(ctx context.Context, vol, id string) (cut []string, err error)
+}
+
 // HoldTimer is implemented by a Txn that knows when its volume's writes
 // were held: HeldSince is when they began to wait (after the flush its
 // PreCommit does while they still flow; zero before PreCommit), HeldUntil
