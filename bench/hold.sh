@@ -39,7 +39,7 @@ for _ in $(seq 100); do [ -S "$W/api.sock" ] && break; sleep 0.1; done
 umbra() { "$W/umbra" --api-socket "$W/api.sock" "$@"; }
 
 fio --name=load --ioengine=nbd --uri="nbd+unix:///disk?socket=$W/nbd.sock" --rw=randwrite --bs=4k \
-	--iodepth=16 --numjobs="$JOBS" --size=512M --time_based --runtime=600 --group_reporting \
+	--iodepth=16 --numjobs="$JOBS" --size=512M --time_based --runtime=3600 --group_reporting \
 	--output-format=json >"$W/fio.json" 2>/dev/null &
 FIO=$!
 for _ in $(seq $((HOGS * $(nproc)))); do
@@ -56,7 +56,7 @@ done
 end=$(date +%s.%N)
 [ -n "$HOGPIDS" ] && kill $HOGPIDS 2>/dev/null || true
 HOGPIDS=""
-kill -INT "$FIO"
+kill -INT "$FIO" 2>/dev/null || true # fio may have run its time out
 wait "$FIO" 2>/dev/null || true
 FIO=""
 python3 - "$W/holds" "$W/fio.json" "$N" "$JOBS" "$start" "$end" "$HOGS" "$(nproc)" "${UMBRA_SERVE_ARGS:-}" "$(cut -d' ' -f1 /proc/loadavg)" <<'EOF'
