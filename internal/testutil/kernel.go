@@ -229,12 +229,16 @@ func NBDFuse(t testing.TB, uri, dir string, readOnly bool) string {
 			<-done
 		}
 	})
-	for i := 0; ; i++ {
+	// Wait for the file, not for a time: a loaded machine can take many
+	// seconds to start nbdfuse. The deadline only turns a hang into a
+	// failure.
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
 		if _, err := os.Stat(file); err == nil {
 			return file
 		}
-		if i > 100 {
-			t.Fatalf("nbdfuse did not create %s", file)
+		if time.Now().After(deadline) {
+			t.Fatalf("nbdfuse did not create %s in 2 minutes", file)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
