@@ -130,7 +130,7 @@ func newRepoCmd() *cobra.Command {
 	var all bool
 	unlockCmd := &cobra.Command{
 		Use:   "unlock",
-		Short: "Remove stale locks (of processes that are gone); --all removes every lock",
+		Short: "Remove stale locks (of operations that ended or processes that are gone, on this host; of another host, not refreshed for 30 minutes); --all removes every lock",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			r, err := urf.open(cmd.Context())
