@@ -350,7 +350,7 @@ func (s *Server) DeleteSnapshots(ctx context.Context, req *umbrav1.DeleteSnapsho
 // deleteSnapshots deletes list (all of p) as DeleteSnapshots says.
 func (s *Server) deleteSnapshots(ctx context.Context, p provider.Provider, list []provider.Snapshot, force bool, setID string) (*umbrav1.DeleteSnapshotsResponse, error) {
 	if !force {
-		if err := s.refuseInUse(list); err != nil {
+		if err := s.refuseInUse(ctx, list); err != nil {
 			return nil, err
 		}
 	}
@@ -380,10 +380,25 @@ func (s *Server) deleteSnapshots(ctx context.Context, p provider.Provider, list 
 	return out, nil
 }
 
+// clientGrace is how long a delete waits for front-end clients of a
+// snapshot that are going away: the kernel closes a FUSE file, and
+// nbdfuse or nbd-client their connections, a moment after the command
+// that let them go (losetup -d, nbd-client -d) has returned.
+const clientGrace = 5 * time.Second
+
 // refuseInUse refuses, naming them, if any snapshot of list is in use.
-func (s *Server) refuseInUse(list []provider.Snapshot) error {
+// A snapshot that only front-end clients hold (no exposure) gets
+// clientGrace for them to go first.
+func (s *Server) refuseInUse(ctx context.Context, list []provider.Snapshot) error {
 	var busy []string
 	for _, sn := range list {
+		if !s.isExposed(sn.Volume, sn.ID) {
+			if v, err := s.cow.Volume(sn.Volume); err == nil && len(v.SnapshotUsers(sn.ID)) > 0 {
+				wctx, cancel := context.WithTimeout(ctx, clientGrace)
+				v.WaitSnapshotUnused(wctx, sn.ID)
+				cancel()
+			}
+		}
 		if users := s.snapshotUsers(sn.Volume, sn.ID); len(users) > 0 {
 			busy = append(busy, fmt.Sprintf("%s@%s (%s)", sn.Volume, sn.ID, strings.Join(users, ", ")))
 		}
@@ -393,6 +408,16 @@ func (s *Server) refuseInUse(list []provider.Snapshot) error {
 	}
 	return toStatus(fmt.Errorf("delete: %w: %s; nothing was deleted: unexpose it (umbra snapshot unexpose), detach the loop device over its FUSE file (umount, losetup -d) and disconnect its NBD clients, or delete with --force",
 		cow.ErrSnapshotInUse, strings.Join(busy, "; ")))
+}
+
+// isExposed says whether snapshot id of vol is exposed (mounted).
+func (s *Server) isExposed(vol, id string) bool {
+	if s.sh == nil {
+		return false
+	}
+	s.sh.mu.Lock()
+	defer s.sh.mu.Unlock()
+	return s.sh.exposed[exposureKey(vol, id)] != nil
 }
 
 // snapshotUsers names what uses a snapshot: its exposure and, for a COW
@@ -462,7 +487,7 @@ func (s *Server) deleteSet(ctx context.Context, setID string, force bool) (*umbr
 		for _, m := range members {
 			all = append(all, m.list...)
 		}
-		if err := s.refuseInUse(all); err != nil {
+		if err := s.refuseInUse(ctx, all); err != nil {
 			return nil, err
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -584,5 +585,59 @@ func TestDeleteSnapshotInUse(t *testing.T) {
 	done() // a second call counts for nothing
 	if err := v.DeleteSnapshot("s1"); err != nil {
 		t.Fatalf("delete once free: %v", err)
+	}
+}
+
+// A delete that follows the command letting a client go waits for the
+// client to leave: WaitSnapshotUnused returns once the last user of the
+// snapshot is gone, and names the users left when its context ends first.
+func TestWaitSnapshotUnused(t *testing.T) {
+	v, _ := newTestVolume(t, 1<<20, Options{})
+	ctx := context.Background()
+	for _, id := range []string{"s1", "s2"} {
+		if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s2, err := v.OpenSnapshot("s2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	loop, nbd := s2.Use("open FUSE file"), s2.Use("NBD connection")
+	other := func() func() { s1, _ := v.OpenSnapshot("s1"); return s1.Use("NBD connection") }()
+	defer other()
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if got := v.WaitSnapshotUnused(cctx, "s2"); len(got) != 2 {
+		t.Fatalf("wait with an ended context: users %v, want both", got)
+	}
+	done := make(chan []string)
+	go func() { done <- v.WaitSnapshotUnused(ctx, "s2") }()
+	// Let the users go only once the waiter waits, so that a wait that
+	// looked once and returned would be caught.
+	for {
+		v.usersMu.Lock()
+		waiting := v.usersLeft != nil
+		v.usersMu.Unlock()
+		if waiting {
+			break
+		}
+		runtime.Gosched()
+	}
+	loop()
+	select {
+	case got := <-done:
+		t.Fatalf("wait returned with the NBD connection still open: %v", got)
+	default:
+	}
+	nbd()
+	if got := <-done; len(got) != 0 {
+		t.Fatalf("wait returned users %v after they left", got)
+	}
+	if err := v.DeleteSnapshot("s2"); err != nil {
+		t.Fatalf("delete after the users left: %v", err)
+	}
+	if got := v.WaitSnapshotUnused(ctx, "nosuch"); got != nil {
+		t.Fatalf("wait on a missing snapshot: %v", got)
 	}
 }

@@ -468,7 +468,43 @@ func (s *Snapshot) Use(kind string) (done func()) {
 			if len(m) == 0 {
 				delete(v.snapUsers, s.gen)
 			}
+			if v.usersLeft != nil {
+				close(v.usersLeft)
+				v.usersLeft = nil
+			}
 		})
+	}
+}
+
+// WaitSnapshotUnused waits until no front-end client has snapshot id open,
+// or until ctx ends, and returns the users still there (empty when none).
+// A client that was just let go of (a loop device detached, an NBD client
+// disconnected) closes its file or connection a moment after the command
+// that let it go returns; a delete that follows at once waits for that
+// rather than refusing.
+func (v *Volume) WaitSnapshotUnused(ctx context.Context, id string) []string {
+	for {
+		v.mu.RLock()
+		s := v.snapByID(id)
+		v.mu.RUnlock()
+		if s == nil {
+			return nil
+		}
+		v.usersMu.Lock()
+		if len(v.snapUsers[s.gen]) == 0 {
+			v.usersMu.Unlock()
+			return nil
+		}
+		if v.usersLeft == nil {
+			v.usersLeft = make(chan struct{})
+		}
+		left := v.usersLeft
+		v.usersMu.Unlock()
+		select {
+		case <-left:
+		case <-ctx.Done():
+			return v.SnapshotUsers(id)
+		}
 	}
 }
 

@@ -153,9 +153,10 @@ type Volume struct {
 
 	slotMu sync.RWMutex // held shared while a diff-area slot is read; exclusively to free slots
 
-	usersMu   sync.Mutex                // guards users and snapUsers
+	usersMu   sync.Mutex                // guards users, snapUsers and usersLeft
 	users     map[string]int            // front-end clients with the origin open, by kind
 	snapUsers map[uint64]map[string]int // clients with a snapshot open, by generation and kind
+	usersLeft chan struct{}             // closed (and replaced) when a snapshot's client leaves
 
 	mapMu     sync.RWMutex // held shared while the kernel may copy from mapped
 	mapped    []byte       // the origin mapped read-only (MappedRange), once asked for
