@@ -16,6 +16,7 @@ import (
 	"umbra/expose"
 	"umbra/frontend"
 	"umbra/fusefile"
+	"umbra/internal/owner"
 	"umbra/nbd"
 )
 
@@ -49,7 +50,7 @@ func newMountCmd() *cobra.Command {
 				socket = filepath.Join(defaultRuntimeDir(), "image-"+id+".sock")
 			}
 			os.MkdirAll(filepath.Dir(socket), 0o755)
-			if err := socketFree(socket, "NBD socket", "--socket"); err != nil {
+			if err := owner.SocketFree(socket, "NBD socket", "--socket"); err != nil {
 				return err
 			}
 			os.Remove(socket)

@@ -2,97 +2,23 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/BurntSushi/toml"
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
-	"umbra/api"
-	"umbra/catalog"
-	"umbra/coordinator"
-	"umbra/cow"
-	"umbra/frontend"
-	"umbra/internal/owner"
-	"umbra/internal/rtprio"
-	"umbra/metrics"
 	"umbra/nbd"
-	"umbra/provider"
-	"umbra/provider/btrfs"
-	"umbra/provider/lvmthin"
-	"umbra/provider/reflink"
-	"umbra/writer"
-	wexec "umbra/writer/exec"
-	"umbra/writer/fsfreeze"
-	wsqlite "umbra/writer/sqlite"
+	umbrasvc "umbra/service"
 )
 
 func init() { verbs = append(verbs, newServeCmd) }
-
-// serveConfig is the TOML configuration of `umbra serve`; flags override
-// it and embedded defaults fill the rest.
-type serveConfig struct {
-	StateDir   string         `toml:"state_dir"`
-	ExposeDir  string         `toml:"expose_dir"`    // where exposed snapshots are mounted
-	SetTimeout string         `toml:"set_timeout"`   // FSRVP message sequence timer
-	HoldPrio   string         `toml:"hold_priority"` // normal (default) or realtime
-	API        apiConfig      `toml:"api"`
-	Metrics    string         `toml:"metrics_listen"`
-	AuditLog   string         `toml:"audit_log"`
-	Writers    writersConfig  `toml:"writers"`
-	Reflink    []string       `toml:"reflink_volumes"`
-	Btrfs      []string       `toml:"btrfs_volumes"`
-	LVMThin    []string       `toml:"lvmthin_volumes"`
-	NBD        nbdConfig      `toml:"nbd"`
-	FUSE       fuseConfig     `toml:"fuse"`
-	Volumes    []volumeConfig `toml:"volume"`
-}
-
-type apiConfig struct {
-	Listen   string `toml:"listen"`    // TCP HOST:PORT (TLS required)
-	TLSCert  string `toml:"tls_cert"`  // server certificate
-	TLSKey   string `toml:"tls_key"`   //
-	ClientCA string `toml:"client_ca"` // verify client certificates against it
-	Tokens   string `toml:"tokens"`    // identities: bearer tokens and certificate names with roles
-}
-
-type nbdConfig struct {
-	Socket   string `toml:"socket"`
-	Listen   string `toml:"listen"`
-	TLSCert  string `toml:"tls_cert"`
-	TLSKey   string `toml:"tls_key"`
-	ClientCA string `toml:"client_ca"`       // TCP clients need a certificate it signed
-	MaxConns int    `toml:"max_connections"` // per listener (default nbd.DefaultMaxConns)
-}
-
-type writersConfig struct {
-	SQLite   []string `toml:"sqlite"`
-	HooksDir string   `toml:"hooks_dir"`
-}
-
-type fuseConfig struct {
-	Dir string `toml:"dir"`
-}
-
-type volumeConfig struct {
-	Name       string `toml:"name"`
-	Path       string `toml:"path"`
-	Storage    string `toml:"storage"`
-	MaxStorage string `toml:"max_storage"`
-	ChunkSize  string `toml:"chunk_size"`
-	Policy     string `toml:"policy"`
-}
 
 // defaultStateDir is /var/lib/umbra for root, else the XDG state dir.
 func defaultStateDir() string {
@@ -121,9 +47,9 @@ func defaultRuntimeDir() string {
 func newServeCmd() *cobra.Command {
 	var (
 		cfgFile string
-		cfg     serveConfig
+		cfg     umbrasvc.Config
 		vols    []string
-		def     volumeConfig
+		def     umbrasvc.VolumeConfig
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -144,7 +70,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 				}
 			}
 			if cfgFile != "" {
-				var file serveConfig
+				var file umbrasvc.Config
 				md, err := toml.DecodeFile(cfgFile, &file)
 				if err != nil {
 					return usageError{fmt.Errorf("config %s: %w", cfgFile, err)}
@@ -203,7 +129,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 }
 
 // mergeConfig copies the flags the user set onto the file's config.
-func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
+func mergeConfig(file, flags *umbrasvc.Config, cmd *cobra.Command) {
 	set := func(name string, dst *string, v string) {
 		if cmd.Flags().Changed(name) {
 			*dst = v
@@ -235,404 +161,34 @@ func mergeConfig(file, flags *serveConfig, cmd *cobra.Command) {
 	}
 }
 
-// openVolumes opens every configured volume into a COW provider.
-func openVolumes(cfg serveConfig, log *slog.Logger) (*cow.Provider, error) {
-	p := cow.NewProvider()
-	for _, vc := range cfg.Volumes {
-		opts := cow.Options{Policy: cow.Policy(vc.Policy)}
-		opts.StorageDir = vc.Storage
-		if opts.StorageDir == "" {
-			opts.StorageDir = filepath.Join(cfg.StateDir, "shadow")
-		}
-		var err error
-		if opts.MaxStorage, err = parseSizeFlag("volume "+vc.Name+": max storage", vc.MaxStorage, vc.MaxStorage != ""); err != nil {
-			return p, err
-		}
-		if opts.ChunkSize, err = parseSizeFlag("volume "+vc.Name+": chunk size", vc.ChunkSize, vc.ChunkSize != ""); err != nil {
-			return p, err
-		}
-		v, err := cow.Open(vc.Name, vc.Path, opts)
-		if err != nil {
-			return p, err
-		}
-		for _, rerr := range v.RecoveryErrors() {
-			log.Warn("volume recovered with problems", "volume", vc.Name, "err", rerr)
-		}
-		if err := p.Add(v); err != nil {
-			v.Close()
-			return p, usageError{err}
-		}
-		log.Info("volume open", "volume", vc.Name, "origin", vc.Path, "size", v.Size(), "chunk", v.ChunkSize(),
-			"storage", opts.StorageDir, "snapshots", len(v.Snapshots()))
-	}
-	return p, nil
-}
-
-func closeVolumes(p *cow.Provider, log *slog.Logger) {
-	for _, v := range p.Volumes() {
-		if err := v.Close(); err != nil {
-			log.Error("close volume", "volume", v.Name(), "err", err)
-		}
-	}
-}
-
-func runServe(ctx context.Context, cfg serveConfig) error {
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+// runServe runs the service of cfg until ctx ends or one of its
+// servers fails.
+func runServe(ctx context.Context, cfg umbrasvc.Config) error {
 	if cfg.StateDir == "" {
 		cfg.StateDir = defaultStateDir()
 	}
 	if cfg.NBD.Socket == "" {
 		cfg.NBD.Socket = filepath.Join(defaultRuntimeDir(), "nbd.sock")
 	}
-	if len(cfg.Volumes)+len(cfg.Reflink)+len(cfg.Btrfs)+len(cfg.LVMThin) == 0 {
-		return usageError{errors.New("no volumes: give --volume NAME=PATH (or --reflink-volume / --btrfs-volume / --lvmthin-volume) or a --config file with [[volume]] tables")}
-	}
-	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
-		return usageError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
-	}
-	nbdClientCAs, err := nbdClientPool(cfg.NBD)
-	if err != nil {
-		return err
-	}
-	setTimeout, err := checkServeConfig(cfg)
-	if err != nil {
-		return err
-	}
-	switch cfg.HoldPrio {
-	case "realtime":
-		rtprio.SetEnabled(true)
-		if err := rtprio.Probe(); err != nil {
-			log.Warn("hold_priority realtime: holds run at normal priority; give the service CAP_SYS_NICE", "err", err)
-		}
-	case "", "normal":
-		rtprio.SetEnabled(false)
-	default:
-		return usageError{fmt.Errorf("--hold-priority %q: want realtime or normal", cfg.HoldPrio)}
-	}
-	// The TCP API's certificate and tokens are checked before anything
-	// is opened: a refusal leaves nothing behind.
-	apiTLSCfg, apiIDs, err := apiTLS(cfg.API)
-	if err != nil {
-		return err
-	}
-	// One owner (DESIGN invariant 10): the state directory, then the
-	// sockets, then (openVolumes) each volume file and shadow storage
-	// directory are claimed before anything is changed, so a second
-	// service is refused with nothing of the first's touched.
-	stateOwn, err := owner.ClaimDir(cfg.StateDir, "state directory",
-		"another umbra serve runs with it: use that service, or stop it first, or give this one its own --state-dir (and --nbd-socket, --api-socket)")
-	if err != nil {
-		return err
-	}
-	defer stateOwn.Release()
-	apiPath := apiSocketPath()
-	for _, sock := range []struct{ path, what, flag string }{
-		{cfg.NBD.Socket, "NBD socket", "--nbd-socket"},
-		{apiPath, "API socket", "--api-socket"},
-		{filepath.Join(filepath.Dir(apiPath), "writers.sock"), "writer socket", "--api-socket (the writer socket is beside it)"},
-	} {
-		if err := socketFree(sock.path, sock.what, sock.flag); err != nil {
-			return err
-		}
-	}
-	if err := fuseDirFree(cfg.FUSE.Dir); err != nil {
-		return err
-	}
-	p, err := openVolumes(cfg, log)
-	defer closeVolumes(p, log)
-	if err != nil {
-		return err
-	}
-	m := metrics.New(p)
-	clients := &frontend.Clients{} // which processes (kernel nbd devices among them) use which export
-	opts := nbd.Options{Logger: log, Observe: m.NBD, MaxConns: cfg.NBD.MaxConns, Attached: clients.Attached}
-	if cfg.NBD.TLSCert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
-		if err != nil {
-			return usageError{fmt.Errorf("TLS certificate: %w", err)}
-		}
-		opts.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	}
-	reg := &provider.Registry{}
-	reg.Register(p)
-	rp, bp := reflink.New(), btrfs.New()
-	defer rp.Close()
-	defer bp.Close()
-	reg.Register(rp)
-	reg.Register(bp)
-	for _, f := range cfg.Reflink {
-		if err := rp.Add(reflink.Volume{Path: f, StorageDir: filepath.Join(filepath.Dir(f), ".umbra-shadow")}); err != nil {
-			return usageError{err}
-		}
-		log.Info("reflink volume", "file", f)
-	}
-	for _, sv := range cfg.Btrfs {
-		if err := bp.Add(sv, filepath.Join(filepath.Dir(sv), ".umbra-snapshots", filepath.Base(sv))); err != nil {
-			return usageError{err}
-		}
-		log.Info("btrfs subvolume volume", "subvolume", sv)
-	}
-	lp := lvmthin.New()
-	reg.Register(lp)
-	for _, lv := range cfg.LVMThin {
-		if err := lp.Add(ctx, lv); err != nil {
-			return usageError{err}
-		}
-		log.Info("LVM thin volume", "lv", lv)
-	}
-	srv := nbd.NewServer(frontend.NBDExports(p, reg), opts)
-	m.WatchNBD(srv)
-	if err := os.MkdirAll(filepath.Dir(cfg.NBD.Socket), 0o750); err != nil {
-		return fmt.Errorf("NBD socket directory: %w", err)
-	}
-	os.Remove(cfg.NBD.Socket)
-	ul, err := net.Listen("unix", cfg.NBD.Socket)
-	if err != nil {
-		return fmt.Errorf("NBD socket %s: %w", cfg.NBD.Socket, err)
-	}
-	os.Chmod(cfg.NBD.Socket, 0o660)
-	errc := make(chan error, 3)
-	go func() { errc <- srv.Serve(ctx, ul) }()
-	// TCP listeners are bound before the API socket appears, so that a
-	// client that waits for the socket finds every listener up.
-	var tl, ml net.Listener
-	if cfg.API.Listen != "" {
-		if tl, err = net.Listen("tcp", cfg.API.Listen); err != nil {
-			return fmt.Errorf("--api-listen %s: %w", cfg.API.Listen, err)
-		}
-		defer tl.Close()
-	}
-	if cfg.Metrics != "" {
-		if ml, err = net.Listen("tcp", cfg.Metrics); err != nil {
-			return fmt.Errorf("--metrics-listen %s: %w", cfg.Metrics, err)
-		}
-		defer ml.Close()
-	}
-	os.Remove(apiPath)
-	al, err := net.Listen("unix", apiPath)
-	if err != nil {
-		return fmt.Errorf("API socket %s: %w", apiPath, err)
-	}
-	os.Chmod(apiPath, 0o660)
-	defer os.Remove(apiPath)
-	writers := writer.NewRegistry()
-	var apiSrv *api.Server // set below, before any snapshot set can run
-	writers.OnFailure = func(w, phase string) {
-		m.WriterFailed(w, phase)
-		if apiSrv != nil {
-			apiSrv.WriterFailed(w, phase)
-		}
-	}
-	ff := fsfreeze.New()
+	cfg.APISocket = apiSocketPath()
 	if exe, err := os.Executable(); err == nil {
-		ff.GuardCommand = []string{exe, "thaw-guard"}
+		cfg.ThawGuard = []string{exe, "thaw-guard"}
 	}
-	writers.Add(ff)
-	for _, db := range cfg.Writers.SQLite {
-		if err := writers.Add(wsqlite.New(db)); err != nil {
-			return usageError{err}
-		}
-	}
-	if cfg.Writers.HooksDir != "" {
-		writers.Add(wexec.New(cfg.Writers.HooksDir, 0))
-	}
-	// A volume reaches the kernel as its FUSE file (under a loop device)
-	// and as the nbd devices connected to its export.
-	devices := func(vol string) []string {
-		var out []string
-		if cfg.FUSE.Dir != "" {
-			out = append(out, filepath.Join(cfg.FUSE.Dir, vol))
-		}
-		return append(out, writer.NBDDevices(clients.PIDs(vol))...)
-	}
-	coord := coordinator.New(reg, writers, devices, log)
-	writerSock := filepath.Join(filepath.Dir(apiPath), "writers.sock")
-	go func() {
-		if err := writer.Serve(ctx, writerSock, writers, log); err != nil {
-			errc <- err
-		}
-	}()
-	defer os.Remove(writerSock)
-	log.Info("accepting out-of-process writers", "socket", writerSock)
-	log.Info("serving NBD", "socket", cfg.NBD.Socket, "exports", frontend.Names(p))
-	if cfg.NBD.Listen != "" {
-		tl, err := net.Listen("tcp", cfg.NBD.Listen)
-		if err != nil {
-			return fmt.Errorf("NBD listen %s: %w", cfg.NBD.Listen, err)
-		}
-		tcpTLS := opts.TLS.Clone()
-		if nbdClientCAs != nil {
-			tcpTLS.ClientCAs, tcpTLS.ClientAuth = nbdClientCAs, tls.RequireAndVerifyClientCert
-		} else {
-			log.Warn("NBD over TCP without client certificates: any client that trusts the server certificate can read and write every volume; give --nbd-tls-client-ca")
-		}
-		tcpSrv := nbd.NewServer(frontend.NBDExports(p, reg), nbd.Options{Logger: log, TLS: tcpTLS, RequireTLS: true, Observe: m.NBD, MaxConns: cfg.NBD.MaxConns})
-		m.WatchNBD(tcpSrv)
-		go func() { errc <- tcpSrv.Serve(ctx, tl) }()
-		defer tcpSrv.Shutdown(context.Background())
-		log.Info("serving NBD over TLS", "listen", tl.Addr().String())
-	}
-	if cfg.FUSE.Dir != "" {
-		unmount, err := mountFUSE(ctx, cfg.FUSE.Dir, p, log)
-		if err != nil {
-			return err
-		}
-		defer unmount()
-	}
-	apiSrv = api.NewServer(p, reg, coord, writers, log)
-	cat, err := catalog.Open(filepath.Join(cfg.StateDir, "catalog.db"))
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	s, err := umbrasvc.New(ctx, cfg)
 	if err != nil {
-		return err
+		return serviceError(err)
 	}
-	exposeDir := cfg.ExposeDir
-	if exposeDir == "" {
-		exposeDir = filepath.Join(cfg.StateDir, "exposed")
-	}
-	apiSrv.EnableShares(ctx, cat, exposeDir, cfg.FUSE.Dir, setTimeout)
-	defer apiSrv.CloseShares()
-	defer apiSrv.CloseRepos()
-	apiSrv.Metrics = m
-	auditPath := cfg.AuditLog
-	if auditPath == "" {
-		auditPath = filepath.Join(cfg.StateDir, "audit.log")
-	}
-	if apiSrv.Audit, err = api.OpenAudit(auditPath); err != nil {
-		return err
-	}
-	defer apiSrv.Audit.Close()
-	go func() { errc <- apiSrv.Serve(ctx, al) }()
-	log.Info("serving the management API", "socket", apiPath, "audit", auditPath)
-	if tl != nil {
-		go func() { errc <- apiSrv.ServeTCP(ctx, tl, apiTLSCfg, apiIDs) }()
-		log.Info("serving the management API over TLS", "listen", tl.Addr().String(), "client_certs", cfg.API.ClientCA != "")
-	}
-	if ml != nil {
-		go func() {
-			if err := m.Serve(ctx, ml); err != nil {
-				log.Error("metrics listener stopped", "err", err)
-			}
-		}()
-		log.Info("serving metrics", "url", "http://"+ml.Addr().String()+"/metrics")
-	}
-	select {
-	case <-ctx.Done():
-	case err := <-errc:
-		if !errors.Is(err, nbd.ErrServerClosed) {
-			log.Error("NBD server stopped", "err", err)
-		}
-	}
-	log.Info("shutting down: draining requests and flushing")
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	srv.Shutdown(sctx)
-	os.Remove(cfg.NBD.Socket)
-	return nil
+	defer s.Close()
+	return serviceError(s.Run(ctx))
 }
 
-// nbdClientPool checks the NBD settings and loads the CA of
-// --nbd-tls-client-ca (nil without it).
-func nbdClientPool(c nbdConfig) (*x509.CertPool, error) {
-	if c.MaxConns < 0 {
-		return nil, usageError{fmt.Errorf("--nbd-max-connections %d: want a positive number (0: the default, %d)", c.MaxConns, nbd.DefaultMaxConns)}
+// serviceError gives a configuration the service refused the usage
+// exit code.
+func serviceError(err error) error {
+	var ce umbrasvc.ConfigError
+	if errors.As(err, &ce) {
+		return usageError{err}
 	}
-	if c.ClientCA == "" {
-		return nil, nil
-	}
-	if c.Listen == "" {
-		return nil, usageError{errors.New("--nbd-tls-client-ca is for NBD over TCP: give --nbd-listen HOST:PORT (and --tls-cert, --tls-key) too")}
-	}
-	b, err := os.ReadFile(c.ClientCA)
-	if err != nil {
-		return nil, usageError{fmt.Errorf("--nbd-tls-client-ca: %w", err)}
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(b) {
-		return nil, usageError{fmt.Errorf("--nbd-tls-client-ca %s: no PEM certificate in it", c.ClientCA)}
-	}
-	return pool, nil
-}
-
-// socketFree refuses a unix socket path that a running process answers
-// on: serve replaces the socket file, and would take it from another
-// service. A socket file nobody listens on (left by a killed service) is
-// free. The holder's pid is the listener's, from SO_PEERCRED.
-func socketFree(path, what, flag string) error {
-	c, err := net.DialTimeout("unix", path, 2*time.Second)
-	if err != nil {
-		return nil
-	}
-	defer c.Close()
-	pid := 0
-	if uc, ok := c.(*net.UnixConn); ok {
-		if raw, err := uc.SyscallConn(); err == nil {
-			raw.Control(func(fd uintptr) {
-				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-					pid = int(cred.Pid)
-				}
-			})
-		}
-	}
-	return owner.Held(what, path, pid, fmt.Sprintf("another service listens there: use it, or stop it first, or give this one another %s", flag))
-}
-
-// fuseDirFree refuses a --fuse-dir on which a FUSE filesystem is mounted
-// and alive: mounting over it would hide another service's files from
-// new openers (a dead one, left by kill -9, mountFUSE detaches).
-func fuseDirFree(dir string) error {
-	if dir == "" {
-		return nil
-	}
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return nil
-	}
-	if _, err := os.Stat(abs); err != nil {
-		return nil // absent, or dead (ENOTCONN): mountFUSE handles it
-	}
-	mounts, err := writer.ReadMounts()
-	if err != nil {
-		return nil
-	}
-	for _, m := range mounts {
-		if m.Point == abs && strings.HasPrefix(m.FSType, "fuse") {
-			return owner.Held("FUSE directory", abs, 0,
-				"a FUSE filesystem (another umbra serve's?) is mounted there: give this one another --fuse-dir, or stop that service first")
-		}
-	}
-	return nil
-}
-
-// apiTLS builds the TLS configuration and identities of the TCP API
-// (nil, nil without --api-listen).
-func apiTLS(c apiConfig) (*tls.Config, *api.Identities, error) {
-	if c.Listen == "" {
-		if c.TLSCert != "" || c.TLSKey != "" || c.ClientCA != "" || c.Tokens != "" {
-			return nil, nil, usageError{errors.New("--api-tls-cert, --api-tls-key, --api-client-ca and --api-tokens are for the TCP API: give --api-listen HOST:PORT too")}
-		}
-		return nil, nil, nil
-	}
-	if c.TLSCert == "" || c.TLSKey == "" || c.Tokens == "" {
-		return nil, nil, usageError{errors.New("--api-listen serves the API on TCP, which requires --api-tls-cert, --api-tls-key and --api-tokens (nothing is served unauthenticated on TCP)")}
-	}
-	cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
-	if err != nil {
-		return nil, nil, usageError{fmt.Errorf("--api-tls-cert/--api-tls-key: %w", err)}
-	}
-	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	if c.ClientCA != "" {
-		pem, err := os.ReadFile(c.ClientCA)
-		if err != nil {
-			return nil, nil, usageError{fmt.Errorf("--api-client-ca: %w", err)}
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, nil, usageError{fmt.Errorf("--api-client-ca %s: no PEM certificate in it", c.ClientCA)}
-		}
-		cfg.ClientCAs, cfg.ClientAuth = pool, tls.VerifyClientCertIfGiven
-	}
-	ids, err := api.LoadIdentities(c.Tokens)
-	if err != nil {
-		return nil, nil, usageError{err}
-	}
-	return cfg, ids, nil
+	return err
 }

@@ -17,6 +17,7 @@ import (
 
 	"umbra/api"
 	"umbra/internal/testutil"
+	umbrasvc "umbra/service"
 )
 
 // TestServeAPIFromConfig: the TCP API, the audit log and the metrics
@@ -169,7 +170,7 @@ func TestDeployExamples(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, text := range [][]byte{b, uncomment(b)} {
-		var cfg serveConfig
+		var cfg umbrasvc.Config
 		md, err := toml.Decode(string(text), &cfg)
 		if err != nil {
 			t.Fatalf("deploy/umbra.toml: %v\n%s", err, text)

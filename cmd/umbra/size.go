@@ -2,10 +2,8 @@ package main
 
 import (
 	"fmt"
-	"math"
-	"math/big"
-	"regexp"
-	"strings"
+
+	"umbra/internal/size"
 )
 
 // The chunk sizes a repository (backup.InitWith) and a copy-on-write
@@ -16,51 +14,10 @@ const (
 )
 
 // sizeSyntax is what parseSize accepts, for its errors.
-const sizeSyntax = "want a whole number of bytes, or a number with a K, M, G or T suffix (binary units), e.g. 4096, 512K, 10G, 1.5T"
+const sizeSyntax = size.Syntax
 
-var sizeRE = regexp.MustCompile(`^([0-9]+)(\.[0-9]+)?\s*(?i:([KMGT])(?:i?B)?|B)?$`)
-
-// parseSize parses "4096", "4K", "10G", "1.5T" (binary units; a fraction
-// only with a unit, and only where it comes to whole bytes). Anything
-// else is an error that names the value and the syntax: an empty value,
-// a sign, an exponent (1e3), a value past 2^63-1 bytes.
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	if t == "" {
-		return 0, fmt.Errorf("size is empty: %s", sizeSyntax)
-	}
-	m := sizeRE.FindStringSubmatch(t)
-	if m == nil {
-		return 0, fmt.Errorf("size %q: %s", s, sizeSyntax)
-	}
-	mult := int64(1)
-	switch strings.ToUpper(m[3]) {
-	case "K":
-		mult = 1 << 10
-	case "M":
-		mult = 1 << 20
-	case "G":
-		mult = 1 << 30
-	case "T":
-		mult = 1 << 40
-	}
-	if m[2] != "" && mult == 1 {
-		return 0, fmt.Errorf("size %q: a fraction of a byte: %s", s, sizeSyntax)
-	}
-	r, ok := new(big.Rat).SetString(m[1] + m[2])
-	if !ok {
-		return 0, fmt.Errorf("size %q: %s", s, sizeSyntax)
-	}
-	r.Mul(r, new(big.Rat).SetInt64(mult))
-	if !r.IsInt() {
-		return 0, fmt.Errorf("size %q is %s bytes, not a whole number of bytes: %s", s, r.FloatString(2), sizeSyntax)
-	}
-	n := r.Num()
-	if !n.IsInt64() {
-		return 0, fmt.Errorf("size %q is too large: at most %d bytes (8E)", s, int64(math.MaxInt64))
-	}
-	return n.Int64(), nil
-}
+// parseSize parses "4096", "4K", "10G", "1.5T" (see size.Parse).
+func parseSize(s string) (int64, error) { return size.Parse(s) }
 
 // parseSizeFlag is parseSize for a flag or setting that may be absent:
 // unset (set false) is 0, the default; set, it must parse.
@@ -78,19 +35,11 @@ func parseSizeFlag(name, value string, set bool) (int64, error) {
 // checkChunkSize refuses a chunk size that is not a power of two within
 // [lo, hi], naming the flag and the range.
 func checkChunkSize(name string, n, lo, hi int64) error {
-	if n < lo || n > hi || n&(n-1) != 0 {
-		return usageError{fmt.Errorf("%s %s: want a power of two from %s to %s", name, exactSize(n), exactSize(lo), exactSize(hi))}
+	if err := size.CheckPow2(name, n, lo, hi); err != nil {
+		return usageError{err}
 	}
 	return nil
 }
 
 // exactSize writes n in the largest binary unit that divides it.
-func exactSize(n int64) string {
-	switch {
-	case n != 0 && n%(1<<20) == 0:
-		return fmt.Sprintf("%dM", n>>20)
-	case n != 0 && n%(1<<10) == 0:
-		return fmt.Sprintf("%dK", n>>10)
-	}
-	return fmt.Sprintf("%d bytes", n)
-}
+func exactSize(n int64) string { return size.Exact(n) }

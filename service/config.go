@@ -1,0 +1,262 @@
+package service
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"umbra/api"
+	"umbra/cow"
+	"umbra/internal/owner"
+	"umbra/internal/size"
+	"umbra/nbd"
+	"umbra/writer"
+)
+
+// Config is what the service serves and where; it is the TOML file of
+// `umbra serve` (fields without a TOML key are set by the caller).
+type Config struct {
+	StateDir   string         `toml:"state_dir"`
+	ExposeDir  string         `toml:"expose_dir"`    // where exposed snapshots are mounted
+	SetTimeout string         `toml:"set_timeout"`   // FSRVP message sequence timer
+	HoldPrio   string         `toml:"hold_priority"` // normal (default) or realtime
+	API        APIConfig      `toml:"api"`
+	Metrics    string         `toml:"metrics_listen"`
+	AuditLog   string         `toml:"audit_log"`
+	Writers    WritersConfig  `toml:"writers"`
+	Reflink    []string       `toml:"reflink_volumes"`
+	Btrfs      []string       `toml:"btrfs_volumes"`
+	LVMThin    []string       `toml:"lvmthin_volumes"`
+	NBD        NBDConfig      `toml:"nbd"`
+	FUSE       FUSEConfig     `toml:"fuse"`
+	Volumes    []VolumeConfig `toml:"volume"`
+
+	// APISocket is the unix socket of the management API; the socket
+	// of out-of-process writers (writers.sock) is beside it.
+	APISocket string `toml:"-"`
+	// ThawGuard is the command the fsfreeze writer runs to thaw a
+	// frozen filesystem should the service die (nil: none).
+	ThawGuard []string `toml:"-"`
+	// Logger receives the service's log (nil: slog.Default()).
+	Logger *slog.Logger `toml:"-"`
+}
+
+// APIConfig is the management API on TCP.
+type APIConfig struct {
+	Listen   string `toml:"listen"`    // TCP HOST:PORT (TLS required)
+	TLSCert  string `toml:"tls_cert"`  // server certificate
+	TLSKey   string `toml:"tls_key"`   //
+	ClientCA string `toml:"client_ca"` // verify client certificates against it
+	Tokens   string `toml:"tokens"`    // identities: bearer tokens and certificate names with roles
+}
+
+// NBDConfig is the NBD server: a unix socket, and TCP with TLS.
+type NBDConfig struct {
+	Socket   string `toml:"socket"`
+	Listen   string `toml:"listen"`
+	TLSCert  string `toml:"tls_cert"`
+	TLSKey   string `toml:"tls_key"`
+	ClientCA string `toml:"client_ca"`       // TCP clients need a certificate it signed
+	MaxConns int    `toml:"max_connections"` // per listener (default nbd.DefaultMaxConns)
+}
+
+// WritersConfig names the in-process writers.
+type WritersConfig struct {
+	SQLite   []string `toml:"sqlite"`
+	HooksDir string   `toml:"hooks_dir"`
+}
+
+// FUSEConfig is the FUSE directory of volume and snapshot files.
+type FUSEConfig struct {
+	Dir string `toml:"dir"`
+}
+
+// VolumeConfig is one copy-on-write volume.
+type VolumeConfig struct {
+	Name       string `toml:"name"`
+	Path       string `toml:"path"`
+	Storage    string `toml:"storage"`
+	MaxStorage string `toml:"max_storage"`
+	ChunkSize  string `toml:"chunk_size"`
+	Policy     string `toml:"policy"`
+}
+
+// ConfigError is a configuration the service refuses: a value that is
+// wrong or missing, or that contradicts another. Nothing was changed.
+type ConfigError struct{ Err error }
+
+func (e ConfigError) Error() string { return e.Err.Error() }
+func (e ConfigError) Unwrap() error { return e.Err }
+
+func configErr(format string, a ...any) error { return ConfigError{fmt.Errorf(format, a...)} }
+
+// checked is what check derives from a Config.
+type checked struct {
+	setTimeout   time.Duration
+	nbdClientCAs *x509.CertPool // nil: NBD over TCP takes any client
+	nbdTLS       *tls.Config    // nil: no --tls-cert
+	apiTLS       *tls.Config    // nil: no TCP API
+	apiIDs       *api.Identities
+}
+
+// check checks every value of the configuration that can be checked
+// without opening anything, so that a bad one is refused before a
+// volume, socket or catalog is opened.
+func (cfg Config) check() (c checked, err error) {
+	if cfg.StateDir == "" || cfg.NBD.Socket == "" || cfg.APISocket == "" {
+		return c, configErr("the state directory, the NBD socket and the API socket must be given")
+	}
+	if len(cfg.Volumes)+len(cfg.Reflink)+len(cfg.Btrfs)+len(cfg.LVMThin) == 0 {
+		return c, ConfigError{errors.New("no volumes: give --volume NAME=PATH (or --reflink-volume / --btrfs-volume / --lvmthin-volume) or a --config file with [[volume]] tables")}
+	}
+	if cfg.NBD.Listen != "" && (cfg.NBD.TLSCert == "" || cfg.NBD.TLSKey == "") {
+		return c, ConfigError{errors.New("--nbd-listen serves NBD on TCP, which requires TLS: give --tls-cert and --tls-key")}
+	}
+	if c.nbdClientCAs, err = nbdClientPool(cfg.NBD); err != nil {
+		return c, err
+	}
+	for _, vc := range cfg.Volumes {
+		if _, _, err := volumeSizes(vc); err != nil {
+			return c, err
+		}
+		switch cow.Policy(vc.Policy) {
+		case "", cow.PolicyDeleteOldest, cow.PolicyInvalidate:
+		default:
+			return c, configErr("volume %s: policy %q: want delete-oldest or invalidate", vc.Name, vc.Policy)
+		}
+	}
+	switch cfg.HoldPrio {
+	case "", "normal", "realtime":
+	default:
+		return c, configErr("--hold-priority %q: want realtime or normal", cfg.HoldPrio)
+	}
+	c.setTimeout = api.DefaultSetTimeout
+	if cfg.SetTimeout != "" {
+		if c.setTimeout, err = time.ParseDuration(cfg.SetTimeout); err != nil || c.setTimeout <= 0 {
+			return c, configErr("--set-timeout %q: want a positive duration like 180s or 5m", cfg.SetTimeout)
+		}
+	}
+	// The TCP API's certificate and tokens are checked before anything
+	// is opened: a refusal leaves nothing behind.
+	if c.apiTLS, c.apiIDs, err = apiTLS(cfg.API); err != nil {
+		return c, err
+	}
+	if cfg.NBD.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
+		if err != nil {
+			return c, configErr("TLS certificate: %w", err)
+		}
+		c.nbdTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	return c, nil
+}
+
+// volumeSizes parses a volume's maximum storage and chunk size (0: the
+// default).
+func volumeSizes(vc VolumeConfig) (maxStorage, chunk int64, err error) {
+	if vc.MaxStorage != "" {
+		if maxStorage, err = size.Parse(vc.MaxStorage); err != nil {
+			return 0, 0, configErr("volume %s: max storage: %w", vc.Name, err)
+		}
+	}
+	if vc.ChunkSize != "" {
+		if chunk, err = size.Parse(vc.ChunkSize); err != nil {
+			return 0, 0, configErr("volume %s: chunk size: %w", vc.Name, err)
+		}
+		if err := size.CheckPow2("volume "+vc.Name+": chunk size", chunk, cow.MinChunkSize, cow.MaxChunkSize); err != nil {
+			return 0, 0, ConfigError{err}
+		}
+	}
+	return maxStorage, chunk, nil
+}
+
+// nbdClientPool checks the NBD settings and loads the CA of
+// --nbd-tls-client-ca (nil without it).
+func nbdClientPool(c NBDConfig) (*x509.CertPool, error) {
+	if c.MaxConns < 0 {
+		return nil, configErr("--nbd-max-connections %d: want a positive number (0: the default, %d)", c.MaxConns, nbd.DefaultMaxConns)
+	}
+	if c.ClientCA == "" {
+		return nil, nil
+	}
+	if c.Listen == "" {
+		return nil, ConfigError{errors.New("--nbd-tls-client-ca is for NBD over TCP: give --nbd-listen HOST:PORT (and --tls-cert, --tls-key) too")}
+	}
+	b, err := os.ReadFile(c.ClientCA)
+	if err != nil {
+		return nil, configErr("--nbd-tls-client-ca: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, configErr("--nbd-tls-client-ca %s: no PEM certificate in it", c.ClientCA)
+	}
+	return pool, nil
+}
+
+// fuseDirFree refuses a --fuse-dir on which a FUSE filesystem is mounted
+// and alive: mounting over it would hide another service's files from
+// new openers (a dead one, left by kill -9, mountFUSE detaches).
+func fuseDirFree(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil
+	}
+	if _, err := os.Stat(abs); err != nil {
+		return nil // absent, or dead (ENOTCONN): mountFUSE handles it
+	}
+	mounts, err := writer.ReadMounts()
+	if err != nil {
+		return nil
+	}
+	for _, m := range mounts {
+		if m.Point == abs && strings.HasPrefix(m.FSType, "fuse") {
+			return owner.Held("FUSE directory", abs, 0,
+				"a FUSE filesystem (another umbra serve's?) is mounted there: give this one another --fuse-dir, or stop that service first")
+		}
+	}
+	return nil
+}
+
+// apiTLS builds the TLS configuration and identities of the TCP API
+// (nil, nil without --api-listen).
+func apiTLS(c APIConfig) (*tls.Config, *api.Identities, error) {
+	if c.Listen == "" {
+		if c.TLSCert != "" || c.TLSKey != "" || c.ClientCA != "" || c.Tokens != "" {
+			return nil, nil, ConfigError{errors.New("--api-tls-cert, --api-tls-key, --api-client-ca and --api-tokens are for the TCP API: give --api-listen HOST:PORT too")}
+		}
+		return nil, nil, nil
+	}
+	if c.TLSCert == "" || c.TLSKey == "" || c.Tokens == "" {
+		return nil, nil, ConfigError{errors.New("--api-listen serves the API on TCP, which requires --api-tls-cert, --api-tls-key and --api-tokens (nothing is served unauthenticated on TCP)")}
+	}
+	cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
+	if err != nil {
+		return nil, nil, configErr("--api-tls-cert/--api-tls-key: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if c.ClientCA != "" {
+		pem, err := os.ReadFile(c.ClientCA)
+		if err != nil {
+			return nil, nil, configErr("--api-client-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, nil, configErr("--api-client-ca %s: no PEM certificate in it", c.ClientCA)
+		}
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.VerifyClientCertIfGiven
+	}
+	ids, err := api.LoadIdentities(c.Tokens)
+	if err != nil {
+		return nil, nil, ConfigError{err}
+	}
+	return cfg, ids, nil
+}
