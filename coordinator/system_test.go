@@ -18,6 +18,7 @@ import (
 	"umbra/cow"
 	"umbra/frontend"
 	"umbra/fusefile"
+	"umbra/internal/sqlitecommitter"
 	"umbra/internal/testutil"
 	"umbra/provider"
 	"umbra/provider/btrfs"
@@ -143,37 +144,20 @@ func (t seqTxn) Commit(ctx context.Context) (provider.Snapshot, error) {
 // says how many were acknowledged.
 func ordersApp(t *testing.T, path string) (acked func() int64, stop func()) {
 	t.Helper()
-	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=journal_mode(WAL)&_pragma=busy_timeout(20000)")
+	c, err := sqlitecommitter.Start(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	db.SetMaxOpenConns(1)
-	if _, err := db.Exec("CREATE TABLE orders (id INTEGER PRIMARY KEY, note TEXT)"); err != nil {
-		t.Fatal(err)
-	}
-	var n atomic.Int64
-	quit := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for i := int64(1); ; i++ {
-			select {
-			case <-quit:
-				return
-			default:
-			}
-			if _, err := db.Exec("INSERT INTO orders (id, note) VALUES (?, ?)", i, fmt.Sprintf("order %d", i)); err != nil {
-				t.Errorf("%s: insert %d: %v", path, i, err)
-				return
-			}
-			n.Store(i)
-		}
-	}()
 	var once sync.Once
-	stop = func() { once.Do(func() { close(quit); wg.Wait(); db.Close() }) }
+	stop = func() {
+		once.Do(func() {
+			if err := c.Stop(); err != nil {
+				t.Error(err)
+			}
+		})
+	}
 	t.Cleanup(stop) // before the unmounts registered earlier
-	return n.Load, stop
+	return c.Acked, stop
 }
 
 // snapshotRows opens a database read from a snapshot: it must pass

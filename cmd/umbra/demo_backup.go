@@ -10,8 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -19,6 +17,7 @@ import (
 
 	"umbra/api/umbrav1"
 	"umbra/backup"
+	"umbra/internal/sqlitecommitter"
 )
 
 // canRunFullDemo reports whether the kernel path is available: root,
@@ -132,43 +131,13 @@ func runBackupDemo(ctx context.Context, out io.Writer, dir string, size int64) (
 	step(t, "ext4", "mkfs.ext4 on %s (loop over the FUSE file), mounted at %s", dev, mnt)
 
 	t = time.Now()
-	db, err := sql.Open("sqlite", "file:"+dbPath+"?_pragma=journal_mode(WAL)&_pragma=busy_timeout(20000)")
+	app, err := sqlitecommitter.Start(dbPath)
 	if err != nil {
 		return err
 	}
-	db.SetMaxOpenConns(1)
-	if _, err := db.Exec("CREATE TABLE orders (id INTEGER PRIMARY KEY, note TEXT)"); err != nil {
-		return err
-	}
-	var committed atomic.Int64
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for i := int64(1); ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := db.Exec("INSERT INTO orders VALUES (?, ?)", i, "order number "+fmt.Sprint(i)); err != nil {
-				return
-			}
-			committed.Store(i)
-		}
-	}()
-	cleanups = append(cleanups, func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-		}
-		wg.Wait()
-		db.Close()
-	})
+	cleanups = append(cleanups, func() { app.Stop() })
 	time.Sleep(300 * time.Millisecond)
-	step(t, "app", "a SQLite application commits orders in WAL mode without pause (%d so far)", committed.Load())
+	step(t, "app", "a SQLite application commits orders in WAL mode without pause (%d so far)", app.Acked())
 
 	repo := filepath.Join(dir, "repo")
 	r, err := backup.Init(repo)
@@ -179,7 +148,7 @@ func runBackupDemo(ctx context.Context, out io.Writer, dir string, size int64) (
 	var last *umbrav1.ImageResult
 	for _, kind := range []string{"full", "incremental"} {
 		t = time.Now()
-		before := committed.Load()
+		before := app.Acked()
 		var resp *umbrav1.BackupResponse
 		if err := call(ctx, func(ctx context.Context, c umbrav1.UmbraClient) error {
 			var err error
@@ -195,8 +164,7 @@ func runBackupDemo(ctx context.Context, out io.Writer, dir string, size int64) (
 		time.Sleep(300 * time.Millisecond)
 		_ = kind
 	}
-	close(stop)
-	wg.Wait()
+	app.Stop()
 
 	t = time.Now()
 	r, err = backup.Open(repo)
