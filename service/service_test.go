@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -247,4 +248,75 @@ func TestGroupFirstFailureStopsTheRest(t *testing.T) {
 	if err := g.Wait(); err == nil || err.Error() != "quiet server: stopped" {
 		t.Fatalf("Wait: %v, want quiet server: stopped", err)
 	}
+}
+
+// TestFUSE: the FUSE directory shows the volume while the service runs,
+// and Close unmounts it and waits for its server.
+func TestFUSE(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("FUSE mounts need root")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	base := runtime.NumGoroutine()
+	cfg := testConfig(t)
+	cfg.FUSE.Dir = filepath.Join(t.TempDir(), "files")
+	s, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- s.Run(ctx) }()
+	waitAPI(t, cfg, runErr)
+	if fi, err := os.Stat(filepath.Join(cfg.FUSE.Dir, "vol")); err != nil || fi.Size() != volSize {
+		t.Errorf("FUSE file of the volume: %v, %v", fi, err)
+	}
+	cancel()
+	if err := <-runErr; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+	s.Close()
+	if ents, err := os.ReadDir(cfg.FUSE.Dir); err != nil || len(ents) != 0 {
+		t.Errorf("FUSE directory after Close: %v, %v (still mounted?)", ents, err)
+	}
+	noLeak(t, base)
+}
+
+// TestServerFailureStopsTheRest: the FUSE directory unmounted from
+// outside stops the service: Run returns the failure named, and the
+// NBD and API servers are down (their sockets gone).
+func TestServerFailureStopsTheRest(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("FUSE mounts need root")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	base := runtime.NumGoroutine()
+	cfg := testConfig(t)
+	cfg.FUSE.Dir = filepath.Join(t.TempDir(), "files")
+	s, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	runErr := make(chan error, 1)
+	go func() { runErr <- s.Run(context.Background()) }()
+	waitAPI(t, cfg, runErr)
+	if err := syscall.Unmount(cfg.FUSE.Dir, 0); err != nil {
+		t.Fatal(err)
+	}
+	err = <-runErr
+	if err == nil || !strings.Contains(err.Error(), "FUSE mount "+cfg.FUSE.Dir) {
+		t.Fatalf("Run after the FUSE directory was unmounted: %v, want an error naming the FUSE mount", err)
+	}
+	for _, sock := range []string{cfg.NBD.Socket, cfg.APISocket} {
+		if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left after Run failed: %v", sock, err)
+		}
+	}
+	s.Close()
+	noLeak(t, base)
 }
