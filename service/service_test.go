@@ -75,6 +75,36 @@ func waitAPI(t *testing.T, cfg Config, runErr <-chan error) []string {
 	return names
 }
 
+// start opens a service of cfg and runs it until cancel; runErr gets
+// what Run returns. It waits until the service serves.
+func start(t *testing.T, cfg Config) (s *Service, cancel func(), runErr <-chan error) {
+	t.Helper()
+	s, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run(ctx) }()
+	waitAPI(t, cfg, errc)
+	return s, cancel, errc
+}
+
+// fuseConfig is testConfig with a FUSE directory; it skips the test
+// where FUSE cannot mount.
+func fuseConfig(t *testing.T) Config {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("FUSE mounts need root")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	cfg := testConfig(t)
+	cfg.FUSE.Dir = filepath.Join(t.TempDir(), "files")
+	return cfg
+}
+
 // noLeak fails when goroutines started after base are still there. The
 // ones a closed gRPC client conn leaves exit on their own; it waits for
 // them without a deadline of its own (the test's is the bound).
@@ -174,14 +204,8 @@ func TestBindFailure(t *testing.T) {
 // TestCloseEndsRun: Close while Run serves ends Run and waits for it.
 func TestCloseEndsRun(t *testing.T) {
 	base := runtime.NumGoroutine()
-	cfg := testConfig(t)
-	s, err := New(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	runErr := make(chan error, 1)
-	go func() { runErr <- s.Run(context.Background()) }()
-	waitAPI(t, cfg, runErr)
+	s, cancel, runErr := start(t, testConfig(t))
+	defer cancel()
 	s.Close()
 	if err := <-runErr; err != nil {
 		t.Errorf("Run ended by Close: %v", err)
@@ -253,23 +277,9 @@ func TestGroupFirstFailureStopsTheRest(t *testing.T) {
 // TestFUSE: the FUSE directory shows the volume while the service runs,
 // and Close unmounts it and waits for its server.
 func TestFUSE(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("FUSE mounts need root")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
-	}
 	base := runtime.NumGoroutine()
-	cfg := testConfig(t)
-	cfg.FUSE.Dir = filepath.Join(t.TempDir(), "files")
-	s, err := New(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- s.Run(ctx) }()
-	waitAPI(t, cfg, runErr)
+	cfg := fuseConfig(t)
+	s, cancel, runErr := start(t, cfg)
 	if fi, err := os.Stat(filepath.Join(cfg.FUSE.Dir, "vol")); err != nil || fi.Size() != volSize {
 		t.Errorf("FUSE file of the volume: %v, %v", fi, err)
 	}
@@ -288,27 +298,15 @@ func TestFUSE(t *testing.T) {
 // outside stops the service: Run returns the failure named, and the
 // NBD and API servers are down (their sockets gone).
 func TestServerFailureStopsTheRest(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("FUSE mounts need root")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
-	}
 	base := runtime.NumGoroutine()
-	cfg := testConfig(t)
-	cfg.FUSE.Dir = filepath.Join(t.TempDir(), "files")
-	s, err := New(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := fuseConfig(t)
+	s, cancel, runErr := start(t, cfg)
+	defer cancel()
 	defer s.Close()
-	runErr := make(chan error, 1)
-	go func() { runErr <- s.Run(context.Background()) }()
-	waitAPI(t, cfg, runErr)
 	if err := syscall.Unmount(cfg.FUSE.Dir, 0); err != nil {
 		t.Fatal(err)
 	}
-	err = <-runErr
+	err := <-runErr
 	if err == nil || !strings.Contains(err.Error(), "FUSE mount "+cfg.FUSE.Dir) {
 		t.Fatalf("Run after the FUSE directory was unmounted: %v, want an error naming the FUSE mount", err)
 	}
