@@ -85,6 +85,20 @@ func needs(full string) Role {
 	return RoleAdmin
 }
 
+// sambaSnapshotPrefix starts the name of each snapshot `umbra samba
+// create` takes (vfs_shadow_copy2's @GMT- format without its @).
+const sambaSnapshotPrefix = "GMT-"
+
+// operatorMay is the one admin call an operator may make: deleting one
+// snapshot named as `umbra samba create` names them, which is what
+// Samba's FSRVP delete runs (`umbra samba delete`) as the SMB user. Every
+// other deletion (by set, oldest, all, other names) stays admin-only.
+func operatorMay(role Role, full string, req any) bool {
+	d, ok := req.(*umbrav1.DeleteSnapshotsRequest)
+	return ok && role == RoleOperator && full == "/"+umbrav1.Umbra_ServiceDesc.ServiceName+"/DeleteSnapshots" &&
+		strings.HasPrefix(d.Id, sambaSnapshotPrefix) && !d.All && !d.Oldest && d.SetId == ""
+}
+
 // mutating reports whether a call changes something (and is audited).
 func mutating(full string) bool { return needs(full) > RoleViewer }
 
@@ -242,8 +256,9 @@ func (ids *Identities) addCert(cn, role string) error {
 }
 
 // who authenticates a call. On the unix socket (ids nil) root and the
-// service's uid (SO_PEERCRED, read by peerCheck) are admins, and any
-// other uid is refused. On TCP the verified client certificate or the
+// service's uid (SO_PEERCRED, read by peerCheck) are admins, members of
+// the socket group (SO_PEERGROUPS) operators, and any other uid is
+// refused. On TCP the verified client certificate or the
 // bearer token decides; else nobody.
 func (ids *Identities) who(ctx context.Context) (identity, error) {
 	p, ok := peer.FromContext(ctx)
@@ -257,11 +272,15 @@ func (ids *Identities) who(ctx context.Context) (identity, error) {
 			if _, err := fmt.Sscanf(a.Name, "uid=%d", &uid); err != nil {
 				return id, status.Error(codes.Unauthenticated, "the unix socket peer's uid is unknown")
 			}
-			if uid != 0 && uid != os.Getuid() {
-				return id, status.Errorf(codes.PermissionDenied, "uid %d may not use this service's API socket: it admits root and the service's own user (uid %d); run the command as one of them (e.g. with sudo)", uid, os.Getuid())
+			if uid == 0 || uid == os.Getuid() {
+				id.role = RoleAdmin
+				return id, nil
 			}
-			id.role = RoleAdmin
-			return id, nil
+			if _, grp, ok := strings.Cut(a.Name, " group="); ok && grp != "" {
+				id.role = RoleOperator // set by peerCheck from SO_PEERGROUPS
+				return id, nil
+			}
+			return id, status.Errorf(codes.PermissionDenied, "uid %d may not use this service's API socket: it admits root and the service's own user (uid %d), and as operators the members of the group given to `umbra serve --api-socket-group` (none given, or uid %d was not in it when it connected); run the command as one of them (e.g. with sudo)", uid, os.Getuid(), uid)
 		}
 		return identity{name: p.Addr.String()}, status.Error(codes.Unauthenticated, "this listener serves unix-socket peers only")
 	}
@@ -411,18 +430,18 @@ func (f *firstRecv) RecvMsg(m any) error {
 // interceptors authorize every call by role and audit the mutating and
 // the refused ones. ids nil: the unix socket, whose peers are admins.
 func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
-	check := func(ctx context.Context, method string) (identity, error) {
+	check := func(ctx context.Context, method string, req any) (identity, error) {
 		id, err := ids.who(ctx)
 		if err != nil {
 			return id, err
 		}
-		if need := needs(method); id.role < need {
+		if need := needs(method); id.role < need && !operatorMay(id.role, method, req) {
 			return id, status.Errorf(codes.PermissionDenied, "%s (%s) may not call %s: it needs the %s role", id.name, id.role, method, need)
 		}
 		return id, nil
 	}
 	unary := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		id, err := check(ctx, info.FullMethod)
+		id, err := check(ctx, info.FullMethod, req)
 		if err != nil {
 			s.audit(ctx, id, info.FullMethod, req, err, true)
 			return nil, err
@@ -434,7 +453,7 @@ func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
 		return resp, err
 	}
 	stream := func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-		id, err := check(ss.Context(), info.FullMethod)
+		id, err := check(ss.Context(), info.FullMethod, nil)
 		if err != nil {
 			s.audit(ss.Context(), id, info.FullMethod, nil, err, true)
 			return err

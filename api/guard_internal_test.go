@@ -48,7 +48,7 @@ func TestPanicIsAnError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go g.Serve(peerCheck{l})
+	go g.Serve(peerCheck{l, nil})
 	defer g.Stop()
 	cc, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

@@ -5,13 +5,17 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+
+	"umbra/api/umbrav1"
 )
 
 func TestLoadIdentities(t *testing.T) {
@@ -126,5 +130,76 @@ func TestRoleTable(t *testing.T) {
 	}
 	if got := needs("/grpc.reflection.v1.ServerReflection/ListVolumes"); got != RoleAdmin {
 		t.Errorf("another service's method needs %v, want admin", got)
+	}
+}
+
+// TestSocketGroup: a unix peer whose groups, read from the socket when
+// it connected, include the socket group is an operator, named in the
+// audit by uid, user and group; one outside it is refused; the group
+// comes from the kernel (SO_PEERGROUPS), here this process's own.
+func TestSocketGroup(t *testing.T) {
+	grp := &SocketGroup{Name: "umbra-fsrvp", GID: 4242}
+	var unixOnly *Identities
+	in := peerName(65534, []uint32{100, 4242}, grp)
+	if in != "uid=65534 group=umbra-fsrvp" {
+		t.Fatalf("peer name of a member: %q", in)
+	}
+	ctx := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.UnixAddr{Name: in, Net: "unix"}})
+	if id, err := unixOnly.who(ctx); err != nil || id.role != RoleOperator || id.name != "unix:"+in {
+		t.Fatalf("member of the socket group: %v %v", id, err)
+	}
+	for _, out := range []string{peerName(65534, []uint32{100, 4243}, grp), peerName(65534, []uint32{4242}, nil)} {
+		if strings.Contains(out, "group=") {
+			t.Fatalf("peer name of a non-member: %q", out)
+		}
+		ctx := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.UnixAddr{Name: out, Net: "unix"}})
+		if id, err := unixOnly.who(ctx); status.Code(err) != codes.PermissionDenied || id.role != RoleNone || !strings.Contains(err.Error(), "--api-socket-group") {
+			t.Fatalf("non-member %q: %v %v", out, id, err)
+		}
+	}
+
+	// The kernel's view of a real peer: this process's groups.
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	got, err := peerGroups(fds[0], uint32(os.Getgid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := os.Getgroups()
+	want = append(want, os.Getgid())
+	for _, g := range want {
+		if !slices.Contains(got, uint32(g)) {
+			t.Fatalf("peer groups %v lack %d (process groups %v)", got, g, want)
+		}
+	}
+}
+
+// TestOperatorMayDeleteSambaSnapshot: an operator may delete one
+// snapshot named as `umbra samba create` names them, and nothing else;
+// a viewer not even that.
+func TestOperatorMayDeleteSambaSnapshot(t *testing.T) {
+	del := "/umbra.v1.Umbra/DeleteSnapshots"
+	gmt := "GMT-2026.12.07-05.00.00"
+	for _, c := range []struct {
+		role   Role
+		method string
+		req    *umbrav1.DeleteSnapshotsRequest
+		want   bool
+	}{
+		{RoleOperator, del, &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: gmt, Force: true}, true},
+		{RoleViewer, del, &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: gmt}, false},
+		{RoleOperator, del, &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: "nightly"}, false},
+		{RoleOperator, del, &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: gmt, All: true}, false},
+		{RoleOperator, del, &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: gmt, Oldest: true}, false},
+		{RoleOperator, del, &umbrav1.DeleteSnapshotsRequest{Id: gmt, SetId: "s"}, false},
+		{RoleOperator, "/umbra.v1.Umbra/RevertSnapshot", &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: gmt}, false},
+	} {
+		if got := operatorMay(c.role, c.method, c.req); got != c.want {
+			t.Errorf("%v %s %v: %v, want %v", c.role, c.method, c.req, got, c.want)
+		}
 	}
 }

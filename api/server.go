@@ -23,6 +23,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -57,6 +58,9 @@ type Server struct {
 	Metrics *metrics.Metrics
 	// Audit, when set before Serve, logs every mutating call.
 	Audit *Audit
+	// SocketGroup, when set before Serve, gives the operator role on the
+	// unix socket to peers whose groups (SO_PEERGROUPS) include it.
+	SocketGroup *SocketGroup
 
 	events events // what happens, for Events subscribers
 }
@@ -104,27 +108,66 @@ func (s *Server) ListWriters(ctx context.Context, _ *umbrav1.ListWritersRequest)
 	return out, nil
 }
 
+// SocketGroup is the unix group whose members may drive the service as
+// operators on its unix socket (e.g. Samba's FSRVP commands, which run as
+// the SMB user): `umbra serve --api-socket-group`.
+type SocketGroup struct {
+	Name string
+	GID  uint32
+}
+
 // Serve serves the API on the unix socket l until ctx ends: callers are
-// root or the service's user (SO_PEERCRED), with the admin role; their
-// mutating calls are audited.
+// root or the service's user (SO_PEERCRED), with the admin role, and
+// members of SocketGroup, with the operator role; their mutating calls
+// are audited.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	g := grpc.NewServer(s.interceptors(nil)...)
 	s.register(g)
 	stop := context.AfterFunc(ctx, g.GracefulStop)
 	defer stop()
-	return g.Serve(peerCheck{l})
+	return g.Serve(peerCheck{l, s.SocketGroup})
 }
 
 func (s *Server) register(g *grpc.Server) { umbrav1.RegisterUmbraServer(g, s) }
 
-// credConn carries the peer's uid as its remote address, for the audit.
+// credConn carries the peer's uid and, when the peer is in the socket
+// group, that group as its remote address ("uid=1001 group=umbra-fsrvp"):
+// who reads it, the audit records it.
 type credConn struct {
 	net.Conn
-	uid uint32
+	name string
 }
 
 func (c credConn) RemoteAddr() net.Addr {
-	return &net.UnixAddr{Name: fmt.Sprintf("uid=%d", c.uid), Net: "unix"}
+	return &net.UnixAddr{Name: c.name, Net: "unix"}
+}
+
+// peerName is the address credConn gives a peer with uid and groups.
+func peerName(uid uint32, gids []uint32, grp *SocketGroup) string {
+	name := fmt.Sprintf("uid=%d", uid)
+	if grp != nil && slices.Contains(gids, grp.GID) {
+		name += " group=" + grp.Name
+	}
+	return name
+}
+
+// peerGroups reads the peer's primary and supplementary groups as they
+// were when it connected (SO_PEERGROUPS): what it holds then, not what
+// /etc/group says now.
+func peerGroups(fd int, gid uint32) ([]uint32, error) {
+	gids := make([]uint32, 256)
+	for {
+		n := uint32(len(gids) * 4)
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS, uintptr(unsafe.Pointer(&gids[0])), uintptr(unsafe.Pointer(&n)), 0)
+		if e == unix.ERANGE {
+			gids = make([]uint32, n/4+1)
+			continue
+		}
+		if e != 0 {
+			return nil, fmt.Errorf("SO_PEERGROUPS: %w", e)
+		}
+		return append(gids[:n/4], gid), nil
+	}
 }
 
 // peerCheck reads each unix connection's peer uid (SO_PEERCRED) into its
@@ -132,7 +175,10 @@ func (c credConn) RemoteAddr() net.Addr {
 // service's own user per call, so that a refused caller is told why
 // (PermissionDenied: the CLI's exit 5) and the refusal is audited, where
 // closing the connection here said "not reachable" and left no trace.
-type peerCheck struct{ net.Listener }
+type peerCheck struct {
+	net.Listener
+	group *SocketGroup // nil: no socket group
+}
 
 func (p peerCheck) Accept() (net.Conn, error) {
 	for {
@@ -150,12 +196,17 @@ func (p peerCheck) Accept() (net.Conn, error) {
 			continue
 		}
 		var cred *unix.Ucred
-		raw.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+		var gids []uint32
+		raw.Control(func(fd uintptr) {
+			if cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil && p.group != nil {
+				gids, err = peerGroups(int(fd), cred.Gid)
+			}
+		})
 		if err != nil {
 			c.Close()
 			continue
 		}
-		return credConn{c, cred.Uid}, nil
+		return credConn{c, peerName(cred.Uid, gids, p.group)}, nil
 	}
 }
 

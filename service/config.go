@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/user"
+	"strconv"
 	"path/filepath"
 	"strings"
 	"time"
@@ -54,6 +56,10 @@ type APIConfig struct {
 	TLSKey   string `toml:"tls_key"`   //
 	ClientCA string `toml:"client_ca"` // verify client certificates against it
 	Tokens   string `toml:"tokens"`    // identities: bearer tokens and certificate names with roles
+
+	// SocketGroup owns the unix API socket (mode 0660); its members get
+	// the operator role there (Samba's FSRVP commands run as the SMB user).
+	SocketGroup string `toml:"socket_group"`
 }
 
 // NBDConfig is the NBD server: a unix socket, and TCP with TLS.
@@ -103,6 +109,7 @@ type checked struct {
 	nbdTLS       *tls.Config    // nil: no --tls-cert
 	apiTLS       *tls.Config    // nil: no TCP API
 	apiIDs       *api.Identities
+	socketGroup  *api.SocketGroup // nil: no --api-socket-group
 }
 
 // check checks every value of the configuration that can be checked
@@ -147,6 +154,9 @@ func (cfg Config) check() (c checked, err error) {
 	if c.apiTLS, c.apiIDs, err = apiTLS(cfg.API); err != nil {
 		return c, err
 	}
+	if c.socketGroup, err = socketGroup(cfg.API.SocketGroup); err != nil {
+		return c, err
+	}
 	if cfg.NBD.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
 		if err != nil {
@@ -155,6 +165,25 @@ func (cfg Config) check() (c checked, err error) {
 		c.nbdTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	return c, nil
+}
+
+// socketGroup looks up the group of --api-socket-group, by name or
+// number (nil for "").
+func socketGroup(name string) (*api.SocketGroup, error) {
+	if name == "" {
+		return nil, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		if g, err = user.LookupGroupId(name); err != nil {
+			return nil, configErr("--api-socket-group %q: no such group: create it (groupadd %s) and add the users who may drive the service as operators (usermod -aG %s USER), or name another", name, name, name)
+		}
+	}
+	gid, err := strconv.ParseUint(g.Gid, 10, 32)
+	if err != nil {
+		return nil, configErr("--api-socket-group %q: gid %q is not a number", name, g.Gid)
+	}
+	return &api.SocketGroup{Name: g.Name, GID: uint32(gid)}, nil
 }
 
 // volumeSizes parses a volume's maximum storage and chunk size (0: the

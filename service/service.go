@@ -204,6 +204,7 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 		return s, err
 	}
 	s.api.Audit = s.audit
+	s.api.SocketGroup = s.chk.socketGroup
 	return s, nil
 }
 
@@ -342,7 +343,9 @@ func (s *Service) listen() (ls listeners, err error) {
 			return ls, fmt.Errorf("--metrics-listen %s: %w", cfg.Metrics, err)
 		}
 	}
-	if err := os.MkdirAll(filepath.Dir(cfg.APISocket), 0o750); err != nil {
+	apiDir := filepath.Dir(cfg.APISocket)
+	_, statErr := os.Stat(apiDir)
+	if err := os.MkdirAll(apiDir, 0o750); err != nil {
 		return ls, fmt.Errorf("API socket directory: %w", err)
 	}
 	os.Remove(cfg.APISocket)
@@ -350,6 +353,19 @@ func (s *Service) listen() (ls listeners, err error) {
 		return ls, fmt.Errorf("API socket %s: %w", cfg.APISocket, err)
 	}
 	os.Chmod(cfg.APISocket, 0o660)
+	if g := s.chk.socketGroup; g != nil {
+		// The group reaches the socket: it owns the socket and, when
+		// the service made it, the directory (0750); a directory that
+		// was there is the administrator's to open.
+		if err := os.Chown(cfg.APISocket, -1, int(g.GID)); err != nil {
+			return ls, fmt.Errorf("--api-socket-group %s: %w", g.Name, err)
+		}
+		if os.IsNotExist(statErr) {
+			if err := os.Chown(apiDir, -1, int(g.GID)); err != nil {
+				return ls, fmt.Errorf("--api-socket-group %s: API socket directory: %w", g.Name, err)
+			}
+		}
+	}
 	return ls, nil
 }
 

@@ -229,6 +229,7 @@ func TestBadConfig(t *testing.T) {
 		{"nbd tcp without tls", "--nbd-listen", func(c *Config) { c.NBD.Listen = "127.0.0.1:0" }},
 		{"api tls without listen", "--api-listen", func(c *Config) { c.API.Tokens = "tokens" }},
 		{"max connections", "--nbd-max-connections", func(c *Config) { c.NBD.MaxConns = -1 }},
+		{"socket group", `--api-socket-group "no-such-group-umbra": no such group`, func(c *Config) { c.API.SocketGroup = "no-such-group-umbra" }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig(t)

@@ -47,7 +47,7 @@ func client(ctx context.Context) (umbrav1.UmbraClient, func(), error) {
 	// Connecting needs write permission on the socket: without it the
 	// service is there but refuses this user, which is exit 5, not 4.
 	if err := unix.Access(path, unix.W_OK); errors.Is(err, unix.EACCES) {
-		return nil, nil, accessError{fmt.Errorf("permission denied on the API socket %s (uid %d): it admits root and the service's own user; run the command as one of them (e.g. with sudo)", path, os.Getuid())}
+		return nil, nil, accessError{fmt.Errorf("permission denied on the API socket %s (uid %d): it admits root and the service's own user, and the members of its group when the service was given one (umbra serve --api-socket-group); run the command as one of them (e.g. with sudo), or add this user to that group", path, os.Getuid())}
 	}
 	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

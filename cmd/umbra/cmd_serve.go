@@ -123,6 +123,7 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.API.TLSKey, "api-tls-key", "", "TLS key for --api-listen")
 	f.StringVar(&cfg.API.ClientCA, "api-client-ca", "", "CA that signs client certificates for --api-listen (identities: cert lines of --api-tokens)")
 	f.StringVar(&cfg.API.Tokens, "api-tokens", "", "identities file for --api-listen, mode 0600: `token TOKEN ROLE NAME` / `cert CN ROLE` lines; roles viewer, operator, admin")
+	f.StringVar(&cfg.API.SocketGroup, "api-socket-group", "", "unix group that owns the API socket (mode 0660); its members are operators there, e.g. Samba's FSRVP commands run as a backup user (docs/samba.md)")
 	f.StringVar(&cfg.Metrics, "metrics-listen", "", "serve Prometheus metrics at http://HOST:PORT/metrics")
 	f.StringVar(&cfg.AuditLog, "audit-log", "", "audit log of mutating API calls (default STATE/audit.log)")
 	return cmd
@@ -154,6 +155,7 @@ func mergeConfig(file, flags *umbrasvc.Config, cmd *cobra.Command) {
 	set("api-tls-key", &file.API.TLSKey, flags.API.TLSKey)
 	set("api-client-ca", &file.API.ClientCA, flags.API.ClientCA)
 	set("api-tokens", &file.API.Tokens, flags.API.Tokens)
+	set("api-socket-group", &file.API.SocketGroup, flags.API.SocketGroup)
 	set("metrics-listen", &file.Metrics, flags.Metrics)
 	set("audit-log", &file.AuditLog, flags.AuditLog)
 	if cmd.Flags().Changed("sqlite-writer") {
