@@ -8,9 +8,10 @@ import (
 	"log/slog"
 	"os"
 	"os/user"
-	"strconv"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"umbra/api"
@@ -157,6 +158,9 @@ func (cfg Config) check() (c checked, err error) {
 	if c.socketGroup, err = socketGroup(cfg.API.SocketGroup); err != nil {
 		return c, err
 	}
+	if err := groupReaches(filepath.Dir(cfg.APISocket), c.socketGroup); err != nil {
+		return c, err
+	}
 	if cfg.NBD.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.NBD.TLSCert, cfg.NBD.TLSKey)
 		if err != nil {
@@ -184,6 +188,21 @@ func socketGroup(name string) (*api.SocketGroup, error) {
 		return nil, configErr("--api-socket-group %q: gid %q is not a number", name, g.Gid)
 	}
 	return &api.SocketGroup{Name: g.Name, GID: uint32(gid)}, nil
+}
+
+// groupReaches checks that the members of g can pass through dir, the
+// API socket's directory, when it exists (one the service makes is
+// given to g).
+func groupReaches(dir string, g *api.SocketGroup) error {
+	fi, err := os.Stat(dir)
+	if g == nil || err != nil {
+		return nil
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if perm := fi.Mode().Perm(); perm&0o001 != 0 || ok && st.Gid == g.GID && perm&0o010 != 0 {
+		return nil
+	}
+	return configErr("--api-socket-group %s: its members cannot pass through the API socket's directory %s (mode %#o): give it to the group (chgrp %s %s; chmod g+x %s), or under systemd set RuntimeDirectoryMode=0755 (the sockets in it stay 0660)", g.Name, dir, fi.Mode().Perm(), g.Name, dir, dir)
 }
 
 // volumeSizes parses a volume's maximum storage and chunk size (0: the

@@ -230,6 +230,10 @@ func TestBadConfig(t *testing.T) {
 		{"api tls without listen", "--api-listen", func(c *Config) { c.API.Tokens = "tokens" }},
 		{"max connections", "--nbd-max-connections", func(c *Config) { c.NBD.MaxConns = -1 }},
 		{"socket group", `--api-socket-group "no-such-group-umbra": no such group`, func(c *Config) { c.API.SocketGroup = "no-such-group-umbra" }},
+		{"socket group cannot reach", "its members cannot pass through the API socket's directory", func(c *Config) {
+			os.Mkdir(filepath.Dir(c.APISocket), 0o750) // root's group: not a real group's
+			c.API.SocketGroup = "nogroup"
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig(t)
