@@ -522,6 +522,10 @@ type compressor struct {
 	order  chan *group
 	wg     sync.WaitGroup // workers
 	packed chan struct{}  // closed when the packer is done
+	// check, when set, reopens each blob as sealed and checks every
+	// chunk in it against its hash before it is packed (a copy's
+	// verification on arrival; a backup hashed the data itself).
+	check bool
 
 	mu     sync.Mutex // guards stored, err
 	stored int64
@@ -535,6 +539,7 @@ type group struct {
 	mem  *[]byte // blob's memory, back to blobBufs once packed
 	done chan struct{}
 	own  *sync.WaitGroup // the batch's pending groups
+	err  error           // the check of the sealed blob failed
 }
 
 // blobBufs recycles the memory blobs are compressed and sealed into: a
@@ -567,6 +572,8 @@ func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *comp
 		go func() {
 			defer c.wg.Done()
 			buf := make([]byte, 0, groupRaw)
+			var sum func([]byte) Hash // check's, this worker's own
+			var opened []byte         // check's
 			for g := range c.work {
 				src := contiguous(g.data)
 				if src == nil {
@@ -584,6 +591,12 @@ func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *comp
 				}
 				cpu <- struct{}{}
 				g.blob = r.seal.sealPrefixed(r.enc.encode((*g.mem)[:sealPrefix], src))
+				if c.check {
+					if sum == nil {
+						sum = r.hasher()
+					}
+					g.err = r.checkBlob(g.blob, g.ents, sum, &opened)
+				}
 				<-cpu
 				g.data = nil
 				g.own.Done()
@@ -601,7 +614,10 @@ func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *comp
 			if failed {
 				continue
 			}
-			err := up.add(g.blob, g.ents)
+			err := g.err
+			if err == nil {
+				err = up.add(g.blob, g.ents)
+			}
 			blobBufs.Put(g.mem)
 			c.mu.Lock()
 			c.stored += int64(len(g.blob))
@@ -712,6 +728,7 @@ type uploader struct {
 	wg     sync.WaitGroup
 
 	indexBytes int64 // index objects written, as stored
+	every      int   // packs waiting for an index object before one is written (indexEvery)
 
 	mu         sync.Mutex // guards done, doneChunks, err
 	done       []packBlobs
@@ -745,7 +762,7 @@ func (r *Repo) newUploader(ctx context.Context) *uploader {
 	if _, ok := r.be.(*s3Backend); ok {
 		n = 4 // latency-bound
 	}
-	u := &uploader{r: r, ctx: ctx, cancel: cancel, seen: map[Hash]struct{}{}, jobs: make(chan packJob, 2), free: make(chan []byte, n+3)}
+	u := &uploader{r: r, ctx: ctx, cancel: cancel, every: indexEvery, seen: map[Hash]struct{}{}, jobs: make(chan packJob, 2), free: make(chan []byte, n+3)}
 	for range n {
 		u.wg.Add(1)
 		go u.run()
@@ -870,7 +887,7 @@ func (u *uploader) finishPacks() error {
 // seen.
 func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	u.mu.Lock()
-	if !force && len(u.done) < indexEvery && u.doneChunks < indexEveryChunks || u.err != nil {
+	if !force && len(u.done) < u.every && u.doneChunks < indexEveryChunks || u.err != nil {
 		err := u.err
 		u.mu.Unlock()
 		return err

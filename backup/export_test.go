@@ -349,3 +349,7 @@ func FailDeletes(r *Repo, prefix string) func() {
 	r.be = &failingDeletes{Backend: old, prefix: prefix}
 	return func() { r.be = old }
 }
+
+// SetCopyIndexEvery sets how many packs a copy stores between index
+// objects.
+func SetCopyIndexEvery(n int) func() { return set(&copyIndexEvery, n) }
