@@ -2,7 +2,7 @@
 // HTTP listener (umbra serve --metrics-listen): diff-area bytes used and
 // allowed per volume, preserved copies, live snapshots, hold and freeze
 // durations of snapshot sets, writer failures, NBD requests and errors,
-// NBD buffers.
+// NBD buffers, job runs and each job's last success.
 // Engine figures are read at scrape time; events are counted as they
 // happen through the hooks below.
 package metrics
@@ -33,6 +33,8 @@ type Metrics struct {
 	nbdReqCtrs  sync.Map // command -> prometheus.Counter of nbdReqs
 	nbdErrCtrs  sync.Map // command -> prometheus.Counter of nbdErrs
 	nbd         *nbdServers
+	jobRuns     *prometheus.CounterVec
+	jobSuccess  *prometheus.GaugeVec
 }
 
 var (
@@ -114,7 +116,9 @@ func New(p *cow.Provider) *Metrics {
 	m.writerFails = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_writer_failures_total", Help: "Writer phases that failed."}, []string{"writer", "phase"})
 	m.nbdReqs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_requests_total", Help: "NBD requests by command."}, []string{"command"})
 	m.nbdErrs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_errors_total", Help: "NBD error replies by command."}, []string{"command"})
-	m.reg.MustRegister(engine{p}, m.nbd, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs,
+	m.jobRuns = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_job_runs_total", Help: "Job runs that ended, by job and result (success, failed, skipped, missed, interrupted, cancelled)."}, []string{"job", "result"})
+	m.jobSuccess = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "umbra_job_last_success_timestamp_seconds", Help: "When a job's last successful run ended (Unix seconds); alert when it is too old."}, []string{"job"})
+	m.reg.MustRegister(engine{p}, m.nbd, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs, m.jobRuns, m.jobSuccess,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }
@@ -135,6 +139,17 @@ func (m *Metrics) ObserveSet(hold, freeze time.Duration) {
 func (m *Metrics) WriterFailed(writer, phase string) {
 	if m != nil {
 		m.writerFails.WithLabelValues(writer, phase).Inc()
+	}
+}
+
+// JobRun counts a job run that ended with result at end.
+func (m *Metrics) JobRun(job, result string, end time.Time) {
+	if m == nil {
+		return
+	}
+	m.jobRuns.WithLabelValues(job, result).Inc()
+	if result == "success" {
+		m.jobSuccess.WithLabelValues(job).Set(float64(end.UnixNano()) / 1e9)
 	}
 }
 

@@ -114,6 +114,9 @@ func TestScrape(t *testing.T) {
 	m.NBD("write", false)
 	m.NBD("read", false)
 	m.NBD("read", true)
+	m.JobRun("nightly", "success", time.Unix(1700000000, 0))
+	m.JobRun("nightly", "failed", time.Unix(1700000100, 0))
+	m.JobRun("nightly", "failed", time.Unix(1700000200, 0))
 
 	s.scrape()
 	for sample, want := range map[string]float64{
@@ -128,6 +131,9 @@ func TestScrape(t *testing.T) {
 		`umbra_nbd_errors_total{command="read"}`:                          1,
 		`umbra_hold_seconds_bucket{le="+Inf"}`:                            2,
 		`umbra_freeze_seconds_bucket{le="+Inf"}`:                          1,
+		`umbra_job_runs_total{job="nightly",result="success"}`:            1,
+		`umbra_job_runs_total{job="nightly",result="failed"}`:             2,
+		`umbra_job_last_success_timestamp_seconds{job="nightly"}`:         1700000000,
 	} {
 		if got := s.value(sample); got != want {
 			t.Errorf("after: %s = %v, want %v", sample, got, want)
