@@ -189,3 +189,13 @@ func freeMemory() {
 	runtime.GC()
 	debug.FreeOSMemory()
 }
+
+// OpenRepository opens the repository at location through the cache the
+// backups use (the file browser reading an image loads its chunk index
+// once, and shares it with backups to the same repository) and returns
+// the function that ends this use; the repository stays open until
+// then.
+func (s *Server) OpenRepository(ctx context.Context, location string, set backup.Settings) (*backup.Repo, func(), error) {
+	return s.openRepo(ctx, &umbrav1.BackupRequest{Repo: location, Password: set.Password,
+		S3AccessKey: set.Cred.AccessKey, S3SecretKey: set.Cred.SecretKey})
+}

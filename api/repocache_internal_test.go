@@ -118,3 +118,31 @@ func TestRepoCacheInUse(t *testing.T) {
 		t.Fatalf("%d repositories open, want 1", n)
 	}
 }
+
+// TestOpenRepositoryShared: the file browser's opens and a backup's
+// share one open repository, which stays open while either uses it.
+func TestOpenRepositoryShared(t *testing.T) {
+	ctx := context.Background()
+	s := &Server{repoIdle: time.Hour}
+	defer s.CloseRepos()
+	loc := newRepos(t, 1)[0]
+	a, releaseA, err := s.OpenRepository(ctx, loc, backup.Settings{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, releaseB, err := s.openRepo(ctx, &umbrav1.BackupRequest{Repo: loc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a != b {
+		t.Fatal("the browser and a backup opened the repository twice")
+	}
+	releaseB()
+	if _, _, err := a.Backup(ctx, memSource(strings.Repeat("umbra", 1<<12)), backup.Options{Volume: "v"}); err != nil {
+		t.Fatalf("the repository closed under its user: %v", err)
+	}
+	releaseA()
+	if n := s.openRepos(); n != 1 {
+		t.Fatalf("%d repositories open, want the idle one", n)
+	}
+}

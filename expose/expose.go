@@ -55,7 +55,11 @@ func run(name string, args ...string) (string, error) {
 }
 
 // MountFile exposes the block file read-only at dir (created if needed).
-func MountFile(file, dir string) (*Mount, error) {
+func MountFile(file, dir string) (*Mount, error) { return MountFileWith(file, dir) }
+
+// MountFileWith is MountFile with more mount options (e.g. "nosuid",
+// "nodev", "noexec") after the filesystem's read-only ones.
+func MountFileWith(file, dir string, extra ...string) (*Mount, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("expose %s at %s: %w", file, dir, err)
 	}
@@ -73,6 +77,9 @@ func MountFile(file, dir string) (*Mount, error) {
 			return nil, fmt.Errorf("expose %s: %w (blkid finds no filesystem; export it over NBD instead)", file, ErrNoFilesystem)
 		}
 		return nil, fmt.Errorf("expose %s: %w: %s is not supported (export it over NBD instead)", file, ErrNoFilesystem, m.FSType)
+	}
+	if len(extra) > 0 {
+		opts += "," + strings.Join(extra, ",")
 	}
 	if _, err := run("mount", "-t", m.FSType, "-o", opts, m.Device, dir); err != nil {
 		run("losetup", "-d", m.Device)

@@ -27,6 +27,7 @@ import (
 	"umbra/catalog"
 	"umbra/coordinator"
 	"umbra/cow"
+	"umbra/filebrowse"
 	"umbra/frontend"
 	"umbra/fusefile"
 	"umbra/internal/owner"
@@ -73,11 +74,12 @@ type Service struct {
 	fuse     *fusefile.Server // nil without FUSE.Dir
 	fuseDone chan struct{}    // closed when the FUSE mount is gone
 
-	mu      sync.Mutex         // guards the fields below
-	running bool               // Run was called
-	stop    context.CancelFunc // ends a Run in progress
-	ran     chan struct{}      // closed when Run returns
-	closed  bool               // Close ran
+	mu      sync.Mutex          // guards the fields below
+	running bool                // Run was called
+	stop    context.CancelFunc  // ends a Run in progress
+	ran     chan struct{}       // closed when Run returns
+	closed  bool                // Close ran
+	browser *filebrowse.Browser // made by Browser at its first use
 }
 
 // New checks cfg, claims the state directory and sockets (a second
@@ -491,6 +493,7 @@ func (s *Service) Close() error {
 // teardown closes whatever New opened, in the reverse order.
 func (s *Service) teardown() {
 	s.drainNBD()
+	s.closeBrowser() // its mounts hold snapshots and repositories
 	if s.audit != nil {
 		s.audit.Close()
 	}

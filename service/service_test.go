@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"umbra/api/umbrav1"
+	"umbra/provider"
 )
 
 const volSize = 4 << 20
@@ -322,4 +323,53 @@ func TestServerFailureStopsTheRest(t *testing.T) {
 	}
 	s.Close()
 	noLeak(t, base)
+}
+
+// TestBrowse: the service's file browser shows a snapshot of its
+// volume, and Close takes its mounts down before the volumes close.
+func TestBrowse(t *testing.T) {
+	cfg := fuseConfig(t)
+	for _, tool := range []string{"mkfs.ext4", "losetup"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s", tool)
+		}
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", cfg.Volumes[0].Path).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v %s", err, out)
+	}
+	s, cancel, runErr := start(t, cfg)
+	defer s.Close()
+	v, err := s.vols.Volume("vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "s1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := s.Browser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := b.Open(context.Background(), s.SnapshotSource("vol", snap.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, err := tr.List(context.Background(), "/", "", 10)
+	if err != nil || len(page.Entries) != 1 || page.Entries[0].Name != "lost+found" {
+		t.Fatalf("root of the snapshot: %+v %v, want lost+found", page, err)
+	}
+	tr.Close()
+	cancel()
+	<-runErr
+	dir := b.Dir()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if mi, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(mi), dir) {
+		t.Errorf("the browser's mounts outlive the service:\n%s", mi)
+	}
+	if _, err := s.Browser(); err == nil {
+		t.Error("a closed service made a browser")
+	}
 }
