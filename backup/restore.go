@@ -178,6 +178,10 @@ type restoreRun struct {
 	writes   chan restoreWrite
 	wrote    chan error  // the writer's first error (nil: all written), when writes is closed and drained
 	failed   atomic.Bool // the writer failed: workers stop
+	// need and put make the run a stream (ImageReader.Stream): need says
+	// which chunks to read (nil: all), put takes each batch instead of f.
+	need func(i int64) bool
+	put  func(StreamBatch) error
 }
 
 // restoreWrite is a batch ready for the writer: runs of bytes of buf to
@@ -187,6 +191,7 @@ type restoreWrite struct {
 	buf    []byte
 	runs   []writeRun
 	covers int64
+	batch  StreamBatch // a stream's batch (put), without Data
 }
 
 type writeRun struct{ at, off, n int64 } // buf[at:at+n] goes to the target at off
@@ -198,6 +203,14 @@ type writeRun struct{ at, off, n int64 } // buf[at:at+n] goes to the target at o
 func (rs *restoreRun) writer() {
 	var err error
 	for w := range rs.writes {
+		if rs.put != nil && err == nil {
+			b := w.batch
+			b.Data = w.buf[:w.covers]
+			if perr := rs.put(b); perr != nil {
+				err = perr
+				rs.failed.Store(true)
+			}
+		}
 		for _, run := range w.runs {
 			if err != nil {
 				break
@@ -251,13 +264,17 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 					return
 				}
 				lo, hi := bi*perBatch, min((bi+1)*perBatch, n)
+				bhs, batch, skip := rs.wanted(first+lo, hs[lo:hi])
+				if skip {
+					continue
+				}
 				var buf []byte
 				select {
 				case buf = <-rs.bufs:
 				case <-ctx.Done():
 					return
 				}
-				err := rs.r.readChunks(ctx, x, first+lo, hs[lo:hi], buf, sum, rs.cache, &scratch)
+				err := rs.r.readChunks(ctx, x, first+lo, bhs, buf, sum, rs.cache, &scratch)
 				if err != nil {
 					rs.bufs <- buf
 					mu.Lock()
@@ -267,7 +284,11 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 					mu.Unlock()
 					return
 				}
-				rs.writes <- restoreWrite{buf: buf, runs: rs.runs(first+lo, hs[lo:hi]), covers: min((first+hi)*cs, x.Size) - (first+lo)*cs}
+				w := restoreWrite{buf: buf, covers: min((first+hi)*cs, x.Size) - (first+lo)*cs, batch: batch}
+				if rs.put == nil {
+					w.runs = rs.runs(first+lo, hs[lo:hi])
+				}
+				rs.writes <- w
 			}
 		}()
 	}
