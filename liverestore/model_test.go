@@ -174,8 +174,8 @@ func (m *memFS) Remove(name string) error {
 }
 
 func (m *memFS) Rename(o, n string) error              { return errors.New("not used") }
-func (m *memFS) MkdirAll(string, os.FileMode) error     { return nil }
-func (m *memFS) SyncDir(string) error                   { return nil }
+func (m *memFS) MkdirAll(string, os.FileMode) error    { return nil }
+func (m *memFS) SyncDir(string) error                  { return nil }
 func (m *memFS) Stat(name string) (os.FileInfo, error) { return nil, errors.New("not used") }
 
 func (m *memFS) crash(r *rand.Rand) {

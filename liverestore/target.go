@@ -527,7 +527,7 @@ func (t *Target) put(ctx context.Context, b backup.StreamBatch) error {
 				k++
 			}
 			lo, hi := j*t.cs, min(k*t.cs, int64(len(b.Data)))
-			off := c*t.cs
+			off := c * t.cs
 			if zero {
 				if err := t.zero(off, hi-lo); err != nil {
 					return fmt.Errorf("live restore: write target at %d: %w", off, err)
