@@ -160,9 +160,10 @@ func Copy(ctx context.Context, src, dst *Repo, opts CopyOptions) (CopyStats, err
 	for _, y := range have {
 		haveID[y.ID] = true
 	}
+	damaged := map[string]error{} // records of the target that do not read
 	for _, e := range herrs {
 		if re, ok := e.(*RecordError); ok {
-			haveID[re.ID] = true // damaged: not overwritten; `umbra images delete` it first
+			damaged[re.ID] = re.Err
 		}
 	}
 	same := SameChunkNames(src, dst)
@@ -176,6 +177,13 @@ func Copy(ctx context.Context, src, dst *Repo, opts CopyOptions) (CopyStats, err
 		if haveID[x.ID] {
 			ci.Result = CopyPresent
 			st.Images = append(st.Images, ci)
+			continue
+		}
+		if e := damaged[x.ID]; e != nil {
+			err := fmt.Errorf("image %s: the target has a record of this ID that does not read (%v): remove it with `umbra images delete --repo %s %s` and copy again", x.ID, e, dst.Location(), x.ID)
+			ci.Result, ci.Error = CopyFailed, err.Error()
+			st.Images = append(st.Images, ci)
+			failed = append(failed, err)
 			continue
 		}
 		if same {
@@ -259,41 +267,65 @@ func (r *Repo) chooseImages(ctx context.Context, opts CopyOptions) ([]*Index, er
 }
 
 // sameContent returns an image of dst whose chunk list is x's (the
-// repositories name chunks the same way), or nil.
+// repositories name chunks the same way), or nil. It compares the names
+// of the list's segments as dst would write them (a segment is named by
+// the hash of its content): x's own when its list is cut as dst cuts
+// one and has no patches, else made from its hashes; dst's images whose
+// lists have patches (incrementals backed up there) are not compared.
 func sameContent(ctx context.Context, src *Repo, x *Index, dst *Repo, have []*Index) (*Index, error) {
+	var names []Hash
 	for _, y := range have {
-		if y.Size != x.Size || y.ChunkSize != x.ChunkSize {
+		if y.Size != x.Size || y.ChunkSize != x.ChunkSize || !y.Shared || y.Patches != nil || y.SegmentChunks != segmentChunks {
 			continue
 		}
-		if x.Shared && y.Shared && x.Patches == nil && y.Patches == nil && x.SegmentChunks == y.SegmentChunks {
-			// A segment is named by the hash of its content.
-			if slices.Equal(x.Segments, y.Segments) {
-				return y, nil
-			}
-			continue
-		}
-		a, b := &listCursor{r: src, x: x}, &listCursor{r: dst, x: y}
-		eq := true
-		for i := range x.NumChunks() {
-			ha, err := a.hash(ctx, i)
-			if err != nil {
+		if names == nil {
+			var err error
+			if names, err = segmentNames(ctx, src, x, dst); err != nil {
 				return nil, fmt.Errorf("copy %s: %w", x.ID, err)
 			}
-			hb, err := b.hash(ctx, i)
-			if err != nil {
-				eq = false // a damaged target image is not the same
-				break
-			}
-			if ha != hb {
-				eq = false
-				break
-			}
 		}
-		if eq {
+		if slices.Equal(names, y.Segments) {
 			return y, nil
 		}
 	}
 	return nil, nil
+}
+
+// segmentNames names the segments of x's chunk list as dst's list
+// writer would (the repositories name chunks the same way), reading x's
+// list only when its segments are not already those.
+func segmentNames(ctx context.Context, src *Repo, x *Index, dst *Repo) ([]Hash, error) {
+	if x.Shared && x.Patches == nil && x.SegmentChunks == segmentChunks && src.segmentVersion() == dst.segmentVersion() {
+		return x.Segments, nil
+	}
+	sum := dst.hasher()
+	var names []Hash
+	buf := make([]Hash, 0, min(segmentChunks, x.NumChunks()))
+	var first int64
+	cut := func() {
+		seg := &Index{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: buf, First: first, format: dst.segmentVersion()}
+		names = append(names, sum(seg.Encode()))
+		first += int64(len(buf))
+		buf = buf[:0]
+	}
+	err := src.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
+		for len(hs) > 0 {
+			n := min(len(hs), int(segmentChunks)-len(buf))
+			buf = append(buf, hs[:n]...)
+			hs = hs[n:]
+			if int64(len(buf)) == segmentChunks {
+				cut()
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(buf) > 0 {
+		cut()
+	}
+	return names, nil
 }
 
 // copyBatch is a run of chunks read from the source.

@@ -111,6 +111,25 @@ func TestCopyLocal(t *testing.T) {
 	if err != nil || st.ChunksCopied != 0 || st.BytesRead != 0 || !slices.Equal(results(st), []string{"present", "present", "same-content"}) {
 		t.Fatalf("copy again: %+v %v", st, err)
 	}
+	// The patched incremental after the full image of the same data:
+	// its list is made again as the target would write it, and matches.
+	other, _ := newRepo(t)
+	if _, err := backup.Copy(ctx, src, other, backup.CopyOptions{Images: ids[2:3]}); err != nil {
+		t.Fatal(err)
+	}
+	st, err = backup.Copy(ctx, src, other, backup.CopyOptions{Images: ids[1:2]})
+	if err != nil || !slices.Equal(results(st), []string{"same-content"}) || st.Images[0].SameAs != ids[2] || st.BytesRead != 0 {
+		t.Fatalf("copy of an incremental whose content is there: %+v %v", st, err)
+	}
+	// A damaged record of the same ID in the target is not taken for
+	// the image: the copy says how to go on.
+	if err := backup.EditRecord(other, ids[2], func(b []byte) []byte { return []byte("{") }); err != nil {
+		t.Fatal(err)
+	}
+	st, err = backup.Copy(ctx, src, other, backup.CopyOptions{Images: ids[2:3]})
+	if err == nil || !strings.Contains(err.Error(), "umbra images delete") || !slices.Equal(results(st), []string{"failed"}) {
+		t.Fatalf("copy over a damaged record: %+v %v", st, err)
+	}
 	// Bad input changes nothing.
 	if _, err := backup.Copy(ctx, src, dst, backup.CopyOptions{Images: []string{ids[3], "nope"}}); err == nil || !strings.Contains(err.Error(), "nope") {
 		t.Fatalf("copy of a missing image: %v", err)
