@@ -1,0 +1,361 @@
+package jobs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"umbra/api"
+	"umbra/api/umbrav1"
+	"umbra/backup"
+	"umbra/catalog"
+	"umbra/cow"
+	"umbra/jobs/sched"
+	"umbra/notify"
+	"umbra/provider"
+)
+
+func boolp(b bool) *bool { return &b }
+
+func TestCheckNamesJobAndField(t *testing.T) {
+	snap := func(mod func(*Def)) []Def {
+		d := Def{Name: "tl", Kind: "snapshot", Schedule: "hourly", Volumes: []string{"a"}, Keep: Keep{Hourly: 24}}
+		mod(&d)
+		return []Def{d}
+	}
+	bk := func(mod func(*Def)) []Def {
+		d := Def{Name: "nightly", Kind: "backup", Schedule: "*-*-* 02:00", Volumes: []string{"a"}, Repo: "/srv/repo"}
+		mod(&d)
+		return []Def{d}
+	}
+	for _, c := range []struct {
+		defs      []Def
+		job, want string
+	}{
+		{snap(func(d *Def) {}), "", ""},
+		{snap(func(d *Def) { d.Name = "" }), "#1", "name: missing"},
+		{snap(func(d *Def) { d.Name = "a b" }), `"a b"`, "name: want"},
+		{append(snap(func(d *Def) {}), snap(func(d *Def) {})...), "tl", "name: defined twice"},
+		{snap(func(d *Def) { d.Kind = "sink" }), "tl", `kind: "sink": want one of backup, snapshot, verify`},
+		{snap(func(d *Def) { d.Schedule = "" }), "tl", "schedule: missing"},
+		{snap(func(d *Def) { d.Schedule = "Mon..Fry 07:00" }), "tl", "schedule:"},
+		{snap(func(d *Def) { d.RandomDelay = "soon" }), "tl", "random_delay:"},
+		{snap(func(d *Def) { d.History = -1 }), "tl", "history:"},
+		{snap(func(d *Def) { d.Volumes = nil }), "tl", "volumes: missing"},
+		{snap(func(d *Def) { d.Volumes = []string{"a", "a"} }), "tl", "volumes:"},
+		{snap(func(d *Def) { d.Keep = Keep{} }), "tl", "keep:"},
+		{snap(func(d *Def) { d.Keep.Last = 3 }), "tl", "keep.last:"},
+		{snap(func(d *Def) { d.Keep.MinAge = "an hour" }), "tl", "keep.min_age:"},
+		{snap(func(d *Def) { d.Repo = "/srv/repo" }), "tl", "repo: a snapshot job has no repo"},
+		{bk(func(d *Def) {}), "", ""},
+		{bk(func(d *Def) { d.Repo = "" }), "nightly", "repo: missing"},
+		{bk(func(d *Def) { d.Repo = "relative/repo" }), "nightly", "repo:"},
+		{bk(func(d *Def) { d.Keep.Yearly = 2 }), "nightly", "keep.yearly:"},
+		{bk(func(d *Def) { d.Persistent = boolp(true) }), "nightly", "persistent:"},
+		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", ReverifyDays: 30}}, "", ""},
+		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", Volumes: []string{"a"}}}, "v", "volumes: a verify job has no volumes"},
+		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", ReverifyDays: -1}}, "v", "reverify_days:"},
+	} {
+		err := Check(c.defs)
+		if c.want == "" {
+			if err != nil {
+				t.Errorf("%+v: %v", c.defs, err)
+			}
+			continue
+		}
+		var de *DefError
+		if !errors.As(err, &de) || de.Job != c.job || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: got %v, want job %s and %q", c.defs, err, c.job, c.want)
+		}
+	}
+}
+
+// testClock is a clock the test moves; nothing waits on it.
+type testClock struct {
+	mu  sync.Mutex // guards now
+	now time.Time
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *testClock) After(time.Duration) <-chan time.Time { return nil }
+
+func (c *testClock) set(t time.Time) {
+	c.mu.Lock()
+	c.now = t
+	c.mu.Unlock()
+}
+
+// metricsRec records JobRun calls.
+type metricsRec struct {
+	mu   sync.Mutex // guards runs
+	runs []string
+}
+
+func (m *metricsRec) JobRun(job, result string, _ time.Time) {
+	m.mu.Lock()
+	m.runs = append(m.runs, job+" "+result)
+	m.mu.Unlock()
+}
+
+// world is a real API server over two real COW volumes, with a catalog.
+type world struct {
+	t      *testing.T
+	dir    string
+	srv    *api.Server
+	vols   map[string]*cow.Volume
+	cat    *catalog.Catalog
+	clock  *testClock
+	met    *metricsRec
+	mu     sync.Mutex // guards events
+	events []string
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	dir := t.TempDir()
+	w := &world{t: t, dir: dir, vols: map[string]*cow.Volume{}, clock: &testClock{}, met: &metricsRec{}}
+	p := cow.NewProvider()
+	for _, name := range []string{"a", "b"} {
+		origin := filepath.Join(dir, name+".img")
+		if err := os.WriteFile(origin, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		os.Truncate(origin, 1<<20)
+		v, err := cow.Open(name, origin, cow.Options{StorageDir: filepath.Join(dir, "shadow")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { v.Close() })
+		p.Add(v)
+		w.vols[name] = v
+	}
+	reg := &provider.Registry{}
+	reg.Register(p)
+	w.srv = api.NewServer(p, reg, nil, nil, nil)
+	cat, err := catalog.Open(filepath.Join(dir, "catalog.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.cat = cat
+	w.srv.EnableShares(context.Background(), cat, filepath.Join(dir, "exposed"), "", time.Minute)
+	t.Cleanup(func() { w.srv.CloseRepos(); w.srv.CloseShares() })
+	return w
+}
+
+func (w *world) manager(defs []Def, n *notify.Notifier) *Manager {
+	w.t.Helper()
+	m, err := New(Config{Defs: defs, Catalog: w.cat, API: w.srv, Metrics: w.met, Notify: n, Clock: w.clock,
+		Emit: func(ev, job, msg string) {
+			w.mu.Lock()
+			w.events = append(w.events, ev+" "+job)
+			w.mu.Unlock()
+		}})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	return m
+}
+
+// runAt runs job name once at t, as its schedule would.
+func (w *world) runAt(m *Manager, name string, t time.Time) error {
+	w.clock.set(t)
+	return m.execute(context.Background(), m.jobs[name], TriggerSchedule)
+}
+
+func (w *world) snapshots(vol string) []string {
+	resp, err := w.srv.ListSnapshots(context.Background(), &umbrav1.ListSnapshotsRequest{Volume: vol})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	var ids []string
+	for _, sn := range resp.Snapshots {
+		ids = append(ids, sn.Id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// TestSnapshotTimeline takes 50 hourly snapshot sets of two volumes
+// under an injected clock and checks that the timeline keeps exactly
+// what its limits say, that a snapshot in use is never deleted, and
+// that the history keeps its bound.
+func TestSnapshotTimeline(t *testing.T) {
+	w := newWorld(t)
+	m := w.manager([]Def{{Name: "tl", Kind: "snapshot", Schedule: "hourly", Volumes: []string{"a", "b"}, History: 10,
+		Persistent: boolp(false), Keep: Keep{Hourly: 3, Daily: 2, MinAge: "0s"}}}, nil)
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.Local)
+	id := func(h int) string { return "tl-" + t0.Add(time.Duration(h)*time.Hour).UTC().Format(snapshotTime) }
+	var release func()
+	for h := 0; h < 50; h++ {
+		if err := w.runAt(m, "tl", t0.Add(time.Duration(h)*time.Hour)); err != nil {
+			t.Fatalf("hour %d: %v", h, err)
+		}
+		if h == 1 { // the snapshot of hour 1 is in use from now on
+			sn, err := w.vols["a"].OpenSnapshot(id(1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			release = sn.Use("test reader")
+		}
+	}
+	// Hourly 3: hours 47, 48, 49. Daily 2: the first of the last two
+	// days, hours 24 and 48. Hour 1: in use.
+	want := []string{id(1), id(24), id(47), id(48), id(49)}
+	slices.Sort(want)
+	for _, vol := range []string{"a", "b"} {
+		if got := w.snapshots(vol); !slices.Equal(got, want) {
+			t.Fatalf("volume %s keeps %v, want %v", vol, got, want)
+		}
+	}
+	runs, err := m.History("tl", 0)
+	if err != nil || len(runs) != 10 || runs[0].Seq != 50 || runs[9].Seq != 41 {
+		t.Fatalf("history: %d runs (%v), want runs 50..41", len(runs), err)
+	}
+	if r := runs[0]; r.Result != Success || r.Trigger != TriggerSchedule || !strings.Contains(r.Detail, "in use") {
+		t.Fatalf("last run: %+v", r)
+	}
+	release()
+	w.runAt(m, "tl", t0.Add(50*time.Hour))
+	if got := w.snapshots("a"); slices.Contains(got, id(1)) {
+		t.Fatalf("hour 1's snapshot, no longer in use, was kept: %v", got)
+	}
+	st, err := m.Get("tl")
+	if err != nil || st.Last == nil || st.Last.Seq != 51 || st.LastSuccess.IsZero() || !st.Enabled {
+		t.Fatalf("status: %+v %v", st, err)
+	}
+}
+
+// TestInterruptedAtStart leaves a run "running" as a service killed
+// mid-run would, and checks that the next start records it as
+// interrupted and alerts: event, metric, webhook.
+func TestInterruptedAtStart(t *testing.T) {
+	w := newWorld(t)
+	defs := []Def{{Name: "tl", Kind: "snapshot", Schedule: "hourly", Volumes: []string{"a"}, Keep: Keep{Hourly: 3}}}
+	w.clock.set(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC))
+	m := w.manager(defs, nil)
+	r := &Run{Job: "tl", Kind: "snapshot", Trigger: TriggerSchedule, Start: w.clock.Now(), Result: Running}
+	if err := m.hist.add(r, 100); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan notify.Notification, 4)
+	hook := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, req *http.Request) {
+		var n notify.Notification
+		b, _ := io.ReadAll(req.Body)
+		json.Unmarshal(b, &n)
+		got <- n
+	}))
+	defer hook.Close()
+	n := notify.New(notify.Config{Webhook: hook.URL}, nil)
+	defer n.Close(context.Background())
+	w.manager(defs, n) // the next start
+	select {
+	case a := <-got:
+		if a.Event != "job_interrupted" || a.Job != "tl" || a.RunID != "tl#1" || a.Result != Interrupted {
+			t.Fatalf("notification %+v", a)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("no notification of the interrupted run")
+	}
+	runs, _ := m.History("tl", 0)
+	if len(runs) != 1 || runs[0].Result != Interrupted || runs[0].End.IsZero() || runs[0].Error == "" {
+		t.Fatalf("history after restart: %+v", runs)
+	}
+	if !slices.Contains(w.met.runs, "tl interrupted") || !slices.Contains(w.events, "job_interrupted tl") {
+		t.Fatalf("metrics %v, events %v", w.met.runs, w.events)
+	}
+}
+
+// TestSkippedAndMissed records the scheduler's skips.
+func TestSkippedAndMissed(t *testing.T) {
+	w := newWorld(t)
+	w.clock.set(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC))
+	m := w.manager([]Def{{Name: "tl", Kind: "snapshot", Schedule: "hourly", Volumes: []string{"a"}, Keep: Keep{Hourly: 3}}}, nil)
+	m.skipped("tl", schedTrigger(w.clock.Now()), "still running: the schedule run for ... has not ended")
+	m.skipped("tl", schedTrigger(w.clock.Now()), "missed: the scheduler was not running at ...")
+	runs, _ := m.History("tl", 0)
+	if len(runs) != 2 || runs[0].Result != Missed || runs[1].Result != Skipped {
+		t.Fatalf("history: %+v", runs)
+	}
+	if !slices.Contains(w.events, "job_missed tl") {
+		t.Fatalf("events %v", w.events)
+	}
+}
+
+// TestBackupPruneVerify backs a volume up three times with keep last =
+// 2, then verifies the repository, skips a verify when nothing is due,
+// and fails one after a bit of a pack is flipped.
+func TestBackupPruneVerify(t *testing.T) {
+	w := newWorld(t)
+	repo := filepath.Join(w.dir, "repo")
+	r, err := backup.Init(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	m := w.manager([]Def{
+		{Name: "bk", Kind: "backup", Schedule: "daily", Volumes: []string{"a"}, Repo: repo, Keep: Keep{Last: 2}},
+		{Name: "vf", Kind: "verify", Schedule: "weekly", Repo: repo, ReverifyDays: 7},
+	}, nil)
+	t0 := time.Now()
+	for i := 0; i < 3; i++ {
+		if _, err := w.vols["a"].WriteAt([]byte(strings.Repeat(string(rune('a'+i)), 4096)), int64(i)*65536); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.runAt(m, "bk", t0.Add(time.Duration(i)*time.Second)); err != nil {
+			t.Fatalf("backup %d: %v", i, err)
+		}
+	}
+	runs, _ := m.History("bk", 1)
+	if runs[0].Bytes <= 0 || !strings.Contains(runs[0].Detail, "prune kept 2, removed 1") {
+		t.Fatalf("last backup run: %+v", runs[0])
+	}
+	if err := w.runAt(m, "vf", t0); err != nil {
+		t.Fatalf("verify: %v", err)
+	}
+	if err := w.runAt(m, "vf", t0.Add(24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if runs, _ := m.History("vf", 1); !strings.Contains(runs[0].Detail, "nothing due") {
+		t.Fatalf("verify a day later: %+v", runs[0])
+	}
+	// Flip a bit in a pack; eight days on, the images are due again.
+	var pack string
+	filepath.WalkDir(filepath.Join(repo, "packs"), func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && pack == "" {
+			pack = p
+		}
+		return nil
+	})
+	b, err := os.ReadFile(pack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/3] ^= 0x10
+	os.WriteFile(pack, b, 0o600)
+	err = w.runAt(m, "vf", t0.Add(8*24*time.Hour))
+	runs, _ = m.History("vf", 1)
+	if err == nil || runs[0].Result != Failed || !strings.Contains(runs[0].Error, "damaged") {
+		t.Fatalf("verify after a flipped bit: %v, %+v", err, runs[0])
+	}
+	if !slices.Contains(w.met.runs, "vf failed") {
+		t.Fatalf("metrics: %v", w.met.runs)
+	}
+}
+
+func schedTrigger(at time.Time) sched.Trigger { return sched.Trigger{Kind: sched.KindSchedule, At: at} }
