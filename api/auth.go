@@ -66,12 +66,14 @@ var methodRoles = map[string]Role{
 	"ListProviders": RoleViewer, "GetSupportedVersion": RoleViewer, "IsPathSupported": RoleViewer,
 	"IsPathShadowCopied": RoleViewer, "ListShadowCopySets": RoleViewer, "GetShareMapping": RoleViewer,
 	"ListShareMappings": RoleViewer, "Events": RoleViewer,
+	"ListJobs": RoleViewer, "GetJob": RoleViewer, "JobHistory": RoleViewer,
 
 	"CreateSnapshotSet": RoleOperator, "Backup": RoleOperator, "BackupStream": RoleOperator,
 	"SetContext": RoleOperator, "StartShadowCopySet": RoleOperator, "AddToShadowCopySet": RoleOperator,
 	"PrepareShadowCopySet": RoleOperator, "CommitShadowCopySet": RoleOperator, "ExposeShadowCopySet": RoleOperator,
 	"RecoveryCompleteShadowCopySet": RoleOperator, "AbortShadowCopySet": RoleOperator,
 	"ExposeSnapshot": RoleOperator, "UnexposeSnapshot": RoleOperator,
+	"RunJob": RoleOperator, "SetJobEnabled": RoleOperator,
 
 	"SetStorage": RoleAdmin, "DeleteStorage": RoleAdmin, "DeleteSnapshots": RoleAdmin, "RevertSnapshot": RoleAdmin, "DeleteShareMapping": RoleAdmin,
 }

@@ -56,6 +56,8 @@ type Server struct {
 
 	// Metrics, when set before Serve, records snapshot set timings.
 	Metrics *metrics.Metrics
+	// Jobs, when set before Serve, answers the job calls.
+	Jobs JobService
 	// Audit, when set before Serve, logs every mutating call.
 	Audit *Audit
 	// SocketGroup, when set before Serve, gives the operator role on the

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -18,7 +19,9 @@ import (
 	"umbra/cow"
 	"umbra/internal/owner"
 	"umbra/internal/size"
+	"umbra/jobs"
 	"umbra/nbd"
+	"umbra/notify"
 	"umbra/writer"
 )
 
@@ -39,6 +42,8 @@ type Config struct {
 	NBD        NBDConfig      `toml:"nbd"`
 	FUSE       FUSEConfig     `toml:"fuse"`
 	Volumes    []VolumeConfig `toml:"volume"`
+	Jobs       []jobs.Def     `toml:"job"`
+	Notify     NotifyConfig   `toml:"notify"`
 
 	// APISocket is the unix socket of the management API; the socket
 	// of out-of-process writers (writers.sock) is beside it.
@@ -94,6 +99,47 @@ type VolumeConfig struct {
 	Policy     string `toml:"policy"`
 }
 
+// NotifyConfig is where alerts of job runs that went wrong go (see
+// package notify for the JSON they carry).
+type NotifyConfig struct {
+	Webhook  string   `toml:"webhook"`  // http(s) URL that gets a JSON POST per alert
+	Exec     []string `toml:"exec"`     // command (argv) run per alert, the JSON on stdin
+	Timeout  string   `toml:"timeout"`  // per attempt (default 10s)
+	Attempts int      `toml:"attempts"` // webhook attempts per alert (default 5)
+	Backoff  string   `toml:"backoff"`  // first wait between attempts, doubling (default 2s)
+}
+
+// notifyConfig checks c and makes the notifier's configuration.
+func (c NotifyConfig) notifyConfig() (notify.Config, error) {
+	out := notify.Config{Webhook: c.Webhook, Exec: c.Exec, Attempts: c.Attempts}
+	if c.Webhook != "" {
+		u, err := url.Parse(c.Webhook)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return out, configErr("notify.webhook %q: want an http:// or https:// URL", c.Webhook)
+		}
+	}
+	if len(c.Exec) > 0 && !filepath.IsAbs(c.Exec[0]) {
+		return out, configErr("notify.exec %q: the command must be an absolute path", c.Exec[0])
+	}
+	if c.Attempts < 0 || c.Attempts > 100 {
+		return out, configErr("notify.attempts %d: want 1 to 100 (0: %d)", c.Attempts, notify.DefaultAttempts)
+	}
+	for _, f := range []struct {
+		name, v string
+		dst     *time.Duration
+	}{{"timeout", c.Timeout, &out.Timeout}, {"backoff", c.Backoff, &out.Backoff}} {
+		if f.v == "" {
+			continue
+		}
+		d, err := time.ParseDuration(f.v)
+		if err != nil || d <= 0 {
+			return out, configErr("notify.%s %q: want a positive duration such as 10s", f.name, f.v)
+		}
+		*f.dst = d
+	}
+	return out, nil
+}
+
 // ConfigError is a configuration the service refuses: a value that is
 // wrong or missing, or that contradicts another. Nothing was changed.
 type ConfigError struct{ Err error }
@@ -111,6 +157,7 @@ type checked struct {
 	apiTLS       *tls.Config    // nil: no TCP API
 	apiIDs       *api.Identities
 	socketGroup  *api.SocketGroup // nil: no --api-socket-group
+	notify       notify.Config
 }
 
 // check checks every value of the configuration that can be checked
@@ -159,6 +206,12 @@ func (cfg Config) check() (c checked, err error) {
 		return c, err
 	}
 	if err := groupReaches(filepath.Dir(cfg.APISocket), c.socketGroup); err != nil {
+		return c, err
+	}
+	if err := jobs.Check(cfg.Jobs); err != nil {
+		return c, ConfigError{err}
+	}
+	if c.notify, err = cfg.Notify.notifyConfig(); err != nil {
 		return c, err
 	}
 	if cfg.NBD.TLSCert != "" {

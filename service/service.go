@@ -32,8 +32,10 @@ import (
 	"umbra/fusefile"
 	"umbra/internal/owner"
 	"umbra/internal/rtprio"
+	"umbra/jobs"
 	"umbra/metrics"
 	"umbra/nbd"
+	"umbra/notify"
 	"umbra/provider"
 	"umbra/provider/btrfs"
 	"umbra/provider/lvmthin"
@@ -47,6 +49,9 @@ import (
 // DrainTimeout bounds how long Run waits, once stopping, for NBD
 // requests in flight before it closes the connections.
 const DrainTimeout = 30 * time.Second
+
+// notifyDrain bounds how long Close waits for alerts still queued.
+const notifyDrain = 10 * time.Second
 
 // Service is one Umbra daemon. New opens it, Run serves until the
 // context ends or a server fails, Close releases it.
@@ -71,6 +76,8 @@ type Service struct {
 	cat      *catalog.Catalog // owned by api once shares are enabled
 	shares   bool             // api.EnableShares ran: CloseShares closes cat
 	audit    *api.Audit
+	notify   *notify.Notifier
+	jobs     *jobs.Manager
 	fuse     *fusefile.Server // nil without FUSE.Dir
 	fuseDone chan struct{}    // closed when the FUSE mount is gone
 
@@ -207,6 +214,12 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	}
 	s.api.Audit = s.audit
 	s.api.SocketGroup = s.chk.socketGroup
+	s.notify = notify.New(s.chk.notify, log)
+	if s.jobs, err = jobs.New(jobs.Config{Defs: cfg.Jobs, Catalog: s.cat, API: s.api, Metrics: s.metrics,
+		Notify: s.notify, Emit: s.api.JobEvent, Log: log}); err != nil {
+		return s, err
+	}
+	s.api.Jobs = s.jobs
 	return s, nil
 }
 
@@ -425,6 +438,10 @@ func (s *Service) Run(ctx context.Context) error {
 		g.Go("metrics server on "+ls.metrics.Addr().String(), func(ctx context.Context) error { return s.metrics.Serve(ctx, ls.metrics) })
 		log.Info("serving metrics", "url", "http://"+ls.metrics.Addr().String()+"/metrics")
 	}
+	if len(s.cfg.Jobs) > 0 {
+		g.Go("job scheduler", s.jobs.Run)
+		log.Info("running jobs", "jobs", len(s.cfg.Jobs))
+	}
 	g.Go("API server on "+s.cfg.APISocket, func(ctx context.Context) error { return s.api.Serve(ctx, ls.apiUnix) })
 	log.Info("serving the management API", "socket", s.cfg.APISocket, "audit", s.auditPath())
 
@@ -494,6 +511,13 @@ func (s *Service) Close() error {
 func (s *Service) teardown() {
 	s.drainNBD()
 	s.closeBrowser() // its mounts hold snapshots and repositories
+	if s.notify != nil {
+		// Alerts of the runs that just ended (cancelled by the stop) get
+		// a moment to go out.
+		ctx, cancel := context.WithTimeout(context.Background(), notifyDrain)
+		s.notify.Close(ctx)
+		cancel()
+	}
 	if s.audit != nil {
 		s.audit.Close()
 	}

@@ -3378,16 +3378,20 @@ type Event struct {
 	Time  *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
 	// snapshot_created, snapshot_deleted, snapshot_reverted, set_state,
 	// exposed, unexposed, storage_changed, writer_failed, backup_progress,
-	// backup_done
-	Kind          string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
-	Volume        string `protobuf:"bytes,3,opt,name=volume,proto3" json:"volume,omitempty"`
-	Snapshot      string `protobuf:"bytes,4,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
-	SetId         string `protobuf:"bytes,5,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
-	State         string `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
-	Message       string `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
-	Done          int64  `protobuf:"varint,8,opt,name=done,proto3" json:"done,omitempty"`
-	Total         int64  `protobuf:"varint,9,opt,name=total,proto3" json:"total,omitempty"`
-	Dropped       int64  `protobuf:"varint,10,opt,name=dropped,proto3" json:"dropped,omitempty"` // events this client missed before this one
+	// backup_done, job_started, job_succeeded, job_failed, job_missed,
+	// job_interrupted
+	Kind     string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	Volume   string `protobuf:"bytes,3,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot string `protobuf:"bytes,4,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	SetId    string `protobuf:"bytes,5,opt,name=set_id,json=setId,proto3" json:"set_id,omitempty"`
+	State    string `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
+	Message  string `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
+	Done     int64  `protobuf:"varint,8,opt,name=done,proto3" json:"done,omitempty"`
+	Total    int64  `protobuf:"varint,9,opt,name=total,proto3" json:"total,omitempty"`
+	Dropped  int64  `protobuf:"varint,10,opt,name=dropped,proto3" json:"dropped,omitempty"` // events this client missed before this one
+	// job_started, job_succeeded, job_failed, job_missed, job_interrupted:
+	// the job (message says which run and what happened)
+	Job           string `protobuf:"bytes,11,opt,name=job,proto3" json:"job,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3492,6 +3496,13 @@ func (x *Event) GetDropped() int64 {
 	return 0
 }
 
+func (x *Event) GetJob() string {
+	if x != nil {
+		return x.Job
+	}
+	return ""
+}
+
 type DeleteStorageRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -3578,6 +3589,602 @@ func (x *DeleteStorageResponse) GetDeleted() []string {
 		return x.Deleted
 	}
 	return nil
+}
+
+// JobRun is one run of a job.
+type JobRun struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Job     string                 `protobuf:"bytes,1,opt,name=job,proto3" json:"job,omitempty"`
+	Seq     uint64                 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"` // the run's number within the job
+	Kind    string                 `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	Trigger string                 `protobuf:"bytes,4,opt,name=trigger,proto3" json:"trigger,omitempty"` // schedule, catch-up, manual
+	Start   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=start,proto3" json:"start,omitempty"`
+	End     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=end,proto3" json:"end,omitempty"`
+	// running, success, failed, skipped (the previous run still ran),
+	// missed (the service was down), interrupted (the service died
+	// during it), cancelled (the service stopped, or its timeout passed)
+	Result        string `protobuf:"bytes,7,opt,name=result,proto3" json:"result,omitempty"`
+	Bytes         int64  `protobuf:"varint,8,opt,name=bytes,proto3" json:"bytes,omitempty"` // what it moved: a backup's bytes written
+	Error         string `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
+	Detail        string `protobuf:"bytes,10,opt,name=detail,proto3" json:"detail,omitempty"` // what it made, kept, deleted, found
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JobRun) Reset() {
+	*x = JobRun{}
+	mi := &file_umbra_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JobRun) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JobRun) ProtoMessage() {}
+
+func (x *JobRun) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JobRun.ProtoReflect.Descriptor instead.
+func (*JobRun) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *JobRun) GetJob() string {
+	if x != nil {
+		return x.Job
+	}
+	return ""
+}
+
+func (x *JobRun) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *JobRun) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *JobRun) GetTrigger() string {
+	if x != nil {
+		return x.Trigger
+	}
+	return ""
+}
+
+func (x *JobRun) GetStart() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Start
+	}
+	return nil
+}
+
+func (x *JobRun) GetEnd() *timestamppb.Timestamp {
+	if x != nil {
+		return x.End
+	}
+	return nil
+}
+
+func (x *JobRun) GetResult() string {
+	if x != nil {
+		return x.Result
+	}
+	return ""
+}
+
+func (x *JobRun) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *JobRun) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *JobRun) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+type Job struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Kind          string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	Schedule      string                 `protobuf:"bytes,3,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	Enabled       bool                   `protobuf:"varint,4,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	Running       *JobRun                `protobuf:"bytes,5,opt,name=running,proto3" json:"running,omitempty"` // the run in progress, if any
+	Last          *JobRun                `protobuf:"bytes,6,opt,name=last,proto3" json:"last,omitempty"`       // the last run that ended
+	LastSuccess   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_success,json=lastSuccess,proto3" json:"last_success,omitempty"`
+	Next          *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=next,proto3" json:"next,omitempty"` // unset when disabled
+	Volumes       []string               `protobuf:"bytes,9,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	Repo          string                 `protobuf:"bytes,10,opt,name=repo,proto3" json:"repo,omitempty"`
+	Definition    string                 `protobuf:"bytes,11,opt,name=definition,proto3" json:"definition,omitempty"` // the job's [[job]] table, as TOML
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Job) Reset() {
+	*x = Job{}
+	mi := &file_umbra_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Job) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Job) ProtoMessage() {}
+
+func (x *Job) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Job.ProtoReflect.Descriptor instead.
+func (*Job) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *Job) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Job) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Job) GetSchedule() string {
+	if x != nil {
+		return x.Schedule
+	}
+	return ""
+}
+
+func (x *Job) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *Job) GetRunning() *JobRun {
+	if x != nil {
+		return x.Running
+	}
+	return nil
+}
+
+func (x *Job) GetLast() *JobRun {
+	if x != nil {
+		return x.Last
+	}
+	return nil
+}
+
+func (x *Job) GetLastSuccess() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastSuccess
+	}
+	return nil
+}
+
+func (x *Job) GetNext() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Next
+	}
+	return nil
+}
+
+func (x *Job) GetVolumes() []string {
+	if x != nil {
+		return x.Volumes
+	}
+	return nil
+}
+
+func (x *Job) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *Job) GetDefinition() string {
+	if x != nil {
+		return x.Definition
+	}
+	return ""
+}
+
+type ListJobsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListJobsRequest) Reset() {
+	*x = ListJobsRequest{}
+	mi := &file_umbra_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListJobsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListJobsRequest) ProtoMessage() {}
+
+func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListJobsRequest.ProtoReflect.Descriptor instead.
+func (*ListJobsRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{58}
+}
+
+type ListJobsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Jobs          []*Job                 `protobuf:"bytes,1,rep,name=jobs,proto3" json:"jobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListJobsResponse) Reset() {
+	*x = ListJobsResponse{}
+	mi := &file_umbra_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListJobsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListJobsResponse) ProtoMessage() {}
+
+func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListJobsResponse.ProtoReflect.Descriptor instead.
+func (*ListJobsResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *ListJobsResponse) GetJobs() []*Job {
+	if x != nil {
+		return x.Jobs
+	}
+	return nil
+}
+
+type GetJobRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetJobRequest) Reset() {
+	*x = GetJobRequest{}
+	mi := &file_umbra_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetJobRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetJobRequest) ProtoMessage() {}
+
+func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetJobRequest.ProtoReflect.Descriptor instead.
+func (*GetJobRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *GetJobRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type RunJobRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunJobRequest) Reset() {
+	*x = RunJobRequest{}
+	mi := &file_umbra_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunJobRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunJobRequest) ProtoMessage() {}
+
+func (x *RunJobRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunJobRequest.ProtoReflect.Descriptor instead.
+func (*RunJobRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *RunJobRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type RunJobResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunJobResponse) Reset() {
+	*x = RunJobResponse{}
+	mi := &file_umbra_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunJobResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunJobResponse) ProtoMessage() {}
+
+func (x *RunJobResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunJobResponse.ProtoReflect.Descriptor instead.
+func (*RunJobResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{62}
+}
+
+type JobHistoryRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`    // empty: every job's
+	Limit         int32                  `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"` // newest first; 0: all kept
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JobHistoryRequest) Reset() {
+	*x = JobHistoryRequest{}
+	mi := &file_umbra_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JobHistoryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JobHistoryRequest) ProtoMessage() {}
+
+func (x *JobHistoryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JobHistoryRequest.ProtoReflect.Descriptor instead.
+func (*JobHistoryRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *JobHistoryRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *JobHistoryRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type JobHistoryResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Runs          []*JobRun              `protobuf:"bytes,1,rep,name=runs,proto3" json:"runs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JobHistoryResponse) Reset() {
+	*x = JobHistoryResponse{}
+	mi := &file_umbra_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JobHistoryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JobHistoryResponse) ProtoMessage() {}
+
+func (x *JobHistoryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JobHistoryResponse.ProtoReflect.Descriptor instead.
+func (*JobHistoryResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *JobHistoryResponse) GetRuns() []*JobRun {
+	if x != nil {
+		return x.Runs
+	}
+	return nil
+}
+
+type SetJobEnabledRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Enabled       bool                   `protobuf:"varint,2,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetJobEnabledRequest) Reset() {
+	*x = SetJobEnabledRequest{}
+	mi := &file_umbra_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetJobEnabledRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetJobEnabledRequest) ProtoMessage() {}
+
+func (x *SetJobEnabledRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetJobEnabledRequest.ProtoReflect.Descriptor instead.
+func (*SetJobEnabledRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *SetJobEnabledRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetJobEnabledRequest) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
 }
 
 var File_umbra_proto protoreflect.FileDescriptor
@@ -3841,7 +4448,7 @@ const file_umbra_proto_rawDesc = "" +
 	"\x19ListShareMappingsResponse\x122\n" +
 	"\bmappings\x18\x01 \x03(\v2\x16.umbra.v1.ShareMappingR\bmappings\"%\n" +
 	"\rEventsRequest\x12\x14\n" +
-	"\x05kinds\x18\x01 \x03(\tR\x05kinds\"\x8a\x02\n" +
+	"\x05kinds\x18\x01 \x03(\tR\x05kinds\"\x9c\x02\n" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n" +
@@ -3853,11 +4460,55 @@ const file_umbra_proto_rawDesc = "" +
 	"\x04done\x18\b \x01(\x03R\x04done\x12\x14\n" +
 	"\x05total\x18\t \x01(\x03R\x05total\x12\x18\n" +
 	"\adropped\x18\n" +
-	" \x01(\x03R\adropped\".\n" +
+	" \x01(\x03R\adropped\x12\x10\n" +
+	"\x03job\x18\v \x01(\tR\x03job\".\n" +
 	"\x14DeleteStorageRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\"1\n" +
 	"\x15DeleteStorageResponse\x12\x18\n" +
-	"\adeleted\x18\x01 \x03(\tR\adeleted2\xd5\x12\n" +
+	"\adeleted\x18\x01 \x03(\tR\adeleted\"\x96\x02\n" +
+	"\x06JobRun\x12\x10\n" +
+	"\x03job\x18\x01 \x01(\tR\x03job\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x12\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x18\n" +
+	"\atrigger\x18\x04 \x01(\tR\atrigger\x120\n" +
+	"\x05start\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x05start\x12,\n" +
+	"\x03end\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x03end\x12\x16\n" +
+	"\x06result\x18\a \x01(\tR\x06result\x12\x14\n" +
+	"\x05bytes\x18\b \x01(\x03R\x05bytes\x12\x14\n" +
+	"\x05error\x18\t \x01(\tR\x05error\x12\x16\n" +
+	"\x06detail\x18\n" +
+	" \x01(\tR\x06detail\"\xf2\x02\n" +
+	"\x03Job\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1a\n" +
+	"\bschedule\x18\x03 \x01(\tR\bschedule\x12\x18\n" +
+	"\aenabled\x18\x04 \x01(\bR\aenabled\x12*\n" +
+	"\arunning\x18\x05 \x01(\v2\x10.umbra.v1.JobRunR\arunning\x12$\n" +
+	"\x04last\x18\x06 \x01(\v2\x10.umbra.v1.JobRunR\x04last\x12=\n" +
+	"\flast_success\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\vlastSuccess\x12.\n" +
+	"\x04next\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x04next\x12\x18\n" +
+	"\avolumes\x18\t \x03(\tR\avolumes\x12\x12\n" +
+	"\x04repo\x18\n" +
+	" \x01(\tR\x04repo\x12\x1e\n" +
+	"\n" +
+	"definition\x18\v \x01(\tR\n" +
+	"definition\"\x11\n" +
+	"\x0fListJobsRequest\"5\n" +
+	"\x10ListJobsResponse\x12!\n" +
+	"\x04jobs\x18\x01 \x03(\v2\r.umbra.v1.JobR\x04jobs\"#\n" +
+	"\rGetJobRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"#\n" +
+	"\rRunJobRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x10\n" +
+	"\x0eRunJobResponse\"=\n" +
+	"\x11JobHistoryRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05limit\x18\x02 \x01(\x05R\x05limit\":\n" +
+	"\x12JobHistoryResponse\x12$\n" +
+	"\x04runs\x18\x01 \x03(\v2\x10.umbra.v1.JobRunR\x04runs\"D\n" +
+	"\x14SetJobEnabledRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled2\x90\x15\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -3891,7 +4542,13 @@ const file_umbra_proto_rawDesc = "" +
 	"\x0eExposeSnapshot\x12\x1f.umbra.v1.ExposeSnapshotRequest\x1a\x16.umbra.v1.ShareMapping\x12Y\n" +
 	"\x10UnexposeSnapshot\x12!.umbra.v1.UnexposeSnapshotRequest\x1a\".umbra.v1.UnexposeSnapshotResponse\x12\\\n" +
 	"\x11ListShareMappings\x12\".umbra.v1.ListShareMappingsRequest\x1a#.umbra.v1.ListShareMappingsResponse\x124\n" +
-	"\x06Events\x12\x17.umbra.v1.EventsRequest\x1a\x0f.umbra.v1.Event0\x01B\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"\x06Events\x12\x17.umbra.v1.EventsRequest\x1a\x0f.umbra.v1.Event0\x01\x12A\n" +
+	"\bListJobs\x12\x19.umbra.v1.ListJobsRequest\x1a\x1a.umbra.v1.ListJobsResponse\x120\n" +
+	"\x06GetJob\x12\x17.umbra.v1.GetJobRequest\x1a\r.umbra.v1.Job\x12;\n" +
+	"\x06RunJob\x12\x17.umbra.v1.RunJobRequest\x1a\x18.umbra.v1.RunJobResponse\x12G\n" +
+	"\n" +
+	"JobHistory\x12\x1b.umbra.v1.JobHistoryRequest\x1a\x1c.umbra.v1.JobHistoryResponse\x12>\n" +
+	"\rSetJobEnabled\x12\x1e.umbra.v1.SetJobEnabledRequest\x1a\r.umbra.v1.JobB\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -3905,7 +4562,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                      // 0: umbra.v1.Volume
 	(*Storage)(nil),                     // 1: umbra.v1.Storage
@@ -3963,18 +4620,28 @@ var file_umbra_proto_goTypes = []any{
 	(*Event)(nil),                       // 53: umbra.v1.Event
 	(*DeleteStorageRequest)(nil),        // 54: umbra.v1.DeleteStorageRequest
 	(*DeleteStorageResponse)(nil),       // 55: umbra.v1.DeleteStorageResponse
-	(*timestamppb.Timestamp)(nil),       // 56: google.protobuf.Timestamp
+	(*JobRun)(nil),                      // 56: umbra.v1.JobRun
+	(*Job)(nil),                         // 57: umbra.v1.Job
+	(*ListJobsRequest)(nil),             // 58: umbra.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),            // 59: umbra.v1.ListJobsResponse
+	(*GetJobRequest)(nil),               // 60: umbra.v1.GetJobRequest
+	(*RunJobRequest)(nil),               // 61: umbra.v1.RunJobRequest
+	(*RunJobResponse)(nil),              // 62: umbra.v1.RunJobResponse
+	(*JobHistoryRequest)(nil),           // 63: umbra.v1.JobHistoryRequest
+	(*JobHistoryResponse)(nil),          // 64: umbra.v1.JobHistoryResponse
+	(*SetJobEnabledRequest)(nil),        // 65: umbra.v1.SetJobEnabledRequest
+	(*timestamppb.Timestamp)(nil),       // 66: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	56, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	66, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	56, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	56, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	66, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	66, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
 	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
@@ -3983,77 +4650,95 @@ var file_umbra_proto_depIdxs = []int32{
 	27, // 14: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
 	44, // 15: umbra.v1.ShadowCopy.mapping:type_name -> umbra.v1.ShareMapping
 	40, // 16: umbra.v1.ShadowCopySet.shadow_copies:type_name -> umbra.v1.ShadowCopy
-	56, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
-	56, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
+	66, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
+	66, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
 	41, // 19: umbra.v1.ListShadowCopySetsResponse.sets:type_name -> umbra.v1.ShadowCopySet
-	56, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
+	66, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
 	44, // 21: umbra.v1.ListShareMappingsResponse.mappings:type_name -> umbra.v1.ShareMapping
-	56, // 22: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
-	3,  // 23: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 24: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 25: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 26: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 27: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 28: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 29: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	54, // 30: umbra.v1.Umbra.DeleteStorage:input_type -> umbra.v1.DeleteStorageRequest
-	19, // 31: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	22, // 32: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
-	24, // 33: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
-	24, // 34: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
-	29, // 35: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
-	31, // 36: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
-	33, // 37: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
-	33, // 38: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
-	36, // 39: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
-	37, // 40: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
-	39, // 41: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 42: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 43: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 44: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 45: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
-	42, // 46: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
-	45, // 47: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	45, // 48: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	47, // 49: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
-	48, // 50: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
-	50, // 51: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
-	52, // 52: umbra.v1.Umbra.Events:input_type -> umbra.v1.EventsRequest
-	4,  // 53: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 54: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 55: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 56: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 57: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 58: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 59: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	55, // 60: umbra.v1.Umbra.DeleteStorage:output_type -> umbra.v1.DeleteStorageResponse
-	20, // 61: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	23, // 62: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	28, // 63: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
-	26, // 64: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
-	30, // 65: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
-	32, // 66: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
-	34, // 67: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
-	35, // 68: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
-	41, // 69: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	38, // 70: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
-	41, // 71: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 72: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 73: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 74: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 75: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	43, // 76: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
-	44, // 77: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
-	46, // 78: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
-	44, // 79: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
-	49, // 80: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
-	51, // 81: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
-	53, // 82: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
-	53, // [53:83] is the sub-list for method output_type
-	23, // [23:53] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	66, // 22: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
+	66, // 23: umbra.v1.JobRun.start:type_name -> google.protobuf.Timestamp
+	66, // 24: umbra.v1.JobRun.end:type_name -> google.protobuf.Timestamp
+	56, // 25: umbra.v1.Job.running:type_name -> umbra.v1.JobRun
+	56, // 26: umbra.v1.Job.last:type_name -> umbra.v1.JobRun
+	66, // 27: umbra.v1.Job.last_success:type_name -> google.protobuf.Timestamp
+	66, // 28: umbra.v1.Job.next:type_name -> google.protobuf.Timestamp
+	57, // 29: umbra.v1.ListJobsResponse.jobs:type_name -> umbra.v1.Job
+	56, // 30: umbra.v1.JobHistoryResponse.runs:type_name -> umbra.v1.JobRun
+	3,  // 31: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	5,  // 32: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	7,  // 33: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	9,  // 34: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	11, // 35: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	13, // 36: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	15, // 37: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	54, // 38: umbra.v1.Umbra.DeleteStorage:input_type -> umbra.v1.DeleteStorageRequest
+	19, // 39: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	22, // 40: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	24, // 41: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
+	24, // 42: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
+	29, // 43: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
+	31, // 44: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
+	33, // 45: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
+	33, // 46: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
+	36, // 47: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
+	37, // 48: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
+	39, // 49: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 50: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 51: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 52: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
+	39, // 53: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 54: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
+	45, // 55: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	45, // 56: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	47, // 57: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
+	48, // 58: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
+	50, // 59: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
+	52, // 60: umbra.v1.Umbra.Events:input_type -> umbra.v1.EventsRequest
+	58, // 61: umbra.v1.Umbra.ListJobs:input_type -> umbra.v1.ListJobsRequest
+	60, // 62: umbra.v1.Umbra.GetJob:input_type -> umbra.v1.GetJobRequest
+	61, // 63: umbra.v1.Umbra.RunJob:input_type -> umbra.v1.RunJobRequest
+	63, // 64: umbra.v1.Umbra.JobHistory:input_type -> umbra.v1.JobHistoryRequest
+	65, // 65: umbra.v1.Umbra.SetJobEnabled:input_type -> umbra.v1.SetJobEnabledRequest
+	4,  // 66: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	6,  // 67: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	8,  // 68: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	10, // 69: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	12, // 70: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	14, // 71: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	16, // 72: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	55, // 73: umbra.v1.Umbra.DeleteStorage:output_type -> umbra.v1.DeleteStorageResponse
+	20, // 74: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	23, // 75: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	28, // 76: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	26, // 77: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
+	30, // 78: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
+	32, // 79: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
+	34, // 80: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
+	35, // 81: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
+	41, // 82: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	38, // 83: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
+	41, // 84: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 85: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 86: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 87: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 88: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	43, // 89: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
+	44, // 90: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
+	46, // 91: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
+	44, // 92: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
+	49, // 93: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
+	51, // 94: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
+	53, // 95: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
+	59, // 96: umbra.v1.Umbra.ListJobs:output_type -> umbra.v1.ListJobsResponse
+	57, // 97: umbra.v1.Umbra.GetJob:output_type -> umbra.v1.Job
+	62, // 98: umbra.v1.Umbra.RunJob:output_type -> umbra.v1.RunJobResponse
+	64, // 99: umbra.v1.Umbra.JobHistory:output_type -> umbra.v1.JobHistoryResponse
+	57, // 100: umbra.v1.Umbra.SetJobEnabled:output_type -> umbra.v1.Job
+	66, // [66:101] is the sub-list for method output_type
+	31, // [31:66] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -4071,7 +4756,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   56,
+			NumMessages:   66,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -53,6 +53,11 @@ const (
 	Umbra_UnexposeSnapshot_FullMethodName              = "/umbra.v1.Umbra/UnexposeSnapshot"
 	Umbra_ListShareMappings_FullMethodName             = "/umbra.v1.Umbra/ListShareMappings"
 	Umbra_Events_FullMethodName                        = "/umbra.v1.Umbra/Events"
+	Umbra_ListJobs_FullMethodName                      = "/umbra.v1.Umbra/ListJobs"
+	Umbra_GetJob_FullMethodName                        = "/umbra.v1.Umbra/GetJob"
+	Umbra_RunJob_FullMethodName                        = "/umbra.v1.Umbra/RunJob"
+	Umbra_JobHistory_FullMethodName                    = "/umbra.v1.Umbra/JobHistory"
+	Umbra_SetJobEnabled_FullMethodName                 = "/umbra.v1.Umbra/SetJobEnabled"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -116,6 +121,16 @@ type UmbraClient interface {
 	// failures, backup progress. A client too slow to keep up misses
 	// events (and is told how many in the next one's dropped).
 	Events(ctx context.Context, in *EventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error)
+	// Jobs: snapshot timelines, backups and verifies that the service runs
+	// on their schedules ([[job]] tables of its config file). ListJobs and
+	// GetJob tell each job's state, last runs and next run; JobHistory
+	// its recorded runs; RunJob starts a run now (not waiting for it);
+	// SetJobEnabled enables or disables a job (kept over restarts).
+	ListJobs(ctx context.Context, in *ListJobsRequest, opts ...grpc.CallOption) (*ListJobsResponse, error)
+	GetJob(ctx context.Context, in *GetJobRequest, opts ...grpc.CallOption) (*Job, error)
+	RunJob(ctx context.Context, in *RunJobRequest, opts ...grpc.CallOption) (*RunJobResponse, error)
+	JobHistory(ctx context.Context, in *JobHistoryRequest, opts ...grpc.CallOption) (*JobHistoryResponse, error)
+	SetJobEnabled(ctx context.Context, in *SetJobEnabledRequest, opts ...grpc.CallOption) (*Job, error)
 }
 
 type umbraClient struct {
@@ -444,6 +459,56 @@ func (c *umbraClient) Events(ctx context.Context, in *EventsRequest, opts ...grp
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Umbra_EventsClient = grpc.ServerStreamingClient[Event]
 
+func (c *umbraClient) ListJobs(ctx context.Context, in *ListJobsRequest, opts ...grpc.CallOption) (*ListJobsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListJobsResponse)
+	err := c.cc.Invoke(ctx, Umbra_ListJobs_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) GetJob(ctx context.Context, in *GetJobRequest, opts ...grpc.CallOption) (*Job, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Job)
+	err := c.cc.Invoke(ctx, Umbra_GetJob_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) RunJob(ctx context.Context, in *RunJobRequest, opts ...grpc.CallOption) (*RunJobResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RunJobResponse)
+	err := c.cc.Invoke(ctx, Umbra_RunJob_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) JobHistory(ctx context.Context, in *JobHistoryRequest, opts ...grpc.CallOption) (*JobHistoryResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(JobHistoryResponse)
+	err := c.cc.Invoke(ctx, Umbra_JobHistory_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) SetJobEnabled(ctx context.Context, in *SetJobEnabledRequest, opts ...grpc.CallOption) (*Job, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Job)
+	err := c.cc.Invoke(ctx, Umbra_SetJobEnabled_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -505,6 +570,16 @@ type UmbraServer interface {
 	// failures, backup progress. A client too slow to keep up misses
 	// events (and is told how many in the next one's dropped).
 	Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error
+	// Jobs: snapshot timelines, backups and verifies that the service runs
+	// on their schedules ([[job]] tables of its config file). ListJobs and
+	// GetJob tell each job's state, last runs and next run; JobHistory
+	// its recorded runs; RunJob starts a run now (not waiting for it);
+	// SetJobEnabled enables or disables a job (kept over restarts).
+	ListJobs(context.Context, *ListJobsRequest) (*ListJobsResponse, error)
+	GetJob(context.Context, *GetJobRequest) (*Job, error)
+	RunJob(context.Context, *RunJobRequest) (*RunJobResponse, error)
+	JobHistory(context.Context, *JobHistoryRequest) (*JobHistoryResponse, error)
+	SetJobEnabled(context.Context, *SetJobEnabledRequest) (*Job, error)
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -604,6 +679,21 @@ func (UnimplementedUmbraServer) ListShareMappings(context.Context, *ListShareMap
 }
 func (UnimplementedUmbraServer) Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error {
 	return status.Errorf(codes.Unimplemented, "method Events not implemented")
+}
+func (UnimplementedUmbraServer) ListJobs(context.Context, *ListJobsRequest) (*ListJobsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListJobs not implemented")
+}
+func (UnimplementedUmbraServer) GetJob(context.Context, *GetJobRequest) (*Job, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetJob not implemented")
+}
+func (UnimplementedUmbraServer) RunJob(context.Context, *RunJobRequest) (*RunJobResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RunJob not implemented")
+}
+func (UnimplementedUmbraServer) JobHistory(context.Context, *JobHistoryRequest) (*JobHistoryResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method JobHistory not implemented")
+}
+func (UnimplementedUmbraServer) SetJobEnabled(context.Context, *SetJobEnabledRequest) (*Job, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetJobEnabled not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -1152,6 +1242,96 @@ func _Umbra_Events_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Umbra_EventsServer = grpc.ServerStreamingServer[Event]
 
+func _Umbra_ListJobs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListJobsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).ListJobs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_ListJobs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).ListJobs(ctx, req.(*ListJobsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_GetJob_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetJobRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).GetJob(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_GetJob_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).GetJob(ctx, req.(*GetJobRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_RunJob_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RunJobRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).RunJob(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_RunJob_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).RunJob(ctx, req.(*RunJobRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_JobHistory_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(JobHistoryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).JobHistory(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_JobHistory_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).JobHistory(ctx, req.(*JobHistoryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_SetJobEnabled_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetJobEnabledRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).SetJobEnabled(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_SetJobEnabled_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).SetJobEnabled(ctx, req.(*SetJobEnabledRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1270,6 +1450,26 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListShareMappings",
 			Handler:    _Umbra_ListShareMappings_Handler,
+		},
+		{
+			MethodName: "ListJobs",
+			Handler:    _Umbra_ListJobs_Handler,
+		},
+		{
+			MethodName: "GetJob",
+			Handler:    _Umbra_GetJob_Handler,
+		},
+		{
+			MethodName: "RunJob",
+			Handler:    _Umbra_RunJob_Handler,
+		},
+		{
+			MethodName: "JobHistory",
+			Handler:    _Umbra_JobHistory_Handler,
+		},
+		{
+			MethodName: "SetJobEnabled",
+			Handler:    _Umbra_SetJobEnabled_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
