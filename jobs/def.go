@@ -28,7 +28,7 @@ type Def struct {
 	// down (systemd's Persistent=true); default true.
 	CatchUp *bool `toml:"catch_up,omitempty"`
 	// History is how many runs `umbra jobs history` keeps (default 100).
-	History int `toml:"history,omitempty"`
+	History int `toml:"history,omitzero"`
 	// Timeout bounds one run (default: none).
 	Timeout string `toml:"timeout,omitempty"`
 
@@ -43,23 +43,23 @@ type Def struct {
 	// backup: read everything even when change tracking allows less
 	Full bool `toml:"full,omitempty"`
 	// snapshot: the timeline's limits; backup: prune's keep rules
-	Keep Keep `toml:"keep,omitempty"`
+	Keep Keep `toml:"keep,omitempty,omitzero"`
 	// verify: re-verify an image verified more than this many days ago
 	// (default 0: every image every run)
-	ReverifyDays int `toml:"reverify_days,omitempty"`
+	ReverifyDays int `toml:"reverify_days,omitzero"`
 }
 
 // Keep is how many snapshots or images a job keeps. Snapshot timelines
 // use Hourly..Yearly and Count (snapper's timeline limits and number
 // cap, and MinAge); backup jobs use Last and Hourly..Monthly (prune's keep rules).
 type Keep struct {
-	Last    int `toml:"last,omitempty"`
-	Hourly  int `toml:"hourly,omitempty"`
-	Daily   int `toml:"daily,omitempty"`
-	Weekly  int `toml:"weekly,omitempty"`
-	Monthly int `toml:"monthly,omitempty"`
-	Yearly  int `toml:"yearly,omitempty"`
-	Count   int `toml:"count,omitempty"`
+	Last    int `toml:"last,omitzero"`
+	Hourly  int `toml:"hourly,omitzero"`
+	Daily   int `toml:"daily,omitzero"`
+	Weekly  int `toml:"weekly,omitzero"`
+	Monthly int `toml:"monthly,omitzero"`
+	Yearly  int `toml:"yearly,omitzero"`
+	Count   int `toml:"count,omitzero"`
 	// MinAge keeps a timeline's snapshots younger than this (default
 	// 30m; "0s": none).
 	MinAge string `toml:"min_age,omitempty"`
