@@ -47,7 +47,7 @@ func copySource(t *testing.T, dir string) (string, map[string][]byte) {
 	r := rand.New(rand.NewPCG(51, 52))
 	data := map[string][]byte{}
 	for _, vol := range []string{"a", "b"} {
-		b := make([]byte, 12<<20)
+		b := make([]byte, 8<<20)
 		for i := range b {
 			b[i] = byte(r.Uint32())
 		}
