@@ -25,15 +25,25 @@ func init() { verbs = append(verbs, newMountCmd) }
 // newMountCmd serves a backup image in place, without restoring it: as a
 // read-only NBD export on a unix socket, with --dir as a read-only file a
 // loop device can carry, and with --fs as its filesystem mounted
-// read-only. It runs until interrupted, then unmounts in order.
+// read-only. With --writable the image is served read-write, every
+// write kept in an overlay file that is removed at the end (a backup
+// booted in a VM, a restore tested). It runs until interrupted, then
+// unmounts in order.
 func newMountCmd() *cobra.Command {
 	var rf repoFlags
-	var socket, dir, fsDir string
+	var socket, dir, fsDir, overlayDir string
+	var writable bool
 	cmd := &cobra.Command{
 		Use:   "mount IMAGE",
-		Short: "Serve a backup image read-only over NBD (and as a file with --dir) without restoring it; runs until Ctrl-C",
+		Short: "Serve a backup image over NBD (and as a file with --dir) without restoring it, read-only or with writes thrown away at the end (--writable); runs until Ctrl-C",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if writable && fsDir != "" {
+				return usageError{errors.New("--fs mounts the filesystem read-only: with --writable use --dir and mount the file (losetup -f --show FILE; mount /dev/loopN DIR), or boot the NBD export")}
+			}
+			if !writable && cmd.Flags().Changed("overlay-dir") {
+				return usageError{errors.New("--overlay-dir is where --writable keeps its writes: give --writable too")}
+			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			r, err := rf.open(ctx)
@@ -59,10 +69,32 @@ func newMountCmd() *cobra.Command {
 				return fmt.Errorf("--socket %s: %w", socket, err)
 			}
 			defer os.Remove(socket)
-			srv := nbd.NewServer(frontend.ImageExports(id, ir), nbd.Options{Logger: slog.Default()})
+			exports := frontend.ImageExports(id, ir)
+			files := frontend.ImageFUSESource(id, ir)
+			out := map[string]string{"image": id, "nbd": fmt.Sprintf("nbd+unix:///%s?socket=%s", id, socket)}
+			if writable {
+				ov, err := frontend.NewOverlay(ir, overlayDir, id)
+				if err != nil {
+					return fmt.Errorf("--overlay-dir %s: %w", overlayDir, err)
+				}
+				defer ov.Close() // last: after the NBD server and the FUSE file stop
+				x := ir.Index()
+				exports = frontend.OverlayExports(id, fmt.Sprintf("backup image %s of %s, writes kept in %s and thrown away at the end", x.ID, x.Volume, ov.Path()), ov)
+				files = frontend.OverlayFUSESource(id, ov)
+				out["overlay"] = ov.Path()
+			}
+			srv := nbd.NewServer(exports, nbd.Options{Logger: slog.Default()})
 			done := make(chan error, 1)
 			go func() { done <- srv.Serve(ctx, l) }()
-			out := map[string]string{"image": id, "nbd": fmt.Sprintf("nbd+unix:///%s?socket=%s", id, socket)}
+			served := false // Serve returned
+			defer func() {  // before the overlay goes
+				sctx, cancel := context.WithTimeout(context.Background(), 5e9)
+				defer cancel()
+				srv.Shutdown(sctx)
+				if !served {
+					<-done
+				}
+			}()
 			if fsDir != "" && dir == "" { // the filesystem needs the file
 				os.MkdirAll(defaultRuntimeDir(), 0o755)
 				tmp, err := os.MkdirTemp(defaultRuntimeDir(), "image-file-")
@@ -76,7 +108,7 @@ func newMountCmd() *cobra.Command {
 				if err := os.MkdirAll(dir, 0o755); err != nil {
 					return fmt.Errorf("--dir %s: %w", dir, err)
 				}
-				m, err := fusefile.Mount(dir, frontend.ImageFUSESource(id, ir), fusefile.Options{})
+				m, err := fusefile.Mount(dir, files, fusefile.Options{})
 				if err != nil {
 					return fmt.Errorf("--dir %s: %w; is /dev/fuse there and are you root?", dir, err)
 				}
@@ -94,7 +126,11 @@ func newMountCmd() *cobra.Command {
 			if gflags.json {
 				printJSON(os.Stdout, out)
 			} else {
-				fmt.Printf("serving image %s read-only\n  NBD: %s\n", id, out["nbd"])
+				if writable {
+					fmt.Printf("serving image %s read-write; writes go to %s and are thrown away at the end\n  NBD: %s\n", id, out["overlay"], out["nbd"])
+				} else {
+					fmt.Printf("serving image %s read-only\n  NBD: %s\n", id, out["nbd"])
+				}
 				if f, ok := out["file"]; ok {
 					fmt.Printf("  file: %s (e.g. losetup -r -f --show %s; mount -o ro,noload /dev/loopN /mnt)\n", f, f)
 				}
@@ -106,13 +142,11 @@ func newMountCmd() *cobra.Command {
 			select {
 			case <-ctx.Done():
 			case err := <-done:
+				served = true
 				if err != nil && !errors.Is(err, nbd.ErrServerClosed) {
 					return err
 				}
 			}
-			sctx, cancel := context.WithTimeout(context.Background(), 5e9)
-			defer cancel()
-			srv.Shutdown(sctx)
 			return nil
 		},
 	}
@@ -120,5 +154,7 @@ func newMountCmd() *cobra.Command {
 	cmd.Flags().StringVar(&socket, "socket", "", "unix socket of the NBD export (default RUNTIME/image-IMAGE.sock)")
 	cmd.Flags().StringVar(&dir, "dir", "", "also serve the image as a read-only file IMAGE in this directory (FUSE)")
 	cmd.Flags().StringVar(&fsDir, "fs", "", "also mount the image's filesystem read-only at this directory (loop over the FUSE file; root)")
+	cmd.Flags().BoolVar(&writable, "writable", false, "serve the image read-write: writes go to an overlay file (sparse, in --overlay-dir) that is removed at the end; the repository is never written")
+	cmd.Flags().StringVar(&overlayDir, "overlay-dir", os.TempDir(), "directory of --writable's overlay file (it grows by what is written)")
 	return cmd
 }
