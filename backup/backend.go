@@ -166,6 +166,9 @@ func (b *localBackend) List(ctx context.Context, prefix string) ([]string, error
 			}
 			return err
 		}
+		if d.IsDir() && p == filepath.Join(b.dir, localCacheDir) {
+			return filepath.SkipDir // the local index cache, not objects
+		}
 		if d.IsDir() || strings.HasPrefix(d.Name(), ".tmp-") {
 			return nil
 		}

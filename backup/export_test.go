@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
@@ -247,7 +248,9 @@ func CheckObject(r *Repo, name, password string) error {
 		_, err := r.imageRecord(ctx, rest)
 		return err
 	case "index":
-		fresh := &Repo{be: r.be, cfg: r.cfg, seal: r.seal, hashKey: r.hashKey, packIdx: map[PackID]uint32{}, chunks: newChunkIndex()}
+		fresh := &Repo{be: r.be, cfg: r.cfg, seal: r.seal, hashKey: r.hashKey, packIdx: map[PackID]uint32{}}
+		fresh.chunks = newChunkStore(fresh.hashLen(), "")
+		defer fresh.chunks.close()
 		fresh.version.Store(r.version.Load())
 		if err := fresh.loadIndexNames(ctx, []string{name}); err != nil {
 			return err
@@ -353,3 +356,45 @@ func FailDeletes(r *Repo, prefix string) func() {
 // SetCopyIndexEvery sets how many packs a copy stores between index
 // objects.
 func SetCopyIndexEvery(n int) func() { return set(&copyIndexEvery, n) }
+
+// CacheNote says how Open found the local index cache: "used", or
+// "rebuilt: " and why.
+func CacheNote(r *Repo) string { return r.cacheNote }
+
+// CachePath is the local index cache's file ("" without one).
+func CachePath(r *Repo) string {
+	if r.cacheDir == "" {
+		return ""
+	}
+	return r.cachePath()
+}
+
+// WriteFakeIndex writes index objects naming n random chunks in packs
+// that do not exist, chunksPer an object: a large index without the
+// data (tests of the index's memory).
+func WriteFakeIndex(r *Repo, n, chunksPer int, seed uint64) error {
+	rnd := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16)})
+	for done := 0; done < n; {
+		var ps []packBlobs
+		k := min(chunksPer, n-done)
+		for k > 0 {
+			var p packBlobs
+			rnd.Read(p.ID[:])
+			m := min(k, 4096)
+			for i := range m {
+				var e blobEntry
+				rnd.Read(e.Hash[:r.hashLen()])
+				e.Off, e.Len, e.RawOff, e.Raw = uint32(i/64)*2000, 2000, uint32(i%64)*4096, 4096
+				p.Blobs = append(p.Blobs, e)
+			}
+			ps = append(ps, p)
+			k -= m
+			done += m
+		}
+		b := wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(ps, r.hashLen()))))
+		if err := r.be.Put(context.Background(), "index/"+randomID(), b); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -418,10 +418,11 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		rep.BytesFreed += size
 	}
 	r.deleteDeadLists(ctx, keep)
+	r.resetIndex([]string{newIndex})
 	r.mu.Lock()
-	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), []string{newIndex}, nil
 	r.addPacks(all)
 	r.mu.Unlock()
+	r.updateCache()
 	return r.be.Sync(ctx)
 }
 

@@ -231,10 +231,11 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 		}
 		r.deleteList(ctx, id)
 	}
+	r.resetIndex([]string{newIndex})
 	r.mu.Lock()
-	r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), []string{newIndex}, nil
 	r.addPacks(all)
 	r.mu.Unlock()
+	r.updateCache()
 	return rep, r.be.Sync(ctx)
 }
 

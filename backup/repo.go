@@ -30,6 +30,8 @@ import (
 	"fmt"
 	"hash"
 	"io/fs"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -109,6 +111,10 @@ type Settings struct {
 	ChunkSize int    // 0: DefaultChunkSize
 	Hash      string // "": the faster of blake3 and sha256 here
 	Level     string // "": fastest
+	// CacheDir is where the local index cache lives ("": cache/ in a
+	// local repository's directory, else $UMBRA_CACHE_DIR or the user's
+	// cache directory, under umbra/index/).
+	CacheDir string
 }
 
 type loc struct {
@@ -132,7 +138,9 @@ type Repo struct {
 	mu        sync.Mutex // guards the fields below
 	packs     []PackID
 	packIdx   map[PackID]uint32
-	chunks    *chunkIndex
+	chunks    *chunkStore
+	cacheDir  string   // the local index cache's directory ("": none)
+	cacheNote string   // how the cache was found at open (tests)
 	indexes   []string // index objects loaded
 	indexErrs []error  // index objects that could not be read
 	leftLocks []string // locks of ended operations whose delete failed
@@ -243,7 +251,9 @@ func openBackend(ctx context.Context, be Backend, set Settings) (*Repo, error) {
 		}
 		return nil, fmt.Errorf("open repository %s: unsupported format %+v (this Umbra reads formats 2 to %d; %s)", where, cfg, formatVersion, why)
 	}
-	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}, chunks: newChunkIndex()}
+	r := &Repo{be: be, cfg: cfg, packIdx: map[PackID]uint32{}}
+	r.cacheDir = cacheDirFor(be, cfg, set.CacheDir)
+	r.chunks = newChunkStore(r.hashLen(), r.cacheDir)
 	r.version.Store(int32(cfg.Version))
 	if cfg.Encryption == "none" && set.Password != "" {
 		return nil, fmt.Errorf("open repository %s: %w", where, ErrNotEncrypted)
@@ -354,6 +364,7 @@ func (r *Repo) upgradeFormat(ctx context.Context) error {
 // deleted before, and releases the codecs.
 func (r *Repo) Close() {
 	r.retryLeftLocks(context.Background())
+	r.chunks.close()
 	r.dec.Close()
 	r.enc.close()
 }
@@ -489,37 +500,156 @@ func (r *Repo) Refresh(ctx context.Context) error {
 	}
 	for n := range have {
 		if !listed[n] {
-			r.mu.Lock()
-			r.packs, r.packIdx, r.chunks, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, newChunkIndex(), nil, nil
-			r.mu.Unlock()
+			r.resetIndex(nil)
 			return r.loadIndexes(ctx)
 		}
 	}
 	return r.loadIndexNames(ctx, fresh)
 }
 
-// loadIndexes reads every chunk index object into memory. A damaged one
-// is remembered (verify reports it; prune rebuilds from pack trailers).
+// resetIndex forgets every chunk and pack; indexes are the index
+// objects that will be loaded next.
+func (r *Repo) resetIndex(indexes []string) {
+	r.chunks.close()
+	r.mu.Lock()
+	r.packs, r.packIdx, r.indexes, r.indexErrs = nil, map[PackID]uint32{}, indexes, nil
+	r.mu.Unlock()
+}
+
+// loadIndexes reads every chunk index object into the chunk store:
+// those the local index cache covers from it, the others from the
+// repository, after which the cache is written again to cover them all.
+// A damaged index object is remembered (verify reports it; prune
+// rebuilds from pack trailers).
 func (r *Repo) loadIndexes(ctx context.Context) error {
 	names, err := r.be.List(ctx, "index/")
 	if err != nil {
 		return err
 	}
-	return r.loadIndexNames(ctx, names)
+	if r.cacheDir == "" {
+		return r.loadIndexNames(ctx, names)
+	}
+	// One process at a time reads or rebuilds the cache: a second one
+	// opening the repository meanwhile waits and then finds it current.
+	unlock := lockCacheDir(r.cacheDir)
+	defer unlock()
+	fresh := names
+	base, filt, why := r.openCache(names)
+	if base != nil {
+		covered := map[string]bool{}
+		r.mu.Lock()
+		r.packs = slices.Clone(base.meta.Packs)
+		for i, p := range r.packs {
+			r.packIdx[p] = uint32(i)
+		}
+		r.indexes = slices.Clone(base.meta.Covered)
+		for _, n := range r.indexes {
+			covered[n] = true
+		}
+		r.mu.Unlock()
+		r.chunks.setBase(base, filt)
+		fresh = nil
+		for _, n := range names {
+			if !covered[n] {
+				fresh = append(fresh, n)
+			}
+		}
+		r.cacheNote = "used"
+	} else {
+		r.cacheNote = "rebuilt: " + why
+	}
+	if err := r.loadIndexNames(ctx, fresh); err != nil {
+		return err
+	}
+	if base == nil || len(fresh) > 0 {
+		r.persistCache()
+	}
+	return nil
+}
+
+// cachePath is the local index cache's file.
+func (r *Repo) cachePath() string { return filepath.Join(r.cacheDir, "index.run") }
+
+// cacheKey names the repository in its cache (a copy of a repository
+// has the same ID at another place).
+func (r *Repo) cacheKey() string { return r.cfg.ID + " " + r.Location() }
+
+// openCache opens the local index cache and checks it whole; it is used
+// only if it belongs to this repository and every index object it
+// covers is still listed (a prune or repair replaces them). why says
+// why it is not used.
+func (r *Repo) openCache(names []string) (*run, bloom, string) {
+	f, err := os.Open(r.cachePath())
+	if err != nil {
+		return nil, bloom{}, "none"
+	}
+	fail := func(why string) (*run, bloom, string) {
+		f.Close()
+		return nil, bloom{}, why
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return fail(err.Error())
+	}
+	filt := newBloom(fi.Size() / runPage * int64(runPerPage(r.hashLen())))
+	base, err := openRun(f, fi.Size(), r.hashLen(), func(e indexEntry) { filt.add(&e.h) })
+	if err != nil {
+		return fail(err.Error())
+	}
+	if base.meta.Repo != r.cacheKey() {
+		return fail("another repository's")
+	}
+	listed := map[string]bool{}
+	for _, n := range names {
+		listed[n] = true
+	}
+	for _, n := range base.meta.Covered {
+		if !listed[n] {
+			return fail("stale: index object " + n + " is gone")
+		}
+	}
+	base.f = f
+	return base, filt, ""
+}
+
+// updateCache writes the cache again after the index objects were
+// replaced (prune, repair), under the cache's lock.
+func (r *Repo) updateCache() {
+	if r.cacheDir == "" {
+		return
+	}
+	unlock := lockCacheDir(r.cacheDir)
+	defer unlock()
+	r.persistCache()
+}
+
+// persistCache writes the whole chunk index as the local index cache,
+// covering the index objects loaded. A failure leaves the index as it
+// was (the cache only saves reading the index objects next time).
+func (r *Repo) persistCache() {
+	r.mu.Lock()
+	meta := runMeta{Repo: r.cacheKey(), Packs: slices.Clone(r.packs), Covered: slices.Clone(r.indexes)}
+	r.mu.Unlock()
+	if meta.Packs == nil {
+		meta.Packs = []PackID{}
+	}
+	r.chunks.mu.Lock()
+	defer r.chunks.mu.Unlock()
+	r.chunks.fold(meta, r.cachePath())
 }
 
 func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
-	var all []indexEntry
 	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
 	if err != nil {
 		return err
 	}
 	defer dec.Close()
+	es := make([]indexEntry, 0, 1<<14)
 	for _, n := range names {
-		// Streamed from the opened object into compact entries (the
-		// decompressed index is never whole in memory), sorted into the
-		// index once at the end.
-		before := len(all)
+		// Streamed from the opened object into the chunk store (the
+		// decompressed index is never whole in memory): once to check
+		// it whole, then to add its entries, so that nothing of a
+		// damaged object is taken.
 		raw, err := r.getWrapped(ctx, n)
 		var z []byte
 		if err == nil {
@@ -529,28 +659,35 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 			err = dec.Reset(bytes.NewReader(z))
 		}
 		if err == nil {
-			r.mu.Lock()
+			_, err = readChunkIndex(dec, r.hashLen(), func(PackID, int) {}, func(blobEntry) {})
+		}
+		if err == nil {
+			err = dec.Reset(bytes.NewReader(z))
+		}
+		if err == nil {
 			var pack uint32
 			_, err = readChunkIndex(dec, r.hashLen(), func(id PackID, m int) {
+				r.mu.Lock()
 				pack = r.packNumber(id)
-				all = slices.Grow(all, min(m, 1<<20))
+				r.mu.Unlock()
 			}, func(e blobEntry) {
-				all = append(all, e.entry(pack))
+				es = append(es, e.entry(pack))
+				if len(es) == cap(es) {
+					r.chunks.addMany(es)
+					es = es[:0]
+				}
 			})
-			r.mu.Unlock()
+			r.chunks.addMany(es)
+			es = es[:0]
 		}
 		r.mu.Lock()
 		if err != nil {
-			all = all[:before] // nothing of a damaged index object
 			r.indexErrs = append(r.indexErrs, fmt.Errorf("index %s: %w", n, err))
 		} else {
 			r.indexes = append(r.indexes, n)
 		}
 		r.mu.Unlock()
 	}
-	r.mu.Lock()
-	r.chunks.addBulk(all)
-	r.mu.Unlock()
 	return nil
 }
 
@@ -591,12 +728,12 @@ func (r *Repo) packNumber(id PackID) uint32 {
 }
 
 func (r *Repo) lookup(h Hash) (loc, PackID, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	l, ok := r.chunks.get(h)
 	if !ok {
 		return loc{}, PackID{}, false
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	return l, r.packs[l.pack], true
 }
 

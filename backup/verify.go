@@ -55,11 +55,24 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	// The chunks the images need, as positions in the index: a bit each
 	// (a map of hashes took ~150 bytes a chunk); those no index names
 	// apart (damage: as many as there are).
+	idx, err := r.chunks.frozen()
+	if err != nil {
+		rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
+		return rep
+	}
+	defer idx.unpin()
 	r.mu.Lock()
-	idx := r.chunks.frozen()
 	packs := slices.Clone(r.packs)
 	r.mu.Unlock()
-	needed := newBitset(len(idx.sorted))
+	page := make([]byte, runPage)
+	position := func(h Hash) (int, bool) {
+		i, _, ok, err := idx.find(&h, page)
+		if err != nil {
+			rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
+		}
+		return int(i), ok
+	}
+	needed := newBitset(int(idx.n))
 	missing := map[Hash]bool{}
 	var usable []*Index
 	for _, x := range list {
@@ -68,7 +81,7 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 				if h == (Hash{}) {
 					continue
 				}
-				if i, ok := idx.pos(h); ok {
+				if i, ok := position(h); ok {
 					needed.set(i)
 				} else {
 					missing[h] = true
@@ -87,23 +100,34 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	// check each pack in one read.
 	start := make([]int, len(packs)+1)
 	nNeeded := 0
-	for i, e := range idx.sorted {
+	eachPos := func(fn func(int, indexEntry)) {
+		it := idx.iter()
+		i := 0
+		for e, ok := it.next(); ok; e, ok = it.next() {
+			fn(i, e)
+			i++
+		}
+		if it.err != nil {
+			rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", it.err))
+		}
+	}
+	eachPos(func(i int, e indexEntry) {
 		if needed.has(i) {
 			start[e.l.pack+1]++
 			nNeeded++
 		}
-	}
+	})
 	for p := 1; p < len(start); p++ {
 		start[p] += start[p-1]
 	}
 	order := make([]uint32, nNeeded)
 	fill := slices.Clone(start[:len(packs)])
-	for i, e := range idx.sorted {
-		if needed.has(i) {
+	eachPos(func(i int, e indexEntry) {
+		if needed.has(i) && fill[e.l.pack] < start[e.l.pack+1] {
 			order[fill[e.l.pack]] = uint32(i)
 			fill[e.l.pack]++
 		}
-	}
+	})
 	fill = nil
 	packNo := make(map[PackID]uint32, len(packs))
 	var pids []PackID
@@ -128,7 +152,7 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 		}
 	}
 	sort.Slice(pids, func(i, j int) bool { return string(pids[i][:]) < string(pids[j][:]) })
-	good := newBitset(len(idx.sorted))
+	good := newBitset(int(idx.n))
 	var mu sync.Mutex // guards good, rep.BadPacks, done
 	done := int64(0)
 	next := make(chan PackID)
@@ -144,8 +168,15 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 					pos = order[start[p]:start[p+1]]
 				}
 				hs := make([]Hash, len(pos))
+				page := make([]byte, runPage)
 				for j, i := range pos {
-					hs[j] = idx.sorted[i].h
+					e, err := idx.entryAt(int64(i), page)
+					if err != nil {
+						mu.Lock()
+						rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
+						mu.Unlock()
+					}
+					hs[j] = e.h
 				}
 				g, perr := r.checkPack(ctx, pid, hs, sum)
 				mu.Lock()
@@ -173,11 +204,11 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 	rep.Packs = len(pids)
 	sort.Strings(rep.BadPacks)
 	rep.Chunks = nNeeded + len(missing)
-	for i := range idx.sorted {
+	eachPos(func(i int, e indexEntry) {
 		if needed.has(i) && !good.has(i) {
-			rep.BadChunks = append(rep.BadChunks, idx.sorted[i].h.String())
+			rep.BadChunks = append(rep.BadChunks, e.h.String())
 		}
-	}
+	})
 	for h := range missing {
 		rep.BadChunks = append(rep.BadChunks, h.String())
 	}
@@ -189,7 +220,7 @@ func (r *Repo) VerifyContext(ctx context.Context, progress func(done, total int6
 				if h == (Hash{}) {
 					continue
 				}
-				if i, found := idx.pos(h); !found || !good.has(i) {
+				if i, found := position(h); !found || !good.has(i) {
 					ok = false
 					return errStop
 				}

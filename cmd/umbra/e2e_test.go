@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	os.Setenv("TMPDIR", root)
+	// Index caches of S3 repositories (local ones keep theirs inside).
+	cacheDir := filepath.Join(root, "umbra-cache")
+	os.Setenv("UMBRA_CACHE_DIR", cacheDir)
 	dir, err := os.MkdirTemp("", "umbra-bin-")
 	if err != nil {
 		panic(err)
@@ -46,6 +49,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
+	os.RemoveAll(cacheDir)
 	if left := testutil.Leftovers(root); len(left) > 0 {
 		fmt.Fprintf(os.Stderr, "FAIL: the tests left behind:\n  %s\n", strings.Join(left, "\n  "))
 		testutil.CleanLeftovers(root)

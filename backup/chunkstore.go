@@ -1,0 +1,452 @@
+package backup
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"math/bits"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// chunkStore is the chunk index (hash → pack, blob) in bounded memory:
+// a base run (a file, the local index cache when the repository has a
+// cache directory), runs spilled by this process (files unlinked as soon
+// as they are created, so nothing is left should it die), a buffer of
+// recent entries, and a Bloom filter over all of them that spares most
+// lookups of new chunks a page read. What it holds in memory is the
+// buffer (at most bufMax entries), the filter (at most maxFilterBytes),
+// and 8 bytes a 4 KiB page of every run.
+type chunkStore struct {
+	hashLen int
+	tmpDir  string // where runs are spilled ("": the system's temporary directory)
+
+	mu   sync.RWMutex // guards the fields below; lookups share it
+	base *run
+	runs []*run // spilled, oldest first; sizes decrease (tiered merges)
+	buf  *chunkIndex
+	filt bloom
+	n    int64 // entries in all of them (a chunk is in one place only)
+
+	errMu sync.Mutex // guards err (set by lookups, which share mu)
+	err   error      // the first failure to read or write a run
+}
+
+var (
+	// bufMax is how many entries the buffer holds before it is spilled
+	// as a run (a variable: tests make it small).
+	bufMax = 1 << 17
+	// minFilterBytes, maxFilterBytes bound the filter: 16 bits a chunk
+	// in between (0.5 % false positives), fewer past 4 Mi chunks.
+	minFilterBytes = 64 << 10
+	maxFilterBytes = 8 << 20
+)
+
+var pagePool = sync.Pool{New: func() any { b := make([]byte, runPage); return &b }}
+
+func newChunkStore(hashLen int, tmpDir string) *chunkStore {
+	s := &chunkStore{hashLen: hashLen, tmpDir: tmpDir, buf: newChunkIndex()}
+	s.filt = newBloom(0)
+	return s
+}
+
+// bloom is a Bloom filter with three probes taken from the hash's bits
+// (chunk hashes are uniform: BLAKE3, SHA-256, keyed or not).
+type bloom struct {
+	bits []uint64
+	mask uint64
+}
+
+func newBloom(n int64) bloom {
+	nb := uint64(max(n, 1)) * 16 / 8
+	nb = min(max(nb, uint64(minFilterBytes)), uint64(maxFilterBytes))
+	nb = 1 << (64 - bits.LeadingZeros64(nb-1)) // a power of two
+	return bloom{bits: make([]uint64, nb/8), mask: nb*8 - 1}
+}
+
+func (b *bloom) probes(h *Hash) (uint64, uint64) {
+	return binary.LittleEndian.Uint64(h[8:16]), top64(h) | 1
+}
+
+func (b *bloom) add(h *Hash) {
+	x, d := b.probes(h)
+	for range 3 {
+		i := x & b.mask
+		b.bits[i>>6] |= 1 << (i & 63)
+		x += d
+	}
+}
+
+func (b *bloom) has(h *Hash) bool {
+	x, d := b.probes(h)
+	for range 3 {
+		i := x & b.mask
+		if b.bits[i>>6]&(1<<(i&63)) == 0 {
+			return false
+		}
+		x += d
+	}
+	return true
+}
+
+func (b *bloom) bytes() int { return len(b.bits) * 8 }
+
+func (s *chunkStore) len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return int(s.n)
+}
+
+// failed is the first error reading or writing a run, if any.
+func (s *chunkStore) failed() error {
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	return s.err
+}
+
+func (s *chunkStore) get(h Hash) (loc, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.getLocked(&h)
+}
+
+func (s *chunkStore) getLocked(h *Hash) (loc, bool) {
+	if !s.filt.has(h) {
+		return loc{}, false
+	}
+	if l, ok := s.buf.get(*h); ok {
+		return l, true
+	}
+	bp := pagePool.Get().(*[]byte)
+	defer pagePool.Put(bp)
+	for i := len(s.runs) - 1; i >= 0; i-- {
+		_, l, ok, err := s.runs[i].find(h, *bp)
+		if err != nil {
+			s.noteErr(err)
+			return loc{}, false
+		}
+		if ok {
+			return l, true
+		}
+	}
+	_, l, ok, err := s.base.find(h, *bp)
+	if err != nil {
+		s.noteErr(err)
+		return loc{}, false
+	}
+	return l, ok
+}
+
+// noteErr keeps the first error.
+func (s *chunkStore) noteErr(err error) {
+	s.errMu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.errMu.Unlock()
+}
+
+// addMany records es (entries already known keep their place).
+func (s *chunkStore) addMany(es []indexEntry) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range es {
+		if _, ok := s.getLocked(&es[i].h); ok {
+			continue
+		}
+		s.buf.add(es[i].h, es[i].l)
+		s.filt.add(&es[i].h)
+		s.n++
+		if s.buf.len() >= bufMax {
+			s.spill()
+		}
+	}
+	s.growFilter()
+}
+
+// growFilter rebuilds the filter larger when it holds under 8 bits a
+// chunk and may grow. Callers hold mu.
+func (s *chunkStore) growFilter() {
+	if int64(s.filt.bytes())*8 >= s.n*8 || s.filt.bytes() >= maxFilterBytes {
+		return
+	}
+	f := newBloom(s.n)
+	if f.bytes() <= s.filt.bytes() {
+		return
+	}
+	if err := s.eachLocked(func(h Hash, _ loc) { f.add(&h) }); err != nil {
+		s.noteErr(err)
+		return // keep the old one: it still has every chunk
+	}
+	s.filt = f
+}
+
+// spill writes the buffer as a run, then merges the newest runs while
+// the last is at least half the one before it, so that runs stay few
+// (about log2 of the chunks over bufMax). Callers hold mu.
+func (s *chunkStore) spill() {
+	if s.buf.len() == 0 {
+		return
+	}
+	f := s.buf.frozen()
+	nr, err := s.writeRun(runMeta{}, "", func(add func(indexEntry) error) error {
+		for _, e := range f.sorted {
+			if err := add(e); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		s.noteErr(err)
+		return // the buffer stays; it spills again later
+	}
+	s.buf = newChunkIndex()
+	s.runs = append(s.runs, nr)
+	for k := len(s.runs); k >= 2 && s.runs[k-1].n*2 >= s.runs[k-2].n; k = len(s.runs) {
+		a, b := s.runs[k-2], s.runs[k-1]
+		m, err := s.writeRun(runMeta{}, "", func(add func(indexEntry) error) error {
+			return mergeRuns([]*run{a, b}, nil, add)
+		})
+		if err != nil {
+			s.noteErr(err)
+			return
+		}
+		a.close()
+		b.close()
+		s.runs = append(s.runs[:k-2], m)
+	}
+}
+
+// writeRun writes the entries fill gives as a run: a file renamed to
+// path once complete, or an unlinked temporary file when path is "".
+func (s *chunkStore) writeRun(meta runMeta, path string, fill func(add func(indexEntry) error) error) (*run, error) {
+	dir := s.tmpDir
+	if path != "" {
+		dir = filepath.Dir(path)
+	}
+	f, err := os.CreateTemp(dir, ".tmp-run-*")
+	if err != nil {
+		return nil, fmt.Errorf("index run: %w", err)
+	}
+	if path == "" {
+		os.Remove(f.Name())
+	}
+	fail := func(err error) (*run, error) {
+		f.Close()
+		if path != "" {
+			os.Remove(f.Name())
+		}
+		return nil, fmt.Errorf("index run: %w", err)
+	}
+	w := newRunWriter(f, s.hashLen)
+	if err := fill(w.add); err != nil {
+		return fail(err)
+	}
+	r, err := w.finish(meta)
+	if err != nil {
+		return fail(err)
+	}
+	r.f = f
+	if path != "" {
+		if err := f.Sync(); err != nil {
+			return fail(err)
+		}
+		if err := os.Rename(f.Name(), path); err != nil {
+			return fail(err)
+		}
+		if d, err := os.Open(dir); err == nil {
+			d.Sync()
+			d.Close()
+		}
+	}
+	return r, nil
+}
+
+// mergeRuns gives the entries of rs and then sorted (a buffer's array)
+// in hash order, each hash once (the earlier source's place wins).
+func mergeRuns(rs []*run, sorted []indexEntry, add func(indexEntry) error) error {
+	type src struct {
+		it  *runIter
+		cur indexEntry
+		ok  bool
+	}
+	srcs := make([]*src, 0, len(rs)+1)
+	for _, r := range rs {
+		if r == nil {
+			continue
+		}
+		s := &src{it: r.iter()}
+		s.cur, s.ok = s.it.next()
+		if s.it.err != nil {
+			return s.it.err
+		}
+		srcs = append(srcs, s)
+	}
+	j := 0
+	for {
+		var best *src
+		for _, s := range srcs {
+			if s.ok && (best == nil || cmpHash(&s.cur.h, &best.cur.h) < 0) {
+				best = s
+			}
+		}
+		var e indexEntry
+		switch {
+		case best != nil && (j == len(sorted) || cmpHash(&best.cur.h, &sorted[j].h) <= 0):
+			e = best.cur
+		case j < len(sorted):
+			e = sorted[j]
+		default:
+			return nil
+		}
+		// Skip e everywhere it is.
+		for _, s := range srcs {
+			for s.ok && s.cur.h == e.h {
+				s.cur, s.ok = s.it.next()
+				if s.it.err != nil {
+					return s.it.err
+				}
+			}
+		}
+		for j < len(sorted) && sorted[j].h == e.h {
+			j++
+		}
+		if err := add(e); err != nil {
+			return err
+		}
+	}
+}
+
+// fold merges everything into one base run (at path, with meta, when
+// path is not ""), so that positions in it name chunks. Callers hold
+// mu.
+func (s *chunkStore) fold(meta runMeta, path string) error {
+	if len(s.runs) == 0 && s.buf.len() == 0 && s.base != nil && path == "" {
+		return nil
+	}
+	f := s.buf.frozen()
+	srcs := append([]*run{s.base}, s.runs...)
+	nb, err := s.writeRun(meta, path, func(add func(indexEntry) error) error {
+		return mergeRuns(srcs, f.sorted, add)
+	})
+	if err != nil {
+		s.noteErr(err)
+		return err
+	}
+	for _, r := range srcs {
+		r.close()
+	}
+	s.base, s.runs, s.buf = nb, nil, newChunkIndex()
+	return nil
+}
+
+// setBase makes r the base of an empty store; fn was given its entries.
+func (s *chunkStore) setBase(r *run, filt bloom) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.base.close()
+	s.base, s.filt, s.n = r, filt, r.n
+}
+
+// each calls fn for every entry. Callers hold mu.
+func (s *chunkStore) eachLocked(fn func(Hash, loc)) error {
+	for _, r := range append([]*run{s.base}, s.runs...) {
+		if r == nil {
+			continue
+		}
+		it := r.iter()
+		for e, ok := it.next(); ok; e, ok = it.next() {
+			fn(e.h, e.l)
+		}
+		if it.err != nil {
+			return it.err
+		}
+	}
+	s.buf.each(fn)
+	return nil
+}
+
+func (s *chunkStore) each(fn func(Hash, loc)) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.eachLocked(fn)
+}
+
+// frozen folds the store into its base and returns it: a sorted run
+// whose positions name chunks (e.g. as bits of a set); later additions
+// do not change it. The caller unpins it when done.
+func (s *chunkStore) frozen() (*run, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.base == nil || len(s.runs) > 0 || s.buf.len() > 0 {
+		if err := s.fold(runMeta{}, ""); err != nil {
+			return nil, err
+		}
+	}
+	s.base.pins.Add(1)
+	return s.base, nil
+}
+
+// close releases the runs' files.
+func (s *chunkStore) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.base.close()
+	for _, r := range s.runs {
+		r.close()
+	}
+	s.base, s.runs, s.buf, s.n = nil, nil, newChunkIndex(), 0
+	s.filt = newBloom(0)
+}
+
+// cacheDirFor is the local index cache's directory for a repository:
+// dir when given, else cache/ inside a local repository's directory
+// (skipped by its listings), else $UMBRA_CACHE_DIR or the user's cache
+// directory under umbra/index/, in a directory per repository. Where
+// none can be made, "" (the index is then rebuilt at every open, in
+// unlinked temporary files).
+func cacheDirFor(be Backend, cfg Config, dir string) string {
+	var tries []string
+	if dir != "" {
+		tries = append(tries, dir)
+	} else {
+		if lb, ok := be.(*localBackend); ok {
+			tries = append(tries, filepath.Join(lb.dir, localCacheDir))
+		}
+		sum := sha256.Sum256([]byte(be.Location()))
+		sub := filepath.Join("umbra", "index", cfg.ID+"-"+hex.EncodeToString(sum[:6]))
+		if d := os.Getenv("UMBRA_CACHE_DIR"); d != "" {
+			tries = append(tries, filepath.Join(d, sub))
+		} else if d, err := os.UserCacheDir(); err == nil {
+			tries = append(tries, filepath.Join(d, sub))
+		}
+	}
+	for _, d := range tries {
+		if err := os.MkdirAll(d, 0o700); err == nil && unix.Access(d, unix.W_OK) == nil {
+			return d
+		}
+	}
+	return ""
+}
+
+// localCacheDir is the cache's directory in a local repository.
+const localCacheDir = "cache"
+
+// lockCacheDir takes the cache directory's flock (blocking) and returns
+// its release; without a lock file it returns a no-op.
+func lockCacheDir(dir string) func() {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return func() {}
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return func() {}
+	}
+	return func() { f.Close() }
+}

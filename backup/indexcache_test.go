@@ -1,0 +1,221 @@
+package backup_test
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	"umbra/backup"
+)
+
+func openNote(t *testing.T, dir string) (*backup.Repo, string) {
+	t.Helper()
+	r, err := backup.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Close)
+	return r, backup.CacheNote(r)
+}
+
+func verifyClean(t *testing.T, r *backup.Repo, images int) {
+	t.Helper()
+	if rep := r.Verify(); len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes)+len(rep.BadPacks)+len(rep.Unreadable) > 0 || rep.GoodImages != images {
+		t.Fatalf("verify: %+v", rep)
+	}
+}
+
+// TestIndexCache: the local index cache is used when it covers the
+// index objects listed (those written since are added to it), and
+// rebuilt from the repository when it is damaged, stale (an index
+// object it covers is gone: a prune replaced them) or another
+// repository's; the images restore and verify in every case.
+func TestIndexCache(t *testing.T) {
+	ctx := context.Background()
+	repo, dir := newRepo(t)
+	rnd := rand.New(rand.NewPCG(11, 12))
+	a, b := volumeData(rnd, 2<<20), volumeData(rnd, 2<<20)
+	xa := backupAndRestore(t, repo, a, backup.Options{Volume: "a"})
+	xb := backupAndRestore(t, repo, b, backup.Options{Volume: "b"})
+	path := backup.CachePath(repo)
+	if path == "" || !strings.HasPrefix(path, filepath.Join(dir, "cache")+"/") {
+		t.Fatalf("cache at %q, want under the repository's cache/", path)
+	}
+	for _, n := range backup.ObjectNames(repo, "") {
+		if strings.HasPrefix(n, "cache") {
+			t.Fatalf("the cache is listed as a repository object: %s", n)
+		}
+	}
+	// Opened after the backups: the cache (written at Init) covers no
+	// index object yet; the backups' are added to it.
+	r2, note := openNote(t, dir)
+	if note != "used" {
+		t.Fatalf("second open: cache %q, want used", note)
+	}
+	backupAndRestoreCheck(t, r2, xa.ID, a)
+	if _, note := openNote(t, dir); note != "used" {
+		t.Fatalf("third open: cache %q", note)
+	}
+
+	// Damage: one byte of an entry page.
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{0xff, 0x00, 0xff}, 4096+17)
+	f.Close()
+	r3, note := openNote(t, dir)
+	if !strings.HasPrefix(note, "rebuilt: ") || !strings.Contains(note, "checksum") {
+		t.Fatalf("open with a damaged cache: %q, want rebuilt for its checksum", note)
+	}
+	backupAndRestoreCheck(t, r3, xb.ID, b)
+	verifyClean(t, r3, 2)
+	if _, note := openNote(t, dir); note != "used" {
+		t.Fatalf("open after the rebuild: cache %q", note)
+	}
+
+	// Stale: the cache of before a delete, whose index objects the
+	// delete replaced.
+	old, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r3.Delete(ctx, []string{xa.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r4, note := openNote(t, dir)
+	if !strings.HasPrefix(note, "rebuilt: stale") {
+		t.Fatalf("open with a stale cache: %q", note)
+	}
+	backupAndRestoreCheck(t, r4, xb.ID, b)
+	verifyClean(t, r4, 1)
+	if st := r4.Stats(ctx); st.Chunks == 0 {
+		t.Fatalf("stats: %+v", st)
+	}
+
+	// Another repository's cache.
+	other, otherDir := newRepo(t)
+	backupAndRestore(t, other, volumeData(rnd, 1<<20), backup.Options{Volume: "o"})
+	if _, note := openNote(t, otherDir); note != "used" {
+		t.Fatal(note)
+	}
+	theirs, err := os.ReadFile(backup.CachePath(other))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(path, theirs, 0o600)
+	r5, note := openNote(t, dir)
+	if note != "rebuilt: another repository's" {
+		t.Fatalf("open with another repository's cache: %q", note)
+	}
+	verifyClean(t, r5, 1)
+}
+
+// TestIndexCacheTwoProcesses: two processes open one repository at the
+// same time, each finding the cache behind (a backup since) and each
+// backing up its own volume; the cache's lock lets one rebuild while
+// the other waits, and the files each reads stay whole while the other
+// replaces the cache. Afterwards every image restores and verifies.
+func TestIndexCacheTwoProcesses(t *testing.T) {
+	if dir := os.Getenv("UMBRA_CACHE_CHILD"); dir != "" {
+		seed := uint64(len(os.Getenv("UMBRA_CACHE_SEED")))
+		r, err := backup.Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		src := volumeData(rand.New(rand.NewPCG(seed, 99)), 2<<20)
+		x, _, err := r.Backup(context.Background(), src, backup.Options{Volume: fmt.Sprint("v", seed)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(os.Getenv("UMBRA_CACHE_OUT"), x.ID), nil, 0o600)
+		return
+	}
+	repo, dir := newRepo(t)
+	backupAndRestore(t, repo, volumeData(rand.New(rand.NewPCG(5, 99)), 2<<20), backup.Options{Volume: "first"})
+	out := t.TempDir()
+	var cmds []*exec.Cmd
+	for _, seed := range []string{"x", "xx"} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestIndexCacheTwoProcesses$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "UMBRA_CACHE_CHILD="+dir, "UMBRA_CACHE_SEED="+seed, "UMBRA_CACHE_OUT="+out)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, cmd)
+	}
+	for _, cmd := range cmds {
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("child: %v", err)
+		}
+	}
+	r, _ := openNote(t, dir)
+	ids, _ := os.ReadDir(out)
+	if len(ids) != 2 {
+		t.Fatalf("%d images from the children, want 2", len(ids))
+	}
+	for _, e := range ids {
+		x, err := r.Image(e.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		seed := uint64(len("x"))
+		if x.Volume == "v2" {
+			seed = 2
+		}
+		backupAndRestoreCheck(t, r, x.ID, volumeData(rand.New(rand.NewPCG(seed, 99)), 2<<20))
+	}
+	verifyClean(t, r, 3)
+	if _, note := openNote(t, dir); note != "used" {
+		t.Fatalf("cache after both: %q", note)
+	}
+}
+
+// TestIndexMemoryBounded: the heap a repository holds once its index is
+// loaded does not grow with its chunks: with 256 Ki and 1 Mi chunks
+// indexed it stays under 16 MiB (the chunk index held in memory took
+// 52 bytes a chunk, 52 MiB for 1 Mi), the index itself being in runs on
+// disk.
+func TestIndexMemoryBounded(t *testing.T) {
+	if testing.Short() {
+		t.Skip("writes an index of 1 Mi chunks")
+	}
+	ctx := context.Background()
+	for _, n := range []int{256 << 10, 1 << 20} {
+		repo, dir := newRepo(t)
+		if err := backup.WriteFakeIndex(repo, n, 128<<10, uint64(n)); err != nil {
+			t.Fatal(err)
+		}
+		repo.Close()
+		heap := func() float64 {
+			runtime.GC()
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			return float64(ms.HeapInuse) / (1 << 20)
+		}
+		before := heap()
+		r, err := backup.Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		grew := heap() - before
+		if st := r.Stats(ctx); st.Chunks != n {
+			t.Fatalf("%d chunks indexed, want %d", st.Chunks, n)
+		}
+		runtime.KeepAlive(r)
+		r.Close()
+		t.Logf("%d chunks: heap in use grew %.1f MiB", n, grew)
+		if grew > 16 {
+			t.Fatalf("%d chunks indexed: the open repository holds %.1f MiB of heap, want under 16 MiB whatever the chunks", n, grew)
+		}
+	}
+}

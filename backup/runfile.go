@@ -1,0 +1,465 @@
+package backup
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"sort"
+	"sync/atomic"
+)
+
+// A run is a sorted, immutable file of chunk index entries (runfile
+// version 1, docs/formats.md "Local index cache"): a 4 KiB header, then
+// 4 KiB pages of fixed-size entries in increasing hash order, each page
+// ending with its entry count and a CRC-32C, then the metadata (pack
+// table, the index objects the run covers, the repository it belongs
+// to) whose SHA-256 is in the header. Lookups read one page with pread
+// after a binary search over the first hash of every page, which is all
+// a run keeps in memory (8 bytes a page, ~0.1 byte a chunk). Pages are
+// read with pread rather than through a mapping: mapped pages a lookup
+// touched count in the process's resident set, read pages stay in the
+// page cache, which the kernel shares and reclaims.
+const (
+	runMagic    = "UMBRARUN"
+	runVersion  = 1
+	runPage     = 4096
+	runPageTail = 8 // u32 entries, u32 CRC-32C of the rest of the page
+	placeBytes  = 20
+	// maxRunMeta bounds the metadata a run's header may announce.
+	maxRunMeta = 64 << 20
+)
+
+// runMeta is what a run says besides its entries. Temporary runs (a
+// backup's spilled entries) have none.
+type runMeta struct {
+	Repo    string   // the repository's ID and location
+	Packs   []PackID // loc.pack numbers index this table
+	Covered []string // index objects whose entries the run holds
+}
+
+func runEntrySize(hashLen int) int { return hashLen + placeBytes }
+func runPerPage(hashLen int) int   { return (runPage - runPageTail) / runEntrySize(hashLen) }
+
+// runWriter writes a run; entries come in strictly increasing hash order.
+type runWriter struct {
+	w       io.WriterAt
+	bw      *bufio.Writer
+	hashLen int
+	page    []byte
+	inPage  int
+	keys    []uint64 // first hash's top 64 bits of every page written
+	n       int64
+	last    Hash
+	err     error
+}
+
+type offsetWriter struct {
+	w   io.WriterAt
+	off int64
+}
+
+func (o *offsetWriter) Write(p []byte) (int, error) {
+	n, err := o.w.WriteAt(p, o.off)
+	o.off += int64(n)
+	return n, err
+}
+
+func newRunWriter(w io.WriterAt, hashLen int) *runWriter {
+	return &runWriter{w: w, bw: bufio.NewWriterSize(&offsetWriter{w: w, off: runPage}, 256<<10), hashLen: hashLen, page: make([]byte, runPage)}
+}
+
+func (rw *runWriter) add(e indexEntry) error {
+	if rw.err != nil {
+		return rw.err
+	}
+	if rw.n > 0 && cmpHash(&e.h, &rw.last) <= 0 {
+		rw.err = fmt.Errorf("index run: entries out of order")
+		return rw.err
+	}
+	rw.last = e.h
+	per := runPerPage(rw.hashLen)
+	if rw.inPage == 0 {
+		rw.keys = append(rw.keys, top64(&e.h))
+	}
+	putRunEntry(rw.page[rw.inPage*runEntrySize(rw.hashLen):], e, rw.hashLen)
+	rw.inPage++
+	rw.n++
+	if rw.inPage == per {
+		rw.flushPage()
+	}
+	return rw.err
+}
+
+func putRunEntry(b []byte, e indexEntry, hashLen int) {
+	copy(b, e.h[:hashLen])
+	p := b[hashLen:]
+	binary.LittleEndian.PutUint32(p, e.l.pack)
+	binary.LittleEndian.PutUint32(p[4:], e.l.off)
+	binary.LittleEndian.PutUint32(p[8:], e.l.len)
+	binary.LittleEndian.PutUint32(p[12:], e.l.rawOff)
+	binary.LittleEndian.PutUint32(p[16:], e.l.raw)
+}
+
+func getRunEntry(b []byte, hashLen int) (e indexEntry) {
+	copy(e.h[:], b[:hashLen])
+	p := b[hashLen:]
+	e.l = loc{pack: binary.LittleEndian.Uint32(p), off: binary.LittleEndian.Uint32(p[4:]), len: binary.LittleEndian.Uint32(p[8:]),
+		rawOff: binary.LittleEndian.Uint32(p[12:]), raw: binary.LittleEndian.Uint32(p[16:])}
+	return e
+}
+
+func (rw *runWriter) flushPage() {
+	clear(rw.page[rw.inPage*runEntrySize(rw.hashLen) : runPage-runPageTail])
+	binary.LittleEndian.PutUint32(rw.page[runPage-8:], uint32(rw.inPage))
+	binary.LittleEndian.PutUint32(rw.page[runPage-4:], crc32.Checksum(rw.page[:runPage-4], castagnoli))
+	if _, err := rw.bw.Write(rw.page); err != nil && rw.err == nil {
+		rw.err = err
+	}
+	rw.inPage = 0
+}
+
+// finish writes the metadata and the header; the run is then complete.
+func (rw *runWriter) finish(meta runMeta) (*run, error) {
+	if rw.inPage > 0 {
+		rw.flushPage()
+	}
+	if rw.err != nil {
+		return nil, rw.err
+	}
+	m := encodeRunMeta(meta)
+	if _, err := rw.bw.Write(m); err != nil {
+		return nil, err
+	}
+	if err := rw.bw.Flush(); err != nil {
+		return nil, err
+	}
+	pages := int64(len(rw.keys))
+	h := makeRunHeader(rw.hashLen, rw.n, pages, m)
+	if _, err := rw.w.WriteAt(h, 0); err != nil {
+		return nil, err
+	}
+	return &run{r: rw.w.(io.ReaderAt), hashLen: rw.hashLen, n: rw.n, keys: rw.keys, meta: meta}, nil
+}
+
+func encodeRunMeta(m runMeta) []byte {
+	var b []byte
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.Repo)))
+	b = append(b, m.Repo...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.Packs)))
+	for _, p := range m.Packs {
+		b = append(b, p[:]...)
+	}
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.Covered)))
+	for _, c := range m.Covered {
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(c)))
+		b = append(b, c...)
+	}
+	return b
+}
+
+func decodeRunMeta(b []byte) (runMeta, error) {
+	var m runMeta
+	bad := errors.New("index run: bad metadata")
+	take := func(n int) ([]byte, bool) {
+		if n < 0 || n > len(b) {
+			return nil, false
+		}
+		v := b[:n]
+		b = b[n:]
+		return v, true
+	}
+	u32 := func() (int, bool) {
+		v, ok := take(4)
+		if !ok {
+			return 0, false
+		}
+		return int(binary.LittleEndian.Uint32(v)), true
+	}
+	n, ok := u32()
+	s, ok2 := take(n)
+	if !ok || !ok2 {
+		return m, bad
+	}
+	m.Repo = string(s)
+	n, ok = u32()
+	if !ok || n > len(b)/32 {
+		return m, bad
+	}
+	m.Packs = make([]PackID, n)
+	for i := range m.Packs {
+		v, _ := take(32)
+		copy(m.Packs[i][:], v)
+	}
+	n, ok = u32()
+	if !ok || n > len(b)/4 {
+		return m, bad
+	}
+	for range n {
+		k, ok := u32()
+		s, ok2 := take(k)
+		if !ok || !ok2 {
+			return m, bad
+		}
+		m.Covered = append(m.Covered, string(s))
+	}
+	if len(b) != 0 {
+		return m, bad
+	}
+	return m, nil
+}
+
+// The header: magic, u32 version, u32 hash length, u64 entries, u64
+// pages, u64 metadata length, SHA-256 of the metadata, SHA-256 of the
+// header up to here.
+const runHeaderLen = 8 + 4 + 4 + 8 + 8 + 8 + 32 + 32
+
+func makeRunHeader(hashLen int, n, pages int64, meta []byte) []byte {
+	h := make([]byte, 0, runPage)
+	h = append(h, runMagic...)
+	h = binary.LittleEndian.AppendUint32(h, runVersion)
+	h = binary.LittleEndian.AppendUint32(h, uint32(hashLen))
+	h = binary.LittleEndian.AppendUint64(h, uint64(n))
+	h = binary.LittleEndian.AppendUint64(h, uint64(pages))
+	h = binary.LittleEndian.AppendUint64(h, uint64(len(meta)))
+	ms := sha256.Sum256(meta)
+	h = append(h, ms[:]...)
+	hs := sha256.Sum256(h)
+	h = append(h, hs[:]...)
+	return h[:runPage]
+}
+
+// run is an opened run.
+type run struct {
+	r       io.ReaderAt
+	f       *os.File // nil unless the run is a file this process opened
+	hashLen int
+	n       int64
+	keys    []uint64
+	meta    runMeta
+	// pins counts users outside the store's lock (a frozen base); the
+	// file is closed once it is retired and unpinned.
+	pins    atomic.Int32
+	retired atomic.Bool
+}
+
+// close retires r: its file closes now, or when its last pin goes.
+func (r *run) close() {
+	if r == nil {
+		return
+	}
+	r.retired.Store(true)
+	if r.pins.Load() == 0 && r.f != nil {
+		r.f.Close()
+	}
+}
+
+func (r *run) unpin() {
+	if r != nil && r.pins.Add(-1) == 0 && r.retired.Load() && r.f != nil {
+		r.f.Close()
+	}
+}
+
+// openRun reads a run's header and metadata and checks every page (its
+// checksum, its count, the order of its entries, pack numbers within the
+// pack table when the run has one), calling fn for each entry: a run is
+// trusted only once it was read whole. size is the file's size.
+func openRun(ra io.ReaderAt, size int64, hashLen int, fn func(indexEntry)) (*run, error) {
+	bad := func(why string) error { return fmt.Errorf("index run: %w: %s", ErrCorrupt, why) }
+	if size < runPage {
+		return nil, bad("shorter than its header")
+	}
+	h := make([]byte, runHeaderLen)
+	if _, err := ra.ReadAt(h, 0); err != nil {
+		return nil, err
+	}
+	if string(h[:8]) != runMagic {
+		return nil, bad("bad magic")
+	}
+	if hs := sha256.Sum256(h[:runHeaderLen-32]); !bytes.Equal(hs[:], h[runHeaderLen-32:]) {
+		return nil, bad("header checksum mismatch")
+	}
+	if v := binary.LittleEndian.Uint32(h[8:]); v != runVersion {
+		return nil, bad(fmt.Sprintf("version %d, this Umbra reads %d", v, runVersion))
+	}
+	if hl := int(binary.LittleEndian.Uint32(h[12:])); hl != hashLen {
+		return nil, bad(fmt.Sprintf("hashes of %d bytes, the repository's have %d", hl, hashLen))
+	}
+	n := binary.LittleEndian.Uint64(h[16:])
+	pages := binary.LittleEndian.Uint64(h[24:])
+	metaLen := binary.LittleEndian.Uint64(h[32:])
+	per := uint64(runPerPage(hashLen))
+	if pages > uint64(size/runPage) || n > pages*per || n < pages*per-min(pages*per, per-1) || (pages == 0) != (n == 0) ||
+		metaLen > maxRunMeta || int64(metaLen) != size-runPage-int64(pages)*runPage {
+		return nil, bad("sizes do not add up")
+	}
+	mb := make([]byte, metaLen)
+	if _, err := ra.ReadAt(mb, runPage+int64(pages)*runPage); err != nil {
+		return nil, err
+	}
+	if ms := sha256.Sum256(mb); !bytes.Equal(ms[:], h[40:72]) {
+		return nil, bad("metadata checksum mismatch")
+	}
+	meta, err := decodeRunMeta(mb)
+	if err != nil {
+		return nil, bad(err.Error())
+	}
+	r := &run{r: ra, hashLen: hashLen, n: int64(n), keys: make([]uint64, 0, pages), meta: meta}
+	br := bufio.NewReaderSize(io.NewSectionReader(ra, runPage, int64(pages)*runPage), 1<<20)
+	page := make([]byte, runPage)
+	var last Hash
+	var seen uint64
+	esz := runEntrySize(hashLen)
+	for p := uint64(0); p < pages; p++ {
+		if _, err := io.ReadFull(br, page); err != nil {
+			return nil, bad("truncated")
+		}
+		cnt, err := checkRunPage(page, hashLen)
+		if err != nil {
+			return nil, bad(fmt.Sprintf("page %d: %v", p, err))
+		}
+		if p+1 < pages && uint64(cnt) != per {
+			return nil, bad(fmt.Sprintf("page %d is not full", p))
+		}
+		for i := 0; i < cnt; i++ {
+			e := getRunEntry(page[i*esz:], hashLen)
+			if seen > 0 && cmpHash(&e.h, &last) <= 0 {
+				return nil, bad(fmt.Sprintf("page %d: entries out of order", p))
+			}
+			if meta.Packs != nil && int(e.l.pack) >= len(meta.Packs) {
+				return nil, bad(fmt.Sprintf("page %d: pack %d outside its table of %d", p, e.l.pack, len(meta.Packs)))
+			}
+			if i == 0 {
+				r.keys = append(r.keys, top64(&e.h))
+			}
+			last = e.h
+			seen++
+			if fn != nil {
+				fn(e)
+			}
+		}
+	}
+	if seen != n {
+		return nil, bad(fmt.Sprintf("%d entries, its header says %d", seen, n))
+	}
+	return r, nil
+}
+
+func checkRunPage(page []byte, hashLen int) (int, error) {
+	if crc32.Checksum(page[:runPage-4], castagnoli) != binary.LittleEndian.Uint32(page[runPage-4:]) {
+		return 0, errors.New("checksum mismatch")
+	}
+	cnt := int(binary.LittleEndian.Uint32(page[runPage-8:]))
+	if cnt == 0 || cnt > runPerPage(hashLen) {
+		return 0, fmt.Errorf("%d entries", cnt)
+	}
+	return cnt, nil
+}
+
+// readPage reads page p into buf and returns its entries' bytes.
+func (r *run) readPage(p int, buf []byte) ([]byte, error) {
+	if _, err := r.r.ReadAt(buf[:runPage], runPage+int64(p)*runPage); err != nil {
+		return nil, fmt.Errorf("index run: page %d: %w", p, err)
+	}
+	cnt, err := checkRunPage(buf[:runPage], r.hashLen)
+	if err != nil {
+		return nil, fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", p, ErrCorrupt, err)
+	}
+	return buf[:cnt*runEntrySize(r.hashLen)], nil
+}
+
+// find looks h up: its position in the run and its entry.
+func (r *run) find(h *Hash, buf []byte) (int64, loc, bool, error) {
+	if r == nil || r.n == 0 {
+		return 0, loc{}, false, nil
+	}
+	t := top64(h)
+	// The first page that may hold h: the last one starting at or before
+	// its top bits (pages whose first top bits equal t may follow).
+	p := sort.Search(len(r.keys), func(i int) bool { return r.keys[i] >= t })
+	if p > 0 {
+		p--
+	}
+	esz := runEntrySize(r.hashLen)
+	for ; p < len(r.keys) && r.keys[p] <= t; p++ {
+		es, err := r.readPage(p, buf)
+		if err != nil {
+			return 0, loc{}, false, err
+		}
+		cnt := len(es) / esz
+		i := sort.Search(cnt, func(i int) bool {
+			var k Hash
+			copy(k[:], es[i*esz:i*esz+r.hashLen])
+			return cmpHash(&k, h) >= 0
+		})
+		if i < cnt {
+			e := getRunEntry(es[i*esz:], r.hashLen)
+			if e.h == *h {
+				return int64(p)*int64(runPerPage(r.hashLen)) + int64(i), e.l, true, nil
+			}
+			return 0, loc{}, false, nil // the next entry is past h
+		}
+	}
+	return 0, loc{}, false, nil
+}
+
+// entryAt reads the entry at position i.
+func (r *run) entryAt(i int64, buf []byte) (indexEntry, error) {
+	per := int64(runPerPage(r.hashLen))
+	if i < 0 || i >= r.n {
+		return indexEntry{}, fmt.Errorf("index run: position %d outside %d entries", i, r.n)
+	}
+	es, err := r.readPage(int(i/per), buf)
+	if err != nil {
+		return indexEntry{}, err
+	}
+	esz := runEntrySize(r.hashLen)
+	if int(i%per)*esz >= len(es) {
+		return indexEntry{}, fmt.Errorf("index run: %w: position %d past its page", ErrCorrupt, i)
+	}
+	return getRunEntry(es[int(i%per)*esz:], r.hashLen), nil
+}
+
+// iter reads the run's entries in order.
+type runIter struct {
+	r    *run
+	br   *bufio.Reader
+	page []byte
+	es   []byte
+	p    int64
+	err  error
+}
+
+func (r *run) iter() *runIter {
+	return &runIter{r: r, br: bufio.NewReaderSize(io.NewSectionReader(r.r, runPage, int64(len(r.keys))*runPage), 256<<10), page: make([]byte, runPage)}
+}
+
+// next returns the next entry; ok is false at the end or on an error
+// (it.err).
+func (it *runIter) next() (indexEntry, bool) {
+	esz := runEntrySize(it.r.hashLen)
+	for len(it.es) == 0 {
+		if it.err != nil || it.p >= int64(len(it.r.keys)) {
+			return indexEntry{}, false
+		}
+		if _, err := io.ReadFull(it.br, it.page); err != nil {
+			it.err = fmt.Errorf("index run: page %d: %w", it.p, err)
+			return indexEntry{}, false
+		}
+		cnt, err := checkRunPage(it.page, it.r.hashLen)
+		if err != nil {
+			it.err = fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", it.p, ErrCorrupt, err)
+			return indexEntry{}, false
+		}
+		it.es = it.page[:cnt*esz]
+		it.p++
+	}
+	e := getRunEntry(it.es, it.r.hashLen)
+	it.es = it.es[esz:]
+	return e, true
+}
