@@ -27,9 +27,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -72,6 +75,10 @@ type Options struct {
 	Idle time.Duration
 	// Logger logs mounts and teardowns (default slog.Default()).
 	Logger *slog.Logger
+	// CleanStale tears down, at New, what Browsers of processes that
+	// died left in Dir (mounts, loop devices, FUSE mounts). Only for a
+	// Dir no other live Browser uses: the service's, which it owns.
+	CleanStale bool
 }
 
 // ErrBusy: every mount the Browser may keep is in use.
@@ -137,6 +144,9 @@ func New(opts Options) (*Browser, error) {
 	}
 	if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
 		return nil, fmt.Errorf("file browser directory: %w", err)
+	}
+	if opts.CleanStale {
+		cleanStale(opts.Dir, opts.Logger)
 	}
 	dir, err := os.MkdirTemp(opts.Dir, "umbra-browse-")
 	if err != nil {
@@ -490,3 +500,87 @@ func (r readOnly) ReadAt(p []byte, off int64) (int, error) { return r.img.ReadAt
 func (r readOnly) Size() int64                             { return r.img.Size() }
 func (readOnly) WriteAt(p []byte, off int64) (int, error)  { return 0, unix.EROFS }
 func (readOnly) Flush() error                              { return nil }
+
+// cleanStale tears down what the Browsers of dead processes left in
+// dir, in order: filesystem mounts, the loop devices over their FUSE
+// files, the FUSE mounts (whose servers died: lazily); then removes the
+// directories, never descending into one still mounted.
+func cleanStale(dir string, log *slog.Logger) {
+	olds, _ := filepath.Glob(filepath.Join(dir, "umbra-browse-*"))
+	for _, old := range olds {
+		prefix := old + "/"
+		var fsMounts, fuseMounts []string
+		for _, mp := range mountPoints() {
+			switch {
+			case strings.HasPrefix(mp, prefix+"fs-"):
+				fsMounts = append(fsMounts, mp)
+			case strings.HasPrefix(mp, prefix+"file-"):
+				fuseMounts = append(fuseMounts, mp)
+			}
+		}
+		for _, mp := range fsMounts {
+			if err := exec.Command("umount", mp).Run(); err != nil {
+				exec.Command("umount", "-l", mp).Run()
+			}
+		}
+		loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+		for _, bf := range loops {
+			b, err := os.ReadFile(bf)
+			if err == nil && strings.HasPrefix(strings.TrimSpace(string(b)), prefix) {
+				exec.Command("losetup", "-d", "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(bf)))).Run()
+			}
+		}
+		for _, mp := range fuseMounts {
+			if err := exec.Command("fusermount3", "-u", "-z", mp).Run(); err != nil {
+				exec.Command("umount", "-l", mp).Run()
+			}
+		}
+		left := mountPoints()
+		ents, _ := os.ReadDir(old)
+		for _, e := range ents {
+			p := filepath.Join(old, e.Name())
+			if !slices.Contains(left, p) {
+				os.Remove(p)
+			}
+		}
+		if err := os.Remove(old); err != nil {
+			log.Warn("file browser: a directory left by a process that died stays", "dir", old, "err", err)
+		} else {
+			log.Info("file browser: tore down what a process that died left", "dir", old, "mounts", len(fsMounts)+len(fuseMounts))
+		}
+	}
+}
+
+// mountPoints lists the mount points of /proc/self/mountinfo.
+func mountPoints() []string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 {
+			out = append(out, unescapeMount(f[4]))
+		}
+	}
+	return out
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}

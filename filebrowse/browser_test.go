@@ -3,6 +3,7 @@ package filebrowse_test
 import (
 	"archive/tar"
 	"archive/zip"
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -700,5 +701,63 @@ func TestBrowserIdle(t *testing.T) {
 	}
 	if out, _ := exec.Command("losetup", "-a").CombinedOutput(); strings.Contains(string(out), bdir) {
 		t.Errorf("an idle mount's loop device is still attached:\n%s", grepLines(string(out), bdir))
+	}
+}
+
+// TestBrowserStale: what a process that died with a mount open left
+// (a filesystem mount, its loop device, a dead FUSE mount) is torn down
+// by the next Browser with CleanStale on the same directory.
+func TestBrowserStale(t *testing.T) {
+	if dir := os.Getenv("FILEBROWSE_CHILD_DIR"); dir != "" {
+		// The child: mount, say so, wait to be killed.
+		repo, id := os.Getenv("FILEBROWSE_CHILD_REPO"), os.Getenv("FILEBROWSE_CHILD_IMAGE")
+		b, err := filebrowse.New(filebrowse.Options{Dir: dir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.Open(context.Background(), filebrowse.BackupImage(repo, opener(repo), id)); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Println("mounted")
+		select {}
+	}
+	need(t, "mkfs.ext4", "fusermount3")
+	dir := t.TempDir()
+	img := makeFS(t, "ext4", dir, 32<<20, func(root string) { fillTree(t, root, 3) })
+	repo, id := backupFile(t, dir, img)
+	bdir := filepath.Join(dir, "browse")
+	child := exec.Command(os.Args[0], "-test.run", "^TestBrowserStale$")
+	child.Env = append(os.Environ(), "FILEBROWSE_CHILD_DIR="+bdir, "FILEBROWSE_CHILD_REPO="+repo, "FILEBROWSE_CHILD_IMAGE="+id)
+	child.Stderr = os.Stderr
+	out, _ := child.StdoutPipe()
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	if line != "mounted\n" {
+		child.Process.Kill()
+		child.Wait()
+		t.Fatalf("the child said %q", line)
+	}
+	child.Process.Kill()
+	child.Wait()
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Count(string(mi), bdir) != 2 {
+		t.Fatalf("the dead child's mounts:\n%s", grepLines(string(mi), bdir))
+	}
+	b, err := filebrowse.New(filebrowse.Options{Dir: bdir, CleanStale: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	mi, _ = os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mi), bdir) {
+		t.Errorf("mounts left under %s:\n%s", bdir, grepLines(string(mi), bdir))
+	}
+	if out, _ := exec.Command("losetup", "-a").CombinedOutput(); strings.Contains(string(out), bdir) {
+		t.Errorf("loop devices left over files under %s:\n%s", bdir, grepLines(string(out), bdir))
+	}
+	if ents, _ := os.ReadDir(bdir); len(ents) != 0 {
+		t.Errorf("left in %s: %v", bdir, ents)
 	}
 }

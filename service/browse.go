@@ -10,7 +10,8 @@ import (
 
 // Browser is the service's file browser (file-level restore from
 // snapshots and backup images), made at its first use; its mounts live
-// under STATE/browse and go at Close, before the volumes close. Serve
+// under STATE/browse and go at Close, before the volumes close (those a
+// service killed with -9 left go when the next one makes its browser). Serve
 // it with Browser().Handler, resolving sources with SnapshotSource and
 // ImageSource.
 func (s *Service) Browser() (*filebrowse.Browser, error) {
@@ -20,7 +21,7 @@ func (s *Service) Browser() (*filebrowse.Browser, error) {
 		return nil, filebrowse.ErrClosed
 	}
 	if s.browser == nil {
-		b, err := filebrowse.New(filebrowse.Options{Dir: filepath.Join(s.cfg.StateDir, "browse"), Logger: s.log})
+		b, err := filebrowse.New(filebrowse.Options{Dir: filepath.Join(s.cfg.StateDir, "browse"), Logger: s.log, CleanStale: true})
 		if err != nil {
 			return nil, err
 		}
