@@ -148,7 +148,7 @@ func checkOne(d Def) (*job, error) {
 	}
 	j.kind = k
 	if d.Schedule == "" {
-		return nil, fieldErr(&d, "schedule", "missing: give a calendar expression such as \"hourly\", \"*-*-* 02:00\" or \"Mon..Fri 07,12:00\" (a job only run by hand: schedule it and set disabled = true)")
+		return nil, fieldErr(&d, "schedule", "missing: give a calendar expression such as \"hourly\", \"*-*-* 02:00\" or \"Mon..Fri 07,12:00\"")
 	}
 	spec, err := calendar.Parse(d.Schedule)
 	if err != nil {
