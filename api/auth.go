@@ -76,6 +76,7 @@ var methodRoles = map[string]Role{
 	"RunJob": RoleOperator, "SetJobEnabled": RoleOperator,
 
 	"SetStorage": RoleAdmin, "DeleteStorage": RoleAdmin, "DeleteSnapshots": RoleAdmin, "RevertSnapshot": RoleAdmin, "DeleteShareMapping": RoleAdmin,
+	"RestoreLive": RoleAdmin,
 }
 
 // needs returns the role a full method name ("/umbra.v1.Umbra/X") needs.

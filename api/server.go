@@ -63,6 +63,9 @@ type Server struct {
 	// SocketGroup, when set before Serve, gives the operator role on the
 	// unix socket to peers whose groups (SO_PEERGROUPS) include it.
 	SocketGroup *SocketGroup
+	// Live, when set before Serve, restores images live (RestoreLive)
+	// and reports them in ListVolumes.
+	Live LiveRestorer
 
 	events events // what happens, for Events subscribers
 }
@@ -265,6 +268,9 @@ func (s *Server) ListVolumes(ctx context.Context, _ *umbrav1.ListVolumesRequest)
 		}
 		if st.Dir == "" {
 			vol.WhyNot = "no shadow storage association: add one with `umbra storage add`"
+		}
+		if s.Live != nil {
+			vol.LiveRestore = s.Live.LiveRestore(v.Name())
 		}
 		vol.Mounts = s.volumeMounts(v.Name())
 		if vol.CanBeStorage = len(vol.Mounts) > 0; !vol.CanBeStorage {

@@ -44,7 +44,11 @@ type Options struct {
 	// OnComplete runs once every chunk is durable in the target, before
 	// the map file is removed (the service marks the volume ordinary).
 	OnComplete func() error
-	Logger     *slog.Logger
+	// OnState is told when the restore starts waiting for the
+	// repository (StateWaiting, with why) and when it answers again
+	// (StateRestoring). It must not block.
+	OnState func(state, msg string)
+	Logger  *slog.Logger
 }
 
 // commitEvery is how many bytes the background restore writes between
@@ -70,6 +74,7 @@ type Target struct {
 	log     *slog.Logger
 	backoff time.Duration
 	onDone  func() error
+	onState func(state, msg string)
 
 	present []atomic.Uint64 // chunks with their final bytes written (durable or not)
 	count   atomic.Int64    // bits set in present
@@ -156,7 +161,7 @@ func checkSize(f cow.File, src Source) error {
 
 func newTarget(fsys cow.FS, f cow.File, m *mapFile, mapPath string, src Source, words []uint64, opts Options) *Target {
 	t := &Target{f: f, src: src, fsys: fsys, mapPath: mapPath, image: m.h.image, cs: m.h.chunk, size: m.h.size, n: m.h.nchunks(),
-		log: opts.Logger, backoff: opts.Backoff, onDone: opts.OnComplete, m: m, durable: words,
+		log: opts.Logger, backoff: opts.Backoff, onDone: opts.OnComplete, onState: opts.OnState, m: m, durable: words,
 		present: make([]atomic.Uint64, len(words)), pending: map[int64]uint64{}, rateWake: make(chan struct{}, 1), state: StateRestoring}
 	if t.log == nil {
 		t.log = slog.Default()
@@ -265,6 +270,7 @@ func (t *Target) ReadAt(p []byte, off int64) (int, error) {
 func (t *Target) fetchMissing(c0, c1 int64, want func(c int64) bool) error {
 	const maxRun = 1 << 20
 	var buf []byte
+	fetched := false
 	for c := c0; c < c1; {
 		if t.has(c) || !want(c) {
 			c++
@@ -305,6 +311,10 @@ func (t *Target) fetchMissing(c0, c1 int64, want func(c int64) bool) error {
 		t.mark(c, e)
 		t.demand.Add(e - c)
 		c = e
+		fetched = true
+	}
+	if fetched {
+		t.setErr(nil) // the repository answers
 	}
 	return nil
 }
@@ -599,9 +609,11 @@ func (t *Target) waitRate(ctx context.Context, n int64) error {
 	}
 }
 
+// setState moves between restoring and paused; waiting for the
+// repository ends only when it answers (setErr), and done stays.
 func (t *Target) setState(s string) {
 	t.stMu.Lock()
-	if t.state != StateDone {
+	if t.state != StateDone && t.state != StateWaiting {
 		t.state = s
 	}
 	t.stMu.Unlock()
@@ -610,18 +622,24 @@ func (t *Target) setState(s string) {
 // setErr records the repository's failure (nil: it answers again).
 func (t *Target) setErr(err error) {
 	t.stMu.Lock()
-	defer t.stMu.Unlock()
 	if t.state == StateDone {
+		t.stMu.Unlock()
 		return
 	}
+	was := t.state
 	if err == nil {
 		if t.state == StateWaiting {
 			t.state = StateRestoring
 		}
 		t.lastErr = ""
-		return
+	} else {
+		t.state, t.lastErr = StateWaiting, err.Error()
 	}
-	t.state, t.lastErr = StateWaiting, err.Error()
+	now, msg := t.state, t.lastErr
+	t.stMu.Unlock()
+	if t.onState != nil && (was == StateWaiting) != (now == StateWaiting) {
+		t.onState(now, msg)
+	}
 }
 
 func (t *Target) noteSpeed(n int64) {

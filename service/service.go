@@ -78,6 +78,7 @@ type Service struct {
 	audit    *api.Audit
 	notify   *notify.Notifier
 	jobs     *jobs.Manager
+	live     *liveRestores    // volumes restored live (umbra restore --live)
 	fuse     *fusefile.Server // nil without FUSE.Dir
 	fuseDone chan struct{}    // closed when the FUSE mount is gone
 
@@ -139,6 +140,10 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	}
 	s.vols = cow.NewProvider()
 	if err := s.openVolumes(); err != nil {
+		return s, err
+	}
+	s.live = newLiveRestores(s)
+	if err := s.live.open(); err != nil {
 		return s, err
 	}
 	s.metrics = metrics.New(s.vols)
@@ -220,6 +225,7 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 		return s, err
 	}
 	s.api.Jobs = s.jobs
+	s.api.Live = s.live
 	return s, nil
 }
 
@@ -260,6 +266,12 @@ func (s *Service) openVolumes() error {
 			"storage", opts.StorageDir, "snapshots", len(v.Snapshots()))
 	}
 	return nil
+}
+
+// volumeOptions are the options of a volume added at run time (a live
+// restore's): the defaults, shadow storage in the state directory.
+func (s *Service) volumeOptions(fsys cow.FS) cow.Options {
+	return cow.Options{StorageDir: filepath.Join(s.cfg.StateDir, "shadow"), FS: fsys}
 }
 
 // openWriters registers the in-process writers: fsfreeze, the SQLite
@@ -536,12 +548,18 @@ func (s *Service) teardown() {
 	if s.bp != nil {
 		s.bp.Close()
 	}
+	if s.live != nil {
+		s.live.close() // the background restores, before their volumes
+	}
 	if s.vols != nil {
 		for _, v := range s.vols.Volumes() {
 			if err := v.Close(); err != nil {
 				s.log.Error("close volume", "volume", v.Name(), "err", err)
 			}
 		}
+	}
+	if s.live != nil {
+		s.live.closeSources()
 	}
 	if s.stateOwn != nil {
 		s.stateOwn.Release()

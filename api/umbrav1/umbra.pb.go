@@ -45,7 +45,9 @@ type Volume struct {
 	Mounts        []string `protobuf:"bytes,12,rep,name=mounts,proto3" json:"mounts,omitempty"`
 	// Front-end clients that have the volume open, e.g. "1 NBD
 	// connection(s)", "1 open FUSE file(s)"; revert is refused while any do.
-	Users         []string `protobuf:"bytes,13,rep,name=users,proto3" json:"users,omitempty"`
+	Users []string `protobuf:"bytes,13,rep,name=users,proto3" json:"users,omitempty"`
+	// Set while the volume is being restored live (umbra restore --live).
+	LiveRestore   *LiveRestore `protobuf:"bytes,14,opt,name=live_restore,json=liveRestore,proto3" json:"live_restore,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -171,6 +173,290 @@ func (x *Volume) GetUsers() []string {
 	return nil
 }
 
+func (x *Volume) GetLiveRestore() *LiveRestore {
+	if x != nil {
+		return x.LiveRestore
+	}
+	return nil
+}
+
+// LiveRestore is the state of a live restore.
+type LiveRestore struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Image string                 `protobuf:"bytes,1,opt,name=image,proto3" json:"image,omitempty"`
+	Repo  string                 `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
+	// restoring, paused (held to its rate), waiting for the repository
+	// (error says why), done.
+	State string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	Size  int64  `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
+	// Bytes that hold their final data: restored, or written through the volume.
+	Restored int64 `protobuf:"varint,6,opt,name=restored,proto3" json:"restored,omitempty"`
+	// Chunks fetched ahead of the background order because they were read.
+	DemandChunks int64 `protobuf:"varint,7,opt,name=demand_chunks,json=demandChunks,proto3" json:"demand_chunks,omitempty"`
+	// Background bytes a second, recently; eta from it (0: unknown).
+	Speed      float64 `protobuf:"fixed64,8,opt,name=speed,proto3" json:"speed,omitempty"`
+	EtaSeconds int64   `protobuf:"varint,9,opt,name=eta_seconds,json=etaSeconds,proto3" json:"eta_seconds,omitempty"`
+	// The background bound in bytes a second (0: none).
+	Rate          int64 `protobuf:"varint,10,opt,name=rate,proto3" json:"rate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LiveRestore) Reset() {
+	*x = LiveRestore{}
+	mi := &file_umbra_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LiveRestore) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LiveRestore) ProtoMessage() {}
+
+func (x *LiveRestore) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LiveRestore.ProtoReflect.Descriptor instead.
+func (*LiveRestore) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *LiveRestore) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *LiveRestore) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *LiveRestore) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *LiveRestore) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *LiveRestore) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *LiveRestore) GetRestored() int64 {
+	if x != nil {
+		return x.Restored
+	}
+	return 0
+}
+
+func (x *LiveRestore) GetDemandChunks() int64 {
+	if x != nil {
+		return x.DemandChunks
+	}
+	return 0
+}
+
+func (x *LiveRestore) GetSpeed() float64 {
+	if x != nil {
+		return x.Speed
+	}
+	return 0
+}
+
+func (x *LiveRestore) GetEtaSeconds() int64 {
+	if x != nil {
+		return x.EtaSeconds
+	}
+	return 0
+}
+
+func (x *LiveRestore) GetRate() int64 {
+	if x != nil {
+		return x.Rate
+	}
+	return 0
+}
+
+type RestoreLiveRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Repo        string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Password    string                 `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	S3AccessKey string                 `protobuf:"bytes,3,opt,name=s3_access_key,json=s3AccessKey,proto3" json:"s3_access_key,omitempty"`
+	S3SecretKey string                 `protobuf:"bytes,4,opt,name=s3_secret_key,json=s3SecretKey,proto3" json:"s3_secret_key,omitempty"`
+	Image       string                 `protobuf:"bytes,5,opt,name=image,proto3" json:"image,omitempty"`
+	// A file to create (or, with force, overwrite) or a block device.
+	Target string `protobuf:"bytes,6,opt,name=target,proto3" json:"target,omitempty"`
+	// The volume's name ("": the image's volume name).
+	Volume        string `protobuf:"bytes,7,opt,name=volume,proto3" json:"volume,omitempty"`
+	Rate          int64  `protobuf:"varint,8,opt,name=rate,proto3" json:"rate,omitempty"`
+	Force         bool   `protobuf:"varint,9,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreLiveRequest) Reset() {
+	*x = RestoreLiveRequest{}
+	mi := &file_umbra_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreLiveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreLiveRequest) ProtoMessage() {}
+
+func (x *RestoreLiveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreLiveRequest.ProtoReflect.Descriptor instead.
+func (*RestoreLiveRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RestoreLiveRequest) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *RestoreLiveRequest) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+func (x *RestoreLiveRequest) GetS3AccessKey() string {
+	if x != nil {
+		return x.S3AccessKey
+	}
+	return ""
+}
+
+func (x *RestoreLiveRequest) GetS3SecretKey() string {
+	if x != nil {
+		return x.S3SecretKey
+	}
+	return ""
+}
+
+func (x *RestoreLiveRequest) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *RestoreLiveRequest) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *RestoreLiveRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *RestoreLiveRequest) GetRate() int64 {
+	if x != nil {
+		return x.Rate
+	}
+	return 0
+}
+
+func (x *RestoreLiveRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type RestoreLiveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreLiveResponse) Reset() {
+	*x = RestoreLiveResponse{}
+	mi := &file_umbra_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreLiveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreLiveResponse) ProtoMessage() {}
+
+func (x *RestoreLiveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreLiveResponse.ProtoReflect.Descriptor instead.
+func (*RestoreLiveResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RestoreLiveResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
 type Storage struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Volume   string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -189,7 +475,7 @@ type Storage struct {
 
 func (x *Storage) Reset() {
 	*x = Storage{}
-	mi := &file_umbra_proto_msgTypes[1]
+	mi := &file_umbra_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -201,7 +487,7 @@ func (x *Storage) String() string {
 func (*Storage) ProtoMessage() {}
 
 func (x *Storage) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[1]
+	mi := &file_umbra_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -214,7 +500,7 @@ func (x *Storage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Storage.ProtoReflect.Descriptor instead.
 func (*Storage) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{1}
+	return file_umbra_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Storage) GetVolume() string {
@@ -286,7 +572,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_umbra_proto_msgTypes[2]
+	mi := &file_umbra_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -298,7 +584,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[2]
+	mi := &file_umbra_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -311,7 +597,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{2}
+	return file_umbra_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Snapshot) GetVolume() string {
@@ -413,7 +699,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_umbra_proto_msgTypes[3]
+	mi := &file_umbra_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -425,7 +711,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[3]
+	mi := &file_umbra_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -438,7 +724,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{3}
+	return file_umbra_proto_rawDescGZIP(), []int{6}
 }
 
 type ListVolumesResponse struct {
@@ -450,7 +736,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_umbra_proto_msgTypes[4]
+	mi := &file_umbra_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -462,7 +748,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[4]
+	mi := &file_umbra_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -475,7 +761,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{4}
+	return file_umbra_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -494,7 +780,7 @@ type ListSnapshotsRequest struct {
 
 func (x *ListSnapshotsRequest) Reset() {
 	*x = ListSnapshotsRequest{}
-	mi := &file_umbra_proto_msgTypes[5]
+	mi := &file_umbra_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -506,7 +792,7 @@ func (x *ListSnapshotsRequest) String() string {
 func (*ListSnapshotsRequest) ProtoMessage() {}
 
 func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[5]
+	mi := &file_umbra_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -519,7 +805,7 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{5}
+	return file_umbra_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListSnapshotsRequest) GetVolume() string {
@@ -538,7 +824,7 @@ type ListSnapshotsResponse struct {
 
 func (x *ListSnapshotsResponse) Reset() {
 	*x = ListSnapshotsResponse{}
-	mi := &file_umbra_proto_msgTypes[6]
+	mi := &file_umbra_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -550,7 +836,7 @@ func (x *ListSnapshotsResponse) String() string {
 func (*ListSnapshotsResponse) ProtoMessage() {}
 
 func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[6]
+	mi := &file_umbra_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -563,7 +849,7 @@ func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{6}
+	return file_umbra_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
@@ -587,7 +873,7 @@ type CreateSnapshotSetRequest struct {
 
 func (x *CreateSnapshotSetRequest) Reset() {
 	*x = CreateSnapshotSetRequest{}
-	mi := &file_umbra_proto_msgTypes[7]
+	mi := &file_umbra_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -599,7 +885,7 @@ func (x *CreateSnapshotSetRequest) String() string {
 func (*CreateSnapshotSetRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotSetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[7]
+	mi := &file_umbra_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -612,7 +898,7 @@ func (x *CreateSnapshotSetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotSetRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotSetRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{7}
+	return file_umbra_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateSnapshotSetRequest) GetVolumes() []string {
@@ -670,7 +956,7 @@ type CreateSnapshotSetResponse struct {
 
 func (x *CreateSnapshotSetResponse) Reset() {
 	*x = CreateSnapshotSetResponse{}
-	mi := &file_umbra_proto_msgTypes[8]
+	mi := &file_umbra_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -682,7 +968,7 @@ func (x *CreateSnapshotSetResponse) String() string {
 func (*CreateSnapshotSetResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotSetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[8]
+	mi := &file_umbra_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -695,7 +981,7 @@ func (x *CreateSnapshotSetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotSetResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotSetResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{8}
+	return file_umbra_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateSnapshotSetResponse) GetSetId() string {
@@ -750,7 +1036,7 @@ type DeleteSnapshotsRequest struct {
 
 func (x *DeleteSnapshotsRequest) Reset() {
 	*x = DeleteSnapshotsRequest{}
-	mi := &file_umbra_proto_msgTypes[9]
+	mi := &file_umbra_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -762,7 +1048,7 @@ func (x *DeleteSnapshotsRequest) String() string {
 func (*DeleteSnapshotsRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[9]
+	mi := &file_umbra_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -775,7 +1061,7 @@ func (x *DeleteSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{9}
+	return file_umbra_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeleteSnapshotsRequest) GetVolume() string {
@@ -831,7 +1117,7 @@ type DeleteSnapshotsResponse struct {
 
 func (x *DeleteSnapshotsResponse) Reset() {
 	*x = DeleteSnapshotsResponse{}
-	mi := &file_umbra_proto_msgTypes[10]
+	mi := &file_umbra_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -843,7 +1129,7 @@ func (x *DeleteSnapshotsResponse) String() string {
 func (*DeleteSnapshotsResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[10]
+	mi := &file_umbra_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -856,7 +1142,7 @@ func (x *DeleteSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{10}
+	return file_umbra_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeleteSnapshotsResponse) GetDeleted() []string {
@@ -893,7 +1179,7 @@ type RevertSnapshotRequest struct {
 
 func (x *RevertSnapshotRequest) Reset() {
 	*x = RevertSnapshotRequest{}
-	mi := &file_umbra_proto_msgTypes[11]
+	mi := &file_umbra_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -905,7 +1191,7 @@ func (x *RevertSnapshotRequest) String() string {
 func (*RevertSnapshotRequest) ProtoMessage() {}
 
 func (x *RevertSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[11]
+	mi := &file_umbra_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -918,7 +1204,7 @@ func (x *RevertSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*RevertSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{11}
+	return file_umbra_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RevertSnapshotRequest) GetVolume() string {
@@ -950,7 +1236,7 @@ type RevertSnapshotResponse struct {
 
 func (x *RevertSnapshotResponse) Reset() {
 	*x = RevertSnapshotResponse{}
-	mi := &file_umbra_proto_msgTypes[12]
+	mi := &file_umbra_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -962,7 +1248,7 @@ func (x *RevertSnapshotResponse) String() string {
 func (*RevertSnapshotResponse) ProtoMessage() {}
 
 func (x *RevertSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[12]
+	mi := &file_umbra_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -975,7 +1261,7 @@ func (x *RevertSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*RevertSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{12}
+	return file_umbra_proto_rawDescGZIP(), []int{15}
 }
 
 type GetStorageRequest struct {
@@ -987,7 +1273,7 @@ type GetStorageRequest struct {
 
 func (x *GetStorageRequest) Reset() {
 	*x = GetStorageRequest{}
-	mi := &file_umbra_proto_msgTypes[13]
+	mi := &file_umbra_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -999,7 +1285,7 @@ func (x *GetStorageRequest) String() string {
 func (*GetStorageRequest) ProtoMessage() {}
 
 func (x *GetStorageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[13]
+	mi := &file_umbra_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1012,7 +1298,7 @@ func (x *GetStorageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStorageRequest.ProtoReflect.Descriptor instead.
 func (*GetStorageRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{13}
+	return file_umbra_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetStorageRequest) GetVolume() string {
@@ -1031,7 +1317,7 @@ type GetStorageResponse struct {
 
 func (x *GetStorageResponse) Reset() {
 	*x = GetStorageResponse{}
-	mi := &file_umbra_proto_msgTypes[14]
+	mi := &file_umbra_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1043,7 +1329,7 @@ func (x *GetStorageResponse) String() string {
 func (*GetStorageResponse) ProtoMessage() {}
 
 func (x *GetStorageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[14]
+	mi := &file_umbra_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1056,7 +1342,7 @@ func (x *GetStorageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStorageResponse.ProtoReflect.Descriptor instead.
 func (*GetStorageResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{14}
+	return file_umbra_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetStorageResponse) GetStorage() []*Storage {
@@ -1078,7 +1364,7 @@ type SetStorageRequest struct {
 
 func (x *SetStorageRequest) Reset() {
 	*x = SetStorageRequest{}
-	mi := &file_umbra_proto_msgTypes[15]
+	mi := &file_umbra_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1090,7 +1376,7 @@ func (x *SetStorageRequest) String() string {
 func (*SetStorageRequest) ProtoMessage() {}
 
 func (x *SetStorageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[15]
+	mi := &file_umbra_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1103,7 +1389,7 @@ func (x *SetStorageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetStorageRequest.ProtoReflect.Descriptor instead.
 func (*SetStorageRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{15}
+	return file_umbra_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetStorageRequest) GetVolume() string {
@@ -1147,7 +1433,7 @@ type SetStorageResponse struct {
 
 func (x *SetStorageResponse) Reset() {
 	*x = SetStorageResponse{}
-	mi := &file_umbra_proto_msgTypes[16]
+	mi := &file_umbra_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1445,7 @@ func (x *SetStorageResponse) String() string {
 func (*SetStorageResponse) ProtoMessage() {}
 
 func (x *SetStorageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[16]
+	mi := &file_umbra_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1172,7 +1458,7 @@ func (x *SetStorageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetStorageResponse.ProtoReflect.Descriptor instead.
 func (*SetStorageResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{16}
+	return file_umbra_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetStorageResponse) GetStorage() *Storage {
@@ -1209,7 +1495,7 @@ type WriterEvent struct {
 
 func (x *WriterEvent) Reset() {
 	*x = WriterEvent{}
-	mi := &file_umbra_proto_msgTypes[17]
+	mi := &file_umbra_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1221,7 +1507,7 @@ func (x *WriterEvent) String() string {
 func (*WriterEvent) ProtoMessage() {}
 
 func (x *WriterEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[17]
+	mi := &file_umbra_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1234,7 +1520,7 @@ func (x *WriterEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriterEvent.ProtoReflect.Descriptor instead.
 func (*WriterEvent) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{17}
+	return file_umbra_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *WriterEvent) GetTime() *timestamppb.Timestamp {
@@ -1286,7 +1572,7 @@ type Writer struct {
 
 func (x *Writer) Reset() {
 	*x = Writer{}
-	mi := &file_umbra_proto_msgTypes[18]
+	mi := &file_umbra_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1584,7 @@ func (x *Writer) String() string {
 func (*Writer) ProtoMessage() {}
 
 func (x *Writer) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[18]
+	mi := &file_umbra_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1597,7 @@ func (x *Writer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Writer.ProtoReflect.Descriptor instead.
 func (*Writer) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{18}
+	return file_umbra_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Writer) GetName() string {
@@ -1364,7 +1650,7 @@ type ListWritersRequest struct {
 
 func (x *ListWritersRequest) Reset() {
 	*x = ListWritersRequest{}
-	mi := &file_umbra_proto_msgTypes[19]
+	mi := &file_umbra_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1376,7 +1662,7 @@ func (x *ListWritersRequest) String() string {
 func (*ListWritersRequest) ProtoMessage() {}
 
 func (x *ListWritersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[19]
+	mi := &file_umbra_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1389,7 +1675,7 @@ func (x *ListWritersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWritersRequest.ProtoReflect.Descriptor instead.
 func (*ListWritersRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{19}
+	return file_umbra_proto_rawDescGZIP(), []int{22}
 }
 
 type ListWritersResponse struct {
@@ -1401,7 +1687,7 @@ type ListWritersResponse struct {
 
 func (x *ListWritersResponse) Reset() {
 	*x = ListWritersResponse{}
-	mi := &file_umbra_proto_msgTypes[20]
+	mi := &file_umbra_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1413,7 +1699,7 @@ func (x *ListWritersResponse) String() string {
 func (*ListWritersResponse) ProtoMessage() {}
 
 func (x *ListWritersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[20]
+	mi := &file_umbra_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1426,7 +1712,7 @@ func (x *ListWritersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWritersResponse.ProtoReflect.Descriptor instead.
 func (*ListWritersResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{20}
+	return file_umbra_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListWritersResponse) GetWriters() []*Writer {
@@ -1454,7 +1740,7 @@ type Provider struct {
 
 func (x *Provider) Reset() {
 	*x = Provider{}
-	mi := &file_umbra_proto_msgTypes[21]
+	mi := &file_umbra_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1466,7 +1752,7 @@ func (x *Provider) String() string {
 func (*Provider) ProtoMessage() {}
 
 func (x *Provider) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[21]
+	mi := &file_umbra_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1479,7 +1765,7 @@ func (x *Provider) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Provider.ProtoReflect.Descriptor instead.
 func (*Provider) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{21}
+	return file_umbra_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Provider) GetName() string {
@@ -1560,7 +1846,7 @@ type ListProvidersRequest struct {
 
 func (x *ListProvidersRequest) Reset() {
 	*x = ListProvidersRequest{}
-	mi := &file_umbra_proto_msgTypes[22]
+	mi := &file_umbra_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1572,7 +1858,7 @@ func (x *ListProvidersRequest) String() string {
 func (*ListProvidersRequest) ProtoMessage() {}
 
 func (x *ListProvidersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[22]
+	mi := &file_umbra_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1585,7 +1871,7 @@ func (x *ListProvidersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProvidersRequest.ProtoReflect.Descriptor instead.
 func (*ListProvidersRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{22}
+	return file_umbra_proto_rawDescGZIP(), []int{25}
 }
 
 type ListProvidersResponse struct {
@@ -1597,7 +1883,7 @@ type ListProvidersResponse struct {
 
 func (x *ListProvidersResponse) Reset() {
 	*x = ListProvidersResponse{}
-	mi := &file_umbra_proto_msgTypes[23]
+	mi := &file_umbra_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1609,7 +1895,7 @@ func (x *ListProvidersResponse) String() string {
 func (*ListProvidersResponse) ProtoMessage() {}
 
 func (x *ListProvidersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[23]
+	mi := &file_umbra_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1622,7 +1908,7 @@ func (x *ListProvidersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProvidersResponse.ProtoReflect.Descriptor instead.
 func (*ListProvidersResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{23}
+	return file_umbra_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListProvidersResponse) GetProviders() []*Provider {
@@ -1648,7 +1934,7 @@ type BackupRequest struct {
 
 func (x *BackupRequest) Reset() {
 	*x = BackupRequest{}
-	mi := &file_umbra_proto_msgTypes[24]
+	mi := &file_umbra_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1660,7 +1946,7 @@ func (x *BackupRequest) String() string {
 func (*BackupRequest) ProtoMessage() {}
 
 func (x *BackupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[24]
+	mi := &file_umbra_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1673,7 +1959,7 @@ func (x *BackupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
 func (*BackupRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{24}
+	return file_umbra_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *BackupRequest) GetVolumes() []string {
@@ -1736,7 +2022,7 @@ type BackupProgress struct {
 
 func (x *BackupProgress) Reset() {
 	*x = BackupProgress{}
-	mi := &file_umbra_proto_msgTypes[25]
+	mi := &file_umbra_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1748,7 +2034,7 @@ func (x *BackupProgress) String() string {
 func (*BackupProgress) ProtoMessage() {}
 
 func (x *BackupProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[25]
+	mi := &file_umbra_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1761,7 +2047,7 @@ func (x *BackupProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupProgress.ProtoReflect.Descriptor instead.
 func (*BackupProgress) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{25}
+	return file_umbra_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *BackupProgress) GetVolume() string {
@@ -1798,7 +2084,7 @@ type BackupEvent struct {
 
 func (x *BackupEvent) Reset() {
 	*x = BackupEvent{}
-	mi := &file_umbra_proto_msgTypes[26]
+	mi := &file_umbra_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1810,7 +2096,7 @@ func (x *BackupEvent) String() string {
 func (*BackupEvent) ProtoMessage() {}
 
 func (x *BackupEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[26]
+	mi := &file_umbra_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1823,7 +2109,7 @@ func (x *BackupEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupEvent.ProtoReflect.Descriptor instead.
 func (*BackupEvent) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{26}
+	return file_umbra_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *BackupEvent) GetEvent() isBackupEvent_Event {
@@ -1890,7 +2176,7 @@ type ImageResult struct {
 
 func (x *ImageResult) Reset() {
 	*x = ImageResult{}
-	mi := &file_umbra_proto_msgTypes[27]
+	mi := &file_umbra_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1902,7 +2188,7 @@ func (x *ImageResult) String() string {
 func (*ImageResult) ProtoMessage() {}
 
 func (x *ImageResult) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[27]
+	mi := &file_umbra_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1915,7 +2201,7 @@ func (x *ImageResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageResult.ProtoReflect.Descriptor instead.
 func (*ImageResult) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{27}
+	return file_umbra_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ImageResult) GetVolume() string {
@@ -2034,7 +2320,7 @@ type BackupResponse struct {
 
 func (x *BackupResponse) Reset() {
 	*x = BackupResponse{}
-	mi := &file_umbra_proto_msgTypes[28]
+	mi := &file_umbra_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2046,7 +2332,7 @@ func (x *BackupResponse) String() string {
 func (*BackupResponse) ProtoMessage() {}
 
 func (x *BackupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[28]
+	mi := &file_umbra_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2059,7 +2345,7 @@ func (x *BackupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupResponse.ProtoReflect.Descriptor instead.
 func (*BackupResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{28}
+	return file_umbra_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *BackupResponse) GetSetId() string {
@@ -2091,7 +2377,7 @@ type GetSupportedVersionRequest struct {
 
 func (x *GetSupportedVersionRequest) Reset() {
 	*x = GetSupportedVersionRequest{}
-	mi := &file_umbra_proto_msgTypes[29]
+	mi := &file_umbra_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2103,7 +2389,7 @@ func (x *GetSupportedVersionRequest) String() string {
 func (*GetSupportedVersionRequest) ProtoMessage() {}
 
 func (x *GetSupportedVersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[29]
+	mi := &file_umbra_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2116,7 +2402,7 @@ func (x *GetSupportedVersionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSupportedVersionRequest.ProtoReflect.Descriptor instead.
 func (*GetSupportedVersionRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{29}
+	return file_umbra_proto_rawDescGZIP(), []int{32}
 }
 
 type GetSupportedVersionResponse struct {
@@ -2129,7 +2415,7 @@ type GetSupportedVersionResponse struct {
 
 func (x *GetSupportedVersionResponse) Reset() {
 	*x = GetSupportedVersionResponse{}
-	mi := &file_umbra_proto_msgTypes[30]
+	mi := &file_umbra_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2141,7 +2427,7 @@ func (x *GetSupportedVersionResponse) String() string {
 func (*GetSupportedVersionResponse) ProtoMessage() {}
 
 func (x *GetSupportedVersionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[30]
+	mi := &file_umbra_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2154,7 +2440,7 @@ func (x *GetSupportedVersionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSupportedVersionResponse.ProtoReflect.Descriptor instead.
 func (*GetSupportedVersionResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{30}
+	return file_umbra_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetSupportedVersionResponse) GetMinVersion() uint32 {
@@ -2182,7 +2468,7 @@ type SetContextRequest struct {
 
 func (x *SetContextRequest) Reset() {
 	*x = SetContextRequest{}
-	mi := &file_umbra_proto_msgTypes[31]
+	mi := &file_umbra_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2480,7 @@ func (x *SetContextRequest) String() string {
 func (*SetContextRequest) ProtoMessage() {}
 
 func (x *SetContextRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[31]
+	mi := &file_umbra_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2493,7 @@ func (x *SetContextRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetContextRequest.ProtoReflect.Descriptor instead.
 func (*SetContextRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{31}
+	return file_umbra_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SetContextRequest) GetContext() string {
@@ -2225,7 +2511,7 @@ type SetContextResponse struct {
 
 func (x *SetContextResponse) Reset() {
 	*x = SetContextResponse{}
-	mi := &file_umbra_proto_msgTypes[32]
+	mi := &file_umbra_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2237,7 +2523,7 @@ func (x *SetContextResponse) String() string {
 func (*SetContextResponse) ProtoMessage() {}
 
 func (x *SetContextResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[32]
+	mi := &file_umbra_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2250,7 +2536,7 @@ func (x *SetContextResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetContextResponse.ProtoReflect.Descriptor instead.
 func (*SetContextResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{32}
+	return file_umbra_proto_rawDescGZIP(), []int{35}
 }
 
 type PathRequest struct {
@@ -2262,7 +2548,7 @@ type PathRequest struct {
 
 func (x *PathRequest) Reset() {
 	*x = PathRequest{}
-	mi := &file_umbra_proto_msgTypes[33]
+	mi := &file_umbra_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2274,7 +2560,7 @@ func (x *PathRequest) String() string {
 func (*PathRequest) ProtoMessage() {}
 
 func (x *PathRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[33]
+	mi := &file_umbra_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2287,7 +2573,7 @@ func (x *PathRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PathRequest.ProtoReflect.Descriptor instead.
 func (*PathRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{33}
+	return file_umbra_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *PathRequest) GetPath() string {
@@ -2309,7 +2595,7 @@ type PathSupportResponse struct {
 
 func (x *PathSupportResponse) Reset() {
 	*x = PathSupportResponse{}
-	mi := &file_umbra_proto_msgTypes[34]
+	mi := &file_umbra_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2321,7 +2607,7 @@ func (x *PathSupportResponse) String() string {
 func (*PathSupportResponse) ProtoMessage() {}
 
 func (x *PathSupportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[34]
+	mi := &file_umbra_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2334,7 +2620,7 @@ func (x *PathSupportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PathSupportResponse.ProtoReflect.Descriptor instead.
 func (*PathSupportResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{34}
+	return file_umbra_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *PathSupportResponse) GetSupported() bool {
@@ -2375,7 +2661,7 @@ type PathShadowCopiedResponse struct {
 
 func (x *PathShadowCopiedResponse) Reset() {
 	*x = PathShadowCopiedResponse{}
-	mi := &file_umbra_proto_msgTypes[35]
+	mi := &file_umbra_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2387,7 +2673,7 @@ func (x *PathShadowCopiedResponse) String() string {
 func (*PathShadowCopiedResponse) ProtoMessage() {}
 
 func (x *PathShadowCopiedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[35]
+	mi := &file_umbra_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2400,7 +2686,7 @@ func (x *PathShadowCopiedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PathShadowCopiedResponse.ProtoReflect.Descriptor instead.
 func (*PathShadowCopiedResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{35}
+	return file_umbra_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *PathShadowCopiedResponse) GetShadowCopied() bool {
@@ -2427,7 +2713,7 @@ type StartShadowCopySetRequest struct {
 
 func (x *StartShadowCopySetRequest) Reset() {
 	*x = StartShadowCopySetRequest{}
-	mi := &file_umbra_proto_msgTypes[36]
+	mi := &file_umbra_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2439,7 +2725,7 @@ func (x *StartShadowCopySetRequest) String() string {
 func (*StartShadowCopySetRequest) ProtoMessage() {}
 
 func (x *StartShadowCopySetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[36]
+	mi := &file_umbra_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2452,7 +2738,7 @@ func (x *StartShadowCopySetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartShadowCopySetRequest.ProtoReflect.Descriptor instead.
 func (*StartShadowCopySetRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{36}
+	return file_umbra_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *StartShadowCopySetRequest) GetContext() string {
@@ -2479,7 +2765,7 @@ type AddToShadowCopySetRequest struct {
 
 func (x *AddToShadowCopySetRequest) Reset() {
 	*x = AddToShadowCopySetRequest{}
-	mi := &file_umbra_proto_msgTypes[37]
+	mi := &file_umbra_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2491,7 +2777,7 @@ func (x *AddToShadowCopySetRequest) String() string {
 func (*AddToShadowCopySetRequest) ProtoMessage() {}
 
 func (x *AddToShadowCopySetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[37]
+	mi := &file_umbra_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2504,7 +2790,7 @@ func (x *AddToShadowCopySetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddToShadowCopySetRequest.ProtoReflect.Descriptor instead.
 func (*AddToShadowCopySetRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{37}
+	return file_umbra_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *AddToShadowCopySetRequest) GetSetId() string {
@@ -2531,7 +2817,7 @@ type AddToShadowCopySetResponse struct {
 
 func (x *AddToShadowCopySetResponse) Reset() {
 	*x = AddToShadowCopySetResponse{}
-	mi := &file_umbra_proto_msgTypes[38]
+	mi := &file_umbra_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2543,7 +2829,7 @@ func (x *AddToShadowCopySetResponse) String() string {
 func (*AddToShadowCopySetResponse) ProtoMessage() {}
 
 func (x *AddToShadowCopySetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[38]
+	mi := &file_umbra_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2556,7 +2842,7 @@ func (x *AddToShadowCopySetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddToShadowCopySetResponse.ProtoReflect.Descriptor instead.
 func (*AddToShadowCopySetResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{38}
+	return file_umbra_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *AddToShadowCopySetResponse) GetShadowCopyId() string {
@@ -2584,7 +2870,7 @@ type SetRequest struct {
 
 func (x *SetRequest) Reset() {
 	*x = SetRequest{}
-	mi := &file_umbra_proto_msgTypes[39]
+	mi := &file_umbra_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2596,7 +2882,7 @@ func (x *SetRequest) String() string {
 func (*SetRequest) ProtoMessage() {}
 
 func (x *SetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[39]
+	mi := &file_umbra_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2609,7 +2895,7 @@ func (x *SetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRequest.ProtoReflect.Descriptor instead.
 func (*SetRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{39}
+	return file_umbra_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *SetRequest) GetSetId() string {
@@ -2647,7 +2933,7 @@ type ShadowCopy struct {
 
 func (x *ShadowCopy) Reset() {
 	*x = ShadowCopy{}
-	mi := &file_umbra_proto_msgTypes[40]
+	mi := &file_umbra_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2659,7 +2945,7 @@ func (x *ShadowCopy) String() string {
 func (*ShadowCopy) ProtoMessage() {}
 
 func (x *ShadowCopy) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[40]
+	mi := &file_umbra_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2672,7 +2958,7 @@ func (x *ShadowCopy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShadowCopy.ProtoReflect.Descriptor instead.
 func (*ShadowCopy) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{40}
+	return file_umbra_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ShadowCopy) GetId() string {
@@ -2732,7 +3018,7 @@ type ShadowCopySet struct {
 
 func (x *ShadowCopySet) Reset() {
 	*x = ShadowCopySet{}
-	mi := &file_umbra_proto_msgTypes[41]
+	mi := &file_umbra_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2744,7 +3030,7 @@ func (x *ShadowCopySet) String() string {
 func (*ShadowCopySet) ProtoMessage() {}
 
 func (x *ShadowCopySet) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[41]
+	mi := &file_umbra_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2757,7 +3043,7 @@ func (x *ShadowCopySet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShadowCopySet.ProtoReflect.Descriptor instead.
 func (*ShadowCopySet) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{41}
+	return file_umbra_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ShadowCopySet) GetId() string {
@@ -2817,7 +3103,7 @@ type ListShadowCopySetsRequest struct {
 
 func (x *ListShadowCopySetsRequest) Reset() {
 	*x = ListShadowCopySetsRequest{}
-	mi := &file_umbra_proto_msgTypes[42]
+	mi := &file_umbra_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2829,7 +3115,7 @@ func (x *ListShadowCopySetsRequest) String() string {
 func (*ListShadowCopySetsRequest) ProtoMessage() {}
 
 func (x *ListShadowCopySetsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[42]
+	mi := &file_umbra_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2842,7 +3128,7 @@ func (x *ListShadowCopySetsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListShadowCopySetsRequest.ProtoReflect.Descriptor instead.
 func (*ListShadowCopySetsRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{42}
+	return file_umbra_proto_rawDescGZIP(), []int{45}
 }
 
 type ListShadowCopySetsResponse struct {
@@ -2854,7 +3140,7 @@ type ListShadowCopySetsResponse struct {
 
 func (x *ListShadowCopySetsResponse) Reset() {
 	*x = ListShadowCopySetsResponse{}
-	mi := &file_umbra_proto_msgTypes[43]
+	mi := &file_umbra_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2866,7 +3152,7 @@ func (x *ListShadowCopySetsResponse) String() string {
 func (*ListShadowCopySetsResponse) ProtoMessage() {}
 
 func (x *ListShadowCopySetsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[43]
+	mi := &file_umbra_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2879,7 +3165,7 @@ func (x *ListShadowCopySetsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListShadowCopySetsResponse.ProtoReflect.Descriptor instead.
 func (*ListShadowCopySetsResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{43}
+	return file_umbra_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListShadowCopySetsResponse) GetSets() []*ShadowCopySet {
@@ -2907,7 +3193,7 @@ type ShareMapping struct {
 
 func (x *ShareMapping) Reset() {
 	*x = ShareMapping{}
-	mi := &file_umbra_proto_msgTypes[44]
+	mi := &file_umbra_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2919,7 +3205,7 @@ func (x *ShareMapping) String() string {
 func (*ShareMapping) ProtoMessage() {}
 
 func (x *ShareMapping) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[44]
+	mi := &file_umbra_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2932,7 +3218,7 @@ func (x *ShareMapping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareMapping.ProtoReflect.Descriptor instead.
 func (*ShareMapping) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{44}
+	return file_umbra_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ShareMapping) GetSetId() string {
@@ -3015,7 +3301,7 @@ type ShareMappingRequest struct {
 
 func (x *ShareMappingRequest) Reset() {
 	*x = ShareMappingRequest{}
-	mi := &file_umbra_proto_msgTypes[45]
+	mi := &file_umbra_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3027,7 +3313,7 @@ func (x *ShareMappingRequest) String() string {
 func (*ShareMappingRequest) ProtoMessage() {}
 
 func (x *ShareMappingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[45]
+	mi := &file_umbra_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3040,7 +3326,7 @@ func (x *ShareMappingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareMappingRequest.ProtoReflect.Descriptor instead.
 func (*ShareMappingRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{45}
+	return file_umbra_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ShareMappingRequest) GetSetId() string {
@@ -3065,7 +3351,7 @@ type DeleteShareMappingResponse struct {
 
 func (x *DeleteShareMappingResponse) Reset() {
 	*x = DeleteShareMappingResponse{}
-	mi := &file_umbra_proto_msgTypes[46]
+	mi := &file_umbra_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3077,7 +3363,7 @@ func (x *DeleteShareMappingResponse) String() string {
 func (*DeleteShareMappingResponse) ProtoMessage() {}
 
 func (x *DeleteShareMappingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[46]
+	mi := &file_umbra_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3090,7 +3376,7 @@ func (x *DeleteShareMappingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteShareMappingResponse.ProtoReflect.Descriptor instead.
 func (*DeleteShareMappingResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{46}
+	return file_umbra_proto_rawDescGZIP(), []int{49}
 }
 
 type ExposeSnapshotRequest struct {
@@ -3105,7 +3391,7 @@ type ExposeSnapshotRequest struct {
 
 func (x *ExposeSnapshotRequest) Reset() {
 	*x = ExposeSnapshotRequest{}
-	mi := &file_umbra_proto_msgTypes[47]
+	mi := &file_umbra_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3117,7 +3403,7 @@ func (x *ExposeSnapshotRequest) String() string {
 func (*ExposeSnapshotRequest) ProtoMessage() {}
 
 func (x *ExposeSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[47]
+	mi := &file_umbra_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3130,7 +3416,7 @@ func (x *ExposeSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExposeSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*ExposeSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{47}
+	return file_umbra_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ExposeSnapshotRequest) GetVolume() string {
@@ -3171,7 +3457,7 @@ type UnexposeSnapshotRequest struct {
 
 func (x *UnexposeSnapshotRequest) Reset() {
 	*x = UnexposeSnapshotRequest{}
-	mi := &file_umbra_proto_msgTypes[48]
+	mi := &file_umbra_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3183,7 +3469,7 @@ func (x *UnexposeSnapshotRequest) String() string {
 func (*UnexposeSnapshotRequest) ProtoMessage() {}
 
 func (x *UnexposeSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[48]
+	mi := &file_umbra_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3196,7 +3482,7 @@ func (x *UnexposeSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexposeSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*UnexposeSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{48}
+	return file_umbra_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *UnexposeSnapshotRequest) GetVolume() string {
@@ -3221,7 +3507,7 @@ type UnexposeSnapshotResponse struct {
 
 func (x *UnexposeSnapshotResponse) Reset() {
 	*x = UnexposeSnapshotResponse{}
-	mi := &file_umbra_proto_msgTypes[49]
+	mi := &file_umbra_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3233,7 +3519,7 @@ func (x *UnexposeSnapshotResponse) String() string {
 func (*UnexposeSnapshotResponse) ProtoMessage() {}
 
 func (x *UnexposeSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[49]
+	mi := &file_umbra_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3246,7 +3532,7 @@ func (x *UnexposeSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexposeSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*UnexposeSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{49}
+	return file_umbra_proto_rawDescGZIP(), []int{52}
 }
 
 type ListShareMappingsRequest struct {
@@ -3257,7 +3543,7 @@ type ListShareMappingsRequest struct {
 
 func (x *ListShareMappingsRequest) Reset() {
 	*x = ListShareMappingsRequest{}
-	mi := &file_umbra_proto_msgTypes[50]
+	mi := &file_umbra_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3269,7 +3555,7 @@ func (x *ListShareMappingsRequest) String() string {
 func (*ListShareMappingsRequest) ProtoMessage() {}
 
 func (x *ListShareMappingsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[50]
+	mi := &file_umbra_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3282,7 +3568,7 @@ func (x *ListShareMappingsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListShareMappingsRequest.ProtoReflect.Descriptor instead.
 func (*ListShareMappingsRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{50}
+	return file_umbra_proto_rawDescGZIP(), []int{53}
 }
 
 type ListShareMappingsResponse struct {
@@ -3294,7 +3580,7 @@ type ListShareMappingsResponse struct {
 
 func (x *ListShareMappingsResponse) Reset() {
 	*x = ListShareMappingsResponse{}
-	mi := &file_umbra_proto_msgTypes[51]
+	mi := &file_umbra_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3306,7 +3592,7 @@ func (x *ListShareMappingsResponse) String() string {
 func (*ListShareMappingsResponse) ProtoMessage() {}
 
 func (x *ListShareMappingsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[51]
+	mi := &file_umbra_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3319,7 +3605,7 @@ func (x *ListShareMappingsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListShareMappingsResponse.ProtoReflect.Descriptor instead.
 func (*ListShareMappingsResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{51}
+	return file_umbra_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ListShareMappingsResponse) GetMappings() []*ShareMapping {
@@ -3338,7 +3624,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_umbra_proto_msgTypes[52]
+	mi := &file_umbra_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3350,7 +3636,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[52]
+	mi := &file_umbra_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3363,7 +3649,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{52}
+	return file_umbra_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *EventsRequest) GetKinds() []string {
@@ -3379,7 +3665,9 @@ type Event struct {
 	// snapshot_created, snapshot_deleted, snapshot_reverted, set_state,
 	// exposed, unexposed, storage_changed, writer_failed, backup_progress,
 	// backup_done, job_started, job_succeeded, job_failed, job_missed,
-	// job_interrupted
+	// job_interrupted, live_restore_started, live_restore_waiting (the
+	// repository failed; message says why), live_restore_resumed,
+	// live_restore_done (done and total: bytes restored and the size)
 	Kind     string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	Volume   string `protobuf:"bytes,3,opt,name=volume,proto3" json:"volume,omitempty"`
 	Snapshot string `protobuf:"bytes,4,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
@@ -3398,7 +3686,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_umbra_proto_msgTypes[53]
+	mi := &file_umbra_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3410,7 +3698,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[53]
+	mi := &file_umbra_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3423,7 +3711,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{53}
+	return file_umbra_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *Event) GetTime() *timestamppb.Timestamp {
@@ -3512,7 +3800,7 @@ type DeleteStorageRequest struct {
 
 func (x *DeleteStorageRequest) Reset() {
 	*x = DeleteStorageRequest{}
-	mi := &file_umbra_proto_msgTypes[54]
+	mi := &file_umbra_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3524,7 +3812,7 @@ func (x *DeleteStorageRequest) String() string {
 func (*DeleteStorageRequest) ProtoMessage() {}
 
 func (x *DeleteStorageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[54]
+	mi := &file_umbra_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3537,7 +3825,7 @@ func (x *DeleteStorageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteStorageRequest.ProtoReflect.Descriptor instead.
 func (*DeleteStorageRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{54}
+	return file_umbra_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *DeleteStorageRequest) GetVolume() string {
@@ -3556,7 +3844,7 @@ type DeleteStorageResponse struct {
 
 func (x *DeleteStorageResponse) Reset() {
 	*x = DeleteStorageResponse{}
-	mi := &file_umbra_proto_msgTypes[55]
+	mi := &file_umbra_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3568,7 +3856,7 @@ func (x *DeleteStorageResponse) String() string {
 func (*DeleteStorageResponse) ProtoMessage() {}
 
 func (x *DeleteStorageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[55]
+	mi := &file_umbra_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3581,7 +3869,7 @@ func (x *DeleteStorageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteStorageResponse.ProtoReflect.Descriptor instead.
 func (*DeleteStorageResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{55}
+	return file_umbra_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *DeleteStorageResponse) GetDeleted() []string {
@@ -3613,7 +3901,7 @@ type JobRun struct {
 
 func (x *JobRun) Reset() {
 	*x = JobRun{}
-	mi := &file_umbra_proto_msgTypes[56]
+	mi := &file_umbra_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3625,7 +3913,7 @@ func (x *JobRun) String() string {
 func (*JobRun) ProtoMessage() {}
 
 func (x *JobRun) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[56]
+	mi := &file_umbra_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3638,7 +3926,7 @@ func (x *JobRun) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobRun.ProtoReflect.Descriptor instead.
 func (*JobRun) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{56}
+	return file_umbra_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *JobRun) GetJob() string {
@@ -3730,7 +4018,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_umbra_proto_msgTypes[57]
+	mi := &file_umbra_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3742,7 +4030,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[57]
+	mi := &file_umbra_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3755,7 +4043,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{57}
+	return file_umbra_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *Job) GetName() string {
@@ -3843,7 +4131,7 @@ type ListJobsRequest struct {
 
 func (x *ListJobsRequest) Reset() {
 	*x = ListJobsRequest{}
-	mi := &file_umbra_proto_msgTypes[58]
+	mi := &file_umbra_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3855,7 +4143,7 @@ func (x *ListJobsRequest) String() string {
 func (*ListJobsRequest) ProtoMessage() {}
 
 func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[58]
+	mi := &file_umbra_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3868,7 +4156,7 @@ func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsRequest.ProtoReflect.Descriptor instead.
 func (*ListJobsRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{58}
+	return file_umbra_proto_rawDescGZIP(), []int{61}
 }
 
 type ListJobsResponse struct {
@@ -3880,7 +4168,7 @@ type ListJobsResponse struct {
 
 func (x *ListJobsResponse) Reset() {
 	*x = ListJobsResponse{}
-	mi := &file_umbra_proto_msgTypes[59]
+	mi := &file_umbra_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3892,7 +4180,7 @@ func (x *ListJobsResponse) String() string {
 func (*ListJobsResponse) ProtoMessage() {}
 
 func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[59]
+	mi := &file_umbra_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3905,7 +4193,7 @@ func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsResponse.ProtoReflect.Descriptor instead.
 func (*ListJobsResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{59}
+	return file_umbra_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ListJobsResponse) GetJobs() []*Job {
@@ -3924,7 +4212,7 @@ type GetJobRequest struct {
 
 func (x *GetJobRequest) Reset() {
 	*x = GetJobRequest{}
-	mi := &file_umbra_proto_msgTypes[60]
+	mi := &file_umbra_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3936,7 +4224,7 @@ func (x *GetJobRequest) String() string {
 func (*GetJobRequest) ProtoMessage() {}
 
 func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[60]
+	mi := &file_umbra_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3949,7 +4237,7 @@ func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobRequest.ProtoReflect.Descriptor instead.
 func (*GetJobRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{60}
+	return file_umbra_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *GetJobRequest) GetName() string {
@@ -3968,7 +4256,7 @@ type RunJobRequest struct {
 
 func (x *RunJobRequest) Reset() {
 	*x = RunJobRequest{}
-	mi := &file_umbra_proto_msgTypes[61]
+	mi := &file_umbra_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3980,7 +4268,7 @@ func (x *RunJobRequest) String() string {
 func (*RunJobRequest) ProtoMessage() {}
 
 func (x *RunJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[61]
+	mi := &file_umbra_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3993,7 +4281,7 @@ func (x *RunJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunJobRequest.ProtoReflect.Descriptor instead.
 func (*RunJobRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{61}
+	return file_umbra_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *RunJobRequest) GetName() string {
@@ -4011,7 +4299,7 @@ type RunJobResponse struct {
 
 func (x *RunJobResponse) Reset() {
 	*x = RunJobResponse{}
-	mi := &file_umbra_proto_msgTypes[62]
+	mi := &file_umbra_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4023,7 +4311,7 @@ func (x *RunJobResponse) String() string {
 func (*RunJobResponse) ProtoMessage() {}
 
 func (x *RunJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[62]
+	mi := &file_umbra_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4036,7 +4324,7 @@ func (x *RunJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunJobResponse.ProtoReflect.Descriptor instead.
 func (*RunJobResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{62}
+	return file_umbra_proto_rawDescGZIP(), []int{65}
 }
 
 type JobHistoryRequest struct {
@@ -4049,7 +4337,7 @@ type JobHistoryRequest struct {
 
 func (x *JobHistoryRequest) Reset() {
 	*x = JobHistoryRequest{}
-	mi := &file_umbra_proto_msgTypes[63]
+	mi := &file_umbra_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4061,7 +4349,7 @@ func (x *JobHistoryRequest) String() string {
 func (*JobHistoryRequest) ProtoMessage() {}
 
 func (x *JobHistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[63]
+	mi := &file_umbra_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4074,7 +4362,7 @@ func (x *JobHistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobHistoryRequest.ProtoReflect.Descriptor instead.
 func (*JobHistoryRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{63}
+	return file_umbra_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *JobHistoryRequest) GetName() string {
@@ -4100,7 +4388,7 @@ type JobHistoryResponse struct {
 
 func (x *JobHistoryResponse) Reset() {
 	*x = JobHistoryResponse{}
-	mi := &file_umbra_proto_msgTypes[64]
+	mi := &file_umbra_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4112,7 +4400,7 @@ func (x *JobHistoryResponse) String() string {
 func (*JobHistoryResponse) ProtoMessage() {}
 
 func (x *JobHistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[64]
+	mi := &file_umbra_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4125,7 +4413,7 @@ func (x *JobHistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobHistoryResponse.ProtoReflect.Descriptor instead.
 func (*JobHistoryResponse) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{64}
+	return file_umbra_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *JobHistoryResponse) GetRuns() []*JobRun {
@@ -4145,7 +4433,7 @@ type SetJobEnabledRequest struct {
 
 func (x *SetJobEnabledRequest) Reset() {
 	*x = SetJobEnabledRequest{}
-	mi := &file_umbra_proto_msgTypes[65]
+	mi := &file_umbra_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4157,7 +4445,7 @@ func (x *SetJobEnabledRequest) String() string {
 func (*SetJobEnabledRequest) ProtoMessage() {}
 
 func (x *SetJobEnabledRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_umbra_proto_msgTypes[65]
+	mi := &file_umbra_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4170,7 +4458,7 @@ func (x *SetJobEnabledRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetJobEnabledRequest.ProtoReflect.Descriptor instead.
 func (*SetJobEnabledRequest) Descriptor() ([]byte, []int) {
-	return file_umbra_proto_rawDescGZIP(), []int{65}
+	return file_umbra_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *SetJobEnabledRequest) GetName() string {
@@ -4191,7 +4479,7 @@ var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
 	"\n" +
-	"\vumbra.proto\x12\bumbra.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x03\n" +
+	"\vumbra.proto\x12\bumbra.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06origin\x18\x02 \x01(\tR\x06origin\x12\x12\n" +
@@ -4207,7 +4495,33 @@ const file_umbra_proto_rawDesc = "" +
 	" \x01(\bR\fcanBeStorage\x12&\n" +
 	"\x0fstorage_why_not\x18\v \x01(\tR\rstorageWhyNot\x12\x16\n" +
 	"\x06mounts\x18\f \x03(\tR\x06mounts\x12\x14\n" +
-	"\x05users\x18\r \x03(\tR\x05users\"\xb0\x01\n" +
+	"\x05users\x18\r \x03(\tR\x05users\x128\n" +
+	"\flive_restore\x18\x0e \x01(\v2\x15.umbra.v1.LiveRestoreR\vliveRestore\"\x83\x02\n" +
+	"\vLiveRestore\x12\x14\n" +
+	"\x05image\x18\x01 \x01(\tR\x05image\x12\x12\n" +
+	"\x04repo\x18\x02 \x01(\tR\x04repo\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12\x12\n" +
+	"\x04size\x18\x05 \x01(\x03R\x04size\x12\x1a\n" +
+	"\brestored\x18\x06 \x01(\x03R\brestored\x12#\n" +
+	"\rdemand_chunks\x18\a \x01(\x03R\fdemandChunks\x12\x14\n" +
+	"\x05speed\x18\b \x01(\x01R\x05speed\x12\x1f\n" +
+	"\veta_seconds\x18\t \x01(\x03R\n" +
+	"etaSeconds\x12\x12\n" +
+	"\x04rate\x18\n" +
+	" \x01(\x03R\x04rate\"\xfc\x01\n" +
+	"\x12RestoreLiveRequest\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x12\"\n" +
+	"\rs3_access_key\x18\x03 \x01(\tR\vs3AccessKey\x12\"\n" +
+	"\rs3_secret_key\x18\x04 \x01(\tR\vs3SecretKey\x12\x14\n" +
+	"\x05image\x18\x05 \x01(\tR\x05image\x12\x16\n" +
+	"\x06target\x18\x06 \x01(\tR\x06target\x12\x16\n" +
+	"\x06volume\x18\a \x01(\tR\x06volume\x12\x12\n" +
+	"\x04rate\x18\b \x01(\x03R\x04rate\x12\x14\n" +
+	"\x05force\x18\t \x01(\bR\x05force\"?\n" +
+	"\x13RestoreLiveResponse\x12(\n" +
+	"\x06volume\x18\x01 \x01(\v2\x10.umbra.v1.VolumeR\x06volume\"\xb0\x01\n" +
 	"\aStorage\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x10\n" +
 	"\x03dir\x18\x02 \x01(\tR\x03dir\x12\x1b\n" +
@@ -4508,7 +4822,7 @@ const file_umbra_proto_rawDesc = "" +
 	"\x04runs\x18\x01 \x03(\v2\x10.umbra.v1.JobRunR\x04runs\"D\n" +
 	"\x14SetJobEnabledRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aenabled\x18\x02 \x01(\bR\aenabled2\x90\x15\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled2\xdc\x15\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -4548,7 +4862,8 @@ const file_umbra_proto_rawDesc = "" +
 	"\x06RunJob\x12\x17.umbra.v1.RunJobRequest\x1a\x18.umbra.v1.RunJobResponse\x12G\n" +
 	"\n" +
 	"JobHistory\x12\x1b.umbra.v1.JobHistoryRequest\x1a\x1c.umbra.v1.JobHistoryResponse\x12>\n" +
-	"\rSetJobEnabled\x12\x1e.umbra.v1.SetJobEnabledRequest\x1a\r.umbra.v1.JobB\x13Z\x11umbra/api/umbrav1b\x06proto3"
+	"\rSetJobEnabled\x12\x1e.umbra.v1.SetJobEnabledRequest\x1a\r.umbra.v1.Job\x12J\n" +
+	"\vRestoreLive\x12\x1c.umbra.v1.RestoreLiveRequest\x1a\x1d.umbra.v1.RestoreLiveResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
 	file_umbra_proto_rawDescOnce sync.Once
@@ -4562,183 +4877,190 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 69)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                      // 0: umbra.v1.Volume
-	(*Storage)(nil),                     // 1: umbra.v1.Storage
-	(*Snapshot)(nil),                    // 2: umbra.v1.Snapshot
-	(*ListVolumesRequest)(nil),          // 3: umbra.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),         // 4: umbra.v1.ListVolumesResponse
-	(*ListSnapshotsRequest)(nil),        // 5: umbra.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),       // 6: umbra.v1.ListSnapshotsResponse
-	(*CreateSnapshotSetRequest)(nil),    // 7: umbra.v1.CreateSnapshotSetRequest
-	(*CreateSnapshotSetResponse)(nil),   // 8: umbra.v1.CreateSnapshotSetResponse
-	(*DeleteSnapshotsRequest)(nil),      // 9: umbra.v1.DeleteSnapshotsRequest
-	(*DeleteSnapshotsResponse)(nil),     // 10: umbra.v1.DeleteSnapshotsResponse
-	(*RevertSnapshotRequest)(nil),       // 11: umbra.v1.RevertSnapshotRequest
-	(*RevertSnapshotResponse)(nil),      // 12: umbra.v1.RevertSnapshotResponse
-	(*GetStorageRequest)(nil),           // 13: umbra.v1.GetStorageRequest
-	(*GetStorageResponse)(nil),          // 14: umbra.v1.GetStorageResponse
-	(*SetStorageRequest)(nil),           // 15: umbra.v1.SetStorageRequest
-	(*SetStorageResponse)(nil),          // 16: umbra.v1.SetStorageResponse
-	(*WriterEvent)(nil),                 // 17: umbra.v1.WriterEvent
-	(*Writer)(nil),                      // 18: umbra.v1.Writer
-	(*ListWritersRequest)(nil),          // 19: umbra.v1.ListWritersRequest
-	(*ListWritersResponse)(nil),         // 20: umbra.v1.ListWritersResponse
-	(*Provider)(nil),                    // 21: umbra.v1.Provider
-	(*ListProvidersRequest)(nil),        // 22: umbra.v1.ListProvidersRequest
-	(*ListProvidersResponse)(nil),       // 23: umbra.v1.ListProvidersResponse
-	(*BackupRequest)(nil),               // 24: umbra.v1.BackupRequest
-	(*BackupProgress)(nil),              // 25: umbra.v1.BackupProgress
-	(*BackupEvent)(nil),                 // 26: umbra.v1.BackupEvent
-	(*ImageResult)(nil),                 // 27: umbra.v1.ImageResult
-	(*BackupResponse)(nil),              // 28: umbra.v1.BackupResponse
-	(*GetSupportedVersionRequest)(nil),  // 29: umbra.v1.GetSupportedVersionRequest
-	(*GetSupportedVersionResponse)(nil), // 30: umbra.v1.GetSupportedVersionResponse
-	(*SetContextRequest)(nil),           // 31: umbra.v1.SetContextRequest
-	(*SetContextResponse)(nil),          // 32: umbra.v1.SetContextResponse
-	(*PathRequest)(nil),                 // 33: umbra.v1.PathRequest
-	(*PathSupportResponse)(nil),         // 34: umbra.v1.PathSupportResponse
-	(*PathShadowCopiedResponse)(nil),    // 35: umbra.v1.PathShadowCopiedResponse
-	(*StartShadowCopySetRequest)(nil),   // 36: umbra.v1.StartShadowCopySetRequest
-	(*AddToShadowCopySetRequest)(nil),   // 37: umbra.v1.AddToShadowCopySetRequest
-	(*AddToShadowCopySetResponse)(nil),  // 38: umbra.v1.AddToShadowCopySetResponse
-	(*SetRequest)(nil),                  // 39: umbra.v1.SetRequest
-	(*ShadowCopy)(nil),                  // 40: umbra.v1.ShadowCopy
-	(*ShadowCopySet)(nil),               // 41: umbra.v1.ShadowCopySet
-	(*ListShadowCopySetsRequest)(nil),   // 42: umbra.v1.ListShadowCopySetsRequest
-	(*ListShadowCopySetsResponse)(nil),  // 43: umbra.v1.ListShadowCopySetsResponse
-	(*ShareMapping)(nil),                // 44: umbra.v1.ShareMapping
-	(*ShareMappingRequest)(nil),         // 45: umbra.v1.ShareMappingRequest
-	(*DeleteShareMappingResponse)(nil),  // 46: umbra.v1.DeleteShareMappingResponse
-	(*ExposeSnapshotRequest)(nil),       // 47: umbra.v1.ExposeSnapshotRequest
-	(*UnexposeSnapshotRequest)(nil),     // 48: umbra.v1.UnexposeSnapshotRequest
-	(*UnexposeSnapshotResponse)(nil),    // 49: umbra.v1.UnexposeSnapshotResponse
-	(*ListShareMappingsRequest)(nil),    // 50: umbra.v1.ListShareMappingsRequest
-	(*ListShareMappingsResponse)(nil),   // 51: umbra.v1.ListShareMappingsResponse
-	(*EventsRequest)(nil),               // 52: umbra.v1.EventsRequest
-	(*Event)(nil),                       // 53: umbra.v1.Event
-	(*DeleteStorageRequest)(nil),        // 54: umbra.v1.DeleteStorageRequest
-	(*DeleteStorageResponse)(nil),       // 55: umbra.v1.DeleteStorageResponse
-	(*JobRun)(nil),                      // 56: umbra.v1.JobRun
-	(*Job)(nil),                         // 57: umbra.v1.Job
-	(*ListJobsRequest)(nil),             // 58: umbra.v1.ListJobsRequest
-	(*ListJobsResponse)(nil),            // 59: umbra.v1.ListJobsResponse
-	(*GetJobRequest)(nil),               // 60: umbra.v1.GetJobRequest
-	(*RunJobRequest)(nil),               // 61: umbra.v1.RunJobRequest
-	(*RunJobResponse)(nil),              // 62: umbra.v1.RunJobResponse
-	(*JobHistoryRequest)(nil),           // 63: umbra.v1.JobHistoryRequest
-	(*JobHistoryResponse)(nil),          // 64: umbra.v1.JobHistoryResponse
-	(*SetJobEnabledRequest)(nil),        // 65: umbra.v1.SetJobEnabledRequest
-	(*timestamppb.Timestamp)(nil),       // 66: google.protobuf.Timestamp
+	(*LiveRestore)(nil),                 // 1: umbra.v1.LiveRestore
+	(*RestoreLiveRequest)(nil),          // 2: umbra.v1.RestoreLiveRequest
+	(*RestoreLiveResponse)(nil),         // 3: umbra.v1.RestoreLiveResponse
+	(*Storage)(nil),                     // 4: umbra.v1.Storage
+	(*Snapshot)(nil),                    // 5: umbra.v1.Snapshot
+	(*ListVolumesRequest)(nil),          // 6: umbra.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),         // 7: umbra.v1.ListVolumesResponse
+	(*ListSnapshotsRequest)(nil),        // 8: umbra.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),       // 9: umbra.v1.ListSnapshotsResponse
+	(*CreateSnapshotSetRequest)(nil),    // 10: umbra.v1.CreateSnapshotSetRequest
+	(*CreateSnapshotSetResponse)(nil),   // 11: umbra.v1.CreateSnapshotSetResponse
+	(*DeleteSnapshotsRequest)(nil),      // 12: umbra.v1.DeleteSnapshotsRequest
+	(*DeleteSnapshotsResponse)(nil),     // 13: umbra.v1.DeleteSnapshotsResponse
+	(*RevertSnapshotRequest)(nil),       // 14: umbra.v1.RevertSnapshotRequest
+	(*RevertSnapshotResponse)(nil),      // 15: umbra.v1.RevertSnapshotResponse
+	(*GetStorageRequest)(nil),           // 16: umbra.v1.GetStorageRequest
+	(*GetStorageResponse)(nil),          // 17: umbra.v1.GetStorageResponse
+	(*SetStorageRequest)(nil),           // 18: umbra.v1.SetStorageRequest
+	(*SetStorageResponse)(nil),          // 19: umbra.v1.SetStorageResponse
+	(*WriterEvent)(nil),                 // 20: umbra.v1.WriterEvent
+	(*Writer)(nil),                      // 21: umbra.v1.Writer
+	(*ListWritersRequest)(nil),          // 22: umbra.v1.ListWritersRequest
+	(*ListWritersResponse)(nil),         // 23: umbra.v1.ListWritersResponse
+	(*Provider)(nil),                    // 24: umbra.v1.Provider
+	(*ListProvidersRequest)(nil),        // 25: umbra.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),       // 26: umbra.v1.ListProvidersResponse
+	(*BackupRequest)(nil),               // 27: umbra.v1.BackupRequest
+	(*BackupProgress)(nil),              // 28: umbra.v1.BackupProgress
+	(*BackupEvent)(nil),                 // 29: umbra.v1.BackupEvent
+	(*ImageResult)(nil),                 // 30: umbra.v1.ImageResult
+	(*BackupResponse)(nil),              // 31: umbra.v1.BackupResponse
+	(*GetSupportedVersionRequest)(nil),  // 32: umbra.v1.GetSupportedVersionRequest
+	(*GetSupportedVersionResponse)(nil), // 33: umbra.v1.GetSupportedVersionResponse
+	(*SetContextRequest)(nil),           // 34: umbra.v1.SetContextRequest
+	(*SetContextResponse)(nil),          // 35: umbra.v1.SetContextResponse
+	(*PathRequest)(nil),                 // 36: umbra.v1.PathRequest
+	(*PathSupportResponse)(nil),         // 37: umbra.v1.PathSupportResponse
+	(*PathShadowCopiedResponse)(nil),    // 38: umbra.v1.PathShadowCopiedResponse
+	(*StartShadowCopySetRequest)(nil),   // 39: umbra.v1.StartShadowCopySetRequest
+	(*AddToShadowCopySetRequest)(nil),   // 40: umbra.v1.AddToShadowCopySetRequest
+	(*AddToShadowCopySetResponse)(nil),  // 41: umbra.v1.AddToShadowCopySetResponse
+	(*SetRequest)(nil),                  // 42: umbra.v1.SetRequest
+	(*ShadowCopy)(nil),                  // 43: umbra.v1.ShadowCopy
+	(*ShadowCopySet)(nil),               // 44: umbra.v1.ShadowCopySet
+	(*ListShadowCopySetsRequest)(nil),   // 45: umbra.v1.ListShadowCopySetsRequest
+	(*ListShadowCopySetsResponse)(nil),  // 46: umbra.v1.ListShadowCopySetsResponse
+	(*ShareMapping)(nil),                // 47: umbra.v1.ShareMapping
+	(*ShareMappingRequest)(nil),         // 48: umbra.v1.ShareMappingRequest
+	(*DeleteShareMappingResponse)(nil),  // 49: umbra.v1.DeleteShareMappingResponse
+	(*ExposeSnapshotRequest)(nil),       // 50: umbra.v1.ExposeSnapshotRequest
+	(*UnexposeSnapshotRequest)(nil),     // 51: umbra.v1.UnexposeSnapshotRequest
+	(*UnexposeSnapshotResponse)(nil),    // 52: umbra.v1.UnexposeSnapshotResponse
+	(*ListShareMappingsRequest)(nil),    // 53: umbra.v1.ListShareMappingsRequest
+	(*ListShareMappingsResponse)(nil),   // 54: umbra.v1.ListShareMappingsResponse
+	(*EventsRequest)(nil),               // 55: umbra.v1.EventsRequest
+	(*Event)(nil),                       // 56: umbra.v1.Event
+	(*DeleteStorageRequest)(nil),        // 57: umbra.v1.DeleteStorageRequest
+	(*DeleteStorageResponse)(nil),       // 58: umbra.v1.DeleteStorageResponse
+	(*JobRun)(nil),                      // 59: umbra.v1.JobRun
+	(*Job)(nil),                         // 60: umbra.v1.Job
+	(*ListJobsRequest)(nil),             // 61: umbra.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),            // 62: umbra.v1.ListJobsResponse
+	(*GetJobRequest)(nil),               // 63: umbra.v1.GetJobRequest
+	(*RunJobRequest)(nil),               // 64: umbra.v1.RunJobRequest
+	(*RunJobResponse)(nil),              // 65: umbra.v1.RunJobResponse
+	(*JobHistoryRequest)(nil),           // 66: umbra.v1.JobHistoryRequest
+	(*JobHistoryResponse)(nil),          // 67: umbra.v1.JobHistoryResponse
+	(*SetJobEnabledRequest)(nil),        // 68: umbra.v1.SetJobEnabledRequest
+	(*timestamppb.Timestamp)(nil),       // 69: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
-	1,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
-	66, // 1: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
-	0,  // 2: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
-	2,  // 3: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
-	2,  // 4: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
-	1,  // 5: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
-	1,  // 6: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	66, // 7: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	66, // 8: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
-	17, // 9: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
-	18, // 10: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
-	21, // 11: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
-	25, // 12: umbra.v1.BackupEvent.progress:type_name -> umbra.v1.BackupProgress
-	28, // 13: umbra.v1.BackupEvent.done:type_name -> umbra.v1.BackupResponse
-	27, // 14: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
-	44, // 15: umbra.v1.ShadowCopy.mapping:type_name -> umbra.v1.ShareMapping
-	40, // 16: umbra.v1.ShadowCopySet.shadow_copies:type_name -> umbra.v1.ShadowCopy
-	66, // 17: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
-	66, // 18: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
-	41, // 19: umbra.v1.ListShadowCopySetsResponse.sets:type_name -> umbra.v1.ShadowCopySet
-	66, // 20: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
-	44, // 21: umbra.v1.ListShareMappingsResponse.mappings:type_name -> umbra.v1.ShareMapping
-	66, // 22: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
-	66, // 23: umbra.v1.JobRun.start:type_name -> google.protobuf.Timestamp
-	66, // 24: umbra.v1.JobRun.end:type_name -> google.protobuf.Timestamp
-	56, // 25: umbra.v1.Job.running:type_name -> umbra.v1.JobRun
-	56, // 26: umbra.v1.Job.last:type_name -> umbra.v1.JobRun
-	66, // 27: umbra.v1.Job.last_success:type_name -> google.protobuf.Timestamp
-	66, // 28: umbra.v1.Job.next:type_name -> google.protobuf.Timestamp
-	57, // 29: umbra.v1.ListJobsResponse.jobs:type_name -> umbra.v1.Job
-	56, // 30: umbra.v1.JobHistoryResponse.runs:type_name -> umbra.v1.JobRun
-	3,  // 31: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
-	5,  // 32: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
-	7,  // 33: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
-	9,  // 34: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
-	11, // 35: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
-	13, // 36: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
-	15, // 37: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
-	54, // 38: umbra.v1.Umbra.DeleteStorage:input_type -> umbra.v1.DeleteStorageRequest
-	19, // 39: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
-	22, // 40: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
-	24, // 41: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
-	24, // 42: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
-	29, // 43: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
-	31, // 44: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
-	33, // 45: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
-	33, // 46: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
-	36, // 47: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
-	37, // 48: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
-	39, // 49: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 50: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 51: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 52: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
-	39, // 53: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
-	42, // 54: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
-	45, // 55: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	45, // 56: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
-	47, // 57: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
-	48, // 58: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
-	50, // 59: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
-	52, // 60: umbra.v1.Umbra.Events:input_type -> umbra.v1.EventsRequest
-	58, // 61: umbra.v1.Umbra.ListJobs:input_type -> umbra.v1.ListJobsRequest
-	60, // 62: umbra.v1.Umbra.GetJob:input_type -> umbra.v1.GetJobRequest
-	61, // 63: umbra.v1.Umbra.RunJob:input_type -> umbra.v1.RunJobRequest
-	63, // 64: umbra.v1.Umbra.JobHistory:input_type -> umbra.v1.JobHistoryRequest
-	65, // 65: umbra.v1.Umbra.SetJobEnabled:input_type -> umbra.v1.SetJobEnabledRequest
-	4,  // 66: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	6,  // 67: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	8,  // 68: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	10, // 69: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	12, // 70: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	14, // 71: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	16, // 72: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	55, // 73: umbra.v1.Umbra.DeleteStorage:output_type -> umbra.v1.DeleteStorageResponse
-	20, // 74: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	23, // 75: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	28, // 76: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
-	26, // 77: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
-	30, // 78: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
-	32, // 79: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
-	34, // 80: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
-	35, // 81: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
-	41, // 82: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	38, // 83: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
-	41, // 84: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 85: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 86: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 87: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 88: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	43, // 89: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
-	44, // 90: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
-	46, // 91: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
-	44, // 92: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
-	49, // 93: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
-	51, // 94: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
-	53, // 95: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
-	59, // 96: umbra.v1.Umbra.ListJobs:output_type -> umbra.v1.ListJobsResponse
-	57, // 97: umbra.v1.Umbra.GetJob:output_type -> umbra.v1.Job
-	62, // 98: umbra.v1.Umbra.RunJob:output_type -> umbra.v1.RunJobResponse
-	64, // 99: umbra.v1.Umbra.JobHistory:output_type -> umbra.v1.JobHistoryResponse
-	57, // 100: umbra.v1.Umbra.SetJobEnabled:output_type -> umbra.v1.Job
-	66, // [66:101] is the sub-list for method output_type
-	31, // [31:66] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	4,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
+	1,  // 1: umbra.v1.Volume.live_restore:type_name -> umbra.v1.LiveRestore
+	0,  // 2: umbra.v1.RestoreLiveResponse.volume:type_name -> umbra.v1.Volume
+	69, // 3: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	0,  // 4: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
+	5,  // 5: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
+	5,  // 6: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
+	4,  // 7: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
+	4,  // 8: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
+	69, // 9: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	69, // 10: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	20, // 11: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
+	21, // 12: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
+	24, // 13: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
+	28, // 14: umbra.v1.BackupEvent.progress:type_name -> umbra.v1.BackupProgress
+	31, // 15: umbra.v1.BackupEvent.done:type_name -> umbra.v1.BackupResponse
+	30, // 16: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
+	47, // 17: umbra.v1.ShadowCopy.mapping:type_name -> umbra.v1.ShareMapping
+	43, // 18: umbra.v1.ShadowCopySet.shadow_copies:type_name -> umbra.v1.ShadowCopy
+	69, // 19: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
+	69, // 20: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
+	44, // 21: umbra.v1.ListShadowCopySetsResponse.sets:type_name -> umbra.v1.ShadowCopySet
+	69, // 22: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
+	47, // 23: umbra.v1.ListShareMappingsResponse.mappings:type_name -> umbra.v1.ShareMapping
+	69, // 24: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
+	69, // 25: umbra.v1.JobRun.start:type_name -> google.protobuf.Timestamp
+	69, // 26: umbra.v1.JobRun.end:type_name -> google.protobuf.Timestamp
+	59, // 27: umbra.v1.Job.running:type_name -> umbra.v1.JobRun
+	59, // 28: umbra.v1.Job.last:type_name -> umbra.v1.JobRun
+	69, // 29: umbra.v1.Job.last_success:type_name -> google.protobuf.Timestamp
+	69, // 30: umbra.v1.Job.next:type_name -> google.protobuf.Timestamp
+	60, // 31: umbra.v1.ListJobsResponse.jobs:type_name -> umbra.v1.Job
+	59, // 32: umbra.v1.JobHistoryResponse.runs:type_name -> umbra.v1.JobRun
+	6,  // 33: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
+	8,  // 34: umbra.v1.Umbra.ListSnapshots:input_type -> umbra.v1.ListSnapshotsRequest
+	10, // 35: umbra.v1.Umbra.CreateSnapshotSet:input_type -> umbra.v1.CreateSnapshotSetRequest
+	12, // 36: umbra.v1.Umbra.DeleteSnapshots:input_type -> umbra.v1.DeleteSnapshotsRequest
+	14, // 37: umbra.v1.Umbra.RevertSnapshot:input_type -> umbra.v1.RevertSnapshotRequest
+	16, // 38: umbra.v1.Umbra.GetStorage:input_type -> umbra.v1.GetStorageRequest
+	18, // 39: umbra.v1.Umbra.SetStorage:input_type -> umbra.v1.SetStorageRequest
+	57, // 40: umbra.v1.Umbra.DeleteStorage:input_type -> umbra.v1.DeleteStorageRequest
+	22, // 41: umbra.v1.Umbra.ListWriters:input_type -> umbra.v1.ListWritersRequest
+	25, // 42: umbra.v1.Umbra.ListProviders:input_type -> umbra.v1.ListProvidersRequest
+	27, // 43: umbra.v1.Umbra.Backup:input_type -> umbra.v1.BackupRequest
+	27, // 44: umbra.v1.Umbra.BackupStream:input_type -> umbra.v1.BackupRequest
+	32, // 45: umbra.v1.Umbra.GetSupportedVersion:input_type -> umbra.v1.GetSupportedVersionRequest
+	34, // 46: umbra.v1.Umbra.SetContext:input_type -> umbra.v1.SetContextRequest
+	36, // 47: umbra.v1.Umbra.IsPathSupported:input_type -> umbra.v1.PathRequest
+	36, // 48: umbra.v1.Umbra.IsPathShadowCopied:input_type -> umbra.v1.PathRequest
+	39, // 49: umbra.v1.Umbra.StartShadowCopySet:input_type -> umbra.v1.StartShadowCopySetRequest
+	40, // 50: umbra.v1.Umbra.AddToShadowCopySet:input_type -> umbra.v1.AddToShadowCopySetRequest
+	42, // 51: umbra.v1.Umbra.PrepareShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 52: umbra.v1.Umbra.CommitShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 53: umbra.v1.Umbra.ExposeShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 54: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:input_type -> umbra.v1.SetRequest
+	42, // 55: umbra.v1.Umbra.AbortShadowCopySet:input_type -> umbra.v1.SetRequest
+	45, // 56: umbra.v1.Umbra.ListShadowCopySets:input_type -> umbra.v1.ListShadowCopySetsRequest
+	48, // 57: umbra.v1.Umbra.GetShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	48, // 58: umbra.v1.Umbra.DeleteShareMapping:input_type -> umbra.v1.ShareMappingRequest
+	50, // 59: umbra.v1.Umbra.ExposeSnapshot:input_type -> umbra.v1.ExposeSnapshotRequest
+	51, // 60: umbra.v1.Umbra.UnexposeSnapshot:input_type -> umbra.v1.UnexposeSnapshotRequest
+	53, // 61: umbra.v1.Umbra.ListShareMappings:input_type -> umbra.v1.ListShareMappingsRequest
+	55, // 62: umbra.v1.Umbra.Events:input_type -> umbra.v1.EventsRequest
+	61, // 63: umbra.v1.Umbra.ListJobs:input_type -> umbra.v1.ListJobsRequest
+	63, // 64: umbra.v1.Umbra.GetJob:input_type -> umbra.v1.GetJobRequest
+	64, // 65: umbra.v1.Umbra.RunJob:input_type -> umbra.v1.RunJobRequest
+	66, // 66: umbra.v1.Umbra.JobHistory:input_type -> umbra.v1.JobHistoryRequest
+	68, // 67: umbra.v1.Umbra.SetJobEnabled:input_type -> umbra.v1.SetJobEnabledRequest
+	2,  // 68: umbra.v1.Umbra.RestoreLive:input_type -> umbra.v1.RestoreLiveRequest
+	7,  // 69: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	9,  // 70: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	11, // 71: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	13, // 72: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	15, // 73: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	17, // 74: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	19, // 75: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	58, // 76: umbra.v1.Umbra.DeleteStorage:output_type -> umbra.v1.DeleteStorageResponse
+	23, // 77: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	26, // 78: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	31, // 79: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	29, // 80: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
+	33, // 81: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
+	35, // 82: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
+	37, // 83: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
+	38, // 84: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
+	44, // 85: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 86: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
+	44, // 87: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 88: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 89: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 90: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 91: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	46, // 92: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
+	47, // 93: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
+	49, // 94: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
+	47, // 95: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
+	52, // 96: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
+	54, // 97: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
+	56, // 98: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
+	62, // 99: umbra.v1.Umbra.ListJobs:output_type -> umbra.v1.ListJobsResponse
+	60, // 100: umbra.v1.Umbra.GetJob:output_type -> umbra.v1.Job
+	65, // 101: umbra.v1.Umbra.RunJob:output_type -> umbra.v1.RunJobResponse
+	67, // 102: umbra.v1.Umbra.JobHistory:output_type -> umbra.v1.JobHistoryResponse
+	60, // 103: umbra.v1.Umbra.SetJobEnabled:output_type -> umbra.v1.Job
+	3,  // 104: umbra.v1.Umbra.RestoreLive:output_type -> umbra.v1.RestoreLiveResponse
+	69, // [69:105] is the sub-list for method output_type
+	33, // [33:69] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_umbra_proto_init() }
@@ -4746,7 +5068,7 @@ func file_umbra_proto_init() {
 	if File_umbra_proto != nil {
 		return
 	}
-	file_umbra_proto_msgTypes[26].OneofWrappers = []any{
+	file_umbra_proto_msgTypes[29].OneofWrappers = []any{
 		(*BackupEvent_Progress)(nil),
 		(*BackupEvent_Done)(nil),
 	}
@@ -4756,7 +5078,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   66,
+			NumMessages:   69,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -58,6 +58,7 @@ const (
 	Umbra_RunJob_FullMethodName                        = "/umbra.v1.Umbra/RunJob"
 	Umbra_JobHistory_FullMethodName                    = "/umbra.v1.Umbra/JobHistory"
 	Umbra_SetJobEnabled_FullMethodName                 = "/umbra.v1.Umbra/SetJobEnabled"
+	Umbra_RestoreLive_FullMethodName                   = "/umbra.v1.Umbra/RestoreLive"
 )
 
 // UmbraClient is the client API for Umbra service.
@@ -131,6 +132,12 @@ type UmbraClient interface {
 	RunJob(ctx context.Context, in *RunJobRequest, opts ...grpc.CallOption) (*RunJobResponse, error)
 	JobHistory(ctx context.Context, in *JobHistoryRequest, opts ...grpc.CallOption) (*JobHistoryResponse, error)
 	SetJobEnabled(ctx context.Context, in *SetJobEnabledRequest, opts ...grpc.CallOption) (*Job, error)
+	// RestoreLive makes a restore target a volume of the service at once
+	// (umbra restore --live): reads of chunks not restored yet fetch them
+	// from the repository, writes are the target's own, and the rest is
+	// restored in the background. Asked again for the same image and
+	// target, it changes the background rate.
+	RestoreLive(ctx context.Context, in *RestoreLiveRequest, opts ...grpc.CallOption) (*RestoreLiveResponse, error)
 }
 
 type umbraClient struct {
@@ -509,6 +516,16 @@ func (c *umbraClient) SetJobEnabled(ctx context.Context, in *SetJobEnabledReques
 	return out, nil
 }
 
+func (c *umbraClient) RestoreLive(ctx context.Context, in *RestoreLiveRequest, opts ...grpc.CallOption) (*RestoreLiveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RestoreLiveResponse)
+	err := c.cc.Invoke(ctx, Umbra_RestoreLive_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UmbraServer is the server API for Umbra service.
 // All implementations must embed UnimplementedUmbraServer
 // for forward compatibility.
@@ -580,6 +597,12 @@ type UmbraServer interface {
 	RunJob(context.Context, *RunJobRequest) (*RunJobResponse, error)
 	JobHistory(context.Context, *JobHistoryRequest) (*JobHistoryResponse, error)
 	SetJobEnabled(context.Context, *SetJobEnabledRequest) (*Job, error)
+	// RestoreLive makes a restore target a volume of the service at once
+	// (umbra restore --live): reads of chunks not restored yet fetch them
+	// from the repository, writes are the target's own, and the rest is
+	// restored in the background. Asked again for the same image and
+	// target, it changes the background rate.
+	RestoreLive(context.Context, *RestoreLiveRequest) (*RestoreLiveResponse, error)
 	mustEmbedUnimplementedUmbraServer()
 }
 
@@ -694,6 +717,9 @@ func (UnimplementedUmbraServer) JobHistory(context.Context, *JobHistoryRequest) 
 }
 func (UnimplementedUmbraServer) SetJobEnabled(context.Context, *SetJobEnabledRequest) (*Job, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SetJobEnabled not implemented")
+}
+func (UnimplementedUmbraServer) RestoreLive(context.Context, *RestoreLiveRequest) (*RestoreLiveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RestoreLive not implemented")
 }
 func (UnimplementedUmbraServer) mustEmbedUnimplementedUmbraServer() {}
 func (UnimplementedUmbraServer) testEmbeddedByValue()               {}
@@ -1332,6 +1358,24 @@ func _Umbra_SetJobEnabled_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Umbra_RestoreLive_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RestoreLiveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).RestoreLive(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_RestoreLive_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).RestoreLive(ctx, req.(*RestoreLiveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Umbra_ServiceDesc is the grpc.ServiceDesc for Umbra service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1470,6 +1514,10 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetJobEnabled",
 			Handler:    _Umbra_SetJobEnabled_Handler,
+		},
+		{
+			MethodName: "RestoreLive",
+			Handler:    _Umbra_RestoreLive_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

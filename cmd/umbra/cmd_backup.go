@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"strings"
 	"time"
@@ -226,15 +227,29 @@ func newImagesCmd() *cobra.Command {
 
 func newRestoreCmd() *cobra.Command {
 	var rf repoFlags
-	var to string
-	var force bool
+	var to, volume, rate string
+	var force, live bool
 	cmd := &cobra.Command{
-		Use:   "restore IMAGE --to PATH|DEVICE",
+		Use:   "restore IMAGE --to PATH|DEVICE [--live]",
 		Short: "Write an image to a file or device, verifying every chunk (zero chunks stay holes in files)",
-		Args:  cobra.ExactArgs(1),
+		Long: `Write an image to a file or device, verifying every chunk (zero chunks stay holes in files).
+
+With --live the running service makes the target a volume at once (NBD
+export and FUSE file like any volume): reads of chunks not restored yet
+fetch them from the repository first, writes are the target's own, and
+the rest is restored in the background. Progress, state and ETA are in
+umbra volume list. The restore survives a restart of the service; run the
+same command again to change --rate.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if to == "" {
 				return usageError{fmt.Errorf("--to PATH is required")}
+			}
+			if live {
+				return restoreLive(cmd, &rf, args[0], to, volume, rate, force)
+			}
+			if volume != "" || rate != "" {
+				return usageError{fmt.Errorf("--volume and --rate go with --live")}
 			}
 			if err := checkRestoreTarget(to, force); err != nil {
 				return err
@@ -267,7 +282,68 @@ func newRestoreCmd() *cobra.Command {
 	rf.add(cmd)
 	cmd.Flags().StringVar(&to, "to", "", "file or block device to write")
 	cmd.Flags().BoolVar(&force, "force", false, "overwrite a file that exists, or a block device that holds data")
+	cmd.Flags().BoolVar(&live, "live", false, "make the target a volume of the running service at once, restored in the background")
+	cmd.Flags().StringVar(&volume, "volume", "", "with --live: the volume's name (default: the image's volume)")
+	cmd.Flags().StringVar(&rate, "rate", "", "with --live: bound the background restore to this many bytes a second (e.g. 100M; default: none)")
 	return cmd
+}
+
+// restoreLive asks the service to restore image live into to.
+func restoreLive(cmd *cobra.Command, rf *repoFlags, image, to, volume, rate string, force bool) error {
+	var bps int64
+	if rate != "" {
+		n, err := parseSize(rate)
+		if err != nil {
+			return usageError{fmt.Errorf("--rate %q: %w", rate, err)}
+		}
+		bps = n
+	}
+	where, set, err := rf.settings()
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(where, "://") {
+		if where, err = filepath.Abs(where); err != nil {
+			return err
+		}
+	}
+	abs, err := filepath.Abs(to)
+	if err != nil {
+		return err
+	}
+	req := &umbrav1.RestoreLiveRequest{Repo: where, Password: set.Password, S3AccessKey: set.Cred.AccessKey, S3SecretKey: set.Cred.SecretKey,
+		Image: image, Target: abs, Volume: volume, Rate: bps, Force: force}
+	return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+		resp, err := c.RestoreLive(ctx, req)
+		if err != nil {
+			return err
+		}
+		if gflags.json {
+			return printJSON(os.Stdout, resp)
+		}
+		v := resp.Volume
+		fmt.Printf("volume %s: %s restored live from %s (%s); follow it with umbra volume list\n", v.Name, abs, image, liveStr(v.LiveRestore))
+		return nil
+	})
+}
+
+// liveStr is a live restore's progress in a few words.
+func liveStr(p *umbrav1.LiveRestore) string {
+	if p == nil {
+		return "-"
+	}
+	pct := 100.0
+	if p.Size > 0 {
+		pct = float64(p.Restored) * 100 / float64(p.Size)
+	}
+	s := fmt.Sprintf("%s %.1f%% of %s", p.State, pct, human(p.Size))
+	if p.EtaSeconds > 0 {
+		s += fmt.Sprintf(", ETA %v", time.Duration(p.EtaSeconds)*time.Second)
+	}
+	if p.Error != "" {
+		s += ": " + p.Error
+	}
+	return s
 }
 
 // checkRestoreTarget refuses, without --force, to overwrite what a

@@ -67,6 +67,6 @@ func newEventsCmd() *cobra.Command {
 			return err
 		},
 	}
-	cmd.Flags().StringSliceVar(&kinds, "kind", nil, "only these kinds (snapshot_created, snapshot_deleted, snapshot_reverted, set_state, exposed, unexposed, storage_changed, writer_failed, backup_progress, backup_done)")
+	cmd.Flags().StringSliceVar(&kinds, "kind", nil, "only these kinds (snapshot_created, snapshot_deleted, snapshot_reverted, set_state, exposed, unexposed, storage_changed, writer_failed, backup_progress, backup_done, job_started, job_succeeded, job_failed, job_missed, job_interrupted, live_restore_started, live_restore_waiting, live_restore_resumed, live_restore_done)")
 	return cmd
 }

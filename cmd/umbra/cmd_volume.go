@@ -29,7 +29,7 @@ func newVolumeCmd() *cobra.Command {
 					return printJSON(os.Stdout, resp)
 				}
 				w := table()
-				fmt.Fprintln(w, "NAME\tSIZE\tCHUNK\tPROVIDER\tSNAPSHOTS\tIN USE BY\tSHADOW STORAGE\tORIGIN")
+				fmt.Fprintln(w, "NAME\tSIZE\tCHUNK\tPROVIDER\tSNAPSHOTS\tIN USE BY\tSHADOW STORAGE\tLIVE RESTORE\tORIGIN")
 				for _, v := range resp.Volumes {
 					st := "none: " + v.WhyNot
 					if v.CanShadowCopy {
@@ -39,7 +39,7 @@ func newVolumeCmd() *cobra.Command {
 					if users == "" {
 						users = "-"
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", v.Name, human(v.Size), human(v.ChunkSize), v.Provider, v.Snapshots, users, st, v.Origin)
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", v.Name, human(v.Size), human(v.ChunkSize), v.Provider, v.Snapshots, users, st, liveStr(v.LiveRestore), v.Origin)
 				}
 				return w.Flush()
 			})
