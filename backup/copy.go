@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,11 +43,11 @@ import (
 // what was written and name only chunks the target's index holds, and
 // its totals (chunks, non-zero chunks) must be the source image's.
 
-// CopyOptions choose the images of a copy. Images, else Volume, else All.
+// CopyOptions choose the images of a copy. Images, else Volumes, else All.
 type CopyOptions struct {
-	Images []string // these image IDs
-	Volume string   // every image of this volume
-	All    bool     // every image
+	Images  []string // these image IDs
+	Volumes []string // every image of these volumes
+	All     bool     // every image
 	// Progress is told, per image, how far the copy of its volume has
 	// come (bytes of the volume).
 	Progress func(image string, done, total int64)
@@ -125,7 +126,7 @@ func Copy(ctx context.Context, src, dst *Repo, opts CopyOptions) (CopyStats, err
 		return st, fmt.Errorf("copy from %s to %s: the source's chunks are %d bytes, the target's %d: copy into a repository created with `umbra repo init --chunk-size %d`",
 			src.Location(), dst.Location(), src.cfg.ChunkSize, dst.cfg.ChunkSize, src.cfg.ChunkSize)
 	}
-	if len(opts.Images) == 0 && opts.Volume == "" && !opts.All {
+	if len(opts.Images) == 0 && len(opts.Volumes) == 0 && !opts.All {
 		return st, fmt.Errorf("copy: no images chosen: name image IDs, a volume, or all")
 	}
 	unlockSrc, err := src.Lock(ctx, "copy to "+dst.Location(), false)
@@ -256,12 +257,12 @@ func (r *Repo) chooseImages(ctx context.Context, opts CopyOptions) ([]*Index, er
 	}
 	var out []*Index
 	for _, x := range list {
-		if x.Volume == opts.Volume {
+		if slices.Contains(opts.Volumes, x.Volume) {
 			out = append(out, x)
 		}
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("copy: source %s has no image of volume %q (see `umbra images list --repo %s`)", r.Location(), opts.Volume, r.Location())
+		return nil, fmt.Errorf("copy: source %s has no image of volume %s (see `umbra images list --repo %s`)", r.Location(), strings.Join(opts.Volumes, ", "), r.Location())
 	}
 	return out, nil
 }

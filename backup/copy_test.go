@@ -107,7 +107,7 @@ func TestCopyLocal(t *testing.T) {
 			t.Fatalf("the copy of %s is recorded as %+v", x.ID, y)
 		}
 	}
-	st, err = backup.Copy(ctx, src, dst, backup.CopyOptions{Volume: "v"})
+	st, err = backup.Copy(ctx, src, dst, backup.CopyOptions{Volumes: []string{"v"}})
 	if err != nil || st.ChunksCopied != 0 || st.BytesRead != 0 || !slices.Equal(results(st), []string{"present", "present", "same-content"}) {
 		t.Fatalf("copy again: %+v %v", st, err)
 	}
@@ -134,7 +134,7 @@ func TestCopyLocal(t *testing.T) {
 	if _, err := backup.Copy(ctx, src, dst, backup.CopyOptions{Images: []string{ids[3], "nope"}}); err == nil || !strings.Contains(err.Error(), "nope") {
 		t.Fatalf("copy of a missing image: %v", err)
 	}
-	if _, err := backup.Copy(ctx, src, dst, backup.CopyOptions{Volume: "x"}); err == nil {
+	if _, err := backup.Copy(ctx, src, dst, backup.CopyOptions{Volumes: []string{"x"}}); err == nil {
 		t.Fatal("copy of a volume without images succeeded")
 	}
 	if _, err := backup.Copy(ctx, src, src, backup.CopyOptions{All: true}); err == nil {
@@ -224,7 +224,7 @@ func TestCopyS3(t *testing.T) {
 	}
 	checkCopied(t, remote, []string{ids[0], ids[1], ids[3]}, data)
 	back, _ := newRepo(t)
-	if _, err := backup.Copy(ctx, remote, back, backup.CopyOptions{Volume: "w"}); err != nil {
+	if _, err := backup.Copy(ctx, remote, back, backup.CopyOptions{Volumes: []string{"w"}}); err != nil {
 		t.Fatal(err)
 	}
 	checkCopied(t, back, ids[3:], data)

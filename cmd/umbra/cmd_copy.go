@@ -15,10 +15,10 @@ func init() { verbs = append(verbs, newCopyCmd) }
 
 func newCopyCmd() *cobra.Command {
 	var from, to repoFlags
-	var volume string
+	var volumes []string
 	var all, initTarget bool
 	cmd := &cobra.Command{
-		Use:   "copy --from REPO --to REPO [IMAGE...] [--volume NAME | --all]",
+		Use:   "copy --from REPO --to REPO [IMAGE... | --volume NAME... | --all]",
 		Short: "Copy images into another repository (local or S3, another key or none), moving only the chunks it lacks; rerun an interrupted copy to finish it",
 		Long: `Copy images from one backup repository into another, keeping their IDs.
 Only the chunks the target lacks are stored; every chunk is checked when read
@@ -37,7 +37,7 @@ come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; a target in another
 account takes UMBRA_TO_AWS_ACCESS_KEY_ID and UMBRA_TO_AWS_SECRET_ACCESS_KEY.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			n := 0
-			for _, b := range []bool{len(args) > 0, volume != "", all} {
+			for _, b := range []bool{len(args) > 0, len(volumes) > 0, all} {
 				if b {
 					n++
 				}
@@ -73,7 +73,7 @@ account takes UMBRA_TO_AWS_ACCESS_KEY_ID and UMBRA_TO_AWS_SECRET_ACCESS_KEY.`,
 			}
 			defer dst.Close()
 			pr := newProgress("copy")
-			opts := backup.CopyOptions{Images: args, Volume: volume, All: all,
+			opts := backup.CopyOptions{Images: args, Volumes: volumes, All: all,
 				Progress: func(id string, done, total int64) { pr.update(id, done, total) }}
 			st, err := backup.Copy(ctx, src, dst, opts)
 			pr.finish()
@@ -113,7 +113,7 @@ account takes UMBRA_TO_AWS_ACCESS_KEY_ID and UMBRA_TO_AWS_SECRET_ACCESS_KEY.`,
 	}
 	from.addAs(cmd, "from", "source", "UMBRA_PASSWORD", "")
 	to.addAs(cmd, "to", "target", "UMBRA_TO_PASSWORD", "UMBRA_TO_AWS_")
-	cmd.Flags().StringVar(&volume, "volume", "", "copy every image of this volume")
+	cmd.Flags().StringSliceVar(&volumes, "volume", nil, "copy every image of this volume (repeat, or comma-separated, for several)")
 	cmd.Flags().BoolVar(&all, "all", false, "copy every image")
 	cmd.Flags().BoolVar(&initTarget, "init", false, "create the target when there is none, with the source's chunk size and hash (encrypted when it has a password)")
 	return cmd
