@@ -16,7 +16,7 @@ import (
 // a misplaced field is an error, not silently ignored.
 type Def struct {
 	Name     string `toml:"name"`
-	Kind     string `toml:"kind"`     // snapshot, backup, verify
+	Kind     string `toml:"kind"`     // snapshot, backup, verify, sync
 	Schedule string `toml:"schedule"` // systemd calendar syntax: hourly, Mon..Fri 07,12:00, *:0/15
 	// Disabled starts the job disabled; `umbra jobs enable|disable`
 	// changes that, and the catalog keeps what they said.
@@ -44,6 +44,10 @@ type Def struct {
 	Full bool `toml:"full,omitempty"`
 	// snapshot: the timeline's limits; backup: prune's keep rules
 	Keep Keep `toml:"keep,omitempty,omitzero"`
+	// sync: the repository the images of repo are copied into, and its
+	// password (default: the service's $UMBRA_TO_PASSWORD)
+	To             string `toml:"to,omitempty"`
+	ToPasswordFile string `toml:"to_password_file,omitempty"`
 	// verify: re-verify an image verified more than this many days ago
 	// (default 0: every image every run)
 	ReverifyDays int `toml:"reverify_days,omitzero"`
@@ -191,14 +195,16 @@ func duration(d *Def, field, s string) (time.Duration, error) {
 // unused refuses the fields a kind does not read.
 func unused(d *Def, fields ...string) error {
 	set := map[string]bool{
-		"volumes":       len(d.Volumes) > 0,
-		"writers":       d.Writers,
-		"persistent":    d.Persistent != nil,
-		"repo":          d.Repo != "",
-		"password_file": d.PasswordFile != "",
-		"full":          d.Full,
-		"keep":          !d.Keep.empty(),
-		"reverify_days": d.ReverifyDays != 0,
+		"volumes":          len(d.Volumes) > 0,
+		"writers":          d.Writers,
+		"persistent":       d.Persistent != nil,
+		"repo":             d.Repo != "",
+		"password_file":    d.PasswordFile != "",
+		"full":             d.Full,
+		"keep":             !d.Keep.empty(),
+		"reverify_days":    d.ReverifyDays != 0,
+		"to":               d.To != "",
+		"to_password_file": d.ToPasswordFile != "",
 	}
 	for _, f := range fields {
 		if set[f] {

@@ -47,7 +47,7 @@ func TestCheckNamesJobAndField(t *testing.T) {
 		{snap(func(d *Def) { d.Name = "" }), "#1", "name: missing"},
 		{snap(func(d *Def) { d.Name = "a b" }), `"a b"`, "name: want"},
 		{append(snap(func(d *Def) {}), snap(func(d *Def) {})...), "tl", "name: defined twice"},
-		{snap(func(d *Def) { d.Kind = "sink" }), "tl", `kind: "sink": want one of backup, snapshot, verify`},
+		{snap(func(d *Def) { d.Kind = "sink" }), "tl", `kind: "sink": want one of backup, snapshot, sync, verify`},
 		{snap(func(d *Def) { d.Schedule = "" }), "tl", "schedule: missing"},
 		{snap(func(d *Def) { d.Schedule = "Mon..Fry 07:00" }), "tl", "schedule:"},
 		{snap(func(d *Def) { d.RandomDelay = "soon" }), "tl", "random_delay:"},
@@ -66,6 +66,14 @@ func TestCheckNamesJobAndField(t *testing.T) {
 		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", ReverifyDays: 30}}, "", ""},
 		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", Volumes: []string{"a"}}}, "v", "volumes: a verify job has no volumes"},
 		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", ReverifyDays: -1}}, "v", "reverify_days:"},
+		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo", To: "s3://h/b/offsite"}}, "", ""},
+		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo", To: "/srv/b", Volumes: []string{"a"}}}, "", ""},
+		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo"}}, "s", "to: missing"},
+		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo", To: "offsite"}}, "s", "to:"},
+		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo", To: "/srv/repo"}}, "s", "to:"},
+		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo", To: "/srv/b", Keep: Keep{Last: 1}}}, "s", "keep: a sync job has no keep"},
+		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", To: "/srv/b"}}, "s", "repo: missing"},
+		{bk(func(d *Def) { d.To = "/srv/b" }), "nightly", "to: a backup job has no to"},
 	} {
 		err := Check(c.defs)
 		if c.want == "" {

@@ -18,7 +18,7 @@ func init() {
 }
 
 func checkVerify(d *Def) error {
-	if err := unused(d, "volumes", "writers", "persistent", "full", "keep"); err != nil {
+	if err := unused(d, "volumes", "writers", "persistent", "full", "keep", "to", "to_password_file"); err != nil {
 		return err
 	}
 	if err := needRepo(d); err != nil {
