@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -381,22 +382,44 @@ func checkRestoreTarget(to string, force bool) error {
 
 func newVerifyCmd() *cobra.Command {
 	var rf repoFlags
+	var sample float64
+	var seed uint64
 	cmd := &cobra.Command{
 		Use:   "verify",
 		Short: "Re-hash every chunk and name the images a damaged chunk breaks",
-		Args:  cobra.NoArgs,
+		Long: `Re-hash every chunk and name the images a damaged chunk breaks.
+
+--sample F checks a fraction F (0 < F < 1) of the chunks the images use,
+each read alone from its pack, instead of every chunk and every pack
+whole: a cheaper check to run often, a full one now and then. The
+chunks are picked by --seed (random when not given, and printed): the
+same seed picks the same chunks.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if sample <= 0 || sample > 1 {
+				return usageError{fmt.Errorf("--sample %v: give a fraction above 0 and at most 1 (e.g. --sample 0.1; 1 checks everything)", sample)}
+			}
+			if cmd.Flags().Changed("seed") && sample == 1 {
+				return usageError{errors.New("--seed picks the chunks of a sample: give --sample too (e.g. --sample 0.1 --seed 42)")}
+			}
+			if !cmd.Flags().Changed("seed") {
+				seed = rand.Uint64()
+			}
+			opts := backup.VerifyOptions{Sample: sample, Seed: seed}
 			r, err := rf.open(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer r.Close()
 			pr := newProgress("verify")
-			rep := r.VerifyContext(cmd.Context(), func(done, total int64) { pr.update("packs", done, total) })
+			rep := r.VerifyWith(cmd.Context(), opts, func(done, total int64) { pr.update("packs", done, total) })
 			pr.finish()
 			if gflags.json {
 				printJSON(os.Stdout, rep)
 			} else {
+				if rep.Sample > 0 {
+					fmt.Printf("sample of %g of the chunks, seed %d (--seed %d checks the same chunks again)\n", rep.Sample, rep.Seed, rep.Seed)
+				}
 				fmt.Printf("%d chunks in %d packs checked, %d images good\n", rep.Chunks, rep.Packs, rep.GoodImages)
 				for _, c := range rep.BadChunks {
 					fmt.Printf("damaged chunk %s\n", c)
@@ -427,5 +450,7 @@ func newVerifyCmd() *cobra.Command {
 		},
 	}
 	rf.add(cmd)
+	cmd.Flags().Float64Var(&sample, "sample", 1, "fraction of the chunks to check, e.g. 0.1 (1: all, and every pack whole)")
+	cmd.Flags().Uint64Var(&seed, "seed", 0, "with --sample: picks the chunks (default: random, printed)")
 	return cmd
 }
