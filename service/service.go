@@ -1,7 +1,8 @@
 // Package service assembles the Umbra daemon: it opens the configured
 // volumes and snapshot providers, and serves them over NBD (unix socket
 // and TCP with TLS), FUSE, the management API (unix socket and TCP with
-// TLS), the writer socket and Prometheus metrics. It owns every one of
+// TLS), the writer socket and Prometheus metrics, and runs the jobs of
+// its config (package jobs) on their schedules. It owns every one of
 // those servers: Run waits for all of them, a failure of one stops the
 // rest and is returned named by what failed, and Close takes everything
 // down in order (NBD clients drained first, volumes closed last) and

@@ -44,7 +44,7 @@ func newEventsCmd() *cobra.Command {
 						continue
 					}
 					fmt.Printf("%s %-17s", ev.Time.AsTime().Local().Format(time.TimeOnly), ev.Kind)
-					for _, f := range []struct{ k, v string }{{"volume", ev.Volume}, {"snapshot", ev.Snapshot}, {"set", ev.SetId}, {"state", ev.State}} {
+					for _, f := range []struct{ k, v string }{{"job", ev.Job}, {"volume", ev.Volume}, {"snapshot", ev.Snapshot}, {"set", ev.SetId}, {"state", ev.State}} {
 						if f.v != "" {
 							fmt.Printf(" %s=%s", f.k, f.v)
 						}
