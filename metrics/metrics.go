@@ -2,7 +2,8 @@
 // HTTP listener (umbra serve --metrics-listen): diff-area bytes used and
 // allowed per volume, preserved copies, live snapshots, hold and freeze
 // durations of snapshot sets, writer failures, NBD requests and errors,
-// NBD buffers, job runs and each job's last success.
+// NBD buffers, job runs and each job's last success, live restores'
+// progress.
 // Engine figures are read at scrape time; events are counted as they
 // happen through the hooks below.
 package metrics
@@ -35,6 +36,7 @@ type Metrics struct {
 	nbd         *nbdServers
 	jobRuns     *prometheus.CounterVec
 	jobSuccess  *prometheus.GaugeVec
+	live        *live
 }
 
 var (
@@ -109,7 +111,7 @@ func (e engine) Collect(ch chan<- prometheus.Metric) {
 
 // New registers the collectors for the volumes of p.
 func New(p *cow.Provider) *Metrics {
-	m := &Metrics{reg: prometheus.NewRegistry(), nbd: &nbdServers{}}
+	m := &Metrics{reg: prometheus.NewRegistry(), nbd: &nbdServers{}, live: &live{}}
 	buckets := prometheus.ExponentialBuckets(0.0001, 4, 10) // 100 µs to 26 s
 	m.hold = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "umbra_hold_seconds", Help: "How long snapshot sets held writes.", Buckets: buckets})
 	m.freeze = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "umbra_freeze_seconds", Help: "How long snapshot sets kept writers frozen (freeze to thaw).", Buckets: buckets})
@@ -118,7 +120,7 @@ func New(p *cow.Provider) *Metrics {
 	m.nbdErrs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_errors_total", Help: "NBD error replies by command."}, []string{"command"})
 	m.jobRuns = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_job_runs_total", Help: "Job runs that ended, by job and result (success, failed, skipped, missed, interrupted, cancelled)."}, []string{"job", "result"})
 	m.jobSuccess = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "umbra_job_last_success_timestamp_seconds", Help: "When a job's last successful run ended (Unix seconds); alert when it is too old."}, []string{"job"})
-	m.reg.MustRegister(engine{p}, m.nbd, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs, m.jobRuns, m.jobSuccess,
+	m.reg.MustRegister(engine{p}, m.nbd, m.live, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs, m.jobRuns, m.jobSuccess,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }

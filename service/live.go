@@ -20,6 +20,7 @@ import (
 	"umbra/cow"
 	"umbra/internal/owner"
 	"umbra/liverestore"
+	"umbra/metrics"
 	"umbra/provider"
 )
 
@@ -250,6 +251,25 @@ func (l *liveRestores) event(kind, name string) {
 		return
 	}
 	l.s.api.LiveRestoreEvent(kind, name, l.LiveRestore(name))
+}
+
+// stats are the live restores' figures for metrics.
+func (l *liveRestores) stats() []metrics.LiveStat {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []metrics.LiveStat
+	for name, lv := range l.vols {
+		if lv.target == nil {
+			continue
+		}
+		p := lv.target.Progress()
+		if p.State == liverestore.StateDone {
+			continue
+		}
+		out = append(out, metrics.LiveStat{Volume: name, Size: p.Size, Restored: p.Restored, Demand: p.Demand, Waiting: p.State == liverestore.StateWaiting})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Volume < out[j].Volume })
+	return out
 }
 
 // close stops the background restores (the volumes are closed after).

@@ -227,6 +227,7 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	}
 	s.api.Jobs = s.jobs
 	s.api.Live = s.live
+	s.metrics.WatchLive(s.live.stats)
 	return s, nil
 }
 
