@@ -20,8 +20,9 @@ import (
 // backup uses stay open, each for repoIdle at most; then it is closed
 // and the memory goes back to the system.
 
-// defaultRepoIdle is how long a repository no backup uses stays open.
-const defaultRepoIdle = 30 * time.Second
+// DefaultRepoIdle is how long a repository no backup uses stays open
+// (umbra serve --repo-idle).
+const DefaultRepoIdle = 30 * time.Second
 
 // repoIdleMax is how many repositories no backup uses stay open.
 const repoIdleMax = 1
@@ -158,6 +159,14 @@ func (s *Server) expireRepo(e *repoEntry) {
 	s.dropRepoLocked(e)
 	s.repoMu.Unlock()
 	freeMemory()
+}
+
+// SetRepoIdle sets how long a repository no backup uses stays open; 0
+// closes it when its last backup ends. Call it before serving.
+func (s *Server) SetRepoIdle(d time.Duration) {
+	s.repoMu.Lock()
+	s.repoIdle = d
+	s.repoMu.Unlock()
 }
 
 // openRepos is how many repositories the cache holds open.

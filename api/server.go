@@ -82,7 +82,7 @@ func NewServer(p *cow.Provider, reg *provider.Registry, coord *coordinator.Coord
 	if coord == nil {
 		coord = coordinator.New(reg, writers, nil, log)
 	}
-	return &Server{cow: p, reg: reg, coord: coord, writers: writers, log: log, repoIdle: defaultRepoIdle}
+	return &Server{cow: p, reg: reg, coord: coord, writers: writers, log: log, repoIdle: DefaultRepoIdle}
 }
 
 // ListProviders lists the providers and their capabilities.

@@ -31,6 +31,7 @@ type Config struct {
 	StateDir   string         `toml:"state_dir"`
 	ExposeDir  string         `toml:"expose_dir"`    // where exposed snapshots are mounted
 	SetTimeout string         `toml:"set_timeout"`   // FSRVP message sequence timer
+	RepoIdle   string         `toml:"repo_idle"`     // how long a backup repository no backup uses stays open
 	HoldPrio   string         `toml:"hold_priority"` // normal (default) or realtime
 	API        APIConfig      `toml:"api"`
 	Metrics    string         `toml:"metrics_listen"`
@@ -152,6 +153,7 @@ func configErr(format string, a ...any) error { return ConfigError{fmt.Errorf(fo
 // checked is what check derives from a Config.
 type checked struct {
 	setTimeout   time.Duration
+	repoIdle     time.Duration
 	nbdClientCAs *x509.CertPool // nil: NBD over TCP takes any client
 	nbdTLS       *tls.Config    // nil: no --tls-cert
 	apiTLS       *tls.Config    // nil: no TCP API
@@ -190,6 +192,12 @@ func (cfg Config) check() (c checked, err error) {
 	case "", "normal", "realtime":
 	default:
 		return c, configErr("--hold-priority %q: want realtime or normal", cfg.HoldPrio)
+	}
+	c.repoIdle = api.DefaultRepoIdle
+	if cfg.RepoIdle != "" {
+		if c.repoIdle, err = time.ParseDuration(cfg.RepoIdle); err != nil || c.repoIdle < 0 {
+			return c, configErr("--repo-idle %q: want a duration like 30s, or 0 to close a repository when its last backup ends", cfg.RepoIdle)
+		}
 	}
 	c.setTimeout = api.DefaultSetTimeout
 	if cfg.SetTimeout != "" {

@@ -220,6 +220,7 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	}
 	s.api.Audit = s.audit
 	s.api.SocketGroup = s.chk.socketGroup
+	s.api.SetRepoIdle(s.chk.repoIdle)
 	s.notify = notify.New(s.chk.notify, log)
 	if s.jobs, err = jobs.New(jobs.Config{Defs: cfg.Jobs, Catalog: s.cat, API: s.api, Metrics: s.metrics,
 		Notify: s.notify, Emit: s.api.JobEvent, Log: log}); err != nil {

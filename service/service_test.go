@@ -227,6 +227,8 @@ func TestBadConfig(t *testing.T) {
 		{"policy", `policy "keep"`, func(c *Config) { c.Volumes[0].Policy = "keep" }},
 		{"hold priority", "--hold-priority", func(c *Config) { c.HoldPrio = "high" }},
 		{"set timeout", "--set-timeout", func(c *Config) { c.SetTimeout = "-1s" }},
+		{"repo idle", "--repo-idle", func(c *Config) { c.RepoIdle = "-1s" }},
+		{"repo idle unit", "--repo-idle", func(c *Config) { c.RepoIdle = "30" }},
 		{"nbd tcp without tls", "--nbd-listen", func(c *Config) { c.NBD.Listen = "127.0.0.1:0" }},
 		{"api tls without listen", "--api-listen", func(c *Config) { c.API.Tokens = "tokens" }},
 		{"max connections", "--nbd-max-connections", func(c *Config) { c.NBD.MaxConns = -1 }},
