@@ -177,10 +177,16 @@ func TestHoldBlocksWritesNotReads(t *testing.T) {
 		_, err := v.WriteAt([]byte("after!"), 0)
 		done <- err
 	}()
-	select {
-	case err := <-done:
-		t.Fatalf("write passed a hold: %v", err)
-	case <-time.After(100 * time.Millisecond):
+	// The write is seen waiting at the closed gate, not guessed to be.
+	for deadline := time.Now().Add(testutil.HangGuard); v.gate.waiters() != 1; time.Sleep(time.Millisecond) {
+		select {
+		case err := <-done:
+			t.Fatalf("write passed a hold: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			testutil.Hung(t, "the write waits at the hold")
+		}
 	}
 	buf := make([]byte, 6)
 	if _, err := v.ReadAt(buf, 0); err != nil || string(buf) != "before" {

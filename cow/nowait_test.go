@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -27,9 +28,9 @@ import (
 func TestTryReadAt(t *testing.T) {
 	const size = 1 << 20
 	data := bytes.Repeat([]byte("umbra-nowait-"), size/13+1)[:size]
-	// evict, when not nil, runs before each of the two probes: a refused
-	// probe starts readahead, which on a fast disk can bring the pages
-	// back before the other probe looks.
+	// evict, when not nil, runs before each of the two probes (while the
+	// disk is stalled: the readahead a refused probe starts cannot bring
+	// the pages back before the other probe looks).
 	var evict func()
 	// probeMapped: check MappedRange too. Not where pages are evicted
 	// later: a page once mapped is sometimes still held on another CPU's
@@ -63,43 +64,35 @@ func TestTryReadAt(t *testing.T) {
 				release()
 			}
 		}
-		// A RWF_NOWAIT read of an evicted page starts readahead and
-		// takes the page if that finished before it looked: on this
-		// VM's disk (its blocks often in the host's cache) that is
-		// sometimes within the call. A read that waits for the disk
-		// would never refuse, so one refusal in some evictions is what
-		// tells the two apart; each success must still be right. With
-		// another test process reading the same disk, eight evictions in
-		// a row all lost that race (twice in sixteen runs); each attempt
-		// after a lost one waits a millisecond, so the readahead it
-		// started is done and its pages can be evicted.
-		attempts := 1
-		if !wantOK && evict != nil {
-			attempts = 64
+		clear(p)
+		if evict != nil {
+			evict()
 		}
-		var got int
-		var err error
-		for range attempts {
-			clear(p)
-			if evict != nil {
-				evict()
-			}
-			got, ok, err = v.TryReadAt(p, off)
-			if ok && (err != nil || got != int(n) || !bytes.Equal(p, data[off:off+n])) {
-				t.Fatalf("TryReadAt [%d,+%d): %d bytes, %v, or wrong bytes", off, n, got, err)
-			}
-			if ok == wantOK {
-				break
-			}
-			time.Sleep(time.Millisecond)
+		got, ok, err := v.TryReadAt(p, off)
+		if ok && (err != nil || got != int(n) || !bytes.Equal(p, data[off:off+n])) {
+			t.Fatalf("TryReadAt [%d,+%d): %d bytes, %v, or wrong bytes", off, n, got, err)
 		}
 		if ok != wantOK {
-			t.Fatalf("TryReadAt [%d,+%d): ok %v, want %v (err %v, %d tries)", off, n, ok, wantOK, err, attempts)
+			t.Fatalf("TryReadAt [%d,+%d): ok %v, want %v (err %v)", off, n, ok, wantOK, err)
 		}
 	}
 
 	t.Run("disk", func(t *testing.T) {
-		v, origin := newTestVolume(t, size, Options{})
+		// The origin is on a disk whose reads the test stalls: an
+		// evicted page then cannot come back while a probe looks.
+		disk := newStallDisk(t)
+		origin := filepath.Join(disk.dir, "origin.img")
+		if err := os.WriteFile(origin, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(origin, size); err != nil {
+			t.Fatal(err)
+		}
+		v, err := Open("vol0", origin, Options{StorageDir: filepath.Join(t.TempDir(), "diff")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer v.Close()
 		mustWrite(t, v, data, 0)
 		if err := v.Flush(); err != nil {
 			t.Fatal(err)
@@ -119,7 +112,9 @@ func TestTryReadAt(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		disk.stall()
 		check(t, v, 8192, 4096, false) // evicted: it would wait
+		disk.resume()
 		evict = nil
 		if _, err := v.ReadAt(make([]byte, 4096), 8192); err != nil {
 			t.Fatal(err)
@@ -256,12 +251,31 @@ func TestMappedRange(t *testing.T) {
 	if !ok {
 		t.Fatal("no second loan")
 	}
-	closed := make(chan error)
+	closed := make(chan error, 1)
 	go func() { closed <- v.Close() }()
+	// Close is seen waiting for the mapping (a writer waits on mapMu:
+	// no reader gets in), not guessed to be.
+	closing := func() bool {
+		if v.mapMu.TryRLock() {
+			v.mapMu.RUnlock()
+			return false
+		}
+		return true
+	}
+	for deadline := time.Now().Add(testutil.HangGuard); !closing(); time.Sleep(time.Millisecond) {
+		select {
+		case err := <-closed:
+			t.Fatalf("Close returned (%v) with a loan of the mapping out", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			testutil.Hung(t, "Close waits for the mapping")
+		}
+	}
 	select {
 	case err := <-closed:
 		t.Fatalf("Close returned (%v) with a loan of the mapping out", err)
-	case <-time.After(200 * time.Millisecond):
+	default:
 	}
 	release()
 	if err := <-closed; err != nil {

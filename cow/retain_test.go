@@ -3,11 +3,13 @@ package cow
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -204,13 +206,9 @@ func TestDiffAreaIdleRelease(t *testing.T) {
 		t.Fatal("the write-behind kept no spare buffer while the diff area keeps its space")
 	}
 	round(3) // reuses slots 0-31
-	deadline := time.Now().Add(10 * time.Second)
-	for storeSize(t, v) != 0 || storeAllocated(v) != 0 || wbSpares(v) != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("diff area still %d bytes (%d allocated, %d spare write-behind buffers) 10 s after the last snapshot went (idleRelease %v)", storeSize(t, v), storeAllocated(v), wbSpares(v), idleRelease)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.WaitFor(t, fmt.Sprintf("the diff area's space and spare buffers go once idle (idleRelease %v)", idleRelease), func() bool {
+		return storeSize(t, v) == 0 && storeAllocated(v) == 0 && wbSpares(v) == 0
+	})
 }
 
 // wbSpares is how many buffers of written batches the write-behind keeps.

@@ -56,6 +56,7 @@ func (g *groupSyncer) sync() error {
 type gate struct {
 	mu       sync.Mutex // guards the fields below
 	inflight int
+	waiting  int // writes waiting for the gate to reopen
 	closed   bool
 	open     chan struct{} // closed when the gate reopens
 	drained  chan struct{} // closed when inflight reaches 0 while closed
@@ -65,12 +66,21 @@ func (g *gate) enter() {
 	g.mu.Lock()
 	for g.closed {
 		ch := g.open
+		g.waiting++
 		g.mu.Unlock()
 		<-ch
 		g.mu.Lock()
+		g.waiting--
 	}
 	g.inflight++
 	g.mu.Unlock()
+}
+
+// waiters is how many writes wait for the gate to reopen.
+func (g *gate) waiters() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.waiting
 }
 
 // tryEnter is enter unless the gate is closed (a hold): then false.

@@ -42,6 +42,8 @@ type writeBehind struct {
 	started  bool
 	stopped  bool
 	draining int               // drain calls waiting
+	roomWait int               // reserve calls waiting for room
+	idleRuns int               // times the flusher found nothing to take (the tests wait on it)
 	spares   [][]byte          // buffers of written batches, for new ones
 	pending  map[int64]*wbItem // by slot: the items not yet in the file
 	slab     []wbItem          // where addAll puts items, wbSlab at a time
@@ -136,7 +138,9 @@ func (w *writeBehind) reserve(n int64) wbSpace {
 		go w.run()
 	}
 	for !w.cur.fits(n) && !w.queueCur() {
+		w.roomWait++
 		w.cond.Wait()
+		w.roomWait--
 	}
 	b := w.cur
 	at := len(b.buf)
@@ -232,6 +236,7 @@ func (w *writeBehind) run() {
 		}
 		b := w.next()
 		if b == nil {
+			w.idleRuns++
 			w.cond.Wait()
 			continue
 		}

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -282,11 +283,7 @@ func TestWriteBehindQueue(t *testing.T) {
 		close(done)
 	}()
 	<-f.started
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatalf("puts blocked with %d batches queued behind a stalled write", wbQueue)
-	}
+	testutil.Receive(t, done, fmt.Sprintf("puts with %d batches queued behind a stalled write (do they block?)", wbQueue))
 	// One more batch's worth must wait: the queue is full.
 	blocked := make(chan struct{})
 	go func() {
@@ -295,10 +292,16 @@ func TestWriteBehindQueue(t *testing.T) {
 		}
 		close(blocked)
 	}()
-	select {
-	case <-blocked:
-		t.Fatal("puts went on with the queue full")
-	case <-time.After(50 * time.Millisecond):
+	// The put is seen waiting for room, not guessed to be.
+	for deadline := time.Now().Add(testutil.HangGuard); w.roomWaiters() != 1; time.Sleep(time.Millisecond) {
+		select {
+		case <-blocked:
+			t.Fatal("puts went on with the queue full")
+		default:
+		}
+		if time.Now().After(deadline) {
+			testutil.Hung(t, "a put waits for room in a full queue")
+		}
 	}
 	last := n - 1 // in the last queued batch
 	got := make([]byte, chunk)
@@ -342,12 +345,8 @@ func TestWriteBehindSpace(t *testing.T) {
 	go func() { w.flushSoon(); w.drain(); close(flushed) }()
 	// drain does not wait for room out: its holder may wait for a lock
 	// the drainer holds (the volume empties its store under its lock).
-	select {
-	case <-flushed:
-	case <-time.After(5 * time.Second):
-		t.Fatal("drain waits for room a writer holds")
-	}
-	time.Sleep(20 * time.Millisecond) // the flusher would have taken the batch by now
+	testutil.Receive(t, flushed, "drain with room out in the batch (does it wait for the room?)")
+	w.flusherLooked(t) // and did not take the batch
 	copy(sp.buf, chunkOf(1))
 	copy(sp.buf[chunk:], chunkOf(2))
 	w.add(sp, 0, chunk, 1, 1)
@@ -378,7 +377,7 @@ func TestWriteBehindSpace(t *testing.T) {
 	for slot := int64(4); slot < 4+perBatch; slot++ {
 		w.put(slot, uint64(slot), chunkOf(slot))
 	}
-	time.Sleep(20 * time.Millisecond) // the flusher would have written the queued batch
+	w.flusherLooked(t) // and did not write the queued batch
 	copy(sp.buf, chunkOf(3))
 	w.add(sp, 0, chunk, 3, 3)
 	w.release(sp)
@@ -531,13 +530,15 @@ func TestDrainWakesOnReserve(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	sp := w.reserve(chunk)
+	drainedTimer := time.NewTimer(testutil.HangGuard)
+	defer drainedTimer.Stop()
 	select {
 	case <-drained:
-	case <-time.After(10 * time.Second):
+	case <-drainedTimer.C:
 		w.release(sp)
 		release()
 		<-drained
-		t.Fatal("drain slept on after a writer took room in the batch it waited for")
+		testutil.Hung(t, "drain returns after a writer took room in the batch it waited for")
 	}
 	w.release(sp)
 	release()
@@ -558,6 +559,29 @@ func tempStore(t *testing.T) File {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f
+}
+
+// roomWaiters (for tests) is how many reserve calls wait for room.
+func (w *writeBehind) roomWaiters() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.roomWait
+}
+
+// flusherLooked (for tests) wakes the flusher and waits until it has
+// looked at the batches as they are now and found nothing to take:
+// whatever it would wrongly take, it has had its chance.
+func (w *writeBehind) flusherLooked(t *testing.T) {
+	t.Helper()
+	w.mu.Lock()
+	n := w.idleRuns
+	w.cond.Broadcast()
+	w.mu.Unlock()
+	testutil.WaitFor(t, "the flusher looks at the batches again", func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.idleRuns > n
+	})
 }
 
 // put (for tests) queues chunk c's preserved bytes for slot. It waits only while

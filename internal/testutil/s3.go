@@ -65,14 +65,13 @@ func (s *S3) Start() {
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)
 	}
-	for i := 0; i < 100; i++ {
+	for deadline := time.Now().Add(HangGuard); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if c, err := net.Dial("tcp", s.Addr); err == nil {
 			c.Close()
 			return
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
-	s.t.Fatalf("versitygw did not listen on %s", s.Addr)
+	s.t.Fatalf("versitygw did not listen on %s within %v", s.Addr, HangGuard)
 }
 
 // Stop kills the server (as a crash would).
