@@ -134,6 +134,11 @@ type Event struct {
 
 const historyLen = 32
 
+// goneMax is how many writers no longer registered keep their state (the
+// most recently updated): writers connect under names of their choosing,
+// and a service must not keep one for every name it was ever given.
+const goneMax = 64
+
 // Registry holds the writers of a service and their states.
 type Registry struct {
 	// OnFailure, when set before use, is told of every failed phase (for
@@ -174,6 +179,25 @@ func (r *Registry) Remove(name string) {
 	delete(r.writers, name)
 	if st, ok := r.states[name]; ok && st.State != "failed" {
 		st.State, st.Updated = "disconnected", time.Now()
+	}
+	r.trimGoneLocked()
+}
+
+// trimGoneLocked drops the states of writers no longer registered beyond
+// the goneMax most recently updated. Callers hold r.mu.
+func (r *Registry) trimGoneLocked() {
+	var gone []*State
+	for name, st := range r.states {
+		if _, ok := r.writers[name]; !ok {
+			gone = append(gone, st)
+		}
+	}
+	if len(gone) <= goneMax {
+		return
+	}
+	sort.Slice(gone, func(i, j int) bool { return gone[i].Updated.After(gone[j].Updated) })
+	for _, st := range gone[goneMax:] {
+		delete(r.states, st.Name)
 	}
 }
 
@@ -223,6 +247,7 @@ func (r *Registry) Restore(saved []State) {
 		c.State = "disconnected"
 		r.states[st.Name] = &c
 	}
+	r.trimGoneLocked()
 }
 
 // Record notes that writer name went through phase for set (err nil on
