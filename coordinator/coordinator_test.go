@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"umbra/cow"
+	"umbra/internal/testutil"
 	"umbra/provider"
 	"umbra/writer"
 )
@@ -221,7 +222,9 @@ func TestSetAtomicity(t *testing.T) {
 		}
 	}()
 	for k := 0; k < 10; k++ {
-		time.Sleep(20 * time.Millisecond)
+		// Writes go on between sets: each set cuts the sequence elsewhere.
+		last := acked.Load()
+		testutil.WaitFor(t, "the writer acknowledges another write", func() bool { return acked.Load() > last || doneNow(done) })
 		set, err := c.CreateSet(context.Background(), Request{Volumes: []string{"v0", "v1", "v2"}})
 		if err != nil {
 			t.Fatal(err)
@@ -255,6 +258,16 @@ func TestSetAtomicity(t *testing.T) {
 	<-done
 	if acked.Load() < 10 {
 		t.Fatal("the writer made no progress")
+	}
+}
+
+// doneNow says whether ch is closed.
+func doneNow(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
 	}
 }
 

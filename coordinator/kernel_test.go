@@ -128,9 +128,12 @@ func sqliteSets(t *testing.T, via string) {
 	ws.Add(wsqlite.New(dbPath))
 	c := New(reg, ws, func(vol string) []string { return []string{volFile} }, nil)
 	var worst time.Duration
-	for k := 0; k < sets; k++ {
-		time.Sleep(30 * time.Millisecond)
-		before := acked.Load()
+	for k, before := 0, int64(0); k < sets; k++ {
+		// The application commits between sets: each snapshot holds
+		// more rows than the one before.
+		prev := before
+		testutil.WaitFor(t, "the application commits a row", func() bool { return acked.Load() > prev })
+		before = acked.Load()
 		set, err := c.CreateSet(context.Background(), Request{Volumes: []string{"vol"}, Writers: true, ForBackup: true})
 		if err != nil {
 			t.Fatalf("set %d: %v", k, err)

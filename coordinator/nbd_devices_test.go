@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"umbra/cow"
 	"umbra/frontend"
@@ -137,10 +136,5 @@ func TestWritersFindNBDDevices(t *testing.T) {
 // connection's end is read by the server's own goroutine).
 func waitNoClients(t *testing.T, c *frontend.Clients) {
 	t.Helper()
-	for i := 0; len(c.PIDs("vol")) > 0; i++ {
-		if i > 3000 {
-			t.Fatal("the server did not let the closed connection go")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.WaitFor(t, "the server lets the closed connection go", func() bool { return len(c.PIDs("vol")) == 0 })
 }

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"umbra/cow"
 	"umbra/frontend"
@@ -106,7 +105,11 @@ func TestPostgresUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { load.Process.Kill(); load.Wait() })
-	time.Sleep(time.Second)
+	// The set is taken under load: once pgbench has committed.
+	testutil.WaitFor(t, "pgbench commits a transaction", func() bool {
+		n := asPostgres(t, append(append([]string{"psql"}, pgArgs...), "-At", "-c", "SELECT count(*) FROM pgbench_history", "postgres")...)
+		return strings.TrimSpace(n) != "0"
+	})
 
 	reg := &provider.Registry{}
 	reg.Register(p)

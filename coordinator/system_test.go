@@ -366,14 +366,8 @@ func TestSystemVolumesWithWriters(t *testing.T) {
 // waitRows waits until every app has n rows acknowledged.
 func waitRows(t *testing.T, n int64, acked ...func() int64) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
 	for _, a := range acked {
-		for a() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("the apps did not reach %d rows in 30 s", n)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		testutil.WaitFor(t, fmt.Sprintf("the apps reach %d rows", n), func() bool { return a() >= n })
 	}
 }
 
@@ -443,13 +437,8 @@ func TestSystemCommitWaitsOnFreeze(t *testing.T) {
 			case <-time.After(500 * time.Millisecond):
 			}
 			thaw()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Fatal(err)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("the commit did not finish after the thaw")
+			if err := testutil.Receive(t, done, "the commit finishes after the thaw"); err != nil {
+				t.Fatal(err)
 			}
 		})
 	}

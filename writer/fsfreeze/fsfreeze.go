@@ -44,6 +44,10 @@ type Writer struct {
 	// thaw kills it first, even if this process died meanwhile.
 	GuardCommand []string
 
+	// afterFunc starts the in-process guard's timer (nil: time.AfterFunc;
+	// the tests fire it themselves).
+	afterFunc func(time.Duration, func()) *time.Timer
+
 	mu     sync.Mutex // guards frozen and guard
 	frozen map[string]*time.Timer
 	guard  *exec.Cmd
@@ -102,8 +106,12 @@ func (w *Writer) Freeze(ctx context.Context, s writer.Set) error {
 			w.Thaw(context.Background(), s)
 			return fmt.Errorf("freeze %s: %w", m, err)
 		}
+		after := w.afterFunc
+		if after == nil {
+			after = time.AfterFunc
+		}
 		w.mu.Lock()
-		w.frozen[m] = time.AfterFunc(guard, func() { w.thaw(m) })
+		w.frozen[m] = after(guard, func() { w.thaw(m) })
 		w.mu.Unlock()
 	}
 	return nil

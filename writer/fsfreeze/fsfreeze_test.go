@@ -2,9 +2,11 @@ package fsfreeze
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -27,6 +29,16 @@ func TestFreezeBlocksAndGuardThaws(t *testing.T) {
 
 	w := New()
 	w.Guard = 300 * time.Millisecond
+	// The guard's timer is the test's to fire: it checks that a write
+	// waits first, whatever the scheduler does meanwhile.
+	fire := make(chan func(), 1)
+	w.afterFunc = func(d time.Duration, f func()) *time.Timer {
+		if d != w.Guard {
+			t.Errorf("guard timer of %v, want %v", d, w.Guard)
+		}
+		fire <- f
+		return time.AfterFunc(time.Hour, func() {})
+	}
 	set := writer.Set{ID: "s", Volumes: []writer.Volume{{Name: "v", Devices: []string{img}}}}
 	vols, err := writer.ResolveMounts(set.Volumes)
 	if err != nil {
@@ -39,26 +51,46 @@ func TestFreezeBlocksAndGuardThaws(t *testing.T) {
 	if err := w.Freeze(context.Background(), set); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
+	guard := testutil.Receive(t, fire, "the guard's timer starts")
+	// A writing process blocks on the frozen filesystem: it is seen
+	// asleep in the kernel (D) and the file it writes is not there.
+	f := filepath.Join(mnt, "f")
+	wr := exec.Command("sh", "-c", "echo x > "+f)
+	if err := wr.Start(); err != nil {
+		w.Thaw(context.Background(), set)
+		t.Fatal(err)
+	}
 	done := make(chan error, 1)
-	go func() { done <- os.WriteFile(filepath.Join(mnt, "f"), []byte("x"), 0o644) }()
-	select {
-	case err := <-done:
-		t.Fatalf("a write passed the freeze (err %v)", err)
-	case <-time.After(100 * time.Millisecond):
+	go func() { done <- wr.Wait() }()
+	blocked := func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", wr.Process.Pid))
+		if err != nil {
+			return false
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		return i > 0 && i+2 < len(s) && s[i+2] == 'D'
+	}
+	for deadline := time.Now().Add(testutil.HangGuard); !blocked(); time.Sleep(10 * time.Millisecond) {
+		select {
+		case err := <-done:
+			w.Thaw(context.Background(), set)
+			t.Fatalf("a write passed the freeze (err %v)", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			w.Thaw(context.Background(), set)
+			testutil.Hung(t, "the writing process blocks on the frozen filesystem")
+		}
+	}
+	if b, _ := os.ReadFile(f); len(b) != 0 {
+		w.Thaw(context.Background(), set)
+		t.Fatalf("the write landed while frozen: %q", b)
 	}
 	// Nobody thaws: the guard does.
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-		if el := time.Since(start); el < 200*time.Millisecond {
-			t.Fatalf("thawed after %v, before the guard", el)
-		}
-	case <-time.After(5 * time.Second):
-		w.Thaw(context.Background(), set)
-		t.Fatal("the guard did not thaw the filesystem")
+	guard()
+	if err := testutil.Receive(t, done, "the write once the guard thawed"); err != nil {
+		t.Fatal(err)
 	}
 	if err := w.Thaw(context.Background(), set); err != nil {
 		t.Fatalf("thaw after the guard: %v", err)
@@ -82,30 +114,15 @@ func TestGuardProcessOutlivesCrash(t *testing.T) {
 	if err := child.Start(); err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; ; i++ {
-		if _, err := os.Stat(marker); err == nil {
-			break
-		}
-		if i > 500 {
-			child.Process.Kill()
-			t.Fatal("the child never froze")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	defer child.Process.Kill()
+	testutil.WaitFor(t, "the child freezes", func() bool { _, err := os.Stat(marker); return err == nil })
 	child.Process.Signal(syscall.SIGKILL)
 	child.Wait()
-	start := time.Now()
 	done := make(chan error, 1)
 	go func() { done <- os.WriteFile(filepath.Join(mnt, "after"), []byte("x"), 0o644) }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("the guard thawed the filesystem %v after the crash", time.Since(start))
-	case <-time.After(10 * time.Second):
-		ioctl(mnt, fiThaw)
-		t.Fatal("the filesystem stayed frozen after the freezing process died")
+	defer ioctl(mnt, fiThaw) // should the guard not: the mount must go
+	if err := testutil.Receive(t, done, "the guard process thaws the filesystem after the freezing process died"); err != nil {
+		t.Fatal(err)
 	}
 }
 

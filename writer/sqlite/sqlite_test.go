@@ -3,6 +3,7 @@ package sqlite
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"umbra/internal/testutil"
 	"umbra/writer"
 )
 
@@ -83,8 +85,10 @@ func TestFreezeUnderCommits(t *testing.T) {
 		return n
 	}
 	var took []time.Duration
-	for k := 0; k < 10; k++ {
-		time.Sleep(20 * time.Millisecond)
+	for k, held := 0, int64(0); k < 10; k++ {
+		// Each freeze comes while the application commits.
+		prev := held
+		testutil.WaitFor(t, "the application commits", func() bool { return committed() > prev })
 		t0 := time.Now()
 		if err := w.Freeze(context.Background(), writer.Set{}); err != nil {
 			t.Fatalf("freeze %d: %v", k, err)
@@ -93,20 +97,15 @@ func TestFreezeUnderCommits(t *testing.T) {
 		if fi, err := os.Stat(a.path + "-wal"); err != nil || fi.Size() != 0 {
 			t.Fatalf("freeze %d: the WAL is not empty (%v)", k, err)
 		}
-		held := committed()
-		time.Sleep(30 * time.Millisecond)
+		held = committed()
+		time.Sleep(30 * time.Millisecond) // a chance for a commit to get through; none may
 		if n := committed(); n != held {
 			t.Fatalf("freeze %d: %d commits went through while frozen", k, n-held)
 		}
 		if err := w.Thaw(context.Background(), writer.Set{}); err != nil {
 			t.Fatal(err)
 		}
-		for deadline := time.Now().Add(10 * time.Second); committed() == held; {
-			if time.Now().After(deadline) {
-				t.Fatalf("thaw %d: the application does not commit again", k)
-			}
-			time.Sleep(time.Millisecond)
-		}
+		testutil.WaitFor(t, fmt.Sprintf("the application commits again after thaw %d", k), func() bool { return committed() > held })
 	}
 	slices.Sort(took)
 	t.Logf("10 freezes under %d commits: median %v, worst %v", a.commits.Load(), took[5], took[9])
@@ -142,12 +141,7 @@ func TestFreezeGivesUp(t *testing.T) {
 	}
 	tx.Rollback()
 	before := a.commits.Load()
-	for deadline := time.Now().Add(10 * time.Second); a.commits.Load() == before; {
-		if time.Now().After(deadline) {
-			t.Fatal("the application does not commit after the failed freeze")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testutil.WaitFor(t, "the application commits after the failed freeze", func() bool { return a.commits.Load() > before })
 	if err := w.Freeze(context.Background(), writer.Set{}); err != nil {
 		t.Fatalf("freeze once the reader is gone: %v", err)
 	}
