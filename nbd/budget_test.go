@@ -8,6 +8,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"umbra/internal/testutil"
 )
 
 // waitFor polls cond until it holds; the deadline only turns a server
@@ -165,7 +167,7 @@ func TestMaxConns(t *testing.T) {
 	_, dial := serveMem(t, memExports{&memBackend{data: make([]byte, 1<<20)}}, Options{MaxConns: 2})
 	a, b := dial(), dial()
 	for _, c := range []net.Conn{a, b} {
-		c.SetDeadline(time.Now().Add(30 * time.Second))
+		c.SetDeadline(time.Now().Add(testutil.HangGuard))
 		if typ := optRoundTrip(t, c, optGo, goData("m")); typ != repAck {
 			t.Fatalf("GO: %#x", typ)
 		}
@@ -175,7 +177,7 @@ func TestMaxConns(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c.SetDeadline(time.Now().Add(testutil.HangGuard))
 	if n, err := io.ReadFull(c, make([]byte, 18)); err == nil {
 		t.Fatalf("a third connection got the greeting (%d bytes); want it closed", n)
 	}

@@ -181,7 +181,7 @@ func handshake(t *testing.T, sock string) net.Conn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.SetDeadline(time.Now().Add(testutil.HangGuard))
 	hdr := make([]byte, 18)
 	if _, err := io.ReadFull(c, hdr); err != nil {
 		t.Fatal(err)
@@ -353,7 +353,7 @@ func TestHoldStallsOnlyWrites(t *testing.T) {
 	}()
 	write(2, 4096, block(0xb2))
 	request(c, 0, 3, 0, 4096) // a read after the held write
-	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	c.SetReadDeadline(time.Now().Add(testutil.HangGuard))
 	errno, cookie := simpleReply(t, c)
 	if errno != 0 || cookie != 3 {
 		t.Fatalf("first reply during the hold: errno %d cookie %d, want the read (3)", errno, cookie)
@@ -430,7 +430,7 @@ func TestInlineAndHandedReads(t *testing.T) {
 		}
 		reads[cookie] = read{off, n}
 	}
-	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	c.SetReadDeadline(time.Now().Add(testutil.HangGuard))
 	for range 400 {
 		errno, cookie := simpleReply(t, c)
 		if errno != 0 {
@@ -757,16 +757,10 @@ func TestExportUsers(t *testing.T) {
 	s := serve(t, 1<<20)
 	users := func(want int) {
 		t.Helper()
-		for i := 0; ; i++ {
+		testutil.WaitFor(t, fmt.Sprintf("%d NBD connection(s) among the volume's users", want), func() bool {
 			got := s.vol.Users()
-			if want == 0 && len(got) == 0 || want == 1 && slices.Equal(got, []string{"1 NBD connection(s)"}) {
-				return
-			}
-			if i == 200 {
-				t.Fatalf("volume users %v, want %d NBD connection", got, want)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+			return want == 0 && len(got) == 0 || want == 1 && slices.Equal(got, []string{"1 NBD connection(s)"})
+		})
 	}
 	c := handshake(t, s.sock)
 	d := binary.BigEndian.AppendUint32(nil, 3)
@@ -849,7 +843,7 @@ func TestMappedReads(t *testing.T) {
 		reads[cookie] = r
 		request(c, 0, cookie, r.off, uint32(r.n))
 	}
-	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	c.SetReadDeadline(time.Now().Add(testutil.HangGuard))
 	for range 64 {
 		errno, cookie := simpleReply(t, c)
 		r, ok := reads[cookie]
@@ -871,14 +865,14 @@ func TestMappedReads(t *testing.T) {
 	}
 	c = goExport(t, sock, "m")
 	request(c, 0, 1, size-(1<<20), 1<<20)
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.SetReadDeadline(time.Now().Add(testutil.HangGuard))
 	if _, err := io.ReadAll(c); err != nil && !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("read past the cut: %v (want the connection closed)", err)
 	}
 	c.Close()
 	c = goExport(t, sock, "m") // the server is still up
 	request(c, 0, 2, 0, 128<<10)
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.SetReadDeadline(time.Now().Add(testutil.HangGuard))
 	if errno, cookie := simpleReply(t, c); errno != 0 || cookie != 2 {
 		t.Fatalf("after the cut: errno %d cookie %d", errno, cookie)
 	}

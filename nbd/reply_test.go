@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"umbra/internal/testutil"
 )
 
 // serveMem serves exps on a unix socket until the test ends and returns
@@ -82,7 +84,7 @@ func readChunk(t *testing.T, c net.Conn) chunk {
 func TestZeroLengthReadChunk(t *testing.T) {
 	_, dial := serveMem(t, memExports{&memBackend{data: make([]byte, 1<<20)}}, Options{})
 	c := dial()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c.SetDeadline(time.Now().Add(testutil.HangGuard))
 	if typ := optRoundTrip(t, c, optStructuredReply, nil); typ != repAck {
 		t.Fatalf("structured replies: %#x", typ)
 	}
@@ -138,7 +140,7 @@ func (e longExports) Lookup(name string) (*Export, error) {
 func TestLongDescriptionClipped(t *testing.T) {
 	_, dial := serveMem(t, longExports{memExports{&memBackend{data: make([]byte, 4096)}}}, Options{})
 	c := dial()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c.SetDeadline(time.Now().Add(testutil.HangGuard))
 	d := binary.BigEndian.AppendUint32(nil, 1)
 	d = append(d, 'm', 0, 1)
 	d = binary.BigEndian.AppendUint16(d, infoDescription)

@@ -14,6 +14,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"umbra/internal/testutil"
 )
 
 func selfSigned(t *testing.T) (tls.Certificate, *x509.CertPool) {
@@ -76,7 +78,7 @@ func TestStartTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.SetDeadline(time.Now().Add(testutil.HangGuard))
 	io.ReadFull(c, make([]byte, 18))
 	c.Write([]byte{0, 0, 0, 3})
 	goData := append(append(binary.BigEndian.AppendUint32(nil, 1), 'm'), 0, 0)

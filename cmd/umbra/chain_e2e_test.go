@@ -143,15 +143,7 @@ func TestBackupChainExt4(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer mount.Process.Kill()
-	for i := 0; ; i++ {
-		if ents, _ := os.ReadDir(fsDir); len(ents) > 1 {
-			break
-		}
-		if i > 200 {
-			t.Fatal("umbra mount --fs did not mount the image's filesystem")
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
+	testutil.WaitFor(t, "umbra mount --fs mounts the image's filesystem", func() bool { ents, _ := os.ReadDir(fsDir); return len(ents) > 1 })
 	if _, err := os.Stat(filepath.Join(fsDir, "lost+found")); err != nil {
 		t.Fatalf("the mounted image: %v", err)
 	}

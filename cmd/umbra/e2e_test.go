@@ -11,7 +11,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"umbra/internal/testutil"
 )
@@ -97,18 +96,10 @@ func (s *service) start() {
 	s.t.Cleanup(s.stop)
 }
 
-// waitFile waits up to 5 s for path to appear.
+// waitFile waits for path to appear (a hang guard bounds it).
 func waitFile(t *testing.T, path, what string) {
 	t.Helper()
-	for i := 0; ; i++ {
-		if _, err := os.Stat(path); err == nil {
-			return
-		}
-		if i > 200 {
-			t.Fatalf("%s (%s) did not appear", what, path)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
+	testutil.WaitFor(t, what+" ("+path+") appears", func() bool { _, err := os.Stat(path); return err == nil })
 }
 
 func (s *service) stop() {
@@ -267,17 +258,12 @@ func TestServeDiesUnderLoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.kill9()
-	start := time.Now()
 	done := make(chan error, 1)
 	go func() { _, err := d.ReadAt(page, 0); done <- err }()
-	select {
-	case err := <-done:
-		if err == nil {
-			t.Fatal("read through a dead FUSE server succeeded")
-		}
-		t.Logf("loop device read failed %v after the kill: %v", time.Since(start), err)
-	case <-time.After(20 * time.Second):
-		t.Fatal("loop device hung for 20 s after umbra serve died")
+	if err := testutil.Receive(t, done, "a loop device read after umbra serve died (does it hang?)"); err == nil {
+		t.Fatal("read through a dead FUSE server succeeded")
+	} else {
+		t.Logf("loop device read failed after the kill: %v", err)
 	}
 	d.Close()
 	detach()
@@ -287,15 +273,7 @@ func TestServeDiesUnderLoop(t *testing.T) {
 		t.Fatal("a flushed write is not on the origin after the crash")
 	}
 	s.start() // the mount comes back
-	for i := 0; ; i++ {
-		if _, err := os.Stat(file); err == nil {
-			break
-		}
-		if i > 100 {
-			t.Fatal("FUSE file did not come back after restart")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitFile(t, file, "the FUSE file after a restart")
 }
 
 // TestCLIWriters: `umbra snapshot create --writers` on a volume whose ext4

@@ -3,10 +3,13 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"os/exec"
 	"syscall"
 	"testing"
 	"time"
+
+	"umbra/internal/testutil"
 )
 
 // TestEvents: `umbra events --json` follows snapshots created and
@@ -34,14 +37,14 @@ func TestEvents(t *testing.T) {
 	// The subscription is made once an event comes through: poke with a
 	// resize that changes nothing until one does, then drain what the
 	// pokes still have in flight (it is at most one event each).
-	for first := time.After(30 * time.Second); ; {
+	for first := time.After(testutil.HangGuard); ; {
 		s.ok("storage", "resize", "a", "--max", "1G")
 		select {
 		case <-lines:
 		case <-time.After(100 * time.Millisecond):
 			continue
 		case <-first:
-			t.Fatal("no event from umbra events in 30 s")
+			testutil.Hung(t, "an event from umbra events")
 		}
 		break
 	}
@@ -49,7 +52,7 @@ func TestEvents(t *testing.T) {
 	s.ok("snapshot", "delete", "a", "e1")
 	s.ok("storage", "resize", "a", "--max", "1G")
 	want := []string{"snapshot_created", "snapshot_deleted", "storage_changed"}
-	deadline := time.After(10 * time.Second)
+	deadline := time.After(testutil.HangGuard)
 	for len(want) > 0 {
 		select {
 		case ev, ok := <-lines:
@@ -60,7 +63,7 @@ func TestEvents(t *testing.T) {
 				want = want[1:]
 			}
 		case <-deadline:
-			t.Fatalf("no %v event", want)
+			testutil.Hung(t, fmt.Sprintf("the %v events", want))
 		}
 	}
 }

@@ -10,7 +10,6 @@ import (
 	"regexp"
 	"strings"
 	"testing"
-	"time"
 
 	"umbra/internal/testutil"
 )
@@ -105,16 +104,13 @@ func TestFSRVPAsBackupUser(t *testing.T) {
 		smbd.Wait()
 		killByArg(confFile) // samba-dcerpcd and its rpcd_fsrvp, started by smbd, leave its process group
 	}()
-	for i := 0; ; i++ {
-		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+	testutil.WaitFor(t, "smbd listens", func() bool {
+		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
 			c.Close()
-			break
 		}
-		if i > 100 {
-			t.Fatal("smbd did not listen")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err == nil
+	})
 	rpc := func(cmd string) (string, error) {
 		out, err := exec.Command("rpcclient", "-p", fmt.Sprint(port), "ncacn_np:127.0.0.1", "-s", confFile, "-U", fsrvpUser+"%pw", "-c", cmd).CombinedOutput()
 		return string(out), err

@@ -11,7 +11,6 @@ import (
 	"regexp"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/BurntSushi/toml"
 
@@ -144,7 +143,7 @@ func TestServeAPIRefusals(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			nbdSock := filepath.Join(dir, "nbd.sock")
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), testutil.HangGuard)
 			defer cancel()
 			args := append([]string{"serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", nbdSock,
 				"--api-socket", filepath.Join(dir, "api.sock"), "--volume", "a=" + img}, c.args...)

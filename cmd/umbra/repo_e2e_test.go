@@ -11,7 +11,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"umbra/backup"
 	"umbra/internal/testutil"
@@ -157,13 +156,8 @@ func TestCLIRepository(t *testing.T) {
 	mount.Process.Signal(syscall.SIGINT)
 	done := make(chan error, 1)
 	go func() { done <- mount.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("umbra mount after Ctrl-C: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("umbra mount did not stop on SIGINT")
+	if err := testutil.Receive(t, done, "umbra mount stops on SIGINT"); err != nil {
+		t.Fatalf("umbra mount after Ctrl-C: %v", err)
 	}
 }
 

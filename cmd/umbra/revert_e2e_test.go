@@ -43,15 +43,15 @@ func TestCLIRevertInUse(t *testing.T) {
 	// moment after the client is gone.
 	reverts := func() {
 		t.Helper()
-		for i := 0; ; i++ {
-			out, code := s.umbra("snapshot", "revert", "a", "one")
-			if code == 0 {
+		var out string
+		var code int
+		for deadline := time.Now().Add(testutil.HangGuard); ; time.Sleep(20 * time.Millisecond) {
+			if out, code = s.umbra("snapshot", "revert", "a", "one"); code == 0 {
 				return
 			}
-			if i == 100 {
-				t.Fatalf("revert once the volume is free: exit %d\n%s", code, out)
+			if time.Now().After(deadline) {
+				t.Fatalf("revert once the volume is free: exit %d for %v\n%s", code, testutil.HangGuard, out)
 			}
-			time.Sleep(20 * time.Millisecond)
 		}
 	}
 	s.ok("snapshot", "create", "a", "--id", "one")

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"umbra/internal/testutil"
 )
@@ -82,16 +81,13 @@ func TestSambaPreviousVersions(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { smbd.Process.Kill(); smbd.Wait() }()
-	for i := 0; ; i++ {
-		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+	testutil.WaitFor(t, "smbd listens", func() bool {
+		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
 			c.Close()
-			break
 		}
-		if i > 100 {
-			t.Fatal("smbd did not listen")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err == nil
+	})
 	smbclient := func(cmd string) string {
 		out, err := exec.Command("smbclient", "//127.0.0.1/share", "-p", fmt.Sprint(port), "-N", "-c", cmd).CombinedOutput()
 		if err != nil {

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	_ "modernc.org/sqlite"
 
@@ -92,12 +91,7 @@ func TestSystemProvidersWithWriters(t *testing.T) {
 	// waitRows waits until both applications committed more than x and b
 	// rows.
 	waitRows := func(x, b int) {
-		for deadline := time.Now().Add(30 * time.Second); doneX() <= x || doneB() <= b; {
-			if time.Now().After(deadline) {
-				t.Fatalf("the applications committed %d and %d rows in 30 s, want more than %d and %d", doneX(), doneB(), x, b)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+		testutil.WaitFor(t, fmt.Sprintf("the applications commit more than %d and %d rows", x, b), func() bool { return doneX() > x && doneB() > b })
 	}
 	s := startService(t, dir, []string{"c"}, "--reflink-volume", dbX, "--btrfs-volume", sub, "--sqlite-writer", dbX, "--sqlite-writer", dbB)
 	defer s.stop()
