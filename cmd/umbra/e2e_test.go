@@ -484,28 +484,36 @@ func TestCLIBackup(t *testing.T) {
 	}
 }
 
-// TestDemo runs the README's main job (the full path as root).
+// TestDemo runs the README's main job (the full path as root) and the
+// engine alone (--engine-only): both scenarios reach their last step.
 func TestDemo(t *testing.T) {
-	dir := t.TempDir()
-	out, err := exec.Command(umbraBin, "demo", "--dir", dir, "--size", "67108864", "--json").CombinedOutput()
-	if err != nil {
-		t.Fatalf("umbra demo: %v\n%s", err, out)
-	}
-	var res struct {
-		Steps []demoStep `json:"steps"`
-	}
-	if err := json.Unmarshal(out[bytes.IndexByte(out, '{'):], &res); err != nil {
-		t.Fatalf("demo --json: %v\n%s", err, out)
-	}
-	want := "verify"
+	full := "tracking" // the engine's last step
 	if ok, _ := canRunFullDemo(); ok {
-		want = "restore"
+		full = "restore"
 	}
-	found := false
-	for _, s := range res.Steps {
-		found = found || s.Step == want
-	}
-	if !found {
-		t.Fatalf("demo did not reach %q: %s", want, out)
+	for _, c := range []struct {
+		name, last string
+		args       []string
+	}{
+		{"engine", "tracking", []string{"--engine-only"}},
+		{"main", full, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			out, err := exec.Command(umbraBin, append([]string{"demo", "--dir", dir, "--size", "67108864", "--json"}, c.args...)...).CombinedOutput()
+			if err != nil {
+				t.Fatalf("umbra demo: %v\n%s", err, out)
+			}
+			var res struct {
+				Dir   string     `json:"dir"`
+				Steps []demoStep `json:"steps"`
+			}
+			if err := json.Unmarshal(out[bytes.IndexByte(out, '{'):], &res); err != nil {
+				t.Fatalf("demo --json: %v\n%s", err, out)
+			}
+			if res.Dir != dir || len(res.Steps) == 0 || res.Steps[len(res.Steps)-1].Step != c.last {
+				t.Fatalf("demo %v did not end with %q in %s: %s", c.args, c.last, dir, out)
+			}
+		})
 	}
 }
