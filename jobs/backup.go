@@ -17,7 +17,7 @@ func init() {
 }
 
 func checkBackup(d *Def) error {
-	if err := unused(d, "persistent", "reverify_days", "to", "to_password_file"); err != nil {
+	if err := unused(d, "persistent", "reverify_days", "sample", "to", "to_password_file"); err != nil {
 		return err
 	}
 	if err := needVolumes(d); err != nil {

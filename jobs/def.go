@@ -51,6 +51,9 @@ type Def struct {
 	// verify: re-verify an image verified more than this many days ago
 	// (default 0: every image every run)
 	ReverifyDays int `toml:"reverify_days,omitzero"`
+	// verify: check this fraction of the chunks (0 < sample < 1), not
+	// all of them
+	Sample float64 `toml:"sample,omitzero"`
 }
 
 // Keep is how many snapshots or images a job keeps. Snapshot timelines
@@ -203,6 +206,7 @@ func unused(d *Def, fields ...string) error {
 		"full":             d.Full,
 		"keep":             !d.Keep.empty(),
 		"reverify_days":    d.ReverifyDays != 0,
+		"sample":           d.Sample != 0,
 		"to":               d.To != "",
 		"to_password_file": d.ToPasswordFile != "",
 	}

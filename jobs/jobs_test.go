@@ -66,6 +66,9 @@ func TestCheckNamesJobAndField(t *testing.T) {
 		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", ReverifyDays: 30}}, "", ""},
 		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", Volumes: []string{"a"}}}, "v", "volumes: a verify job has no volumes"},
 		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", ReverifyDays: -1}}, "v", "reverify_days:"},
+		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", Sample: 1.5}}, "v", "sample:"},
+		{[]Def{{Name: "v", Kind: "verify", Schedule: "weekly", Repo: "/srv/repo", Sample: 0.1, ReverifyDays: 3}}, "v", "reverify_days:"},
+		{bk(func(d *Def) { d.Sample = 0.1 }), "nightly", "sample: a backup job has no sample"},
 		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo", To: "s3://h/b/offsite"}}, "", ""},
 		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo", To: "/srv/b", Volumes: []string{"a"}}}, "", ""},
 		{[]Def{{Name: "s", Kind: "sync", Schedule: "daily", Repo: "/srv/repo"}}, "s", "to: missing"},
@@ -319,6 +322,7 @@ func TestBackupPruneVerify(t *testing.T) {
 	m := w.manager([]Def{
 		{Name: "bk", Kind: "backup", Schedule: "daily", Volumes: []string{"a"}, Repo: repo, Keep: Keep{Last: 2}},
 		{Name: "vf", Kind: "verify", Schedule: "weekly", Repo: repo, ReverifyDays: 7},
+		{Name: "vs", Kind: "verify", Schedule: "daily", Repo: repo, Sample: 0.5},
 	}, nil)
 	t0 := time.Now()
 	for i := 0; i < 3; i++ {
@@ -341,6 +345,12 @@ func TestBackupPruneVerify(t *testing.T) {
 	}
 	if runs, _ := m.History("vf", 1); !strings.Contains(runs[0].Detail, "nothing due") {
 		t.Fatalf("verify a day later: %+v", runs[0])
+	}
+	if err := w.runAt(m, "vs", t0); err != nil {
+		t.Fatalf("sampled verify: %v", err)
+	}
+	if runs, _ := m.History("vs", 1); !strings.Contains(runs[0].Detail, "sample 0.5 (seed ") {
+		t.Fatalf("sampled verify: %+v", runs[0])
 	}
 	// Flip a bit in a pack; eight days on, the images are due again.
 	var pack string

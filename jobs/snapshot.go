@@ -23,7 +23,7 @@ func init() {
 }
 
 func checkSnapshot(d *Def) error {
-	if err := unused(d, "repo", "password_file", "full", "reverify_days", "to", "to_password_file"); err != nil {
+	if err := unused(d, "repo", "password_file", "full", "reverify_days", "sample", "to", "to_password_file"); err != nil {
 		return err
 	}
 	if err := needVolumes(d); err != nil {

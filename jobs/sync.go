@@ -21,7 +21,7 @@ func init() {
 }
 
 func checkSync(d *Def) error {
-	if err := unused(d, "writers", "persistent", "full", "keep", "reverify_days"); err != nil {
+	if err := unused(d, "writers", "persistent", "full", "keep", "reverify_days", "sample"); err != nil {
 		return err
 	}
 	if err := needRepo(d); err != nil {

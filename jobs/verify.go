@@ -3,6 +3,7 @@ package jobs
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"time"
 
@@ -12,7 +13,10 @@ import (
 // A verify job re-reads a repository's chunks and checks them against
 // their hashes (what `umbra verify` does). With reverify_days, a run
 // when every image was verified within that many days does nothing; the
-// catalog keeps when each image was last found good.
+// catalog keeps when each image was last found good. With sample, a
+// run checks that fraction of the chunks, picked afresh each run (the
+// seed is in the run's detail: `umbra verify --sample F --seed S`
+// repeats it), a cheap check between full ones.
 func init() {
 	register(&Kind{Name: "verify", Check: checkVerify, Run: runVerify})
 }
@@ -26,6 +30,12 @@ func checkVerify(d *Def) error {
 	}
 	if d.ReverifyDays < 0 {
 		return fieldErr(d, "reverify_days", "%d: want 0 (every run verifies every image) or more", d.ReverifyDays)
+	}
+	if d.Sample < 0 || d.Sample > 1 {
+		return fieldErr(d, "sample", "%g: want a fraction of the chunks above 0 and below 1, e.g. 0.05 (0 or 1: all of them)", d.Sample)
+	}
+	if d.Sample > 0 && d.Sample < 1 && d.ReverifyDays > 0 {
+		return fieldErr(d, "reverify_days", "a sampled verify checks no image whole, so it keeps no verify times: use reverify_days in a full verify job")
 	}
 	return nil
 }
@@ -55,7 +65,9 @@ func runVerify(ctx context.Context, env *Env, d *Def, out *Outcome) error {
 			return nil
 		}
 	}
-	rep := r.VerifyContext(ctx, nil)
+	opts := backup.VerifyOptions{Sample: d.Sample, Seed: rand.Uint64()}
+	sampled := d.Sample > 0 && d.Sample < 1
+	rep := r.VerifyWith(ctx, opts, nil)
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -69,12 +81,15 @@ func runVerify(ctx context.Context, env *Env, d *Def, out *Outcome) error {
 			good = append(good, x.ID)
 		}
 	}
-	if env.Verified != nil && len(good) > 0 {
+	if env.Verified != nil && len(good) > 0 && !sampled {
 		if err := env.Verified.SetVerified(repoID, good, now); err != nil {
 			env.Log.Warn("verify: recording verify times", "job", d.Name, "err", err)
 		}
 	}
 	out.Detail = fmt.Sprintf("%d packs, %d chunks, %d images good", rep.Packs, rep.Chunks, rep.GoodImages)
+	if sampled {
+		out.Detail = fmt.Sprintf("sample %g (seed %d): %d chunks, %d images good", d.Sample, opts.Seed, rep.Chunks, rep.GoodImages)
+	}
 	var problems []string
 	if n := len(rep.BadChunks); n > 0 {
 		problems = append(problems, fmt.Sprintf("%d bad chunks", n))
