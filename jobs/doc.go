@@ -1,5 +1,6 @@
 // Package jobs runs a service's unattended work: snapshot timelines,
-// backups with prune, and repository verification, each on a schedule
+// backups with prune, repository verification and copies into another
+// repository (sync: the offsite copy of `umbra copy`), each on a schedule
 // in systemd's calendar syntax (jobs/calendar), started by the scheduler
 // (jobs/sched: catch-up of a run missed while the service was down, no
 // overlap, random delay), recorded in the catalog and told of when it
