@@ -24,14 +24,21 @@
 // expression is in the zone given to ParseInLocation, time.Local for
 // Parse.
 //
-// Differences: systemd 252 skips 1 January for a day repetition that
-// runs past the end of December (`*-*-1/7` from 30 December elapses on
-// 8 January); Next returns 1 January, as it returns 1 May from 30
-// April. And systemd also reads the machine's own zone
-// abbreviations (CET, CEST when the machine is in Berlin) as "this zone,
-// in standard or summer time"; here a last word is only ever a tz
-// database name (UTC, Europe/Berlin, and the few abbreviations the
-// database has as zones, such as CET or EST).
+// Differences: when a repetition runs past the end of its field and
+// the carry crosses two fields (seconds past 59 at minute 59, minutes
+// past 59 in hour 23, days past the end of December), systemd 252
+// resumes from the overflowed time and skips the list's earlier items
+// (`*:*:11,29/25` after 22:59:54 elapses at 23:00:29, `*-*-1/7` after
+// 30 December on 8 January); Next returns 23:00:11 and 1 January, as
+// both do when the carry crosses one field. And systemd also reads the
+// machine's own zone abbreviations (CET, CEST when the machine is in
+// Berlin) as "this zone, in standard or summer time"; here a last word
+// is only ever a tz database name (UTC, Europe/Berlin, and the few
+// abbreviations the database has as zones, such as CET or EST).
+//
+// systemd refuses some lists of days counted from the end of the month
+// that look valid (`*-*~01,26`: its bound tightens by 3 days per list
+// item); Parse refuses the same ones, with an error naming the item.
 //
 // Time zone transitions follow systemd: the search runs on the wall
 // clock, a wall time that does not exist (the hour skipped when clocks

@@ -602,10 +602,14 @@ func (s *Spec) validate(p *parser) error {
 	}
 	for _, c := range checks {
 		to := c.to
-		if c.eom {
-			to -= 3
-		}
 		for _, x := range c.ch {
+			if c.eom {
+				// systemd takes 3 off the bound once per list item (its
+				// check recurses with the bound it lowered), so the k-th
+				// day from the end must be at most 31-3k: `~01,26` is
+				// refused, `~01..26` or `~26` are not.
+				to -= 3
+			}
 			bad := ""
 			switch {
 			case x.start < c.from || x.start > to:
