@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"reflect"
 	"runtime/debug"
 	"strings"
 	"sync"
@@ -386,10 +387,15 @@ func (a *Audit) log(id identity, addr, method string, req any, err error, refuse
 		}
 		if b, err := (protojson.MarshalOptions{UseProtoNames: true}).Marshal(m); err == nil {
 			line.Request = b
-			if len(b) > maxAuditRequest {
-				line.Request = fmt.Appendf(nil, "%q", fmt.Sprintf("%d bytes, not logged", len(b)))
-			}
 		}
+	} else if req != nil && !isNilPtr(req) {
+		// A local action's request (a plain struct without secrets).
+		if b, err := json.Marshal(req); err == nil {
+			line.Request = b
+		}
+	}
+	if len(line.Request) > maxAuditRequest {
+		line.Request = fmt.Appendf(nil, "%q", fmt.Sprintf("%d bytes, not logged", len(line.Request)))
 	}
 	b, err := json.Marshal(line)
 	if err != nil {
@@ -402,6 +408,12 @@ func (a *Audit) log(id identity, addr, method string, req any, err error, refuse
 	return nil
 }
 
+// isNilPtr reports whether v is a nil pointer.
+func isNilPtr(v any) bool {
+	rv := reflect.ValueOf(v)
+	return rv.Kind() == reflect.Pointer && rv.IsNil()
+}
+
 // audit logs a call; a log that cannot be written does not fail the call
 // (it has happened) but is reported.
 func (s *Server) audit(ctx context.Context, id identity, method string, req any, err error, refused bool) {
@@ -411,6 +423,11 @@ func (s *Server) audit(ctx context.Context, id identity, method string, req any,
 			addr = p.Addr.String()
 		}
 	}
+	s.auditAddr(addr, id, method, req, err, refused)
+}
+
+// auditAddr is audit for a caller whose address is known.
+func (s *Server) auditAddr(addr string, id identity, method string, req any, err error, refused bool) {
 	if werr := s.Audit.log(id, addr, method, req, err, refused); werr != nil {
 		s.log.Error("audit", "method", method, "who", id.name, "err", werr)
 	}
@@ -438,10 +455,7 @@ func (s *Server) interceptors(ids *Identities) []grpc.ServerOption {
 		if err != nil {
 			return id, err
 		}
-		if need := needs(method); id.role < need && !operatorMay(id.role, method, req) {
-			return id, status.Errorf(codes.PermissionDenied, "%s (%s) may not call %s: it needs the %s role", id.name, id.role, method, need)
-		}
-		return id, nil
+		return id, authorize(id, method, req)
 	}
 	unary := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		id, err := check(ctx, info.FullMethod, req)
