@@ -1,6 +1,7 @@
 package service
 
 import (
+	"cmp"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -22,6 +23,7 @@ import (
 	"umbra/jobs"
 	"umbra/nbd"
 	"umbra/notify"
+	"umbra/web"
 	"umbra/writer"
 )
 
@@ -45,6 +47,7 @@ type Config struct {
 	Volumes    []VolumeConfig `toml:"volume"`
 	Jobs       []jobs.Def     `toml:"job"`
 	Notify     NotifyConfig   `toml:"notify"`
+	Web        WebConfig      `toml:"web"`
 
 	// APISocket is the unix socket of the management API; the socket
 	// of out-of-process writers (writers.sock) is beside it.
@@ -54,6 +57,8 @@ type Config struct {
 	ThawGuard []string `toml:"-"`
 	// Logger receives the service's log (nil: slog.Default()).
 	Logger *slog.Logger `toml:"-"`
+	// Clock is the web console's clock of sessions (nil: time.Now).
+	Clock func() time.Time `toml:"-"`
 }
 
 // APIConfig is the management API on TCP.
@@ -67,6 +72,16 @@ type APIConfig struct {
 	// SocketGroup owns the unix API socket (mode 0660); its members get
 	// the operator role there (Samba's FSRVP commands run as the SMB user).
 	SocketGroup string `toml:"socket_group"`
+}
+
+// WebConfig is the web console: HTTPS with the API's certificate and
+// identities ([api] tls_cert, tls_key, client_ca, tokens), or plain HTTP
+// on a unix socket or the loopback address.
+type WebConfig struct {
+	Listen       string           `toml:"listen"`          // HOST:PORT or unix:PATH
+	IdleTimeout  string           `toml:"idle_timeout"`    // a session unused this long ends (default 15m)
+	MaxAge       string           `toml:"session_max_age"` // any session ends this long after login (default 8h)
+	Repositories []web.Repository `toml:"repository"`      // backup repositories the console shows
 }
 
 // NBDConfig is the NBD server: a unix socket, and TCP with TLS.
@@ -160,6 +175,8 @@ type checked struct {
 	apiIDs       *api.Identities
 	socketGroup  *api.SocketGroup // nil: no --api-socket-group
 	notify       notify.Config
+	webIdle      time.Duration // 0: web.DefaultIdleTimeout
+	webMaxAge    time.Duration // 0: web.DefaultMaxAge
 }
 
 // check checks every value of the configuration that can be checked
@@ -207,7 +224,10 @@ func (cfg Config) check() (c checked, err error) {
 	}
 	// The TCP API's certificate and tokens are checked before anything
 	// is opened: a refusal leaves nothing behind.
-	if c.apiTLS, c.apiIDs, err = apiTLS(cfg.API); err != nil {
+	if c.apiTLS, c.apiIDs, err = apiTLS(cfg.API, cfg.Web.Listen != ""); err != nil {
+		return c, err
+	}
+	if err := c.checkWeb(cfg.Web); err != nil {
 		return c, err
 	}
 	if c.socketGroup, err = socketGroup(cfg.API.SocketGroup); err != nil {
@@ -336,16 +356,33 @@ func fuseDirFree(dir string) error {
 }
 
 // apiTLS builds the TLS configuration and identities of the TCP API
-// (nil, nil without --api-listen).
-func apiTLS(c APIConfig) (*tls.Config, *api.Identities, error) {
-	if c.Listen == "" {
+// and the web console (nil, nil with neither; a nil configuration
+// with identities: the console on plain HTTP).
+func apiTLS(c APIConfig, web bool) (*tls.Config, *api.Identities, error) {
+	if c.Listen == "" && !web {
 		if c.TLSCert != "" || c.TLSKey != "" || c.ClientCA != "" || c.Tokens != "" {
-			return nil, nil, ConfigError{errors.New("--api-tls-cert, --api-tls-key, --api-client-ca and --api-tokens are for the TCP API: give --api-listen HOST:PORT too")}
+			return nil, nil, ConfigError{errors.New("--api-tls-cert, --api-tls-key, --api-client-ca and --api-tokens are for the TCP API and the web console: give --api-listen HOST:PORT or --web-listen too")}
 		}
 		return nil, nil, nil
 	}
-	if c.TLSCert == "" || c.TLSKey == "" || c.Tokens == "" {
+	if c.Listen != "" && (c.TLSCert == "" || c.TLSKey == "" || c.Tokens == "") {
 		return nil, nil, ConfigError{errors.New("--api-listen serves the API on TCP, which requires --api-tls-cert, --api-tls-key and --api-tokens (nothing is served unauthenticated on TCP)")}
+	}
+	if c.Tokens == "" {
+		return nil, nil, ConfigError{errors.New("--web-listen: the console logs in with the API's identities: give --api-tokens (a tokens file, mode 0600, of `token TOKEN ROLE NAME` lines)")}
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		return nil, nil, ConfigError{errors.New("give both --api-tls-cert and --api-tls-key, or neither")}
+	}
+	if c.TLSCert == "" {
+		if c.ClientCA != "" {
+			return nil, nil, ConfigError{errors.New("--api-client-ca verifies client certificates over TLS: give --api-tls-cert and --api-tls-key too")}
+		}
+		ids, err := api.LoadIdentities(c.Tokens)
+		if err != nil {
+			return nil, nil, ConfigError{err}
+		}
+		return nil, ids, nil
 	}
 	cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
 	if err != nil {
@@ -368,4 +405,40 @@ func apiTLS(c APIConfig) (*tls.Config, *api.Identities, error) {
 		return nil, nil, ConfigError{err}
 	}
 	return cfg, ids, nil
+}
+
+// checkWeb checks the web console's settings.
+func (c *checked) checkWeb(w WebConfig) error {
+	if w.Listen == "" {
+		if w.IdleTimeout != "" || w.MaxAge != "" || len(w.Repositories) > 0 {
+			return ConfigError{errors.New("[web] idle_timeout, session_max_age and repository are for the web console: give --web-listen (or [web] listen) too")}
+		}
+		return nil
+	}
+	if err := web.CheckListen(w.Listen, c.apiTLS != nil); err != nil {
+		return ConfigError{err}
+	}
+	for _, d := range []struct {
+		name, v string
+		dst     *time.Duration
+	}{{"idle_timeout", w.IdleTimeout, &c.webIdle}, {"session_max_age", w.MaxAge, &c.webMaxAge}} {
+		if d.v == "" {
+			continue
+		}
+		v, err := time.ParseDuration(d.v)
+		if err != nil || v <= 0 {
+			return configErr("[web] %s %q: want a positive duration such as 15m or 8h", d.name, d.v)
+		}
+		*d.dst = v
+	}
+	idle, max := cmp.Or(c.webIdle, web.DefaultIdleTimeout), cmp.Or(c.webMaxAge, web.DefaultMaxAge)
+	if idle > max {
+		return configErr("[web] idle_timeout %s is longer than session_max_age %s: give a shorter idle_timeout or a longer session_max_age", idle, max)
+	}
+	for i, r := range w.Repositories {
+		if r.Location == "" {
+			return configErr("[[web.repository]] %d has no location: give location = \"/path/to/repo\" (or an s3:// location)", i+1)
+		}
+	}
+	return nil
 }

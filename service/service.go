@@ -20,6 +20,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -41,6 +42,7 @@ import (
 	"umbra/provider/btrfs"
 	"umbra/provider/lvmthin"
 	"umbra/provider/reflink"
+	"umbra/web"
 	"umbra/writer"
 	wexec "umbra/writer/exec"
 	"umbra/writer/fsfreeze"
@@ -82,6 +84,7 @@ type Service struct {
 	live     *liveRestores    // volumes restored live (umbra restore --live)
 	fuse     *fusefile.Server // nil without FUSE.Dir
 	fuseDone chan struct{}    // closed when the FUSE mount is gone
+	web      *web.Server      // nil without Web.Listen
 
 	mu      sync.Mutex          // guards the fields below
 	running bool                // Run was called
@@ -89,6 +92,7 @@ type Service struct {
 	ran     chan struct{}       // closed when Run returns
 	closed  bool                // Close ran
 	browser *filebrowse.Browser // made by Browser at its first use
+	webAddr net.Addr            // the web console's listener, once Run bound it
 }
 
 // New checks cfg, claims the state directory and sockets (a second
@@ -131,7 +135,11 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 		{cfg.NBD.Socket, "NBD socket", "--nbd-socket"},
 		{cfg.APISocket, "API socket", "--api-socket"},
 		{s.writerSocket(), "writer socket", "--api-socket (the writer socket is beside it)"},
+		{s.webSocket(), "web console socket", "--web-listen unix:PATH"},
 	} {
+		if sock.path == "" {
+			continue
+		}
 		if err := owner.SocketFree(sock.path, sock.what, sock.flag); err != nil {
 			return s, err
 		}
@@ -229,7 +237,32 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	s.api.Jobs = s.jobs
 	s.api.Live = s.live
 	s.metrics.WatchLive(s.live.stats)
+	if cfg.Web.Listen != "" {
+		if s.web, err = web.New(web.Config{API: s.api, Identities: s.chk.apiIDs, TLS: s.chk.apiTLS,
+			IdleTimeout: s.chk.webIdle, MaxAge: s.chk.webMaxAge, Repositories: cfg.Web.Repositories,
+			Now: cfg.Clock, Logger: log}); err != nil {
+			return s, ConfigError{err}
+		}
+	}
 	return s, nil
+}
+
+// WebAddr is the address the web console listens on, once Run has
+// bound it (nil before, and without --web-listen): with port 0, the
+// port chosen.
+func (s *Service) WebAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.webAddr
+}
+
+// webSocket is the unix socket of --web-listen unix:PATH ("" for TCP).
+func (s *Service) webSocket() string {
+	path, _ := strings.CutPrefix(s.cfg.Web.Listen, "unix:")
+	if path == s.cfg.Web.Listen {
+		return ""
+	}
+	return path
 }
 
 func (s *Service) writerSocket() string {
@@ -330,11 +363,11 @@ func (s *Service) mountFUSE() error {
 
 // listeners are the sockets Run binds.
 type listeners struct {
-	nbdUnix, nbdTCP, apiUnix, apiTCP, metrics net.Listener
+	nbdUnix, nbdTCP, apiUnix, apiTCP, metrics, web net.Listener
 }
 
 func (ls *listeners) close() {
-	for _, l := range []net.Listener{ls.nbdUnix, ls.nbdTCP, ls.apiUnix, ls.apiTCP, ls.metrics} {
+	for _, l := range []net.Listener{ls.nbdUnix, ls.nbdTCP, ls.apiUnix, ls.apiTCP, ls.metrics, ls.web} {
 		if l != nil {
 			l.Close()
 		}
@@ -371,6 +404,17 @@ func (s *Service) listen() (ls listeners, err error) {
 	if cfg.Metrics != "" {
 		if ls.metrics, err = net.Listen("tcp", cfg.Metrics); err != nil {
 			return ls, fmt.Errorf("--metrics-listen %s: %w", cfg.Metrics, err)
+		}
+	}
+	if cfg.Web.Listen != "" {
+		if sock := s.webSocket(); sock != "" {
+			os.Remove(sock)
+		}
+		if ls.web, err = web.Listen(cfg.Web.Listen); err != nil {
+			return ls, fmt.Errorf("--web-listen %s: %w", cfg.Web.Listen, err)
+		}
+		if sock := s.webSocket(); sock != "" {
+			os.Chmod(sock, 0o660)
 		}
 	}
 	apiDir := filepath.Dir(cfg.APISocket)
@@ -421,6 +465,11 @@ func (s *Service) Run(ctx context.Context) error {
 		return err
 	}
 	defer s.removeSockets()
+	if ls.web != nil {
+		s.mu.Lock()
+		s.webAddr = ls.web.Addr()
+		s.mu.Unlock()
+	}
 	g := newGroup(ctx)
 	log := s.log
 	g.Go("NBD server on "+s.cfg.NBD.Socket, func(ctx context.Context) error { return nbdServe(ctx, s.nbdUnix, ls.nbdUnix) })
@@ -456,6 +505,14 @@ func (s *Service) Run(ctx context.Context) error {
 	if len(s.cfg.Jobs) > 0 {
 		g.Go("job scheduler", s.jobs.Run)
 		log.Info("running jobs", "jobs", len(s.cfg.Jobs))
+	}
+	if ls.web != nil {
+		scheme := "http"
+		if s.chk.apiTLS != nil && s.webSocket() == "" {
+			scheme = "https"
+		}
+		g.Go("web console on "+s.cfg.Web.Listen, func(ctx context.Context) error { return s.web.Serve(ctx, ls.web) })
+		log.Info("serving the web console", "url", scheme+"://"+ls.web.Addr().String()+"/", "client_certs", s.cfg.API.ClientCA != "")
 	}
 	g.Go("API server on "+s.cfg.APISocket, func(ctx context.Context) error { return s.api.Serve(ctx, ls.apiUnix) })
 	log.Info("serving the management API", "socket", s.cfg.APISocket, "audit", s.auditPath())
@@ -498,6 +555,9 @@ func (s *Service) removeSockets() {
 	os.Remove(s.cfg.NBD.Socket)
 	os.Remove(s.cfg.APISocket)
 	os.Remove(s.writerSocket())
+	if sock := s.webSocket(); sock != "" {
+		os.Remove(sock)
+	}
 }
 
 // Close ends a Run in progress and waits for it, then closes what New
@@ -525,6 +585,9 @@ func (s *Service) Close() error {
 // teardown closes whatever New opened, in the reverse order.
 func (s *Service) teardown() {
 	s.drainNBD()
+	if s.web != nil {
+		s.web.Close() // its verifies and prunes use repositories
+	}
 	s.closeBrowser() // its mounts hold snapshots and repositories
 	if s.notify != nil {
 		// Alerts of the runs that just ended (cancelled by the stop) get

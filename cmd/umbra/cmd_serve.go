@@ -125,6 +125,9 @@ SIGTERM or SIGINT drains requests in flight, flushes and exits.`,
 	f.StringVar(&cfg.API.ClientCA, "api-client-ca", "", "CA that signs client certificates for --api-listen (identities: cert lines of --api-tokens)")
 	f.StringVar(&cfg.API.Tokens, "api-tokens", "", "identities file for --api-listen, mode 0600: `token TOKEN ROLE NAME` / `cert CN ROLE` lines; roles viewer, operator, admin")
 	f.StringVar(&cfg.API.SocketGroup, "api-socket-group", "", "unix group that owns the API socket (mode 0660); its members are operators there, e.g. Samba's FSRVP commands run as a backup user (docs/samba.md)")
+	f.StringVar(&cfg.Web.Listen, "web-listen", "", "serve the web console on HOST:PORT (HTTPS with --api-tls-cert; plain HTTP only on 127.0.0.1 or unix:PATH); logins are the identities of --api-tokens")
+	f.StringVar(&cfg.Web.IdleTimeout, "web-idle-timeout", "", "end a console session unused this long (default 15m)")
+	f.StringVar(&cfg.Web.MaxAge, "web-session-max-age", "", "end any console session this long after its login (default 8h)")
 	f.StringVar(&cfg.Metrics, "metrics-listen", "", "serve Prometheus metrics at http://HOST:PORT/metrics")
 	f.StringVar(&cfg.AuditLog, "audit-log", "", "audit log of mutating API calls (default STATE/audit.log)")
 	return cmd
@@ -158,6 +161,9 @@ func mergeConfig(file, flags *umbrasvc.Config, cmd *cobra.Command) {
 	set("api-client-ca", &file.API.ClientCA, flags.API.ClientCA)
 	set("api-tokens", &file.API.Tokens, flags.API.Tokens)
 	set("api-socket-group", &file.API.SocketGroup, flags.API.SocketGroup)
+	set("web-listen", &file.Web.Listen, flags.Web.Listen)
+	set("web-idle-timeout", &file.Web.IdleTimeout, flags.Web.IdleTimeout)
+	set("web-session-max-age", &file.Web.MaxAge, flags.Web.MaxAge)
 	set("metrics-listen", &file.Metrics, flags.Metrics)
 	set("audit-log", &file.AuditLog, flags.AuditLog)
 	if cmd.Flags().Changed("sqlite-writer") {
