@@ -84,6 +84,19 @@ const (
 	KindManual   = "manual"
 )
 
+// OnSkip's reason starts with one of these words, then a colon and the
+// details.
+const (
+	// SkipMissed: the scheduler was not running at the elapse and the
+	// job is not persistent.
+	SkipMissed = "missed"
+	// SkipRunning: the job's previous run had not ended.
+	SkipRunning = "still running"
+	// SkipNotRecorded: State.SetLast failed; running could repeat the
+	// run after a restart, so it does not run.
+	SkipNotRecorded = "not run"
+)
+
 var (
 	// ErrRunning is RunNow's error for a job that is running.
 	ErrRunning = errors.New("job is running")
@@ -304,11 +317,11 @@ func (s *Scheduler) initEntry(cs *calls, e *entry, now time.Time) {
 		e.fireAt = now.Add(s.delay(e.RandomDelay))
 		return
 	}
-	s.skip(cs, e.Name, Trigger{Kind: KindSchedule, At: missed},
-		fmt.Sprintf("missed: the scheduler was not running at %s, and the job is not persistent", missed.Format(time.RFC3339)))
+	reason := fmt.Sprintf("%s: the scheduler was not running at %s, and the job is not persistent", SkipMissed, missed.Format(time.RFC3339))
 	if err := s.setLast(e.Name, now); err != nil {
-		s.skip(cs, e.Name, Trigger{Kind: KindSchedule, At: missed}, err.Error())
+		reason += "; " + err.Error()
 	}
+	s.skip(cs, e.Name, Trigger{Kind: KindSchedule, At: missed}, reason)
 	s.schedule(e, now)
 }
 
@@ -429,14 +442,15 @@ func (s *Scheduler) fire(cs *calls, e *entry, now time.Time) {
 	err := s.setLast(e.Name, served)
 	s.schedule(e, served)
 	if busy, ok := s.running[e.Name]; ok {
-		s.skip(cs, e.Name, t, fmt.Sprintf("still running: the %s run for %s has not ended", busy.Kind, busy.At.Format(time.RFC3339)))
+		reason := fmt.Sprintf("%s: the %s run for %s has not ended", SkipRunning, busy.Kind, busy.At.Format(time.RFC3339))
 		if err != nil {
-			s.skip(cs, e.Name, t, err.Error())
+			reason += "; " + err.Error()
 		}
+		s.skip(cs, e.Name, t, reason)
 		return
 	}
 	if err != nil {
-		s.skip(cs, e.Name, t, "not run: "+err.Error())
+		s.skip(cs, e.Name, t, SkipNotRecorded+": "+err.Error())
 		return
 	}
 	s.start(e, t)

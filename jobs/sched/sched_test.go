@@ -576,6 +576,22 @@ func TestStateWriteFailureDoesNotRun(t *testing.T) {
 		h.clock.AdvanceTo("2026-12-07T10:00:00Z")
 		expect(t, h.rec.take(), "skip f schedule 10:00:00: not run: record the last elapse of job f: catalog is read-only")
 	})
+	// Running, and the state cannot be written either: one skip says both.
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, "2026-12-07T09:59:00Z", nil, nil)
+		b, release := h.blocking("b", "hourly")
+		h.s.Set([]Entry{b})
+		h.start()
+		defer h.shutdown()
+		h.clock.AdvanceTo("2026-12-07T10:00:00Z")
+		h.state.mu.Lock()
+		h.state.fail = errors.New("catalog is read-only")
+		h.state.mu.Unlock()
+		h.clock.AdvanceTo("2026-12-07T11:00:00Z")
+		expect(t, h.rec.take(), "run b schedule 10:00:00",
+			"skip b schedule 11:00:00: still running: the schedule run for 2026-12-07T10:00:00Z has not ended; record the last elapse of job b: catalog is read-only")
+		close(release)
+	})
 }
 
 func TestSetRefusesBadEntries(t *testing.T) {
