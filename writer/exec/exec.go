@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"umbra/writer"
@@ -69,6 +70,13 @@ func (w *Writer) run(ctx context.Context, s writer.Set, phase string, reverse bo
 	for _, h := range hooks {
 		hctx, cancel := context.WithTimeout(ctx, w.timeout)
 		cmd := exec.CommandContext(hctx, h, phase)
+		// A hook past its timeout goes with what it started (a shell
+		// script's commands hold its output open: waiting for them would
+		// not bound the hook at all); one that leaves a process holding
+		// its output once it exited is waited for a second at most.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+		cmd.WaitDelay = time.Second
 		cmd.Env = append(os.Environ(), "UMBRA_SET="+s.ID, "UMBRA_MOUNTS="+strings.Join(s.Mounts(), ":"))
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
