@@ -161,7 +161,7 @@ func TestServeAPIRefusals(t *testing.T) {
 // TestDeployExamples: deploy/umbra.toml and deploy/tokens.example parse,
 // their commented-out settings included.
 func TestDeployExamples(t *testing.T) {
-	setting := regexp.MustCompile(`(?m)^# (\[\[?[a-z]+\]\]?|[a-z_]+ = .*)$`)
+	setting := regexp.MustCompile(`(?m)^# (\[\[?[a-z.]+\]\]?|[a-z_]+ = .*)$`)
 	uncomment := func(b []byte) []byte { return setting.ReplaceAll(b, []byte("$1")) }
 
 	b, err := os.ReadFile("../../deploy/umbra.toml")
