@@ -122,6 +122,7 @@ func TestRoleTable(t *testing.T) {
 		"CreateSnapshotSet": RoleOperator, "Backup": RoleOperator, "BackupStream": RoleOperator,
 		"ExposeSnapshot": RoleOperator, "ExposeShadowCopySet": RoleOperator,
 		"SetStorage": RoleAdmin, "DeleteStorage": RoleAdmin, "DeleteSnapshots": RoleAdmin, "RevertSnapshot": RoleAdmin,
+		"ListJobs": RoleViewer, "GetJob": RoleViewer, "JobHistory": RoleViewer, "RunJob": RoleOperator, "SetJobEnabled": RoleOperator,
 		"NoSuchMethod": RoleAdmin, "": RoleAdmin,
 	} {
 		if got := needs("/umbra.v1.Umbra/" + method); got != want {
