@@ -336,3 +336,37 @@ func TestCopyDamagedSource(t *testing.T) {
 		t.Fatalf("the target lists %v", names)
 	}
 }
+
+// TestCopyOldFormats copies from a repository an older Umbra wrote
+// (format 5: 32-byte keyed hashes; one image's list as format 2 wrote
+// it, one object) into a current one, which it leaves as it was.
+func TestCopyOldFormats(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "old")
+	set := backup.Settings{Password: "old"}
+	old, err := backup.InitFormat5(ctx, dir, set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(47, 48))
+	a, b := volumeData(r, 1<<20), volumeData(r, 1<<20+8192)
+	xa := backupAndRestore(t, old, a, backup.Options{Volume: "a"})
+	xb := backupAndRestore(t, old, b, backup.Options{Volume: "b"})
+	if err := backup.DowngradeToV2(old, xa.ID); err != nil {
+		t.Fatal(err)
+	}
+	old.Close()
+	src, err := backup.OpenWith(ctx, dir, set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	dst, _ := newRepo(t)
+	if _, err := backup.Copy(ctx, src, dst, backup.CopyOptions{All: true}); err != nil {
+		t.Fatal(err)
+	}
+	checkCopied(t, dst, []string{xa.ID, xb.ID}, map[string][]byte{xa.ID: a, xb.ID: b})
+	if v := src.Config().Version; v != 2 {
+		t.Fatalf("the source is format %d after a copy from it, was 2", v)
+	}
+}
