@@ -13,10 +13,11 @@ import (
 
 // The service keeps the repository a backup used open for a little
 // while, so that backups that follow closely (a set of volumes, a
-// retried one) load its chunk index once. An open repository holds its
-// whole chunk index (tens of bytes a chunk) and its codecs: kept for
-// every repository ever used, 20 backups into a few repositories held
-// 2 GiB. So the cache is bounded: at most repoIdleMax repositories no
+// retried one) open its chunk index once. An open repository holds its
+// codecs, its chunk index's filter and buffer (up to ~20 MiB; the index
+// itself is on disk, backup/chunkstore.go): kept for every repository
+// ever used, 20 backups into a few repositories held 2 GiB when the
+// index was in memory. So the cache is bounded: at most repoIdleMax repositories no
 // backup uses stay open, each for repoIdle at most; then it is closed
 // and the memory goes back to the system.
 

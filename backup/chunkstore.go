@@ -229,6 +229,20 @@ func (s *chunkStore) writeRun(meta runMeta, path string, fill func(add func(inde
 	if path != "" {
 		dir = filepath.Dir(path)
 	}
+	if path == "" {
+		// A temporary run goes where there is room: the cache's
+		// directory (a full one too, prune's first job being to free
+		// it), else the system's temporary directory.
+		r, err := s.writeRunIn(dir, meta, "", fill)
+		if err != nil && dir != "" && dir != os.TempDir() {
+			r, err = s.writeRunIn(os.TempDir(), meta, "", fill)
+		}
+		return r, err
+	}
+	return s.writeRunIn(dir, meta, path, fill)
+}
+
+func (s *chunkStore) writeRunIn(dir string, meta runMeta, path string, fill func(add func(indexEntry) error) error) (*run, error) {
 	f, err := os.CreateTemp(dir, ".tmp-run-*")
 	if err != nil {
 		return nil, fmt.Errorf("index run: %w", err)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -198,13 +200,37 @@ func (r *Repo) Delete(ctx context.Context, ids []string) (PruneReport, error) {
 	return rep, r.collect(ctx, keep, &rep)
 }
 
-// collect is prune's garbage collection over the kept images.
+// collect is prune's garbage collection over the kept images, in
+// memory that does not grow with the repository: the chunks the images
+// need are bits at their places in the chunk index (a sorted run on
+// disk), what each pack holds is summed in one pass over it, the blobs
+// of the packs to repack are gathered a batch of packs at a time, and
+// the new index is written as objects of at most indexEveryChunks
+// entries straight from another pass.
 func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) error {
-	used := map[Hash]bool{}
+	idx, err := r.chunks.frozen()
+	if err != nil {
+		return fmt.Errorf("prune: chunk index: %w; not collecting garbage", err)
+	}
+	defer idx.unpin()
+	page := make([]byte, runPage)
+	used := newBitset(int(idx.n))
+	unindexed := map[Hash]bool{} // needed chunks no index names (a backup that died before its index)
 	for _, x := range keep {
 		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
-				used[h] = true
+				if h == (Hash{}) {
+					continue
+				}
+				i, _, ok, err := idx.find(&h, page)
+				if err != nil {
+					return err
+				}
+				if ok {
+					used.set(int(i))
+				} else {
+					unindexed[h] = true
+				}
 			}
 			return nil
 		})
@@ -214,36 +240,55 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 				"run `umbra verify`, and delete the image with `umbra images delete %s` if it cannot be repaired", err, x.ID)
 		}
 	}
-	// Every pack with its blobs: from the indexes, and from the trailers
-	// of packs no index names (a backup that died before its index, or a
-	// damaged index).
+	isUsed := func(h Hash) (bool, error) {
+		i, _, ok, err := idx.find(&h, page)
+		if ok {
+			return used.has(int(i)), err
+		}
+		return unindexed[h], err
+	}
+	r.mu.Lock()
+	packs := slices.Clone(r.packs)
+	oldIndexes := slices.Clone(r.indexes)
+	r.mu.Unlock()
+	// What each indexed pack holds, live and in all (chunk bytes,
+	// uncompressed).
+	type packStat struct {
+		live, total int64
+		n           int
+	}
+	stats := make([]packStat, len(packs))
+	if err := eachAt(idx, func(i int, e indexEntry) {
+		s := &stats[e.l.pack]
+		s.n++
+		s.total += int64(e.l.raw)
+		if used.has(i) {
+			s.live += int64(e.l.raw)
+		}
+	}); err != nil {
+		return fmt.Errorf("prune: chunk index: %w; not collecting garbage", err)
+	}
+	packNo := make(map[PackID]uint32, len(packs))
+	for p, pid := range packs {
+		packNo[pid] = uint32(p)
+	}
+	// Every stored pack: indexed, or read through its trailer (a backup
+	// that died before its index, or a damaged index).
 	names, err := r.be.List(ctx, "packs/")
 	if err != nil {
 		return err
 	}
-	r.mu.Lock()
-	blobs := map[PackID][]blobEntry{}
-	r.chunks.each(func(h Hash, l loc) {
-		pid := r.packs[l.pack]
-		blobs[pid] = append(blobs[pid], blobEntry{Hash: h, Off: l.off, Len: l.len, RawOff: l.rawOff, Raw: l.raw})
-	})
-	oldIndexes := append([]string(nil), r.indexes...)
-	r.mu.Unlock()
 	listedIndexes, _ := r.be.List(ctx, "index/") // the damaged ones too
 	present := map[PackID]bool{}
-	located := map[Hash]bool{}
-	for _, bs := range blobs {
-		for _, b := range bs {
-			located[b.Hash] = true
-		}
-	}
+	recovered := map[PackID][]blobEntry{}
+	located := map[Hash]bool{} // unindexed chunks found in a trailer
 	for _, n := range names {
 		pid, ok := parsePackName(n)
 		if !ok {
 			continue
 		}
 		present[pid] = true
-		if _, indexed := blobs[pid]; indexed {
+		if p, indexed := packNo[pid]; indexed && stats[p].n > 0 {
 			continue
 		}
 		ents, err := r.readTrailer(ctx, n)
@@ -252,13 +297,13 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		}
 		needed := false
 		for _, e := range ents {
-			if used[e.Hash] && !located[e.Hash] {
+			if unindexed[e.Hash] && !located[e.Hash] {
 				needed = true
 				located[e.Hash] = true
 			}
 		}
 		if needed {
-			blobs[pid] = ents
+			recovered[pid] = ents
 			rep.Recovered++
 		} else {
 			size := objectSize(ctx, r.be, n, 0)
@@ -269,34 +314,55 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		}
 	}
 	// Decide per pack: keep, delete, or repack its live blobs.
-	var keepPacks []packBlobs
+	keepNo := make([]bool, len(packs))
+	var keepRecovered []packBlobs
 	var drop []PackID
-	var repack []packBlobs
-	for pid, bs := range blobs {
-		if !present[pid] {
+	var repackNo []uint32
+	var repackRecovered []packBlobs
+	decide := func(live, total int64) int {
+		switch {
+		case live == 0:
+			return -1
+		case float64(live) < repackBelow*float64(total):
+			return 0
+		}
+		return 1
+	}
+	for p, s := range stats {
+		if s.n == 0 || !present[packs[p]] {
 			continue // indexed but gone: its chunks are missing (verify says which images)
 		}
-		sort.Slice(bs, func(i, j int) bool {
-			return bs[i].Off < bs[j].Off || bs[i].Off == bs[j].Off && bs[i].RawOff < bs[j].RawOff
-		})
-		var live, total int64 // chunk bytes, uncompressed
+		switch decide(s.live, s.total) {
+		case -1:
+			drop = append(drop, packs[p])
+		case 0:
+			repackNo = append(repackNo, uint32(p))
+			drop = append(drop, packs[p])
+		default:
+			keepNo[p] = true
+		}
+	}
+	for pid, bs := range recovered {
+		sortBlobs(bs)
+		var live, total int64
 		for _, b := range bs {
 			total += int64(b.Raw)
-			if used[b.Hash] {
+			if u, err := isUsed(b.Hash); err != nil {
+				return fmt.Errorf("prune: chunk index: %w", err)
+			} else if u {
 				live += int64(b.Raw)
 			}
 		}
-		switch {
-		case live == 0:
+		switch decide(live, total) {
+		case -1:
 			drop = append(drop, pid)
-		case float64(live) < repackBelow*float64(total):
-			repack = append(repack, packBlobs{ID: pid, Blobs: bs})
+		case 0:
+			repackRecovered = append(repackRecovered, packBlobs{ID: pid, Blobs: bs})
 			drop = append(drop, pid)
 		default:
-			keepPacks = append(keepPacks, packBlobs{ID: pid, Blobs: bs})
+			keepRecovered = append(keepRecovered, packBlobs{ID: pid, Blobs: bs})
 		}
 	}
-	sort.Slice(keepPacks, func(i, j int) bool { return string(keepPacks[i].ID[:]) < string(keepPacks[j].ID[:]) })
 	// Copy live blobs verbatim (they are sealed on their own) into new packs.
 	if err := r.upgradeFormat(ctx); err != nil {
 		return fmt.Errorf("prune: %w", err)
@@ -314,11 +380,11 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		pend, pendEnts = pend[:0], pendEnts[:0]
 		return err
 	}
-	for _, p := range repack {
+	repackOne := func(p packBlobs, live map[Hash]bool) error {
 		for _, g := range blobGroups(p.Blobs) {
 			var keep []blobEntry
 			for _, b := range g {
-				if used[b.Hash] && !up.has(b.Hash) {
+				if live[b.Hash] && !up.has(b.Hash) {
 					keep = append(keep, b)
 				}
 			}
@@ -360,6 +426,48 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 			}
 		}
 		rep.PacksRepacked++
+		return nil
+	}
+	for _, p := range repackRecovered {
+		live := map[Hash]bool{}
+		for _, b := range p.Blobs {
+			if u, _ := isUsed(b.Hash); u {
+				live[b.Hash] = true
+			}
+		}
+		if err := repackOne(p, live); err != nil {
+			return err
+		}
+	}
+	// The indexed packs to repack, a batch of at most repackBatch
+	// entries at a time, each batch gathered in one pass over the index.
+	for len(repackNo) > 0 {
+		batch := map[uint32]*packBlobs{}
+		n := 0
+		for len(repackNo) > 0 && (n == 0 || n+stats[repackNo[0]].n <= repackBatch) {
+			p := repackNo[0]
+			repackNo = repackNo[1:]
+			batch[p] = &packBlobs{ID: packs[p]}
+			n += stats[p].n
+		}
+		live := map[Hash]bool{}
+		if err := eachAt(idx, func(i int, e indexEntry) {
+			if pb := batch[e.l.pack]; pb != nil {
+				pb.Blobs = append(pb.Blobs, blobEntry{Hash: e.h, Off: e.l.off, Len: e.l.len, RawOff: e.l.rawOff, Raw: e.l.raw})
+				if used.has(i) {
+					live[e.h] = true
+				}
+			}
+		}); err != nil {
+			return fmt.Errorf("prune: chunk index: %w", err)
+		}
+		nums := slices.Sorted(maps.Keys(batch))
+		for _, p := range nums {
+			sortBlobs(batch[p].Blobs)
+			if err := repackOne(*batch[p], live); err != nil {
+				return err
+			}
+		}
 	}
 	if err := flush(); err != nil {
 		return fmt.Errorf("prune: repack: %w", err)
@@ -372,35 +480,63 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 	for _, p := range up.done {
 		rep.BytesFreed -= objectSize(ctx, r.be, p.ID.name(), storedBytes(p.Blobs))
 	}
-	all := append(keepPacks, up.done...)
-	b := wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(all, r.hashLen()))))
-	newIndex := "index/" + randomID()
-	err = r.be.Put(ctx, newIndex, b)
-	if isNoSpace(err) {
-		// A full filesystem: first what no kept image needs and nothing
-		// names (chunk lists of removed images), then the old index
-		// objects — should this process die before the new one is
-		// written, the packs stay, named by no index, and the next
-		// prune or `umbra repo repair` indexes them again from their
-		// trailers.
-		r.deleteDeadLists(ctx, keep)
-		if err = r.be.Put(ctx, newIndex, b); isNoSpace(err) {
-			for _, n := range append(oldIndexes, listedIndexes...) {
-				if derr := r.be.Delete(ctx, n); derr != nil {
-					return fmt.Errorf("prune: write index: %w; and removing old index %s to make room: %v", err, n, derr)
+	// The new index: every entry of the kept packs, then the new packs',
+	// in objects of at most indexEveryChunks entries.
+	var newIndexes []string
+	oldGone := false
+	writeIndex := func(ps []packBlobs) error {
+		b := wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(ps, r.hashLen()))))
+		name := "index/" + randomID()
+		err := r.be.Put(ctx, name, b)
+		if isNoSpace(err) {
+			// A full filesystem: first what no kept image needs and
+			// nothing names (chunk lists of removed images), then the
+			// old index objects — should this process die before the
+			// new ones are written, the packs stay, named by no index,
+			// and the next prune or `umbra repo repair` indexes them
+			// again from their trailers.
+			r.deleteDeadLists(ctx, keep)
+			if err = r.be.Put(ctx, name, b); isNoSpace(err) && !oldGone {
+				for _, n := range append(oldIndexes, listedIndexes...) {
+					if derr := r.be.Delete(ctx, n); derr != nil {
+						return fmt.Errorf("prune: write index: %w; and removing old index %s to make room: %v", err, n, derr)
+					}
 				}
+				oldGone = true
+				err = r.be.Put(ctx, name, b)
 			}
-			err = r.be.Put(ctx, newIndex, b)
+		}
+		if err != nil {
+			return fmt.Errorf("prune: write index: %w", err)
+		}
+		newIndexes = append(newIndexes, name)
+		return nil
+	}
+	iw := &indexWriter{write: writeIndex}
+	if err := eachAt(idx, func(_ int, e indexEntry) {
+		if keepNo[e.l.pack] {
+			iw.add(packs[e.l.pack], blobEntry{Hash: e.h, Off: e.l.off, Len: e.l.len, RawOff: e.l.rawOff, Raw: e.l.raw})
+		}
+	}); err != nil {
+		return fmt.Errorf("prune: chunk index: %w", err)
+	}
+	for _, p := range append(keepRecovered, up.done...) {
+		for _, b := range p.Blobs {
+			iw.add(p.ID, b)
 		}
 	}
-	if err != nil {
-		return fmt.Errorf("prune: write index: %w", err)
+	if err := iw.finish(); err != nil {
+		return err
 	}
 	if err := r.be.Sync(ctx); err != nil {
 		return err
 	}
+	isNew := map[string]bool{}
+	for _, n := range newIndexes {
+		isNew[n] = true
+	}
 	for _, n := range append(oldIndexes, listedIndexes...) {
-		if n != newIndex {
+		if !isNew[n] {
 			if err := r.be.Delete(ctx, n); err != nil {
 				return fmt.Errorf("prune: remove old index %s: %w", n, err)
 			}
@@ -410,7 +546,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		return err
 	}
 	for _, pid := range drop {
-		size := objectSize(ctx, r.be, pid.name(), storedBytes(blobs[pid]))
+		size := objectSize(ctx, r.be, pid.name(), storedBytes(recovered[pid]))
 		if err := r.be.Delete(ctx, pid.name()); err != nil {
 			return fmt.Errorf("prune: remove pack %s: %w", pid, err)
 		}
@@ -418,12 +554,86 @@ func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) err
 		rep.BytesFreed += size
 	}
 	r.deleteDeadLists(ctx, keep)
-	r.resetIndex([]string{newIndex})
+	// The index is now the new objects: read again (and the local cache
+	// written again to cover them).
+	r.resetIndex(nil)
+	if err := r.loadIndexNames(ctx, newIndexes); err != nil {
+		return fmt.Errorf("prune: read the new index: %w", err)
+	}
 	r.mu.Lock()
-	r.addPacks(all)
+	ierr := errors.Join(r.indexErrs...)
 	r.mu.Unlock()
+	if ierr != nil {
+		return fmt.Errorf("prune: read the new index: %w; open the repository again", ierr)
+	}
 	r.updateCache()
 	return r.be.Sync(ctx)
+}
+
+// repackBatch bounds the index entries of the packs repacked together.
+var repackBatch = 1 << 18
+
+// eachAt calls fn for every entry of the run with its position.
+func eachAt(ru *run, fn func(int, indexEntry)) error {
+	it := ru.iter()
+	i := 0
+	for e, ok := it.next(); ok; e, ok = it.next() {
+		fn(i, e)
+		i++
+	}
+	return it.err
+}
+
+// sortBlobs orders a pack's entries by place.
+func sortBlobs(bs []blobEntry) {
+	sort.Slice(bs, func(i, j int) bool {
+		return bs[i].Off < bs[j].Off || bs[i].Off == bs[j].Off && bs[i].RawOff < bs[j].RawOff
+	})
+}
+
+// indexWriter cuts entries into index objects of at most
+// indexEveryChunks entries, each listing its packs' entries by place.
+type indexWriter struct {
+	write func([]packBlobs) error
+	ents  map[PackID][]blobEntry
+	n     int
+	err   error
+}
+
+func (w *indexWriter) add(pid PackID, b blobEntry) {
+	if w.err != nil {
+		return
+	}
+	if w.ents == nil {
+		w.ents = map[PackID][]blobEntry{}
+	}
+	w.ents[pid] = append(w.ents[pid], b)
+	w.n++
+	if w.n >= indexEveryChunks {
+		w.err = w.flush()
+	}
+}
+
+func (w *indexWriter) flush() error {
+	if w.n == 0 {
+		return nil
+	}
+	ps := make([]packBlobs, 0, len(w.ents))
+	for pid, bs := range w.ents {
+		sortBlobs(bs)
+		ps = append(ps, packBlobs{ID: pid, Blobs: bs})
+	}
+	sort.Slice(ps, func(i, j int) bool { return string(ps[i].ID[:]) < string(ps[j].ID[:]) })
+	w.ents, w.n = nil, 0
+	return w.write(ps)
+}
+
+// finish writes what is left.
+func (w *indexWriter) finish() error {
+	if w.err != nil {
+		return w.err
+	}
+	return w.flush()
 }
 
 // deleteDeadLists deletes the chunk lists no image in keep names.

@@ -86,13 +86,14 @@ func resetPeak() {
 	os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
 }
 
-// dirBytes sums the sizes of the files under dir whose path (relative)
-// does not start with skip.
+// dirBytes sums the sizes of the repository's files under dir whose
+// path (relative) does not start with skip: not the local index cache
+// (cache/), which is not part of the repository.
 func dirBytes(dir, skip string) int64 {
 	var n int64
 	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err == nil && !d.IsDir() {
-			if rel, _ := filepath.Rel(dir, p); skip == "" || !strings.HasPrefix(rel, skip) {
+			if rel, _ := filepath.Rel(dir, p); (skip == "" || !strings.HasPrefix(rel, skip)) && !strings.HasPrefix(rel, "cache/") {
 				fi, _ := d.Info()
 				n += fi.Size()
 			}
