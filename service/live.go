@@ -376,6 +376,14 @@ func (l *liveRestores) RestoreLive(ctx context.Context, req *umbrav1.RestoreLive
 	rec := liveRecord{Version: liveRecordVersion, Volume: name, Target: target, Image: req.GetImage(), Size: ir.Size(), ChunkSize: ir.ChunkSize(),
 		Repo: req.GetRepo(), Password: req.GetPassword(), S3AccessKey: req.GetS3AccessKey(), S3SecretKey: req.GetS3SecretKey(),
 		Rate: req.GetRate(), State: liveRestoring, Started: time.Now().UTC()}
+	if fi, err := os.Stat(target); err == nil {
+		for _, v := range l.s.vols.Volumes() {
+			if vi, err := os.Stat(v.OriginPath()); err == nil && os.SameFile(fi, vi) {
+				repo.Close()
+				return "", bad("%s is the origin of volume %s of this service: choose another target", target, v.Name())
+			}
+		}
+	}
 	created, err := prepareTarget(target, ir.Size(), req.GetForce())
 	if err != nil {
 		repo.Close()

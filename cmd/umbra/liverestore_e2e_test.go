@@ -156,6 +156,13 @@ func liveRestore(t *testing.T, backend string) {
 	if _, stderr, code := s.run(env, "restore", id, "--live", "--to", filepath.Join(dir, "other.img"), "--volume", "dst", "--repo", repo); code == 0 || !strings.Contains(stderr, "dst") {
 		t.Fatalf("a second live restore as volume dst: exit %d %s", code, stderr)
 	}
+	before, _ := os.ReadFile(src)
+	if _, stderr, code := s.run(env, "restore", id, "--live", "--to", src, "--volume", "again", "--repo", repo, "--force"); code != 2 || !strings.Contains(stderr, "origin of volume src") {
+		t.Fatalf("a live restore over a volume the service serves: exit %d %s", code, stderr)
+	}
+	if after, _ := os.ReadFile(src); !bytes.Equal(before, after) {
+		t.Fatal("a refused live restore changed the volume it was refused over")
+	}
 	v := s.liveVolume("dst")
 	if v.LiveRestore == nil || v.LiveRestore.Image != id || v.Size != size || v.LiveRestore.Restored >= size {
 		t.Fatalf("volume list after restore --live: %+v %+v", v, v.LiveRestore)
