@@ -59,6 +59,10 @@ const commitEvery = 64 << 20
 
 const numStripes = 1024
 
+// readAround is the aligned window a read of an unrestored chunk
+// restores (a multiple of every chunk size).
+const readAround = 256 << 10
+
 // Target is a restore target in use while it is restored. It implements
 // cow.File. Memory: two bits per chunk (in memory and durable bitmaps),
 // 4 MiB for a 64 GiB image of 4 KiB chunks, plus the Source's.
@@ -253,6 +257,13 @@ func (t *Target) ReadAt(p []byte, off int64) (int, error) {
 	if !t.done.Load() {
 		c0, c1 := t.chunks(off, int64(len(p)))
 		if !t.allPresent(c0, c1) {
+			// Read around: the chunks of the aligned window go too. A
+			// fetch opens a whole blob (up to 4 MiB of chunks, most of
+			// them the volume's neighbours in a full image), so the
+			// window's other chunks come at little cost, and the reads
+			// that follow nearby (a filesystem's) find them restored.
+			w := max(readAround/t.cs, 1)
+			c0, c1 = c0/w*w, min((c1+w-1)/w*w, t.n)
 			unlock := t.lock(c0, c1)
 			err := t.fetchMissing(c0, c1, func(int64) bool { return true })
 			unlock()
