@@ -79,6 +79,26 @@ func (h history) list(job string, limit int) ([]Run, error) {
 	return out, err
 }
 
+// last finds job's last ended run and when its last success ended,
+// reading the history back only as far as that success.
+func (h history) last(job string) (last *Run, success time.Time) {
+	catalog.EachLog(h.cat, catalog.JobRuns, job, func(_ string, seq uint64, r Run) bool {
+		if r.Result == Running {
+			return true
+		}
+		r.Seq = seq
+		if last == nil {
+			last = &r
+		}
+		if r.Result == Success {
+			success = r.End
+			return false
+		}
+		return true
+	})
+	return last, success
+}
+
 // interrupted marks the runs left running by a service that died:
 // nothing of this service can be running yet.
 func (h history) interrupted(now time.Time) ([]Run, error) {

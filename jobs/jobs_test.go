@@ -124,6 +124,12 @@ func (m *metricsRec) JobRun(job, result string, _ time.Time) {
 	m.mu.Unlock()
 }
 
+func (m *metricsRec) JobLastSuccess(job string, _ time.Time) {
+	m.mu.Lock()
+	m.runs = append(m.runs, job+" last success")
+	m.mu.Unlock()
+}
+
 // world is a real API server over two real COW volumes, with a catalog.
 type world struct {
 	t      *testing.T
@@ -249,6 +255,11 @@ func TestSnapshotTimeline(t *testing.T) {
 	st, err := m.Get("tl")
 	if err != nil || st.Last == nil || st.Last.Seq != 51 || st.LastSuccess.IsZero() || !st.Enabled {
 		t.Fatalf("status: %+v %v", st, err)
+	}
+	// A restart sets the last-success gauge from the history.
+	w.manager(m.cfg.Defs, nil)
+	if !slices.Contains(w.met.runs, "tl last success") {
+		t.Fatalf("metrics after a restart: %v", w.met.runs)
 	}
 }
 

@@ -17,6 +17,9 @@ import (
 // Metrics records job runs (metrics.Metrics implements it).
 type Metrics interface {
 	JobRun(job, result string, end time.Time)
+	// JobLastSuccess sets a job's last success from the history at
+	// start, so that the gauge does not wait for the next success.
+	JobLastSuccess(job string, end time.Time)
 }
 
 // Config is what a Manager runs and with what.
@@ -101,6 +104,13 @@ func New(cfg Config) (*Manager, error) {
 	}
 	for i := range left {
 		m.ended(&left[i])
+	}
+	if cfg.Metrics != nil {
+		for _, name := range m.order {
+			if _, t := m.hist.last(name); !t.IsZero() {
+				cfg.Metrics.JobLastSuccess(name, t)
+			}
+		}
 	}
 	m.sched = sched.New(m.clock, stateOf{m}, sched.Options{Rand: cfg.Rand, OnSkip: m.skipped})
 	if err := m.sched.Set(m.entries()); err != nil {

@@ -52,20 +52,7 @@ func (m *Manager) status(j *job) Status {
 		st.Running = &c
 	}
 	m.mu.Unlock()
-	runs, _ := m.hist.list(j.Name, 0)
-	for i := range runs {
-		r := &runs[i]
-		if r.Result == Running {
-			continue
-		}
-		if st.Last == nil {
-			st.Last = r
-		}
-		if r.Result == Success {
-			st.LastSuccess = r.End
-			break
-		}
-	}
+	st.Last, st.LastSuccess = m.hist.last(j.Name)
 	if st.Enabled {
 		st.Next = j.spec.Next(m.clock.Now())
 	}

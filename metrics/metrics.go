@@ -155,6 +155,14 @@ func (m *Metrics) JobRun(job, result string, end time.Time) {
 	}
 }
 
+// JobLastSuccess sets when a job's last successful run ended, as the
+// history kept it (at start).
+func (m *Metrics) JobLastSuccess(job string, end time.Time) {
+	if m != nil {
+		m.jobSuccess.WithLabelValues(job).Set(float64(end.UnixNano()) / 1e9)
+	}
+}
+
 // NBD is the nbd.Options.Observe hook: requests handled, and error
 // replies (an oversized write is refused before it is handled), by command.
 func (m *Metrics) NBD(cmd string, failed bool) {

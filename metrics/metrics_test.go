@@ -117,6 +117,7 @@ func TestScrape(t *testing.T) {
 	m.JobRun("nightly", "success", time.Unix(1700000000, 0))
 	m.JobRun("nightly", "failed", time.Unix(1700000100, 0))
 	m.JobRun("nightly", "failed", time.Unix(1700000200, 0))
+	m.JobLastSuccess("weekly", time.Unix(1600000000, 0)) // from the history, at start
 	m.WatchLive(func() []metrics.LiveStat {
 		return []metrics.LiveStat{{Volume: "r", Size: 8 << 20, Restored: 3 << 20, Demand: 7, Waiting: true}}
 	})
@@ -137,6 +138,7 @@ func TestScrape(t *testing.T) {
 		`umbra_job_runs_total{job="nightly",result="success"}`:            1,
 		`umbra_job_runs_total{job="nightly",result="failed"}`:             2,
 		`umbra_job_last_success_timestamp_seconds{job="nightly"}`:         1700000000,
+		`umbra_job_last_success_timestamp_seconds{job="weekly"}`:          1600000000,
 		`umbra_live_restore_size_bytes{volume="r"}`:                       8 << 20,
 		`umbra_live_restore_restored_bytes{volume="r"}`:                   3 << 20,
 		`umbra_live_restore_demand_chunks_total{volume="r"}`:              7,
