@@ -226,3 +226,42 @@ func benchBackup(b *testing.B, set backup.Settings) (*backup.Repo, *backup.Index
 	}
 	return repo, x, dir
 }
+
+// BenchmarkCopyFile backs the file UMBRA_BENCH_IMAGE up into a
+// repository on tmpfs (not timed), then copies the image into a new one:
+// the in-process part of bench/copy.sh, for profiling. UMBRA_PASSWORD
+// encrypts both (with their own keys: every chunk hashed again).
+func BenchmarkCopyFile(b *testing.B) {
+	f, err := os.Open(benchImage(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	ctx := context.Background()
+	dir, _ := os.MkdirTemp("/dev/shm", "umbra-bench-")
+	defer os.RemoveAll(dir)
+	set := backup.Settings{Password: os.Getenv("UMBRA_PASSWORD")}
+	src, err := backup.InitWith(ctx, filepath.Join(dir, "src"), set)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer src.Close()
+	if _, _, err := src.Backup(ctx, fileSource{f}, backup.Options{Volume: "v", Allocated: backup.FileAllocation(f)}); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		dst, err := backup.InitWith(ctx, filepath.Join(dir, "dst"+strconv.Itoa(i)), set)
+		if err != nil {
+			b.Fatal(err)
+		}
+		st, err := backup.Copy(ctx, src, dst, backup.CopyOptions{All: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(st.BytesRead)/st.Seconds/(1<<20), "MiB/s-read")
+		b.ReportMetric(st.Seconds, "s-copy")
+		dst.Close()
+		os.RemoveAll(filepath.Join(dir, "dst"+strconv.Itoa(i)))
+	}
+}
