@@ -24,6 +24,7 @@ import (
 type fakeSource struct {
 	vols  []*umbrav1.Volume
 	snaps []*umbrav1.Snapshot
+	jobs  []*umbrav1.Job
 }
 
 func newFakeSource(nvol, nsnap int) *fakeSource {
@@ -49,6 +50,19 @@ func newFakeSource(nvol, nsnap int) *fakeSource {
 			f.snaps = append(f.snaps, s)
 		}
 	}
+	// A nightly backup of every volume but the last, one failed.
+	var names []string
+	for _, v := range f.vols[:len(f.vols)-1] {
+		names = append(names, v.Name)
+	}
+	f.jobs = []*umbrav1.Job{
+		{Name: "nightly", Kind: "backup", Schedule: "*-*-* 02:00", Enabled: true, Volumes: names[:len(names)/2], Repo: "/srv/backup",
+			Last: &umbrav1.JobRun{Job: "nightly", Seq: 40, Result: "success", Start: timestamppb.New(t0), End: timestamppb.New(t0.Add(time.Hour))},
+			Next: timestamppb.New(t0.Add(24 * time.Hour))},
+		{Name: "nightly-b", Kind: "backup", Schedule: "*-*-* 03:00", Enabled: true, Volumes: names[len(names)/2:], Repo: "/srv/backup",
+			Last: &umbrav1.JobRun{Job: "nightly-b", Seq: 40, Result: "failed", Error: "repository locked", Start: timestamppb.New(t0), End: timestamppb.New(t0.Add(time.Hour))},
+			Next: timestamppb.New(t0.Add(24 * time.Hour))},
+	}
 	return f
 }
 
@@ -68,6 +82,7 @@ func (f *fakeSource) Snapshots(_ context.Context, _ api.Caller, vol string) ([]*
 	return out, nil
 }
 func (f *fakeSource) Writers(context.Context, api.Caller) ([]*umbrav1.Writer, error) { return nil, nil }
+func (f *fakeSource) Jobs(context.Context, api.Caller) ([]*umbrav1.Job, error) { return f.jobs, nil }
 func (f *fakeSource) Mappings(context.Context, api.Caller) ([]*umbrav1.ShareMapping, error) {
 	return nil, nil
 }

@@ -24,6 +24,7 @@ type eventJSON struct {
 	Snapshot string    `json:"snapshot,omitempty"`
 	SetID    string    `json:"set_id,omitempty"`
 	State    string    `json:"state,omitempty"`
+	Job      string    `json:"job,omitempty"`
 	Message  string    `json:"message,omitempty"`
 	Dropped  int64     `json:"dropped,omitempty"`
 }
@@ -63,7 +64,7 @@ func (s *Server) eventStream(w http.ResponseWriter, r *http.Request, sess *sessi
 			fmt.Fprint(w, ": heartbeat\n\n")
 		case ev := <-ch:
 			b, _ := json.Marshal(eventJSON{Time: ev.GetTime().AsTime(), Kind: ev.GetKind(), Volume: ev.GetVolume(), Snapshot: ev.GetSnapshot(),
-				SetID: ev.GetSetId(), State: ev.GetState(), Message: ev.GetMessage(), Dropped: ev.GetDropped()})
+				SetID: ev.GetSetId(), State: ev.GetState(), Job: ev.GetJob(), Message: ev.GetMessage(), Dropped: ev.GetDropped()})
 			fmt.Fprintf(w, "data: %s\n\n", b)
 		}
 		fl.Flush()

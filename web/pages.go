@@ -42,6 +42,8 @@ func (s *Server) routes() {
 	m.Handle("GET /tasks", s.authed(s.tasksPage))
 	m.Handle("GET /tasks/{id}", s.authed(s.taskPage))
 	m.Handle("GET /jobs", s.authed(s.jobsPage))
+	m.Handle("POST /jobs/{job}/run", s.change(s.runJob))
+	m.Handle("POST /jobs/{job}/enabled", s.change(s.enableJob))
 	m.Handle("GET /events", s.authed(s.eventsPage))
 	m.Handle("GET /events/stream", s.authed(s.eventStream))
 	if s.cfg.Browse != nil {
@@ -73,6 +75,7 @@ type page struct {
 var funcs = template.FuncMap{
 	"bytes": humanBytes,
 	"when":  when,
+	"ts":    func(t interface{ AsTime() time.Time }) time.Time { return t.AsTime() },
 	"ago":   ago,
 	"join":  strings.Join,
 	"pct":   func(a, b int64) int64 { return pct(a, b) },
@@ -171,6 +174,7 @@ type volumeRow struct {
 	Invalid    int
 	LastBackup time.Time
 	Job        string
+	JobWarn    string // a job of the volume that failed, or none
 	Warnings   []string
 }
 
@@ -201,6 +205,17 @@ func (s *Server) overviewData(r *http.Request, c api.Caller) (overviewData, erro
 	if err != nil {
 		return d, err
 	}
+	jobList, err := s.src.Jobs(r.Context(), c)
+	if err != nil {
+		return d, err
+	}
+	d.JobsEnabled = len(jobList) > 0
+	jobsOf := map[string][]*umbrav1.Job{}
+	for _, j := range jobList {
+		for _, v := range j.GetVolumes() {
+			jobsOf[v] = append(jobsOf[v], j)
+		}
+	}
 	byVol := map[string][]*umbrav1.Snapshot{}
 	for _, sn := range snaps {
 		byVol[sn.GetVolume()] = append(byVol[sn.GetVolume()], sn)
@@ -208,6 +223,9 @@ func (s *Server) overviewData(r *http.Request, c api.Caller) (overviewData, erro
 	for _, v := range vols {
 		st := v.GetStorage()
 		row := volumeRow{Name: v.GetName(), Used: st.GetUsedBytes(), Max: st.GetMaxBytes(), Job: "jobs not configured"}
+		if d.JobsEnabled {
+			row.Job, row.JobWarn = jobState(jobsOf[v.GetName()])
+		}
 		row.Pct = pct(row.Used, row.Max)
 		list := byVol[v.GetName()]
 		row.Snapshots = len(list)
@@ -231,6 +249,9 @@ func (s *Server) overviewData(r *http.Request, c api.Caller) (overviewData, erro
 		}
 		if row.Invalid > 0 {
 			row.Warnings = append(row.Warnings, fmt.Sprintf("%d invalid snapshot(s), the last because %s: delete them", row.Invalid, cmp.Or(lastInvalid.GetReason(), "of an error")))
+		}
+		if row.JobWarn != "" {
+			row.Warnings = append(row.Warnings, row.JobWarn)
 		}
 		if len(row.Warnings) > 0 {
 			d.Warnings++
@@ -261,6 +282,33 @@ func (s *Server) overview(w http.ResponseWriter, r *http.Request, sess *session)
 		return
 	}
 	s.render(w, r, http.StatusOK, "overview", sess, d)
+}
+
+// jobState says what the jobs of one volume are doing, and what needs
+// attention: a volume no job covers, or whose job's last run failed.
+func jobState(list []*umbrav1.Job) (state, warn string) {
+	if len(list) == 0 {
+		return "no job", "no scheduled job snapshots or backs it up: add a [[job]] naming it"
+	}
+	var parts []string
+	for _, j := range list {
+		p := j.GetName() + ": "
+		switch last := j.GetLast(); {
+		case j.GetRunning() != nil:
+			p += "running"
+		case !j.GetEnabled():
+			p += "disabled"
+		case last == nil:
+			p += "not run yet"
+		default:
+			p += last.GetResult() + " " + ago(last.GetEnd().AsTime())
+			if last.GetResult() == "failed" || last.GetResult() == "interrupted" || last.GetResult() == "missed" {
+				warn = fmt.Sprintf("job %s %s: %s (see the jobs page)", j.GetName(), last.GetResult(), cmp.Or(last.GetError(), "no detail"))
+			}
+		}
+		parts = append(parts, p)
+	}
+	return strings.Join(parts, "; "), warn
 }
 
 // ---- a volume ----
@@ -439,8 +487,48 @@ type plainData struct{ Title string }
 
 func (p plainData) title() string { return p.Title }
 
+type jobsData struct {
+	Jobs    []*umbrav1.Job
+	History []*umbrav1.JobRun
+}
+
+func (jobsData) title() string { return "Jobs" }
+
+// historyShown is how many runs the jobs page lists.
+const historyShown = 50
+
 func (s *Server) jobsPage(w http.ResponseWriter, r *http.Request, sess *session) {
-	s.render(w, r, http.StatusOK, "jobs", sess, plainData{"Jobs"})
+	list, err := s.src.Jobs(r.Context(), sess.caller)
+	if err != nil {
+		s.fail(w, r, sess, err)
+		return
+	}
+	d := jobsData{Jobs: list}
+	if len(list) > 0 {
+		h, err := api.Call(r.Context(), s.cfg.API, sess.caller, "JobHistory", &umbrav1.JobHistoryRequest{Limit: historyShown}, s.cfg.API.JobHistory)
+		if err != nil {
+			s.fail(w, r, sess, err)
+			return
+		}
+		d.History = h.GetRuns()
+	}
+	s.render(w, r, http.StatusOK, "jobs", sess, d)
+}
+
+func (s *Server) runJob(w http.ResponseWriter, r *http.Request, sess *session) {
+	name := r.PathValue("job")
+	_, err := api.Call(r.Context(), s.cfg.API, sess.caller, "RunJob", &umbrav1.RunJobRequest{Name: name}, s.cfg.API.RunJob)
+	s.back(w, r, sess, "/jobs", err, "Job "+name+" started: its run shows below, and on the events page as it goes.")
+}
+
+func (s *Server) enableJob(w http.ResponseWriter, r *http.Request, sess *session) {
+	name, on := r.PathValue("job"), r.PostFormValue("enabled") == "1"
+	_, err := api.Call(r.Context(), s.cfg.API, sess.caller, "SetJobEnabled", &umbrav1.SetJobEnabledRequest{Name: name, Enabled: on}, s.cfg.API.SetJobEnabled)
+	what := "disabled: it runs no more until enabled"
+	if on {
+		what = "enabled"
+	}
+	s.back(w, r, sess, "/jobs", err, "Job "+name+" "+what+".")
 }
 
 func (s *Server) browseMissing(w http.ResponseWriter, r *http.Request, sess *session) {

@@ -3,6 +3,9 @@ package web
 import (
 	"context"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"umbra/api"
 	"umbra/api/umbrav1"
 )
@@ -17,6 +20,8 @@ type Source interface {
 	Snapshots(ctx context.Context, c api.Caller, volume string) ([]*umbrav1.Snapshot, error)
 	Writers(ctx context.Context, c api.Caller) ([]*umbrav1.Writer, error)
 	Mappings(ctx context.Context, c api.Caller) ([]*umbrav1.ShareMapping, error)
+	// Jobs lists the scheduled jobs (none: jobs are not configured).
+	Jobs(ctx context.Context, c api.Caller) ([]*umbrav1.Job, error)
 }
 
 // apiSource is the service's API server.
@@ -40,4 +45,12 @@ func (a apiSource) Writers(ctx context.Context, c api.Caller) ([]*umbrav1.Writer
 func (a apiSource) Mappings(ctx context.Context, c api.Caller) ([]*umbrav1.ShareMapping, error) {
 	r, err := api.Call(ctx, a.s, c, "ListShareMappings", &umbrav1.ListShareMappingsRequest{}, a.s.ListShareMappings)
 	return r.GetMappings(), err
+}
+
+func (a apiSource) Jobs(ctx context.Context, c api.Caller) ([]*umbrav1.Job, error) {
+	r, err := api.Call(ctx, a.s, c, "ListJobs", &umbrav1.ListJobsRequest{}, a.s.ListJobs)
+	if status.Code(err) == codes.Unavailable { // a service without a job manager
+		return nil, nil
+	}
+	return r.GetJobs(), err
 }

@@ -29,6 +29,7 @@ import (
 	"umbra/api/umbrav1"
 	"umbra/backup"
 	"umbra/internal/testutil"
+	"umbra/jobs"
 	"umbra/service"
 	"umbra/web"
 )
@@ -111,6 +112,7 @@ func startConsole(t *testing.T) *console {
 		API:       service.APIConfig{TLSCert: certFile, TLSKey: keyFile, ClientCA: caFile, Tokens: tokens},
 		Web: service.WebConfig{Listen: "127.0.0.1:0", IdleTimeout: idleTimeout.String(), MaxAge: maxAge.String(),
 			Repositories: []web.Repository{{Location: repo}}},
+		Jobs:   []jobs.Def{{Name: "timeline", Kind: "snapshot", Schedule: "*-01-01 00:00", CatchUp: new(false), Volumes: []string{"vol"}, Keep: jobs.Keep{Daily: 7}}},
 		Clock:  clk.Now,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
@@ -477,7 +479,39 @@ func TestConsole(t *testing.T) {
 		ctx := b.user(t)
 		c.login(t, ctx, viewerToken)
 		do(t, ctx, chromedp.Navigate(c.url+"/browse/"), chromedp.WaitVisible(chromedp.ID("browse-none")))
-		do(t, ctx, chromedp.Navigate(c.url+"/jobs"), chromedp.WaitVisible(chromedp.ID("jobs-none")))
+	})
+
+	t.Run("Jobs", func(t *testing.T) {
+		ctx := b.user(t)
+		c.login(t, ctx, operatorToken)
+		do(t, ctx, chromedp.Navigate(c.url+"/jobs"), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="timeline"]`)),
+			chromedp.Click(chromedp.ID("run-timeline")), chromedp.WaitVisible(chromedp.ID("flash")))
+		if msg := run(t, ctx, chromedp.Text(chromedp.ID("flash"))); !strings.Contains(msg, "Job timeline started") {
+			t.Fatalf("run now: %q", msg)
+		}
+		// Wait for the run to end, by its state.
+		for {
+			h, err := c.api.JobHistory(context.Background(), &umbrav1.JobHistoryRequest{Name: "timeline"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if runs := h.GetRuns(); len(runs) > 0 && runs[0].GetResult() != "running" {
+				if runs[0].GetResult() != "success" {
+					t.Fatalf("the run: %v", runs[0])
+				}
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		do(t, ctx, chromedp.Navigate(c.url+"/jobs"), chromedp.WaitVisible(chromedp.ID("history")))
+		if h := run(t, ctx, chromedp.Text(chromedp.ID("history"))); !strings.Contains(h, "timeline #1") || !strings.Contains(h, "success") {
+			t.Errorf("history: %q, want timeline #1 success", h)
+		}
+		screenshot(t, ctx, "jobs")
+		do(t, ctx, chromedp.Navigate(c.url+"/"), chromedp.WaitVisible(chromedp.CSS(`#volumes tr[data-volume="vol"]`)))
+		if row := run(t, ctx, chromedp.Text(chromedp.CSS(`#volumes tr[data-volume="vol"]`))); !strings.Contains(row, "timeline: success") {
+			t.Errorf("overview row of vol: %q, want its job's state", row)
+		}
 	})
 }
 
@@ -590,5 +624,15 @@ func TestConsoleUnixSocket(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "Volume vol") {
 		t.Fatalf("volume page on the unix socket: %s", resp.Status)
+	}
+	req, _ = http.NewRequest(http.MethodGet, "http://umbra/jobs", nil)
+	req.AddCookie(sess)
+	if resp, err = hc.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), "Jobs are not configured") {
+		t.Fatalf("jobs page of a service without jobs: %s", body)
 	}
 }

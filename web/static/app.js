@@ -61,7 +61,7 @@
       t.dateTime = ev.time; t.textContent = new Date(ev.time).toLocaleString();
       var k = document.createElement("span");
       k.className = "kind"; k.textContent = ev.kind;
-      var what = [ev.volume && (ev.snapshot ? ev.volume + "@" + ev.snapshot : ev.volume), ev.set_id && "set " + ev.set_id, ev.state, ev.message,
+      var what = [ev.volume && (ev.snapshot ? ev.volume + "@" + ev.snapshot : ev.volume), ev.set_id && "set " + ev.set_id, ev.job && "job " + ev.job, ev.state, ev.message,
         ev.dropped && ev.dropped + " earlier events missed"].filter(Boolean).join(" · ");
       li.append(t, k, document.createTextNode(what));
       list.prepend(li);
