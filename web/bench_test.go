@@ -82,7 +82,7 @@ func (f *fakeSource) Snapshots(_ context.Context, _ api.Caller, vol string) ([]*
 	return out, nil
 }
 func (f *fakeSource) Writers(context.Context, api.Caller) ([]*umbrav1.Writer, error) { return nil, nil }
-func (f *fakeSource) Jobs(context.Context, api.Caller) ([]*umbrav1.Job, error) { return f.jobs, nil }
+func (f *fakeSource) Jobs(context.Context, api.Caller) ([]*umbrav1.Job, error)       { return f.jobs, nil }
 func (f *fakeSource) Mappings(context.Context, api.Caller) ([]*umbrav1.ShareMapping, error) {
 	return nil, nil
 }
