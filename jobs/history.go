@@ -51,8 +51,8 @@ func (h history) add(r *Run, keep int) error {
 	if err != nil {
 		return fmt.Errorf("job %s: record run: %w", r.Job, err)
 	}
-	r.Seq = seq
-	return h.cat.Replace(catalog.JobRuns, r.Job, seq, r)
+	r.Seq = seq // readers take it from the record's key
+	return nil
 }
 
 func (h history) update(r *Run) error {
