@@ -1260,10 +1260,16 @@ func (c *conn) sendOK(req request) { c.write(okReply(req)) }
 
 func okReply(req request) []byte { return simpleReplyHeader(nil, 0, req.cookie) }
 
+// errnoOf is the NBD error a backend's error is reported as: a full
+// disk as ENOSPC (the client's filesystem then says "no space", not an
+// I/O error), a refused write as EPERM, anything else — a snapshot gone
+// or invalid, a disk that failed — as EIO.
 func errnoOf(err error) uint32 {
 	switch {
-	case errors.Is(err, provider.ErrSnapshotInvalid), errors.Is(err, provider.ErrNotFound):
-		return errIO
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
+		return errNoSpc
+	case errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EACCES):
+		return errPerm
 	default:
 		return errIO
 	}
@@ -1309,7 +1315,7 @@ func (c *conn) handle(req request, payload *[]byte, cost int64) (kept int64) {
 			}
 			if req.flags&cmdFlagFUA != 0 {
 				if err := exp.Backend.Flush(); err != nil {
-					c.sendError(req, errIO, err.Error())
+					c.sendError(req, errnoOf(err), err.Error())
 					return
 				}
 			}
@@ -1317,7 +1323,7 @@ func (c *conn) handle(req request, payload *[]byte, cost int64) (kept int64) {
 		}
 	case cmdFlush:
 		if err := exp.Backend.Flush(); err != nil {
-			c.sendError(req, errIO, err.Error())
+			c.sendError(req, errnoOf(err), err.Error())
 			return
 		}
 		c.sendOK(req)
@@ -1345,7 +1351,7 @@ func (c *conn) handle(req request, payload *[]byte, cost int64) (kept int64) {
 			err = exp.Backend.Flush()
 		}
 		if err != nil {
-			c.sendError(req, errIO, err.Error())
+			c.sendError(req, errnoOf(err), err.Error())
 			return
 		}
 		c.sendOK(req)
