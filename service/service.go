@@ -229,6 +229,9 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	s.api.Audit = s.audit
 	s.api.SocketGroup = s.chk.socketGroup
 	s.api.SetRepoIdle(s.chk.repoIdle)
+	if err := s.jobVolumesExist(ctx); err != nil {
+		return s, err
+	}
 	s.notify = notify.New(s.chk.notify, log)
 	if s.jobs, err = jobs.New(jobs.Config{Defs: cfg.Jobs, Catalog: s.cat, API: s.api, Metrics: s.metrics,
 		Notify: s.notify, Emit: s.api.JobEvent, Log: log}); err != nil {
@@ -263,6 +266,19 @@ func (s *Service) webSocket() string {
 		return ""
 	}
 	return path
+}
+
+// jobVolumesExist refuses a job that names a volume the service does
+// not serve.
+func (s *Service) jobVolumesExist(ctx context.Context) error {
+	for _, d := range s.cfg.Jobs {
+		for _, vol := range d.Volumes {
+			if _, err := s.reg.For(ctx, vol); err != nil {
+				return ConfigError{&jobs.DefError{Job: d.Name, Field: "volumes", Err: fmt.Errorf("%q is not a volume of this service (see `umbra volume list`; volumes are [[volume]] tables or --volume flags)", vol)}}
+			}
+		}
+	}
+	return nil
 }
 
 func (s *Service) writerSocket() string {

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"io"
 	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -317,6 +319,31 @@ min_age = "0s"
 	for _, r := range runs {
 		if r.Seq > killed.Seq && r.Seq < runs[len(runs)-1].Seq && r.Trigger == "catch-up" && r.Seq != killed.Seq+1 {
 			t.Fatalf("the catch-up is run %d, not the first after the restart:\n%+v", r.Seq, runs)
+		}
+	}
+}
+
+// TestJobsBadConfig: a job on a volume the service does not serve, or
+// with a bad key, stops `umbra serve` at start with exit 2, naming the
+// job and the key.
+func TestJobsBadConfig(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct{ job, want string }{
+		{"name = \"tl\"\nkind = \"snapshot\"\nschedule = \"hourly\"\nvolumes = [\"nope\"]\n[job.keep]\nhourly = 1\n", "job tl: volumes: \\\"nope\\\" is not a volume"},
+		{"name = \"tl\"\nkind = \"snapshot\"\nschedule = \"Mon..Fry\"\nvolumes = [\"a\"]\n[job.keep]\nhourly = 1\n", "job tl: schedule:"},
+	} {
+		cfg := writeConfig(t, dir, "[[job]]\n"+c.job)
+		img := filepath.Join(dir, "a.img")
+		os.WriteFile(img, make([]byte, 1<<20), 0o600)
+		// A service that starts anyway is stopped by the hang guard.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		cmd := exec.CommandContext(ctx, umbraBin, "serve", "--state-dir", filepath.Join(dir, "state"), "--nbd-socket", filepath.Join(dir, "nbd.sock"),
+			"--api-socket", filepath.Join(dir, "api.sock"), "--config", cfg, "--volume", "a="+img, "--json")
+		b, _ := cmd.CombinedOutput()
+		cancel()
+		out, code := string(b), cmd.ProcessState.ExitCode()
+		if code != 2 || !strings.Contains(out, c.want) {
+			t.Fatalf("serve with a bad job: exit %d, want 2 and %q:\n%s", code, c.want, out)
 		}
 	}
 }
