@@ -257,7 +257,9 @@ func (s fuseSource) Open(name string) (*fusefile.Entry, error) {
 		return nil, err
 	}
 	if snapID == "" {
-		return &fusefile.Entry{Name: name, Backend: v, Trim: v.Trim, Opened: func() func() { return v.Use("open FUSE file") }}, nil
+		return &fusefile.Entry{Name: name, Backend: v, Trim: v.Trim,
+			Zero:   func(off, n int64) error { return v.WriteZeroes(off, n, true) },
+			Opened: func() func() { return v.Use("open FUSE file") }}, nil
 	}
 	if err := Unreadable(v, snapID); err != nil {
 		return nil, err

@@ -38,6 +38,9 @@ type Entry struct {
 	ReadOnly bool
 	// Trim discards a range (fallocate punch hole); nil: unsupported.
 	Trim func(off, length int64) error
+	// Zero writes zeros to a range and keeps it allocated (fallocate
+	// zero range) in one call; nil: zeros are written with WriteAt.
+	Zero func(off, length int64) error
 	// Release is called when the kernel forgets the file.
 	Release func()
 	// Opened, if set, is called at each open of the file; the function
@@ -282,6 +285,12 @@ func (f *fileNode) Allocate(ctx context.Context, fh fs.FileHandle, off, size uin
 		}
 		return 0
 	case mode&fallocZeroRange != 0:
+		if f.e.Zero != nil {
+			if err := f.e.Zero(int64(off), int64(size)); err != nil {
+				return errno(err)
+			}
+			return 0
+		}
 		z := make([]byte, min(size, 1<<20))
 		for done := uint64(0); done < size; {
 			n := min(uint64(len(z)), size-done)

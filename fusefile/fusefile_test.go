@@ -3,6 +3,7 @@ package fusefile_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -69,6 +70,18 @@ func TestFileSemantics(t *testing.T) {
 	if !bytes.Equal(got, make([]byte, 4096)) {
 		t.Fatal("punched range does not read zeros")
 	}
+	// Zero a range through FUSE: the volume's zero write (one call over
+	// the range), the snapshot keeps its view there too.
+	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, 4096, 4096); err != nil {
+		t.Fatalf("zero range: %v", err)
+	}
+	v.ReadAt(got, 4096)
+	if !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatal("zeroed range does not read zeros")
+	}
+	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, 8<<20-4096, 8192); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("zero range past the end: %v, want EINVAL", err)
+	}
 	if err := f.Truncate(1 << 20); err == nil {
 		t.Fatal("truncate to another size succeeded")
 	}
@@ -80,6 +93,10 @@ func TestFileSemantics(t *testing.T) {
 	s.ReadAt(got, 0)
 	if !bytes.Equal(got, bytes.Repeat([]byte{7}, 4096)) {
 		t.Fatal("snapshot file does not read its commit point")
+	}
+	s.ReadAt(got, 4096)
+	if !bytes.Equal(got, bytes.Repeat([]byte{7}, 4096)) {
+		t.Fatal("snapshot file does not read its commit point where the volume was zeroed")
 	}
 	if _, err := os.OpenFile(filepath.Join(mnt, "vol@s"), os.O_RDWR, 0); err == nil || !errorsIs(err, syscall.EROFS) {
 		t.Fatalf("opening a snapshot for writing: %v, want EROFS", err)
