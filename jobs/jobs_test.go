@@ -308,10 +308,11 @@ func TestSkippedAndMissed(t *testing.T) {
 	w := newWorld(t)
 	w.clock.set(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC))
 	m := w.manager([]Def{{Name: "tl", Kind: "snapshot", Schedule: "hourly", Volumes: []string{"a"}, Keep: Keep{Hourly: 3}}}, nil)
-	m.skipped("tl", schedTrigger(w.clock.Now()), "still running: the schedule run for ... has not ended")
-	m.skipped("tl", schedTrigger(w.clock.Now()), "missed: the scheduler was not running at ...")
+	m.skipped("tl", schedTrigger(w.clock.Now()), sched.SkipRunning+": the schedule run for ... has not ended")
+	m.skipped("tl", schedTrigger(w.clock.Now()), sched.SkipMissed+": the scheduler was not running at ...")
+	m.skipped("tl", schedTrigger(w.clock.Now()), sched.SkipNotRecorded+": record the last elapse of job tl: ...")
 	runs, _ := m.History("tl", 0)
-	if len(runs) != 2 || runs[0].Result != Missed || runs[1].Result != Skipped {
+	if len(runs) != 3 || runs[0].Result != Failed || runs[1].Result != Missed || runs[2].Result != Skipped {
 		t.Fatalf("history: %+v", runs)
 	}
 	if !slices.Contains(w.events, "job_missed tl") {

@@ -232,8 +232,11 @@ func (m *Manager) skipped(name string, t sched.Trigger, reason string) {
 	if r.Start.IsZero() || r.Start.After(now) {
 		r.Start = now
 	}
-	if strings.HasPrefix(reason, "missed") {
+	switch {
+	case strings.HasPrefix(reason, sched.SkipMissed):
 		r.Result = Missed
+	case strings.HasPrefix(reason, sched.SkipNotRecorded):
+		r.Result = Failed // its state could not be saved: the catalog needs a look
 	}
 	if err := m.hist.add(r, j.history); err != nil {
 		m.log.Error("job run not recorded", "job", name, "err", err)
