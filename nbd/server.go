@@ -663,13 +663,12 @@ func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
 		if err != nil {
 			return err
 		}
-		var ferr error
-		if cerr := frc.Control(func(ffd uintptr) {
-			consumed, sockErr, ferr = c.spliceIn(int(ffd), at, consumed, n)
-		}); cerr != nil {
+		var res spliced
+		if cerr := frc.Control(func(ffd uintptr) { res = c.spliceIn(int(ffd), at, consumed, n) }); cerr != nil {
 			return cerr
 		}
-		return ferr
+		consumed, sockErr = res.consumed, res.sockErr
+		return res.fileErr
 	})
 	if !ok {
 		return spliceNot
@@ -690,12 +689,19 @@ func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
 	return spliceDone
 }
 
+// spliced is what spliceIn did.
+type spliced struct {
+	// consumed is how many payload bytes were taken from the socket: all
+	// of them unless the socket failed (bytes the file refused are read
+	// out of the pipe and dropped).
+	consumed int
+	sockErr  error // the socket failed: the stream is broken
+	fileErr  error // the file refused bytes: the request fails
+}
+
 // spliceIn moves payload bytes consumed..n from the socket into file
-// descriptor ffd at at+consumed through the connection's pipe. It returns
-// how many were taken from the socket (all of them unless the socket
-// failed: bytes the file refused are read out of the pipe and dropped)
-// and which side failed.
-func (c *conn) spliceIn(ffd int, at int64, consumed, n int) (int, error, error) {
+// descriptor ffd at at+consumed through the connection's pipe.
+func (c *conn) spliceIn(ffd int, at int64, consumed, n int) spliced {
 	pos := at + int64(consumed)
 	for consumed < n {
 		var k int
@@ -706,15 +712,15 @@ func (c *conn) spliceIn(ffd int, at int64, consumed, n int) (int, error, error) 
 			k = int(k64)
 			return err != unix.EAGAIN
 		}); rerr != nil {
-			return consumed, rerr, nil
+			return spliced{consumed: consumed, sockErr: rerr}
 		}
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err != nil:
-			return consumed, err, nil
+			return spliced{consumed: consumed, sockErr: err}
 		case k == 0:
-			return consumed, io.ErrUnexpectedEOF, nil
+			return spliced{consumed: consumed, sockErr: io.ErrUnexpectedEOF}
 		}
 		consumed += k
 		for k > 0 {
@@ -724,14 +730,14 @@ func (c *conn) spliceIn(ffd int, at int64, consumed, n int) (int, error, error) 
 			}
 			if err != nil || m == 0 {
 				if derr := c.drainPipe(k); derr != nil {
-					return consumed, derr, nil
+					return spliced{consumed: consumed, sockErr: derr}
 				}
-				return consumed, nil, cmp.Or(err, io.ErrShortWrite)
+				return spliced{consumed: consumed, fileErr: cmp.Or(err, io.ErrShortWrite)}
 			}
 			k -= int(m)
 		}
 	}
-	return consumed, nil, nil
+	return spliced{consumed: consumed}
 }
 
 // drainPipe reads and drops k bytes left in the connection's pipe.
