@@ -20,27 +20,6 @@ import (
 	wpg "umbra/writer/postgres"
 )
 
-// pgBin finds a PostgreSQL server binary (Debian keeps them off PATH).
-func pgBin(name string) string {
-	if p, err := exec.LookPath(name); err == nil {
-		return p
-	}
-	m, _ := filepath.Glob("/usr/lib/postgresql/*/bin/" + name)
-	if len(m) > 0 {
-		return m[len(m)-1]
-	}
-	return ""
-}
-
-func asPostgres(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command("runuser", append([]string{"-u", "postgres", "--"}, args...)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 func freePort(t *testing.T) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -58,7 +37,7 @@ func freePort(t *testing.T) int {
 func TestPostgresUnderLoad(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "losetup", "mkfs.ext4", "runuser", "pgbench", "pg_dump")
-	initdb, pgctl := pgBin("initdb"), pgBin("pg_ctl")
+	initdb, pgctl := testutil.PGBin("initdb"), testutil.PGBin("pg_ctl")
 	if initdb == "" || pgctl == "" {
 		t.Skip("needs the PostgreSQL server (apt-get install postgresql)")
 	}
@@ -91,15 +70,15 @@ func TestPostgresUnderLoad(t *testing.T) {
 	os.Mkdir(sockDir, 0o777)
 	os.Mkdir(pgdata, 0o700)
 	testutil.Run(t, "chown", "postgres:postgres", pgdata, sockDir)
-	asPostgres(t, initdb, "-D", pgdata, "-A", "trust", "-U", "postgres")
+	testutil.AsPostgres(t, initdb, "-D", pgdata, "-A", "trust", "-U", "postgres")
 	port := freePort(t)
 	opts := fmt.Sprintf("-p %d -k %s -c listen_addresses='' -c fsync=on", port, sockDir)
-	asPostgres(t, pgctl, "-D", pgdata, "-o", opts, "-w", "-l", filepath.Join(sockDir, "log"), "start")
+	testutil.AsPostgres(t, pgctl, "-D", pgdata, "-o", opts, "-w", "-l", filepath.Join(sockDir, "log"), "start")
 	t.Cleanup(func() {
 		exec.Command("runuser", "-u", "postgres", "--", pgctl, "-D", pgdata, "-m", "immediate", "stop").Run()
 	})
 	pgArgs := []string{"-h", sockDir, "-p", fmt.Sprint(port), "-U", "postgres"}
-	asPostgres(t, append(append([]string{"pgbench"}, pgArgs...), "-i", "-q", "-s", "2", "postgres")...)
+	testutil.AsPostgres(t, append(append([]string{"pgbench"}, pgArgs...), "-i", "-q", "-s", "2", "postgres")...)
 	load := exec.Command("runuser", append(append([]string{"-u", "postgres", "--", "pgbench"}, pgArgs...), "-c", "2", "-T", "30", "postgres")...)
 	if err := load.Start(); err != nil {
 		t.Fatal(err)
@@ -107,7 +86,7 @@ func TestPostgresUnderLoad(t *testing.T) {
 	t.Cleanup(func() { load.Process.Kill(); load.Wait() })
 	// The set is taken under load: once pgbench has committed.
 	testutil.WaitFor(t, "pgbench commits a transaction", func() bool {
-		n := asPostgres(t, append(append([]string{"psql"}, pgArgs...), "-At", "-c", "SELECT count(*) FROM pgbench_history", "postgres")...)
+		n := testutil.AsPostgres(t, append(append([]string{"psql"}, pgArgs...), "-At", "-c", "SELECT count(*) FROM pgbench_history", "postgres")...)
 		return strings.TrimSpace(n) != "0"
 	})
 
@@ -149,7 +128,7 @@ func TestPostgresUnderLoad(t *testing.T) {
 		t.Fatalf("starting the restored snapshot: %v %s\n%s", err, out, log)
 	}
 	defer exec.Command("runuser", "-u", "postgres", "--", pgctl, "-D", copyDir, "-m", "fast", "stop").Run()
-	dump := asPostgres(t, "pg_dump", "-h", sockDir, "-p", fmt.Sprint(port2), "-U", "postgres", "postgres")
+	dump := testutil.AsPostgres(t, "pg_dump", "-h", sockDir, "-p", fmt.Sprint(port2), "-U", "postgres", "postgres")
 	if !strings.Contains(dump, "pgbench_accounts") {
 		t.Fatal("pg_dump of the restored snapshot lacks pgbench_accounts")
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -69,25 +68,12 @@ func TestFSRVPAsBackupUser(t *testing.T) {
 
 	// smbd on a free port, its state (passdb, registry, FSRVP state) in
 	// the test directory; FSRVP needs registry shares.
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	sd := filepath.Join(dir, "samba")
-	var conf strings.Builder
-	fmt.Fprintf(&conf, "[global]\n  server role = standalone server\n  smb ports = %d\n  interfaces = lo\n  bind interfaces only = yes\n", port)
-	for _, d := range []string{"private dir", "lock directory", "state directory", "cache directory", "pid directory", "ncalrpc dir"} {
-		p := filepath.Join(sd, strings.ReplaceAll(d, " ", "-"))
-		os.MkdirAll(p, 0o755)
-		fmt.Fprintf(&conf, "  %s = %s\n", d, p)
-	}
-	fmt.Fprintf(&conf, "  log file = %s/log\n  load printers = no\n  disable spoolss = yes\n  registry shares = yes\n  include = registry\n", sd)
 	umbraCmd := bin + " --api-socket " + s.api + " samba"
-	fmt.Fprintf(&conf, "[share]\n  path = %s\n  read only = no\n  vfs objects = shadow_copy2 shell_snap\n"+
-		"  shadow:snapdir = .snapshots\n  shadow:format = @GMT-%%Y.%%m.%%d-%%H.%%M.%%S\n  shadow:sort = desc\n"+
-		"  shell_snap:check path command = %s check\n  shell_snap:create command = %s create\n  shell_snap:delete command = %s delete\n",
-		share, umbraCmd, umbraCmd, umbraCmd)
-	confFile := filepath.Join(sd, "smb.conf")
-	os.WriteFile(confFile, []byte(conf.String()), 0o644)
+	port, confFile := sambaConf(t, dir, "  registry shares = yes\n  include = registry\n",
+		fmt.Sprintf("[share]\n  path = %s\n  read only = no\n  vfs objects = shadow_copy2 shell_snap\n"+
+			"  shadow:snapdir = .snapshots\n  shadow:format = @GMT-%%Y.%%m.%%d-%%H.%%M.%%S\n  shadow:sort = desc\n"+
+			"  shell_snap:check path command = %s check\n  shell_snap:create command = %s create\n  shell_snap:delete command = %s delete\n",
+			share, umbraCmd, umbraCmd, umbraCmd))
 	smbpasswd := exec.Command("smbpasswd", "-c", confFile, "-s", "-a", fsrvpUser)
 	smbpasswd.Stdin = strings.NewReader("pw\npw\n")
 	if out, err := smbpasswd.CombinedOutput(); err != nil {
@@ -95,22 +81,7 @@ func TestFSRVPAsBackupUser(t *testing.T) {
 	}
 	// Samba's FSRVP server serves backup operators (SeBackupPrivilege).
 	testutil.Run(t, "net", "-s", confFile, "sam", "rights", "grant", fsrvpUser, "SeBackupPrivilege")
-	smbd := exec.Command("smbd", "--foreground", "--no-process-group", "-s", confFile)
-	if err := smbd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		smbd.Process.Kill()
-		smbd.Wait()
-		killByArg(confFile) // samba-dcerpcd and its rpcd_fsrvp, started by smbd, leave its process group
-	}()
-	testutil.WaitFor(t, "smbd listens", func() bool {
-		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	startSmbd(t, confFile, port)
 	rpc := func(cmd string) (string, error) {
 		out, err := exec.Command("rpcclient", "-p", fmt.Sprint(port), "ncacn_np:127.0.0.1", "-s", confFile, "-U", fsrvpUser+"%pw", "-c", cmd).CombinedOutput()
 		return string(out), err

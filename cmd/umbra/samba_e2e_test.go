@@ -60,34 +60,10 @@ func TestSambaPreviousVersions(t *testing.T) {
 	os.WriteFile(filepath.Join(share, "doc.txt"), []byte("version 2"), 0o644)
 
 	// smbd on a free port, its state in the test directory.
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	sd := filepath.Join(dir, "samba")
-	var conf strings.Builder
-	fmt.Fprintf(&conf, "[global]\n  server role = standalone server\n  smb ports = %d\n  interfaces = lo\n  bind interfaces only = yes\n", port)
-	for _, d := range []string{"private dir", "lock directory", "state directory", "cache directory", "pid directory", "ncalrpc dir"} {
-		p := filepath.Join(sd, strings.ReplaceAll(d, " ", "-"))
-		os.MkdirAll(p, 0o755)
-		fmt.Fprintf(&conf, "  %s = %s\n", d, p)
-	}
-	fmt.Fprintf(&conf, "  log file = %s/log\n  map to guest = Bad User\n  guest account = nobody\n  load printers = no\n  disable spoolss = yes\n", sd)
-	fmt.Fprintf(&conf, "[share]\n  path = %s\n  read only = yes\n  guest ok = yes\n  vfs objects = shadow_copy2\n"+
-		"  shadow:mountpoint = %s\n  shadow:snapdir = .snapshots\n  shadow:format = @GMT-%%Y.%%m.%%d-%%H.%%M.%%S\n  shadow:sort = desc\n", share, share)
-	confFile := filepath.Join(sd, "smb.conf")
-	os.WriteFile(confFile, []byte(conf.String()), 0o644)
-	smbd := exec.Command("smbd", "--foreground", "--no-process-group", "-s", confFile)
-	if err := smbd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { smbd.Process.Kill(); smbd.Wait() }()
-	testutil.WaitFor(t, "smbd listens", func() bool {
-		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	port, confFile := sambaConf(t, dir, "  map to guest = Bad User\n  guest account = nobody\n",
+		fmt.Sprintf("[share]\n  path = %s\n  read only = yes\n  guest ok = yes\n  vfs objects = shadow_copy2\n"+
+			"  shadow:mountpoint = %s\n  shadow:snapdir = .snapshots\n  shadow:format = @GMT-%%Y.%%m.%%d-%%H.%%M.%%S\n  shadow:sort = desc\n", share, share))
+	startSmbd(t, confFile, port)
 	smbclient := func(cmd string) string {
 		out, err := exec.Command("smbclient", "//127.0.0.1/share", "-p", fmt.Sprint(port), "-N", "-c", cmd).CombinedOutput()
 		if err != nil {
@@ -117,4 +93,55 @@ func TestSambaPreviousVersions(t *testing.T) {
 	if l := s.list(); len(l.Snapshots) != 0 {
 		t.Fatalf("samba delete left snapshots: %+v", l)
 	}
+}
+
+// sambaConf writes the smb.conf of a test's smbd under dir/samba: a
+// standalone server on a free port of 127.0.0.1 whose state, logs and
+// sockets are all in that directory, with more [global] lines and the
+// share sections given. It returns the port and the file.
+func sambaConf(t *testing.T, dir, globals, shares string) (port int, confFile string) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port = l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	sd := filepath.Join(dir, "samba")
+	var conf strings.Builder
+	fmt.Fprintf(&conf, "[global]\n  server role = standalone server\n  smb ports = %d\n  interfaces = lo\n  bind interfaces only = yes\n", port)
+	for _, d := range []string{"private dir", "lock directory", "state directory", "cache directory", "pid directory", "ncalrpc dir"} {
+		p := filepath.Join(sd, strings.ReplaceAll(d, " ", "-"))
+		os.MkdirAll(p, 0o755)
+		fmt.Fprintf(&conf, "  %s = %s\n", d, p)
+	}
+	fmt.Fprintf(&conf, "  log file = %s/log\n  load printers = no\n  disable spoolss = yes\n%s%s", sd, globals, shares)
+	confFile = filepath.Join(sd, "smb.conf")
+	if err := os.WriteFile(confFile, []byte(conf.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return port, confFile
+}
+
+// startSmbd runs smbd on confFile until the test ends and waits until it
+// listens on port. At the end it goes with what it started
+// (samba-dcerpcd and its rpcd_* leave its process group).
+func startSmbd(t *testing.T, confFile string, port int) {
+	t.Helper()
+	smbd := exec.Command("smbd", "--foreground", "--no-process-group", "-s", confFile)
+	if err := smbd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		smbd.Process.Kill()
+		smbd.Wait()
+		killByArg(confFile)
+	})
+	testutil.WaitFor(t, "smbd listens", func() bool {
+		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
 }

@@ -14,34 +14,13 @@ import (
 	"umbra/writer"
 )
 
-// pgBin finds a PostgreSQL server binary (Debian keeps them off PATH).
-func pgBin(name string) string {
-	if p, err := exec.LookPath(name); err == nil {
-		return p
-	}
-	m, _ := filepath.Glob("/usr/lib/postgresql/*/bin/" + name)
-	if len(m) > 0 {
-		return m[len(m)-1]
-	}
-	return ""
-}
-
-func asPostgres(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command("runuser", append([]string{"-u", "postgres", "--"}, args...)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 // cluster starts a PostgreSQL cluster in a temporary directory (stopped
 // at cleanup) and returns its data directory and a DSN for it.
 func cluster(t *testing.T) (pgdata, dsn string) {
 	t.Helper()
 	testutil.NeedRoot(t)
 	testutil.Need(t, "runuser")
-	initdb, pgctl := pgBin("initdb"), pgBin("pg_ctl")
+	initdb, pgctl := testutil.PGBin("initdb"), testutil.PGBin("pg_ctl")
 	if initdb == "" || pgctl == "" {
 		t.Skip("needs the PostgreSQL server (apt-get install postgresql)")
 	}
@@ -52,14 +31,14 @@ func cluster(t *testing.T) (pgdata, dsn string) {
 	os.Mkdir(pgdata, 0o700)
 	os.Mkdir(sock, 0o755)
 	testutil.Run(t, "chown", "postgres:postgres", pgdata, sock)
-	asPostgres(t, initdb, "-D", pgdata, "-A", "trust", "-U", "postgres")
+	testutil.AsPostgres(t, initdb, "-D", pgdata, "-A", "trust", "-U", "postgres")
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	asPostgres(t, pgctl, "-D", pgdata, "-o", fmt.Sprintf("-p %d -k %s -c listen_addresses=''", port, sock), "-w", "-l", filepath.Join(sock, "log"), "start")
+	testutil.AsPostgres(t, pgctl, "-D", pgdata, "-o", fmt.Sprintf("-p %d -k %s -c listen_addresses=''", port, sock), "-w", "-l", filepath.Join(sock, "log"), "start")
 	t.Cleanup(func() {
 		exec.Command("runuser", "-u", "postgres", "--", pgctl, "-D", pgdata, "-m", "immediate", "stop").Run()
 	})
