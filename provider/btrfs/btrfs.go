@@ -10,9 +10,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -101,12 +103,7 @@ func (p *Provider) Name() string { return Name }
 func (p *Provider) Volumes() []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	out := make([]string, 0, len(p.vols))
-	for v := range p.vols {
-		out = append(out, v)
-	}
-	sort.Strings(out)
-	return out
+	return slices.Sorted(maps.Keys(p.vols))
 }
 
 func (p *Provider) Capabilities() provider.Capabilities {
