@@ -552,6 +552,21 @@ func (c *conn) replyWriter() {
 	}
 }
 
+// inRange reports whether req's range lies within the export (its end
+// computed without wrapping around 2^64).
+func (c *conn) inRange(req request) bool {
+	size := uint64(c.exp.Backend.Size())
+	return req.offset <= size && uint64(req.length) <= size-req.offset
+}
+
+// plainWrite reports whether write request req is one the fast paths
+// (inline, splice) may serve: the export takes writes, the range is
+// within it and no flag but FUA is set. Anything else goes to handle,
+// which answers it with the error it deserves.
+func (c *conn) plainWrite(req request) bool {
+	return !c.exp.ReadOnly && c.inRange(req) && req.flags&^cmdFlagFUA == 0
+}
+
 // inlineMax: writes to a TryWriter and reads from a TryReader up to this
 // size are tried on the reading goroutine.
 const inlineMax = 64 << 10
@@ -561,8 +576,7 @@ const inlineMax = 64 << 10
 // wait, or is not a small plain in-range write to a TryWriter).
 func (c *conn) writeInline(req request, payload []byte) bool {
 	tw, ok := c.exp.Backend.(TryWriter)
-	if !ok || c.exp.ReadOnly || req.flags&cmdFlagFUA != 0 || req.length > inlineMax ||
-		req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
+	if !ok || !c.plainWrite(req) || req.flags&cmdFlagFUA != 0 || req.length > inlineMax {
 		return false
 	}
 	_, done, err := tw.TryWriteAt(payload, int64(req.offset))
@@ -612,7 +626,7 @@ func (c *conn) flushUnlessMore(r *bufio.Reader) {
 // in-range read of a TryReader).
 func (c *conn) readInline(req request) bool {
 	tr, ok := c.exp.Backend.(TryReader)
-	if !ok || req.flags != 0 || req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) {
+	if !ok || req.flags != 0 || !c.inRange(req) {
 		return false
 	}
 	n := int(req.length)
@@ -644,8 +658,7 @@ const (
 // one pwrite, the rest with splice(2) socket -> pipe -> file.
 func (c *conn) spliceWrite(r *bufio.Reader, req request) int {
 	sw, ok := c.exp.Backend.(SpliceWriter)
-	if !ok || c.raw == nil || c.exp.ReadOnly || req.flags&^cmdFlagFUA != 0 ||
-		req.offset+uint64(req.length) > uint64(c.exp.Backend.Size()) || !c.openPipe() {
+	if !ok || c.raw == nil || !c.plainWrite(req) || !c.openPipe() {
 		return spliceNot
 	}
 	n := int(req.length)
@@ -1289,8 +1302,7 @@ func (c *conn) handle(req request, payload *[]byte, cost int64) (kept int64) {
 		o(CommandName(req.typ), false)
 	}
 	exp := c.exp
-	size := uint64(exp.Backend.Size())
-	inRange := req.offset <= size && uint64(req.length) <= size-req.offset
+	inRange := c.inRange(req)
 	known := uint16(cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero)
 	if req.flags&^known != 0 {
 		c.sendError(req, errInval, fmt.Sprintf("unknown command flags %#x", req.flags))
