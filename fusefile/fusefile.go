@@ -21,15 +21,13 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"umbra/provider"
 )
 
-// Backend is the data a file serves.
-type Backend interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	Size() int64
-	Flush() error
-}
+// Backend is the data a file serves: the same contract as an NBD
+// export's (nbd.Backend), one interface for both.
+type Backend = provider.Device
 
 // Entry is one file of the directory.
 type Entry struct {

@@ -57,13 +57,9 @@ type Extent struct {
 	Hole, Zero bool
 }
 
-// Backend is the data an export serves.
-type Backend interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	Size() int64
-	Flush() error
-}
+// Backend is the data an export serves: the same contract as a FUSE
+// file's (fusefile.Backend), one interface for both.
+type Backend = provider.Device
 
 // TryWriter is a Backend that can tell a write that would wait for
 // something besides its own I/O (a hold, a writer on the same blocks):

@@ -123,6 +123,16 @@ type Capabilities struct {
 	Notes         string `json:"notes,omitempty"`
 }
 
+// Device is a volume or snapshot as the frontends serve it (an NBD
+// export, a FUSE file): bytes at offsets, a fixed size, and a flush that
+// makes what was written durable. A read-only one refuses WriteAt.
+type Device interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	Size() int64
+	Flush() error
+}
+
 // Image is a read-only view of a snapshot as a block image.
 type Image interface {
 	io.ReaderAt
