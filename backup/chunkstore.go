@@ -31,6 +31,8 @@ type chunkStore struct {
 	buf  *chunkIndex
 	filt bloom
 	n    int64 // entries in all of them (a chunk is in one place only)
+	// changed: entries were added since the cache was last written.
+	changed bool
 
 	errMu sync.Mutex // guards err (set by lookups, which share mu)
 	err   error      // the first failure to read or write a run
@@ -161,6 +163,7 @@ func (s *chunkStore) addMany(es []indexEntry) {
 		s.buf.add(es[i].h, es[i].l)
 		s.filt.add(&es[i].h)
 		s.n++
+		s.changed = true
 		if s.buf.len() >= bufMax {
 			s.spill()
 		}
@@ -406,6 +409,12 @@ func (s *chunkStore) frozen() (*run, error) {
 	return s.base, nil
 }
 
+func (s *chunkStore) changedSincePersist() bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.changed
+}
+
 // close releases the runs' files.
 func (s *chunkStore) close() {
 	s.mu.Lock()
@@ -414,7 +423,7 @@ func (s *chunkStore) close() {
 	for _, r := range s.runs {
 		r.close()
 	}
-	s.base, s.runs, s.buf, s.n = nil, nil, newChunkIndex(), 0
+	s.base, s.runs, s.buf, s.n, s.changed = nil, nil, newChunkIndex(), 0, false
 	s.filt = newBloom(0)
 }
 

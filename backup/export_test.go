@@ -361,6 +361,9 @@ func SetCopyIndexEvery(n int) func() { return set(&copyIndexEvery, n) }
 // "rebuilt: " and why.
 func CacheNote(r *Repo) string { return r.cacheNote }
 
+// CacheRead is how many index objects Open read beyond the cache.
+func CacheRead(r *Repo) int { return r.cacheRead }
+
 // CachePath is the local index cache's file ("" without one).
 func CachePath(r *Repo) string {
 	if r.cacheDir == "" {

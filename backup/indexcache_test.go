@@ -52,11 +52,23 @@ func TestIndexCache(t *testing.T) {
 			t.Fatalf("the cache is listed as a repository object: %s", n)
 		}
 	}
-	// Opened after the backups: the cache (written at Init) covers no
-	// index object yet; the backups' are added to it.
+	// Opened during the backups' repository is open: the cache
+	// (written at Init) covers no index object yet; the backups' are
+	// read and added to it.
 	r2, note := openNote(t, dir)
-	if note != "used" {
-		t.Fatalf("second open: cache %q, want used", note)
+	if note != "used" || backup.CacheRead(r2) == 0 {
+		t.Fatalf("second open: cache %q, %d index objects read, want used and some", note, backup.CacheRead(r2))
+	}
+	// A repository closed after a backup writes the cache again: the
+	// next open reads no index object.
+	x2 := backupAndRestore(t, r2, volumeData(rnd, 1<<20), backup.Options{Volume: "c"})
+	r2.Close()
+	if r, note := openNote(t, dir); note != "used" || backup.CacheRead(r) != 0 {
+		t.Fatalf("open after a backup's close: cache %q, %d index objects read, want none", note, backup.CacheRead(r))
+	}
+	r2, _ = openNote(t, dir)
+	if _, err := r2.Delete(ctx, []string{x2.ID}); err != nil {
+		t.Fatal(err)
 	}
 	backupAndRestoreCheck(t, r2, xa.ID, a)
 	if _, note := openNote(t, dir); note != "used" {

@@ -141,6 +141,7 @@ type Repo struct {
 	chunks    *chunkStore
 	cacheDir  string   // the local index cache's directory ("": none)
 	cacheNote string   // how the cache was found at open (tests)
+	cacheRead int      // index objects read at open beyond the cache (tests)
 	indexes   []string // index objects loaded
 	indexErrs []error  // index objects that could not be read
 	leftLocks []string // locks of ended operations whose delete failed
@@ -364,6 +365,9 @@ func (r *Repo) upgradeFormat(ctx context.Context) error {
 // deleted before, and releases the codecs.
 func (r *Repo) Close() {
 	r.retryLeftLocks(context.Background())
+	if r.chunks.changedSincePersist() {
+		r.updateCache() // the next open need not read this one's index objects
+	}
 	r.chunks.close()
 	r.dec.Close()
 	r.enc.close()
@@ -558,11 +562,55 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 	} else {
 		r.cacheNote = "rebuilt: " + why
 	}
+	r.cacheRead = len(fresh)
 	if err := r.loadIndexNames(ctx, fresh); err != nil {
 		return err
 	}
 	if base == nil || len(fresh) > 0 {
 		r.persistCache()
+	}
+	return nil
+}
+
+// recheckIndexes reads again every index object the chunk index holds
+// (through the local cache, they were read when the cache was written)
+// and, when one no longer reads or is gone, builds the index again from
+// the repository alone, so that verify reports what the repository
+// holds, not what the cache remembers.
+func (r *Repo) recheckIndexes(ctx context.Context) error {
+	r.mu.Lock()
+	names := slices.Clone(r.indexes)
+	r.mu.Unlock()
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	if err != nil {
+		return err
+	}
+	defer dec.Close()
+	for _, n := range names {
+		raw, err := r.getWrapped(ctx, n)
+		var z []byte
+		if err == nil {
+			z, err = r.seal.openInPlace(raw)
+		}
+		if err == nil {
+			err = dec.Reset(bytes.NewReader(z))
+		}
+		if err == nil {
+			_, err = readChunkIndex(dec, r.hashLen(), func(PackID, int) {}, func(blobEntry) {})
+		}
+		if err == nil {
+			continue
+		}
+		listed, lerr := r.be.List(ctx, "index/")
+		if lerr != nil {
+			return fmt.Errorf("index %s: %w; list index objects: %v", n, err, lerr)
+		}
+		r.resetIndex(nil)
+		if err := r.loadIndexNames(ctx, listed); err != nil {
+			return err
+		}
+		r.updateCache()
+		return nil
 	}
 	return nil
 }
@@ -635,7 +683,9 @@ func (r *Repo) persistCache() {
 	}
 	r.chunks.mu.Lock()
 	defer r.chunks.mu.Unlock()
-	r.chunks.fold(meta, r.cachePath())
+	if r.chunks.fold(meta, r.cachePath()) == nil {
+		r.chunks.changed = false
+	}
 }
 
 func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {

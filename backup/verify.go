@@ -78,6 +78,9 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	if opts.sampled() {
 		rep.Sample, rep.Seed = opts.Sample, opts.Seed
 	}
+	if err := r.recheckIndexes(ctx); err != nil {
+		rep.BadIndexes = append(rep.BadIndexes, err.Error())
+	}
 	r.mu.Lock()
 	for _, e := range r.indexErrs {
 		rep.BadIndexes = append(rep.BadIndexes, e.Error())
