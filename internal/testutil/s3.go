@@ -51,6 +51,9 @@ func StartS3(t testing.TB) *S3 {
 	}
 	addr := l.Addr().String()
 	l.Close()
+	// The local index caches of the S3 repositories the test opens (by
+	// default under ~/.cache) go with the test.
+	t.Setenv("UMBRA_CACHE_DIR", t.TempDir())
 	s := &S3{t: t, bin: versityBinary(t), dir: t.TempDir(), Addr: addr}
 	os.MkdirAll(filepath.Join(s.dir, S3Bucket), 0o755)
 	s.Start()
