@@ -56,6 +56,9 @@ const (
 	ActionVerifyRepository = "/umbra.repository/Verify"
 	ActionPruneRepository  = "/umbra.repository/Prune"
 	ActionLogin            = "/umbra.web/Login"
+	// ActionBrowseFiles reads the files of a snapshot or a backup image
+	// (the console's file browser): operators, as exposing a snapshot.
+	ActionBrowseFiles = "/umbra.files/Browse"
 )
 
 // localRoles is the least role of each local action.
@@ -63,6 +66,7 @@ var localRoles = map[string]Role{
 	ActionListRepository:   RoleViewer,
 	ActionVerifyRepository: RoleOperator,
 	ActionPruneRepository:  RoleAdmin,
+	ActionBrowseFiles:      RoleOperator,
 }
 
 // fullMethod is method as the interceptors see it: a gRPC method's

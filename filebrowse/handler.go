@@ -50,6 +50,7 @@ const maxPage = 5000
 //
 //	/snapshot/{volume}/{snapshot}/{path...}
 //	/image/{repo}/{image}/{path...}
+//	/ (a page that says where to start)
 //
 // A directory's path ends in "/" (one without is redirected) and shows
 // a page of its entries as HTML, or as JSON (a Page) with ?format=json
@@ -79,6 +80,9 @@ func (b *Browser) Handler(opts HandlerOptions) http.Handler {
 		}
 		src, err := opts.Image(r, r.PathValue("repo"), r.PathValue("id"))
 		h.serve(w, r, src, err)
+	})
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		h.html(w, "index.html", nil)
 	})
 	mux.HandleFunc("GET /snapshot/{vol}/{id}", addSlash)
 	mux.HandleFunc("GET /image/{repo}/{id}", addSlash)
@@ -325,7 +329,7 @@ func status(err error) int {
 	switch {
 	case errors.Is(err, ErrBadPath), errors.Is(err, ErrBadCursor), errors.Is(err, provider.ErrBadID):
 		return http.StatusBadRequest
-	case errors.Is(err, ErrSymlink), errors.Is(err, ErrSpecial):
+	case errors.Is(err, ErrSymlink), errors.Is(err, ErrSpecial), errors.Is(err, ErrForbidden):
 		return http.StatusForbidden
 	case errors.Is(err, ErrNotExist), errors.Is(err, provider.ErrNotFound):
 		return http.StatusNotFound

@@ -36,6 +36,9 @@ var (
 	ErrBadCursor = errors.New("listing cursor refused")
 	// ErrNotExist: no such file or directory.
 	ErrNotExist = fs.ErrNotExist
+	// ErrForbidden: the caller may not browse the source (a resolver
+	// returns it wrapped).
+	ErrForbidden = errors.New("not allowed")
 )
 
 // Entry kinds.

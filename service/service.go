@@ -243,7 +243,7 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	if cfg.Web.Listen != "" {
 		if s.web, err = web.New(web.Config{API: s.api, Identities: s.chk.apiIDs, TLS: s.chk.apiTLS,
 			IdleTimeout: s.chk.webIdle, MaxAge: s.chk.webMaxAge, Repositories: cfg.Web.Repositories,
-			Now: cfg.Clock, Logger: log}); err != nil {
+			Browse: s.browseHandler(), Now: cfg.Clock, Logger: log}); err != nil {
 			return s, ConfigError{err}
 		}
 	}

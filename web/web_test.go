@@ -2,6 +2,7 @@ package web_test
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
@@ -20,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	cdpbrowser "github.com/chromedp/cdproto/browser"
 	"github.com/chromedp/cdproto/cdp"
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
@@ -75,20 +77,36 @@ const (
 	maxAge      = 30 * time.Minute
 )
 
-// startConsole runs a service of one small volume, with a backup
-// repository holding one image of it, and its console on 127.0.0.1 over
-// HTTPS.
+// restoreName is a file in the volume's filesystem, and restoreData its
+// content: the file browser's test downloads it.
+const restoreName = "restore-me.bin"
+
+func restoreData() []byte {
+	b := make([]byte, 300<<10+7)
+	x := uint32(1)
+	for i := range b {
+		x = x*1664525 + 1013904223
+		b[i] = byte(x >> 24)
+	}
+	return b
+}
+
+// startConsole runs a service of one small volume (ext4 holding
+// docs/restore-me.bin), with a backup repository holding one image of
+// it, and its console on 127.0.0.1 over HTTPS.
 func startConsole(t *testing.T) *console {
 	t.Helper()
 	dir := t.TempDir()
 	vol := filepath.Join(dir, "vol.img")
-	data := make([]byte, 4<<20)
-	for i := range data {
-		data[i] = byte(i / 4096)
-	}
-	if err := os.WriteFile(vol, data, 0o600); err != nil {
+	// An ext4 filesystem holding restoreFile, for the file browser.
+	testutil.Need(t, "mkfs.ext4")
+	files := filepath.Join(dir, "files")
+	os.MkdirAll(filepath.Join(files, "docs"), 0o755)
+	if err := os.WriteFile(filepath.Join(files, "docs", restoreName), restoreData(), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	testutil.SparseFile(t, vol, 4<<20)
+	testutil.Run(t, "mkfs.ext4", "-q", "-d", files, vol)
 	tokens := filepath.Join(dir, "tokens")
 	if err := os.WriteFile(tokens, []byte(fmt.Sprintf("token %s admin alice\ntoken %s operator otto\ntoken %s viewer vera\ncert backup-host viewer\n", adminToken, operatorToken, viewerToken)), 0o600); err != nil {
 		t.Fatal(err)
@@ -475,10 +493,53 @@ func TestConsole(t *testing.T) {
 		}
 	})
 
-	t.Run("BrowseNotAvailable", func(t *testing.T) {
+	t.Run("BrowseImage", func(t *testing.T) {
+		testutil.NeedRoot(t)
+		testutil.NeedFUSE(t)
+		ctx := b.user(t)
+		c.login(t, ctx, operatorToken)
+		do(t, ctx, chromedp.Navigate(c.url+"/repositories"), chromedp.WaitVisible(chromedp.CSS(`.repo a.browse`)),
+			chromedp.Click(chromedp.CSS(`.repo a.browse`)), chromedp.WaitVisible(chromedp.CSS(`a[href="./docs/"]`)),
+			chromedp.Click(chromedp.CSS(`a[href="./docs/"]`)), chromedp.WaitVisible(chromedp.CSS(`a[href="./`+restoreName+`"]`)))
+		screenshot(t, ctx, "browse")
+		// Download the file as a person would: a click, into a directory.
+		dl := t.TempDir()
+		progress := chromedp.Events(ctx, cdpbrowser.DownloadProgress)
+		events := true
+		do(t, ctx, chromedp.Func(func(ctx context.Context, _ *chromedp.Target) error {
+			_, err := chromedp.Call(ctx, cdpbrowser.SetDownloadBehavior, cdpbrowser.SetDownloadBehaviorParams{
+				Behavior: cdpbrowser.SetDownloadBehaviorBehaviorAllowAndName, DownloadPath: dl, EventsEnabled: &events,
+				BrowserContextID: chromedp.FromContext(ctx).BrowserContextID})
+			return err
+		}), chromedp.Click(chromedp.CSS(`a[href="./`+restoreName+`"]`)))
+		var got []byte
+		for ev, err := range progress {
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ev.State == cdpbrowser.DownloadProgressStateCanceled {
+				t.Fatal("the download was cancelled")
+			}
+			if ev.State == cdpbrowser.DownloadProgressStateCompleted {
+				if got, err = os.ReadFile(filepath.Join(dl, ev.GUID)); err != nil {
+					t.Fatal(err)
+				}
+				break
+			}
+		}
+		if sha256.Sum256(got) != sha256.Sum256(restoreData()) {
+			t.Fatalf("downloaded %d bytes whose checksum differs from the file's (%d bytes)", len(got), len(restoreData()))
+		}
+	})
+
+	t.Run("BrowseRefusedToViewer", func(t *testing.T) {
 		ctx := b.user(t)
 		c.login(t, ctx, viewerToken)
-		do(t, ctx, chromedp.Navigate(c.url+"/browse/"), chromedp.WaitVisible(chromedp.ID("browse-none")))
+		do(t, ctx, chromedp.Navigate(c.url+"/browse/"), chromedp.WaitVisible(chromedp.ID("browse-start")))
+		do(t, ctx, chromedp.Navigate(c.url+"/browse/snapshot/vol/web1/"), chromedp.WaitVisible(chromedp.CSS(`[role="alert"]`)))
+		if msg := run(t, ctx, chromedp.Text(chromedp.CSS(`[role="alert"]`))); !strings.Contains(msg, "operator") {
+			t.Errorf("a viewer browsing a snapshot: %q, want a refusal naming the role", msg)
+		}
 	})
 
 	t.Run("Jobs", func(t *testing.T) {
