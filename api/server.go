@@ -278,6 +278,19 @@ func (s *Server) ListVolumes(ctx context.Context, _ *umbrav1.ListVolumesRequest)
 		}
 		out.Volumes = append(out.Volumes, vol)
 	}
+	for _, pv := range s.providerVolumes() {
+		vol := &umbrav1.Volume{Name: pv.vol, Origin: pv.vol, Provider: pv.p.Name(), CanShadowCopy: true,
+			StorageWhyNot: "a volume of the " + pv.p.Name() + " provider: its snapshots live where it keeps them, not in shadow storage"}
+		if list, err := pv.p.List(ctx, pv.vol); err != nil {
+			vol.CanShadowCopy, vol.WhyNot = false, err.Error()
+		} else {
+			vol.Snapshots = int32(len(list))
+		}
+		if err := pv.p.Supports(ctx, pv.vol); err != nil {
+			vol.CanShadowCopy, vol.WhyNot = false, err.Error()
+		}
+		out.Volumes = append(out.Volumes, vol)
+	}
 	return out, nil
 }
 
@@ -336,7 +349,51 @@ func (s *Server) ListSnapshots(ctx context.Context, req *umbrav1.ListSnapshotsRe
 			out.Snapshots = append(out.Snapshots, m)
 		}
 	}
+	if req.GetVolume() != "" {
+		return out, nil
+	}
+	// Every volume means the other providers' volumes too (reflink
+	// files, btrfs subvolumes, thin LVs the service was started with).
+	for _, pv := range s.providerVolumes() {
+		list, err := pv.p.List(ctx, pv.vol)
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("list snapshots of %s (%s): %w", pv.vol, pv.p.Name(), err))
+		}
+		for _, sn := range list {
+			m := snapshotMsg(sn)
+			m.Users = s.snapshotUsers(sn.Volume, sn.ID)
+			out.Snapshots = append(out.Snapshots, m)
+		}
+	}
 	return out, nil
+}
+
+// volumeLister is a provider that knows the volumes it was given
+// (`umbra serve --reflink-volume`, `--btrfs-volume`, `--lvmthin-volume`).
+type volumeLister interface{ Volumes() []string }
+
+type providerVolume struct {
+	p   provider.Provider
+	vol string
+}
+
+// providerVolumes lists the volumes of the providers other than the COW
+// engine's, by provider name then as each gives them.
+func (s *Server) providerVolumes() []providerVolume {
+	var out []providerVolume
+	for _, p := range s.reg.All() {
+		if p.Name() == cow.ProviderName {
+			continue
+		}
+		l, ok := p.(volumeLister)
+		if !ok {
+			continue
+		}
+		for _, v := range l.Volumes() {
+			out = append(out, providerVolume{p, v})
+		}
+	}
+	return out
 }
 
 // CreateSnapshotSet makes a snapshot set through the coordinator (the

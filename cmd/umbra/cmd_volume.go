@@ -32,7 +32,10 @@ func newVolumeCmd() *cobra.Command {
 				fmt.Fprintln(w, "NAME\tSIZE\tCHUNK\tPROVIDER\tSNAPSHOTS\tIN USE BY\tSHADOW STORAGE\tLIVE RESTORE\tORIGIN")
 				for _, v := range resp.Volumes {
 					st := "none: " + v.WhyNot
-					if v.CanShadowCopy {
+					switch {
+					case v.CanShadowCopy && v.Storage == nil:
+						st = "kept by the " + v.Provider + " provider"
+					case v.CanShadowCopy:
 						st = fmt.Sprintf("%s used of %s in %s", human(v.Storage.UsedBytes), maxStr(v.Storage.MaxBytes), v.Storage.Dir)
 					}
 					users := strings.Join(v.Users, ", ")

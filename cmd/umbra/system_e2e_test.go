@@ -144,6 +144,13 @@ func TestReflinkSnapshotExpose(t *testing.T) {
 	s := startService(t, dir, []string{"c"}, "--reflink-volume", vm)
 	defer s.stop()
 	s.ok("snapshot", "create", vm, "--id", "raw")
+	// Listing every volume includes the other providers' volumes.
+	if out := s.ok("snapshot", "list"); !strings.Contains(out, "raw") || !strings.Contains(out, vm) {
+		t.Fatalf("snapshot list without a volume leaves out the reflink volume's snapshot:\n%s", out)
+	}
+	if out := s.ok("volume", "list"); !strings.Contains(out, vm) || !strings.Contains(out, "reflink") {
+		t.Fatalf("volume list leaves out the reflink volume:\n%s", out)
+	}
 	if out, code := s.umbra("snapshot", "expose", vm, "raw"); code == 0 || !strings.Contains(out, "no mountable filesystem") {
 		t.Fatalf("mounting a snapshot without a filesystem: exit %d %s", code, out)
 	}
