@@ -97,7 +97,7 @@ func (f *fixture) child(t *testing.T, hang bool, marker string) *exec.Cmd {
 // waitSocket waits for the writer socket to be served.
 func (f *fixture) waitSocket(t *testing.T) {
 	t.Helper()
-	testutil.WaitFor(t, "the writer socket appears", func() bool { _, err := os.Stat(f.sock); return err == nil })
+	testutil.WaitListening(t, f.sock)
 }
 
 func TestRemoteWriterTakesPart(t *testing.T) {

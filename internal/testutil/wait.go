@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	"net"
 	"runtime"
 	"testing"
 	"time"
@@ -45,4 +46,19 @@ func Hung(t testing.TB, what string) {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	t.Fatalf("%s: not within %v (a hang); goroutines:\n%s", what, HangGuard, buf)
+}
+
+// WaitListening waits until a unix socket at path accepts connections.
+// The socket's file appears at bind, before listen: a client that only
+// sees the file can still be refused.
+func WaitListening(t testing.TB, path string) {
+	t.Helper()
+	WaitFor(t, "a server listening on "+path, func() bool {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	})
 }

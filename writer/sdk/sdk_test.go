@@ -3,7 +3,6 @@ package sdk_test
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -44,7 +43,7 @@ func startService(t *testing.T) *service {
 	done := make(chan struct{})
 	go func() { writer.Serve(ctx, s.sock, s.reg, nil); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	testutil.WaitFor(t, "the writer socket appears", func() bool { _, err := os.Stat(s.sock); return err == nil })
+	testutil.WaitListening(t, s.sock)
 	s.coord = coordinator.New(preg, s.reg, nil, nil)
 	return s
 }
@@ -57,7 +56,15 @@ func (s *service) run(t *testing.T, w sdk.Writer) <-chan error {
 	errc := make(chan error, 1)
 	go func() { errc <- sdk.Run(ctx, s.sock, w) }()
 	t.Cleanup(func() { cancel(); <-errc })
-	testutil.WaitFor(t, "the SDK writer registers", func() bool { return len(s.reg.Writers()) == 1 })
+	testutil.WaitFor(t, "the SDK writer registers", func() bool {
+		select {
+		case err := <-errc:
+			errc <- err // for the cleanup, which waits for Run
+			t.Fatalf("sdk.Run returned before its writer registered: %v", err)
+		default:
+		}
+		return len(s.reg.Writers()) == 1
+	})
 	return errc
 }
 
