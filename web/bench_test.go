@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,4 +131,48 @@ func benchPage(b *testing.B, src Source, path string) {
 		size = w.Body.Len()
 	}
 	b.ReportMetric(float64(size), "page-bytes")
+}
+
+// TestVolumeNamedByPath: a volume named by its path (a reflink file, a
+// btrfs subvolume) links to its page as one escaped segment, and that
+// page finds it.
+func TestVolumeNamedByPath(t *testing.T) {
+	src := newFakeSource(2, 4)
+	const name = "/srv/vms/db.img"
+	src.vols[1].Name = name
+	for _, sn := range src.snaps {
+		if sn.Volume == "vol01" {
+			sn.Volume = name
+		}
+	}
+	tokens := filepath.Join(t.TempDir(), "tokens")
+	if err := os.WriteFile(tokens, []byte("token path-token-0123456789 viewer t\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := api.LoadIdentities(tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Config{API: api.NewServer(cow.NewProvider(), &provider.Registry{}, nil, nil, nil), Identities: ids, Source: src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c, _ := ids.ByToken("path-token-0123456789")
+	sess := s.sessions.start(c)
+	get := func(path string) *httptest.ResponseRecorder {
+		req := httptest.NewRequest(http.MethodGet, path, nil)
+		req.AddCookie(&http.Cookie{Name: cookieName, Value: sess.id})
+		w := httptest.NewRecorder()
+		s.Handler().ServeHTTP(w, req)
+		return w
+	}
+	const link = "/volumes/%2Fsrv%2Fvms%2Fdb.img"
+	if w := get("/"); w.Code != http.StatusOK || !strings.Contains(w.Body.String(), `href="`+link+`"`) {
+		t.Fatalf("overview: %d, no link %s in:\n%s", w.Code, link, w.Body.String())
+	}
+	w := get(link)
+	if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), name) || !strings.Contains(w.Body.String(), link+"/snapshots") {
+		t.Fatalf("%s: %d\n%s", link, w.Code, w.Body.String())
+	}
 }

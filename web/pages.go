@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"html/template"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -80,6 +81,10 @@ var funcs = template.FuncMap{
 	"join":  strings.Join,
 	"pct":   func(a, b int64) int64 { return pct(a, b) },
 	"may":   func(c api.Caller, method string) bool { return c.May(method) },
+	// seg escapes a name as one path segment: a volume named by its
+	// path (a reflink file, a btrfs subvolume) keeps its slashes in one
+	// segment that the mux's {vol} matches and PathValue decodes.
+	"seg": url.PathEscape,
 }
 
 // parsePages parses each page with the layout.
@@ -379,7 +384,7 @@ func (s *Server) volumePage(w http.ResponseWriter, r *http.Request, sess *sessio
 	s.render(w, r, http.StatusOK, "volume", sess, d)
 }
 
-func volURL(vol string) string { return "/volumes/" + vol }
+func volURL(vol string) string { return "/volumes/" + url.PathEscape(vol) }
 
 func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request, sess *session) {
 	vol := r.PathValue("vol")
