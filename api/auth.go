@@ -74,7 +74,7 @@ var methodRoles = map[string]Role{
 	"PrepareShadowCopySet": RoleOperator, "CommitShadowCopySet": RoleOperator, "ExposeShadowCopySet": RoleOperator,
 	"RecoveryCompleteShadowCopySet": RoleOperator, "AbortShadowCopySet": RoleOperator,
 	"ExposeSnapshot": RoleOperator, "UnexposeSnapshot": RoleOperator,
-	"RunJob": RoleOperator, "SetJobEnabled": RoleOperator,
+	"RunJob": RoleOperator, "SetJobEnabled": RoleOperator, "AddJob": RoleOperator, "RemoveJob": RoleOperator,
 
 	"SetStorage": RoleAdmin, "DeleteStorage": RoleAdmin, "DeleteSnapshots": RoleAdmin, "RevertSnapshot": RoleAdmin, "DeleteShareMapping": RoleAdmin,
 	"RestoreLive": RoleAdmin,

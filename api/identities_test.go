@@ -123,6 +123,7 @@ func TestRoleTable(t *testing.T) {
 		"ExposeSnapshot": RoleOperator, "ExposeShadowCopySet": RoleOperator,
 		"SetStorage": RoleAdmin, "DeleteStorage": RoleAdmin, "DeleteSnapshots": RoleAdmin, "RevertSnapshot": RoleAdmin,
 		"ListJobs": RoleViewer, "GetJob": RoleViewer, "JobHistory": RoleViewer, "RunJob": RoleOperator, "SetJobEnabled": RoleOperator,
+		"AddJob": RoleOperator, "RemoveJob": RoleOperator,
 		"NoSuchMethod": RoleAdmin, "": RoleAdmin,
 	} {
 		if got := needs("/umbra.v1.Umbra/" + method); got != want {

@@ -16,6 +16,8 @@ type JobService interface {
 	RunJob(context.Context, *umbrav1.RunJobRequest) (*umbrav1.RunJobResponse, error)
 	JobHistory(context.Context, *umbrav1.JobHistoryRequest) (*umbrav1.JobHistoryResponse, error)
 	SetJobEnabled(context.Context, *umbrav1.SetJobEnabledRequest) (*umbrav1.Job, error)
+	AddJob(context.Context, *umbrav1.AddJobRequest) (*umbrav1.Job, error)
+	RemoveJob(context.Context, *umbrav1.RemoveJobRequest) (*umbrav1.RemoveJobResponse, error)
 }
 
 var errNoJobs = status.Error(codes.Unavailable, "this service runs no jobs")
@@ -58,6 +60,22 @@ func (s *Server) SetJobEnabled(ctx context.Context, req *umbrav1.SetJobEnabledRe
 		return nil, errNoJobs
 	}
 	return s.Jobs.SetJobEnabled(ctx, req)
+}
+
+// AddJob defines a job through the API.
+func (s *Server) AddJob(ctx context.Context, req *umbrav1.AddJobRequest) (*umbrav1.Job, error) {
+	if s.Jobs == nil {
+		return nil, errNoJobs
+	}
+	return s.Jobs.AddJob(ctx, req)
+}
+
+// RemoveJob removes a job defined through the API.
+func (s *Server) RemoveJob(ctx context.Context, req *umbrav1.RemoveJobRequest) (*umbrav1.RemoveJobResponse, error) {
+	if s.Jobs == nil {
+		return nil, errNoJobs
+	}
+	return s.Jobs.RemoveJob(ctx, req)
 }
 
 // JobEvent publishes a job's event (jobs.Config.Emit).

@@ -89,6 +89,7 @@ type job struct {
 	catchUp     bool
 	history     int
 	kind        *Kind
+	api         bool // defined through the API, not the config file
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

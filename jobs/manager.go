@@ -34,6 +34,9 @@ type Config struct {
 	Notify  *notify.Notifier
 	Emit    func(event, job, message string)
 	Log     *slog.Logger
+	// Validate, if set, checks a job added through the API beyond
+	// Check (the service: its volumes exist), as a *DefError.
+	Validate func(ctx context.Context, d *Def) error
 	// Clock and Rand are the scheduler's (nil: the real clock, math/rand).
 	Clock sched.Clock
 	Rand  func(max time.Duration) time.Duration
@@ -53,12 +56,16 @@ var ErrRunning = errors.New("the job is running")
 type Manager struct {
 	cfg   Config
 	log   *slog.Logger
-	jobs  map[string]*job
-	order []string // job names, as defined
 	hist  history
 	env   *Env
 	clock sched.Clock
 	sched *sched.Scheduler
+
+	change sync.Mutex // serializes Add and Remove
+
+	dmu   sync.RWMutex    // guards jobs and order
+	jobs  map[string]*job // by name
+	order []string        // job names: the config's as defined, then the API's
 
 	mu      sync.Mutex      // guards the fields below
 	running map[string]*Run // runs in progress, by job
@@ -69,6 +76,7 @@ type Manager struct {
 // service.
 type jobState struct {
 	Enabled *bool     `json:"enabled,omitempty"` // what enable/disable said last (nil: the definition's)
+	Def     *Def      `json:"def,omitempty"`     // the definition of a job added through the API (nil: the config's)
 	Last    time.Time `json:"last,omitzero"`     // the last scheduled run's time (the scheduler's state)
 }
 
@@ -96,6 +104,9 @@ func New(cfg Config) (*Manager, error) {
 			m.log.Warn("job state unreadable: starting afresh", "job", j.Name, "err", err)
 		}
 		m.states[j.Name] = st
+	}
+	if err := m.loadAPIJobs(); err != nil {
+		return nil, fmt.Errorf("jobs: the definitions kept in the catalog: %w", err)
 	}
 	m.env = &Env{API: cfg.API, Log: m.log, Now: m.clock.Now, Verified: verifiedStore{cfg.Catalog}}
 	left, err := m.hist.interrupted(m.clock.Now())
@@ -128,6 +139,8 @@ func (m *Manager) Run(ctx context.Context) error {
 // entries are the scheduler's entries: the enabled jobs.
 func (m *Manager) entries() []sched.Entry {
 	var out []sched.Entry
+	m.dmu.RLock()
+	defer m.dmu.RUnlock()
 	for _, name := range m.order {
 		j := m.jobs[name]
 		if !m.enabled(j) {
@@ -223,7 +236,7 @@ func (m *Manager) emit(event, job, msg string) {
 // service was down then and the job does not catch up (missed), or the
 // previous run was still running (skipped).
 func (m *Manager) skipped(name string, t sched.Trigger, reason string) {
-	j := m.jobs[name]
+	j := m.lookup(name)
 	if j == nil {
 		return
 	}

@@ -11,6 +11,7 @@ import (
 // Status is a job as `umbra jobs list` and `show` tell it.
 type Status struct {
 	Def
+	Source      string // where it is defined: SourceConfig or SourceAPI
 	Enabled     bool
 	Running     *Run      // the run in progress (nil: none)
 	Last        *Run      // the last run that ended (nil: none yet)
@@ -20,9 +21,15 @@ type Status struct {
 
 // List is every job's status, in the order of the definitions.
 func (m *Manager) List() []Status {
-	out := make([]Status, 0, len(m.order))
+	m.dmu.RLock()
+	js := make([]*job, 0, len(m.order))
 	for _, name := range m.order {
-		out = append(out, m.status(m.jobs[name]))
+		js = append(js, m.jobs[name])
+	}
+	m.dmu.RUnlock()
+	out := make([]Status, 0, len(js))
+	for _, j := range js {
+		out = append(out, m.status(j))
 	}
 	return out
 }
@@ -37,15 +44,18 @@ func (m *Manager) Get(name string) (Status, error) {
 }
 
 func (m *Manager) job(name string) (*job, error) {
-	j := m.jobs[name]
+	j := m.lookup(name)
 	if j == nil {
-		return nil, fmt.Errorf("job %q: %w (see `umbra jobs list`; jobs are defined in the service's config file as [[job]] tables)", name, ErrNoJob)
+		return nil, fmt.Errorf("job %q: %w (see `umbra jobs list`; jobs are defined in the service's config file as [[job]] tables, or with umbra jobs add)", name, ErrNoJob)
 	}
 	return j, nil
 }
 
 func (m *Manager) status(j *job) Status {
-	st := Status{Def: j.Def, Enabled: m.enabled(j)}
+	st := Status{Def: j.Def, Source: SourceConfig, Enabled: m.enabled(j)}
+	if j.api {
+		st.Source = SourceAPI
+	}
 	m.mu.Lock()
 	if r := m.running[j.Name]; r != nil {
 		c := *r

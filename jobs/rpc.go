@@ -23,7 +23,11 @@ func jobsStatus(err error) error {
 		return nil
 	case errors.Is(err, ErrNoJob):
 		return status.Error(codes.NotFound, err.Error())
-	case errors.Is(err, ErrDisabled), errors.Is(err, ErrRunning):
+	case errors.Is(err, ErrExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.As(err, new(*DefError)):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ErrDisabled), errors.Is(err, ErrRunning), errors.Is(err, ErrConfigJob):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	}
 	return status.Error(codes.Internal, err.Error())
@@ -51,7 +55,7 @@ func jobMsg(st Status) *umbrav1.Job {
 	}{[]Def{st.Def}})
 	return &umbrav1.Job{Name: st.Name, Kind: st.Kind, Schedule: st.Schedule, Enabled: st.Enabled,
 		Running: jobRunMsg(st.Running), Last: jobRunMsg(st.Last), LastSuccess: ts(st.LastSuccess), Next: ts(st.Next),
-		Volumes: st.Volumes, Repo: st.Repo, Definition: def.String()}
+		Volumes: st.Volumes, Repo: st.Repo, Definition: def.String(), Source: st.Source}
 }
 
 // ListJobs lists the jobs with their last runs and next run.
@@ -111,4 +115,30 @@ func (m *Manager) SetJobEnabled(ctx context.Context, req *umbrav1.SetJobEnabledR
 	}
 	m.log.Info("job "+word, "job", req.GetName())
 	return jobMsg(st), nil
+}
+
+// AddJob defines a job through the API.
+func (m *Manager) AddJob(ctx context.Context, req *umbrav1.AddJobRequest) (*umbrav1.Job, error) {
+	d, err := ParseDef(req.GetName(), req.GetDefinition())
+	if err != nil {
+		return nil, jobsStatus(err)
+	}
+	if err := m.Add(ctx, d); err != nil {
+		return nil, jobsStatus(err)
+	}
+	st, err := m.Get(d.Name)
+	if err != nil {
+		return nil, jobsStatus(err)
+	}
+	m.log.Info("job added", "job", d.Name, "kind", d.Kind, "schedule", d.Schedule)
+	return jobMsg(st), nil
+}
+
+// RemoveJob removes a job defined through the API.
+func (m *Manager) RemoveJob(ctx context.Context, req *umbrav1.RemoveJobRequest) (*umbrav1.RemoveJobResponse, error) {
+	if err := m.Remove(req.GetName()); err != nil {
+		return nil, jobsStatus(err)
+	}
+	m.log.Info("job removed", "job", req.GetName())
+	return &umbrav1.RemoveJobResponse{}, nil
 }

@@ -234,7 +234,7 @@ func New(ctx context.Context, cfg Config) (s *Service, err error) {
 	}
 	s.notify = notify.New(s.chk.notify, log)
 	if s.jobs, err = jobs.New(jobs.Config{Defs: cfg.Jobs, Catalog: s.cat, API: s.api, Metrics: s.metrics,
-		Notify: s.notify, Emit: s.api.JobEvent, Log: log}); err != nil {
+		Notify: s.notify, Emit: s.api.JobEvent, Log: log, Validate: s.jobVolumes}); err != nil {
 		return s, err
 	}
 	s.api.Jobs = s.jobs
@@ -271,11 +271,20 @@ func (s *Service) webSocket() string {
 // jobVolumesExist refuses a job that names a volume the service does
 // not serve.
 func (s *Service) jobVolumesExist(ctx context.Context) error {
-	for _, d := range s.cfg.Jobs {
-		for _, vol := range d.Volumes {
-			if _, err := s.reg.For(ctx, vol); err != nil {
-				return ConfigError{&jobs.DefError{Job: d.Name, Field: "volumes", Err: fmt.Errorf("%q is not a volume of this service (see `umbra volume list`; volumes are [[volume]] tables or --volume flags)", vol)}}
-			}
+	for i := range s.cfg.Jobs {
+		if err := s.jobVolumes(ctx, &s.cfg.Jobs[i]); err != nil {
+			return ConfigError{err}
+		}
+	}
+	return nil
+}
+
+// jobVolumes refuses job d if it names a volume the service does not
+// serve (also for jobs added through the API: jobs.Config.Validate).
+func (s *Service) jobVolumes(ctx context.Context, d *jobs.Def) error {
+	for _, vol := range d.Volumes {
+		if _, err := s.reg.For(ctx, vol); err != nil {
+			return &jobs.DefError{Job: d.Name, Field: "volumes", Err: fmt.Errorf("%q is not a volume of this service (see `umbra volume list`; volumes are [[volume]] tables or --volume flags)", vol)}
 		}
 	}
 	return nil
@@ -518,10 +527,10 @@ func (s *Service) Run(ctx context.Context) error {
 		g.Go("metrics server on "+ls.metrics.Addr().String(), func(ctx context.Context) error { return s.metrics.Serve(ctx, ls.metrics) })
 		log.Info("serving metrics", "url", "http://"+ls.metrics.Addr().String()+"/metrics")
 	}
-	if len(s.cfg.Jobs) > 0 {
-		g.Go("job scheduler", s.jobs.Run)
-		log.Info("running jobs", "jobs", len(s.cfg.Jobs))
-	}
+	// The scheduler runs even without jobs in the config: umbra jobs
+	// add may define some.
+	g.Go("job scheduler", s.jobs.Run)
+	log.Info("running jobs", "jobs", len(s.jobs.List()))
 	if ls.web != nil {
 		scheme := "http"
 		if s.chk.apiTLS != nil && s.webSocket() == "" {

@@ -4012,6 +4012,7 @@ type Job struct {
 	Volumes       []string               `protobuf:"bytes,9,rep,name=volumes,proto3" json:"volumes,omitempty"`
 	Repo          string                 `protobuf:"bytes,10,opt,name=repo,proto3" json:"repo,omitempty"`
 	Definition    string                 `protobuf:"bytes,11,opt,name=definition,proto3" json:"definition,omitempty"` // the job's [[job]] table, as TOML
+	Source        string                 `protobuf:"bytes,12,opt,name=source,proto3" json:"source,omitempty"`         // where it is defined: "config" (the config file) or "api" (umbra jobs add)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4119,6 +4120,13 @@ func (x *Job) GetRepo() string {
 func (x *Job) GetDefinition() string {
 	if x != nil {
 		return x.Definition
+	}
+	return ""
+}
+
+func (x *Job) GetSource() string {
+	if x != nil {
+		return x.Source
 	}
 	return ""
 }
@@ -4475,6 +4483,138 @@ func (x *SetJobEnabledRequest) GetEnabled() bool {
 	return false
 }
 
+type AddJobRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Definition    string                 `protobuf:"bytes,2,opt,name=definition,proto3" json:"definition,omitempty"` // one [[job]] table (or its keys alone), as TOML; its name, if any, must be name
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddJobRequest) Reset() {
+	*x = AddJobRequest{}
+	mi := &file_umbra_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddJobRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddJobRequest) ProtoMessage() {}
+
+func (x *AddJobRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddJobRequest.ProtoReflect.Descriptor instead.
+func (*AddJobRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *AddJobRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AddJobRequest) GetDefinition() string {
+	if x != nil {
+		return x.Definition
+	}
+	return ""
+}
+
+type RemoveJobRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveJobRequest) Reset() {
+	*x = RemoveJobRequest{}
+	mi := &file_umbra_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveJobRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveJobRequest) ProtoMessage() {}
+
+func (x *RemoveJobRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveJobRequest.ProtoReflect.Descriptor instead.
+func (*RemoveJobRequest) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *RemoveJobRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type RemoveJobResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveJobResponse) Reset() {
+	*x = RemoveJobResponse{}
+	mi := &file_umbra_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveJobResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveJobResponse) ProtoMessage() {}
+
+func (x *RemoveJobResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_umbra_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveJobResponse.ProtoReflect.Descriptor instead.
+func (*RemoveJobResponse) Descriptor() ([]byte, []int) {
+	return file_umbra_proto_rawDescGZIP(), []int{71}
+}
+
 var File_umbra_proto protoreflect.FileDescriptor
 
 const file_umbra_proto_rawDesc = "" +
@@ -4791,7 +4931,7 @@ const file_umbra_proto_rawDesc = "" +
 	"\x05bytes\x18\b \x01(\x03R\x05bytes\x12\x14\n" +
 	"\x05error\x18\t \x01(\tR\x05error\x12\x16\n" +
 	"\x06detail\x18\n" +
-	" \x01(\tR\x06detail\"\xf2\x02\n" +
+	" \x01(\tR\x06detail\"\x8a\x03\n" +
 	"\x03Job\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1a\n" +
@@ -4806,7 +4946,8 @@ const file_umbra_proto_rawDesc = "" +
 	" \x01(\tR\x04repo\x12\x1e\n" +
 	"\n" +
 	"definition\x18\v \x01(\tR\n" +
-	"definition\"\x11\n" +
+	"definition\x12\x16\n" +
+	"\x06source\x18\f \x01(\tR\x06source\"\x11\n" +
 	"\x0fListJobsRequest\"5\n" +
 	"\x10ListJobsResponse\x12!\n" +
 	"\x04jobs\x18\x01 \x03(\v2\r.umbra.v1.JobR\x04jobs\"#\n" +
@@ -4822,7 +4963,15 @@ const file_umbra_proto_rawDesc = "" +
 	"\x04runs\x18\x01 \x03(\v2\x10.umbra.v1.JobRunR\x04runs\"D\n" +
 	"\x14SetJobEnabledRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aenabled\x18\x02 \x01(\bR\aenabled2\xdc\x15\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled\"C\n" +
+	"\rAddJobRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1e\n" +
+	"\n" +
+	"definition\x18\x02 \x01(\tR\n" +
+	"definition\"&\n" +
+	"\x10RemoveJobRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x13\n" +
+	"\x11RemoveJobResponse2\xd4\x16\n" +
 	"\x05Umbra\x12J\n" +
 	"\vListVolumes\x12\x1c.umbra.v1.ListVolumesRequest\x1a\x1d.umbra.v1.ListVolumesResponse\x12P\n" +
 	"\rListSnapshots\x12\x1e.umbra.v1.ListSnapshotsRequest\x1a\x1f.umbra.v1.ListSnapshotsResponse\x12\\\n" +
@@ -4862,7 +5011,9 @@ const file_umbra_proto_rawDesc = "" +
 	"\x06RunJob\x12\x17.umbra.v1.RunJobRequest\x1a\x18.umbra.v1.RunJobResponse\x12G\n" +
 	"\n" +
 	"JobHistory\x12\x1b.umbra.v1.JobHistoryRequest\x1a\x1c.umbra.v1.JobHistoryResponse\x12>\n" +
-	"\rSetJobEnabled\x12\x1e.umbra.v1.SetJobEnabledRequest\x1a\r.umbra.v1.Job\x12J\n" +
+	"\rSetJobEnabled\x12\x1e.umbra.v1.SetJobEnabledRequest\x1a\r.umbra.v1.Job\x120\n" +
+	"\x06AddJob\x12\x17.umbra.v1.AddJobRequest\x1a\r.umbra.v1.Job\x12D\n" +
+	"\tRemoveJob\x12\x1a.umbra.v1.RemoveJobRequest\x1a\x1b.umbra.v1.RemoveJobResponse\x12J\n" +
 	"\vRestoreLive\x12\x1c.umbra.v1.RestoreLiveRequest\x1a\x1d.umbra.v1.RestoreLiveResponseB\x13Z\x11umbra/api/umbrav1b\x06proto3"
 
 var (
@@ -4877,7 +5028,7 @@ func file_umbra_proto_rawDescGZIP() []byte {
 	return file_umbra_proto_rawDescData
 }
 
-var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 69)
+var file_umbra_proto_msgTypes = make([]protoimpl.MessageInfo, 72)
 var file_umbra_proto_goTypes = []any{
 	(*Volume)(nil),                      // 0: umbra.v1.Volume
 	(*LiveRestore)(nil),                 // 1: umbra.v1.LiveRestore
@@ -4948,20 +5099,23 @@ var file_umbra_proto_goTypes = []any{
 	(*JobHistoryRequest)(nil),           // 66: umbra.v1.JobHistoryRequest
 	(*JobHistoryResponse)(nil),          // 67: umbra.v1.JobHistoryResponse
 	(*SetJobEnabledRequest)(nil),        // 68: umbra.v1.SetJobEnabledRequest
-	(*timestamppb.Timestamp)(nil),       // 69: google.protobuf.Timestamp
+	(*AddJobRequest)(nil),               // 69: umbra.v1.AddJobRequest
+	(*RemoveJobRequest)(nil),            // 70: umbra.v1.RemoveJobRequest
+	(*RemoveJobResponse)(nil),           // 71: umbra.v1.RemoveJobResponse
+	(*timestamppb.Timestamp)(nil),       // 72: google.protobuf.Timestamp
 }
 var file_umbra_proto_depIdxs = []int32{
 	4,  // 0: umbra.v1.Volume.storage:type_name -> umbra.v1.Storage
 	1,  // 1: umbra.v1.Volume.live_restore:type_name -> umbra.v1.LiveRestore
 	0,  // 2: umbra.v1.RestoreLiveResponse.volume:type_name -> umbra.v1.Volume
-	69, // 3: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
+	72, // 3: umbra.v1.Snapshot.created:type_name -> google.protobuf.Timestamp
 	0,  // 4: umbra.v1.ListVolumesResponse.volumes:type_name -> umbra.v1.Volume
 	5,  // 5: umbra.v1.ListSnapshotsResponse.snapshots:type_name -> umbra.v1.Snapshot
 	5,  // 6: umbra.v1.CreateSnapshotSetResponse.snapshots:type_name -> umbra.v1.Snapshot
 	4,  // 7: umbra.v1.GetStorageResponse.storage:type_name -> umbra.v1.Storage
 	4,  // 8: umbra.v1.SetStorageResponse.storage:type_name -> umbra.v1.Storage
-	69, // 9: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
-	69, // 10: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
+	72, // 9: umbra.v1.WriterEvent.time:type_name -> google.protobuf.Timestamp
+	72, // 10: umbra.v1.Writer.updated:type_name -> google.protobuf.Timestamp
 	20, // 11: umbra.v1.Writer.history:type_name -> umbra.v1.WriterEvent
 	21, // 12: umbra.v1.ListWritersResponse.writers:type_name -> umbra.v1.Writer
 	24, // 13: umbra.v1.ListProvidersResponse.providers:type_name -> umbra.v1.Provider
@@ -4970,18 +5124,18 @@ var file_umbra_proto_depIdxs = []int32{
 	30, // 16: umbra.v1.BackupResponse.images:type_name -> umbra.v1.ImageResult
 	47, // 17: umbra.v1.ShadowCopy.mapping:type_name -> umbra.v1.ShareMapping
 	43, // 18: umbra.v1.ShadowCopySet.shadow_copies:type_name -> umbra.v1.ShadowCopy
-	69, // 19: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
-	69, // 20: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
+	72, // 19: umbra.v1.ShadowCopySet.created:type_name -> google.protobuf.Timestamp
+	72, // 20: umbra.v1.ShadowCopySet.deadline:type_name -> google.protobuf.Timestamp
 	44, // 21: umbra.v1.ListShadowCopySetsResponse.sets:type_name -> umbra.v1.ShadowCopySet
-	69, // 22: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
+	72, // 22: umbra.v1.ShareMapping.created:type_name -> google.protobuf.Timestamp
 	47, // 23: umbra.v1.ListShareMappingsResponse.mappings:type_name -> umbra.v1.ShareMapping
-	69, // 24: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
-	69, // 25: umbra.v1.JobRun.start:type_name -> google.protobuf.Timestamp
-	69, // 26: umbra.v1.JobRun.end:type_name -> google.protobuf.Timestamp
+	72, // 24: umbra.v1.Event.time:type_name -> google.protobuf.Timestamp
+	72, // 25: umbra.v1.JobRun.start:type_name -> google.protobuf.Timestamp
+	72, // 26: umbra.v1.JobRun.end:type_name -> google.protobuf.Timestamp
 	59, // 27: umbra.v1.Job.running:type_name -> umbra.v1.JobRun
 	59, // 28: umbra.v1.Job.last:type_name -> umbra.v1.JobRun
-	69, // 29: umbra.v1.Job.last_success:type_name -> google.protobuf.Timestamp
-	69, // 30: umbra.v1.Job.next:type_name -> google.protobuf.Timestamp
+	72, // 29: umbra.v1.Job.last_success:type_name -> google.protobuf.Timestamp
+	72, // 30: umbra.v1.Job.next:type_name -> google.protobuf.Timestamp
 	60, // 31: umbra.v1.ListJobsResponse.jobs:type_name -> umbra.v1.Job
 	59, // 32: umbra.v1.JobHistoryResponse.runs:type_name -> umbra.v1.JobRun
 	6,  // 33: umbra.v1.Umbra.ListVolumes:input_type -> umbra.v1.ListVolumesRequest
@@ -5019,45 +5173,49 @@ var file_umbra_proto_depIdxs = []int32{
 	64, // 65: umbra.v1.Umbra.RunJob:input_type -> umbra.v1.RunJobRequest
 	66, // 66: umbra.v1.Umbra.JobHistory:input_type -> umbra.v1.JobHistoryRequest
 	68, // 67: umbra.v1.Umbra.SetJobEnabled:input_type -> umbra.v1.SetJobEnabledRequest
-	2,  // 68: umbra.v1.Umbra.RestoreLive:input_type -> umbra.v1.RestoreLiveRequest
-	7,  // 69: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
-	9,  // 70: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
-	11, // 71: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
-	13, // 72: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
-	15, // 73: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
-	17, // 74: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
-	19, // 75: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
-	58, // 76: umbra.v1.Umbra.DeleteStorage:output_type -> umbra.v1.DeleteStorageResponse
-	23, // 77: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
-	26, // 78: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
-	31, // 79: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
-	29, // 80: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
-	33, // 81: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
-	35, // 82: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
-	37, // 83: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
-	38, // 84: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
-	44, // 85: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	41, // 86: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
-	44, // 87: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	44, // 88: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	44, // 89: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	44, // 90: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	44, // 91: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
-	46, // 92: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
-	47, // 93: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
-	49, // 94: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
-	47, // 95: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
-	52, // 96: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
-	54, // 97: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
-	56, // 98: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
-	62, // 99: umbra.v1.Umbra.ListJobs:output_type -> umbra.v1.ListJobsResponse
-	60, // 100: umbra.v1.Umbra.GetJob:output_type -> umbra.v1.Job
-	65, // 101: umbra.v1.Umbra.RunJob:output_type -> umbra.v1.RunJobResponse
-	67, // 102: umbra.v1.Umbra.JobHistory:output_type -> umbra.v1.JobHistoryResponse
-	60, // 103: umbra.v1.Umbra.SetJobEnabled:output_type -> umbra.v1.Job
-	3,  // 104: umbra.v1.Umbra.RestoreLive:output_type -> umbra.v1.RestoreLiveResponse
-	69, // [69:105] is the sub-list for method output_type
-	33, // [33:69] is the sub-list for method input_type
+	69, // 68: umbra.v1.Umbra.AddJob:input_type -> umbra.v1.AddJobRequest
+	70, // 69: umbra.v1.Umbra.RemoveJob:input_type -> umbra.v1.RemoveJobRequest
+	2,  // 70: umbra.v1.Umbra.RestoreLive:input_type -> umbra.v1.RestoreLiveRequest
+	7,  // 71: umbra.v1.Umbra.ListVolumes:output_type -> umbra.v1.ListVolumesResponse
+	9,  // 72: umbra.v1.Umbra.ListSnapshots:output_type -> umbra.v1.ListSnapshotsResponse
+	11, // 73: umbra.v1.Umbra.CreateSnapshotSet:output_type -> umbra.v1.CreateSnapshotSetResponse
+	13, // 74: umbra.v1.Umbra.DeleteSnapshots:output_type -> umbra.v1.DeleteSnapshotsResponse
+	15, // 75: umbra.v1.Umbra.RevertSnapshot:output_type -> umbra.v1.RevertSnapshotResponse
+	17, // 76: umbra.v1.Umbra.GetStorage:output_type -> umbra.v1.GetStorageResponse
+	19, // 77: umbra.v1.Umbra.SetStorage:output_type -> umbra.v1.SetStorageResponse
+	58, // 78: umbra.v1.Umbra.DeleteStorage:output_type -> umbra.v1.DeleteStorageResponse
+	23, // 79: umbra.v1.Umbra.ListWriters:output_type -> umbra.v1.ListWritersResponse
+	26, // 80: umbra.v1.Umbra.ListProviders:output_type -> umbra.v1.ListProvidersResponse
+	31, // 81: umbra.v1.Umbra.Backup:output_type -> umbra.v1.BackupResponse
+	29, // 82: umbra.v1.Umbra.BackupStream:output_type -> umbra.v1.BackupEvent
+	33, // 83: umbra.v1.Umbra.GetSupportedVersion:output_type -> umbra.v1.GetSupportedVersionResponse
+	35, // 84: umbra.v1.Umbra.SetContext:output_type -> umbra.v1.SetContextResponse
+	37, // 85: umbra.v1.Umbra.IsPathSupported:output_type -> umbra.v1.PathSupportResponse
+	38, // 86: umbra.v1.Umbra.IsPathShadowCopied:output_type -> umbra.v1.PathShadowCopiedResponse
+	44, // 87: umbra.v1.Umbra.StartShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	41, // 88: umbra.v1.Umbra.AddToShadowCopySet:output_type -> umbra.v1.AddToShadowCopySetResponse
+	44, // 89: umbra.v1.Umbra.PrepareShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 90: umbra.v1.Umbra.CommitShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 91: umbra.v1.Umbra.ExposeShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 92: umbra.v1.Umbra.RecoveryCompleteShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	44, // 93: umbra.v1.Umbra.AbortShadowCopySet:output_type -> umbra.v1.ShadowCopySet
+	46, // 94: umbra.v1.Umbra.ListShadowCopySets:output_type -> umbra.v1.ListShadowCopySetsResponse
+	47, // 95: umbra.v1.Umbra.GetShareMapping:output_type -> umbra.v1.ShareMapping
+	49, // 96: umbra.v1.Umbra.DeleteShareMapping:output_type -> umbra.v1.DeleteShareMappingResponse
+	47, // 97: umbra.v1.Umbra.ExposeSnapshot:output_type -> umbra.v1.ShareMapping
+	52, // 98: umbra.v1.Umbra.UnexposeSnapshot:output_type -> umbra.v1.UnexposeSnapshotResponse
+	54, // 99: umbra.v1.Umbra.ListShareMappings:output_type -> umbra.v1.ListShareMappingsResponse
+	56, // 100: umbra.v1.Umbra.Events:output_type -> umbra.v1.Event
+	62, // 101: umbra.v1.Umbra.ListJobs:output_type -> umbra.v1.ListJobsResponse
+	60, // 102: umbra.v1.Umbra.GetJob:output_type -> umbra.v1.Job
+	65, // 103: umbra.v1.Umbra.RunJob:output_type -> umbra.v1.RunJobResponse
+	67, // 104: umbra.v1.Umbra.JobHistory:output_type -> umbra.v1.JobHistoryResponse
+	60, // 105: umbra.v1.Umbra.SetJobEnabled:output_type -> umbra.v1.Job
+	60, // 106: umbra.v1.Umbra.AddJob:output_type -> umbra.v1.Job
+	71, // 107: umbra.v1.Umbra.RemoveJob:output_type -> umbra.v1.RemoveJobResponse
+	3,  // 108: umbra.v1.Umbra.RestoreLive:output_type -> umbra.v1.RestoreLiveResponse
+	71, // [71:109] is the sub-list for method output_type
+	33, // [33:71] is the sub-list for method input_type
 	33, // [33:33] is the sub-list for extension type_name
 	33, // [33:33] is the sub-list for extension extendee
 	0,  // [0:33] is the sub-list for field type_name
@@ -5078,7 +5236,7 @@ func file_umbra_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_umbra_proto_rawDesc), len(file_umbra_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   69,
+			NumMessages:   72,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

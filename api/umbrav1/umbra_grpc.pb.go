@@ -58,6 +58,8 @@ const (
 	Umbra_RunJob_FullMethodName                        = "/umbra.v1.Umbra/RunJob"
 	Umbra_JobHistory_FullMethodName                    = "/umbra.v1.Umbra/JobHistory"
 	Umbra_SetJobEnabled_FullMethodName                 = "/umbra.v1.Umbra/SetJobEnabled"
+	Umbra_AddJob_FullMethodName                        = "/umbra.v1.Umbra/AddJob"
+	Umbra_RemoveJob_FullMethodName                     = "/umbra.v1.Umbra/RemoveJob"
 	Umbra_RestoreLive_FullMethodName                   = "/umbra.v1.Umbra/RestoreLive"
 )
 
@@ -127,11 +129,16 @@ type UmbraClient interface {
 	// GetJob tell each job's state, last runs and next run; JobHistory
 	// its recorded runs; RunJob starts a run now (not waiting for it);
 	// SetJobEnabled enables or disables a job (kept over restarts).
+	// AddJob defines a job through the API (kept in the catalog, over
+	// restarts) and RemoveJob removes one; a job of the config file is
+	// changed there, not here.
 	ListJobs(ctx context.Context, in *ListJobsRequest, opts ...grpc.CallOption) (*ListJobsResponse, error)
 	GetJob(ctx context.Context, in *GetJobRequest, opts ...grpc.CallOption) (*Job, error)
 	RunJob(ctx context.Context, in *RunJobRequest, opts ...grpc.CallOption) (*RunJobResponse, error)
 	JobHistory(ctx context.Context, in *JobHistoryRequest, opts ...grpc.CallOption) (*JobHistoryResponse, error)
 	SetJobEnabled(ctx context.Context, in *SetJobEnabledRequest, opts ...grpc.CallOption) (*Job, error)
+	AddJob(ctx context.Context, in *AddJobRequest, opts ...grpc.CallOption) (*Job, error)
+	RemoveJob(ctx context.Context, in *RemoveJobRequest, opts ...grpc.CallOption) (*RemoveJobResponse, error)
 	// RestoreLive makes a restore target a volume of the service at once
 	// (umbra restore --live): reads of chunks not restored yet fetch them
 	// from the repository, writes are the target's own, and the rest is
@@ -516,6 +523,26 @@ func (c *umbraClient) SetJobEnabled(ctx context.Context, in *SetJobEnabledReques
 	return out, nil
 }
 
+func (c *umbraClient) AddJob(ctx context.Context, in *AddJobRequest, opts ...grpc.CallOption) (*Job, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Job)
+	err := c.cc.Invoke(ctx, Umbra_AddJob_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *umbraClient) RemoveJob(ctx context.Context, in *RemoveJobRequest, opts ...grpc.CallOption) (*RemoveJobResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveJobResponse)
+	err := c.cc.Invoke(ctx, Umbra_RemoveJob_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *umbraClient) RestoreLive(ctx context.Context, in *RestoreLiveRequest, opts ...grpc.CallOption) (*RestoreLiveResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RestoreLiveResponse)
@@ -592,11 +619,16 @@ type UmbraServer interface {
 	// GetJob tell each job's state, last runs and next run; JobHistory
 	// its recorded runs; RunJob starts a run now (not waiting for it);
 	// SetJobEnabled enables or disables a job (kept over restarts).
+	// AddJob defines a job through the API (kept in the catalog, over
+	// restarts) and RemoveJob removes one; a job of the config file is
+	// changed there, not here.
 	ListJobs(context.Context, *ListJobsRequest) (*ListJobsResponse, error)
 	GetJob(context.Context, *GetJobRequest) (*Job, error)
 	RunJob(context.Context, *RunJobRequest) (*RunJobResponse, error)
 	JobHistory(context.Context, *JobHistoryRequest) (*JobHistoryResponse, error)
 	SetJobEnabled(context.Context, *SetJobEnabledRequest) (*Job, error)
+	AddJob(context.Context, *AddJobRequest) (*Job, error)
+	RemoveJob(context.Context, *RemoveJobRequest) (*RemoveJobResponse, error)
 	// RestoreLive makes a restore target a volume of the service at once
 	// (umbra restore --live): reads of chunks not restored yet fetch them
 	// from the repository, writes are the target's own, and the rest is
@@ -717,6 +749,12 @@ func (UnimplementedUmbraServer) JobHistory(context.Context, *JobHistoryRequest) 
 }
 func (UnimplementedUmbraServer) SetJobEnabled(context.Context, *SetJobEnabledRequest) (*Job, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SetJobEnabled not implemented")
+}
+func (UnimplementedUmbraServer) AddJob(context.Context, *AddJobRequest) (*Job, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AddJob not implemented")
+}
+func (UnimplementedUmbraServer) RemoveJob(context.Context, *RemoveJobRequest) (*RemoveJobResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RemoveJob not implemented")
 }
 func (UnimplementedUmbraServer) RestoreLive(context.Context, *RestoreLiveRequest) (*RestoreLiveResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RestoreLive not implemented")
@@ -1358,6 +1396,42 @@ func _Umbra_SetJobEnabled_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Umbra_AddJob_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddJobRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).AddJob(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_AddJob_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).AddJob(ctx, req.(*AddJobRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Umbra_RemoveJob_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveJobRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UmbraServer).RemoveJob(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Umbra_RemoveJob_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UmbraServer).RemoveJob(ctx, req.(*RemoveJobRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Umbra_RestoreLive_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RestoreLiveRequest)
 	if err := dec(in); err != nil {
@@ -1514,6 +1588,14 @@ var Umbra_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetJobEnabled",
 			Handler:    _Umbra_SetJobEnabled_Handler,
+		},
+		{
+			MethodName: "AddJob",
+			Handler:    _Umbra_AddJob_Handler,
+		},
+		{
+			MethodName: "RemoveJob",
+			Handler:    _Umbra_RemoveJob_Handler,
 		},
 		{
 			MethodName: "RestoreLive",

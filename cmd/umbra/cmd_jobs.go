@@ -19,10 +19,10 @@ func init() { verbs = append(verbs, newJobsCmd) }
 func newJobsCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "jobs",
-		Short: "Scheduled jobs: snapshot timelines, backups, verifies ([[job]] tables of the service's config)",
+		Short: "Scheduled jobs: snapshot timelines, backups, verifies ([[job]] tables of the service's config, or umbra jobs add)",
 	}
 	cmd.AddCommand(newJobsListCmd(), newJobsShowCmd(), newJobsRunCmd(), newJobsHistoryCmd(),
-		newJobsEnableCmd("enable", true), newJobsEnableCmd("disable", false))
+		newJobsEnableCmd("enable", true), newJobsEnableCmd("disable", false), newJobsAddCmd(), newJobsRemoveCmd())
 	return cmd
 }
 
@@ -56,7 +56,7 @@ func newJobsListCmd() *cobra.Command {
 					return printJSON(os.Stdout, resp)
 				}
 				w := table()
-				fmt.Fprintln(w, "JOB\tKIND\tSCHEDULE\tSTATE\tLAST RUN\tLAST SUCCESS\tNEXT RUN")
+				fmt.Fprintln(w, "JOB\tKIND\tSCHEDULE\tSTATE\tLAST RUN\tLAST SUCCESS\tNEXT RUN\tDEFINED IN")
 				for _, j := range resp.Jobs {
 					state := "enabled"
 					switch {
@@ -65,7 +65,7 @@ func newJobsListCmd() *cobra.Command {
 					case !j.Enabled:
 						state = "disabled"
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", j.Name, j.Kind, j.Schedule, state, runSummary(j.Last), when(j.LastSuccess), when(j.Next))
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", j.Name, j.Kind, j.Schedule, state, runSummary(j.Last), when(j.LastSuccess), when(j.Next), j.Source)
 				}
 				return w.Flush()
 			})
@@ -91,6 +91,7 @@ func newJobsShowCmd() *cobra.Command {
 				fmt.Fprintf(w, "job\t%s (%s)\n", j.Name, j.Kind)
 				fmt.Fprintf(w, "schedule\t%s\n", j.Schedule)
 				fmt.Fprintf(w, "enabled\t%v\n", j.Enabled)
+				fmt.Fprintf(w, "defined in\t%s\n", j.Source)
 				if j.Running != nil {
 					fmt.Fprintf(w, "running\trun %d since %s (%s)\n", j.Running.Seq, when(j.Running.Start), j.Running.Trigger)
 				}
@@ -268,5 +269,57 @@ func exactArgs(n int, names string) cobra.PositionalArgs {
 			return usageError{fmt.Errorf("%s: want %s (%d argument(s)), got %d", cmd.CommandPath(), names, n, len(args))}
 		}
 		return nil
+	}
+}
+
+func newJobsAddCmd() *cobra.Command {
+	var from string
+	cmd := &cobra.Command{
+		Use:   "add NAME --from-file JOB.toml",
+		Short: "Define a job through the API: one [[job]] table, kept over restarts and scheduled at once",
+		Args:  exactArgs(1, "NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if from == "" {
+				return usageError{errors.New("jobs add: give --from-file JOB.toml (one [[job]] table, as in the config file)")}
+			}
+			text, err := os.ReadFile(from)
+			if err != nil {
+				return usageError{fmt.Errorf("--from-file: %w", err)}
+			}
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				j, err := c.AddJob(ctx, &umbrav1.AddJobRequest{Name: args[0], Definition: string(text)})
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, j)
+				}
+				fmt.Printf("job %s added (%s, %s); next run %s\n", j.Name, j.Kind, j.Schedule, when(j.Next))
+				return nil
+			})
+		},
+	}
+	cmd.Flags().StringVar(&from, "from-file", "", "the job's definition: one [[job]] table in TOML")
+	return cmd
+}
+
+func newJobsRemoveCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "remove NAME",
+		Short: "Remove a job defined with umbra jobs add (its run history stays until it ages out)",
+		Args:  exactArgs(1, "NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
+				resp, err := c.RemoveJob(ctx, &umbrav1.RemoveJobRequest{Name: args[0]})
+				if err != nil {
+					return err
+				}
+				if gflags.json {
+					return printJSON(os.Stdout, resp)
+				}
+				fmt.Printf("job %s removed\n", args[0])
+				return nil
+			})
+		},
 	}
 }

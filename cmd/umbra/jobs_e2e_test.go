@@ -347,3 +347,50 @@ func TestJobsBadConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestJobsAddRemove defines a job through the CLI, sees it run, keeps
+// it over a restart and removes it; a config job's name is refused.
+func TestJobsAddRemove(t *testing.T) {
+	dir := t.TempDir()
+	cfg := writeConfig(t, dir, "[[job]]\nname = \"cfg\"\nkind = \"snapshot\"\nschedule = \"hourly\"\nvolumes = [\"a\"]\ndisabled = true\n[job.keep]\nhourly = 1\n")
+	def := filepath.Join(dir, "quick.toml")
+	os.WriteFile(def, []byte("[[job]]\nkind = \"snapshot\"\nschedule = \"*:*:0/2\"\nvolumes = [\"a\"]\n[job.keep]\nhourly = 2\nmin_age = \"0s\"\n"), 0o600)
+	s := startService(t, dir, []string{"a"}, "--config", cfg)
+	if out, code := s.umbra("jobs", "add", "cfg", "--from-file", def, "--json"); code != 1 || !strings.Contains(out, "defined in the config file: edit it there") || !strings.Contains(out, `"code":1`) {
+		t.Fatalf("add of a config job's name: exit %d\n%s", code, out)
+	}
+	s.ok("jobs", "add", "quick", "--from-file", def, "--json")
+	s.waitRuns("quick", "a successful run", func(r []jobRun) bool {
+		return count(r, func(r jobRun) bool { return r.Result == "success" }) > 0
+	})
+	sources := func() string {
+		var l struct {
+			Jobs []struct{ Name, Source string }
+		}
+		if err := json.Unmarshal([]byte(s.ok("jobs", "list", "--json")), &l); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, j := range l.Jobs {
+			out = append(out, j.Name+"="+j.Source)
+		}
+		return strings.Join(out, " ")
+	}
+	if got := sources(); got != "cfg=config quick=api" {
+		t.Fatalf("jobs: %s", got)
+	}
+	s.stop()
+	s.start()
+	if got := sources(); got != "cfg=config quick=api" {
+		t.Fatalf("jobs after a restart: %s", got)
+	}
+	s.ok("jobs", "disable", "quick")
+	s.waitRuns("quick", "the last run to end", func(r []jobRun) bool { return r[0].Result != "running" })
+	s.ok("jobs", "remove", "quick", "--json")
+	if got := sources(); got != "cfg=config" {
+		t.Fatalf("jobs after remove: %s", got)
+	}
+	if out, code := s.umbra("jobs", "remove", "cfg", "--json"); code != 1 || !strings.Contains(out, "edit it there") {
+		t.Fatalf("remove of a config job: exit %d\n%s", code, out)
+	}
+}
