@@ -90,11 +90,11 @@ type Notifier struct {
 	// sleep waits d or until ctx ends; tests make it return at once.
 	sleep func(ctx context.Context, d time.Duration) error
 
-	ctx    context.Context
-	cancel context.CancelFunc
+	ctx     context.Context
+	cancel  context.CancelFunc
 	wake    chan struct{} // a notification was queued
 	closing chan struct{} // closed by Close: return once the queue is empty
-	done   chan struct{} // closed when the delivery goroutine returns
+	done    chan struct{} // closed when the delivery goroutine returns
 
 	mu      sync.Mutex     // guards the fields below
 	queue   []Notification // oldest first, at most cfg.Queue

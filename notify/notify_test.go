@@ -161,7 +161,7 @@ func TestExecHook(t *testing.T) {
 	n := New(Config{Exec: []string{script}, Webhook: r.URL}, nil)
 	defer n.Close(context.Background())
 	n.Send(Notification{Event: "job_missed", Job: "verify-weekly", Result: "missed", Bytes: 42})
-	r.next(t) // the webhook goes first, then the hook
+	r.next(t)                     // the webhook goes first, then the hook
 	n.Close(context.Background()) // waits for the hook
 	b, err := os.ReadFile(out)
 	if err != nil {

@@ -220,7 +220,7 @@ func webAddr(r *http.Request) string {
 
 // errCSRF is a change whose form or request does not carry the
 // session's token: made by another site, or a page from an old session.
-var errCSRF = errors.New("This change was refused: the form did not carry this session's security token (it came from another site, or from a page older than your login). Reload the page and try again.")
+var errCSRF = errors.New("This change was refused: the form did not carry your login's security token (it came from another site, or from a page older than your login). Reload the page and try again.")
 
 // checkCSRF refuses a change without the session's token, in the form
 // field csrf or the X-CSRF-Token header, and one another site sent.
