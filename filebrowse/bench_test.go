@@ -38,7 +38,7 @@ func BenchmarkList100k(b *testing.B) {
 			f.Close()
 		}
 	}, "-N", "120000")
-	repo, id := backupFile(b, dir, img)
+	repo, id := testutil.BackupFile(b, dir, img, "vol")
 	br, err := filebrowse.New(filebrowse.Options{Dir: dir})
 	if err != nil {
 		b.Fatal(err)

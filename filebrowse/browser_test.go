@@ -107,36 +107,6 @@ func fillTree(t testing.TB, root string, many int) tree {
 	return tr
 }
 
-// fileSource backs up a file.
-type fileSource struct {
-	*os.File
-	size int64
-}
-
-func (f fileSource) Size() int64 { return f.size }
-
-// backupFile backs up img into a new repository under dir.
-func backupFile(t testing.TB, dir, img string) (string, string) {
-	t.Helper()
-	repo := filepath.Join(dir, "repo")
-	r, err := backup.Init(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	f, err := os.Open(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	st, _ := f.Stat()
-	x, _, err := r.Backup(context.Background(), fileSource{f, st.Size()}, backup.Options{Volume: "vol"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return repo, x.ID
-}
-
 func opener(repo string) filebrowse.RepoOpener {
 	return func(ctx context.Context) (*backup.Repo, func(), error) {
 		r, err := backup.Open(repo)
@@ -225,7 +195,7 @@ func TestBrowse(t *testing.T) {
 			}
 			var tr tree
 			img := makeFS(t, fstype, dir, size, func(root string) { tr = fillTree(t, root, 250) })
-			repo, id := backupFile(t, dir, img)
+			repo, id := testutil.BackupFile(t, dir, img, "vol")
 
 			b, err := filebrowse.New(filebrowse.Options{Dir: dir})
 			if err != nil {
@@ -603,7 +573,7 @@ func TestBrowserBounds(t *testing.T) {
 	need(t, "mkfs.ext4")
 	dir := t.TempDir()
 	img := makeFS(t, "ext4", dir, 32<<20, func(root string) { fillTree(t, root, 3) })
-	repo, id := backupFile(t, dir, img)
+	repo, id := testutil.BackupFile(t, dir, img, "vol")
 	b, err := filebrowse.New(filebrowse.Options{Dir: dir, MaxMounts: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -667,7 +637,7 @@ func TestBrowserIdle(t *testing.T) {
 	need(t, "mkfs.ext4")
 	dir := t.TempDir()
 	img := makeFS(t, "ext4", dir, 32<<20, func(root string) { fillTree(t, root, 3) })
-	repo, id := backupFile(t, dir, img)
+	repo, id := testutil.BackupFile(t, dir, img, "vol")
 	b, err := filebrowse.New(filebrowse.Options{Dir: dir, Idle: time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -724,7 +694,7 @@ func TestBrowserStale(t *testing.T) {
 	need(t, "mkfs.ext4", "fusermount3")
 	dir := t.TempDir()
 	img := makeFS(t, "ext4", dir, 32<<20, func(root string) { fillTree(t, root, 3) })
-	repo, id := backupFile(t, dir, img)
+	repo, id := testutil.BackupFile(t, dir, img, "vol")
 	bdir := filepath.Join(dir, "browse")
 	child := exec.Command(os.Args[0], "-test.run", "^TestBrowserStale$")
 	child.Env = append(os.Environ(), "FILEBROWSE_CHILD_DIR="+bdir, "FILEBROWSE_CHILD_REPO="+repo, "FILEBROWSE_CHILD_IMAGE="+id)

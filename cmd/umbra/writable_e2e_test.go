@@ -22,37 +22,6 @@ import (
 	"umbra/internal/testutil"
 )
 
-// fileSrc is a file to back up.
-type fileSrc struct {
-	*os.File
-	size int64
-}
-
-func (f fileSrc) Size() int64 { return f.size }
-
-// backupImageFile backs up file into a new unencrypted repository under
-// dir and returns the repository and the image id.
-func backupImageFile(t *testing.T, dir, file string) (string, string) {
-	t.Helper()
-	repo := filepath.Join(dir, "repo")
-	r, err := backup.Init(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	f, err := os.Open(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	st, _ := f.Stat()
-	x, _, err := r.Backup(context.Background(), fileSrc{f, st.Size()}, backup.Options{Volume: "disk"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return repo, x.ID
-}
-
 // imageSum is the SHA-256 of image id as the repository holds it.
 func imageSum(t *testing.T, repo, id string) [32]byte {
 	t.Helper()
@@ -123,7 +92,7 @@ func TestMountWritable(t *testing.T) {
 	data := bytes.Repeat([]byte("umbra writable mount "), 1<<20/21+1)[:1<<20]
 	os.WriteFile(disk, data, 0o600)
 	os.Truncate(disk, 8<<20) // and a hole
-	repo, id := backupImageFile(t, dir, disk)
+	repo, id := testutil.BackupFile(t, dir, disk, "disk")
 	before := imageSum(t, repo, id)
 	overlays := filepath.Join(dir, "overlays")
 	sock := filepath.Join(dir, "nbd.sock")
@@ -356,7 +325,7 @@ echo "`+marker+`: $(/bin/busybox uname -r), root $(/bin/busybox awk '$2 == "/" {
 `), 0o755)
 	disk := filepath.Join(dir, "disk.img")
 	testutil.Run(t, "mkfs.ext4", "-q", "-d", rootfs, disk, "32M")
-	repo, id := backupImageFile(t, dir, disk)
+	repo, id := testutil.BackupFile(t, dir, disk, "disk")
 	before := imageSum(t, repo, id)
 	initrd := initramfs(t, dir, moddir)
 
