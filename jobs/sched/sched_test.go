@@ -72,21 +72,26 @@ func (c *fakeClock) Advance(d time.Duration) {
 		}
 		c.wall = c.wall.Add(next - c.mono)
 		c.mono = next
-		var keep []waiter
-		for _, w := range c.waiters {
-			if w.at <= c.mono {
-				w.ch <- c.wall
-			} else {
-				keep = append(keep, w)
-			}
-		}
-		c.waiters = keep
+		c.fireLocked()
 		c.mu.Unlock()
 		synctest.Wait()
 		if next == end {
 			return
 		}
 	}
+}
+
+// fireLocked wakes the waiters whose time has come; c.mu is held.
+func (c *fakeClock) fireLocked() {
+	var keep []waiter
+	for _, w := range c.waiters {
+		if w.at <= c.mono {
+			w.ch <- c.wall
+		} else {
+			keep = append(keep, w)
+		}
+	}
+	c.waiters = keep
 }
 
 // AdvanceTo advances to the wall time t.
@@ -105,15 +110,7 @@ func (c *fakeClock) Stall(d time.Duration) {
 	c.mu.Lock()
 	c.wall = c.wall.Add(d)
 	c.mono += d
-	var keep []waiter
-	for _, w := range c.waiters {
-		if w.at <= c.mono {
-			w.ch <- c.wall
-		} else {
-			keep = append(keep, w)
-		}
-	}
-	c.waiters = keep
+	c.fireLocked()
 	c.mu.Unlock()
 	synctest.Wait()
 }
