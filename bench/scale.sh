@@ -6,8 +6,10 @@
 #     4 KiB chunks (every 8-byte word is its offset, as `nbdkit pattern`)
 #     followed by a hole 15 times as large; full backup, an incremental
 #     after 1 % of the data chunks were rewritten at scattered places
-#     (from a change bitmap, as the service's), restore, verify, delete
-#     of the full image (prune); peak RSS of each phase (VmHWM, reset
+#     (from a change bitmap, as the service's), restore (into a sink
+#     that checks every chunk against the pattern and stores nothing:
+#     16 Mi chunks would need 64 GiB of disk), verify, delete of the
+#     full image (prune), stats, repair --dry-run; peak RSS of each phase (VmHWM, reset
 #     before it), RSS once it ended and its memory was given back,
 #     metadata the incremental wrote (everything but packs).
 #   - restic: `restic backup` of the same data (`nbdkit pattern` served
@@ -39,15 +41,15 @@ command -v restic >/dev/null && command -v nbdfuse >/dev/null && command -v nbdk
 rss() { grep 'Maximum resident' "$1" | awk '{printf "%.0f", $NF/1024}'; } # MiB
 mib() { echo "scale=1; $1 / 1048576" | bc; }
 
-echo "| unique chunks | tool | backup peak RSS | RSS after | incremental peak RSS | incremental metadata (% of changed bytes) | restore peak RSS | verify peak RSS | prune peak RSS | repository | backup s | incremental s |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| unique chunks | tool | backup peak RSS | RSS after | incremental peak RSS | incremental metadata (% of changed bytes) | restore peak RSS | verify peak RSS | prune peak RSS | stats peak RSS | repair check peak RSS | repository | backup s | incremental s |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for m in $SIZES; do
 	n=$((m * 1048576))
 	out=$W/umbra-$m.txt
 	if [ "${UMBRA:-1}" = 1 ]; then
 		(cd "$W" && UMBRA_SCALE_CHUNKS=$n UMBRA_SCALE_DIR=$W ./backup.test -test.run XXX -test.bench BenchmarkScale -test.benchtime 1x >"$out" 2>&1) || { cat "$out" >&2; exit 1; }
 		v() { awk -v k="$1" '$3 == k {print $4}' "$out"; }
-		echo "| $m M | umbra | $(v backup-peak-rss) MiB | $(v backup-after-rss) MiB | $(v incremental-peak-rss) MiB | $(v incremental-metadata) MiB ($(v incremental-metadata-pct) %) of $(v incremental-changed) MiB | $(v restore-peak-rss) MiB | $(v verify-peak-rss) MiB | $(v prune-peak-rss) MiB | $(v repo-size) MiB | $(v backup-s) | $(v incremental-s) |"
+		echo "| $m M | umbra | $(v backup-peak-rss) MiB | $(v backup-after-rss) MiB | $(v incremental-peak-rss) MiB | $(v incremental-metadata) MiB ($(v incremental-metadata-pct) %) of $(v incremental-changed) MiB | $(v restore-peak-rss) MiB | $(v verify-peak-rss) MiB | $(v prune-peak-rss) MiB | $(v stats-peak-rss) MiB | $(v repair-check-peak-rss) MiB | $(v repo-size) MiB | $(v backup-s) | $(v incremental-s) |"
 	fi
 	[ "$have_restic" = 1 ] && [ "${RESTIC:-1}" = 1 ] || continue
 	FUSE=$W/fuse
@@ -67,6 +69,6 @@ for m in $SIZES; do
 	/usr/bin/time -v restic forget -q -r "$R" --prune "$snap" 2>"$W/rp.txt" >/dev/null
 	unmount "$FUSE"
 	wait
-	echo "| $m M | restic 0.14 | $(rss "$W/rb.txt") MiB | (exits) | (reads everything) | — | $(rss "$W/rr.txt") MiB | $(rss "$W/rc.txt") MiB | $(rss "$W/rp.txt") MiB | $(mib "$size") MiB | $(echo "$t1 - $t0" | bc) | — |"
+	echo "| $m M | restic 0.14 | $(rss "$W/rb.txt") MiB | (exits) | (reads everything) | — | $(rss "$W/rr.txt") MiB | $(rss "$W/rc.txt") MiB | $(rss "$W/rp.txt") MiB | — | — | $(mib "$size") MiB | $(echo "$t1 - $t0" | bc) | — |"
 	rm -rf "$R"
 done
