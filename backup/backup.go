@@ -31,7 +31,7 @@ type Options struct {
 	Snapshot string
 	// Parent is the volume's previous image; with Changed (the chunks that
 	// may differ since Parent's snapshot) only those are read.
-	Parent  *Index
+	Parent  *Image
 	Changed *provider.Bitmap
 	// Allocated, when set, returns the parts of [off, off+n) that may hold
 	// data; the rest reads as zeros and is neither read nor stored (the
@@ -94,7 +94,7 @@ var groupRaw = 4 << 20
 // Backup reads src in ascending order and writes an image. The image is
 // listed only after its packs, index and chunk list are durable. It
 // holds a shared lock on the repository while it runs.
-func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, Stats, error) {
+func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Image, Stats, error) {
 	var st Stats
 	unlock, err := r.Lock(ctx, "backup "+opts.Volume, false)
 	if err != nil {
@@ -104,7 +104,7 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Index, St
 	start := time.Now()
 	cs := int64(r.cfg.ChunkSize)
 	size := src.Size()
-	x := &Index{Volume: opts.Volume, Snapshot: opts.Snapshot, Size: size, ChunkSize: int(cs), Created: time.Now().UTC()}
+	x := &Image{Volume: opts.Volume, Snapshot: opts.Snapshot, Size: size, ChunkSize: int(cs), Created: time.Now().UTC()}
 	x.ID = imageID(opts.Volume, x.Created)
 	incr := opts.Parent != nil && opts.Changed != nil && opts.Parent.Size == size && opts.Parent.ChunkSize == int(cs)
 	if incr {
@@ -266,7 +266,7 @@ type segRef struct{ base, patch Hash }
 
 // readBatches plans and reads the volume batch by batch, two batches
 // ahead at most, in ascending order.
-func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Options, incr bool) <-chan batch {
+func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Options, incr bool) <-chan batch {
 	cs := int64(r.cfg.ChunkSize)
 	n := x.NumChunks()
 	perBatch := max(batchBytes/cs, 1)
@@ -334,7 +334,7 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Index, opts Optio
 // backup names that segment without reading it or the volume there, so
 // that an incremental's work on lists follows the segments its changes
 // fall in, not the size of the volume.
-func unchangedSegment(x *Index, opts Options, incr bool, first, perBatch int64) (segRef, int64, bool) {
+func unchangedSegment(x *Image, opts Options, incr bool, first, perBatch int64) (segRef, int64, bool) {
 	p := opts.Parent
 	sc := x.SegmentChunks
 	if !incr || !p.Shared || p.SegmentChunks != sc || sc%perBatch != 0 || first%sc != 0 {
@@ -360,7 +360,7 @@ func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
 
 // planBatch decides, for chunks [first,last), which are reused from the
 // parent, which are holes, and which must be read.
-func (r *Repo) planBatch(ctx context.Context, x *Index, opts Options, parent *listCursor, alloc *allocCache, first, last int64, w []chunkWork, st *Stats) error {
+func (r *Repo) planBatch(ctx context.Context, x *Image, opts Options, parent *listCursor, alloc *allocCache, first, last int64, w []chunkWork, st *Stats) error {
 	cs := int64(r.cfg.ChunkSize)
 	for i := range w {
 		w[i] = chunkWork{kind: kindRead}

@@ -78,7 +78,7 @@ func roundTripChain(t *testing.T, seg int64, password string) {
 	}
 	var imgs []img
 	var prevSnap string
-	var parent *backup.Index
+	var parent *backup.Image
 	for k := 0; k < 6; k++ {
 		snapID := "b" + string(rune('0'+k))
 		if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: snapID}); err != nil {
@@ -166,23 +166,23 @@ func TestRepoErrors(t *testing.T) {
 	}
 }
 
-func FuzzDecodeIndex(f *testing.F) {
-	x := &backup.Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3 * 4096, ChunkSize: 4096, Chunks: make([]backup.Hash, 3)}
+func FuzzDecodeChunkList(f *testing.F) {
+	x := &backup.Image{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3 * 4096, ChunkSize: 4096, Chunks: make([]backup.Hash, 3)}
 	x.Chunks[1][0] = 7
-	f.Add(x.Encode())
-	seg := &backup.Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 9 * 4096, ChunkSize: 4096, First: 4, Chunks: make([]backup.Hash, 3)}
+	f.Add(x.EncodeChunkList())
+	seg := &backup.Image{ID: "v-1", Volume: "v", Snapshot: "s", Size: 9 * 4096, ChunkSize: 4096, First: 4, Chunks: make([]backup.Hash, 3)}
 	seg.Chunks[0][0] = 7
-	f.Add(seg.Encode())
+	f.Add(seg.EncodeChunkList())
 	f.Add([]byte("UMBRAIDX"))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		x, err := backup.DecodeIndex(b)
+		x, err := backup.DecodeChunkList(b)
 		if err != nil {
 			if !errors.Is(err, backup.ErrCorrupt) {
 				t.Fatalf("error %v does not wrap ErrCorrupt", err)
 			}
 			return
 		}
-		if !bytes.Equal(x.Encode(), b) {
+		if !bytes.Equal(x.EncodeChunkList(), b) {
 			t.Fatal("index does not round-trip")
 		}
 	})

@@ -204,7 +204,7 @@ func cpuSeconds() (user, sys float64) {
 
 // benchBackup backs up UMBRA_BENCH_IMAGE into a new repository (set) in
 // a directory on tmpfs, all removed when the benchmark ends.
-func benchBackup(b *testing.B, set backup.Settings) (*backup.Repo, *backup.Index, string) {
+func benchBackup(b *testing.B, set backup.Settings) (*backup.Repo, *backup.Image, string) {
 	f, err := os.Open(benchImage(b))
 	if err != nil {
 		b.Fatal(err)

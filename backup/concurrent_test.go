@@ -71,7 +71,7 @@ func concurrentBackups(t *testing.T, open func() (*backup.Repo, error)) {
 			}
 			defer repo.Close()
 			r := rand.New(rand.NewPCG(uint64(i), 7))
-			var parent *backup.Index
+			var parent *backup.Image
 			src := c.src
 			for n := range 5 {
 				opts := backup.Options{Volume: c.volume}

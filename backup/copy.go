@@ -225,9 +225,9 @@ func Copy(ctx context.Context, src, dst *Repo, opts CopyOptions) (CopyStats, err
 
 // chooseImages returns the images opts names, oldest first. Image IDs
 // that are not there are an error before anything is copied.
-func (r *Repo) chooseImages(ctx context.Context, opts CopyOptions) ([]*Index, error) {
+func (r *Repo) chooseImages(ctx context.Context, opts CopyOptions) ([]*Image, error) {
 	if len(opts.Images) > 0 {
-		var out []*Index
+		var out []*Image
 		var bad []error
 		seen := map[string]bool{}
 		for _, id := range opts.Images {
@@ -245,7 +245,7 @@ func (r *Repo) chooseImages(ctx context.Context, opts CopyOptions) ([]*Index, er
 		if len(bad) > 0 {
 			return nil, fmt.Errorf("copy: nothing copied: %w (list the source's images with `umbra images list --repo %s`)", errors.Join(bad...), r.Location())
 		}
-		slices.SortStableFunc(out, func(a, b *Index) int { return a.Created.Compare(b.Created) })
+		slices.SortStableFunc(out, func(a, b *Image) int { return a.Created.Compare(b.Created) })
 		return out, nil
 	}
 	list, errs := r.images(ctx)
@@ -255,7 +255,7 @@ func (r *Repo) chooseImages(ctx context.Context, opts CopyOptions) ([]*Index, er
 	if opts.All {
 		return list, nil
 	}
-	var out []*Index
+	var out []*Image
 	for _, x := range list {
 		if slices.Contains(opts.Volumes, x.Volume) {
 			out = append(out, x)
@@ -273,7 +273,7 @@ func (r *Repo) chooseImages(ctx context.Context, opts CopyOptions) ([]*Index, er
 // the hash of its content): x's own when its list is cut as dst cuts
 // one and has no patches, else made from its hashes; dst's images whose
 // lists have patches (incrementals backed up there) are not compared.
-func sameContent(ctx context.Context, src *Repo, x *Index, dst *Repo, have []*Index) (*Index, error) {
+func sameContent(ctx context.Context, src *Repo, x *Image, dst *Repo, have []*Image) (*Image, error) {
 	var names []Hash
 	for _, y := range have {
 		if y.Size != x.Size || y.ChunkSize != x.ChunkSize || !y.Shared || y.Patches != nil || y.SegmentChunks != segmentChunks {
@@ -295,7 +295,7 @@ func sameContent(ctx context.Context, src *Repo, x *Index, dst *Repo, have []*In
 // segmentNames names the segments of x's chunk list as dst's list
 // writer would (the repositories name chunks the same way), reading x's
 // list only when its segments are not already those.
-func segmentNames(ctx context.Context, src *Repo, x *Index, dst *Repo) ([]Hash, error) {
+func segmentNames(ctx context.Context, src *Repo, x *Image, dst *Repo) ([]Hash, error) {
 	if x.Shared && x.Patches == nil && x.SegmentChunks == segmentChunks && src.segmentVersion() == dst.segmentVersion() {
 		return x.Segments, nil
 	}
@@ -304,8 +304,8 @@ func segmentNames(ctx context.Context, src *Repo, x *Index, dst *Repo) ([]Hash, 
 	buf := make([]Hash, 0, min(segmentChunks, x.NumChunks()))
 	var first int64
 	cut := func() {
-		seg := &Index{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: buf, First: first, format: dst.segmentVersion()}
-		names = append(names, sum(seg.Encode()))
+		seg := &Image{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: buf, First: first, format: dst.segmentVersion()}
+		names = append(names, sum(seg.EncodeChunkList()))
 		first += int64(len(buf))
 		buf = buf[:0]
 	}
@@ -339,14 +339,14 @@ type copyBatch struct {
 
 // copyImage copies image x's chunks that dst lacks and then its chunk
 // list and record, and returns the record written.
-func copyImage(ctx context.Context, src, dst *Repo, x *Index, same bool, progress func(string, int64, int64), st *CopyStats, ci *CopiedImage) (*Index, error) {
+func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progress func(string, int64, int64), st *CopyStats, ci *CopiedImage) (*Image, error) {
 	fail := func(err error) error {
 		if errors.Is(err, ErrCorrupt) || errors.Is(err, ErrMissingChunk) {
 			return fmt.Errorf("image %s: %w; the source is damaged: run `umbra verify --repo %s` (nothing of this image was listed in the target)", x.ID, err, src.Location())
 		}
 		return fmt.Errorf("image %s: %w", x.ID, err)
 	}
-	y := &Index{ID: x.ID, Volume: x.Volume, Snapshot: x.Snapshot, Parent: x.Parent, Size: x.Size, ChunkSize: x.ChunkSize, Created: x.Created, Stats: x.Stats}
+	y := &Image{ID: x.ID, Volume: x.Volume, Snapshot: x.Snapshot, Parent: x.Parent, Size: x.Size, ChunkSize: x.ChunkSize, Created: x.Created, Stats: x.Stats}
 	cs := int64(x.ChunkSize)
 	lw := dst.newListWriter(y)
 	up := dst.newUploader(ctx)
@@ -566,7 +566,7 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Index, same bool, progres
 // checkArrived reads image y's chunk list back from dst: it must be
 // the one written (digest: BLAKE3 of its hashes in order) with nonZero
 // non-zero chunks, each of which dst's index names.
-func checkArrived(ctx context.Context, dst *Repo, y *Index, digest []byte, nonZero int64) error {
+func checkArrived(ctx context.Context, dst *Repo, y *Image, digest []byte, nonZero int64) error {
 	d := blake3.New()
 	var n, listed int64
 	err := dst.eachSegment(ctx, y, func(first int64, hs []Hash) error {

@@ -184,7 +184,7 @@ func DowngradeToV2(r *Repo, id string) error {
 	for k := range segs {
 		r.be.Delete(ctx, segmentName(x.ID, k))
 	}
-	list := r.seal.seal(nil, x.Encode())
+	list := r.seal.seal(nil, x.EncodeChunkList())
 	x.ListHash = blake3.Sum256(list)
 	if err := r.be.Put(ctx, listName(x.ID), list); err != nil {
 		return err

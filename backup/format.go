@@ -423,9 +423,10 @@ func readChunkIndex(r io.Reader, hashBytes int, pack func(PackID, int), entry fu
 	return entries, nil
 }
 
-// Index is one image: every chunk of the volume at the snapshot. Images
-// lists them without Chunks; Image loads the chunk list.
-type Index struct {
+// Image is one backup image: its record (images/ID) and, once loaded, its
+// chunk list. Images lists records without Chunks; Repo.Image loads the
+// whole chunk list.
+type Image struct {
 	ID        string    `json:"id"`
 	Volume    string    `json:"volume"`
 	Snapshot  string    `json:"snapshot"` // the snapshot it was read from
@@ -450,7 +451,7 @@ type Index struct {
 	// (patch.go), whose base is the segment Segments names.
 	Patches []Hash `json:"patches,omitempty"`
 	// Chunks holds chunk hashes in memory: the whole list (format 2, or
-	// Image), or one segment starting at chunk First (DecodeIndex of a
+	// Image), or one segment starting at chunk First (DecodeChunkList of a
 	// segment).
 	Chunks []Hash `json:"-"`
 	First  int64  `json:"-"`
@@ -462,18 +463,18 @@ type Index struct {
 const maxSegmentChunks = 1 << 20
 
 // NumChunks is the number of chunks of the volume.
-func (x *Index) NumChunks() int64 {
+func (x *Image) NumChunks() int64 {
 	cs := int64(x.ChunkSize)
 	return (x.Size + cs - 1) / cs
 }
 
-// Encode serializes the chunk list (docs/formats.md): the whole list
+// EncodeChunkList serializes the chunk list (docs/formats.md): the whole list
 // (version 2) when First is 0 and Chunks covers the volume, else a
 // segment (version 3) of the chunks from First on. The hashes are stored
 // as runs: a count of zero (all-zero) chunks, then a count of hashes and
 // the hashes, so holes cost nothing and the list needs no compression
 // (hashes do not compress).
-func (x *Index) Encode() []byte {
+func (x *Image) EncodeChunkList() []byte {
 	version := x.format
 	if version == 0 {
 		version = 3
@@ -484,7 +485,7 @@ func (x *Index) Encode() []byte {
 	return x.encode(version)
 }
 
-func (x *Index) encode(version uint16) []byte {
+func (x *Image) encode(version uint16) []byte {
 	b := make([]byte, 0, 72+len(x.ID)+len(x.Volume)+len(x.Snapshot)+len(x.Parent)+len(x.Chunks)*32+8)
 	b = append(b, indexMagic...)
 	b = binary.LittleEndian.AppendUint16(b, version)
@@ -530,9 +531,9 @@ func segmentHashBytes(version uint16) int {
 
 func validChunkSize(n int) bool { return n >= 4096 && n <= 4<<20 && n&(n-1) == 0 }
 
-// DecodeIndex parses a chunk list and checks it.
-func DecodeIndex(b []byte) (*Index, error) {
-	const what = "image index"
+// DecodeChunkList parses a chunk list and checks it.
+func DecodeChunkList(b []byte) (*Image, error) {
+	const what = "chunk list"
 	body, err := checkCRC(what, b)
 	if err != nil {
 		return nil, err
@@ -546,7 +547,7 @@ func DecodeIndex(b []byte) (*Index, error) {
 		return nil, corrupt(what, "unknown version")
 	}
 	width := uint64(segmentHashBytes(version))
-	x := &Index{ChunkSize: int(binary.LittleEndian.Uint32(p[2:])), Size: int64(binary.LittleEndian.Uint64(p[6:])),
+	x := &Image{ChunkSize: int(binary.LittleEndian.Uint32(p[2:])), Size: int64(binary.LittleEndian.Uint64(p[6:])),
 		Created: time.Unix(0, int64(binary.LittleEndian.Uint64(p[14:]))).UTC(), format: version}
 	if !validChunkSize(x.ChunkSize) {
 		return nil, corrupt(what, "bad chunk size")

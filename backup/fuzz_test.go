@@ -161,23 +161,23 @@ func TestWriteSeedCorpus(t *testing.T) {
 	ci = encodeChunkIndex([]packBlobs{{ID: PackID{9}, Blobs: sampleBlobs()}, {ID: PackID{7}, Blobs: sampleRuns()}}, 16)
 	write("FuzzDecodeChunkIndex", "valid-v2", fmt.Sprintf("[]byte(%q)\n", ci))
 	write("FuzzDecodeChunkIndex", "truncated-v2", fmt.Sprintf("[]byte(%q)\n", ci[:len(ci)-9]))
-	x := &Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3*4096 + 5, ChunkSize: 4096, Chunks: make([]Hash, 4)}
+	x := &Image{ID: "v-1", Volume: "v", Snapshot: "s", Size: 3*4096 + 5, ChunkSize: 4096, Chunks: make([]Hash, 4)}
 	x.Chunks[1][0] = 7
-	write("FuzzDecodeIndex", "valid-v2", fmt.Sprintf("[]byte(%q)\n", x.Encode()))
-	seg := &Index{ID: "v-1", Volume: "v", Snapshot: "s", Size: 9*4096 + 5, ChunkSize: 4096, First: 4, Chunks: make([]Hash, 3)}
+	write("FuzzDecodeChunkList", "valid-v2", fmt.Sprintf("[]byte(%q)\n", x.EncodeChunkList()))
+	seg := &Image{ID: "v-1", Volume: "v", Snapshot: "s", Size: 9*4096 + 5, ChunkSize: 4096, First: 4, Chunks: make([]Hash, 3)}
 	seg.Chunks[2][0] = 7
-	write("FuzzDecodeIndex", "valid-v3-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
+	write("FuzzDecodeChunkList", "valid-v3-segment", fmt.Sprintf("[]byte(%q)\n", seg.EncodeChunkList()))
 	seg.First, seg.format = 0, 3
-	write("FuzzDecodeIndex", "valid-v3-first-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
+	write("FuzzDecodeChunkList", "valid-v3-first-segment", fmt.Sprintf("[]byte(%q)\n", seg.EncodeChunkList()))
 	seg.First, seg.format = 4, 4
-	write("FuzzDecodeIndex", "valid-v4-segment", fmt.Sprintf("[]byte(%q)\n", seg.Encode()))
+	write("FuzzDecodeChunkList", "valid-v4-segment", fmt.Sprintf("[]byte(%q)\n", seg.EncodeChunkList()))
 }
 
 // FuzzImageRecord: whatever an image record's JSON says, checkRecord
 // either refuses it or leaves chunk and segment arithmetic that cannot
 // fault: every chunk falls in a listed segment.
 func FuzzImageRecord(f *testing.F) {
-	for _, x := range []Index{
+	for _, x := range []Image{
 		{ID: "v-1", Volume: "v", Size: 1 << 20, ChunkSize: 4096, Segments: []Hash{{1}}, SegmentChunks: 1 << 16},
 		{ID: "v-1", Size: 3 * 4096, ChunkSize: 4096, Segments: []Hash{{1}, {2}}, SegmentChunks: 2},
 		{ID: "v-1", Size: 0, ChunkSize: 4096, SegmentChunks: 1 << 16},
@@ -188,7 +188,7 @@ func FuzzImageRecord(f *testing.F) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		var x Index
+		var x Image
 		if json.Unmarshal(b, &x) != nil || x.checkRecord(4096) != "" {
 			return
 		}

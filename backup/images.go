@@ -16,7 +16,7 @@ import (
 
 // An image is its chunk list and images/ID, a small sealed JSON record
 // of the image that names the list's hashes. The list is cut into
-// segments of SegmentChunks chunks (Index.Encode, sealed), written while
+// segments of SegmentChunks chunks (Image.EncodeChunkList, sealed), written while
 // the backup runs, so neither a backup nor a restore holds more than a
 // segment of it. Format 5 names a segment by the repository's chunk
 // hash of its plain encoding, segments/HH/HASH, with nothing of the
@@ -48,7 +48,7 @@ func sharedSegmentName(h Hash) string { s := h.String(); return "segments/" + s[
 
 // writeImage makes the image's chunk list (written by a listWriter)
 // durable, then writes its record.
-func (r *Repo) writeImage(ctx context.Context, x *Index) error {
+func (r *Repo) writeImage(ctx context.Context, x *Image) error {
 	if err := r.be.Sync(ctx); err != nil {
 		return err
 	}
@@ -63,8 +63,8 @@ func (r *Repo) writeImage(ctx context.Context, x *Index) error {
 // backup hands it the chunks' hashes in order.
 type listWriter struct {
 	r      *Repo
-	x      *Index
-	parent *Index // when set, a changed segment may be stored as a patch of the parent's
+	x      *Image
+	parent *Image // when set, a changed segment may be stored as a patch of the parent's
 	pbuf   []Hash // the parent's hashes of the chunks in buf
 	sum    func([]byte) Hash
 	buf    []Hash
@@ -72,7 +72,7 @@ type listWriter struct {
 	bytes  int64 // stored
 }
 
-func (r *Repo) newListWriter(x *Index) *listWriter {
+func (r *Repo) newListWriter(x *Image) *listWriter {
 	x.SegmentChunks, x.Shared = segmentChunks, true
 	return &listWriter{r: r, x: x, sum: r.hasher(), buf: make([]Hash, 0, min(segmentChunks, x.NumChunks()))}
 }
@@ -111,8 +111,8 @@ func (w *listWriter) flush(ctx context.Context) error {
 	}
 	// Nothing of the image in the segment, so that another image with the
 	// same chunks there has the same segment.
-	seg := &Index{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: w.r.segmentVersion()}
-	plain := seg.Encode()
+	seg := &Image{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: w.r.segmentVersion()}
+	plain := seg.EncodeChunkList()
 	h := w.sum(plain)
 	name := sharedSegmentName(h)
 	// One stored already (by an earlier image, or a backup that died
@@ -245,7 +245,7 @@ func (w *listWriter) finish(ctx context.Context) error {
 }
 
 // numSegments is how many segments x's chunk list has (1 for format 2).
-func (x *Index) numSegments() int {
+func (x *Image) numSegments() int {
 	if x.Segments == nil {
 		return 1
 	}
@@ -253,7 +253,7 @@ func (x *Index) numSegments() int {
 }
 
 // segmentOf is the segment holding chunk i.
-func (x *Index) segmentOf(i int64) int {
+func (x *Image) segmentOf(i int64) int {
 	if x.Segments == nil {
 		return 0
 	}
@@ -263,7 +263,7 @@ func (x *Index) segmentOf(i int64) int {
 // segment returns segment k of x's chunk list: its first chunk and the
 // hashes, read and checked against the record (or sliced from Chunks
 // when the whole list is in memory), with its patch applied.
-func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, error) {
+func (r *Repo) segment(ctx context.Context, x *Image, k int) (int64, []Hash, error) {
 	first, hs, err := r.baseSegment(ctx, x, k)
 	if err != nil || x.Chunks != nil {
 		return first, hs, err
@@ -282,7 +282,7 @@ func (r *Repo) segment(ctx context.Context, x *Index, k int) (int64, []Hash, err
 
 // baseSegment is segment k of x's chunk list as stored, without its
 // patch: a slice of its own (segment patches it in place).
-func (r *Repo) baseSegment(ctx context.Context, x *Index, k int) (int64, []Hash, error) {
+func (r *Repo) baseSegment(ctx context.Context, x *Image, k int) (int64, []Hash, error) {
 	if x.Segments == nil || x.Chunks != nil {
 		if err := r.loadChunks(ctx, x); err != nil {
 			return 0, nil, err
@@ -298,14 +298,14 @@ func (r *Repo) baseSegment(ctx context.Context, x *Index, k int) (int64, []Hash,
 
 // storedSegment reads segment k of x's chunk list (format 3 or later)
 // from the repository, without its patch.
-func (r *Repo) storedSegment(ctx context.Context, x *Index, k int) (int64, []Hash, error) {
+func (r *Repo) storedSegment(ctx context.Context, x *Image, k int) (int64, []Hash, error) {
 	if k < 0 || k >= len(x.Segments) {
 		return 0, nil, fmt.Errorf("image %s: chunk list segment %d of %d", x.ID, k, len(x.Segments))
 	}
 	name := segmentName(x.ID, k)
 	first := int64(k) * x.SegmentChunks
 	want := min(x.SegmentChunks, x.NumChunks()-first)
-	var l *Index
+	var l *Image
 	var err error
 	if x.Shared {
 		name = sharedSegmentName(x.Segments[k])
@@ -325,7 +325,7 @@ func (r *Repo) storedSegment(ctx context.Context, x *Index, k int) (int64, []Has
 // readList reads the chunk-list object name of image x (the whole list,
 // format 2, or a segment, format 3) and checks it against the hash the
 // record names and against the record itself.
-func (r *Repo) readList(ctx context.Context, x *Index, name string, sum Hash, format uint16) (*Index, error) {
+func (r *Repo) readList(ctx context.Context, x *Image, name string, sum Hash, format uint16) (*Image, error) {
 	raw, err := r.be.Get(ctx, name, 0, -1)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
@@ -337,7 +337,7 @@ func (r *Repo) readList(ctx context.Context, x *Index, name string, sum Hash, fo
 	if err != nil {
 		return nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
 	}
-	l, err := DecodeIndex(b)
+	l, err := DecodeChunkList(b)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %s: %w", x.ID, name, err)
 	}
@@ -350,7 +350,7 @@ func (r *Repo) readList(ctx context.Context, x *Index, name string, sum Hash, fo
 // readSharedSegment reads the format-5 segment name of image x and checks
 // it against its hash (the repository's chunk hash of the plain segment)
 // and against the record.
-func (r *Repo) readSharedSegment(ctx context.Context, x *Index, name string, sum Hash) (*Index, error) {
+func (r *Repo) readSharedSegment(ctx context.Context, x *Image, name string, sum Hash) (*Image, error) {
 	raw, err := r.be.Get(ctx, name, 0, -1)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: chunk list %s: %w", x.ID, name, err)
@@ -362,7 +362,7 @@ func (r *Repo) readSharedSegment(ctx context.Context, x *Index, name string, sum
 	if r.hasher()(b) != sum {
 		return nil, fmt.Errorf("image %s: chunk list %s: %w: does not match its name", x.ID, name, ErrCorrupt)
 	}
-	l, err := DecodeIndex(b)
+	l, err := DecodeChunkList(b)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %s: %w", x.ID, name, err)
 	}
@@ -373,7 +373,7 @@ func (r *Repo) readSharedSegment(ctx context.Context, x *Index, name string, sum
 }
 
 // sharedSegments adds the names of the format-5 segments x uses to set.
-func (x *Index) sharedSegments(set map[string]bool) {
+func (x *Image) sharedSegments(set map[string]bool) {
 	if x.Shared {
 		for _, h := range x.Segments {
 			set[sharedSegmentName(h)] = true
@@ -387,7 +387,7 @@ func (x *Index) sharedSegments(set map[string]bool) {
 }
 
 // eachSegment calls fn with every segment of x's chunk list, in order.
-func (r *Repo) eachSegment(ctx context.Context, x *Index, fn func(first int64, hashes []Hash) error) error {
+func (r *Repo) eachSegment(ctx context.Context, x *Image, fn func(first int64, hashes []Hash) error) error {
 	for k := range x.numSegments() {
 		first, hs, err := r.segment(ctx, x, k)
 		if err != nil {
@@ -405,7 +405,7 @@ func (r *Repo) eachSegment(ctx context.Context, x *Index, fn func(first int64, h
 // ascending order.
 type listCursor struct {
 	r    *Repo
-	x    *Index
+	x    *Image
 	keep int
 	segs []listSegment // oldest first
 }
@@ -448,7 +448,7 @@ func (r *Repo) deleteList(ctx context.Context, id string) {
 }
 
 // imageRecord reads images/ID.
-func (r *Repo) imageRecord(ctx context.Context, id string) (*Index, error) {
+func (r *Repo) imageRecord(ctx context.Context, id string) (*Image, error) {
 	b, err := r.getObject(ctx, imageName(id))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("image %s in %s: %w", id, r.Location(), ErrNoImage)
@@ -456,7 +456,7 @@ func (r *Repo) imageRecord(ctx context.Context, id string) (*Index, error) {
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", id, err)
 	}
-	var x Index
+	var x Image
 	if err := json.Unmarshal(b, &x); err != nil || x.ID != id {
 		return nil, fmt.Errorf("image %s: record: %w", id, ErrCorrupt)
 	}
@@ -473,7 +473,7 @@ const maxImageSize = 1 << 62
 // checkRecord says what is wrong with a decoded image record whose
 // repository uses chunkSize, or "" when nothing is: every later step
 // (chunk counts, segment lookups) relies on these.
-func (x *Index) checkRecord(chunkSize int) string {
+func (x *Image) checkRecord(chunkSize int) string {
 	switch {
 	case x.ChunkSize != chunkSize:
 		return fmt.Sprintf("chunk size %d, the repository's is %d", x.ChunkSize, chunkSize)
@@ -495,7 +495,7 @@ func (x *Index) checkRecord(chunkSize int) string {
 
 // Image reads image id with its whole chunk list (memory grows with the
 // volume; OpenImage and Restore read it a segment at a time).
-func (r *Repo) Image(id string) (*Index, error) {
+func (r *Repo) Image(id string) (*Image, error) {
 	x, err := r.image(context.Background(), id)
 	if err != nil {
 		return nil, err
@@ -506,7 +506,7 @@ func (r *Repo) Image(id string) (*Index, error) {
 	return x, nil
 }
 
-func (r *Repo) image(ctx context.Context, id string) (*Index, error) {
+func (r *Repo) image(ctx context.Context, id string) (*Image, error) {
 	if !validImageID(id) {
 		return nil, fmt.Errorf("image %q: not an image ID (see `umbra images list`)", id)
 	}
@@ -516,7 +516,7 @@ func (r *Repo) image(ctx context.Context, id string) (*Index, error) {
 // loadChunks fills x.Chunks with the whole chunk list, checking it
 // against the record. Memory grows with the volume: the backup, restore,
 // verify and prune paths read segment by segment instead.
-func (r *Repo) loadChunks(ctx context.Context, x *Index) error {
+func (r *Repo) loadChunks(ctx context.Context, x *Image) error {
 	if x.Chunks != nil {
 		return nil
 	}
@@ -553,9 +553,9 @@ func (e *RecordError) Unwrap() error { return e.Err }
 
 // Images lists the images without their chunk lists, oldest first;
 // unreadable records are reported in errs (each a *RecordError).
-func (r *Repo) Images() (list []*Index, errs []error) { return r.images(context.Background()) }
+func (r *Repo) Images() (list []*Image, errs []error) { return r.images(context.Background()) }
 
-func (r *Repo) images(ctx context.Context) (list []*Index, errs []error) {
+func (r *Repo) images(ctx context.Context) (list []*Image, errs []error) {
 	names, err := r.be.List(ctx, "images/")
 	if err != nil {
 		return nil, []error{err}
@@ -574,7 +574,7 @@ func (r *Repo) images(ctx context.Context) (list []*Index, errs []error) {
 }
 
 // Latest returns the newest image of vol (without its chunk list), or nil.
-func (r *Repo) Latest(vol string) *Index {
+func (r *Repo) Latest(vol string) *Image {
 	list, _ := r.Images()
 	for i := len(list) - 1; i >= 0; i-- {
 		if list[i].Volume == vol {

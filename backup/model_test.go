@@ -54,7 +54,7 @@ func repoModel(t *testing.T, seed uint64, steps, segChunks, segs int) {
 	vol := volumeData(r, chunks*chunk)
 	images := map[string][]byte{} // listed image -> its content
 	var order []string            // listed images, oldest first
-	var parent *backup.Index      // the newest image taken
+	var parent *backup.Image      // the newest image taken
 	dirty := map[int]bool{}       // chunks written since parent
 	write := func(c int) {
 		for j := c * chunk; j < (c+1)*chunk; j++ {

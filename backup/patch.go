@@ -115,7 +115,7 @@ func patchName(h Hash) string { return sharedSegmentName(h) }
 
 // readPatch reads image x's patch of segment k, named h, and checks it
 // against its name and the record: the volume, the segment and its base.
-func (r *Repo) readPatch(ctx context.Context, x *Index, k int, h Hash) (*segPatch, error) {
+func (r *Repo) readPatch(ctx context.Context, x *Image, k int, h Hash) (*segPatch, error) {
 	name := patchName(h)
 	raw, err := r.be.Get(ctx, name, 0, -1)
 	if err != nil {
@@ -140,7 +140,7 @@ func (r *Repo) readPatch(ctx context.Context, x *Index, k int, h Hash) (*segPatc
 }
 
 // patched reports whether segment k of x has a patch, and its name.
-func (x *Index) patched(k int) (Hash, bool) {
+func (x *Image) patched(k int) (Hash, bool) {
 	if k < len(x.Patches) && x.Patches[k] != (Hash{}) {
 		return x.Patches[k], true
 	}

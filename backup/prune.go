@@ -36,8 +36,8 @@ type PruneReport struct {
 var ErrNoPolicy = errors.New("no keep rule: give at least one of --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly")
 
 // Select splits images (oldest first) into kept and removed by policy.
-func (p Policy) Select(images []*Index) (keep, remove []*Index) {
-	byVol := map[string][]*Index{}
+func (p Policy) Select(images []*Image) (keep, remove []*Image) {
+	byVol := map[string][]*Image{}
 	var vols []string
 	for _, x := range images {
 		if byVol[x.Volume] == nil {
@@ -45,7 +45,7 @@ func (p Policy) Select(images []*Index) (keep, remove []*Index) {
 		}
 		byVol[x.Volume] = append(byVol[x.Volume], x)
 	}
-	kept := map[*Index]bool{}
+	kept := map[*Image]bool{}
 	for _, v := range vols {
 		list := byVol[v]
 		rules := []struct {
@@ -207,7 +207,7 @@ func (r *Repo) Delete(ctx context.Context, ids []string) (PruneReport, error) {
 // of the packs to repack are gathered a batch of packs at a time, and
 // the new index is written as objects of at most indexEveryChunks
 // entries straight from another pass.
-func (r *Repo) collect(ctx context.Context, keep []*Index, rep *PruneReport) error {
+func (r *Repo) collect(ctx context.Context, keep []*Image, rep *PruneReport) error {
 	idx, err := r.chunks.frozen()
 	if err != nil {
 		return fmt.Errorf("prune: chunk index: %w; not collecting garbage", err)
@@ -637,7 +637,7 @@ func (w *indexWriter) finish() error {
 }
 
 // deleteDeadLists deletes the chunk lists no image in keep names.
-func (r *Repo) deleteDeadLists(ctx context.Context, keep []*Index) {
+func (r *Repo) deleteDeadLists(ctx context.Context, keep []*Image) {
 	// Chunk lists whose image record is gone (a backup or prune that
 	// died): lists/ID (format 2) and lists/ID/NNNNNN (format 3 on).
 	if lists, err := r.be.List(ctx, "lists/"); err == nil {

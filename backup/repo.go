@@ -72,7 +72,7 @@ type Config struct {
 }
 
 // formatVersion 8 stores a changed segment of an incremental's chunk
-// list as a patch of its parent's (Index.Patches, patch.go); 7 wraps
+// list as a patch of its parent's (Image.Patches, patch.go); 7 wraps
 // every metadata object in a checksummed envelope (envelope.go) and
 // gives the config a checksum; 6 names chunks by 16 bytes of their keyed hash in
 // encrypted repositories (hash_bytes; chunk lists version 4, chunk index

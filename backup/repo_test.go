@@ -77,7 +77,7 @@ func newRepo(t *testing.T) (*backup.Repo, string) {
 	return repo, dir
 }
 
-func backupAndRestore(t *testing.T, repo *backup.Repo, src memSource, opts backup.Options) *backup.Index {
+func backupAndRestore(t *testing.T, repo *backup.Repo, src memSource, opts backup.Options) *backup.Image {
 	t.Helper()
 	x, _, err := repo.Backup(context.Background(), src, opts)
 	if err != nil {
@@ -178,12 +178,12 @@ func hostname() string { h, _ := os.Hostname(); return h }
 
 func TestPolicySelect(t *testing.T) {
 	base := time.Date(2026, 3, 1, 0, 0, 0, 0, time.Local)
-	var imgs []*backup.Index
+	var imgs []*backup.Image
 	// One image every 6 hours for 60 days.
 	for i := 0; i < 240; i++ {
-		imgs = append(imgs, &backup.Index{ID: "v-" + time.Duration(i).String(), Volume: "v", Created: base.Add(time.Duration(i) * 6 * time.Hour)})
+		imgs = append(imgs, &backup.Image{ID: "v-" + time.Duration(i).String(), Volume: "v", Created: base.Add(time.Duration(i) * 6 * time.Hour)})
 	}
-	imgs = append(imgs, &backup.Index{ID: "w-1", Volume: "w", Created: base})
+	imgs = append(imgs, &backup.Image{ID: "w-1", Volume: "w", Created: base})
 	for _, tc := range []struct {
 		p    backup.Policy
 		want int

@@ -165,7 +165,7 @@ func openTarget(path string, size int64) (f *os.File, regular, created bool, err
 // restoreRun is one restore's state across the segments of its list.
 type restoreRun struct {
 	r        *Repo
-	x        *Index
+	x        *Image
 	f        *os.File
 	path     string
 	regular  bool
@@ -442,7 +442,7 @@ type blobItem struct {
 // zeroed, others taken from the chunk cache or from the packs — each blob
 // the batch needs is read and opened once, adjacent blobs of a pack in
 // one read — and every chunk is checked against its hash.
-func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash, buf []byte, sum func([]byte) Hash, cache *chunkCache, scratch *[]byte) error {
+func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash, buf []byte, sum func([]byte) Hash, cache *chunkCache, scratch *[]byte) error {
 	cs := int64(x.ChunkSize)
 	need := map[blobKey]*blobUse{}
 	var uses []*blobUse
@@ -515,7 +515,7 @@ func (r *Repo) readChunks(ctx context.Context, x *Index, first int64, hs []Hash,
 // cache of recently opened blobs.
 type ImageReader struct {
 	r *Repo
-	x *Index
+	x *Image
 
 	mu     sync.Mutex // guards cache, order, cached, list
 	cache  map[blobKey][]byte
@@ -557,8 +557,8 @@ func (ir *ImageReader) Zero(i int64) (bool, error) {
 	return h == (Hash{}), err
 }
 
-// Index returns the image's record.
-func (ir *ImageReader) Index() *Index { return ir.x }
+// Image returns the image being read (its record, without the chunk list).
+func (ir *ImageReader) Image() *Image { return ir.x }
 
 // Size is the image's size.
 func (ir *ImageReader) Size() int64 { return ir.x.Size }

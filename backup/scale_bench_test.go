@@ -153,7 +153,7 @@ func BenchmarkScale(b *testing.B) {
 		resetPeak()
 		report(name+"-after-rss", curRSS(), "MiB")
 	}
-	var full *backup.Index
+	var full *backup.Image
 	phase("backup", func(r *backup.Repo) {
 		var st backup.Stats
 		full, st, err = r.Backup(ctx, src, backup.Options{Volume: "v", Allocated: src.allocated})

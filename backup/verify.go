@@ -119,7 +119,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	}
 	needed := newBitset(int(idx.n))
 	missing := map[Hash]bool{}
-	var usable []*Index
+	var usable []*Image
 	for _, x := range list {
 		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
 			for _, h := range hs {

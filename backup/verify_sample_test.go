@@ -32,7 +32,7 @@ func TestVerifySample(t *testing.T) {
 			a := backupAndRestore(t, repo, volumeData(rng, 4<<20), backup.Options{Volume: "a"})
 			b := backupAndRestore(t, repo, volumeData(rng, 4<<20), backup.Options{Volume: "b"})
 			used := map[backup.Hash]bool{}
-			for _, x := range []*backup.Index{a, b} {
+			for _, x := range []*backup.Image{a, b} {
 				full, err := repo.Image(x.ID)
 				if err != nil {
 					t.Fatal(err)

@@ -23,7 +23,7 @@ func (e imageExports) Lookup(name string) (*nbd.Export, error) {
 	if name != e.name && name != "" {
 		return nil, fmt.Errorf("export %q: this server serves only image %s", name, e.name)
 	}
-	x := e.ir.Index()
+	x := e.ir.Image()
 	return &nbd.Export{
 		Name:        e.name,
 		Description: fmt.Sprintf("backup image %s of %s (snapshot %s)", x.ID, x.Volume, x.Snapshot),

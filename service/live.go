@@ -359,7 +359,7 @@ func (l *liveRestores) RestoreLive(ctx context.Context, req *umbrav1.RestoreLive
 	}
 	name := req.GetVolume()
 	if name == "" {
-		name = ir.Index().Volume
+		name = ir.Image().Volume
 	}
 	if err := provider.ValidateID(name); err != nil {
 		repo.Close()

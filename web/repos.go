@@ -27,7 +27,7 @@ type verifyState struct {
 type volumeImages struct {
 	Volume string
 	Images int
-	Latest *backup.Index
+	Latest *backup.Image
 	Bytes  int64 // sum of image sizes
 }
 

@@ -176,7 +176,7 @@ func newImagesCmd() *cobra.Command {
 			}
 			if gflags.json {
 				if images == nil {
-					images = []*backup.Index{}
+					images = []*backup.Image{}
 				}
 				return printJSON(os.Stdout, images)
 			}

@@ -78,7 +78,7 @@ func newMountCmd() *cobra.Command {
 					return fmt.Errorf("--overlay-dir %s: %w", overlayDir, err)
 				}
 				defer ov.Close() // last: after the NBD server and the FUSE file stop
-				x := ir.Index()
+				x := ir.Image()
 				exports = frontend.OverlayExports(id, fmt.Sprintf("backup image %s of %s, writes kept in %s and thrown away at the end", x.ID, x.Volume, ov.Path()), ov)
 				files = frontend.OverlayFUSESource(id, ov)
 				out["overlay"] = ov.Path()

@@ -70,7 +70,7 @@ disabled = true
 	if n := count(runs, func(r jobRun) bool { return r.Result == "failed" }); n > 0 {
 		t.Fatalf("sync runs failed:\n%+v", runs)
 	}
-	var src, dst []backup.Index
+	var src, dst []backup.Image
 	json.Unmarshal([]byte(s.ok("images", "list", "--repo", repo, "--json")), &src)
 	stdout, stderr, code := s.run([]string{"UMBRA_PASSWORD=offsite secret"}, "images", "list", "--repo", offsite, "--json")
 	if code != 0 {

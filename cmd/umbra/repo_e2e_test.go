@@ -105,7 +105,7 @@ func TestCLIRepository(t *testing.T) {
 		s.ok(append([]string{"backup", "a"}, pw...)...)
 	}
 	want, _ := os.ReadFile(filepath.Join(dir, "a.img"))
-	var images []backup.Index
+	var images []backup.Image
 	json.Unmarshal([]byte(s.ok(append([]string{"images", "list", "--json"}, pw...)...)), &images)
 	if len(images) != 3 || images[2].Parent != images[1].ID {
 		t.Fatalf("images: %+v", images)
