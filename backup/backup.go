@@ -13,6 +13,7 @@ import (
 	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
 
+	"umbra/internal/zero"
 	"umbra/provider"
 )
 
@@ -500,7 +501,7 @@ func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash, cpu chan st
 				if c.kind != kindRead {
 					continue
 				}
-				if allZero(c.data) {
+				if zero.All(c.data) {
 					c.zero = true
 					continue
 				}
@@ -698,21 +699,6 @@ func imageID(vol string, t time.Time) string {
 		v = v[len(v)-120:]
 	}
 	return fmt.Sprintf("%s-%s", strings.TrimLeft(v, "."), t.Format("20060102T150405.000000000Z"))
-}
-
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, x := range b {
-		if x != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // uploader cuts blobs into packs and stores them in the background.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"umbra/internal/testutil"
+	"umbra/internal/zero"
 	"umbra/provider"
 )
 
@@ -438,7 +439,7 @@ func TestSnapshotAllocation(t *testing.T) {
 		if e.Off != pos {
 			t.Fatalf("extents not contiguous at %d: %+v", pos, ext)
 		}
-		if (e.Hole || e.Zero) && !allZero(content[e.Off:e.Off+e.Len]) {
+		if (e.Hole || e.Zero) && !zero.All(content[e.Off:e.Off+e.Len]) {
 			t.Fatalf("extent %+v is reported zero but holds data", e)
 		}
 		pos += e.Len

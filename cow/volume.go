@@ -18,6 +18,7 @@ import (
 
 	"umbra/internal/owner"
 	"umbra/internal/rtprio"
+	"umbra/internal/zero"
 	"umbra/provider"
 )
 
@@ -898,7 +899,7 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 	v.mu.Lock()
 	for i := range need {
 		p := &need[i]
-		if allZero(v.chunkIn(buf, first, p.c)) {
+		if zero.All(v.chunkIn(buf, first, p.c)) {
 			p.slot, p.keep = zeroSlot, true
 			continue
 		}
@@ -1435,21 +1436,6 @@ func (v *Volume) maxSlots() int64 {
 		return 0
 	}
 	return max(v.maxStorage/v.chunk, 0)
-}
-
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, x := range b {
-		if x != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // Hold is a write fence on a volume: while it stands, new writes wait and
