@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -35,6 +36,20 @@ func usersOf(t *testing.T, repo *backup.Repo, ids []string, hs []backup.Hash) []
 	}
 	slices.Sort(out)
 	return out
+}
+
+// verifyBatched verifies repo twice, checking the packs a few at a time
+// and all together, and checks that both say the same.
+func verifyBatched(t *testing.T, repo *backup.Repo) backup.VerifyReport {
+	t.Helper()
+	restore := backup.SetVerifyBatch(1)
+	small := repo.Verify()
+	restore()
+	rep := repo.Verify()
+	if !reflect.DeepEqual(small, rep) {
+		t.Fatalf("verify a pack at a time: %+v; all packs together: %+v", small, rep)
+	}
+	return rep
 }
 
 // checkCorruption damages a local repository in three ways — one bit of
@@ -66,7 +81,7 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 	orig := slices.Clone(b)
 	b[off+n/2] ^= 0x10
 	os.WriteFile(path, b, 0o600)
-	rep := repo.Verify()
+	rep := verifyBatched(t, repo)
 	// The blob holds several chunks compressed together. Sealed, it no
 	// longer opens and all of them are lost; plain (no frame checksum),
 	// the chunks whose bytes the flip changed no longer match their
@@ -114,7 +129,7 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 	lp := filepath.Join(root, filepath.FromSlash(seg))
 	lb, _ := os.ReadFile(lp)
 	os.WriteFile(lp, lb[:len(lb)/2], 0o600)
-	rep = repo.Verify()
+	rep = verifyBatched(t, repo)
 	if !slices.Equal(rep.BadImages, sharing) || len(rep.BadChunks) != 0 {
 		t.Fatalf("verify after truncating %s's chunk list segment %s: %+v, want %v broken", ids[1], seg, rep, sharing)
 	}
@@ -127,7 +142,7 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 	inPack := backup.PackChunks(repo, pack)
 	want = usersOf(t, repo, ids, inPack)
 	os.Rename(path, path+".away")
-	rep = repo.Verify()
+	rep = verifyBatched(t, repo)
 	if !slices.Equal(rep.BadImages, want) || len(rep.BadChunks) == 0 {
 		t.Fatalf("verify after deleting pack %s: bad images %v, want %v", pack, rep.BadImages, want)
 	}
@@ -140,7 +155,7 @@ func checkCorruption(t *testing.T, repo *backup.Repo, root string, ids []string)
 		}
 	}
 	os.Rename(path+".away", path)
-	if rep := repo.Verify(); len(rep.BadImages)+len(rep.BadChunks)+len(rep.BadIndexes) > 0 {
+	if rep := verifyBatched(t, repo); len(rep.BadImages)+len(rep.BadChunks)+len(rep.BadIndexes) > 0 {
 		t.Fatalf("verify after undoing the damage: %+v", rep)
 	}
 }

@@ -67,6 +67,10 @@ func set[T any](p *T, v T) func() {
 // SetGroupRaw sets the most chunk bytes one blob holds.
 func SetGroupRaw(n int) func() { return set(&groupRaw, n) }
 
+// SetVerifyBatch sets how many needed chunks' packs verify checks
+// together.
+func SetVerifyBatch(n int) func() { return set(&verifyBatch, n) }
+
 // SetReaderCache sets the bytes of opened blobs an ImageReader keeps.
 func SetReaderCache(n int64) func() { return set(&readerCache, n) }
 

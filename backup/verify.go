@@ -143,10 +143,13 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 		}
 		usable = append(usable, x)
 	}
-	// Group the needed chunks by pack (positions, 4 bytes a chunk) and
-	// check each pack in one read.
-	start := make([]int, len(packs)+1)
-	nNeeded := 0
+	// The packs are checked a batch at a time, each pack in one read:
+	// the positions of a batch's needed chunks (4 bytes each, at most
+	// verifyBatch of them) are gathered in one pass over the index, so
+	// that what verify holds does not grow with the repository (the
+	// positions of all of them took 64 MiB at 16 Mi chunks). A chunk
+	// found good is taken out of needed: what stays there is damaged or
+	// missing.
 	eachPos := func(fn func(int, indexEntry)) {
 		it := idx.iter()
 		i := 0
@@ -158,108 +161,133 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 			rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", it.err))
 		}
 	}
+	count := make([]int, len(packs)) // needed chunks in each pack
+	nNeeded := 0
 	eachPos(func(i int, e indexEntry) {
 		if needed.has(i) {
-			start[e.l.pack+1]++
+			count[e.l.pack]++
 			nNeeded++
 		}
 	})
-	for p := 1; p < len(start); p++ {
-		start[p] += start[p-1]
-	}
-	order := make([]uint32, nNeeded)
-	fill := slices.Clone(start[:len(packs)])
-	eachPos(func(i int, e indexEntry) {
-		if needed.has(i) && fill[e.l.pack] < start[e.l.pack+1] {
-			order[fill[e.l.pack]] = uint32(i)
-			fill[e.l.pack]++
-		}
-	})
-	fill = nil
 	packNo := make(map[PackID]uint32, len(packs))
-	var pids []PackID
+	var neededPacks []uint32 // in the order of their IDs
 	for p, pid := range packs {
 		packNo[pid] = uint32(p)
-		if start[p+1] > start[p] {
-			pids = append(pids, pid)
+		if count[p] > 0 {
+			neededPacks = append(neededPacks, uint32(p))
 		}
 	}
+	sort.Slice(neededPacks, func(i, j int) bool { return string(packs[neededPacks[i]][:]) < string(packs[neededPacks[j]][:]) })
 	// Every stored pack is checked whole against its name, the ones no
 	// image needs too: a damaged trailer makes a pack impossible to
 	// re-index should its index be lost. Not when sampling: a sample
 	// reads the chunks it picks, not whole packs.
+	var others []PackID
 	if !opts.sampled() {
 		if names, err := r.be.List(ctx, "packs/"); err != nil {
 			rep.BadPacks = append(rep.BadPacks, fmt.Sprintf("list packs: %v", err))
 		} else {
 			for _, n := range names {
 				if pid, ok := parsePackName(n); ok {
-					if p, known := packNo[pid]; !known || start[p+1] == start[p] {
-						pids = append(pids, pid)
+					if p, known := packNo[pid]; !known || count[p] == 0 {
+						others = append(others, pid)
 					}
 				}
 			}
 		}
 	}
-	sort.Slice(pids, func(i, j int) bool { return string(pids[i][:]) < string(pids[j][:]) })
-	good := newBitset(int(idx.n))
-	var mu sync.Mutex // guards good, rep.BadPacks, done
+	sort.Slice(others, func(i, j int) bool { return string(others[i][:]) < string(others[j][:]) })
+	total := int64(len(neededPacks) + len(others))
+	var mu sync.Mutex // guards needed, rep.BadPacks, rep.BadIndexes, done
 	done := int64(0)
-	next := make(chan PackID)
-	var wg sync.WaitGroup
-	for range runtime.GOMAXPROCS(0) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sum := r.hasher()
-			for pid := range next {
-				var pos []uint32
-				if p, ok := packNo[pid]; ok {
-					pos = order[start[p]:start[p+1]]
-				}
-				hs := make([]Hash, len(pos))
+	// check checks the packs of a batch on every core; pos gives the
+	// positions of a pack's needed chunks.
+	check := func(pids []PackID, pos func(PackID) []uint32) {
+		next := make(chan PackID)
+		var wg sync.WaitGroup
+		for range runtime.GOMAXPROCS(0) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sum := r.hasher()
 				page := make([]byte, runPage)
-				for j, i := range pos {
-					e, err := idx.entryAt(int64(i), page)
-					if err != nil {
-						mu.Lock()
-						rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
-						mu.Unlock()
+				for pid := range next {
+					ps := pos(pid)
+					hs := make([]Hash, len(ps))
+					for j, i := range ps {
+						e, err := idx.entryAt(int64(i), page)
+						if err != nil {
+							mu.Lock()
+							rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
+							mu.Unlock()
+						}
+						hs[j] = e.h
 					}
-					hs[j] = e.h
-				}
-				check := r.checkPack
-				if opts.sampled() {
-					check = r.checkBlobs
-				}
-				g, perr := check(ctx, pid, hs, sum)
-				mu.Lock()
-				if perr != nil {
-					rep.BadPacks = append(rep.BadPacks, perr.Error())
-				}
-				for j, i := range pos {
-					if g[hs[j]] {
-						good.set(int(i))
+					check := r.checkPack
+					if opts.sampled() {
+						check = r.checkBlobs
 					}
+					g, perr := check(ctx, pid, hs, sum)
+					mu.Lock()
+					if perr != nil {
+						rep.BadPacks = append(rep.BadPacks, perr.Error())
+					}
+					for j, i := range ps {
+						if g[hs[j]] {
+							needed.clear(int(i))
+						}
+					}
+					done++
+					if progress != nil {
+						progress(done, total)
+					}
+					mu.Unlock()
 				}
-				done++
-				if progress != nil {
-					progress(done, int64(len(pids)))
-				}
-				mu.Unlock()
+			}()
+		}
+		for _, p := range pids {
+			next <- p
+		}
+		close(next)
+		wg.Wait()
+	}
+	inBatch := make([]bool, len(packs))
+	first := make([]int, len(packs)) // a batch pack's first place in order
+	for len(neededPacks) > 0 {
+		var batch []PackID
+		n := 0
+		for len(neededPacks) > 0 && (n == 0 || n+count[neededPacks[0]] <= verifyBatch) {
+			p := neededPacks[0]
+			neededPacks = neededPacks[1:]
+			inBatch[p], first[p] = true, n
+			n += count[p]
+			batch = append(batch, packs[p])
+		}
+		order := make([]uint32, n)
+		fill := 0
+		eachPos(func(i int, e indexEntry) {
+			if p := e.l.pack; inBatch[p] && needed.has(i) && fill < n {
+				order[first[p]] = uint32(i)
+				first[p]++
+				fill++
 			}
-		}()
+		})
+		// first[p] is now the end of p's positions; its start is the
+		// end less its count.
+		check(batch, func(pid PackID) []uint32 {
+			p := packNo[pid]
+			return order[first[p]-count[p] : first[p]]
+		})
+		for _, pid := range batch {
+			inBatch[packNo[pid]] = false
+		}
 	}
-	for _, p := range pids {
-		next <- p
-	}
-	close(next)
-	wg.Wait()
-	rep.Packs = len(pids)
+	check(others, func(PackID) []uint32 { return nil })
+	rep.Packs = int(total)
 	sort.Strings(rep.BadPacks)
 	rep.Chunks = nNeeded + len(missing)
 	eachPos(func(i int, e indexEntry) {
-		if needed.has(i) && !good.has(i) {
+		if needed.has(i) {
 			rep.BadChunks = append(rep.BadChunks, e.h.String())
 		}
 	})
@@ -278,7 +306,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 				if found && !opts.Picks(h) {
 					continue // not in the sample
 				}
-				if !found || !good.has(i) {
+				if !found || needed.has(i) {
 					ok = false
 					return errStop
 				}
@@ -300,6 +328,10 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 }
 
 var errStop = errors.New("stop")
+
+// verifyBatch bounds the needed chunks of the packs verify checks
+// together (4 bytes each); a variable: tests make it small.
+var verifyBatch = 1 << 20
 
 // checkPack reads a pack whole, checks it against its name and its
 // trailer, and checks the given chunks in it, blob by blob: one opened
