@@ -6,12 +6,14 @@
 #     4 KiB chunks (every 8-byte word is its offset, as `nbdkit pattern`)
 #     followed by a hole 15 times as large; full backup, an incremental
 #     after 1 % of the data chunks were rewritten at scattered places
-#     (from a change bitmap, as the service's), restore (into a sink
+#     (from a change bitmap, as the service's), verify, delete of the
+#     full image (prune), stats, restore of the incremental (into a sink
 #     that checks every chunk against the pattern and stores nothing:
-#     16 Mi chunks would need 64 GiB of disk), verify, delete of the
-#     full image (prune), stats, repair --dry-run; peak RSS of each phase (VmHWM, reset
-#     before it), RSS once it ended and its memory was given back,
-#     metadata the incremental wrote (everything but packs).
+#     16 Mi chunks would need 64 GiB of disk), repair --dry-run
+#     (UMBRA_SCALE_SKIP=repair-check,... leaves phases out); peak RSS
+#     of each phase (VmHWM, reset before it), RSS once it ended and its
+#     memory was given back, metadata the incremental wrote (everything
+#     but packs).
 #   - restic: `restic backup` of the same data (`nbdkit pattern` served
 #     as a file through nbdfuse; only the data part, restic would read
 #     the hole too), `restic restore`, `restic check --read-data`,
