@@ -244,6 +244,56 @@ func TestTryWriteAt(t *testing.T) {
 	}
 }
 
+// TestTryWriteAtPersistent: a first write under a persistent snapshot
+// costs fsyncs before it may go on, so TryWriteAt (and TryWriteFrom)
+// refuse it and write nothing; the server then hands it to a goroutine,
+// where concurrent first writes share their fsyncs. A rewrite, and a
+// first write under a non-persistent snapshot, are still taken.
+func TestTryWriteAtPersistent(t *testing.T) {
+	ctx := context.Background()
+	_, v := faultVolume(t, "")
+	orig := fill(t, v, 3)
+	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "s", Persistent: true}); err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{0xee}, 4096)
+	if _, ok, err := v.TryWriteAt(p, 4096); ok || err != nil {
+		t.Fatalf("first write under a persistent snapshot: ok %v err %v, want refused", ok, err)
+	}
+	if ok, err := v.TryWriteFrom(4096, 4096, func(*os.File, int64) error {
+		t.Error("TryWriteFrom filled a first write under a persistent snapshot")
+		return nil
+	}); ok || err != nil {
+		t.Fatalf("TryWriteFrom, first write under a persistent snapshot: ok %v err %v, want refused", ok, err)
+	}
+	got := make([]byte, 4096)
+	v.ReadAt(got, 4096)
+	if !bytes.Equal(got, orig[4096:2*4096]) {
+		t.Fatal("a refused TryWriteAt changed the volume")
+	}
+	// Refused writes left nothing held: WriteAt takes the same chunk.
+	if _, err := v.WriteAt(p, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := v.TryWriteAt(p, 4096); !ok || err != nil {
+		t.Fatalf("rewrite under a persistent snapshot: ok %v err %v, want taken", ok, err)
+	}
+	h, _ := v.OpenSnapshot("s")
+	if got := readAll(t, h, v.Size()); !bytes.Equal(got, orig) {
+		t.Fatal("the snapshot lost an original")
+	}
+	h.Close()
+	if err := v.DeleteSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "n"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := v.TryWriteAt(p, 2*4096); !ok || err != nil {
+		t.Fatalf("first write under a non-persistent snapshot: ok %v err %v, want taken", ok, err)
+	}
+}
+
 // gatedFile is a File whose writes wait until the test opens its gate,
 // counting the writes that have started.
 type gatedFile struct {
