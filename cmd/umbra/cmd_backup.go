@@ -130,28 +130,21 @@ func newRepoCmd() *cobra.Command {
 	initCmd.Flags().StringVar(&level, "compression", "fastest", "zstd level for new data: fastest (zstd 1), default (3; ~10 % smaller, ~40 % slower) or better (7; smaller still, ~3x slower)")
 	var urf repoFlags
 	var all bool
-	unlockCmd := &cobra.Command{
+	unlockCmd := urf.command(&cobra.Command{
 		Use:   "unlock",
 		Short: "Remove stale locks (of operations that ended or processes that are gone, on this host; of another host, not refreshed for 30 minutes); --all removes every lock",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := urf.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer r.Close()
-			n, err := r.Unlock(cmd.Context(), all)
-			if err != nil {
-				return err
-			}
-			if gflags.json {
-				return printJSON(os.Stdout, map[string]int{"removed": n})
-			}
-			fmt.Printf("removed %d locks\n", n)
-			return nil
-		},
-	}
-	urf.add(unlockCmd)
+	}, func(cmd *cobra.Command, _ []string, r *backup.Repo) error {
+		n, err := r.Unlock(cmd.Context(), all)
+		if err != nil {
+			return err
+		}
+		if gflags.json {
+			return printJSON(os.Stdout, map[string]int{"removed": n})
+		}
+		fmt.Printf("removed %d locks\n", n)
+		return nil
+	})
 	unlockCmd.Flags().BoolVar(&all, "all", false, "remove live locks too (only when no umbra process uses the repository)")
 	cmd.AddCommand(initCmd, unlockCmd, newRepoRepairCmd())
 	return cmd
@@ -160,68 +153,54 @@ func newRepoCmd() *cobra.Command {
 func newImagesCmd() *cobra.Command {
 	var rf repoFlags
 	cmd := &cobra.Command{Use: "images", Short: "Images in a backup repository"}
-	list := &cobra.Command{
+	list := rf.command(&cobra.Command{
 		Use:   "list",
 		Short: "List images, oldest first",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := rf.open(cmd.Context())
-			if err != nil {
-				return err
+	}, func(cmd *cobra.Command, _ []string, r *backup.Repo) error {
+		images, errs := r.Images()
+		for _, e := range errs {
+			fmt.Fprintln(os.Stderr, "umbra: damaged image record:", e)
+		}
+		if gflags.json {
+			if images == nil {
+				images = []*backup.Image{}
 			}
-			defer r.Close()
-			images, errs := r.Images()
-			for _, e := range errs {
-				fmt.Fprintln(os.Stderr, "umbra: damaged image record:", e)
+			return printJSON(os.Stdout, images)
+		}
+		w := table()
+		fmt.Fprintln(w, "IMAGE\tVOLUME\tCREATED\tSIZE\tKIND\tNEW\tPARENT")
+		for _, x := range images {
+			kind, added := "full", ""
+			if x.Parent != "" {
+				kind = "incremental"
 			}
-			if gflags.json {
-				if images == nil {
-					images = []*backup.Image{}
-				}
-				return printJSON(os.Stdout, images)
+			if x.Stats != nil {
+				added = human(x.Stats.Compressed + x.Stats.Index)
 			}
-			w := table()
-			fmt.Fprintln(w, "IMAGE\tVOLUME\tCREATED\tSIZE\tKIND\tNEW\tPARENT")
-			for _, x := range images {
-				kind, added := "full", ""
-				if x.Parent != "" {
-					kind = "incremental"
-				}
-				if x.Stats != nil {
-					added = human(x.Stats.Compressed + x.Stats.Index)
-				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.ID, x.Volume, x.Created.Local().Format(time.DateTime), human(x.Size), kind, added, x.Parent)
-			}
-			return w.Flush()
-		},
-	}
-	rf.add(list)
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.ID, x.Volume, x.Created.Local().Format(time.DateTime), human(x.Size), kind, added, x.Parent)
+		}
+		return w.Flush()
+	})
 	var drf repoFlags
-	del := &cobra.Command{
+	del := drf.command(&cobra.Command{
 		Use:   "delete IMAGE...",
 		Short: "Delete images (damaged ones too) and free the space only they used",
 		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			r, err := drf.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer r.Close()
-			rep, err := r.Delete(cmd.Context(), args)
-			if err != nil {
-				return err
-			}
-			if gflags.json {
-				return printJSON(os.Stdout, rep)
-			}
-			for _, id := range rep.Removed {
-				fmt.Printf("deleted %s\n", id)
-			}
-			fmt.Printf("%d images left; %d packs deleted, %d repacked, %s freed\n", len(rep.Kept), rep.PacksDeleted, rep.PacksRepacked, human(rep.BytesFreed))
-			return nil
-		},
-	}
-	drf.add(del)
+	}, func(cmd *cobra.Command, args []string, r *backup.Repo) error {
+		rep, err := r.Delete(cmd.Context(), args)
+		if err != nil {
+			return err
+		}
+		if gflags.json {
+			return printJSON(os.Stdout, rep)
+		}
+		for _, id := range rep.Removed {
+			fmt.Printf("deleted %s\n", id)
+		}
+		fmt.Printf("%d images left; %d packs deleted, %d repacked, %s freed\n", len(rep.Kept), rep.PacksDeleted, rep.PacksRepacked, human(rep.BytesFreed))
+		return nil
+	})
 	cmd.AddCommand(list, del)
 	return cmd
 }
@@ -384,7 +363,7 @@ func newVerifyCmd() *cobra.Command {
 	var rf repoFlags
 	var sample float64
 	var seed uint64
-	cmd := &cobra.Command{
+	cmd := rf.command(&cobra.Command{
 		Use:   "verify",
 		Short: "Re-hash every chunk and name the images a damaged chunk breaks",
 		Long: `Re-hash every chunk and name the images a damaged chunk breaks.
@@ -395,7 +374,7 @@ whole: a cheaper check to run often, a full one now and then. The
 chunks are picked by --seed (random when not given, and printed): the
 same seed picks the same chunks.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		PreRunE: func(cmd *cobra.Command, _ []string) error {
 			if sample <= 0 || sample > 1 {
 				return usageError{fmt.Errorf("--sample %v: give a fraction above 0 and at most 1 (e.g. --sample 0.1; 1 checks everything)", sample)}
 			}
@@ -405,51 +384,47 @@ same seed picks the same chunks.`,
 			if !cmd.Flags().Changed("seed") {
 				seed = rand.Uint64()
 			}
-			opts := backup.VerifyOptions{Sample: sample, Seed: seed}
-			r, err := rf.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer r.Close()
-			pr := newProgress("verify")
-			rep := r.VerifyWith(cmd.Context(), opts, func(done, total int64) { pr.update("packs", done, total) })
-			pr.finish()
-			if gflags.json {
-				printJSON(os.Stdout, rep)
-			} else {
-				if rep.Sample > 0 {
-					fmt.Printf("sample of %g of the chunks, seed %d (--seed %d checks the same chunks again)\n", rep.Sample, rep.Seed, rep.Seed)
-				}
-				fmt.Printf("%d chunks in %d packs checked, %d images good\n", rep.Chunks, rep.Packs, rep.GoodImages)
-				for _, c := range rep.BadChunks {
-					fmt.Printf("damaged chunk %s\n", c)
-				}
-				for _, id := range rep.BadImages {
-					fmt.Printf("broken image %s\n", id)
-				}
-				for _, e := range rep.BadIndexes {
-					fmt.Printf("damaged index: %s\n", e)
-				}
-				for _, e := range rep.BadPacks {
-					fmt.Printf("damaged pack: %s\n", e)
-				}
-			}
-			if len(rep.BadIndexes) > len(rep.Unreadable) || len(rep.BadPacks) > 0 {
-				return fmt.Errorf("the repository %s is damaged: %d images broken, %d index objects or records and %d packs damaged; "+
-					"run `umbra repo repair --repo %s` (--dry-run first to see what it does): it rebuilds the index from the packs, rewrites what damaged packs still hold and names the images that stay broken",
-					rf.location, len(rep.BadImages), len(rep.BadIndexes)-len(rep.Unreadable), len(rep.BadPacks), rf.location)
-			}
-			if len(rep.BadChunks)+len(rep.BadImages) > 0 {
-				return fmt.Errorf("the repository %s is damaged: %d images broken; restore the others; `umbra repo repair --repo %s` drops what cannot be read and names what it breaks; "+
-					"take a full backup (`umbra backup --full`) of the volumes whose images broke", rf.location, len(rep.BadImages), rf.location)
-			}
-			if len(rep.Unreadable) > 0 {
-				return fmt.Errorf("the storage of %s did not return %d image records (%s); nothing found damaged: check the storage and run verify again", rf.location, len(rep.Unreadable), strings.Join(rep.Unreadable, " "))
-			}
 			return nil
 		},
-	}
-	rf.add(cmd)
+	}, func(cmd *cobra.Command, _ []string, r *backup.Repo) error {
+		opts := backup.VerifyOptions{Sample: sample, Seed: seed}
+		pr := newProgress("verify")
+		rep := r.VerifyWith(cmd.Context(), opts, func(done, total int64) { pr.update("packs", done, total) })
+		pr.finish()
+		if gflags.json {
+			printJSON(os.Stdout, rep)
+		} else {
+			if rep.Sample > 0 {
+				fmt.Printf("sample of %g of the chunks, seed %d (--seed %d checks the same chunks again)\n", rep.Sample, rep.Seed, rep.Seed)
+			}
+			fmt.Printf("%d chunks in %d packs checked, %d images good\n", rep.Chunks, rep.Packs, rep.GoodImages)
+			for _, c := range rep.BadChunks {
+				fmt.Printf("damaged chunk %s\n", c)
+			}
+			for _, id := range rep.BadImages {
+				fmt.Printf("broken image %s\n", id)
+			}
+			for _, e := range rep.BadIndexes {
+				fmt.Printf("damaged index: %s\n", e)
+			}
+			for _, e := range rep.BadPacks {
+				fmt.Printf("damaged pack: %s\n", e)
+			}
+		}
+		if len(rep.BadIndexes) > len(rep.Unreadable) || len(rep.BadPacks) > 0 {
+			return fmt.Errorf("the repository %s is damaged: %d images broken, %d index objects or records and %d packs damaged; "+
+				"run `umbra repo repair --repo %s` (--dry-run first to see what it does): it rebuilds the index from the packs, rewrites what damaged packs still hold and names the images that stay broken",
+				rf.location, len(rep.BadImages), len(rep.BadIndexes)-len(rep.Unreadable), len(rep.BadPacks), rf.location)
+		}
+		if len(rep.BadChunks)+len(rep.BadImages) > 0 {
+			return fmt.Errorf("the repository %s is damaged: %d images broken; restore the others; `umbra repo repair --repo %s` drops what cannot be read and names what it breaks; "+
+				"take a full backup (`umbra backup --full`) of the volumes whose images broke", rf.location, len(rep.BadImages), rf.location)
+		}
+		if len(rep.Unreadable) > 0 {
+			return fmt.Errorf("the storage of %s did not return %d image records (%s); nothing found damaged: check the storage and run verify again", rf.location, len(rep.Unreadable), strings.Join(rep.Unreadable, " "))
+		}
+		return nil
+	})
 	cmd.Flags().Float64Var(&sample, "sample", 1, "fraction of the chunks to check, e.g. 0.1 (1: all, and every pack whole)")
 	cmd.Flags().Uint64Var(&seed, "seed", 0, "with --sample: picks the chunks (default: random, printed)")
 	return cmd

@@ -15,42 +15,35 @@ func newPruneCmd() *cobra.Command {
 	var rf repoFlags
 	var p backup.Policy
 	var dry bool
-	cmd := &cobra.Command{
+	cmd := rf.command(&cobra.Command{
 		Use:   "prune",
 		Short: "Remove the images no keep rule keeps (per volume) and free the space only they used",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := rf.open(cmd.Context())
-			if err != nil {
-				return err
+	}, func(cmd *cobra.Command, _ []string, r *backup.Repo) error {
+		rep, err := r.Prune(cmd.Context(), p, dry)
+		if err != nil {
+			if err == backup.ErrNoPolicy {
+				return usageError{err}
 			}
-			defer r.Close()
-			rep, err := r.Prune(cmd.Context(), p, dry)
-			if err != nil {
-				if err == backup.ErrNoPolicy {
-					return usageError{err}
-				}
-				return err
-			}
-			if gflags.json {
-				return printJSON(os.Stdout, rep)
-			}
-			verb := "removed"
-			if dry {
-				verb = "would remove"
-			}
-			for _, id := range rep.Removed {
-				fmt.Printf("%s %s\n", verb, id)
-			}
-			fmt.Printf("kept %d images, %s %d", len(rep.Kept), verb, len(rep.Removed))
-			if !dry {
-				fmt.Printf("; %d packs deleted, %d repacked, %s freed", rep.PacksDeleted, rep.PacksRepacked, human(rep.BytesFreed))
-			}
-			fmt.Println()
-			return nil
-		},
-	}
-	rf.add(cmd)
+			return err
+		}
+		if gflags.json {
+			return printJSON(os.Stdout, rep)
+		}
+		verb := "removed"
+		if dry {
+			verb = "would remove"
+		}
+		for _, id := range rep.Removed {
+			fmt.Printf("%s %s\n", verb, id)
+		}
+		fmt.Printf("kept %d images, %s %d", len(rep.Kept), verb, len(rep.Removed))
+		if !dry {
+			fmt.Printf("; %d packs deleted, %d repacked, %s freed", rep.PacksDeleted, rep.PacksRepacked, human(rep.BytesFreed))
+		}
+		fmt.Println()
+		return nil
+	})
 	f := cmd.Flags()
 	f.IntVar(&p.Last, "keep-last", 0, "keep the newest N images")
 	f.IntVar(&p.Hourly, "keep-hourly", 0, "keep the newest image of each of the last N hours that have one")
@@ -63,34 +56,27 @@ func newPruneCmd() *cobra.Command {
 
 func newStatsCmd() *cobra.Command {
 	var rf repoFlags
-	cmd := &cobra.Command{
+	cmd := rf.command(&cobra.Command{
 		Use:   "stats",
 		Short: "What a backup repository holds: images, unique chunks, stored bytes, dedup",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := rf.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer r.Close()
-			st := r.Stats(cmd.Context())
-			if gflags.json {
-				return printJSON(os.Stdout, st)
-			}
-			w := table()
-			fmt.Fprintf(w, "repository\t%s\n", st.Location)
-			encoder := "C library"
-			if st.Encoder == "go" {
-				encoder = "pure Go: this binary was built without cgo"
-			}
-			fmt.Fprintf(w, "format\t%d: chunks %s named by %d bytes of %s, zstd %s (%s), encryption %s\n", st.Format, human(int64(st.ChunkSize)), st.HashBytes, st.Hash, st.Level, encoder, st.Encryption)
-			fmt.Fprintf(w, "images\t%d of %d volumes, %s in all\n", st.Images, st.Volumes, human(st.ImageBytes))
-			fmt.Fprintf(w, "chunk lists\t%d segments, %d stored (images share the ones they have in common)\n", st.ListSegments, st.ListObjects)
-			fmt.Fprintf(w, "unique chunks\t%d in %d packs, %s raw, %s stored\n", st.Chunks, st.Packs, human(st.RawBytes), human(st.StoredBytes))
-			fmt.Fprintf(w, "dedup+compression\t%.1fx\n", st.DedupRatio)
-			return w.Flush()
-		},
-	}
-	rf.add(cmd)
+	}, func(cmd *cobra.Command, _ []string, r *backup.Repo) error {
+		st := r.Stats(cmd.Context())
+		if gflags.json {
+			return printJSON(os.Stdout, st)
+		}
+		w := table()
+		fmt.Fprintf(w, "repository\t%s\n", st.Location)
+		encoder := "C library"
+		if st.Encoder == "go" {
+			encoder = "pure Go: this binary was built without cgo"
+		}
+		fmt.Fprintf(w, "format\t%d: chunks %s named by %d bytes of %s, zstd %s (%s), encryption %s\n", st.Format, human(int64(st.ChunkSize)), st.HashBytes, st.Hash, st.Level, encoder, st.Encryption)
+		fmt.Fprintf(w, "images\t%d of %d volumes, %s in all\n", st.Images, st.Volumes, human(st.ImageBytes))
+		fmt.Fprintf(w, "chunk lists\t%d segments, %d stored (images share the ones they have in common)\n", st.ListSegments, st.ListObjects)
+		fmt.Fprintf(w, "unique chunks\t%d in %d packs, %s raw, %s stored\n", st.Chunks, st.Packs, human(st.RawBytes), human(st.StoredBytes))
+		fmt.Fprintf(w, "dedup+compression\t%.1fx\n", st.DedupRatio)
+		return w.Flush()
+	})
 	return cmd
 }

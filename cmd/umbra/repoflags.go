@@ -116,3 +116,21 @@ func (f *repoFlags) open(ctx context.Context) (*backup.Repo, error) {
 	}
 	return r, err
 }
+
+// command gives c the repository flags (add) and a RunE that opens the
+// repository, runs run with it and closes it: every command that works
+// on one repository is declared this way, so that they name, open and
+// report a repository alike. Checks of the command's own flags that must
+// come before the repository is opened go in c.PreRunE.
+func (f *repoFlags) command(c *cobra.Command, run func(cmd *cobra.Command, args []string, r *backup.Repo) error) *cobra.Command {
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		r, err := f.open(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer r.Close()
+		return run(cmd, args, r)
+	}
+	f.add(c)
+	return c
+}
