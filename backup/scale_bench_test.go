@@ -7,9 +7,11 @@ import (
 	"io/fs"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -114,39 +116,49 @@ func dirBytes(dir, skip string) int64 {
 // does (UMBRA_SCALE_SKIP lists phases to leave out), reporting each
 // phase's peak RSS (VmHWM, reset before each) and the metadata each
 // backup wrote: the in-process part of bench/scale.sh.
+//
+// To iterate on one phase: UMBRA_SCALE_KEEP names a directory where the
+// full backup's repository is kept (made once, then copied to the same
+// place for each run, so its index cache stays current);
+// UMBRA_SCALE_PROFILE names a directory for each phase's CPU profile
+// and a heap profile taken each time the resident set reached a new
+// peak (PHASE-cpu.pprof, PHASE-heap.pprof).
 func BenchmarkScale(b *testing.B) {
 	n, _ := strconv.ParseInt(os.Getenv("UMBRA_SCALE_CHUNKS"), 10, 64)
 	if n == 0 {
 		b.Skip("set UMBRA_SCALE_CHUNKS to the number of unique 4 KiB chunks")
 	}
 	ctx := context.Background()
+	var err error
 	base := os.Getenv("UMBRA_SCALE_DIR")
 	if base == "" {
 		base = os.TempDir()
 	}
-	dir, err := os.MkdirTemp(base, "umbra-scale-")
-	if err != nil {
-		b.Fatal(err)
+	keep := os.Getenv("UMBRA_SCALE_KEEP")
+	dir := keep
+	if keep == "" {
+		dir, err = os.MkdirTemp(base, "umbra-scale-")
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer os.RemoveAll(dir)
 	}
-	defer os.RemoveAll(dir)
 	loc := filepath.Join(dir, "repo")
+	kept := filepath.Join(dir, "full")
 	set := backup.Settings{Password: os.Getenv("UMBRA_PASSWORD")}
-	repo, err := backup.InitWith(ctx, loc, set)
-	if err != nil {
-		b.Fatal(err)
-	}
-	repo.Close()
 	src := &patternSource{size: 16 * n * 4096, data: n * 4096}
 	report := func(name string, v float64, unit string) {
 		b.ReportMetric(v, unit)
 		fmt.Fprintf(os.Stderr, "scale chunks=%d %s %.1f %s\n", n, name, v, unit)
 	}
 	skip := strings.Split(os.Getenv("UMBRA_SCALE_SKIP"), ",")
+	prof := os.Getenv("UMBRA_SCALE_PROFILE")
 	phase := func(name string, fn func(r *backup.Repo)) {
 		if slices.Contains(skip, name) {
 			return
 		}
 		resetPeak()
+		stop := startProfiles(b, prof, name)
 		t0 := time.Now()
 		r, err := backup.OpenWith(ctx, loc, set)
 		if err != nil {
@@ -154,21 +166,56 @@ func BenchmarkScale(b *testing.B) {
 		}
 		fn(r)
 		r.Close()
+		stop()
 		report(name+"-peak-rss", peakRSS(), "MiB")
 		report(name+"-s", time.Since(t0).Seconds(), "s")
 		resetPeak()
 		report(name+"-after-rss", curRSS(), "MiB")
 	}
 	var full, incr *backup.Image
-	phase("backup", func(r *backup.Repo) {
-		var st backup.Stats
-		full, st, err = r.Backup(ctx, src, backup.Options{Volume: "v", Allocated: src.allocated})
+	if _, err := os.Stat(kept); keep != "" && err == nil {
+		// The full backup of an earlier run, copied to the same place.
+		if err := os.RemoveAll(loc); err != nil {
+			b.Fatal(err)
+		}
+		if out, err := exec.Command("cp", "-a", kept, loc).CombinedOutput(); err != nil {
+			b.Fatalf("copy the kept repository: %v: %s", err, out)
+		}
+		r, err := backup.OpenWith(ctx, loc, set)
 		if err != nil {
 			b.Fatal(err)
 		}
-		report("backup-index", float64(st.Index)/(1<<20), "MiB")
-	})
-	report("repo-size", float64(dirBytes(loc, ""))/(1<<20), "MiB")
+		list, errs := r.Images()
+		r.Close()
+		if len(list) != 1 || len(errs) > 0 || list[0].Size != src.size {
+			b.Fatalf("%s holds %d images (%v), not one of a %d-byte volume: remove it", kept, len(list), errs, src.size)
+		}
+		full = list[0]
+	} else {
+		os.RemoveAll(loc)
+		repo, err := backup.InitWith(ctx, loc, set)
+		if err != nil {
+			b.Fatal(err)
+		}
+		repo.Close()
+		phase("backup", func(r *backup.Repo) {
+			var st backup.Stats
+			full, st, err = r.Backup(ctx, src, backup.Options{Volume: "v", Allocated: src.allocated})
+			if err != nil {
+				b.Fatal(err)
+			}
+			report("backup-index", float64(st.Index)/(1<<20), "MiB")
+		})
+		if full == nil {
+			b.Fatal("UMBRA_SCALE_SKIP leaves out the backup and UMBRA_SCALE_KEEP holds none")
+		}
+		report("repo-size", float64(dirBytes(loc, ""))/(1<<20), "MiB")
+		if keep != "" {
+			if out, err := exec.Command("cp", "-a", loc, kept).CombinedOutput(); err != nil {
+				b.Fatalf("keep the repository: %v: %s", err, out)
+			}
+		}
+	}
 	// 1 % of the data chunks rewritten at scattered places.
 	rnd := rand.New(rand.NewPCG(1, 2))
 	src.changed, src.salt = map[int64]bool{}, 0x5a5a5a5a5a5a5a5a
@@ -255,4 +302,49 @@ func BenchmarkScale(b *testing.B) {
 			b.Fatalf("repair --dry-run: %+v, %v", rep, err)
 		}
 	})
+}
+
+// startProfiles starts phase's CPU profile and a goroutine that writes
+// a heap profile each time the resident set passes its highest yet by
+// 4 MiB, into dir ("": none); stop ends both.
+func startProfiles(b *testing.B, dir, phase string) (stop func()) {
+	if dir == "" {
+		return func() {}
+	}
+	cpu, err := os.Create(filepath.Join(dir, phase+"-cpu.pprof"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(cpu); err != nil {
+		b.Fatal(err)
+	}
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		high := 0.0
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			if rss := curRSS(); rss > high+4 {
+				high = rss
+				runtime.GC()
+				if f, err := os.Create(filepath.Join(dir, phase+"-heap.pprof")); err == nil {
+					pprof.Lookup("heap").WriteTo(f, 0)
+					f.Close()
+				}
+				fmt.Fprintf(os.Stderr, "scale %s: heap profile at %.0f MiB resident\n", phase, rss)
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-exited
+		pprof.StopCPUProfile()
+		cpu.Close()
+	}
 }
