@@ -1,6 +1,7 @@
 package backup_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"math/rand/v2"
@@ -130,6 +131,51 @@ func TestIndexCache(t *testing.T) {
 		t.Fatalf("open with another repository's cache: %q", note)
 	}
 	verifyClean(t, r5, 1)
+}
+
+// TestIndexCacheSlack: a repository that added few entries to a large
+// index leaves the local index cache as it was when it closes (the next
+// open reads the index objects written since, which are few and small)
+// rather than writing all of it again; once the entries the cache lacks
+// reach 1/8 of those it holds, a close writes it again.
+func TestIndexCacheSlack(t *testing.T) {
+	repo, dir := newRepo(t)
+	rnd := rand.New(rand.NewPCG(21, 22))
+	a := volumeData(rnd, 4<<20) // 1024 chunks
+	backupAndRestore(t, repo, a, backup.Options{Volume: "a"})
+	repo.Close()
+	path := backup.CachePath(repo)
+	r, note := openNote(t, dir)
+	if note != "used" || backup.CacheRead(r) != 0 {
+		t.Fatalf("open after the full backup: cache %q, %d index objects read", note, backup.CacheRead(r))
+	}
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A dozen new chunks: under 1/8 of the ~770 the cache holds (a
+	// quarter of volumeData's chunks are zero).
+	smallData := volumeData(rnd, 64<<10)
+	small := backupAndRestore(t, r, smallData, backup.Options{Volume: "small"})
+	r.Close()
+	if after, err := os.ReadFile(path); err != nil || !bytes.Equal(after, before) {
+		t.Fatalf("the cache was written again for a dozen chunks (%v)", err)
+	}
+	r, note = openNote(t, dir)
+	if note != "used" || backup.CacheRead(r) != 1 {
+		t.Fatalf("open after a small backup: cache %q, %d index objects read, want used and its one", note, backup.CacheRead(r))
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(after, before) {
+		t.Fatal("the cache was written again at open for a dozen chunks")
+	}
+	backupAndRestoreCheck(t, r, small.ID, smallData)
+	verifyClean(t, r, 2)
+	// ~190 more: the cache now lacks over 1/8 of what it holds.
+	backupAndRestore(t, r, volumeData(rnd, 1<<20), backup.Options{Volume: "big"})
+	r.Close()
+	if r, note := openNote(t, dir); note != "used" || backup.CacheRead(r) != 0 {
+		t.Fatalf("open after enough backups: cache %q, %d index objects read, want none", note, backup.CacheRead(r))
+	}
 }
 
 // TestIndexCacheTwoProcesses: two processes open one repository at the

@@ -365,7 +365,7 @@ func (r *Repo) upgradeFormat(ctx context.Context) error {
 // deleted before, and releases the codecs.
 func (r *Repo) Close() {
 	r.retryLeftLocks(context.Background())
-	if r.chunks.changedSincePersist() {
+	if r.chunks.cacheBehind() {
 		r.updateCache() // the next open need not read this one's index objects
 	}
 	r.chunks.close()
@@ -522,7 +522,8 @@ func (r *Repo) resetIndex(indexes []string) {
 
 // loadIndexes reads every chunk index object into the chunk store:
 // those the local index cache covers from it, the others from the
-// repository, after which the cache is written again to cover them all.
+// repository, after which the cache is written again to cover them all
+// when it was missing or lacks many (cacheSlack).
 // A damaged index object is remembered (verify reports it; prune
 // rebuilds from pack trailers).
 func (r *Repo) loadIndexes(ctx context.Context) error {
@@ -566,7 +567,7 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 	if err := r.loadIndexNames(ctx, fresh); err != nil {
 		return err
 	}
-	if base == nil || len(fresh) > 0 {
+	if base == nil || r.chunks.cacheBehind() {
 		r.persistCache()
 	}
 	return nil
@@ -684,7 +685,7 @@ func (r *Repo) persistCache() {
 	r.chunks.mu.Lock()
 	defer r.chunks.mu.Unlock()
 	if r.chunks.fold(meta, r.cachePath()) == nil {
-		r.chunks.changed = false
+		r.chunks.changed, r.chunks.cached = false, r.chunks.n
 	}
 }
 
