@@ -136,6 +136,7 @@ func (r *Repo) removeImages(ctx context.Context, ids []string) error {
 	for _, id := range ids {
 		r.deleteList(ctx, id)
 	}
+	r.forgetVerify(ctx, ids)
 	return nil
 }
 

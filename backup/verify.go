@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/zeebo/blake3"
 )
@@ -32,6 +33,12 @@ type VerifyReport struct {
 	// whose checked chunks is damaged.
 	Sample float64 `json:"sample,omitempty"`
 	Seed   uint64  `json:"seed,omitempty"`
+	// Checked are the images this verify checked: all of them, or those
+	// VerifyOptions.Images named that the repository holds.
+	Checked int `json:"checked_images"`
+	// RecordError says why the verify states were not recorded
+	// (VerifyOptions.Record): what verify found stands.
+	RecordError string `json:"record_error,omitempty"`
 }
 
 // VerifyOptions choose what a verify checks.
@@ -42,6 +49,15 @@ type VerifyOptions struct {
 	// whole. 0 or 1 checks every chunk and every pack whole.
 	Sample float64
 	Seed   uint64
+	// Images, when not nil, are the only images checked, by ID: the
+	// chunks they use and the packs holding them (other packs are not
+	// read). An ID the repository does not hold is ignored.
+	Images []string
+	// Record keeps what the verify found for each image it checked in
+	// the repository (VerifyStates), stamped with Time (default: when
+	// it ends). Not when the context ends first.
+	Record bool
+	Time   time.Time
 }
 
 // sampled reports whether a sampled verify is asked for.
@@ -87,11 +103,27 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	}
 	r.mu.Unlock()
 	list, errs := r.images(ctx)
+	var scope map[string]bool // nil: every image
+	if opts.Images != nil {
+		scope = make(map[string]bool, len(opts.Images))
+		for _, id := range opts.Images {
+			scope[id] = true
+		}
+		list = slices.DeleteFunc(list, func(x *Image) bool { return !scope[x.ID] })
+	}
+	var checked []string
+	for _, x := range list {
+		checked = append(checked, x.ID)
+	}
 	for _, e := range errs {
+		if re, ok := e.(*RecordError); ok && scope != nil && !scope[re.ID] {
+			continue
+		}
 		rep.BadIndexes = append(rep.BadIndexes, e.Error())
 		if re, ok := e.(*RecordError); ok {
 			if errors.Is(e, ErrCorrupt) {
 				rep.BadImages = append(rep.BadImages, re.ID)
+				checked = append(checked, re.ID)
 			} else {
 				rep.Unreadable = append(rep.Unreadable, re.ID)
 			}
@@ -181,9 +213,10 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	// Every stored pack is checked whole against its name, the ones no
 	// image needs too: a damaged trailer makes a pack impossible to
 	// re-index should its index be lost. Not when sampling: a sample
-	// reads the chunks it picks, not whole packs.
+	// reads the chunks it picks, not whole packs; nor when checking some
+	// images: only the packs holding their chunks are read.
 	var others []PackID
-	if !opts.sampled() {
+	if !opts.sampled() && scope == nil {
 		if names, err := r.be.List(ctx, "packs/"); err != nil {
 			rep.BadPacks = append(rep.BadPacks, fmt.Sprintf("list packs: %v", err))
 		} else {
@@ -324,6 +357,16 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 		}
 	}
 	sort.Strings(rep.BadImages)
+	rep.Checked = len(checked)
+	if opts.Record && ctx.Err() == nil {
+		bad := make(map[string]bool, len(rep.BadImages))
+		for _, id := range rep.BadImages {
+			bad[id] = true
+		}
+		if err := r.recordVerify(ctx, opts, checked, bad); err != nil {
+			rep.RecordError = err.Error()
+		}
+	}
 	return rep
 }
 

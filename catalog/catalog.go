@@ -25,7 +25,6 @@ const (
 	Writers   = "writers"  // writer states and recent history
 	Jobs      = "jobs"     // per job: enabled or disabled, last scheduled run
 	JobRuns   = "job_runs" // per job (a nested bucket): its runs, by sequence
-	Verified  = "verified" // per repository and image: when verify last found it good
 )
 
 // Catalog is an open catalog file.
@@ -38,7 +37,7 @@ func Open(path string) (*Catalog, error) {
 		return nil, fmt.Errorf("open catalog %s: %w (is another umbra serve using this state directory?)", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range []string{Sets, Exposures, Storage, Writers, Jobs, JobRuns, Verified} {
+		for _, b := range []string{Sets, Exposures, Storage, Writers, Jobs, JobRuns} {
 			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
 				return err
 			}

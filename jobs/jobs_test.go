@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -462,5 +464,124 @@ func TestRunNowAndStop(t *testing.T) {
 	}
 	if m2 := w.manager(defs, nil); m2.List()[1].Enabled {
 		t.Fatal("a job disabled through the API is enabled again after a restart")
+	}
+}
+
+// TestVerifyDueImages runs a verify job with reverify_days under an
+// injected clock: each run checks only the images never verified or
+// verified too long ago, records what it found in the repository, and
+// one that finds damage marks the image damaged, which keeps it due.
+func TestVerifyDueImages(t *testing.T) {
+	w := newWorld(t)
+	repo := filepath.Join(w.dir, "repo")
+	r, err := backup.Init(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	m := w.manager([]Def{
+		{Name: "bk", Kind: "backup", Schedule: "daily", Volumes: []string{"a"}, Repo: repo, Full: true},
+		{Name: "vf", Kind: "verify", Schedule: "daily", Repo: repo, ReverifyDays: 7},
+		{Name: "vs", Kind: "verify", Schedule: "daily", Repo: repo, Sample: 0.5},
+	}, nil)
+	day := 24 * time.Hour
+	t0 := time.Date(2026, 3, 1, 4, 0, 0, 0, time.UTC)
+	backupAt := func(at time.Time, i int) {
+		t.Helper()
+		if _, err := w.vols["a"].WriteAt([]byte(strings.Repeat(string(rune('a'+i)), 4096)), int64(i)*65536); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.runAt(m, "bk", at); err != nil {
+			t.Fatalf("backup %d: %v", i, err)
+		}
+	}
+	verifyAt := func(at time.Time, wantDetail string) {
+		t.Helper()
+		if err := w.runAt(m, "vf", at); err != nil {
+			t.Fatalf("verify at %v: %v", at, err)
+		}
+		if runs, _ := m.History("vf", 1); !strings.Contains(runs[0].Detail, wantDetail) {
+			t.Fatalf("verify at %v: %+v, want %q", at, runs[0], wantDetail)
+		}
+	}
+	states := func() (map[string]backup.VerifyState, []*backup.Image) {
+		t.Helper()
+		r, err := backup.Open(repo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		s, errs := r.VerifyStates(context.Background())
+		if len(errs) > 0 {
+			t.Fatal(errs)
+		}
+		list, _ := r.Images()
+		return s, list
+	}
+	backupAt(t0, 0)
+	backupAt(t0, 1)
+	verifyAt(t0, "2 images due")
+	verifyAt(t0.Add(day), "nothing due: all 2 images verified good within 7 days")
+	backupAt(t0.Add(3*day), 2)
+	verifyAt(t0.Add(3*day), "1 images due")
+	s, list := states()
+	if len(list) != 3 || !s[list[0].ID].Time.Equal(t0) || !s[list[1].ID].Time.Equal(t0) || !s[list[2].ID].Time.Equal(t0.Add(3*day)) {
+		t.Fatalf("verify states %v of %d images", s, len(list))
+	}
+	// A sampled verify of an undamaged repository records nothing.
+	if err := w.runAt(m, "vs", t0.Add(5*day)); err != nil {
+		t.Fatal(err)
+	}
+	if s2, _ := states(); !maps.Equal(s, s2) {
+		t.Fatalf("a sampled verify changed the states: %v, then %v", s, s2)
+	}
+	// Seven days after the first two were verified, only they are due.
+	verifyAt(t0.Add(7*day), "2 images due")
+	s, _ = states()
+	if !s[list[0].ID].Time.Equal(t0.Add(7*day)) || !s[list[2].ID].Time.Equal(t0.Add(3*day)) {
+		t.Fatalf("verify states after a week: %v", s)
+	}
+	// A flipped bit: the next run that checks the image finds it, fails
+	// and marks the image damaged; a damaged image stays due.
+	var pack string
+	filepath.WalkDir(filepath.Join(repo, "packs"), func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && pack == "" {
+			pack = p
+		}
+		return nil
+	})
+	b, err := os.ReadFile(pack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[8] ^= 0x10 // in the first blob (the trailer is at the end)
+	os.WriteFile(pack, b, 0o600)
+	checkDamaged := func(at, goodAt time.Time) int {
+		t.Helper()
+		err := w.runAt(m, "vf", at)
+		runs, _ := m.History("vf", 1)
+		if err == nil || runs[0].Result != Failed || !strings.Contains(runs[0].Error, "damaged") {
+			t.Fatalf("verify after a flipped bit at %v: %v, %+v", at, err, runs[0])
+		}
+		s, _ := states()
+		damaged := 0
+		for _, x := range list {
+			if st := s[x.ID]; st.Result == backup.VerifyDamaged && st.Time.Equal(at) {
+				damaged++
+			} else if st.Result != backup.VerifyGood || !st.Time.Equal(goodAt) {
+				t.Fatalf("verify at %v: state of %s: %+v", at, x.ID, st)
+			}
+		}
+		if damaged == 0 {
+			t.Fatalf("verify at %v marked no image damaged: %v", at, s)
+		}
+		return damaged
+	}
+	n := checkDamaged(t0.Add(20*day), t0.Add(20*day))
+	if checkDamaged(t0.Add(21*day), t0.Add(20*day)) != n {
+		t.Fatal("the second verify found other damage")
+	}
+	if runs, _ := m.History("vf", 1); !strings.Contains(runs[0].Detail, fmt.Sprintf("%d images due", n)) {
+		t.Fatalf("a day later only the damaged images are due: %+v", runs[0])
 	}
 }

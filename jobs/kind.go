@@ -62,15 +62,6 @@ type Env struct {
 	API API
 	Log *slog.Logger
 	Now func() time.Time
-	// Verified keeps when each image was last verified (verify jobs).
-	Verified VerifiedStore
-}
-
-// VerifiedStore keeps per-image verify times: key is the repository's
-// ID and the image's ID.
-type VerifiedStore interface {
-	Verified(repoID, image string) (time.Time, bool)
-	SetVerified(repoID string, images []string, t time.Time) error
 }
 
 // repoSettings are the secrets a job's repository opens with, read at

@@ -108,7 +108,7 @@ func New(cfg Config) (*Manager, error) {
 	if err := m.loadAPIJobs(); err != nil {
 		return nil, fmt.Errorf("jobs: the definitions kept in the catalog: %w", err)
 	}
-	m.env = &Env{API: cfg.API, Log: m.log, Now: m.clock.Now, Verified: verifiedStore{cfg.Catalog}}
+	m.env = &Env{API: cfg.API, Log: m.log, Now: m.clock.Now}
 	left, err := m.hist.interrupted(m.clock.Now())
 	if err != nil {
 		return nil, fmt.Errorf("jobs: %w", err)
@@ -303,20 +303,3 @@ type realClock struct{}
 
 func (realClock) Now() time.Time                         { return time.Now() }
 func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
-
-// verifiedStore keeps verify times in the catalog.
-type verifiedStore struct{ c *catalog.Catalog }
-
-func (v verifiedStore) Verified(repoID, image string) (time.Time, bool) {
-	var t time.Time
-	ok, err := v.c.Get(catalog.Verified, repoID+"/"+image, &t)
-	return t, ok && err == nil
-}
-
-func (v verifiedStore) SetVerified(repoID string, images []string, t time.Time) error {
-	recs := map[string]any{}
-	for _, id := range images {
-		recs[repoID+"/"+id] = t.UTC()
-	}
-	return v.c.PutAll(catalog.Verified, recs)
-}

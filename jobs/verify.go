@@ -2,6 +2,7 @@ package jobs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -11,12 +12,15 @@ import (
 )
 
 // A verify job re-reads a repository's chunks and checks them against
-// their hashes (what `umbra verify` does). With reverify_days, a run
-// when every image was verified within that many days does nothing; the
-// catalog keeps when each image was last found good. With sample, a
-// run checks that fraction of the chunks, picked afresh each run (the
-// seed is in the run's detail: `umbra verify --sample F --seed S`
-// repeats it), a cheap check between full ones.
+// their hashes (what `umbra verify` does), and records in the
+// repository what it found for each image it checked (`umbra images
+// list` shows it). With reverify_days, a run checks only the images
+// never verified, found damaged, or last verified that many days ago or
+// more, as Proxmox Backup Server's verify jobs do. With sample, a run
+// checks that fraction of the chunks, picked afresh each run (the seed
+// is in the run's detail: `umbra verify --sample F --seed S` repeats
+// it), a cheap check between full ones; it records the damage it finds,
+// never an image as good.
 func init() {
 	register(&Kind{Name: "verify", Check: checkVerify, Run: runVerify})
 }
@@ -35,7 +39,7 @@ func checkVerify(d *Def) error {
 		return fieldErr(d, "sample", "%g: want a fraction of the chunks above 0 and below 1, e.g. 0.05 (0 or 1: all of them)", d.Sample)
 	}
 	if d.Sample > 0 && d.Sample < 1 && d.ReverifyDays > 0 {
-		return fieldErr(d, "reverify_days", "a sampled verify checks no image whole, so it keeps no verify times: use reverify_days in a full verify job")
+		return fieldErr(d, "reverify_days", "a sampled verify never records an image as verified good, so every image would be due every run: use reverify_days in a full verify job")
 	}
 	return nil
 }
@@ -50,43 +54,31 @@ func runVerify(ctx context.Context, env *Env, d *Def, out *Outcome) error {
 		return fmt.Errorf("open %s: %w", d.Repo, err)
 	}
 	defer r.Close()
-	repoID := r.Config().ID
-	list, _ := r.Images() // unreadable records are verify's to report
 	now := env.Now()
-	if d.ReverifyDays > 0 && env.Verified != nil && len(list) > 0 {
-		due := 0
-		for _, x := range list {
-			if t, ok := env.Verified.Verified(repoID, x.ID); !ok || now.Sub(t) >= time.Duration(d.ReverifyDays)*24*time.Hour {
-				due++
-			}
+	opts := backup.VerifyOptions{Sample: d.Sample, Seed: rand.Uint64(), Record: true, Time: now}
+	sampled := d.Sample > 0 && d.Sample < 1
+	if d.ReverifyDays > 0 {
+		due, total, err := dueImages(ctx, r, now, time.Duration(d.ReverifyDays)*24*time.Hour)
+		if err != nil {
+			return err
 		}
-		if due == 0 {
-			out.Detail = fmt.Sprintf("nothing due: all %d images verified within %d days", len(list), d.ReverifyDays)
+		if len(due) == 0 {
+			out.Detail = fmt.Sprintf("nothing due: all %d images verified good within %d days", total, d.ReverifyDays)
 			return nil
 		}
+		opts.Images = due
 	}
-	opts := backup.VerifyOptions{Sample: d.Sample, Seed: rand.Uint64()}
-	sampled := d.Sample > 0 && d.Sample < 1
 	rep := r.VerifyWith(ctx, opts, nil)
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	bad := map[string]bool{}
-	for _, id := range append(append([]string{}, rep.BadImages...), rep.Unreadable...) {
-		bad[id] = true
-	}
-	var good []string
-	for _, x := range list {
-		if !bad[x.ID] {
-			good = append(good, x.ID)
-		}
-	}
-	if env.Verified != nil && len(good) > 0 && !sampled {
-		if err := env.Verified.SetVerified(repoID, good, now); err != nil {
-			env.Log.Warn("verify: recording verify times", "job", d.Name, "err", err)
-		}
+	if rep.RecordError != "" {
+		env.Log.Warn("verify: recording what it found", "job", d.Name, "err", rep.RecordError)
 	}
 	out.Detail = fmt.Sprintf("%d packs, %d chunks, %d images good", rep.Packs, rep.Chunks, rep.GoodImages)
+	if opts.Images != nil {
+		out.Detail = fmt.Sprintf("%d images due, %d packs, %d chunks, %d images good", rep.Checked, rep.Packs, rep.Chunks, rep.GoodImages)
+	}
 	if sampled {
 		out.Detail = fmt.Sprintf("sample %g (seed %d): %d chunks, %d images good", d.Sample, opts.Seed, rep.Chunks, rep.GoodImages)
 	}
@@ -118,4 +110,26 @@ func first(list []string, n int) []string {
 		return list
 	}
 	return append(list[:n:n], fmt.Sprintf("and %d more", len(list)-n))
+}
+
+// dueImages are the images of r a verify with reverify age must check:
+// never verified (or whose record does not read), found damaged, or
+// verified good age ago or longer; total is how many images r holds.
+func dueImages(ctx context.Context, r *backup.Repo, now time.Time, age time.Duration) (due []string, total int, err error) {
+	list, errs := r.Images()
+	for _, e := range errs {
+		var re *backup.RecordError
+		if !errors.As(e, &re) {
+			return nil, 0, fmt.Errorf("list the images of %s: %w", r.Location(), e)
+		}
+		due = append(due, re.ID) // verify reports it
+	}
+	states, _ := r.VerifyStates(ctx) // one that does not read: never verified
+	for _, x := range list {
+		s, ok := states[x.ID]
+		if !ok || s.Result != backup.VerifyGood || now.Sub(s.Time) >= age {
+			due = append(due, x.ID)
+		}
+	}
+	return due, len(list) + len(errs), nil
 }

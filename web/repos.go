@@ -137,7 +137,7 @@ func (s *Server) verifyRepo(w http.ResponseWriter, r *http.Request, sess *sessio
 				return "", false, err
 			}
 			defer repo.Close()
-			rep := repo.VerifyContext(ctx, p.Progress)
+			rep := repo.VerifyWith(ctx, backup.VerifyOptions{Record: true}, p.Progress)
 			if ctx.Err() != nil {
 				return "", false, fmt.Errorf("verify cancelled: the service stopped")
 			}

@@ -150,6 +150,13 @@ func newRepoCmd() *cobra.Command {
 	return cmd
 }
 
+// listedImage is an image as `images list --json` writes it: its record
+// and, when a verify checked it, what the last one found.
+type listedImage struct {
+	*backup.Image
+	Verified *backup.VerifyState `json:"verified,omitempty"`
+}
+
 func newImagesCmd() *cobra.Command {
 	var rf repoFlags
 	cmd := &cobra.Command{Use: "images", Short: "Images in a backup repository"}
@@ -162,14 +169,23 @@ func newImagesCmd() *cobra.Command {
 		for _, e := range errs {
 			fmt.Fprintln(os.Stderr, "umbra: damaged image record:", e)
 		}
+		states, serrs := r.VerifyStates(cmd.Context())
+		for _, e := range serrs {
+			fmt.Fprintln(os.Stderr, "umbra: unreadable verify record (the image counts as not verified):", e)
+		}
 		if gflags.json {
-			if images == nil {
-				images = []*backup.Image{}
+			out := make([]listedImage, 0, len(images))
+			for _, x := range images {
+				li := listedImage{Image: x}
+				if s, ok := states[x.ID]; ok {
+					li.Verified = &s
+				}
+				out = append(out, li)
 			}
-			return printJSON(os.Stdout, images)
+			return printJSON(os.Stdout, out)
 		}
 		w := table()
-		fmt.Fprintln(w, "IMAGE\tVOLUME\tCREATED\tSIZE\tKIND\tNEW\tPARENT")
+		fmt.Fprintln(w, "IMAGE\tVOLUME\tCREATED\tSIZE\tKIND\tNEW\tPARENT\tVERIFIED")
 		for _, x := range images {
 			kind, added := "full", ""
 			if x.Parent != "" {
@@ -178,7 +194,11 @@ func newImagesCmd() *cobra.Command {
 			if x.Stats != nil {
 				added = human(x.Stats.Compressed + x.Stats.Index)
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.ID, x.Volume, x.Created.Local().Format(time.DateTime), human(x.Size), kind, added, x.Parent)
+			verified := "never"
+			if s, ok := states[x.ID]; ok {
+				verified = s.Time.Local().Format(time.DateTime) + " " + s.Result
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.ID, x.Volume, x.Created.Local().Format(time.DateTime), human(x.Size), kind, added, x.Parent, verified)
 		}
 		return w.Flush()
 	})
@@ -387,7 +407,7 @@ same seed picks the same chunks.`,
 			return nil
 		},
 	}, func(cmd *cobra.Command, _ []string, r *backup.Repo) error {
-		opts := backup.VerifyOptions{Sample: sample, Seed: seed}
+		opts := backup.VerifyOptions{Sample: sample, Seed: seed, Record: true}
 		pr := newProgress("verify")
 		rep := r.VerifyWith(cmd.Context(), opts, func(done, total int64) { pr.update("packs", done, total) })
 		pr.finish()
@@ -410,6 +430,9 @@ same seed picks the same chunks.`,
 			for _, e := range rep.BadPacks {
 				fmt.Printf("damaged pack: %s\n", e)
 			}
+		}
+		if rep.RecordError != "" {
+			fmt.Fprintf(os.Stderr, "umbra: what verify found is not recorded for `umbra images list`: %s\n", rep.RecordError)
 		}
 		if len(rep.BadIndexes) > len(rep.Unreadable) || len(rep.BadPacks) > 0 {
 			return fmt.Errorf("the repository %s is damaged: %d images broken, %d index objects or records and %d packs damaged; "+

@@ -185,8 +185,9 @@ last = 2
 	}
 }
 
-// TestJobsVerifyAlerts has a verify job find a flipped bit in a pack
-// and alert a webhook receiver and an exec hook.
+// TestJobsVerifyAlerts has a verify job find a flipped bit in a pack,
+// mark the image damaged in the repository (`umbra images list` shows
+// it) and alert a webhook receiver and an exec hook.
 func TestJobsVerifyAlerts(t *testing.T) {
 	dir := t.TempDir()
 	repo := filepath.Join(dir, "repo")
@@ -244,6 +245,22 @@ disabled = true
 		t.Fatal("the webhook got no alert")
 	}
 	s.ok("jobs", "disable", "vf")
+	var images []struct {
+		ID       string `json:"id"`
+		Verified *struct {
+			Time   time.Time `json:"time"`
+			Result string    `json:"result"`
+		} `json:"verified"`
+	}
+	if err := json.Unmarshal([]byte(s.ok("images", "list", "--repo", repo, "--json")), &images); err != nil {
+		t.Fatal(err)
+	}
+	if len(images) != 1 || images[0].Verified == nil || images[0].Verified.Result != "damaged" || images[0].Verified.Time.IsZero() {
+		t.Fatalf("images list after the verify: %+v", images)
+	}
+	if out := s.ok("images", "list", "--repo", repo); !strings.Contains(out, "VERIFIED") || !strings.Contains(out, " damaged") {
+		t.Fatalf("images list after the verify:\n%s", out)
+	}
 	s.waitRuns("vf", "the exec hook's output", func([]jobRun) bool { _, err := os.Stat(out); return err == nil })
 	a, _ := os.ReadFile(out)
 	if line, body, _ := strings.Cut(string(a), "\n"); line != "vf failed" || !strings.Contains(body, `"job":"vf"`) {
