@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"umbra/internal/size"
 	"umbra/provider"
 )
 
@@ -22,7 +23,7 @@ import (
 var templateFS embed.FS
 
 var templates = template.Must(template.New("").Funcs(template.FuncMap{
-	"size": humanSize,
+	"size": size.Human,
 	"time": func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05") },
 	"esc":  url.PathEscape,
 }).ParseFS(templateFS, "templates/*.html"))
@@ -361,17 +362,4 @@ func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 	w.Header().Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")
 	w.WriteHeader(code)
 	templates.ExecuteTemplate(w, "error.html", map[string]any{"Status": code, "Text": http.StatusText(code), "Err": err.Error()})
-}
-
-func humanSize(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return strconv.FormatInt(n, 10) + " B"
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -74,7 +73,7 @@ type page struct {
 }
 
 var funcs = template.FuncMap{
-	"bytes": humanBytes,
+	"bytes": size.Human,
 	"when":  when,
 	"ts":    func(t interface{ AsTime() time.Time }) time.Time { return t.AsTime() },
 	"ago":   ago,
@@ -250,7 +249,7 @@ func (s *Server) overviewData(r *http.Request, c api.Caller) (overviewData, erro
 			row.Warnings = append(row.Warnings, "no shadow storage association: snapshots cannot be taken; add one on the volume's page")
 		}
 		if row.Max > 0 && row.Pct >= warnAt {
-			row.Warnings = append(row.Warnings, fmt.Sprintf("shadow storage %d%% full (%s of %s): raise the limit or delete old snapshots", row.Pct, humanBytes(row.Used), humanBytes(row.Max)))
+			row.Warnings = append(row.Warnings, fmt.Sprintf("shadow storage %d%% full (%s of %s): raise the limit or delete old snapshots", row.Pct, size.Human(row.Used), size.Human(row.Max)))
 		}
 		if row.Invalid > 0 {
 			row.Warnings = append(row.Warnings, fmt.Sprintf("%d invalid snapshot(s), the last because %s: delete them", row.Invalid, cmp.Or(lastInvalid.GetReason(), "of an error")))
@@ -547,19 +546,6 @@ func pct(a, b int64) int64 {
 		return 0
 	}
 	return min(100, a*100/b)
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return strconv.FormatInt(n, 10) + " B"
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 func when(t time.Time) string {

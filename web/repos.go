@@ -14,6 +14,7 @@ import (
 	"umbra/api"
 	"umbra/api/umbrav1"
 	"umbra/backup"
+	"umbra/internal/size"
 )
 
 // verifyState is what the last verify of a repository found.
@@ -207,7 +208,7 @@ func (s *Server) pruneRepo(w http.ResponseWriter, r *http.Request, sess *session
 			if err != nil {
 				return "", false, fmt.Errorf("prune: %w", err)
 			}
-			sum := fmt.Sprintf("kept %d images, removed %d; %d packs deleted, %d repacked, %s freed", len(rep.Kept), len(rep.Removed), rep.PacksDeleted, rep.PacksRepacked, humanBytes(rep.BytesFreed))
+			sum := fmt.Sprintf("kept %d images, removed %d; %d packs deleted, %d repacked, %s freed", len(rep.Kept), len(rep.Removed), rep.PacksDeleted, rep.PacksRepacked, size.Human(rep.BytesFreed))
 			s.cfg.API.Publish("repository_pruned", &umbrav1.Event{Message: loc + ": " + sum})
 			return sum, false, nil
 		}), nil

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/big"
 	"regexp"
+	"strconv"
 	"strings"
 )
 
@@ -76,4 +77,20 @@ func CheckPow2(name string, n, lo, hi int64) error {
 		return fmt.Errorf("%s %s: want a power of two from %s to %s", name, Exact(n), Exact(lo), Exact(hi))
 	}
 	return nil
+}
+
+// Human writes n for people, in the largest binary unit below it with
+// one decimal: "512 B", "1.5 KiB", "3.0 GiB" (the web pages' and the
+// file browser's form).
+func Human(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return strconv.FormatInt(n, 10) + " B"
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
