@@ -11,6 +11,7 @@ package catalog
 import (
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -60,19 +61,29 @@ func (c *Catalog) Put(bucket, id string, v any) error {
 	if err != nil {
 		return err
 	}
-	return c.db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte(bucket)).Put([]byte(id), b) })
+	return c.db.Update(func(tx *bolt.Tx) error {
+		bk, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
+		return bk.Put([]byte(id), b)
+	})
 }
 
 // PutAll stores each record of recs (as JSON) in bucket, in one
 // transaction.
 func (c *Catalog) PutAll(bucket string, recs map[string]any) error {
 	return c.db.Update(func(tx *bolt.Tx) error {
+		bk, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
 		for id, v := range recs {
 			b, err := json.Marshal(v)
 			if err != nil {
 				return err
 			}
-			if err := tx.Bucket([]byte(bucket)).Put([]byte(id), b); err != nil {
+			if err := bk.Put([]byte(id), b); err != nil {
 				return err
 			}
 		}
@@ -82,7 +93,13 @@ func (c *Catalog) PutAll(bucket string, recs map[string]any) error {
 
 // Delete removes id from bucket.
 func (c *Catalog) Delete(bucket, id string) error {
-	return c.db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte(bucket)).Delete([]byte(id)) })
+	return c.db.Update(func(tx *bolt.Tx) error {
+		bk, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
+		return bk.Delete([]byte(id))
+	})
 }
 
 // Each calls fn with every record of bucket, in key order; records that
@@ -90,7 +107,11 @@ func (c *Catalog) Delete(bucket, id string) error {
 // read transaction: they must not change the catalog.
 func Each[T any](c *Catalog, bucket string, fn func(id string, v T), bad func(id string, err error)) error {
 	return c.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket([]byte(bucket)).ForEach(func(k, raw []byte) error {
+		bk, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
+		return bk.ForEach(func(k, raw []byte) error {
 			var v T
 			if err := json.Unmarshal(raw, &v); err != nil {
 				if bad != nil {
@@ -108,7 +129,11 @@ func Each[T any](c *Catalog, bucket string, fn func(id string, v T), bad func(id
 // record.
 func (c *Catalog) Get(bucket, id string, v any) (ok bool, err error) {
 	err = c.db.View(func(tx *bolt.Tx) error {
-		raw := tx.Bucket([]byte(bucket)).Get([]byte(id))
+		bk, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
+		raw := bk.Get([]byte(id))
 		if raw == nil {
 			return nil
 		}
@@ -133,7 +158,11 @@ func (c *Catalog) Append(bucket, group string, v any, keep int) (uint64, error) 
 	}
 	var seq uint64
 	err = c.db.Update(func(tx *bolt.Tx) error {
-		g, err := tx.Bucket([]byte(bucket)).CreateBucketIfNotExists([]byte(group))
+		top, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
+		g, err := top.CreateBucketIfNotExists([]byte(group))
 		if err != nil {
 			return err
 		}
@@ -171,7 +200,11 @@ func (c *Catalog) Replace(bucket, group string, seq uint64, v any) error {
 		return err
 	}
 	return c.db.Update(func(tx *bolt.Tx) error {
-		g := tx.Bucket([]byte(bucket)).Bucket([]byte(group))
+		top, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
+		g := top.Bucket([]byte(group))
 		if g == nil || g.Get(seqKey(seq)) == nil {
 			return fmt.Errorf("catalog %s/%s: no record %d", bucket, group, seq)
 		}
@@ -184,7 +217,10 @@ func (c *Catalog) Replace(bucket, group string, seq uint64, v any) error {
 // empty group means every group (each newest first, groups in order).
 func EachLog[T any](c *Catalog, bucket, group string, fn func(group string, seq uint64, v T) bool) error {
 	return c.db.View(func(tx *bolt.Tx) error {
-		top := tx.Bucket([]byte(bucket))
+		top, err := bucketOf(tx, bucket)
+		if err != nil {
+			return err
+		}
 		each := func(name []byte, g *bolt.Bucket) bool {
 			cur := g.Cursor()
 			for k, raw := cur.Last(); k != nil; k, raw = cur.Prev() {
@@ -215,4 +251,17 @@ func EachLog[T any](c *Catalog, bucket, group string, fn func(group string, seq 
 		}
 		return nil
 	})
+}
+
+// ErrNoBucket is a bucket name the catalog does not have.
+var ErrNoBucket = errors.New("no such catalog bucket")
+
+// bucketOf is the top-level bucket name of tx: one of the constants
+// above, which Open creates; any other name is an error, not a nil
+// bucket.
+func bucketOf(tx *bolt.Tx, name string) (*bolt.Bucket, error) {
+	if b := tx.Bucket([]byte(name)); b != nil {
+		return b, nil
+	}
+	return nil, fmt.Errorf("catalog bucket %q: %w: use one of the catalog package's bucket constants", name, ErrNoBucket)
 }
