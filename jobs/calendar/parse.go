@@ -305,6 +305,21 @@ func (p *parser) weekdays(spec *Spec) error {
 	}
 }
 
+// dateSep takes the separator before a date's next part: '-', or '~'
+// (the day then counts back from the end of the month). at is where the
+// date began, for the error.
+func (p *parser) dateSep(spec *Spec, at int) error {
+	switch p.peek(0) {
+	case '~':
+		spec.endOfMonth = true
+	case '-':
+	default:
+		return p.fail(p.word(at), "bad date", exDate)
+	}
+	p.i++
+	return nil
+}
+
 // date follows systemd's parse_date: [[YEAR-]MONTH-]DAY or MONTH~DAY.
 // Without one the date is *-*-*; a part ending in ':' is a time.
 func (p *parser) date(spec *Spec) error {
@@ -320,14 +335,9 @@ func (p *parser) date(spec *Spec) error {
 		p.i = at // a time, not a date
 		return nil
 	}
-	switch p.peek(0) {
-	case '~':
-		spec.endOfMonth = true
-	case '-':
-	default:
-		return p.fail(p.word(at), "bad date", exDate)
+	if err := p.dateSep(spec, at); err != nil {
+		return err
 	}
-	p.i++
 	second, err := p.chain(fieldDate)
 	if err != nil {
 		return err
@@ -339,14 +349,9 @@ func (p *parser) date(spec *Spec) error {
 	} else if spec.endOfMonth {
 		return p.fail(p.word(at), "`~` must come before the day in", "*-02~01")
 	}
-	switch p.peek(0) {
-	case '~':
-		spec.endOfMonth = true
-	case '-':
-	default:
-		return p.fail(p.word(at), "bad date", exDate)
+	if err := p.dateSep(spec, at); err != nil {
+		return err
 	}
-	p.i++
 	third, err := p.chain(fieldDate)
 	if err != nil {
 		return err
