@@ -573,6 +573,27 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 	return nil
 }
 
+// checkIndexObject reads index object n, opens it and decodes it whole
+// through dec without keeping its entries, and returns its opened
+// (compressed) bytes for a second pass.
+func (r *Repo) checkIndexObject(ctx context.Context, dec *zstd.Decoder, n string) ([]byte, error) {
+	raw, err := r.getWrapped(ctx, n)
+	if err != nil {
+		return nil, err
+	}
+	z, err := r.seal.openInPlace(raw)
+	if err != nil {
+		return nil, err
+	}
+	if err := dec.Reset(bytes.NewReader(z)); err != nil {
+		return nil, err
+	}
+	if _, err := readChunkIndex(dec, r.hashLen(), func(PackID, int) {}, func(blobEntry) {}); err != nil {
+		return nil, err
+	}
+	return z, nil
+}
+
 // recheckIndexes reads again every index object the chunk index holds
 // (through the local cache, they were read when the cache was written)
 // and, when one no longer reads or is gone, builds the index again from
@@ -588,17 +609,7 @@ func (r *Repo) recheckIndexes(ctx context.Context) error {
 	}
 	defer dec.Close()
 	for _, n := range names {
-		raw, err := r.getWrapped(ctx, n)
-		var z []byte
-		if err == nil {
-			z, err = r.seal.openInPlace(raw)
-		}
-		if err == nil {
-			err = dec.Reset(bytes.NewReader(z))
-		}
-		if err == nil {
-			_, err = readChunkIndex(dec, r.hashLen(), func(PackID, int) {}, func(blobEntry) {})
-		}
+		_, err := r.checkIndexObject(ctx, dec, n)
 		if err == nil {
 			continue
 		}
@@ -701,17 +712,7 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 		// decompressed index is never whole in memory): once to check
 		// it whole, then to add its entries, so that nothing of a
 		// damaged object is taken.
-		raw, err := r.getWrapped(ctx, n)
-		var z []byte
-		if err == nil {
-			z, err = r.seal.openInPlace(raw)
-		}
-		if err == nil {
-			err = dec.Reset(bytes.NewReader(z))
-		}
-		if err == nil {
-			_, err = readChunkIndex(dec, r.hashLen(), func(PackID, int) {}, func(blobEntry) {})
-		}
+		z, err := r.checkIndexObject(ctx, dec, n)
 		if err == nil {
 			err = dec.Reset(bytes.NewReader(z))
 		}
