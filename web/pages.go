@@ -44,6 +44,8 @@ func (s *Server) routes() {
 	m.Handle("GET /jobs", s.authed(s.jobsPage))
 	m.Handle("POST /jobs/{job}/run", s.change(s.runJob))
 	m.Handle("POST /jobs/{job}/enabled", s.change(s.enableJob))
+	m.Handle("POST /jobs", s.change(s.addJob))
+	m.Handle("POST /jobs/{job}/remove", s.change(s.removeJob))
 	m.Handle("GET /events", s.authed(s.eventsPage))
 	m.Handle("GET /events/stream", s.authed(s.eventStream))
 	if s.cfg.Browse != nil {
@@ -494,6 +496,7 @@ func (p plainData) title() string { return p.Title }
 type jobsData struct {
 	Jobs    []*umbrav1.Job
 	History []*umbrav1.JobRun
+	Form    jobForm // the form that adds a job
 }
 
 func (jobsData) title() string { return "Jobs" }
@@ -502,12 +505,17 @@ func (jobsData) title() string { return "Jobs" }
 const historyShown = 50
 
 func (s *Server) jobsPage(w http.ResponseWriter, r *http.Request, sess *session) {
+	s.jobsPageWith(w, r, sess, http.StatusOK, jobForm{Kind: "backup"})
+}
+
+// jobsPageWith draws the jobs page with its add form filled as f.
+func (s *Server) jobsPageWith(w http.ResponseWriter, r *http.Request, sess *session, code int, f jobForm) {
 	list, err := s.src.Jobs(r.Context(), sess.caller)
 	if err != nil {
 		s.fail(w, r, sess, err)
 		return
 	}
-	d := jobsData{Jobs: list}
+	d := jobsData{Jobs: list, Form: f}
 	if len(list) > 0 {
 		h, err := api.Call(r.Context(), s.cfg.API, sess.caller, "JobHistory", &umbrav1.JobHistoryRequest{Limit: historyShown}, s.cfg.API.JobHistory)
 		if err != nil {
@@ -516,7 +524,7 @@ func (s *Server) jobsPage(w http.ResponseWriter, r *http.Request, sess *session)
 		}
 		d.History = h.GetRuns()
 	}
-	s.render(w, r, http.StatusOK, "jobs", sess, d)
+	s.render(w, r, code, "jobs", sess, d)
 }
 
 func (s *Server) runJob(w http.ResponseWriter, r *http.Request, sess *session) {

@@ -26,7 +26,9 @@ import (
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"umbra/api/umbrav1"
 	"umbra/backup"
@@ -572,6 +574,88 @@ func TestConsole(t *testing.T) {
 		do(t, ctx, chromedp.Navigate(c.url+"/"), chromedp.WaitVisible(chromedp.CSS(`#volumes tr[data-volume="vol"]`)))
 		if row := run(t, ctx, chromedp.Text(chromedp.CSS(`#volumes tr[data-volume="vol"]`))); !strings.Contains(row, "timeline: success") {
 			t.Errorf("overview row of vol: %q, want its job's state", row)
+		}
+	})
+
+	t.Run("AddRemoveJob", func(t *testing.T) {
+		ctx := b.user(t)
+		c.login(t, ctx, operatorToken)
+		do(t, ctx, chromedp.Navigate(c.url+"/jobs"), chromedp.WaitVisible(chromedp.ID("add-job")))
+		if n := run(t, ctx, chromedp.Evaluate[int](`document.querySelectorAll('#remove-timeline').length`)); n != 0 {
+			t.Errorf("the config file's job is offered for removal")
+		}
+		// A schedule that does not parse: the form comes back with the
+		// reason, naming the field, and what was typed.
+		do(t, ctx, chromedp.SendKeys(chromedp.ID("job-name"), "weekly-verify"), chromedp.SetValue(chromedp.ID("job-kind"), "verify"),
+			chromedp.SendKeys(chromedp.ID("job-schedule"), "every blue moon"), chromedp.SendKeys(chromedp.ID("job-repo"), c.repo),
+			chromedp.SendKeys(chromedp.ID("job-more"), "reverify_days = 30"),
+			chromedp.Click(chromedp.ID("add-job-submit")), chromedp.WaitVisible(chromedp.ID("add-job-error")))
+		if msg := run(t, ctx, chromedp.Text(chromedp.ID("add-job-error"))); !strings.Contains(msg, "job weekly-verify: schedule:") {
+			t.Fatalf("a bad schedule: %q, want the job and the field named", msg)
+		}
+		if v := run(t, ctx, chromedp.Value(chromedp.ID("job-more"))); v != "reverify_days = 30" {
+			t.Errorf("the refused form lost what was typed: other keys %q", v)
+		}
+		if v := run(t, ctx, chromedp.Value(chromedp.ID("job-kind"))); v != "verify" {
+			t.Errorf("the refused form lost its kind: %q", v)
+		}
+		list, err := c.api.ListJobs(context.Background(), &umbrav1.ListJobsRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(list.GetJobs()) != 1 {
+			t.Fatalf("jobs after a refused add: %v", list.GetJobs())
+		}
+		// Without the session's CSRF token: refused, nothing added.
+		js := fmt.Sprintf(`fetch('/jobs', {method: 'POST', credentials: 'same-origin', body: new URLSearchParams({name: 'csrf-job', kind: 'verify', schedule: 'daily', repo: %q})}).then(r => r.status)`, c.repo)
+		if st := run(t, ctx, chromedp.Evaluate[int](js, chromedp.EvalAwaitPromise)); st != http.StatusForbidden {
+			t.Errorf("add without a CSRF token: %d, want 403", st)
+		}
+		do(t, ctx, chromedp.SetValue(chromedp.ID("job-schedule"), "*-01-01 00:00"),
+			chromedp.Click(chromedp.ID("add-job-submit")), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="weekly-verify"]`)))
+		if msg := run(t, ctx, chromedp.Text(chromedp.ID("flash"))); !strings.Contains(msg, "Job weekly-verify added") {
+			t.Fatalf("after add: %q", msg)
+		}
+		j, err := c.api.GetJob(context.Background(), &umbrav1.GetJobRequest{Name: "weekly-verify"})
+		if err != nil || j.GetSource() != "api" || j.GetKind() != "verify" || j.GetRepo() != c.repo {
+			t.Fatalf("the added job: %v, %v", j, err)
+		}
+		if list, _ := c.api.ListJobs(context.Background(), &umbrav1.ListJobsRequest{}); len(list.GetJobs()) != 2 {
+			t.Fatalf("jobs: %v, want timeline and weekly-verify (the CSRF-less post added none)", list.GetJobs())
+		}
+		do(t, ctx, chromedp.Click(chromedp.ID("remove-weekly-verify")), chromedp.WaitVisible(chromedp.ID("flash")),
+			chromedp.WaitNotPresent(chromedp.CSS(`#jobs tr[data-job="weekly-verify"]`)))
+		if msg := run(t, ctx, chromedp.Text(chromedp.ID("flash"))); !strings.Contains(msg, "Job weekly-verify removed") {
+			t.Fatalf("after remove: %q", msg)
+		}
+		if _, err := c.api.GetJob(context.Background(), &umbrav1.GetJobRequest{Name: "weekly-verify"}); status.Code(err) != codes.NotFound {
+			t.Fatalf("the removed job: %v, want NotFound", err)
+		}
+		// Audited as the CLI's jobs add and remove are.
+		var refused, added, removed bool
+		for _, l := range auditLines(t, c) {
+			req := fmt.Sprint(l["request"])
+			if l["who"] != "otto" || !strings.Contains(req, "weekly-verify") || !strings.HasPrefix(fmt.Sprint(l["addr"]), "web 127.0.0.1:") {
+				continue
+			}
+			switch {
+			case l["method"] == "/umbra.v1.Umbra/AddJob" && l["result"] == "InvalidArgument":
+				refused = true
+			case l["method"] == "/umbra.v1.Umbra/AddJob" && l["result"] == "OK":
+				added = true
+			case l["method"] == "/umbra.v1.Umbra/RemoveJob" && l["result"] == "OK":
+				removed = true
+			}
+		}
+		if !refused || !added || !removed {
+			t.Fatalf("audit of the refused add %v, the add %v, the remove %v in %v", refused, added, removed, auditLines(t, c))
+		}
+		// A viewer is not offered the form.
+		vctx := b.user(t)
+		c.login(t, vctx, viewerToken)
+		do(t, vctx, chromedp.Navigate(c.url+"/jobs"), chromedp.WaitVisible(chromedp.ID("jobs")))
+		if n := run(t, vctx, chromedp.Evaluate[int](`document.querySelectorAll('#add-job').length`)); n != 0 {
+			t.Errorf("a viewer is offered the add form")
 		}
 	})
 }
