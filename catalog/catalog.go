@@ -1,7 +1,7 @@
 // Package catalog is the service's transactional record of what the
 // engine does not keep itself: shadow copy sets (their FSRVP state,
 // context and members) and exposures (share mappings: which snapshot is
-// shown where), jobs' state, runs and verify times. It is a bbolt file; every change is one transaction, so
+// shown where), jobs' state and runs. It is a bbolt file; every change is one transaction, so
 // the catalog survives restarts and unclean stops whole. At start the
 // service reconciles it with the providers (the engine's own metadata is
 // the truth about which snapshots exist): records of snapshots that are
