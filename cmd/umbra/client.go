@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"umbra/api/umbrav1"
 )
@@ -162,3 +163,18 @@ func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]strin
 }
 
 func (bearer) RequireTransportSecurity() bool { return true }
+
+// show calls one API method (rpc, through call) and prints its answer:
+// as JSON with --json, else with text.
+func show[R proto.Message](ctx context.Context, rpc func(ctx context.Context, c umbrav1.UmbraClient) (R, error), text func(R) error) error {
+	return call(ctx, func(ctx context.Context, c umbrav1.UmbraClient) error {
+		r, err := rpc(ctx, c)
+		if err != nil {
+			return err
+		}
+		if gflags.json {
+			return printJSON(os.Stdout, r)
+		}
+		return text(r)
+	})
+}

@@ -313,14 +313,9 @@ func restoreLive(cmd *cobra.Command, rf *repoFlags, image, to, volume, rate stri
 	}
 	req := &umbrav1.RestoreLiveRequest{Repo: where, Password: set.Password, S3AccessKey: set.Cred.AccessKey, S3SecretKey: set.Cred.SecretKey,
 		Image: image, Target: abs, Volume: volume, Rate: bps, Force: force}
-	return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-		resp, err := c.RestoreLive(ctx, req)
-		if err != nil {
-			return err
-		}
-		if gflags.json {
-			return printJSON(os.Stdout, resp)
-		}
+	return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.RestoreLiveResponse, error) {
+		return c.RestoreLive(ctx, req)
+	}, func(resp *umbrav1.RestoreLiveResponse) error {
 		v := resp.Volume
 		fmt.Printf("volume %s: %s restored live from %s (%s); follow it with umbra volume list\n", v.Name, abs, image, liveStr(v.LiveRestore))
 		return nil

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 
 	"github.com/spf13/cobra"
 
@@ -19,14 +18,9 @@ func newProvidersCmd() *cobra.Command {
 		Short: "List the providers and what each supports",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.ListProviders(ctx, &umbrav1.ListProvidersRequest{})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.ListProvidersResponse, error) {
+				return c.ListProviders(ctx, &umbrav1.ListProvidersRequest{})
+			}, func(resp *umbrav1.ListProvidersResponse) error {
 				yes := func(b bool) string {
 					if b {
 						return "yes"

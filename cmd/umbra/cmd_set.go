@@ -95,14 +95,9 @@ func newSetCmd() *cobra.Command {
 		Short: "Add the volume holding PATH (a share path, or a volume name) to the set",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				r, err := c.AddToShadowCopySet(ctx, &umbrav1.AddToShadowCopySetRequest{SetId: args[0], Path: args[1]})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, r)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.AddToShadowCopySetResponse, error) {
+				return c.AddToShadowCopySet(ctx, &umbrav1.AddToShadowCopySetRequest{SetId: args[0], Path: args[1]})
+			}, func(r *umbrav1.AddToShadowCopySetResponse) error {
 				fmt.Printf("shadow copy %s of volume %s added to %s\n", r.ShadowCopyId, r.Volume, args[0])
 				return nil
 			})
@@ -113,14 +108,9 @@ func newSetCmd() *cobra.Command {
 		Short: "List the shadow copy sets and their states",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				r, err := c.ListShadowCopySets(ctx, &umbrav1.ListShadowCopySetsRequest{})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, r)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.ListShadowCopySetsResponse, error) {
+				return c.ListShadowCopySets(ctx, &umbrav1.ListShadowCopySetsRequest{})
+			}, func(r *umbrav1.ListShadowCopySetsResponse) error {
 				for _, st := range r.Sets {
 					printSet(st)
 				}
@@ -168,14 +158,9 @@ func newSetCmd() *cobra.Command {
 		Short: "The FSRVP protocol versions the service supports",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				r, err := c.GetSupportedVersion(ctx, &umbrav1.GetSupportedVersionRequest{})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, r)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.GetSupportedVersionResponse, error) {
+				return c.GetSupportedVersion(ctx, &umbrav1.GetSupportedVersionRequest{})
+			}, func(r *umbrav1.GetSupportedVersionResponse) error {
 				fmt.Printf("FSRVP versions %d to %d\n", r.MinVersion, r.MaxVersion)
 				return nil
 			})
@@ -231,14 +216,9 @@ func newSharesCmd() *cobra.Command {
 		Short: "List exposed shadow copies",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				r, err := c.ListShareMappings(ctx, &umbrav1.ListShareMappingsRequest{})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, r)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.ListShareMappingsResponse, error) {
+				return c.ListShareMappings(ctx, &umbrav1.ListShareMappingsRequest{})
+			}, func(r *umbrav1.ListShareMappingsResponse) error {
 				for _, m := range r.Mappings {
 					printMapping(m)
 				}

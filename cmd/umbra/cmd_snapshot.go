@@ -96,14 +96,9 @@ func newSnapshotListCmd() *cobra.Command {
 			if len(args) == 1 {
 				vol = args[0]
 			}
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.ListSnapshots(ctx, &umbrav1.ListSnapshotsRequest{Volume: vol})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.ListSnapshotsResponse, error) {
+				return c.ListSnapshots(ctx, &umbrav1.ListSnapshotsRequest{Volume: vol})
+			}, func(resp *umbrav1.ListSnapshotsResponse) error {
 				printSnapshots(resp.Snapshots)
 				return nil
 			})
@@ -140,14 +135,9 @@ func newSnapshotDeleteCmd() *cobra.Command {
 			if n != 1 {
 				return usageError{fmt.Errorf("give exactly one of ID, --oldest, --all or --set")}
 			}
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.DeleteSnapshots(ctx, req)
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.DeleteSnapshotsResponse, error) {
+				return c.DeleteSnapshots(ctx, req)
+			}, func(resp *umbrav1.DeleteSnapshotsResponse) error {
 				for _, sn := range resp.Snapshots {
 					fmt.Printf("deleted %s\n", sn)
 				}

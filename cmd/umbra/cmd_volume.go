@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -20,14 +19,9 @@ func newVolumeCmd() *cobra.Command {
 		Short: "List volumes, whether they can be shadow-copied, and why not",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.ListVolumes(ctx, &umbrav1.ListVolumesRequest{})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.ListVolumesResponse, error) {
+				return c.ListVolumes(ctx, &umbrav1.ListVolumesRequest{})
+			}, func(resp *umbrav1.ListVolumesResponse) error {
 				w := table()
 				fmt.Fprintln(w, "NAME\tSIZE\tCHUNK\tPROVIDER\tSNAPSHOTS\tIN USE BY\tSHADOW STORAGE\tLIVE RESTORE\tORIGIN")
 				for _, v := range resp.Volumes {
@@ -69,14 +63,9 @@ func newStorageCmd() *cobra.Command {
 			if len(args) == 1 {
 				vol = args[0]
 			}
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.GetStorage(ctx, &umbrav1.GetStorageRequest{Volume: vol})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.GetStorageResponse, error) {
+				return c.GetStorage(ctx, &umbrav1.GetStorageRequest{Volume: vol})
+			}, func(resp *umbrav1.GetStorageResponse) error {
 				w := table()
 				fmt.Fprintln(w, "VOLUME\tDIR\tUSED\tALLOCATED\tMAX\tPOLICY")
 				for _, s := range resp.Storage {
@@ -91,14 +80,9 @@ func newStorageCmd() *cobra.Command {
 		Short: "Remove a volume's shadow storage association and every shadow copy of the volume (vssadmin delete shadowstorage)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.DeleteStorage(ctx, &umbrav1.DeleteStorageRequest{Volume: args[0]})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.DeleteStorageResponse, error) {
+				return c.DeleteStorage(ctx, &umbrav1.DeleteStorageRequest{Volume: args[0]})
+			}, func(resp *umbrav1.DeleteStorageResponse) error {
 				fmt.Printf("%s: shadow storage association deleted, %d shadow copies with it\n", args[0], len(resp.Deleted))
 				return nil
 			})
@@ -115,14 +99,9 @@ func newStorageCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-					resp, err := c.SetStorage(ctx, &umbrav1.SetStorageRequest{Volume: args[0], Dir: dir, MaxBytes: max, Policy: policy})
-					if err != nil {
-						return err
-					}
-					if gflags.json {
-						return printJSON(os.Stdout, resp)
-					}
+				return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.SetStorageResponse, error) {
+					return c.SetStorage(ctx, &umbrav1.SetStorageRequest{Volume: args[0], Dir: dir, MaxBytes: max, Policy: policy})
+				}, func(resp *umbrav1.SetStorageResponse) error {
 					s := resp.Storage
 					fmt.Printf("%s: shadow storage %s, %s used (%s allocated) of %s, policy %s\n", s.Volume, s.Dir, human(s.UsedBytes), human(s.AllocatedBytes), maxStr(s.MaxBytes), s.Policy)
 					if len(resp.Deleted) > 0 {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -20,14 +19,9 @@ func newWritersCmd() *cobra.Command {
 		Short: "List writers and their state (vssadmin list writers)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return call(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) error {
-				resp, err := c.ListWriters(ctx, &umbrav1.ListWritersRequest{})
-				if err != nil {
-					return err
-				}
-				if gflags.json {
-					return printJSON(os.Stdout, resp)
-				}
+			return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.ListWritersResponse, error) {
+				return c.ListWriters(ctx, &umbrav1.ListWritersRequest{})
+			}, func(resp *umbrav1.ListWritersResponse) error {
 				w := table()
 				fmt.Fprintln(w, "WRITER\tSTATE\tLAST PHASE\tUPDATED\tLAST ERROR")
 				for _, wr := range resp.Writers {
