@@ -7,6 +7,7 @@ package sqlitecommitter
 
 import (
 	"database/sql"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -73,4 +74,28 @@ func (c *Committer) Stop() error {
 		c.db.Close()
 	})
 	return c.err
+}
+
+// CheckCopy opens a copy of the database read-only (a file in a
+// snapshot, or copied out of one: SQLite looks for no WAL beside it) and
+// returns how many rows it holds. It must pass integrity_check and hold
+// rows 1..n with no gap: whole transactions, one point in time.
+func CheckCopy(path string) (int64, error) {
+	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&immutable=1")
+	if err != nil {
+		return 0, err
+	}
+	defer db.Close()
+	var ok string
+	if err := db.QueryRow("PRAGMA integrity_check").Scan(&ok); err != nil || ok != "ok" {
+		return 0, errors.Join(fmt.Errorf("%s: integrity_check = %q", path, ok), err)
+	}
+	var n, maxID int64
+	if err := db.QueryRow("SELECT count(*), coalesce(max(id), 0) FROM orders").Scan(&n, &maxID); err != nil {
+		return 0, fmt.Errorf("%s: count the orders: %w", path, err)
+	}
+	if n != maxID {
+		return 0, fmt.Errorf("%s: %d rows but the highest id is %d: a gap, not one point in time", path, n, maxID)
+	}
+	return n, nil
 }
