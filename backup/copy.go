@@ -36,10 +36,15 @@ import (
 // are garbage that prune removes). Image IDs are kept, so a rerun skips
 // the images that arrived.
 //
+// Compression: with the same chunk names and compression, the blobs
+// holding the chunks the target lacks are copied as they are stored,
+// not decompressed and compressed again (copypass.go); otherwise each
+// chunk is read, and compressed and sealed for the target.
+//
 // Verification on arrival: every chunk read from the source is checked
-// against the source's hash; every blob written is opened again as
-// sealed and each chunk in it checked against the target's hash before
-// it is packed; the chunk list is read back from the target, must match
+// against the source's hash; every blob written (compressed here, or as
+// the source stored it) is opened as the target will open it and each
+// chunk it lists checked against the target's hash before it is packed; the chunk list is read back from the target, must match
 // what was written and name only chunks the target's index holds, and
 // its totals (chunks, non-zero chunks) must be the source image's.
 
@@ -376,7 +381,9 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 	}
 	cache := newChunkCache(restoreCache)
 	srcSum := src.hasher()
-	var scratch []byte
+	var scratch, passScratch []byte
+	// The same names and compression: blobs move as they are stored.
+	pass := same && passThrough(src, dst)
 	wrote := blake3.New() // the target's chunk list as written
 	var srcNonZero, dstNonZero int64
 	w := make([]chunkWork, perBatch)
@@ -409,6 +416,27 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 			}
 			up.mark(h)
 			need[i] = h
+		}
+		if pass {
+			if err := passBlobs(ctx, src, dst, up, need, hashers[0], &passScratch, ci, st); err != nil {
+				return err
+			}
+			for _, h := range hs {
+				if h != (Hash{}) {
+					dstNonZero++
+				}
+				wrote.Write(h[:])
+			}
+			if err := lw.add(ctx, hs, nil); err != nil {
+				return err
+			}
+			if err := up.flushIndex(ctx, false); err != nil {
+				return err
+			}
+			if progress != nil {
+				progress(x.ID, min((first+int64(len(hs)))*cs, x.Size), x.Size)
+			}
+			return ctx.Err()
 		}
 		src.countUses(cache, need)
 		// One goroutine reads the segment's batches ahead.
@@ -535,7 +563,7 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 	}
 	stored, err := comp.close()
 	compClosed = true
-	ci.BytesWritten = stored
+	ci.BytesWritten += stored
 	if err != nil {
 		return nil, fail(err)
 	}
