@@ -48,23 +48,7 @@ func TestFSRVPAsBackupUser(t *testing.T) {
 	bin := filepath.Join(dir, "umbra")
 	testutil.Run(t, "cp", umbraBin, bin)
 	os.Chmod(bin, 0o755)
-	testutil.SparseFile(t, filepath.Join(dir, "share.img"), 64<<20)
-	fuseDir := filepath.Join(dir, "fuse")
-	s := startService(t, dir, []string{"share"}, "--fuse-dir", fuseDir, "--api-socket-group", fsrvpGroup)
-	file := filepath.Join(fuseDir, "share")
-	waitFile(t, file, "the volume's FUSE file")
-	dev := testutil.Losetup(t, file, false, true)
-	testutil.Run(t, "mkfs.ext4", "-q", "-F", dev)
-	share := filepath.Join(dir, "share")
-	os.Mkdir(share, 0o755)
-	testutil.Run(t, "mount", dev, share)
-	t.Cleanup(func() {
-		if exec.Command("umount", share).Run() != nil {
-			exec.Command("umount", "-l", share).Run()
-		}
-	})
-	os.Chmod(share, 0o755)
-	os.WriteFile(filepath.Join(share, "doc.txt"), []byte("version 1"), 0o644)
+	s, share := startShare(t, dir, "--api-socket-group", fsrvpGroup)
 
 	// smbd on a free port, its state (passdb, registry, FSRVP state) in
 	// the test directory; FSRVP needs registry shares.

@@ -22,14 +22,7 @@ func TestSambaCreateDeleteTwice(t *testing.T) {
 	testutil.NeedFUSE(t)
 	testutil.Need(t, "mkfs.ext4", "losetup")
 	dir := t.TempDir()
-	fuseDir := filepath.Join(dir, "fuse")
-	s := startService(t, dir, []string{"share"}, "--fuse-dir", fuseDir)
-	file := filepath.Join(fuseDir, "share")
-	waitFile(t, file, "the volume's FUSE file")
-	dev := testutil.Losetup(t, file, false, true)
-	testutil.Run(t, "mkfs.ext4", "-q", "-F", dev)
-	share := testutil.Mount(t, dev, dir)
-	os.WriteFile(filepath.Join(share, "doc.txt"), []byte("version 1"), 0o644)
+	s, share := startShare(t, dir)
 
 	paths := make([]string, 2)
 	var wg sync.WaitGroup

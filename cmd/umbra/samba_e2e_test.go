@@ -25,24 +25,7 @@ func TestSambaPreviousVersions(t *testing.T) {
 	dir := t.TempDir()
 	os.Chmod(filepath.Dir(dir), 0o755) // smbd's guest (nobody) walks to the share
 	os.Chmod(dir, 0o755)
-	img := filepath.Join(dir, "share.img")
-	testutil.SparseFile(t, img, 64<<20)
-	fuseDir := filepath.Join(dir, "fuse")
-	s := startService(t, dir, []string{"share"}, "--fuse-dir", fuseDir)
-	file := filepath.Join(fuseDir, "share")
-	waitFile(t, file, "the volume's FUSE file")
-	dev := testutil.Losetup(t, file, false, true)
-	testutil.Run(t, "mkfs.ext4", "-q", "-F", dev)
-	share := filepath.Join(dir, "share")
-	os.Mkdir(share, 0o755)
-	testutil.Run(t, "mount", dev, share)
-	t.Cleanup(func() {
-		if exec.Command("umount", share).Run() != nil {
-			exec.Command("umount", "-l", share).Run()
-		}
-	})
-	os.Chmod(share, 0o755)
-	os.WriteFile(filepath.Join(share, "doc.txt"), []byte("version 1"), 0o644)
+	s, share := startShare(t, dir)
 
 	if _, code := s.umbra("samba", "check", share); code != 0 {
 		t.Fatalf("samba check %s: exit %d", share, code)
@@ -144,4 +127,30 @@ func startSmbd(t *testing.T, confFile string, port int) {
 		}
 		return err == nil
 	})
+}
+
+// startShare starts a service in dir with one 64 MiB volume, "share",
+// served as a FUSE file, and mounts an ext4 filesystem made on it at
+// dir/share (0755) holding doc.txt ("version 1"); extra are more serve
+// flags.
+func startShare(t *testing.T, dir string, extra ...string) (*service, string) {
+	t.Helper()
+	testutil.SparseFile(t, filepath.Join(dir, "share.img"), 64<<20)
+	fuseDir := filepath.Join(dir, "fuse")
+	s := startService(t, dir, []string{"share"}, append([]string{"--fuse-dir", fuseDir}, extra...)...)
+	file := filepath.Join(fuseDir, "share")
+	waitFile(t, file, "the volume's FUSE file")
+	dev := testutil.Losetup(t, file, false, true)
+	testutil.Run(t, "mkfs.ext4", "-q", "-F", dev)
+	share := filepath.Join(dir, "share")
+	os.Mkdir(share, 0o755)
+	testutil.Run(t, "mount", dev, share)
+	t.Cleanup(func() {
+		if exec.Command("umount", share).Run() != nil {
+			exec.Command("umount", "-l", share).Run()
+		}
+	})
+	os.Chmod(share, 0o755)
+	os.WriteFile(filepath.Join(share, "doc.txt"), []byte("version 1"), 0o644)
+	return s, share
 }
