@@ -5,6 +5,9 @@
 #   umbra        Umbra's NBD export of a virtio disk through the kernel's
 #                nbd-client, no snapshot
 #   umbra+snap   the same with a live snapshot taken before the first write
+#   umbra+psnap  the same with a live persistent snapshot (--persistent:
+#                each preserved chunk and its mapping are fsynced before
+#                the write goes on, as dm-snapshot's persistent store does)
 #   lvm-thick    an LVM LV with a thick (dm-snapshot) snapshot
 #   lvm-thin     a thin LV with a thin snapshot
 # Each target gets its own virtio disk (Umbra's shadow storage: ext4 on one
@@ -12,7 +15,9 @@
 # whole region, each block once: under a snapshot every one copies),
 # rewrite (the same again), read (4 KiB random reads). Throughput is
 # reported as a ratio to the plain disk: under TCG absolute numbers mean
-# little.
+# little. Each pass also prints the share of the guest's CPU time that was
+# idle during it (from /proc/stat): a path that leaves the CPUs idle waits
+# (for a disk, a wakeup), one that does not is bound by the emulated CPU.
 #
 #   bench/vm.sh [REGION_MIB]     (default 32)
 set -euo pipefail
@@ -39,11 +44,15 @@ global { locking_dir = "/run/lock/lvm" }
 EOF
 mkdir -p /run/lock/lvm
 
+cpustat() { awk '/^cpu /{busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6}' /proc/stat; }
 job() { # job NAME DEV RW: one fio pass over the region; prints KiB/s
-  local bw
+  local bw a b
+  a=$(cpustat)
   fio --name="$1" --filename="$2" --rw="$3" --bs=4k --size="${mib}M" --direct=1 \
     --ioengine=libaio --iodepth=16 --randrepeat=0 --output-format=json >"$W/$1.json"
+  b=$(cpustat)
   bw=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["bw"] + j["read"]["bw"]))' "$W/$1.json")
+  echo "$1: guest CPU idle $(awk -v a="$a" -v b="$b" 'BEGIN{split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%d%%", t > 0 ? 100 - 100 * (y[1] - x[1]) / t : 0}')" >>"$W/idle.log"
   echo "$bw"
 }
 fill() { dd if=/dev/urandom of="$1" bs=1M count="$mib" oflag=direct status=none; }
@@ -67,6 +76,7 @@ for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0
 nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 >/dev/null
 nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 >/dev/null
 run umbra /dev/nbd0
+run umbra+psnap /dev/nbd0 "$UMBRA" snapshot create u1 --id p1 --persistent
 run umbra+snap /dev/nbd1 "$UMBRA" snapshot create u2 --id s1
 nbd-client -d /dev/nbd0 >/dev/null; nbd-client -d /dev/nbd1 >/dev/null
 kill "$serve"; wait "$serve" || true
@@ -85,9 +95,11 @@ echo "lvm-thin pool chunk size: $(lvs --noheadings -o chunk_size vgthin/pool)"
 lvremove -q -y vgthin >/dev/null
 
 echo
+cat "$W/idle.log"
+echo
 echo "4 KiB random I/O over ${mib} MiB, iodepth 16, O_DIRECT; ratio to the plain virtio disk (TCG: ratios only)"
 printf '%-12s %12s %12s %12s\n' target "first write" rewrite read
-for t in plain umbra umbra+snap lvm-thick lvm-thin; do
+for t in plain umbra umbra+snap umbra+psnap lvm-thick lvm-thin; do
   printf '%-12s %12s %12s %12s\n' "$t" \
     "$(awk -v a="${first[$t]}" -v b="${first[plain]}" 'BEGIN{printf "%.2f", a/b}')" \
     "$(awk -v a="${rewrite[$t]}" -v b="${rewrite[plain]}" 'BEGIN{printf "%.2f", a/b}')" \
