@@ -52,7 +52,7 @@ job() { # job NAME DEV RW: one fio pass over the region; prints KiB/s
     --ioengine=libaio --iodepth=16 --randrepeat=0 --output-format=json >"$W/$1.json"
   b=$(cpustat)
   bw=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["bw"] + j["read"]["bw"]))' "$W/$1.json")
-  echo "$1: guest CPU idle $(awk -v a="$a" -v b="$b" 'BEGIN{split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%d%%", t > 0 ? 100 - 100 * (y[1] - x[1]) / t : 0}')" >>"$W/idle.log"
+  echo "$1: guest CPU idle $(awk -v a="$a" -v b="$b" 'BEGIN{split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%d%%", (t > 0 ? 100 - 100 * (y[1] - x[1]) / t : 0)}')" >>"$W/idle.log"
   echo "$bw"
 }
 fill() { dd if=/dev/urandom of="$1" bs=1M count="$mib" oflag=direct status=none; }
