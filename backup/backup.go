@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/bits"
 	"runtime"
 	"strings"
 	"sync"
@@ -140,7 +141,7 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Image, St
 	// hashes, compresses and packs the previous.
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	batches := r.readBatches(rctx, src, x, opts, incr)
+	batches := r.readBatches(rctx, src, x, opts, incr, lw.parent != nil)
 	// Hashing and compression take a token each while they run, so no
 	// more of them run at once than there are cores: C zstd runs on
 	// threads of its own (cgo), and without the tokens hashing would
@@ -173,13 +174,14 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Image, St
 			continue
 		}
 		st.Read += b.read
+		st.Reused += b.reused
 		r.hashBatch(w, hashers, cpu)
 		var fresh []int // chunks to store, each hash once
 		hashes = hashes[:0]
 		prevs = prevs[:0]
 		for i := range w {
 			c := &w[i]
-			if lw.parent != nil {
+			if lw.parent != nil && b.at == nil {
 				prevs = append(prevs, c.prev)
 			}
 			switch {
@@ -203,7 +205,12 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Image, St
 				st.Stored += int64(len(c.data))
 			}
 		}
-		if err := lw.add(ctx, hashes, prevs); err != nil {
+		if b.at != nil {
+			err = lw.addChanged(ctx, b.at, hashes, b.segDone)
+		} else {
+			err = lw.add(ctx, hashes, prevs)
+		}
+		if err != nil {
 			b.release()
 			return nil, st, fmt.Errorf("backup %s: %w", opts.Volume, err)
 		}
@@ -259,6 +266,15 @@ type batch struct {
 	// segment: the batch is a whole segment of the chunk list that did
 	// not change since the parent, whose segment it names (w is nil).
 	segment *segRef
+	// at, when set, are the chunks of w (ascending, in one segment of
+	// the chunk list): the changed chunks of a segment that an
+	// incremental stores as a patch of its parent's, read alone; the
+	// segment's other chunks are the parent's, neither read nor looked
+	// at. segDone: the segment's last such batch. reused: the bytes of
+	// the segment's unchanged chunks (on its first batch).
+	at      []int64
+	segDone bool
+	reused  int64
 }
 
 // segRef names a stored segment of a chunk list and its patch (zero:
@@ -267,7 +283,7 @@ type segRef struct{ base, patch Hash }
 
 // readBatches plans and reads the volume batch by batch, two batches
 // ahead at most, in ascending order.
-func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Options, incr bool) <-chan batch {
+func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Options, incr, patch bool) <-chan batch {
 	cs := int64(r.cfg.ChunkSize)
 	n := x.NumChunks()
 	perBatch := max(batchBytes/cs, 1)
@@ -292,14 +308,56 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 	go func() {
 		defer close(out)
 		for first := int64(0); first < n; first += perBatch {
-			if h, end, ok := unchangedSegment(x, opts, incr, first, perBatch); ok {
-				select {
-				case out <- batch{first: first, last: end, release: func() {}, segment: &h}:
-				case <-ctx.Done():
-					return
+			if h, end, changed, ok := segmentChanges(x, opts, incr, patch, first, perBatch); ok {
+				if len(changed) == 0 {
+					select {
+					case out <- batch{first: first, last: end, release: func() {}, segment: &h}:
+					case <-ctx.Done():
+						return
+					}
+					first = end - perBatch
+					continue
 				}
-				first = end - perBatch
-				continue
+				if patch && int64(len(changed)) <= (end-first)/patchDivisor {
+					// Few changes: read those alone, the list writer
+					// patches the parent's segment with them.
+					reused := min(end*cs, x.Size) - first*cs
+					for _, c := range changed {
+						reused -= chunkLen(c, cs, x.Size)
+					}
+					for j := 0; j < len(changed); j += int(perBatch) {
+						at := changed[j:min(j+int(perBatch), len(changed))]
+						var b bufs
+						select {
+						case b = <-free:
+						case <-ctx.Done():
+							return
+						}
+						bt := batch{first: at[0], last: at[len(at)-1] + 1, w: b.w[:len(at)], at: at, release: func() { free <- b }}
+						if j == 0 {
+							bt.reused = reused
+						}
+						if j+len(at) == len(changed) {
+							bt.last, bt.segDone = end, true
+						}
+						for i := range bt.w {
+							bt.w[i] = chunkWork{kind: kindRead}
+						}
+						var st Stats
+						bt.err = readRuns(src, b.buf, bt.w, at, 0, cs, x.Size, &st)
+						bt.read = st.Read
+						select {
+						case out <- bt:
+						case <-ctx.Done():
+							return
+						}
+						if bt.err != nil {
+							return
+						}
+					}
+					first = end - perBatch
+					continue
+				}
 			}
 			var b bufs
 			select {
@@ -312,7 +370,7 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 			var st Stats
 			bt.err = r.planBatch(ctx, x, opts, parent, alloc, first, last, bt.w, &st)
 			if bt.err == nil {
-				bt.err = readRuns(src, b.buf, bt.w, first, cs, x.Size, &st)
+				bt.err = readRuns(src, b.buf, bt.w, nil, first, cs, x.Size, &st)
 			}
 			bt.read = st.Read
 			select {
@@ -328,33 +386,71 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 	return out
 }
 
-// unchangedSegment reports whether the chunks from first on are a whole
-// segment of the chunk list that did not change since the parent (an
-// incremental whose parent shares its segments, segments a whole number
-// of batches), and then the parent's segment and where it ends: the
-// backup names that segment without reading it or the volume there, so
-// that an incremental's work on lists follows the segments its changes
-// fall in, not the size of the volume.
-func unchangedSegment(x *Image, opts Options, incr bool, first, perBatch int64) (segRef, int64, bool) {
+// segmentChanges reports whether the chunks from first on are a whole
+// segment of the chunk list of an incremental whose parent shares its
+// segments (segments a whole number of batches), and then the parent's
+// segment, where it ends and its chunks Changed marks: all of them when
+// they are few enough for a patch (patch: the list writer makes
+// patches), else just past that many. A segment with no changes is
+// named without reading it or the volume there, one with few has only
+// those read, so that an incremental's work follows its changes, not
+// the size of the volume.
+func segmentChanges(x *Image, opts Options, incr, patch bool, first, perBatch int64) (segRef, int64, []int64, bool) {
 	p := opts.Parent
 	sc := x.SegmentChunks
 	if !incr || !p.Shared || p.SegmentChunks != sc || sc%perBatch != 0 || first%sc != 0 {
-		return segRef{}, 0, false
+		return segRef{}, 0, nil, false
 	}
 	k := first / sc
 	if k >= int64(len(p.Segments)) {
-		return segRef{}, 0, false
+		return segRef{}, 0, nil, false
 	}
-	cs := int64(x.ChunkSize)
 	end := min(first+sc, x.NumChunks())
-	for i := first; i < end; i++ {
-		if changedChunk(opts.Changed, i, cs) {
-			return segRef{}, 0, false
-		}
+	limit := int64(0)
+	if patch {
+		limit = (end - first) / patchDivisor
 	}
+	var changed []int64
+	eachChanged(opts.Changed, first, end, int64(x.ChunkSize), func(i int64) bool {
+		changed = append(changed, i)
+		return int64(len(changed)) <= limit
+	})
 	ref := segRef{base: p.Segments[k]}
 	ref.patch, _ = p.patched(int(k))
-	return ref, end, true
+	return ref, end, changed, true
+}
+
+// eachChanged calls fn with the chunks in [first, end) that bm marks,
+// in order, until fn returns false. With a bit per chunk it skips
+// words of unmarked chunks at once.
+func eachChanged(bm *provider.Bitmap, first, end, cs int64, fn func(i int64) bool) {
+	if bm.Granule != cs {
+		for i := first; i < end; i++ {
+			if changedChunk(bm, i, cs) && !fn(i) {
+				return
+			}
+		}
+		return
+	}
+	for i := first; i < end; {
+		w := i / 64
+		if w >= int64(len(bm.Bits)) {
+			return
+		}
+		word := bm.Bits[w] >> (i % 64)
+		if word == 0 {
+			i = (w + 1) * 64
+			continue
+		}
+		i += int64(bits.TrailingZeros64(word))
+		if i >= end {
+			return
+		}
+		if !fn(i) {
+			return
+		}
+		i++
+	}
 }
 
 func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
@@ -454,19 +550,26 @@ func (a *allocCache) get(off, end int64) ([]Range, error) {
 	return a.data, nil
 }
 
-// readRuns reads the chunks marked kindRead, one read per run.
-func readRuns(src Source, buf []byte, w []chunkWork, first, cs, size int64, st *Stats) error {
+// readRuns reads the chunks marked kindRead, one read per run of
+// adjacent ones. w[j] is chunk at[j], or first+j when at is nil.
+func readRuns(src Source, buf []byte, w []chunkWork, at []int64, first, cs, size int64, st *Stats) error {
+	chunk := func(j int) int64 {
+		if at != nil {
+			return at[j]
+		}
+		return first + int64(j)
+	}
 	for j := 0; j < len(w); {
 		if w[j].kind != kindRead {
 			j++
 			continue
 		}
 		k := j + 1
-		for k < len(w) && w[k].kind == kindRead {
+		for k < len(w) && w[k].kind == kindRead && chunk(k) == chunk(k-1)+1 {
 			k++
 		}
-		off := (first + int64(j)) * cs
-		span := min((first+int64(k))*cs, size) - off
+		off := chunk(j) * cs
+		span := min((chunk(k-1)+1)*cs, size) - off
 		b := buf[int64(j)*cs : int64(j)*cs+span]
 		if n, err := src.ReadAt(b, off); err != nil && !(err == io.EOF && int64(n) == span) {
 			return fmt.Errorf("read at %d: %w", off, err)

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/zeebo/blake3"
@@ -335,6 +336,38 @@ func PatchObjects(r *Repo, ids ...string) []string {
 // SetIndexEveryChunks makes a backup write an index object once the
 // packs waiting for one hold n chunks.
 func SetIndexEveryChunks(n int) func() { return set(&indexEveryChunks, n) }
+
+// countingGets counts the Gets of names under prefix.
+type countingGets struct {
+	Backend
+	prefix string
+	mu     sync.Mutex
+	names  []string
+}
+
+func (c *countingGets) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	if strings.HasPrefix(name, c.prefix) {
+		c.mu.Lock()
+		c.names = append(c.names, name)
+		c.mu.Unlock()
+	}
+	return c.Backend.Get(ctx, name, off, length)
+}
+
+// RecordGets records the objects under prefix that r reads until the
+// returned function is called, which returns their names in the order
+// read.
+func RecordGets(r *Repo, prefix string) func() []string {
+	old := r.be
+	c := &countingGets{Backend: old, prefix: prefix}
+	r.be = c
+	return func() []string {
+		r.be = old
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.names
+	}
+}
 
 // failingDeletes fails every Delete of a name under prefix.
 type failingDeletes struct {

@@ -68,8 +68,12 @@ type listWriter struct {
 	pbuf   []Hash // the parent's hashes of the chunks in buf
 	sum    func([]byte) Hash
 	buf    []Hash
-	first  int64
-	bytes  int64 // stored
+	// changed: the chunks of the segment being written that an
+	// incremental read, as places in it (addChanged); the others are
+	// the parent's.
+	changed []patchEntry
+	first   int64
+	bytes   int64 // stored
 }
 
 func (r *Repo) newListWriter(x *Image) *listWriter {
@@ -102,13 +106,19 @@ func (w *listWriter) flush(ctx context.Context) error {
 	if len(w.buf) == 0 {
 		return nil
 	}
-	x := w.x
 	if w.parent != nil {
 		done, err := w.flushPatch(ctx)
 		if err != nil || done {
 			return err
 		}
 	}
+	return w.writeBase(ctx)
+}
+
+// writeBase writes the segment collected as a segment of its own (a
+// base), and moves on.
+func (w *listWriter) writeBase(ctx context.Context) error {
+	x := w.x
 	// Nothing of the image in the segment, so that another image with the
 	// same chunks there has the same segment.
 	seg := &Image{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: w.r.segmentVersion()}
@@ -128,19 +138,85 @@ func (w *listWriter) flush(ctx context.Context) error {
 		}
 		w.bytes += int64(len(obj))
 	}
-	w.next(h, Hash{})
+	w.next(h, Hash{}, int64(len(w.buf)))
 	return nil
 }
 
-// next records the segment just written or reused, base and patch, and
-// moves on.
-func (w *listWriter) next(base, patch Hash) {
+// next records the segment just written or reused, base and patch, of
+// n chunks, and moves on.
+func (w *listWriter) next(base, patch Hash, n int64) {
 	w.x.Segments = append(w.x.Segments, base)
 	if w.x.Patches != nil {
 		w.x.Patches = append(w.x.Patches, patch)
 	}
-	w.first += int64(len(w.buf))
-	w.buf, w.pbuf = w.buf[:0], w.pbuf[:0]
+	w.first += n
+	w.buf, w.pbuf, w.changed = w.buf[:0], w.pbuf[:0], w.changed[:0]
+}
+
+// addChanged adds the hashes hs of chunks at (ascending, in the segment
+// being written) of an incremental whose other chunks in that segment
+// are the parent's; done: the segment has no more changes. The segment
+// is then stored as a patch of the parent's: the parent's patch there
+// with these chunks set, so neither the parent's segment is read nor
+// its unchanged chunks handled. Only when that patch would be too large
+// is the parent's segment read, the changes applied to it, and the
+// segment written whole.
+func (w *listWriter) addChanged(ctx context.Context, at []int64, hs []Hash, done bool) error {
+	x, k := w.x, len(w.x.Segments)
+	if w.parent == nil || len(w.buf) != 0 || w.first != int64(k)*x.SegmentChunks || k >= len(w.parent.Segments) {
+		return fmt.Errorf("chunk list: changed chunks at %d, not in a segment of the parent's on its boundary", w.first)
+	}
+	for i, c := range at {
+		if c < w.first || c >= w.first+x.SegmentChunks || len(w.changed) > 0 && uint32(c-w.first) <= w.changed[len(w.changed)-1].at {
+			return fmt.Errorf("chunk list: changed chunk %d out of order in the segment from %d", c, w.first)
+		}
+		w.changed = append(w.changed, patchEntry{uint32(c - w.first), hs[i]})
+	}
+	if !done {
+		return nil
+	}
+	n := min(x.SegmentChunks, x.NumChunks()-w.first)
+	var prior []patchEntry
+	if h, ok := w.parent.patched(k); ok {
+		p, err := w.r.readPatch(ctx, w.parent, k, h)
+		if err != nil {
+			return fmt.Errorf("chunk list: the previous image's: %w", err)
+		}
+		prior = p.ents
+	}
+	// The parent's patch with the changes over it, both in place order.
+	ents := make([]patchEntry, 0, len(prior)+len(w.changed))
+	ch := w.changed
+	for len(prior) > 0 || len(ch) > 0 {
+		switch {
+		case len(ch) == 0 || len(prior) > 0 && prior[0].at < ch[0].at:
+			ents = append(ents, prior[0])
+			prior = prior[1:]
+		default:
+			if len(prior) > 0 && prior[0].at == ch[0].at {
+				prior = prior[1:]
+			}
+			ents = append(ents, ch[0])
+			ch = ch[1:]
+		}
+	}
+	if len(ents) <= int(n)/patchDivisor {
+		return w.writePatch(ctx, n, ents)
+	}
+	// Too many for a patch: the segment whole, the parent's base with
+	// the parent's patch and the changes set, as a new base.
+	_, base, err := w.r.baseSegment(ctx, w.parent, k)
+	if err != nil {
+		return fmt.Errorf("chunk list: the previous image's: %w", err)
+	}
+	if int64(len(base)) != n {
+		return fmt.Errorf("chunk list: the previous image's segment %d holds %d chunks, want %d: %w", k, len(base), n, ErrCorrupt)
+	}
+	w.buf = append(w.buf[:0], base...)
+	for _, e := range ents {
+		w.buf[e.at] = e.h
+	}
+	return w.writeBase(ctx)
 }
 
 // flushPatch stores the segment collected as a patch of the parent's
@@ -150,7 +226,7 @@ func (w *listWriter) next(base, patch Hash) {
 // segment is never more than its base and one patch) with the chunks
 // that differ from the parent's set; neither base is read.
 func (w *listWriter) flushPatch(ctx context.Context) (bool, error) {
-	x, k := w.x, len(w.x.Segments)
+	k := len(w.x.Segments)
 	if k >= len(w.parent.Segments) || len(w.pbuf) != len(w.buf) {
 		return false, nil
 	}
@@ -176,27 +252,35 @@ func (w *listWriter) flushPatch(ctx context.Context) (bool, error) {
 			ents = append(ents, patchEntry{uint32(i), w.buf[i]})
 		}
 	}
+	return true, w.writePatch(ctx, int64(len(w.buf)), ents)
+}
+
+// writePatch stores ents as the patch of the parent's segment at the
+// segment being written, of n chunks (none: the parent's segment as it
+// is), and moves on.
+func (w *listWriter) writePatch(ctx context.Context, n int64, ents []patchEntry) error {
+	x, k := w.x, len(w.x.Segments)
 	if len(ents) == 0 {
-		w.next(w.parent.Segments[k], Hash{})
-		return true, nil
+		w.next(w.parent.Segments[k], Hash{}, n)
+		return nil
 	}
-	p := &segPatch{chunkSize: x.ChunkSize, size: x.Size, first: w.first, count: int64(len(w.buf)), base: w.parent.Segments[k], ents: ents}
+	p := &segPatch{chunkSize: x.ChunkSize, size: x.Size, first: w.first, count: n, base: w.parent.Segments[k], ents: ents}
 	plain := encodePatch(p, w.r.hashLen())
 	h := w.sum(plain)
 	name := patchName(h)
 	have, err := w.r.be.Has(ctx, name)
 	if err != nil {
-		return false, fmt.Errorf("chunk list: %w", err)
+		return fmt.Errorf("chunk list: %w", err)
 	}
 	if !have {
 		obj := w.r.seal.seal(nil, plain)
 		if err := w.r.be.Put(ctx, name, obj); err != nil {
-			return false, fmt.Errorf("chunk list: %w", err)
+			return fmt.Errorf("chunk list: %w", err)
 		}
 		w.bytes += int64(len(obj))
 	}
-	w.next(p.base, h)
-	return true, nil
+	w.next(p.base, h, n)
+	return nil
 }
 
 // reuse names segment h, of n chunks, as the next one: a segment of the

@@ -119,3 +119,70 @@ func TestSegmentPatches(t *testing.T) {
 		})
 	}
 }
+
+// TestIncrementalReadsChangesOnly: an incremental with few changes in a
+// segment reads none of its parent's chunk-list segments (only the
+// parent's patch there, when it has one) and stores a patch; when the
+// parent's patch and the changes together are too many for a patch, it
+// reads the parent's segment and stores the segment whole. Every image
+// restores to its volume.
+func TestIncrementalReadsChangesOnly(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(1024)) // one 4 MiB batch
+	ctx := context.Background()
+	repo, _ := newRepo(t)
+	r := rand.New(rand.NewPCG(41, 42))
+	const chunks = 4 * 1024 // 4 segments
+	src := volumeData(r, chunks*4096)
+	full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	incremental := func(parent *backup.Image, cur memSource, blks []int) (*backup.Image, memSource, []string) {
+		t.Helper()
+		next, bm := rewrite(r, cur, blks...)
+		done := backup.RecordGets(repo, "segments/")
+		x, st, err := repo.Backup(ctx, next, backup.Options{Volume: "v", Parent: parent, Changed: bm})
+		read := done()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !st.Incremental || st.Read != int64(len(blks))*4096 {
+			t.Fatalf("incremental %v, %d bytes read for %d changed chunks", st.Incremental, st.Read, len(blks))
+		}
+		backupAndRestoreCheck(t, repo, x.ID, next)
+		return x, next, read
+	}
+	// 40 changes in segment 1 and 3 in segment 2: under the 64 (1/16 of
+	// 1024) a patch may hold.
+	var blks []int
+	for i := range 40 {
+		blks = append(blks, 1024+i*20)
+	}
+	blks = append(blks, 2048+5, 2048+500, 2048+1000)
+	// Segment 0 is read as the check that the parent is still there.
+	x1, cur, read := incremental(full, src, blks)
+	if want := []string{backup.SegmentObject(repo, full.ID, 0)}; !slices.Equal(read, want) {
+		t.Fatalf("an incremental of a full image read the chunk-list objects %v, want only its check's %v", read, want)
+	}
+	if p := backup.PatchObjects(repo, x1.ID); len(p) != 2 || x1.Segments[1] != full.Segments[1] || x1.Segments[2] != full.Segments[2] {
+		t.Fatalf("%d patches, segments 1 and 2 on their old bases: %v %v, want 2 and both", len(p), x1.Segments[1] == full.Segments[1], x1.Segments[2] == full.Segments[2])
+	}
+	// 30 more in segment 1 (70 with its patch's: segment 1 is written
+	// whole, from the parent's), one more in segment 2 (a patch of 4).
+	blks = blks[:0]
+	for i := range 30 {
+		blks = append(blks, 1024+i*20+7)
+	}
+	blks = append(blks, 2048+700)
+	x2, _, read := incremental(x1, cur, blks)
+	slices.Sort(read)
+	want := []string{backup.SegmentObject(repo, full.ID, 0), backup.SegmentObject(repo, full.ID, 1)}
+	for _, k := range []int{1, 2} {
+		want = append(want, "segments/"+x1.Patches[k].String()[:2]+"/"+x1.Patches[k].String())
+	}
+	slices.Sort(want)
+	if !slices.Equal(read, want) {
+		t.Fatalf("the second incremental read %v, want segments 0 (its check) and 1 of the full image and the first incremental's two patches %v", read, want)
+	}
+	if x2.Segments[1] == full.Segments[1] || x2.Patches[1] != (backup.Hash{}) || x2.Segments[2] != full.Segments[2] || x2.Patches[2] == (backup.Hash{}) {
+		t.Fatalf("segment 1 new base %v, segment 2 patched %v", x2.Segments[1] != full.Segments[1], x2.Patches[2] != backup.Hash{})
+	}
+	verifyClean(t, repo, 3)
+}
