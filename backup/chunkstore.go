@@ -59,41 +59,51 @@ func newChunkStore(hashLen int, tmpDir string) *chunkStore {
 	return s
 }
 
-// bloom is a Bloom filter with three probes taken from the hash's bits
-// (chunk hashes are uniform: BLAKE3, SHA-256, keyed or not).
+// bloom is a blocked Bloom filter: a hash sets three bits, taken from
+// its bits (chunk hashes are uniform: BLAKE3, SHA-256, keyed or not),
+// in one 64-byte block of the filter, so that adding or testing it
+// touches one cache line, not three anywhere in up to 8 MiB. Building
+// the filter of a 4 Mi-chunk index cache at every open spent most of
+// its 0.42 s of CPU waiting for those lines (measured 2026-12-07); a
+// block holds 32 chunks on average at 16 bits a chunk, for about
+// 0.6 % false positives (0.5 % unblocked).
 type bloom struct {
-	bits []uint64
-	mask uint64
+	bits   []uint64
+	blocks uint64 // len(bits)/8 - 1: a mask of the block numbers
 }
 
 func newBloom(n int64) bloom {
 	nb := uint64(max(n, 1)) * 16 / 8
 	nb = min(max(nb, uint64(minFilterBytes)), uint64(maxFilterBytes))
 	nb = 1 << (64 - bits.LeadingZeros64(nb-1)) // a power of two
-	return bloom{bits: make([]uint64, nb/8), mask: nb*8 - 1}
+	return bloom{bits: make([]uint64, nb/8), blocks: nb/64 - 1}
 }
 
+// probes are h's block (the index of its first word) and the bits to
+// take its three 9-bit places in the block from.
 func (b *bloom) probes(h *Hash) (uint64, uint64) {
-	return binary.LittleEndian.Uint64(h[8:16]), top64(h) | 1
+	return (binary.LittleEndian.Uint64(h[8:16]) & b.blocks) * 8, top64(h)
 }
 
 func (b *bloom) add(h *Hash) {
-	x, d := b.probes(h)
+	w, d := b.probes(h)
+	blk := b.bits[w : w+8 : w+8]
 	for range 3 {
-		i := x & b.mask
-		b.bits[i>>6] |= 1 << (i & 63)
-		x += d
+		i := d & 511
+		blk[i>>6] |= 1 << (i & 63)
+		d >>= 9
 	}
 }
 
 func (b *bloom) has(h *Hash) bool {
-	x, d := b.probes(h)
+	w, d := b.probes(h)
+	blk := b.bits[w : w+8 : w+8]
 	for range 3 {
-		i := x & b.mask
-		if b.bits[i>>6]&(1<<(i&63)) == 0 {
+		i := d & 511
+		if blk[i>>6]&(1<<(i&63)) == 0 {
 			return false
 		}
-		x += d
+		d >>= 9
 	}
 	return true
 }
