@@ -39,6 +39,23 @@ func cowVolumes(t *testing.T, names ...string) (*cow.Provider, *provider.Registr
 	return p, reg
 }
 
+// cowVolume opens a COW volume name over a sparse origin of size bytes
+// in dir (its diff area in dir/diff), closed when t ends, and a
+// provider that serves it.
+func cowVolume(t *testing.T, dir, name string, size int64) (*cow.Volume, *cow.Provider) {
+	t.Helper()
+	origin := filepath.Join(dir, name+".img")
+	testutil.SparseFile(t, origin, size)
+	v, err := cow.Open(name, origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	p := cow.NewProvider()
+	p.Add(v)
+	return v, p
+}
+
 // recWriter records its phases and can fail or hang in one.
 type recWriter struct {
 	writer.Base

@@ -14,7 +14,6 @@ import (
 
 	_ "modernc.org/sqlite"
 
-	"umbra/cow"
 	"umbra/frontend"
 	"umbra/fusefile"
 	"umbra/internal/testutil"
@@ -46,15 +45,7 @@ func sqliteSets(t *testing.T, via string) {
 		sets = 10
 	}
 	dir := t.TempDir()
-	origin := filepath.Join(dir, "vol.img")
-	testutil.SparseFile(t, origin, 512<<20)
-	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := cow.NewProvider()
-	p.Add(v)
-	t.Cleanup(func() { v.Close() })
+	_, p := cowVolume(t, dir, "vol", 512<<20)
 	// file returns the file that carries an export to a loop device, for
 	// as long as t runs.
 	var file func(t *testing.T, export string, readOnly bool) string

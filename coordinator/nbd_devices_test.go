@@ -13,7 +13,6 @@ import (
 	"strings"
 	"testing"
 
-	"umbra/cow"
 	"umbra/frontend"
 	"umbra/internal/testutil"
 	"umbra/nbd"
@@ -35,15 +34,7 @@ func TestWritersFindNBDDevices(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.Need(t, "losetup", "mkfs.ext4", "qemu-io")
 	dir := t.TempDir()
-	origin := filepath.Join(dir, "vol.img")
-	testutil.SparseFile(t, origin, 16<<20)
-	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := cow.NewProvider()
-	p.Add(v)
-	t.Cleanup(func() { v.Close() })
+	v, p := cowVolume(t, dir, "vol", 16<<20)
 	clients := &frontend.Clients{}
 	sock := filepath.Join(dir, "nbd.sock")
 	l, err := net.Listen("unix", sock)

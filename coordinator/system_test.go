@@ -15,7 +15,6 @@ import (
 
 	_ "modernc.org/sqlite"
 
-	"umbra/cow"
 	"umbra/frontend"
 	"umbra/fusefile"
 	"umbra/internal/sqlitecommitter"
@@ -205,15 +204,7 @@ func TestSystemVolumesWithWriters(t *testing.T) {
 	log := &seqLog{}
 
 	// The COW volume, ext4 on a loop device over its FUSE file.
-	origin := filepath.Join(dir, "vol.img")
-	testutil.SparseFile(t, origin, 256<<20)
-	v, err := cow.Open("vol", origin, cow.Options{StorageDir: filepath.Join(dir, "diff")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { v.Close() })
-	cp := cow.NewProvider()
-	cp.Add(v)
+	_, cp := cowVolume(t, dir, "vol", 256<<20)
 	fuseDir := filepath.Join(dir, "fuse")
 	os.Mkdir(fuseDir, 0o755)
 	srv, err := fusefile.Mount(fuseDir, frontend.FUSESource(cp), fusefile.Options{})
