@@ -36,10 +36,13 @@ import (
 // are garbage that prune removes). Image IDs are kept, so a rerun skips
 // the images that arrived.
 //
-// Compression: with the same chunk names and compression, the blobs
-// holding the chunks the target lacks are copied as they are stored,
-// not decompressed and compressed again (copypass.go); otherwise each
-// chunk is read, and compressed and sealed for the target.
+// Compression: with the same compression (zstd, whatever the level),
+// the blobs holding the chunks the target lacks keep the source's
+// compressed bytes (copypass.go): as stored with the same chunk names,
+// opened and sealed again for the target otherwise. A blob whose chunks
+// fall in two segments of a chunk list is copied for each (at most one
+// blob of 4 MiB a segment of 256 MiB), and one the target holds some
+// chunks of is copied whole, those chunks unlisted.
 //
 // Verification on arrival: every chunk read from the source is checked
 // against the source's hash; every blob written (compressed here, or as
@@ -381,9 +384,11 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 	}
 	cache := newChunkCache(restoreCache)
 	srcSum := src.hasher()
-	var scratch, passScratch []byte
-	// The same names and compression: blobs move as they are stored.
+	var scratch, passScratch, checkScratch []byte
+	// The same compression: blobs move as they are stored (the same
+	// names), or sealed again for the target (other names).
 	pass := same && passThrough(src, dst)
+	resealing := !same && reseal(src, dst)
 	wrote := blake3.New() // the target's chunk list as written
 	var srcNonZero, dstNonZero int64
 	w := make([]chunkWork, perBatch)
@@ -428,6 +433,28 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 				wrote.Write(h[:])
 			}
 			if err := lw.add(ctx, hs, nil); err != nil {
+				return err
+			}
+			if err := up.flushIndex(ctx, false); err != nil {
+				return err
+			}
+			if progress != nil {
+				progress(x.ID, min((first+int64(len(hs)))*cs, x.Size), x.Size)
+			}
+			return ctx.Err()
+		}
+		if resealing {
+			out, err := resealBlobs(ctx, src, dst, up, hs, srcSum, hashers[0], &passScratch, &checkScratch, ci, st)
+			if err != nil {
+				return err
+			}
+			for _, h := range out {
+				if h != (Hash{}) {
+					dstNonZero++
+				}
+				wrote.Write(h[:])
+			}
+			if err := lw.add(ctx, out, nil); err != nil {
 				return err
 			}
 			if err := up.flushIndex(ctx, false); err != nil {

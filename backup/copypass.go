@@ -3,13 +3,18 @@ package backup
 import (
 	"context"
 	"fmt"
+
+	"umbra/internal/zero"
 )
 
-// Pass-through: when two repositories name chunks the same way and
-// compress them the same way, a chunk the target lacks is copied as the
-// source stores it — its blob's bytes, compressed (and sealed: the same
-// names mean the same key, or none) — instead of being decompressed and
-// compressed again. Each blob is opened on arrival as the target would
+// Pass-through: when two repositories compress chunks the same way, a
+// chunk the target lacks is copied as the source compressed it, never
+// compressed again. With the same chunk names (the same key, or none) a
+// blob moves as stored (passBlobs); with other names (another key, or
+// one repository encrypted and not the other) each blob is opened, its
+// chunks checked against the source's hashes and hashed as the target
+// names them, and its compressed bytes sealed for the target
+// (resealBlobs). Each blob is opened on arrival as the target would
 // open it and every chunk the target will list in it is checked against
 // its hash before the blob is packed. A blob's chunks that the image
 // does not need stay in it, unlisted: a backup makes a blob of one
@@ -19,6 +24,12 @@ import (
 // they are stored.
 func passThrough(src, dst *Repo) bool {
 	return SameChunkNames(src, dst) && src.cfg.Compression == dst.cfg.Compression && src.cfg.Encryption == dst.cfg.Encryption
+}
+
+// reseal reports whether a copy from src to dst, which name chunks
+// differently, may copy blobs' compressed bytes.
+func reseal(src, dst *Repo) bool {
+	return !SameChunkNames(src, dst) && src.cfg.Compression == dst.cfg.Compression && src.cfg.ChunkSize == dst.cfg.ChunkSize
 }
 
 // blobRef names a stored blob of the source.
@@ -98,3 +109,93 @@ func (r *Repo) checkStoredBlob(blob []byte, ents []blobEntry, sum func([]byte) H
 	}
 	return nil
 }
+
+// resealBlobs is passBlobs for repositories that name chunks
+// differently: it copies the source blobs holding the chunks of hs (the
+// source's hashes of a run of an image's chunks; zero: a hole), opened
+// and checked against those hashes, their compressed bytes sealed for
+// dst, listing the chunks dst lacks under dst's hashes. It returns dst's
+// hashes of hs (zero for a hole or an all-zero chunk).
+func resealBlobs(ctx context.Context, src, dst *Repo, up *uploader, hs []Hash, srcSum, dstSum func([]byte) Hash, scratch, check *[]byte, ci *CopiedImage, st *CopyStats) ([]Hash, error) {
+	type place struct {
+		i int
+		l loc
+	}
+	out := make([]Hash, len(hs))
+	var order []blobRef
+	at := map[blobRef][]place{}
+	for i, h := range hs {
+		if h == (Hash{}) {
+			continue
+		}
+		l, pid, ok := src.lookup(h)
+		if !ok {
+			return nil, fmt.Errorf("chunk %s: %w", h, ErrMissingChunk)
+		}
+		ref := blobRef{pid, l.off, l.len}
+		if _, seen := at[ref]; !seen {
+			order = append(order, ref)
+		}
+		at[ref] = append(at[ref], place{i, l})
+	}
+	for _, ref := range order {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		where := func(err error) error { return fmt.Errorf("blob at %d of pack %s: %w", ref.off, ref.pid, err) }
+		blob, err := src.be.Get(ctx, ref.pid.name(), int64(ref.off), int64(ref.len))
+		if err == nil && len(blob) != int(ref.len) {
+			err = fmt.Errorf("%w: %d bytes read of %d", ErrCorrupt, len(blob), ref.len)
+		}
+		if err != nil {
+			return nil, where(err)
+		}
+		z, err := src.seal.openInPlace(blob)
+		if err != nil {
+			return nil, where(fmt.Errorf("%w: the blob does not open: %v", ErrCorrupt, err))
+		}
+		group, err := src.decodeBlob(*scratch, z)
+		if err != nil {
+			return nil, where(err)
+		}
+		*scratch = group[:0]
+		var ents []blobEntry
+		for _, p := range at[ref] {
+			data, err := chunkIn(hs[p.i], p.l, group, srcSum)
+			if err != nil {
+				return nil, where(err)
+			}
+			st.BytesRead += int64(len(data))
+			if zero.All(data) {
+				continue
+			}
+			d := dstSum(data)
+			out[p.i] = d
+			switch {
+			case up.has(d):
+			case dst.known(d):
+				ci.ChunksPresent++
+			default:
+				up.mark(d)
+				ents = append(ents, blobEntry{Hash: d, RawOff: p.l.rawOff, Raw: p.l.raw})
+				ci.ChunksCopied++
+				ci.BytesCopied += int64(len(data))
+			}
+		}
+		if len(ents) == 0 {
+			continue
+		}
+		sealed := dst.seal.seal(nil, z)
+		if err := dst.checkStoredBlob(sealed, ents, dstSum, check); err != nil {
+			return nil, where(fmt.Errorf("as sealed for the target: %w", err))
+		}
+		if err := up.add(sealed, ents); err != nil {
+			return nil, err
+		}
+		ci.BytesWritten += int64(len(sealed))
+	}
+	return out, nil
+}
+
+// known reports whether the repository's index names chunk h.
+func (r *Repo) known(h Hash) bool { _, _, ok := r.lookup(h); return ok }

@@ -73,3 +73,58 @@ func TestCopyPassThrough(t *testing.T) {
 		t.Fatalf("%d chunks compared; stats %+v", chunks, st)
 	}
 }
+
+// TestCopyReseal copies from an encrypted repository (zstd level
+// better) into one under another key and into an unencrypted one (both
+// at level fastest): they name chunks differently, so every chunk is
+// read and hashed again, but each blob keeps the source's compressed
+// bytes, sealed for the target (its size is the source's, less the seal
+// when the target is not encrypted), and the images restore and verify.
+func TestCopyReseal(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(64))
+	ctx := context.Background()
+	src, err := backup.InitWith(ctx, filepath.Join(t.TempDir(), "src"), backup.Settings{Password: "one", Level: "better"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	ids, data := copyImages(t, src)
+	for _, tc := range []struct {
+		name     string
+		password string
+		less     int64 // the seal's bytes the target's blobs lack
+	}{{"another key", "two", 0}, {"not encrypted", "", 28}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst, err := backup.InitWith(ctx, filepath.Join(t.TempDir(), "dst"), backup.Settings{Password: tc.password, Level: "fastest"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dst.Close()
+			st, err := backup.Copy(ctx, src, dst, backup.CopyOptions{All: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !st.Rehashed || st.ChunksCopied == 0 {
+				t.Fatalf("stats %+v", st)
+			}
+			checkCopied(t, dst, ids, data)
+			for _, id := range ids {
+				x, _ := src.Image(id)
+				y, err := dst.Image(id)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i, h := range x.Chunks {
+					if h == (backup.Hash{}) {
+						continue
+					}
+					_, _, n := backup.BlobLocation(src, h)
+					_, _, m := backup.BlobLocation(dst, y.Chunks[i])
+					if m != n-tc.less {
+						t.Fatalf("image %s, chunk %d: its blob is %d bytes in the source, %d in the target: compressed again", id, i, n, m)
+					}
+				}
+			}
+		})
+	}
+}
