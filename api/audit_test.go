@@ -44,12 +44,7 @@ func auditLines(t *testing.T, path string) []map[string]any {
 // the caller's uid (SO_PEERCRED), read-only ones not at all.
 func TestAuditUnixPeer(t *testing.T) {
 	dir := t.TempDir()
-	srv := newTestServer(t, dir)
-	logPath := filepath.Join(dir, "audit.log")
-	var err error
-	if srv.Audit, err = api.OpenAudit(logPath); err != nil {
-		t.Fatal(err)
-	}
+	srv, logPath := newAuditedServer(t, dir)
 	sock := filepath.Join(dir, "api.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -104,12 +99,7 @@ func TestAuditUnixPeer(t *testing.T) {
 // with its request, secrets left out, and the TCP caller's address.
 func TestAuditStreamRequest(t *testing.T) {
 	dir := t.TempDir()
-	srv := newTestServer(t, dir)
-	logPath := filepath.Join(dir, "audit.log")
-	var err error
-	if srv.Audit, err = api.OpenAudit(logPath); err != nil {
-		t.Fatal(err)
-	}
+	srv, logPath := newAuditedServer(t, dir)
 	tokens := filepath.Join(dir, "tokens")
 	os.WriteFile(tokens, []byte("op-token-0123456789abcdef operator nightly\nview-token-0123456789abcd viewer dash\n"), 0o600)
 	ids, err := api.LoadIdentities(tokens)

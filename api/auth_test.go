@@ -32,11 +32,7 @@ func (token) RequireTransportSecurity() bool { return true }
 // roles for tokens and client certificates, fails closed, and audits.
 func TestTCPAuth(t *testing.T) {
 	dir := t.TempDir()
-	srv := newTestServer(t, dir)
-	var err error
-	if srv.Audit, err = api.OpenAudit(filepath.Join(dir, "audit.log")); err != nil {
-		t.Fatal(err)
-	}
+	srv, _ := newAuditedServer(t, dir)
 
 	tokens := filepath.Join(dir, "tokens")
 	os.WriteFile(tokens, []byte("# test identities\ntoken viewer-token-0123456789 viewer alice\ntoken operator-token-012345678 operator bob\n"+

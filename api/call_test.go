@@ -2,7 +2,6 @@ package api_test
 
 import (
 	"context"
-	"path/filepath"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -18,12 +17,7 @@ import (
 // logged, a viewer's list is neither refused nor logged.
 func TestCallAsIdentity(t *testing.T) {
 	dir := t.TempDir()
-	srv := newTestServer(t, dir)
-	logPath := filepath.Join(dir, "audit.log")
-	var err error
-	if srv.Audit, err = api.OpenAudit(logPath); err != nil {
-		t.Fatal(err)
-	}
+	srv, logPath := newAuditedServer(t, dir)
 	ctx := context.Background()
 	viewer := api.NewCaller("alice", api.RoleViewer, "web 192.0.2.1:1")
 	operator := api.NewCaller("bob", api.RoleOperator, "web 192.0.2.2:2")
@@ -33,7 +27,7 @@ func TestCallAsIdentity(t *testing.T) {
 	if _, err := api.Call(ctx, srv, operator, "CreateSnapshotSet", &umbrav1.CreateSnapshotSetRequest{Volumes: []string{"v"}, Id: "s1"}, srv.CreateSnapshotSet); err != nil {
 		t.Fatalf("operator create: %v", err)
 	}
-	_, err = api.Call(ctx, srv, viewer, "DeleteSnapshots", &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: "s1"}, srv.DeleteSnapshots)
+	_, err := api.Call(ctx, srv, viewer, "DeleteSnapshots", &umbrav1.DeleteSnapshotsRequest{Volume: "v", Id: "s1"}, srv.DeleteSnapshots)
 	if status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("viewer delete: %v, want PermissionDenied", err)
 	}

@@ -22,6 +22,19 @@ import (
 
 // newTestServer is an API server over one 1 MiB COW volume "v" in dir,
 // without coordinator or writers.
+// newAuditedServer is newTestServer with an audit log, dir/audit.log,
+// whose path it returns.
+func newAuditedServer(t testing.TB, dir string) (*api.Server, string) {
+	t.Helper()
+	srv := newTestServer(t, dir)
+	path := filepath.Join(dir, "audit.log")
+	var err error
+	if srv.Audit, err = api.OpenAudit(path); err != nil {
+		t.Fatal(err)
+	}
+	return srv, path
+}
+
 func newTestServer(t testing.TB, dir string) *api.Server {
 	t.Helper()
 	origin := filepath.Join(dir, "v.img")
