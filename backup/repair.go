@@ -1,9 +1,12 @@
 package backup
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"os"
 	"sort"
 )
 
@@ -38,9 +41,12 @@ type RepairReport struct {
 // (a pack's trailer says where they are; a pack whose trailer does not
 // read is taken from the index entries that name it); the chunks of a
 // damaged pack that still read are written into new packs and the pack
-// deleted; one new index names every good chunk and replaces all the
-// old index objects; image records that are damaged are deleted. It
-// holds an exclusive lock. With dryRun it changes nothing.
+// deleted; a new index (objects of at most indexEveryChunks entries)
+// names every good chunk and replaces all the old index objects; image
+// records that are damaged are deleted. Memory does not grow with the
+// repository: the chunks found are kept in a chunk store on disk, and
+// one pack is in memory at a time. It holds an exclusive lock. With
+// dryRun it changes nothing.
 func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 	rep := RepairReport{DryRun: dryRun}
 	unlock, err := r.Lock(ctx, "repair", true)
@@ -52,23 +58,42 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 	if err != nil {
 		return rep, fmt.Errorf("repair %s: %w", r.Location(), err)
 	}
-	// What the current index says of each pack: the fallback for a pack
-	// whose trailer does not read.
+	// What the current index says of a pack is the fallback for a pack
+	// whose trailer does not read: read from the index (one pass over it)
+	// for such a pack only.
+	old, err := r.chunks.frozen()
+	if err != nil {
+		return rep, fmt.Errorf("repair: chunk index: %w; run `umbra repo repair` again", err)
+	}
+	defer old.unpin()
 	r.mu.Lock()
-	indexed := map[PackID][]blobEntry{}
-	r.chunks.each(func(h Hash, l loc) {
-		pid := r.packs[l.pack]
-		indexed[pid] = append(indexed[pid], blobEntry{Hash: h, Off: l.off, Len: l.len, RawOff: l.rawOff, Raw: l.raw})
-	})
+	oldNo := maps.Clone(r.packIdx)
 	r.mu.Unlock()
-	good := map[Hash]bool{}
-	var keepPacks []packBlobs
+	indexed := func(pid PackID) []blobEntry {
+		p, ok := oldNo[pid]
+		if !ok {
+			return nil
+		}
+		var out []blobEntry
+		eachAt(old, func(_ int, e indexEntry) { // an error: nothing more to fall back on
+			if e.l.pack == p {
+				out = append(out, blobEntry{Hash: e.h, Off: e.l.off, Len: e.l.len, RawOff: e.l.rawOff, Raw: e.l.raw})
+			}
+		})
+		return out
+	}
+	// The chunks that read, each at its first place, in a chunk store of
+	// their own (on disk, bounded memory: a map of them took ~400 MiB at
+	// 1 Mi chunks), numbering the packs in newPacks.
+	found := newChunkStore(r.hashLen(), r.chunks.tmpDir)
+	defer found.close()
+	var newPacks []PackID
 	type salvage struct {
 		id   PackID
-		data []byte // the damaged pack
-		ents []blobEntry
+		ents []blobEntry // its chunks that read and are nowhere before
 	}
 	var damaged []salvage
+	isDamaged := map[uint32]bool{} // numbers in newPacks of the damaged packs
 	for _, n := range names {
 		pid, ok := parsePackName(n)
 		if !ok {
@@ -79,29 +104,40 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 		if err != nil {
 			return rep, fmt.Errorf("repair: read pack %s: %w; check the storage and try again", pid, err)
 		}
-		ents := r.packChunks(n, b, indexed[pid])
+		ents := r.packChunks(n, b, func() []blobEntry { return indexed(pid) })
+		p := uint32(len(newPacks))
+		newPacks = append(newPacks, pid)
 		var fresh []blobEntry
+		es := make([]indexEntry, 0, len(ents))
+		seen := make(map[Hash]bool, len(ents))
 		for _, e := range ents {
-			if !good[e.Hash] {
-				good[e.Hash] = true
-				fresh = append(fresh, e)
+			if _, known := found.get(e.Hash); known || seen[e.Hash] {
+				continue
 			}
+			seen[e.Hash] = true
+			fresh = append(fresh, e)
+			es = append(es, e.entry(p))
+		}
+		found.addMany(es)
+		if err := found.failed(); err != nil {
+			return rep, fmt.Errorf("repair: %w; check the free space of %s and try again", err, cmp.Or(r.chunks.tmpDir, os.TempDir()))
 		}
 		if r.checkPackBytes(pid, b) != nil {
 			rep.DamagedPacks = append(rep.DamagedPacks, pid.String())
-			damaged = append(damaged, salvage{pid, b, fresh})
-			continue
-		}
-		if len(fresh) > 0 {
-			keepPacks = append(keepPacks, packBlobs{ID: pid, Blobs: fresh})
+			damaged = append(damaged, salvage{pid, fresh})
+			isDamaged[p] = true
 		}
 	}
-	for _, bs := range indexed {
-		for _, e := range bs {
-			if !good[e.Hash] {
-				rep.LostChunks++
-			}
+	if err := eachAt(old, func(_ int, e indexEntry) {
+		if _, ok := found.get(e.h); !ok {
+			rep.LostChunks++
 		}
+	}); err != nil {
+		return rep, fmt.Errorf("repair: chunk index: %w; run `umbra repo repair` again", err)
+	}
+	good := func(h Hash) bool {
+		_, ok := found.get(h)
+		return ok
 	}
 	list, errs := r.images(ctx)
 	for _, e := range errs {
@@ -114,7 +150,7 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 	for _, x := range list {
 		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
-				if h != (Hash{}) && !good[h] {
+				if h != (Hash{}) && !good(h) {
 					return errStop
 				}
 			}
@@ -139,11 +175,9 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 			rep.IndexesReplaced = append(rep.IndexesReplaced, n)
 		}
 	}
-	for _, p := range keepPacks {
-		rep.Chunks += len(p.Blobs)
-	}
-	for _, d := range damaged {
-		rep.Chunks += len(d.ents)
+	rep.Chunks = found.len()
+	if err := found.failed(); err != nil {
+		return rep, fmt.Errorf("repair: %w; check the free space of %s and try again", err, cmp.Or(r.chunks.tmpDir, os.TempDir()))
 	}
 	if dryRun {
 		return rep, nil
@@ -167,11 +201,13 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 	}
 	sum := r.hasher()
 	for _, d := range damaged {
-		sort.Slice(d.ents, func(i, j int) bool {
-			return d.ents[i].Off < d.ents[j].Off || d.ents[i].Off == d.ents[j].Off && d.ents[i].RawOff < d.ents[j].RawOff
-		})
+		data, err := r.be.Get(ctx, d.id.name(), 0, -1) // one damaged pack in memory at a time
+		if err != nil {
+			return rep, fmt.Errorf("repair: read pack %s: %w; check the storage and try again", d.id, err)
+		}
+		sortBlobs(d.ents)
 		for _, g := range blobGroups(d.ents) {
-			group, err := r.openBlob(d.data[g[0].Off : g[0].Off+g[0].Len])
+			group, err := r.openBlob(data[g[0].Off : g[0].Off+g[0].Len])
 			if err != nil {
 				return rep, fmt.Errorf("repair: pack %s: %w", d.id, err) // it opened a moment ago
 			}
@@ -197,10 +233,31 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 		return rep, fmt.Errorf("repair: %w", err)
 	}
 	rep.PacksWritten = len(up.done)
-	all := append(keepPacks, up.done...)
-	newIndex := "index/" + randomID()
-	if err := r.be.Put(ctx, newIndex, wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(all, r.hashLen()))))); err != nil {
-		return rep, fmt.Errorf("repair: write index: %w", err)
+	// The new index: every chunk found in a pack kept, then the new
+	// packs', in objects of at most indexEveryChunks entries.
+	var newIndexes []string
+	iw := &indexWriter{write: func(ps []packBlobs) error {
+		name := "index/" + randomID()
+		if err := r.be.Put(ctx, name, wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(ps, r.hashLen()))))); err != nil {
+			return fmt.Errorf("repair: write index: %w", err)
+		}
+		newIndexes = append(newIndexes, name)
+		return nil
+	}}
+	if err := found.each(func(h Hash, l loc) {
+		if !isDamaged[l.pack] {
+			iw.add(newPacks[l.pack], blobEntry{Hash: h, Off: l.off, Len: l.len, RawOff: l.rawOff, Raw: l.raw})
+		}
+	}); err != nil {
+		return rep, fmt.Errorf("repair: %w", err)
+	}
+	for _, p := range up.done {
+		for _, b := range p.Blobs {
+			iw.add(p.ID, b)
+		}
+	}
+	if err := iw.finish(); err != nil {
+		return rep, err
 	}
 	if err := r.be.Sync(ctx); err != nil {
 		return rep, fmt.Errorf("repair: %w", err)
@@ -231,21 +288,29 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 		}
 		r.deleteList(ctx, id)
 	}
-	r.resetIndex([]string{newIndex})
+	// The index is now the new objects: read again (and the local cache
+	// written again to cover them).
+	r.resetIndex(nil)
+	if err := r.loadIndexNames(ctx, newIndexes); err != nil {
+		return rep, fmt.Errorf("repair: read the new index: %w", err)
+	}
 	r.mu.Lock()
-	r.addPacks(all)
+	ierr := errors.Join(r.indexErrs...)
 	r.mu.Unlock()
+	if ierr != nil {
+		return rep, fmt.Errorf("repair: read the new index: %w; open the repository again", ierr)
+	}
 	r.updateCache()
 	return rep, r.be.Sync(ctx)
 }
 
 // packChunks lists the chunks of pack name (bytes b) that read and match
 // their hashes: where its trailer says, or, when the trailer does not
-// read, where the index said (indexed).
-func (r *Repo) packChunks(name string, b []byte, indexed []blobEntry) []blobEntry {
+// read, where the index says (indexed).
+func (r *Repo) packChunks(name string, b []byte, indexed func() []blobEntry) []blobEntry {
 	ents, _, err := r.packTrailer(name, b)
 	if err != nil {
-		ents = indexed
+		ents = indexed()
 	}
 	for _, e := range ents {
 		if int64(e.Off)+int64(e.Len) > int64(len(b)) {

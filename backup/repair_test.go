@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"testing"
 
@@ -150,5 +151,34 @@ func backupAndRestoreCheck(t *testing.T, repo *backup.Repo, id string, src memSo
 	got, _ := os.ReadFile(out)
 	if !slices.Equal(got, []byte(src)) {
 		t.Fatalf("image %s does not restore byte-identical", id)
+	}
+}
+
+// TestRepairMemoryBounded: repair --dry-run of a repository whose index
+// names 256 Ki chunks (in packs that are gone, so all of them are lost)
+// allocates a few MiB in all, not a copy of the index per pack and a
+// map of the chunks (~30 MiB here, ~400 MiB at 1 Mi chunks).
+func TestRepairMemoryBounded(t *testing.T) {
+	ctx := context.Background()
+	const n = 256 << 10
+	repo, dir := newRepo(t)
+	if err := backup.WriteFakeIndex(repo, n, 128<<10, 7); err != nil {
+		t.Fatal(err)
+	}
+	repo.Close()
+	repo, err := backup.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	rep, err := repo.Repair(ctx, true)
+	runtime.ReadMemStats(&after)
+	if err != nil || rep.LostChunks != n || rep.Chunks != 0 {
+		t.Fatalf("repair --dry-run of an index whose packs are gone: %+v, %v; want %d chunks lost", rep, err, n)
+	}
+	if mib := float64(after.TotalAlloc-before.TotalAlloc) / (1 << 20); mib > 8 {
+		t.Fatalf("repair --dry-run of %d indexed chunks allocated %.1f MiB, want under 8 MiB whatever the chunks", n, mib)
 	}
 }
