@@ -51,17 +51,8 @@ func fileSum(t *testing.T, path string) [32]byte {
 // (a compressed extent has no per-block address: provider/reflink's
 // TestChangedCompressedNeighbour) and the btrfs extent items do.
 func TestReflinkIncrementalChain(t *testing.T) {
-	cases := []struct {
-		name string
-		mkfs []string
-		opts []string
-	}{
-		{"xfs", []string{"mkfs.xfs", "-q", "-f", "-m", "reflink=1"}, nil},
-		{"btrfs", []string{"mkfs.btrfs", "-q", "-f"}, nil},
-		{"btrfs-compressed", []string{"mkfs.btrfs", "-q", "-f"}, []string{"compress-force=zstd"}},
-	}
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) { reflinkChain(t, c.mkfs, c.opts) })
+	for _, c := range testutil.ReflinkFilesystems {
+		t.Run(c.Name, func(t *testing.T) { reflinkChain(t, c.Mkfs, c.Opts) })
 	}
 }
 

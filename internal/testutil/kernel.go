@@ -19,6 +19,25 @@ import (
 	"umbra/expose"
 )
 
+// ReflinkFS is a filesystem that shares extents (FICLONE), made by
+// Mkfs (the command and its flags, without the device) and mounted with
+// Opts.
+type ReflinkFS struct {
+	Name string
+	Mkfs []string
+	Opts []string
+}
+
+// ReflinkFilesystems are the filesystems the reflink provider serves,
+// as its tests and the CLI's run them: XFS with reflink=1, btrfs, and
+// btrfs with forced compression (whose compressed extents have no
+// per-block address).
+var ReflinkFilesystems = []ReflinkFS{
+	{"xfs", []string{"mkfs.xfs", "-q", "-f", "-m", "reflink=1"}, nil},
+	{"btrfs", []string{"mkfs.btrfs", "-q", "-f"}, nil},
+	{"btrfs-compressed", []string{"mkfs.btrfs", "-q", "-f"}, []string{"compress-force=zstd"}},
+}
+
 // NeedRoot skips the test unless it runs as root.
 func NeedRoot(t testing.TB) {
 	t.Helper()

@@ -46,19 +46,10 @@ func block(blk int64, gen uint32) []byte {
 // The writes are single blocks and runs of up to 40 blocks at random
 // places, logged seed.
 func TestChangedNeverMissesAChange(t *testing.T) {
-	cases := []struct {
-		name string
-		mkfs []string
-		opts []string
-	}{
-		{"xfs", []string{"mkfs.xfs", "-q", "-f", "-m", "reflink=1"}, nil},
-		{"btrfs", []string{"mkfs.btrfs", "-q", "-f"}, nil},
-		{"btrfs-compressed", []string{"mkfs.btrfs", "-q", "-f"}, []string{"compress-force=zstd"}},
-	}
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
+	for _, c := range testutil.ReflinkFilesystems {
+		t.Run(c.Name, func(t *testing.T) {
 			ctx := context.Background()
-			mnt := mountWith(t, c.mkfs, c.opts...)
+			mnt := mountWith(t, c.Mkfs, c.Opts...)
 			seed := rand.Uint64()
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 8))
