@@ -2,6 +2,7 @@ package backup
 
 import (
 	"bytes"
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -510,21 +511,34 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 	return nil
 }
 
-// ImageReader reads an image in place (for `umbra mount`): an
-// io.ReaderAt over the repository, safe for concurrent use, with a small
-// cache of recently opened blobs.
+// ImageReader reads an image in place (for `umbra mount` and live
+// restores): an io.ReaderAt over the repository, safe for concurrent use,
+// with a small cache of recently opened blobs. Concurrent reads of
+// chunks of one blob share one opening of it.
 type ImageReader struct {
 	r *Repo
 	x *Image
 
-	mu     sync.Mutex // guards cache, order, cached, list
-	cache  map[blobKey][]byte
-	order  []blobKey
-	cached int64 // bytes in cache
-	// list keeps the chunk list segments read last (readerSegments), so
-	// that reads hopping between a few places of the image do not read a
-	// segment (up to 2 MiB) again at every hop.
-	list listCursor
+	mu     sync.Mutex // guards blobs, lru, cached
+	blobs  map[blobKey]*openBlob
+	lru    list.List // the opened blobs' keys, least recently used first
+	cached int64     // bytes of the opened blobs
+
+	// listMu guards list, which keeps the chunk list segments read last
+	// (readerSegments), so that reads hopping between a few places of
+	// the image do not read a segment (up to 2 MiB) again at every hop.
+	// A read that must fetch a segment holds it, and blob reads go on.
+	listMu sync.Mutex
+	list   listCursor
+}
+
+// openBlob is a blob of an ImageReader's cache: being opened until ready
+// is closed, then data (the opened blob) or err.
+type openBlob struct {
+	ready chan struct{}
+	data  []byte
+	err   error
+	use   *list.Element // in lru, once opened
 }
 
 // readerSegments bounds the chunk list segments an ImageReader keeps: 8
@@ -537,7 +551,7 @@ func (r *Repo) OpenImage(ctx context.Context, id string) (*ImageReader, error) {
 	if err != nil {
 		return nil, err
 	}
-	ir := &ImageReader{r: r, x: x, cache: map[blobKey][]byte{}, list: listCursor{r: r, x: x, keep: readerSegments}}
+	ir := &ImageReader{r: r, x: x, blobs: map[blobKey]*openBlob{}, list: listCursor{r: r, x: x, keep: readerSegments}}
 	if _, err := ir.hash(0); err != nil && x.Size > 0 {
 		return nil, err
 	}
@@ -546,8 +560,8 @@ func (r *Repo) OpenImage(ctx context.Context, id string) (*ImageReader, error) {
 
 // hash is chunk i's hash (the zero hash for an all-zero chunk).
 func (ir *ImageReader) hash(i int64) (Hash, error) {
-	ir.mu.Lock()
-	defer ir.mu.Unlock()
+	ir.listMu.Lock()
+	defer ir.listMu.Unlock()
 	return ir.list.hash(context.Background(), i)
 }
 
@@ -555,6 +569,28 @@ func (ir *ImageReader) hash(i int64) (Hash, error) {
 func (ir *ImageReader) Zero(i int64) (bool, error) {
 	h, err := ir.hash(i)
 	return h == (Hash{}), err
+}
+
+// Cached reports whether chunk i reads without fetching a blob: it is
+// all zeros, or its blob is open in the cache. A reader that has paid
+// for a blob can take its other chunks for little more (a live restore
+// restores them along).
+func (ir *ImageReader) Cached(i int64) bool {
+	h, err := ir.hash(i)
+	if err != nil {
+		return false
+	}
+	if h == (Hash{}) {
+		return true
+	}
+	l, ok := ir.r.chunks.get(h)
+	if !ok {
+		return false
+	}
+	ir.mu.Lock()
+	defer ir.mu.Unlock()
+	b, ok := ir.blobs[blobKey{l.pack, l.off}]
+	return ok && b.data != nil
 }
 
 // Image returns the image being read (its record, without the chunk list).
@@ -567,7 +603,8 @@ func (ir *ImageReader) Size() int64 { return ir.x.Size }
 // 16 blobs of 4 MiB. With 8, reading an image through a mount in order
 // took 1.8x as long as with 64 MiB (a full image's duplicate chunks
 // point back to blobs opened long before), and reads hopping within 16
-// MiB 3.4x (docs/benchmarks.md, measured 2026-11-24).
+// MiB 3.4x (docs/benchmarks.md, measured 2026-11-24). Blobs being opened
+// are counted once they are: at most one per concurrent reader.
 var readerCache int64 = 64 << 20
 
 // ReadAt reads from the image as of its snapshot.
@@ -602,32 +639,51 @@ func (ir *ImageReader) chunk(i int64) ([]byte, error) {
 	if !ok {
 		return nil, fmt.Errorf("image %s at %d: chunk %s: %w", ir.x.ID, i*cs, h, ErrMissingChunk)
 	}
-	key := blobKey{l.pack, l.off}
-	ir.mu.Lock()
-	group, ok := ir.cache[key]
-	ir.mu.Unlock()
-	if !ok {
-		blob, err := ir.r.be.Get(context.Background(), pid.name(), int64(l.off), int64(l.len))
-		if err == nil {
-			group, err = ir.r.openBlob(blob)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("image %s at %d: chunk %s in pack %s: %w", ir.x.ID, i*cs, h, pid, err)
-		}
-		ir.mu.Lock()
-		if _, dup := ir.cache[key]; !dup {
-			for len(ir.order) > 0 && ir.cached+int64(len(group)) > readerCache {
-				ir.cached -= int64(len(ir.cache[ir.order[0]]))
-				delete(ir.cache, ir.order[0])
-				ir.order = ir.order[1:]
-			}
-			ir.cache[key] = group
-			ir.cached += int64(len(group))
-			ir.order = append(ir.order, key)
-		}
-		ir.mu.Unlock()
+	group, err := ir.blob(blobKey{l.pack, l.off}, pid, l)
+	if err != nil {
+		return nil, fmt.Errorf("image %s at %d: chunk %s in pack %s: %w", ir.x.ID, i*cs, h, pid, err)
 	}
 	// Hashing every read keeps a mounted image as trustworthy as a
 	// restore; at 4 GB/s it costs little next to decompression.
 	return chunkIn(h, l, group, ir.r.hasher())
+}
+
+// blob returns the opened blob k (at l in pack pid): from the cache, or
+// opened once for every reader that asks while it is opened. A failed
+// opening is not kept: the next read tries again.
+func (ir *ImageReader) blob(k blobKey, pid PackID, l loc) ([]byte, error) {
+	ir.mu.Lock()
+	if b, ok := ir.blobs[k]; ok {
+		if b.use != nil {
+			ir.lru.MoveToBack(b.use)
+		}
+		ir.mu.Unlock()
+		<-b.ready
+		return b.data, b.err
+	}
+	b := &openBlob{ready: make(chan struct{})}
+	ir.blobs[k] = b
+	ir.mu.Unlock()
+	raw, err := ir.r.be.Get(context.Background(), pid.name(), int64(l.off), int64(l.len))
+	var data []byte
+	if err == nil {
+		data, err = ir.r.openBlobInto(nil, raw)
+	}
+	ir.mu.Lock()
+	if err != nil {
+		delete(ir.blobs, k)
+		b.err = err
+	} else {
+		for ir.lru.Len() > 0 && ir.cached+int64(len(data)) > readerCache {
+			old := ir.lru.Remove(ir.lru.Front()).(blobKey)
+			ir.cached -= int64(len(ir.blobs[old].data))
+			delete(ir.blobs, old)
+		}
+		b.data = data
+		ir.cached += int64(len(data))
+		b.use = ir.lru.PushBack(k)
+	}
+	ir.mu.Unlock()
+	close(b.ready)
+	return data, err
 }
