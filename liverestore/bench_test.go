@@ -16,7 +16,7 @@ import (
 // goroutines, from a local repository (the target on the test's disk).
 func BenchmarkRandomRead(b *testing.B) {
 	dir := b.TempDir()
-	size := 64 << 20
+	size := 256 << 20
 	img := make(memImage, size)
 	r := rand.New(rand.NewPCG(1, 2))
 	for i := range img {

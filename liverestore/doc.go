@@ -36,8 +36,11 @@
 //
 // # Concurrency
 //
-// Striped chunk locks (taken in ascending stripe order) order a fetch,
-// a fill, a write and the background restore of the same chunk. A
-// chunk's bit in memory only goes from 0 to 1: a reader that sees it set
-// reads the file without a lock.
+// Striped chunk locks (a stripe per 64 adjacent chunks, taken in
+// ascending stripe order) order a fetch, a fill, a write and the
+// background restore of the same chunk. A chunk's bit in memory only
+// goes from 0 to 1: a reader that sees it set reads the file without a
+// lock. While a read or a write fetches unrestored chunks, the
+// background restore waits before its next batch, so that on-demand
+// fetches do not queue behind it; its commits run beside it.
 package liverestore

@@ -204,6 +204,10 @@ func (s *faultSource) Zero(i int64) (bool, error) {
 	return s.ImageReader.Zero(i)
 }
 
+func (s *faultSource) Cached(i int64) bool {
+	return !s.fail.Load() && s.ImageReader.Cached(i)
+}
+
 func (s *faultSource) ReadAt(p []byte, off int64) (int, error) {
 	if s.fail.Load() {
 		return 0, errOutage

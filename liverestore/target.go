@@ -23,6 +23,10 @@ type Source interface {
 	ChunkSize() int64
 	// Zero reports whether chunk i is all zeros in the image.
 	Zero(i int64) (bool, error)
+	// Cached reports whether chunk i reads without fetching anything
+	// from the repository (a zero chunk, or one of a blob the Source
+	// holds opened).
+	Cached(i int64) bool
 	// ReadAt reads the image, every chunk checked against its hash.
 	ReadAt(p []byte, off int64) (int, error)
 	// Stream reads the chunks need wants in volume order (see
@@ -54,14 +58,28 @@ type Options struct {
 // commitEvery is how many bytes the background restore writes between
 // making them durable and recording them in the map: 64 MiB costs a
 // target fsync and a map write per 64 MiB, and at most that much is
-// fetched again after a crash.
-const commitEvery = 64 << 20
+// fetched again after a crash. A zero chunk, a hole punched, counts for
+// 1/zeroWeight of its size.
+const (
+	commitEvery = 64 << 20
+	zeroWeight  = 64
+)
 
-const numStripes = 1024
+// Chunks are locked in stripes of stripeChunks adjacent chunks (256 KiB
+// of 4 KiB chunks), numStripes of them, so that a batch of the
+// background restore (4 MiB) or a read's window takes a few locks, not
+// one a chunk nor all of them.
+const (
+	numStripes   = 1024
+	stripeChunks = 64
+)
 
 // readAround is the aligned window a read of an unrestored chunk
-// restores (a multiple of every chunk size).
-const readAround = 256 << 10
+// restores along with the chunks it reads (a multiple of every chunk
+// size): the window's chunks that come without another fetch from the
+// repository (zero, or in a blob already opened — a full image's
+// neighbours share blobs of up to 4 MiB).
+const readAround = 4 << 20
 
 // Target is a restore target in use while it is restored. It implements
 // cow.File. Memory: two bits per chunk (in memory and durable bitmaps),
@@ -93,13 +111,22 @@ type Target struct {
 	removed      bool       // complete: the map is gone
 	durable      []uint64   // the bits recorded in the map
 	durableCount int64
-	sinceCommit  int64 // bytes the background restore wrote since the last commit
+	sinceCommit  atomic.Int64 // weighted bytes the background restore wrote since the last commit began
 
 	canPunch atomic.Bool // the target punches holes (a regular file)
-	demand   atomic.Int64
-	filled   atomic.Int64
-	rate     atomic.Int64
-	rateWake chan struct{} // SetRate wakes a waiting restore
+	// bgCommitErr is the last commit of the background restore's
+	// committer when it failed (nil once one succeeds).
+	bgCommitErr atomic.Pointer[error]
+	// demanding counts the reads and writes fetching unrestored chunks:
+	// while there are any, the background restore waits (demandIdle is
+	// signalled when the count drops to 0), so that they do not queue
+	// behind it for the stripes, the repository or the CPU.
+	demanding  atomic.Int64
+	demandIdle chan struct{}
+	demand     atomic.Int64
+	filled     atomic.Int64
+	rate       atomic.Int64
+	rateWake   chan struct{} // SetRate wakes a waiting restore
 
 	stMu     sync.Mutex // guards the fields below
 	state    string
@@ -166,7 +193,8 @@ func checkSize(f cow.File, src Source) error {
 func newTarget(fsys cow.FS, f cow.File, m *mapFile, mapPath string, src Source, words []uint64, opts Options) *Target {
 	t := &Target{f: f, src: src, fsys: fsys, mapPath: mapPath, image: m.h.image, cs: m.h.chunk, size: m.h.size, n: m.h.nchunks(),
 		log: opts.Logger, backoff: opts.Backoff, onDone: opts.OnComplete, onState: opts.OnState, m: m, durable: words,
-		present: make([]atomic.Uint64, len(words)), pending: map[int64]uint64{}, rateWake: make(chan struct{}, 1), state: StateRestoring}
+		present: make([]atomic.Uint64, len(words)), pending: map[int64]uint64{}, rateWake: make(chan struct{}, 1), demandIdle: make(chan struct{}, 1),
+		state: StateRestoring}
 	if t.log == nil {
 		t.log = slog.Default()
 	}
@@ -229,14 +257,15 @@ func (t *Target) chunks(off, n int64) (int64, int64) {
 // lock takes the stripes of chunks [c0, c1) in ascending order.
 func (t *Target) lock(c0, c1 int64) func() {
 	var idx []int
-	if c1-c0 >= numStripes {
+	g0, g1 := c0/stripeChunks, (max(c1, c0+1)-1)/stripeChunks+1
+	if g1-g0 >= numStripes {
 		idx = make([]int, numStripes)
 		for i := range idx {
 			idx[i] = i
 		}
 	} else {
-		for c := c0; c < c1; c++ {
-			idx = append(idx, int(c%numStripes))
+		for g := g0; g < g1; g++ {
+			idx = append(idx, int(g%numStripes))
 		}
 		slices.Sort(idx)
 		idx = slices.Compact(idx)
@@ -257,22 +286,60 @@ func (t *Target) ReadAt(p []byte, off int64) (int, error) {
 	if !t.done.Load() {
 		c0, c1 := t.chunks(off, int64(len(p)))
 		if !t.allPresent(c0, c1) {
-			// Read around: the chunks of the aligned window go too. A
-			// fetch opens a whole blob (up to 4 MiB of chunks, most of
-			// them the volume's neighbours in a full image), so the
-			// window's other chunks come at little cost, and the reads
-			// that follow nearby (a filesystem's) find them restored.
-			w := max(readAround/t.cs, 1)
-			c0, c1 = c0/w*w, min((c1+w-1)/w*w, t.n)
-			unlock := t.lock(c0, c1)
-			err := t.fetchMissing(c0, c1, func(int64) bool { return true })
-			unlock()
-			if err != nil {
+			if err := t.fetchAround(c0, c1); err != nil {
 				return 0, err
 			}
 		}
 	}
 	return t.f.ReadAt(p, off)
+}
+
+// fetchAround restores the unrestored chunks of [c0, c1) for a read,
+// and with them the chunks of the aligned window around them that come
+// without another fetch: a fetch opens a whole blob (up to 4 MiB of
+// chunks, most of them the volume's neighbours in a full image), so they
+// cost a hash and a write, and the reads that follow nearby (a
+// filesystem's) find them restored.
+func (t *Target) fetchAround(c0, c1 int64) error {
+	w := max(readAround/t.cs, 1)
+	w0, w1 := c0/w*w, min((c1+w-1)/w*w, t.n)
+	done := t.demandStart()
+	defer done()
+	unlock := t.lock(w0, w1)
+	defer unlock()
+	if err := t.fetchMissing(c0, c1, func(int64) bool { return true }); err != nil {
+		return err
+	}
+	// The read has its chunks: what the window adds is a bonus, and
+	// its failure the background restore's to retry.
+	t.fetchMissing(w0, w1, t.src.Cached)
+	return nil
+}
+
+// demandStart counts a fetch for a read or write until the function it
+// returns is called: the background restore waits meanwhile.
+func (t *Target) demandStart() func() {
+	t.demanding.Add(1)
+	return func() {
+		if t.demanding.Add(-1) == 0 {
+			select {
+			case t.demandIdle <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// yield waits until no read or write is fetching.
+func (t *Target) yield(ctx context.Context) error {
+	for t.demanding.Load() > 0 {
+		select {
+		case <-t.demandIdle:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
 }
 
 // fetchMissing restores the chunks of [c0, c1) that are not the
@@ -366,6 +433,7 @@ func (t *Target) WriteAt(p []byte, off int64) (int, error) {
 	if t.allPresent(c0, c1) {
 		return t.f.WriteAt(p, off)
 	}
+	defer t.demandStart()()
 	unlock := t.lock(c0, c1)
 	defer unlock()
 	if err := t.fillEdges(off, int64(len(p)), c0, c1); err != nil {
@@ -396,6 +464,7 @@ func (t *Target) Punch(off, length int64) error {
 		return t.f.Punch(off, length)
 	}
 	c0, c1 := t.chunks(off, length)
+	defer t.demandStart()()
 	unlock := t.lock(c0, c1)
 	defer unlock()
 	if err := t.fillEdges(off, length, c0, c1); err != nil {
@@ -421,6 +490,7 @@ func (t *Target) commit() error {
 	pend := t.pending
 	t.pending = map[int64]uint64{}
 	t.pendMu.Unlock()
+	t.sinceCommit.Store(0)
 	restore := func() {
 		t.pendMu.Lock()
 		for w, b := range pend {
@@ -432,7 +502,6 @@ func (t *Target) commit() error {
 		restore()
 		return err
 	}
-	t.sinceCommit = 0
 	if len(pend) == 0 || t.m == nil {
 		return nil
 	}
@@ -467,10 +536,23 @@ func (t *Target) commit() error {
 // until all are (then it makes them durable, calls OnComplete, removes
 // the map and returns nil) or ctx ends. A repository that fails is
 // retried with backoff.
+//
+// Its commits (target fsync, map write) run beside it, on a goroutine
+// of their own, so that writing goes on while the target is flushed.
 func (t *Target) Run(ctx context.Context) error {
+	due := make(chan struct{}, 1)
+	cctx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t.committer(cctx, due)
+	}()
+	defer wg.Wait()
+	defer stop()
 	wait := t.backoff
 	for !t.done.Load() {
-		err := t.src.Stream(ctx, func(i int64) bool { return !t.has(i) }, func(b backup.StreamBatch) error { return t.put(ctx, b) })
+		err := t.src.Stream(ctx, func(i int64) bool { return !t.has(i) }, func(b backup.StreamBatch) error { return t.putBatch(ctx, b, due) })
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -492,6 +574,23 @@ func (t *Target) Run(ctx context.Context) error {
 		wait = min(wait*2, 32*t.backoff)
 	}
 	return t.complete()
+}
+
+// committer commits whenever due says the background restore has
+// written commitEvery since the last commit, until ctx ends.
+func (t *Target) committer(ctx context.Context, due <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-due:
+		}
+		if err := t.commit(); err != nil {
+			t.bgCommitErr.Store(&err)
+		} else {
+			t.bgCommitErr.Store(nil)
+		}
+	}
 }
 
 // complete makes every chunk durable in the map, then removes it.
@@ -525,16 +624,29 @@ func (t *Target) complete() error {
 	return nil
 }
 
-// put writes a batch the background restore read: every chunk that is
-// not the target's own yet (zero chunks as holes).
-func (t *Target) put(ctx context.Context, b backup.StreamBatch) error {
+// put writes a batch the background restore read (putBatch), and
+// commits itself when one is due.
+func (t *Target) put(ctx context.Context, b backup.StreamBatch) error { return t.putBatch(ctx, b, nil) }
+
+// putBatch writes a batch the background restore read: every chunk that
+// is not the target's own yet (zero chunks as holes), after the reads
+// and writes fetching unrestored chunks. A commit that is due is handed
+// to due (the committer), or made here when due is nil; a failure of
+// the committer's last commit stops the restore.
+func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- struct{}) error {
 	if err := t.waitRate(ctx, int64(len(b.Data))); err != nil {
 		return err
+	}
+	if err := t.yield(ctx); err != nil {
+		return err
+	}
+	if errp := t.bgCommitErr.Load(); errp != nil {
+		return *errp
 	}
 	t.setErr(nil)
 	c0, c1 := b.First, b.First+int64(len(b.Zero))
 	unlock := t.lock(c0, c1)
-	var written int64
+	var written, weighted int64
 	err := func() error {
 		for j := int64(0); j < c1-c0; {
 			c := c0 + j
@@ -553,8 +665,11 @@ func (t *Target) put(ctx context.Context, b backup.StreamBatch) error {
 				if err := t.zero(off, hi-lo); err != nil {
 					return fmt.Errorf("live restore: write target at %d: %w", off, err)
 				}
+				weighted += (hi - lo) / zeroWeight
 			} else if _, err := t.f.WriteAt(b.Data[lo:hi], off); err != nil {
 				return fmt.Errorf("live restore: write target at %d: %w", off, err)
+			} else {
+				weighted += hi - lo
 			}
 			t.mark(c, c0+k)
 			written += hi - lo
@@ -568,12 +683,15 @@ func (t *Target) put(ctx context.Context, b backup.StreamBatch) error {
 	if err != nil {
 		return err
 	}
-	t.commitMu.Lock()
-	t.sinceCommit += written
-	due := t.sinceCommit >= commitEvery
-	t.commitMu.Unlock()
-	if due {
+	if t.sinceCommit.Add(weighted) < commitEvery {
+		return nil
+	}
+	if due == nil {
 		return t.commit()
+	}
+	select {
+	case due <- struct{}{}:
+	default: // one is due already
 	}
 	return nil
 }

@@ -581,6 +581,14 @@ func (s *lazySource) Zero(i int64) (bool, error) {
 	return ir.Zero(i)
 }
 
+// Cached: nothing is, while the repository is not open.
+func (s *lazySource) Cached(i int64) bool {
+	s.mu.Lock()
+	ir := s.ir
+	s.mu.Unlock()
+	return ir != nil && ir.Cached(i)
+}
+
 func (s *lazySource) ReadAt(p []byte, off int64) (int, error) {
 	ir, err := s.get(context.Background())
 	if err != nil {

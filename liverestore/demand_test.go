@@ -1,0 +1,155 @@
+package liverestore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"testing"
+
+	"umbra/backup"
+)
+
+// newTestTarget is a target in a memFS restoring a fresh image of size
+// bytes (testImage's mix of zero, repeated and random chunks).
+func newTestTarget(t *testing.T, size int, src func(*backup.ImageReader) Source) (*Target, memImage) {
+	t.Helper()
+	img, ir, id := testImage(t, rand.New(rand.NewPCG(21, 22)), size)
+	fsys := &memFS{files: map[string]*crashFile{}}
+	tf, _ := fsys.OpenFile("/t", os.O_RDWR|os.O_CREATE, 0)
+	tf.Truncate(int64(size))
+	var s Source = ir
+	if src != nil {
+		s = src(ir)
+	}
+	tg, err := Create(fsys, tf, "/t.map", s, id, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tg.Close() })
+	return tg, img
+}
+
+// TestLockStripes: a batch of the background restore (4 MiB of 4 KiB
+// chunks) or a read's window locks the stripes of its own chunks, not
+// every stripe: a read elsewhere does not wait for it.
+func TestLockStripes(t *testing.T) {
+	tg, _ := newTestTarget(t, 1<<20, nil)
+	unlock := tg.lock(0, 1024)
+	defer unlock()
+	far := int64(1024 * 8) // a chunk in a stripe of its own
+	s := far / stripeChunks % numStripes
+	if !tg.stripes[s].TryLock() {
+		t.Fatalf("locking chunks 0-1023 took the stripe of chunk %d", far)
+	}
+	tg.stripes[s].Unlock()
+	if tg.stripes[0].TryLock() {
+		t.Fatal("locking chunks 0-1023 left chunk 0's stripe free")
+	}
+}
+
+// gatedSource holds reads (the fetches of reads and writes) until
+// release is closed, and says on entered that one is held.
+type gatedSource struct {
+	*backup.ImageReader
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *gatedSource) ReadAt(p []byte, off int64) (int, error) {
+	select {
+	case s.entered <- struct{}{}:
+	default:
+	}
+	<-s.release
+	return s.ImageReader.ReadAt(p, off)
+}
+
+// TestBackgroundYields: while a read fetches unrestored data, the
+// background restore writes nothing: it waits for the read (here, with
+// a context that has ended, it gives up instead of writing).
+func TestBackgroundYields(t *testing.T) {
+	const size = 8 << 20
+	var gs *gatedSource
+	tg, img := newTestTarget(t, size, func(ir *backup.ImageReader) Source {
+		gs = &gatedSource{ImageReader: ir, entered: make(chan struct{}, 1), release: make(chan struct{})}
+		return gs
+	})
+	// A non-zero chunk to read, far from the batch below.
+	c := int64(size/4096 - 1)
+	for bytes.Equal(img[c*4096:(c+1)*4096], make([]byte, 4096)) {
+		c--
+	}
+	read := make(chan error, 1)
+	go func() {
+		_, err := tg.ReadAt(make([]byte, 4096), c*4096)
+		read <- err
+	}()
+	<-gs.entered
+	// A batch for chunks 0-15, as the background restore hands it over.
+	b := backup.StreamBatch{First: 0, Data: bytes.Clone(img[:16*4096]), Zero: make([]bool, 16), Skip: make([]bool, 16)}
+	for j := range b.Zero {
+		b.Zero[j] = bytes.Equal(img[j*4096:(j+1)*4096], make([]byte, 4096))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := tg.put(ctx, b)
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("background batch during a fetching read: %v, want it to wait (context canceled)", err)
+	}
+	if tg.has(0) {
+		t.Error("the background restore wrote while a read was fetching")
+	}
+	close(gs.release)
+	if err := <-read; err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.put(context.Background(), b); err != nil || !tg.has(0) {
+		t.Fatalf("background batch once the read is done: %v (chunk 0 restored: %v)", err, tg.has(0))
+	}
+}
+
+// TestReadAround: a read of one unrestored chunk restores the chunks of
+// its window that the blob it opened holds (a full image's neighbours)
+// and the window's zero chunks, and no chunk of a blob it did not need.
+func TestReadAround(t *testing.T) {
+	const size = 16 << 20 // blobs of up to 4 MiB of stored chunks
+	img, ir, id := testImage(t, rand.New(rand.NewPCG(23, 24)), size)
+	fsys := &memFS{files: map[string]*crashFile{}}
+	tf, _ := fsys.OpenFile("/t", os.O_RDWR|os.O_CREATE, 0)
+	tf.Truncate(size)
+	tg, err := Create(fsys, tf, "/t.map", ir, id, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	// The first stored chunk past 5 MiB, in the window from 4 MiB.
+	c := int64(5 << 20 / 4096)
+	zero := make([]byte, 4096)
+	for bytes.Equal(img[c*4096:(c+1)*4096], zero) {
+		c++
+	}
+	got := make([]byte, 4096)
+	if _, err := tg.ReadAt(got, c*4096); err != nil || !bytes.Equal(got, img[c*4096:(c+1)*4096]) {
+		t.Fatalf("read chunk %d: %v", c, err)
+	}
+	// Every chunk of the window is restored exactly when it reads
+	// without a fetch (zero, or in the opened blob).
+	w := int64(readAround / 4096)
+	restored := 0
+	for i := c / w * w; i < (c/w+1)*w; i++ {
+		if tg.has(i) != ir.Cached(i) {
+			t.Errorf("chunk %d of the window: restored %v, reads without a fetch %v", i, tg.has(i), ir.Cached(i))
+		}
+		if tg.has(i) {
+			restored++
+		}
+	}
+	if restored < 256 {
+		t.Errorf("the read restored %d chunks of its window: want the opened blob's and the zero ones", restored)
+	}
+	if _, err := tf.ReadAt(got, c*4096); err != nil || !bytes.Equal(got, img[c*4096:(c+1)*4096]) {
+		t.Fatalf("the target file's chunk %d: %v", c, err)
+	}
+}
