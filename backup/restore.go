@@ -650,7 +650,9 @@ func (ir *ImageReader) chunk(i int64) ([]byte, error) {
 
 // blob returns the opened blob k (at l in pack pid): from the cache, or
 // opened once for every reader that asks while it is opened. A failed
-// opening is not kept: the next read tries again.
+// opening is not kept: the next read tries again, and a reader that
+// waited for an opening begun before it asked, which failed, tries once
+// itself (the repository may have come back meanwhile).
 func (ir *ImageReader) blob(k blobKey, pid PackID, l loc) ([]byte, error) {
 	ir.mu.Lock()
 	if b, ok := ir.blobs[k]; ok {
@@ -659,7 +661,15 @@ func (ir *ImageReader) blob(k blobKey, pid PackID, l loc) ([]byte, error) {
 		}
 		ir.mu.Unlock()
 		<-b.ready
-		return b.data, b.err
+		if b.err == nil {
+			return b.data, nil
+		}
+		ir.mu.Lock()
+		if b, ok := ir.blobs[k]; ok { // opened again since
+			ir.mu.Unlock()
+			<-b.ready
+			return b.data, b.err
+		}
 	}
 	b := &openBlob{ready: make(chan struct{})}
 	ir.blobs[k] = b
