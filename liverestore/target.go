@@ -34,6 +34,11 @@ type Source interface {
 	Stream(ctx context.Context, need func(i int64) bool, put func(backup.StreamBatch) error) error
 }
 
+// ErrNeedCredentials marks a Source's failure for want of the
+// repository's credentials (after a restart, where nothing gives them
+// again): the restore waits in StateCredentials until Retry.
+var ErrNeedCredentials = errors.New("the repository's credentials are not available")
+
 // ErrUnavailable: a chunk not restored yet could not be read from the
 // repository. It wraps syscall.EIO, which front-ends hand to clients.
 var ErrUnavailable = fmt.Errorf("image data not restored yet and the repository cannot be read: %w", syscall.EIO)
@@ -49,7 +54,8 @@ type Options struct {
 	// the map file is removed (the service marks the volume ordinary).
 	OnComplete func() error
 	// OnState is told when the restore starts waiting for the
-	// repository (StateWaiting, with why) and when it answers again
+	// repository (StateWaiting, with why) or for credentials
+	// (StateCredentials) and when it answers again
 	// (StateRestoring). It must not block.
 	OnState func(state, msg string)
 	Logger  *slog.Logger
@@ -78,8 +84,10 @@ const (
 // restores along with the chunks it reads (a multiple of every chunk
 // size): the window's chunks that come without another fetch from the
 // repository (zero, or in a blob already opened — a full image's
-// neighbours share blobs of up to 4 MiB).
-const readAround = 4 << 20
+// neighbours share blobs of up to 4 MiB). Each costs a hash and a write:
+// a wider window makes each read that fetches slower, which random
+// reads (and a loaded machine) feel more than the fetches it spares.
+const readAround = 256 << 10
 
 // Target is a restore target in use while it is restored. It implements
 // cow.File. Memory: two bits per chunk (in memory and durable bitmaps),
@@ -127,6 +135,7 @@ type Target struct {
 	filled     atomic.Int64
 	rate       atomic.Int64
 	rateWake   chan struct{} // SetRate wakes a waiting restore
+	retryWake  chan struct{} // Retry wakes a restore waiting after a failure
 
 	stMu     sync.Mutex // guards the fields below
 	state    string
@@ -140,10 +149,11 @@ type Target struct {
 
 // States of a live restore (Progress.State).
 const (
-	StateRestoring = "restoring"
-	StateWaiting   = "waiting for the repository"
-	StatePaused    = "paused"
-	StateDone      = "done"
+	StateRestoring   = "restoring"
+	StateWaiting     = "waiting for the repository"
+	StateCredentials = "waiting for credentials"
+	StatePaused      = "paused"
+	StateDone        = "done"
 )
 
 // Create starts a live restore of src (image imageID) into f, recording
@@ -193,7 +203,7 @@ func checkSize(f cow.File, src Source) error {
 func newTarget(fsys cow.FS, f cow.File, m *mapFile, mapPath string, src Source, words []uint64, opts Options) *Target {
 	t := &Target{f: f, src: src, fsys: fsys, mapPath: mapPath, image: m.h.image, cs: m.h.chunk, size: m.h.size, n: m.h.nchunks(),
 		log: opts.Logger, backoff: opts.Backoff, onDone: opts.OnComplete, onState: opts.OnState, m: m, durable: words,
-		present: make([]atomic.Uint64, len(words)), pending: map[int64]uint64{}, rateWake: make(chan struct{}, 1), demandIdle: make(chan struct{}, 1),
+		present: make([]atomic.Uint64, len(words)), pending: map[int64]uint64{}, rateWake: make(chan struct{}, 1), retryWake: make(chan struct{}, 1), demandIdle: make(chan struct{}, 1),
 		state: StateRestoring}
 	if t.log == nil {
 		t.log = slog.Default()
@@ -569,6 +579,10 @@ func (t *Target) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			timer.Stop()
 			return ctx.Err()
+		case <-t.retryWake:
+			timer.Stop()
+			wait = t.backoff
+			continue
 		case <-timer.C:
 		}
 		wait = min(wait*2, 32*t.backoff)
@@ -634,6 +648,7 @@ func (t *Target) put(ctx context.Context, b backup.StreamBatch) error { return t
 // to due (the committer), or made here when due is nil; a failure of
 // the committer's last commit stops the restore.
 func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- struct{}) error {
+	t.setErr(nil) // the repository answers: not waiting for it, whatever the rate
 	if err := t.waitRate(ctx, int64(len(b.Data))); err != nil {
 		return err
 	}
@@ -643,7 +658,6 @@ func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- 
 	if errp := t.bgCommitErr.Load(); errp != nil {
 		return *errp
 	}
-	t.setErr(nil)
 	c0, c1 := b.First, b.First+int64(len(b.Zero))
 	unlock := t.lock(c0, c1)
 	var written, weighted int64
@@ -696,6 +710,15 @@ func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- 
 	return nil
 }
 
+// Retry makes a restore waiting after a failure of its Source try again
+// now (new credentials were given).
+func (t *Target) Retry() {
+	select {
+	case t.retryWake <- struct{}{}:
+	default:
+	}
+}
+
 // SetRate changes the background restore's bound (bytes a second, 0:
 // none), from now on.
 func (t *Target) SetRate(r int64) {
@@ -739,14 +762,17 @@ func (t *Target) waitRate(ctx context.Context, n int64) error {
 }
 
 // setState moves between restoring and paused; waiting for the
-// repository ends only when it answers (setErr), and done stays.
+// repository or for credentials ends only when it answers (setErr), and
+// done stays.
 func (t *Target) setState(s string) {
 	t.stMu.Lock()
-	if t.state != StateDone && t.state != StateWaiting {
+	if t.state != StateDone && !waiting(t.state) {
 		t.state = s
 	}
 	t.stMu.Unlock()
 }
+
+func waiting(state string) bool { return state == StateWaiting || state == StateCredentials }
 
 // setErr records the repository's failure (nil: it answers again).
 func (t *Target) setErr(err error) {
@@ -756,17 +782,20 @@ func (t *Target) setErr(err error) {
 		return
 	}
 	was := t.state
-	if err == nil {
-		if t.state == StateWaiting {
+	switch {
+	case err == nil:
+		if waiting(t.state) {
 			t.state = StateRestoring
 		}
 		t.lastErr = ""
-	} else {
+	case errors.Is(err, ErrNeedCredentials):
+		t.state, t.lastErr = StateCredentials, err.Error()
+	default:
 		t.state, t.lastErr = StateWaiting, err.Error()
 	}
 	now, msg := t.state, t.lastErr
 	t.stMu.Unlock()
-	if t.onState != nil && (was == StateWaiting) != (now == StateWaiting) {
+	if t.onState != nil && now != was && (waiting(was) || waiting(now)) {
 		t.onState(now, msg)
 	}
 }

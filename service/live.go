@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -28,20 +29,28 @@ import (
 // service whose origin is a liverestore.Target. Its record,
 // STATE/live/NAME.json, brings it back at the next start (with its
 // restore, while the map file STATE/live/NAME.map is there); the record
-// stays once the restore is done, as the volume's, without the secrets.
+// stays once the restore is done, as the volume's.
+//
+// No secret is written to the state directory: the repository's password
+// and S3 keys stay in memory, and after a restart the service finds them
+// again (liveCreds) or the restore waits for them.
 
-// liveRecordVersion is the version of a live restore record.
-const liveRecordVersion = 1
+// liveRecordVersion is the version of the live restore records written;
+// version 1 records (which held the secrets) are read, and rewritten.
+const liveRecordVersion = 2
 
 // liveRecord is STATE/live/NAME.json (docs/formats.md).
 type liveRecord struct {
-	Version     int       `json:"version"`
-	Volume      string    `json:"volume"`
-	Target      string    `json:"target"`
-	Image       string    `json:"image"`
-	Size        int64     `json:"size"`
-	ChunkSize   int64     `json:"chunk_size"` // the repository's
-	Repo        string    `json:"repo"`
+	Version   int    `json:"version"`
+	Volume    string `json:"volume"`
+	Target    string `json:"target"`
+	Image     string `json:"image"`
+	Size      int64  `json:"size"`
+	ChunkSize int64  `json:"chunk_size"` // the repository's
+	Repo      string `json:"repo"`
+	// PasswordFile is where the password is read again after a restart.
+	PasswordFile string `json:"password_file,omitempty"`
+	// The secrets of a version 1 record: read, never written.
 	Password    string    `json:"password,omitempty"`
 	S3AccessKey string    `json:"s3_access_key,omitempty"`
 	S3SecretKey string    `json:"s3_secret_key,omitempty"`
@@ -84,8 +93,11 @@ func newLiveRestores(s *Service) *liveRestores {
 func (l *liveRestores) recordPath(name string) string { return filepath.Join(l.dir, name+".json") }
 func (l *liveRestores) mapPath(name string) string    { return filepath.Join(l.dir, name+".map") }
 
-// writeRecord replaces rec's file durably.
+// writeRecord replaces rec's file durably, as a version 2 record:
+// without secrets.
 func (l *liveRestores) writeRecord(rec liveRecord) error {
+	rec.Version = liveRecordVersion
+	rec.Password, rec.S3AccessKey, rec.S3SecretKey = "", "", ""
 	b, err := json.MarshalIndent(rec, "", "  ")
 	if err != nil {
 		return err
@@ -134,8 +146,14 @@ func (l *liveRestores) open() error {
 		if err := json.Unmarshal(b, &rec); err != nil || rec.Volume+".json" != filepath.Base(n) {
 			return fmt.Errorf("live restore record %s: not a record this Umbra reads (%v); move it away to start without that volume", n, err)
 		}
-		if rec.Version != liveRecordVersion {
-			return fmt.Errorf("live restore record %s: version %d, this Umbra reads %d", n, rec.Version, liveRecordVersion)
+		if rec.Version != 1 && rec.Version != liveRecordVersion {
+			return fmt.Errorf("live restore record %s: version %d, this Umbra reads 1 and %d", n, rec.Version, liveRecordVersion)
+		}
+		if rec.Version == 1 {
+			// Its secrets go on in memory for this run, and off the disk.
+			if err := l.writeRecord(rec); err != nil {
+				return err
+			}
 		}
 		if err := l.openVolume(rec); err != nil {
 			return err
@@ -159,7 +177,8 @@ func (l *liveRestores) openVolume(rec liveRecord) error {
 	if err != nil {
 		return fmt.Errorf("live restore of %s into %s: %w", rec.Image, rec.Target, err)
 	}
-	src := newLazySource(rec)
+	src := l.newSource(rec, backup.Settings{Password: rec.Password,
+		Cred: backup.Credentials{AccessKey: rec.S3AccessKey, SecretKey: rec.S3SecretKey}})
 	t, err := liverestore.Open(cow.OSFS{}, f, l.mapPath(rec.Volume), src, rec.Image, l.targetOptions(rec))
 	if err != nil {
 		f.Close()
@@ -178,7 +197,7 @@ func (l *liveRestores) targetOptions(rec liveRecord) liverestore.Options {
 		OnComplete: func() error { return l.completed(name) },
 		OnState: func(state, msg string) {
 			kind := "live_restore_resumed"
-			if state == liverestore.StateWaiting {
+			if state == liverestore.StateWaiting || state == liverestore.StateCredentials {
 				kind = "live_restore_waiting"
 			}
 			l.event(kind, name)
@@ -233,7 +252,6 @@ func (l *liveRestores) completed(name string) error {
 	lv := l.vols[name]
 	rec := lv.rec
 	rec.State, rec.Done = liveDone, time.Now().UTC()
-	rec.Password, rec.S3AccessKey, rec.S3SecretKey = "", "", ""
 	l.mu.Unlock()
 	if err := l.writeRecord(rec); err != nil {
 		return err
@@ -266,7 +284,8 @@ func (l *liveRestores) stats() []metrics.LiveStat {
 		if p.State == liverestore.StateDone {
 			continue
 		}
-		out = append(out, metrics.LiveStat{Volume: name, Size: p.Size, Restored: p.Restored, Demand: p.Demand, Waiting: p.State == liverestore.StateWaiting})
+		out = append(out, metrics.LiveStat{Volume: name, Size: p.Size, Restored: p.Restored, Demand: p.Demand,
+			Waiting: p.State == liverestore.StateWaiting || p.State == liverestore.StateCredentials})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Volume < out[j].Volume })
 	return out
@@ -327,14 +346,27 @@ func (l *liveRestores) RestoreLive(ctx context.Context, req *umbrav1.RestoreLive
 			if rec.Image != req.GetImage() {
 				return "", bad("%s is volume %s, restored live from image %s: choose another target", target, rec.Volume, rec.Image)
 			}
+			pf := l.passwordFile(req)
+			if lv.src != nil {
+				// Credentials given again (after a restart, the restore
+				// may wait for them): a wrong password is refused here.
+				if err := lv.src.give(ctx, pf, backup.Settings{Password: req.GetPassword(),
+					Cred: backup.Credentials{AccessKey: req.GetS3AccessKey(), SecretKey: req.GetS3SecretKey()}}); err != nil {
+					return "", err
+				}
+				lv.target.Retry()
+			}
 			rec.Rate = req.GetRate()
+			if pf != "" {
+				rec.PasswordFile = pf
+			}
 			if rec.State == liveRestoring {
 				if err := l.writeRecord(rec); err != nil {
 					return "", err
 				}
 			}
 			l.mu.Lock()
-			lv.rec.Rate = rec.Rate
+			lv.rec.Rate, lv.rec.PasswordFile = rec.Rate, rec.PasswordFile
 			l.mu.Unlock()
 			lv.target.SetRate(rec.Rate)
 			return rec.Volume, nil
@@ -374,7 +406,7 @@ func (l *liveRestores) RestoreLive(ctx context.Context, req *umbrav1.RestoreLive
 		return "", fmt.Errorf("%w: %s holds the record of a volume %s: give another name (--volume NAME)", provider.ErrExists, l.recordPath(name), name)
 	}
 	rec := liveRecord{Version: liveRecordVersion, Volume: name, Target: target, Image: req.GetImage(), Size: ir.Size(), ChunkSize: ir.ChunkSize(),
-		Repo: req.GetRepo(), Password: req.GetPassword(), S3AccessKey: req.GetS3AccessKey(), S3SecretKey: req.GetS3SecretKey(),
+		Repo: req.GetRepo(), PasswordFile: l.passwordFile(req),
 		Rate: req.GetRate(), State: liveRestoring, Started: time.Now().UTC()}
 	if fi, err := os.Stat(target); err == nil {
 		for _, v := range l.s.vols.Volumes() {
@@ -408,7 +440,8 @@ func (l *liveRestores) RestoreLive(ctx context.Context, req *umbrav1.RestoreLive
 	if err := os.MkdirAll(l.dir, 0o700); err != nil {
 		return fail(err)
 	}
-	src := newLazySource(rec)
+	src := l.newSource(rec, backup.Settings{Password: req.GetPassword(),
+		Cred: backup.Credentials{AccessKey: req.GetS3AccessKey(), SecretKey: req.GetS3SecretKey()}})
 	src.set(repo, ir)
 	// The map first, then the record: a record always has its map (or
 	// says done).
@@ -510,20 +543,75 @@ func openTargetFile(path string, created bool, size int64) (cow.File, error) {
 	return liverestore.OSFile(f), nil
 }
 
+// passwordFile is the password file req names when it holds req's
+// password now ("" otherwise): a file the service cannot read, or that
+// says something else, would not give the password back after a restart.
+func (l *liveRestores) passwordFile(req *umbrav1.RestoreLiveRequest) string {
+	f := req.GetPasswordFile()
+	if f == "" || !filepath.IsAbs(f) || req.GetPassword() == "" {
+		return ""
+	}
+	if pw, err := readPassword(f); err != nil || pw != req.GetPassword() {
+		l.s.log.Warn("live restore: the password file the request names does not give its password here; after a restart the restore will wait for the password", "file", f, "err", err)
+		return ""
+	}
+	return f
+}
+
+func readPassword(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimRight(string(b), "\r\n"), nil
+}
+
+// newSource is rec's image, opened with given (credentials in memory:
+// the request's, or a version 1 record's) or those the service finds
+// again (liveCreds).
+func (l *liveRestores) newSource(rec liveRecord, given backup.Settings) *lazySource {
+	var repos []string
+	for _, rc := range l.s.cfg.Web.Repositories {
+		if rc.Location == rec.Repo && rc.PasswordFile != "" {
+			repos = append(repos, rc.PasswordFile)
+		}
+	}
+	return &lazySource{rec: rec, given: given, repoFiles: repos}
+}
+
 // lazySource is the image of a live restore, opened when first needed
 // and again after a failure to open it: a service that starts while the
 // repository is unreachable serves the restored chunks, fails reads of
 // the others with EIO, and restores on once the repository answers.
+// Concurrent callers share one attempt to open it.
+//
+// The credentials are never written down: a password and S3 keys given
+// in this run are kept in memory (given); after a restart the password
+// is read again from the file the request named (rec.PasswordFile), the
+// password files the service's configuration gives for the repository
+// ([[web.repository]]) or the service's $UMBRA_PASSWORD, and the S3 keys
+// from its AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. When none opens
+// it, the restore waits for credentials (liverestore.ErrNeedCredentials)
+// until the same `restore --live` gives them again.
 type lazySource struct {
-	rec liveRecord
+	rec       liveRecord
+	repoFiles []string // password files the configuration names for rec.Repo
 
-	mu   sync.Mutex // guards repo, ir, last
-	repo *backup.Repo
-	ir   *backup.ImageReader
-	last time.Time // last failed open
+	mu      sync.Mutex // guards the fields below
+	repo    *backup.Repo
+	ir      *backup.ImageReader
+	given   backup.Settings
+	attempt *openAttempt // the open under way, if any
+	credErr error        // the last open failed for want of credentials, none given since
+	closed  bool
 }
 
-func newLazySource(rec liveRecord) *lazySource { return &lazySource{rec: rec} }
+// openAttempt is one attempt to open the image: done is closed when err
+// is set.
+type openAttempt struct {
+	done chan struct{}
+	err  error
+}
 
 func (s *lazySource) set(repo *backup.Repo, ir *backup.ImageReader) {
 	s.mu.Lock()
@@ -531,33 +619,142 @@ func (s *lazySource) set(repo *backup.Repo, ir *backup.ImageReader) {
 	s.mu.Unlock()
 }
 
-// reopenEvery bounds how often a failed repository is opened again by
-// reads (the background restore has its own backoff).
-const reopenEvery = time.Second
-
+// get returns the image, opening it if need be. A caller that waited for
+// an attempt begun before it asked, which failed, tries once itself (the
+// repository may have come back meanwhile). A failure for want of
+// credentials is returned at once until new ones are given.
 func (s *lazySource) get(ctx context.Context) (*backup.ImageReader, error) {
+	for try := 0; ; try++ {
+		s.mu.Lock()
+		switch {
+		case s.ir != nil:
+			ir := s.ir
+			s.mu.Unlock()
+			return ir, nil
+		case s.closed:
+			s.mu.Unlock()
+			return nil, errors.New("the live restore is over")
+		case s.credErr != nil:
+			err := s.credErr
+			s.mu.Unlock()
+			return nil, err
+		}
+		a := s.attempt
+		if a != nil {
+			s.mu.Unlock()
+			<-a.done
+			if a.err == nil || try == 0 {
+				continue
+			}
+			return nil, a.err
+		}
+		a = &openAttempt{done: make(chan struct{})}
+		s.attempt = a
+		given := s.given
+		s.mu.Unlock()
+		repo, ir, err := s.open(ctx, given)
+		s.mu.Lock()
+		s.attempt = nil
+		a.err = err
+		switch {
+		case err == nil && s.closed:
+			repo.Close()
+			err = errors.New("the live restore is over")
+		case err == nil:
+			s.repo, s.ir = repo, ir
+		case errors.Is(err, liverestore.ErrNeedCredentials):
+			s.credErr = err
+		}
+		s.mu.Unlock()
+		close(a.done)
+		if err != nil {
+			return nil, err
+		}
+		return ir, nil
+	}
+}
+
+// open opens the repository with the first credentials that do, and the
+// image.
+func (s *lazySource) open(ctx context.Context, given backup.Settings) (*backup.Repo, *backup.ImageReader, error) {
+	var passwords []string
+	seen := map[string]bool{}
+	add := func(pw string) {
+		if !seen[pw] {
+			seen[pw] = true
+			passwords = append(passwords, pw)
+		}
+	}
+	if given.Password != "" {
+		add(given.Password)
+	}
+	for _, f := range append([]string{s.rec.PasswordFile}, s.repoFiles...) {
+		if f == "" {
+			continue
+		}
+		if pw, err := readPassword(f); err == nil && pw != "" {
+			add(pw)
+		}
+	}
+	if pw := os.Getenv("UMBRA_PASSWORD"); pw != "" {
+		add(pw)
+	}
+	add("") // an unencrypted repository
+	cred := given.Cred
+	if strings.Contains(s.rec.Repo, "://") && (cred.AccessKey == "" || cred.SecretKey == "") &&
+		(os.Getenv("AWS_ACCESS_KEY_ID") == "" || os.Getenv("AWS_SECRET_ACCESS_KEY") == "") {
+		return nil, nil, fmt.Errorf("%w: no S3 keys for %s (the service's environment has no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY): give them again with `umbra restore %s --live --to %s`",
+			liverestore.ErrNeedCredentials, s.rec.Repo, s.rec.Image, s.rec.Target)
+	}
+	for _, pw := range passwords {
+		repo, err := backup.OpenWith(ctx, s.rec.Repo, backup.Settings{Password: pw, Cred: cred})
+		if errors.Is(err, backup.ErrNeedPassword) || errors.Is(err, backup.ErrWrongPassword) || errors.Is(err, backup.ErrNotEncrypted) {
+			continue
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("open repository %s: %w", s.rec.Repo, err)
+		}
+		ir, err := repo.OpenImage(ctx, s.rec.Image)
+		if err != nil {
+			repo.Close()
+			return nil, nil, err
+		}
+		return repo, ir, nil
+	}
+	return nil, nil, fmt.Errorf("%w: no password opens repository %s (none was found in a password file or $UMBRA_PASSWORD of the service): give it again with `umbra restore %s --live --to %s --password-file FILE`",
+		liverestore.ErrNeedCredentials, s.rec.Repo, s.rec.Image, s.rec.Target)
+}
+
+// give takes credentials given again (and the password file to read
+// after a restart, if any) and, while the image is not open, tries them
+// at once: credentials that do not open the repository are an error for
+// the request, and are not kept.
+func (s *lazySource) give(ctx context.Context, passwordFile string, set backup.Settings) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.ir != nil {
-		return s.ir, nil
+	oldGiven, oldFile, oldErr := s.given, s.rec.PasswordFile, s.credErr
+	if set.Password != "" {
+		s.given.Password = set.Password
 	}
-	if time.Since(s.last) < reopenEvery {
-		return nil, errors.New("the repository could not be opened a moment ago")
+	if set.Cred.AccessKey != "" {
+		s.given.Cred = set.Cred
 	}
-	repo, err := backup.OpenWith(ctx, s.rec.Repo, backup.Settings{Password: s.rec.Password,
-		Cred: backup.Credentials{AccessKey: s.rec.S3AccessKey, SecretKey: s.rec.S3SecretKey}})
-	if err != nil {
-		s.last = time.Now()
-		return nil, fmt.Errorf("open repository %s: %w", s.rec.Repo, err)
+	if passwordFile != "" {
+		s.rec.PasswordFile = passwordFile
 	}
-	ir, err := repo.OpenImage(ctx, s.rec.Image)
-	if err != nil {
-		repo.Close()
-		s.last = time.Now()
-		return nil, err
+	s.credErr = nil
+	open := s.ir != nil
+	s.mu.Unlock()
+	if open {
+		return nil
 	}
-	s.repo, s.ir = repo, ir
-	return ir, nil
+	_, err := s.get(ctx)
+	if errors.Is(err, liverestore.ErrNeedCredentials) {
+		s.mu.Lock()
+		s.given, s.rec.PasswordFile, s.credErr = oldGiven, oldFile, oldErr
+		s.mu.Unlock()
+		return fmt.Errorf("%w: %v", api.ErrLiveRequest, err)
+	}
+	return nil // the repository may be away: the restore waits for it
 }
 
 func (s *lazySource) close() {
@@ -566,8 +763,7 @@ func (s *lazySource) close() {
 	if s.repo != nil {
 		s.repo.Close()
 	}
-	s.repo, s.ir = nil, nil
-	s.last = time.Now().Add(100 * 365 * 24 * time.Hour) // never again
+	s.repo, s.ir, s.closed = nil, nil, true
 }
 
 func (s *lazySource) Size() int64      { return s.rec.Size }

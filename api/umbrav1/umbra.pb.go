@@ -186,7 +186,8 @@ type LiveRestore struct {
 	Image string                 `protobuf:"bytes,1,opt,name=image,proto3" json:"image,omitempty"`
 	Repo  string                 `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
 	// restoring, paused (held to its rate), waiting for the repository
-	// (error says why), done.
+	// (error says why), waiting for credentials (after a restart: give the
+	// password again, see RestoreLiveRequest), done.
 	State string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
 	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
 	Size  int64  `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
@@ -304,18 +305,26 @@ func (x *LiveRestore) GetRate() int64 {
 }
 
 type RestoreLiveRequest struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	Repo        string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	Password    string                 `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
-	S3AccessKey string                 `protobuf:"bytes,3,opt,name=s3_access_key,json=s3AccessKey,proto3" json:"s3_access_key,omitempty"`
-	S3SecretKey string                 `protobuf:"bytes,4,opt,name=s3_secret_key,json=s3SecretKey,proto3" json:"s3_secret_key,omitempty"`
-	Image       string                 `protobuf:"bytes,5,opt,name=image,proto3" json:"image,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Repo  string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	// The credentials are kept in the service's memory only: after a
+	// restart it reads the password again from password_file (or its
+	// configured repositories, or its $UMBRA_PASSWORD) and the S3 keys
+	// from its environment, or waits for the same request again.
+	Password    string `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	S3AccessKey string `protobuf:"bytes,3,opt,name=s3_access_key,json=s3AccessKey,proto3" json:"s3_access_key,omitempty"`
+	S3SecretKey string `protobuf:"bytes,4,opt,name=s3_secret_key,json=s3SecretKey,proto3" json:"s3_secret_key,omitempty"`
+	Image       string `protobuf:"bytes,5,opt,name=image,proto3" json:"image,omitempty"`
 	// A file to create (or, with force, overwrite) or a block device.
 	Target string `protobuf:"bytes,6,opt,name=target,proto3" json:"target,omitempty"`
 	// The volume's name ("": the image's volume name).
-	Volume        string `protobuf:"bytes,7,opt,name=volume,proto3" json:"volume,omitempty"`
-	Rate          int64  `protobuf:"varint,8,opt,name=rate,proto3" json:"rate,omitempty"`
-	Force         bool   `protobuf:"varint,9,opt,name=force,proto3" json:"force,omitempty"`
+	Volume string `protobuf:"bytes,7,opt,name=volume,proto3" json:"volume,omitempty"`
+	Rate   int64  `protobuf:"varint,8,opt,name=rate,proto3" json:"rate,omitempty"`
+	Force  bool   `protobuf:"varint,9,opt,name=force,proto3" json:"force,omitempty"`
+	// The absolute path of the file password came from, if it did: the
+	// service records it (not the password) to read it again after a
+	// restart, when it reads the same password there now.
+	PasswordFile  string `protobuf:"bytes,10,opt,name=password_file,json=passwordFile,proto3" json:"password_file,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -411,6 +420,13 @@ func (x *RestoreLiveRequest) GetForce() bool {
 		return x.Force
 	}
 	return false
+}
+
+func (x *RestoreLiveRequest) GetPasswordFile() string {
+	if x != nil {
+		return x.PasswordFile
+	}
+	return ""
 }
 
 type RestoreLiveResponse struct {
@@ -4649,7 +4665,7 @@ const file_umbra_proto_rawDesc = "" +
 	"\veta_seconds\x18\t \x01(\x03R\n" +
 	"etaSeconds\x12\x12\n" +
 	"\x04rate\x18\n" +
-	" \x01(\x03R\x04rate\"\xfc\x01\n" +
+	" \x01(\x03R\x04rate\"\xa1\x02\n" +
 	"\x12RestoreLiveRequest\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x1a\n" +
 	"\bpassword\x18\x02 \x01(\tR\bpassword\x12\"\n" +
@@ -4659,7 +4675,9 @@ const file_umbra_proto_rawDesc = "" +
 	"\x06target\x18\x06 \x01(\tR\x06target\x12\x16\n" +
 	"\x06volume\x18\a \x01(\tR\x06volume\x12\x12\n" +
 	"\x04rate\x18\b \x01(\x03R\x04rate\x12\x14\n" +
-	"\x05force\x18\t \x01(\bR\x05force\"?\n" +
+	"\x05force\x18\t \x01(\bR\x05force\x12#\n" +
+	"\rpassword_file\x18\n" +
+	" \x01(\tR\fpasswordFile\"?\n" +
 	"\x13RestoreLiveResponse\x12(\n" +
 	"\x06volume\x18\x01 \x01(\v2\x10.umbra.v1.VolumeR\x06volume\"\xb0\x01\n" +
 	"\aStorage\x12\x16\n" +

@@ -311,7 +311,15 @@ func restoreLive(cmd *cobra.Command, rf *repoFlags, image, to, volume, rate stri
 	if err != nil {
 		return err
 	}
-	req := &umbrav1.RestoreLiveRequest{Repo: where, Password: set.Password, S3AccessKey: set.Cred.AccessKey, S3SecretKey: set.Cred.SecretKey,
+	// The service keeps the password in memory only, and where it came
+	// from to read it again after a restart.
+	var pwFile string
+	if rf.passwordFile != "" {
+		if pwFile, err = filepath.Abs(rf.passwordFile); err != nil {
+			return err
+		}
+	}
+	req := &umbrav1.RestoreLiveRequest{Repo: where, Password: set.Password, PasswordFile: pwFile, S3AccessKey: set.Cred.AccessKey, S3SecretKey: set.Cred.SecretKey,
 		Image: image, Target: abs, Volume: volume, Rate: bps, Force: force}
 	return show(cmd.Context(), func(ctx context.Context, c umbrav1.UmbraClient) (*umbrav1.RestoreLiveResponse, error) {
 		return c.RestoreLive(ctx, req)

@@ -136,6 +136,12 @@ func liveRestore(t *testing.T, backend string) {
 	if backend == "s3" {
 		v := testutil.StartS3(t)
 		repo, env = v.Location("repo"), v.Env()
+		// After a restart the service finds the S3 keys in its own
+		// environment: nothing keeps them on disk.
+		for _, kv := range env {
+			k, val, _ := strings.Cut(kv, "=")
+			t.Setenv(k, val)
+		}
 		outage = func() func() { v.Stop(); return v.Start }
 	}
 	s.okEnv(env, "repo", "init", "--repo", repo)
