@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Live restore figures of issue 31, beside a plain restore in one run:
 #   - a SIZE (default 2G) ext4 image holding DATA (default 512M) of
-#     random files (sparse otherwise), backed up into a local repository
-#     and into one on versitygw;
+#     random files in 16 directories (sparse otherwise), backed up into a
+#     local repository and into one on versitygw;
 #   - plain `umbra restore` time;
 #   - `umbra restore --live`: time until a file on the filesystem of the
 #     restored volume (FUSE file, loop device, mount) is read, with the
@@ -14,6 +14,7 @@
 #     until its volume list state is done) against the plain restore.
 # Needs root, fio, mkfs.ext4, losetup, bc, jq, versitygw. Usage:
 #   sudo bench/liverestore.sh          # SIZE=8G DATA=1G for others
+#   sudo SIZE=64G bench/liverestore.sh # the 64 GiB case: ~3 GiB of disk
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bench/machine.sh
@@ -52,8 +53,10 @@ IMG=$W/vol.img
 truncate -s "$SIZE" "$IMG"
 mkfs.ext4 -q -F "$IMG"
 mount -o loop "$IMG" "$W/mnt"
+# Files in 16 top-level directories, which ext4 spreads over its block
+# groups: at SIZE=64G the data lies all over the volume.
 n=$(( $(numfmt --from=iec "$DATA") / (8 << 20) ))
-for i in $(seq 1 "$n"); do head -c 8M /dev/urandom >"$W/mnt/f$i"; done
+for i in $(seq 1 "$n"); do mkdir -p "$W/mnt/d$((i % 16))"; head -c 8M /dev/urandom >"$W/mnt/d$((i % 16))/f$i"; done
 echo "hello from the backup" >"$W/mnt/hello.txt"
 umount "$W/mnt"
 
