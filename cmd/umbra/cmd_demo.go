@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"database/sql"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -432,17 +430,8 @@ func restoredOrders(image, dir string) (int64, error) {
 		return 0, err
 	}
 	cp := filepath.Join(dir, "restored-app.db")
-	os.WriteFile(cp, data, 0o600)
-	db, err := sql.Open("sqlite", "file:"+cp+"?mode=ro")
-	if err != nil {
+	if err := os.WriteFile(cp, data, 0o600); err != nil {
 		return 0, err
 	}
-	defer db.Close()
-	var ok string
-	if err := db.QueryRow("PRAGMA integrity_check").Scan(&ok); err != nil || ok != "ok" {
-		return 0, errors.Join(fmt.Errorf("integrity_check: %q", ok), err)
-	}
-	var n int64
-	err = db.QueryRow("SELECT count(*) FROM orders").Scan(&n)
-	return n, err
+	return sqlitecommitter.CheckCopy(cp)
 }
