@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"umbra/backup"
+	"umbra/provider"
 )
 
 // genData is generation k of the crash test's volume: a base image with
@@ -33,9 +34,29 @@ func genData(k int) memSource {
 	return src
 }
 
+// changedSince is the change bitmap of generation k against generation
+// j: the chunks genData rewrote after j up to k.
+func changedSince(j, k, size int) *provider.Bitmap {
+	bm := &provider.Bitmap{Granule: 4096, Size: int64(size), Bits: make([]uint64, (size/4096+63)/64)}
+	for g := j + 1; g <= k; g++ {
+		r := rand.New(rand.NewPCG(uint64(g), 43))
+		for i := 0; i < 64; i++ {
+			c := r.IntN(size / 4096)
+			for range 4096 {
+				r.Uint32()
+			}
+			bm.Bits[c/64] |= 1 << (c % 64)
+		}
+	}
+	return bm
+}
+
 // TestKillDuringBackupAndPrune: a child process backs up generation after
-// generation and prunes between them; it is killed with SIGKILL at random
-// moments. After each kill the repository verifies clean, every listed
+// generation (two in three incrementals of the newest image, from the
+// chunks rewritten since; every other child with segments of a whole
+// batch, so that the incrementals patch segments from the changed
+// chunks alone) and prunes between them; it is killed with SIGKILL at
+// random moments. After each kill the repository verifies clean, every listed
 // image restores to exactly its generation, and a backup and a prune
 // still work (the dead process's lock is noticed as stale).
 func TestKillDuringBackupAndPrune(t *testing.T) {
@@ -62,7 +83,7 @@ func TestKillDuringBackupAndPrune(t *testing.T) {
 	}
 	for round := 0; round < rounds; round++ {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestKillDuringBackupAndPrune$")
-		cmd.Env = append(os.Environ(), "UMBRA_BACKUP_CRASH_CHILD="+dir)
+		cmd.Env = append(os.Environ(), "UMBRA_BACKUP_CRASH_CHILD="+dir, fmt.Sprintf("UMBRA_BACKUP_CRASH_SEGMENT=%d", []int{100, 1024}[round%2]))
 		cmd.Stderr = os.Stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -116,7 +137,11 @@ func TestKillDuringBackupAndPrune(t *testing.T) {
 
 func crashChild(dir string) {
 	ctx := context.Background()
-	backup.SetSegmentChunks(100)     // 21 segments an image: kills land between them
+	// 100: 21 segments an image, kills land between them; 1024: one
+	// batch a segment, incrementals patch segments from the changed
+	// chunks alone.
+	seg, _ := strconv.Atoi(os.Getenv("UMBRA_BACKUP_CRASH_SEGMENT"))
+	backup.SetSegmentChunks(int64(max(seg, 100)))
 	backup.SetSmallPacks(128<<10, 2) // and between the index objects a backup writes as it goes
 	repo, err := backup.Open(dir)
 	if err != nil {
@@ -124,12 +149,26 @@ func crashChild(dir string) {
 		os.Exit(1)
 	}
 	list, _ := repo.Images()
+	var parent *backup.Image // the newest generation
+	pk := -1
+	for _, x := range list {
+		if k, _ := strconv.Atoi(strings.TrimPrefix(x.Snapshot, "gen-")); k > pk {
+			parent, pk = x, k
+		}
+	}
 	gen := len(list) + int(time.Now().UnixNano()%7)
 	for ; ; gen++ {
-		if _, _, err := repo.Backup(ctx, genData(gen), backup.Options{Volume: "v", Snapshot: fmt.Sprintf("gen-%d", gen)}); err != nil {
+		data := genData(gen)
+		opts := backup.Options{Volume: "v", Snapshot: fmt.Sprintf("gen-%d", gen)}
+		if parent != nil && pk < gen && gen%3 != 0 {
+			opts.Parent, opts.Changed = parent, changedSince(pk, gen, len(data))
+		}
+		x, _, err := repo.Backup(ctx, data, opts)
+		if err != nil {
 			fmt.Fprintln(os.Stderr, "child backup:", err)
 			os.Exit(1)
 		}
+		parent, pk = x, gen
 		if gen%2 == 0 {
 			if _, err := repo.Prune(ctx, backup.Policy{Last: 2}, false); err != nil {
 				fmt.Fprintln(os.Stderr, "child prune:", err)
