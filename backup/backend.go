@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -36,6 +37,25 @@ type Backend interface {
 	Sync(ctx context.Context) error
 	// Location names the repository for messages.
 	Location() string
+}
+
+// objectWriter is an object written piece by piece and named once it is
+// complete (a pack's name is the hash of its bytes).
+type objectWriter interface {
+	io.Writer
+	// Commit stores what was written as name: atomic and durable at the
+	// backend's next Sync, as a Put.
+	Commit(name string) error
+	// Abort discards what was written; after a Commit it does nothing.
+	Abort()
+}
+
+// streamingBackend is a Backend that writes an object piece by piece,
+// so that a backup never holds a whole pack in memory (a local
+// directory). Others are given packs whole (Put).
+type streamingBackend interface {
+	// Create starts an object that will be named under dir.
+	Create(ctx context.Context, dir string) (objectWriter, error)
 }
 
 // Credentials for backends that need them (S3). Empty fields are taken
@@ -97,6 +117,90 @@ func (b *localBackend) Put(ctx context.Context, name string, data []byte) error 
 		return fmt.Errorf("write %s: %w", p, err)
 	}
 	return nil
+}
+
+// Create starts a file in dir: an unnamed one (O_TMPFILE), given its
+// name by Commit, so that nothing is left of it should the process die
+// before; where the filesystem has no unnamed files, a temporary file
+// (".tmp-…", skipped by List) renamed into place.
+func (b *localBackend) Create(ctx context.Context, dir string) (objectWriter, error) {
+	d := b.path(dir)
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		return nil, fmt.Errorf("write in %s: %w", d, err)
+	}
+	if procFDs() {
+		if f, err := os.OpenFile(d, unix.O_TMPFILE|os.O_WRONLY, 0o600); err == nil {
+			return &localObject{b: b, f: f}, nil
+		}
+	}
+	f, err := os.CreateTemp(d, ".tmp-")
+	if err != nil {
+		return nil, fmt.Errorf("write in %s: %w", d, err)
+	}
+	return &localObject{b: b, f: f, named: true}, nil
+}
+
+// procFDs: /proc/self/fd is there, through which an unnamed file is
+// given a name (linkat with AT_EMPTY_PATH needs a capability).
+var procFDs = sync.OnceValue(func() bool {
+	_, err := os.Stat("/proc/self/fd")
+	return err == nil
+})
+
+// localObject is a file being written by Create's caller.
+type localObject struct {
+	b     *localBackend
+	f     *os.File
+	named bool // a temporary file, not an unnamed one
+	done  bool // committed or aborted
+}
+
+func (o *localObject) Write(p []byte) (int, error) { return o.f.Write(p) }
+
+func (o *localObject) Commit(name string) error {
+	p := o.b.path(name)
+	o.done = true
+	tmp := o.f.Name()
+	var err error
+	if !o.named {
+		// An unnamed file gets a temporary name beside its own, then
+		// the rename makes it whole under its name at once (linkat
+		// would not replace an existing object, as a Put does).
+		tmp = filepath.Join(filepath.Dir(p), ".tmp-"+randomID())
+		proc := fmt.Sprintf("/proc/self/fd/%d", o.f.Fd())
+		link := func() error { return unix.Linkat(unix.AT_FDCWD, proc, unix.AT_FDCWD, tmp, unix.AT_SYMLINK_FOLLOW) }
+		if err = link(); err == unix.ENOENT {
+			if err = os.MkdirAll(filepath.Dir(p), 0o700); err == nil {
+				err = link()
+			}
+		}
+	}
+	if cerr := o.f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		if err = os.Rename(tmp, p); errors.Is(err, fs.ErrNotExist) {
+			if err = os.MkdirAll(filepath.Dir(p), 0o700); err == nil {
+				err = os.Rename(tmp, p)
+			}
+		}
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", p, err)
+	}
+	return nil
+}
+
+func (o *localObject) Abort() {
+	if o.done {
+		return
+	}
+	o.done = true
+	o.f.Close()
+	if o.named {
+		os.Remove(o.f.Name())
+	}
 }
 
 func (b *localBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {

@@ -620,10 +620,18 @@ func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash, cpu chan st
 // while the caller goes on hashing the next batch; a packer goroutine
 // hands the blobs to the uploader in the order the groups were queued.
 type compressor struct {
-	r      *Repo
-	up     *uploader
-	work   chan *group
-	order  chan *group
+	r     *Repo
+	up    *uploader
+	work  chan *group
+	order chan *group
+	// slots bounds the groups between queue and packing: each holds a
+	// blob buffer of a little over groupRaw from its compression until
+	// it is packed, and while packing waited on storage the groups
+	// compressed meanwhile piled up (up to order's capacity, 256).
+	slots chan struct{}
+	// bufs holds the blob buffers of groups packed, for the next:
+	// there are never more than slots of them.
+	bufs   chan *[]byte
 	wg     sync.WaitGroup // workers
 	packed chan struct{}  // closed when the packer is done
 	// check, when set, reopens each blob as sealed and checks every
@@ -640,16 +648,27 @@ type group struct {
 	data [][]byte // the chunks, in batch memory until done
 	ents []blobEntry
 	blob []byte
-	mem  *[]byte // blob's memory, back to blobBufs once packed
+	mem  *[]byte // blob's memory, back to bufs once packed
 	done chan struct{}
 	own  *sync.WaitGroup // the batch's pending groups
 	err  error           // the check of the sealed blob failed
 }
 
-// blobBufs recycles the memory blobs are compressed and sealed into: a
-// blob is copied into its pack, so its buffer serves the next group
+// compressorSpare is how many groups beyond one a worker may be waiting
+// to be packed: one being packed while every worker compresses the
+// next. More only held memory: packing a blob is a copy (or a write to
+// the page cache), far quicker than compressing it.
+const compressorSpare = 1
+
+// slotWait, when set, is called each time a group waits for a slot
+// (tests).
+var slotWait func()
+
+// blobRoom is a blob buffer's capacity: a group that does not compress,
+// zstd's frame and block headers, the seal. A blob is copied into its
+// pack (or written to its file), so its buffer serves a later group
 // (instead of a new, cleared 4 MiB per group).
-var blobBufs = sync.Pool{New: func() any { b := make([]byte, 0, sealPrefix+groupRaw+groupRaw>>7+4096); return &b }}
+var blobRoom = sealPrefix + groupRaw + groupRaw>>7 + 4096
 
 // contiguous returns a group's chunks as one slice when they lie back to
 // back in the batch's memory (runs of new chunks read together), so they
@@ -671,16 +690,21 @@ func contiguous(data [][]byte) []byte {
 
 func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *compressor {
 	c := &compressor{r: r, up: up, work: make(chan *group, 64), order: make(chan *group, 256), packed: make(chan struct{})}
+	c.slots = make(chan struct{}, workers+compressorSpare)
+	c.bufs = make(chan *[]byte, cap(c.slots))
 	for range workers {
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
-			buf := make([]byte, 0, groupRaw)
+			var buf []byte            // for groups whose chunks are not contiguous
 			var sum func([]byte) Hash // check's, this worker's own
 			var opened []byte         // check's
 			for g := range c.work {
 				src := contiguous(g.data)
 				if src == nil {
+					if buf == nil {
+						buf = make([]byte, 0, groupRaw)
+					}
 					buf = buf[:0]
 					for _, d := range g.data {
 						buf = append(buf, d...)
@@ -689,7 +713,12 @@ func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *comp
 				}
 				// Room for zstd's frame and block headers when nothing
 				// compresses, and the seal's tag.
-				g.mem = blobBufs.Get().(*[]byte)
+				select {
+				case g.mem = <-c.bufs:
+				default:
+					b := make([]byte, 0, blobRoom)
+					g.mem = &b
+				}
 				if need := sealPrefix + r.enc.bound(len(src)) + sealOverhead; cap(*g.mem) < need {
 					*g.mem = make([]byte, 0, need)
 				}
@@ -716,13 +745,16 @@ func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *comp
 			failed := c.err != nil
 			c.mu.Unlock()
 			if failed {
+				c.bufs <- g.mem
+				<-c.slots
 				continue
 			}
 			err := g.err
 			if err == nil {
 				err = up.add(g.blob, g.ents)
 			}
-			blobBufs.Put(g.mem)
+			c.bufs <- g.mem
+			<-c.slots
 			c.mu.Lock()
 			c.stored += int64(len(g.blob))
 			if err != nil && c.err == nil {
@@ -748,6 +780,14 @@ func (c *compressor) queue(w []chunkWork, fresh []int, own *sync.WaitGroup) erro
 	flush := func() {
 		if g != nil {
 			own.Add(1)
+			select {
+			case c.slots <- struct{}{}:
+			default:
+				if slotWait != nil {
+					slotWait()
+				}
+				c.slots <- struct{}{}
+			}
 			c.order <- g
 			c.work <- g
 			g = nil
@@ -815,6 +855,14 @@ type uploader struct {
 	jobs   chan packJob
 	free   chan []byte // pack buffers stored, for the next packs
 	wg     sync.WaitGroup
+	// stream, when the backend writes objects piece by piece: each
+	// blob goes straight into its pack's file (w, size bytes so far,
+	// their hash in sum), and no pack is ever whole in memory (cur,
+	// jobs and free are then unused).
+	stream streamingBackend
+	w      objectWriter
+	sum    *blake3.Hasher
+	size   int
 
 	indexBytes int64 // index objects written, as stored
 	every      int   // packs waiting for an index object before one is written (indexEvery)
@@ -852,6 +900,10 @@ func (r *Repo) newUploader(ctx context.Context) *uploader {
 		n = 4 // latency-bound
 	}
 	u := &uploader{r: r, ctx: ctx, cancel: cancel, every: indexEvery, seen: map[Hash]struct{}{}, jobs: make(chan packJob, 2), free: make(chan []byte, n+3)}
+	if sb, ok := r.be.(streamingBackend); ok {
+		u.stream, u.sum = sb, blake3.New()
+		n = 0 // a pack is written as it fills, by add
+	}
 	for range n {
 		u.wg.Add(1)
 		go u.run()
@@ -893,6 +945,9 @@ func (u *uploader) add(blob []byte, ents []blobEntry) error {
 	if err != nil {
 		return err
 	}
+	if u.stream != nil {
+		return u.write(blob, ents)
+	}
 	if u.cur == nil {
 		select {
 		case u.cur = <-u.free:
@@ -909,6 +964,42 @@ func (u *uploader) add(blob []byte, ents []blobEntry) error {
 		return u.cut()
 	}
 	return nil
+}
+
+// write appends a blob to the pack being written into its file.
+func (u *uploader) write(blob []byte, ents []blobEntry) error {
+	if u.w == nil {
+		w, err := u.stream.Create(u.ctx, "packs")
+		if err != nil {
+			return u.fail(fmt.Errorf("store pack: %w", err))
+		}
+		u.w, u.size = w, 0
+		u.sum.Reset()
+	}
+	for _, e := range ents {
+		e.Off, e.Len = uint32(u.size), uint32(len(blob))
+		u.ents = append(u.ents, e)
+	}
+	if _, err := u.w.Write(blob); err != nil {
+		return u.fail(fmt.Errorf("store pack: %w", err))
+	}
+	u.sum.Write(blob)
+	u.size += len(blob)
+	if u.size >= packTarget || len(u.ents) >= maxPackEntries {
+		return u.cut()
+	}
+	return nil
+}
+
+// fail notes the uploads' first error and returns it.
+func (u *uploader) fail(err error) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.err == nil {
+		u.err = err
+		u.cancel()
+	}
+	return u.err
 }
 
 // maxPackEntries bounds the chunks one pack holds, so its index entries
@@ -931,6 +1022,9 @@ func (u *uploader) cut() error {
 		return nil
 	}
 	trailer := u.r.seal.seal(nil, encodePackTrailer(u.ents))
+	if u.stream != nil {
+		return u.cutStream(trailer)
+	}
 	data := append(u.cur, trailer...)
 	data = appendUint32(data, uint32(len(trailer)))
 	p := packBlobs{ID: PackID(blake3.Sum256(data)), Blobs: u.ents}
@@ -946,6 +1040,30 @@ func (u *uploader) cut() error {
 		}
 		return u.ctx.Err()
 	}
+}
+
+// cutStream ends the pack being written with its trailer and names it.
+func (u *uploader) cutStream(trailer []byte) error {
+	tail := appendUint32(trailer, uint32(len(trailer)))
+	w := u.w
+	u.w = nil
+	if _, err := w.Write(tail); err != nil {
+		w.Abort()
+		return u.fail(fmt.Errorf("store pack: %w", err))
+	}
+	u.sum.Write(tail)
+	var id PackID
+	u.sum.Sum(id[:0])
+	p := packBlobs{ID: id, Blobs: u.ents}
+	u.ents = nil
+	if err := w.Commit(id.name()); err != nil {
+		return u.fail(fmt.Errorf("store pack %s: %w", id, err))
+	}
+	u.mu.Lock()
+	u.done = append(u.done, p)
+	u.doneChunks += len(p.Blobs)
+	u.mu.Unlock()
+	return nil
 }
 
 func appendUint32(b []byte, v uint32) []byte {
@@ -1052,6 +1170,10 @@ func (u *uploader) finish() (int64, error) {
 // abort stops the uploads of a backup that failed; packs already stored
 // are garbage that prune removes.
 func (u *uploader) abort() {
+	if u.w != nil {
+		u.w.Abort()
+		u.w = nil
+	}
 	if !u.ended {
 		u.cancel()
 		close(u.jobs)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"math/rand/v2"
 	"os"
@@ -438,3 +439,33 @@ func WriteFakeIndex(r *Repo, n, chunksPer int, seed uint64) error {
 	}
 	return nil
 }
+
+// SetSlotWait makes fn be called whenever a backup's next group of new
+// chunks waits for the groups before it to be packed.
+func SetSlotWait(fn func()) func() { return set(&slotWait, fn) }
+
+// SetBackend replaces r's backend with wrap(r's backend).
+func SetBackend(r *Repo, wrap func(Backend) Backend) func() {
+	old := r.be
+	r.be = wrap(old)
+	return func() { r.be = old }
+}
+
+// CreateObject starts an object under dir written piece by piece, on
+// r's backend (a local directory): the writer, its commit (naming it)
+// and its abort.
+func CreateObject(r *Repo, dir string) (io.Writer, func(name string) error, func(), error) {
+	sb, ok := r.be.(streamingBackend)
+	if !ok {
+		return nil, nil, nil, fmt.Errorf("%T writes objects whole", r.be)
+	}
+	w, err := sb.Create(context.Background(), dir)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return w, w.Commit, w.Abort, nil
+}
+
+// SetNoUnnamedFiles makes a local repository write objects piece by
+// piece into named temporary files, as where O_TMPFILE is not there.
+func SetNoUnnamedFiles() func() { return set(&procFDs, func() bool { return false }) }
