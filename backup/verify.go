@@ -246,7 +246,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 				page := make([]byte, runPage)
 				for pid := range next {
 					ps := pos(pid)
-					hs := make([]Hash, len(ps))
+					es := make([]indexEntry, len(ps))
 					for j, i := range ps {
 						e, err := idx.entryAt(int64(i), page)
 						if err != nil {
@@ -254,19 +254,19 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 							rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
 							mu.Unlock()
 						}
-						hs[j] = e.h
+						es[j] = e
 					}
 					check := r.checkPack
 					if opts.sampled() {
 						check = r.checkBlobs
 					}
-					g, perr := check(ctx, pid, hs, sum)
+					g, perr := check(ctx, pid, es, sum)
 					mu.Lock()
 					if perr != nil {
 						rep.BadPacks = append(rep.BadPacks, perr.Error())
 					}
 					for j, i := range ps {
-						if g[hs[j]] {
+						if g[es[j].h] {
 							needed.clear(int(i))
 						}
 					}
@@ -328,6 +328,12 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 		rep.BadChunks = append(rep.BadChunks, h.String())
 	}
 	sort.Strings(rep.BadChunks)
+	if len(rep.BadChunks) == 0 {
+		// Every chunk of every usable image was found and is good: no
+		// need to read their lists again to say which ones are broken.
+		rep.GoodImages += len(usable)
+		usable = nil
+	}
 	for _, x := range usable {
 		ok := true
 		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
@@ -377,12 +383,13 @@ var errStop = errors.New("stop")
 var verifyBatch = 1 << 20
 
 // checkPack reads a pack whole, checks it against its name and its
-// trailer, and checks the given chunks in it, blob by blob: one opened
+// trailer, and checks the given chunks in it (their index entries: where
+// they are is not looked up again), blob by blob: one opened
 // blob in memory at a time (decrypted in place and decompressed into
 // memory it reuses), not the whole pack opened. The error says what is
 // wrong with the pack itself.
-func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) (map[Hash]bool, error) {
-	good := make(map[Hash]bool, len(hs))
+func (r *Repo) checkPack(ctx context.Context, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
+	good := make(map[Hash]bool, len(es))
 	b, err := r.be.Get(ctx, pid.name(), 0, -1)
 	var perr error
 	if err != nil {
@@ -394,14 +401,13 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]
 		h Hash
 		l loc
 	}
-	items := make([]item, 0, len(hs))
-	for _, h := range hs {
-		l, _, _ := r.lookup(h)
-		if err != nil || int64(l.off)+int64(l.len) > int64(len(b)) {
-			good[h] = false
+	items := make([]item, 0, len(es))
+	for _, e := range es {
+		if err != nil || int64(e.l.off)+int64(e.l.len) > int64(len(b)) {
+			good[e.h] = false
 			continue
 		}
-		items = append(items, item{h, l})
+		items = append(items, item{e.h, e.l})
 	}
 	sort.Slice(items, func(i, j int) bool { return items[i].l.off < items[j].l.off })
 	var group, scratch []byte
@@ -426,20 +432,15 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, hs []Hash, sum func([]
 // checkBlobs checks the given chunks of a pack reading only their
 // blobs, one range read each: a sampled verify's check, which leaves the
 // rest of the pack unread. The error names the blobs that did not read.
-func (r *Repo) checkBlobs(ctx context.Context, pid PackID, hs []Hash, sum func([]byte) Hash) (map[Hash]bool, error) {
-	good := make(map[Hash]bool, len(hs))
+func (r *Repo) checkBlobs(ctx context.Context, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
+	good := make(map[Hash]bool, len(es))
 	type item struct {
 		h Hash
 		l loc
 	}
-	items := make([]item, 0, len(hs))
-	for _, h := range hs {
-		l, _, ok := r.lookup(h)
-		if !ok {
-			good[h] = false
-			continue
-		}
-		items = append(items, item{h, l})
+	items := make([]item, 0, len(es))
+	for _, e := range es {
+		items = append(items, item{e.h, e.l})
 	}
 	sort.Slice(items, func(i, j int) bool { return items[i].l.off < items[j].l.off })
 	var group, scratch []byte
