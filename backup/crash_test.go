@@ -1,6 +1,7 @@
 package backup_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"umbra/backup"
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -85,11 +87,45 @@ func TestKillDuringBackupAndPrune(t *testing.T) {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestKillDuringBackupAndPrune$")
 		cmd.Env = append(os.Environ(), "UMBRA_BACKUP_CRASH_CHILD="+dir, fmt.Sprintf("UMBRA_BACKUP_CRASH_SEGMENT=%d", []int{100, 1024}[round%2]))
 		cmd.Stderr = os.Stderr
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Duration(50+r.IntN(700)) * time.Millisecond)
+		// The kill lands after the child has finished a random number of
+		// backups and prunes (it reports each on stdout), then a random
+		// moment into the next one: how far the child gets does not
+		// depend on how fast this machine is at the time.
+		done := make(chan string)
+		go func() {
+			sc := bufio.NewScanner(out)
+			for sc.Scan() {
+				done <- sc.Text()
+			}
+			close(done)
+		}()
+		want := r.IntN(4)
+		if round == 1 && want == 0 {
+			want = 2 // at least one round kills a child that has finished a backup
+		}
+		backups := 0
+		for i := 0; i < want; i++ {
+			line := testutil.Receive(t, done, "the crash child's progress")
+			if line == "" {
+				t.Fatalf("round %d: the child exited before it reported %d steps", round, want)
+			}
+			if strings.HasPrefix(line, "backup ") {
+				backups++
+			}
+		}
+		time.Sleep(time.Duration(r.IntN(300)) * time.Millisecond)
 		cmd.Process.Kill()
+		go func() {
+			for range done {
+			}
+		}()
 		cmd.Wait()
 
 		repo, err := backup.Open(dir)
@@ -111,7 +147,10 @@ func TestKillDuringBackupAndPrune(t *testing.T) {
 				t.Fatalf("round %d: image %s does not restore generation %d", round, x.ID, k)
 			}
 		}
-		t.Logf("round %d: %d images listed and restored", round, len(list))
+		if backups > 0 && len(list) == 0 {
+			t.Fatalf("round %d: the child reported %d finished backups, but no image is listed", round, backups)
+		}
+		t.Logf("round %d: killed after %d steps (%d backups): %d images listed and restored", round, want, backups, len(list))
 		repo.Close()
 	}
 	repo, err = backup.Open(dir)
@@ -169,11 +208,13 @@ func crashChild(dir string) {
 			os.Exit(1)
 		}
 		parent, pk = x, gen
+		fmt.Printf("backup %s\n", opts.Snapshot)
 		if gen%2 == 0 {
 			if _, err := repo.Prune(ctx, backup.Policy{Last: 2}, false); err != nil {
 				fmt.Fprintln(os.Stderr, "child prune:", err)
 				os.Exit(1)
 			}
+			fmt.Println("prune")
 		}
 	}
 }
