@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"sync/atomic"
 	"testing"
 
 	"umbra/backup"
@@ -141,5 +142,45 @@ func TestReadAround(t *testing.T) {
 	}
 	if _, err := tf.ReadAt(got, c*4096); err != nil || !bytes.Equal(got, img[c*4096:(c+1)*4096]) {
 		t.Fatalf("the target file's chunk %d: %v", c, err)
+	}
+}
+
+// punchCounter counts the holes punched in a file.
+type punchCounter struct {
+	*crashFile
+	punches atomic.Int64
+}
+
+func (p *punchCounter) Punch(off, n int64) error {
+	p.punches.Add(1)
+	return p.crashFile.Punch(off, n)
+}
+
+// TestHolesTarget: the background restore into a target that reads
+// zeros everywhere (Options.Holes) leaves the image's zero chunks as
+// they are, and the target ends as the image; without Holes it punches
+// them.
+func TestHolesTarget(t *testing.T) {
+	img, ir, id := testImage(t, rand.New(rand.NewPCG(25, 26)), 2<<20)
+	for _, holes := range []bool{true, false} {
+		fsys := &memFS{files: map[string]*crashFile{}}
+		cf, _ := fsys.OpenFile("/t", os.O_RDWR|os.O_CREATE, 0)
+		cf.Truncate(int64(len(img)))
+		pc := &punchCounter{crashFile: cf.(*crashFile)}
+		tg, err := Create(fsys, pc, "/t.map", ir, id, Options{Holes: holes})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tg.Run(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(img))
+		if _, err := cf.ReadAt(got, 0); err != nil || !bytes.Equal(got, img) {
+			t.Fatalf("holes %v: the target is not the image (%v)", holes, err)
+		}
+		if n := pc.punches.Load(); holes && n != 0 || !holes && n == 0 {
+			t.Errorf("holes %v: %d holes punched", holes, n)
+		}
+		tg.Close()
 	}
 }

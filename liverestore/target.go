@@ -47,6 +47,12 @@ var ErrUnavailable = fmt.Errorf("image data not restored yet and the repository 
 type Options struct {
 	// Rate bounds the background restore in bytes a second (0: none).
 	Rate int64
+	// Holes says the target reads zeros everywhere (a regular file
+	// created or emptied for this restore): the background restore then
+	// leaves the zero chunks as they are instead of punching them, until
+	// a write to the target fails (it may have left bytes behind). Only
+	// for Create: after a restart the target holds what was written.
+	Holes bool
 	// Backoff is the first wait after the repository failed (doubling up
 	// to 32 times it; 0: one second).
 	Backoff time.Duration
@@ -122,6 +128,9 @@ type Target struct {
 	sinceCommit  atomic.Int64 // weighted bytes the background restore wrote since the last commit began
 
 	canPunch atomic.Bool // the target punches holes (a regular file)
+	// holes: every chunk not the target's own reads zeros in the file
+	// (Options.Holes, until a write fails).
+	holes atomic.Bool
 	// bgCommitErr is the last commit of the background restore's
 	// committer when it failed (nil once one succeeds).
 	bgCommitErr atomic.Pointer[error]
@@ -169,7 +178,9 @@ func Create(fsys cow.FS, f cow.File, mapPath string, src Source, imageID string,
 	if err != nil {
 		return nil, err
 	}
-	return newTarget(fsys, f, m, mapPath, src, make([]uint64, h.words()), opts), nil
+	t := newTarget(fsys, f, m, mapPath, src, make([]uint64, h.words()), opts)
+	t.holes.Store(opts.Holes)
+	return t, nil
 }
 
 // Open resumes the live restore recorded in the map file at mapPath.
@@ -393,6 +404,7 @@ func (t *Target) fetchMissing(c0, c1 int64, want func(c int64) bool) error {
 				return t.unavailable(c, err)
 			}
 			if _, err := t.f.WriteAt(b, off); err != nil {
+				t.holes.Store(false)
 				return fmt.Errorf("live restore: write target at %d: %w", off, err)
 			}
 		}
@@ -451,6 +463,7 @@ func (t *Target) WriteAt(p []byte, off int64) (int, error) {
 	}
 	n, err := t.f.WriteAt(p, off)
 	if err != nil {
+		t.holes.Store(false)
 		return n, err
 	}
 	t.mark(c0, c1)
@@ -675,14 +688,19 @@ func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- 
 			}
 			lo, hi := j*t.cs, min(k*t.cs, int64(len(b.Data)))
 			off := c * t.cs
-			if zero {
+			switch {
+			case zero && t.holes.Load():
+				// Zeros already: nothing to write.
+			case zero:
 				if err := t.zero(off, hi-lo); err != nil {
 					return fmt.Errorf("live restore: write target at %d: %w", off, err)
 				}
 				weighted += (hi - lo) / zeroWeight
-			} else if _, err := t.f.WriteAt(b.Data[lo:hi], off); err != nil {
-				return fmt.Errorf("live restore: write target at %d: %w", off, err)
-			} else {
+			default:
+				if _, err := t.f.WriteAt(b.Data[lo:hi], off); err != nil {
+					t.holes.Store(false)
+					return fmt.Errorf("live restore: write target at %d: %w", off, err)
+				}
 				weighted += hi - lo
 			}
 			t.mark(c, c0+k)

@@ -445,7 +445,11 @@ func (l *liveRestores) RestoreLive(ctx context.Context, req *umbrav1.RestoreLive
 	src.set(repo, ir)
 	// The map first, then the record: a record always has its map (or
 	// says done).
-	t, err := liverestore.Create(cow.OSFS{}, f, l.mapPath(name), src, rec.Image, l.targetOptions(rec))
+	opts := l.targetOptions(rec)
+	if fi, err := os.Stat(target); err == nil && fi.Mode().IsRegular() {
+		opts.Holes = true // prepareTarget emptied it: zero chunks are holes already
+	}
+	t, err := liverestore.Create(cow.OSFS{}, f, l.mapPath(name), src, rec.Image, opts)
 	if err != nil {
 		return fail(err)
 	}
