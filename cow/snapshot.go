@@ -360,8 +360,8 @@ func (s *Snapshot) SetCursor(off int64) {
 		// Durable before any chunk is skipped for it: an unclean stop
 		// must know the cursor was active.
 		sn.hasCursor = true
-		v.logAppend(record{Type: recCursor, Gen: sn.gen})
-		if lsync := v.logSyncer(); lsync != nil {
+		v.log.append(record{Type: recCursor, Gen: sn.gen})
+		if lsync := v.log.syncer(); lsync != nil {
 			if err := lsync.sync(); err != nil {
 				v.invalidate(sn, fmt.Sprintf("recording the backup cursor in %s failed: %v", v.metaPath(), err))
 			}
@@ -394,7 +394,7 @@ func (s *Snapshot) SetCursor(off int64) {
 		v.dropEntry(e, &freed)
 	}
 	v.freeSlots(freed)
-	lsync := v.logSyncer()
+	lsync := v.log.syncer()
 	v.mu.Unlock()
 	if lsync != nil && len(drop) > 0 {
 		_ = lsync.sync() // releasing is safe to lose; syncing bounds the replay
@@ -582,8 +582,8 @@ func (v *Volume) revert(id string, force bool) error {
 		v.deleteLocked(v.newest(), true)
 	}
 	if v.log != nil {
-		v.logAppend(record{Type: recRevertBegin, Gen: s.gen})
-		if err := v.syncLog(); err != nil {
+		v.log.append(record{Type: recRevertBegin, Gen: s.gen})
+		if err := v.log.flush(); err != nil {
 			return fmt.Errorf("revert %s to %s: %w", v.name, id, err)
 		}
 	}
@@ -616,8 +616,8 @@ func (v *Volume) revertLocked(s *snap) error {
 	}
 	v.finishRevert(s)
 	if v.log != nil {
-		v.logAppend(record{Type: recRevertEnd, Gen: s.gen})
-		return v.syncLog()
+		v.log.append(record{Type: recRevertEnd, Gen: s.gen})
+		return v.log.flush()
 	}
 	return nil
 }

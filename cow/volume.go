@@ -891,7 +891,7 @@ func (v *Volume) preserveRun(c0 uint64, n int) {
 			need = append(need, preserved{c: c})
 		}
 	}
-	lsync, ssync, wb := v.logSyncer(), v.store.sync, v.store.wb
+	lsync, ssync, wb := v.log.syncer(), v.store.sync, v.store.wb
 	v.mu.Unlock()
 	if len(need) == 0 {
 		return
@@ -1043,7 +1043,7 @@ func (v *Volume) storeRun(need []preserved, anyData bool, first, gen uint64, buf
 	}
 	v.mu.Lock()
 	v.placeLocked(need, gen)
-	lsync = v.logSyncer()
+	lsync = v.log.syncer()
 	v.mu.Unlock()
 	if lsync != nil {
 		if err := lsync.sync(); err != nil {
@@ -1290,7 +1290,7 @@ func (v *Volume) invalidate(s *snap, why string) {
 		return
 	}
 	s.invalid = why
-	v.logAppend(record{Type: recInvalid, Gen: s.gen, Reason: why})
+	v.log.append(record{Type: recInvalid, Gen: s.gen, Reason: why})
 }
 
 // syncInvalidation makes invalidation records durable before the origin
@@ -1329,7 +1329,7 @@ func (v *Volume) claim(s *snap, c uint64, slot int64) bool {
 	if slot != zeroSlot {
 		s.nonzero++
 	}
-	v.logAppend(record{Type: recMap, Chunk: c, Gen: s.gen, Slot: slot})
+	v.log.append(record{Type: recMap, Chunk: c, Gen: s.gen, Slot: slot})
 	return true
 }
 
@@ -1404,7 +1404,7 @@ func (v *Volume) deleteLocked(s *snap, log bool) {
 	v.snaps = append(v.snaps[:i], v.snaps[i+1:]...)
 	v.hasSnaps.Store(int32(len(v.snaps)))
 	if log {
-		v.logAppend(record{Type: recSnapDelete, Gen: s.gen})
+		v.log.append(record{Type: recSnapDelete, Gen: s.gen})
 	}
 	v.freeSlots(freed)
 	if s.persistent {
@@ -1665,13 +1665,13 @@ func (v *Volume) commit(opts provider.SnapshotOptions) (provider.Snapshot, error
 			return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %w", v.name, err)
 		}
 	case opts.Persistent:
-		v.logAppend(rec)
-		if err := v.syncLog(); err != nil {
+		v.log.append(rec)
+		if err := v.log.flush(); err != nil {
 			v.snaps = v.snaps[:len(v.snaps)-1]
 			return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %w", v.name, err)
 		}
 	default:
-		v.logAppend(rec)
+		v.log.append(rec)
 	}
 	if opts.Persistent {
 		v.persistent++
@@ -1739,7 +1739,7 @@ func (v *Volume) deleteSnapshot(id string, force bool) ([]string, error) {
 			v.name, id, ErrSnapshotInUse, strings.Join(users, ", "))
 	}
 	v.deleteLocked(s, true)
-	lsync := v.logSyncer()
+	lsync := v.log.syncer()
 	v.mu.Unlock()
 	if lsync != nil {
 		if err := lsync.sync(); err != nil {
@@ -1855,7 +1855,7 @@ func (v *Volume) SetMaxStorage(maxBytes int64) error {
 	if v.store != nil {
 		v.store.setKeep(v.keepSlots(), v.chunk)
 	}
-	lsync := v.logSyncer()
+	lsync := v.log.syncer()
 	v.mu.Unlock()
 	if lsync != nil {
 		return lsync.sync()
@@ -1896,7 +1896,7 @@ func (v *Volume) dropEntry(e entry, freed *[]int64) {
 	if e.slot != zeroSlot {
 		*freed = append(*freed, e.slot)
 	}
-	v.logAppend(record{Type: recUnmap, Chunk: e.chunk, Gen: e.gen})
+	v.log.append(record{Type: recUnmap, Chunk: e.chunk, Gen: e.gen})
 }
 
 // Changed returns the chunks that may differ between snapshot since and
