@@ -514,23 +514,23 @@ func TestChunkLocks(t *testing.T) {
 			}
 		}
 	}
-	l := v.lockChunks(numStripes-2, numStripes+1, false) // stripes 1022, 1023, 0, 1
+	l := v.stripes.lock(numStripes-2, numStripes+1, false) // stripes 1022, 1023, 0, 1
 	heldExactly(map[int]bool{numStripes - 2: true, numStripes - 1: true, 0: true, 1: true})
-	if _, ok := v.tryLockChunks(5*numStripes-3, 5*numStripes+4); ok { // 1021..1023, 0..4: meets 1022
-		t.Fatal("tryLockChunks took stripes another holder has")
+	if _, ok := v.stripes.tryLock(5*numStripes-3, 5*numStripes+4); ok { // 1021..1023, 0..4: meets 1022
+		t.Fatal("stripes.tryLock took stripes another holder has")
 	}
 	heldExactly(map[int]bool{numStripes - 2: true, numStripes - 1: true, 0: true, 1: true})
 	l.unlock()
 	heldExactly(nil)
-	all := v.lockChunks(7, 7+3*numStripes, true) // more chunks than stripes: all, shared
+	all := v.stripes.lock(7, 7+3*numStripes, true) // more chunks than stripes: all, shared
 	if v.stripes[3].TryLock() || !v.stripes[3].TryRLock() {
 		t.Fatal("a shared lock of every stripe is not shared")
 	}
 	v.stripes[3].RUnlock()
 	all.unlock()
 	heldExactly(nil)
-	if l, ok := v.tryLockChunks(2, 2); !ok || !l.held() {
-		t.Fatal("tryLockChunks failed on free stripes")
+	if l, ok := v.stripes.tryLock(2, 2); !ok || !l.held() {
+		t.Fatal("stripes.tryLock failed on free stripes")
 	} else {
 		l.unlock()
 	}

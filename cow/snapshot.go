@@ -142,7 +142,7 @@ func (s *Snapshot) readSpan(p []byte, off int64) error {
 	v := s.v
 	c0 := uint64(off) >> v.shift
 	c1 := uint64(off+int64(len(p))-1) >> v.shift
-	locks := v.lockChunks(c0, c1, true)
+	locks := v.stripes.lock(c0, c1, true)
 	defer locks.unlock()
 	v.mu.RLock()
 	if _, err := s.readable(c0); err != nil {

@@ -17,7 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"umbra/internal/owner"
-	"umbra/internal/rtprio"
 	"umbra/internal/zero"
 	"umbra/provider"
 )
@@ -144,7 +143,7 @@ type Volume struct {
 	maxSnaps   int
 
 	gate     gate
-	stripes  [numStripes]sync.RWMutex
+	stripes  stripes
 	hasSnaps atomic.Int32
 	copies   atomic.Int64 // chunks preserved since open (for metrics)
 	wbFailed atomic.Bool  // a write-behind copy failed: settleWriteBehind
@@ -547,9 +546,9 @@ func (v *Volume) beginWrite(off, n int64, wait bool) (locks chunkLocks, ok bool,
 	}
 	c0, c1 := uint64(off)>>v.shift, uint64(off+n-1)>>v.shift
 	if wait {
-		return v.lockChunks(c0, c1, false), true, nil
+		return v.stripes.lock(c0, c1, false), true, nil
 	}
-	if locks, ok = v.tryLockChunks(c0, c1); !ok {
+	if locks, ok = v.stripes.tryLock(c0, c1); !ok {
 		v.gate.leave()
 		return chunkLocks{}, false, nil
 	}
@@ -644,7 +643,7 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 	}
 	if v.hasSnaps.Load() > 0 {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
-		locks := v.lockChunks(c0, c1, false)
+		locks := v.stripes.lock(c0, c1, false)
 		defer locks.unlock()
 		v.preserveRange(c0, c1)
 	}
@@ -679,69 +678,6 @@ func (v *Volume) originExtents(off, length int64) []Extent {
 		}
 	}
 	return []Extent{{Off: off, Len: length}}
-}
-
-// chunkLocks is a set of held stripe locks: n stripes from first on,
-// wrapping. The zero value holds none. A value, not a closure: taking
-// and releasing them is on every write's path.
-type chunkLocks struct {
-	v      *Volume
-	first  int
-	n      int
-	shared bool
-}
-
-func (l chunkLocks) held() bool { return l.n > 0 }
-
-func (l chunkLocks) unlock() {
-	for k := range l.n {
-		i := (l.first + k) % numStripes
-		if l.shared {
-			l.v.stripes[i].RUnlock()
-		} else {
-			l.v.stripes[i].Unlock()
-		}
-	}
-}
-
-// stripesOf returns the stripe locks of chunks c0..c1, not taken.
-func (v *Volume) stripesOf(c0, c1 uint64, shared bool) chunkLocks {
-	return chunkLocks{v: v, first: int(c0 % numStripes), n: int(min(c1-c0+1, numStripes)), shared: shared}
-}
-
-// lockChunks takes the stripe locks of chunks c0..c1, exclusively or
-// shared, in ascending stripe order (so two lockers never deadlock).
-func (v *Volume) lockChunks(c0, c1 uint64, shared bool) chunkLocks {
-	l := v.stripesOf(c0, c1, shared)
-	lock := func(i int) {
-		if shared {
-			v.stripes[i].RLock()
-		} else {
-			v.stripes[i].Lock()
-		}
-	}
-	wrap := l.first + l.n - numStripes // stripes held past the end, from 0
-	for i := 0; i < wrap; i++ {
-		lock(i)
-	}
-	for i := l.first; i < min(l.first+l.n, numStripes); i++ {
-		lock(i)
-	}
-	return l
-}
-
-// tryLockChunks takes the stripe locks of chunks c0..c1 for writing if
-// none is held, else takes none.
-func (v *Volume) tryLockChunks(c0, c1 uint64) (chunkLocks, bool) {
-	l := v.stripesOf(c0, c1, false)
-	for k := range l.n {
-		if !v.stripes[(l.first+k)%numStripes].TryLock() {
-			l.n = k
-			l.unlock()
-			return chunkLocks{}, false
-		}
-	}
-	return l, true
 }
 
 // chunkIn returns chunk c's bytes in buf, which holds chunks from first
@@ -1466,142 +1402,6 @@ func (v *Volume) maxSlots() int64 {
 		return 0
 	}
 	return max(v.maxStorage/v.chunk, 0)
-}
-
-// Hold is a write fence on a volume: while it stands, new writes wait and
-// none is in flight. It releases by itself when its limit passes.
-type Hold struct {
-	v     *Volume
-	start time.Time
-	timer *time.Timer
-	lower func() // ends the hold's real-time window (rtprio)
-
-	mu      sync.Mutex // guards the fields below
-	done    bool
-	expired bool
-	ended   time.Time // when writes resumed
-}
-
-// Hold blocks new writes, waits for those in flight, flushes and returns.
-// Reads go on. The hold ends with Release or, after limit (0: 10 s), by
-// itself; a snapshot committed through it after that fails.
-func (v *Volume) Hold(ctx context.Context, limit time.Duration) (*Hold, error) {
-	return v.hold(ctx, limit, true)
-}
-
-func (v *Volume) hold(ctx context.Context, limit time.Duration, flush bool) (*Hold, error) {
-	if limit <= 0 {
-		limit = DefaultHoldLimit
-	}
-	// Writes wait from here until Release: the threads that finish the
-	// writes in flight, flush and commit run first (see rtprio).
-	lower := rtprio.Raise()
-	start := time.Now()
-	dctx, cancel := context.WithTimeout(ctx, limit)
-	defer cancel()
-	if err := v.gate.close(dctx); err != nil {
-		lower()
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("hold volume %s: %w", v.name, ctx.Err())
-		}
-		return nil, fmt.Errorf("hold volume %s: writes in flight did not drain within %v: %w", v.name, limit, provider.ErrHoldTimeout)
-	}
-	if flush {
-		if err := v.Flush(); err != nil {
-			v.gate.reopen()
-			lower()
-			return nil, err
-		}
-	}
-	h := &Hold{v: v, start: start, lower: lower}
-	left := limit - time.Since(start)
-	if left <= 0 {
-		v.gate.reopen()
-		lower()
-		return nil, fmt.Errorf("hold volume %s: flush took longer than %v: %w", v.name, limit, provider.ErrHoldTimeout)
-	}
-	h.timer = time.AfterFunc(left, h.expire)
-	return h, nil
-}
-
-func (h *Hold) expire() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !h.done {
-		h.done, h.expired = true, true
-		h.v.gate.reopen()
-		h.ended = time.Now()
-		h.lower()
-	}
-}
-
-// Release resumes held writes. It returns provider.ErrHoldTimeout when
-// the hold had already released itself at its limit.
-func (h *Hold) Release() error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.expired {
-		return fmt.Errorf("hold volume %s: %w", h.v.name, provider.ErrHoldTimeout)
-	}
-	if !h.done {
-		h.done = true
-		h.timer.Stop()
-		h.v.gate.reopen()
-		h.ended = time.Now()
-		h.lower()
-	}
-	return nil
-}
-
-// Elapsed is how long writes have been held: until now, or until they
-// resumed once the hold has ended.
-func (h *Hold) Elapsed() time.Duration {
-	start, end := h.Window()
-	if end.IsZero() {
-		return time.Since(start)
-	}
-	return end.Sub(start)
-}
-
-// Window is when writes began to wait and when they resumed (zero while
-// the hold stands).
-func (h *Hold) Window() (start, end time.Time) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.start, h.ended
-}
-
-// HoldWindow is how long writes were held by a set of ended holds: from
-// the first hold's start to the last one's end (writes on some volume of
-// the set were waiting all that time).
-func HoldWindow(holds []*Hold) time.Duration {
-	var first, last time.Time
-	for _, h := range holds {
-		start, end := h.Window()
-		if end.IsZero() {
-			end = time.Now()
-		}
-		if first.IsZero() || start.Before(first) {
-			first = start
-		}
-		if end.After(last) {
-			last = end
-		}
-	}
-	return last.Sub(first)
-}
-
-// CreateSnapshot commits a snapshot inside the hold window.
-func (h *Hold) CreateSnapshot(ctx context.Context, opts provider.SnapshotOptions) (provider.Snapshot, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.expired {
-		return provider.Snapshot{}, fmt.Errorf("commit on volume %s: %w", h.v.name, provider.ErrHoldTimeout)
-	}
-	if h.done {
-		return provider.Snapshot{}, fmt.Errorf("commit on volume %s: the hold was released", h.v.name)
-	}
-	return h.v.commit(opts)
 }
 
 // CreateSnapshot commits a snapshot now (O(1)): it briefly holds writes so
