@@ -503,7 +503,7 @@ func BenchmarkReadPending(b *testing.B) {
 	for off := int64(0); off < regions*region; off += int64(len(p)) {
 		v.WriteAt(p, off)
 	}
-	v.settleWriteBehind(true) // every copy in the file
+	v.pre.settleWriteBehind(true) // every copy in the file
 	read := func(r int) float64 {
 		start := time.Now()
 		for off := int64(r) * region; off < int64(r+1)*region; off += int64(len(p)) {
@@ -523,7 +523,7 @@ func BenchmarkReadPending(b *testing.B) {
 			b.Fatal("no copy waits in the write-behind")
 		}
 		busy += read(2*(i%(regions/2)) + 1)
-		v.settleWriteBehind(true)
+		v.pre.settleWriteBehind(true)
 	}
 	b.ReportMetric(idle/float64(b.N), "none-pending-MB/s")
 	b.ReportMetric(busy/float64(b.N), "some-pending-MB/s")

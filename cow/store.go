@@ -28,7 +28,7 @@ type store struct {
 // the volume for settleWriteBehind.
 func (v *Volume) newStore(f File) *store {
 	s := &store{f: f, path: v.storePath(), wb: newWriteBehind(f, v.chunk), m: newStoreMap(f), keep: v.keepSlots()}
-	s.wb.onFail = func() { v.wbFailed.Store(true) }
+	s.wb.onFail = func() { v.pre.wbFailed.Store(true) }
 	s.sync = newGroupSyncer(f.Sync)
 	return s
 }

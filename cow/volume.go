@@ -17,7 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"umbra/internal/owner"
-	"umbra/internal/zero"
 	"umbra/provider"
 )
 
@@ -131,6 +130,16 @@ func (s *snap) needs(c uint64) bool {
 
 // Volume is an origin (file or block device) protected by copy-on-write
 // snapshots. It is safe for concurrent use.
+//
+// It coordinates owned parts, each with one job: the gate admits origin
+// writes and lets a hold close it (gate.go); the stripes order a write's
+// preservation against snapshot reads of the same chunks (stripes.go);
+// the preserver copies originals to the diff area before a write
+// (preserver.go), through the store (store.go) and its write-behind
+// (writebehind.go); the metadata log keeps persistent snapshots across a
+// restart (metalog.go; recover.go has the volume's side). The Volume
+// keeps the snapshots and their mapping (guarded by mu) and answers the
+// public calls: reads, writes, snapshots and the storage association.
 type Volume struct {
 	name       string
 	originPath string
@@ -142,14 +151,11 @@ type Volume struct {
 	nchunks    uint64
 	maxSnaps   int
 
-	gate     gate
-	stripes  stripes
+	gate     gate      // admits origin writes; holds close it (gate.go)
+	stripes  stripes   // chunk locks: a preservation against reads of its chunks (stripes.go)
+	pre      preserver // the copy-before-write path (preserver.go)
 	hasSnaps atomic.Int32
-	copies   atomic.Int64 // chunks preserved since open (for metrics)
-	wbFailed atomic.Bool  // a write-behind copy failed: settleWriteBehind
-	settleMu sync.Mutex   // one settleWriteBehind at a time
 	isClosed atomic.Bool
-	bufs     sync.Pool
 
 	slotMu sync.RWMutex // held shared while a diff-area slot is read; exclusively to free slots
 
@@ -262,7 +268,8 @@ func Open(name, originPath string, opts Options) (*Volume, error) {
 		storageOwn.Release()
 		return nil, fmt.Errorf("open volume %s: %d chunks of %d bytes exceed 2^32; use a larger chunk size", name, v.nchunks, v.chunk)
 	}
-	v.bufs.New = func() any { b := make([]byte, v.chunk); return &b }
+	v.pre.v = v
+	v.pre.bufs.New = func() any { b := make([]byte, v.chunk); return &b }
 	if v.storageDir != "" {
 		if err := v.recover(); err != nil {
 			f.Close()
@@ -514,7 +521,7 @@ func (v *Volume) write(p []byte, off int64, wait bool) (n int, ok bool, err erro
 		return n, true, err
 	}
 	defer locks.unlock()
-	n, err = v.preserveAndWrite(p, off)
+	n, err = v.pre.preserveAndWrite(p, off)
 	return n, true, err
 }
 
@@ -538,8 +545,8 @@ func (v *Volume) beginWrite(off, n int64, wait bool) (locks chunkLocks, ok bool,
 		v.gate.leave()
 		return chunkLocks{}, true, fmt.Errorf("write volume %s: %w", v.name, ErrClosed)
 	}
-	if v.wbFailed.Load() {
-		v.settleWriteBehind(false)
+	if v.pre.wbFailed.Load() {
+		v.pre.settleWriteBehind(false)
 	}
 	if v.hasSnaps.Load() == 0 {
 		return chunkLocks{}, true, nil
@@ -604,7 +611,7 @@ func (v *Volume) TryWriteFrom(off, n int64, fill func(f *os.File, off int64) err
 	defer v.gate.leave()
 	if locks.held() {
 		defer locks.unlock()
-		v.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift)
+		v.pre.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift)
 	}
 	return true, fill(of.File, off)
 }
@@ -645,7 +652,7 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
 		locks := v.stripes.lock(c0, c1, false)
 		defer locks.unlock()
-		v.preserveRange(c0, c1)
+		v.pre.preserveRange(c0, c1)
 	}
 	if !noHole {
 		if err := v.origin.Punch(off, length); err == nil {
@@ -692,71 +699,6 @@ func (v *Volume) chunkLen(c uint64) int64 {
 	return min(v.chunk, v.size-int64(c)<<v.shift)
 }
 
-// preserveRange preserves, for each chunk in c0..c1 written for the first
-// time since the newest snapshot, what live snapshots need. The caller
-// holds the chunks' stripe locks and writes the origin after it returns.
-func (v *Volume) preserveRange(c0, c1 uint64) {
-	v.mu.RLock()
-	n := v.newest()
-	if n == nil {
-		v.mu.RUnlock()
-		return
-	}
-	var todoBuf [64]uint64 // a 256 KiB piece of 4 KiB chunks
-	todo := todoBuf[:0]
-	for c := c0; c <= c1; c++ {
-		if !n.changed.Contains(uint32(c)) {
-			todo = append(todo, c)
-		}
-	}
-	v.mu.RUnlock()
-	// Preserve runs of consecutive chunks with one read and as few
-	// writes as their slots allow; a run fits one write-behind batch.
-	maxRun := max(int(min(preserveBatch, int64(wbBatchBytes))/v.chunk), 1)
-	for i := 0; i < len(todo); {
-		j := i + 1
-		for j < len(todo) && todo[j] == todo[j-1]+1 && j-i < maxRun {
-			j++
-		}
-		v.preserveRun(todo[i], j-i)
-		i = j
-	}
-}
-
-// writePiece is how much of a large write is preserved and written at a
-// time: for non-persistent snapshots the write-behind writes one piece's
-// originals to the diff area while the writer writes that piece of the
-// origin and reads the next piece's originals, a pipeline over two
-// cores. (A variable: the model test makes pieces small.)
-var writePiece = 256 << 10
-
-// preserveAndWrite preserves what p overwrites and writes p, piece by
-// piece; the caller holds the stripe locks of all its chunks. Each
-// piece's original is read (and, for persistent snapshots, made durable
-// with its mapping) before that piece of the origin is written.
-func (v *Volume) preserveAndWrite(p []byte, off int64) (int, error) {
-	done := 0
-	for done < len(p) {
-		at := off + int64(done)
-		n := len(p) - done
-		// A piece is at least a chunk and ends on a chunk boundary, so it
-		// is never empty.
-		if step := max(int64(writePiece), v.chunk); int64(n) > step {
-			n = int((at+step)>>v.shift<<v.shift - at)
-		}
-		v.preserveRange(uint64(at)>>v.shift, uint64(at+int64(n)-1)>>v.shift)
-		k, err := v.origin.WriteAt(p[done:done+n], at)
-		done += k
-		if err != nil {
-			return done, err
-		}
-	}
-	return done, nil
-}
-
-// preserveBatch bounds the bytes one preserveRun reads at once.
-const preserveBatch = 1 << 20
-
 func (v *Volume) newest() *snap {
 	if len(v.snaps) == 0 {
 		return nil
@@ -795,307 +737,6 @@ func (v *Volume) usersAbove(c, upper uint64) bool {
 		}
 	}
 	return false
-}
-
-// preserveRun copies chunks c0..c0+n-1, those written for the first time
-// since the newest snapshot and still needed by a live snapshot, to the
-// diff area. The caller holds their stripe locks. For non-persistent
-// snapshots the copies go to the write-behind (writebehind.go), which
-// writes them to the diff area off the writer's path, many at a time;
-// readers find them in memory until then. Persistent snapshots keep the
-// order their crash invariant needs: the originals and their mapping are
-// durable when it returns, before the origin is written.
-func (v *Volume) preserveRun(c0 uint64, n int) {
-	v.mu.Lock()
-	nw := v.newest()
-	if nw == nil {
-		v.mu.Unlock()
-		return
-	}
-	gen := nw.gen
-	// A short run (a 4 KiB write's one chunk) needs no allocation.
-	var needBuf [4]preserved
-	need := needBuf[:0]
-	for c := c0; c < c0+uint64(n); c++ {
-		if !nw.changed.CheckedAdd(uint32(c)) {
-			continue
-		}
-		if v.usersAbove(c, gen) {
-			if left := c0 + uint64(n) - c; len(need) == 0 && left > uint64(cap(need)) {
-				need = make([]preserved, 0, left)
-			}
-			need = append(need, preserved{c: c})
-		}
-	}
-	lsync, ssync, wb := v.log.syncer(), v.store.sync, v.store.wb
-	v.mu.Unlock()
-	if len(need) == 0 {
-		return
-	}
-	first, last := need[0].c, need[len(need)-1].c
-	span := int64(last-first)<<v.shift + v.chunkLen(last)
-	// A run for the write-behind is read straight into its batch.
-	behind := lsync == nil && wb.fitsSpace(span)
-	var (
-		sp  wbSpace
-		bp  *[]byte
-		buf []byte
-	)
-	if behind {
-		sp = wb.reserve(span)
-		buf = sp.buf
-	} else {
-		bp = v.bufs.Get().(*[]byte)
-		if int64(cap(*bp)) < span {
-			*bp = make([]byte, max(span, preserveBatch))
-		}
-		buf = (*bp)[:span]
-	}
-	if err := v.readOriginal(buf, int64(first)<<v.shift); err != nil {
-		v.releaseRun(wb, sp, bp)
-		v.mu.Lock()
-		for _, p := range need {
-			v.invalidateUsers(p.c, gen, fmt.Sprintf("reading original of chunk %d from origin %s failed: %v", p.c, v.originPath, err))
-		}
-		v.mu.Unlock()
-		v.syncInvalidation(lsync)
-		return
-	}
-	anyData := false
-	v.mu.Lock()
-	for i := range need {
-		p := &need[i]
-		if zero.All(v.chunkIn(buf, first, p.c)) {
-			p.slot, p.keep = zeroSlot, true
-			continue
-		}
-		p.slot, p.keep = v.allocSlot(p.c, gen)
-		anyData = anyData || p.keep
-	}
-	v.mu.Unlock()
-	if behind {
-		var itemBuf [4]wbItem
-		items := itemBuf[:0]
-		if len(need) > len(itemBuf) {
-			items = make([]wbItem, 0, len(need))
-		}
-		for _, p := range need {
-			if !p.keep || p.slot == zeroSlot {
-				continue
-			}
-			off, n := int(p.c-first)<<v.shift, int(v.chunkLen(p.c))
-			items = append(items, wbItem{slot: p.slot, chunk: p.c, off: off, data: sp.buf[off : off+n : off+n]})
-		}
-		wb.addAll(sp, items)
-		v.releaseRun(wb, sp, bp)
-		v.placeAll(need, gen)
-		return
-	}
-	defer v.releaseRun(wb, sp, bp)
-	v.storeRun(need, anyData, first, gen, buf, lsync, ssync)
-}
-
-// readOriginal reads the originals at off into p, before the write that
-// overwrites them. A run of 64 KiB or more of an origin in memory (tmpfs)
-// is copied from its mapping (MappedRange's): pread goes through tmpfs a
-// page at a time, 0.19-0.22 ms a MiB here against 0.09-0.10 for a copy
-// from pages already mapped (0.2 with a fault per 64 KiB the first time),
-// and this read is on the writer's path. A shorter one is read with
-// pread: a first copy from a page not yet mapped costs a fault, ~2.6 us,
-// more than a 4 KiB pread (~1.2 us). A copy that faults on an error falls
-// back to pread, which reports what is wrong.
-func (v *Volume) readOriginal(p []byte, off int64) error {
-	if of, ok := v.origin.(osFile); ok && len(p) >= mapOriginalMin && of.nowait.Load() == nowaitMemory {
-		if b, release, ok := v.MappedRange(off, int64(len(p))); ok {
-			ok = copyMapped(p, b)
-			release()
-			if ok {
-				return nil
-			}
-		}
-	}
-	if _, err := v.origin.ReadAt(p, off); err != nil && err != io.EOF {
-		return err
-	}
-	return nil
-}
-
-const mapOriginalMin = 64 << 10
-
-// preserved is a chunk preserveRun preserves: the slot it got (zeroSlot
-// for an all-zero original) and whether it is kept (false when the
-// policy gave it up).
-type preserved struct {
-	c    uint64
-	slot int64
-	keep bool
-}
-
-// releaseRun hands back what preserveRun read a run into: room in the
-// write-behind (sp) or a pooled buffer (bp).
-func (v *Volume) releaseRun(wb *writeBehind, sp wbSpace, bp *[]byte) {
-	if bp == nil {
-		wb.release(sp)
-	} else {
-		v.bufs.Put(bp)
-	}
-}
-
-// storeRun writes preserved chunks to their slots (runs of consecutive
-// slots at once), makes them durable when a persistent snapshot needs
-// it, and records them in the mapping.
-func (v *Volume) storeRun(need []preserved, anyData bool, first, gen uint64, buf []byte, lsync, ssync *groupSyncer) {
-	// Write runs of consecutive chunks that got consecutive slots at once.
-	for i := 0; i < len(need); {
-		if !need[i].keep || need[i].slot == zeroSlot {
-			i++
-			continue
-		}
-		j := i + 1
-		for j < len(need) && need[j].keep && need[j].c == need[j-1].c+1 && need[j].slot == need[j-1].slot+1 {
-			j++
-		}
-		lo := int64(need[i].c-first) << v.shift
-		hi := int64(need[j-1].c-first)<<v.shift + v.chunkLen(need[j-1].c)
-		if _, err := v.store.f.WriteAt(buf[lo:hi], need[i].slot*v.chunk); err != nil {
-			// Retry one by one: the slow path applies the policy.
-			v.mu.Lock()
-			for _, p := range need[i:j] {
-				v.store.release(p.slot)
-			}
-			v.mu.Unlock()
-			for k := i; k < j; k++ {
-				p := &need[k]
-				p.slot, p.keep = v.writeSlot(p.c, gen, v.chunkIn(buf, first, p.c))
-			}
-		}
-		i = j
-	}
-	if anyData && lsync != nil {
-		if err := ssync.sync(); err != nil {
-			v.failAll(fmt.Sprintf("syncing diff area %s failed: %v", v.storePath(), err))
-			return
-		}
-	}
-	v.mu.Lock()
-	v.placeLocked(need, gen)
-	lsync = v.log.syncer()
-	v.mu.Unlock()
-	if lsync != nil {
-		if err := lsync.sync(); err != nil {
-			v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err))
-		}
-	}
-}
-
-// placeAll records the kept chunks of need in the mapping at their
-// slots. Chunks queued in the write-behind are recorded at once: readers
-// find pending slots in memory.
-func (v *Volume) placeAll(need []preserved, gen uint64) {
-	v.mu.Lock()
-	v.placeLocked(need, gen)
-	v.mu.Unlock()
-}
-
-// placeLocked records the kept chunks of need, preserved for generation
-// gen. If that snapshot was deleted meanwhile, they go where deleting it
-// would have put them.
-func (v *Volume) placeLocked(need []preserved, gen uint64) {
-	s := v.snapByGen(gen)
-	if s == nil {
-		s = v.predecessor(gen)
-	}
-	run := make([]entry, 0, len(need))
-	for _, p := range need {
-		if p.keep && v.claim(s, p.c, p.slot) {
-			run = append(run, entry{chunk: p.c, gen: s.gen, slot: p.slot})
-		}
-	}
-	v.entries.insertRun(run)
-}
-
-// settleWriteBehind deals with write-behind copies whose diff-area write
-// failed, as a synchronous write would have: each is written to a new
-// slot, or, when that fails for lack of space, the policy applies; on
-// another error the snapshots that read it are invalidated. With wait,
-// it first waits for what is pending, so the outcome shows in the next
-// listing.
-func (v *Volume) settleWriteBehind(wait bool) {
-	v.mu.RLock()
-	st := v.store
-	v.mu.RUnlock()
-	if st == nil {
-		return
-	}
-	if wait {
-		st.wb.drain()
-	}
-	if !st.wb.hasFailed.Load() {
-		return
-	}
-	v.settleMu.Lock()
-	defer v.settleMu.Unlock()
-	v.wbFailed.Store(false)
-	for _, it := range st.wb.failures() {
-		v.resettle(st, it)
-	}
-}
-
-// resettle moves a failed write-behind copy to a new slot (see
-// settleWriteBehind).
-func (v *Volume) resettle(st *store, it *wbItem) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	// current is the copy's entry as it stands now: each time mu was let
-	// go the entry may have been dropped and its slot freed (and handed
-	// out again), and acting on an older value would free that slot a
-	// second time. Not found: the copy was cancelled with it.
-	current := func() (entry, bool) {
-		if v.store != st {
-			return entry{}, false
-		}
-		return v.entryAt(it.chunk, it.slot)
-	}
-	for {
-		e, ok := current()
-		if !ok {
-			return
-		}
-		ns, full := st.alloc(v.maxSlots())
-		if full {
-			if v.lackRoom(e, fmt.Sprintf("shadow storage limit of %d bytes in %s reached", v.maxStorage, v.storageDir)) {
-				continue
-			}
-			return
-		}
-		v.mu.Unlock()
-		_, err := st.f.WriteAt(it.data, ns*v.chunk)
-		v.mu.Lock()
-		if err != nil {
-			st.release(ns)
-			if e, ok = current(); !ok {
-				return
-			}
-			if isNoSpace(err) {
-				if v.lackRoom(e, fmt.Sprintf("filesystem of shadow storage %s is full", v.storageDir)) {
-					continue
-				}
-				return
-			}
-			v.dropReaders(e, fmt.Sprintf("writing diff area %s failed: %v", v.storePath(), err))
-			return
-		}
-		if e, ok = current(); !ok {
-			if v.store == st { // else that store is gone, ns with it
-				v.freeSlots([]int64{ns})
-			}
-			return
-		}
-		e.slot, ns = ns, e.slot
-		v.entries.ReplaceOrInsert(e)
-		v.freeSlots([]int64{ns}) // the failed slot: cancels the copy
-		return
-	}
 }
 
 // entryAt finds chunk c's entry that holds slot. Caller holds mu.
@@ -1143,55 +784,6 @@ func (v *Volume) dropReaders(e entry, why string) {
 	v.freeSlots(freed)
 }
 
-// allocSlot allocates a diff-area slot for chunk c, applying the policy
-// when the storage is full; ok is false when the chunk no longer needs
-// preserving. Caller holds mu.
-func (v *Volume) allocSlot(c, gen uint64) (slot int64, ok bool) {
-	for {
-		if !v.usersAbove(c, gen) {
-			return 0, false
-		}
-		s, full := v.store.alloc(v.maxSlots())
-		if !full {
-			return s, true
-		}
-		if !v.makeRoom(c, gen, fmt.Sprintf("shadow storage limit of %d bytes in %s reached", v.maxStorage, v.storageDir)) {
-			return 0, false
-		}
-	}
-}
-
-// writeSlot allocates a diff-area slot for chunk c (applying the policy
-// when full) and writes data to it. ok is false when the chunk is not
-// preserved (its users were invalidated or deleted).
-func (v *Volume) writeSlot(c, gen uint64, data []byte) (slot int64, ok bool) {
-	for {
-		v.mu.Lock()
-		s, ok := v.allocSlot(c, gen)
-		v.mu.Unlock()
-		if !ok {
-			return 0, false
-		}
-		_, err := v.store.f.WriteAt(data, s*v.chunk)
-		if err == nil {
-			return s, true
-		}
-		v.mu.Lock()
-		v.store.release(s)
-		if isNoSpace(err) {
-			if !v.makeRoom(c, gen, fmt.Sprintf("filesystem of shadow storage %s is full", v.storageDir)) {
-				v.mu.Unlock()
-				return 0, false
-			}
-			v.mu.Unlock()
-			continue
-		}
-		v.invalidateUsers(c, gen, fmt.Sprintf("writing diff area %s failed: %v", v.storePath(), err))
-		v.mu.Unlock()
-		return 0, false
-	}
-}
-
 // makeRoom applies the policy when chunk c cannot be preserved for lack of
 // space. It returns true when the caller should try again.
 func (v *Volume) makeRoom(c, gen uint64, why string) bool {
@@ -1204,10 +796,6 @@ func (v *Volume) makeRoom(c, gen uint64, why string) bool {
 	}
 	v.deleteLocked(v.snaps[0], true)
 	return true
-}
-
-func isNoSpace(err error) bool {
-	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) || errors.Is(err, syscall.EFBIG)
 }
 
 // invalidateUsers marks invalid every live snapshot that needed chunk c of
@@ -1249,24 +837,6 @@ func (v *Volume) failAll(why string) {
 			s.invalid = why
 		}
 	}
-}
-
-// claim makes snapshot s (nil: gone) the owner of chunk c's copy in slot
-// and logs it, unless s is gone or owns c already: then the slot is
-// freed. True means the caller puts the entry in the mapping.
-func (v *Volume) claim(s *snap, c uint64, slot int64) bool {
-	if s == nil || !s.owned.CheckedAdd(uint32(c)) {
-		if slot != zeroSlot {
-			v.freeSlots([]int64{slot})
-		}
-		return false
-	}
-	v.copies.Add(1)
-	if slot != zeroSlot {
-		s.nonzero++
-	}
-	v.log.append(record{Type: recMap, Chunk: c, Gen: s.gen, Slot: slot})
-	return true
 }
 
 func (v *Volume) snapIndex(gen uint64) int {
@@ -1496,7 +1066,7 @@ func (v *Volume) info(s *snap) provider.Snapshot {
 
 // Snapshots lists the live snapshots, oldest first.
 func (v *Volume) Snapshots() []provider.Snapshot {
-	v.settleWriteBehind(true)
+	v.pre.settleWriteBehind(true)
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	out := make([]provider.Snapshot, len(v.snaps))
@@ -1550,7 +1120,7 @@ func (v *Volume) deleteSnapshot(id string, force bool) ([]string, error) {
 }
 
 // Preserved counts the chunks preserved since the volume was opened.
-func (v *Volume) Preserved() int64 { return v.copies.Load() }
+func (v *Volume) Preserved() int64 { return v.pre.copies.Load() }
 
 // Storage describes the shadow storage association.
 func (v *Volume) Storage() StorageInfo {
