@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"umbra/internal/testutil"
 	"umbra/provider"
 )
 
@@ -48,11 +49,40 @@ func TestKillDuringWrites(t *testing.T) {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestKillDuringWrites$")
 		cmd.Env = append(os.Environ(), "UMBRA_CRASH_CHILD="+dir, fmt.Sprintf("UMBRA_CRASH_SEED=%d", seed+uint64(round)))
 		cmd.Stderr = os.Stderr
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Duration(100+r.IntN(400)) * time.Millisecond)
+		// The kill lands after the child has journaled a random number of
+		// snapshots and deletions (it reports each on stdout), then a
+		// random moment into what follows: how far the child gets does
+		// not depend on how fast this machine is at the time.
+		steps := make(chan string)
+		go func() {
+			sc := bufio.NewScanner(out)
+			for sc.Scan() {
+				steps <- sc.Text()
+			}
+			close(steps)
+		}()
+		nsteps := r.IntN(5)
+		if round == 1 && nsteps == 0 {
+			nsteps = 2 // at least one round kills a child that has journaled snapshots
+		}
+		for i := 0; i < nsteps; i++ {
+			if testutil.Receive(t, steps, "the crash child's progress") == "" {
+				t.Fatalf("round %d: the child exited before it reported %d steps", round, nsteps)
+			}
+		}
+		time.Sleep(time.Duration(r.IntN(300)) * time.Millisecond)
 		cmd.Process.Signal(syscall.SIGKILL)
+		go func() {
+			for range steps {
+			}
+		}()
 		cmd.Wait()
 
 		v, err := Open("v", origin, opts)
@@ -103,7 +133,7 @@ func TestKillDuringWrites(t *testing.T) {
 			t.Fatalf("round %d: leak: %d slots used, %d referenced", round, v.store.used(), len(refs))
 		}
 		v.mu.RUnlock()
-		t.Logf("round %d: %d snapshots checked byte-exact, %d live", round, checked, len(live))
+		t.Logf("round %d: killed after %d steps: %d snapshots checked byte-exact, %d live", round, nsteps, checked, len(live))
 		if r.IntN(2) == 0 {
 			v.Close() // sometimes the next child starts after a clean stop
 		} else {
@@ -179,6 +209,7 @@ func crashChild() {
 	note := func(format string, args ...any) {
 		fmt.Fprintf(j, format+"\n", args...)
 		j.Sync()
+		fmt.Println("step") // the parent counts these to choose when to kill
 	}
 	buf := make([]byte, 64<<10)
 	for i := 0; ; i++ {
