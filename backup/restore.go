@@ -14,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Restore writes image id to the file or device at path, verifying every
@@ -275,6 +276,7 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 				case <-ctx.Done():
 					return
 				}
+				batch.Started = time.Now()
 				err := rs.r.readChunks(ctx, x, first+lo, bhs, buf, sum, rs.cache, &scratch)
 				if err != nil {
 					rs.bufs <- buf

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"runtime"
+	"time"
 )
 
 // StreamBatch is a run of an image's chunks read by ImageReader.Stream.
@@ -17,6 +18,9 @@ type StreamBatch struct {
 	Zero []bool
 	// Skip marks the chunks need declined: not read, Data holds zeros.
 	Skip []bool
+	// Started is when the batch's reads began: a batch read ahead of a
+	// failure does not show that the repository answers after it.
+	Started time.Time
 }
 
 // Stream reads the image's chunks in volume order, at the speed of

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"umbra/backup"
 )
@@ -182,5 +184,43 @@ func TestHolesTarget(t *testing.T) {
 			t.Errorf("holes %v: %d holes punched", holes, n)
 		}
 		tg.Close()
+	}
+}
+
+// TestWaitingOutlastsReadAhead: a batch the background restore read
+// before the repository failed, handed over after a read found the
+// repository gone, does not end the waiting for it (volume list would
+// show the restore running through an outage); a batch read after the
+// failure does.
+func TestWaitingOutlastsReadAhead(t *testing.T) {
+	var fs *faultSource
+	tg, img := newTestTarget(t, 1<<20, func(ir *backup.ImageReader) Source {
+		fs = &faultSource{ImageReader: ir, failed: make(chan struct{}, 1)}
+		return fs
+	})
+	cs := tg.cs
+	batch := func(first int64, started time.Time) backup.StreamBatch {
+		return backup.StreamBatch{First: first, Data: slices.Clone(img[first*cs : (first+1)*cs]), Zero: []bool{false}, Skip: []bool{false}, Started: started}
+	}
+	readAhead := time.Now()
+	fs.fail.Store(true)
+	if _, err := tg.ReadAt(make([]byte, 4096), 8*cs); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("read with the repository gone: %v, want ErrUnavailable", err)
+	}
+	if st := tg.Progress().State; st != StateWaiting {
+		t.Fatalf("state after a failed read: %q, want %q", st, StateWaiting)
+	}
+	if err := tg.putBatch(context.Background(), batch(0, readAhead), nil); err != nil {
+		t.Fatal(err)
+	}
+	if st := tg.Progress().State; st != StateWaiting {
+		t.Fatalf("state after a batch read before the failure: %q, want %q", st, StateWaiting)
+	}
+	fs.fail.Store(false)
+	if err := tg.putBatch(context.Background(), batch(1, time.Now()), nil); err != nil {
+		t.Fatal(err)
+	}
+	if st := tg.Progress().State; st == StateWaiting {
+		t.Fatalf("state after a batch read once the repository answers: %q", st)
 	}
 }

@@ -149,6 +149,7 @@ type Target struct {
 	stMu     sync.Mutex // guards the fields below
 	state    string
 	lastErr  string
+	failedAt time.Time // when the repository last failed
 	rateFrom time.Time // when the rate was set (the budget counts from it)
 	rateBase int64     // filled at rateFrom
 	speed    float64   // background bytes a second, smoothed
@@ -661,7 +662,7 @@ func (t *Target) put(ctx context.Context, b backup.StreamBatch) error { return t
 // to due (the committer), or made here when due is nil; a failure of
 // the committer's last commit stops the restore.
 func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- struct{}) error {
-	t.setErr(nil) // the repository answers: not waiting for it, whatever the rate
+	t.setErrSince(nil, b.Started) // the repository answers: not waiting for it, whatever the rate
 	if err := t.waitRate(ctx, int64(len(b.Data))); err != nil {
 		return err
 	}
@@ -793,13 +794,22 @@ func (t *Target) setState(s string) {
 func waiting(state string) bool { return state == StateWaiting || state == StateCredentials }
 
 // setErr records the repository's failure (nil: it answers again).
-func (t *Target) setErr(err error) {
+func (t *Target) setErr(err error) { t.setErrSince(err, time.Time{}) }
+
+// setErrSince is setErr for an answer that began at since (zero: now):
+// an answer begun before the last failure — a batch the background
+// restore read ahead of it — does not end the waiting for the
+// repository.
+func (t *Target) setErrSince(err error, since time.Time) {
 	t.stMu.Lock()
-	if t.state == StateDone {
+	if t.state == StateDone || err == nil && !since.IsZero() && since.Before(t.failedAt) {
 		t.stMu.Unlock()
 		return
 	}
 	was := t.state
+	if err != nil {
+		t.failedAt = time.Now()
+	}
 	switch {
 	case err == nil:
 		if waiting(t.state) {
