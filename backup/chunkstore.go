@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,7 +24,8 @@ import (
 // and 8 bytes a 4 KiB page of every run.
 type chunkStore struct {
 	hashLen int
-	tmpDir  string // where runs are spilled ("": the system's temporary directory)
+	tmpDir  string       // where runs are spilled ("": the system's temporary directory)
+	lookups atomic.Int64 // get calls, for tests: a restore looks each chunk up once
 
 	mu   sync.RWMutex // guards the fields below; lookups share it
 	base *run
@@ -124,6 +126,7 @@ func (s *chunkStore) failed() error {
 }
 
 func (s *chunkStore) get(h Hash) (loc, bool) {
+	s.lookups.Add(1)
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.getLocked(&h)

@@ -469,3 +469,6 @@ func CreateObject(r *Repo, dir string) (io.Writer, func(name string) error, func
 // SetNoUnnamedFiles makes a local repository write objects piece by
 // piece into named temporary files, as where O_TMPFILE is not there.
 func SetNoUnnamedFiles() func() { return set(&procFDs, func() bool { return false }) }
+
+// IndexLookups counts the lookups of chunks in r's index so far.
+func IndexLookups(r *Repo) int64 { return r.chunks.lookups.Load() }

@@ -784,9 +784,14 @@ func (r *Repo) lookup(h Hash) (loc, PackID, bool) {
 	if !ok {
 		return loc{}, PackID{}, false
 	}
+	return l, r.packOf(l), true
+}
+
+// packOf names the pack holding a chunk found at l.
+func (r *Repo) packOf(l loc) PackID {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return l, r.packs[l.pack], true
+	return r.packs[l.pack]
 }
 
 // ErrMissingChunk: no index names a pack holding the chunk.

@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -341,6 +342,7 @@ type chunkCache struct {
 	mu    sync.Mutex // guards the fields below
 	left  map[Hash]int32
 	inuse map[blobKey][]chunkRef // the segment's chunks each blob holds
+	locs  map[Hash]loc           // where each chunk of the segment is (one index lookup a chunk)
 	data  map[Hash][]byte
 	bytes int64
 	max   int64
@@ -365,20 +367,36 @@ func (r *Repo) countUses(c *chunkCache, hs []Hash) {
 	defer r.mu.Unlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.left, c.inuse, c.data, c.bytes = map[Hash]int32{}, map[blobKey][]chunkRef{}, map[Hash][]byte{}, 0
+	c.left, c.inuse, c.locs, c.data, c.bytes = map[Hash]int32{}, map[blobKey][]chunkRef{}, map[Hash]loc{}, map[Hash][]byte{}, 0
+	var distinct []Hash
 	for _, h := range hs {
 		if h == (Hash{}) {
 			continue
 		}
 		c.left[h]++
-		if c.left[h] > 1 {
-			continue
+		if c.left[h] == 1 {
+			distinct = append(distinct, h)
 		}
+	}
+	// In hash order, lookups in the index on disk find their page where
+	// the previous one left it.
+	slices.SortFunc(distinct, func(a, b Hash) int { return cmpHash(&a, &b) })
+	for _, h := range distinct {
 		if l, ok := r.chunks.get(h); ok {
 			k := blobKey{l.pack, l.off}
 			c.inuse[k] = append(c.inuse[k], chunkRef{h, l})
+			c.locs[h] = l
 		}
 	}
+}
+
+// where returns where countUses found chunk h, so that reading it needs
+// no second index lookup (a page read on disk).
+func (c *chunkCache) where(h Hash) (loc, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l, ok := c.locs[h]
+	return l, ok
 }
 
 // take counts one use of chunk h and returns it if it is cached.
@@ -456,8 +474,13 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 			clear(dst)
 			continue
 		}
-		l, pid, ok := r.lookup(h)
-		if !ok {
+		var (
+			l   loc
+			pid PackID
+		)
+		if cl, ok := cache.where(h); ok {
+			l, pid = cl, r.packOf(cl)
+		} else if l, pid, ok = r.lookup(h); !ok {
 			return fmt.Errorf("at %d: chunk %s: %w", i*cs, h, ErrMissingChunk)
 		}
 		if data, ok := cache.take(h); ok {

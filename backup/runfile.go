@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"sync"
 	"sync/atomic"
 )
 
@@ -246,6 +247,13 @@ type run struct {
 	// file is closed once it is retired and unpinned.
 	pins    atomic.Int32
 	retired atomic.Bool
+
+	// The page read last, checked: lookups in hash order (a restore's
+	// count of a segment's uses) read each page once.
+	lastMu sync.Mutex // guards the fields below
+	last   []byte     // runPage bytes; nil: none yet
+	lastP  int
+	lastN  int // bytes of its entries
 }
 
 // close retires r: its file closes now, or when its last pin goes.
@@ -363,6 +371,14 @@ func checkRunPage(page []byte, hashLen int) (int, error) {
 
 // readPage reads page p into buf and returns its entries' bytes.
 func (r *run) readPage(p int, buf []byte) ([]byte, error) {
+	r.lastMu.Lock()
+	if r.last != nil && r.lastP == p {
+		copy(buf[:runPage], r.last)
+		n := r.lastN
+		r.lastMu.Unlock()
+		return buf[:n], nil
+	}
+	r.lastMu.Unlock()
 	if _, err := r.r.ReadAt(buf[:runPage], runPage+int64(p)*runPage); err != nil {
 		return nil, fmt.Errorf("index run: page %d: %w", p, err)
 	}
@@ -370,7 +386,15 @@ func (r *run) readPage(p int, buf []byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", p, ErrCorrupt, err)
 	}
-	return buf[:cnt*runEntrySize(r.hashLen)], nil
+	n := cnt * runEntrySize(r.hashLen)
+	r.lastMu.Lock()
+	if r.last == nil {
+		r.last = make([]byte, runPage)
+	}
+	copy(r.last, buf[:runPage])
+	r.lastP, r.lastN = p, n
+	r.lastMu.Unlock()
+	return buf[:n], nil
 }
 
 // find looks h up: its position in the run and its entry.
