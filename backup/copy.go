@@ -422,17 +422,16 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 			up.mark(h)
 			need[i] = h
 		}
-		if pass {
-			if err := passBlobs(ctx, src, dst, up, need, hashers[0], &passScratch, ci, st); err != nil {
-				return err
-			}
-			for _, h := range hs {
+		// listed adds a segment whose blobs went over whole (named names
+		// in the target) to the target's list and index.
+		listed := func(names []Hash) error {
+			for _, h := range names {
 				if h != (Hash{}) {
 					dstNonZero++
 				}
 				wrote.Write(h[:])
 			}
-			if err := lw.add(ctx, hs, nil); err != nil {
+			if err := lw.add(ctx, names, nil); err != nil {
 				return err
 			}
 			if err := up.flushIndex(ctx, false); err != nil {
@@ -443,27 +442,18 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 			}
 			return ctx.Err()
 		}
+		if pass {
+			if err := passBlobs(ctx, src, dst, up, need, hashers[0], &passScratch, ci, st); err != nil {
+				return err
+			}
+			return listed(hs)
+		}
 		if resealing {
 			out, err := resealBlobs(ctx, src, dst, up, hs, srcSum, hashers[0], &passScratch, &checkScratch, ci, st)
 			if err != nil {
 				return err
 			}
-			for _, h := range out {
-				if h != (Hash{}) {
-					dstNonZero++
-				}
-				wrote.Write(h[:])
-			}
-			if err := lw.add(ctx, out, nil); err != nil {
-				return err
-			}
-			if err := up.flushIndex(ctx, false); err != nil {
-				return err
-			}
-			if progress != nil {
-				progress(x.ID, min((first+int64(len(hs)))*cs, x.Size), x.Size)
-			}
-			return ctx.Err()
+			return listed(out)
 		}
 		src.countUses(cache, need)
 		// One goroutine reads the segment's batches ahead.
