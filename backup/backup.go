@@ -307,12 +307,29 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 	out := make(chan batch, depth-1)
 	go func() {
 		defer close(out)
+		// take waits for free buffers; send hands a batch on. Both
+		// report false when the reading stops: the backup was
+		// cancelled, or (send) the batch carries an error.
+		take := func() (bufs, bool) {
+			select {
+			case b := <-free:
+				return b, true
+			case <-ctx.Done():
+				return bufs{}, false
+			}
+		}
+		send := func(bt batch) bool {
+			select {
+			case out <- bt:
+			case <-ctx.Done():
+				return false
+			}
+			return bt.err == nil
+		}
 		for first := int64(0); first < n; first += perBatch {
 			if h, end, changed, ok := segmentChanges(x, opts, incr, patch, first, perBatch); ok {
 				if len(changed) == 0 {
-					select {
-					case out <- batch{first: first, last: end, release: func() {}, segment: &h}:
-					case <-ctx.Done():
+					if !send(batch{first: first, last: end, release: func() {}, segment: &h}) {
 						return
 					}
 					first = end - perBatch
@@ -327,10 +344,8 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 					}
 					for j := 0; j < len(changed); j += int(perBatch) {
 						at := changed[j:min(j+int(perBatch), len(changed))]
-						var b bufs
-						select {
-						case b = <-free:
-						case <-ctx.Done():
+						b, ok := take()
+						if !ok {
 							return
 						}
 						bt := batch{first: at[0], last: at[len(at)-1] + 1, w: b.w[:len(at)], at: at, release: func() { free <- b }}
@@ -346,12 +361,7 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 						var st Stats
 						bt.err = readRuns(src, b.buf, bt.w, at, 0, cs, x.Size, &st)
 						bt.read = st.Read
-						select {
-						case out <- bt:
-						case <-ctx.Done():
-							return
-						}
-						if bt.err != nil {
+						if !send(bt) {
 							return
 						}
 					}
@@ -359,10 +369,8 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 					continue
 				}
 			}
-			var b bufs
-			select {
-			case b = <-free:
-			case <-ctx.Done():
+			b, ok := take()
+			if !ok {
 				return
 			}
 			last := min(first+perBatch, n)
@@ -373,12 +381,7 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 				bt.err = readRuns(src, b.buf, bt.w, nil, first, cs, x.Size, &st)
 			}
 			bt.read = st.Read
-			select {
-			case out <- bt:
-			case <-ctx.Done():
-				return
-			}
-			if bt.err != nil {
+			if !send(bt) {
 				return
 			}
 		}
