@@ -12,29 +12,32 @@ import (
 	"umbra/backup"
 )
 
-// TestVerifyRecordsPerImage verifies some images of a repository,
-// records what each verify found in the repository, and checks that a
-// verify of some images reads only theirs, that a sampled verify never
-// records an image good, and that deleting an image deletes its record.
-func TestVerifyRecordsPerImage(t *testing.T) {
-	ctx := context.Background()
+// damagedPair makes a repository with settings, backs up two volumes of
+// size bytes drawn from seed ("a", then "b"), and flips one bit in the
+// middle of the blob of a chunk that b uses and a does not: verify finds
+// b damaged and a good. It returns that chunk; the repository closes at
+// the end of the test.
+func damagedPair(t *testing.T, set backup.Settings, seed uint64, size int) (repo *backup.Repo, a, b *backup.Image, victim backup.Hash) {
+	t.Helper()
 	root := filepath.Join(t.TempDir(), "repo")
-	repo, err := backup.InitWith(ctx, root, backup.Settings{Password: "correct horse"})
+	repo, err := backup.InitWith(context.Background(), root, set)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer repo.Close()
-	rng := rand.New(rand.NewPCG(81, 82))
-	a := backupAndRestore(t, repo, volumeData(rng, 2<<20), backup.Options{Volume: "a"})
-	b := backupAndRestore(t, repo, volumeData(rng, 2<<20), backup.Options{Volume: "b"})
+	t.Cleanup(func() { repo.Close() })
+	rng := rand.New(rand.NewPCG(seed, seed+1))
+	a = backupAndRestore(t, repo, volumeData(rng, size), backup.Options{Volume: "a"})
+	b = backupAndRestore(t, repo, volumeData(rng, size), backup.Options{Volume: "b"})
 	xa, _ := repo.Image(a.ID)
 	xb, _ := repo.Image(b.ID)
-	var victim backup.Hash
 	for _, h := range xb.Chunks {
 		if h != (backup.Hash{}) && !slices.Contains(xa.Chunks, h) {
 			victim = h
 			break
 		}
+	}
+	if victim == (backup.Hash{}) {
+		t.Fatal("no chunk in image b that image a lacks")
 	}
 	pack, off, n := backup.BlobLocation(repo, victim)
 	path := filepath.Join(root, filepath.FromSlash(pack))
@@ -46,6 +49,16 @@ func TestVerifyRecordsPerImage(t *testing.T) {
 	if err := os.WriteFile(path, raw, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	return repo, a, b, victim
+}
+
+// TestVerifyRecordsPerImage verifies some images of a repository,
+// records what each verify found in the repository, and checks that a
+// verify of some images reads only theirs, that a sampled verify never
+// records an image good, and that deleting an image deletes its record.
+func TestVerifyRecordsPerImage(t *testing.T) {
+	ctx := context.Background()
+	repo, a, b, victim := damagedPair(t, backup.Settings{Password: "correct horse"}, 81, 2<<20)
 	states := func() map[string]backup.VerifyState {
 		t.Helper()
 		s, errs := repo.VerifyStates(ctx)

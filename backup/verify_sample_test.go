@@ -2,9 +2,6 @@ package backup_test
 
 import (
 	"context"
-	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 
@@ -22,15 +19,7 @@ func TestVerifySample(t *testing.T) {
 	}{{"plain", backup.Settings{}}, {"encrypted", backup.Settings{Password: "correct horse"}}} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
-			root := filepath.Join(t.TempDir(), "repo")
-			repo, err := backup.InitWith(ctx, root, tc.settings)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer repo.Close()
-			rng := rand.New(rand.NewPCG(71, 72))
-			a := backupAndRestore(t, repo, volumeData(rng, 4<<20), backup.Options{Volume: "a"})
-			b := backupAndRestore(t, repo, volumeData(rng, 4<<20), backup.Options{Volume: "b"})
+			repo, a, b, victim := damagedPair(t, tc.settings, 71, 4<<20)
 			used := map[backup.Hash]bool{}
 			for _, x := range []*backup.Image{a, b} {
 				full, err := repo.Image(x.ID)
@@ -42,25 +31,6 @@ func TestVerifySample(t *testing.T) {
 						used[h] = true
 					}
 				}
-			}
-			xa, _ := repo.Image(a.ID)
-			xb, _ := repo.Image(b.ID)
-			var victim backup.Hash
-			for _, h := range xb.Chunks {
-				if h != (backup.Hash{}) && !slices.Contains(xa.Chunks, h) {
-					victim = h
-					break
-				}
-			}
-			pack, off, n := backup.BlobLocation(repo, victim)
-			path := filepath.Join(root, filepath.FromSlash(pack))
-			raw, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			raw[off+n/2] ^= 0x10
-			if err := os.WriteFile(path, raw, 0o600); err != nil {
-				t.Fatal(err)
 			}
 
 			full := repo.Verify()
