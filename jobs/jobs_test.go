@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -23,6 +22,7 @@ import (
 	"umbra/backup"
 	"umbra/catalog"
 	"umbra/cow"
+	"umbra/internal/testutil"
 	"umbra/jobs/sched"
 	"umbra/notify"
 	"umbra/provider"
@@ -367,19 +367,7 @@ func TestBackupPruneVerify(t *testing.T) {
 		t.Fatalf("sampled verify: %+v", runs[0])
 	}
 	// Flip a bit in a pack; eight days on, the images are due again.
-	var pack string
-	filepath.WalkDir(filepath.Join(repo, "packs"), func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && pack == "" {
-			pack = p
-		}
-		return nil
-	})
-	b, err := os.ReadFile(pack)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b[len(b)/3] ^= 0x10
-	os.WriteFile(pack, b, 0o600)
+	testutil.DamageFirstPack(t, repo, func(n int) int { return n / 3 }, 0x10)
 	err = w.runAt(m, "vf", t0.Add(8*24*time.Hour))
 	runs, _ = m.History("vf", 1)
 	if err == nil || runs[0].Result != Failed || !strings.Contains(runs[0].Error, "damaged") {
@@ -543,19 +531,7 @@ func TestVerifyDueImages(t *testing.T) {
 	}
 	// A flipped bit: the next run that checks the image finds it, fails
 	// and marks the image damaged; a damaged image stays due.
-	var pack string
-	filepath.WalkDir(filepath.Join(repo, "packs"), func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && pack == "" {
-			pack = p
-		}
-		return nil
-	})
-	b, err := os.ReadFile(pack)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b[8] ^= 0x10 // in the first blob (the trailer is at the end)
-	os.WriteFile(pack, b, 0o600)
+	testutil.DamageFirstPack(t, repo, func(n int) int { return 8 }, 0x10) // in the first blob (the trailer is at the end)
 	checkDamaged := func(at, goodAt time.Time) int {
 		t.Helper()
 		err := w.runAt(m, "vf", at)

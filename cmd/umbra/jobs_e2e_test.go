@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"io"
-	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -13,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"umbra/internal/testutil"
 )
 
 // jobRun is a run as `umbra jobs history --json` gives it.
@@ -222,19 +223,7 @@ disabled = true
 	s := startService(t, dir, []string{"a"}, "--config", cfg)
 	s.ok("repo", "init", "--repo", repo)
 	s.ok("backup", "a", "--repo", repo)
-	var pack string
-	filepath.WalkDir(filepath.Join(repo, "packs"), func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && pack == "" {
-			pack = p
-		}
-		return nil
-	})
-	b, err := os.ReadFile(pack)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b[len(b)/2] ^= 0x04
-	os.WriteFile(pack, b, 0o600)
+	testutil.DamageFirstPack(t, repo, func(n int) int { return n / 2 }, 0x04)
 	s.ok("jobs", "enable", "vf")
 	select {
 	case m := <-got:

@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"context"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"testing"
@@ -41,4 +42,30 @@ func BackupFile(t testing.TB, dir, file, volume string) (repo, id string) {
 		t.Fatal(err)
 	}
 	return repo, x.ID
+}
+
+// DamageFirstPack flips the bits mask of byte at(size) of the first pack
+// file (in path order) of the local repository at repo, size being the
+// pack's length: a verify of the images whose chunks the damaged blob
+// holds must then fail.
+func DamageFirstPack(t testing.TB, repo string, at func(size int) int, mask byte) {
+	t.Helper()
+	var pack string
+	filepath.WalkDir(filepath.Join(repo, "packs"), func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && pack == "" {
+			pack = p
+		}
+		return nil
+	})
+	if pack == "" {
+		t.Fatalf("no pack in repository %s to damage", repo)
+	}
+	b, err := os.ReadFile(pack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[at(len(b))] ^= mask
+	if err := os.WriteFile(pack, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
