@@ -197,6 +197,19 @@ func (w *world) runAt(m *Manager, name string, t time.Time) error {
 	return m.execute(context.Background(), m.jobs[name], TriggerSchedule)
 }
 
+// repo makes an empty unencrypted repository in the world's folder
+// and returns its path.
+func (w *world) repo() string {
+	w.t.Helper()
+	repo := filepath.Join(w.dir, "repo")
+	r, err := backup.Init(repo)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	r.Close()
+	return repo
+}
+
 func (w *world) snapshots(vol string) []string {
 	resp, err := w.srv.ListSnapshots(context.Background(), &umbrav1.ListSnapshotsRequest{Volume: vol})
 	if err != nil {
@@ -327,12 +340,7 @@ func TestSkippedAndMissed(t *testing.T) {
 // and fails one after a bit of a pack is flipped.
 func TestBackupPruneVerify(t *testing.T) {
 	w := newWorld(t)
-	repo := filepath.Join(w.dir, "repo")
-	r, err := backup.Init(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Close()
+	repo := w.repo()
 	m := w.manager([]Def{
 		{Name: "bk", Kind: "backup", Schedule: "daily", Volumes: []string{"a"}, Repo: repo, Keep: Keep{Last: 2}},
 		{Name: "vf", Kind: "verify", Schedule: "weekly", Repo: repo, ReverifyDays: 7},
@@ -368,7 +376,7 @@ func TestBackupPruneVerify(t *testing.T) {
 	}
 	// Flip a bit in a pack; eight days on, the images are due again.
 	testutil.DamageFirstPack(t, repo, func(n int) int { return n / 3 }, 0x10)
-	err = w.runAt(m, "vf", t0.Add(8*24*time.Hour))
+	err := w.runAt(m, "vf", t0.Add(8*24*time.Hour))
 	runs, _ = m.History("vf", 1)
 	if err == nil || runs[0].Result != Failed || !strings.Contains(runs[0].Error, "damaged") {
 		t.Fatalf("verify after a flipped bit: %v, %+v", err, runs[0])
@@ -461,12 +469,7 @@ func TestRunNowAndStop(t *testing.T) {
 // one that finds damage marks the image damaged, which keeps it due.
 func TestVerifyDueImages(t *testing.T) {
 	w := newWorld(t)
-	repo := filepath.Join(w.dir, "repo")
-	r, err := backup.Init(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Close()
+	repo := w.repo()
 	m := w.manager([]Def{
 		{Name: "bk", Kind: "backup", Schedule: "daily", Volumes: []string{"a"}, Repo: repo, Full: true},
 		{Name: "vf", Kind: "verify", Schedule: "daily", Repo: repo, ReverifyDays: 7},

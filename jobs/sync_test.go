@@ -24,12 +24,7 @@ func TestSyncJob(t *testing.T) {
 	s3 := testutil.StartS3(t)
 	t.Setenv("AWS_ACCESS_KEY_ID", testutil.S3AccessKey)
 	t.Setenv("AWS_SECRET_ACCESS_KEY", testutil.S3SecretKey)
-	repo := filepath.Join(w.dir, "repo")
-	r, err := backup.Init(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Close()
+	repo := w.repo()
 	pw := filepath.Join(w.dir, "offsite.pw")
 	os.WriteFile(pw, []byte("offsite secret\n"), 0o600)
 	tset := backup.Settings{Password: "offsite secret", Cred: backup.Credentials{AccessKey: testutil.S3AccessKey, SecretKey: testutil.S3SecretKey}}
