@@ -124,9 +124,18 @@ func (w *listWriter) writeBase(ctx context.Context) error {
 	seg := &Image{Size: x.Size, ChunkSize: x.ChunkSize, Created: time.Unix(0, 0), Chunks: w.buf, First: w.first, format: w.r.segmentVersion()}
 	plain := seg.EncodeChunkList()
 	h := w.sum(plain)
-	name := sharedSegmentName(h)
-	// One stored already (by an earlier image, or a backup that died
-	// after storing it) is whole: a Put is atomic.
+	if err := w.store(ctx, sharedSegmentName(h), plain); err != nil {
+		return err
+	}
+	w.next(h, Hash{}, int64(len(w.buf)))
+	return nil
+}
+
+// store seals plain and stores it as name, unless name is stored
+// already: one stored by an earlier image, or by a backup that died
+// after storing it, is whole (a Put is atomic), and its name is the hash
+// of its contents.
+func (w *listWriter) store(ctx context.Context, name string, plain []byte) error {
 	have, err := w.r.be.Has(ctx, name)
 	if err != nil {
 		return fmt.Errorf("chunk list: %w", err)
@@ -138,7 +147,6 @@ func (w *listWriter) writeBase(ctx context.Context) error {
 		}
 		w.bytes += int64(len(obj))
 	}
-	w.next(h, Hash{}, int64(len(w.buf)))
 	return nil
 }
 
@@ -267,17 +275,8 @@ func (w *listWriter) writePatch(ctx context.Context, n int64, ents []patchEntry)
 	p := &segPatch{chunkSize: x.ChunkSize, size: x.Size, first: w.first, count: n, base: w.parent.Segments[k], ents: ents}
 	plain := encodePatch(p, w.r.hashLen())
 	h := w.sum(plain)
-	name := patchName(h)
-	have, err := w.r.be.Has(ctx, name)
-	if err != nil {
-		return fmt.Errorf("chunk list: %w", err)
-	}
-	if !have {
-		obj := w.r.seal.seal(nil, plain)
-		if err := w.r.be.Put(ctx, name, obj); err != nil {
-			return fmt.Errorf("chunk list: %w", err)
-		}
-		w.bytes += int64(len(obj))
+	if err := w.store(ctx, patchName(h), plain); err != nil {
+		return err
 	}
 	w.next(p.base, h, n)
 	return nil
