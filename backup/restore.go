@@ -62,18 +62,8 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	// GiB in the time one did, at twice the CPU (docs/benchmarks.md,
 	// measured 2026-12-03). Memory: workers+2 batch buffers and the shared
 	// chunk cache.
-	workers := runtime.GOMAXPROCS(0)
-	if _, ok := r.be.(*s3Backend); ok {
-		workers = max(workers, 8) // latency-bound
-	}
-	cs := int64(x.ChunkSize)
-	perBatch := max(batchBytes/cs, 1)
-	bufs := make(chan []byte, workers+2)
-	for range workers + 2 {
-		bufs <- make([]byte, perBatch*cs)
-	}
-	rs := &restoreRun{r: r, x: x, f: f, path: path, regular: regular, cache: newChunkCache(restoreCache), bufs: bufs, perBatch: perBatch, workers: workers, progress: progress,
-		writes: make(chan restoreWrite, workers+2), wrote: make(chan error, 1)}
+	rs := r.newRestoreRun(x, path)
+	rs.f, rs.regular, rs.progress = f, regular, progress
 	go rs.writer()
 	err = r.eachSegment(ctx, x, func(first int64, hs []Hash) error {
 		if err := rs.segment(ctx, first, hs); err != nil {
@@ -166,6 +156,25 @@ func openTarget(path string, size int64) (f *os.File, regular, created bool, err
 }
 
 // restoreRun is one restore's state across the segments of its list.
+// newRestoreRun sizes a restore of x, named path in its errors: a worker
+// per core (at least 8 from S3, whose reads wait on the network),
+// workers+2 batch buffers, the chunk cache. Its caller sets where the
+// bytes go and starts the writer.
+func (r *Repo) newRestoreRun(x *Image, path string) *restoreRun {
+	workers := runtime.GOMAXPROCS(0)
+	if _, ok := r.be.(*s3Backend); ok {
+		workers = max(workers, 8) // latency-bound
+	}
+	cs := int64(x.ChunkSize)
+	perBatch := max(batchBytes/cs, 1)
+	bufs := make(chan []byte, workers+2)
+	for range workers + 2 {
+		bufs <- make([]byte, perBatch*cs)
+	}
+	return &restoreRun{r: r, x: x, path: path, cache: newChunkCache(restoreCache), bufs: bufs, perBatch: perBatch, workers: workers,
+		writes: make(chan restoreWrite, workers+2), wrote: make(chan error, 1)}
+}
+
 type restoreRun struct {
 	r        *Repo
 	x        *Image

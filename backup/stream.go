@@ -3,7 +3,6 @@ package backup
 import (
 	"context"
 	"fmt"
-	"runtime"
 	"time"
 )
 
@@ -33,18 +32,8 @@ type StreamBatch struct {
 // the chunk cache and one segment of the chunk list.
 func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put func(StreamBatch) error) error {
 	r, x := ir.r, ir.x
-	workers := runtime.GOMAXPROCS(0)
-	if _, ok := r.be.(*s3Backend); ok {
-		workers = max(workers, 8) // latency-bound
-	}
-	cs := int64(x.ChunkSize)
-	perBatch := max(batchBytes/cs, 1)
-	bufs := make(chan []byte, workers+2)
-	for range workers + 2 {
-		bufs <- make([]byte, perBatch*cs)
-	}
-	rs := &restoreRun{r: r, x: x, path: "stream", cache: newChunkCache(restoreCache), bufs: bufs, perBatch: perBatch, workers: workers,
-		writes: make(chan restoreWrite, workers+2), wrote: make(chan error, 1), need: need, put: put}
+	rs := r.newRestoreRun(x, "stream")
+	rs.need, rs.put = need, put
 	go rs.writer()
 	err := r.eachSegment(ctx, x, func(first int64, hs []Hash) error {
 		if need != nil {
