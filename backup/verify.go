@@ -397,35 +397,15 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, es []indexEntry, sum f
 	} else {
 		perr = r.checkPackBytes(pid, b)
 	}
-	type item struct {
-		h Hash
-		l loc
-	}
-	items := make([]item, 0, len(es))
+	items := make([]indexEntry, 0, len(es))
 	for _, e := range es {
 		if err != nil || int64(e.l.off)+int64(e.l.len) > int64(len(b)) {
 			good[e.h] = false
 			continue
 		}
-		items = append(items, item{e.h, e.l})
+		items = append(items, e)
 	}
-	sort.Slice(items, func(i, j int) bool { return items[i].l.off < items[j].l.off })
-	var group, scratch []byte
-	var gerr error
-	for i, it := range items {
-		if i == 0 || it.l.off != items[i-1].l.off {
-			group, gerr = r.openBlobInto(scratch, b[it.l.off:it.l.off+it.l.len])
-			if gerr == nil {
-				scratch = group[:0]
-			}
-		}
-		if gerr != nil {
-			good[it.h] = false
-			continue
-		}
-		_, cerr := chunkIn(it.h, it.l, group, sum)
-		good[it.h] = cerr == nil
-	}
+	r.checkChunks(good, items, func(l loc) ([]byte, error) { return b[l.off : l.off+l.len], nil }, sum)
 	return good, perr
 }
 
@@ -434,30 +414,36 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, es []indexEntry, sum f
 // rest of the pack unread. The error names the blobs that did not read.
 func (r *Repo) checkBlobs(ctx context.Context, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
 	good := make(map[Hash]bool, len(es))
-	type item struct {
-		h Hash
-		l loc
-	}
-	items := make([]item, 0, len(es))
-	for _, e := range es {
-		items = append(items, item{e.h, e.l})
-	}
+	var perr error
+	r.checkChunks(good, slices.Clone(es), func(l loc) ([]byte, error) {
+		b, err := r.be.Get(ctx, pid.name(), int64(l.off), int64(l.len))
+		if err == nil && len(b) != int(l.len) {
+			err = fmt.Errorf("%w: %d bytes read of %d", ErrCorrupt, len(b), l.len)
+		}
+		if err != nil && perr == nil {
+			perr = fmt.Errorf("pack %s: blob at %d: %w", pid, l.off, err)
+		}
+		return b, err
+	}, sum)
+	return good, perr
+}
+
+// checkChunks checks the chunks items (which it sorts), blob by blob in
+// pack order, and records in good whether each matched its hash. blob
+// gives the stored bytes of the blob at l (an error: its chunks are
+// bad); each blob is read and opened once, decrypted in place and
+// decompressed into memory the next one reuses.
+func (r *Repo) checkChunks(good map[Hash]bool, items []indexEntry, blob func(l loc) ([]byte, error), sum func([]byte) Hash) {
 	sort.Slice(items, func(i, j int) bool { return items[i].l.off < items[j].l.off })
 	var group, scratch []byte
-	var gerr, perr error
+	var gerr error
 	for i, it := range items {
 		if i == 0 || it.l.off != items[i-1].l.off {
 			var b []byte
-			b, gerr = r.be.Get(ctx, pid.name(), int64(it.l.off), int64(it.l.len))
-			if gerr == nil && len(b) != int(it.l.len) {
-				gerr = fmt.Errorf("%w: %d bytes read of %d", ErrCorrupt, len(b), it.l.len)
-			}
-			if gerr != nil {
-				if perr == nil {
-					perr = fmt.Errorf("pack %s: blob at %d: %w", pid, it.l.off, gerr)
+			if b, gerr = blob(it.l); gerr == nil {
+				if group, gerr = r.openBlobInto(scratch, b); gerr == nil {
+					scratch = group[:0]
 				}
-			} else if group, gerr = r.openBlobInto(scratch, b); gerr == nil {
-				scratch = group[:0]
 			}
 		}
 		if gerr != nil {
@@ -467,7 +453,6 @@ func (r *Repo) checkBlobs(ctx context.Context, pid PackID, es []indexEntry, sum 
 		_, cerr := chunkIn(it.h, it.l, group, sum)
 		good[it.h] = cerr == nil
 	}
-	return good, perr
 }
 
 // checkPackBytes checks a stored pack against its name (the BLAKE3 of
