@@ -3,8 +3,10 @@ package backup_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 
@@ -100,5 +102,76 @@ func TestImageReaderCached(t *testing.T) {
 	}
 	if ir.Cached(2) {
 		t.Fatal("chunk 2's blob is still opened after 15 others were read")
+	}
+}
+
+// TestStreamZeroRuns: Stream hands a run of zero chunks at least a
+// batch long over as one batch without data, and the rest with their
+// bytes; what need declines is marked skipped.
+func TestStreamZeroRuns(t *testing.T) {
+	ctx := context.Background()
+	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	// 1 MiB of data, 12 MiB of zeros, 1 MiB of data, 8 KiB of zeros
+	// (too short for a run of its own), 1 MiB of data.
+	src := make(memSource, 15<<20+8<<10)
+	r := rand.New(rand.NewPCG(33, 34))
+	for _, part := range [][2]int{{0, 1 << 20}, {13 << 20, 14 << 20}, {14<<20 + 8<<10, len(src)}} {
+		for i := part[0]; i < part[1]; i++ {
+			src[i] = byte(r.Uint32())
+		}
+	}
+	x := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	ir, err := repo.OpenImage(ctx, x.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cs = 4096
+	zs, ze := int64(1<<20/cs), int64(13<<20/cs)
+	got := make([]byte, len(src))
+	seen := make([]bool, len(src)/cs)
+	var runs int
+	err = ir.Stream(ctx, func(i int64) bool { return i != zs+1 }, func(b backup.StreamBatch) error {
+		if len(b.Zero) != len(b.Skip) {
+			return fmt.Errorf("batch at chunk %d: %d zero marks, %d skip marks", b.First, len(b.Zero), len(b.Skip))
+		}
+		if b.Data == nil {
+			runs++
+			if b.First != zs || b.First+int64(len(b.Zero)) != ze {
+				return fmt.Errorf("a batch without data holds chunks %d-%d, want the zero run %d-%d", b.First, b.First+int64(len(b.Zero)), zs, ze)
+			}
+		}
+		for j := range b.Zero {
+			c := b.First + int64(j)
+			if seen[c] {
+				return fmt.Errorf("chunk %d handed over twice", c)
+			}
+			seen[c] = true
+			if b.Skip[j] != (c == zs+1) {
+				return fmt.Errorf("chunk %d: skipped %v", c, b.Skip[j])
+			}
+			if b.Zero[j] != bytes.Equal(src[c*cs:(c+1)*cs], make([]byte, cs)) {
+				return fmt.Errorf("chunk %d: zero %v", c, b.Zero[j])
+			}
+			if b.Data != nil {
+				copy(got[c*cs:(c+1)*cs], b.Data[j*cs:(j+1)*cs])
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 1 {
+		t.Fatalf("%d batches without data, want 1 (the 12 MiB zero run)", runs)
+	}
+	if slices.Contains(seen, false) {
+		t.Fatal("a chunk was never handed over")
+	}
+	if !bytes.Equal(got, []byte(src)) {
+		t.Fatal("the streamed chunks are not the image")
 	}
 }

@@ -217,7 +217,9 @@ func (rs *restoreRun) writer() {
 	for w := range rs.writes {
 		if rs.put != nil && err == nil {
 			b := w.batch
-			b.Data = w.buf[:w.covers]
+			if w.buf != nil { // nil: a run of zero chunks (zeroBatch)
+				b.Data = w.buf[:w.covers]
+			}
 			if perr := rs.put(b); perr != nil {
 				err = perr
 				rs.failed.Store(true)
@@ -232,7 +234,9 @@ func (rs *restoreRun) writer() {
 				rs.failed.Store(true)
 			}
 		}
-		rs.bufs <- w.buf
+		if w.buf != nil {
+			rs.bufs <- w.buf
+		}
 		if err == nil {
 			rs.done += w.covers
 			if rs.progress != nil {

@@ -2,6 +2,7 @@ package backup
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -11,7 +12,9 @@ type StreamBatch struct {
 	// First is the index of the batch's first chunk.
 	First int64
 	// Data holds the chunks, ChunkSize bytes each (the last chunk of the
-	// image may be shorter). It is valid only during the put call.
+	// image may be shorter). It is valid only during the put call. It is
+	// nil when every chunk of the batch is zero (a run of zero chunks,
+	// handed over as one batch).
 	Data []byte
 	// Zero marks the all-zero chunks (never stored; Data holds zeros).
 	Zero []bool
@@ -27,9 +30,11 @@ type StreamBatch struct {
 // batch to put, one call at a time, in the order the batches finish. need
 // (nil: every chunk) is asked, from several goroutines, whether chunk i
 // is wanted; a batch none of whose chunks is wanted is not read. Every
-// chunk handed over was checked against its hash. An error of put stops
-// the stream and is returned. Memory is Restore's: a batch per worker,
-// the chunk cache and one segment of the chunk list.
+// chunk handed over was checked against its hash. A run of zero chunks
+// at least a batch long comes as one batch without Data (at most a
+// segment of the chunk list: 64 Ki chunks). An error of put stops the
+// stream and is returned. Memory is Restore's: a batch per worker, the
+// chunk cache and one segment of the chunk list.
 func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put func(StreamBatch) error) error {
 	r, x := ir.r, ir.x
 	rs := r.newRestoreRun(x, "stream")
@@ -48,7 +53,7 @@ func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put 
 				return nil
 			}
 		}
-		if err := rs.segment(ctx, first, hs); err != nil {
+		if err := rs.streamSegment(ctx, first, hs); err != nil {
 			return fmt.Errorf("image %s: %w", x.ID, err)
 		}
 		return nil
@@ -61,6 +66,81 @@ func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put 
 		return err
 	}
 	return ctx.Err()
+}
+
+// streamSegment reads one segment of the list for a stream: its runs of
+// at least a batch of zero chunks go to put as one batch each, without
+// data, and the chunks between them through segment. A volume that is
+// mostly zeros (a 64 GiB image holding 512 MiB of files) is millions of
+// zero chunks: batch by batch, each zeroed in a buffer, checked and
+// looked at one by one on the other side, they cost the stream more
+// than its data.
+func (rs *restoreRun) streamSegment(ctx context.Context, first int64, hs []Hash) error {
+	n := int64(len(hs))
+	for lo := int64(0); lo < n; {
+		zs, ze := zeroRun(hs, lo, rs.perBatch)
+		if zs > lo {
+			if err := rs.segment(ctx, first+lo, hs[lo:zs]); err != nil {
+				return err
+			}
+		}
+		if ze > zs {
+			if err := rs.zeroBatch(ctx, first+zs, ze-zs); err != nil {
+				return err
+			}
+		}
+		lo = ze
+	}
+	return nil
+}
+
+// zeroRun finds the first run of zero hashes in hs from lo on that is at
+// least atLeast long: [zs, ze), or zs = ze = len(hs) when there is none.
+func zeroRun(hs []Hash, lo, atLeast int64) (zs, ze int64) {
+	n := int64(len(hs))
+	for i := lo; i < n; {
+		if hs[i] != (Hash{}) {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n && hs[j] == (Hash{}) {
+			j++
+		}
+		if j-i >= atLeast {
+			return i, j
+		}
+		i = j
+	}
+	return n, n
+}
+
+// zeroBatch hands chunks first..first+n, all zero, to the writer as one
+// batch without data, after the batches queued before it.
+func (rs *restoreRun) zeroBatch(ctx context.Context, first, n int64) error {
+	b := StreamBatch{First: first, Zero: make([]bool, n), Skip: make([]bool, n), Started: time.Now()}
+	skip := true
+	for j := range b.Zero {
+		b.Zero[j] = true
+		if rs.need != nil && !rs.need(first+int64(j)) {
+			b.Skip[j] = true
+			continue
+		}
+		skip = false
+	}
+	if skip {
+		return nil
+	}
+	if rs.failed.Load() {
+		return errors.New("the target could not be written") // the writer's error says why
+	}
+	cs := int64(rs.x.ChunkSize)
+	select {
+	case rs.writes <- restoreWrite{covers: min((first+n)*cs, rs.x.Size) - first*cs, batch: b}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return nil
 }
 
 // wanted returns the hashes of a batch (chunks first.. of hs) to read:

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"testing"
@@ -222,5 +223,85 @@ func TestWaitingOutlastsReadAhead(t *testing.T) {
 	}
 	if st := tg.Progress().State; st == StateWaiting {
 		t.Fatalf("state after a batch read once the repository answers: %q", st)
+	}
+}
+
+// TestZeroRunBatch: a batch of zero chunks without data (how the
+// background restore gets a run of them) makes its chunks the target's
+// own and zeros in the file (punched where the target does not read
+// zeros already), and a live restore of an image that is mostly zeros
+// ends as the image, over a target that held other bytes.
+func TestZeroRunBatch(t *testing.T) {
+	const size = 12 << 20
+	img := make(memImage, size)
+	r := rand.New(rand.NewPCG(27, 28))
+	for _, part := range [][2]int{{0, 1 << 20}, {10 << 20, 10<<20 + 4096*5}, {11 << 20, size}} {
+		for i := part[0]; i < part[1]; i++ {
+			img[i] = byte(r.Uint32())
+		}
+	}
+	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	x, _, err := repo.Backup(context.Background(), img, backup.Options{Volume: "v"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ir, err := repo.OpenImage(context.Background(), x.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale := bytes.Repeat([]byte{0xff}, size)
+	newTarget := func(holes bool) (*Target, *crashFile) {
+		fsys := &memFS{files: map[string]*crashFile{}}
+		tf, _ := fsys.OpenFile("/t", os.O_RDWR|os.O_CREATE, 0)
+		if !holes {
+			tf.WriteAt(stale, 0)
+		}
+		tf.Truncate(size)
+		tg, err := Create(fsys, tf, "/t.map", ir, x.ID, Options{Holes: holes})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tg.Close() })
+		return tg, tf.(*crashFile)
+	}
+
+	// Chunks 3-700 (across bitmap words), as one batch without data.
+	for _, holes := range []bool{false, true} {
+		tg, tf := newTarget(holes)
+		b := backup.StreamBatch{First: 3, Zero: make([]bool, 697), Skip: make([]bool, 697)}
+		for j := range b.Zero {
+			b.Zero[j] = true
+		}
+		if err := tg.put(context.Background(), b); err != nil {
+			t.Fatal(err)
+		}
+		for c := int64(0); c < 720; c++ {
+			if tg.has(c) != (c >= 3 && c < 700) {
+				t.Fatalf("holes %v: chunk %d restored %v", holes, c, tg.has(c))
+			}
+		}
+		if p := tg.Progress(); p.Restored != 697*4096 {
+			t.Fatalf("holes %v: %d bytes restored, want %d", holes, p.Restored, 697*4096)
+		}
+		got := make([]byte, 697*4096)
+		if _, err := tf.ReadAt(got, 3*4096); err != nil || !bytes.Equal(got, make([]byte, len(got))) {
+			t.Fatalf("holes %v: the batch's chunks do not read zeros in the file (%v)", holes, err)
+		}
+		if _, err := tf.ReadAt(got[:4096], 2*4096); err != nil || !holes && !bytes.Equal(got[:4096], stale[:4096]) {
+			t.Fatalf("holes %v: chunk 2, not in the batch, was written (%v)", holes, err)
+		}
+	}
+
+	tg, tf := newTarget(false)
+	if err := tg.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := tf.ReadAt(got, 0); err != nil || !bytes.Equal(got, img) {
+		t.Fatalf("the target is not the image (%v)", err)
 	}
 }

@@ -243,16 +243,21 @@ func newTarget(fsys cow.FS, f cow.File, m *mapFile, mapPath string, src Source, 
 func (t *Target) has(c int64) bool { return t.present[c/64].Load()&(1<<(c%64)) != 0 }
 
 // mark records chunks [c0, c1) as the target's own, their data written;
-// the caller holds their stripes.
+// the caller holds their stripes. It sets the bits a word at a time: a
+// run of zero chunks the background restore passes over is millions of
+// them in a large, mostly empty image.
 func (t *Target) mark(c0, c1 int64) {
 	var added int64
 	t.pendMu.Lock()
-	for c := c0; c < c1; c++ {
-		w, b := c/64, uint64(1)<<(c%64)
-		if old := t.present[w].Or(b); old&b == 0 {
-			t.pending[w] |= b
-			added++
+	for c := c0; c < c1; {
+		w := c / 64
+		e := min(c1, (w+1)*64)
+		m := ^uint64(0) >> (64 - (e - c)) << (c % 64)
+		if old := t.present[w].Or(m); old&m != m {
+			t.pending[w] |= m &^ old
+			added += int64(bits.OnesCount64(m &^ old))
 		}
+		c = e
 	}
 	t.pendMu.Unlock()
 	if t.count.Add(added) == t.n {
@@ -657,8 +662,9 @@ func (t *Target) complete() error {
 func (t *Target) put(ctx context.Context, b backup.StreamBatch) error { return t.putBatch(ctx, b, nil) }
 
 // putBatch writes a batch the background restore read: every chunk that
-// is not the target's own yet (zero chunks as holes), after the reads
-// and writes fetching unrestored chunks. A commit that is due is handed
+// is not the target's own yet (zero chunks as holes; a batch of zero
+// chunks only comes without Data), after the reads and writes fetching
+// unrestored chunks. A commit that is due is handed
 // to due (the committer), or made here when due is nil; a failure of
 // the committer's last commit stops the restore.
 func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- struct{}) error {
@@ -687,8 +693,8 @@ func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- 
 			for k < c1-c0 && !b.Skip[k] && !t.has(c0+k) && b.Zero[k] == zero {
 				k++
 			}
-			lo, hi := j*t.cs, min(k*t.cs, int64(len(b.Data)))
 			off := c * t.cs
+			lo, hi := j*t.cs, j*t.cs+min((k-j)*t.cs, t.size-off)
 			switch {
 			case zero && t.holes.Load():
 				// Zeros already: nothing to write.
