@@ -305,3 +305,83 @@ func TestZeroRunBatch(t *testing.T) {
 		t.Fatalf("the target is not the image (%v)", err)
 	}
 }
+
+// streamCounter counts the background restore's Streams.
+type streamCounter struct {
+	*backup.ImageReader
+	streams atomic.Int64
+}
+
+func (s *streamCounter) Stream(ctx context.Context, need func(int64) bool, put func(backup.StreamBatch) error) error {
+	s.streams.Add(1)
+	return s.ImageReader.Stream(ctx, need, put)
+}
+
+// TestQuietStart: in its quiet start the background restore reads
+// nothing from the repository, while a read of unrestored data is
+// served (fetched on demand); it ends with its context. Without a
+// quiet start, Run streams at once.
+func TestQuietStart(t *testing.T) {
+	const size = 4 << 20
+	img, ir, id := testImage(t, rand.New(rand.NewPCG(29, 30)), size)
+	for _, quiet := range []time.Duration{time.Hour, 0} {
+		fsys := &memFS{files: map[string]*crashFile{}}
+		tf, _ := fsys.OpenFile("/t", os.O_RDWR|os.O_CREATE, 0)
+		tf.Truncate(size)
+		src := &streamCounter{ImageReader: ir}
+		tg, err := Create(fsys, tf, "/t.map", src, id, Options{QuietStart: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan error, 1)
+		go func() { ran <- tg.Run(ctx) }()
+		got := make([]byte, 4096)
+		c := int64(size/4096 - 1)
+		if _, err := tg.ReadAt(got, c*4096); err != nil || !bytes.Equal(got, img[c*4096:]) {
+			t.Fatalf("quiet start %v: read of chunk %d: %v", quiet, c, err)
+		}
+		if quiet == 0 {
+			<-ran // done: nothing to hold it
+		} else {
+			cancel()
+			if err := <-ran; !errors.Is(err, context.Canceled) {
+				t.Fatalf("Run in its quiet start, context canceled: %v", err)
+			}
+		}
+		cancel()
+		if n := src.streams.Load(); quiet > 0 && n != 0 || quiet == 0 && n == 0 {
+			t.Errorf("quiet start %v: the background restore streamed %d times", quiet, n)
+		}
+		tg.Close()
+	}
+}
+
+// TestQuietWait: the quiet start lasts until QuietStart after the last
+// read or write, and never past its end; touch only moves it later.
+func TestQuietWait(t *testing.T) {
+	now := time.Unix(1000, 0)
+	if d := quietWait(now, now.Add(time.Second), now.Add(2*time.Second)); d != time.Second {
+		t.Errorf("until before the end: wait %v, want 1s", d)
+	}
+	if d := quietWait(now, now.Add(3*time.Second), now.Add(2*time.Second)); d != 2*time.Second {
+		t.Errorf("until after the end: wait %v, want 2s (the end)", d)
+	}
+	if d := quietWait(now, now.Add(-time.Second), now.Add(2*time.Second)); d > 0 {
+		t.Errorf("until passed: wait %v, want none", d)
+	}
+	tg, _ := newTestTarget(t, 1<<20, nil)
+	tg.quiet = time.Hour
+	tg.quietOver.Store(false)
+	later := time.Now().Add(2 * time.Hour).UnixNano()
+	tg.quietUntil.Store(later)
+	tg.touch()
+	if tg.quietUntil.Load() != later {
+		t.Error("a read moved the quiet start's end earlier")
+	}
+	tg.quietUntil.Store(0)
+	tg.touch()
+	if tg.quietUntil.Load() <= time.Now().UnixNano() {
+		t.Error("a read did not move the quiet start's end later")
+	}
+}

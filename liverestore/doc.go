@@ -42,5 +42,7 @@
 // goes from 0 to 1: a reader that sees it set reads the file without a
 // lock. While a read or a write fetches unrestored chunks, the
 // background restore waits before its next batch, so that on-demand
-// fetches do not queue behind it; its commits run beside it.
+// fetches do not queue behind it; its commits run beside it. In its
+// quiet start (Options.QuietStart) it waits while the target is
+// attached and mounted, so that those get the CPU.
 package liverestore

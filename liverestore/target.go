@@ -56,6 +56,13 @@ type Options struct {
 	// Backoff is the first wait after the repository failed (doubling up
 	// to 32 times it; 0: one second).
 	Backoff time.Duration
+	// QuietStart holds the background restore back in its first moments,
+	// while the target is attached and mounted (or a machine boots from
+	// it): Run reads nothing for QuietStart, and then not until
+	// QuietStart has passed without a read or write of the target, for
+	// at most quietCap times QuietStart in all. Fetches for reads and
+	// writes go on meanwhile. 0: none.
+	QuietStart time.Duration
 	// OnComplete runs once every chunk is durable in the target, before
 	// the map file is removed (the service marks the volume ordinary).
 	OnComplete func() error
@@ -109,6 +116,7 @@ type Target struct {
 	n       int64 // chunks
 	log     *slog.Logger
 	backoff time.Duration
+	quiet   time.Duration // Options.QuietStart
 	onDone  func() error
 	onState func(state, msg string)
 
@@ -138,7 +146,14 @@ type Target struct {
 	// while there are any, the background restore waits (demandIdle is
 	// signalled when the count drops to 0), so that they do not queue
 	// behind it for the stripes, the repository or the CPU.
-	demanding  atomic.Int64
+	demanding atomic.Int64
+	// quietUntil (Unix nanoseconds) is when the quiet start ends unless
+	// a read or write comes first (each moves it to QuietStart after
+	// it); quietEnd is when it ends at the latest (set by Run), and
+	// quietOver says it has ended.
+	quietUntil atomic.Int64
+	quietEnd   atomic.Int64
+	quietOver  atomic.Bool
 	demandIdle chan struct{}
 	demand     atomic.Int64
 	filled     atomic.Int64
@@ -222,6 +237,10 @@ func newTarget(fsys cow.FS, f cow.File, m *mapFile, mapPath string, src Source, 
 	}
 	if t.backoff <= 0 {
 		t.backoff = time.Second
+	}
+	t.quiet = opts.QuietStart
+	if t.quiet <= 0 {
+		t.quietOver.Store(true)
 	}
 	var c int64
 	for i, w := range words {
@@ -307,10 +326,63 @@ func (t *Target) lock(c0, c1 int64) func() {
 	}
 }
 
+// quietCap bounds the quiet start: the background restore starts at
+// most quietCap times Options.QuietStart after Run, however many reads
+// come.
+const quietCap = 4
+
+// touch notes a read or write of the target: during the quiet start,
+// the background restore holds back until QuietStart after it.
+func (t *Target) touch() {
+	if t.quietOver.Load() {
+		return
+	}
+	until := time.Now().Add(t.quiet).UnixNano()
+	for {
+		old := t.quietUntil.Load()
+		if old >= until || t.quietUntil.CompareAndSwap(old, until) {
+			return
+		}
+	}
+}
+
+// quietWait is how long the background restore still holds back at now:
+// until the quiet start's until, and at most its end.
+func quietWait(now, until, end time.Time) time.Duration {
+	if end.Before(until) {
+		until = end
+	}
+	return until.Sub(now)
+}
+
+// holdQuiet waits while the quiet start lasts (Options.QuietStart).
+func (t *Target) holdQuiet(ctx context.Context) error {
+	for !t.quietOver.Load() {
+		now := time.Now()
+		end := time.Unix(0, t.quietEnd.Load())
+		d := quietWait(now, time.Unix(0, t.quietUntil.Load()), end)
+		if d <= 0 {
+			if !now.Before(end) {
+				t.quietOver.Store(true)
+			}
+			return nil
+		}
+		timer := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return ctx.Err()
+		case <-timer.C:
+		}
+	}
+	return nil
+}
+
 // ReadAt reads the target's logical content: unrestored chunks are
 // fetched first.
 func (t *Target) ReadAt(p []byte, off int64) (int, error) {
 	if !t.done.Load() {
+		t.touch()
 		c0, c1 := t.chunks(off, int64(len(p)))
 		if !t.allPresent(c0, c1) {
 			if err := t.fetchAround(c0, c1); err != nil {
@@ -457,6 +529,7 @@ func (t *Target) WriteAt(p []byte, off int64) (int, error) {
 	if t.done.Load() {
 		return t.f.WriteAt(p, off)
 	}
+	t.touch()
 	c0, c1 := t.chunks(off, int64(len(p)))
 	if t.allPresent(c0, c1) {
 		return t.f.WriteAt(p, off)
@@ -492,6 +565,7 @@ func (t *Target) Punch(off, length int64) error {
 	if t.done.Load() {
 		return t.f.Punch(off, length)
 	}
+	t.touch()
 	c0, c1 := t.chunks(off, length)
 	defer t.demandStart()()
 	unlock := t.lock(c0, c1)
@@ -579,6 +653,13 @@ func (t *Target) Run(ctx context.Context) error {
 	}()
 	defer wg.Wait()
 	defer stop()
+	if !t.quietOver.Load() {
+		t.quietEnd.Store(time.Now().Add(quietCap * t.quiet).UnixNano())
+		t.touch()
+		if err := t.holdQuiet(ctx); err != nil {
+			return err
+		}
+	}
 	wait := t.backoff
 	for !t.done.Load() {
 		err := t.src.Stream(ctx, func(i int64) bool { return !t.has(i) }, func(b backup.StreamBatch) error { return t.putBatch(ctx, b, due) })
@@ -670,6 +751,9 @@ func (t *Target) put(ctx context.Context, b backup.StreamBatch) error { return t
 func (t *Target) putBatch(ctx context.Context, b backup.StreamBatch, due chan<- struct{}) error {
 	t.setErrSince(nil, b.Started) // the repository answers: not waiting for it, whatever the rate
 	if err := t.waitRate(ctx, int64(len(b.Data))); err != nil {
+		return err
+	}
+	if err := t.holdQuiet(ctx); err != nil {
 		return err
 	}
 	if err := t.yield(ctx); err != nil {
