@@ -8,6 +8,9 @@
 #   umbra+psnap  the same with a live persistent snapshot (--persistent:
 #                each preserved chunk and its mapping are fsynced before
 #                the write goes on, as dm-snapshot's persistent store does)
+#   nbdkit       nbdkit's file plugin over a virtio disk, through the same
+#                kernel nbd client (a userspace NBD peer, no snapshot)
+#   qemu-nbd     qemu-nbd over a virtio disk, likewise
 #   lvm-thick    an LVM LV with a thick (dm-snapshot) snapshot
 #   lvm-thin     a thin LV with a thin snapshot
 # Each target gets its own virtio disk (Umbra's shadow storage: ext4 on one
@@ -20,6 +23,10 @@
 # (for a disk, a wakeup), one that does not is bound by the emulated CPU.
 #
 #   bench/vm.sh [REGION_MIB]     (default 32)
+#
+# VM_TARGETS="plain umbra nbdkit" runs only those targets (plain always
+# runs: it is what the others are divided by), for shorter runs while
+# working on one path.
 set -euo pipefail
 
 if [ -z "${VMTEST_OUT:-}" ]; then
@@ -28,7 +35,7 @@ if [ -z "${VMTEST_OUT:-}" ]; then
   bench/machine.sh
   echo "guest: Debian's kernel under qemu TCG (no KVM), 2 vCPUs, 2 GiB; disks are sparse files (cache=unsafe)"
   exec scripts/vmtest --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G \
-    --timeout 3000 bench/vm.sh "${1:-32}"
+    --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" --timeout 3600 bench/vm.sh "${1:-32}"
 fi
 
 # In the guest.
@@ -57,6 +64,9 @@ job() { # job NAME DEV RW: one fio pass over the region; prints KiB/s
 }
 fill() { dd if=/dev/urandom of="$1" bs=1M count="$mib" oflag=direct status=none; }
 declare -A first rewrite rd
+targets=(plain umbra umbra+snap umbra+psnap nbdkit qemu-nbd lvm-thick lvm-thin)
+if [ -n "${VM_TARGETS:-}" ]; then targets=(plain); for t in $VM_TARGETS; do [ "$t" = plain ] || targets+=("$t"); done; fi
+want() { local t; for t in "$@"; do [[ " ${targets[*]} " == *" $t "* ]] && return 0; done; return 1; }
 run() { # run TARGET DEV [SNAPSHOT-COMMAND]: fill, snapshot, the three passes
   local t=$1 dev=$2; shift 2
   fill "$dev"
@@ -69,39 +79,65 @@ run() { # run TARGET DEV [SNAPSHOT-COMMAND]: fill, snapshot, the three passes
 
 run plain /dev/vda
 
-mkfs.ext4 -q /dev/vdc && mount /dev/vdc "$W/shadow"
-"$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
-serve=$!
-for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0.2; done
-nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 >/dev/null
-nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 >/dev/null
-run umbra /dev/nbd0
-run umbra+psnap /dev/nbd0 "$UMBRA" snapshot create u1 --id p1 --persistent
-run umbra+snap /dev/nbd1 "$UMBRA" snapshot create u2 --id s1
-nbd-client -d /dev/nbd0 >/dev/null; nbd-client -d /dev/nbd1 >/dev/null
-kill "$serve"; wait "$serve" || true
+if want umbra umbra+snap umbra+psnap; then
+  mkfs.ext4 -q /dev/vdc && mount /dev/vdc "$W/shadow"
+  "$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
+  serve=$!
+  for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0.2; done
+  nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 >/dev/null
+  nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 >/dev/null
+  if want umbra; then run umbra /dev/nbd0; fi
+  if want umbra+psnap; then run umbra+psnap /dev/nbd0 "$UMBRA" snapshot create u1 --id p1 --persistent; fi
+  if want umbra+snap; then run umbra+snap /dev/nbd1 "$UMBRA" snapshot create u2 --id s1; fi
+  nbd-client -d /dev/nbd0 >/dev/null; nbd-client -d /dev/nbd1 >/dev/null
+  kill "$serve"; wait "$serve" || true
+fi
 
-pvcreate -q /dev/vde && vgcreate -q vgthick /dev/vde
-lvcreate -q -y -L "${mib}M" -n lv vgthick
-run lvm-thick /dev/vgthick/lv lvcreate -q -y -s -L "$((mib * 2))M" -n snap vgthick/lv
-echo "lvm-thick snapshot chunk size: $(lvs --noheadings -o chunk_size vgthick/snap)"
-lvremove -q -y vgthick >/dev/null
+# The userspace peers: the same kernel client, the same socket kind (unix),
+# each server over its own virtio disk through the guest's page cache as
+# Umbra's volumes are (no O_DIRECT on the server side), no snapshot.
+peer() { # peer TARGET DEV SOCKET SERVER-COMMAND...: serve DEV, connect /dev/nbd2, run
+  local t=$1 dev=$2 sock=$3 pid; shift 3
+  "$@" >"$W/$t.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 600); do [ -S "$sock" ] && break; sleep 0.2; done
+  nbd-client -unix "$sock" /dev/nbd2 -b 4096 >/dev/null
+  run "$t" /dev/nbd2
+  nbd-client -d /dev/nbd2 >/dev/null
+  kill "$pid" 2>/dev/null || true; wait "$pid" || true
+}
+if want nbdkit; then peer nbdkit /dev/vdg "$W/nbdkit.sock" nbdkit -f -U "$W/nbdkit.sock" file /dev/vdg; fi
+if want qemu-nbd; then peer qemu-nbd /dev/vdh "$W/qemu-nbd.sock" qemu-nbd -t -f raw -k "$W/qemu-nbd.sock" /dev/vdh; fi
 
-pvcreate -q /dev/vdf && vgcreate -q vgthin /dev/vdf
-lvcreate -q -y -L "$((mib * 3))M" -T vgthin/pool
-lvcreate -q -y -V "${mib}M" -T vgthin/pool -n lv
-run lvm-thin /dev/vgthin/lv lvcreate -q -y -s -n snap vgthin/lv
-echo "lvm-thin pool chunk size: $(lvs --noheadings -o chunk_size vgthin/pool)"
-lvremove -q -y vgthin >/dev/null
+if want lvm-thick; then
+  pvcreate -q /dev/vde && vgcreate -q vgthick /dev/vde
+  lvcreate -q -y -L "${mib}M" -n lv vgthick
+  run lvm-thick /dev/vgthick/lv lvcreate -q -y -s -L "$((mib * 2))M" -n snap vgthick/lv
+  echo "lvm-thick snapshot chunk size: $(lvs --noheadings -o chunk_size vgthick/snap)"
+  lvremove -q -y vgthick >/dev/null
+fi
+
+if want lvm-thin; then
+  pvcreate -q /dev/vdf && vgcreate -q vgthin /dev/vdf
+  lvcreate -q -y -L "$((mib * 3))M" -T vgthin/pool
+  lvcreate -q -y -V "${mib}M" -T vgthin/pool -n lv
+  run lvm-thin /dev/vgthin/lv lvcreate -q -y -s -n snap vgthin/lv
+  echo "lvm-thin pool chunk size: $(lvs --noheadings -o chunk_size vgthin/pool)"
+  lvremove -q -y vgthin >/dev/null
+fi
 
 echo
 cat "$W/idle.log"
 echo
 echo "4 KiB random I/O over ${mib} MiB, iodepth 16, O_DIRECT; ratio to the plain virtio disk (TCG: ratios only)"
 printf '%-12s %12s %12s %12s\n' target "first write" rewrite read
-for t in plain umbra umbra+snap umbra+psnap lvm-thick lvm-thin; do
-  printf '%-12s %12s %12s %12s\n' "$t" \
-    "$(awk -v a="${first[$t]}" -v b="${first[plain]}" 'BEGIN{printf "%.2f", a/b}')" \
-    "$(awk -v a="${rewrite[$t]}" -v b="${rewrite[plain]}" 'BEGIN{printf "%.2f", a/b}')" \
-    "$(awk -v a="${rd[$t]}" -v b="${rd[plain]}" 'BEGIN{printf "%.2f", a/b}')"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+for t in "${targets[@]}"; do
+  printf '%-12s %12s %12s %12s\n' "$t" "$(ratio "${first[$t]}" "${first[plain]}")" \
+    "$(ratio "${rewrite[$t]}" "${rewrite[plain]}")" "$(ratio "${rd[$t]}" "${rd[plain]}")"
+done
+for p in nbdkit qemu-nbd; do
+  if want umbra && want "$p"; then
+    echo "umbra (no snapshot) / $p: first write $(ratio "${first[umbra]}" "${first[$p]}"), rewrite $(ratio "${rewrite[umbra]}" "${rewrite[$p]}"), read $(ratio "${rd[umbra]}" "${rd[$p]}")"
+  fi
 done
