@@ -196,12 +196,13 @@ func (l *liveRestores) openVolume(rec liveRecord) error {
 // on 2 cores its workers otherwise take the CPU from the losetup, mount
 // and cat that reach a file, and the first read took 0.9-2.0 s instead
 // of 0.6 s (load 10, measured 2026-12-07). It costs a restore nobody
-// reads half a second.
+// reads half a second. Only a new restore has it: one resumed after a
+// restart goes on at once.
 const liveQuietStart = 500 * time.Millisecond
 
 func (l *liveRestores) targetOptions(rec liveRecord) liverestore.Options {
 	name := rec.Volume
-	return liverestore.Options{Rate: rec.Rate, Logger: l.s.log, QuietStart: liveQuietStart,
+	return liverestore.Options{Rate: rec.Rate, Logger: l.s.log,
 		OnComplete: func() error { return l.completed(name) },
 		OnState: func(state, msg string) {
 			kind := "live_restore_resumed"
@@ -457,6 +458,7 @@ func (l *liveRestores) RestoreLive(ctx context.Context, req *umbrav1.RestoreLive
 	if fi, err := os.Stat(target); err == nil && fi.Mode().IsRegular() {
 		opts.Holes = true // prepareTarget emptied it: zero chunks are holes already
 	}
+	opts.QuietStart = liveQuietStart
 	t, err := liverestore.Create(cow.OSFS{}, f, l.mapPath(name), src, rec.Image, opts)
 	if err != nil {
 		return fail(err)
