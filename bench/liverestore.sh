@@ -13,6 +13,8 @@
 #   - background restore throughput with no foreground I/O (restore --live
 #     until the service's live_restore_done event for it) against the
 #     plain restore.
+# REPS (default 3) rounds of the plain restore, the first read and the
+# background restore, in turn: the median round and the range.
 # The script waits on the service's events (one `umbra events` process
 # followed from the start), not by polling `umbra volume list`: a
 # process every 50 ms took CPU from the live restore it measured.
@@ -25,6 +27,7 @@ bench/machine.sh
 SIZE=${SIZE:-2G}
 DATA=${DATA:-512M}
 FIO_SECS=${FIO_SECS:-10}
+REPS=${REPS:-3}
 for t in fio mkfs.ext4 losetup bc jq; do
 	command -v $t >/dev/null || { echo "bench/liverestore.sh: needs $t" >&2; exit 1; }
 done
@@ -41,7 +44,7 @@ export AWS_ACCESS_KEY_ID=benchkey AWS_SECRET_ACCESS_KEY=benchsecret
 cleanup() {
 	[ -n "${EVENTS:-}" ] && kill "$EVENTS" 2>/dev/null || true
 	for m in "$W"/mnt*; do mountpoint -q "$m" 2>/dev/null && umount "$m"; done
-	for d in $(losetup -j "$W/fuse/live" -O NAME -n 2>/dev/null) $(losetup -j "$W/fuse/paused" -O NAME -n 2>/dev/null) $(losetup -j "$W/fuse/paused3" -O NAME -n 2>/dev/null); do losetup -d "$d"; done
+	for f in "$W"/fuse/*; do for d in $(losetup -j "$f" -O NAME -n 2>/dev/null); do losetup -d "$d"; done; done
 	[ -n "${SERVE:-}" ] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null || true
 	[ -n "${S3PID:-}" ] && kill "$S3PID" 2>/dev/null && wait "$S3PID" 2>/dev/null || true
 	mountpoint -q "$W/fuse" 2>/dev/null && umount -l "$W/fuse" || true
@@ -52,6 +55,8 @@ trap cleanup EXIT
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc; }
 ratio() { printf "%.2f" "$(echo "scale=4; $1 / $2" | bc)"; }
+median() { printf "%s\n" "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%.2f", v[int((NR + 1) / 2)] }'; }
+range() { printf "%s\n" "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%.2f-%.2f", v[1], v[NR] }'; }
 
 # The volume: ext4 with DATA of random files, the rest sparse.
 IMG=$W/vol.img
@@ -91,32 +96,43 @@ wait_event backup_done # the events are followed
 IDS3=$(U backup src --repo "$S3" --json | jq -r '.images[0].image')
 wait_event backup_done
 
-# Plain restore.
-t0=$(now)
-U restore "$ID" --repo "$LOCAL" --to "$W/full.img" >/dev/null
-full=$(secs "$t0" "$(now)")
-rm -f "$W/full.img"
+# REPS rounds, each a plain restore, a live restore read at once and a
+# live restore left alone, in turn: on a shared machine one run of each
+# says more about the load of its moment than about the restores. The
+# tables give the median round's figures and the range.
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
+for r in $(seq 1 "$REPS"); do
+	# Plain restore.
+	t0=$(now)
+	U restore "$ID" --repo "$LOCAL" --to "$W/full.img" >/dev/null
+	fulls+=("$(secs "$t0" "$(now)")")
+	rm -f "$W/full.img"
 
-# restore --live to the first read of a file on its filesystem, with the
-# background restore at full speed; then until it is done.
-t0=$(now)
-U restore "$ID" --repo "$LOCAL" --live --to "$W/live.img" --volume live >/dev/null
-for _ in $(seq 1000); do [ -e "$W/fuse/live" ] && break; sleep 0.01; done
-dev=$(losetup -f --show "$W/fuse/live")
-mkdir -p "$W/mnt-live"
-mount -o ro,noload "$dev" "$W/mnt-live"
-cat "$W/mnt-live/hello.txt" >/dev/null
-first=$(secs "$t0" "$(now)")
-umount "$W/mnt-live"
-losetup -d "$dev"
-wait_event live_restore_done live
-bg_first=$(secs "$t0" "$(now)")
+	# restore --live to the first read of a file on its filesystem, with
+	# the background restore at full speed; then until it is done.
+	t0=$(now)
+	U restore "$ID" --repo "$LOCAL" --live --to "$W/live$r.img" --volume "live$r" >/dev/null
+	for _ in $(seq 1000); do [ -e "$W/fuse/live$r" ] && break; sleep 0.01; done
+	dev=$(losetup -f --show "$W/fuse/live$r")
+	mkdir -p "$W/mnt-live"
+	mount -o ro,noload "$dev" "$W/mnt-live"
+	cat "$W/mnt-live/hello.txt" >/dev/null
+	firsts+=("$(secs "$t0" "$(now)")")
+	umount "$W/mnt-live"
+	losetup -d "$dev"
+	wait_event live_restore_done "live$r"
+	bg_firsts+=("$(secs "$t0" "$(now)")")
 
-# Background throughput with no foreground I/O.
-t0=$(now)
-U restore "$ID" --repo "$LOCAL" --live --to "$W/live2.img" --volume bg >/dev/null
-wait_event live_restore_done bg
-bg=$(secs "$t0" "$(now)")
+	# Background throughput with no foreground I/O.
+	t0=$(now)
+	U restore "$ID" --repo "$LOCAL" --live --to "$W/bg$r.img" --volume "bg$r" >/dev/null
+	wait_event live_restore_done "bg$r"
+	bgs+=("$(secs "$t0" "$(now)")")
+done
+full=$(median "${fulls[@]}")
+first=$(median "${firsts[@]}")
+bg_first=$(median "${bg_firsts[@]}")
+bg=$(median "${bgs[@]}")
 
 # Random 4 KiB reads of data not restored yet, QD16 (the background held
 # back), over the part of the volume that holds the files.
@@ -132,11 +148,14 @@ U restore "$IDS3" --repo "$S3" --live --to "$W/paused3.img" --volume paused3 --r
 read -r iops_s lat_s p99_s <<<"$(randread paused3)"
 
 echo
+echo "load average (1, 5, 15 min) before the rounds: $load0; after them: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
 echo "| $SIZE image, $DATA of files | plain \`umbra restore\` | \`umbra restore --live\` |"
 echo "|---|---:|---:|"
 echo "| until a file on it is read | $full s (all of it) | $first s |"
 echo "| until all of it is restored | $full s | $bg s (no other I/O; $(ratio "$full" "$bg")× the plain restore's throughput) |"
 echo "| ... with a mount and a read first | | $bg_first s |"
+echo "| range of the $REPS rounds (s) | $(range "${fulls[@]}") | first read $(range "${firsts[@]}"), all $(range "${bgs[@]}") |"
 echo
 echo "| random 4 KiB reads of unrestored data, QD16, fio O_DIRECT on the FUSE file | IOPS | mean latency | p99 latency |"
 echo "|---|---:|---:|---:|"
