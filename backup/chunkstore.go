@@ -18,21 +18,35 @@ import (
 // a base run (a file, the local index cache when the repository has a
 // cache directory), runs spilled by this process (files unlinked as soon
 // as they are created, so nothing is left should it die), a buffer of
-// recent entries, and a Bloom filter over all of them that spares most
-// lookups of new chunks a page read. What it holds in memory is the
-// buffer (at most bufMax entries), the filter (at most maxFilterBytes),
-// and 8 bytes a 4 KiB page of every run.
+// recent entries, and, while a backup (or another writer looking up
+// chunks it is about to store) wants it, a Bloom filter over all of
+// them that spares most lookups of new chunks a page read. What it holds
+// in memory is the buffer (at most bufMax entries), the filter (none, or
+// filterBytes), and 8 bytes a 4 KiB page of every run.
 type chunkStore struct {
 	hashLen int
 	tmpDir  string       // where runs are spilled ("": the system's temporary directory)
 	lookups atomic.Int64 // get calls, for tests: a restore looks each chunk up once
+	// filterBuilds counts the filters built, for tests: only writers
+	// build one.
+	filterBuilds atomic.Int64
 
 	mu   sync.RWMutex // guards the fields below; lookups share it
 	base *run
 	runs []*run // spilled, oldest first; sizes decrease (tiered merges)
 	buf  *chunkIndex
-	filt bloom
-	n    int64 // entries in all of them (a chunk is in one place only)
+	// filt is nil unless filtUsers > 0: verify, prune, stats, restore
+	// and mount look up chunks the index holds, for which a filter
+	// only costs memory (it was built at every open: 2 MiB at 1 Mi
+	// chunks, 8 MiB from 4 Mi on, and the collector's headroom over it).
+	filt      *bloom
+	filtUsers int
+	// unchecked: entries were added without looking them up in the
+	// runs (no filter to make that cheap), so a chunk may be in two of
+	// them; lookups then take its earliest place, as a fold does, and
+	// a fold removes the duplicates.
+	unchecked bool
+	n         int64 // entries in all of them; an upper bound while unchecked
 	// changed: entries were added since the cache was last written.
 	changed bool
 	// cached is how many of the entries the local index cache holds
@@ -47,18 +61,21 @@ var (
 	// bufMax is how many entries the buffer holds before it is spilled
 	// as a run (a variable: tests make it small).
 	bufMax = 1 << 17
-	// minFilterBytes, maxFilterBytes bound the filter: 16 bits a chunk
-	// in between (0.5 % false positives), fewer past 4 Mi chunks.
+	// minFilterBytes, maxFilterBytes bound a filter sized by newBloom:
+	// 16 bits a chunk in between (0.5 % false positives).
 	minFilterBytes = 64 << 10
 	maxFilterBytes = 8 << 20
+	// filterBytes is the size of the store's filter, one size whatever
+	// the index holds, so that a backup's memory does not grow with the
+	// repository: 0.6 % false positives at 4 Mi chunks, ~16 % at 16 Mi
+	// (a false positive costs a page read, usually from the page cache).
+	filterBytes = maxFilterBytes
 )
 
 var pagePool = sync.Pool{New: func() any { b := make([]byte, runPage); return &b }}
 
 func newChunkStore(hashLen int, tmpDir string) *chunkStore {
-	s := &chunkStore{hashLen: hashLen, tmpDir: tmpDir, buf: newChunkIndex()}
-	s.filt = newBloom(0)
-	return s
+	return &chunkStore{hashLen: hashLen, tmpDir: tmpDir, buf: newChunkIndex()}
 }
 
 // bloom is a blocked Bloom filter: a hash sets three bits, taken from
@@ -76,8 +93,12 @@ type bloom struct {
 
 func newBloom(n int64) bloom {
 	nb := uint64(max(n, 1)) * 16 / 8
-	nb = min(max(nb, uint64(minFilterBytes)), uint64(maxFilterBytes))
-	nb = 1 << (64 - bits.LeadingZeros64(nb-1)) // a power of two
+	return newBloomBytes(min(max(nb, uint64(minFilterBytes)), uint64(maxFilterBytes)))
+}
+
+// newBloomBytes is a filter of nb bytes rounded up to a power of two.
+func newBloomBytes(nb uint64) bloom {
+	nb = 1 << (64 - bits.LeadingZeros64(max(nb, 64)-1)) // a power of two
 	return bloom{bits: make([]uint64, nb/8), blocks: nb/64 - 1}
 }
 
@@ -112,6 +133,8 @@ func (b *bloom) has(h *Hash) bool {
 
 func (b *bloom) bytes() int { return len(b.bits) * 8 }
 
+// len is how many entries the store holds (an upper bound while it is
+// unchecked: each counts them exactly).
 func (s *chunkStore) len() int {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -133,16 +156,23 @@ func (s *chunkStore) get(h Hash) (loc, bool) {
 }
 
 func (s *chunkStore) getLocked(h *Hash) (loc, bool) {
-	if !s.filt.has(h) {
+	if s.filt != nil && !s.filt.has(h) {
 		return loc{}, false
 	}
-	if l, ok := s.buf.get(*h); ok {
-		return l, true
+	bl, inBuf := s.buf.get(*h)
+	if inBuf && !s.unchecked {
+		return bl, true
 	}
 	bp := pagePool.Get().(*[]byte)
 	defer pagePool.Put(bp)
-	for i := len(s.runs) - 1; i >= 0; i-- {
-		_, l, ok, err := s.runs[i].find(h, *bp)
+	// The base first, then the runs oldest first: where a chunk is
+	// twice (unchecked), its earliest place.
+	for i := -1; i < len(s.runs); i++ {
+		r := s.base
+		if i >= 0 {
+			r = s.runs[i]
+		}
+		_, l, ok, err := r.find(h, *bp)
 		if err != nil {
 			s.noteErr(err)
 			return loc{}, false
@@ -151,12 +181,7 @@ func (s *chunkStore) getLocked(h *Hash) (loc, bool) {
 			return l, true
 		}
 	}
-	_, l, ok, err := s.base.find(h, *bp)
-	if err != nil {
-		s.noteErr(err)
-		return loc{}, false
-	}
-	return l, ok
+	return bl, inBuf
 }
 
 // noteErr keeps the first error.
@@ -168,40 +193,69 @@ func (s *chunkStore) noteErr(err error) {
 	s.errMu.Unlock()
 }
 
-// addMany records es (entries already known keep their place).
+// addMany records es (entries already known keep their place). With
+// a filter each is looked up first; without one only in the buffer
+// (a lookup in the runs is a page read, and an index being loaded
+// whole would make one for every entry): the store is then unchecked
+// until a fold.
 func (s *chunkStore) addMany(es []indexEntry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i := range es {
-		if _, ok := s.getLocked(&es[i].h); ok {
-			continue
+		if s.filt != nil || (s.base == nil || s.base.n == 0) && len(s.runs) == 0 {
+			if _, ok := s.getLocked(&es[i].h); ok {
+				continue
+			}
+		} else {
+			if _, ok := s.buf.get(es[i].h); ok {
+				continue
+			}
+			s.unchecked = true
 		}
 		s.buf.add(es[i].h, es[i].l)
-		s.filt.add(&es[i].h)
+		if s.filt != nil {
+			s.filt.add(&es[i].h)
+		}
 		s.n++
 		s.changed = true
 		if s.buf.len() >= bufMax {
 			s.spill()
 		}
 	}
-	s.growFilter()
 }
 
-// growFilter rebuilds the filter larger when it holds under 8 bits a
-// chunk and may grow. Callers hold mu.
-func (s *chunkStore) growFilter() {
-	if int64(s.filt.bytes())*8 >= s.n*8 || s.filt.bytes() >= maxFilterBytes {
+// useFilter builds the filter (of filterBytes, from every entry) unless
+// it is built; a writer looking up chunks it is about to store calls it
+// and calls the function it returns when done: the filter goes with
+// its last user.
+func (s *chunkStore) useFilter() func() {
+	s.mu.Lock()
+	s.useFilterLocked()
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.filtUsers--; s.filtUsers == 0 {
+				s.filt = nil
+			}
+		})
+	}
+}
+
+func (s *chunkStore) useFilterLocked() {
+	s.filtUsers++
+	if s.filt != nil {
 		return
 	}
-	f := newBloom(s.n)
-	if f.bytes() <= s.filt.bytes() {
-		return
-	}
+	f := newBloomBytes(uint64(filterBytes))
 	if err := s.eachLocked(func(h Hash, _ loc) { f.add(&h) }); err != nil {
-		s.noteErr(err)
-		return // keep the old one: it still has every chunk
+		s.noteErr(err) // lookups stay right without it, only slower
+		return
 	}
-	s.filt = f
+	s.filt = &f
+	s.filterBuilds.Add(1)
 }
 
 // spill writes the buffer as a run, then merges the newest runs while
@@ -237,6 +291,7 @@ func (s *chunkStore) spill() {
 		}
 		a.close()
 		b.close()
+		s.n -= a.n + b.n - m.n // a chunk in both (unchecked) is in m once
 		s.runs = append(s.runs[:k-2], m)
 	}
 }
@@ -374,21 +429,34 @@ func (s *chunkStore) fold(meta runMeta, path string) error {
 	for _, r := range srcs {
 		r.close()
 	}
-	s.base, s.runs, s.buf = nb, nil, newChunkIndex()
+	s.base, s.runs, s.buf, s.n, s.unchecked = nb, nil, newChunkIndex(), nb.n, false
 	return nil
 }
 
-// setBase makes r the base of an empty store; fn was given its entries.
-func (s *chunkStore) setBase(r *run, filt bloom) {
+// setBase makes r the base of an empty store.
+func (s *chunkStore) setBase(r *run) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.base.close()
-	s.base, s.filt, s.n, s.cached = r, filt, r.n, r.n
+	s.base, s.n, s.cached = r, r.n, r.n
+	if s.filt != nil {
+		s.filt = nil
+		s.filtUsers--
+		s.useFilterLocked()
+	}
 }
 
-// each calls fn for every entry. Callers hold mu.
+// each calls fn for every entry, once (in hash order when the store
+// is unchecked). Callers hold mu for writing.
 func (s *chunkStore) eachLocked(fn func(Hash, loc)) error {
-	for _, r := range append([]*run{s.base}, s.runs...) {
+	srcs := append([]*run{s.base}, s.runs...)
+	if s.unchecked {
+		return mergeRuns(srcs, s.buf.frozen().sorted, func(e indexEntry) error {
+			fn(e.h, e.l)
+			return nil
+		})
+	}
+	for _, r := range srcs {
 		if r == nil {
 			continue
 		}
@@ -405,8 +473,8 @@ func (s *chunkStore) eachLocked(fn func(Hash, loc)) error {
 }
 
 func (s *chunkStore) each(fn func(Hash, loc)) error {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return s.eachLocked(fn)
 }
 
@@ -451,8 +519,11 @@ func (s *chunkStore) close() {
 	for _, r := range s.runs {
 		r.close()
 	}
-	s.base, s.runs, s.buf, s.n, s.changed, s.cached = nil, nil, newChunkIndex(), 0, false, 0
-	s.filt = newBloom(0)
+	s.base, s.runs, s.buf, s.n, s.changed, s.cached, s.unchecked = nil, nil, newChunkIndex(), 0, false, 0, false
+	if s.filt != nil { // a writer still uses it: empty, as the store
+		f := newBloomBytes(uint64(filterBytes))
+		s.filt = &f
+	}
 }
 
 // cacheDirFor is the local index cache's directory for a repository:

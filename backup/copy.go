@@ -147,6 +147,7 @@ func Copy(ctx context.Context, src, dst *Repo, opts CopyOptions) (CopyStats, err
 		return st, fmt.Errorf("copy: target: %w", err)
 	}
 	defer unlockDst()
+	defer dst.chunks.useFilter()() // most of a copy's lookups in the target are of chunks it lacks
 	// Under the locks, the indexes as they are now: a prune that ran
 	// since the repositories were opened may have removed packs.
 	if err := src.Refresh(ctx); err != nil {

@@ -472,3 +472,15 @@ func SetNoUnnamedFiles() func() { return set(&procFDs, func() bool { return fals
 
 // IndexLookups counts the lookups of chunks in r's index so far.
 func IndexLookups(r *Repo) int64 { return r.chunks.lookups.Load() }
+
+// FilterBuilds counts the chunk index filters r built; FilterBytes is
+// the size of the one it holds now (0: none).
+func FilterBuilds(r *Repo) int64 { return r.chunks.filterBuilds.Load() }
+func FilterBytes(r *Repo) int {
+	r.chunks.mu.RLock()
+	defer r.chunks.mu.RUnlock()
+	if r.chunks.filt == nil {
+		return 0
+	}
+	return r.chunks.filt.bytes()
+}

@@ -277,3 +277,89 @@ func TestIndexMemoryBounded(t *testing.T) {
 		}
 	}
 }
+
+// filterProbe is a volume that notes the size of the chunk index's
+// filter while the backup reads it.
+type filterProbe struct {
+	memSource
+	repo  *backup.Repo
+	bytes int
+}
+
+func (p *filterProbe) ReadAt(b []byte, off int64) (int, error) {
+	p.bytes = max(p.bytes, backup.FilterBytes(p.repo))
+	return p.memSource.ReadAt(b, off)
+}
+
+// TestIndexFilterOnlyForBackups: the chunk index's filter (which spares
+// a backup a page read for most new chunks) is built by a backup, at
+// one size whatever the index holds, and dropped when it ends; opening
+// a repository, restore, reads in place, verify, stats and delete build
+// none (it was built at every open: 2 MiB at 1 Mi chunks, 8 MiB from
+// 4 Mi on).
+func TestIndexFilterOnlyForBackups(t *testing.T) {
+	ctx := context.Background()
+	rnd := rand.New(rand.NewPCG(21, 22))
+	sizes := map[int]int{}
+	for _, fake := range []int{0, 256 << 10} {
+		repo, dir := newRepo(t)
+		if fake > 0 {
+			if err := backup.WriteFakeIndex(repo, fake, 128<<10, 3); err != nil {
+				t.Fatal(err)
+			}
+		}
+		a := volumeData(rnd, 1<<20)
+		xa := backupAndRestore(t, repo, a, backup.Options{Volume: "a"})
+		xb := backupAndRestore(t, repo, volumeData(rnd, 1<<20), backup.Options{Volume: "b"})
+		repo.Close()
+
+		r, err := backup.Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(r.Close)
+		none := func(what string) {
+			t.Helper()
+			if n, b := backup.FilterBuilds(r), backup.FilterBytes(r); n != 0 || b != 0 {
+				t.Fatalf("%d chunks indexed, after %s: %d filters built, %d bytes held, want none", fake, what, n, b)
+			}
+		}
+		none("open")
+		backupAndRestoreCheck(t, r, xa.ID, a)
+		none("restore")
+		ir, err := r.OpenImage(ctx, xa.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 64<<10)
+		if _, err := ir.ReadAt(buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		none("a read in place")
+		verifyClean(t, r, 2)
+		none("verify")
+		if st := r.Stats(ctx); st.Chunks < fake {
+			t.Fatalf("stats: %d chunks, want at least %d", st.Chunks, fake)
+		}
+		none("stats")
+		if _, err := r.Delete(ctx, []string{xb.ID}); err != nil {
+			t.Fatal(err)
+		}
+		none("delete")
+
+		p := &filterProbe{memSource: volumeData(rnd, 1<<20), repo: r}
+		if _, _, err := r.Backup(ctx, p, backup.Options{Volume: "c"}); err != nil {
+			t.Fatal(err)
+		}
+		if n := backup.FilterBuilds(r); n != 1 || p.bytes == 0 {
+			t.Fatalf("%d chunks indexed: a backup built %d filters, held %d bytes, want one", fake, n, p.bytes)
+		}
+		if b := backup.FilterBytes(r); b != 0 {
+			t.Fatalf("%d chunks indexed: %d bytes of filter held after the backup, want none", fake, b)
+		}
+		sizes[fake] = p.bytes
+	}
+	if sizes[0] != sizes[256<<10] {
+		t.Fatalf("filter of %d bytes with a small index, %d with 256 Ki chunks more: want one size", sizes[0], sizes[256<<10])
+	}
+}

@@ -539,7 +539,7 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 	unlock := lockCacheDir(r.cacheDir)
 	defer unlock()
 	fresh := names
-	base, filt, why := r.openCache(names)
+	base, why := r.openCache(names)
 	if base != nil {
 		covered := map[string]bool{}
 		r.mu.Lock()
@@ -552,7 +552,7 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 			covered[n] = true
 		}
 		r.mu.Unlock()
-		r.chunks.setBase(base, filt)
+		r.chunks.setBase(base)
 		fresh = nil
 		for _, n := range names {
 			if !covered[n] {
@@ -638,21 +638,20 @@ func (r *Repo) cacheKey() string { return r.cfg.ID + " " + r.Location() }
 // only if it belongs to this repository and every index object it
 // covers is still listed (a prune or repair replaces them). why says
 // why it is not used.
-func (r *Repo) openCache(names []string) (*run, bloom, string) {
+func (r *Repo) openCache(names []string) (*run, string) {
 	f, err := os.Open(r.cachePath())
 	if err != nil {
-		return nil, bloom{}, "none"
+		return nil, "none"
 	}
-	fail := func(why string) (*run, bloom, string) {
+	fail := func(why string) (*run, string) {
 		f.Close()
-		return nil, bloom{}, why
+		return nil, why
 	}
 	fi, err := f.Stat()
 	if err != nil {
 		return fail(err.Error())
 	}
-	filt := newBloom(fi.Size() / runPage * int64(runPerPage(r.hashLen())))
-	base, err := openRun(f, fi.Size(), r.hashLen(), func(e indexEntry) { filt.add(&e.h) })
+	base, err := openRun(f, fi.Size(), r.hashLen(), nil)
 	if err != nil {
 		return fail(err.Error())
 	}
@@ -669,7 +668,7 @@ func (r *Repo) openCache(names []string) (*run, bloom, string) {
 		}
 	}
 	base.f = f
-	return base, filt, ""
+	return base, ""
 }
 
 // updateCache writes the cache again after the index objects were

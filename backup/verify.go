@@ -567,9 +567,10 @@ func (r *Repo) Stats(ctx context.Context) RepoStats {
 	}
 	st.ListObjects += len(shared)
 	r.mu.Lock()
-	st.Chunks, st.Packs = r.chunks.len(), len(r.packs)
+	st.Packs = len(r.packs)
 	blobs := map[blobKey]bool{}
 	r.chunks.each(func(_ Hash, l loc) {
+		st.Chunks++
 		st.RawBytes += int64(l.raw)
 		if k := (blobKey{l.pack, l.off}); !blobs[k] { // a blob holds many chunks
 			blobs[k] = true
