@@ -41,6 +41,10 @@ type chunkStore struct {
 	// chunks, 8 MiB from 4 Mi on, and the collector's headroom over it).
 	filt      *bloom
 	filtUsers int
+	// filtGrow: the filter starts small and grows with the entries (up
+	// to maxFilterBytes), for a store that starts empty and fills
+	// (repair's store of the chunks it finds), not at filterBytes.
+	filtGrow bool
 	// unchecked: entries were added without looking them up in the
 	// runs (no filter to make that cheap), so a chunk may be in two of
 	// them; lookups then take its earliest place, as a fold does, and
@@ -222,6 +226,26 @@ func (s *chunkStore) addMany(es []indexEntry) {
 			s.spill()
 		}
 	}
+	if s.filt != nil && s.filtGrow {
+		s.growFilter()
+	}
+}
+
+// growFilter rebuilds a growing filter larger when it holds under 8
+// bits a chunk and may grow. Callers hold mu.
+func (s *chunkStore) growFilter() {
+	if int64(s.filt.bytes())*8 >= s.n*8 || s.filt.bytes() >= maxFilterBytes {
+		return
+	}
+	f := newBloom(s.n)
+	if f.bytes() <= s.filt.bytes() {
+		return
+	}
+	if err := s.eachLocked(func(h Hash, _ loc) { f.add(&h) }); err != nil {
+		s.noteErr(err)
+		return // keep the old one: it still has every chunk
+	}
+	s.filt = &f
 }
 
 // useFilter builds the filter (of filterBytes, from every entry) unless
@@ -249,7 +273,12 @@ func (s *chunkStore) useFilterLocked() {
 	if s.filt != nil {
 		return
 	}
-	f := newBloomBytes(uint64(filterBytes))
+	var f bloom
+	if s.filtGrow {
+		f = newBloom(s.n)
+	} else {
+		f = newBloomBytes(uint64(filterBytes))
+	}
 	if err := s.eachLocked(func(h Hash, _ loc) { f.add(&h) }); err != nil {
 		s.noteErr(err) // lookups stay right without it, only slower
 		return
@@ -521,7 +550,10 @@ func (s *chunkStore) close() {
 	}
 	s.base, s.runs, s.buf, s.n, s.changed, s.cached, s.unchecked = nil, nil, newChunkIndex(), 0, false, 0, false
 	if s.filt != nil { // a writer still uses it: empty, as the store
-		f := newBloomBytes(uint64(filterBytes))
+		f := newBloom(0)
+		if !s.filtGrow {
+			f = newBloomBytes(uint64(filterBytes))
+		}
 		s.filt = &f
 	}
 }

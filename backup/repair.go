@@ -87,6 +87,7 @@ func (r *Repo) Repair(ctx context.Context, dryRun bool) (RepairReport, error) {
 	// 1 Mi chunks), numbering the packs in newPacks.
 	found := newChunkStore(r.hashLen(), r.chunks.tmpDir)
 	defer found.close()
+	found.filtGrow = true
 	defer found.useFilter()() // every chunk of every pack is looked up
 	var newPacks []PackID
 	type salvage struct {
