@@ -51,7 +51,7 @@ func passBlobs(ctx context.Context, src, dst *Repo, up *uploader, need []Hash, s
 		}
 		l, pid, ok := src.lookup(h)
 		if !ok {
-			return fmt.Errorf("chunk %s: %w", h, ErrMissingChunk)
+			return src.missing(h)
 		}
 		ref := blobRef{pid, l.off, l.len}
 		if _, seen := ents[ref]; !seen {
@@ -130,7 +130,7 @@ func resealBlobs(ctx context.Context, src, dst *Repo, up *uploader, hs []Hash, s
 		}
 		l, pid, ok := src.lookup(h)
 		if !ok {
-			return nil, fmt.Errorf("chunk %s: %w", h, ErrMissingChunk)
+			return nil, src.missing(h)
 		}
 		ref := blobRef{pid, l.off, l.len}
 		if _, seen := at[ref]; !seen {

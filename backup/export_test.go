@@ -2,6 +2,8 @@ package backup
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -483,4 +485,40 @@ func FilterBytes(r *Repo) int {
 		return 0
 	}
 	return r.chunks.filt.bytes()
+}
+
+// CacheOpenBytes is how many bytes of the local index cache opening r
+// read.
+func CacheOpenBytes(r *Repo) int64 { return r.cacheOpenBytes }
+
+// CacheVersion is the run version of r's local index cache file.
+func CacheVersion(r *Repo) (int, error) {
+	b, err := os.ReadFile(r.cachePath())
+	if err != nil || len(b) < 12 {
+		return 0, fmt.Errorf("cache %s: %v (%d bytes)", r.cachePath(), err, len(b))
+	}
+	return int(binary.LittleEndian.Uint32(b[8:])), nil
+}
+
+// RewriteCacheV1 writes r's local index cache again as a version 1 run
+// (no page keys; a shorter header), as an older Umbra wrote it.
+func RewriteCacheV1(r *Repo) error {
+	b, err := os.ReadFile(r.cachePath())
+	if err != nil {
+		return err
+	}
+	pages := int64(binary.LittleEndian.Uint64(b[24:]))
+	metaLen := int64(binary.LittleEndian.Uint64(b[32:]))
+	body := b[runPage : runPage+pages*runPage]
+	meta := b[int64(len(b))-metaLen:]
+	h := make([]byte, 0, runPage)
+	h = append(h, b[:8]...)
+	h = binary.LittleEndian.AppendUint32(h, 1)
+	h = append(h, b[12:40]...)
+	ms := sha256.Sum256(meta)
+	h = append(h, ms[:]...)
+	hs := sha256.Sum256(h)
+	h = append(h, hs[:]...)
+	out := append(append(h[:runPage], body...), meta...)
+	return os.WriteFile(r.cachePath(), out, 0o600)
 }

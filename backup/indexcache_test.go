@@ -76,16 +76,29 @@ func TestIndexCache(t *testing.T) {
 		t.Fatalf("third open: cache %q", note)
 	}
 
-	// Damage: one byte of an entry page.
+	// Damage: one byte of an entry page. An open reads no page (each
+	// is checked when read): the damage is found by the first read of
+	// that page, here verify's of all of them, which says so, reports
+	// no chunk missing for it, and leaves the cache to be rebuilt by
+	// the next open.
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.WriteAt([]byte{0xff, 0x00, 0xff}, 4096+17)
 	f.Close()
+	rd, note := openNote(t, dir)
+	if note != "used" {
+		t.Fatalf("open with a damaged page: cache %q, want used (pages are checked as read)", note)
+	}
+	rep := rd.Verify()
+	if len(rep.BadIndexes) == 0 || !strings.Contains(strings.Join(rep.BadIndexes, "; "), "local index cache is damaged") || len(rep.BadChunks) > 0 || len(rep.BadPacks) > 0 {
+		t.Fatalf("verify with a damaged cache page: %+v, want the cache named and no chunk or pack bad", rep)
+	}
+	rd.Close()
 	r3, note := openNote(t, dir)
-	if !strings.HasPrefix(note, "rebuilt: ") || !strings.Contains(note, "checksum") {
-		t.Fatalf("open with a damaged cache: %q, want rebuilt for its checksum", note)
+	if !strings.HasPrefix(note, "rebuilt: damaged") {
+		t.Fatalf("open after a damaged page was read: %q, want rebuilt", note)
 	}
 	backupAndRestoreCheck(t, r3, xb.ID, b)
 	verifyClean(t, r3, 2)
@@ -362,4 +375,60 @@ func TestIndexFilterOnlyForBackups(t *testing.T) {
 	if sizes[0] != sizes[256<<10] {
 		t.Fatalf("filter of %d bytes with a small index, %d with 256 Ki chunks more: want one size", sizes[0], sizes[256<<10])
 	}
+}
+
+// TestIndexCacheOpenBounded: opening a repository reads the local index
+// cache's header, page keys and metadata, not its pages (it read and
+// checked all of them: ~870 MiB at 16 Mi chunks), so the bytes read do
+// not grow with the index but by 8 bytes a page of it; the pages are
+// checked as read, and the index still finds every chunk. A cache an
+// older Umbra wrote (run version 1, no page keys) is read whole, used,
+// and written again as version 2.
+func TestIndexCacheOpenBounded(t *testing.T) {
+	ctx := context.Background()
+	const n = 256 << 10
+	repo, dir := newRepo(t)
+	if err := backup.WriteFakeIndex(repo, n, 128<<10, 5); err != nil {
+		t.Fatal(err)
+	}
+	a := volumeData(rand.New(rand.NewPCG(31, 32)), 1<<20)
+	xa := backupAndRestore(t, repo, a, backup.Options{Volume: "a"})
+	repo.Close()
+	r, note := openNote(t, dir) // the fake index objects go into the cache
+	r.Close()
+	fi, err := os.Stat(backup.CachePath(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, note = openNote(t, dir)
+	read := backup.CacheOpenBytes(r)
+	t.Logf("cache of %d bytes: open read %d", fi.Size(), read)
+	if note != "used" || backup.CacheRead(r) != 0 {
+		t.Fatalf("open: cache %q, %d index objects read, want used and none", note, backup.CacheRead(r))
+	}
+	if pages := fi.Size() / 4096; read > 8*4096+8*pages+64*1024 {
+		t.Fatalf("open read %d bytes of a cache of %d (%d pages): want its header, keys and metadata only", read, fi.Size(), pages)
+	}
+	backupAndRestoreCheck(t, r, xa.ID, a)
+	verifyClean(t, r, 1)
+	if st := r.Stats(ctx); st.Chunks < n {
+		t.Fatalf("stats: %d chunks, want at least %d", st.Chunks, n)
+	}
+	r.Close()
+
+	if err := backup.RewriteCacheV1(r); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := backup.CacheVersion(r); v != 1 || err != nil {
+		t.Fatalf("cache version %d, %v", v, err)
+	}
+	r, note = openNote(t, dir)
+	if note != "used" || backup.CacheRead(r) != 0 || backup.CacheOpenBytes(r) < fi.Size()/2 {
+		t.Fatalf("open of a version 1 cache: %q, %d index objects and %d bytes read, want used, none, all of it", note, backup.CacheRead(r), backup.CacheOpenBytes(r))
+	}
+	if v, err := backup.CacheVersion(r); v != 2 || err != nil {
+		t.Fatalf("after an open, cache version %d, %v: want written again as 2", v, err)
+	}
+	backupAndRestoreCheck(t, r, xa.ID, a)
+	verifyClean(t, r, 1)
 }

@@ -29,6 +29,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -139,12 +140,14 @@ type Repo struct {
 	packs     []PackID
 	packIdx   map[PackID]uint32
 	chunks    *chunkStore
-	cacheDir  string   // the local index cache's directory ("": none)
-	cacheNote string   // how the cache was found at open (tests)
-	cacheRead int      // index objects read at open beyond the cache (tests)
-	indexes   []string // index objects loaded
-	indexErrs []error  // index objects that could not be read
-	leftLocks []string // locks of ended operations whose delete failed
+	cacheDir  string // the local index cache's directory ("": none)
+	cacheNote string // how the cache was found at open (tests)
+	cacheRead int    // index objects read at open beyond the cache (tests)
+	// cacheOpenBytes: bytes of the cache read to open it (tests).
+	cacheOpenBytes int64
+	indexes        []string // index objects loaded
+	indexErrs      []error  // index objects that could not be read
+	leftLocks      []string // locks of ended operations whose delete failed
 }
 
 // Init creates an unencrypted repository at location.
@@ -567,8 +570,8 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 	if err := r.loadIndexNames(ctx, fresh); err != nil {
 		return err
 	}
-	if base == nil || r.chunks.cacheBehind() {
-		r.persistCache()
+	if base == nil || base.v1 || r.chunks.cacheBehind() {
+		r.persistCache() // a version 1 cache is written again as version 2
 	}
 	return nil
 }
@@ -627,6 +630,23 @@ func (r *Repo) recheckIndexes(ctx context.Context) error {
 	return nil
 }
 
+// countingReaderAt counts the bytes read through it.
+type countingReaderAt struct {
+	r io.ReaderAt
+	n atomic.Int64
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.r.ReadAt(p, off)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// damagedSuffix marks a local index cache found damaged after it was
+// opened (its pages are checked as read), until the next open rebuilds
+// it.
+const damagedSuffix = ".damaged"
+
 // cachePath is the local index cache's file.
 func (r *Repo) cachePath() string { return filepath.Join(r.cacheDir, "index.run") }
 
@@ -634,13 +654,17 @@ func (r *Repo) cachePath() string { return filepath.Join(r.cacheDir, "index.run"
 // has the same ID at another place).
 func (r *Repo) cacheKey() string { return r.cfg.ID + " " + r.Location() }
 
-// openCache opens the local index cache and checks it whole; it is used
-// only if it belongs to this repository and every index object it
-// covers is still listed (a prune or repair replaces them). why says
-// why it is not used.
+// openCache opens the local index cache: its header, page keys and
+// metadata (its pages are checked as they are read, at any later
+// time); it is used only if it belongs to this repository and every
+// index object it covers is still listed (a prune or repair replaces
+// them). why says why it is not used.
 func (r *Repo) openCache(names []string) (*run, string) {
 	f, err := os.Open(r.cachePath())
 	if err != nil {
+		if os.Remove(r.cachePath()+damagedSuffix) == nil {
+			return nil, "damaged: a page did not read back as written"
+		}
 		return nil, "none"
 	}
 	fail := func(why string) (*run, string) {
@@ -651,7 +675,9 @@ func (r *Repo) openCache(names []string) (*run, string) {
 	if err != nil {
 		return fail(err.Error())
 	}
-	base, err := openRun(f, fi.Size(), r.hashLen(), nil)
+	cr := &countingReaderAt{r: f}
+	base, err := openRun(cr, fi.Size(), r.hashLen(), nil)
+	r.cacheOpenBytes = cr.n.Load()
 	if err != nil {
 		return fail(err.Error())
 	}
@@ -668,6 +694,15 @@ func (r *Repo) openCache(names []string) (*run, string) {
 		}
 	}
 	base.f = f
+	path := r.cachePath()
+	base.onDamage = func() {
+		// Pages are checked as they are read: a damaged one is found
+		// now, not at open. The cache goes (unless another process
+		// wrote a new one meanwhile), and the next open rebuilds it.
+		if cur, err := os.Stat(path); err == nil && os.SameFile(cur, fi) {
+			os.Rename(path, path+damagedSuffix)
+		}
+	}
 	return base, ""
 }
 
@@ -796,6 +831,16 @@ func (r *Repo) packOf(l loc) PackID {
 // ErrMissingChunk: no index names a pack holding the chunk.
 var ErrMissingChunk = errors.New("chunk missing from the repository")
 
+// missing is why chunk h was not found in the index: ErrMissingChunk,
+// unless a read of the index failed (a damaged page of the local index
+// cache: the chunk may well be stored), which it then names.
+func (r *Repo) missing(h Hash) error {
+	if err := r.chunks.failed(); err != nil {
+		return fmt.Errorf("chunk %s: looking it up: %w", h, err)
+	}
+	return fmt.Errorf("chunk %s: %w", h, ErrMissingChunk)
+}
+
 // openBlob turns a stored blob into the chunks it holds.
 func (r *Repo) openBlob(blob []byte) ([]byte, error) {
 	z, err := r.seal.open(nil, blob)
@@ -850,7 +895,7 @@ func chunkIn(h Hash, l loc, group []byte, sum func([]byte) Hash) ([]byte, error)
 func (r *Repo) getChunk(ctx context.Context, h Hash, sum func([]byte) Hash) ([]byte, error) {
 	l, pid, ok := r.lookup(h)
 	if !ok {
-		return nil, fmt.Errorf("chunk %s: %w", h, ErrMissingChunk)
+		return nil, r.missing(h)
 	}
 	blob, err := r.be.Get(ctx, pid.name(), int64(l.off), int64(l.len))
 	if err != nil {

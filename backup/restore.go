@@ -494,7 +494,7 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 		if cl, ok := cache.where(h); ok {
 			l, pid = cl, r.packOf(cl)
 		} else if l, pid, ok = r.lookup(h); !ok {
-			return fmt.Errorf("at %d: chunk %s: %w", i*cs, h, ErrMissingChunk)
+			return fmt.Errorf("at %d: %w", i*cs, r.missing(h))
 		}
 		if data, ok := cache.take(h); ok {
 			clear(dst[copy(dst, data):])
@@ -675,7 +675,7 @@ func (ir *ImageReader) chunk(i int64) ([]byte, error) {
 	}
 	l, pid, ok := ir.r.lookup(h)
 	if !ok {
-		return nil, fmt.Errorf("image %s at %d: chunk %s: %w", ir.x.ID, i*cs, h, ErrMissingChunk)
+		return nil, fmt.Errorf("image %s at %d: %w", ir.x.ID, i*cs, ir.r.missing(h))
 	}
 	group, err := ir.blob(blobKey{l.pack, l.off}, pid, l)
 	if err != nil {

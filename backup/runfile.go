@@ -16,19 +16,28 @@ import (
 )
 
 // A run is a sorted, immutable file of chunk index entries (runfile
-// version 1, docs/formats.md "Local index cache"): a 4 KiB header, then
+// version 2, docs/formats.md "Local index cache"): a 4 KiB header, then
 // 4 KiB pages of fixed-size entries in increasing hash order, each page
-// ending with its entry count and a CRC-32C, then the metadata (pack
-// table, the index objects the run covers, the repository it belongs
-// to) whose SHA-256 is in the header. Lookups read one page with pread
-// after a binary search over the first hash of every page, which is all
-// a run keeps in memory (8 bytes a page, ~0.1 byte a chunk). Pages are
+// ending with its entry count and a CRC-32C, then the keys (the top 64
+// bits of every page's first hash), then the metadata (pack table, the
+// index objects the run covers, the repository it belongs to); the
+// keys' and the metadata's SHA-256 are in the header. Lookups read one
+// page with pread after a binary search over the keys, which is all a
+// run keeps in memory (8 bytes a page, ~0.1 byte a chunk). Pages are
 // read with pread rather than through a mapping: mapped pages a lookup
 // touched count in the process's resident set, read pages stay in the
 // page cache, which the kernel shares and reclaims.
+//
+// Opening a run reads its header, keys and metadata, not its pages:
+// each page is checked when read (its checksum, its count, its first
+// key, the order of its entries, pack numbers within the pack table),
+// so that opening the local index cache costs the same at any size (it
+// read and checked all of it: ~870 MiB at 16 Mi chunks). Version 1 had
+// no keys: such a run is read whole at open, and the cache written
+// again.
 const (
 	runMagic    = "UMBRARUN"
-	runVersion  = 1
+	runVersion  = 2
 	runPage     = 4096
 	runPageTail = 8 // u32 entries, u32 CRC-32C of the rest of the page
 	placeBytes  = 20
@@ -133,7 +142,11 @@ func (rw *runWriter) finish(meta runMeta) (*run, error) {
 	if rw.err != nil {
 		return nil, rw.err
 	}
+	kb := encodeRunKeys(rw.keys)
 	m := encodeRunMeta(meta)
+	if _, err := rw.bw.Write(kb); err != nil {
+		return nil, err
+	}
 	if _, err := rw.bw.Write(m); err != nil {
 		return nil, err
 	}
@@ -141,11 +154,19 @@ func (rw *runWriter) finish(meta runMeta) (*run, error) {
 		return nil, err
 	}
 	pages := int64(len(rw.keys))
-	h := makeRunHeader(rw.hashLen, rw.n, pages, m)
+	h := makeRunHeader(rw.hashLen, rw.n, pages, kb, m)
 	if _, err := rw.w.WriteAt(h, 0); err != nil {
 		return nil, err
 	}
 	return &run{r: rw.w.(io.ReaderAt), hashLen: rw.hashLen, n: rw.n, keys: rw.keys, meta: meta}, nil
+}
+
+func encodeRunKeys(keys []uint64) []byte {
+	b := make([]byte, 0, 8*len(keys))
+	for _, k := range keys {
+		b = binary.LittleEndian.AppendUint64(b, k)
+	}
+	return b
 }
 
 func encodeRunMeta(m runMeta) []byte {
@@ -216,11 +237,14 @@ func decodeRunMeta(b []byte) (runMeta, error) {
 }
 
 // The header: magic, u32 version, u32 hash length, u64 entries, u64
-// pages, u64 metadata length, SHA-256 of the metadata, SHA-256 of the
-// header up to here.
-const runHeaderLen = 8 + 4 + 4 + 8 + 8 + 8 + 32 + 32
+// pages, u64 metadata length, (version 2) SHA-256 of the keys, SHA-256
+// of the metadata, SHA-256 of the header up to here.
+const (
+	runHeaderLen   = 8 + 4 + 4 + 8 + 8 + 8 + 32 + 32 + 32
+	runHeaderLenV1 = runHeaderLen - 32
+)
 
-func makeRunHeader(hashLen int, n, pages int64, meta []byte) []byte {
+func makeRunHeader(hashLen int, n, pages int64, keys, meta []byte) []byte {
 	h := make([]byte, 0, runPage)
 	h = append(h, runMagic...)
 	h = binary.LittleEndian.AppendUint32(h, runVersion)
@@ -228,6 +252,8 @@ func makeRunHeader(hashLen int, n, pages int64, meta []byte) []byte {
 	h = binary.LittleEndian.AppendUint64(h, uint64(n))
 	h = binary.LittleEndian.AppendUint64(h, uint64(pages))
 	h = binary.LittleEndian.AppendUint64(h, uint64(len(meta)))
+	ks := sha256.Sum256(keys)
+	h = append(h, ks[:]...)
 	ms := sha256.Sum256(meta)
 	h = append(h, ms[:]...)
 	hs := sha256.Sum256(h)
@@ -243,6 +269,14 @@ type run struct {
 	n       int64
 	keys    []uint64
 	meta    runMeta
+	// v1: a version 1 run (read whole at open; the cache is written
+	// again as version 2).
+	v1 bool
+	// onDamage, when set, is called (once) when a page is found damaged:
+	// the local index cache's run removes its file, so that the next
+	// open rebuilds it.
+	onDamage func()
+	damaged  sync.Once
 	// pins counts users outside the store's lock (a frozen base); the
 	// file is closed once it is retired and unpinned.
 	pins    atomic.Int32
@@ -273,10 +307,10 @@ func (r *run) unpin() {
 	}
 }
 
-// openRun reads a run's header and metadata and checks every page (its
-// checksum, its count, the order of its entries, pack numbers within the
-// pack table when the run has one), calling fn for each entry: a run is
-// trusted only once it was read whole. size is the file's size.
+// openRun reads a run's header, keys and metadata; its pages are
+// checked as they are read. With fn (and always for a version 1 run,
+// which has no keys) it reads every page at once, checks it and calls
+// fn for each entry. size is the file's size.
 func openRun(ra io.ReaderAt, size int64, hashLen int, fn func(indexEntry)) (*run, error) {
 	bad := func(why string) error { return fmt.Errorf("index run: %w: %s", ErrCorrupt, why) }
 	if size < runPage {
@@ -289,11 +323,17 @@ func openRun(ra io.ReaderAt, size int64, hashLen int, fn func(indexEntry)) (*run
 	if string(h[:8]) != runMagic {
 		return nil, bad("bad magic")
 	}
-	if hs := sha256.Sum256(h[:runHeaderLen-32]); !bytes.Equal(hs[:], h[runHeaderLen-32:]) {
-		return nil, bad("header checksum mismatch")
+	v := binary.LittleEndian.Uint32(h[8:])
+	hl := runHeaderLen
+	switch v {
+	case 1:
+		hl = runHeaderLenV1
+	case runVersion:
+	default:
+		return nil, bad(fmt.Sprintf("version %d, this Umbra reads 1 and %d", v, runVersion))
 	}
-	if v := binary.LittleEndian.Uint32(h[8:]); v != runVersion {
-		return nil, bad(fmt.Sprintf("version %d, this Umbra reads %d", v, runVersion))
+	if hs := sha256.Sum256(h[:hl-32]); !bytes.Equal(hs[:], h[hl-32:hl]) {
+		return nil, bad("header checksum mismatch")
 	}
 	if hl := int(binary.LittleEndian.Uint32(h[12:])); hl != hashLen {
 		return nil, bad(fmt.Sprintf("hashes of %d bytes, the repository's have %d", hl, hashLen))
@@ -301,59 +341,79 @@ func openRun(ra io.ReaderAt, size int64, hashLen int, fn func(indexEntry)) (*run
 	n := binary.LittleEndian.Uint64(h[16:])
 	pages := binary.LittleEndian.Uint64(h[24:])
 	metaLen := binary.LittleEndian.Uint64(h[32:])
+	keysLen := pages * 8
+	if v == 1 {
+		keysLen = 0
+	}
 	per := uint64(runPerPage(hashLen))
 	if pages > uint64(size/runPage) || n > pages*per || n < pages*per-min(pages*per, per-1) || (pages == 0) != (n == 0) ||
-		metaLen > maxRunMeta || int64(metaLen) != size-runPage-int64(pages)*runPage {
+		metaLen > maxRunMeta || int64(metaLen) != size-runPage-int64(pages)*runPage-int64(keysLen) {
 		return nil, bad("sizes do not add up")
 	}
+	r := &run{r: ra, hashLen: hashLen, n: int64(n), v1: v == 1}
+	metaSum := h[40:72]
+	if v != 1 {
+		kb := make([]byte, keysLen)
+		if _, err := ra.ReadAt(kb, runPage+int64(pages)*runPage); err != nil {
+			return nil, err
+		}
+		if ks := sha256.Sum256(kb); !bytes.Equal(ks[:], h[40:72]) {
+			return nil, bad("keys checksum mismatch")
+		}
+		r.keys = make([]uint64, pages)
+		for i := range r.keys {
+			r.keys[i] = binary.LittleEndian.Uint64(kb[8*i:])
+			if i > 0 && r.keys[i] < r.keys[i-1] {
+				return nil, bad(fmt.Sprintf("key %d out of order", i))
+			}
+		}
+		metaSum = h[72:104]
+	}
 	mb := make([]byte, metaLen)
-	if _, err := ra.ReadAt(mb, runPage+int64(pages)*runPage); err != nil {
+	if _, err := ra.ReadAt(mb, runPage+int64(pages)*runPage+int64(keysLen)); err != nil {
 		return nil, err
 	}
-	if ms := sha256.Sum256(mb); !bytes.Equal(ms[:], h[40:72]) {
+	if ms := sha256.Sum256(mb); !bytes.Equal(ms[:], metaSum) {
 		return nil, bad("metadata checksum mismatch")
 	}
 	meta, err := decodeRunMeta(mb)
 	if err != nil {
 		return nil, bad(err.Error())
 	}
-	r := &run{r: ra, hashLen: hashLen, n: int64(n), keys: make([]uint64, 0, pages), meta: meta}
+	r.meta = meta
+	if v != 1 && fn == nil {
+		return r, nil
+	}
+	// Every page now, in order.
+	if v == 1 {
+		r.keys = make([]uint64, pages)
+	}
 	br := bufio.NewReaderSize(io.NewSectionReader(ra, runPage, int64(pages)*runPage), 1<<20)
 	page := make([]byte, runPage)
 	var last Hash
-	var seen uint64
 	esz := runEntrySize(hashLen)
 	for p := uint64(0); p < pages; p++ {
 		if _, err := io.ReadFull(br, page); err != nil {
 			return nil, bad("truncated")
 		}
-		cnt, err := checkRunPage(page, hashLen)
+		if v == 1 {
+			r.keys[p] = binary.BigEndian.Uint64(page[:8])
+		}
+		cnt, err := r.checkPage(int(p), page)
 		if err != nil {
 			return nil, bad(fmt.Sprintf("page %d: %v", p, err))
 		}
-		if p+1 < pages && uint64(cnt) != per {
-			return nil, bad(fmt.Sprintf("page %d is not full", p))
+		first := getRunEntry(page, hashLen)
+		if p > 0 && cmpHash(&first.h, &last) <= 0 {
+			return nil, bad(fmt.Sprintf("page %d: entries out of order", p))
 		}
 		for i := 0; i < cnt; i++ {
 			e := getRunEntry(page[i*esz:], hashLen)
-			if seen > 0 && cmpHash(&e.h, &last) <= 0 {
-				return nil, bad(fmt.Sprintf("page %d: entries out of order", p))
-			}
-			if meta.Packs != nil && int(e.l.pack) >= len(meta.Packs) {
-				return nil, bad(fmt.Sprintf("page %d: pack %d outside its table of %d", p, e.l.pack, len(meta.Packs)))
-			}
-			if i == 0 {
-				r.keys = append(r.keys, top64(&e.h))
-			}
 			last = e.h
-			seen++
 			if fn != nil {
 				fn(e)
 			}
 		}
-	}
-	if seen != n {
-		return nil, bad(fmt.Sprintf("%d entries, its header says %d", seen, n))
 	}
 	return r, nil
 }
@@ -369,6 +429,48 @@ func checkRunPage(page []byte, hashLen int) (int, error) {
 	return cnt, nil
 }
 
+// checkPage checks page p as read (a run's pages are trusted only
+// once checked): its checksum, its count (every page full but the
+// last, which holds the rest), its first key, the order of its
+// entries, their pack numbers within the pack table when the run has
+// one. It returns the page's entries.
+func (r *run) checkPage(p int, page []byte) (int, error) {
+	cnt, err := checkRunPage(page, r.hashLen)
+	if err != nil {
+		return 0, err
+	}
+	per := int64(runPerPage(r.hashLen))
+	want := per
+	if p == len(r.keys)-1 {
+		want = r.n - int64(p)*per
+	}
+	if int64(cnt) != want {
+		return 0, fmt.Errorf("%d entries, want %d", cnt, want)
+	}
+	if binary.BigEndian.Uint64(page[:8]) != r.keys[p] {
+		return 0, errors.New("first hash is not the page's key")
+	}
+	esz := runEntrySize(r.hashLen)
+	packs := uint32(len(r.meta.Packs))
+	for i := 0; i < cnt; i++ {
+		e := page[i*esz:]
+		if i > 0 && bytes.Compare(e[:r.hashLen], page[(i-1)*esz:(i-1)*esz+r.hashLen]) <= 0 {
+			return 0, errors.New("entries out of order")
+		}
+		if r.meta.Packs != nil && binary.LittleEndian.Uint32(e[r.hashLen:]) >= packs {
+			return 0, fmt.Errorf("pack %d outside its table of %d", binary.LittleEndian.Uint32(e[r.hashLen:]), packs)
+		}
+	}
+	return cnt, nil
+}
+
+// damage reports a page found damaged (once).
+func (r *run) damage() {
+	if r.onDamage != nil {
+		r.damaged.Do(r.onDamage)
+	}
+}
+
 // readPage reads page p into buf and returns its entries' bytes.
 func (r *run) readPage(p int, buf []byte) ([]byte, error) {
 	r.lastMu.Lock()
@@ -382,8 +484,9 @@ func (r *run) readPage(p int, buf []byte) ([]byte, error) {
 	if _, err := r.r.ReadAt(buf[:runPage], runPage+int64(p)*runPage); err != nil {
 		return nil, fmt.Errorf("index run: page %d: %w", p, err)
 	}
-	cnt, err := checkRunPage(buf[:runPage], r.hashLen)
+	cnt, err := r.checkPage(p, buf[:runPage])
 	if err != nil {
+		r.damage()
 		return nil, fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", p, ErrCorrupt, err)
 	}
 	n := cnt * runEntrySize(r.hashLen)
@@ -456,6 +559,7 @@ type runIter struct {
 	page []byte
 	es   []byte
 	p    int64
+	last Hash // the previous page's last hash
 	err  error
 }
 
@@ -475,12 +579,17 @@ func (it *runIter) next() (indexEntry, bool) {
 			it.err = fmt.Errorf("index run: page %d: %w", it.p, err)
 			return indexEntry{}, false
 		}
-		cnt, err := checkRunPage(it.page, it.r.hashLen)
+		cnt, err := it.r.checkPage(int(it.p), it.page)
+		if err == nil && it.p > 0 && bytes.Compare(it.page[:it.r.hashLen], it.last[:it.r.hashLen]) <= 0 {
+			err = errors.New("entries out of order")
+		}
 		if err != nil {
+			it.r.damage()
 			it.err = fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", it.p, ErrCorrupt, err)
 			return indexEntry{}, false
 		}
 		it.es = it.page[:cnt*esz]
+		copy(it.last[:], it.page[(cnt-1)*esz:(cnt-1)*esz+it.r.hashLen])
 		it.p++
 	}
 	e := getRunEntry(it.es, it.r.hashLen)

@@ -109,17 +109,39 @@ func TestRunFile(t *testing.T) {
 }
 
 // TestRunFileDamage: a byte changed anywhere in a run — header, a page,
-// the metadata — or the run cut short makes it refused as corrupt,
-// never read with wrong entries.
+// the keys, the metadata — or the run cut short makes it refused as
+// corrupt, never read with wrong entries: at open, or (a page, which
+// an open does not read) when that page is read; an open that reads
+// every page refuses it.
 func TestRunFileDamage(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
 	es := sortedUnique(randEntries(r, 3*runPerPage(32)+5, 32))
 	m := writeTestRun(t, es, 32, runMeta{Repo: "x", Packs: make([]PackID, 3), Covered: []string{"index/a"}})
 	good := m.b
-	for _, off := range []int{0, 9, 20, 50, runHeaderLen - 1, runPage + 3, 2*runPage + 100, 3*runPage - 1, len(good) - 1} {
+	pages := (len(es) + runPerPage(32) - 1) / runPerPage(32)
+	keysAt := runPage + pages*runPage
+	for _, off := range []int{0, 9, 20, 50, runHeaderLen - 1, runPage + 3, 2*runPage + 100, 3*runPage - 1, 4*runPage + 1, keysAt, keysAt + 8*pages - 1, len(good) - 1} {
 		bad := bytes.Clone(good)
 		bad[off] ^= 0x40
-		if _, err := openRun(&memFile{bad}, int64(len(bad)), 32, nil); !errors.Is(err, ErrCorrupt) {
+		if _, err := openRun(&memFile{bad}, int64(len(bad)), 32, func(indexEntry) {}); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("byte %d changed, every page read at open: %v, want corrupt", off, err)
+		}
+		ru, err := openRun(&memFile{bad}, int64(len(bad)), 32, nil)
+		if err == nil {
+			if off < runPage || off >= keysAt {
+				t.Errorf("byte %d changed (not in a page): opened", off)
+			}
+			it := ru.iter()
+			for _, ok := it.next(); ok; _, ok = it.next() {
+			}
+			if !errors.Is(it.err, ErrCorrupt) {
+				t.Errorf("byte %d changed: read whole, %v, want corrupt", off, it.err)
+			}
+			p := (off - runPage) / runPage
+			if _, err := ru.entryAt(int64(p*runPerPage(32)), make([]byte, runPage)); !errors.Is(err, ErrCorrupt) {
+				t.Errorf("byte %d changed: entry read from its page: %v, want corrupt", off, err)
+			}
+		} else if !errors.Is(err, ErrCorrupt) {
 			t.Errorf("byte %d changed: %v, want corrupt", off, err)
 		}
 	}
@@ -196,13 +218,25 @@ func TestRunFileSeeds(t *testing.T) {
 
 // TestChunkStore checks the store against a map with a buffer of a few
 // entries, so that lookups go through many spilled and merged runs: the
-// first place of a chunk is kept, every chunk is found, a frozen base
-// numbers them in hash order.
+// first place of a chunk is kept, every chunk is found, each gives it
+// once, a frozen base numbers them in hash order; with a filter (each
+// entry added is looked up) and without (looked up in the buffer only:
+// a chunk stored twice is then in two runs until a fold, and len is
+// an upper bound).
 func TestChunkStore(t *testing.T) {
+	for _, filter := range []bool{true, false} {
+		t.Run(fmt.Sprintf("filter=%v", filter), func(t *testing.T) { testChunkStore(t, filter) })
+	}
+}
+
+func testChunkStore(t *testing.T, filter bool) {
 	defer set(&bufMax, 100)()
 	r := rand.New(rand.NewPCG(9, 10))
 	s := newChunkStore(32, t.TempDir())
 	defer s.close()
+	if filter {
+		defer s.useFilter()()
+	}
 	model := map[Hash]loc{}
 	var all []indexEntry
 	for round := range 30 {
@@ -225,7 +259,7 @@ func TestChunkStore(t *testing.T) {
 			}
 		}
 	}
-	if s.len() != len(model) {
+	if s.len() != len(model) && (filter || s.len() < len(model)) {
 		t.Fatalf("%d entries, want %d", s.len(), len(model))
 	}
 	for h, l := range model {

@@ -142,9 +142,11 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	packs := slices.Clone(r.packs)
 	r.mu.Unlock()
 	page := make([]byte, runPage)
+	indexFailed := false
 	position := func(h Hash) (int, bool) {
 		i, _, ok, err := idx.find(&h, page)
-		if err != nil {
+		if err != nil && !indexFailed {
+			indexFailed = true // once, not for every chunk of the page
 			rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
 		}
 		return int(i), ok
@@ -162,7 +164,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 					if opts.Picks(h) {
 						needed.set(i)
 					}
-				} else {
+				} else if !indexFailed { // else the index could not say
 					missing[h] = true
 				}
 			}
