@@ -136,9 +136,9 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Image, St
 	up := r.newUploader(ctx)
 	defer up.abort()
 	workers := runtime.GOMAXPROCS(0)
-	hashers := make([]func([]byte) Hash, workers)
+	hashers := make([]*manyHasher, workers)
 	for i := range hashers {
-		hashers[i] = r.hasher()
+		hashers[i] = r.manyHasher()
 	}
 	// A reader goroutine plans and reads batches ahead while this one
 	// hashes, compresses and packs the previous.
@@ -592,10 +592,10 @@ func readRuns(src Source, buf []byte, w []chunkWork, at []int64, first, cs, size
 
 // hashBatch hashes the chunks read, in parallel, and notes which the
 // repository has; each hashing goroutine holds a cpu token.
-func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash, cpu chan struct{}) {
+func (r *Repo) hashBatch(w []chunkWork, hashers []*manyHasher, cpu chan struct{}) {
 	var wg sync.WaitGroup
 	per := (len(w) + len(hashers) - 1) / len(hashers)
-	for k, sum := range hashers {
+	for k, m := range hashers {
 		lo, hi := k*per, min((k+1)*per, len(w))
 		if lo >= hi {
 			break
@@ -605,6 +605,8 @@ func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash, cpu chan st
 			defer wg.Done()
 			cpu <- struct{}{}
 			defer func() { <-cpu }()
+			data := make([][]byte, 0, hi-lo)
+			at := make([]int, 0, hi-lo)
 			for i := lo; i < hi; i++ {
 				c := &w[i]
 				if c.kind != kindRead {
@@ -614,7 +616,14 @@ func (r *Repo) hashBatch(w []chunkWork, hashers []func([]byte) Hash, cpu chan st
 					c.zero = true
 					continue
 				}
-				c.hash = sum(c.data)
+				data = append(data, c.data)
+				at = append(at, i)
+			}
+			hs := make([]Hash, len(data))
+			m.sum(hs, data)
+			for j, i := range at {
+				c := &w[i]
+				c.hash = hs[j]
 				_, _, c.known = r.lookup(c.hash)
 			}
 		}()

@@ -372,8 +372,10 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 		}
 	}()
 	hashers := make([]func([]byte) Hash, workers)
+	many := make([]*manyHasher, workers)
 	for i := range hashers {
 		hashers[i] = dst.hasher()
+		many[i] = dst.manyHasher()
 	}
 	perBatch := max(batchBytes/cs, 1)
 	// Buffers go round: the reader fills one while this goroutine hashes
@@ -464,6 +466,7 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 		var rg sync.WaitGroup
 		rg.Go(func() {
 			defer close(batches)
+			srcMany := src.manyHasher()
 			for b := 0; b < len(hs); b += int(perBatch) {
 				e := min(b+int(perBatch), len(hs))
 				var buf []byte
@@ -476,7 +479,7 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 				if !slices.ContainsFunc(bt.hs, func(h Hash) bool { return h != Hash{} }) {
 					bt.hs = nil // nothing to read
 				} else {
-					bt.err = src.readChunks(rctx, x, bt.first, bt.hs, buf, srcSum, cache, &scratch)
+					bt.err = src.readChunks(rctx, x, bt.first, bt.hs, buf, srcMany, cache, &scratch)
 				}
 				select {
 				case batches <- bt:
@@ -529,7 +532,7 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 						st.BytesRead += int64(len(ws[i].data))
 					}
 				}
-				dst.hashBatch(ws, hashers, cpu)
+				dst.hashBatch(ws, many, cpu)
 				for i := range ws {
 					c := &ws[i]
 					switch {

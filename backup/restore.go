@@ -266,7 +266,7 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sum := rs.r.hasher()
+			sum := rs.r.manyHasher()
 			var scratch []byte // an opened blob
 			for {
 				bi := next.Add(1) - 1
@@ -425,9 +425,35 @@ func (c *chunkCache) take(h Hash) ([]byte, bool) {
 	return b, ok
 }
 
-// keep copies out of the opened blob k the chunks with uses left that are
-// not cached yet, while there is room; each is checked against its hash.
-func (c *chunkCache) keep(k blobKey, group []byte, sum func([]byte) Hash) error {
+// wanted lists the chunks of blob k that later batches of the segment
+// still need and the cache lacks, as far as there is room for them.
+func (c *chunkCache) wanted(k blobKey) []chunkRef {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []chunkRef
+	room := c.max - c.bytes
+	for _, ref := range c.inuse[k] {
+		if c.left[ref.h] <= 0 {
+			continue
+		}
+		if _, ok := c.data[ref.h]; ok {
+			continue
+		}
+		if int64(ref.l.raw) > room {
+			continue
+		}
+		room -= int64(ref.l.raw)
+		out = append(out, ref)
+	}
+	return out
+}
+
+// keep copies the chunks of the opened blob k that have uses left and
+// are not cached yet, while there is room: got holds the ones checked
+// against their hashes (wanted's, by hash). A chunk not in got, or for
+// which there is no room, stays listed: its blob is opened again when
+// it is needed.
+func (c *chunkCache) keep(k blobKey, got map[Hash][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	refs := c.inuse[k]
@@ -439,13 +465,10 @@ func (c *chunkCache) keep(k blobKey, group []byte, sum func([]byte) Hash) error 
 		if _, ok := c.data[ref.h]; ok {
 			continue
 		}
-		if c.bytes+int64(ref.l.raw) > c.max {
+		data, ok := got[ref.h]
+		if !ok || c.bytes+int64(len(data)) > c.max {
 			rest = append(rest, ref) // no room: the blob is opened again
 			continue
-		}
-		data, err := chunkIn(ref.h, ref.l, group, sum)
-		if err != nil {
-			return err
 		}
 		c.data[ref.h] = bytes.Clone(data)
 		c.bytes += int64(len(data))
@@ -455,7 +478,6 @@ func (c *chunkCache) keep(k blobKey, group []byte, sum func([]byte) Hash) error 
 	} else {
 		c.inuse[k] = rest
 	}
-	return nil
 }
 
 // blobUse is one blob a batch needs and the chunks it gives.
@@ -476,7 +498,7 @@ type blobItem struct {
 // zeroed, others taken from the chunk cache or from the packs — each blob
 // the batch needs is read and opened once, adjacent blobs of a pack in
 // one read — and every chunk is checked against its hash.
-func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash, buf []byte, sum func([]byte) Hash, cache *chunkCache, scratch *[]byte) error {
+func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash, buf []byte, sum *manyHasher, cache *chunkCache, scratch *[]byte) error {
 	cs := int64(x.ChunkSize)
 	need := map[blobKey]*blobUse{}
 	var uses []*blobUse
@@ -532,16 +554,37 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 				return fmt.Errorf("chunk %s in pack %s: %w", u.items[0].h, u.pack, err)
 			}
 			*scratch = group[:0]
-			if err := cache.keep(u.key, group, sum); err != nil {
+			// The batch's chunks of the blob and those later batches
+			// want kept, each checked once, all in one call.
+			want := cache.wanted(u.key)
+			refs := make([]chunkRef, 0, len(u.items)+len(want))
+			seen := make(map[Hash]int, len(u.items)+len(want))
+			for _, it := range u.items {
+				if _, ok := seen[it.h]; !ok {
+					seen[it.h] = len(refs)
+					refs = append(refs, chunkRef{it.h, it.l})
+				}
+			}
+			for _, ref := range want {
+				if _, ok := seen[ref.h]; !ok {
+					seen[ref.h] = len(refs)
+					refs = append(refs, ref)
+				}
+			}
+			data, err := sum.chunksIn(refs, group)
+			if err != nil {
 				return fmt.Errorf("pack %s: %w", u.pack, err)
 			}
-			for _, it := range u.items {
-				data, err := chunkIn(it.h, it.l, group, sum)
-				if err != nil {
-					return err
+			if len(want) > 0 {
+				got := make(map[Hash][]byte, len(want))
+				for _, ref := range want {
+					got[ref.h] = data[seen[ref.h]]
 				}
+				cache.keep(u.key, got)
+			}
+			for _, it := range u.items {
 				dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
-				clear(dst[copy(dst, data):])
+				clear(dst[copy(dst, data[seen[it.h]]):])
 			}
 		}
 		i = j
