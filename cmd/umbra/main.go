@@ -28,13 +28,25 @@ func main() {
 			defer f.Close()
 		}
 	}
-	err := newRootCmd().Execute()
+	code := execute(os.Args[1:], os.Stderr)
 	pprof.StopCPUProfile() // a no-op without a profile
-	if err != nil {
-		code := exitCode(err)
-		printError(os.Stderr, err, code, jsonWanted(os.Args[1:]))
+	if code != 0 {
 		os.Exit(code)
 	}
+}
+
+// execute runs the command args name and returns its exit code, having
+// written its error, if any, to stderr.
+func execute(args []string, stderr io.Writer) int {
+	root := newRootCmd()
+	root.SetArgs(args)
+	err := root.Execute()
+	if err == nil {
+		return 0
+	}
+	code := exitCode(err)
+	printError(stderr, err, code, jsonWanted(args))
+	return code
 }
 
 // printError writes a failed command's error: a line of text, or under
