@@ -227,6 +227,26 @@ func (b *localBackend) Get(ctx context.Context, name string, off, length int64) 
 	return buf, nil
 }
 
+// objectOpener is a backend whose objects are files a reader can read
+// in pieces (a local repository).
+type objectOpener interface {
+	openObject(ctx context.Context, name string) (*os.File, int64, error)
+}
+
+// openObject opens object name for reading; the caller closes it.
+func (b *localBackend) openObject(ctx context.Context, name string) (*os.File, int64, error) {
+	f, err := os.Open(b.path(name))
+	if err != nil {
+		return nil, 0, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, err
+	}
+	return f, fi.Size(), nil
+}
+
 func (b *localBackend) Size(ctx context.Context, name string) (int64, error) {
 	fi, err := os.Stat(b.path(name))
 	if err != nil {

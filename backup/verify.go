@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"runtime"
 	"slices"
 	"sort"
@@ -391,6 +392,9 @@ var verifyBatch = 1 << 20
 // memory it reuses), not the whole pack opened. The error says what is
 // wrong with the pack itself.
 func (r *Repo) checkPack(ctx context.Context, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
+	if o, ok := r.be.(objectOpener); ok {
+		return r.checkPackFile(ctx, o, pid, es, sum)
+	}
 	good := make(map[Hash]bool, len(es))
 	b, err := r.be.Get(ctx, pid.name(), 0, -1)
 	var perr error
@@ -409,6 +413,103 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, es []indexEntry, sum f
 	}
 	r.checkChunks(good, items, func(l loc) ([]byte, error) { return b[l.off : l.off+l.len], nil }, sum)
 	return good, perr
+}
+
+// verifyBufs holds the buffers verify reads a pack file through: a
+// piece of it to hash, a blob.
+var verifyBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// verifyPiece is how much of a pack file verify hashes at a time.
+const verifyPiece = 1 << 20
+
+// checkPackFile is checkPack for a pack in a file (a local repository):
+// hashed a piece at a time, its trailer and the blobs of the chunks es
+// read as ranges, so that what a worker holds does not depend on the
+// pack's size. Read whole, two workers held two packs (15 MiB each at
+// 4 Mi chunks, up to the pack size of 16 MiB and more), and the
+// collector's goal twice that: verify's peak grew with the packs.
+func (r *Repo) checkPackFile(ctx context.Context, o objectOpener, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
+	good := make(map[Hash]bool, len(es))
+	f, size, err := o.openObject(ctx, pid.name())
+	var perr error
+	if err != nil {
+		perr = fmt.Errorf("pack %s: %w", pid, err)
+	} else {
+		defer f.Close()
+		perr = r.checkPackAt(pid, f, size)
+	}
+	items := make([]indexEntry, 0, len(es))
+	for _, e := range es {
+		if err != nil || int64(e.l.off)+int64(e.l.len) > size {
+			good[e.h] = false
+			continue
+		}
+		items = append(items, e)
+	}
+	bp := verifyBufs.Get().(*[]byte)
+	defer verifyBufs.Put(bp)
+	r.checkChunks(good, items, func(l loc) ([]byte, error) {
+		b := slices.Grow((*bp)[:0], int(l.len))[:l.len]
+		*bp = b[:0]
+		if _, err := f.ReadAt(b, int64(l.off)); err != nil {
+			return nil, fmt.Errorf("pack %s: blob at %d: %w", pid, l.off, err)
+		}
+		return b, nil
+	}, sum)
+	return good, perr
+}
+
+// checkPackAt is checkPackBytes for a pack read through ra, of size
+// bytes.
+func (r *Repo) checkPackAt(pid PackID, ra io.ReaderAt, size int64) error {
+	bp := verifyBufs.Get().(*[]byte)
+	defer verifyBufs.Put(bp)
+	buf := slices.Grow((*bp)[:0], verifyPiece)[:verifyPiece]
+	*bp = buf[:0]
+	h := blake3.New()
+	for off := int64(0); off < size; {
+		n, err := ra.ReadAt(buf[:min(int64(len(buf)), size-off)], off)
+		if err != nil && !(err == io.EOF && off+int64(n) == size) {
+			return fmt.Errorf("pack %s: read at %d: %w", pid, off, err)
+		}
+		h.Write(buf[:n])
+		off += int64(n)
+	}
+	var got PackID
+	h.Sum(got[:0])
+	terr := r.packTrailerAt(pid.name(), ra, size, buf)
+	if got != pid {
+		if terr == nil {
+			return fmt.Errorf("pack %s: %w: its bytes do not match its name (a blob is damaged; its trailer reads)", pid, ErrCorrupt)
+		}
+		return fmt.Errorf("pack %s: %w: its bytes do not match its name (%v)", pid, ErrCorrupt, terr)
+	}
+	if terr != nil {
+		return fmt.Errorf("pack %s: %w", pid, terr)
+	}
+	return nil
+}
+
+// packTrailerAt checks the trailer of pack name, read through ra (size
+// bytes), as packTrailer does; buf is memory it may use.
+func (r *Repo) packTrailerAt(name string, ra io.ReaderAt, size int64, buf []byte) error {
+	if size < 4 {
+		return corrupt(name, "too short")
+	}
+	var lb [4]byte
+	if _, err := ra.ReadAt(lb[:], size-4); err != nil {
+		return fmt.Errorf("%s trailer: %w", name, err)
+	}
+	tl := int64(binary.LittleEndian.Uint32(lb[:]))
+	if tl > size-4 {
+		return corrupt(name, "trailer length exceeds the pack")
+	}
+	t := slices.Grow(buf[:0], int(tl))[:tl]
+	if _, err := ra.ReadAt(t, size-4-tl); err != nil {
+		return fmt.Errorf("%s trailer: %w", name, err)
+	}
+	_, _, err := r.sealedTrailer(name, t, size-4-tl)
+	return err
 }
 
 // checkBlobs checks the given chunks of a pack reading only their
@@ -434,10 +535,13 @@ func (r *Repo) checkBlobs(ctx context.Context, pid PackID, es []indexEntry, sum 
 // pack order, and records in good whether each matched its hash. blob
 // gives the stored bytes of the blob at l (an error: its chunks are
 // bad); each blob is read and opened once, decrypted in place and
-// decompressed into memory the next one reuses.
+// decompressed into memory the next one (and pack) reuses.
 func (r *Repo) checkChunks(good map[Hash]bool, items []indexEntry, blob func(l loc) ([]byte, error), sum func([]byte) Hash) {
 	sort.Slice(items, func(i, j int) bool { return items[i].l.off < items[j].l.off })
-	var group, scratch []byte
+	sp := verifyBufs.Get().(*[]byte) // blobs open into memory the next pack reuses too
+	scratch := *sp
+	defer func() { *sp = scratch[:0]; verifyBufs.Put(sp) }()
+	var group []byte
 	var gerr error
 	for i, it := range items {
 		if i == 0 || it.l.off != items[i-1].l.off {
@@ -482,11 +586,17 @@ func (r *Repo) packTrailer(name string, b []byte) (ents []blobEntry, hashed bool
 	if tl > int64(len(b))-4 {
 		return nil, false, corrupt(name, "trailer length exceeds the pack")
 	}
-	t, err := r.seal.open(nil, b[int64(len(b))-4-tl:len(b)-4])
+	return r.sealedTrailer(name, b[int64(len(b))-4-tl:len(b)-4], int64(len(b))-4-tl)
+}
+
+// sealedTrailer opens and decodes a pack's trailer as stored, st; the
+// blobs are the pack's first dataLen bytes.
+func (r *Repo) sealedTrailer(name string, st []byte, dataLen int64) (ents []blobEntry, hashed bool, err error) {
+	t, err := r.seal.open(nil, st)
 	if err != nil {
 		return nil, false, fmt.Errorf("%s trailer: %w", name, err)
 	}
-	ents, hashed, err = decodePackTrailer(t, int64(len(b))-4-tl)
+	ents, hashed, err = decodePackTrailer(t, dataLen)
 	if err != nil {
 		return nil, false, fmt.Errorf("%s: %w", name, err)
 	}
