@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/vm.sh: the same fio jobs, in one VM (scripts/vmtest: Debian's kernel
-# under qemu TCG, 2 CPUs), on
+# under qemu, TCG unless VM_ACCEL=kvm, 2 CPUs), on
 #   plain        a virtio disk
 #   umbra        Umbra's NBD export of a virtio disk through the kernel's
 #                nbd-client, no snapshot
@@ -36,7 +36,7 @@
 set -euo pipefail
 
 if [ -z "${VMTEST_OUT:-}" ]; then
-  # On the host: boot the VM with five scratch disks and run this script in it.
+  # On the host: boot the VM with eight scratch disks and run this script in it.
   cd "$(dirname "$0")/.."
   bench/machine.sh
   accel=${VM_ACCEL:-tcg}
@@ -141,7 +141,7 @@ rd[plain]=$(( (${rd[plain-start]} + ${rd[plain-end]}) / 2 ))
 echo
 cat "$W/idle.log"
 echo
-echo "4 KiB random I/O over ${mib} MiB, iodepth 16, O_DIRECT; ratio to the plain virtio disk, the mean of its first and last pass (TCG: ratios only)"
+echo "4 KiB random I/O over ${mib} MiB, iodepth 16, O_DIRECT; ratio to the plain virtio disk, the mean of its first and last pass (ratios only: absolute figures in a VM mean little)"
 printf '%-12s %12s %12s %12s\n' target "first write" rewrite read
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 for t in plain-start plain-end "${targets[@]}"; do
