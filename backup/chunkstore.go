@@ -30,6 +30,7 @@ type chunkStore struct {
 	// filterBuilds counts the filters built, for tests: only writers
 	// build one.
 	filterBuilds atomic.Int64
+	filterBuilt  atomic.Int64 // bytes of the last one
 
 	mu   sync.RWMutex // guards the fields below; lookups share it
 	base *run
@@ -45,6 +46,9 @@ type chunkStore struct {
 	// to maxFilterBytes), for a store that starts empty and fills
 	// (repair's store of the chunks it finds), not at filterBytes.
 	filtGrow bool
+	// misses counts lookups that found nothing while a writer wanted a
+	// filter that was not built yet.
+	misses atomic.Int64
 	// unchecked: entries were added without looking them up in the
 	// runs (no filter to make that cheap), so a chunk may be in two of
 	// them; lookups then take its earliest place, as a fold does, and
@@ -155,9 +159,29 @@ func (s *chunkStore) failed() error {
 func (s *chunkStore) get(h Hash) (loc, bool) {
 	s.lookups.Add(1)
 	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return s.getLocked(&h)
+	l, ok := s.getLocked(&h)
+	build := !ok && s.filt == nil && s.filtUsers > 0 && s.misses.Add(1) > max(s.n/filterAfter, minFilterAfter)
+	s.mu.RUnlock()
+	if build {
+		s.mu.Lock()
+		if s.filt == nil && s.filtUsers > 0 {
+			s.buildFilterLocked()
+		}
+		s.mu.Unlock()
+	}
+	return l, ok
 }
+
+// A writer's filter is built once its lookups have missed
+// max(entries/filterAfter, minFilterAfter) times: building it reads
+// every entry (~870 MiB of runs at 16 Mi chunks), a miss without it
+// reads one page, so an incremental (its changed chunks: 1 % of the
+// volume) reads a few pages instead, and a backup of much new data
+// builds it early on. (Variables: tests change them.)
+var (
+	filterAfter    int64 = 32
+	minFilterAfter int64 = 1 << 16
+)
 
 func (s *chunkStore) getLocked(h *Hash) (loc, bool) {
 	if s.filt != nil && !s.filt.has(h) {
@@ -198,7 +222,8 @@ func (s *chunkStore) noteErr(err error) {
 }
 
 // addMany records es (entries already known keep their place). With
-// a filter each is looked up first; without one only in the buffer
+// a filter, or for a writer that wants one, each is looked up first
+// (and a miss counts towards building it); else only in the buffer
 // (a lookup in the runs is a page read, and an index being loaded
 // whole would make one for every entry): the store is then unchecked
 // until a fold.
@@ -206,9 +231,12 @@ func (s *chunkStore) addMany(es []indexEntry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i := range es {
-		if s.filt != nil || (s.base == nil || s.base.n == 0) && len(s.runs) == 0 {
+		if s.filt != nil || s.filtUsers > 0 || (s.base == nil || s.base.n == 0) && len(s.runs) == 0 {
 			if _, ok := s.getLocked(&es[i].h); ok {
 				continue
+			}
+			if s.filt == nil && s.filtUsers > 0 && s.misses.Add(1) > max(s.n/filterAfter, minFilterAfter) {
+				s.buildFilterLocked()
 			}
 		} else {
 			if _, ok := s.buf.get(es[i].h); ok {
@@ -248,9 +276,10 @@ func (s *chunkStore) growFilter() {
 	s.filt = &f
 }
 
-// useFilter builds the filter (of filterBytes, from every entry) unless
-// it is built; a writer looking up chunks it is about to store calls it
-// and calls the function it returns when done: the filter goes with
+// useFilter asks for the filter (of filterBytes, built from every
+// entry once lookups miss enough: see filterAfter; at once for a
+// growing one); a writer looking up chunks it is about to store calls
+// it and calls the function it returns when done: the filter goes with
 // its last user.
 func (s *chunkStore) useFilter() func() {
 	s.mu.Lock()
@@ -263,6 +292,7 @@ func (s *chunkStore) useFilter() func() {
 			defer s.mu.Unlock()
 			if s.filtUsers--; s.filtUsers == 0 {
 				s.filt = nil
+				s.misses.Store(0)
 			}
 		})
 	}
@@ -270,9 +300,13 @@ func (s *chunkStore) useFilter() func() {
 
 func (s *chunkStore) useFilterLocked() {
 	s.filtUsers++
-	if s.filt != nil {
-		return
+	if s.filt != nil || !s.filtGrow {
+		return // built by get once lookups miss enough
 	}
+	s.buildFilterLocked()
+}
+
+func (s *chunkStore) buildFilterLocked() {
 	var f bloom
 	if s.filtGrow {
 		f = newBloom(s.n)
@@ -285,6 +319,7 @@ func (s *chunkStore) useFilterLocked() {
 	}
 	s.filt = &f
 	s.filterBuilds.Add(1)
+	s.filterBuilt.Store(int64(f.bytes()))
 }
 
 // spill writes the buffer as a run, then merges the newest runs while

@@ -478,6 +478,9 @@ func IndexLookups(r *Repo) int64 { return r.chunks.lookups.Load() }
 // FilterBuilds counts the chunk index filters r built; FilterBytes is
 // the size of the one it holds now (0: none).
 func FilterBuilds(r *Repo) int64 { return r.chunks.filterBuilds.Load() }
+
+// FilterBuilt is the size of the last filter r built.
+func FilterBuilt(r *Repo) int64 { return r.chunks.filterBuilt.Load() }
 func FilterBytes(r *Repo) int {
 	r.chunks.mu.RLock()
 	defer r.chunks.mu.RUnlock()
@@ -521,4 +524,11 @@ func RewriteCacheV1(r *Repo) error {
 	h = append(h, hs[:]...)
 	out := append(append(h[:runPage], body...), meta...)
 	return os.WriteFile(r.cachePath(), out, 0o600)
+}
+
+// SetFilterAfter sets after how many missed lookups (entries/div, at
+// least least) a writer's filter is built.
+func SetFilterAfter(div, least int64) func() {
+	a, b := set(&filterAfter, div), set(&minFilterAfter, least)
+	return func() { b(); a() }
 }

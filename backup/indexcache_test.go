@@ -305,11 +305,12 @@ func (p *filterProbe) ReadAt(b []byte, off int64) (int, error) {
 }
 
 // TestIndexFilterOnlyForBackups: the chunk index's filter (which spares
-// a backup a page read for most new chunks) is built by a backup, at
-// one size whatever the index holds, and dropped when it ends; opening
-// a repository, restore, reads in place, verify, stats and delete build
-// none (it was built at every open: 2 MiB at 1 Mi chunks, 8 MiB from
-// 4 Mi on).
+// a backup a page read for most new chunks) is built by a backup whose
+// lookups missed many times (not by one of a few new chunks, which
+// read a page each rather than the whole index), at one size whatever
+// the index holds, and dropped when it ends; opening a repository,
+// restore, reads in place, verify, stats and delete build none (it was
+// built at every open: 2 MiB at 1 Mi chunks, 8 MiB from 4 Mi on).
 func TestIndexFilterOnlyForBackups(t *testing.T) {
 	ctx := context.Background()
 	rnd := rand.New(rand.NewPCG(21, 22))
@@ -364,6 +365,14 @@ func TestIndexFilterOnlyForBackups(t *testing.T) {
 		if _, _, err := r.Backup(ctx, p, backup.Options{Volume: "c"}); err != nil {
 			t.Fatal(err)
 		}
+		none("a backup of few new chunks")
+		restore := backup.SetFilterAfter(1<<40, 1) // from the second miss on
+		p = &filterProbe{memSource: volumeData(rnd, 1<<20), repo: r}
+		if _, _, err := r.Backup(ctx, p, backup.Options{Volume: "d"}); err != nil {
+			t.Fatal(err)
+		}
+		restore()
+		p.bytes = int(backup.FilterBuilt(r))
 		if n := backup.FilterBuilds(r); n != 1 || p.bytes == 0 {
 			t.Fatalf("%d chunks indexed: a backup built %d filters, held %d bytes, want one", fake, n, p.bytes)
 		}

@@ -235,6 +235,7 @@ func testChunkStore(t *testing.T, filter bool) {
 	s := newChunkStore(32, t.TempDir())
 	defer s.close()
 	if filter {
+		defer set(&minFilterAfter, 0)() // built at the first miss
 		defer s.useFilter()()
 	}
 	model := map[Hash]loc{}
