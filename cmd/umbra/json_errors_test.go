@@ -32,6 +32,10 @@ func TestEveryCommandJSONErrors(t *testing.T) {
 	stdout := os.Stdout
 	os.Stdout = out
 	defer func() { os.Stdout = stdout }()
+	// The commands run in this process set the global flags (--json,
+	// --api-socket); tests after this one must see them as they were.
+	saved := gflags
+	defer func() { gflags = saved }()
 
 	var cmds [][]string
 	groups, hidden := map[string]bool{}, map[string]bool{}
