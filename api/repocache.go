@@ -103,10 +103,33 @@ func (s *Server) releaser(e *repoEntry) func() {
 		}
 		s.repoMu.Unlock()
 		// What the backup allocated (its batches, packs, the codecs'
-		// buffers, pooled blobs) goes back to the system now, not when
+		// buffers, pooled blobs) goes back to the system soon, not when
 		// the scavenger gets to it; a closed repository's index with it.
-		freeMemory()
+		// Not before the backup's reply though: the two forced
+		// collections took 20-90 ms of a 0.1-0.2 s incremental's wall
+		// time (measured 2026-12-07).
+		s.freeMemoryLater()
 	}
+}
+
+// freeMemoryLater runs freeMemory on a goroutine of its own, which
+// CloseRepos waits for; one that is queued and not started yet serves
+// the callers that come meanwhile.
+func (s *Server) freeMemoryLater() {
+	if !s.freeing.CompareAndSwap(false, true) {
+		return
+	}
+	s.freeWG.Add(1)
+	go func() {
+		defer s.freeWG.Done()
+		// What is allocated from here on waits for the next one.
+		s.freeing.Store(false)
+		if s.freeHook != nil {
+			s.freeHook()
+			return
+		}
+		freeMemory()
+	}()
 }
 
 // trimReposLocked closes the repositories no backup uses beyond the
@@ -159,7 +182,7 @@ func (s *Server) expireRepo(e *repoEntry) {
 	}
 	s.dropRepoLocked(e)
 	s.repoMu.Unlock()
-	freeMemory()
+	s.freeMemoryLater()
 }
 
 // SetRepoIdle sets how long a repository no backup uses stays open; 0
@@ -178,8 +201,10 @@ func (s *Server) openRepos() int {
 }
 
 // CloseRepos closes the repositories no backup uses (at shutdown, once
-// no backup runs: those in use are closed by their last user).
+// no backup runs: those in use are closed by their last user) and waits
+// for the collections that give memory back.
 func (s *Server) CloseRepos() {
+	defer s.freeWG.Wait()
 	s.repoMu.Lock()
 	defer s.repoMu.Unlock()
 	for _, e := range s.repos {

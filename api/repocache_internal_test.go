@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -144,5 +145,31 @@ func TestOpenRepositoryShared(t *testing.T) {
 	releaseA()
 	if n := s.openRepos(); n != 1 {
 		t.Fatalf("%d repositories open, want the idle one", n)
+	}
+}
+
+// TestRepoReleaseFreesAfter: ending a backup's use of its repository
+// gives memory back beside the backup's reply, not before it (two
+// forced collections were most of an incremental's wall time), and
+// CloseRepos waits for that collection. Before, release ran it itself,
+// so this test blocked in release until go test's -timeout.
+func TestRepoReleaseFreesAfter(t *testing.T) {
+	ctx := context.Background()
+	gate := make(chan struct{})
+	var freed atomic.Int32
+	s := &Server{repoIdle: time.Hour}
+	s.freeHook = func() {
+		<-gate
+		freed.Add(1)
+	}
+	_, release, err := s.openRepo(ctx, &umbrav1.BackupRequest{Repo: newRepos(t, 1)[0]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	release() // returns while the collection waits for the gate
+	close(gate)
+	s.CloseRepos()
+	if n := freed.Load(); n != 1 {
+		t.Fatalf("%d collections after one backup, want 1", n)
 	}
 }

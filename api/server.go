@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -51,6 +52,12 @@ type Server struct {
 	repoMu   sync.Mutex // guards repos
 	repos    map[[32]byte]*repoEntry
 	repoIdle time.Duration // how long an unused repository stays open (repocache.go)
+
+	// Giving memory back after a backup runs beside the next request,
+	// not before the backup's reply (repocache.go).
+	freeing  atomic.Bool    // a collection is queued and has not started
+	freeWG   sync.WaitGroup // the collections running; CloseRepos waits
+	freeHook func()         // what a collection runs; nil: freeMemory (tests set it)
 
 	sh *shares // FSRVP sets and exposures; nil until EnableShares
 
