@@ -120,8 +120,10 @@ func (s *Server) freeMemoryLater() {
 		return
 	}
 	s.freeWG.Add(1)
+	s.Metrics.MemoryReturn(1)
 	go func() {
 		defer s.freeWG.Done()
+		defer s.Metrics.MemoryReturn(-1)
 		// What is allocated from here on waits for the next one.
 		s.freeing.Store(false)
 		if s.freeHook != nil {

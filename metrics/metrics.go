@@ -36,6 +36,7 @@ type Metrics struct {
 	nbd         *nbdServers
 	jobRuns     *prometheus.CounterVec
 	jobSuccess  *prometheus.GaugeVec
+	memPending  prometheus.Gauge
 	live        *live
 }
 
@@ -120,7 +121,8 @@ func New(p *cow.Provider) *Metrics {
 	m.nbdErrs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_nbd_errors_total", Help: "NBD error replies by command."}, []string{"command"})
 	m.jobRuns = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "umbra_job_runs_total", Help: "Job runs that ended, by job and result (success, failed, skipped, missed, interrupted, cancelled)."}, []string{"job", "result"})
 	m.jobSuccess = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "umbra_job_last_success_timestamp_seconds", Help: "When a job's last successful run ended (Unix seconds); alert when it is too old."}, []string{"job"})
-	m.reg.MustRegister(engine{p}, m.nbd, m.live, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs, m.jobRuns, m.jobSuccess,
+	m.memPending = prometheus.NewGauge(prometheus.GaugeOpts{Name: "umbra_memory_return_pending", Help: "Collections queued or running that give the memory of finished backups back to the system (0: all given back)."})
+	m.reg.MustRegister(engine{p}, m.nbd, m.live, m.hold, m.freeze, m.writerFails, m.nbdReqs, m.nbdErrs, m.jobRuns, m.jobSuccess, m.memPending,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }
@@ -134,6 +136,14 @@ func (m *Metrics) ObserveSet(hold, freeze time.Duration) {
 	m.hold.Observe(hold.Seconds())
 	if freeze > 0 {
 		m.freeze.Observe(freeze.Seconds())
+	}
+}
+
+// MemoryReturn adds d (+1 queued, -1 done) to the collections that give
+// finished backups' memory back (umbra_memory_return_pending).
+func (m *Metrics) MemoryReturn(d int) {
+	if m != nil {
+		m.memPending.Add(float64(d))
 	}
 }
 

@@ -89,6 +89,9 @@ func TestBackupServiceMemory(t *testing.T) {
 	if err := backup("a", repos[20]); err != nil {
 		t.Fatal(err)
 	}
+	// The service gives a backup's memory back just after its reply:
+	// the baseline is read once that is done.
+	returned(t, metrics)
 	base := metric(t, metrics, "go_memstats_heap_inuse_bytes")
 	for i := 0; i < 20; i += 2 {
 		var wg sync.WaitGroup
@@ -112,5 +115,18 @@ func TestBackupServiceMemory(t *testing.T) {
 	}
 	if res > rssBudget {
 		t.Errorf("RSS %d MiB after 20 backups, over the %d MiB budget", res>>20, rssBudget>>20)
+	}
+}
+
+// returned waits until the service has given back the memory of the
+// backups that have replied (umbra_memory_return_pending is 0).
+func returned(t *testing.T, metrics string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute) // a hang guard, not a measure
+	for metric(t, metrics, "umbra_memory_return_pending") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the service did not give a backup's memory back in 2 minutes")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
