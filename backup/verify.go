@@ -477,17 +477,7 @@ func (r *Repo) checkPackAt(pid PackID, ra io.ReaderAt, size int64) error {
 	}
 	var got PackID
 	h.Sum(got[:0])
-	terr := r.packTrailerAt(pid.name(), ra, size, buf)
-	if got != pid {
-		if terr == nil {
-			return fmt.Errorf("pack %s: %w: its bytes do not match its name (a blob is damaged; its trailer reads)", pid, ErrCorrupt)
-		}
-		return fmt.Errorf("pack %s: %w: its bytes do not match its name (%v)", pid, ErrCorrupt, terr)
-	}
-	if terr != nil {
-		return fmt.Errorf("pack %s: %w", pid, terr)
-	}
-	return nil
+	return packVerdict(pid, got, r.packTrailerAt(pid.name(), ra, size, buf))
 }
 
 // packTrailerAt checks the trailer of pack name, read through ra (size
@@ -565,7 +555,13 @@ func (r *Repo) checkChunks(good map[Hash]bool, items []indexEntry, blob func(l l
 // its bytes) and its trailer's envelope (length, CRC, layout).
 func (r *Repo) checkPackBytes(pid PackID, b []byte) error {
 	_, _, terr := r.packTrailer(pid.name(), b)
-	if blake3.Sum256(b) != pid {
+	return packVerdict(pid, blake3.Sum256(b), terr)
+}
+
+// packVerdict is the outcome of checking pack pid whose bytes hash to
+// got and whose trailer check returned terr.
+func packVerdict(pid, got PackID, terr error) error {
+	if got != pid {
 		if terr == nil {
 			return fmt.Errorf("pack %s: %w: its bytes do not match its name (a blob is damaged; its trailer reads)", pid, ErrCorrupt)
 		}
