@@ -6,7 +6,6 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"testing"
@@ -240,19 +239,7 @@ func TestZeroRunBatch(t *testing.T) {
 			img[i] = byte(r.Uint32())
 		}
 	}
-	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer repo.Close()
-	x, _, err := repo.Backup(context.Background(), img, backup.Options{Volume: "v"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ir, err := repo.OpenImage(context.Background(), x.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ir, id := backUp(t, img)
 	stale := bytes.Repeat([]byte{0xff}, size)
 	newTarget := func(holes bool) (*Target, *crashFile) {
 		fsys := &memFS{files: map[string]*crashFile{}}
@@ -261,7 +248,7 @@ func TestZeroRunBatch(t *testing.T) {
 			tf.WriteAt(stale, 0)
 		}
 		tf.Truncate(size)
-		tg, err := Create(fsys, tf, "/t.map", ir, x.ID, Options{Holes: holes})
+		tg, err := Create(fsys, tf, "/t.map", ir, id, Options{Holes: holes})
 		if err != nil {
 			t.Fatal(err)
 		}

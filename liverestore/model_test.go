@@ -253,6 +253,14 @@ func testImage(t *testing.T, r *rand.Rand, size int) (memImage, *backup.ImageRea
 			}
 		}
 	}
+	ir, id := backUp(t, img)
+	return img, ir, id
+}
+
+// backUp backs img up into a new repository (closed when the test ends)
+// and opens the image.
+func backUp(t *testing.T, img memImage) (*backup.ImageReader, string) {
+	t.Helper()
 	repo, err := backup.Init(filepath.Join(t.TempDir(), "repo"))
 	if err != nil {
 		t.Fatal(err)
@@ -266,7 +274,7 @@ func testImage(t *testing.T, r *rand.Rand, size int) (memImage, *backup.ImageRea
 	if err != nil {
 		t.Fatal(err)
 	}
-	return img, ir, x.ID
+	return ir, x.ID
 }
 
 // model is what the target must read: per sector, the IDs of the
