@@ -7,10 +7,11 @@ import (
 )
 
 // manyHasher hashes many chunks at once: where the repository's hash is
-// BLAKE3 and the CPU has the kernels (blake3pair), 4 KiB chunks go two
-// to a pass of the AVX2 kernel, which hashes one 4 KiB chunk alone at
-// the cost of 8 KiB; other chunks, hashes and CPUs one at a time. Not
-// safe for concurrent use: a goroutine has its own.
+// BLAKE3 and the CPU has the kernels (blake3pair), 4 KiB chunks go four
+// at a time through its AVX2 kernels, two chunks' pieces to a pass of
+// eight lanes (one 4 KiB chunk alone fills half of them); other chunks,
+// hashes and CPUs one at a time. Not safe for concurrent use: a
+// goroutine has its own.
 type manyHasher struct {
 	one   func([]byte) Hash
 	pair  *blake3pair.Hasher // nil: one at a time
