@@ -587,20 +587,34 @@ func DecodeChunkList(b []byte) (*Image, error) {
 	if version == 2 && n != total || version >= 3 && (n == 0 || n > total-uint64(x.First) || n > maxSegmentChunks) || n > uint64(len(p))*(1<<32) {
 		return nil, corrupt(what, "chunk count does not match the size")
 	}
-	x.Chunks = make([]Hash, 0, min(n, uint64(len(p))/width+1))
-	for uint64(len(x.Chunks)) < n {
-		if len(p) < 8 {
+	// The runs' headers first: they say how many chunks the list
+	// holds, so that it is allocated once, at its size (a segment of
+	// runs of zero chunks is small to read but not to hold: growing
+	// its list as runs came doubled it up to 2 MiB, each time fresh
+	// memory; measured 2026-12-07, most of a 2 GiB incremental's check
+	// of its parent's first segment), and never more than the object
+	// describes.
+	var runs uint64
+	for q := p; runs < n; {
+		if len(q) < 8 {
 			return nil, corrupt(what, "truncated")
 		}
-		z, d := uint64(binary.LittleEndian.Uint32(p)), uint64(binary.LittleEndian.Uint32(p[4:]))
-		p = p[8:]
-		if z+d == 0 || uint64(len(x.Chunks))+z+d > n || uint64(len(p)) < d*width {
+		z, d := uint64(binary.LittleEndian.Uint32(q)), uint64(binary.LittleEndian.Uint32(q[4:]))
+		q = q[8:]
+		if z+d == 0 || runs+z+d > n || uint64(len(q)) < d*width {
 			return nil, corrupt(what, "bad run of chunks")
 		}
+		runs += z + d
+		q = q[d*width:]
+	}
+	x.Chunks = make([]Hash, 0, n)
+	for uint64(len(x.Chunks)) < n {
+		z, d := uint64(binary.LittleEndian.Uint32(p)), uint64(binary.LittleEndian.Uint32(p[4:]))
+		p = p[8:]
 		if z > 0 && len(x.Chunks) > 0 && x.Chunks[len(x.Chunks)-1] == (Hash{}) || d > 0 && z == 0 && len(x.Chunks) > 0 {
 			return nil, corrupt(what, "runs not in canonical form")
 		}
-		x.Chunks = append(x.Chunks, make([]Hash, z)...)
+		x.Chunks = x.Chunks[:len(x.Chunks)+int(z)] // zero: the slice is new
 		for range d {
 			var h Hash
 			copy(h[:width], p)
