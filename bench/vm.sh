@@ -33,6 +33,14 @@
 # VM_TARGETS="plain umbra nbdkit" runs only those targets (plain always
 # runs: it is what the others are divided by), for shorter runs while
 # working on one path.
+#
+# VM_PROFILE=DIR measures where a first write's time goes instead: each
+# target runs only its first-write pass; `umbra serve` runs under
+# UMBRA_CPUPROFILE (DIR/serve.prof, covering the fills and the
+# first-write passes of the Umbra targets), and each first-write pass of
+# a userspace server (Umbra, nbdkit, qemu-nbd) runs a second time under
+# `strace -c -f` attached to that server (DIR/strace-TARGET.txt; the
+# ratios printed are those of the passes without strace).
 set -euo pipefail
 
 if [ -z "${VMTEST_OUT:-}" ]; then
@@ -41,8 +49,22 @@ if [ -z "${VMTEST_OUT:-}" ]; then
   bench/machine.sh
   accel=${VM_ACCEL:-tcg}
   echo "guest: Debian's kernel under qemu ${accel^^}, 2 vCPUs, 2 GiB; disks are sparse files (cache=unsafe)"
-  exec scripts/vmtest --accel "$accel" --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G \
-    --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" --timeout 3600 bench/vm.sh "${1:-32}"
+  vm=(scripts/vmtest --accel "$accel" --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G
+    --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" --timeout 3600)
+  if [ -z "${VM_PROFILE:-}" ]; then exec "${vm[@]}" bench/vm.sh "${1:-32}"; fi
+  mkdir -p "$VM_PROFILE"
+  log=$(mktemp)
+  rc=0
+  "${vm[@]}" --keep -e VM_PROFILE=1 bench/vm.sh "${1:-32}" 2>&1 | tee "$log" || rc=$?
+  run=$(sed -n 's/^vmtest: kept //p' "$log" | tail -1)
+  rm -f "$log"
+  if [ -n "$run" ] && [ -d "$run/out" ]; then
+    cp "$run"/out/serve.prof "$run"/out/strace-*.txt "$VM_PROFILE"/ 2>/dev/null || true
+    cp "$run/umbra" "$VM_PROFILE/umbra" 2>/dev/null || true
+    rm -rf "$run"
+    echo "bench/vm.sh: profiles in $VM_PROFILE ($(cd "$VM_PROFILE" && echo *))"
+  fi
+  exit "$rc"
 fi
 
 # In the guest.
@@ -66,6 +88,18 @@ job() { # job NAME DEV RW: one fio pass over the region; prints KiB/s
     --ioengine=libaio --iodepth=16 --randrepeat=0 --output-format=json >"$W/$1.json"
   b=$(cpustat)
   bw=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["bw"] + j["read"]["bw"]))' "$W/$1.json")
+  if [ -n "${VM_PROFILE:-}" ] && [ -n "${trace_pid:-}" ] && [ "$3" = randwrite ] && command -v strace >/dev/null; then
+    # The same pass again, under strace, for syscall counts; a snapshot
+    # taken again first, so that every write copies once more.
+    if [ ${#retake[@]} -gt 0 ]; then "${retake[@]}" >/dev/null; fi
+    strace -c -f -o "$VMTEST_OUT/strace-$1.txt" -p "$trace_pid" 2>/dev/null &
+    local st=$!
+    sleep 2 # attached to every thread before the pass starts
+    fio --name="$1-strace" --filename="$2" --rw="$3" --bs=4k --size="${mib}M" --direct=1 \
+      --ioengine=libaio --iodepth=16 --randrepeat=0 --output-format=json >/dev/null
+    kill -INT "$st"; wait "$st" || true
+    echo "$(( mib * 256 )) requests of 4 KiB" >>"$VMTEST_OUT/strace-$1.txt"
+  fi
   echo "$1: guest CPU idle $(awk -v a="$a" -v b="$b" 'BEGIN{split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%d%%", (t > 0 ? 100 - 100 * (y[1] - x[1]) / t : 0)}')" >>"$W/idle.log"
   echo "$bw"
 }
@@ -78,7 +112,10 @@ run() { # run TARGET DEV [SNAPSHOT-COMMAND]: fill, snapshot, the three passes
   local t=$1 dev=$2; shift 2
   fill "$dev"
   if [ $# -gt 0 ]; then "$@" >/dev/null; fi
+  retake=("$@")
+  if [ "${retake[*]:0:3}" = "$UMBRA snapshot create" ]; then retake=("${retake[@]/#s1/s2}"); retake=("${retake[@]/#p1/p2}"); fi
   first[$t]=$(job "$t-first" "$dev" randwrite)
+  if [ -n "${VM_PROFILE:-}" ]; then rewrite[$t]=1 rd[$t]=1; return; fi
   rewrite[$t]=$(job "$t-rewrite" "$dev" randwrite)
   rd[$t]=$(job "$t-read" "$dev" randread)
   echo "$t: first ${first[$t]} KiB/s, rewrite ${rewrite[$t]} KiB/s, read ${rd[$t]} KiB/s"
@@ -88,8 +125,10 @@ run plain-start /dev/vda
 
 if want umbra umbra+snap umbra+psnap; then
   mkfs.ext4 -q /dev/vdc && mount /dev/vdc "$W/shadow"
-  "$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
-  serve=$!
+  prof=()
+  if [ -n "${VM_PROFILE:-}" ]; then prof=(env "UMBRA_CPUPROFILE=$VMTEST_OUT/serve.prof"); fi
+  "${prof[@]}" "$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
+  serve=$! trace_pid=$!
   for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0.2; done
   nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 >/dev/null
   nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 >/dev/null
@@ -98,6 +137,7 @@ if want umbra umbra+snap umbra+psnap; then
   if want umbra+snap; then run umbra+snap /dev/nbd1 "$UMBRA" snapshot create u2 --id s1; fi
   nbd-client -d /dev/nbd0 >/dev/null; nbd-client -d /dev/nbd1 >/dev/null
   kill "$serve"; wait "$serve" || true
+  trace_pid=
 fi
 
 # The userspace peers: the same kernel client, the same socket kind (unix),
@@ -106,12 +146,13 @@ fi
 peer() { # peer TARGET DEV SOCKET SERVER-COMMAND...: serve DEV, connect /dev/nbd2, run
   local t=$1 dev=$2 sock=$3 pid; shift 3
   "$@" >"$W/$t.log" 2>&1 &
-  pid=$!
+  pid=$! trace_pid=$!
   for _ in $(seq 1 600); do [ -S "$sock" ] && break; sleep 0.2; done
   nbd-client -unix "$sock" /dev/nbd2 -b 4096 >/dev/null
   run "$t" /dev/nbd2
   nbd-client -d /dev/nbd2 >/dev/null
   kill "$pid" 2>/dev/null || true; wait "$pid" || true
+  trace_pid=
 }
 if want nbdkit; then peer nbdkit /dev/vdg "$W/nbdkit.sock" nbdkit -f -U "$W/nbdkit.sock" file /dev/vdg; fi
 if want qemu-nbd; then peer qemu-nbd /dev/vdh "$W/qemu-nbd.sock" qemu-nbd -t -f raw -k "$W/qemu-nbd.sock" /dev/vdh; fi
