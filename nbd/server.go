@@ -485,11 +485,15 @@ func (c *conn) serve() {
 var errAbort = errors.New("client aborted")
 
 // reply is one encoded reply; bp, if set, goes back to the pool once
-// written, and cost bytes to the connection's budget.
+// written, and cost bytes to the connection's budget. With ok set it is
+// a simple success reply to cookie instead, encoded by the reply writer
+// straight into its buffer (nothing allocated for the commonest reply).
 type reply struct {
-	b    []byte
-	bp   *[]byte
-	cost int64
+	b      []byte
+	bp     *[]byte
+	cost   int64
+	ok     bool
+	cookie uint64
 }
 
 // write queues a reply for the reply writer.
@@ -510,7 +514,11 @@ func (c *conn) replyWriter() {
 	bw := c.bw
 	var err error
 	put := func(r reply) {
-		if err == nil {
+		switch {
+		case err != nil:
+		case r.ok:
+			_, err = bw.Write(simpleReplyHeader(bw.AvailableBuffer(), 0, r.cookie))
+		default:
 			_, err = bw.Write(r.b)
 		}
 		if r.bp != nil {
@@ -592,11 +600,15 @@ func (c *conn) replyInline(req request, err error) {
 			o(CommandName(req.typ), true)
 		}
 	}
-	b := okReply(req)
 	if err != nil {
-		b = c.errorReply(req, errnoOf(err), err.Error())
+		c.bufferReply(c.errorReply(req, errnoOf(err), err.Error()))
+		return
 	}
-	c.bufferReply(b)
+	// Encoded in the write buffer's free room: no allocation.
+	c.wmu.Lock()
+	c.bw.Write(simpleReplyHeader(c.bw.AvailableBuffer(), 0, req.cookie))
+	c.wmu.Unlock()
+	c.unflushed = true
 }
 
 // bufferReply adds an encoded reply (copied) to those flushInline sends;
@@ -1271,9 +1283,7 @@ func (c *conn) errorReply(req request, errno uint32, msg string) []byte {
 // a read) with a simple reply, structured replies negotiated or not, as
 // the protocol allows: 16 bytes that a client takes in one receive, where
 // libnbd reads a 20-byte structured chunk header in two.
-func (c *conn) sendOK(req request) { c.write(okReply(req)) }
-
-func okReply(req request) []byte { return simpleReplyHeader(nil, 0, req.cookie) }
+func (c *conn) sendOK(req request) { c.replies <- reply{ok: true, cookie: req.cookie} }
 
 // errnoOf is the NBD error a backend's error is reported as: a full
 // disk as ENOSPC (the client's filesystem then says "no space", not an
