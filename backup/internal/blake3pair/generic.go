@@ -13,45 +13,41 @@ import (
 // msgPermutation is the specification's MSG_PERMUTATION.
 var msgPermutation = [16]int{2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8}
 
-func g(v *[16]uint32, a, b, c, d int, mx, my uint32) {
-	v[a] += v[b] + mx
-	v[d] = bits.RotateLeft32(v[d]^v[a], -16)
-	v[c] += v[d]
-	v[b] = bits.RotateLeft32(v[b]^v[c], -12)
-	v[a] += v[b] + my
-	v[d] = bits.RotateLeft32(v[d]^v[a], -8)
-	v[c] += v[d]
-	v[b] = bits.RotateLeft32(v[b]^v[c], -7)
+func g(a, b, c, d, mx, my uint32) (uint32, uint32, uint32, uint32) {
+	a += b + mx
+	d = bits.RotateLeft32(d^a, -16)
+	c += d
+	b = bits.RotateLeft32(b^c, -12)
+	a += b + my
+	d = bits.RotateLeft32(d^a, -8)
+	c += d
+	b = bits.RotateLeft32(b^c, -7)
+	return a, b, c, d
 }
 
 // compress returns the first eight words of the compression of block m
 // chained from cv: a chunk's or parent's chaining value, or with
 // flagRoot a 32-byte hash.
-func compress(cv *[8]uint32, m [16]uint32, counter uint64, blockLen, flags uint32) (out [8]uint32) {
-	v := [16]uint32{
-		cv[0], cv[1], cv[2], cv[3], cv[4], cv[5], cv[6], cv[7],
-		iv[0], iv[1], iv[2], iv[3],
-		uint32(counter), uint32(counter >> 32), blockLen, flags,
-	}
+func compress(cv *[8]uint32, m [16]uint32, counter uint64, blockLen, flags uint32) [8]uint32 {
+	v0, v1, v2, v3, v4, v5, v6, v7 := cv[0], cv[1], cv[2], cv[3], cv[4], cv[5], cv[6], cv[7]
+	v8, v9, v10, v11 := iv[0], iv[1], iv[2], iv[3]
+	v12, v13, v14, v15 := uint32(counter), uint32(counter>>32), blockLen, flags
 	for r := 0; r < 7; r++ {
-		g(&v, 0, 4, 8, 12, m[0], m[1])
-		g(&v, 1, 5, 9, 13, m[2], m[3])
-		g(&v, 2, 6, 10, 14, m[4], m[5])
-		g(&v, 3, 7, 11, 15, m[6], m[7])
-		g(&v, 0, 5, 10, 15, m[8], m[9])
-		g(&v, 1, 6, 11, 12, m[10], m[11])
-		g(&v, 2, 7, 8, 13, m[12], m[13])
-		g(&v, 3, 4, 9, 14, m[14], m[15])
+		v0, v4, v8, v12 = g(v0, v4, v8, v12, m[0], m[1])
+		v1, v5, v9, v13 = g(v1, v5, v9, v13, m[2], m[3])
+		v2, v6, v10, v14 = g(v2, v6, v10, v14, m[4], m[5])
+		v3, v7, v11, v15 = g(v3, v7, v11, v15, m[6], m[7])
+		v0, v5, v10, v15 = g(v0, v5, v10, v15, m[8], m[9])
+		v1, v6, v11, v12 = g(v1, v6, v11, v12, m[10], m[11])
+		v2, v7, v8, v13 = g(v2, v7, v8, v13, m[12], m[13])
+		v3, v4, v9, v14 = g(v3, v4, v9, v14, m[14], m[15])
 		var p [16]uint32
 		for i, j := range msgPermutation {
 			p[i] = m[j]
 		}
 		m = p
 	}
-	for i := range out {
-		out[i] = v[i] ^ v[i+8]
-	}
-	return out
+	return [8]uint32{v0 ^ v8, v1 ^ v9, v2 ^ v10, v3 ^ v11, v4 ^ v12, v5 ^ v13, v6 ^ v14, v7 ^ v15}
 }
 
 func chunks8Generic(lanes *[8]*[ChunkSize]byte, counters *[16]uint32, key *[8]uint32, flags uint32, out *[64]uint32) {
