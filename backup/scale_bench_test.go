@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -159,6 +160,7 @@ func BenchmarkScale(b *testing.B) {
 		}
 		resetPeak()
 		stop := startProfiles(b, prof, name)
+		peak := samplePeak()
 		t0 := time.Now()
 		r, err := backup.OpenWith(ctx, loc, set)
 		if err != nil {
@@ -167,7 +169,11 @@ func BenchmarkScale(b *testing.B) {
 		fn(r)
 		r.Close()
 		stop()
+		at := peak()
 		report(name+"-peak-rss", peakRSS(), "MiB")
+		for _, k := range peakParts {
+			report(name+"-peak-"+k, at[k], "MiB")
+		}
 		report(name+"-s", time.Since(t0).Seconds(), "s")
 		resetPeak()
 		report(name+"-after-rss", curRSS(), "MiB")
@@ -324,6 +330,77 @@ func BenchmarkScale(b *testing.B) {
 			b.Fatalf("repair --dry-run: %+v, %v", rep, err)
 		}
 	})
+}
+
+// peakParts are what samplePeak reports of the resident set at its
+// highest: the kernel's split (anonymous memory, pages of mapped files,
+// shared memory: RssAnon, RssFile, RssShmem of /proc/self/status) and the Go runtime's
+// (runtime/metrics): heap objects (live and not yet collected), heap
+// spans free but not returned to the system, goroutine stacks, the
+// collector's heap goal, and all memory the runtime has mapped and not
+// released.
+var peakParts = []string{"anon", "file", "shmem", "heap-objects", "heap-free", "stacks", "heap-goal", "go-total"}
+
+// samplePeak starts a goroutine that reads the resident set every 10 ms
+// and, each time it is the highest yet, what it is made of
+// (peakParts); the returned function stops it and gives them, in MiB.
+// A sample can miss the very top between two reads: the parts are of
+// the highest resident set seen, VmHWM is the true peak.
+func samplePeak() func() map[string]float64 {
+	done, exited := make(chan struct{}), make(chan struct{})
+	at := map[string]float64{}
+	ms := []metrics.Sample{
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/heap/free:bytes"},
+		{Name: "/memory/classes/heap/stacks:bytes"},
+		{Name: "/gc/heap/goal:bytes"},
+		{Name: "/memory/classes/total:bytes"},
+		{Name: "/memory/classes/heap/released:bytes"},
+	}
+	sample := func() {
+		b, _ := os.ReadFile("/proc/self/status")
+		for _, l := range strings.Split(string(b), "\n") {
+			f := strings.Fields(l)
+			if len(f) < 2 {
+				continue
+			}
+			kb, _ := strconv.Atoi(f[1])
+			switch f[0] {
+			case "RssAnon:":
+				at["anon"] = float64(kb) / 1024
+			case "RssFile:":
+				at["file"] = float64(kb) / 1024
+			case "RssShmem:":
+				at["shmem"] = float64(kb) / 1024
+			}
+		}
+		metrics.Read(ms)
+		mib := func(i int) float64 { return float64(ms[i].Value.Uint64()) / (1 << 20) }
+		at["heap-objects"], at["heap-free"], at["stacks"], at["heap-goal"] = mib(0), mib(1), mib(2), mib(3)
+		at["go-total"] = mib(4) - mib(5)
+	}
+	go func() {
+		defer close(exited)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		high := 0.0
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			if rss := curRSS(); rss > high {
+				high = rss
+				sample()
+			}
+		}
+	}()
+	return func() map[string]float64 {
+		close(done)
+		<-exited
+		return at
+	}
 }
 
 // startProfiles starts phase's CPU profile and a goroutine that writes

@@ -245,11 +245,11 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				sum := r.hasher()
+				w := &verifyWork{sum: r.hasher()}
 				page := make([]byte, runPage)
 				for pid := range next {
 					ps := pos(pid)
-					es := make([]indexEntry, len(ps))
+					w.items = slices.Grow(w.items[:0], len(ps))[:len(ps)]
 					for j, i := range ps {
 						e, err := idx.entryAt(int64(i), page)
 						if err != nil {
@@ -257,20 +257,20 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 							rep.BadIndexes = append(rep.BadIndexes, fmt.Sprintf("chunk index: %v", err))
 							mu.Unlock()
 						}
-						es[j] = e
+						w.items[j] = verifyItem{e: e, pos: i}
 					}
 					check := r.checkPack
 					if opts.sampled() {
 						check = r.checkBlobs
 					}
-					g, perr := check(ctx, pid, es, sum)
+					perr := check(ctx, pid, w)
 					mu.Lock()
 					if perr != nil {
 						rep.BadPacks = append(rep.BadPacks, perr.Error())
 					}
-					for j, i := range ps {
-						if g[es[j].h] {
-							needed.clear(int(i))
+					for _, it := range w.items {
+						if it.good {
+							needed.clear(int(it.pos))
 						}
 					}
 					done++
@@ -385,17 +385,41 @@ var errStop = errors.New("stop")
 // together (4 bytes each); a variable: tests make it small.
 var verifyBatch = 1 << 20
 
+// verifyWork is what a verify worker checks packs with, reused from
+// pack to pack so that what verify holds is a few buffers a worker,
+// whatever the number or size of the packs: the chunks of the pack it
+// checks (their index entries, their places in the index, whether each
+// was found good), a buffer for a piece of a pack file or a blob as
+// stored, and one for a blob opened (up to the largest blob, 4 MiB).
+// A pool shared by the three uses grew every buffer in it
+// to the largest use and kept up to five 4 MiB ones alive, and each
+// pack allocated a map of its chunks' verdicts, their entries twice, a
+// good part of verify's garbage.
+type verifyWork struct {
+	sum     func([]byte) Hash
+	items   []verifyItem
+	buf     []byte
+	scratch []byte
+}
+
+// verifyItem is a chunk a worker checks: its index entry, its position
+// in the index, and whether it was found good.
+type verifyItem struct {
+	e    indexEntry
+	pos  uint32
+	good bool
+}
+
 // checkPack reads a pack whole, checks it against its name and its
-// trailer, and checks the given chunks in it (their index entries: where
-// they are is not looked up again), blob by blob: one opened
+// trailer, and checks the chunks w.items in it (their index entries:
+// where they are is not looked up again), blob by blob: one opened
 // blob in memory at a time (decrypted in place and decompressed into
 // memory it reuses), not the whole pack opened. The error says what is
 // wrong with the pack itself.
-func (r *Repo) checkPack(ctx context.Context, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
+func (r *Repo) checkPack(ctx context.Context, pid PackID, w *verifyWork) error {
 	if o, ok := r.be.(objectOpener); ok {
-		return r.checkPackFile(ctx, o, pid, es, sum)
+		return r.checkPackFile(ctx, o, pid, w)
 	}
-	good := make(map[Hash]bool, len(es))
 	b, err := r.be.Get(ctx, pid.name(), 0, -1)
 	var perr error
 	if err != nil {
@@ -403,69 +427,57 @@ func (r *Repo) checkPack(ctx context.Context, pid PackID, es []indexEntry, sum f
 	} else {
 		perr = r.checkPackBytes(pid, b)
 	}
-	items := make([]indexEntry, 0, len(es))
-	for _, e := range es {
-		if err != nil || int64(e.l.off)+int64(e.l.len) > int64(len(b)) {
-			good[e.h] = false
-			continue
+	r.checkChunks(w, func(l loc) ([]byte, error) {
+		if err != nil {
+			return nil, err
 		}
-		items = append(items, e)
-	}
-	r.checkChunks(good, items, func(l loc) ([]byte, error) { return b[l.off : l.off+l.len], nil }, sum)
-	return good, perr
+		if int64(l.off)+int64(l.len) > int64(len(b)) {
+			return nil, fmt.Errorf("pack %s: %w: blob at %d past its end", pid, ErrCorrupt, l.off)
+		}
+		return b[l.off : l.off+l.len], nil
+	})
+	return perr
 }
-
-// verifyBufs holds the buffers verify reads a pack file through: a
-// piece of it to hash, a blob.
-var verifyBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 // verifyPiece is how much of a pack file verify hashes at a time.
 const verifyPiece = 1 << 20
 
 // checkPackFile is checkPack for a pack in a file (a local repository):
-// hashed a piece at a time, its trailer and the blobs of the chunks es
+// hashed a piece at a time, its trailer and the blobs of the chunks
 // read as ranges, so that what a worker holds does not depend on the
 // pack's size. Read whole, two workers held two packs (15 MiB each at
 // 4 Mi chunks, up to the pack size of 16 MiB and more), and the
 // collector's goal twice that: verify's peak grew with the packs.
-func (r *Repo) checkPackFile(ctx context.Context, o objectOpener, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
-	good := make(map[Hash]bool, len(es))
+func (r *Repo) checkPackFile(ctx context.Context, o objectOpener, pid PackID, w *verifyWork) error {
 	f, size, err := o.openObject(ctx, pid.name())
 	var perr error
 	if err != nil {
 		perr = fmt.Errorf("pack %s: %w", pid, err)
 	} else {
 		defer f.Close()
-		perr = r.checkPackAt(pid, f, size)
+		perr = r.checkPackAt(pid, f, size, w)
 	}
-	items := make([]indexEntry, 0, len(es))
-	for _, e := range es {
-		if err != nil || int64(e.l.off)+int64(e.l.len) > size {
-			good[e.h] = false
-			continue
+	r.checkChunks(w, func(l loc) ([]byte, error) {
+		if err != nil {
+			return nil, err
 		}
-		items = append(items, e)
-	}
-	bp := verifyBufs.Get().(*[]byte)
-	defer verifyBufs.Put(bp)
-	r.checkChunks(good, items, func(l loc) ([]byte, error) {
-		b := slices.Grow((*bp)[:0], int(l.len))[:l.len]
-		*bp = b[:0]
-		if _, err := f.ReadAt(b, int64(l.off)); err != nil {
+		if int64(l.off)+int64(l.len) > size {
+			return nil, fmt.Errorf("pack %s: %w: blob at %d past its end", pid, ErrCorrupt, l.off)
+		}
+		w.buf = slices.Grow(w.buf[:0], int(l.len))[:l.len]
+		if _, err := f.ReadAt(w.buf, int64(l.off)); err != nil {
 			return nil, fmt.Errorf("pack %s: blob at %d: %w", pid, l.off, err)
 		}
-		return b, nil
-	}, sum)
-	return good, perr
+		return w.buf, nil
+	})
+	return perr
 }
 
 // checkPackAt is checkPackBytes for a pack read through ra, of size
-// bytes.
-func (r *Repo) checkPackAt(pid PackID, ra io.ReaderAt, size int64) error {
-	bp := verifyBufs.Get().(*[]byte)
-	defer verifyBufs.Put(bp)
-	buf := slices.Grow((*bp)[:0], verifyPiece)[:verifyPiece]
-	*bp = buf[:0]
+// bytes, a piece at a time into w.buf.
+func (r *Repo) checkPackAt(pid PackID, ra io.ReaderAt, size int64, w *verifyWork) error {
+	w.buf = slices.Grow(w.buf[:0], verifyPiece)[:verifyPiece]
+	buf := w.buf
 	h := blake3.New()
 	for off := int64(0); off < size; {
 		n, err := ra.ReadAt(buf[:min(int64(len(buf)), size-off)], off)
@@ -477,12 +489,12 @@ func (r *Repo) checkPackAt(pid PackID, ra io.ReaderAt, size int64) error {
 	}
 	var got PackID
 	h.Sum(got[:0])
-	return packVerdict(pid, got, r.packTrailerAt(pid.name(), ra, size, buf))
+	return packVerdict(pid, got, r.packTrailerAt(pid.name(), ra, size, w))
 }
 
 // packTrailerAt checks the trailer of pack name, read through ra (size
-// bytes), as packTrailer does; buf is memory it may use.
-func (r *Repo) packTrailerAt(name string, ra io.ReaderAt, size int64, buf []byte) error {
+// bytes) into w.buf, as packTrailer does.
+func (r *Repo) packTrailerAt(name string, ra io.ReaderAt, size int64, w *verifyWork) error {
 	if size < 4 {
 		return corrupt(name, "too short")
 	}
@@ -494,21 +506,20 @@ func (r *Repo) packTrailerAt(name string, ra io.ReaderAt, size int64, buf []byte
 	if tl > size-4 {
 		return corrupt(name, "trailer length exceeds the pack")
 	}
-	t := slices.Grow(buf[:0], int(tl))[:tl]
-	if _, err := ra.ReadAt(t, size-4-tl); err != nil {
+	w.buf = slices.Grow(w.buf[:0], int(tl))[:tl]
+	if _, err := ra.ReadAt(w.buf, size-4-tl); err != nil {
 		return fmt.Errorf("%s trailer: %w", name, err)
 	}
-	_, _, err := r.sealedTrailer(name, t, size-4-tl)
+	_, _, err := r.sealedTrailer(name, w.buf, size-4-tl)
 	return err
 }
 
-// checkBlobs checks the given chunks of a pack reading only their
+// checkBlobs checks the chunks w.items of a pack reading only their
 // blobs, one range read each: a sampled verify's check, which leaves the
 // rest of the pack unread. The error names the blobs that did not read.
-func (r *Repo) checkBlobs(ctx context.Context, pid PackID, es []indexEntry, sum func([]byte) Hash) (map[Hash]bool, error) {
-	good := make(map[Hash]bool, len(es))
+func (r *Repo) checkBlobs(ctx context.Context, pid PackID, w *verifyWork) error {
 	var perr error
-	r.checkChunks(good, slices.Clone(es), func(l loc) ([]byte, error) {
+	r.checkChunks(w, func(l loc) ([]byte, error) {
 		b, err := r.be.Get(ctx, pid.name(), int64(l.off), int64(l.len))
 		if err == nil && len(b) != int(l.len) {
 			err = fmt.Errorf("%w: %d bytes read of %d", ErrCorrupt, len(b), l.len)
@@ -517,37 +528,36 @@ func (r *Repo) checkBlobs(ctx context.Context, pid PackID, es []indexEntry, sum 
 			perr = fmt.Errorf("pack %s: blob at %d: %w", pid, l.off, err)
 		}
 		return b, err
-	}, sum)
-	return good, perr
+	})
+	return perr
 }
 
-// checkChunks checks the chunks items (which it sorts), blob by blob in
-// pack order, and records in good whether each matched its hash. blob
+// checkChunks checks the chunks w.items (which it sorts), blob by blob
+// in pack order, and records in each whether it matched its hash. blob
 // gives the stored bytes of the blob at l (an error: its chunks are
 // bad); each blob is read and opened once, decrypted in place and
-// decompressed into memory the next one (and pack) reuses.
-func (r *Repo) checkChunks(good map[Hash]bool, items []indexEntry, blob func(l loc) ([]byte, error), sum func([]byte) Hash) {
-	sort.Slice(items, func(i, j int) bool { return items[i].l.off < items[j].l.off })
-	sp := verifyBufs.Get().(*[]byte) // blobs open into memory the next pack reuses too
-	scratch := *sp
-	defer func() { *sp = scratch[:0]; verifyBufs.Put(sp) }()
+// decompressed into w.scratch.
+func (r *Repo) checkChunks(w *verifyWork, blob func(l loc) ([]byte, error)) {
+	items := w.items
+	sort.Slice(items, func(i, j int) bool { return items[i].e.l.off < items[j].e.l.off })
 	var group []byte
 	var gerr error
-	for i, it := range items {
-		if i == 0 || it.l.off != items[i-1].l.off {
+	for i := range items {
+		it := &items[i]
+		if i == 0 || it.e.l.off != items[i-1].e.l.off {
 			var b []byte
-			if b, gerr = blob(it.l); gerr == nil {
-				if group, gerr = r.openBlobInto(scratch, b); gerr == nil {
-					scratch = group[:0]
+			if b, gerr = blob(it.e.l); gerr == nil {
+				if group, gerr = r.openBlobInto(w.scratch, b); gerr == nil {
+					w.scratch = group[:0]
 				}
 			}
 		}
 		if gerr != nil {
-			good[it.h] = false
+			it.good = false
 			continue
 		}
-		_, cerr := chunkIn(it.h, it.l, group, sum)
-		good[it.h] = cerr == nil
+		_, cerr := chunkIn(it.e.h, it.e.l, group, w.sum)
+		it.good = cerr == nil
 	}
 }
 
