@@ -41,6 +41,12 @@
 # a userspace server (Umbra, nbdkit, qemu-nbd) runs a second time under
 # `strace -c -f` attached to that server (DIR/strace-TARGET.txt; the
 # ratios printed are those of the passes without strace).
+#
+# VM_UMBRA_B=BINARY compares this tree's umbra (A) with another build (B,
+# a path outside /tmp) instead: only the first write under a live
+# snapshot, A and B alternating for VM_ROUNDS rounds (default 3), each
+# pass on a freshly started server, freshly filled volume and new
+# snapshot; it prints each pass and the ratio B/A per round.
 set -euo pipefail
 
 if [ -z "${VMTEST_OUT:-}" ]; then
@@ -51,6 +57,10 @@ if [ -z "${VMTEST_OUT:-}" ]; then
   echo "guest: Debian's kernel under qemu ${accel^^}, 2 vCPUs, 2 GiB; disks are sparse files (cache=unsafe)"
   vm=(scripts/vmtest --accel "$accel" --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G
     --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" --timeout 3600)
+  if [ -n "${VM_UMBRA_B:-}" ]; then
+    case "$VM_UMBRA_B" in /tmp/*|/run/*) echo "bench/vm.sh: VM_UMBRA_B must lie outside /tmp and /run (the guest replaces them)" >&2; exit 2 ;; esac
+    vm+=(-e "VM_UMBRA_B=$(realpath "$VM_UMBRA_B")" -e "VM_ROUNDS=${VM_ROUNDS:-3}")
+  fi
   if [ -z "${VM_PROFILE:-}" ]; then exec "${vm[@]}" bench/vm.sh "${1:-32}"; fi
   mkdir -p "$VM_PROFILE"
   log=$(mktemp)
@@ -103,6 +113,9 @@ job() { # job NAME DEV RW: one fio pass over the region; prints KiB/s
   echo "$1: guest CPU idle $(awk -v a="$a" -v b="$b" 'BEGIN{split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%d%%", (t > 0 ? 100 - 100 * (y[1] - x[1]) / t : 0)}')" >>"$W/idle.log"
   echo "$bw"
 }
+proccost() { # proccost PID: its CPU ticks (user+system), voluntary and involuntary context switches (all threads)
+  { awk '{print $14 + $15}' "/proc/$1/stat"; cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt_switches/{v += $2} /^nonvoluntary_ctxt_switches/{n += $2} END{print v, n}'; } | paste -sd' '
+}
 fill() { dd if=/dev/urandom of="$1" bs=1M count="$mib" oflag=direct status=none; }
 declare -A first rewrite rd
 targets=(plain umbra umbra+snap umbra+psnap nbdkit qemu-nbd lvm-thick lvm-thin)
@@ -120,6 +133,34 @@ run() { # run TARGET DEV [SNAPSHOT-COMMAND]: fill, snapshot, the three passes
   rd[$t]=$(job "$t-read" "$dev" randread)
   echo "$t: first ${first[$t]} KiB/s, rewrite ${rewrite[$t]} KiB/s, read ${rd[$t]} KiB/s"
 }
+
+if [ -n "${VM_UMBRA_B:-}" ]; then
+  # A/B: the first write under a snapshot, this tree's umbra against another.
+  mkfs.ext4 -q /dev/vdc && mount /dev/vdc "$W/shadow"
+  for r in $(seq 1 "$VM_ROUNDS"); do
+    for side in A B; do
+      bin=$UMBRA; [ "$side" = B ] && bin=$VM_UMBRA_B
+      d=$W/ab-$side-$r; mkdir -p "$d" "$W/shadow/$side-$r"
+      "$bin" serve --state-dir "$d/state" --storage "$W/shadow/$side-$r" --volume v=/dev/vdd \
+        --nbd-socket "$d/nbd.sock" --api-socket "$d/api.sock" >"$d/serve.log" 2>&1 &
+      serve=$!
+      for _ in $(seq 1 600); do "$bin" volume list --api-socket "$d/api.sock" >/dev/null 2>&1 && break; sleep 0.2; done
+      nbd-client -unix "$d/nbd.sock" /dev/nbd3 -N v -b 4096 >/dev/null
+      fill /dev/nbd3
+      "$bin" snapshot create v --id s1 --api-socket "$d/api.sock" >/dev/null
+      a=$(proccost "$serve")
+      first[$side-$r]=$(job "$side-$r-first" /dev/nbd3 randwrite)
+      b=$(proccost "$serve")
+      nbd-client -d /dev/nbd3 >/dev/null
+      kill "$serve"; wait "$serve" || true
+      rm -rf "$W/shadow/$side-$r"
+      echo "round $r $side ($bin): first write under a snapshot ${first[$side-$r]} KiB/s; the server's $(awk -v a="$a" -v b="$b" -v n=$((mib * 256)) 'BEGIN{split(a, x, " "); split(b, y, " "); printf "CPU %.2f ms, context switches %.2f voluntary and %.2f involuntary a request", (y[1] - x[1]) * 10 / n, (y[2] - x[2]) / n, (y[3] - x[3]) / n}')"
+    done
+    echo "round $r: B/A $(awk -v a="${first[A-$r]}" -v b="${first[B-$r]}" 'BEGIN{printf "%.2f", b/a}')"
+  done
+  cat "$W/idle.log"
+  exit 0
+fi
 
 run plain-start /dev/vda
 
