@@ -67,17 +67,11 @@ func phase(g [4][4]int, m [4][2]int, msg func(int) string, spill string) {
 		}
 		for k := range 4 {
 			emit("VPADDD %s, %s, %s", y(g[k][1]), y(g[k][0]), y(g[k][0]))
-		}
-		for k := range 4 {
 			emit("VPXOR %s, %s, %s", y(g[k][0]), y(g[k][3]), y(g[k][3]))
-		}
-		for k := range 4 {
 			emit("VPSHUFB rot%d<>(SB), %s, %s", rot[0], y(g[k][3]), y(g[k][3]))
 		}
 		for k := range 4 {
 			emit("VPADDD %s, %s, %s", y(g[k][3]), y(g[k][2]), y(g[k][2]))
-		}
-		for k := range 4 {
 			emit("VPXOR %s, %s, %s", y(g[k][2]), y(g[k][1]), y(g[k][1]))
 		}
 		emit("VMOVDQU Y0, %s", spill)
