@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/bits"
 	"runtime"
 	"strings"
 	"sync"
@@ -428,7 +427,7 @@ func segmentChanges(x *Image, opts Options, incr, patch bool, first, perBatch in
 
 // eachChanged calls fn with the chunks in [first, end) that bm marks,
 // in order, until fn returns false. With a bit per chunk it skips
-// words of unmarked chunks at once.
+// unmarked chunks a word (or a compressed container) at a time.
 func eachChanged(bm *provider.Bitmap, first, end, cs int64, fn func(i int64) bool) {
 	if bm.Granule != cs {
 		for i := first; i < end; i++ {
@@ -438,25 +437,7 @@ func eachChanged(bm *provider.Bitmap, first, end, cs int64, fn func(i int64) boo
 		}
 		return
 	}
-	for i := first; i < end; {
-		w := i / 64
-		if w >= int64(len(bm.Bits)) {
-			return
-		}
-		word := bm.Bits[w] >> (i % 64)
-		if word == 0 {
-			i = (w + 1) * 64
-			continue
-		}
-		i += int64(bits.TrailingZeros64(word))
-		if i >= end {
-			return
-		}
-		if !fn(i) {
-			return
-		}
-		i++
-	}
+	bm.Each(first, end, fn)
 }
 
 func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
@@ -465,6 +446,16 @@ func chunkLen(i, cs, size int64) int64 { return min(cs, size-i*cs) }
 // parent, which are holes, and which must be read.
 func (r *Repo) planBatch(ctx context.Context, x *Image, opts Options, parent *listCursor, alloc *allocCache, first, last int64, w []chunkWork, st *Stats) error {
 	cs := int64(r.cfg.ChunkSize)
+	var changed []bool
+	if parent != nil {
+		// The batch's changed chunks from the map at once (a
+		// compressed one answers a run faster than chunk by chunk).
+		changed = make([]bool, len(w))
+		eachChanged(opts.Changed, first, last, cs, func(i int64) bool {
+			changed[i-first] = true
+			return true
+		})
+	}
 	for i := range w {
 		w[i] = chunkWork{kind: kindRead}
 		idx := first + int64(i)
@@ -476,7 +467,7 @@ func (r *Repo) planBatch(ctx context.Context, x *Image, opts Options, parent *li
 			return fmt.Errorf("parent image: %w", err)
 		}
 		w[i].prev = h // what a patch of the parent's segment is made against
-		if !changedChunk(opts.Changed, idx, cs) {
+		if !changed[i] {
 			// The parent's chunks are there: prune keeps every chunk of a
 			// listed image (damage is verify's to find, and --full
 			// re-reads everything).
