@@ -28,8 +28,16 @@ func main() {
 			defer f.Close()
 		}
 	}
+	// UMBRA_HEAPPROFILE=FILE writes a heap profile each time the
+	// resident set reaches a new high (by 4 MiB): what memory grows
+	// with, at the peak.
+	stopHeap := func() {}
+	if path := os.Getenv("UMBRA_HEAPPROFILE"); path != "" {
+		stopHeap = startHeapProfile(path)
+	}
 	code := execute(os.Args[1:], os.Stderr)
 	pprof.StopCPUProfile() // a no-op without a profile
+	stopHeap()
 	if code != 0 {
 		os.Exit(code)
 	}
