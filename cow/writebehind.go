@@ -90,7 +90,7 @@ type wbSpace struct {
 // client in a VM under TCG: 8192 first writes, 1291 diff-area writes —
 // and each flush cost a timer goroutine, a flusher wakeup and a write
 // that extends the diff area; at 20 ms the server spent 2.0-2.1 ms of
-// CPU a first write against 5.1-6.1 and ran 2.9-3.2x faster, in
+// CPU a first write against 5.1-6.1 and ran 2.8-2.9x faster, in
 // alternating passes of bench/vm.sh, 2026-12-07, host load 30-38, one
 // round of three the other way at 0.85x); wbQueue is how
 // many filled batches may wait while one is written, so that a write
