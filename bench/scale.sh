@@ -13,7 +13,9 @@
 #     (UMBRA_SCALE_SKIP=repair-check,... leaves phases out); peak RSS
 #     of each phase (VmHWM, reset before it), RSS once it ended and its
 #     memory was given back, metadata the incremental wrote (everything
-#     but packs).
+#     but packs); on stderr, what each phase's resident set was made of
+#     at its highest (RssAnon, RssFile, RssShmem; the Go heap's objects,
+#     free spans, goal: BenchmarkScale's PHASE-peak-* lines).
 #   - restic: `restic backup` of the same data (`nbdkit pattern` served
 #     as a file through nbdfuse; only the data part, restic would read
 #     the hole too), `restic restore`, `restic check --read-data`,
@@ -51,6 +53,7 @@ for m in $SIZES; do
 	if [ "${UMBRA:-1}" = 1 ]; then
 		(cd "$W" && UMBRA_SCALE_CHUNKS=$n UMBRA_SCALE_DIR=$W ./backup.test -test.run XXX -test.bench BenchmarkScale -test.benchtime 1x >"$out" 2>&1) || { cat "$out" >&2; exit 1; }
 		v() { awk -v k="$1" '$3 == k {print $4}' "$out"; }
+		grep -- '-peak-' "$out" | grep -v -- '-peak-rss ' >&2 || true
 		echo "| $m M | umbra | $(v backup-peak-rss) MiB | $(v backup-after-rss) MiB | $(v incremental-peak-rss) MiB | $(v incremental-metadata) MiB ($(v incremental-metadata-pct) %) of $(v incremental-changed) MiB | $(v restore-peak-rss) MiB | $(v verify-peak-rss) MiB | $(v prune-peak-rss) MiB | $(v stats-peak-rss) MiB | $(v repair-check-peak-rss) MiB | $(v repo-size) MiB | $(v backup-s) | $(v incremental-s) |"
 	fi
 	[ "$have_restic" = 1 ] && [ "${RESTIC:-1}" = 1 ] || continue
