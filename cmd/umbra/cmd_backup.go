@@ -208,6 +208,7 @@ func newImagesCmd() *cobra.Command {
 		Short: "Delete images (damaged ones too) and free the space only they used",
 		Args:  cobra.MinimumNArgs(1),
 	}, func(cmd *cobra.Command, args []string, r *backup.Repo) error {
+		walkPace()
 		rep, err := r.Delete(cmd.Context(), args)
 		if err != nil {
 			return err
@@ -410,6 +411,7 @@ same seed picks the same chunks.`,
 			return nil
 		},
 	}, func(cmd *cobra.Command, _ []string, r *backup.Repo) error {
+		walkPace()
 		opts := backup.VerifyOptions{Sample: sample, Seed: seed, Record: true}
 		pr := newProgress("verify")
 		rep := r.VerifyWith(cmd.Context(), opts, func(done, total int64) { pr.update("packs", done, total) })
