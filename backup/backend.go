@@ -227,6 +227,29 @@ func (b *localBackend) Get(ctx context.Context, name string, off, length int64) 
 	return buf, nil
 }
 
+// getInto is Get into buf's memory when it has room (else new memory):
+// a restore's reads reuse one buffer per worker instead of leaving
+// garbage (and zeroing fresh memory) at every read.
+func (b *localBackend) getInto(buf []byte, name string, off, length int64) ([]byte, error) {
+	f, err := os.Open(b.path(name))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if int64(cap(buf)) < length {
+		buf = make([]byte, length)
+	}
+	buf = buf[:length]
+	n, err := f.ReadAt(buf, off)
+	if err == io.EOF && int64(n) < length {
+		return nil, fmt.Errorf("read %s: %d bytes at %d: %w", b.path(name), length, off, io.ErrUnexpectedEOF)
+	}
+	if err != nil && err != io.EOF {
+		return nil, err
+	}
+	return buf, nil
+}
+
 // objectOpener is a backend whose objects are files a reader can read
 // in pieces (a local repository).
 type objectOpener interface {

@@ -387,7 +387,8 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 	}
 	cache := newChunkCache(restoreCache)
 	srcSum := src.hasher()
-	var scratch, passScratch, checkScratch []byte
+	var passScratch, checkScratch []byte
+	var scratch readScratch
 	// The same compression: blobs move as they are stored (the same
 	// names), or sealed again for the target (other names).
 	pass := same && passThrough(src, dst)
@@ -458,7 +459,7 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 			}
 			return listed(out)
 		}
-		src.countUses(cache, need)
+		src.countUses(cache, first, need)
 		// One goroutine reads the segment's batches ahead.
 		rctx, cancel := context.WithCancel(ctx)
 		defer cancel()

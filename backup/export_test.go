@@ -82,6 +82,14 @@ func SetReaderCache(n int64) func() { return set(&readerCache, n) }
 // batches.
 func SetRestoreCache(n int64) func() { return set(&restoreCache, n) }
 
+// SetPlanned calls planned with a segment's first chunk whenever a
+// restore or stream has planned that segment, and starting before it
+// restores it.
+func SetPlanned(plannedFn, startingFn func(first int64)) func() {
+	a, b := set(&planned, plannedFn), set(&starting, startingFn)
+	return func() { a(); b() }
+}
+
 // SetTrailerV1 makes packs carry version 1 trailers, as earlier Umbra
 // wrote them.
 func SetTrailerV1() func() { return set(&writeTrailerV1, true) }

@@ -3,10 +3,15 @@ package backup_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"umbra/backup"
 )
@@ -35,5 +40,113 @@ func TestRestoreLooksUpOnce(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(out); !bytes.Equal(b, src) {
 		t.Fatal("the restore differs from the volume")
+	}
+}
+
+// TestRestorePlansAhead: a restore plans the next segment of the chunk
+// list (reads it, counts its uses, looks its chunks up) while the current
+// one is read, so that no core waits for planning between segments: the
+// first segment's restore is held from starting until the second
+// segment's plan is made. Every segment restores byte-identical, into a
+// file and through a stream, each planned once in order, and a restore
+// stopped by its context or by a segment that does not read says why.
+func TestRestorePlansAhead(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(64))
+	ctx := context.Background()
+	repo, dir := newRepo(t)
+	r := rand.New(rand.NewPCG(41, 42))
+	src := volumeData(r, 6*64*4096+4096) // 7 segments, the last of one chunk
+	for off := 3 * 64 * 4096; off < 4*64*4096; off += 4096 {
+		k := r.IntN(64) * 4096 // segment 3 repeats chunks of segment 0
+		copy(src[off:off+4096], src[k:k+4096])
+	}
+	x := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+
+	var (
+		mu    sync.Mutex
+		plans []int64
+		fails []string
+	)
+	for _, stream := range []bool{false, true} {
+		mu.Lock()
+		plans = nil
+		mu.Unlock()
+		next := make(chan struct{})
+		restore := backup.SetPlanned(func(first int64) {
+			mu.Lock()
+			plans = append(plans, first)
+			mu.Unlock()
+			if first == 64 {
+				close(next)
+			}
+		}, func(first int64) {
+			if first != 0 {
+				return
+			}
+			select {
+			case <-next:
+			case <-time.After(time.Minute): // a failure only: the plan never comes
+				mu.Lock()
+				fails = append(fails, "segment 1 was not planned before segment 0 was restored")
+				mu.Unlock()
+			}
+		})
+		got := make([]byte, len(src))
+		if stream {
+			ir, err := repo.OpenImage(ctx, x.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = ir.Stream(ctx, nil, func(b backup.StreamBatch) error {
+				copy(got[b.First*4096:], b.Data)
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			out := filepath.Join(t.TempDir(), "out.img")
+			if err := repo.Restore(x.ID, out, nil); err != nil {
+				t.Fatal(err)
+			}
+			got, _ = os.ReadFile(out)
+		}
+		restore()
+		if !bytes.Equal(got, src) {
+			t.Fatalf("stream %v: the restore differs from the volume", stream)
+		}
+		mu.Lock()
+		if len(fails) > 0 {
+			t.Fatalf("stream %v: %s", stream, fails[0])
+		}
+		if want := []int64{0, 64, 128, 192, 256, 320, 384}; !slices.Equal(plans, want) {
+			t.Fatalf("stream %v: segments planned %v, want each once in order %v", stream, plans, want)
+		}
+		mu.Unlock()
+	}
+
+	// Stopped: by its context at the first batch, and by a segment that
+	// does not read (its object removed): the error says why.
+	ir, err := repo.OpenImage(ctx, x.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	err = ir.Stream(cctx, nil, func(b backup.StreamBatch) error { cancel(); return nil })
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("stream cancelled at its first batch: %v", err)
+	}
+	segs := backup.SegmentObjects(repo, x.ID)
+	if err := os.Remove(filepath.Join(dir, segs[4])); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "out.img")
+	if err := repo.Restore(x.ID, out, nil); err == nil {
+		t.Fatal("a restore with a list segment missing succeeded")
+	} else if !strings.Contains(err.Error(), "segment") {
+		t.Fatalf("a restore with a list segment missing: %v; want the segment named", err)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the failed restore left %s: %v", out, err)
 	}
 }

@@ -65,8 +65,9 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	rs := r.newRestoreRun(x, path)
 	rs.f, rs.regular, rs.progress = f, regular, progress
 	go rs.writer()
-	err = r.eachSegment(ctx, x, func(first int64, hs []Hash) error {
-		if err := rs.segment(ctx, first, hs); err != nil {
+	err = r.eachPlannedSegment(ctx, x, nil, func(first int64, hs []Hash, p *usePlan) error {
+		rs.cache.start(p)
+		if err := rs.batches(ctx, first, hs); err != nil {
 			return fmt.Errorf("restore %s: %w", id, err)
 		}
 		return nil
@@ -85,6 +86,72 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 		return fmt.Errorf("restore to %s: %w", path, err)
 	}
 	return nil
+}
+
+// planned and starting, when set (tests), are called with a segment's
+// first chunk once its plan is made and before it is restored.
+var planned, starting func(first int64)
+
+// eachPlannedSegment calls fn with each segment of x's chunk list and its
+// plan (planUses), in order. One goroutine reads and plans the next
+// segment while fn restores the current one: planning (an index lookup
+// for each distinct chunk) is otherwise a stretch where one core works
+// and the other waits, at every segment. At most two plans exist at
+// once: the current one and the next. want (nil: every segment) says
+// whether a segment is wanted at all: one that is not is neither planned
+// nor given to fn.
+func (r *Repo) eachPlannedSegment(ctx context.Context, x *Image, want func(first int64, hs []Hash) bool, fn func(first int64, hs []Hash, p *usePlan) error) error {
+	type segPlan struct {
+		first int64
+		hs    []Hash
+		p     *usePlan
+		err   error
+	}
+	pctx, cancel := context.WithCancel(ctx)
+	plans := make(chan segPlan) // unbuffered: the next plan waits, made
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		defer close(plans)
+		for k := range x.numSegments() {
+			first, hs, err := r.segment(pctx, x, k)
+			if err == nil && want != nil && !want(first, hs) {
+				continue
+			}
+			var p *usePlan
+			if err == nil {
+				p = r.planUses(first, hs)
+				if planned != nil {
+					planned(first)
+				}
+			}
+			select {
+			case plans <- segPlan{first, hs, p, err}:
+			case <-pctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	})
+	defer func() {
+		cancel()
+		for range plans { // let the planner see the cancel and end
+		}
+		wg.Wait()
+	}()
+	for s := range plans {
+		if s.err != nil {
+			return s.err
+		}
+		if starting != nil {
+			starting(s.first)
+		}
+		if err := fn(s.first, s.hs, s.p); err != nil {
+			return err
+		}
+	}
+	return ctx.Err()
 }
 
 // openTarget opens a restore's target for an image of size bytes: a
@@ -247,10 +314,9 @@ func (rs *restoreRun) writer() {
 	rs.wrote <- err
 }
 
-// segment restores the chunks of one segment of the list (hs, from chunk
-// first on), batch by batch on every worker.
-func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error {
-	rs.r.countUses(rs.cache, hs)
+// batches restores chunks first.. (hashes hs) of the segment the chunk
+// cache was started for (its plan), batch by batch on every worker.
+func (rs *restoreRun) batches(ctx context.Context, first int64, hs []Hash) error {
 	x := rs.x
 	cs := int64(x.ChunkSize)
 	perBatch := rs.perBatch
@@ -267,7 +333,7 @@ func (rs *restoreRun) segment(ctx context.Context, first int64, hs []Hash) error
 		go func() {
 			defer wg.Done()
 			sum := rs.r.manyHasher()
-			var scratch []byte // an opened blob
+			var scratch readScratch
 			for {
 				bi := next.Add(1) - 1
 				if bi >= nb || ctx.Err() != nil || rs.failed.Load() {
@@ -352,13 +418,35 @@ func (rs *restoreRun) runs(first int64, hs []Hash) []writeRun {
 // chunks would open a blob (up to groupRaw bytes) for each use; keeping
 // whole blobs instead costs their full size for a few chunks each.
 type chunkCache struct {
-	mu    sync.Mutex // guards the fields below
-	left  map[Hash]int32
-	inuse map[blobKey][]chunkRef // the segment's chunks each blob holds
-	locs  map[Hash]loc           // where each chunk of the segment is (one index lookup a chunk)
-	data  map[Hash][]byte
+	mu    sync.Mutex // guards the fields below and the plan's entries
+	plan  *usePlan
 	bytes int64
 	max   int64
+}
+
+// usePlan is what a segment's restore needs to know of its chunks before
+// it starts: one entry per distinct chunk (its place, from one index
+// lookup, and its uses), which entry each position of the segment uses,
+// and the entries each blob holds. It is made without the cache
+// (planUses), so the next segment's plan can be made while the current
+// one restores; with no map from hashes it costs ~90 bytes a distinct
+// chunk and 4 a position (~6 MiB for a segment of 64 Ki chunks).
+type usePlan struct {
+	first  int64      // the segment's first chunk
+	hs     []Hash     // the segment's hashes
+	at     []int32    // position → index in chunks (-1: a zero chunk)
+	chunks []chunkUse // the distinct chunks, in hash order
+	inuse  map[blobKey][]*chunkUse // the segment's chunks each blob holds
+}
+
+// chunkUse is a distinct chunk of a segment: where it is (found: in the
+// index), the uses it has left and, while cached, its bytes.
+type chunkUse struct {
+	h     Hash
+	l     loc
+	found bool
+	left  int32
+	data  []byte
 }
 
 type chunkRef struct {
@@ -372,57 +460,83 @@ func newChunkCache(max int64) *chunkCache {
 	return &chunkCache{max: max}
 }
 
-// countUses starts a segment: it counts the uses of each chunk of hs and
-// notes which blob holds each. Every use of the previous segment has been
-// taken by then, so nothing is carried over.
-func (r *Repo) countUses(c *chunkCache, hs []Hash) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.left, c.inuse, c.locs, c.data, c.bytes = map[Hash]int32{}, map[blobKey][]chunkRef{}, map[Hash]loc{}, map[Hash][]byte{}, 0
-	var distinct []Hash
-	for _, h := range hs {
-		if h == (Hash{}) {
-			continue
-		}
-		c.left[h]++
-		if c.left[h] == 1 {
-			distinct = append(distinct, h)
+// planUses counts the uses of each chunk of hs (chunks first.. of an
+// image) and looks each distinct one up in the index, in hash order:
+// lookups in the index on disk find their page where the previous one
+// left it. The index has locks of its own: planning holds none of the
+// repository's, so workers reading chunks meanwhile do not wait for it.
+func (r *Repo) planUses(first int64, hs []Hash) *usePlan {
+	p := &usePlan{first: first, hs: hs, at: make([]int32, len(hs)), inuse: map[blobKey][]*chunkUse{}}
+	order := make([]int32, 0, len(hs))
+	for j, h := range hs {
+		p.at[j] = -1
+		if h != (Hash{}) {
+			order = append(order, int32(j))
 		}
 	}
-	// In hash order, lookups in the index on disk find their page where
-	// the previous one left it.
-	slices.SortFunc(distinct, func(a, b Hash) int { return cmpHash(&a, &b) })
-	for _, h := range distinct {
-		if l, ok := r.chunks.get(h); ok {
-			k := blobKey{l.pack, l.off}
-			c.inuse[k] = append(c.inuse[k], chunkRef{h, l})
-			c.locs[h] = l
+	slices.SortFunc(order, func(a, b int32) int { return cmpHash(&hs[a], &hs[b]) })
+	n := 0
+	for k, j := range order {
+		if k == 0 || hs[j] != hs[order[k-1]] {
+			n++
 		}
 	}
+	p.chunks = make([]chunkUse, 0, n)
+	for k, j := range order {
+		if k == 0 || hs[j] != hs[order[k-1]] {
+			p.chunks = append(p.chunks, chunkUse{h: hs[j]})
+		}
+		u := &p.chunks[len(p.chunks)-1]
+		u.left++
+		p.at[j] = int32(len(p.chunks) - 1)
+	}
+	for i := range p.chunks {
+		u := &p.chunks[i]
+		if u.l, u.found = r.chunks.get(u.h); u.found {
+			k := blobKey{u.l.pack, u.l.off}
+			p.inuse[k] = append(p.inuse[k], u)
+		}
+	}
+	return p
 }
 
-// where returns where countUses found chunk h, so that reading it needs
-// no second index lookup (a page read on disk).
-func (c *chunkCache) where(h Hash) (loc, bool) {
+// start begins a segment with its plan. Every use of the previous
+// segment has been taken by then, so nothing is carried over.
+func (c *chunkCache) start(p *usePlan) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	l, ok := c.locs[h]
-	return l, ok
+	c.plan, c.bytes = p, 0
 }
 
-// take counts one use of chunk h and returns it if it is cached.
-func (c *chunkCache) take(h Hash) ([]byte, bool) {
+// countUses starts a segment: it counts the uses of each chunk of hs
+// (chunks first.. of the image) and notes which blob holds each.
+func (r *Repo) countUses(c *chunkCache, first int64, hs []Hash) {
+	c.start(r.planUses(first, hs))
+}
+
+// take counts one use of chunk i of the image (hash h) and returns it if
+// it is cached, else where the plan found it (planned: the index holds
+// it), so that reading it needs no second index lookup (a page read on
+// disk). A chunk the plan does not have at i is not planned.
+func (c *chunkCache) take(i int64, h Hash) (data []byte, l loc, planned bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.left[h]--
-	b, ok := c.data[h]
-	if ok && c.left[h] <= 0 {
-		delete(c.data, h)
-		c.bytes -= int64(len(b))
+	p := c.plan
+	j := i - p.first
+	if j < 0 || j >= int64(len(p.at)) || p.at[j] < 0 {
+		return nil, loc{}, false
 	}
-	return b, ok
+	u := &p.chunks[p.at[j]]
+	if u.h != h {
+		return nil, loc{}, false
+	}
+	u.left--
+	data = u.data
+	if data != nil && u.left <= 0 {
+		u.data = nil
+		c.bytes -= int64(len(data))
+	}
+	return data, u.l, u.found
 }
 
 // wanted lists the chunks of blob k that later batches of the segment
@@ -432,18 +546,15 @@ func (c *chunkCache) wanted(k blobKey) []chunkRef {
 	defer c.mu.Unlock()
 	var out []chunkRef
 	room := c.max - c.bytes
-	for _, ref := range c.inuse[k] {
-		if c.left[ref.h] <= 0 {
+	for _, u := range c.plan.inuse[k] {
+		if u.left <= 0 || u.data != nil {
 			continue
 		}
-		if _, ok := c.data[ref.h]; ok {
+		if int64(u.l.raw) > room {
 			continue
 		}
-		if int64(ref.l.raw) > room {
-			continue
-		}
-		room -= int64(ref.l.raw)
-		out = append(out, ref)
+		room -= int64(u.l.raw)
+		out = append(out, chunkRef{u.h, u.l})
 	}
 	return out
 }
@@ -456,29 +567,34 @@ func (c *chunkCache) wanted(k blobKey) []chunkRef {
 func (c *chunkCache) keep(k blobKey, got map[Hash][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	refs := c.inuse[k]
-	rest := refs[:0]
-	for _, ref := range refs {
-		if c.left[ref.h] <= 0 {
+	us := c.plan.inuse[k]
+	rest := us[:0]
+	for _, u := range us {
+		if u.left <= 0 {
 			continue // all its uses are taken
 		}
-		if _, ok := c.data[ref.h]; ok {
+		if u.data != nil {
 			continue
 		}
-		data, ok := got[ref.h]
+		data, ok := got[u.h]
 		if !ok || c.bytes+int64(len(data)) > c.max {
-			rest = append(rest, ref) // no room: the blob is opened again
+			rest = append(rest, u) // no room: the blob is opened again
 			continue
 		}
-		c.data[ref.h] = bytes.Clone(data)
+		u.data = bytes.Clone(data)
 		c.bytes += int64(len(data))
 	}
 	if len(rest) == 0 {
-		delete(c.inuse, k)
+		delete(c.plan.inuse, k)
 	} else {
-		c.inuse[k] = rest
+		c.plan.inuse[k] = rest
 	}
 }
+
+// readScratch is memory a reader of chunks reuses from batch to batch:
+// the bytes read from a pack (a local repository's, read into it) and
+// an opened blob.
+type readScratch struct{ read, blob []byte }
 
 // blobUse is one blob a batch needs and the chunks it gives.
 type blobUse struct {
@@ -498,7 +614,7 @@ type blobItem struct {
 // zeroed, others taken from the chunk cache or from the packs — each blob
 // the batch needs is read and opened once, adjacent blobs of a pack in
 // one read — and every chunk is checked against its hash.
-func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash, buf []byte, sum *manyHasher, cache *chunkCache, scratch *[]byte) error {
+func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash, buf []byte, sum *manyHasher, cache *chunkCache, scratch *readScratch) error {
 	cs := int64(x.ChunkSize)
 	need := map[blobKey]*blobUse{}
 	var uses []*blobUse
@@ -509,18 +625,19 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 			clear(dst)
 			continue
 		}
-		var (
-			l   loc
-			pid PackID
-		)
-		if cl, ok := cache.where(h); ok {
-			l, pid = cl, r.packOf(cl)
-		} else if l, pid, ok = r.lookup(h); !ok {
-			return fmt.Errorf("at %d: %w", i*cs, r.missing(h))
-		}
-		if data, ok := cache.take(h); ok {
+		data, l, planned := cache.take(i, h)
+		if data != nil {
 			clear(dst[copy(dst, data):])
 			continue
+		}
+		var pid PackID
+		if planned {
+			pid = r.packOf(l)
+		} else {
+			var ok bool
+			if l, pid, ok = r.lookup(h); !ok {
+				return fmt.Errorf("at %d: %w", i*cs, r.missing(h))
+			}
 		}
 		k := blobKey{l.pack, l.off}
 		u := need[k]
@@ -543,17 +660,26 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 			j++
 		}
 		start := int64(uses[i].l.off)
-		b, err := r.be.Get(ctx, uses[i].pack.name(), start, end-start)
+		var (
+			b   []byte
+			err error
+		)
+		if lb, ok := r.be.(*localBackend); ok {
+			b, err = lb.getInto(scratch.read, uses[i].pack.name(), start, end-start)
+			scratch.read = b[:0]
+		} else {
+			b, err = r.be.Get(ctx, uses[i].pack.name(), start, end-start)
+		}
 		if err != nil {
 			return fmt.Errorf("pack %s: %w", uses[i].pack, err)
 		}
 		for _, u := range uses[i:j] {
 			o := int64(u.l.off) - start
-			group, err := r.openBlobInto(*scratch, b[o:o+int64(u.l.len)])
+			group, err := r.openBlobInto(scratch.blob, b[o:o+int64(u.l.len)])
 			if err != nil {
 				return fmt.Errorf("chunk %s in pack %s: %w", u.items[0].h, u.pack, err)
 			}
-			*scratch = group[:0]
+			scratch.blob = group[:0]
 			// The batch's chunks of the blob and those later batches
 			// want kept, each checked once, all in one call.
 			want := cache.wanted(u.key)

@@ -40,19 +40,19 @@ func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put 
 	rs := r.newRestoreRun(x, "stream")
 	rs.need, rs.put = need, put
 	go rs.writer()
-	err := r.eachSegment(ctx, x, func(first int64, hs []Hash) error {
-		if need != nil {
-			wanted := false
+	var want func(first int64, hs []Hash) bool
+	if need != nil {
+		want = func(first int64, hs []Hash) bool {
 			for j := range hs {
 				if need(first + int64(j)) {
-					wanted = true
-					break
+					return true
 				}
 			}
-			if !wanted {
-				return nil
-			}
+			return false
 		}
+	}
+	err := r.eachPlannedSegment(ctx, x, want, func(first int64, hs []Hash, p *usePlan) error {
+		rs.cache.start(p)
 		if err := rs.streamSegment(ctx, first, hs); err != nil {
 			return fmt.Errorf("image %s: %w", x.ID, err)
 		}
@@ -68,7 +68,8 @@ func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put 
 	return ctx.Err()
 }
 
-// streamSegment reads one segment of the list for a stream: its runs of
+// streamSegment reads one segment of the list for a stream (the chunk
+// cache started with its plan): its runs of
 // at least a batch of zero chunks go to put as one batch each, without
 // data, and the chunks between them through segment. A volume that is
 // mostly zeros (a 64 GiB image holding 512 MiB of files) is millions of
@@ -80,7 +81,7 @@ func (rs *restoreRun) streamSegment(ctx context.Context, first int64, hs []Hash)
 	for lo := int64(0); lo < n; {
 		zs, ze := zeroRun(hs, lo, rs.perBatch)
 		if zs > lo {
-			if err := rs.segment(ctx, first+lo, hs[lo:zs]); err != nil {
+			if err := rs.batches(ctx, first+lo, hs[lo:zs]); err != nil {
 				return err
 			}
 		}
