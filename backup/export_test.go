@@ -540,3 +540,5 @@ func SetFilterAfter(div, least int64) func() {
 	a, b := set(&filterAfter, div), set(&minFilterAfter, least)
 	return func() { b(); a() }
 }
+
+func SetIncrementalIndexEveryChunks(n int) func() { return set(&incrementalIndexEveryChunks, n) }
