@@ -33,6 +33,12 @@ type faultFS struct {
 	// Error injection: return non-nil to fail the call on that path.
 	writeErr func(path string) error
 	syncErr  func(path string) error
+
+	// Power loss in the middle of an operation: the crashAt-th Sync from
+	// now (1: the next) crashes the FS (as Crash, with crashRand) instead
+	// of syncing, and fails; 0: never.
+	crashAt   int
+	crashRand *rand.Rand
 }
 
 type inode struct {
@@ -80,6 +86,29 @@ func newFaultFS() *faultFS {
 func (f *faultFS) Crash(r *rand.Rand) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.crashLocked(r)
+}
+
+// CrashAtSync arms a power loss at the n-th Sync from now (see crashAt).
+func (f *faultFS) CrashAtSync(n int, r *rand.Rand) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.crashAt, f.crashRand = n, r
+}
+
+// Crashed disarms CrashAtSync and reports whether it went off.
+func (f *faultFS) Crashed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	armed := f.crashAt > 0
+	f.crashAt, f.crashRand = 0, nil
+	return !armed
+}
+
+var errPowerLost = errors.New("power lost during sync")
+
+// crashLocked is Crash; caller holds f.mu.
+func (f *faultFS) crashLocked(r *rand.Rand) {
 	f.gen++
 	keep := r.IntN(len(f.nsOps) + 1)
 	for _, op := range f.nsOps[:keep] {
@@ -95,8 +124,13 @@ func (f *faultFS) Crash(r *rand.Rand) {
 		b := append([]byte(nil), ino.durable...)
 		for _, op := range ino.pending {
 			if r.IntN(2) == 0 {
-				b = op.apply(b)
+				continue
 			}
+			if op.kind == 'w' && len(op.data) > 512 && r.IntN(4) == 0 {
+				// A torn write: some of its sectors reached the disk.
+				op.data = op.data[:512*(1+r.IntN((len(op.data)-1)/512))]
+			}
+			b = op.apply(b)
 		}
 		ino.durable, ino.cur, ino.pending = b, append([]byte(nil), b...), nil
 	}
@@ -267,6 +301,12 @@ func (h *faultFile) Sync() error {
 	if h.fs.syncErr != nil {
 		if err := h.fs.syncErr(h.name); err != nil {
 			return &fs.PathError{Op: "fsync", Path: h.name, Err: err}
+		}
+	}
+	if h.fs.crashAt > 0 {
+		if h.fs.crashAt--; h.fs.crashAt == 0 {
+			h.fs.crashLocked(h.fs.crashRand)
+			return &fs.PathError{Op: "fsync", Path: h.name, Err: errPowerLost}
 		}
 	}
 	h.ino.durable = append(h.ino.durable[:0], h.ino.cur...)
