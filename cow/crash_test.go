@@ -72,9 +72,13 @@ func TestKillDuringWrites(t *testing.T) {
 		if round == 1 && nsteps == 0 {
 			nsteps = 2 // at least one round kills a child that has journaled snapshots
 		}
+		snapped := false // the child took a snapshot and wrote over data under it
 		for i := 0; i < nsteps; i++ {
-			if testutil.Receive(t, steps, "the crash child's progress") == "" {
+			switch testutil.Receive(t, steps, "the crash child's progress") {
+			case "":
 				t.Fatalf("round %d: the child exited before it reported %d steps", round, nsteps)
+			case "snap":
+				snapped = true
 			}
 		}
 		time.Sleep(time.Duration(r.IntN(300)) * time.Millisecond)
@@ -91,6 +95,11 @@ func TestKillDuringWrites(t *testing.T) {
 		}
 		if errs := v.RecoveryErrors(); len(errs) > 0 {
 			t.Fatalf("round %d: recovery errors: %v", round, errs)
+		}
+		// The log the child left holds mapping records written with their
+		// data (checksummed), which the replay checked against the slots.
+		if snapped && v.replayVerified+v.replayDropped == 0 {
+			t.Fatalf("round %d: the replay met no mapping record with a data checksum", round)
 		}
 		want, deleting := readJournal(t, journal)
 		live := map[string]provider.Snapshot{}
@@ -133,7 +142,7 @@ func TestKillDuringWrites(t *testing.T) {
 			t.Fatalf("round %d: leak: %d slots used, %d referenced", round, v.store.used(), len(refs))
 		}
 		v.mu.RUnlock()
-		t.Logf("round %d: killed after %d steps: %d snapshots checked byte-exact, %d live", round, nsteps, checked, len(live))
+		t.Logf("round %d: killed after %d steps: %d snapshots checked byte-exact, %d live; replay kept %d checksummed mapping records, dropped %d", round, nsteps, checked, len(live), v.replayVerified, v.replayDropped)
 		if r.IntN(2) == 0 {
 			v.Close() // sometimes the next child starts after a clean stop
 		} else {
@@ -206,15 +215,17 @@ func crashChild() {
 	if err != nil {
 		os.Exit(1)
 	}
-	note := func(format string, args ...any) {
+	// note journals a step; the parent counts the steps ("snap" or "del")
+	// to choose when to kill.
+	note := func(step, format string, args ...any) {
 		fmt.Fprintf(j, format+"\n", args...)
 		j.Sync()
-		fmt.Println("step") // the parent counts these to choose when to kill
+		fmt.Println(step)
 	}
 	buf := make([]byte, 64<<10)
-	for i := 0; ; i++ {
-		n := 1 + r.IntN(len(buf))
-		off := r.Int64N(v.Size() - int64(n))
+	var n int
+	var off int64
+	write := func() {
 		for k := range buf[:n] {
 			buf[k] = byte(r.Uint32())
 		}
@@ -222,6 +233,11 @@ func crashChild() {
 			fmt.Fprintln(os.Stderr, "child write:", err)
 			os.Exit(1)
 		}
+	}
+	for i := 0; ; i++ {
+		n = 1 + r.IntN(len(buf))
+		off = r.Int64N(v.Size() - int64(n))
+		write()
 		switch {
 		case i%40 == 0:
 			id := fmt.Sprintf("p%d-%d", seed, i)
@@ -232,11 +248,15 @@ func crashChild() {
 			h, _ := v.OpenSnapshot(id)
 			sum := sha256.New()
 			io.Copy(sum, io.NewSectionReader(h, 0, v.Size()))
-			note("snap %s %s", id, hex.EncodeToString(sum.Sum(nil)))
+			// Written over again: the snapshot keeps the data written just
+			// before it, with a checksummed mapping record, before the
+			// parent hears of it.
+			write()
+			note("snap", "snap %s %s", id, hex.EncodeToString(sum.Sum(nil)))
 		case i%40 == 20:
 			if list := v.Snapshots(); len(list) > 3 {
 				victim := list[r.IntN(len(list))].ID // oldest, middle or newest
-				note("del %s", victim)
+				note("del", "del %s", victim)
 				if err := v.DeleteSnapshot(victim); err != nil {
 					fmt.Fprintln(os.Stderr, "child delete:", err)
 					os.Exit(1)

@@ -29,9 +29,12 @@
 //
 // Persistent snapshots keep an append-only metadata log (meta.log) beside
 // the diff-area data file (store). Whenever a persistent snapshot is alive,
-// a preserved chunk's data is made durable (fsync of store), then its
-// mapping record (fsync of meta.log), and only then is the origin write
-// issued; concurrent writers share those fsyncs (group commit). Without a
+// a preserved chunk's data is written to store and its mapping record,
+// with the data's checksum, to meta.log; both are made durable at once
+// (fdatasync of each), and only then is the origin write issued;
+// concurrent writers share those syncs (group commit). Replay drops a
+// record whose slot does not hold the bytes it was written with: that
+// copy's origin write never happened. Without a
 // live persistent snapshot nothing is logged or synced, and the snapshots
 // are discarded on the next open. A clean close appends a CLEAN record with
 // the tracking bitmaps; an open that finds none reports tracking as

@@ -259,4 +259,32 @@ type Extent struct {
 	Zero     bool // reads as zeros
 }
 
+// datasyncer is a File that can make its data durable without the
+// metadata a read does not need (fdatasync(2): no timestamps; the size
+// and block map are still written when they changed).
+type datasyncer interface {
+	Datasync() error
+}
+
+// datasync makes f's data durable: fdatasync where f can, else fsync.
+func datasync(f File) error {
+	if d, ok := f.(datasyncer); ok {
+		return d.Datasync()
+	}
+	return f.Sync()
+}
+
+// Datasync is fdatasync(2).
+func (f osFile) Datasync() error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err != unix.EINTR {
+			if err != nil {
+				return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: err}
+			}
+			return nil
+		}
+	}
+}
+
 func joinPath(dir, name string) string { return filepath.Join(dir, name) }

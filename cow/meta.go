@@ -15,9 +15,13 @@ import (
 // and replayed in order on open. A torn or corrupt tail ends the log (it
 // was never fsynced, so nothing relied on it). See docs/formats.md.
 
+// Version 2 added the data checksum of MAP records appended while the
+// volume runs (see record.Sum); version 1 logs, whose MAP records all
+// follow their data's fsync, are read as before.
 const (
 	metaMagic      = "UMBRAMLG"
-	metaVersion    = 1
+	metaVersion    = 2
+	metaVersionMin = 1
 	metaHeaderSize = 64
 	maxPayload     = 64 << 20
 )
@@ -60,8 +64,8 @@ func decodeMetaHeader(b []byte) (metaHeader, error) {
 	h.ChunkSize = binary.LittleEndian.Uint32(b[12:])
 	h.VolSize = binary.LittleEndian.Uint64(b[16:])
 	h.Created = int64(binary.LittleEndian.Uint64(b[24:]))
-	if h.Version != metaVersion {
-		return h, fmt.Errorf("metadata version %d, this build reads %d: %w", h.Version, metaVersion, ErrCorrupt)
+	if h.Version < metaVersionMin || h.Version > metaVersion {
+		return h, fmt.Errorf("metadata version %d, this build reads %d to %d: %w", h.Version, metaVersionMin, metaVersion, ErrCorrupt)
 	}
 	if err := validChunkSize(int64(h.ChunkSize)); err != nil {
 		return h, fmt.Errorf("%v: %w", err, ErrCorrupt)
@@ -97,6 +101,11 @@ type record struct {
 	ID, SetID  string
 	Reason     string
 	Bitmap     []byte // serialized roaring bitmap (recCBT)
+	// Summed: a MAP record written before its slot's data was known
+	// durable carries Sum, the xxHash64 of the chunk's bytes (its length:
+	// chunkLen), and replay keeps it only if the slot holds them.
+	Summed bool
+	Sum    uint64
 }
 
 func (r record) payload() []byte {
@@ -127,6 +136,9 @@ func (r record) payload() []byte {
 		u64(r.Chunk)
 		u64(r.Gen)
 		u64(uint64(r.Slot))
+		if r.Summed {
+			u64(r.Sum)
+		}
 	case recUnmap:
 		u64(r.Chunk)
 		u64(r.Gen)
@@ -188,6 +200,9 @@ func decodeRecord(b []byte) (record, int, error) {
 		r.Chunk = d.u64()
 		r.Gen = d.u64()
 		r.Slot = int64(d.u64())
+		if len(d.b) == 8 {
+			r.Summed, r.Sum = true, d.u64()
+		}
 	case recUnmap:
 		r.Chunk = d.u64()
 		r.Gen = d.u64()
@@ -202,8 +217,8 @@ func decodeRecord(b []byte) (record, int, error) {
 	if d.bad || (r.Type != recCBT && len(d.b) != 0) {
 		return r, 0, fmt.Errorf("record type %d: payload of %d bytes does not match: %w", r.Type, n, ErrCorrupt)
 	}
-	if r.Type == recMap && r.Slot < zeroSlot {
-		return r, 0, fmt.Errorf("map record with slot %d: %w", r.Slot, ErrCorrupt)
+	if r.Type == recMap && (r.Slot < zeroSlot || r.Summed && r.Slot == zeroSlot) {
+		return r, 0, fmt.Errorf("map record with slot %d (data checksum: %v): %w", r.Slot, r.Summed, ErrCorrupt)
 	}
 	return r, total, nil
 }

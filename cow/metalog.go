@@ -54,7 +54,7 @@ func (l *metaLog) fsync() error {
 	if l.closed {
 		return nil
 	}
-	return l.f.Sync()
+	return datasync(l.f) // appends: the size is all the metadata a reader needs
 }
 
 // append appends rec. Caller holds Volume.mu (which orders appends and

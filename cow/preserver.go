@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/cespare/xxhash/v2"
+
 	"umbra/internal/zero"
 )
 
@@ -268,6 +270,7 @@ type preserved struct {
 	c    uint64
 	slot int64
 	keep bool
+	sum  uint64 // xxHash64 of the original, for a persistent snapshot's MAP record (slot >= 0)
 }
 
 // releaseRun hands back what preserveRun read a run into: room in the
@@ -312,21 +315,55 @@ func (pr *preserver) storeRun(r *run, buf []byte, sy syncers) {
 		}
 		i = j
 	}
-	if r.anyData && sy.log != nil {
-		if err := sy.store.sync(); err != nil {
-			v.failAll(fmt.Sprintf("syncing diff area %s failed: %v", v.storePath(), err))
-			return
+	// The mapping records carry their data's checksum, so the data and
+	// the records are made durable together, one stage: replay keeps a
+	// record only if its slot holds the bytes it was written with, and a
+	// record whose data did not reach the disk is one whose origin write
+	// was never issued (it waits for both syncs below).
+	for i := range need {
+		if p := &need[i]; p.keep && p.slot != zeroSlot {
+			p.sum = xxhash.Sum64(v.chunkIn(buf, r.first, p.c))
 		}
 	}
 	v.mu.Lock()
 	pr.placeLocked(r)
 	lsync := v.log.syncer()
 	v.mu.Unlock()
-	if lsync != nil {
-		if err := lsync.sync(); err != nil {
-			v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err))
-		}
+	if lsync == nil {
+		return
 	}
+	var ssync *groupSyncer
+	if r.anyData {
+		ssync = sy.store
+	}
+	serr, lerr := syncPair(ssync, lsync)
+	switch {
+	case lerr != nil:
+		v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), lerr))
+	case serr != nil:
+		// The records may be durable and their data not all: replay
+		// would drop those records while the origin write goes ahead.
+		// The snapshots are invalid on disk before it does.
+		why := fmt.Sprintf("syncing diff area %s failed: %v", v.storePath(), serr)
+		v.mu.Lock()
+		for _, s := range v.snaps {
+			v.invalidate(s, why)
+		}
+		v.mu.Unlock()
+		v.syncInvalidation(lsync)
+	}
+}
+
+// syncPair runs the diff area's group sync (store; nil: no data to sync)
+// and the log's at once, and returns their errors.
+func syncPair(store, log *groupSyncer) (storeErr, logErr error) {
+	if store == nil {
+		return nil, log.sync()
+	}
+	done := make(chan error, 1)
+	go func() { done <- store.sync() }()
+	logErr = log.sync()
+	return <-done, logErr
 }
 
 // placeAll records the kept chunks of r in the mapping at their slots.
@@ -350,7 +387,7 @@ func (pr *preserver) placeLocked(r *run) {
 	}
 	placed := make([]entry, 0, len(r.need))
 	for _, p := range r.need {
-		if p.keep && pr.claim(s, p.c, p.slot) {
+		if p.keep && pr.claim(s, p.c, p.slot, p.sum) {
 			placed = append(placed, entry{chunk: p.c, gen: s.gen, slot: p.slot})
 		}
 	}
@@ -499,9 +536,10 @@ func isNoSpace(err error) bool {
 }
 
 // claim makes snapshot s (nil: gone) the owner of chunk c's copy in slot
-// and logs it, unless s is gone or owns c already: then the slot is
-// freed. True means the caller puts the entry in the mapping.
-func (pr *preserver) claim(s *snap, c uint64, slot int64) bool {
+// and logs it (with sum, the copy's checksum, when it has a slot),
+// unless s is gone or owns c already: then the slot is freed. True means
+// the caller puts the entry in the mapping.
+func (pr *preserver) claim(s *snap, c uint64, slot int64, sum uint64) bool {
 	v := pr.v
 	if s == nil || !s.owned.CheckedAdd(uint32(c)) {
 		if slot != zeroSlot {
@@ -513,6 +551,6 @@ func (pr *preserver) claim(s *snap, c uint64, slot int64) bool {
 	if slot != zeroSlot {
 		s.nonzero++
 	}
-	v.log.append(record{Type: recMap, Chunk: c, Gen: s.gen, Slot: slot})
+	v.log.append(record{Type: recMap, Chunk: c, Gen: s.gen, Slot: slot, Summed: slot != zeroSlot, Sum: sum})
 	return true
 }

@@ -3,11 +3,13 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/cespare/xxhash/v2"
 )
 
 // The volume's side of the metadata log (metalog.go has the file): what
@@ -224,6 +226,17 @@ func (v *Volume) applyRecord(r record) {
 		if s == nil || r.Chunk >= v.nchunks || s.owned.Contains(uint32(r.Chunk)) {
 			return
 		}
+		if r.Summed {
+			if !v.slotHolds(r.Slot, r.Chunk, r.Sum) {
+				// Its data did not reach the disk, so the origin write
+				// that waited for it was never issued: the chunk is still
+				// the origin's. (Or the slot was freed and reused later
+				// in the log, which drops this entry anyway.)
+				v.replayDropped++
+				return
+			}
+			v.replayVerified++
+		}
 		v.entries.ReplaceOrInsert(entry{chunk: r.Chunk, gen: r.Gen, slot: r.Slot})
 		s.owned.Add(uint32(r.Chunk))
 		s.changed.Add(uint32(r.Chunk))
@@ -260,4 +273,15 @@ func (v *Volume) applyRecord(r record) {
 			v.finishRevert(s)
 		}
 	}
+}
+
+// slotHolds reports whether the diff area's slot holds chunk c's bytes
+// with xxHash64 sum (replay of a MAP record written with its data; see
+// record.Sum).
+func (v *Volume) slotHolds(slot int64, c uint64, sum uint64) bool {
+	b := make([]byte, v.chunkLen(c))
+	if n, err := v.store.f.ReadAt(b, slot*v.chunk); n < len(b) || (err != nil && !errors.Is(err, io.EOF)) {
+		return false
+	}
+	return xxhash.Sum64(b) == sum
 }

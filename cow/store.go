@@ -29,7 +29,7 @@ type store struct {
 func (v *Volume) newStore(f File) *store {
 	s := &store{f: f, path: v.storePath(), wb: newWriteBehind(f, v.chunk), m: newStoreMap(f), keep: v.keepSlots()}
 	s.wb.onFail = func() { v.pre.wbFailed.Store(true) }
-	s.sync = newGroupSyncer(f.Sync)
+	s.sync = newGroupSyncer(s.datasync)
 	return s
 }
 
@@ -139,8 +139,12 @@ func (s *store) reset(keep int64) {
 	}
 	s.hwm, s.free = 0, nil
 	s.cut(keep)
-	s.sync = newGroupSyncer(s.f.Sync)
+	s.sync = newGroupSyncer(s.datasync)
 }
+
+// datasync makes the preserved chunks durable; the store's size and
+// blocks are all its metadata a reader needs.
+func (s *store) datasync() error { return datasync(s.f) }
 
 func (s *store) close() {
 	s.shut = true
