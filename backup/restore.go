@@ -432,10 +432,10 @@ type chunkCache struct {
 // one restores; with no map from hashes it costs ~90 bytes a distinct
 // chunk and 4 a position (~6 MiB for a segment of 64 Ki chunks).
 type usePlan struct {
-	first  int64      // the segment's first chunk
-	hs     []Hash     // the segment's hashes
-	at     []int32    // position → index in chunks (-1: a zero chunk)
-	chunks []chunkUse // the distinct chunks, in hash order
+	first  int64                   // the segment's first chunk
+	hs     []Hash                  // the segment's hashes
+	at     []int32                 // position → index in chunks (-1: a zero chunk)
+	chunks []chunkUse              // the distinct chunks, in hash order
 	inuse  map[blobKey][]*chunkUse // the segment's chunks each blob holds
 }
 
