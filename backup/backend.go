@@ -204,6 +204,14 @@ func (o *localObject) Abort() {
 }
 
 func (b *localBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	return b.getInto(nil, name, off, length)
+}
+
+// getInto is Get into buf's memory when it has room (else new memory):
+// a restore's reads reuse one buffer per worker instead of leaving
+// garbage (and zeroing fresh memory) at every read. A negative length
+// reads to the end of the object.
+func (b *localBackend) getInto(buf []byte, name string, off, length int64) ([]byte, error) {
 	f, err := os.Open(b.path(name))
 	if err != nil {
 		return nil, err
@@ -216,27 +224,7 @@ func (b *localBackend) Get(ctx context.Context, name string, off, length int64) 
 		}
 		length = max(fi.Size()-off, 0)
 	}
-	buf := make([]byte, length)
-	n, err := f.ReadAt(buf, off)
-	if err == io.EOF && int64(n) < length {
-		return nil, fmt.Errorf("read %s: %d bytes at %d: %w", b.path(name), length, off, io.ErrUnexpectedEOF)
-	}
-	if err != nil && err != io.EOF {
-		return nil, err
-	}
-	return buf, nil
-}
-
-// getInto is Get into buf's memory when it has room (else new memory):
-// a restore's reads reuse one buffer per worker instead of leaving
-// garbage (and zeroing fresh memory) at every read.
-func (b *localBackend) getInto(buf []byte, name string, off, length int64) ([]byte, error) {
-	f, err := os.Open(b.path(name))
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	if int64(cap(buf)) < length {
+	if buf == nil || int64(cap(buf)) < length {
 		buf = make([]byte, length)
 	}
 	buf = buf[:length]
