@@ -542,11 +542,3 @@ func SetFilterAfter(div, least int64) func() {
 }
 
 func SetIncrementalIndexEveryChunks(n int) func() { return set(&incrementalIndexEveryChunks, n) }
-
-// SetBlobHooks calls openingFn with a blob's pack and offset when a
-// restore worker decodes it, and sharingFn when a worker waits for
-// another's decode of it instead.
-func SetBlobHooks(openingFn, sharingFn func(pack, off uint32)) func() {
-	a, b := set(&opening, openingFn), set(&sharing, sharingFn)
-	return func() { a(); b() }
-}

@@ -422,8 +422,6 @@ type chunkCache struct {
 	plan  *usePlan
 	bytes int64
 	max   int64
-	// flying holds the blobs restore workers are opening right now.
-	flying map[blobKey]*flight
 }
 
 // usePlan is what a segment's restore needs to know of its chunks before
@@ -677,129 +675,47 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 		}
 		for _, u := range uses[i:j] {
 			o := int64(u.l.off) - start
-			// A blob another worker is opening right now is shared:
-			// this one waits for that decode instead of decoding it
-			// again (each still checks the chunks it takes).
-			f, owner := cache.claim(u.key)
-			var group []byte
-			if !owner {
-				if sharing != nil {
-					sharing(u.key.pack, u.key.off)
-				}
-				<-f.ready
-				group = f.data
-				if f.err != nil { // its opener failed: try it here, and say why
-					group = nil
-				}
-			}
-			if group == nil {
-				if opening != nil {
-					opening(u.key.pack, u.key.off)
-				}
-				g, err := r.openBlobInto(scratch.blob, b[o:o+int64(u.l.len)])
-				if owner {
-					f.data, f.err = g, err
-					close(f.ready)
-				}
-				if err != nil {
-					cache.release(u.key, f, owner)
-					return fmt.Errorf("chunk %s in pack %s: %w", u.items[0].h, u.pack, err)
-				}
-				group, scratch.blob = g, g[:0]
-			}
-			err := r.useBlob(u, group, buf, cs, sum, cache)
-			cache.release(u.key, f, owner)
+			group, err := r.openBlobInto(scratch.blob, b[o:o+int64(u.l.len)])
 			if err != nil {
-				return err
+				return fmt.Errorf("chunk %s in pack %s: %w", u.items[0].h, u.pack, err)
+			}
+			scratch.blob = group[:0]
+			// The batch's chunks of the blob and those later batches
+			// want kept, each checked once, all in one call.
+			want := cache.wanted(u.key)
+			refs := make([]chunkRef, 0, len(u.items)+len(want))
+			seen := make(map[Hash]int, len(u.items)+len(want))
+			for _, it := range u.items {
+				if _, ok := seen[it.h]; !ok {
+					seen[it.h] = len(refs)
+					refs = append(refs, chunkRef{it.h, it.l})
+				}
+			}
+			for _, ref := range want {
+				if _, ok := seen[ref.h]; !ok {
+					seen[ref.h] = len(refs)
+					refs = append(refs, ref)
+				}
+			}
+			data, err := sum.chunksIn(refs, group)
+			if err != nil {
+				return fmt.Errorf("pack %s: %w", u.pack, err)
+			}
+			if len(want) > 0 {
+				got := make(map[Hash][]byte, len(want))
+				for _, ref := range want {
+					got[ref.h] = data[seen[ref.h]]
+				}
+				cache.keep(u.key, got)
+			}
+			for _, it := range u.items {
+				dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
+				clear(dst[copy(dst, data[seen[it.h]]):])
 			}
 		}
 		i = j
 	}
 	return nil
-}
-
-// useBlob takes the chunks of opened blob u (group) that the batch needs
-// into buf and those later batches want into the cache, each checked
-// against its hash once, all in one call.
-func (r *Repo) useBlob(u *blobUse, group, buf []byte, cs int64, sum *manyHasher, cache *chunkCache) error {
-	want := cache.wanted(u.key)
-	refs := make([]chunkRef, 0, len(u.items)+len(want))
-	seen := make(map[Hash]int, len(u.items)+len(want))
-	for _, it := range u.items {
-		if _, ok := seen[it.h]; !ok {
-			seen[it.h] = len(refs)
-			refs = append(refs, chunkRef{it.h, it.l})
-		}
-	}
-	for _, ref := range want {
-		if _, ok := seen[ref.h]; !ok {
-			seen[ref.h] = len(refs)
-			refs = append(refs, ref)
-		}
-	}
-	data, err := sum.chunksIn(refs, group)
-	if err != nil {
-		return fmt.Errorf("pack %s: %w", u.pack, err)
-	}
-	if len(want) > 0 {
-		got := make(map[Hash][]byte, len(want))
-		for _, ref := range want {
-			got[ref.h] = data[seen[ref.h]]
-		}
-		cache.keep(u.key, got)
-	}
-	for _, it := range u.items {
-		dst := buf[int64(it.slot)*cs : int64(it.slot+1)*cs]
-		clear(dst[copy(dst, data[seen[it.h]]):])
-	}
-	return nil
-}
-
-// opening and sharing, when set (tests), are called with a blob's pack
-// and offset when a restore worker decodes it, and when it waits for
-// another worker's decode of it instead.
-var opening, sharing func(pack, off uint32)
-
-// flight is a blob a restore worker is opening: ready is closed when
-// data (the decoded blob, in the opener's scratch) or err is set; the
-// opener reuses data only after its readers are done with it.
-type flight struct {
-	ready   chan struct{}
-	data    []byte
-	err     error
-	readers sync.WaitGroup
-}
-
-// claim returns the flight of blob k: a new one the caller opens
-// (owner), or the one another worker is opening, counted as read.
-func (c *chunkCache) claim(k blobKey) (f *flight, owner bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if f := c.flying[k]; f != nil {
-		f.readers.Add(1)
-		return f, false
-	}
-	if c.flying == nil {
-		c.flying = map[blobKey]*flight{}
-	}
-	f = &flight{ready: make(chan struct{})}
-	c.flying[k] = f
-	return f, true
-}
-
-// release ends a use of flight f of blob k: a reader's is counted done;
-// the opener's takes it out of the table and waits for its readers (who
-// only copy and hash), so that the decoded blob is in use by at most the
-// workers that met it in flight, and no longer than they take it.
-func (c *chunkCache) release(k blobKey, f *flight, owner bool) {
-	if !owner {
-		f.readers.Done()
-		return
-	}
-	c.mu.Lock()
-	delete(c.flying, k)
-	c.mu.Unlock()
-	f.readers.Wait()
 }
 
 // ImageReader reads an image in place (for `umbra mount` and live
