@@ -359,7 +359,6 @@ var peakParts = []string{"anon", "file", "shmem", "heap-objects", "heap-free", "
 // A sample can miss the very top between two reads: the parts are of
 // the highest resident set seen, VmHWM is the true peak.
 func samplePeak() func() map[string]float64 {
-	done, exited := make(chan struct{}), make(chan struct{})
 	at := map[string]float64{}
 	ms := []metrics.Sample{
 		{Name: "/memory/classes/heap/objects:bytes"},
@@ -391,9 +390,21 @@ func samplePeak() func() map[string]float64 {
 		at["heap-objects"], at["heap-free"], at["stacks"], at["heap-goal"] = mib(0), mib(1), mib(2), mib(3)
 		at["go-total"] = mib(4) - mib(5)
 	}
+	stop := onRSSHigh(10*time.Millisecond, 0, func(float64) { sample() })
+	return func() map[string]float64 {
+		stop()
+		return at
+	}
+}
+
+// onRSSHigh starts a goroutine that reads the resident set every
+// interval and calls f with it (MiB) each time it passes the highest
+// yet by more than step MiB; the returned function stops it and waits.
+func onRSSHigh(every time.Duration, step float64, f func(rss float64)) (stop func()) {
+	done, exited := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(exited)
-		tick := time.NewTicker(10 * time.Millisecond)
+		tick := time.NewTicker(every)
 		defer tick.Stop()
 		high := 0.0
 		for {
@@ -402,16 +413,15 @@ func samplePeak() func() map[string]float64 {
 				return
 			case <-tick.C:
 			}
-			if rss := curRSS(); rss > high {
+			if rss := curRSS(); rss > high+step {
 				high = rss
-				sample()
+				f(rss)
 			}
 		}
 	}()
-	return func() map[string]float64 {
+	return func() {
 		close(done)
 		<-exited
-		return at
 	}
 }
 
@@ -429,32 +439,16 @@ func startProfiles(b *testing.B, dir, phase string) (stop func()) {
 	if err := pprof.StartCPUProfile(cpu); err != nil {
 		b.Fatal(err)
 	}
-	done, exited := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(exited)
-		tick := time.NewTicker(50 * time.Millisecond)
-		defer tick.Stop()
-		high := 0.0
-		for {
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-			}
-			if rss := curRSS(); rss > high+4 {
-				high = rss
-				runtime.GC()
-				if f, err := os.Create(filepath.Join(dir, phase+"-heap.pprof")); err == nil {
-					pprof.Lookup("heap").WriteTo(f, 0)
-					f.Close()
-				}
-				fmt.Fprintf(os.Stderr, "scale %s: heap profile at %.0f MiB resident\n", phase, rss)
-			}
+	stopHeap := onRSSHigh(50*time.Millisecond, 4, func(rss float64) {
+		runtime.GC()
+		if f, err := os.Create(filepath.Join(dir, phase+"-heap.pprof")); err == nil {
+			pprof.Lookup("heap").WriteTo(f, 0)
+			f.Close()
 		}
-	}()
+		fmt.Fprintf(os.Stderr, "scale %s: heap profile at %.0f MiB resident\n", phase, rss)
+	})
 	return func() {
-		close(done)
-		<-exited
+		stopHeap()
 		pprof.StopCPUProfile()
 		cpu.Close()
 	}
