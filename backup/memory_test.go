@@ -78,16 +78,7 @@ func TestVerifyPacksInPieces(t *testing.T) {
 		}
 		packBytes += fi.Size()
 	}
-	r, err := backup.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	verifyClean(t, r, 1)
-	runtime.ReadMemStats(&after)
-	alloc := after.TotalAlloc - before.TotalAlloc
+	_, alloc := verifyAllocated(t, dir)
 	t.Logf("verify of %d packs, %d bytes: allocated %d bytes", len(packs), packBytes, alloc)
 	if len(packs) < 16 {
 		t.Fatalf("%d packs: want many", len(packs))
@@ -118,16 +109,7 @@ func TestVerifyWorkReused(t *testing.T) {
 		t.Fatal(err)
 	}
 	repo.Close()
-	r, err := backup.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	verifyClean(t, r, 1)
-	runtime.ReadMemStats(&after)
-	alloc := after.TotalAlloc - before.TotalAlloc
+	r, alloc := verifyAllocated(t, dir)
 	packs := len(backup.ObjectNames(r, "packs/"))
 	t.Logf("verify of %d chunks in %d packs: allocated %d bytes, %d a chunk", chunks, packs, alloc, alloc/chunks)
 	if packs < 8 {
@@ -136,4 +118,21 @@ func TestVerifyWorkReused(t *testing.T) {
 	if alloc > 560*chunks {
 		t.Fatalf("verify of %d chunks in %d packs allocated %d bytes, %d a chunk: want under 560 (the pack's chunks and buffers reused from pack to pack)", chunks, packs, alloc, alloc/chunks)
 	}
+}
+
+// verifyAllocated opens the repository at dir (closed at the test's
+// end), verifies it clean with one worker and gives the bytes the
+// verify allocated.
+func verifyAllocated(t *testing.T, dir string) (*backup.Repo, uint64) {
+	t.Helper()
+	r, err := backup.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	verifyClean(t, r, 1)
+	runtime.ReadMemStats(&after)
+	return r, after.TotalAlloc - before.TotalAlloc
 }
