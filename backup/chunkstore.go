@@ -21,8 +21,9 @@ import (
 // recent entries, and, while a backup (or another writer looking up
 // chunks it is about to store) wants it, a Bloom filter over all of
 // them that spares most lookups of new chunks a page read. What it holds
-// in memory is the buffer (at most bufMax entries), the filter (none, or
-// filterBytes), and 8 bytes a 4 KiB page of every run.
+// in memory is the buffer (at most bufMax entries while it has a filter,
+// else smallBufMax), the filter (none, or filterBytes), and 8 bytes a
+// 4 KiB page of every run.
 type chunkStore struct {
 	hashLen int
 	tmpDir  string       // where runs are spilled ("": the system's temporary directory)
@@ -67,8 +68,20 @@ type chunkStore struct {
 
 var (
 	// bufMax is how many entries the buffer holds before it is spilled
-	// as a run (a variable: tests make it small).
+	// as a run while the store has a filter: a writer adding many new
+	// chunks (a full backup, a copy, repair), whose memory is its
+	// pipeline's; a larger buffer means fewer spills and merges.
+	// (Variables: tests make them small.)
 	bufMax = 1 << 17
+	// smallBufMax is the buffer's bound without a filter: entries added
+	// by an incremental of a small change, or loaded at an open from the
+	// index objects the local cache lacks (up to 1/cacheSlack of the
+	// index). 128 Ki entries and their merges held ~16 MiB, twice that
+	// resident with the collector's headroom, the largest thing that
+	// grew with the volume in the scale benchmark's incremental (1 % of
+	// the volume changed: 10 Ki entries at 1 Mi chunks, 160 Ki at
+	// 16 Mi; 2026-12-07). 16 Ki is an incremental's index object.
+	smallBufMax = 1 << 14
 	// minFilterBytes, maxFilterBytes bound a filter sized by newBloom:
 	// 16 bits a chunk in between (0.5 % false positives).
 	minFilterBytes = 64 << 10
@@ -250,13 +263,23 @@ func (s *chunkStore) addMany(es []indexEntry) {
 		}
 		s.n++
 		s.changed = true
-		if s.buf.len() >= bufMax {
+		if s.buf.len() >= s.bufLimit() {
 			s.spill()
 		}
 	}
 	if s.filt != nil && s.filtGrow {
 		s.growFilter()
 	}
+}
+
+// bufLimit is how many entries the buffer holds before it is
+// spilled: bufMax once a filter is built (a writer adding many new
+// chunks), else smallBufMax. Callers hold mu.
+func (s *chunkStore) bufLimit() int {
+	if s.filt != nil {
+		return bufMax
+	}
+	return smallBufMax
 }
 
 // growFilter rebuilds a growing filter larger when it holds under 8
@@ -324,7 +347,7 @@ func (s *chunkStore) buildFilterLocked() {
 
 // spill writes the buffer as a run, then merges the newest runs while
 // the last is at least half the one before it, so that runs stay few
-// (about log2 of the chunks over bufMax). Callers hold mu.
+// (about log2 of the chunks over the buffer's bound). Callers hold mu.
 func (s *chunkStore) spill() {
 	if s.buf.len() == 0 {
 		return

@@ -231,6 +231,7 @@ func TestChunkStore(t *testing.T) {
 
 func testChunkStore(t *testing.T, filter bool) {
 	defer set(&bufMax, 100)()
+	defer set(&smallBufMax, 100)()
 	r := rand.New(rand.NewPCG(9, 10))
 	s := newChunkStore(32, t.TempDir())
 	defer s.close()
