@@ -427,7 +427,8 @@ func onRSSHigh(every time.Duration, step float64, f func(rss float64)) (stop fun
 
 // startProfiles starts phase's CPU profile and a goroutine that writes
 // a heap profile each time the resident set passes its highest yet by
-// 4 MiB, into dir ("": none); stop ends both.
+// 4 MiB, into dir ("": none; PHASE-heap.pprof the last, PHASE-heap-N.pprof
+// each); stop ends both.
 func startProfiles(b *testing.B, dir, phase string) (stop func()) {
 	if dir == "" {
 		return func() {}
@@ -439,13 +440,17 @@ func startProfiles(b *testing.B, dir, phase string) (stop func()) {
 	if err := pprof.StartCPUProfile(cpu); err != nil {
 		b.Fatal(err)
 	}
+	k := 0
 	stopHeap := onRSSHigh(50*time.Millisecond, 4, func(rss float64) {
 		runtime.GC()
-		if f, err := os.Create(filepath.Join(dir, phase+"-heap.pprof")); err == nil {
-			pprof.Lookup("heap").WriteTo(f, 0)
-			f.Close()
+		k++
+		for _, name := range []string{phase + "-heap.pprof", fmt.Sprintf("%s-heap-%d.pprof", phase, k)} {
+			if f, err := os.Create(filepath.Join(dir, name)); err == nil {
+				pprof.Lookup("heap").WriteTo(f, 0)
+				f.Close()
+			}
 		}
-		fmt.Fprintf(os.Stderr, "scale %s: heap profile at %.0f MiB resident\n", phase, rss)
+		fmt.Fprintf(os.Stderr, "scale %s: heap profile %d at %.0f MiB resident\n", phase, k, rss)
 	})
 	return func() {
 		stopHeap()
