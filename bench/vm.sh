@@ -30,6 +30,24 @@
 # VM_ACCEL=kvm runs the guest under KVM (scripts/vmtest --accel kvm) where
 # /dev/kvm works: the comparison that decides the speed goal of issue 32.
 #
+# The guest's clock: under TCG the guest reads it from the TSC (kernel
+# arguments clocksource=tsc tsc=reliable), as a server on real hardware
+# or a KVM guest (kvm-clock) does, through the vDSO without a system
+# call. Left to itself the TCG guest's kernel distrusts the emulated TSC
+# and picks hpet, which has no vDSO path: every clock read of every
+# process is then a system call and an emulated device access. That
+# taxes the programs that read the clock often — fio itself, and Go's
+# scheduler in `umbra serve` (5109 clock_gettime calls in 2048 first
+# writes, 2.5 a request, measured 2026-12-07; none with tsc) — far more
+# than in-kernel dm, and the comparison would measure the emulated
+# clock, not the paths. VM_CLOCKSOURCE=hpet measures the old way; under
+# KVM the kernel's own choice (kvm-clock) stands unless it is given.
+# The guest prints the clocksource it runs with.
+#
+# VM_CONNS=N connects each nbd device with N connections (nbd-client -C
+# N; qemu-nbd then takes N clients), default 1. Two measured no faster
+# for Umbra in this VM (2 vCPUs, TCG; 2026-12-07): see docs/benchmarks.md.
+#
 # VM_TARGETS="plain umbra nbdkit" runs only those targets (plain always
 # runs: it is what the others are divided by), for shorter runs while
 # working on one path.
@@ -54,9 +72,13 @@ if [ -z "${VMTEST_OUT:-}" ]; then
   cd "$(dirname "$0")/.."
   bench/machine.sh
   accel=${VM_ACCEL:-tcg}
-  echo "guest: Debian's kernel under qemu ${accel^^}, 2 vCPUs, 2 GiB; disks are sparse files (cache=unsafe)"
+  clock=${VM_CLOCKSOURCE:-}
+  if [ -z "$clock" ] && [ "$accel" = tcg ]; then clock=tsc; fi
+  echo "guest: Debian's kernel under qemu ${accel^^}, 2 vCPUs, 2 GiB, clocksource ${clock:-as the kernel chooses}; disks are sparse files (cache=unsafe)"
   vm=(scripts/vmtest --accel "$accel" --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G
-    --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" --timeout 3600)
+    --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" -e "VM_CLOCKSOURCE=$clock" -e "VM_CONNS=${VM_CONNS:-1}"
+    --timeout 3600)
+  if [ -n "$clock" ]; then vm+=(--append "clocksource=$clock tsc=reliable"); fi
   if [ -n "${VM_UMBRA_B:-}" ]; then
     case "$VM_UMBRA_B" in /tmp/*|/run/*) echo "bench/vm.sh: VM_UMBRA_B must lie outside /tmp and /run (the guest replaces them)" >&2; exit 2 ;; esac
     vm+=(-e "VM_UMBRA_B=$(realpath "$VM_UMBRA_B")" -e "VM_ROUNDS=${VM_ROUNDS:-3}")
@@ -79,6 +101,13 @@ fi
 
 # In the guest.
 mib=${1:-32}
+conns=${VM_CONNS:-1}
+cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
+echo "guest clocksource: $cs (available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource))"
+if [ -n "${VM_CLOCKSOURCE:-}" ] && [ "$cs" != "$VM_CLOCKSOURCE" ]; then
+  echo "bench/vm.sh: the guest runs clocksource $cs, not $VM_CLOCKSOURCE as asked: the figures would not compare" >&2
+  exit 1
+fi
 W=/tmp/bench; mkdir -p "$W/shadow" "$W/lvm"
 ip link set lo up
 export LVM_SYSTEM_DIR=$W/lvm
@@ -145,7 +174,7 @@ if [ -n "${VM_UMBRA_B:-}" ]; then
         --nbd-socket "$d/nbd.sock" --api-socket "$d/api.sock" >"$d/serve.log" 2>&1 &
       serve=$!
       for _ in $(seq 1 600); do "$bin" volume list --api-socket "$d/api.sock" >/dev/null 2>&1 && break; sleep 0.2; done
-      nbd-client -unix "$d/nbd.sock" /dev/nbd3 -N v -b 4096 >/dev/null
+      nbd-client -unix "$d/nbd.sock" /dev/nbd3 -N v -b 4096 -C "$conns" >/dev/null
       fill /dev/nbd3
       "$bin" snapshot create v --id s1 --api-socket "$d/api.sock" >/dev/null
       a=$(proccost "$serve")
@@ -171,8 +200,8 @@ if want umbra umbra+snap umbra+psnap; then
   "${prof[@]}" "$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
   serve=$! trace_pid=$!
   for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0.2; done
-  nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 >/dev/null
-  nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 >/dev/null
+  nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 -C "$conns" >/dev/null
+  nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 -C "$conns" >/dev/null
   if want umbra; then run umbra /dev/nbd0; fi
   if want umbra+psnap; then run umbra+psnap /dev/nbd0 "$UMBRA" snapshot create u1 --id p1 --persistent; fi
   if want umbra+snap; then run umbra+snap /dev/nbd1 "$UMBRA" snapshot create u2 --id s1; fi
@@ -189,14 +218,14 @@ peer() { # peer TARGET DEV SOCKET SERVER-COMMAND...: serve DEV, connect /dev/nbd
   "$@" >"$W/$t.log" 2>&1 &
   pid=$! trace_pid=$!
   for _ in $(seq 1 600); do [ -S "$sock" ] && break; sleep 0.2; done
-  nbd-client -unix "$sock" /dev/nbd2 -b 4096 >/dev/null
+  nbd-client -unix "$sock" /dev/nbd2 -b 4096 -C "$conns" >/dev/null
   run "$t" /dev/nbd2
   nbd-client -d /dev/nbd2 >/dev/null
   kill "$pid" 2>/dev/null || true; wait "$pid" || true
   trace_pid=
 }
 if want nbdkit; then peer nbdkit /dev/vdg "$W/nbdkit.sock" nbdkit -f -U "$W/nbdkit.sock" file /dev/vdg; fi
-if want qemu-nbd; then peer qemu-nbd /dev/vdh "$W/qemu-nbd.sock" qemu-nbd -t -f raw -k "$W/qemu-nbd.sock" /dev/vdh; fi
+if want qemu-nbd; then peer qemu-nbd /dev/vdh "$W/qemu-nbd.sock" qemu-nbd -t -e "$conns" -f raw -k "$W/qemu-nbd.sock" /dev/vdh; fi
 
 if want lvm-thick; then
   pvcreate -q /dev/vde && vgcreate -q vgthick /dev/vde
