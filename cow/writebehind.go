@@ -84,15 +84,19 @@ type wbSpace struct {
 // waking the idle flusher costs ~10 us of the writer's time on these
 // VMs, and 128 first writes of 4 KiB share one wakeup; 256 KiB gave
 // 0.38x of the no-snapshot baseline, 512 KiB 0.42x); wbDelay
-// bounds how long a partly filled batch waits for more (20 ms: nothing
-// waits on it but memory, which a batch bounds anyway. At 2 ms a slow
-// writer's batches stayed small — first writes through the kernel's nbd
-// client in a VM under TCG: 8192 first writes, 1291 diff-area writes —
-// and each flush cost a timer goroutine, a flusher wakeup and a write
-// that extends the diff area; at 20 ms the server spent 2.0-2.1 ms of
-// CPU a first write against 5.1-6.1 and ran 2.8-2.9x faster, in
-// alternating passes of bench/vm.sh, 2026-12-07, host load 30-38, one
-// round of three the other way at 0.85x); wbQueue is how
+// bounds how long a partly filled batch waits for more (1 s: nothing
+// waits on it but memory, which a batch bounds anyway, and readers find
+// its copies there. At 2 ms a slow writer's batches stayed small — first
+// writes through the kernel's nbd client in a VM under TCG: 8192 first
+// writes, 1291 diff-area writes — and each flush cost a timer goroutine,
+// a flusher wakeup and a write that extends the diff area; at 20 ms the
+// server spent 2.0-2.1 ms of CPU a first write against 5.1-6.1 and ran
+// 2.8-2.9x faster, in alternating passes of bench/vm.sh, 2026-12-07,
+// host load 30-38, one round of three the other way at 0.85x. At 20 ms
+// that VM's few hundred first writes a second still made batches of ~9
+// (2048 first writes, 224 diff-area writes, 2026-12-07), each flush
+// with its timer goroutine and wakeups; at 1 s a batch fills first at
+// any rate above ~128 first writes a second); wbQueue is how
 // many filled batches may wait while one is written, so that a write
 // that stalls for a few milliseconds (fresh pages on a busy machine: up
 // to ~7 ms at p99 under load here) does not stall the writers behind it
@@ -102,7 +106,7 @@ type wbSpace struct {
 // (Variables: the model test makes batches tiny.)
 var (
 	wbBatchBytes = 512 << 10
-	wbDelay      = 20 * time.Millisecond
+	wbDelay      = time.Second
 	wbQueue      = 8
 )
 
