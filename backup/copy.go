@@ -385,7 +385,7 @@ func copyImage(ctx context.Context, src, dst *Repo, x *Image, same bool, progres
 	for range depth {
 		free <- make([]byte, perBatch*cs)
 	}
-	cache := newChunkCache(restoreCache)
+	cache := newChunkCache(restoreCache, 0)
 	srcSum := src.hasher()
 	var passScratch, checkScratch []byte
 	var scratch readScratch

@@ -82,6 +82,14 @@ func SetReaderCache(n int64) func() { return set(&readerCache, n) }
 // batches.
 func SetRestoreCache(n int64) func() { return set(&restoreCache, n) }
 
+// SetRestoreNextCache sets the bytes of chunks a restore keeps for the
+// next segment out of blobs opened for the current one.
+func SetRestoreNextCache(n int64) func() { return set(&restoreNextCache, n) }
+
+// SetBlobOpened calls fn with each blob (its pack's number and offset)
+// a restore's or stream's worker opens.
+func SetBlobOpened(fn func(pack, off uint32)) func() { return set(&blobOpened, fn) }
+
 // SetPlanned calls planned with a segment's first chunk whenever a
 // restore or stream has planned that segment, and starting before it
 // restores it.

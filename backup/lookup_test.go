@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -148,5 +149,108 @@ func TestRestorePlansAhead(t *testing.T) {
 	}
 	if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the failed restore left %s: %v", out, err)
+	}
+}
+
+// TestRestoreNextSegmentFromOpenedBlob: a blob opened for one segment
+// also gives the chunks the next segment needs of it (its plan is made
+// by then), so a blob two consecutive segments need is opened once, in
+// a restore into a file and in a stream. With no room kept for the next
+// segment the same restore opens that blob again: the case is real.
+func TestRestoreNextSegmentFromOpenedBlob(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(64))
+	defer backup.SetGroupRaw(16 << 10 * 4)() // blobs of 16 chunks
+	ctx := context.Background()
+	repo, _ := newRepo(t)
+	r := rand.New(rand.NewPCG(43, 44))
+	src := make(memSource, 3*64*4096) // 3 segments of distinct chunks
+	for i := range src {
+		src[i] = byte(r.Uint32())
+	}
+	// Segment 1 starts with chunks 40..47 of segment 0, segment 2 with
+	// chunks 8..15 of segment 1.
+	copy(src[64*4096:72*4096], src[40*4096:48*4096])
+	copy(src[128*4096:136*4096], src[72*4096:80*4096])
+	x := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+
+	type key struct{ pack, off uint32 }
+	run := func(stream bool) (opened map[key]int, fails []string) {
+		var mu sync.Mutex
+		opened = map[key]int{}
+		next := map[int64]chan struct{}{64: make(chan struct{}), 128: make(chan struct{})}
+		// Each segment starts once the next one is planned, as it does
+		// when planning is quicker than restoring, so that the result
+		// does not depend on which goroutine runs first.
+		defer backup.SetPlanned(func(first int64) {
+			if c, ok := next[first]; ok {
+				close(c)
+			}
+		}, func(first int64) {
+			c, ok := next[first+64]
+			if !ok {
+				return
+			}
+			select {
+			case <-c:
+			case <-time.After(time.Minute): // a failure only: the plan never comes
+				mu.Lock()
+				fails = append(fails, fmt.Sprintf("segment at %d was not planned before the one before it was restored", first+64))
+				mu.Unlock()
+			}
+		})()
+		defer backup.SetBlobOpened(func(pack, off uint32) {
+			mu.Lock()
+			opened[key{pack, off}]++
+			mu.Unlock()
+		})()
+		got := make([]byte, len(src))
+		if stream {
+			ir, err := repo.OpenImage(ctx, x.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := ir.Stream(ctx, nil, func(b backup.StreamBatch) error {
+				copy(got[b.First*4096:], b.Data)
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			out := filepath.Join(t.TempDir(), "out.img")
+			if err := repo.Restore(x.ID, out, nil); err != nil {
+				t.Fatal(err)
+			}
+			got, _ = os.ReadFile(out)
+		}
+		if !bytes.Equal(got, src) {
+			t.Fatalf("stream %v: the restore differs from the volume", stream)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		return opened, fails
+	}
+	for _, stream := range []bool{false, true} {
+		opened, fails := run(stream)
+		if len(fails) > 0 {
+			t.Fatalf("stream %v: %s", stream, fails[0])
+		}
+		if len(opened) < 11 {
+			t.Fatalf("stream %v: %d blobs opened, want at least 11 (176 distinct chunks in blobs of 16)", stream, len(opened))
+		}
+		for k, n := range opened {
+			if n != 1 {
+				t.Errorf("stream %v: blob at %d of pack %d opened %d times, want once", stream, k.off, k.pack, n)
+			}
+		}
+	}
+	restore := backup.SetRestoreNextCache(0)
+	opened, _ := run(false)
+	restore()
+	again := 0
+	for _, n := range opened {
+		again += n - 1
+	}
+	if again < 2 {
+		t.Fatalf("with no room for the next segment %d blobs were opened again, want at least 2 (one per segment boundary)", again)
 	}
 }

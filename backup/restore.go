@@ -24,15 +24,21 @@ func (r *Repo) Restore(id, path string, progress func(done, total int64)) error 
 	return r.RestoreContext(context.Background(), id, path, progress)
 }
 
-// restoreCache bounds the chunks a restore keeps for later batches;
-// adjacentRead bounds one read of adjacent blobs of a pack.
-var restoreCache int64 = 64 << 20
+// restoreCache bounds the chunks a restore keeps for later batches of a
+// segment; restoreNextCache those it keeps for the next segment, out of
+// blobs opened for this one; adjacentRead bounds one read of adjacent
+// blobs of a pack.
+var (
+	restoreCache     int64 = 64 << 20
+	restoreNextCache int64 = 8 << 20
+)
 
 const adjacentRead = 2 << 20
 
 // RestoreContext is Restore with a context. Memory is bounded by a batch
-// per worker, the chunk cache (restoreCache), one segment of the image's
-// chunk list and the repository's index: not by the volume's size.
+// per worker, the chunk cache (restoreCache and restoreNextCache), two
+// segments of the image's chunk list and their plans, and the
+// repository's index: not by the volume's size.
 // A restore that fails removes the file it created; a file or device that
 // was there before keeps what was written, and the error says so.
 func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress func(done, total int64)) (err error) {
@@ -65,7 +71,7 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 	rs := r.newRestoreRun(x, path)
 	rs.f, rs.regular, rs.progress = f, regular, progress
 	go rs.writer()
-	err = r.eachPlannedSegment(ctx, x, nil, func(first int64, hs []Hash, p *usePlan) error {
+	err = r.eachPlannedSegment(ctx, x, nil, rs.cache.ahead, func(first int64, hs []Hash, p *usePlan) error {
 		rs.cache.start(p)
 		if err := rs.batches(ctx, first, hs); err != nil {
 			return fmt.Errorf("restore %s: %w", id, err)
@@ -89,8 +95,12 @@ func (r *Repo) RestoreContext(ctx context.Context, id, path string, progress fun
 }
 
 // planned and starting, when set (tests), are called with a segment's
-// first chunk once its plan is made and before it is restored.
-var planned, starting func(first int64)
+// first chunk once its plan is made and before it is restored;
+// blobOpened with each blob a restore's worker opens.
+var (
+	planned, starting func(first int64)
+	blobOpened        func(pack, off uint32)
+)
 
 // eachPlannedSegment calls fn with each segment of x's chunk list and its
 // plan (planUses), in order. One goroutine reads and plans the next
@@ -99,8 +109,9 @@ var planned, starting func(first int64)
 // and the other waits, at every segment. At most two plans exist at
 // once: the current one and the next. want (nil: every segment) says
 // whether a segment is wanted at all: one that is not is neither planned
-// nor given to fn.
-func (r *Repo) eachPlannedSegment(ctx context.Context, x *Image, want func(first int64, hs []Hash) bool, fn func(first int64, hs []Hash, p *usePlan) error) error {
+// nor given to fn. ahead (nil: none) is given each plan as soon as it is
+// made, while the segment before it may still be restoring.
+func (r *Repo) eachPlannedSegment(ctx context.Context, x *Image, want func(first int64, hs []Hash) bool, ahead func(*usePlan), fn func(first int64, hs []Hash, p *usePlan) error) error {
 	type segPlan struct {
 		first int64
 		hs    []Hash
@@ -120,6 +131,9 @@ func (r *Repo) eachPlannedSegment(ctx context.Context, x *Image, want func(first
 			var p *usePlan
 			if err == nil {
 				p = r.planUses(first, hs)
+				if ahead != nil {
+					ahead(p)
+				}
 				if planned != nil {
 					planned(first)
 				}
@@ -238,7 +252,7 @@ func (r *Repo) newRestoreRun(x *Image, path string) *restoreRun {
 	for range workers + 2 {
 		bufs <- make([]byte, perBatch*cs)
 	}
-	return &restoreRun{r: r, x: x, path: path, cache: newChunkCache(restoreCache), bufs: bufs, perBatch: perBatch, workers: workers,
+	return &restoreRun{r: r, x: x, path: path, cache: newChunkCache(restoreCache, restoreNextCache), bufs: bufs, perBatch: perBatch, workers: workers,
 		writes: make(chan restoreWrite, workers+2), wrote: make(chan error, 1)}
 }
 
@@ -413,15 +427,19 @@ func (rs *restoreRun) runs(first int64, hs []Hash) []writeRun {
 // holds (counted from the chunk list up front), keeps a copy of a chunk
 // with uses left when its blob is opened, drops it at its last use, and
 // keeps at most max bytes (beyond that a blob is opened again when
-// needed). Without it an incremental image's blobs — chunks from all
+// needed). Once the next segment's plan is made (ahead), a blob opened
+// for this segment also gives the chunks the next one needs of it, up to
+// nextMax bytes: they are kept in that plan and counted against max once
+// it starts. Without it an incremental image's blobs — chunks from all
 // over the volume compressed together — and a full image's deduplicated
 // chunks would open a blob (up to groupRaw bytes) for each use; keeping
 // whole blobs instead costs their full size for a few chunks each.
 type chunkCache struct {
-	mu    sync.Mutex // guards the fields below and the plan's entries
-	plan  *usePlan
-	bytes int64
-	max   int64
+	mu      sync.Mutex // guards the fields below and the plans' entries
+	plan    *usePlan   // the segment being restored
+	next    *usePlan   // the next segment's, once made (nil: not yet)
+	max     int64      // bytes kept for plan
+	nextMax int64      // bytes kept for next
 }
 
 // usePlan is what a segment's restore needs to know of its chunks before
@@ -437,6 +455,7 @@ type usePlan struct {
 	at     []int32                 // position → index in chunks (-1: a zero chunk)
 	chunks []chunkUse              // the distinct chunks, in hash order
 	inuse  map[blobKey][]*chunkUse // the segment's chunks each blob holds
+	kept   int64                   // bytes of its chunks' data held
 }
 
 // chunkUse is a distinct chunk of a segment: where it is (found: in the
@@ -456,8 +475,8 @@ type chunkRef struct {
 
 type blobKey struct{ pack, off uint32 }
 
-func newChunkCache(max int64) *chunkCache {
-	return &chunkCache{max: max}
+func newChunkCache(max, nextMax int64) *chunkCache {
+	return &chunkCache{max: max, nextMax: nextMax}
 }
 
 // planUses counts the uses of each chunk of hs (chunks first.. of an
@@ -501,11 +520,23 @@ func (r *Repo) planUses(first int64, hs []Hash) *usePlan {
 }
 
 // start begins a segment with its plan. Every use of the previous
-// segment has been taken by then, so nothing is carried over.
+// segment has been taken by then; what the plan holds already was kept
+// for it while it was the next one.
 func (c *chunkCache) start(p *usePlan) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.plan, c.bytes = p, 0
+	c.plan = p
+	if c.next == p {
+		c.next = nil
+	}
+}
+
+// ahead gives the cache the next segment's plan, made while the current
+// one restores: blobs opened from now on also give it their chunks.
+func (c *chunkCache) ahead(p *usePlan) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.next = p
 }
 
 // countUses starts a segment: it counts the uses of each chunk of hs
@@ -534,29 +565,43 @@ func (c *chunkCache) take(i int64, h Hash) (data []byte, l loc, planned bool) {
 	data = u.data
 	if data != nil && u.left <= 0 {
 		u.data = nil
-		c.bytes -= int64(len(data))
+		p.kept -= int64(len(data))
 	}
 	return data, u.l, u.found
 }
 
-// wanted lists the chunks of blob k that later batches of the segment
-// still need and the cache lacks, as far as there is room for them.
+// wanted lists the chunks of blob k that later batches of the segment,
+// or the next segment, still need and the cache lacks, as far as there
+// is room for them.
 func (c *chunkCache) wanted(k blobKey) []chunkRef {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var out []chunkRef
-	room := c.max - c.bytes
-	for _, u := range c.plan.inuse[k] {
-		if u.left <= 0 || u.data != nil {
+	for _, p := range [2]*usePlan{c.plan, c.next} {
+		if p == nil {
 			continue
 		}
-		if int64(u.l.raw) > room {
-			continue
+		room := c.room(p)
+		for _, u := range p.inuse[k] {
+			if u.left <= 0 || u.data != nil {
+				continue
+			}
+			if int64(u.l.raw) > room {
+				continue
+			}
+			room -= int64(u.l.raw)
+			out = append(out, chunkRef{u.h, u.l})
 		}
-		room -= int64(u.l.raw)
-		out = append(out, chunkRef{u.h, u.l})
 	}
 	return out
+}
+
+// room is how many more bytes plan p may keep (c.mu held).
+func (c *chunkCache) room(p *usePlan) int64 {
+	if p == c.plan {
+		return c.max - p.kept
+	}
+	return c.nextMax - p.kept
 }
 
 // keep copies the chunks of the opened blob k that have uses left and
@@ -567,27 +612,46 @@ func (c *chunkCache) wanted(k blobKey) []chunkRef {
 func (c *chunkCache) keep(k blobKey, got map[Hash][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	us := c.plan.inuse[k]
-	rest := us[:0]
-	for _, u := range us {
-		if u.left <= 0 {
-			continue // all its uses are taken
-		}
-		if u.data != nil {
+	var copied map[Hash][]byte // a chunk both plans keep is copied once
+	for _, p := range [2]*usePlan{c.plan, c.next} {
+		if p == nil {
 			continue
 		}
-		data, ok := got[u.h]
-		if !ok || c.bytes+int64(len(data)) > c.max {
-			rest = append(rest, u) // no room: the blob is opened again
+		us, ok := p.inuse[k]
+		if !ok {
 			continue
 		}
-		u.data = bytes.Clone(data)
-		c.bytes += int64(len(data))
-	}
-	if len(rest) == 0 {
-		delete(c.plan.inuse, k)
-	} else {
-		c.plan.inuse[k] = rest
+		room := c.room(p)
+		rest := us[:0]
+		for _, u := range us {
+			if u.left <= 0 {
+				continue // all its uses are taken
+			}
+			if u.data != nil {
+				continue
+			}
+			data, ok := got[u.h]
+			if !ok || int64(len(data)) > room {
+				rest = append(rest, u) // no room: the blob is opened again
+				continue
+			}
+			kept, ok := copied[u.h]
+			if !ok {
+				kept = bytes.Clone(data)
+				if copied == nil {
+					copied = map[Hash][]byte{}
+				}
+				copied[u.h] = kept
+			}
+			u.data = kept
+			p.kept += int64(len(kept))
+			room -= int64(len(kept))
+		}
+		if len(rest) == 0 {
+			delete(p.inuse, k)
+		} else {
+			p.inuse[k] = rest
+		}
 	}
 }
 
@@ -680,6 +744,9 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 				return fmt.Errorf("chunk %s in pack %s: %w", u.items[0].h, u.pack, err)
 			}
 			scratch.blob = group[:0]
+			if blobOpened != nil {
+				blobOpened(u.key.pack, u.key.off)
+			}
 			// The batch's chunks of the blob and those later batches
 			// want kept, each checked once, all in one call.
 			want := cache.wanted(u.key)

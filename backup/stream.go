@@ -34,7 +34,7 @@ type StreamBatch struct {
 // at least a batch long comes as one batch without Data (at most a
 // segment of the chunk list: 64 Ki chunks). An error of put stops the
 // stream and is returned. Memory is Restore's: a batch per worker, the
-// chunk cache and one segment of the chunk list.
+// chunk cache and two segments of the chunk list with their plans.
 func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put func(StreamBatch) error) error {
 	r, x := ir.r, ir.x
 	rs := r.newRestoreRun(x, "stream")
@@ -51,7 +51,7 @@ func (ir *ImageReader) Stream(ctx context.Context, need func(i int64) bool, put 
 			return false
 		}
 	}
-	err := r.eachPlannedSegment(ctx, x, want, func(first int64, hs []Hash, p *usePlan) error {
+	err := r.eachPlannedSegment(ctx, x, want, rs.cache.ahead, func(first int64, hs []Hash, p *usePlan) error {
 		rs.cache.start(p)
 		if err := rs.streamSegment(ctx, first, hs); err != nil {
 			return fmt.Errorf("image %s: %w", x.ID, err)
