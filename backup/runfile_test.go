@@ -232,6 +232,7 @@ func TestChunkStore(t *testing.T) {
 func testChunkStore(t *testing.T, filter bool) {
 	defer set(&bufMax, 100)()
 	defer set(&smallBufMax, 100)()
+	defer set(&directRunMin, 50)() // batches of 1-300: both paths
 	r := rand.New(rand.NewPCG(9, 10))
 	s := newChunkStore(32, t.TempDir())
 	defer s.close()
