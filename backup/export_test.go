@@ -550,3 +550,12 @@ func SetFilterAfter(div, least int64) func() {
 }
 
 func SetIncrementalIndexEveryChunks(n int) func() { return set(&incrementalIndexEveryChunks, n) }
+
+// SetReadWorkers sets how many readers read an incremental's changed
+// chunks of segments at once (0: one per core up to maxReaders), and
+// readAheadFn, when set, is told how many batch buffers are out each
+// time one is taken.
+func SetReadWorkers(n int, readAheadFn func(n int)) func() {
+	a, b := set(&readWorkers, n), set(&readAhead, readAheadFn)
+	return func() { a(); b() }
+}
