@@ -641,7 +641,10 @@ func (r *Repo) planBatch(ctx context.Context, x *Image, opts Options, parent *li
 	return nil
 }
 
-var zeroChunk = make([]byte, 4<<20)
+// zeroChunk is an array, not a slice made at init: zero memory the
+// binary maps, not 4 MiB allocated (0.5 ms) at the start of every
+// command.
+var zeroChunk [4 << 20]byte
 
 // allocWindow is how much of the volume one Allocated call covers; the
 // batches inside a window are answered from it. SEEK_HOLE walks a run

