@@ -281,7 +281,17 @@ const (
 // encodeChunkIndex lists where chunks are, pack by pack, for a repository
 // whose chunk hashes have hashBytes bytes (16: version 2, else 1).
 func encodeChunkIndex(packs []packBlobs, hashBytes int) []byte {
-	var b []byte
+	// One allocation of the exact size: appending into a growing slice
+	// left as much again as garbage (a 128 Ki-entry object of prune's
+	// is 6.6 MiB), part of prune's peak (2026-12-07).
+	per, n := blobEntLen, len(cidxMagic)+2+4+4 // version 1
+	if hashBytes == 16 {
+		per, n = hashBytes+placeLen, n+1
+	}
+	for _, p := range packs {
+		n += len(p.ID) + 4 + len(p.Blobs)*per
+	}
+	b := make([]byte, 0, n)
 	b = append(b, cidxMagic...)
 	if hashBytes != 16 {
 		b = binary.LittleEndian.AppendUint16(b, chunkIndexV1)
