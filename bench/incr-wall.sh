@@ -3,23 +3,22 @@
 # of random data in /dev/shm, served by `umbra serve`; a full backup,
 # then INCR incrementals, each after 1 % of the volume rewritten in
 # scattered 4 KiB blocks through NBD (qemu-io), timed as a user runs
-# them (the CLI's start included). The case of bench/backup.sh's
-# incremental, without its 2 GiB copy and restic, in ~15 s a round.
+# them (the CLI's start included): a small stand-in for bench/backup.sh's
+# incremental (2 GiB ext4, 1 % scattered 4 KiB writes), ~15 s a round.
 #
 # usage: bench/incr-wall.sh BIN [BIN...]
 #   ROUNDS=3 rounds; each round runs every BIN in turn (old and new
 #   builds alternate, so load changes hit both alike), each on a fresh
 #   volume and repository. Prints one line per incremental
-#   ("TAG incrN SECONDS"), then per BIN the median of its incrementals
+#   ("round R: binK incrN SECONDS"), then per BIN the median of its incrementals
 #   and of the full backups, and the load average (uptime) before and
 #   after: figures measured under load say so.
 #   INCR=5 incrementals a round. STRACE=1 traces the last incremental
 #   (service and CLI: strace -f -tt -T) into /dev/shm/incrw-*.strace.
-#   UMBRA_PHASES and the like pass through to the service.
 # Needs root (mount, loop device), mkfs.ext4, qemu-io, bc.
 set -euo pipefail
 if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-	sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
 	exit 2
 fi
 ROUNDS=${ROUNDS:-3}
@@ -70,10 +69,10 @@ one() {
 		s=$(date +%s.%N); u backup vol --repo $W/repo --writers=false --json >/dev/null 2>>$W/cli.err; e=$(date +%s.%N)
 		echo "$TAG incr$i $(echo "$e - $s" | bc)" | tee -a $RES
 	done
-	grep PHASES $W/serve.log >/dev/shm/incrw-phases-$TAG.log || true
 	cleanup
 }
 
+"$(dirname "$0")"/machine.sh
 echo "load before: $(uptime)"
 for r in $(seq "$ROUNDS"); do
 	k=0
