@@ -48,7 +48,8 @@ func benchVolume(b *testing.B, size, chunk int64, onDisk bool) *Volume {
 // syncCountFS is the real filesystem, counting the syncs of its files.
 type syncCountFS struct {
 	OSFS
-	n *atomic.Int64
+	n  *atomic.Int64
+	ns *atomic.Int64 // time spent in syncs, summed over callers (nil: not timed)
 }
 
 func (c syncCountFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
@@ -56,22 +57,54 @@ func (c syncCountFS) OpenFile(name string, flag int, perm os.FileMode) (File, er
 	if err != nil {
 		return nil, err
 	}
-	return syncCountFile{f, c.n}, nil
+	return syncCountFile{f, c.n, c.ns}, nil
 }
 
 type syncCountFile struct {
 	File
-	n *atomic.Int64
+	n  *atomic.Int64
+	ns *atomic.Int64
 }
 
-func (f syncCountFile) Sync() error { f.n.Add(1); return f.File.Sync() }
+func (f syncCountFile) timed(sync func() error) error {
+	f.n.Add(1)
+	if f.ns == nil {
+		return sync()
+	}
+	t := time.Now()
+	err := sync()
+	f.ns.Add(int64(time.Since(t)))
+	return err
+}
+
+func (f syncCountFile) Sync() error { return f.timed(f.File.Sync) }
 
 func (f syncCountFile) Datasync() error {
-	f.n.Add(1)
-	if d, ok := f.File.(interface{ Datasync() error }); ok {
-		return d.Datasync()
+	return f.timed(func() error {
+		if d, ok := f.File.(interface{ Datasync() error }); ok {
+			return d.Datasync()
+		}
+		return f.File.Sync()
+	})
+}
+
+// journalCommits reads the transactions the ext4 journal named by
+// UMBRA_BENCH_JBD2 (a /proc/fs/jbd2/DEV/info file: the benchmark's
+// TMPDIR is on DEV) has committed; -1 when not set or unreadable.
+func journalCommits() int64 {
+	p := os.Getenv("UMBRA_BENCH_JBD2")
+	if p == "" {
+		return -1
 	}
-	return f.File.Sync()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return -1
+	}
+	var n int64
+	if _, err := fmt.Sscanf(string(b), "%d transactions", &n); err != nil {
+		return -1
+	}
+	return n
 }
 
 // benchVolumeFS is benchVolume on fsys (nil: the real one).
@@ -386,8 +419,8 @@ func BenchmarkPersistentConcurrent(b *testing.B) {
 	const size = 256 << 20
 	const chunk = DefaultChunkSize
 	const writers = 16
-	var syncs atomic.Int64
-	v := benchVolumeFS(b, size, chunk, true, syncCountFS{n: &syncs})
+	var syncs, syncNs atomic.Int64
+	v := benchVolumeFS(b, size, chunk, true, syncCountFS{n: &syncs, ns: &syncNs})
 	r := rand.New(rand.NewPCG(7, 8))
 	run := func() float64 {
 		offs := firstWriteOffsets(size, chunk, 4096, 4096, r)
@@ -410,22 +443,32 @@ func BenchmarkPersistentConcurrent(b *testing.B) {
 		return float64(len(offs)) / time.Since(start).Seconds()
 	}
 	var base, cow float64
-	var nsync int64
+	var nsync, nsyncNs, commits int64
 	for i := 0; i < b.N; i++ {
 		base += run()
 		s, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{Persistent: true})
 		if err != nil {
 			b.Fatal(err)
 		}
-		n0 := syncs.Load()
+		n0, t0, j0 := syncs.Load(), syncNs.Load(), journalCommits()
 		cow += run()
 		nsync += syncs.Load() - n0
+		nsyncNs += syncNs.Load() - t0
+		if j0 >= 0 {
+			commits += journalCommits() - j0
+		}
 		v.DeleteSnapshot(s.ID)
 	}
 	b.ReportMetric(base/float64(b.N), "base-IOPS")
 	b.ReportMetric(cow/float64(b.N), "persistent-IOPS")
 	b.ReportMetric(cow/base, "ratio")
 	b.ReportMetric(float64(nsync)/float64(b.N*4096), "syncs/write")
+	if nsync > 0 {
+		b.ReportMetric(float64(nsyncNs)/float64(nsync)/1e6, "ms/sync")
+	}
+	if os.Getenv("UMBRA_BENCH_JBD2") != "" {
+		b.ReportMetric(float64(commits)/float64(b.N*4096), "commits/write")
+	}
 }
 
 // BenchmarkCommitLatency: commit on a 100 GiB sparse volume whose chunks

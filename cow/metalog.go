@@ -29,7 +29,7 @@ import (
 type metaLog struct {
 	fs   FS
 	path string
-	sync *groupSyncer
+	sync *groupSyncer // replaced by swap (a failed sync is sticky); guarded by Volume.mu
 
 	off int64 // where the next record goes; guarded by Volume.mu
 
@@ -137,13 +137,15 @@ func rewriteLog(fsys FS, path string, buf []byte, before func() error) (File, er
 	return f, nil
 }
 
-// swap makes f, of n bytes, the log's file (after rewriteLog); caller
-// holds Volume.mu.
+// swap makes f, of n bytes, the log's file (after rewriteLog), with a
+// group syncer of its own: a failed sync of the old file does not stick
+// to the new one. Caller holds Volume.mu.
 func (l *metaLog) swap(f File, n int64) {
 	l.mu.Lock()
 	l.f.Close()
 	l.f, l.off, l.err = f, n, nil
 	l.mu.Unlock()
+	l.sync = newGroupSyncer(l.fsync)
 }
 
 // errNoLog: loadMetaLog found no log (no persistent snapshot lived).

@@ -165,3 +165,132 @@ func readHeader(t *testing.T, path string) metaHeader {
 	}
 	return h
 }
+
+// When syncing the metadata log fails, the records appended since its
+// last good sync may be lost, the mapping of a copy just made among
+// them. The snapshots are then invalid, and that must hold after a power
+// loss before the origin write goes ahead: the log is rewritten (a new
+// file) with them invalid. When that cannot be done either, the write is
+// refused, and so is every later one under the snapshots until it can:
+// after a power loss the snapshot still reads its own bytes.
+func TestMetaLogSyncFailureIsDurable(t *testing.T) {
+	for _, rewriteFails := range []bool{false, true} {
+		for seed := uint64(0); seed < 8; seed++ {
+			ffs := newFaultFS()
+			ffs.Put("/o", make([]byte, 16*4096))
+			v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			before := bytes.Repeat([]byte{0xa5}, 4096)
+			after := bytes.Repeat([]byte{0x5a}, 4096)
+			mustWrite(t, v, before, 0)
+			if _, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "p", Persistent: true}); err != nil {
+				t.Fatal(err)
+			}
+			failed := false
+			ffs.syncErr = func(p string) error { // the log once, not the rewrite's new file
+				if !failed && strings.Contains(p, "/meta.log") {
+					failed = true
+					return syscall.EIO
+				}
+				return nil
+			}
+			if rewriteFails {
+				ffs.syncErr = failOn("/meta.log", syscall.EIO)
+			}
+			_, err = v.WriteAt(after, 0)
+			if rewriteFails {
+				if err == nil {
+					t.Fatalf("seed %d: a write went ahead with its snapshot's invalidation not durable", seed)
+				}
+				if _, err := v.WriteAt(after, 0); err == nil {
+					t.Fatalf("seed %d: a second write to the chunk went ahead with its snapshot's invalidation not durable", seed)
+				}
+				if seed%2 == 1 { // the storage works again: the log is rewritten, writes go ahead
+					ffs.syncErr = nil
+					mustWrite(t, v, after, 0)
+				}
+			} else if err != nil {
+				t.Fatalf("seed %d: %v", seed, err)
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if list := v.Snapshots(); len(list) != 1 || list[0].Valid || !strings.Contains(list[0].Reason, "meta.log") {
+				t.Fatalf("seed %d: after the failed sync: %+v", seed, list)
+			}
+			ffs.syncErr = nil
+			ffs.Crash(rand.New(rand.NewPCG(seed, 2)))
+			abandon(v)
+
+			v, err = Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			list := v.Snapshots()
+			if len(list) != 1 {
+				t.Fatalf("seed %d: after power loss: %+v", seed, list)
+			}
+			if list[0].Valid {
+				h, err := v.OpenSnapshot("p")
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, 4096)
+				if _, err := h.ReadAt(got, 0); err != nil {
+					t.Fatal(err)
+				}
+				h.Close()
+				if !bytes.Equal(got, before) {
+					t.Fatalf("seed %d (rewrite fails: %v): snapshot valid after its metadata failed to sync, and reads %x... written after it", seed, rewriteFails, got[:4])
+				}
+			} else if !rewriteFails && !strings.Contains(list[0].Reason, "meta.log") {
+				t.Fatalf("seed %d: invalid for another reason: %q", seed, list[0].Reason)
+			}
+			v.Close()
+		}
+	}
+}
+
+// A persistent snapshot whose creation failed because the log's sync
+// did is not created, and must not appear after a power loss either:
+// its record may have reached the disk, and nothing written since was
+// preserved for it.
+func TestFailedCreateStaysGone(t *testing.T) {
+	for seed := uint64(0); seed < 8; seed++ {
+		ffs := newFaultFS()
+		ffs.Put("/o", make([]byte, 16*4096))
+		v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := context.Background()
+		if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "p1", Persistent: true}); err != nil {
+			t.Fatal(err)
+		}
+		failed := false
+		ffs.syncErr = func(p string) error {
+			if !failed && strings.Contains(p, "/meta.log") {
+				failed = true
+				return syscall.EIO
+			}
+			return nil
+		}
+		if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "p2", Persistent: true}); err == nil {
+			t.Fatal("creating a snapshot whose record failed to sync succeeded")
+		}
+		ffs.Crash(rand.New(rand.NewPCG(seed, 3)))
+		abandon(v)
+		v, err = Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range v.Snapshots() {
+			if s.ID == "p2" {
+				t.Fatalf("seed %d: the snapshot whose creation failed is there after a power loss: %+v", seed, s)
+			}
+		}
+		v.Close()
+	}
+}

@@ -39,14 +39,19 @@ type preserver struct {
 
 // preserveRange preserves, for each chunk in c0..c1 written for the first
 // time since the newest snapshot, what live snapshots need. The caller
-// holds the chunks' stripe locks and writes the origin after it returns.
-func (pr *preserver) preserveRange(c0, c1 uint64) {
+// holds the chunks' stripe locks and writes the origin after it returns
+// nil; an error means the origin write must not be issued (a snapshot's
+// invalidation could not be made durable: metaRefused).
+func (pr *preserver) preserveRange(c0, c1 uint64) error {
 	v := pr.v
+	if err := v.metaRefused(); err != nil {
+		return err
+	}
 	v.mu.RLock()
 	n := v.newest()
 	if n == nil {
 		v.mu.RUnlock()
-		return
+		return nil
 	}
 	var todoBuf [64]uint64 // a 256 KiB piece of 4 KiB chunks
 	todo := todoBuf[:0]
@@ -64,9 +69,12 @@ func (pr *preserver) preserveRange(c0, c1 uint64) {
 		for j < len(todo) && todo[j] == todo[j-1]+1 && j-i < maxRun {
 			j++
 		}
-		pr.preserveRun(todo[i], j-i)
+		if err := pr.preserveRun(todo[i], j-i); err != nil {
+			return err
+		}
 		i = j
 	}
+	return nil
 }
 
 // writePiece is how much of a large write is preserved and written at a
@@ -91,7 +99,9 @@ func (pr *preserver) preserveAndWrite(p []byte, off int64) (int, error) {
 		if step := max(int64(writePiece), v.chunk); int64(n) > step {
 			n = int((at+step)>>v.shift<<v.shift - at)
 		}
-		pr.preserveRange(uint64(at)>>v.shift, uint64(at+int64(n)-1)>>v.shift)
+		if err := pr.preserveRange(uint64(at)>>v.shift, uint64(at+int64(n)-1)>>v.shift); err != nil {
+			return done, err
+		}
 		k, err := v.origin.WriteAt(p[done:done+n], at)
 		done += k
 		if err != nil {
@@ -111,8 +121,9 @@ const preserveBatch = 1 << 20
 // writes them to the diff area off the writer's path, many at a time;
 // readers find them in memory until then. Persistent snapshots keep the
 // order their crash invariant needs: the originals and their mapping are
-// durable when it returns, before the origin is written.
-func (pr *preserver) preserveRun(c0 uint64, n int) {
+// durable when it returns nil, before the origin is written; an error
+// means the origin must not be written (see preserveRange).
+func (pr *preserver) preserveRun(c0 uint64, n int) error {
 	v := pr.v
 	// A short run (a 4 KiB write's one chunk) needs no allocation.
 	var needBuf [4]preserved
@@ -121,7 +132,7 @@ func (pr *preserver) preserveRun(c0 uint64, n int) {
 	nw := v.newest()
 	if nw == nil {
 		v.mu.Unlock()
-		return
+		return nil
 	}
 	r.gen = nw.gen
 	for c := c0; c < c0+uint64(n); c++ {
@@ -139,7 +150,7 @@ func (pr *preserver) preserveRun(c0 uint64, n int) {
 	wb := v.store.wb
 	v.mu.Unlock()
 	if len(r.need) == 0 {
-		return
+		return nil
 	}
 	r.first = r.need[0].c
 	last := r.need[len(r.need)-1].c
@@ -168,18 +179,17 @@ func (pr *preserver) preserveRun(c0 uint64, n int) {
 			v.invalidateUsers(p.c, r.gen, fmt.Sprintf("reading original of chunk %d from origin %s failed: %v", p.c, v.originPath, err))
 		}
 		v.mu.Unlock()
-		v.syncInvalidation(sy.log)
-		return
+		return v.syncInvalidation(sy.log)
 	}
 	pr.allocSlots(&r, buf)
 	if behind {
 		pr.queue(&r, wb, sp)
 		pr.releaseRun(wb, sp, bp)
 		pr.placeAll(&r)
-		return
+		return nil
 	}
 	defer pr.releaseRun(wb, sp, bp)
-	pr.storeRun(&r, buf, sy)
+	return pr.storeRun(&r, buf, sy)
 }
 
 // run is the chunks one preserveRun preserves, on their way to the diff
@@ -286,7 +296,8 @@ func (pr *preserver) releaseRun(wb *writeBehind, sp wbSpace, bp *[]byte) {
 // storeRun writes the chunks of r, whose originals buf holds, to their
 // slots (runs of consecutive slots at once), makes them durable (sy)
 // when a persistent snapshot needs it, and records them in the mapping.
-func (pr *preserver) storeRun(r *run, buf []byte, sy syncers) {
+// An error means the origin must not be written (see preserveRange).
+func (pr *preserver) storeRun(r *run, buf []byte, sy syncers) error {
 	v := pr.v
 	need := r.need
 	// Write runs of consecutive chunks that got consecutive slots at once.
@@ -330,7 +341,7 @@ func (pr *preserver) storeRun(r *run, buf []byte, sy syncers) {
 	lsync := v.log.syncer()
 	v.mu.Unlock()
 	if lsync == nil {
-		return
+		return nil
 	}
 	var ssync *groupSyncer
 	if r.anyData {
@@ -339,7 +350,7 @@ func (pr *preserver) storeRun(r *run, buf []byte, sy syncers) {
 	serr, lerr := syncPair(ssync, lsync)
 	switch {
 	case lerr != nil:
-		v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), lerr))
+		return v.logFailed(lerr)
 	case serr != nil:
 		// The records may be durable and their data not all: replay
 		// would drop those records while the origin write goes ahead.
@@ -350,8 +361,9 @@ func (pr *preserver) storeRun(r *run, buf []byte, sy syncers) {
 			v.invalidate(s, why)
 		}
 		v.mu.Unlock()
-		v.syncInvalidation(lsync)
+		return v.syncInvalidation(lsync)
 	}
+	return nil
 }
 
 // syncPair runs the diff area's group sync (store; nil: no data to sync)

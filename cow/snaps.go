@@ -20,8 +20,8 @@ import (
 // (freeSlots, maybeResetStore).
 //
 // Volume.mu guards all of it: callers hold it (exclusively for any
-// change), except failAll, which takes it, and syncInvalidation, which
-// is called without it. freeSlots also takes Volume.slotMu exclusively,
+// change), except logFailed and metaRefused, which take it, and
+// syncInvalidation, which is called without it. freeSlots also takes Volume.slotMu exclusively,
 // so that no snapshot read is still reading a slot it frees.
 
 type entry struct {
@@ -174,18 +174,28 @@ func (v *Volume) invalidate(s *snap, why string) {
 }
 
 // syncInvalidation makes invalidation records durable before the origin
-// write that caused them is issued.
-func (v *Volume) syncInvalidation(lsync *groupSyncer) {
+// write that caused them is issued; an error means that write must not
+// be issued (see logFailed).
+func (v *Volume) syncInvalidation(lsync *groupSyncer) error {
 	if lsync != nil {
 		if err := lsync.sync(); err != nil {
-			v.failAll(fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err))
+			return v.logFailed(err)
 		}
 	}
+	return nil
 }
 
-// failAll invalidates every live snapshot after an fsync of the diff area
-// failed: what it covered may be lost.
-func (v *Volume) failAll(why string) {
+// logFailed deals with a failed sync of the metadata log: records
+// appended since its last good sync may be lost, a copy's mapping among
+// them, so every live snapshot is invalid. That must be durable before
+// the origin write that waited for the sync is issued, or after a
+// restart a snapshot could read that write's bytes: the log is rewritten
+// from memory as a new file (checkpoint), with the snapshots invalid.
+// When that fails too, it returns an error: the write is refused, and so
+// is every later write under the snapshots until a rewrite succeeds or
+// no persistent snapshot is left (metaRefused). Called without mu.
+func (v *Volume) logFailed(err error) error {
+	why := fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err)
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	for _, s := range v.snaps {
@@ -193,6 +203,47 @@ func (v *Volume) failAll(why string) {
 			s.invalid = why
 		}
 	}
+	v.metaErr = why
+	return v.rewriteFailedLog()
+}
+
+// logSyncFailedLocked deals with a failed sync (err) of records a change
+// made under mu appended (a snapshot created, a revert begun or ended)
+// after the caller has undone in memory what failed: the records may
+// reach the disk all the same, so the log is rewritten from memory as
+// logFailed does, refusing writes when that fails. Caller holds mu.
+func (v *Volume) logSyncFailedLocked(err error) error {
+	v.metaErr = fmt.Sprintf("syncing metadata %s failed: %v", v.metaPath(), err)
+	return v.rewriteFailedLog()
+}
+
+// metaRefused is nil unless a failed metadata sync left the snapshots'
+// invalidation not durable (logFailed); then it tries again to make it
+// so, and returns the error refusing the write if that fails again.
+// Called without mu.
+func (v *Volume) metaRefused() error {
+	if !v.metaBroken.Load() {
+		return nil
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.rewriteFailedLog()
+}
+
+// rewriteFailedLog rewrites the log after a failed sync (v.metaErr says
+// why) so that the snapshots' invalidation is durable, and sets
+// metaBroken when it cannot. Caller holds mu.
+func (v *Volume) rewriteFailedLog() error {
+	if v.log == nil || v.persistent == 0 {
+		v.metaBroken.Store(false) // no persistent snapshot is left to read a write
+		return nil
+	}
+	if err := v.checkpoint(false); err != nil {
+		v.metaBroken.Store(true)
+		return fmt.Errorf("write volume %s refused: %s, and rewriting it failed too (%v): after a restart the persistent snapshots could read bytes written now; repair the shadow storage in %s, or delete the persistent snapshots of %s", v.name, v.metaErr, err, v.storageDir, v.name)
+	}
+	v.metaBroken.Store(false)
+	return nil
 }
 
 func (v *Volume) snapIndex(gen uint64) int {

@@ -584,6 +584,10 @@ func (v *Volume) revert(id string, force bool) error {
 	if v.log != nil {
 		v.log.append(record{Type: recRevertBegin, Gen: s.gen})
 		if err := v.log.flush(); err != nil {
+			// Not begun: a restart must not finish it.
+			if rerr := v.logSyncFailedLocked(err); rerr != nil {
+				err = rerr
+			}
 			return fmt.Errorf("revert %s to %s: %w", v.name, id, err)
 		}
 	}
@@ -617,7 +621,10 @@ func (v *Volume) revertLocked(s *snap) error {
 	v.finishRevert(s)
 	if v.log != nil {
 		v.log.append(record{Type: recRevertEnd, Gen: s.gen})
-		return v.log.flush()
+		if err := v.log.flush(); err != nil {
+			// Done: a restart must not do it again over later writes.
+			return v.logSyncFailedLocked(err)
+		}
 	}
 	return nil
 }

@@ -127,6 +127,10 @@ type Volume struct {
 	pre      preserver // the copy-before-write path (preserver.go)
 	hasSnaps atomic.Int32
 	isClosed atomic.Bool
+	// metaBroken: a metadata sync failed and the snapshots' invalidation
+	// could not be made durable; writes under them are refused
+	// (metaRefused). Set and cleared under mu.
+	metaBroken atomic.Bool
 
 	slotMu sync.RWMutex // held shared while a diff-area slot is read; exclusively to free slots
 
@@ -152,6 +156,7 @@ type Volume struct {
 	entries    *entryMap
 	store      *store   // nil until the first snapshot
 	log        *metaLog // non-nil while a persistent snapshot lives
+	metaErr    string   // why the last metadata sync failed (logFailed)
 	persistent int      // live persistent snapshots
 	recovery   []error  // problems found when opening
 	recovering bool     // replaying the log: frees must not touch the store
@@ -586,7 +591,9 @@ func (v *Volume) TryWriteFrom(off, n int64, fill func(f *os.File, off int64) err
 	defer v.gate.leave()
 	if locks.held() {
 		defer locks.unlock()
-		v.pre.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift)
+		if err := v.pre.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift); err != nil {
+			return true, err
+		}
 	}
 	return true, fill(of.File, off)
 }
@@ -627,7 +634,9 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
 		locks := v.stripes.lock(c0, c1, false)
 		defer locks.unlock()
-		v.pre.preserveRange(c0, c1)
+		if err := v.pre.preserveRange(c0, c1); err != nil {
+			return err
+		}
 	}
 	if !noHole {
 		if err := v.origin.Punch(off, length); err == nil {
@@ -738,6 +747,9 @@ func (v *Volume) commit(opts provider.SnapshotOptions) (provider.Snapshot, error
 		v.log.append(rec)
 		if err := v.log.flush(); err != nil {
 			v.snaps = v.snaps[:len(v.snaps)-1]
+			if rerr := v.logSyncFailedLocked(err); rerr != nil {
+				err = rerr
+			}
 			return provider.Snapshot{}, fmt.Errorf("snapshot volume %s: %w", v.name, err)
 		}
 	default:
