@@ -458,10 +458,13 @@ func (m *modelRun) crashInWrite() {
 
 func runModel(t *testing.T, seed uint64, steps int, policy Policy) (crashes int) {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	oldPiece, oldBatch, oldDelay, oldGap := writePiece, wbBatchBytes, wbDelay, originGap
+	oldPiece, oldBatch, oldDelay, oldGap, oldZero := writePiece, wbBatchBytes, wbDelay, originGap, zeroBatch
 	defer func() {
-		writePiece, wbBatchBytes, wbDelay, originGap = oldPiece, oldBatch, oldDelay, oldGap
+		writePiece, wbBatchBytes, wbDelay, originGap, zeroBatch = oldPiece, oldBatch, oldDelay, oldGap, oldZero
 	}()
+	// Persistent copies reserve and zero the diff area's next slots one
+	// to four at a time, interleaved with copies, frees and the policy.
+	zeroBatch = 4096 * int64(1+seed%4)
 	// Snapshot reads take the origin run by run, or across every gap.
 	switch seed / 3 % 3 {
 	case 1:

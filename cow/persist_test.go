@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"umbra/provider"
 )
 
@@ -292,5 +294,49 @@ func TestFailedCreateStaysGone(t *testing.T) {
 			}
 		}
 		v.Close()
+	}
+}
+
+// A persistent copy lands in space the diff area has already written
+// (zeros ahead of it), as does its mapping record in the log: written
+// over such space, neither grows its file or allocates a block, so the
+// group's fdatasyncs commit no journal transaction (see zeroBatch).
+// Holes or fallocated (unwritten) space would not do: SEEK_DATA reports
+// those as holes on ext4.
+func TestPersistentCopiesLandInWrittenSpace(t *testing.T) {
+	const chunk = 4096
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "origin")
+	if err := os.WriteFile(origin, bytes.Repeat([]byte{7}, 64*chunk), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open("v", origin, Options{StorageDir: filepath.Join(dir, "diff")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if _, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "p", Persistent: true}); err != nil {
+		t.Fatal(err)
+	}
+	for c := int64(0); c < 3; c++ {
+		mustWrite(t, v, make([]byte, 100), c*chunk+1)
+	}
+	want := zeroBatch / chunk
+	if r := dataRanges(t, v, chunk); len(r) != 1 || r[0][0] != 0 || r[0][1] < want {
+		t.Fatalf("diff area's written space in slots: %v, want [0, >=%d) (3 copies and zeros ahead)", r, want)
+	}
+	v.mu.RLock()
+	lf := v.log.f.(osFile)
+	off := v.log.off
+	v.mu.RUnlock()
+	fi, err := lf.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size()-off < 4096 {
+		t.Fatalf("log is %d bytes for records ending at %d: no zeros ahead", fi.Size(), off)
+	}
+	if h, err := unix.Seek(int(lf.Fd()), 0, unix.SEEK_HOLE); err != nil || h != fi.Size() {
+		t.Fatalf("log has a hole at %d (size %d, %v)", h, fi.Size(), err)
 	}
 }

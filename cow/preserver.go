@@ -189,7 +189,31 @@ func (pr *preserver) preserveRun(c0 uint64, n int) error {
 		return nil
 	}
 	defer pr.releaseRun(wb, sp, bp)
+	if sy.log != nil && r.anyData {
+		pr.writeAhead(&r)
+	}
 	return pr.storeRun(&r, buf, sy)
+}
+
+// writeAhead zeroes the diff area's next slots (zeroAhead) when r's
+// copies go past its written space, so that later persistent copies
+// are written over space the file has: their fdatasync commits no
+// journal transaction (see zeroBatch).
+func (pr *preserver) writeAhead(r *run) {
+	v := pr.v
+	top := int64(-1)
+	for _, p := range r.need {
+		if p.keep && p.slot != zeroSlot {
+			top = max(top, p.slot)
+		}
+	}
+	v.mu.Lock()
+	st := v.store
+	from, n := st.reserveZeros(top)
+	v.mu.Unlock()
+	if n > 0 {
+		v.zeroAhead(st, from, n)
+	}
 }
 
 // run is the chunks one preserveRun preserves, on their way to the diff

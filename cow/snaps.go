@@ -336,7 +336,7 @@ func (v *Volume) deleteLocked(s *snap, log bool) {
 // discarded by place).
 func (v *Volume) maybeResetStore() {
 	st := v.store
-	if st == nil || len(v.snaps) > 0 || st.used() > 0 {
+	if st == nil || len(v.snaps) > 0 || st.used() > 0 || st.reserved > 0 {
 		return
 	}
 	st.reset(st.keep * v.chunk)
@@ -347,7 +347,7 @@ func (v *Volume) maybeResetStore() {
 	st.idle = time.AfterFunc(idleRelease, func() {
 		v.mu.Lock()
 		defer v.mu.Unlock()
-		if v.store == st && !st.shut && len(v.snaps) == 0 && st.used() == 0 {
+		if v.store == st && !st.shut && len(v.snaps) == 0 && st.used() == 0 && st.reserved == 0 {
 			st.reset(0)
 		}
 	})

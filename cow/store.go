@@ -12,22 +12,32 @@ import (
 // store is the diff-area data file: fixed-size slots, one preserved chunk
 // each. Guarded by Volume.mu except where noted.
 type store struct {
-	f    File
-	path string
-	hwm  int64   // slots ever handed out since the last reset
-	free []int64 // released slots below hwm
-	keep int64   // slots below it keep their space when freed (retainBytes)
-	idle *time.Timer
-	shut bool // closed: the idle timer does nothing
-	sync *groupSyncer
-	wb   *writeBehind // copies for non-persistent snapshots
-	m    *storeMap    // slot reads copy from it in memory (storemap.go)
+	f     File
+	path  string
+	chunk int64   // the volume's chunk size: a slot's
+	hwm   int64   // slots ever handed out since the last reset
+	free  []int64 // released slots below hwm
+	keep  int64   // slots below it keep their space when freed (retainBytes)
+	idle  *time.Timer
+	shut  bool // closed: the idle timer does nothing
+	sync  *groupSyncer
+	wb    *writeBehind // copies for non-persistent snapshots
+	m     *storeMap    // slot reads copy from it in memory (storemap.go)
+
+	// Written space ahead of the persistent copies (zeroAhead): slots
+	// below ready are space the file has written (zeros or older
+	// copies), so a copy written over one changes no file metadata and
+	// its fdatasync commits no journal transaction. A hint: a slot that
+	// is not (punched, say) costs that commit, nothing else.
+	ready    int64
+	reserved int64 // slots taken out of the allocator while zeroAhead zeroes them
+	zeroing  bool  // a zeroAhead is under way
 }
 
 // newStore wraps the open diff-area file f; a write-behind failure marks
 // the volume for settleWriteBehind.
 func (v *Volume) newStore(f File) *store {
-	s := &store{f: f, path: v.storePath(), wb: newWriteBehind(f, v.chunk), m: newStoreMap(f), keep: v.keepSlots()}
+	s := &store{f: f, path: v.storePath(), chunk: v.chunk, wb: newWriteBehind(f, v.chunk), m: newStoreMap(f), keep: v.keepSlots()}
 	s.wb.onFail = func() { v.pre.wbFailed.Store(true) }
 	s.sync = newGroupSyncer(s.datasync)
 	return s
@@ -49,7 +59,76 @@ func (s *store) alloc(max int64) (slot int64, full bool) {
 
 func (s *store) release(slot int64) { s.free = append(s.free, slot) }
 
-func (s *store) used() int64 { return s.hwm - int64(len(s.free)) }
+func (s *store) used() int64 { return s.hwm - int64(len(s.free)) - s.reserved }
+
+// Preallocation for persistent copies. A copy appended past the end of
+// the file, or into a hole, allocates blocks and grows the file: its
+// fdatasync then waits for a journal commit (ext4), which on a disk
+// costs more than writing the 4 KiB. fallocate does not help: ext4
+// marks the blocks unwritten, and converting them is journalled as
+// well. So the space ahead is written with zeros, zeroBatch at a time
+// (one commit then, for every copy that lands in it), as dm-snapshot's
+// exception store and blksnap's diff storage are allocated ahead of
+// their use. Measured 2026-12-07, ext4 on a loop device: 4.4-5.0 ms an
+// fdatasync of an appended 4 KiB with a commit each, 4.2-4.4 into
+// fallocated space (a commit each), 2.4-3.0 ms over written zeros (none).
+// (A variable: tests make it small.)
+var zeroBatch int64 = 2 << 20
+
+// reserveZeros takes the next zeroBatch of slots out of the allocator
+// for zeroAhead when slot, just handed out to a persistent copy, is past
+// the written space and none is being zeroed; n is 0 when there is
+// nothing to do, or no room: the batch must stay within the slots that
+// keep their space (keep), so the file never holds more than the
+// association's maximum. Caller holds Volume.mu.
+func (s *store) reserveZeros(slot int64) (from, n int64) {
+	if s.zeroing || slot < s.ready {
+		return 0, 0
+	}
+	n = max(zeroBatch/s.chunk, 1)
+	if s.hwm+n > s.keep {
+		return 0, 0
+	}
+	from = s.hwm
+	s.hwm += n
+	s.reserved += n
+	s.zeroing = true
+	return from, n
+}
+
+// zeroAhead writes zeros over the n slots from from (reserveZeros) and
+// hands them to the allocator, lowest first; the fdatasync of the copy
+// that reserved them makes them durable space. Caller holds neither
+// Volume.mu nor any slot of them: nobody else can have them (the
+// allocator is not reset while slots are reserved).
+func (v *Volume) zeroAhead(st *store, from, n int64) {
+	zeros := zeroBuf()
+	off, end := from*v.chunk, (from+n)*v.chunk
+	var err error
+	for off < end && err == nil {
+		k := min(int64(len(zeros)), end-off)
+		_, err = st.f.WriteAt(zeros[:k], off)
+		off += k
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	st.zeroing = false
+	st.reserved -= n
+	k := len(st.free)
+	for s := from + n - 1; s >= from; s-- {
+		st.free = append(st.free, s)
+	}
+	// The association's max may have shrunk meanwhile (setKeep): then
+	// the file is past what keeps its space, and they are punched out.
+	st.punch(st.free[k:], v.chunk)
+	if err == nil && v.store == st && st.hwm <= st.keep {
+		st.ready = max(st.ready, from+n)
+	}
+}
+
+var zeroPage = make([]byte, 256<<10)
+
+func zeroBuf() []byte { return zeroPage }
 
 // Space the diff area's file once held is kept for reuse, as VSS keeps
 // its diff area allocated and blksnap and dattobd preallocate theirs: a
@@ -100,6 +179,7 @@ func (s *store) setKeep(n, chunk int64) {
 
 // cut truncates the file to size when it is longer.
 func (s *store) cut(size int64) {
+	s.ready = min(s.ready, size/s.chunk)
 	if n, err := s.f.Size(); err == nil && n <= size {
 		return
 	}
@@ -125,6 +205,7 @@ func (s *store) punch(slots []int64, chunk int64) {
 			j++
 		}
 		_ = s.f.Punch(slots[i]*chunk, int64(j-i)*chunk) // best effort: the slots are reusable either way
+		s.ready = min(s.ready, slots[i])
 		i = j
 	}
 }
@@ -223,4 +304,5 @@ func (v *Volume) rebuildFree() {
 	}
 	st.punch(holes, v.chunk)
 	_ = st.f.Truncate(st.hwm * v.chunk)
+	st.ready = 0 // holes, and whatever the file held before: not known written
 }
