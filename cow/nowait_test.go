@@ -401,3 +401,48 @@ func TestMappedRangeHoles(t *testing.T) {
 		t.Fatal("no loan of a range written again after a trim")
 	}
 }
+
+// TestTryWriteAtNearStripes: a write preserving a chunk holds that
+// chunk's stripe lock, and a first write to another chunk whose stripe
+// is free proceeds beside it — among them the chunks 1024, 2048 and 3072
+// chunks away, which shared its stripe when there were 1024 (two NBD
+// connections' random 4 KiB first writes then met on a stripe a few
+// times in 8192, and the later one waited out the other's preservation).
+func TestTryWriteAtNearStripes(t *testing.T) {
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "o")
+	const chunks = 4 * 1024
+	if err := os.WriteFile(origin, bytes.Repeat([]byte{7}, chunks*4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open("v", origin, Options{StorageDir: filepath.Join(dir, "d")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if _, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{9}, 4096)
+	held := v.stripes.lock(0, 0, false) // a writer preserving chunk 0
+	if _, ok, _ := v.TryWriteAt(p, 0); ok {
+		t.Fatal("wrote chunk 0 while another writer preserves it")
+	}
+	for _, c := range []int64{1, 1024, 2048, 3072} {
+		if n, ok, err := v.TryWriteAt(p, c*4096); !ok || err != nil || n != len(p) {
+			t.Fatalf("first write to chunk %d while chunk 0 is preserved: ok %v, n %d, err %v; want it to proceed", c, ok, n, err)
+		}
+	}
+	held.unlock()
+	s, err := v.OpenSnapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got := make([]byte, 4096)
+	for _, c := range []int64{1, 1024, 2048, 3072} {
+		if _, err := s.ReadAt(got, c*4096); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{7}, 4096)) {
+			t.Fatalf("snapshot chunk %d: not the original (%v)", c, err)
+		}
+	}
+}
