@@ -142,13 +142,23 @@ func benchWrites(b *testing.B, snap bool, conns int) {
 		for k := range conns {
 			c, br := cs[k], brs[k]
 			tags := make(chan struct{}, max(depth/conns, 1))
+			failed := make(chan struct{}) // closed when either side fails
+			var once sync.Once
+			fail := func(err error) {
+				b.Error(err)
+				once.Do(func() { close(failed); c.Close() })
+			}
 			wg.Add(2)
 			go func() {
 				defer wg.Done()
 				for i := from + k; i < to; i += conns {
-					tags <- struct{}{}
+					select {
+					case tags <- struct{}{}:
+					case <-failed:
+						return
+					}
 					if _, err := c.Write(reqs[i%blocks]); err != nil {
-						b.Error(err)
+						fail(err)
 						return
 					}
 				}
@@ -158,11 +168,11 @@ func benchWrites(b *testing.B, snap bool, conns int) {
 				var reply [16]byte
 				for i := from + k; i < to; i += conns {
 					if _, err := io.ReadFull(br, reply[:]); err != nil {
-						b.Error(err)
+						fail(err)
 						return
 					}
 					if e := binary.BigEndian.Uint32(reply[4:]); e != 0 {
-						b.Errorf("write failed: NBD error %d", e)
+						fail(fmt.Errorf("write failed: NBD error %d", e))
 						return
 					}
 					<-tags
@@ -170,6 +180,9 @@ func benchWrites(b *testing.B, snap bool, conns int) {
 			}()
 		}
 		wg.Wait()
+		if b.Failed() {
+			b.FailNow()
+		}
 	}
 	newSnap()
 	pass(0, min(blocks, 256)) // warm up: buffers, goroutines
