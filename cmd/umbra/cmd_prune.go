@@ -19,7 +19,8 @@ func init() { verbs = append(verbs, newPruneCmd, newStatsCmd) }
 // half the live heap instead of all of it keeps the peak down: verify's
 // 61 → 48 MiB at 1 Mi chunks and 69 → 52 at 4 Mi, prune's 80 → 70 and
 // 88 → 74, for 1–2 % of CPU in the collector instead of 1 %
-// (docs/benchmarks.md, 2026-12-07). GOGC, when set, wins.
+// (docs/benchmarks.md, 2026-12-07). umbra mount paces its bounded
+// caches the same way. GOGC, when set, wins.
 func walkPace() {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(50)

@@ -12,8 +12,9 @@ import (
 
 // TestRepositoryWalksPaceCollector: verify, prune, images delete and
 // stats walk the whole repository with a bounded live heap and much
-// short-lived garbage; each collects at half the live heap (GOGC 50)
-// unless GOGC is set, which keeps their peak down (docs/benchmarks.md).
+// short-lived garbage, mount keeps bounded caches whose blobs turn over;
+// each collects at half the live heap (GOGC 50) unless GOGC is set,
+// which keeps their peak down (docs/benchmarks.md).
 func TestRepositoryWalksPaceCollector(t *testing.T) {
 	dir := t.TempDir()
 	repo := filepath.Join(dir, "repo")
@@ -39,6 +40,7 @@ func TestRepositoryWalksPaceCollector(t *testing.T) {
 		{"prune", "--keep-last", "1"},
 		{"images", "delete", strings.Repeat("a", 32)},
 		{"stats"},
+		{"mount", strings.Repeat("a", 32)}, // no such image: returns once paced
 	} {
 		t.Setenv("GOGC", "")
 		debug.SetGCPercent(100)
