@@ -255,6 +255,50 @@ func TestMetaLogSyncFailureIsDurable(t *testing.T) {
 	}
 }
 
+// A persistent snapshot deleted while the log's sync failed is gone in
+// memory, its slots free for other copies, and must not come back after
+// a power loss over them.
+func TestFailedDeleteStaysGone(t *testing.T) {
+	for seed := uint64(0); seed < 8; seed++ {
+		ffs := newFaultFS()
+		ffs.Put("/o", make([]byte, 16*4096))
+		v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := context.Background()
+		for _, id := range []string{"p1", "p2"} {
+			if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: id, Persistent: true}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		mustWrite(t, v, bytes.Repeat([]byte{1}, 4096), 0) // a copy p2 owns
+		failed := false
+		ffs.syncErr = func(p string) error {
+			if !failed && strings.Contains(p, "/meta.log") {
+				failed = true
+				return syscall.EIO
+			}
+			return nil
+		}
+		if err := v.DeleteSnapshot("p2"); err == nil {
+			t.Fatal("deleting a snapshot whose record failed to sync reported no error")
+		}
+		ffs.Crash(rand.New(rand.NewPCG(seed, 4)))
+		abandon(v)
+		v, err = Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range v.Snapshots() {
+			if s.ID == "p2" {
+				t.Fatalf("seed %d: the snapshot deleted in memory is back after a power loss: %+v", seed, s)
+			}
+		}
+		v.Close()
+	}
+}
+
 // A persistent snapshot whose creation failed because the log's sync
 // did is not created, and must not appear after a power loss either:
 // its record may have reached the disk, and nothing written since was

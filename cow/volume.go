@@ -832,6 +832,14 @@ func (v *Volume) deleteSnapshot(id string, force bool) ([]string, error) {
 	v.mu.Unlock()
 	if lsync != nil {
 		if err := lsync.sync(); err != nil {
+			// Deleted in memory, its slots free for others' copies: the
+			// log is rewritten so that it does not come back at restart
+			// over them.
+			v.mu.Lock()
+			if rerr := v.logSyncFailedLocked(err); rerr != nil {
+				err = rerr
+			}
+			v.mu.Unlock()
 			return users, fmt.Errorf("delete snapshot %s@%s: %w", v.name, id, err)
 		}
 	}
