@@ -3,6 +3,7 @@ package cow
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -39,31 +40,8 @@ func TestStoreSyncFailureInvalidatesDurably(t *testing.T) {
 			t.Fatal(err)
 		}
 		ffs.syncErr = nil
-		ffs.Crash(rand.New(rand.NewPCG(seed, 1)))
-		abandon(v)
-
-		v, err = Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		list := v.Snapshots()
-		if len(list) != 1 {
-			t.Fatalf("seed %d: after power loss: %+v", seed, list)
-		}
-		if list[0].Valid {
-			h, err := v.OpenSnapshot("p")
-			if err != nil {
-				t.Fatal(err)
-			}
-			got := make([]byte, 4096)
-			if _, err := h.ReadAt(got, 0); err != nil {
-				t.Fatal(err)
-			}
-			h.Close()
-			if !bytes.Equal(got, before) {
-				t.Fatalf("seed %d: snapshot valid after its diff area failed to sync, and reads %x... written after it", seed, got[:4])
-			}
-		} else if list[0].Reason == "" {
+		v, sn := afterPowerLoss(t, v, ffs, seed, 1, before, "its diff area failed to sync")
+		if !sn.Valid && sn.Reason == "" {
 			t.Fatalf("seed %d: invalid without a reason", seed)
 		}
 		v.Close()
@@ -223,32 +201,9 @@ func TestMetaLogSyncFailureIsDurable(t *testing.T) {
 				t.Fatalf("seed %d: after the failed sync: %+v", seed, list)
 			}
 			ffs.syncErr = nil
-			ffs.Crash(rand.New(rand.NewPCG(seed, 2)))
-			abandon(v)
-
-			v, err = Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
-			if err != nil {
-				t.Fatal(err)
-			}
-			list := v.Snapshots()
-			if len(list) != 1 {
-				t.Fatalf("seed %d: after power loss: %+v", seed, list)
-			}
-			if list[0].Valid {
-				h, err := v.OpenSnapshot("p")
-				if err != nil {
-					t.Fatal(err)
-				}
-				got := make([]byte, 4096)
-				if _, err := h.ReadAt(got, 0); err != nil {
-					t.Fatal(err)
-				}
-				h.Close()
-				if !bytes.Equal(got, before) {
-					t.Fatalf("seed %d (rewrite fails: %v): snapshot valid after its metadata failed to sync, and reads %x... written after it", seed, rewriteFails, got[:4])
-				}
-			} else if !rewriteFails && !strings.Contains(list[0].Reason, "meta.log") {
-				t.Fatalf("seed %d: invalid for another reason: %q", seed, list[0].Reason)
+			v, sn := afterPowerLoss(t, v, ffs, seed, 2, before, fmt.Sprintf("its metadata failed to sync (rewrite fails: %v)", rewriteFails))
+			if !sn.Valid && !rewriteFails && !strings.Contains(sn.Reason, "meta.log") {
+				t.Fatalf("seed %d: invalid for another reason: %q", seed, sn.Reason)
 			}
 			v.Close()
 		}
@@ -383,4 +338,38 @@ func TestPersistentCopiesLandInWrittenSpace(t *testing.T) {
 	if h, err := unix.Seek(int(lf.Fd()), 0, unix.SEEK_HOLE); err != nil || h != fi.Size() {
 		t.Fatalf("log has a hole at %d (size %d, %v)", h, fi.Size(), err)
 	}
+}
+
+// afterPowerLoss loses power under v (unsynced writes kept or not as
+// seed and stream choose), opens the volume again and returns it with
+// its one snapshot "p"; if that snapshot is still valid, it must read
+// before at offset 0 (what the origin held at its commit), not the
+// bytes written after it — what failed is said in the message.
+func afterPowerLoss(t *testing.T, v *Volume, ffs *faultFS, seed, stream uint64, before []byte, failed string) (*Volume, provider.Snapshot) {
+	t.Helper()
+	ffs.Crash(rand.New(rand.NewPCG(seed, stream)))
+	abandon(v)
+	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := v.Snapshots()
+	if len(list) != 1 {
+		t.Fatalf("seed %d: after power loss: %+v", seed, list)
+	}
+	if list[0].Valid {
+		h, err := v.OpenSnapshot("p")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(before))
+		if _, err := h.ReadAt(got, 0); err != nil {
+			t.Fatal(err)
+		}
+		h.Close()
+		if !bytes.Equal(got, before) {
+			t.Fatalf("seed %d: snapshot valid after %s, and reads %x... written after it", seed, failed, got[:4])
+		}
+	}
+	return v, list[0]
 }
