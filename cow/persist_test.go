@@ -168,14 +168,7 @@ func TestMetaLogSyncFailureIsDurable(t *testing.T) {
 			if _, err := v.CreateSnapshot(context.Background(), provider.SnapshotOptions{ID: "p", Persistent: true}); err != nil {
 				t.Fatal(err)
 			}
-			failed := false
-			ffs.syncErr = func(p string) error { // the log once, not the rewrite's new file
-				if !failed && strings.Contains(p, "/meta.log") {
-					failed = true
-					return syscall.EIO
-				}
-				return nil
-			}
+			ffs.syncErr = failLogSyncOnce() // the log once, not the rewrite's new file
 			if rewriteFails {
 				ffs.syncErr = failOn("/meta.log", syscall.EIO)
 			}
@@ -228,23 +221,11 @@ func TestFailedDeleteStaysGone(t *testing.T) {
 			}
 		}
 		mustWrite(t, v, bytes.Repeat([]byte{1}, 4096), 0) // a copy p2 owns
-		failed := false
-		ffs.syncErr = func(p string) error {
-			if !failed && strings.Contains(p, "/meta.log") {
-				failed = true
-				return syscall.EIO
-			}
-			return nil
-		}
+		ffs.syncErr = failLogSyncOnce()
 		if err := v.DeleteSnapshot("p2"); err == nil {
 			t.Fatal("deleting a snapshot whose record failed to sync reported no error")
 		}
-		ffs.Crash(rand.New(rand.NewPCG(seed, 4)))
-		abandon(v)
-		v, err = Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
-		if err != nil {
-			t.Fatal(err)
-		}
+		v = reopenAfterPowerLoss(t, v, ffs, seed, 4)
 		for _, s := range v.Snapshots() {
 			if s.ID == "p2" {
 				t.Fatalf("seed %d: the snapshot deleted in memory is back after a power loss: %+v", seed, s)
@@ -270,23 +251,11 @@ func TestFailedCreateStaysGone(t *testing.T) {
 		if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "p1", Persistent: true}); err != nil {
 			t.Fatal(err)
 		}
-		failed := false
-		ffs.syncErr = func(p string) error {
-			if !failed && strings.Contains(p, "/meta.log") {
-				failed = true
-				return syscall.EIO
-			}
-			return nil
-		}
+		ffs.syncErr = failLogSyncOnce()
 		if _, err := v.CreateSnapshot(ctx, provider.SnapshotOptions{ID: "p2", Persistent: true}); err == nil {
 			t.Fatal("creating a snapshot whose record failed to sync succeeded")
 		}
-		ffs.Crash(rand.New(rand.NewPCG(seed, 3)))
-		abandon(v)
-		v, err = Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
-		if err != nil {
-			t.Fatal(err)
-		}
+		v = reopenAfterPowerLoss(t, v, ffs, seed, 3)
 		for _, s := range v.Snapshots() {
 			if s.ID == "p2" {
 				t.Fatalf("seed %d: the snapshot whose creation failed is there after a power loss: %+v", seed, s)
@@ -347,12 +316,7 @@ func TestPersistentCopiesLandInWrittenSpace(t *testing.T) {
 // bytes written after it — what failed is said in the message.
 func afterPowerLoss(t *testing.T, v *Volume, ffs *faultFS, seed, stream uint64, before []byte, failed string) (*Volume, provider.Snapshot) {
 	t.Helper()
-	ffs.Crash(rand.New(rand.NewPCG(seed, stream)))
-	abandon(v)
-	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v = reopenAfterPowerLoss(t, v, ffs, seed, stream)
 	list := v.Snapshots()
 	if len(list) != 1 {
 		t.Fatalf("seed %d: after power loss: %+v", seed, list)
@@ -372,4 +336,30 @@ func afterPowerLoss(t *testing.T, v *Volume, ffs *faultFS, seed, stream uint64, 
 		}
 	}
 	return v, list[0]
+}
+
+// reopenAfterPowerLoss loses power under v (which unsynced writes are
+// kept chosen by seed and stream) and opens the volume again.
+func reopenAfterPowerLoss(t *testing.T, v *Volume, ffs *faultFS, seed, stream uint64) *Volume {
+	t.Helper()
+	ffs.Crash(rand.New(rand.NewPCG(seed, stream)))
+	abandon(v)
+	v, err := Open("v", "/o", Options{StorageDir: "/d", FS: ffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// failLogSyncOnce fails the first sync of meta.log (not of the new file
+// a rewrite makes), then lets every sync through.
+func failLogSyncOnce() func(string) error {
+	failed := false
+	return func(p string) error {
+		if !failed && strings.Contains(p, "/meta.log") {
+			failed = true
+			return syscall.EIO
+		}
+		return nil
+	}
 }
