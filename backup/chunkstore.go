@@ -174,7 +174,7 @@ func (s *chunkStore) get(h Hash) (loc, bool) {
 	s.lookups.Add(1)
 	s.mu.RLock()
 	l, ok := s.getLocked(&h)
-	build := !ok && s.filt == nil && s.filtUsers > 0 && s.misses.Add(1) > max(s.n/filterAfter, minFilterAfter)
+	build := !ok && s.missed(1)
 	s.mu.RUnlock()
 	if build {
 		s.mu.Lock()
@@ -249,11 +249,11 @@ func (s *chunkStore) addMany(es []indexEntry) {
 		return
 	}
 	for i := range es {
-		if s.filt != nil || s.filtUsers > 0 || (s.base == nil || s.base.n == 0) && len(s.runs) == 0 {
+		if s.checksAdds() {
 			if _, ok := s.getLocked(&es[i].h); ok {
 				continue
 			}
-			if s.filt == nil && s.filtUsers > 0 && s.misses.Add(1) > max(s.n/filterAfter, minFilterAfter) {
+			if s.missed(1) {
 				s.buildFilterLocked()
 			}
 		} else {
@@ -293,7 +293,7 @@ var directRunMin = 1 << 12
 // Mi-chunk repository's open after an incremental (160 Ki entries the
 // local cache lacks; 2026-12-07). Callers hold mu; there is no filter.
 func (s *chunkStore) addRun(es []indexEntry) bool {
-	checked := s.filtUsers > 0 || (s.base == nil || s.base.n == 0) && len(s.runs) == 0
+	checked := s.checksAdds()
 	s.spill()
 	if s.buf.len() > 0 {
 		return false // not spilled (noted): through the buffer
@@ -343,10 +343,26 @@ func (s *chunkStore) addRun(es []indexEntry) bool {
 			s.pushRun(nr)
 		}
 	}
-	if s.filtUsers > 0 && s.misses.Add(misses) > max(s.n/filterAfter, minFilterAfter) {
+	if s.missed(misses) {
 		s.buildFilterLocked()
 	}
 	return true
+}
+
+// checksAdds reports whether an entry added is looked up in the whole
+// store first: with a filter, for a writer that wants one, or while
+// the store has nothing but its buffer. Else only the buffer is looked
+// in (a lookup in the runs is a page read) and the store becomes
+// unchecked. Callers hold mu.
+func (s *chunkStore) checksAdds() bool {
+	return s.filt != nil || s.filtUsers > 0 || (s.base == nil || s.base.n == 0) && len(s.runs) == 0
+}
+
+// missed counts k lookups that missed while a writer wants a filter and
+// none is built, and reports whether enough did to build it (see
+// filterAfter). Callers hold mu (read or write).
+func (s *chunkStore) missed(k int64) bool {
+	return s.filt == nil && s.filtUsers > 0 && s.misses.Add(k) > max(s.n/filterAfter, minFilterAfter)
 }
 
 // bufLimit is how many entries the buffer holds before it is
