@@ -346,7 +346,7 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 		buf []byte
 		w   []chunkWork
 	}
-	readers := 1
+	readers := 0 // goroutines reading an incremental's changed chunks
 	if patch {
 		readers = min(runtime.GOMAXPROCS(0), maxReaders)
 		if readWorkers > 0 {
@@ -374,9 +374,6 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 	out := make(chan batch, depth-1)
 	var all sync.WaitGroup
 	for range readers {
-		if !patch {
-			break
-		}
 		all.Go(func() {
 			m := r.manyHasher()
 			for j := range jobs {
