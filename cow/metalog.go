@@ -72,7 +72,7 @@ func (l *metaLog) append(rec record) {
 		// commits no journal transaction. Replay ends at the first
 		// zero byte after the records (not a valid record).
 		n := max(logZeroBatch, end-l.ready)
-		if _, err := l.f.WriteAt(make([]byte, n), l.ready); err == nil {
+		if _, err := writeZeros(l.f, l.ready, n); err == nil {
 			l.ready += n
 		}
 	}

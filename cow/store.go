@@ -2,6 +2,7 @@ package cow
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -102,14 +103,7 @@ func (s *store) reserveZeros(slot int64) (from, n int64) {
 // Volume.mu nor any slot of them: nobody else can have them (the
 // allocator is not reset while slots are reserved).
 func (v *Volume) zeroAhead(st *store, from, n int64) {
-	zeros := zeroBuf()
-	off, end := from*v.chunk, (from+n)*v.chunk
-	var err error
-	for off < end && err == nil {
-		k := min(int64(len(zeros)), end-off)
-		_, err = st.f.WriteAt(zeros[:k], off)
-		off += k
-	}
+	_, err := writeZeros(st.f, from*v.chunk, n*v.chunk)
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	st.zeroing = false
@@ -126,9 +120,25 @@ func (v *Volume) zeroAhead(st *store, from, n int64) {
 	}
 }
 
-var zeroPage = make([]byte, 256<<10)
+// zeroBlock is the zeros the engine writes (zeroAhead, the log's space
+// ahead, WriteZeroes where the origin cannot punch), never written to:
+// an array, so nothing is allocated for it at every command's start nor
+// at every use.
+var zeroBlock [1 << 20]byte
 
-func zeroBuf() []byte { return zeroPage }
+// writeZeros writes n zero bytes to f at off, a zeroBlock at a time, and
+// returns how many it wrote before an error.
+func writeZeros(f io.WriterAt, off, n int64) (int64, error) {
+	done := int64(0)
+	for done < n {
+		k := min(int64(len(zeroBlock)), n-done)
+		if _, err := f.WriteAt(zeroBlock[:k], off+done); err != nil {
+			return done, err
+		}
+		done += k
+	}
+	return done, nil
+}
 
 // Space the diff area's file once held is kept for reuse, as VSS keeps
 // its diff area allocated and blksnap and dattobd preallocate theirs: a

@@ -650,13 +650,8 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 			return nil
 		}
 	}
-	zeros := make([]byte, min(length, 1<<20))
-	for done := int64(0); done < length; {
-		n := min(int64(len(zeros)), length-done)
-		if _, err := v.origin.WriteAt(zeros[:n], off+done); err != nil {
-			return fmt.Errorf("volume %s: write zeroes at %d: %w", v.name, off+done, err)
-		}
-		done += n
+	if done, err := writeZeros(v.origin, off, length); err != nil {
+		return fmt.Errorf("volume %s: write zeroes at %d: %w", v.name, off+done, err)
 	}
 	return nil
 }
