@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/vm.sh: the same fio jobs, in one VM (scripts/vmtest: Debian's kernel
-# under qemu, TCG unless VM_ACCEL=kvm, 2 CPUs), on
+# under qemu, TCG unless VM_ACCEL=kvm, VM_SMP CPUs, default 2), on
 #   plain        a virtio disk
 #   umbra        Umbra's NBD export of a virtio disk through the kernel's
 #                nbd-client, no snapshot
@@ -48,6 +48,20 @@
 # N; qemu-nbd then takes N clients), default 1. Two measured no faster
 # for Umbra in this VM (2 vCPUs, TCG; 2026-12-07): see docs/benchmarks.md.
 #
+# VM_JOBS=N (2, 4, 8 or 16) adds a fourth pass to every target, after
+# the three of one fio job: a first write by N fio jobs at once, each on
+# its own slice of the region and its own CPU (fio --numjobs,
+# cpus_allowed_policy=split), iodepth 16/N each (16 in flight in all, as
+# in the one-job passes), the nbd devices reconnected with N connections
+# (nbd-client -C N) and each target's snapshot taken again first, so that
+# every block is a first write once more. Real servers write from many
+# processes at once; the kernel's nbd client sends a request on the
+# connection of the CPU that submitted it, so this pass is where several
+# connections can help.
+#
+# VM_SMP=N gives the guest N virtual CPUs (default 2), for every target
+# alike.
+#
 # VM_TARGETS="plain umbra nbdkit" runs only those targets (plain always
 # runs: it is what the others are divided by), for shorter runs while
 # working on one path.
@@ -74,8 +88,10 @@ if [ -z "${VMTEST_OUT:-}" ]; then
   accel=${VM_ACCEL:-tcg}
   clock=${VM_CLOCKSOURCE:-}
   if [ -z "$clock" ] && [ "$accel" = tcg ]; then clock=tsc; fi
-  echo "guest: Debian's kernel under qemu ${accel^^}, 2 vCPUs, 2 GiB, clocksource ${clock:-as the kernel chooses}; disks are sparse files (cache=unsafe)"
-  vm=(scripts/vmtest --accel "$accel" --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G
+  smp=${VM_SMP:-2}
+  echo "guest: Debian's kernel under qemu ${accel^^}, $smp vCPUs, 2 GiB, clocksource ${clock:-as the kernel chooses}; disks are sparse files (cache=unsafe)"
+  case "${VM_JOBS:-1}" in 1|2|4|8|16) ;; *) echo "bench/vm.sh: VM_JOBS must be 1, 2, 4, 8 or 16" >&2; exit 2 ;; esac
+  vm=(scripts/vmtest --accel "$accel" --smp "$smp" -e "VM_JOBS=${VM_JOBS:-1}" --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G
     --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" -e "VM_CLOCKSOURCE=$clock" -e "VM_CONNS=${VM_CONNS:-1}"
     --timeout 3600)
   if [ -n "$clock" ]; then vm+=(--append "clocksource=$clock tsc=reliable"); fi
@@ -102,6 +118,8 @@ fi
 # In the guest.
 mib=${1:-32}
 conns=${VM_CONNS:-1}
+jobs=${VM_JOBS:-1}
+if [ $((mib % jobs)) != 0 ]; then echo "bench/vm.sh: the region ($mib MiB) must divide among VM_JOBS=$jobs jobs" >&2; exit 2; fi
 cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
 echo "guest clocksource: $cs (available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource))"
 if [ -n "${VM_CLOCKSOURCE:-}" ] && [ "$cs" != "$VM_CLOCKSOURCE" ]; then
@@ -120,11 +138,15 @@ EOF
 mkdir -p /run/lock/lvm
 
 cpustat() { awk '/^cpu /{busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6}' /proc/stat; }
-job() { # job NAME DEV RW: one fio pass over the region; prints KiB/s
-  local bw a b
+job() { # job NAME DEV RW [JOBS]: one fio pass over the region (by JOBS jobs, each on its own slice and CPU); prints KiB/s
+  local bw a b n=${4:-1} par=()
+  if [ "$n" -gt 1 ]; then
+    par=(--numjobs="$n" --offset_increment="$((mib / n))M" --group_reporting
+      --cpus_allowed="0-$(($(nproc) - 1))" --cpus_allowed_policy=split)
+  fi
   a=$(cpustat)
-  fio --name="$1" --filename="$2" --rw="$3" --bs=4k --size="${mib}M" --direct=1 \
-    --ioengine=libaio --iodepth=16 --randrepeat=0 --output-format=json >"$W/$1.json"
+  fio --name="$1" --filename="$2" --rw="$3" --bs=4k --size="$((mib / n))M" --direct=1 \
+    --ioengine=libaio --iodepth="$((16 / n))" --randrepeat=0 "${par[@]}" --output-format=json >"$W/$1.json"
   b=$(cpustat)
   bw=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["bw"] + j["read"]["bw"]))' "$W/$1.json")
   if [ -n "${VM_PROFILE:-}" ] && [ -n "${trace_pid:-}" ] && [ "$3" = randwrite ] && command -v strace >/dev/null; then
@@ -146,7 +168,16 @@ proccost() { # proccost PID: its CPU ticks (user+system), voluntary and involunt
   { awk '{print $14 + $15}' "/proc/$1/stat"; cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt_switches/{v += $2} /^nonvoluntary_ctxt_switches/{n += $2} END{print v, n}'; } | paste -sd' '
 }
 fill() { dd if=/dev/urandom of="$1" bs=1M count="$mib" oflag=direct status=none; }
-declare -A first rewrite rd
+declare -A first rewrite rd firstn resnap nbdargs
+# nbdconnect DEV ARGS...: connect an nbd device with VM_CONNS connections,
+# remembering how, so that the VM_JOBS pass can connect it again with
+# VM_JOBS connections (nbdreconnect DEV N).
+nbdconnect() { local d=$1; shift; nbdargs[$d]="$*"; nbd-client "$@" "$d" -b 4096 -C "$conns" >/dev/null; }
+nbdreconnect() {
+  nbd-client -d "$1" >/dev/null
+  # shellcheck disable=SC2086 # the remembered arguments, word by word
+  nbd-client ${nbdargs[$1]} "$1" -b 4096 -C "$2" >/dev/null
+}
 targets=(plain umbra umbra+snap umbra+psnap nbdkit qemu-nbd lvm-thick lvm-thin)
 if [ -n "${VM_TARGETS:-}" ]; then targets=(plain); for t in $VM_TARGETS; do [ "$t" = plain ] || targets+=("$t"); done; fi
 want() { local t; for t in "$@"; do [[ " ${targets[*]} " == *" $t "* ]] && return 0; done; return 1; }
@@ -161,6 +192,13 @@ run() { # run TARGET DEV [SNAPSHOT-COMMAND]: fill, snapshot, the three passes
   rewrite[$t]=$(job "$t-rewrite" "$dev" randwrite)
   rd[$t]=$(job "$t-read" "$dev" randread)
   echo "$t: first ${first[$t]} KiB/s, rewrite ${rewrite[$t]} KiB/s, read ${rd[$t]} KiB/s"
+  if [ "$jobs" -gt 1 ]; then
+    if [ -n "${nbdargs[$dev]:-}" ]; then nbdreconnect "$dev" "$jobs"; fi
+    if [ -n "${resnap[$t]:-}" ]; then eval "${resnap[$t]}" >/dev/null; fi
+    firstn[$t]=$(job "$t-first$jobs" "$dev" randwrite "$jobs")
+    if [ -n "${nbdargs[$dev]:-}" ]; then nbdreconnect "$dev" "$conns"; fi
+    echo "$t: first write by $jobs jobs ${firstn[$t]} KiB/s"
+  fi
 }
 
 if [ -n "${VM_UMBRA_B:-}" ]; then
@@ -200,8 +238,10 @@ if want umbra umbra+snap umbra+psnap; then
   "${prof[@]}" "$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
   serve=$! trace_pid=$!
   for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0.2; done
-  nbd-client -unix /run/umbra/nbd.sock /dev/nbd0 -N u1 -b 4096 -C "$conns" >/dev/null
-  nbd-client -unix /run/umbra/nbd.sock /dev/nbd1 -N u2 -b 4096 -C "$conns" >/dev/null
+  nbdconnect /dev/nbd0 -unix /run/umbra/nbd.sock -N u1
+  nbdconnect /dev/nbd1 -unix /run/umbra/nbd.sock -N u2
+  resnap[umbra+psnap]='"$UMBRA" snapshot delete u1 p1 && "$UMBRA" snapshot create u1 --id p1j --persistent'
+  resnap[umbra+snap]='"$UMBRA" snapshot delete u2 s1 && "$UMBRA" snapshot create u2 --id s1j'
   if want umbra; then run umbra /dev/nbd0; fi
   if want umbra+psnap; then run umbra+psnap /dev/nbd0 "$UMBRA" snapshot create u1 --id p1 --persistent; fi
   if want umbra+snap; then run umbra+snap /dev/nbd1 "$UMBRA" snapshot create u2 --id s1; fi
@@ -218,18 +258,19 @@ peer() { # peer TARGET DEV SOCKET SERVER-COMMAND...: serve DEV, connect /dev/nbd
   "$@" >"$W/$t.log" 2>&1 &
   pid=$! trace_pid=$!
   for _ in $(seq 1 600); do [ -S "$sock" ] && break; sleep 0.2; done
-  nbd-client -unix "$sock" /dev/nbd2 -b 4096 -C "$conns" >/dev/null
+  nbdconnect /dev/nbd2 -unix "$sock"
   run "$t" /dev/nbd2
   nbd-client -d /dev/nbd2 >/dev/null
   kill "$pid" 2>/dev/null || true; wait "$pid" || true
   trace_pid=
 }
 if want nbdkit; then peer nbdkit /dev/vdg "$W/nbdkit.sock" nbdkit -f -U "$W/nbdkit.sock" file /dev/vdg; fi
-if want qemu-nbd; then peer qemu-nbd /dev/vdh "$W/qemu-nbd.sock" qemu-nbd -t -e "$conns" -f raw -k "$W/qemu-nbd.sock" /dev/vdh; fi
+if want qemu-nbd; then peer qemu-nbd /dev/vdh "$W/qemu-nbd.sock" qemu-nbd -t -e "$(( conns > jobs ? conns : jobs ))" -f raw -k "$W/qemu-nbd.sock" /dev/vdh; fi
 
 if want lvm-thick; then
   pvcreate -q /dev/vde && vgcreate -q vgthick /dev/vde
   lvcreate -q -y -L "${mib}M" -n lv vgthick
+  resnap[lvm-thick]="lvremove -q -y vgthick/snap && lvcreate -q -y -s -L $((mib * 2))M -n snap vgthick/lv"
   run lvm-thick /dev/vgthick/lv lvcreate -q -y -s -L "$((mib * 2))M" -n snap vgthick/lv
   echo "lvm-thick snapshot chunk size: $(lvs --noheadings -o chunk_size vgthick/snap)"
   lvremove -q -y vgthick >/dev/null
@@ -239,6 +280,7 @@ if want lvm-thin; then
   pvcreate -q /dev/vdf && vgcreate -q vgthin /dev/vdf
   lvcreate -q -y -L "$((mib * 3))M" -T vgthin/pool
   lvcreate -q -y -V "${mib}M" -T vgthin/pool -n lv
+  resnap[lvm-thin]="lvremove -q -y vgthin/snap && lvcreate -q -y -s -n snap vgthin/lv"
   run lvm-thin /dev/vgthin/lv lvcreate -q -y -s -n snap vgthin/lv
   echo "lvm-thin pool chunk size: $(lvs --noheadings -o chunk_size vgthin/pool)"
   lvremove -q -y vgthin >/dev/null
@@ -248,16 +290,21 @@ run plain-end /dev/vda
 first[plain]=$(( (${first[plain-start]} + ${first[plain-end]}) / 2 ))
 rewrite[plain]=$(( (${rewrite[plain-start]} + ${rewrite[plain-end]}) / 2 ))
 rd[plain]=$(( (${rd[plain-start]} + ${rd[plain-end]}) / 2 ))
+if [ "$jobs" -gt 1 ]; then firstn[plain]=$(( (${firstn[plain-start]} + ${firstn[plain-end]}) / 2 )); fi
 
 echo
 cat "$W/idle.log"
 echo
 echo "4 KiB random I/O over ${mib} MiB, iodepth 16, O_DIRECT; ratio to the plain virtio disk, the mean of its first and last pass (ratios only: absolute figures in a VM mean little)"
-printf '%-12s %12s %12s %12s\n' target "first write" rewrite read
+if [ "$jobs" -gt 1 ]; then
+  echo "first write by $jobs jobs: $jobs fio jobs at once, each on a slice of the region and a CPU of its own, iodepth $((16 / jobs)) each, nbd devices with $jobs connections; ratio to the plain disk by $jobs jobs"
+fi
+printf '%-12s %12s %12s %12s %14s\n' target "first write" rewrite read "$([ "$jobs" -gt 1 ] && echo "first, $jobs jobs")"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 for t in plain-start plain-end "${targets[@]}"; do
-  printf '%-12s %12s %12s %12s\n' "$t" "$(ratio "${first[$t]}" "${first[plain]}")" \
-    "$(ratio "${rewrite[$t]}" "${rewrite[plain]}")" "$(ratio "${rd[$t]}" "${rd[plain]}")"
+  printf '%-12s %12s %12s %12s %14s\n' "$t" "$(ratio "${first[$t]}" "${first[plain]}")" \
+    "$(ratio "${rewrite[$t]}" "${rewrite[plain]}")" "$(ratio "${rd[$t]}" "${rd[plain]}")" \
+    "$([ "$jobs" -gt 1 ] && ratio "${firstn[$t]}" "${firstn[plain]}")"
 done
 for p in nbdkit qemu-nbd; do
   if want umbra && want "$p"; then
@@ -268,6 +315,6 @@ done
 # >= 0.8x LVM-thin's.
 for p in lvm-thick lvm-thin; do
   if want umbra+snap && want "$p"; then
-    echo "first write under a snapshot, umbra+snap / $p: $(ratio "${first[umbra+snap]}" "${first[$p]}")"
+    echo "first write under a snapshot, umbra+snap / $p: $(ratio "${first[umbra+snap]}" "${first[$p]}")$([ "$jobs" -gt 1 ] && echo "; by $jobs jobs $(ratio "${firstn[umbra+snap]}" "${firstn[$p]}")")"
   fi
 done
