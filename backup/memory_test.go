@@ -136,3 +136,33 @@ func verifyAllocated(t *testing.T, dir string) (*backup.Repo, uint64) {
 	runtime.ReadMemStats(&after)
 	return r, after.TotalAlloc - before.TotalAlloc
 }
+
+// TestVerifyBatchesReuseWork: verify checks the packs a batch of needed
+// chunks at a time (the batches grow in number with the repository: 16
+// at 16 Mi chunks), each worker with buffers it keeps from batch to
+// batch, and the positions of a batch's chunks and the index's read
+// buffer are reused too: many batches allocate about what one does.
+// Made again for each batch, they were ~10 MiB let go of 16 times at
+// 16 Mi chunks, and the collector's freed spans 12 MiB more of
+// verify's peak RSS than at 1 Mi (measured 2026-12-07).
+func TestVerifyBatchesReuseWork(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	defer backup.SetSmallPacks(1<<20, 4)()
+	defer backup.SetGroupRaw(256 << 10)()
+	ctx := context.Background()
+	repo, dir := newRepo(t)
+	const chunks = 32 << 10
+	src := &patternSource{size: chunks * 4096, data: chunks * 4096}
+	if _, _, err := repo.Backup(ctx, src, backup.Options{Volume: "v", Allocated: src.allocated}); err != nil {
+		t.Fatal(err)
+	}
+	repo.Close()
+	_, one := verifyAllocated(t, dir)
+	restore := backup.SetVerifyBatch(chunks / 16)
+	_, many := verifyAllocated(t, dir)
+	restore()
+	t.Logf("verify of %d chunks: allocated %d bytes in one batch, %d in 16", chunks, one, many)
+	if many > one+64*chunks {
+		t.Fatalf("verify of %d chunks in 16 batches allocated %d bytes, in one %d: want at most %d more (buffers kept from batch to batch)", chunks, many, one, 64*chunks)
+	}
+}

@@ -563,8 +563,17 @@ type runIter struct {
 	err  error
 }
 
-func (r *run) iter() *runIter {
-	return &runIter{r: r, br: bufio.NewReaderSize(io.NewSectionReader(r.r, runPage, int64(len(r.keys))*runPage), 256<<10), page: make([]byte, runPage)}
+func (r *run) iter() *runIter { return r.iterReusing(nil) }
+
+// iterReusing is iter with the read buffers of old, an iterator done
+// with (nil: new ones), for a caller passing over the run many times.
+func (r *run) iterReusing(old *runIter) *runIter {
+	sr := io.NewSectionReader(r.r, runPage, int64(len(r.keys))*runPage)
+	if old == nil {
+		return &runIter{r: r, br: bufio.NewReaderSize(sr, 256<<10), page: make([]byte, runPage)}
+	}
+	old.br.Reset(sr)
+	return &runIter{r: r, br: old.br, page: old.page}
 }
 
 // next returns the next entry; ok is false at the end or on an error

@@ -185,8 +185,9 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	// positions of all of them took 64 MiB at 16 Mi chunks). A chunk
 	// found good is taken out of needed: what stays there is damaged or
 	// missing.
+	var it *runIter // its read buffer reused from pass to pass
 	eachPos := func(fn func(int, indexEntry)) {
-		it := idx.iter()
+		it = idx.iterReusing(it)
 		i := 0
 		for e, ok := it.next(); ok; e, ok = it.next() {
 			fn(i, e)
@@ -237,16 +238,23 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	var mu sync.Mutex // guards needed, rep.BadPacks, rep.BadIndexes, done
 	done := int64(0)
 	// check checks the packs of a batch on every core; pos gives the
-	// positions of a pack's needed chunks.
+	// positions of a pack's needed chunks. Each worker's buffers are
+	// kept from batch to batch: made again for each, a 16 Mi-chunk
+	// verify (16 batches) let go of ~10 MiB of them 16 times, and the
+	// collector's freed spans were 12 MiB more of its peak RSS than at
+	// 1 Mi chunks (one batch; measured 2026-12-07).
+	works := make([]*verifyWork, runtime.GOMAXPROCS(0))
+	for i := range works {
+		works[i] = &verifyWork{sum: r.hasher(), page: make([]byte, runPage)}
+	}
 	check := func(pids []PackID, pos func(PackID) []uint32) {
 		next := make(chan PackID)
 		var wg sync.WaitGroup
-		for range runtime.GOMAXPROCS(0) {
+		for _, w := range works {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				w := &verifyWork{sum: r.hasher()}
-				page := make([]byte, runPage)
+				page := w.page
 				for pid := range next {
 					ps := pos(pid)
 					w.items = slices.Grow(w.items[:0], len(ps))[:len(ps)]
@@ -289,6 +297,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	}
 	inBatch := make([]bool, len(packs))
 	first := make([]int, len(packs)) // a batch pack's first place in order
+	var order []uint32               // the positions of a batch's needed chunks, reused
 	for len(neededPacks) > 0 {
 		var batch []PackID
 		n := 0
@@ -299,7 +308,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 			n += count[p]
 			batch = append(batch, packs[p])
 		}
-		order := make([]uint32, n)
+		order = slices.Grow(order[:0], n)[:n]
 		fill := 0
 		eachPos(func(i int, e indexEntry) {
 			if p := e.l.pack; inBatch[p] && needed.has(i) && fill < n {
@@ -397,6 +406,7 @@ var verifyBatch = 1 << 20
 // good part of verify's garbage.
 type verifyWork struct {
 	sum     func([]byte) Hash
+	page    []byte // a page of the index
 	items   []verifyItem
 	buf     []byte
 	scratch []byte
