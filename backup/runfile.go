@@ -142,11 +142,18 @@ func (rw *runWriter) finish(meta runMeta) (*run, error) {
 	if rw.err != nil {
 		return nil, rw.err
 	}
-	kb := encodeRunKeys(rw.keys)
-	m := encodeRunMeta(meta)
-	if _, err := rw.bw.Write(kb); err != nil {
-		return nil, err
+	// The keys go out through the write buffer and their hash, not as
+	// one more copy of them (1.7 MiB at 16 Mi chunks).
+	ks := sha256.New()
+	var kb [8]byte
+	for _, k := range rw.keys {
+		binary.LittleEndian.PutUint64(kb[:], k)
+		ks.Write(kb[:])
+		if _, err := rw.bw.Write(kb[:]); err != nil {
+			return nil, err
+		}
 	}
+	m := encodeRunMeta(meta)
 	if _, err := rw.bw.Write(m); err != nil {
 		return nil, err
 	}
@@ -154,19 +161,13 @@ func (rw *runWriter) finish(meta runMeta) (*run, error) {
 		return nil, err
 	}
 	pages := int64(len(rw.keys))
-	h := makeRunHeader(rw.hashLen, rw.n, pages, kb, m)
+	var keysSum [sha256.Size]byte
+	ks.Sum(keysSum[:0])
+	h := makeRunHeader(rw.hashLen, rw.n, pages, keysSum, m)
 	if _, err := rw.w.WriteAt(h, 0); err != nil {
 		return nil, err
 	}
 	return &run{r: rw.w.(io.ReaderAt), hashLen: rw.hashLen, n: rw.n, keys: rw.keys, meta: meta}, nil
-}
-
-func encodeRunKeys(keys []uint64) []byte {
-	b := make([]byte, 0, 8*len(keys))
-	for _, k := range keys {
-		b = binary.LittleEndian.AppendUint64(b, k)
-	}
-	return b
 }
 
 func encodeRunMeta(m runMeta) []byte {
@@ -244,7 +245,7 @@ const (
 	runHeaderLenV1 = runHeaderLen - 32
 )
 
-func makeRunHeader(hashLen int, n, pages int64, keys, meta []byte) []byte {
+func makeRunHeader(hashLen int, n, pages int64, keysSum [sha256.Size]byte, meta []byte) []byte {
 	h := make([]byte, 0, runPage)
 	h = append(h, runMagic...)
 	h = binary.LittleEndian.AppendUint32(h, runVersion)
@@ -252,8 +253,7 @@ func makeRunHeader(hashLen int, n, pages int64, keys, meta []byte) []byte {
 	h = binary.LittleEndian.AppendUint64(h, uint64(n))
 	h = binary.LittleEndian.AppendUint64(h, uint64(pages))
 	h = binary.LittleEndian.AppendUint64(h, uint64(len(meta)))
-	ks := sha256.Sum256(keys)
-	h = append(h, ks[:]...)
+	h = append(h, keysSum[:]...)
 	ms := sha256.Sum256(meta)
 	h = append(h, ms[:]...)
 	hs := sha256.Sum256(h)
@@ -353,17 +353,28 @@ func openRun(ra io.ReaderAt, size int64, hashLen int, fn func(indexEntry)) (*run
 	r := &run{r: ra, hashLen: hashLen, n: int64(n), v1: v == 1}
 	metaSum := h[40:72]
 	if v != 1 {
-		kb := make([]byte, keysLen)
-		if _, err := ra.ReadAt(kb, runPage+int64(pages)*runPage); err != nil {
-			return nil, err
+		// Read a piece at a time into the keys and their hash, not
+		// whole as one more copy of them (1.7 MiB at 16 Mi chunks).
+		r.keys = make([]uint64, pages)
+		ks := sha256.New()
+		kb := make([]byte, min(keysLen, 16<<10))
+		off := int64(runPage + pages*runPage)
+		for i := 0; i < len(r.keys); {
+			b := kb[:min(uint64(len(kb)), 8*uint64(len(r.keys)-i))]
+			if _, err := ra.ReadAt(b, off); err != nil {
+				return nil, err
+			}
+			off += int64(len(b))
+			ks.Write(b)
+			for ; len(b) > 0; b, i = b[8:], i+1 {
+				r.keys[i] = binary.LittleEndian.Uint64(b)
+			}
 		}
-		if ks := sha256.Sum256(kb); !bytes.Equal(ks[:], h[40:72]) {
+		if !bytes.Equal(ks.Sum(nil), h[40:72]) {
 			return nil, bad("keys checksum mismatch")
 		}
-		r.keys = make([]uint64, pages)
-		for i := range r.keys {
-			r.keys[i] = binary.LittleEndian.Uint64(kb[8*i:])
-			if i > 0 && r.keys[i] < r.keys[i-1] {
+		for i := 1; i < len(r.keys); i++ {
+			if r.keys[i] < r.keys[i-1] {
 				return nil, bad(fmt.Sprintf("key %d out of order", i))
 			}
 		}

@@ -2,11 +2,14 @@ package backup
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 )
 
@@ -345,6 +348,63 @@ func BenchmarkBloomAdd(b *testing.B) {
 		f := newBloom(int64(len(es)))
 		for i := range es {
 			f.add(&es[i].h)
+		}
+	}
+}
+
+// TestRunKeysNotCopied: a run's page keys (8 bytes a page: 1.7 MiB at
+// 16 Mi chunks) are written and read through a small buffer, not
+// encoded or read whole as one more copy of them, which every open of
+// the local index cache and every write of a run held beside the keys.
+func TestRunKeysNotCopied(t *testing.T) {
+	const hashLen = 32
+	pages := 8192
+	n := pages * runPerPage(hashLen)
+	fill := func(w *runWriter) {
+		for i := range n {
+			var e indexEntry
+			binary.BigEndian.PutUint64(e.h[:8], uint64(i)*(math.MaxUint64/uint64(n)))
+			e.h[8] = byte(i)
+			if err := w.add(e); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	m := &memFile{}
+	w := newRunWriter(m, hashLen)
+	fill(w)
+	if _, err := w.finish(runMeta{Packs: []PackID{{}}}); err != nil {
+		t.Fatal(err)
+	}
+	// Again into a file of its size, so that only finish allocates.
+	m2 := &memFile{b: make([]byte, len(m.b))}
+	w = newRunWriter(m2, hashLen)
+	fill(w)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if _, err := w.finish(runMeta{Packs: []PackID{{}}}); err != nil {
+		t.Fatal(err)
+	}
+	runtime.ReadMemStats(&after)
+	if got := after.TotalAlloc - before.TotalAlloc; got > 16<<10 {
+		t.Errorf("finishing a run of %d pages allocated %d bytes: want under 16 KiB (its keys not copied)", pages, got)
+	}
+	runtime.ReadMemStats(&before)
+	r, err := openRun(m2, int64(len(m2.b)), hashLen, nil)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := after.TotalAlloc-before.TotalAlloc, uint64(8*pages+32<<10); got > want {
+		t.Errorf("opening a run of %d pages allocated %d bytes: want under %d (its keys and a small buffer)", pages, got, want)
+	}
+	buf := make([]byte, runPage)
+	for _, i := range []int{0, 1, n / 2, n - 1} {
+		var h Hash
+		binary.BigEndian.PutUint64(h[:8], uint64(i)*(math.MaxUint64/uint64(n)))
+		h[8] = byte(i)
+		if p, _, ok, err := r.find(&h, buf); !ok || err != nil || p != int64(i) {
+			t.Fatalf("entry %d: at %d, %v, %v", i, p, ok, err)
 		}
 	}
 }
