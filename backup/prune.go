@@ -486,7 +486,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Image, rep *PruneReport) err
 	var newIndexes []string
 	oldGone := false
 	writeIndex := func(ps []packBlobs) error {
-		b := wrapObject(r.seal.seal(nil, r.enc.encode(nil, encodeChunkIndex(ps, r.hashLen()))))
+		b := r.packObject(encodeChunkIndex(ps, r.hashLen()))
 		name := "index/" + randomID()
 		err := r.be.Put(ctx, name, b)
 		if isNoSpace(err) {
