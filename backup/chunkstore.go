@@ -23,7 +23,7 @@ import (
 // chunks it is about to store) wants it, a Bloom filter over all of
 // them that spares most lookups of new chunks a page read. What it holds
 // in memory is the buffer (at most bufMax entries while it has a filter,
-// else smallBufMax), the filter (none, or filterBytes), and 8 bytes a
+// else smallBufMax), the filter (none, or filterBytes), and 4 bytes a
 // 4 KiB page of every run.
 type chunkStore struct {
 	hashLen int

@@ -408,3 +408,58 @@ func TestRunKeysNotCopied(t *testing.T) {
 		}
 	}
 }
+
+// TestRunKeysFourBytes: a run keeps 4 bytes a page in memory (its
+// pages' first hashes' top 32 bits: 0.8 MiB at 16 Mi chunks, where the
+// whole keys were 1.7), and lookups stay exact where many pages'
+// hashes share those bits: every entry is found at its position, and
+// hashes between them are not.
+func TestRunKeysFourBytes(t *testing.T) {
+	const hashLen = 32
+	per := runPerPage(hashLen)
+	pages := 4096
+	n := pages * per
+	// Entry i: its top 32 bits are i/(3*per) (ties across three pages
+	// and a part), the next 32 i's odd number, so that 2i is between
+	// entries.
+	hash := func(i, mid int) (h Hash) {
+		binary.BigEndian.PutUint32(h[:4], uint32(i/(3*per+per/2)))
+		binary.BigEndian.PutUint32(h[4:8], uint32(mid))
+		return h
+	}
+	m := &memFile{}
+	w := newRunWriter(m, hashLen)
+	for i := range n {
+		if err := w.add(indexEntry{h: hash(i, 2*i+1), l: loc{off: uint32(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := w.finish(runMeta{Packs: []PackID{{}}}); err != nil {
+		t.Fatal(err)
+	}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	r, err := openRun(m, int64(len(m.b)), hashLen, nil)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := after.TotalAlloc-before.TotalAlloc, uint64(4*pages+24<<10); got > want {
+		t.Errorf("opening a run of %d pages allocated %d bytes: want under %d (4 bytes a page and a small buffer)", pages, got, want)
+	}
+	buf := make([]byte, runPage)
+	for i := 0; i < n; i += 7 {
+		h := hash(i, 2*i+1)
+		if p, l, ok, err := r.find(&h, buf); !ok || err != nil || p != int64(i) || l.off != uint32(i) {
+			t.Fatalf("entry %d: at %d (%d), %v, %v", i, p, l.off, ok, err)
+		}
+		h = hash(i, 2*i)
+		if _, _, ok, err := r.find(&h, buf); ok || err != nil {
+			t.Fatalf("a hash before entry %d: found %v, %v", i, ok, err)
+		}
+	}
+	h := hash(n-1, 2*n+1)
+	if _, _, ok, err := r.find(&h, buf); ok || err != nil {
+		t.Fatalf("a hash past the last entry: found %v, %v", ok, err)
+	}
+}
