@@ -3,6 +3,7 @@ package backup_test
 import (
 	"context"
 	"encoding/binary"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -164,5 +165,28 @@ func TestVerifyBatchesReuseWork(t *testing.T) {
 	t.Logf("verify of %d chunks: allocated %d bytes in one batch, %d in 16", chunks, one, many)
 	if many > one+64*chunks {
 		t.Fatalf("verify of %d chunks in 16 batches allocated %d bytes, in one %d: want at most %d more (buffers kept from batch to batch)", chunks, many, one, 64*chunks)
+	}
+}
+
+// TestVerifyReadsSharedSegmentsOnce: an incremental's unchanged chunk-list
+// segments are its parent's; verify reads each of them (and looks up
+// its chunks) once, not once for each image naming it: a segment read
+// again is only the base of a patched one.
+func TestVerifyReadsSharedSegmentsOnce(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(1024))
+	ctx := context.Background()
+	repo, _ := newRepo(t)
+	r := rand.New(rand.NewPCG(45, 46))
+	src := volumeData(r, 8*1024*4096) // 8 segments
+	full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	next, bm := rewrite(r, src, 3*1024+5) // one chunk of segment 3: a patch
+	if _, _, err := repo.Backup(ctx, next, backup.Options{Volume: "v", Parent: full, Changed: bm}); err != nil {
+		t.Fatal(err)
+	}
+	gets := backup.CountGets(repo, "segments/")
+	verifyClean(t, repo, 2)
+	// 8 segments, the patched one's base again and its patch.
+	if n := gets(); n > 8+2 {
+		t.Fatalf("verify of a full image and an incremental of 8 segments (one patched) read %d segment objects: want at most 10", n)
 	}
 }

@@ -155,8 +155,9 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	needed := newBitset(int(idx.n))
 	missing := map[Hash]bool{}
 	var usable []*Image
+	seen := map[Hash]bool{} // shared segments already read whole
 	for _, x := range list {
-		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
+		err := r.eachNewSegment(ctx, x, seen, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
 				if h == (Hash{}) {
 					continue
@@ -389,6 +390,34 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 }
 
 var errStop = errors.New("stop")
+
+// eachNewSegment is eachSegment without the shared segments (format 5
+// on) that seen holds: read whole, unpatched, by an earlier call; it
+// adds those it reads so. An incremental's unchanged segments are its
+// parent's: verify read them (and looked up their chunks) once for
+// each image, twice as often as needed for a full and an incremental.
+func (r *Repo) eachNewSegment(ctx context.Context, x *Image, seen map[Hash]bool, fn func(first int64, hashes []Hash) error) error {
+	if !x.Shared || x.Chunks != nil {
+		return r.eachSegment(ctx, x, fn)
+	}
+	for k, sh := range x.Segments {
+		_, patched := x.patched(k)
+		if !patched && seen[sh] {
+			continue
+		}
+		first, hs, err := r.segment(ctx, x, k)
+		if err != nil {
+			return err
+		}
+		if err := fn(first, hs); err != nil {
+			return err
+		}
+		if !patched {
+			seen[sh] = true
+		}
+	}
+	return nil
+}
 
 // verifyBatch bounds the needed chunks of the packs verify checks
 // together (4 bytes each); a variable: tests make it small.
