@@ -93,3 +93,63 @@ func TestPutObjectOneBuffer(t *testing.T) {
 		r.Close()
 	}
 }
+
+// TestIndexWriterReusesMemory: prune's index writer keeps its entries'
+// memory from object to object (128 objects of 128 Ki entries at 16 Mi
+// chunks; a map of a slice a pack, grown by appending, was made again
+// for each, ~6 MiB and as much again let go), and writes each object's
+// packs in ID order and their entries by place.
+func TestIndexWriterReusesMemory(t *testing.T) {
+	defer func(n int) { indexEveryChunks = n }(indexEveryChunks)
+	indexEveryChunks = 4096
+	r := rand.New(rand.NewPCG(47, 48))
+	pids := make([]PackID, 50)
+	for i := range pids {
+		for j := range pids[i] {
+			pids[i][j] = byte(r.Uint32())
+		}
+	}
+	objects := 0
+	w := &indexWriter{write: func(ps []packBlobs) error {
+		objects++
+		n := 0
+		for i, p := range ps {
+			if i > 0 && bytes.Compare(ps[i-1].ID[:], p.ID[:]) >= 0 {
+				t.Fatalf("object %d: packs out of order", objects)
+			}
+			for j, b := range p.Blobs {
+				if j > 0 && (p.Blobs[j-1].Off > b.Off || p.Blobs[j-1].Off == b.Off && p.Blobs[j-1].RawOff >= b.RawOff) {
+					t.Fatalf("object %d: entries out of place order", objects)
+				}
+				if pids[b.Raw] != p.ID {
+					t.Fatalf("object %d: an entry of pack %d under another", objects, b.Raw)
+				}
+			}
+			n += len(p.Blobs)
+		}
+		if n != indexEveryChunks {
+			t.Fatalf("object %d: %d entries, want %d", objects, n, indexEveryChunks)
+		}
+		return nil
+	}}
+	add := func(k int) {
+		for i := range k {
+			p := r.IntN(len(pids))
+			w.add(pids[p], blobEntry{Off: uint32(r.IntN(1 << 20)), RawOff: uint32(i), Raw: uint32(p)})
+		}
+	}
+	add(indexEveryChunks) // the first object grows the writer's memory
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	add(16 * indexEveryChunks)
+	runtime.ReadMemStats(&after)
+	if err := w.finish(); err != nil {
+		t.Fatal(err)
+	}
+	if objects != 17 {
+		t.Fatalf("%d objects, want 17", objects)
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 64<<10 {
+		t.Fatalf("16 more objects of %d entries allocated %d bytes: want under 64 KiB (the entries' memory kept)", indexEveryChunks, got)
+	}
+}
