@@ -65,6 +65,15 @@ type Stats struct {
 // batchBytes is how much is read and processed at once.
 const batchBytes = 4 << 20
 
+// patchBatchBytes bounds a batch of an incremental's changed chunks read
+// alone (a segment's few changes, patched into the parent's): the
+// batches read ahead and their blobs are then sized to the change, not
+// to a full batch (1 % of a volume changed at scattered places is ~650
+// chunks a segment). A group never spans two batches, so this is also
+// their groups' size: 1 MiB stores as small as 4 MiB (docs/benchmarks.md)
+// and a chunk read back opens less. (A variable: tests change it.)
+var patchBatchBytes = 1 << 20
+
 // chunk kinds in a batch
 const (
 	kindRead   = iota // read from the source
@@ -306,7 +315,7 @@ type batch struct {
 type segRef struct{ base, patch Hash }
 
 // maxReaders bounds the goroutines reading and hashing an incremental's
-// changed chunks: each holds a batch's buffer (4 MiB).
+// changed chunks: each holds a batch's buffer (up to patchBatchBytes).
 const maxReaders = 4
 
 // readWorkers, when not 0, is how many readers an incremental's changed
@@ -334,6 +343,7 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 	cs := int64(r.cfg.ChunkSize)
 	n := x.NumChunks()
 	perBatch := max(batchBytes/cs, 1)
+	perPatch := max(int64(patchBatchBytes)/cs, 1)
 	var parent *listCursor
 	if incr {
 		parent = &listCursor{r: r, x: opts.Parent}
@@ -354,9 +364,12 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 		}
 	}
 	depth := max(3, readers+1)
+	// The buffers are made as batches need them, each the size of the
+	// largest batch it held: an incremental's batches of changed chunks
+	// alone (at most perPatch of them) do not take a full batch's 4 MiB.
 	free := make(chan bufs, depth)
 	for range depth {
-		free <- bufs{make([]byte, perBatch*cs), make([]chunkWork, perBatch)}
+		free <- bufs{}
 	}
 	var taken atomic.Int64 // buffers out of free
 	give := func(b bufs) func() {
@@ -419,11 +432,17 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 		// hands one to the readers. They report false when the reading
 		// stops: the backup was cancelled, or (send) the batch carries
 		// an error.
-		take := func() (bufs, bool) {
+		take := func(chunks int64) (bufs, bool) {
 			select {
 			case b := <-free:
 				if n := taken.Add(1); readAhead != nil {
 					readAhead(int(n))
+				}
+				if int64(len(b.buf)) < chunks*cs {
+					b.buf = make([]byte, chunks*cs)
+				}
+				if int64(len(b.w)) < chunks {
+					b.w = make([]chunkWork, chunks)
 				}
 				return b, true
 			case <-ctx.Done():
@@ -470,9 +489,9 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 					for _, c := range changed {
 						reused -= chunkLen(c, cs, x.Size)
 					}
-					for j := 0; j < len(changed); j += int(perBatch) {
-						at := changed[j:min(j+int(perBatch), len(changed))]
-						b, ok := take()
+					for j := 0; j < len(changed); j += int(perPatch) {
+						at := changed[j:min(j+int(perPatch), len(changed))]
+						b, ok := take(int64(len(at)))
 						if !ok {
 							return
 						}
@@ -494,11 +513,11 @@ func (r *Repo) readBatches(ctx context.Context, src Source, x *Image, opts Optio
 					continue
 				}
 			}
-			b, ok := take()
+			last := min(first+perBatch, n)
+			b, ok := take(last - first)
 			if !ok {
 				return
 			}
-			last := min(first+perBatch, n)
 			bt := batch{first: first, last: last, w: b.w[:last-first], release: give(b)}
 			var st Stats
 			bt.err = r.planBatch(ctx, x, opts, parent, alloc, first, last, bt.w, &st)
@@ -802,11 +821,24 @@ const compressorSpare = 1
 // (tests).
 var slotWait func()
 
-// blobRoom is a blob buffer's capacity: a group that does not compress,
+// blobRoom is the most a blob buffer holds (made as large as its groups
+// need, up to this): a group that does not compress,
 // zstd's frame and block headers, the seal. A blob is copied into its
 // pack (or written to its file), so its buffer serves a later group
 // (instead of a new, cleared 4 MiB per group).
 var blobRoom = sealPrefix + groupRaw + groupRaw>>7 + 4096
+
+// room returns b emptied, or when it cannot hold need bytes, new memory
+// that can: an eighth more than need, but not more than full (the most
+// a buffer usually holds) unless need is. Buffers reused this way are
+// sized to what their pipeline carries (an incremental's groups of a few
+// changed chunks), and grow a few times at most.
+func room(b []byte, need, full int) []byte {
+	if cap(b) >= need {
+		return b[:0]
+	}
+	return make([]byte, 0, max(need, min(need+need/8, full)))
+}
 
 // contiguous returns a group's chunks as one slice when they lie back to
 // back in the batch's memory (runs of new chunks read together), so they
@@ -840,10 +872,11 @@ func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *comp
 			for g := range c.work {
 				src := contiguous(g.data)
 				if src == nil {
-					if buf == nil {
-						buf = make([]byte, 0, groupRaw)
+					raw := 0
+					for _, d := range g.data {
+						raw += len(d)
 					}
-					buf = buf[:0]
+					buf = room(buf, raw, groupRaw)
 					for _, d := range g.data {
 						buf = append(buf, d...)
 					}
@@ -854,12 +887,9 @@ func (r *Repo) newCompressor(up *uploader, workers int, cpu chan struct{}) *comp
 				select {
 				case g.mem = <-c.bufs:
 				default:
-					b := make([]byte, 0, blobRoom)
-					g.mem = &b
+					g.mem = new([]byte)
 				}
-				if need := sealPrefix + r.enc.bound(len(src)) + sealOverhead; cap(*g.mem) < need {
-					*g.mem = make([]byte, 0, need)
-				}
+				*g.mem = room(*g.mem, sealPrefix+r.enc.bound(len(src))+sealOverhead, blobRoom)
 				cpu <- struct{}{}
 				g.blob = r.seal.sealPrefixed(r.enc.encode((*g.mem)[:sealPrefix], src))
 				if c.check {
@@ -931,11 +961,11 @@ func (c *compressor) queue(w []chunkWork, fresh []int, own *sync.WaitGroup) erro
 			g = nil
 		}
 	}
-	for _, i := range fresh {
+	for k, i := range fresh {
 		if g == nil || raw+len(w[i].data) > groupRaw {
 			flush()
 			g, raw = &group{done: make(chan struct{}), own: own}, 0
-			n := max(1, groupRaw/max(1, len(w[i].data)))
+			n := min(max(1, groupRaw/max(1, len(w[i].data))), len(fresh)-k)
 			g.ents, g.data = make([]blobEntry, 0, n), make([][]byte, 0, n)
 		}
 		g.ents = append(g.ents, blobEntry{Hash: w[i].hash, RawOff: uint32(raw), Raw: uint32(len(w[i].data))})

@@ -78,12 +78,17 @@ type listWriter struct {
 
 func (r *Repo) newListWriter(x *Image) *listWriter {
 	x.SegmentChunks, x.Shared = segmentChunks, true
-	return &listWriter{r: r, x: x, sum: r.hasher(), buf: make([]Hash, 0, min(segmentChunks, x.NumChunks()))}
+	return &listWriter{r: r, x: x, sum: r.hasher()}
 }
 
 // add appends the next chunks' hashes, and with a parent, the parent's
 // hashes of the same chunks.
 func (w *listWriter) add(ctx context.Context, hs, prevs []Hash) error {
+	if w.buf == nil && len(hs) > 0 {
+		// Made at the first chunks added, not before: an incremental
+		// that patches or reuses every segment never needs it (2 MiB).
+		w.buf = make([]Hash, 0, min(w.x.SegmentChunks, w.x.NumChunks()))
+	}
 	for len(hs) > 0 {
 		n := min(len(hs), int(w.x.SegmentChunks)-len(w.buf))
 		w.buf = append(w.buf, hs[:n]...)
