@@ -3,6 +3,7 @@ package backup
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"math/rand/v2"
 	"path/filepath"
 	"runtime"
@@ -151,5 +152,65 @@ func TestIndexWriterReusesMemory(t *testing.T) {
 	}
 	if got := after.TotalAlloc - before.TotalAlloc; got > 64<<10 {
 		t.Fatalf("16 more objects of %d entries allocated %d bytes: want under 64 KiB (the entries' memory kept)", indexEveryChunks, got)
+	}
+}
+
+// wordVolume is a volume whose every 8-byte word is its offset: each
+// 4 KiB chunk unique, and compressible.
+type wordVolume int64
+
+func (v wordVolume) Size() int64 { return int64(v) }
+func (v wordVolume) ReadAt(b []byte, off int64) (int, error) {
+	for i := 0; i+8 <= len(b); i += 8 {
+		binary.BigEndian.PutUint64(b[i:], uint64(off)+uint64(i))
+	}
+	return len(b), nil
+}
+
+// TestPruneIndexObjectsSmall: prune writes the new index as objects of
+// at most pruneIndexEvery entries (a quarter of a backup's): what it
+// holds to write one (its entries, encoded, compressed) was its peak,
+// ~20 MiB at 128 Ki entries; and every chunk is in one of them.
+func TestPruneIndexObjectsSmall(t *testing.T) {
+	defer func(n int) { indexEveryChunks = n }(indexEveryChunks)
+	indexEveryChunks = 1 << 20 // the backup writes one object
+	ctx := context.Background()
+	r, err := InitWith(ctx, filepath.Join(t.TempDir(), "repo"), Settings{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	const chunks = 40 << 10
+	if _, _, err := r.Backup(ctx, wordVolume(chunks*4096), Options{Volume: "v"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Prune(ctx, Policy{Last: 1}, false); err != nil {
+		t.Fatal(err)
+	}
+	names, err := r.be.List(ctx, "index/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	total := 0
+	for _, n := range names {
+		b, err := r.getObject(ctx, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ps, err := decodeChunkIndex(b, r.hashLen())
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := 0
+		for _, p := range ps {
+			k += len(p.Blobs)
+		}
+		if k > 1<<15 {
+			t.Fatalf("prune wrote an index object of %d entries: want at most %d", k, 1<<15)
+		}
+		total += k
+	}
+	if total != chunks {
+		t.Fatalf("prune's index holds %d entries, want %d", total, chunks)
 	}
 }

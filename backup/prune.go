@@ -2,6 +2,7 @@ package backup
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -514,7 +515,8 @@ func (r *Repo) collect(ctx context.Context, keep []*Image, rep *PruneReport) err
 		newIndexes = append(newIndexes, name)
 		return nil
 	}
-	iw := &indexWriter{write: writeIndex}
+	used, unindexed = nil, nil // not needed from here: let go before the writer's peak
+	iw := &indexWriter{write: writeIndex, every: pruneIndexEvery}
 	if err := eachAt(idx, func(_ int, e indexEntry) {
 		if keepNo[e.l.pack] {
 			iw.add(packs[e.l.pack], blobEntry{Hash: e.h, Off: e.l.off, Len: e.l.len, RawOff: e.l.rawOff, Raw: e.l.raw})
@@ -572,6 +574,13 @@ func (r *Repo) collect(ctx context.Context, keep []*Image, rep *PruneReport) err
 	return r.be.Sync(ctx)
 }
 
+// pruneIndexEvery is how many entries each index object prune writes
+// holds at most: what prune holds to write one (its entries, encoded,
+// compressed) was the peak of its heap, ~20 MiB at 128 Ki entries, the
+// size a backup writes; a quarter of that is 1.1 MiB stored, 512
+// objects at 16 Mi chunks. (A variable: tests change it.)
+var pruneIndexEvery = 1 << 15
+
 // repackBatch bounds the index entries of the packs repacked together.
 var repackBatch = 1 << 18
 
@@ -601,6 +610,7 @@ func sortBlobs(bs []blobEntry) {
 // again let go as the slices grew.
 type indexWriter struct {
 	write func([]packBlobs) error
+	every int               // entries an object (0: indexEveryChunks)
 	pids  []PackID          // the packs of the entries so far
 	pidNo map[PackID]uint32 // their places in pids
 	nos   []uint32          // each entry's pack, as a place in pids
@@ -625,7 +635,7 @@ func (w *indexWriter) add(pid PackID, b blobEntry) {
 	}
 	w.nos = append(w.nos, no)
 	w.bs = append(w.bs, b)
-	if len(w.bs) >= indexEveryChunks {
+	if every := cmp.Or(w.every, indexEveryChunks); len(w.bs) >= every {
 		w.err = w.flush()
 	}
 }
