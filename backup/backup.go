@@ -1303,7 +1303,7 @@ func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	var wg sync.WaitGroup
 	for i, part := range parts {
 		wg.Go(func() {
-			objs[i] = wrapObject(u.r.seal.seal(nil, u.r.enc.encode(nil, encodeChunkIndex(part, u.r.hashLen()))))
+			objs[i] = u.r.packObject(encodeChunkIndex(part, u.r.hashLen()))
 		})
 	}
 	wg.Wait()
