@@ -25,17 +25,21 @@ import (
 // levels are the compression levels a repository may name for new
 // blobs, as zstd parameters for the C encoder and klauspost's nearest
 // equivalents for the Go one. "fastest" is zstd 1 (the fast strategy)
-// with a 4 MiB window (a whole blob), a 64 Ki-entry hash table instead of
-// level 1's 8 Ki and matches from 6 bytes: on the benchmark image's 4 KiB
-// chunks in 4 MiB blobs it stores 6 % less than plain level 1 (445.9
-// against 475.9 MiB) for ~20 % more encoder time, a better trade than
-// level 2 (448.1 MiB, ~30 % more) or hash tables of 2^15 (454.6) or 2^17
-// (439.7, ~40 % more) — docs/benchmarks.md, measured 2026-11-24.
+// with a 4 MiB window (a whole blob), a 32 Ki-entry hash table instead of
+// level 1's 16 Ki and matches from 6 bytes. Compression is most of a
+// full backup's CPU (59 %), and the table's size is where its time goes:
+// on the benchmark image's distinct 4 KiB chunks in 4 MiB blobs, 2^15
+// entries take ~9 % less encoder CPU than the 2^16 used until 2026-12-07
+// (medians of 5 and 3 rounds, one thread) for 2 % more bytes (476.8
+// against 467.4 MiB; 2^14: 486.9 MiB, ~20 % less CPU), and the
+// repository stays under restic's (docs/benchmarks.md). A window of 1 or
+// 2 MiB saved no CPU. Blobs written with the old table read the same:
+// a decoder never sees the table.
 var levels = map[string]struct {
 	c      cParams
 	goSide zstd.EncoderLevel
 }{
-	"fastest": {cParams{level: 1, windowLog: 22, hashLog: 16, minMatch: 6}, zstd.SpeedFastest},
+	"fastest": {cParams{level: 1, windowLog: 22, hashLog: 15, minMatch: 6}, zstd.SpeedFastest},
 	"default": {cParams{level: 3}, zstd.SpeedDefault},
 	"better":  {cParams{level: 7}, zstd.SpeedBetterCompression},
 }

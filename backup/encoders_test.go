@@ -52,3 +52,41 @@ func TestMixedEncoders(t *testing.T) {
 		restoreDec()
 	}
 }
+
+// TestFormerFastest: repositories whose blobs the "fastest" level wrote
+// with its former parameters (a larger hash table) read as before, and
+// take images with the current ones: images of either, taking turns in
+// one repository, deduplicate against each other, restore byte-identical
+// through either decoder and verify.
+func TestFormerFastest(t *testing.T) {
+	r := rand.New(rand.NewPCG(13, 14))
+	src := volumeData(r, 8<<20)
+	_, dir := newRepo(t)
+	for i, former := range []bool{true, false, true, false} {
+		undo := func() {}
+		if former {
+			undo = backup.SetFormerFastest()
+		}
+		restoreDec := backup.SetGoDecoder(i%2 == 1)
+		repo, err := backup.Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		blks := make([]int, 64)
+		for j := range blks {
+			blks[j] = r.IntN(len(src) / 4096)
+		}
+		next, _ := rewrite(r, src, blks...)
+		x := backupAndRestore(t, repo, next, backup.Options{Volume: "v"})
+		if i > 0 && x.Stats.Dedup == 0 {
+			t.Fatalf("image %d (former parameters %v) deduplicated nothing against the last", i, former)
+		}
+		src = next
+		if rep := repo.Verify(); len(rep.BadChunks)+len(rep.BadImages)+len(rep.BadIndexes) > 0 || rep.GoodImages != i+1 {
+			t.Fatalf("verify after image %d: %+v", i, rep)
+		}
+		repo.Close()
+		restoreDec()
+		undo()
+	}
+}

@@ -239,6 +239,17 @@ func EditRecord(r *Repo, id string, fn func([]byte) []byte) error {
 // pure-Go encoder even in a cgo build.
 func SetGoEncoder(on bool) func() { return set(&forceGoEncoder, on) }
 
+// SetFormerFastest makes repositories opened from now on compress at the
+// "fastest" level with the C parameters it had until 2026-12-07 (a 2^16
+// hash table), as the blobs of repositories written then are.
+func SetFormerFastest() func() {
+	l := levels["fastest"]
+	old := l
+	l.c = cParams{level: 1, windowLog: 22, hashLog: 16, minMatch: 6}
+	levels["fastest"] = l
+	return func() { levels["fastest"] = old }
+}
+
 // CZstd says whether this build compresses with C zstd.
 const CZstd = cZstd
 
