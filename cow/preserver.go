@@ -42,7 +42,7 @@ type preserver struct {
 // holds the chunks' stripe locks and writes the origin after it returns
 // nil; an error means the origin write must not be issued (a snapshot's
 // invalidation could not be made durable: metaRefused).
-func (pr *preserver) preserveRange(c0, c1 uint64) error {
+func (pr *preserver) preserveRange(c0, c1 uint64, quick bool) error {
 	v := pr.v
 	if err := v.metaRefused(); err != nil {
 		return err
@@ -69,7 +69,7 @@ func (pr *preserver) preserveRange(c0, c1 uint64) error {
 		for j < len(todo) && todo[j] == todo[j-1]+1 && j-i < maxRun {
 			j++
 		}
-		if err := pr.preserveRun(todo[i], j-i); err != nil {
+		if err := pr.preserveRun(todo[i], j-i, quick); err != nil {
 			return err
 		}
 		i = j
@@ -87,8 +87,10 @@ var writePiece = 256 << 10
 // preserveAndWrite preserves what p overwrites and writes p, piece by
 // piece; the caller holds the stripe locks of all its chunks. Each
 // piece's original is read (and, for persistent snapshots, made durable
-// with its mapping) before that piece of the origin is written.
-func (pr *preserver) preserveAndWrite(p []byte, off int64) (int, error) {
+// with its mapping) before that piece of the origin is written. With
+// quick, the originals are read and p written with raw system calls where
+// they can be (quickio.go).
+func (pr *preserver) preserveAndWrite(p []byte, off int64, quick bool) (int, error) {
 	v := pr.v
 	done := 0
 	for done < len(p) {
@@ -99,10 +101,10 @@ func (pr *preserver) preserveAndWrite(p []byte, off int64) (int, error) {
 		if step := max(int64(writePiece), v.chunk); int64(n) > step {
 			n = int((at+step)>>v.shift<<v.shift - at)
 		}
-		if err := pr.preserveRange(uint64(at)>>v.shift, uint64(at+int64(n)-1)>>v.shift); err != nil {
+		if err := pr.preserveRange(uint64(at)>>v.shift, uint64(at+int64(n)-1)>>v.shift, quick); err != nil {
 			return done, err
 		}
-		k, err := v.origin.WriteAt(p[done:done+n], at)
+		k, err := v.writeOrigin(p[done:done+n], at, quick)
 		done += k
 		if err != nil {
 			return done, err
@@ -123,7 +125,7 @@ const preserveBatch = 1 << 20
 // order their crash invariant needs: the originals and their mapping are
 // durable when it returns nil, before the origin is written; an error
 // means the origin must not be written (see preserveRange).
-func (pr *preserver) preserveRun(c0 uint64, n int) error {
+func (pr *preserver) preserveRun(c0 uint64, n int, quick bool) error {
 	v := pr.v
 	// A short run (a 4 KiB write's one chunk) needs no allocation.
 	var needBuf [4]preserved
@@ -172,7 +174,7 @@ func (pr *preserver) preserveRun(c0 uint64, n int) error {
 		}
 		buf = (*bp)[:span]
 	}
-	if err := pr.readOriginal(buf, int64(r.first)<<v.shift); err != nil {
+	if err := pr.readOriginal(buf, int64(r.first)<<v.shift, quick); err != nil {
 		pr.releaseRun(wb, sp, bp)
 		v.mu.Lock()
 		for _, p := range r.need {
@@ -277,9 +279,13 @@ func (pr *preserver) queue(r *run, wb *writeBehind, sp wbSpace) {
 // and this read is on the writer's path. A shorter one is read with
 // pread: a first copy from a page not yet mapped costs a fault, ~2.6 us,
 // more than a 4 KiB pread (~1.2 us). A copy that faults on an error falls
-// back to pread, which reports what is wrong.
-func (pr *preserver) readOriginal(p []byte, off int64) error {
+// back to pread, which reports what is wrong. With quick, a run in the
+// page cache is read with a raw system call (readAtQuick).
+func (pr *preserver) readOriginal(p []byte, off int64, quick bool) error {
 	v := pr.v
+	if of, ok := v.origin.(osFile); ok && quick && of.readAtQuick(p, off) {
+		return nil
+	}
 	if of, ok := v.origin.(osFile); ok && len(p) >= mapOriginalMin && of.nowait.Load() == nowaitMemory {
 		if b, release, ok := v.MappedRange(off, int64(len(p))); ok {
 			ok = copyMapped(p, b)

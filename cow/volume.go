@@ -503,12 +503,14 @@ func (v *Volume) write(p []byte, off int64, wait bool) (n int, ok bool, err erro
 		return 0, ok, err
 	}
 	defer v.gate.leave()
+	// A write tried on a server's reading goroutine (!wait) is made with
+	// raw system calls (quickio.go).
 	if !locks.held() {
-		n, err = v.origin.WriteAt(p, off)
+		n, err = v.writeOrigin(p, off, !wait)
 		return n, true, err
 	}
 	defer locks.unlock()
-	n, err = v.pre.preserveAndWrite(p, off)
+	n, err = v.pre.preserveAndWrite(p, off, !wait)
 	return n, true, err
 }
 
@@ -598,7 +600,7 @@ func (v *Volume) TryWriteFrom(off, n int64, fill func(f *os.File, off int64) err
 	defer v.gate.leave()
 	if locks.held() {
 		defer locks.unlock()
-		if err := v.pre.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift); err != nil {
+		if err := v.pre.preserveRange(uint64(off)>>v.shift, uint64(off+n-1)>>v.shift, false); err != nil {
 			return true, err
 		}
 	}
@@ -641,7 +643,7 @@ func (v *Volume) zero(off, length int64, noHole bool) error {
 		c0, c1 := uint64(off)>>v.shift, uint64(off+length-1)>>v.shift
 		locks := v.stripes.lock(c0, c1, false)
 		defer locks.unlock()
-		if err := v.pre.preserveRange(c0, c1); err != nil {
+		if err := v.pre.preserveRange(c0, c1, false); err != nil {
 			return err
 		}
 	}

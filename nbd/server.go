@@ -13,7 +13,10 @@
 // wait (TryWriter, TryReader) run on the goroutine that read them, large
 // cached reads go out with sendfile(2) (FileReader) and large writes come
 // in with splice(2) (SpliceWriter), so the bytes skip a copy through user
-// space; anything that would wait gets a goroutine of its own.
+// space; anything that would wait gets a goroutine of its own. On a plain
+// socket requests and replies are read and written with raw system calls
+// (rawSocket), which do not wake Go's monitor thread each time the server
+// comes back from idle.
 //
 // Memory is bounded: a connection holds at most Options.ConnBuffer (64
 // MiB) of read replies not yet written to the socket and write payloads
@@ -1144,13 +1147,17 @@ func (c *conn) transmission() {
 	var hdr [requestSize]byte
 	// Buffered: a request header and a small payload cost one read
 	// syscall, not two.
-	r := bufio.NewReaderSize(c.rw, 256<<10)
-	c.replies, c.written = make(chan reply, 2*c.srv.opts.MaxInflight), make(chan struct{})
-	c.bw = bufio.NewWriterSize(c.rw, 256<<10)
 	if sc, ok := c.nc.(syscall.Conn); ok && !c.tls {
 		c.raw, _ = sc.SyscallConn() // nil on error: the copying paths
 		_, c.unix = c.nc.(*net.UnixConn)
 	}
+	var sock io.ReadWriter = c.rw
+	if c.raw != nil {
+		sock = newRawSocket(c.raw)
+	}
+	r := bufio.NewReaderSize(sock, 256<<10)
+	c.replies, c.written = make(chan reply, 2*c.srv.opts.MaxInflight), make(chan struct{})
+	c.bw = bufio.NewWriterSize(sock, 256<<10)
 	go c.replyWriter()
 	defer func() {
 		if c.pipe[1] != 0 {
