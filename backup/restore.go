@@ -481,8 +481,8 @@ func newChunkCache(max, nextMax int64) *chunkCache {
 
 // planUses counts the uses of each chunk of hs (chunks first.. of an
 // image) and looks each distinct one up in the index, in hash order:
-// lookups in the index on disk find their page where the previous one
-// left it. The index has locks of its own: planning holds none of the
+// the index on disk is read a window of pages at a time (getSorted).
+// The index has locks of its own: planning holds none of the
 // repository's, so workers reading chunks meanwhile do not wait for it.
 func (r *Repo) planUses(first int64, hs []Hash) *usePlan {
 	p := &usePlan{first: first, hs: hs, at: make([]int32, len(hs)), inuse: map[blobKey][]*chunkUse{}}
@@ -509,13 +509,12 @@ func (r *Repo) planUses(first int64, hs []Hash) *usePlan {
 		u.left++
 		p.at[j] = int32(len(p.chunks) - 1)
 	}
-	for i := range p.chunks {
+	r.chunks.getSorted(len(p.chunks), func(i int) *Hash { return &p.chunks[i].h }, func(i int, l loc) {
 		u := &p.chunks[i]
-		if u.l, u.found = r.chunks.get(u.h); u.found {
-			k := blobKey{u.l.pack, u.l.off}
-			p.inuse[k] = append(p.inuse[k], u)
-		}
-	}
+		u.l, u.found = l, true
+		k := blobKey{l.pack, l.off}
+		p.inuse[k] = append(p.inuse[k], u)
+	})
 	return p
 }
 

@@ -494,6 +494,12 @@ func (r *run) damage() {
 	}
 }
 
+// damagedPage reports page p found damaged (why: err) and says so.
+func (r *run) damagedPage(p int, err error) error {
+	r.damage()
+	return fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", p, ErrCorrupt, err)
+}
+
 // readPage reads page p into buf and returns its entries' bytes.
 func (r *run) readPage(p int, buf []byte) ([]byte, error) {
 	r.lastMu.Lock()
@@ -509,8 +515,7 @@ func (r *run) readPage(p int, buf []byte) ([]byte, error) {
 	}
 	cnt, err := r.checkPage(p, buf[:runPage])
 	if err != nil {
-		r.damage()
-		return nil, fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", p, ErrCorrupt, err)
+		return nil, r.damagedPage(p, err)
 	}
 	n := cnt * runEntrySize(r.hashLen)
 	r.lastMu.Lock()
@@ -618,8 +623,7 @@ func (it *runIter) next() (indexEntry, bool) {
 			err = errors.New("entries out of order")
 		}
 		if err != nil {
-			it.r.damage()
-			it.err = fmt.Errorf("index run: page %d: %w: %v (the local index cache is damaged; it is rebuilt at the next open)", it.p, ErrCorrupt, err)
+			it.err = it.r.damagedPage(int(it.p), err)
 			return indexEntry{}, false
 		}
 		it.es = it.page[:cnt*esz]
