@@ -26,6 +26,12 @@ type Backend interface {
 	// into new memory the caller owns (a restore decrypts it in place).
 	// A missing object is an error wrapping fs.ErrNotExist.
 	Get(ctx context.Context, name string, off, length int64) ([]byte, error)
+	// GetInto is Get into buf's memory when it has room for what is read
+	// (else into new memory), and returns the bytes read: a restore's
+	// workers read packs into a buffer each, kept from read to read,
+	// rather than leaving garbage (and fresh memory to zero) at every
+	// read.
+	GetInto(ctx context.Context, name string, off, length int64, buf []byte) ([]byte, error)
 	// Has reports whether name exists.
 	Has(ctx context.Context, name string) (bool, error)
 	// List returns the names under prefix (a directory such as "packs/"),
@@ -204,14 +210,10 @@ func (o *localObject) Abort() {
 }
 
 func (b *localBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
-	return b.getInto(nil, name, off, length)
+	return b.GetInto(ctx, name, off, length, nil)
 }
 
-// getInto is Get into buf's memory when it has room (else new memory):
-// a restore's reads reuse one buffer per worker instead of leaving
-// garbage (and zeroing fresh memory) at every read. A negative length
-// reads to the end of the object.
-func (b *localBackend) getInto(buf []byte, name string, off, length int64) ([]byte, error) {
+func (b *localBackend) GetInto(ctx context.Context, name string, off, length int64, buf []byte) ([]byte, error) {
 	f, err := os.Open(b.path(name))
 	if err != nil {
 		return nil, err

@@ -154,10 +154,14 @@ type countingBackend struct {
 }
 
 func (c *countingBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	return c.GetInto(ctx, name, off, length, nil)
+}
+
+func (c *countingBackend) GetInto(ctx context.Context, name string, off, length int64, buf []byte) ([]byte, error) {
 	if strings.HasPrefix(name, c.prefix) {
 		c.gets.Add(1)
 	}
-	return c.Backend.Get(ctx, name, off, length)
+	return c.Backend.GetInto(ctx, name, off, length, buf)
 }
 
 // CountGets makes r count the reads of objects under prefix from now on
@@ -328,13 +332,17 @@ type overlayBackend struct {
 }
 
 func (o *overlayBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	return o.GetInto(ctx, name, off, length, nil)
+}
+
+func (o *overlayBackend) GetInto(ctx context.Context, name string, off, length int64, buf []byte) ([]byte, error) {
 	if name != o.name {
-		return o.Backend.Get(ctx, name, off, length)
+		return o.Backend.GetInto(ctx, name, off, length, buf)
 	}
 	if length < 0 {
 		length = int64(len(o.data)) - off
 	}
-	return slices.Clone(o.data[off : off+length]), nil
+	return append(buf[:0], o.data[off:off+length]...), nil
 }
 
 // Overlay makes r read data as object name (without storing it), until
@@ -376,12 +384,16 @@ type countingGets struct {
 }
 
 func (c *countingGets) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	return c.GetInto(ctx, name, off, length, nil)
+}
+
+func (c *countingGets) GetInto(ctx context.Context, name string, off, length int64, buf []byte) ([]byte, error) {
 	if strings.HasPrefix(name, c.prefix) {
 		c.mu.Lock()
 		c.names = append(c.names, name)
 		c.mu.Unlock()
 	}
-	return c.Backend.Get(ctx, name, off, length)
+	return c.Backend.GetInto(ctx, name, off, length, buf)
 }
 
 // RecordGets records the objects under prefix that r reads until the

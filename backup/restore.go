@@ -723,19 +723,11 @@ func (r *Repo) readChunks(ctx context.Context, x *Image, first int64, hs []Hash,
 			j++
 		}
 		start := int64(uses[i].l.off)
-		var (
-			b   []byte
-			err error
-		)
-		if lb, ok := r.be.(*localBackend); ok {
-			b, err = lb.getInto(scratch.read, uses[i].pack.name(), start, end-start)
-			scratch.read = b[:0]
-		} else {
-			b, err = r.be.Get(ctx, uses[i].pack.name(), start, end-start)
-		}
+		b, err := r.be.GetInto(ctx, uses[i].pack.name(), start, end-start, scratch.read)
 		if err != nil {
 			return fmt.Errorf("pack %s: %w", uses[i].pack, err)
 		}
+		scratch.read = b[:0]
 		for _, u := range uses[i:j] {
 			o := int64(u.l.off) - start
 			group, err := r.openBlobInto(scratch.blob, b[o:o+int64(u.l.len)])

@@ -92,6 +92,13 @@ func notFound(err error) bool {
 }
 
 func (b *s3Backend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	return b.GetInto(ctx, name, off, length, nil)
+}
+
+// GetInto reads a known length straight from the response into buf (or
+// new memory of that size); to the end of an object (length < 0), of a
+// size not known before, into memory that grows as it is read.
+func (b *s3Backend) GetInto(ctx context.Context, name string, off, length int64, buf []byte) ([]byte, error) {
 	opts := minio.GetObjectOptions{}
 	if off > 0 || length >= 0 {
 		end := int64(-1)
@@ -116,14 +123,24 @@ func (b *s3Backend) Get(ctx context.Context, name string, off, length int64) ([]
 		return nil, b.wrap(name, err)
 	}
 	defer obj.Close()
-	data, err := io.ReadAll(obj)
-	if err != nil {
+	if length < 0 {
+		data, err := io.ReadAll(obj)
+		if err != nil {
+			return nil, b.wrap(name, err)
+		}
+		return data, nil
+	}
+	if int64(cap(buf)) < length {
+		buf = make([]byte, length)
+	}
+	buf = buf[:length]
+	if _, err := io.ReadFull(obj, buf); err != nil {
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return nil, fmt.Errorf("get %s/%s%s: %d bytes at %d: %w", b.bucket, b.prefix, name, length, off, io.ErrUnexpectedEOF)
+		}
 		return nil, b.wrap(name, err)
 	}
-	if length >= 0 && int64(len(data)) != length {
-		return nil, fmt.Errorf("get %s/%s%s: %d bytes at %d: %w", b.bucket, b.prefix, name, length, off, io.ErrUnexpectedEOF)
-	}
-	return data, nil
+	return buf, nil
 }
 
 func (b *s3Backend) wrap(name string, err error) error {
