@@ -290,8 +290,8 @@ type run struct {
 	pins    atomic.Int32
 	retired atomic.Bool
 
-	// The page read last, checked: lookups in hash order (a restore's
-	// count of a segment's uses) read each page once.
+	// The page read last, checked: reads of one page in a row (a
+	// pack's entries by position, in order) read it once.
 	lastMu sync.Mutex // guards the fields below
 	last   []byte     // runPage bytes; nil: none yet
 	lastP  int
