@@ -24,16 +24,7 @@ func TestMixedEncoders(t *testing.T) {
 	for i, goEnc := range []bool{true, false, true, false} {
 		restore := backup.SetGoEncoder(goEnc)
 		restoreDec := backup.SetGoDecoder(i%2 == 0) // each decoder reads blobs of both encoders
-		repo, err := backup.Open(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		blks := make([]int, 64)
-		for j := range blks {
-			blks[j] = r.IntN(len(src) / 4096)
-		}
-		next, _ := rewrite(r, src, blks...)
-		x := backupAndRestore(t, repo, next, backup.Options{Volume: "v"})
+		repo, next, x := scatteredImage(t, r, dir, src)
 		if i > 0 && x.Stats.Dedup == 0 {
 			t.Fatalf("image %d (Go encoder %v) deduplicated nothing against the last", i, goEnc)
 		}
@@ -68,16 +59,7 @@ func TestFormerFastest(t *testing.T) {
 			undo = backup.SetFormerFastest()
 		}
 		restoreDec := backup.SetGoDecoder(i%2 == 1)
-		repo, err := backup.Open(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		blks := make([]int, 64)
-		for j := range blks {
-			blks[j] = r.IntN(len(src) / 4096)
-		}
-		next, _ := rewrite(r, src, blks...)
-		x := backupAndRestore(t, repo, next, backup.Options{Volume: "v"})
+		repo, next, x := scatteredImage(t, r, dir, src)
 		if i > 0 && x.Stats.Dedup == 0 {
 			t.Fatalf("image %d (former parameters %v) deduplicated nothing against the last", i, former)
 		}
@@ -89,4 +71,21 @@ func TestFormerFastest(t *testing.T) {
 		restoreDec()
 		undo()
 	}
+}
+
+// scatteredImage opens the repository at dir and takes (and restores
+// byte-identical) a full image of src with 64 blocks rewritten at random
+// places: the repository, the new volume and its image.
+func scatteredImage(t *testing.T, r *rand.Rand, dir string, src memSource) (*backup.Repo, memSource, *backup.Image) {
+	t.Helper()
+	repo, err := backup.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blks := make([]int, 64)
+	for j := range blks {
+		blks[j] = r.IntN(len(src) / 4096)
+	}
+	next, _ := rewrite(r, src, blks...)
+	return repo, next, backupAndRestore(t, repo, next, backup.Options{Volume: "v"})
 }

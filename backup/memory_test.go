@@ -102,14 +102,8 @@ func TestVerifyWorkReused(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
 	defer backup.SetSmallPacks(1<<20, 4)()
 	defer backup.SetGroupRaw(256 << 10)()
-	ctx := context.Background()
-	repo, dir := newRepo(t)
 	const chunks = 32 << 10
-	src := &patternSource{size: chunks * 4096, data: chunks * 4096}
-	if _, _, err := repo.Backup(ctx, src, backup.Options{Volume: "v", Allocated: src.allocated}); err != nil {
-		t.Fatal(err)
-	}
-	repo.Close()
+	dir := patternRepo(t, chunks)
 	r, alloc := verifyAllocated(t, dir)
 	packs := len(backup.ObjectNames(r, "packs/"))
 	t.Logf("verify of %d chunks in %d packs: allocated %d bytes, %d a chunk", chunks, packs, alloc, alloc/chunks)
@@ -119,6 +113,20 @@ func TestVerifyWorkReused(t *testing.T) {
 	if alloc > 560*chunks {
 		t.Fatalf("verify of %d chunks in %d packs allocated %d bytes, %d a chunk: want under 560 (the pack's chunks and buffers reused from pack to pack)", chunks, packs, alloc, alloc/chunks)
 	}
+}
+
+// patternRepo makes a repository holding one full image of a volume of
+// chunks unique 4 KiB chunks (the scale benchmark's pattern), closed,
+// and gives its directory.
+func patternRepo(t *testing.T, chunks int64) string {
+	t.Helper()
+	repo, dir := newRepo(t)
+	src := &patternSource{size: chunks * 4096, data: chunks * 4096}
+	if _, _, err := repo.Backup(context.Background(), src, backup.Options{Volume: "v", Allocated: src.allocated}); err != nil {
+		t.Fatal(err)
+	}
+	repo.Close()
+	return dir
 }
 
 // verifyAllocated opens the repository at dir (closed at the test's
@@ -150,14 +158,8 @@ func TestVerifyBatchesReuseWork(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
 	defer backup.SetSmallPacks(1<<20, 4)()
 	defer backup.SetGroupRaw(256 << 10)()
-	ctx := context.Background()
-	repo, dir := newRepo(t)
 	const chunks = 32 << 10
-	src := &patternSource{size: chunks * 4096, data: chunks * 4096}
-	if _, _, err := repo.Backup(ctx, src, backup.Options{Volume: "v", Allocated: src.allocated}); err != nil {
-		t.Fatal(err)
-	}
-	repo.Close()
+	dir := patternRepo(t, chunks)
 	_, one := verifyAllocated(t, dir)
 	restore := backup.SetVerifyBatch(chunks / 16)
 	_, many := verifyAllocated(t, dir)
