@@ -582,3 +582,6 @@ func SetReadWorkers(n int, readAheadFn func(n int)) func() {
 	a, b := set(&readWorkers, n), set(&readAhead, readAheadFn)
 	return func() { a(); b() }
 }
+
+// RecheckIndexes reads every index object again, as verify does first.
+func RecheckIndexes(r *Repo) error { return r.recheckIndexes(context.Background()) }

@@ -542,7 +542,11 @@ func segmentHashBytes(version uint16) int {
 func validChunkSize(n int) bool { return n >= 4096 && n <= 4<<20 && n&(n-1) == 0 }
 
 // DecodeChunkList parses a chunk list and checks it.
-func DecodeChunkList(b []byte) (*Image, error) {
+func DecodeChunkList(b []byte) (*Image, error) { return decodeChunkList(b, nil) }
+
+// decodeChunkList is DecodeChunkList into dst's memory when it has room
+// for the list's hashes (else into new memory).
+func decodeChunkList(b []byte, dst []Hash) (*Image, error) {
 	const what = "chunk list"
 	body, err := checkCRC(what, b)
 	if err != nil {
@@ -617,14 +621,21 @@ func DecodeChunkList(b []byte) (*Image, error) {
 		runs += z + d
 		q = q[d*width:]
 	}
-	x.Chunks = make([]Hash, 0, n)
+	x.Chunks = dst[:0]
+	fresh := uint64(cap(dst)) < n
+	if fresh {
+		x.Chunks = make([]Hash, 0, n)
+	}
 	for uint64(len(x.Chunks)) < n {
 		z, d := uint64(binary.LittleEndian.Uint32(p)), uint64(binary.LittleEndian.Uint32(p[4:]))
 		p = p[8:]
 		if z > 0 && len(x.Chunks) > 0 && x.Chunks[len(x.Chunks)-1] == (Hash{}) || d > 0 && z == 0 && len(x.Chunks) > 0 {
 			return nil, corrupt(what, "runs not in canonical form")
 		}
-		x.Chunks = x.Chunks[:len(x.Chunks)+int(z)] // zero: the slice is new
+		x.Chunks = x.Chunks[:len(x.Chunks)+int(z)]
+		if !fresh { // new memory is zero, dst's is not
+			clear(x.Chunks[len(x.Chunks)-int(z):])
+		}
 		for range d {
 			var h Hash
 			copy(h[:width], p)

@@ -192,3 +192,88 @@ func TestVerifyReadsSharedSegmentsOnce(t *testing.T) {
 		t.Fatalf("verify of a full image and an incremental of 8 segments (one patched) read %d segment objects: want at most 10", n)
 	}
 }
+
+// TestPruneReadsSegmentsOnce: prune reads each shared chunk-list segment
+// of the images it keeps once, not once for each image naming it: an
+// incremental's unchanged segments are its parent's, and two volumes
+// with the same data have the same segments. Each read was a segment
+// decoded into new memory (2 MiB of hashes for 65536 chunks).
+func TestPruneReadsSegmentsOnce(t *testing.T) {
+	defer backup.SetSegmentChunks(backup.SetSegmentChunks(1024))
+	ctx := context.Background()
+	repo, _ := newRepo(t)
+	r := rand.New(rand.NewPCG(47, 48))
+	const segs = 8
+	src := volumeData(r, segs*1024*4096)
+	full := backupAndRestore(t, repo, src, backup.Options{Volume: "v"})
+	backupAndRestore(t, repo, src, backup.Options{Volume: "w"}) // the same segments
+	next, bm := rewrite(r, src, 3*1024+5)                       // one chunk of segment 3: a patch
+	if _, _, err := repo.Backup(ctx, next, backup.Options{Volume: "v", Parent: full, Changed: bm}); err != nil {
+		t.Fatal(err)
+	}
+	gets := backup.CountGets(repo, "segments/")
+	if _, err := repo.Delete(ctx, []string{full.ID}); err != nil {
+		t.Fatal(err)
+	}
+	// 8 segments, the patched one's base again and its patch.
+	if n := gets(); n > segs+2 {
+		t.Fatalf("prune keeping two images of %d segments, all but one of them the same, read %d segment objects: want at most %d", segs, n, segs+2)
+	}
+	verifyClean(t, repo, 2)
+}
+
+// TestSegmentPassesReuseMemory: a pass over the segments of chunk lists
+// (verify's, prune's) reads each into memory kept from segment to
+// segment, so what it allocates for them is about one segment's, not
+// one for each: a list in 16 segments costs less than the same in one.
+// Each read in new memory (the stored segment and its hashes decoded,
+// 4 MiB for 65536 chunks) left ~2 GiB to collect at 16 Mi chunks.
+func TestSegmentPassesReuseMemory(t *testing.T) {
+	const chunks = 16 << 10
+	alloc := func(segChunks int64) uint64 {
+		defer backup.SetSegmentChunks(backup.SetSegmentChunks(segChunks))
+		_, n := verifyAllocated(t, patternRepo(t, chunks))
+		return n
+	}
+	one, many := alloc(chunks), alloc(chunks/16)
+	t.Logf("verify of %d chunks allocated %d bytes with the list in one segment, %d in 16", chunks, one, many)
+	// One segment's stored form and hashes: 32 bytes a chunk each.
+	if many+32*chunks > one {
+		t.Fatalf("verify of %d chunks allocated %d bytes with the list in 16 segments, %d in one: want at least %d less (one segment's memory, not 16)", chunks, many, one, 32*chunks)
+	}
+}
+
+// TestVerifyRereadsIndexInPlace: verify reads every index object again
+// (recheckIndexes) into memory kept from object to object, and through
+// one buffer, so that what that allocates does not grow with the number
+// of objects: each was read into new memory through a new 64 KiB
+// buffer (a backup's object is ~4 MiB stored: 1.1 GiB to collect at
+// 16 Mi chunks, 266 objects, 70 MiB at 1 Mi).
+func TestVerifyRereadsIndexInPlace(t *testing.T) {
+	const chunks = 16 << 10
+	defer backup.SetPackEntries(1024)() // packs of 1024 chunks
+	alloc := func(every int) (uint64, int) {
+		defer backup.SetIndexEveryChunks(every)()
+		r, err := backup.Open(patternRepo(t, chunks))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		if err := backup.RecheckIndexes(r); err != nil {
+			t.Fatal(err)
+		}
+		runtime.ReadMemStats(&after)
+		return after.TotalAlloc - before.TotalAlloc, len(backup.ObjectNames(r, "index/"))
+	}
+	one, few := alloc(chunks)
+	many, objs := alloc(chunks / 16)
+	t.Logf("reading the index of %d chunks again allocated %d bytes in %d objects, %d in %d", chunks, one, few, many, objs)
+	if objs < few+4 {
+		t.Fatalf("%d index objects, then %d: want 4 more at least", few, objs)
+	}
+	if limit := one + uint64(objs-few)*(16<<10); many > limit {
+		t.Fatalf("reading the index of %d chunks again allocated %d bytes in %d objects, %d in %d: want at most 16 KiB more for each object more (%d)", chunks, many, objs, one, few, limit)
+	}
+}

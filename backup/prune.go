@@ -219,8 +219,14 @@ func (r *Repo) collect(ctx context.Context, keep []*Image, rep *PruneReport) err
 	page := make([]byte, runPage)
 	used := newBitset(int(idx.n))
 	unindexed := map[Hash]bool{} // needed chunks no index names (a backup that died before its index)
+	// Each shared segment is read once (an incremental's unchanged ones
+	// are its parent's: 4096 read twice for a 1 TiB volume's full image
+	// and incremental), into memory kept from segment to segment
+	// (segBuf).
+	seen := map[Hash]bool{}
+	var sb segBuf
 	for _, x := range keep {
-		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
+		err := r.eachNewSegment(ctx, x, seen, &sb, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
 				if h == (Hash{}) {
 					continue
@@ -243,6 +249,7 @@ func (r *Repo) collect(ctx context.Context, keep []*Image, rep *PruneReport) err
 				"run `umbra verify`, and delete the image with `umbra images delete %s` if it cannot be repaired", err, x.ID)
 		}
 	}
+	sb = segBuf{} // not held from here (4 MiB)
 	isUsed := func(h Hash) (bool, error) {
 		i, _, ok, err := idx.find(&h, page)
 		if ok {

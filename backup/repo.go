@@ -19,6 +19,7 @@
 package backup
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/hmac"
@@ -576,11 +577,49 @@ func (r *Repo) loadIndexes(ctx context.Context) error {
 	return nil
 }
 
+// indexReader is what index objects are read with, kept from object to
+// object: a decoder, a buffer over it, and the memory an object is read
+// into. Read into new memory (a backup's object is ~4 MiB stored) with
+// a new 64 KiB buffer, verify's reading of the index again left 1.1 GiB
+// to collect at 16 Mi chunks (266 objects), prune's reading of its new
+// index (512 objects) 0.6 GiB.
+type indexReader struct {
+	dec *zstd.Decoder
+	br  *bufio.Reader
+	buf []byte
+}
+
+func newIndexReader() (*indexReader, error) {
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	if err != nil {
+		return nil, err
+	}
+	return &indexReader{dec: dec, br: bufio.NewReaderSize(dec, 64<<10)}, nil
+}
+
+// entries streams the opened index object z (its compressed bytes)
+// through readChunkIndex.
+func (ir *indexReader) entries(z []byte, hashLen int, pack func(PackID, int), entry func(blobEntry)) error {
+	if err := ir.dec.Reset(bytes.NewReader(z)); err != nil {
+		return err
+	}
+	ir.br.Reset(ir.dec)
+	_, err := readChunkIndex(ir.br, hashLen, pack, entry)
+	return err
+}
+
 // checkIndexObject reads index object n, opens it and decodes it whole
-// through dec without keeping its entries, and returns its opened
-// (compressed) bytes for a second pass.
-func (r *Repo) checkIndexObject(ctx context.Context, dec *zstd.Decoder, n string) ([]byte, error) {
-	raw, err := r.getWrapped(ctx, n)
+// without keeping its entries, and returns its opened (compressed)
+// bytes for a second pass, valid until ir reads the next one.
+func (r *Repo) checkIndexObject(ctx context.Context, ir *indexReader, n string) ([]byte, error) {
+	b, err := r.be.GetInto(ctx, n, 0, -1, ir.buf[:cap(ir.buf)])
+	if err != nil {
+		return nil, err
+	}
+	if cap(b) > cap(ir.buf) {
+		ir.buf = b[:0]
+	}
+	raw, err := unwrapObject(n, b, r.legacyObjects())
 	if err != nil {
 		return nil, err
 	}
@@ -588,10 +627,7 @@ func (r *Repo) checkIndexObject(ctx context.Context, dec *zstd.Decoder, n string
 	if err != nil {
 		return nil, err
 	}
-	if err := dec.Reset(bytes.NewReader(z)); err != nil {
-		return nil, err
-	}
-	if _, err := readChunkIndex(dec, r.hashLen(), func(PackID, int) {}, func(blobEntry) {}); err != nil {
+	if err := ir.entries(z, r.hashLen(), func(PackID, int) {}, func(blobEntry) {}); err != nil {
 		return nil, err
 	}
 	return z, nil
@@ -606,13 +642,13 @@ func (r *Repo) recheckIndexes(ctx context.Context) error {
 	r.mu.Lock()
 	names := slices.Clone(r.indexes)
 	r.mu.Unlock()
-	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	ir, err := newIndexReader()
 	if err != nil {
 		return err
 	}
-	defer dec.Close()
+	defer ir.dec.Close()
 	for _, n := range names {
-		_, err := r.checkIndexObject(ctx, dec, n)
+		_, err := r.checkIndexObject(ctx, ir, n)
 		if err == nil {
 			continue
 		}
@@ -735,24 +771,21 @@ func (r *Repo) persistCache() {
 }
 
 func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
-	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	ir, err := newIndexReader()
 	if err != nil {
 		return err
 	}
-	defer dec.Close()
+	defer ir.dec.Close()
 	es := make([]indexEntry, 0, 1<<14)
 	for _, n := range names {
 		// Streamed from the opened object into the chunk store (the
 		// decompressed index is never whole in memory): once to check
 		// it whole, then to add its entries, so that nothing of a
 		// damaged object is taken.
-		z, err := r.checkIndexObject(ctx, dec, n)
-		if err == nil {
-			err = dec.Reset(bytes.NewReader(z))
-		}
+		z, err := r.checkIndexObject(ctx, ir, n)
 		if err == nil {
 			var pack uint32
-			_, err = readChunkIndex(dec, r.hashLen(), func(id PackID, m int) {
+			err = ir.entries(z, r.hashLen(), func(id PackID, m int) {
 				r.mu.Lock()
 				pack = r.packNumber(id)
 				r.mu.Unlock()

@@ -156,8 +156,9 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	missing := map[Hash]bool{}
 	var usable []*Image
 	seen := map[Hash]bool{} // shared segments already read whole
+	var sb segBuf           // what the segments are read into, reused
 	for _, x := range list {
-		err := r.eachNewSegment(ctx, x, seen, func(_ int64, hs []Hash) error {
+		err := r.eachNewSegment(ctx, x, seen, &sb, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
 				if h == (Hash{}) {
 					continue
@@ -179,6 +180,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 		}
 		usable = append(usable, x)
 	}
+	sb = segBuf{} // not held while the packs are checked (4 MiB)
 	// The packs are checked a batch at a time, each pack in one read:
 	// the positions of a batch's needed chunks (4 bytes each, at most
 	// verifyBatch of them) are gathered in one pass over the index, so
@@ -349,7 +351,7 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 	}
 	for _, x := range usable {
 		ok := true
-		err := r.eachSegment(ctx, x, func(_ int64, hs []Hash) error {
+		err := r.eachSegmentInto(ctx, x, &sb, func(_ int64, hs []Hash) error {
 			for _, h := range hs {
 				if h == (Hash{}) {
 					continue
@@ -391,21 +393,21 @@ func (r *Repo) VerifyWith(ctx context.Context, opts VerifyOptions, progress func
 
 var errStop = errors.New("stop")
 
-// eachNewSegment is eachSegment without the shared segments (format 5
-// on) that seen holds: read whole, unpatched, by an earlier call; it
+// eachNewSegment is eachSegmentInto without the shared segments (format
+// 5 on) that seen holds: read whole, unpatched, by an earlier call; it
 // adds those it reads so. An incremental's unchanged segments are its
 // parent's: verify read them (and looked up their chunks) once for
 // each image, twice as often as needed for a full and an incremental.
-func (r *Repo) eachNewSegment(ctx context.Context, x *Image, seen map[Hash]bool, fn func(first int64, hashes []Hash) error) error {
+func (r *Repo) eachNewSegment(ctx context.Context, x *Image, seen map[Hash]bool, sb *segBuf, fn func(first int64, hashes []Hash) error) error {
 	if !x.Shared || x.Chunks != nil {
-		return r.eachSegment(ctx, x, fn)
+		return r.eachSegmentInto(ctx, x, sb, fn)
 	}
 	for k, sh := range x.Segments {
 		_, patched := x.patched(k)
 		if !patched && seen[sh] {
 			continue
 		}
-		first, hs, err := r.segment(ctx, x, k)
+		first, hs, err := r.segmentInto(ctx, x, k, sb)
 		if err != nil {
 			return err
 		}
