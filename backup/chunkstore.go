@@ -519,9 +519,11 @@ func (s *chunkStore) writeRunIn(dir string, meta runMeta, path string, fill func
 	}
 	w := newRunWriter(f, s.hashLen)
 	if err := fill(w.add); err != nil {
+		w.release()
 		return fail(err)
 	}
 	r, err := w.finish(meta)
+	w.release()
 	if err != nil {
 		return fail(err)
 	}
@@ -550,6 +552,11 @@ func mergeRuns(rs []*run, sorted []indexEntry, add func(indexEntry) error) error
 		ok  bool
 	}
 	srcs := make([]*src, 0, len(rs)+1)
+	defer func() {
+		for _, s := range srcs {
+			s.it.release()
+		}
+	}()
 	for _, r := range rs {
 		if r == nil {
 			continue
@@ -650,6 +657,7 @@ func (s *chunkStore) eachLocked(fn func(Hash, loc)) error {
 		for e, ok := it.next(); ok; e, ok = it.next() {
 			fn(e.h, e.l)
 		}
+		it.release()
 		if it.err != nil {
 			return it.err
 		}

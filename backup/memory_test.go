@@ -277,3 +277,43 @@ func TestVerifyRereadsIndexInPlace(t *testing.T) {
 		t.Fatalf("reading the index of %d chunks again allocated %d bytes in %d objects, %d in %d: want at most 16 KiB more for each object more (%d)", chunks, many, objs, one, few, limit)
 	}
 }
+
+// TestIndexLoadReusesRunBuffers: loading an index of many objects (an
+// open without a current local cache, prune reading back the index it
+// wrote) makes a run of each object's entries and merges the runs as
+// they come; the runs are written and merged through buffers shared
+// from run to run, so what that allocates does not grow with the
+// number of objects: three new 256 KiB buffers for each merge were
+// ~0.75 GiB to collect at 16 Mi chunks (512 objects after a prune).
+func TestIndexLoadReusesRunBuffers(t *testing.T) {
+	const chunks = 64 << 10
+	defer backup.SetPackEntries(4096)()
+	alloc := func(every int) (uint64, int) {
+		defer backup.SetIndexEveryChunks(every)()
+		dir := patternRepo(t, chunks)
+		if err := os.RemoveAll(filepath.Join(dir, "cache")); err != nil {
+			t.Fatal(err)
+		}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		r, err := backup.Open(dir)
+		runtime.ReadMemStats(&after)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		if st := r.Stats(context.Background()); st.Chunks != chunks {
+			t.Fatalf("%d chunks indexed, want %d", st.Chunks, chunks)
+		}
+		return after.TotalAlloc - before.TotalAlloc, len(backup.ObjectNames(r, "index/"))
+	}
+	one, few := alloc(chunks)
+	many, objs := alloc(chunks / 16)
+	t.Logf("an open loading the index of %d chunks allocated %d bytes from %d objects, %d from %d", chunks, one, few, many, objs)
+	if objs < few+8 {
+		t.Fatalf("%d index objects, then %d: want 8 more at least", few, objs)
+	}
+	if limit := one + uint64(objs-few)*(64<<10); many > limit {
+		t.Fatalf("an open loading the index of %d chunks allocated %d bytes from %d objects, %d from %d: want at most 64 KiB more for each object more (%d)", chunks, many, objs, one, few, limit)
+	}
+}
