@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 
 	"github.com/zeebo/blake3"
+	"golang.org/x/sys/unix"
 )
 
 // BlobLocation says where chunk h's blob is (for tests that damage it).
@@ -585,3 +586,31 @@ func SetReadWorkers(n int, readAheadFn func(n int)) func() {
 
 // RecheckIndexes reads every index object again, as verify does first.
 func RecheckIndexes(r *Repo) error { return r.recheckIndexes(context.Background()) }
+
+// TraceSyncs calls fn with the Sync (counted from 1 in the process)
+// and the path of each file or directory a local repository's Sync
+// fsyncs, or "" for a syncfs of its filesystem, before the call, which
+// fails with fn's error instead when there is one; fn may be called
+// from several goroutines at once.
+func TraceSyncs(fn func(round int64, path string) error) func() {
+	a := set(&fsync, func(f *os.File) error {
+		if err := fn(syncRounds.Load(), f.Name()); err != nil {
+			return err
+		}
+		return f.Sync()
+	})
+	b := set(&syncfs, func(fd int) error {
+		if err := fn(syncRounds.Load(), ""); err != nil {
+			return err
+		}
+		return unix.Syncfs(fd)
+	})
+	return func() { a(); b() }
+}
+
+// SetSyncFilesMax sets how many changed files and directories a local
+// repository's Sync fsyncs one by one before it takes a syncfs instead.
+func SetSyncFilesMax(n int) func() { return set(&syncFilesMax, n) }
+
+// SyncRepo makes everything r's backend was given durable.
+func SyncRepo(r *Repo) error { return r.be.Sync(context.Background()) }
