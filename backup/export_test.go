@@ -614,3 +614,7 @@ func SetSyncFilesMax(n int) func() { return set(&syncFilesMax, n) }
 
 // SyncRepo makes everything r's backend was given durable.
 func SyncRepo(r *Repo) error { return r.be.Sync(context.Background()) }
+
+// KeyDerivations counts the key files' keys derived from a password
+// (scrypt) at opens so far, in the process.
+func KeyDerivations() int64 { return keyCache.unwraps.Load() }

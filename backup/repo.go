@@ -209,9 +209,11 @@ func InitWith(ctx context.Context, location string, set Settings) (*Repo, error)
 		if err != nil {
 			return nil, err
 		}
-		if err := be.Put(ctx, "keys/"+randomID(), wrapObject(k.encode())); err != nil {
+		kb := k.encode()
+		if err := be.Put(ctx, "keys/"+randomID(), wrapObject(kb)); err != nil {
 			return nil, fmt.Errorf("init repository %s: %w", be.Location(), err)
 		}
+		cacheKey(kb, set.Password, master) // the open below need not derive it again
 	}
 	if initFormat5 {
 		cfg.Version, cfg.HashBytes = 5, 0
@@ -317,8 +319,13 @@ func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
 			damaged = append(damaged, err)
 			continue
 		}
+		if m := cachedKey(b, password); m != nil {
+			return m, nil
+		}
+		keyCache.unwraps.Add(1)
 		m, err := k.unwrap(password)
 		if err == nil {
+			cacheKey(b, password, m)
 			return m, nil
 		}
 		if !errors.Is(err, ErrWrongPassword) {
@@ -332,6 +339,67 @@ func (r *Repo) unlock(ctx context.Context, password string) ([]byte, error) {
 		return nil, fmt.Errorf("%w; %d of the %d key files are damaged and were not tried: %w", ErrWrongPassword, len(damaged), len(names), errors.Join(damaged...))
 	}
 	return nil, ErrWrongPassword
+}
+
+// keyCache holds the master keys this process unwrapped, by key file
+// and password, so that a repository opened again does not derive its
+// key again: scrypt takes ~0.1 s of CPU and 32 MiB at every open, and
+// the service closes a repository no backup used for 30 s or when
+// another is opened (api/repocache.go), so an incremental of a 2 GiB
+// volume (0.3 s) paid it again each time (0.1-0.6 s under load,
+// measured 2026-12-07). The process holds the master key while the
+// repository is open anyway; a few are kept (keyCacheMax), the oldest
+// dropped. A password that opens no key is not kept.
+var keyCache struct {
+	sync.Mutex
+	keys  map[[32]byte][]byte
+	order [][32]byte // oldest first
+	// unwraps counts the keys derived (tests).
+	unwraps atomic.Int64
+}
+
+const keyCacheMax = 8
+
+func keyCacheID(keyFile []byte, password string) [32]byte {
+	h := sha256.New()
+	h.Write(keyFile)
+	h.Write([]byte{0})
+	h.Write([]byte(password))
+	var id [32]byte
+	h.Sum(id[:0])
+	return id
+}
+
+// cachedKey is the master key keyFile (its stored bytes) gave for
+// password before, or nil.
+func cachedKey(keyFile []byte, password string) []byte {
+	id := keyCacheID(keyFile, password)
+	keyCache.Lock()
+	defer keyCache.Unlock()
+	if m, ok := keyCache.keys[id]; ok {
+		return slices.Clone(m)
+	}
+	return nil
+}
+
+// cacheKey keeps the master key keyFile gave for password.
+func cacheKey(keyFile []byte, password string, master []byte) {
+	id := keyCacheID(keyFile, password)
+	keyCache.Lock()
+	defer keyCache.Unlock()
+	if keyCache.keys == nil {
+		keyCache.keys = map[[32]byte][]byte{}
+	}
+	if _, ok := keyCache.keys[id]; ok {
+		return
+	}
+	if len(keyCache.order) >= keyCacheMax {
+		clear(keyCache.keys[keyCache.order[0]])
+		delete(keyCache.keys, keyCache.order[0])
+		keyCache.order = keyCache.order[1:]
+	}
+	keyCache.keys[id] = slices.Clone(master)
+	keyCache.order = append(keyCache.order, id)
 }
 
 // upgradeFormat moves a repository of an older format to the current one
