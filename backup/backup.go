@@ -144,6 +144,7 @@ func (r *Repo) Backup(ctx context.Context, src Source, opts Options) (*Image, St
 	defer r.chunks.useFilter()()
 	up := r.newUploader(ctx)
 	defer up.abort()
+	up.fresh = true
 	if incr {
 		up.everyCh = min(up.everyCh, incrementalIndexEveryChunks)
 	}
@@ -1039,6 +1040,10 @@ type uploader struct {
 	indexed atomic.Int64
 	every   int // packs waiting for an index object before one is written (indexEvery)
 	everyCh int // chunks in packs waiting for one before it is written (indexEveryChunks)
+	// fresh: every chunk stored was looked up in the index first and
+	// not found (a backup's), so the index need not look them up again
+	// when their entries are added.
+	fresh bool
 
 	mu         sync.Mutex // guards done, doneChunks, err
 	done       []packBlobs
@@ -1318,7 +1323,7 @@ func (u *uploader) flushIndex(ctx context.Context, force bool) error {
 	// Only now, with an index naming them stored, do the chunks become
 	// findable for deduplication.
 	u.r.mu.Lock()
-	u.r.addPacks(done)
+	u.r.addPacks(done, u.fresh)
 	u.r.indexes = append(u.r.indexes, names...)
 	u.r.mu.Unlock()
 	u.indexed.Add(1)

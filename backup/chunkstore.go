@@ -245,9 +245,28 @@ func (s *chunkStore) noteErr(err error) {
 func (s *chunkStore) addMany(es []indexEntry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.filt == nil && len(es) >= directRunMin && s.addRun(es) {
+	if s.filt == nil && len(es) >= directRunMin && s.addRun(es, s.checksAdds()) {
 		return
 	}
+	s.addManyLocked(es)
+}
+
+// addFresh records es, entries of chunks the caller looked up and did
+// not find (a backup's new chunks): many of them with no filter go into
+// a run of their own without a lookup each (an incremental's 10 Ki new
+// chunks at 1 Mi chunks were 10 Ki page reads, 40 ms of its 0.4 s of
+// CPU, measured 2026-12-07); the store is then unchecked, as another
+// writer may have added one of them meanwhile. Else as addMany.
+func (s *chunkStore) addFresh(es []indexEntry) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.filt == nil && len(es) >= directRunMin && s.addRun(es, false) {
+		return
+	}
+	s.addManyLocked(es)
+}
+
+func (s *chunkStore) addManyLocked(es []indexEntry) {
 	for i := range es {
 		if s.checksAdds() {
 			if _, ok := s.getLocked(&es[i].h); ok {
@@ -282,7 +301,7 @@ func (s *chunkStore) addMany(es []indexEntry) {
 // make it small).
 var directRunMin = 1 << 12
 
-// addRun writes es (looked up first as addMany would, then sorted, each
+// addRun writes es (looked up first when checked, then sorted, each
 // hash once: its first entry) as a run of its own, after spilling the
 // buffer (runs are searched oldest first: an earlier place wins); where
 // that run cannot be written its entries go into the buffer. It reports
@@ -292,8 +311,7 @@ var directRunMin = 1 << 12
 // into to spill held ~5 MiB, the largest part of the heap of a 16
 // Mi-chunk repository's open after an incremental (160 Ki entries the
 // local cache lacks; 2026-12-07). Callers hold mu; there is no filter.
-func (s *chunkStore) addRun(es []indexEntry) bool {
-	checked := s.checksAdds()
+func (s *chunkStore) addRun(es []indexEntry, checked bool) bool {
 	s.spill()
 	if s.buf.len() > 0 {
 		return false // not spilled (noted): through the buffer

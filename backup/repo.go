@@ -880,9 +880,10 @@ func (r *Repo) loadIndexNames(ctx context.Context, names []string) error {
 
 // addPacks records where the chunks of many packs are: many at once with
 // one sort and one merge of the index (one by one merged it again every
-// 16 384 chunks), a few into its map of recent ones. Callers hold mu or
-// own r.
-func (r *Repo) addPacks(ps []packBlobs) {
+// 16 384 chunks), a few into its map of recent ones. fresh: the caller
+// looked each chunk up and did not find it (chunkStore.addFresh).
+// Callers hold mu or own r.
+func (r *Repo) addPacks(ps []packBlobs, fresh bool) {
 	n := 0
 	for _, p := range ps {
 		n += len(p.Blobs)
@@ -893,6 +894,10 @@ func (r *Repo) addPacks(ps []packBlobs) {
 		for _, e := range p.Blobs {
 			es = append(es, e.entry(i))
 		}
+	}
+	if fresh {
+		r.chunks.addFresh(es)
+		return
 	}
 	r.chunks.addMany(es)
 }
