@@ -584,8 +584,20 @@ func SetReadWorkers(n int, readAheadFn func(n int)) func() {
 	return func() { a(); b() }
 }
 
-// RecheckIndexes reads every index object again, as verify does first.
-func RecheckIndexes(r *Repo) error { return r.recheckIndexes(context.Background()) }
+// RecheckIndexesTimes reads every index object again, as verify does
+// first, the whole list the given number of times over.
+func RecheckIndexesTimes(r *Repo, times int) error {
+	r.mu.Lock()
+	saved := r.indexes
+	r.indexes = slices.Repeat(saved, times)
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.indexes = saved
+		r.mu.Unlock()
+	}()
+	return r.recheckIndexes(context.Background())
+}
 
 // TraceSyncs calls fn with the Sync (counted from 1 in the process)
 // and the path of each file or directory a local repository's Sync
