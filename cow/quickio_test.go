@@ -104,3 +104,60 @@ func TestQuickIOErrors(t *testing.T) {
 		t.Fatal("a quick read returned other bytes than the file's")
 	}
 }
+
+// TestWriteBehindOSFile: the write-behind writes an OS file with raw
+// system calls (writeAtRaw): each copy lands in its slot, runs of
+// consecutive slots and lone ones alike, and a write the file refuses
+// leaves its copies pending (readable from memory) and reported as
+// failed, as an ordinary write's error would.
+func TestWriteBehindOSFile(t *testing.T) {
+	const chunk = 4096
+	name := filepath.Join(t.TempDir(), "store")
+	f, err := OSFS{}.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := newWriteBehind(f, chunk)
+	defer w.stop()
+	slots := []int64{0, 1, 2, 5, 9, 10}
+	for i, slot := range slots {
+		sp := w.reserve(chunk)
+		copy(sp.buf, bytes.Repeat([]byte{byte(0x10 + i)}, chunk))
+		w.add(sp, 0, chunk, slot, uint64(i))
+		w.release(sp)
+	}
+	w.drain()
+	if fs := w.failures(); len(fs) != 0 {
+		t.Fatalf("%d copies failed", len(fs))
+	}
+	got, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, slot := range slots {
+		if off := slot * chunk; int64(len(got)) < off+chunk || !bytes.Equal(got[off:off+chunk], bytes.Repeat([]byte{byte(0x10 + i)}, chunk)) {
+			t.Fatalf("slot %d does not hold its copy", slot)
+		}
+	}
+
+	ro, err := OSFS{}.OpenFile(name, os.O_RDONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	w2 := newWriteBehind(ro, chunk)
+	defer w2.stop()
+	sp := w2.reserve(chunk)
+	copy(sp.buf, bytes.Repeat([]byte{0xee}, chunk))
+	w2.add(sp, 0, chunk, 3, 3)
+	w2.release(sp)
+	w2.drain()
+	if fs := w2.failures(); len(fs) != 1 || fs[0].slot != 3 {
+		t.Fatalf("a refused write: failures %v, want slot 3", fs)
+	}
+	p := make([]byte, chunk)
+	if !w2.read(3, p, 0) || !bytes.Equal(p, bytes.Repeat([]byte{0xee}, chunk)) {
+		t.Fatal("a copy whose write failed is no longer readable from memory")
+	}
+}

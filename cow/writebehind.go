@@ -327,7 +327,9 @@ func (w *writeBehind) write(buf []byte, items []*wbItem) map[*wbItem]bool {
 			j++
 		}
 		last := items[j-1]
-		if _, err := w.f.WriteAt(buf[items[i].off:last.off+len(last.data)], items[i].slot*w.chunk); err != nil {
+		// Raw system calls on an OS file (writeAtRaw): an ordinary one woke
+		// the runtime's monitor thread.
+		if _, err := writeAtRaw(w.f, buf[items[i].off:last.off+len(last.data)], items[i].slot*w.chunk); err != nil {
 			if failed == nil {
 				failed = map[*wbItem]bool{}
 			}
