@@ -62,6 +62,10 @@
 # VM_SMP=N gives the guest N virtual CPUs (default 2), for every target
 # alike.
 #
+# VM_CHUNK=SIZE serves Umbra's volumes with that copy-on-write chunk size
+# (`umbra serve --chunk-size`, 4K to 1M; default 4K, dm-snapshot's here):
+# VM_CHUNK=64K copies as LVM-thin's pool does (64 KiB chunks).
+#
 # VM_TARGETS="plain umbra nbdkit" runs only those targets (plain always
 # runs: it is what the others are divided by), for shorter runs while
 # working on one path.
@@ -91,9 +95,10 @@ if [ -z "${VMTEST_OUT:-}" ]; then
   smp=${VM_SMP:-2}
   echo "guest: Debian's kernel under qemu ${accel^^}, $smp vCPUs, 2 GiB, clocksource ${clock:-as the kernel chooses}; disks are sparse files (cache=unsafe)"
   case "${VM_JOBS:-1}" in 1|2|4|8|16) ;; *) echo "bench/vm.sh: VM_JOBS must be 1, 2, 4, 8 or 16" >&2; exit 2 ;; esac
+  case "${VM_CHUNK:-4K}" in 4K|8K|16K|32K|64K|128K|256K|512K|1M) ;; *) echo "bench/vm.sh: VM_CHUNK must be a power of two from 4K to 1M (4K, 8K, ... 1M)" >&2; exit 2 ;; esac
   vm=(scripts/vmtest --accel "$accel" --smp "$smp" -e "VM_JOBS=${VM_JOBS:-1}" --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G --disk 1G
     --disk 1G --disk 1G -e "VM_TARGETS=${VM_TARGETS:-}" -e "VM_CLOCKSOURCE=$clock" -e "VM_CONNS=${VM_CONNS:-1}"
-    --timeout 3600)
+    -e "VM_CHUNK=${VM_CHUNK:-4K}" --timeout 3600)
   if [ -n "$clock" ]; then vm+=(--append "clocksource=$clock tsc=reliable"); fi
   if [ -n "${VM_UMBRA_B:-}" ]; then
     case "$VM_UMBRA_B" in /tmp/*|/run/*) echo "bench/vm.sh: VM_UMBRA_B must lie outside /tmp and /run (the guest replaces them)" >&2; exit 2 ;; esac
@@ -235,9 +240,10 @@ if want umbra umbra+snap umbra+psnap; then
   mkfs.ext4 -q /dev/vdc && mount /dev/vdc "$W/shadow"
   prof=()
   if [ -n "${VM_PROFILE:-}" ]; then prof=(env "UMBRA_CPUPROFILE=$VMTEST_OUT/serve.prof"); fi
-  "${prof[@]}" "$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
+  "${prof[@]}" "$UMBRA" serve --state-dir "$W/state" --storage "$W/shadow" --chunk-size "${VM_CHUNK:-4K}" --volume u1=/dev/vdb --volume u2=/dev/vdd >"$W/serve.log" 2>&1 &
   serve=$! trace_pid=$!
   for _ in $(seq 1 600); do "$UMBRA" volume list >/dev/null 2>&1 && break; sleep 0.2; done
+  echo "umbra chunk size: $("$UMBRA" volume list --json | jq -r '[.volumes[].chunk_size] | unique | map(tostring) | join(" ")')"
   nbdconnect /dev/nbd0 -unix /run/umbra/nbd.sock -N u1
   nbdconnect /dev/nbd1 -unix /run/umbra/nbd.sock -N u2
   resnap[umbra+psnap]='"$UMBRA" snapshot delete u1 p1 && "$UMBRA" snapshot create u1 --id p1j --persistent'
