@@ -18,17 +18,20 @@ import (
 	"umbra/internal/testutil"
 )
 
+// bothBackends makes a repository location of each kind: a local
+// directory, a bucket on a versitygw of the test's own.
+var bothBackends = map[string]func(t *testing.T) string{
+	"local": func(t *testing.T) string { return filepath.Join(t.TempDir(), "repo") },
+	"S3":    func(t *testing.T) string { return testutil.StartS3(t).Location("repo") },
+}
+
 // TestBackendGetInto: both backends read into the caller's buffer when
 // it has room (the same memory comes back), into new memory when it has
 // not, a range or the rest of an object; a range past the end is
 // io.ErrUnexpectedEOF, a missing object fs.ErrNotExist.
 func TestBackendGetInto(t *testing.T) {
 	ctx := context.Background()
-	locs := map[string]func(t *testing.T) string{
-		"local": func(t *testing.T) string { return filepath.Join(t.TempDir(), "repo") },
-		"S3":    func(t *testing.T) string { return testutil.StartS3(t).Location("repo") },
-	}
-	for kind, loc := range locs {
+	for kind, loc := range bothBackends {
 		t.Run(kind, func(t *testing.T) {
 			be, err := backup.OpenBackend(loc(t), s3Settings.Cred)
 			if err != nil {
@@ -118,11 +121,7 @@ func TestRestoreReadsIntoReusedBuffers(t *testing.T) {
 	const workers = 2 // a worker a core (the backend wrapped is not S3's)
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(workers))
 	ctx := context.Background()
-	locs := map[string]func(t *testing.T) string{
-		"local": func(t *testing.T) string { return filepath.Join(t.TempDir(), "repo") },
-		"S3":    func(t *testing.T) string { return testutil.StartS3(t).Location("repo") },
-	}
-	for kind, loc := range locs {
+	for kind, loc := range bothBackends {
 		t.Run(kind, func(t *testing.T) {
 			repo, err := backup.InitWith(ctx, loc(t), s3Settings)
 			if err != nil {
