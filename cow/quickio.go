@@ -68,8 +68,8 @@ func (f osFile) writeAtQuick(p []byte, off int64) (int, error) {
 // writeOrigin writes p at off to the origin, quickly (writeAtQuick) when
 // quick and the origin is an OS file.
 func (v *Volume) writeOrigin(p []byte, off int64, quick bool) (int, error) {
-	if of, ok := v.origin.(osFile); ok && quick {
-		return of.writeAtQuick(p, off)
+	if quick {
+		return writeAtRaw(v.origin, p, off)
 	}
 	return v.origin.WriteAt(p, off)
 }
