@@ -483,6 +483,9 @@ func (s *Server) deleteSnapshots(ctx context.Context, p provider.Provider, list 
 		if force {
 			if e := s.unexposeBeforeDelete(sn.Volume, sn.ID); e != "" {
 				cut = append(cut, e)
+				// The exposure's loop device lets go of its FUSE file a
+				// moment after losetup -d returns: not a user cut off.
+				s.waitClientsGone(ctx, sn.Volume, sn.ID)
 			}
 		}
 		users, err := s.dropSnapshot(ctx, p, sn.Volume, sn.ID, force)
@@ -509,6 +512,16 @@ func (s *Server) deleteSnapshots(ctx context.Context, p provider.Provider, list 
 // that let them go (losetup -d, nbd-client -d) has returned.
 const clientGrace = 5 * time.Second
 
+// waitClientsGone gives the front-end clients of snapshot id of vol (a
+// COW volume's) up to clientGrace to go.
+func (s *Server) waitClientsGone(ctx context.Context, vol, id string) {
+	if v, err := s.cow.Volume(vol); err == nil && len(v.SnapshotUsers(id)) > 0 {
+		wctx, cancel := context.WithTimeout(ctx, clientGrace)
+		v.WaitSnapshotUnused(wctx, id)
+		cancel()
+	}
+}
+
 // refuseInUse refuses, naming them, if any snapshot of list is in use.
 // A snapshot that only front-end clients hold (no exposure) gets
 // clientGrace for them to go first.
@@ -516,11 +529,7 @@ func (s *Server) refuseInUse(ctx context.Context, list []provider.Snapshot) erro
 	var busy []string
 	for _, sn := range list {
 		if !s.isExposed(sn.Volume, sn.ID) {
-			if v, err := s.cow.Volume(sn.Volume); err == nil && len(v.SnapshotUsers(sn.ID)) > 0 {
-				wctx, cancel := context.WithTimeout(ctx, clientGrace)
-				v.WaitSnapshotUnused(wctx, sn.ID)
-				cancel()
-			}
+			s.waitClientsGone(ctx, sn.Volume, sn.ID)
 		}
 		if users := s.snapshotUsers(sn.Volume, sn.ID); len(users) > 0 {
 			busy = append(busy, fmt.Sprintf("%s@%s (%s)", sn.Volume, sn.ID, strings.Join(users, ", ")))
